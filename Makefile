@@ -1,0 +1,47 @@
+# Two entry points for a fresh machine: `make demo` (set-up, then the main job) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install sysdeps infra-up infra-down demo test lint unit integration e2e bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+sysdeps:
+	bash scripts/ensure-system-deps.sh
+
+infra-up: install sysdeps
+	$(BIN)/mpctl infra up
+
+infra-down: install
+	$(BIN)/mpctl infra down
+
+demo: install sysdeps
+	$(BIN)/mpctl demo $(DEMO_ARGS)
+
+lint: install
+	$(BIN)/ruff check shared services mpctl tests
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest tests/unit -q $(PYTEST_ARGS)
+
+integration: install sysdeps
+	$(BIN)/pytest tests/integration -q $(PYTEST_ARGS)
+
+e2e: install sysdeps
+	$(BIN)/pytest tests/e2e -q $(PYTEST_ARGS)
+
+test: install sysdeps lint
+	$(BIN)/pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache

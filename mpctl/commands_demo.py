@@ -1,0 +1,233 @@
+"""`mpctl demo`: a paper-trading run of every enabled profile over recorded candles, with every service in its
+own process over real Kafka and Redis, then the run's output files and a table per profile."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from mpctl import infra
+from services.monitor.collect import collect_run
+from shared.codec import DecodeError, decode
+from shared.config import AppConfig, ConfigError, config_warnings, load_config
+from shared.kafka import delete_topics, ensure_topics
+from shared.messages import WorkerFinished
+from shared.topics import Topics, declared_topics
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("demo", help="paper-trade every enabled profile over recorded candles (the main job)")
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--data", type=Path, default=Path("data/market"))
+    p.add_argument("--out", type=Path, default=Path("reports/demo"))
+    p.add_argument("--hours", type=float, default=None, help="replay only the first N hours of the data")
+    p.add_argument("--start", default=None, help="ISO time, first candle open (UTC)")
+    p.add_argument("--end", default=None, help="ISO time, replay candles opening before this")
+    p.add_argument("--speed", type=float, default=0.0, help="0: as fast as consumers keep up; N: N x real time")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is declared stuck")
+    p.add_argument("--namespace", default=None, help="topic/group namespace (default: a new one per run)")
+    p.add_argument("--keep-topics", action="store_true", help="keep the run's topics (for `mpctl lag` afterwards)")
+    p.set_defaults(handler=run_demo)
+
+
+def _progress(msg: str) -> None:
+    if sys.stderr.isatty() or not os.environ.get("CI"):
+        print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    fh: IO[bytes]
+
+
+@dataclass
+class Stack:
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, args: list[str], log_dir: Path) -> Proc:
+        log = log_dir / f"{name}.log"
+        fh = log.open("wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        popen = subprocess.Popen([sys.executable, "-m", *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = Proc(name, popen, log, fh)
+        self.procs.append(proc)
+        return proc
+
+    def dead(self) -> list[Proc]:
+        return [p for p in self.procs if p.popen.poll() not in (None, 0)]
+
+    def stop(self, grace: float = 10.0) -> None:
+        for p in self.procs:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+            p.fh.close()
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def expected_finishers(cfg: AppConfig) -> set[str]:
+    names = {"ingest:0", "registry:0"}
+    names |= {f"arbiter:partition-{p}" for p in range(cfg.system.kafka.intent_partitions)}
+    names |= {f"strategy:{pid}" for pid in cfg.enabled_profiles()}
+    return names
+
+
+async def wait_finished(
+    bootstrap: str, topic: str, expected: set[str], stack: Stack, timeout: float, started: float
+) -> set[str]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    seen: set[str] = set()
+    last_report = 0.0
+    try:
+        while not expected <= seen:
+            dead = stack.dead()
+            if dead:
+                d = dead[0]
+                raise RuntimeError(
+                    f"service {d.name} exited with code {d.popen.returncode}; last lines of {d.log}:\n{tail(d.log)}"
+                )
+            if time.monotonic() - started > timeout:
+                missing = sorted(expected - seen)
+                raise TimeoutError(f"run not complete after {timeout:.0f} s; still waiting for {missing}")
+            batch = await consumer.getmany(timeout_ms=500)
+            for recs in batch.values():
+                for rec in recs:
+                    try:
+                        msg = decode(rec.value)
+                    except DecodeError:
+                        continue
+                    if isinstance(msg, WorkerFinished):
+                        seen.add(f"{msg.service}:{msg.instance}")
+            if time.monotonic() - last_report > 15:
+                last_report = time.monotonic()
+                _progress(f"{time.monotonic() - started:.0f}s: finished {sorted(seen)}")
+        return seen
+    finally:
+        await consumer.stop()
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    cols = ["profile", "strategy", "trades", "win_rate", "realized_pnl", "fees", "final_equity", "return_%", "max_dd_%"]
+    rows = []
+    for pid, p in summary["profiles"].items():
+        rows.append(
+            [
+                pid,
+                str(p["strategy"]),
+                str(p["trades"]),
+                f"{p['win_rate']:.2%}",
+                f"{float(p['realized_pnl']):.2f}",
+                f"{float(p['fees']):.2f}",
+                f"{float(p['final_equity']):.2f}",
+                f"{p['return_pct']:.2f}",
+                f"{p['max_drawdown_pct']:.2f}",
+            ]
+        )
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    c = summary["counters"]
+    print(
+        f"intents {c['intents']}, approved {c['approved']}, rejected {c['rejected']} {c['rejected_by_rule']}, "
+        f"collisions resolved {c['collisions_resolved']}, plans {c['plans']}"
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"INVALID: {err}", file=sys.stderr)
+        return 1
+    for w in config_warnings(cfg):
+        print(f"warning: {w}", file=sys.stderr)
+    if cfg.system.mode != "paper":
+        print("mpctl demo runs in paper mode only; set system.mode: paper", file=sys.stderr)
+        return 1
+    if not args.data.is_dir():
+        print(f"--data {args.data} is not a folder", file=sys.stderr)
+        return 1
+    return asyncio.run(_demo(args, cfg))
+
+
+async def _demo(args: argparse.Namespace, cfg: AppConfig) -> int:
+    started = time.monotonic()
+    endpoints = await asyncio.to_thread(infra.resolve_endpoints, None, _progress)
+    ns = args.namespace or "demo" + datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    kafka = cfg.system.kafka.model_copy(update={"namespace": ns})
+    cfg = cfg.model_copy(update={"system": cfg.system.model_copy(update={"kafka": kafka})})
+    topics = Topics(ns)
+    out: Path = args.out
+    log_dir = out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json"):
+        (out / stale).unlink(missing_ok=True)
+    specs = declared_topics(cfg, ns)
+    await ensure_topics(endpoints.kafka_bootstrap, specs)
+    (out / "run.json").write_bytes(
+        orjson.dumps(
+            {"namespace": ns, "kafka_bootstrap": endpoints.kafka_bootstrap, "redis_url": endpoints.redis_url},
+            option=orjson.OPT_INDENT_2,
+        )
+    )
+    _progress(f"namespace {ns}: {len(specs)} topics on {endpoints.kafka_bootstrap}, Redis {endpoints.redis_url}")
+    common = ["--bootstrap", endpoints.kafka_bootstrap, "--redis-url", endpoints.redis_url, "--namespace", ns]
+    if args.config:
+        common += ["--config", str(args.config)]
+    stack = Stack()
+    try:
+        stack.start("registry", ["services.registry", *common], log_dir)
+        stack.start("arbiter", ["services.arbiter", *common], log_dir)
+        for pid in cfg.enabled_profiles():
+            stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid], log_dir)
+            stack.start(f"strategy.{pid}", ["services.strategy", *common, "--profile", pid], log_dir)
+        replay = ["--data", str(args.data), "--speed", str(args.speed)]
+        for flag in ("hours", "start", "end"):
+            if getattr(args, flag) is not None:
+                replay += [f"--{flag}", str(getattr(args, flag))]
+        stack.start("ingest", ["services.ingest", *common, *replay], log_dir)
+        _progress(f"started {len(stack.procs)} service processes; logs in {log_dir}")
+        await wait_finished(
+            endpoints.kafka_bootstrap, topics.status, expected_finishers(cfg), stack, args.timeout, started
+        )
+    except (RuntimeError, TimeoutError) as err:
+        print(f"demo failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+    _progress("replay fully processed; collecting the run")
+    summary = await collect_run(cfg, endpoints.kafka_bootstrap, out)
+    if not args.keep_topics:
+        await delete_topics(endpoints.kafka_bootstrap, [s.name for s in specs])
+    print_table(summary)
+    print(f"outputs in {out} ({time.monotonic() - started:.1f} s)")
+    return 0

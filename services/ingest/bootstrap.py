@@ -1,0 +1,141 @@
+"""Wiring of the ingest service: candle files -> md.candles (replay), in event time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.ingest.domain import ReplayStep, build_schedule, finished_message, resume_point
+from shared.candles import load_products
+from shared.clock import Clock, system_clock
+from shared.codec import DecodeError, decode
+from shared.config import AppConfig
+from shared.kafka import Publisher
+from shared.messages import ReplayFinished, WatermarkAdvanced, WorkerFinished
+from shared.runtime import ServiceSettings
+from shared.topics import Topics
+
+log = logging.getLogger("ingest")
+
+
+@dataclass
+class ReplayOptions:
+    data_dir: Path
+    start: datetime | None = None
+    end: datetime | None = None
+    hours: float | None = None
+    speed: float = 0.0  # 0: as fast as the broker takes it; N: N times real time
+
+
+async def last_progress(bootstrap: str, topic: str) -> tuple[int | None, bool]:
+    """The last watermark (epoch s) on partition 0 and whether the replay already finished: resume after a crash."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        pos = max(0, end - 200)
+        last: int | None = None
+        done = False
+        while pos < end:
+            consumer.seek(tp, pos)
+            batch = await consumer.getmany(tp, timeout_ms=2000)
+            recs = batch.get(tp, [])
+            if not recs:
+                break
+            for rec in recs:
+                try:
+                    msg = decode(rec.value)
+                except DecodeError:
+                    continue
+                if isinstance(msg, WatermarkAdvanced):
+                    last = int(msg.step_time.timestamp())
+                elif isinstance(msg, ReplayFinished):
+                    done = True
+            pos = recs[-1].offset + 1
+        return last, done
+    finally:
+        await consumer.stop()
+
+
+class IngestService:
+    def __init__(self, cfg: AppConfig, settings: ServiceSettings, options: ReplayOptions, *, clock: Clock) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.options = options
+        self.clock = clock
+        self.topics = Topics(cfg.system.kafka.namespace)
+        self.steps: list[ReplayStep] = []
+
+    def load(self) -> None:
+        files = load_products(self.options.data_dir, self.cfg.all_products())
+        self.steps = build_schedule(files, start=self.options.start, end=self.options.end, hours=self.options.hours)
+        log.info(
+            "replaying %d steps of %d products (%s .. %s)",
+            len(self.steps),
+            len(files),
+            self.steps[0].candles[0].open_time.isoformat(),
+            self.steps[-1].candles[0].open_time.isoformat(),
+        )
+
+    async def run(self, stop: asyncio.Event) -> int:
+        if not self.steps:
+            self.load()
+        self.publisher = Publisher(self.settings.kafka_bootstrap, client_id=f"{self.topics.ns}.ingest")
+        await self.publisher.start()
+        try:
+            last, done = await last_progress(self.settings.kafka_bootstrap, self.topics.candles)
+            if done:
+                log.info("replay already finished on %s; nothing to publish", self.topics.candles)
+                return 0
+            first = resume_point(self.steps, last)
+            if first:
+                log.info("resuming after step %s (%d of %d published)", last, first, len(self.steps))
+            for step in self.steps[first:]:
+                if stop.is_set():
+                    return 1
+                for c in step.candles:
+                    await self.publisher.send(self.topics.candles, c, key=c.product)
+                await self.publisher.send_to_all_partitions(self.topics.candles, step.watermark())
+                if self.options.speed > 0:
+                    await self.publisher.flush()
+                    await asyncio.sleep(step.interval_s / self.options.speed)
+            await self.publisher.send_to_all_partitions(self.topics.candles, finished_message(self.steps))
+            await self.publisher.send(
+                self.topics.status,
+                WorkerFinished(
+                    id=f"ingest-finished-{len(self.steps)}",
+                    event_time=self.clock(),
+                    correlation_id="replay",
+                    service="ingest",
+                    instance=self.settings.instance,
+                    detail={"steps": len(self.steps)},
+                ),
+                key="ingest",
+            )
+            await self.publisher.flush()
+            log.info("published %d steps", len(self.steps))
+            return 0
+        finally:
+            await self.publisher.stop()
+
+
+def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> IngestService:
+    o = overrides or {}
+    cfg: AppConfig = o.get("config") or settings.load()
+    ex = settings.extra
+    options = o.get("options") or ReplayOptions(
+        data_dir=Path(ex.get("data", "data/market")),
+        start=datetime.fromisoformat(ex["start"]) if "start" in ex else None,
+        end=datetime.fromisoformat(ex["end"]) if "end" in ex else None,
+        hours=float(ex["hours"]) if "hours" in ex else None,
+        speed=float(ex.get("speed", "0")),
+    )
+    return IngestService(cfg, settings, options, clock=o.get("clock", system_clock))

@@ -1,0 +1,98 @@
+"""Replay schedule: recorded candles merged into event-time steps. Pure: no Kafka."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+
+from shared.candles import CandleFile
+from shared.clock import derived_id, from_epoch_s
+from shared.messages import CandleClosed, ReplayFinished, WatermarkAdvanced
+
+
+@dataclass(frozen=True)
+class ReplayStep:
+    time_s: int
+    interval_s: int
+    candles: tuple[CandleClosed, ...]
+
+    def watermark(self) -> WatermarkAdvanced:
+        t = from_epoch_s(self.time_s)
+        return WatermarkAdvanced(
+            id=derived_id("wm", self.time_s),
+            event_time=from_epoch_s(self.time_s + self.interval_s),
+            correlation_id=f"step:{self.time_s}",
+            step_time=t,
+            interval_s=self.interval_s,
+        )
+
+
+def build_schedule(
+    files: dict[str, CandleFile],
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    hours: float | None = None,
+) -> list[ReplayStep]:
+    """Steps in time order. `start`/`end` bound open times ([start, end)); `hours` keeps the first N hours."""
+    if not files:
+        raise ValueError("no candle file matches the configured products; check --data and the profiles' assets")
+    interval = next(iter(files.values())).interval_s
+    by_time: dict[int, list[CandleClosed]] = defaultdict(list)
+    for product in sorted(files):
+        cf = files[product]
+        source = f"{cf.source}:{cf.base}-{cf.quote}"
+        for r in cf.rows:
+            t = r.open_time_ms // 1000
+            by_time[t].append(
+                CandleClosed(
+                    id=derived_id("candle", product, t),
+                    event_time=from_epoch_s(t + interval),
+                    correlation_id=f"step:{t}",
+                    product=product,
+                    interval_s=interval,
+                    open_time=from_epoch_s(t),
+                    open=r.open,
+                    high=r.high,
+                    low=r.low,
+                    close=r.close,
+                    volume=r.volume,
+                    source=source,
+                )
+            )
+    times = sorted(by_time)
+    lo = int(start.timestamp()) if start else times[0]
+    hi = int(end.timestamp()) if end else times[-1] + 1
+    if hours is not None:
+        if hours <= 0:
+            raise ValueError(f"--hours must be positive, got {hours!r}")
+        hi = min(hi, lo + int(hours * 3600))
+    steps = [ReplayStep(t, interval, tuple(by_time[t])) for t in times if lo <= t < hi]
+    if not steps:
+        raise ValueError(
+            f"no candles between {from_epoch_s(lo).isoformat()} and {from_epoch_s(hi).isoformat()}; "
+            f"the data spans {from_epoch_s(times[0]).isoformat()} .. {from_epoch_s(times[-1]).isoformat()}"
+        )
+    return steps
+
+
+def finished_message(steps: list[ReplayStep]) -> ReplayFinished:
+    last = steps[-1] if steps else None
+    return ReplayFinished(
+        id=derived_id("replay-finished", last.time_s if last else 0, len(steps)),
+        event_time=from_epoch_s(last.time_s + last.interval_s) if last else from_epoch_s(0),
+        correlation_id="replay",
+        last_step_time=from_epoch_s(last.time_s) if last else None,
+        steps=len(steps),
+    )
+
+
+def resume_point(steps: list[ReplayStep], last_watermark_s: int | None) -> int:
+    """Index of the first step still to publish after a restart (steps up to the last watermark are complete)."""
+    if last_watermark_s is None:
+        return 0
+    for i, s in enumerate(steps):
+        if s.time_s > last_watermark_s:
+            return i
+    return len(steps)

@@ -1,0 +1,229 @@
+"""Atomic uniqueness claims in Redis: hash, fingerprint and random asset of a profile's plan, per epoch.
+
+Key layout (``ns`` is the namespace, e.g. the Kafka namespace ``mp``):
+
+- ``{ns}:reg:h:{hash}``      sorted set: who holds profile hash H, over which event-time interval;
+- ``{ns}:reg:fp:{fp}``       sorted set: who holds strategy fingerprint F;
+- ``{ns}:reg:asset:{asset}`` sorted set: who holds the asset as its random asset;
+- ``{ns}:reg:held:{profile}`` set: every claim key the profile has a member in (for ``release``).
+
+A claim member is ``"{profile}|{start_s}|{end_s}"`` with score ``start_s`` (Unix seconds of event time, the
+epoch's half-open interval ``[start_s, end_s)``). A claim conflicts with another profile's member whose
+interval overlaps (``start2 < end_s and start_s < end2``); the profile's own members never conflict, so
+re-claiming is idempotent. One Lua script checks the keys in the order hash, fingerprint, asset and answers
+the first conflict with its holder, or writes all of them at once: two registry replicas racing for the same
+key cannot both win (DESIGN.md section 5, invariant 1).
+
+Housekeeping: a claim prunes, from each key it checks, members that ended more than ``grace_s`` before its
+start (event time), and sets each key's expiry to at least ``(end_s - start_s + grace_s)`` seconds of wall
+time (an existing longer expiry is kept).
+
+Every key of one claim must live on one Redis node: fine for a single Redis or Redis with replicas; for Redis
+Cluster put the namespace in braces (``{mp}``) so that all registry keys share one hash slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+
+from services.registry.domain import ClaimOutcome, ClaimResult, PlanCandidate
+
+__all__ = ["CLAIM_LUA", "RELEASE_LUA", "Holding", "KeyKind", "RedisClaims"]
+
+KeyKind = Literal["hash", "fp", "asset"]
+_KIND_PREFIX: Mapping[str, str] = {"hash": "h", "fp": "fp", "asset": "asset"}
+_PREFIX_KIND: Mapping[str, KeyKind] = {"h": "hash", "fp": "fp", "asset": "asset"}
+
+# KEYS[1] = held set of the profile; KEYS[2..] = hash key, fingerprint key, [asset key] (checked in that order)
+# ARGV = profile, start_s, end_s, grace_s, ttl_ms
+CLAIM_LUA = """
+local profile = ARGV[1]
+local s = tonumber(ARGV[2])
+local e = tonumber(ARGV[3])
+local grace = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
+local member = profile .. '|' .. ARGV[2] .. '|' .. ARGV[3]
+local taken = {'HASH_TAKEN', 'FP_TAKEN', 'ASSET_TAKEN'}
+for i = 2, #KEYS do
+  local members = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', '(' .. ARGV[3])
+  for _, m in ipairs(members) do
+    local p, ms, me = string.match(m, '^(.+)|(%-?%d+)|(%-?%d+)$')
+    if p then
+      local s2 = tonumber(ms)
+      local e2 = tonumber(me)
+      if e2 + grace < s then
+        redis.call('ZREM', KEYS[i], m)
+      elseif p ~= profile and s2 < e and s < e2 then
+        return {taken[i - 1], p, ms, me}
+      end
+    end
+  end
+end
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], s, member)
+  if redis.call('PTTL', KEYS[i]) < ttl then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+  redis.call('SADD', KEYS[1], KEYS[i])
+end
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return {'OK'}
+"""
+
+# KEYS[1] = a claim key, KEYS[2] = the profile's held set; ARGV = profile, start_s or '' (every interval)
+# Removes the profile's members from the key; forgets the key in the held set when none of them remains.
+RELEASE_LUA = """
+local prefix = ARGV[1] .. '|'
+local only = ARGV[2]
+local removed = 0
+local remaining = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(m, 1, #prefix) == prefix then
+    local ms = string.match(string.sub(m, #prefix + 1), '^(%-?%d+)|')
+    if only == '' or ms == only then
+      redis.call('ZREM', KEYS[1], m)
+      removed = removed + 1
+    else
+      remaining = remaining + 1
+    end
+  end
+end
+if remaining == 0 then
+  redis.call('SREM', KEYS[2], KEYS[1])
+end
+return removed
+"""
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One claim member: ``profile`` holds the key over ``[start_s, end_s)`` of event time."""
+
+    profile: str
+    start_s: int
+    end_s: int
+
+    @staticmethod
+    def parse(member: str) -> Holding:
+        profile, start, end = member.rsplit("|", 2)
+        return Holding(profile, int(start), int(end))
+
+    def sort_key(self) -> tuple[int, int, str]:
+        return (self.start_s, self.end_s, self.profile)
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v)
+
+
+def _glob_escape(s: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in s)
+
+
+class RedisClaims:
+    """The registry's claims in Redis. ``grace_s`` is ``system.registry.claim_grace_s``."""
+
+    def __init__(self, redis: aioredis.Redis, namespace: str, *, grace_s: int = 300) -> None:
+        if not namespace:
+            raise ValueError("the claims namespace must not be empty")
+        if grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {grace_s!r}")
+        self._redis = redis
+        self.namespace = namespace
+        self.grace_s = int(grace_s)
+        self._claim = redis.register_script(CLAIM_LUA)
+        self._release = redis.register_script(RELEASE_LUA)
+
+    # ------------------------------------------------------------------------------ key names
+    def key(self, kind: KeyKind, value: str) -> str:
+        """The claim key of a hash (``kind="hash"``), fingerprint (``"fp"``) or asset (``"asset"``)."""
+        return f"{self.namespace}:reg:{_KIND_PREFIX[kind]}:{value}"
+
+    def held_key(self, profile: str) -> str:
+        return f"{self.namespace}:reg:held:{profile}"
+
+    # ------------------------------------------------------------------------------ claims
+    async def claim(self, candidate: PlanCandidate, fingerprint: str, asset: str | None) -> ClaimResult:
+        """Claim the candidate's hash, ``fingerprint`` and (unless None) ``asset`` for its epoch, atomically.
+
+        Usable directly as the ``try_claim`` of ``resolve_plan_async``.
+        """
+        return await self.claim_interval(
+            candidate.profile,
+            candidate.epoch_start_s,
+            candidate.epoch_end_s,
+            hash_hex=candidate.hash,
+            fingerprint=fingerprint,
+            asset=asset,
+        )
+
+    async def claim_interval(
+        self,
+        profile: str,
+        start_s: int,
+        end_s: int,
+        *,
+        hash_hex: str,
+        fingerprint: str,
+        asset: str | None,
+    ) -> ClaimResult:
+        """Claim hash, fingerprint and optionally asset for ``profile`` over ``[start_s, end_s)``."""
+        if not profile or "|" in profile:
+            raise ValueError(f"a profile id must be non-empty and contain no '|', got {profile!r}")
+        start, end = int(start_s), int(end_s)
+        if end <= start:
+            raise ValueError(f"claim interval [{start}, {end}) is empty")
+        keys = [self.held_key(profile), self.key("hash", hash_hex), self.key("fp", fingerprint)]
+        if asset is not None:
+            keys.append(self.key("asset", asset))
+        ttl_ms = (end - start + self.grace_s) * 1000
+        raw = await self._claim(keys=keys, args=[profile, start, end, self.grace_s, ttl_ms])
+        reply = [_text(x) for x in raw]
+        outcome = ClaimOutcome(reply[0])
+        if outcome is ClaimOutcome.OK:
+            return ClaimResult(outcome)
+        return ClaimResult(outcome, holder=reply[1], holder_start_s=int(reply[2]), holder_end_s=int(reply[3]))
+
+    async def release(self, profile: str, *, start_s: int | None = None) -> int:
+        """Remove the profile's claim members from every key it holds (e.g. the profile was disabled), or only
+        those of the interval starting at ``start_s`` (e.g. before re-resolving that epoch). Returns how many
+        members were removed."""
+        held = self.held_key(profile)
+        only = "" if start_s is None else str(int(start_s))
+        removed = 0
+        for key in sorted(_text(k) for k in await self._redis.smembers(held)):
+            removed += int(await self._release(keys=[key, held], args=[profile, only]))
+        return removed
+
+    # ------------------------------------------------------------------------------ inspection
+    async def holders(self, kind: KeyKind, value: str, *, at_s: int | None = None) -> list[Holding]:
+        """Who holds a hash, fingerprint or asset (every interval, or only the ones containing ``at_s``)."""
+        members = await self._redis.zrange(self.key(kind, value), 0, -1)
+        out = sorted((Holding.parse(_text(m)) for m in members), key=Holding.sort_key)
+        if at_s is not None:
+            out = [h for h in out if h.start_s <= at_s < h.end_s]
+        return out
+
+    async def held_keys(self, profile: str) -> list[str]:
+        return sorted(_text(k) for k in await self._redis.smembers(self.held_key(profile)))
+
+    async def snapshot(self) -> dict[KeyKind, dict[str, list[Holding]]]:
+        """Every claim in the namespace: ``{"hash": {H: [...]}, "fp": {F: [...]}, "asset": {A: [...]}}``."""
+        out: dict[KeyKind, dict[str, list[Holding]]] = {"hash": {}, "fp": {}, "asset": {}}
+        base = f"{self.namespace}:reg:"
+        async for raw_key in self._redis.scan_iter(match=_glob_escape(base) + "*", count=500):
+            key = _text(raw_key)
+            prefix, _, value = key[len(base) :].partition(":")
+            kind = _PREFIX_KIND.get(prefix)
+            if kind is None:
+                continue
+            holdings = await self.holders(kind, value)
+            if holdings:
+                out[kind][value] = holdings
+        return out

@@ -1,0 +1,80 @@
+"""Event-time alignment of market data.
+
+Candles of one step (one open time) may arrive over several partitions in any interleaving. The ingest
+sends a watermark to every partition after each step; a consumer releases step T only when every partition
+it reads has a watermark >= T. Consumers therefore see complete steps, in time order, whatever the
+partitioning and however the broker interleaves partitions: the basis of deterministic replay.
+Duplicated candles (redelivery) are dropped by (product, open_time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.messages import CandleClosed, ReplayFinished, WatermarkAdvanced
+
+
+@dataclass(frozen=True)
+class Step:
+    time_s: int
+    interval_s: int
+    candles: tuple[CandleClosed, ...]  # sorted by product
+
+    @property
+    def close_s(self) -> int:
+        return self.time_s + self.interval_s
+
+
+@dataclass
+class Aligner:
+    partitions: frozenset[int]
+    _pending: dict[int, dict[str, CandleClosed]] = field(default_factory=dict)
+    _marks: dict[int, int] = field(default_factory=dict)
+    _finished: set[int] = field(default_factory=set)
+    _released_upto: int | None = None
+    _interval: dict[int, int] = field(default_factory=dict)
+
+    def add(self, partition: int, msg: CandleClosed | WatermarkAdvanced | ReplayFinished) -> list[Step]:
+        """Feed one market-data message; returns the steps it completes, oldest first."""
+        if isinstance(msg, CandleClosed):
+            t = int(msg.open_time.timestamp())
+            if self._released_upto is not None and t <= self._released_upto:
+                return []  # a redelivered candle of a step already released
+            self._pending.setdefault(t, {})[msg.product] = msg
+            self._interval[t] = msg.interval_s
+            return []
+        if isinstance(msg, WatermarkAdvanced):
+            t = int(msg.step_time.timestamp())
+            self._marks[partition] = max(t, self._marks.get(partition, t))
+            self._interval.setdefault(t, msg.interval_s)
+        else:
+            self._finished.add(partition)
+        return self._release()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished >= self.partitions and not self._pending
+
+    def _low_watermark(self) -> int | None:
+        marks = []
+        for p in self.partitions:
+            if p in self._finished:
+                continue
+            if p not in self._marks:
+                return None
+            marks.append(self._marks[p])
+        if not marks:
+            return max(self._pending, default=None)  # every partition finished: release all
+        return min(marks)
+
+    def _release(self) -> list[Step]:
+        low = self._low_watermark()
+        if low is None:
+            return []
+        ready = sorted(t for t in self._pending if t <= low)
+        steps = []
+        for t in ready:
+            candles = self._pending.pop(t)
+            steps.append(Step(t, self._interval.pop(t, 0), tuple(candles[p] for p in sorted(candles))))
+            self._released_upto = t
+        return steps

@@ -1,0 +1,44 @@
+"""The one codec at the edges: orjson bytes <-> validated message models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from shared.messages import ANY_MESSAGE, Message
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a valid message; the text says why (and goes to the dead-letter topic)."""
+
+
+def encode(msg: Message) -> bytes:
+    return orjson.dumps(msg.model_dump(mode="json"))
+
+
+def to_jsonable(msg: Message) -> dict[str, Any]:
+    out: dict[str, Any] = msg.model_dump(mode="json")
+    return out
+
+
+def decode(data: bytes | None) -> Message:
+    if data is None:
+        raise DecodeError("empty message value (tombstone or null)")
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as err:
+        raise DecodeError(f"not JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise DecodeError(f"message must be a JSON object, got {type(raw).__name__}")
+    if "type" not in raw:
+        raise DecodeError("message has no 'type' field")
+    try:
+        msg: Message = ANY_MESSAGE.validate_python(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()[:8]
+        )
+        raise DecodeError(f"invalid {raw.get('type')!r} message: {problems}") from None
+    return msg

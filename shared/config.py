@@ -1,0 +1,330 @@
+"""Typed, strict configuration: the profiles file (`config/coinbase_profiles.yaml`) and system settings.
+
+Every model forbids unknown keys, so a misspelt key fails at start with a message that names it.
+The seed's keys are kept exactly; DESIGN.md section 2 gives each its meaning.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+STRATEGY_NAMES: tuple[str, ...] = (
+    "volume_weighted_hash_oscillator",
+    "zygot_zalgo_entropy_dual_key_gate",
+    "multi_phase_strategy_weight_tensor",
+    "quantum_strategy_calculator",
+    "entropy_enhanced_trading_executor",
+)
+StrategyName = Literal[
+    "volume_weighted_hash_oscillator",
+    "zygot_zalgo_entropy_dual_key_gate",
+    "multi_phase_strategy_weight_tensor",
+    "quantum_strategy_calculator",
+    "entropy_enhanced_trading_executor",
+]
+
+PLACEHOLDER_PREFIX = "YOUR_"
+DEFAULT_CONFIG = Path("config/coinbase_profiles.yaml")
+LOCAL_CONFIG = Path("config/coinbase_profiles_local.yaml")
+
+Asset = Annotated[str, Field(pattern=r"^[A-Z0-9]{2,10}$")]
+ProfileId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Percent = Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+_PAIR = re.compile(r"^([A-Z0-9]{2,10})/([A-Z0-9]{2,10})$")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the profile and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+# --------------------------------------------------------------------------------------------- profiles
+class ApiCredentials(Strict):
+    api_key: SecretStr
+    secret: SecretStr
+    passphrase: SecretStr | None = None
+    sandbox: bool = True
+
+    def is_placeholder(self) -> bool:
+        values = [self.api_key, self.secret] + ([self.passphrase] if self.passphrase else [])
+        return any(v.get_secret_value().startswith(PLACEHOLDER_PREFIX) or not v.get_secret_value() for v in values)
+
+
+class StrategyConfig(Strict):
+    base_assets: list[Asset] = Field(min_length=1)
+    random_asset_pool: list[Asset] = Field(default_factory=list)
+    strategy_weights: dict[StrategyName, Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]]
+    confidence_threshold: Fraction
+    signal_strength_threshold: Fraction
+    max_position_size_pct: Percent
+    risk_adjustment_factor: PositiveFloat
+    entropy_threshold: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    hash_trajectory_weight: Fraction
+    drift_delta_range: tuple[Fraction, Fraction]
+
+    @field_validator("strategy_weights")
+    @classmethod
+    def _weights_sum_to_one(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("strategy_weights is empty: give a weight to at least one strategy")
+        total = sum(v.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"strategy_weights must sum to 1 (within 1e-6), they sum to {total!r}")
+        return v
+
+    @field_validator("drift_delta_range")
+    @classmethod
+    def _drift_ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] > v[1]:
+            raise ValueError(f"drift_delta_range must be [low, high] with low <= high, got {list(v)!r}")
+        return v
+
+    @field_validator("base_assets", "random_asset_pool")
+    @classmethod
+    def _no_duplicates(cls, v: list[str]) -> list[str]:
+        dup = sorted({a for a in v if v.count(a) > 1})
+        if dup:
+            raise ValueError(f"assets listed twice: {dup!r}")
+        return v
+
+
+class TradingParams(Strict):
+    trading_pairs: list[str] = Field(min_length=1)
+    max_open_positions: Annotated[int, Field(ge=1, le=1000)]
+    order_timeout: PositiveFloat
+    retry_attempts: Annotated[int, Field(ge=0, le=20)]
+    slippage_tolerance: Annotated[float, Field(ge=0.0, le=0.1, allow_inf_nan=False)]
+
+    @field_validator("trading_pairs")
+    @classmethod
+    def _pairs_well_formed(cls, v: list[str]) -> list[str]:
+        for pair in v:
+            if not _PAIR.match(pair):
+                raise ValueError(f"trading pair {pair!r} is not of the form BASE/QUOTE (e.g. 'BTC/USDC')")
+        return v
+
+
+class RiskManagement(Strict):
+    stop_loss_pct: Percent
+    take_profit_pct: Annotated[float, Field(gt=0.0, le=1000.0, allow_inf_nan=False)]
+    max_daily_loss_pct: Percent
+    max_drawdown_pct: Percent
+    # Annualised realised volatility above which no new entries are opened (0.75 = 75 %/year).
+    volatility_threshold: PositiveFloat
+
+
+class ProfileHash(Strict):
+    base_hash: str = Field(min_length=1)
+    entropy_seed: Annotated[float, Field(allow_inf_nan=False)]
+    hash_rotation_interval: Annotated[int, Field(ge=60, le=366 * 86400)]
+    hash_complexity_factor: Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)]
+
+    def settings_key(self) -> tuple[str, float]:
+        return (self.base_hash, self.entropy_seed)
+
+
+class PaperAccount(Strict):
+    initial_quote_balance: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 10_000.0
+
+
+class Profile(Strict):
+    name: str = Field(min_length=1)
+    enabled: bool = True
+    priority: Annotated[int, Field(ge=0, le=1_000_000)] = 100
+    api_credentials: ApiCredentials
+    strategy_config: StrategyConfig
+    trading_params: TradingParams
+    risk_management: RiskManagement
+    profile_hash: ProfileHash
+    paper: PaperAccount = PaperAccount()
+
+    @property
+    def trading_pairs(self) -> list[str]:
+        return list(self.trading_params.trading_pairs)
+
+    def check_pairs(self, pid: str, quote: str) -> None:
+        assets = set(self.traded_assets())
+        for pair in self.trading_params.trading_pairs:
+            m = _PAIR.match(pair)
+            assert m is not None  # checked by the field validator
+            base, q = m.group(1), m.group(2)
+            if base not in assets:
+                raise ValueError(
+                    f"profiles.{pid}.trading_params.trading_pairs: base {base!r} of {pair!r} is not in the "
+                    f"profile's assets (base_assets + random_asset_pool = {sorted(assets)!r})"
+                )
+            if q != quote:
+                raise ValueError(
+                    f"profiles.{pid}.trading_params.trading_pairs: quote of {pair!r} is {q!r}, "
+                    f"but system.quote_asset is {quote!r}"
+                )
+
+    def traded_assets(self) -> list[str]:
+        """Every asset the profile may trade: base assets and the random pool (an epoch adds one of the pool)."""
+        return list(dict.fromkeys([*self.strategy_config.base_assets, *self.strategy_config.random_asset_pool]))
+
+
+# --------------------------------------------------------------------------------------------- system
+class KafkaSettings(Strict):
+    # Every topic and consumer group is prefixed with the namespace, so several runs can share a broker.
+    namespace: str = Field(default="mp", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    candle_partitions: Annotated[int, Field(ge=1, le=256)] = 1
+    intent_partitions: Annotated[int, Field(ge=1, le=256)] = 3
+    replication_factor: Annotated[int, Field(ge=1, le=5)] = 1
+
+
+class ArbiterSettings(Strict):
+    conflict_window_s: Annotated[float, Field(ge=0.0, le=86_400.0, allow_inf_nan=False)] = 300.0
+
+
+class ExecutionSettings(Strict):
+    # Coinbase Advanced Trade's lowest volume tier (published fee schedule): taker 0.60 %, maker 0.40 %.
+    taker_fee_rate: Annotated[float, Field(ge=0.0, le=0.05, allow_inf_nan=False)] = 0.006
+    maker_fee_rate: Annotated[float, Field(ge=0.0, le=0.05, allow_inf_nan=False)] = 0.004
+    desync_min_ms: Annotated[int, Field(ge=0, le=600_000)] = 50
+    desync_max_ms: Annotated[int, Field(ge=0, le=600_000)] = 1500
+
+    @model_validator(mode="after")
+    def _desync_ordered(self) -> ExecutionSettings:
+        if self.desync_min_ms > self.desync_max_ms:
+            raise ValueError(
+                f"desync_min_ms ({self.desync_min_ms}) must not exceed desync_max_ms ({self.desync_max_ms})"
+            )
+        return self
+
+
+class RegistrySettings(Strict):
+    # Candles (per product) scored for the sixth asset; an asset with fewer than 2 in the window scores nothing.
+    score_lookback_candles: Annotated[int, Field(ge=2, le=10_000)] = 48
+    # The hash draws the sixth asset among this many best-scored candidates.
+    score_top_k: Annotated[int, Field(ge=1, le=100)] = 3
+    max_nonce: Annotated[int, Field(ge=1, le=10_000)] = 64
+    claim_grace_s: Annotated[int, Field(ge=0, le=86_400)] = 300
+
+
+class SystemSettings(Strict):
+    mode: Literal["paper", "live"] = "paper"
+    quote_asset: Asset = "USDC"
+    kafka: KafkaSettings = KafkaSettings()
+    arbiter: ArbiterSettings = ArbiterSettings()
+    execution: ExecutionSettings = ExecutionSettings()
+    registry: RegistrySettings = RegistrySettings()
+
+
+class AppConfig(Strict):
+    system: SystemSettings = SystemSettings()
+    profiles: dict[ProfileId, Profile] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> AppConfig:
+        quote = self.system.quote_asset
+        for pid, p in self.profiles.items():
+            p.check_pairs(pid, quote)
+            if self.system.mode == "live" and p.enabled and p.api_credentials.is_placeholder():
+                raise ValueError(
+                    f"profiles.{pid}.api_credentials: placeholder credentials ('{PLACEHOLDER_PREFIX}...') "
+                    "are refused in live mode; set real ones with `mpctl secrets set` or in the local config"
+                )
+        if not any(p.enabled for p in self.profiles.values()):
+            raise ValueError("no profile is enabled: set `enabled: true` on at least one")
+        return self
+
+    # ----------------------------------------------------------------------------- derived views
+    def enabled_profiles(self) -> dict[str, Profile]:
+        """Enabled profiles in decision order: priority (lower first), then profile id."""
+        items = sorted(((pid, p) for pid, p in self.profiles.items() if p.enabled), key=lambda kv: (kv[1].priority, kv[0]))
+        return dict(items)
+
+    def product(self, asset: str) -> str:
+        return f"{asset}/{self.system.quote_asset}"
+
+    def all_products(self) -> list[str]:
+        """Every product any enabled profile may trade (pairs plus every pool asset), sorted."""
+        out: set[str] = set()
+        for p in self.enabled_profiles().values():
+            out.update(p.trading_pairs)
+            out.update(self.product(a) for a in p.strategy_config.random_asset_pool if a != self.system.quote_asset)
+        return sorted(out)
+
+    def shared_hash_settings(self) -> list[tuple[str, str]]:
+        """Pairs of enabled profiles with identical hash settings: a collision the registry resolves at run time."""
+        seen: dict[tuple[str, float], str] = {}
+        pairs: list[tuple[str, str]] = []
+        for pid, p in self.enabled_profiles().items():
+            key = p.profile_hash.settings_key()
+            if key in seen:
+                pairs.append((seen[key], pid))
+            else:
+                seen[key] = pid
+        return pairs
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt?)"
+        bad = e.get("input")
+        shown = "" if isinstance(bad, dict) or e["type"] == "missing" or "api_credentials" in loc else f" (got {bad!r})"
+        lines.append(f"{loc or '<root>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, source: str = "<config>") -> AppConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with a `profiles:` key, got {type(data).__name__}")
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid configuration\n{_format_error(err)}") from None
+
+
+def load_config(path: str | Path | None = None) -> AppConfig:
+    """Load a profiles file. Without a path, the local file is used when present, else the template."""
+    p = Path(path) if path is not None else (LOCAL_CONFIG if LOCAL_CONFIG.exists() else DEFAULT_CONFIG)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read configuration: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    return parse_config(data, source=str(p))
+
+
+def config_warnings(cfg: AppConfig) -> list[str]:
+    warnings = []
+    for a, b in cfg.shared_hash_settings():
+        warnings.append(
+            f"profiles {a} and {b} share hash settings (base_hash, entropy_seed): a hash collision, "
+            f"resolved at run time by bumping {b}'s nonce"
+        )
+    for pid, p in cfg.enabled_profiles().items():
+        if p.api_credentials.is_placeholder() and cfg.system.mode == "paper":
+            pass  # placeholders are expected in paper mode
+        if not math.isclose(sum(p.strategy_config.strategy_weights.values()), 1.0, abs_tol=1e-9):
+            warnings.append(f"profiles.{pid}.strategy_config.strategy_weights sum is only within 1e-6 of 1")
+    return warnings

@@ -1,0 +1,319 @@
+"""Kafka helpers over aiokafka: topic declaration, a publisher, and a consume loop that commits offsets only
+after the effects of a batch are flushed, and dead-letters what cannot be decoded.
+
+Nothing connects at import time; every object is built by a service's `bootstrap`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
+
+from shared.clock import Clock, IdFactory
+from shared.codec import DecodeError, decode, encode
+from shared.messages import DeadLettered, Message
+from shared.topics import TopicSpec
+
+log = logging.getLogger(__name__)
+
+
+class HandlingError(ValueError):
+    """A well-formed message a handler refuses (bad values); it goes to the dead-letter topic with the reason."""
+
+
+async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], *, replication_factor: int = 1) -> None:
+    """Create the declared topics; existing ones are checked for their partition count."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication_factor, topic_configs=s.configs())
+            for s in specs
+            if s.name not in existing
+        ]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race; checked below
+                await admin.create_topics(new, validate_only=False)
+        described = await admin.describe_topics([s.name for s in specs])
+        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        for s in specs:
+            have = counts.get(s.name)
+            if have is not None and have != s.partitions:
+                raise RuntimeError(
+                    f"topic {s.name!r} has {have} partitions but {s.partitions} are declared; "
+                    "delete it or change system.kafka settings"
+                )
+    finally:
+        await admin.close()
+
+
+async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        wanted = list(names)
+        existing = set(await admin.list_topics())
+        todo = [n for n in wanted if n in existing]
+        if todo:
+            with contextlib.suppress(UnknownTopicOrPartitionError):
+                await admin.delete_topics(todo)
+    finally:
+        await admin.close()
+
+
+async def list_topics(bootstrap: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return sorted(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+class Publisher:
+    """Idempotent producer (acks=all). `send` queues; `flush` waits until everything queued is acknowledged."""
+
+    def __init__(self, bootstrap: str, *, client_id: str) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id=client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+        )
+        self._pending: list[asyncio.Future[Any]] = []
+        self._partitions: dict[str, list[int]] = {}
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self.flush()
+        await self._producer.stop()
+
+    async def send(self, topic: str, msg: Message, *, key: str | None, partition: int | None = None) -> None:
+        fut = await self._producer.send(
+            topic, encode(msg), key=key.encode() if key is not None else None, partition=partition
+        )
+        self._pending.append(fut)
+
+    async def partitions(self, topic: str) -> list[int]:
+        if topic not in self._partitions:
+            parts = await self._producer.partitions_for(topic)
+            if not parts:
+                raise RuntimeError(f"topic {topic!r} does not exist; run `mpctl infra up` / topic creation first")
+            self._partitions[topic] = sorted(parts)
+        return self._partitions[topic]
+
+    async def send_to_all_partitions(self, topic: str, msg: Message) -> None:
+        """Markers (watermarks, step ends) must reach every partition so each consumer sees them in order."""
+        for p in await self.partitions(topic):
+            await self.send(topic, msg, key=None, partition=p)
+
+    async def flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            await asyncio.gather(*pending)
+
+
+@dataclass
+class Outbox:
+    """Messages a handler wants published; the loop sends them, flushes, then commits the inputs."""
+
+    items: list[tuple[str, Message, str | None, bool]] = field(default_factory=list)
+
+    def add(self, topic: str, msg: Message, key: str | None) -> None:
+        self.items.append((topic, msg, key, False))
+
+    def broadcast(self, topic: str, msg: Message) -> None:
+        self.items.append((topic, msg, None, True))
+
+
+Handler = Callable[[Message, ConsumerRecord[bytes, bytes], Outbox], Awaitable[None]]
+
+
+class ConsumeLoop:
+    """At-least-once consumption: a batch is handled, its outputs flushed, and only then its offsets committed.
+
+    Undecodable bytes and messages a handler refuses with HandlingError go to the dead-letter topic with the
+    error text; any other exception stops the loop without committing (the batch is redelivered on restart).
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topics: Sequence[str],
+        group_id: str,
+        publisher: Publisher,
+        dead_letter_topic: str,
+        service: str,
+        clock: Clock,
+        ids: IdFactory,
+        from_beginning: bool = True,
+    ) -> None:
+        self._consumer = AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=bootstrap,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if from_beginning else "latest",
+            isolation_level="read_committed",
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            max_poll_records=500,
+        )
+        self._publisher = publisher
+        self._dlq = dead_letter_topic
+        self._service = service
+        self._clock = clock
+        self._ids = ids
+        self._stop = asyncio.Event()
+        self.processed = 0
+        self.dead_lettered = 0
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        return self._consumer
+
+    async def start(self) -> None:
+        await self._consumer.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def close(self) -> None:
+        await self._consumer.stop()
+
+    async def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
+        self.dead_lettered += 1
+        log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
+        dl = DeadLettered(
+            id=self._ids(),
+            event_time=self._clock(),
+            correlation_id=f"{rec.topic}:{rec.partition}:{rec.offset}",
+            source_topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key.decode("utf-8", "replace") if rec.key is not None else None,
+            payload_b64=base64.b64encode(rec.value or b"").decode(),
+            error=error[:2000],
+            service=self._service,
+        )
+        await self._publisher.send(self._dlq, dl, key=rec.topic)
+
+    async def run(self, handler: Handler, *, idle: Callable[[], Awaitable[None]] | None = None) -> None:
+        while not self._stop.is_set():
+            batches = await self._consumer.getmany(timeout_ms=200)
+            if not batches:
+                if idle is not None:
+                    await idle()
+                continue
+            offsets: dict[TopicPartition, int] = {}
+            for tp, records in batches.items():
+                for rec in records:
+                    outbox = Outbox()
+                    try:
+                        msg = decode(rec.value)
+                    except DecodeError as err:
+                        await self._dead_letter(rec, str(err))
+                    else:
+                        try:
+                            await handler(msg, rec, outbox)
+                        except HandlingError as err:
+                            await self._dead_letter(rec, f"{type(msg).__name__}: {err}")
+                            outbox = Outbox()
+                    for topic, out, key, broadcast in outbox.items:
+                        if broadcast:
+                            await self._publisher.send_to_all_partitions(topic, out)
+                        else:
+                            await self._publisher.send(topic, out, key=key)
+                    self.processed += 1
+                    offsets[tp] = rec.offset + 1
+            await self._publisher.flush()
+            await self._consumer.commit(offsets)
+
+
+Route = tuple[str, str | None, bool]  # topic, key, broadcast to every partition
+
+
+class StateMachineService:
+    """Runs a service whose logic is `handle(message, partition) -> messages`: consumes its topics from the
+    beginning, publishes each output where `route` says, and commits after the outputs are acknowledged.
+
+    Outputs carry ids derived from their inputs, so a restart that re-reads inputs re-publishes the same ids,
+    which every consumer de-duplicates.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        bootstrap: str,
+        topics: Sequence[str],
+        group_id: str,
+        dead_letter_topic: str,
+        handle: Callable[[Message, int], Awaitable[list[Message]]],
+        route: Callable[[Message], list[Route]],
+        clock: Clock,
+        ids: IdFactory,
+        done: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.name = name
+        # Kafka clients need a running event loop: they are built in run(), never at construction.
+        self._client_args = {
+            "bootstrap": bootstrap,
+            "topics": topics,
+            "group_id": group_id,
+            "dead_letter_topic": dead_letter_topic,
+            "service": name,
+            "clock": clock,
+            "ids": ids,
+        }
+        self.loop: ConsumeLoop | None = None
+        self._handle = handle
+        self._route = route
+        self._done = done
+
+    async def _on_message(self, msg: Message, rec: ConsumerRecord[bytes, bytes], outbox: Outbox) -> None:
+        for out in await self._handle(msg, rec.partition):
+            for topic, key, broadcast in self._route(out):
+                if broadcast:
+                    outbox.broadcast(topic, out)
+                else:
+                    outbox.add(topic, out, key)
+
+    async def run(self, stop: asyncio.Event, *, exit_when_done: bool = False) -> int:
+        a = self._client_args
+        publisher = Publisher(str(a["bootstrap"]), client_id=str(a["group_id"]))
+        loop = self.loop = ConsumeLoop(publisher=publisher, **a)  # type: ignore[arg-type]
+        await publisher.start()
+        await loop.start()
+        try:
+
+            async def watch() -> None:
+                while not stop.is_set():
+                    if exit_when_done and self._done():
+                        break
+                    await asyncio.sleep(0.1)
+                loop.stop()
+
+            watcher = asyncio.create_task(watch())
+            try:
+                await loop.run(self._on_message)
+            finally:
+                watcher.cancel()
+            return 0
+        finally:
+            await loop.close()
+            await publisher.stop()

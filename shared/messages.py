@@ -1,0 +1,278 @@
+"""Message schemas: frozen pydantic models, each with the envelope (id, type, schema version, event time,
+correlation id). Commands are imperatives (`PlaceOrder`, `ExecuteOrder`), events past tense.
+
+Prices and sizes are `Decimal` and travel as strings, so no float rounding happens on the wire.
+This module imports no Kafka, Redis or ccxt.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+SCHEMA_VERSION = 1
+
+
+def _finite(v: Decimal) -> Decimal:
+    if not v.is_finite():
+        raise ValueError(f"must be a finite number, got {v!r}")
+    return v
+
+
+Price = Annotated[Decimal, AfterValidator(_finite), Field(gt=0)]
+Size = Annotated[Decimal, AfterValidator(_finite), Field(ge=0)]
+Money = Annotated[Decimal, AfterValidator(_finite)]
+Side = Literal["buy", "sell"]
+OrderStatus = Literal["submitted", "open", "partially_filled", "filled", "cancelled", "rejected"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"filled", "cancelled", "rejected"})
+
+
+def utc(dt: datetime) -> datetime:
+    if dt.tzinfo is None:
+        raise ValueError(f"timestamp {dt.isoformat()} has no time zone; UTC is required")
+    return dt.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(utc)]
+
+
+class Message(BaseModel):
+    """The envelope every message carries."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    TYPE: ClassVar[str] = ""
+
+    id: str = Field(min_length=1, max_length=128)
+    schema_version: int = SCHEMA_VERSION
+    event_time: UtcDatetime
+    correlation_id: str = Field(min_length=1, max_length=128)
+    causation_id: str | None = None
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"unsupported schema_version {v!r}; this build reads version {SCHEMA_VERSION}")
+        return v
+
+
+# ------------------------------------------------------------------------------------------ market data
+class CandleClosed(Message):
+    """One OHLCV candle, published when it closes. `event_time` is the close (open_time + interval)."""
+
+    type: Literal["CandleClosed"] = "CandleClosed"
+    product: str
+    interval_s: int = Field(gt=0)
+    open_time: UtcDatetime
+    open: Price
+    high: Price
+    low: Price
+    close: Price
+    volume: Size
+    source: str = ""
+
+
+class WatermarkAdvanced(Message):
+    """All candles with open_time <= `step_time` have been published on this partition (event-time progress)."""
+
+    type: Literal["WatermarkAdvanced"] = "WatermarkAdvanced"
+    step_time: UtcDatetime
+    interval_s: int = Field(gt=0)
+
+
+class ReplayFinished(Message):
+    """The replay published its last candle; nothing follows on this partition."""
+
+    type: Literal["ReplayFinished"] = "ReplayFinished"
+    last_step_time: UtcDatetime | None
+    steps: int = Field(ge=0)
+
+
+# ------------------------------------------------------------------------------------------ registry
+class PlanPublished(Message):
+    """A profile's plan for one epoch: hash, strategy, drifted parameters, assets and fingerprint."""
+
+    type: Literal["PlanPublished"] = "PlanPublished"
+    profile: str
+    epoch: int
+    epoch_start: UtcDatetime
+    epoch_end: UtcDatetime
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    nonce: int = Field(ge=0)
+    strategy: str
+    parameters: dict[str, float]
+    blend_weight: float = Field(ge=0.0, le=1.0)
+    assets: list[str]
+    random_asset: str | None
+    products: list[str]
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    collisions: int = Field(ge=0, default=0)
+    asset_candidates: list[str] = Field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ orders
+class PlaceOrder(Message):
+    """Command from a strategy worker to the arbiter: the intent to trade (keyed by product)."""
+
+    type: Literal["PlaceOrder"] = "PlaceOrder"
+    intent_id: str
+    profile: str
+    product: str
+    side: Side
+    size: Annotated[Decimal, AfterValidator(_finite), Field(gt=0)]
+    reference_price: Price
+    reason: Literal["entry", "exit_signal", "stop_loss", "take_profit", "manual", "flatten"]
+    fingerprint: str
+    epoch: int
+    step_time: UtcDatetime
+    priority: int = 100
+    signal: float = Field(ge=-1.0, le=1.0, default=0.0)
+    confidence: float = Field(ge=0.0, le=1.0, default=0.0)
+
+
+class StepCompleted(Message):
+    """A strategy worker finished one event-time step; sent to every intents partition after its intents."""
+
+    type: Literal["StepCompleted"] = "StepCompleted"
+    profile: str
+    step_time: UtcDatetime
+    intents: int = Field(ge=0)
+    final: bool = False
+
+
+class OrderDecided(Message):
+    """The arbiter's decision on one intent."""
+
+    type: Literal["OrderDecided"] = "OrderDecided"
+    intent_id: str
+    profile: str
+    product: str
+    side: Side
+    size: Size
+    verdict: Literal["approved", "rejected", "delayed"]
+    rule: str
+    reason: str
+    conflicting_profile: str | None = None
+    not_before: UtcDatetime | None = None
+
+
+class ExecuteOrder(Message):
+    """Command from the arbiter to one profile's execution worker (topic orders.approved.<profile>)."""
+
+    type: Literal["ExecuteOrder"] = "ExecuteOrder"
+    intent_id: str
+    client_order_id: str
+    profile: str
+    product: str
+    side: Side
+    size: Annotated[Decimal, AfterValidator(_finite), Field(gt=0)]
+    reference_price: Price
+    reason: str
+    step_time: UtcDatetime
+    not_before: UtcDatetime
+
+
+class OrderUpdated(Message):
+    """An order's state changed at the exchange (paper or live)."""
+
+    type: Literal["OrderUpdated"] = "OrderUpdated"
+    intent_id: str
+    client_order_id: str
+    profile: str
+    product: str
+    side: Side
+    size: Size
+    filled_size: Size = Decimal(0)
+    price: Decimal | None = None
+    fee: Money = Decimal(0)
+    status: OrderStatus
+    reason: str = ""
+    internal: bool = False
+
+
+class OrderFilled(Message):
+    """One fill (a partial fill is its own event)."""
+
+    type: Literal["OrderFilled"] = "OrderFilled"
+    fill_id: str
+    intent_id: str
+    client_order_id: str
+    profile: str
+    product: str
+    side: Side
+    size: Annotated[Decimal, AfterValidator(_finite), Field(gt=0)]
+    price: Price
+    fee: Money
+    liquidity: Literal["maker", "taker"] = "taker"
+    internal: bool = False
+
+
+# ------------------------------------------------------------------------------------------ operations
+class WorkerFinished(Message):
+    """A service instance processed the end of the replay (used by the demo to know the run is complete)."""
+
+    type: Literal["WorkerFinished"] = "WorkerFinished"
+    service: str
+    instance: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProfileHalted(Message):
+    type: Literal["ProfileHalted"] = "ProfileHalted"
+    profile: str
+    reason: str
+    until: UtcDatetime | None = None
+
+
+class DeadLettered(Message):
+    """What could not be decoded or handled, with the error text; the original bytes are kept (base64)."""
+
+    type: Literal["DeadLettered"] = "DeadLettered"
+    source_topic: str
+    partition: int
+    offset: int
+    key: str | None
+    payload_b64: str
+    error: str
+    service: str
+
+
+AnyMessage = Annotated[
+    CandleClosed
+    | WatermarkAdvanced
+    | ReplayFinished
+    | PlanPublished
+    | PlaceOrder
+    | StepCompleted
+    | OrderDecided
+    | ExecuteOrder
+    | OrderUpdated
+    | OrderFilled
+    | WorkerFinished
+    | ProfileHalted
+    | DeadLettered,
+    Field(discriminator="type"),
+]
+ANY_MESSAGE: TypeAdapter[Any] = TypeAdapter(AnyMessage)
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (
+        CandleClosed,
+        WatermarkAdvanced,
+        ReplayFinished,
+        PlanPublished,
+        PlaceOrder,
+        StepCompleted,
+        OrderDecided,
+        ExecuteOrder,
+        OrderUpdated,
+        OrderFilled,
+        WorkerFinished,
+        ProfileHalted,
+        DeadLettered,
+    )
+}

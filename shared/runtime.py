@@ -1,0 +1,93 @@
+"""What every service process shares: settings from the command line and environment, logging, and a
+run loop that stops cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.config import AppConfig, load_config
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config_path: Path | None = None
+    kafka_bootstrap: str = Field(min_length=1)
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    namespace: str | None = None
+    profile: str | None = None
+    instance: str = "0"
+    log_level: str = "INFO"
+    extra: dict[str, str] = Field(default_factory=dict)
+
+    def load(self) -> AppConfig:
+        cfg = load_config(self.config_path)
+        if self.namespace:
+            kafka = cfg.system.kafka.model_copy(update={"namespace": self.namespace})
+            cfg = cfg.model_copy(update={"system": cfg.system.model_copy(update={"kafka": kafka})})
+        return cfg
+
+
+def base_parser(service: str, *, needs_profile: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m services.{service}")
+    p.add_argument("--config", type=Path, default=None, help="profiles file (default: local file, else template)")
+    p.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"))
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:16379/0"))
+    p.add_argument("--namespace", default=None, help="topic/group namespace (default: system.kafka.namespace)")
+    p.add_argument("--instance", default="0")
+    p.add_argument("--log-level", default=os.environ.get("MPCTL_LOG_LEVEL", "INFO"))
+    if needs_profile:
+        p.add_argument("--profile", required=True)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace, **extra: str) -> ServiceSettings:
+    return ServiceSettings(
+        config_path=args.config,
+        kafka_bootstrap=args.bootstrap,
+        redis_url=args.redis_url,
+        namespace=args.namespace,
+        profile=getattr(args, "profile", None),
+        instance=args.instance,
+        log_level=args.log_level,
+        extra={k: str(v) for k, v in extra.items() if v is not None},
+    )
+
+
+def setup_logging(service: str, level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Libraries log connection chatter at INFO; keep the service's own lines readable.
+    for noisy in ("aiokafka", "kafka", "faust", "mode"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_service(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """Run `main(stop_event)` until it returns; SIGTERM/SIGINT set the event so it can stop cleanly."""
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    return asyncio.run(runner())
+
+
+def main_entry(argv: Sequence[str] | None, service: str, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    setup_logging(service, args.log_level)
+    return args

@@ -1,0 +1,102 @@
+"""Every topic name, declared once, with partitions and retention.
+
+Names are prefixed with the run's namespace (`system.kafka.namespace`), so a demo run and a live system,
+or two test runs, never read each other's messages on one broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.config import AppConfig
+
+CANDLES = "md.candles"
+PLANS = "registry.plans"
+INTENTS = "orders.intents"
+APPROVED_PREFIX = "orders.approved."
+EVENTS = "orders.events"
+COMMANDS = "control.commands"
+AUDIT = "audit.log"
+STATUS = "services.status"
+DEAD_LETTER = "dead.letter"
+
+WEEK_MS = 7 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    compacted: bool = False
+    retention_ms: int = WEEK_MS
+
+    def configs(self) -> dict[str, str]:
+        if self.compacted:
+            return {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+        return {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
+
+
+class Topics:
+    """Topic names of one namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        self.ns = namespace
+
+    def _n(self, base: str) -> str:
+        return f"{self.ns}.{base}"
+
+    @property
+    def candles(self) -> str:
+        return self._n(CANDLES)
+
+    @property
+    def plans(self) -> str:
+        return self._n(PLANS)
+
+    @property
+    def intents(self) -> str:
+        return self._n(INTENTS)
+
+    @property
+    def events(self) -> str:
+        return self._n(EVENTS)
+
+    @property
+    def commands(self) -> str:
+        return self._n(COMMANDS)
+
+    @property
+    def audit(self) -> str:
+        return self._n(AUDIT)
+
+    @property
+    def status(self) -> str:
+        return self._n(STATUS)
+
+    @property
+    def dead_letter(self) -> str:
+        return self._n(DEAD_LETTER)
+
+    def approved(self, profile: str) -> str:
+        return self._n(APPROVED_PREFIX + profile)
+
+    def group(self, service: str, instance: str | None = None) -> str:
+        """Consumer group id: one per service, or per (service, profile) for per-profile workers."""
+        return self._n(f"{service}.{instance}" if instance else service)
+
+
+def declared_topics(cfg: AppConfig, namespace: str | None = None) -> list[TopicSpec]:
+    t = Topics(namespace or cfg.system.kafka.namespace)
+    k = cfg.system.kafka
+    specs = [
+        TopicSpec(t.candles, k.candle_partitions),
+        TopicSpec(t.plans, 1, compacted=False),
+        TopicSpec(t.intents, k.intent_partitions),
+        TopicSpec(t.events, 1),
+        TopicSpec(t.commands, 1),
+        TopicSpec(t.audit, 1),
+        TopicSpec(t.status, 1),
+        TopicSpec(t.dead_letter, 1),
+    ]
+    specs += [TopicSpec(t.approved(pid), 1) for pid in cfg.profiles]
+    return specs
