@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -16,6 +17,7 @@ from pathlib import Path
 
 FILE_RE = re.compile(r"^(?P<source>[a-z0-9]+)_(?P<base>[A-Z0-9]+)-(?P<quote>[A-Z0-9]+)_(?P<interval>\d+[smhdw])\.csv(\.gz)?$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+HEADER = "timestamp_ms,open,high,low,close,volume"
 
 
 class CandleFileError(ValueError):
@@ -64,13 +66,15 @@ def read_candle_file(path: Path) -> CandleFile:
         )
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as err:
+        text = raw.decode("utf-8-sig")
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError) as err:
         raise CandleFileError(f"{path}: cannot read: {err}") from None
     lines = text.splitlines()
-    if not lines or not lines[0].startswith("timestamp_ms"):
-        raise CandleFileError(f"{path}: first line must be the header 'timestamp_ms,open,high,low,close,volume'")
+    if not lines or lines[0].replace(" ", "").strip() != HEADER:
+        got = lines[0][:80] if lines else ""
+        raise CandleFileError(f"{path}:1: first line must be the header {HEADER!r}, got {got!r}")
     rows: list[CandleRow] = []
+    line_of: list[int] = []
     prev = -1
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -92,6 +96,7 @@ def read_candle_file(path: Path) -> CandleFile:
             raise CandleFileError(f"{where}: timestamps must increase strictly ({ts} after {prev})")
         prev = ts
         rows.append(CandleRow(ts, o, h, lo, c, v))
+        line_of.append(n)
     if len(rows) < 2:
         raise CandleFileError(f"{path}: needs at least 2 candles to know the interval, has {len(rows)}")
     gaps = Counter(b.open_time_ms - a.open_time_ms for a, b in zip(rows, rows[1:], strict=False))
@@ -103,9 +108,10 @@ def read_candle_file(path: Path) -> CandleFile:
         raise CandleFileError(
             f"{path}: the name says {m.group('interval')} ({named} s) but the rows are {interval_ms // 1000} s apart"
         )
-    misaligned = [r.open_time_ms for r in rows if r.open_time_ms % interval_ms]
+    misaligned = [(n, r.open_time_ms) for n, r in zip(line_of, rows, strict=True) if r.open_time_ms % interval_ms]
     if misaligned:
-        raise CandleFileError(f"{path}: open time {misaligned[0]} is not a multiple of the {interval_ms // 1000} s interval")
+        n, ts = misaligned[0]
+        raise CandleFileError(f"{path}:{n}: open time {ts} is not a multiple of the {interval_ms // 1000} s interval")
     return CandleFile(path, m.group("source"), m.group("base"), m.group("quote"), interval_ms // 1000, tuple(rows))
 
 

@@ -167,6 +167,8 @@ class Profile(Strict):
             m = _PAIR.match(pair)
             assert m is not None  # checked by the field validator
             base, q = m.group(1), m.group(2)
+            if base == q:
+                raise ValueError(f"profiles.{pid}.trading_params.trading_pairs: {pair!r} trades an asset against itself")
             if base not in assets:
                 raise ValueError(
                     f"profiles.{pid}.trading_params.trading_pairs: base {base!r} of {pair!r} is not in the "
@@ -213,8 +215,8 @@ class ExecutionSettings(Strict):
 
 
 class RegistrySettings(Strict):
-    # Candles (per product) scored for the sixth asset; an asset with fewer than 2 in the window scores nothing.
-    score_lookback_candles: Annotated[int, Field(ge=2, le=10_000)] = 48
+    # Candles (per product) scored for the sixth asset; an asset with fewer than 3 in the window scores nothing.
+    score_lookback_candles: Annotated[int, Field(ge=3, le=10_000)] = 48
     # The hash draws the sixth asset among this many best-scored candidates.
     score_top_k: Annotated[int, Field(ge=1, le=100)] = 3
     max_nonce: Annotated[int, Field(ge=1, le=10_000)] = 64
@@ -258,11 +260,17 @@ class AppConfig(Strict):
         return f"{asset}/{self.system.quote_asset}"
 
     def all_products(self) -> list[str]:
-        """Every product any enabled profile may trade (pairs plus every pool asset), sorted."""
+        """Every product any enabled profile may trade (pairs, base assets and pool assets), sorted.
+
+        A plan trades its base assets (without the quote) plus the random asset, so each of those needs data,
+        whether or not it is listed in `trading_pairs`.
+        """
         out: set[str] = set()
+        quote = self.system.quote_asset
         for p in self.enabled_profiles().values():
             out.update(p.trading_pairs)
-            out.update(self.product(a) for a in p.strategy_config.random_asset_pool if a != self.system.quote_asset)
+            sc = p.strategy_config
+            out.update(self.product(a) for a in [*sc.base_assets, *sc.random_asset_pool] if a != quote)
         return sorted(out)
 
     def shared_hash_settings(self) -> list[tuple[str, str]]:
@@ -279,6 +287,9 @@ class AppConfig(Strict):
 
 
 # --------------------------------------------------------------------------------------------- loading
+_CREDENTIAL_KEYS = frozenset({"api_credentials", *ApiCredentials.model_fields})
+
+
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -287,9 +298,25 @@ def _format_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (misspelt?)"
         bad = e.get("input")
-        shown = "" if isinstance(bad, dict) or e["type"] == "missing" or "api_credentials" in loc else f" (got {bad!r})"
+        # Only a scalar of a known key is echoed: a mapping or list may hold credentials (e.g. `profiles:`
+        # written as a list), and so may an unknown key (e.g. `api_key:` outside `api_credentials:`).
+        scalar = bad is None or isinstance(bad, str | int | float | bool)
+        secret_loc = any(str(x) in _CREDENTIAL_KEYS for x in e["loc"])
+        hide = not scalar or e["type"] in ("missing", "extra_forbidden") or secret_loc
+        shown = "" if hide else f" (got {bad!r})"
         lines.append(f"{loc or '<root>'}: {msg}{shown}")
     return "\n".join(lines)
+
+
+def _yaml_error_text(err: yaml.YAMLError) -> str:
+    """Where and what, without PyYAML's snippet of the offending line (which may hold a credential)."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = err.problem or err.context or "syntax error"
+        context = f" ({err.context})" if err.context and err.problem else ""
+        return f"{where}{what}{context}"
+    return type(err).__name__
 
 
 def parse_config(data: Any, *, source: str = "<config>") -> AppConfig:
@@ -311,7 +338,7 @@ def load_config(path: str | Path | None = None) -> AppConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_error_text(err)}") from None
     return parse_config(data, source=str(p))
 
 

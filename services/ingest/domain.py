@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from shared.candles import CandleFile
 from shared.clock import derived_id, from_epoch_s
@@ -26,6 +26,11 @@ class ReplayStep:
             step_time=t,
             interval_s=self.interval_s,
         )
+
+
+def _utc_s(dt: datetime) -> int:
+    """Epoch seconds; a naive datetime (an ISO time without offset) is UTC, never the machine's local time."""
+    return int((dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp())
 
 
 def build_schedule(
@@ -62,8 +67,8 @@ def build_schedule(
                 )
             )
     times = sorted(by_time)
-    lo = int(start.timestamp()) if start else times[0]
-    hi = int(end.timestamp()) if end else times[-1] + 1
+    lo = _utc_s(start) if start else times[0]
+    hi = _utc_s(end) if end else times[-1] + 1
     if hours is not None:
         if hours <= 0:
             raise ValueError(f"--hours must be positive, got {hours!r}")

@@ -27,7 +27,9 @@ from shared.topics import Topics
 
 async def read_topics(bootstrap: str, topics: Sequence[str]) -> tuple[list[Message], int]:
     """All decodable messages of the topics up to their current end; returns them and the undecodable count."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000, auto_offset_reset="earliest"
+    )
     await consumer.start()
     out: list[Message] = []
     bad = 0
@@ -50,6 +52,28 @@ async def read_topics(bootstrap: str, topics: Sequence[str]) -> tuple[list[Messa
             tps += [TopicPartition(t, p) for p in sorted(parts)]
         if not tps:
             return out, bad
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        begins = await consumer.beginning_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, begins[tp])
+        remaining = {tp for tp in tps if ends[tp] > begins[tp]}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, recs in batch.items():
+                for rec in recs:
+                    if rec.offset >= ends[tp]:
+                        continue
+                    try:
+                        out.append(decode(rec.value))
+                    except DecodeError:
+                        bad += 1
+                # Transaction markers and compacted gaps mean the last offset read may be short of the end.
+                if recs and recs[-1].offset + 1 >= ends[tp]:
+                    remaining.discard(tp)
+                elif not recs and await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return out, bad
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         await consumer.seek_to_beginning(*tps)
@@ -85,6 +109,8 @@ async def collect_run(cfg: AppConfig, bootstrap: str, out_dir: Path) -> dict[str
     msgs, bad = await read_topics(bootstrap, [t.candles, t.audit, t.intents, t.events])
     data = RunData()
     data.add_all(msgs)
+    if not data.candles:
+        raise RuntimeError(f"no candle found on {t.candles}: nothing to report (was the run's namespace deleted?)")
     return write_outputs(cfg, data, out_dir, extra={"undecodable_messages": bad})
 
 

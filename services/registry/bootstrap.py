@@ -60,6 +60,10 @@ class RegistryService:
     async def run(self, stop: asyncio.Event) -> int:
         try:
             await self.redis.ping()
+            # A disabled profile holds nothing: its claims from earlier runs would block the others.
+            for pid, p in self.cfg.profiles.items():
+                if not p.enabled:
+                    await self.claims.release(pid)
             return await self.runner.run(stop)
         finally:
             await self.redis.aclose()

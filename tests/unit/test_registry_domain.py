@@ -573,3 +573,36 @@ def test_resolution_keeps_fingerprints_and_random_assets_unique(
             for p2, s2, e2 in members[i + 1 :]:
                 assert p1 == p2 or not (s1 < e2 and s2 < e1), (key, p1, p2)
     assert total_collisions >= 200  # profile_c's hash equals profile_a's every epoch, profile_d's profile_b's
+
+
+def test_worked_example_of_the_docs(profile_a: Profile, reg: RegistrySettings) -> None:
+    """docs/registry.md section 10, pinned so the page stays true."""
+    scores: dict[str, float | None] = {
+        "ADA": 0.91,
+        "DOT": 1.37,
+        "LINK": 1.12,
+        "MATIC": None,
+        "AVAX": 0.55,
+        "UNI": 0.98,
+        "ATOM": None,
+        "LTC": 1.05,
+    }
+    c = derive_candidate("profile_a", profile_a, epoch_of(1_710_000_000, 3600), 0, scores, reg, QUOTE)
+    assert c.hash == "98df539e309a1c033a9bfcc1524c493e8f4353a3663145da6ecbc516289ef565"
+    assert c.strategy == "multi_phase_strategy_weight_tensor"
+    assert {k: quantise(v) for k, v in c.parameters.items()} == {
+        "short_horizon": 6.0,
+        "mid_horizon": 24.0,
+        "long_horizon": 72.0,
+        "vol_window": 72.0,
+        "w_short": 0.199,
+        "w_mid": 0.3015,
+        "w_long": 0.4985,
+        "gain": 1.002,
+    }
+    assert c.asset_candidates == ("LINK", "LTC", "DOT", "UNI", "ADA", "AVAX")
+    assert fingerprint(c.strategy, c.parameters, candidate_assets(c, "LINK")) == (
+        "1b463781c456d0044ed447015a43728c9f42ba8231b434998ddce585aa9303bc"
+    )
+    closes, volumes = [100.0, 101.0, 99.5, 100.5, 102.0, 101.0], [10.0, 12.0, 8.0, 11.0, 15.0, 9.0]
+    assert score_asset(closes, volumes) == pytest.approx(4.04803, abs=1e-5)
