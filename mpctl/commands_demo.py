@@ -192,7 +192,7 @@ async def _demo(args: argparse.Namespace, cfg: AppConfig) -> int:
     for stale in ("orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json"):
         (out / stale).unlink(missing_ok=True)
     specs = declared_topics(cfg, ns)
-    await ensure_topics(endpoints.kafka_bootstrap, specs)
+    await ensure_topics(endpoints.kafka_bootstrap, specs, replication_factor=cfg.system.kafka.replication_factor)
     (out / "run.json").write_bytes(
         orjson.dumps(
             {"namespace": ns, "kafka_bootstrap": endpoints.kafka_bootstrap, "redis_url": endpoints.redis_url},

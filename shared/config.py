@@ -244,7 +244,7 @@ class AppConfig(Strict):
             if self.system.mode == "live" and p.enabled and p.api_credentials.is_placeholder():
                 raise ValueError(
                     f"profiles.{pid}.api_credentials: placeholder credentials ('{PLACEHOLDER_PREFIX}...') "
-                    "are refused in live mode; set real ones with `mpctl secrets set` or in the local config"
+                    "are refused in live mode; set real ones in config/coinbase_profiles_local.yaml (ignored by git)"
                 )
         if not any(p.enabled for p in self.profiles.values()):
             raise ValueError("no profile is enabled: set `enabled: true` on at least one")
@@ -350,8 +350,6 @@ def config_warnings(cfg: AppConfig) -> list[str]:
             f"resolved at run time by bumping {b}'s nonce"
         )
     for pid, p in cfg.enabled_profiles().items():
-        if p.api_credentials.is_placeholder() and cfg.system.mode == "paper":
-            pass  # placeholders are expected in paper mode
         if not math.isclose(sum(p.strategy_config.strategy_weights.values()), 1.0, abs_tol=1e-9):
             warnings.append(f"profiles.{pid}.strategy_config.strategy_weights sum is only within 1e-6 of 1")
     return warnings

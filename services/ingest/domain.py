@@ -70,7 +70,7 @@ def build_schedule(
     lo = _utc_s(start) if start else times[0]
     hi = _utc_s(end) if end else times[-1] + 1
     if hours is not None:
-        if hours <= 0:
+        if not hours > 0 or hours == float("inf"):  # also refuses NaN
             raise ValueError(f"--hours must be positive, got {hours!r}")
         hi = min(hi, lo + int(hours * 3600))
     steps = [ReplayStep(t, interval, tuple(by_time[t])) for t in times if lo <= t < hi]

@@ -68,29 +68,8 @@ async def read_topics(bootstrap: str, topics: Sequence[str]) -> tuple[list[Messa
                         out.append(decode(rec.value))
                     except DecodeError:
                         bad += 1
-                # Transaction markers and compacted gaps mean the last offset read may be short of the end.
-                if recs and recs[-1].offset + 1 >= ends[tp]:
-                    remaining.discard(tp)
-                elif not recs and await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-        return out, bad
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000)
-            for tp, recs in batch.items():
-                for rec in recs:
-                    if rec.offset >= ends[tp]:
-                        continue
-                    try:
-                        out.append(decode(rec.value))
-                    except DecodeError:
-                        bad += 1
-                if recs and recs[-1].offset + 1 >= ends[tp]:
-                    remaining.discard(tp)
             for tp in list(remaining):
+                # The position, not the last record: transaction markers can sit at the end of a partition.
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
         return out, bad
