@@ -46,7 +46,8 @@ class Aligner:
         if isinstance(msg, WatermarkAdvanced):
             t = int(msg.step_time.timestamp())
             self._marks[partition] = max(t, self._marks.get(partition, t))
-            self._interval.setdefault(t, msg.interval_s)
+            if t in self._pending:  # a step without candles (or already released) leaves nothing behind
+                self._interval.setdefault(t, msg.interval_s)
         else:
             self._finished.add(partition)
         return self._release()

@@ -15,7 +15,7 @@ import bisect
 import hashlib
 from dataclasses import dataclass, field
 from datetime import timedelta
-from decimal import Decimal
+from decimal import ROUND_DOWN, ROUND_UP, Decimal
 
 from shared.aligner import Aligner, Step
 from shared.clock import derived_id, from_epoch_s
@@ -158,7 +158,8 @@ def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[
     rng = (candle.high - candle.low) / candle.open
     slip = min(state.slippage_tolerance, rng * Decimal("0.1"))
     price = candle.open * (1 + slip) if o.side == "buy" else candle.open * (1 - slip)
-    price = price.quantize(Decimal("0.00000001"))
+    # Rounded towards the open, so the slippage never exceeds slippage_tolerance by the rounding.
+    price = price.quantize(Decimal("0.00000001"), rounding=ROUND_DOWN if o.side == "buy" else ROUND_UP)
     notional = price * o.size
     fee = (notional * Decimal(str(state.settings.taker_fee_rate))).quantize(Decimal("0.00000001"))
     t = max(rec.send_time_s, candle.open_time.timestamp())

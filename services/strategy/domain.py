@@ -227,6 +227,7 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
         price = state.marks[product]
         change_pct = (price / pos.avg_price - 1) * 100
         reason: Reason | None = None
+        exit_sig: Signal | None = None  # the signal behind an exit_signal, recorded on the intent
         if change_pct <= -Decimal(str(rm.stop_loss_pct)):
             reason = "stop_loss"
         elif change_pct >= Decimal(str(rm.take_profit_pct)):
@@ -234,9 +235,9 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
         else:
             sig = blended(product)
             if sig is not None and sig.value <= -sc.signal_strength_threshold:
-                reason = "exit_signal"
+                reason, exit_sig = "exit_signal", sig
         if reason is not None:
-            intents.append(_intent(state, plan, step, product, "sell", pos.size, price, reason, None))
+            intents.append(_intent(state, plan, step, product, "sell", pos.size, price, reason, exit_sig))
 
     if state.halted is None and state.entries_paused_day != day:
         slots = p.trading_params.max_open_positions - len(state.positions)

@@ -114,7 +114,9 @@ def path_candles(
     prev = D(first_open) if first_open is not None else D(closes[0])
     for i, c in enumerate(closes):
         c = D(c)
-        out.append(candle(product, start + i * interval, prev, max(prev, c), min(prev, c), c, interval=interval))
+        out.append(
+            candle(product, start + i * interval, prev, max(prev, c), min(prev, c), c, interval=interval)
+        )
         prev = c
     return out
 
@@ -174,7 +176,9 @@ def plan(
 
 def plans_covering(profile: str, start: int, end: int, interval: int, **kw: Any) -> list[PlanPublished]:
     """A plan for every epoch that overlaps [start, end)."""
-    return [plan(profile, e, interval=interval, **kw) for e in range(start // interval, (end - 1) // interval + 1)]
+    return [
+        plan(profile, e, interval=interval, **kw) for e in range(start // interval, (end - 1) // interval + 1)
+    ]
 
 
 # ------------------------------------------------------------------------------------------ orders
@@ -199,7 +203,7 @@ def place_order(
         intent_id=iid,
         profile=profile,
         product=product,
-        side=side,  # type: ignore[arg-type]
+        side=side,
         size=D(size),
         reference_price=D(price),
         reason="entry" if side == "buy" else "exit_signal",
@@ -242,7 +246,7 @@ def execute_order(
         client_order_id=client_order_id or derived_id("coid", iid),
         profile=profile,
         product=product,
-        side=side,  # type: ignore[arg-type]
+        side=side,
         size=D(size),
         reference_price=D(price),
         reason="entry",
@@ -274,14 +278,16 @@ def order_filled(
         client_order_id=derived_id("coid", iid),
         profile=profile,
         product=product,
-        side=side,  # type: ignore[arg-type]
+        side=side,
         size=D(size),
         price=D(price),
         fee=D(fee),
     )
 
 
-def order_updated(intent: PlaceOrder, status: str, *, at: int | None = None, price: Any = None) -> OrderUpdated:
+def order_updated(
+    intent: PlaceOrder, status: str, *, at: int | None = None, price: Any = None
+) -> OrderUpdated:
     return OrderUpdated(
         id=derived_id("order-update", intent.intent_id, status),
         event_time=dt(at if at is not None else intent.event_time.timestamp()),
@@ -294,7 +300,7 @@ def order_updated(intent: PlaceOrder, status: str, *, at: int | None = None, pri
         size=intent.size,
         filled_size=intent.size if status == "filled" else Decimal(0),
         price=D(price) if price is not None else None,
-        status=status,  # type: ignore[arg-type]
+        status=status,
     )
 
 
@@ -308,7 +314,7 @@ def decided(intent: PlaceOrder, verdict: str, rule: str = "test") -> OrderDecide
         product=intent.product,
         side=intent.side,
         size=intent.size,
-        verdict=verdict,  # type: ignore[arg-type]
+        verdict=verdict,
         rule=rule,
         reason="test",
     )
@@ -319,7 +325,13 @@ def fill_for(intent: PlaceOrder, *, price: Any = None, fee: Any = 0) -> list[Mes
     p = D(price) if price is not None else intent.reference_price
     at = int(intent.event_time.timestamp())
     f = order_filled(
-        intent.profile, intent.side, product=intent.product, size=intent.size, price=p, fee=fee, at=at,
+        intent.profile,
+        intent.side,
+        product=intent.product,
+        size=intent.size,
+        price=p,
+        fee=fee,
+        at=at,
         intent_id=intent.intent_id,
     )
     return [f, order_updated(intent, "filled", at=at, price=p)]

@@ -121,6 +121,19 @@ def test_redelivered_watermark_releases_nothing_new() -> None:
     assert al.add(0, watermark(T0)) == []
 
 
+def test_watermarks_of_steps_without_pending_candles_leave_no_state_behind() -> None:
+    # A long-running consumer sees redelivered watermarks and steps without candles: neither may grow state.
+    al = Aligner(frozenset({0}))
+    for s in range(50):
+        t = T0 + s * HOUR
+        if s % 2 == 0:
+            al.add(0, candle("BTC/USDC", t))
+        al.add(0, watermark(t))
+        al.add(0, watermark(t))  # redelivered after the release
+    assert al._pending == {}
+    assert al._interval == {}  # private, but it is exactly the state that must not leak
+
+
 def test_replay_finished_on_every_partition_releases_the_rest_and_sets_finished() -> None:
     al = Aligner(frozenset({0, 1}))
     al.add(0, candle("BTC/USDC", T0))
@@ -169,7 +182,7 @@ def scenarios(draw: st.DrawFn) -> tuple[int, dict[int, list[Message]]]:
     missing = draw(st.sets(st.tuples(st.integers(0, n_steps - 1), st.sampled_from(products)), max_size=4))
     streams = partition_streams(n_steps, placement, partitions, missing)
     finish = draw(st.booleans())
-    for p, stream in streams.items():
+    for stream in streams.values():
         # Redeliveries: copies of some candles later in the same partition (Kafka is at-least-once).
         for _ in range(draw(st.integers(0, 3))):
             idx = draw(st.integers(0, len(stream) - 1))
@@ -187,9 +200,7 @@ def test_any_interleaving_of_partitions_gives_the_same_steps(
 ) -> None:
     partitions, streams = scenario
     # Reference: partitions fed one after the other.
-    reference = feed(
-        Aligner(frozenset(streams)), [(p, m) for p in sorted(streams) for m in streams[p]]
-    )
+    reference = feed(Aligner(frozenset(streams)), [(p, m) for p in sorted(streams) for m in streams[p]])
     order = data.draw(st.permutations([p for p, s in streams.items() for _ in s]))
     cursors = dict.fromkeys(streams, 0)
     interleaved: list[tuple[int, Message]] = []

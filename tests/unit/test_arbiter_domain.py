@@ -27,7 +27,9 @@ def with_window(cfg: AppConfig, seconds: float) -> AppConfig:
 
 
 def with_priorities(cfg: AppConfig, **prio: int) -> AppConfig:
-    profiles = {pid: p.model_copy(update={"priority": prio.get(pid, p.priority)}) for pid, p in cfg.profiles.items()}
+    profiles = {
+        pid: p.model_copy(update={"priority": prio.get(pid, p.priority)}) for pid, p in cfg.profiles.items()
+    }
     return cfg.model_copy(update={"profiles": profiles})
 
 
@@ -96,8 +98,12 @@ def test_same_profile_opposite_sides_is_not_a_cross_profile_wash(cfg: AppConfig)
     out = step(state, T0 + HOUR, place_order(A, "sell", step=T0 + HOUR))
     assert verdicts(out)[A].verdict == "approved"
     # ... and a buy and a sell of one profile in one step are both approved too.
-    out = step(state, T0 + 2 * HOUR, place_order(B, "buy", step=T0 + 2 * HOUR, product="ETH/USDC"),
-               place_order(B, "sell", step=T0 + 2 * HOUR, product="ETH/USDC"))
+    out = step(
+        state,
+        T0 + 2 * HOUR,
+        place_order(B, "buy", step=T0 + 2 * HOUR, product="ETH/USDC"),
+        place_order(B, "sell", step=T0 + 2 * HOUR, product="ETH/USDC"),
+    )
     assert [d.verdict for d in of_type(out, OrderDecided)] == ["approved", "approved"]
 
 
@@ -123,7 +129,10 @@ def test_markers_are_counted_per_partition(cfg: AppConfig) -> None:
     state = new_state(cfg)
     run(state, [place_order(A, "buy", step=T0)], partition=0)
     assert run(state, [step_completed(A, T0), step_completed(B, T0)], partition=1) == []
-    assert len(of_type(run(state, [step_completed(A, T0), step_completed(B, T0)], partition=0), OrderDecided)) == 1
+    assert (
+        len(of_type(run(state, [step_completed(A, T0), step_completed(B, T0)], partition=0), OrderDecided))
+        == 1
+    )
 
 
 def test_later_marker_releases_earlier_steps_in_step_order(cfg: AppConfig) -> None:
@@ -242,7 +251,12 @@ def test_approved_order_carries_the_intent(cfg: AppConfig) -> None:
     state = new_state(cfg)
     intent = place_order(A, "sell", step=T0, size="0.25", price="123.5", product="ETH/USDC")
     (order,) = of_type(step(state, T0, intent), ExecuteOrder)
-    assert (order.intent_id, order.profile, order.product, order.side) == (intent.intent_id, A, "ETH/USDC", "sell")
+    assert (order.intent_id, order.profile, order.product, order.side) == (
+        intent.intent_id,
+        A,
+        "ETH/USDC",
+        "sell",
+    )
     assert order.size == intent.size and order.reference_price == intent.reference_price
     assert order.not_before == intent.event_time
     assert order.step_time == intent.step_time

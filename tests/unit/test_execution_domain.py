@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from services.execution.domain import PaperState, decide, desync_delay_ms, new_state
 from shared.config import AppConfig, ExecutionSettings, Profile
-from shared.messages import CandleClosed, ExecuteOrder, Message, OrderFilled, OrderUpdated, WorkerFinished
+from shared.messages import CandleClosed, Message, OrderFilled, OrderUpdated, WorkerFinished
 from tests.unit.builders import (
     HOUR,
     T0,
@@ -34,7 +34,9 @@ def cfg() -> AppConfig:
     return config()
 
 
-def paper(cfg: AppConfig, profile: Profile | None = None, settings_: ExecutionSettings | None = None) -> PaperState:
+def paper(
+    cfg: AppConfig, profile: Profile | None = None, settings_: ExecutionSettings | None = None
+) -> PaperState:
     return new_state(PID, profile or cfg.profiles[PID], settings_ or cfg.system.execution, frozenset({0}))
 
 
@@ -114,7 +116,13 @@ def test_slippage_is_against_the_trader_and_bounded_by_the_tolerance(
     if side == "sell":  # hold the position first
         run(state, [execute_order(PID, "buy", size=size, not_before=T0 - HOUR)])
         run(state, market([candle("BTC/USDC", T0 - HOUR, 1, 1, 1, 1)]))
-    c = candle("BTC/USDC", T0, open_, (open_ * (1 + up)).quantize(EIGHT), max(EIGHT, (open_ * (1 - down)).quantize(EIGHT)))
+    c = candle(
+        "BTC/USDC",
+        T0,
+        open_,
+        (open_ * (1 + up)).quantize(EIGHT),
+        max(EIGHT, (open_ * (1 - down)).quantize(EIGHT)),
+    )
     out = run(state, [execute_order(PID, side, size=size, not_before=T0), *market([c])])
     (fill,) = of_type(out, OrderFilled)
     t = D(tol)
@@ -189,7 +197,12 @@ def test_order_of_another_profile_is_ignored(cfg: AppConfig) -> None:
 
 # ------------------------------------------------------------------------------------------ de-sync
 @settings(max_examples=300, deadline=None)
-@given(st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=40), st.integers(0, 600_000), st.integers(0, 5000))
+@given(
+    st.text(min_size=1, max_size=20),
+    st.text(min_size=1, max_size=40),
+    st.integers(0, 600_000),
+    st.integers(0, 5000),
+)
 def test_desync_delay_is_within_bounds_and_deterministic(seed: str, intent: str, lo: int, width: int) -> None:
     hi = lo + width
     d = desync_delay_ms(seed, intent, lo, hi)
@@ -210,7 +223,9 @@ def test_submitted_order_is_sent_after_its_desync_delay(cfg: AppConfig) -> None:
     state = paper(cfg)
     order = execute_order(PID, "buy", size="1", not_before=T0)
     (sub,) = of_type(run(state, [order]), OrderUpdated)
-    delay = desync_delay_ms(cfg.profiles[PID].profile_hash.base_hash, order.intent_id, s.desync_min_ms, s.desync_max_ms)
+    delay = desync_delay_ms(
+        cfg.profiles[PID].profile_hash.base_hash, order.intent_id, s.desync_min_ms, s.desync_max_ms
+    )
     assert s.desync_min_ms <= delay <= s.desync_max_ms
     assert sub.status == "submitted"
     assert sub.event_time == order.not_before + timedelta(milliseconds=delay)
@@ -231,7 +246,9 @@ def test_equal_desync_bounds_give_that_delay(cfg: AppConfig) -> None:
 def test_buy_beyond_cash_is_rejected_with_the_reason(cfg: AppConfig) -> None:
     state = paper(cfg)
     cash = state.cash
-    out = run(state, [execute_order(PID, "buy", size="1000", not_before=T0), *market([candle("BTC/USDC", T0)])])
+    out = run(
+        state, [execute_order(PID, "buy", size="1000", not_before=T0), *market([candle("BTC/USDC", T0)])]
+    )
     assert of_type(out, OrderFilled) == []
     (rej,) = [u for u in of_type(out, OrderUpdated) if u.status == "rejected"]
     assert "insufficient funds" in rej.reason
@@ -249,8 +266,13 @@ def test_sell_without_position_is_rejected_with_the_reason(cfg: AppConfig) -> No
 def test_sell_beyond_position_is_rejected(cfg: AppConfig) -> None:
     state = paper(cfg)
     run(state, [execute_order(PID, "buy", size="1", not_before=T0), *market([candle("BTC/USDC", T0)])])
-    out = run(state, [execute_order(PID, "sell", size="1.5", not_before=T0 + HOUR),
-                      *market([candle("BTC/USDC", T0 + HOUR)])])
+    out = run(
+        state,
+        [
+            execute_order(PID, "sell", size="1.5", not_before=T0 + HOUR),
+            *market([candle("BTC/USDC", T0 + HOUR)]),
+        ],
+    )
     assert [u.status for u in of_type(out, OrderUpdated)] == ["submitted", "rejected"]
     assert state.positions == {"BTC/USDC": Decimal("1")}
 
@@ -258,15 +280,39 @@ def test_sell_beyond_position_is_rejected(cfg: AppConfig) -> None:
 def test_balances_after_buy_and_sell(cfg: AppConfig) -> None:
     state = paper(cfg)
     initial = state.cash
-    buy = of_type(run(state, [execute_order(PID, "buy", size="3", not_before=T0),
-                              *market([candle("BTC/USDC", T0, 100, 103, 99, 102)])]), OrderFilled)[0]
+    buy = of_type(
+        run(
+            state,
+            [
+                execute_order(PID, "buy", size="3", not_before=T0),
+                *market([candle("BTC/USDC", T0, 100, 103, 99, 102)]),
+            ],
+        ),
+        OrderFilled,
+    )[0]
     assert state.positions == {"BTC/USDC": Decimal("3")}
     assert state.cash == initial - buy.price * buy.size - buy.fee
-    part = of_type(run(state, [execute_order(PID, "sell", size="1", not_before=T0 + HOUR),
-                               *market([candle("BTC/USDC", T0 + HOUR, 110, 111, 108, 109)])]), OrderFilled)[0]
+    part = of_type(
+        run(
+            state,
+            [
+                execute_order(PID, "sell", size="1", not_before=T0 + HOUR),
+                *market([candle("BTC/USDC", T0 + HOUR, 110, 111, 108, 109)]),
+            ],
+        ),
+        OrderFilled,
+    )[0]
     assert state.positions == {"BTC/USDC": Decimal("2")}
-    rest = of_type(run(state, [execute_order(PID, "sell", size="2", not_before=T0 + 2 * HOUR),
-                               *market([candle("BTC/USDC", T0 + 2 * HOUR, 90, 92, 85, 91)])]), OrderFilled)[0]
+    rest = of_type(
+        run(
+            state,
+            [
+                execute_order(PID, "sell", size="2", not_before=T0 + 2 * HOUR),
+                *market([candle("BTC/USDC", T0 + 2 * HOUR, 90, 92, 85, 91)]),
+            ],
+        ),
+        OrderFilled,
+    )[0]
     assert state.positions == {}
     expected = initial - (buy.price * 3 + buy.fee) + (part.price * 1 - part.fee) + (rest.price * 2 - rest.fee)
     assert state.cash == expected

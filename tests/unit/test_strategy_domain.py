@@ -1,0 +1,462 @@
+"""One profile's state machine (services/strategy/domain.py), driven by synthetic candles and plans.
+
+The market paths are synthetic: `zigzag` is a choppy up-trend (per-candle volatility ~0.4 %, ~38 %/year on
+hourly candles: between the config's entropy_threshold and volatility_threshold). The signal models need 49
+candles before every strategy is warm, so tests that need entries run 60+ steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.strategy.domain import StrategyState, decide, new_state
+from shared.config import AppConfig, Profile
+from shared.messages import (
+    CandleClosed,
+    Message,
+    OrderDecided,
+    PlaceOrder,
+    PlanPublished,
+    ProfileHalted,
+    StepCompleted,
+    WorkerFinished,
+)
+from tests.unit.builders import (
+    DAY,
+    HOUR,
+    T0,
+    D,
+    candle,
+    config,
+    decided,
+    fill_for,
+    of_type,
+    order_filled,
+    order_updated,
+    path_candles,
+    plan,
+    plans_covering,
+    replay_finished,
+    step_messages,
+    tune,
+    zigzag,
+)
+
+PID = "profile_a"
+Responder = Callable[[PlaceOrder], list[Message]]
+
+
+@pytest.fixture(scope="module")
+def cfg() -> AppConfig:
+    return config()
+
+
+@pytest.fixture(scope="module")
+def profile(cfg: AppConfig) -> Profile:
+    return cfg.profiles[PID]
+
+
+def open_thresholds(p: Profile, signal: float = 0.0, confidence: float = 0.0) -> Profile:
+    return tune(p, strategy_config={"signal_strength_threshold": signal, "confidence_threshold": confidence})
+
+
+def fresh(p: Profile, pid: str = PID) -> StrategyState:
+    return new_state(pid, p, "USDC", frozenset({0}))
+
+
+def fill(i: PlaceOrder) -> list[Message]:
+    return fill_for(i)
+
+
+def reject(i: PlaceOrder) -> list[Message]:
+    return [decided(i, "rejected", "test")]
+
+
+def feed(state: StrategyState, msgs: Sequence[Message], respond: Responder | None = None) -> list[Message]:
+    """Feed messages in order; `respond` answers every intent right away (like the arbiter + execution)."""
+    out: list[Message] = []
+    todo: deque[Message] = deque(msgs)
+    while todo:
+        produced = decide(state, todo.popleft(), 0)
+        out.extend(produced)
+        if respond is not None:
+            replies = [r for i in of_type(produced, PlaceOrder) for r in respond(i)]
+            todo.extendleft(reversed(replies))
+    return out
+
+
+def plans_for(p: Profile, start: int, steps: int, pid: str = PID, **kw: Any) -> list[PlanPublished]:
+    return plans_covering(pid, start, start + steps * HOUR, p.profile_hash.hash_rotation_interval, **kw)
+
+
+def steps_done(out: list[Message]) -> list[int]:
+    return [int(m.step_time.timestamp()) for m in of_type(out, StepCompleted) if not m.final]
+
+
+def buys(out: list[Message]) -> list[PlaceOrder]:
+    return [i for i in of_type(out, PlaceOrder) if i.side == "buy"]
+
+
+def hold(product: str, size: Any, price: Any) -> Message:
+    """A position the profile already holds (a fill it receives before the steps)."""
+    return order_filled(PID, "buy", product=product, size=size, price=price, at=T0 - 10 * DAY)
+
+
+# ------------------------------------------------------------------------------------------ plans gate steps
+def test_no_step_evaluated_before_its_epoch_plan_then_catches_up(profile: Profile) -> None:
+    assert profile.profile_hash.hash_rotation_interval == HOUR  # one epoch per hourly step
+    state = fresh(profile)
+    market = step_messages(path_candles("BTC/USDC", [100, 101, 102]))
+    assert of_type(feed(state, market), StepCompleted) == []
+    assert feed(state, [plan(PID, (T0 + HOUR) // HOUR)]) == []  # the plan of step 1 cannot release step 0
+    assert feed(state, [plan("profile_b", T0 // HOUR)]) == []  # another profile's plan is not ours
+    assert steps_done(feed(state, [plan(PID, T0 // HOUR)])) == [T0, T0 + HOUR]
+    assert steps_done(feed(state, [plan(PID, (T0 + 2 * HOUR) // HOUR)])) == [T0 + 2 * HOUR]
+
+
+def test_one_plan_covers_every_step_of_its_epoch(cfg: AppConfig) -> None:
+    p = cfg.profiles["profile_b"]
+    interval = p.profile_hash.hash_rotation_interval
+    assert interval == 4 * HOUR
+    state = fresh(p, "profile_b")
+    feed(state, step_messages(path_candles("BTC/USDC", [100] * 6)))
+    out = feed(state, [plan("profile_b", T0 // interval, interval=interval)])
+    assert steps_done(out) == [T0 + k * HOUR for k in range(4)]
+    out = feed(state, [plan("profile_b", T0 // interval + 1, interval=interval)])
+    assert steps_done(out) == [T0 + 4 * HOUR, T0 + 5 * HOUR]
+
+
+def _interleave(market: list[Message], plans: list[PlanPublished], positions: list[int]) -> list[Message]:
+    msgs = list(market)
+    for pl, pos in sorted(zip(plans, positions, strict=True), key=lambda x: -x[1]):
+        msgs.insert(pos, pl)
+    return msgs
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_late_plans_give_the_same_decisions_as_plans_known_up_front(data: st.DataObject) -> None:
+    p = open_thresholds(config().profiles[PID], 0.05, 0.05)
+    n = 70
+    market = step_messages(path_candles("BTC/USDC", zigzag(n)))
+    plans = plans_for(p, T0, n)
+    early = feed(fresh(p), [*plans, *market], fill)
+    positions = data.draw(st.lists(st.integers(0, len(market)), min_size=len(plans), max_size=len(plans)))
+    late = feed(fresh(p), _interleave(market, plans, positions), fill)
+    assert buys(early)  # the scenario trades
+    assert [(type(m).__name__, m.id) for m in late] == [(type(m).__name__, m.id) for m in early]
+    assert late == early
+
+
+# ------------------------------------------------------------------------------------------ pending intents
+def _stop_loss_pending(profile: Profile) -> tuple[StrategyState, PlaceOrder]:
+    state = fresh(profile)
+    feed(state, [*plans_for(profile, T0, 4), hold("BTC/USDC", 10, 100)])
+    out = feed(state, step_messages(path_candles("BTC/USDC", [100, 97])))
+    (intent,) = of_type(out, PlaceOrder)
+    assert intent.reason == "stop_loss"
+    return state, intent
+
+
+def test_no_next_step_evaluated_while_an_intent_is_pending(profile: Profile) -> None:
+    state, intent = _stop_loss_pending(profile)
+    later = step_messages(
+        [candle("BTC/USDC", T0 + 2 * HOUR, 97, close=96), candle("BTC/USDC", T0 + 3 * HOUR, 96, close=95)]
+    )
+    assert feed(state, later) == []
+    assert feed(state, [decided(intent, "approved")]) == []  # approval is not an outcome
+    assert feed(state, [order_updated(intent, "submitted")]) == []
+    out = feed(state, fill_for(intent))
+    assert steps_done(out) == [T0 + 2 * HOUR, T0 + 3 * HOUR]
+    assert of_type(out, PlaceOrder) == []  # the position is gone, so no second stop loss
+    assert state.positions == {}
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        lambda i: [decided(i, "rejected")],  # by the arbiter
+        lambda i: [order_updated(i, "rejected")],  # by the exchange
+        lambda i: [order_updated(i, "cancelled")],
+    ],
+    ids=["arbiter-rejected", "exchange-rejected", "cancelled"],
+)
+def test_step_resumes_after_a_rejection_and_retries_the_exit(
+    profile: Profile, outcome: Callable[[PlaceOrder], list[Message]]
+) -> None:
+    state, intent = _stop_loss_pending(profile)
+    later = step_messages(
+        [candle("BTC/USDC", T0 + 2 * HOUR, 97, close=96), candle("BTC/USDC", T0 + 3 * HOUR, 96, close=95)]
+    )
+    assert feed(state, later) == []
+    out = feed(state, outcome(intent))
+    assert steps_done(out) == [T0 + 2 * HOUR]  # the next step runs, and holds the one after it
+    (retry,) = of_type(out, PlaceOrder)
+    assert (retry.reason, retry.step_time.timestamp()) == ("stop_loss", T0 + 2 * HOUR)
+    assert retry.intent_id != intent.intent_id
+    assert state.positions["BTC/USDC"].size == 10
+
+
+def test_redelivered_fill_is_counted_once(profile: Profile) -> None:
+    state = fresh(profile)
+    f = order_filled(PID, "buy", size="2", price="100", fee="1.2")
+    feed(state, [f, f])
+    assert state.positions["BTC/USDC"].size == 2
+    assert state.cash == D(profile.paper.initial_quote_balance) - 200 - D("1.2")
+
+
+def test_messages_of_other_profiles_are_ignored(profile: Profile) -> None:
+    state = fresh(profile)
+    other = order_filled("profile_b", "buy", size="2", price="100")
+    feed(state, [other, plan("profile_b", T0 // HOUR), *step_messages([candle("BTC/USDC", T0)])])
+    assert state.positions == {} and state.plans == {}
+
+
+# ------------------------------------------------------------------------------------------ exits
+def _price_at(avg: Decimal, pct: float, nudge: str) -> Decimal:
+    return (avg * (1 + D(pct) / 100) + D(nudge)).quantize(Decimal("0.0001"))
+
+
+def test_stop_loss_exit_sells_the_whole_position_once_the_loss_reaches_the_limit(profile: Profile) -> None:
+    sl = profile.risk_management.stop_loss_pct
+    state = fresh(profile)
+    feed(state, [*plans_for(profile, T0, 3), hold("BTC/USDC", "1.5", 200)])
+    above, below = _price_at(D(200), -sl, "0.01"), _price_at(D(200), -sl, "-0.01")
+    out = feed(state, step_messages(path_candles("BTC/USDC", [200, above])))
+    assert of_type(out, PlaceOrder) == []
+    (intent,) = of_type(
+        feed(state, step_messages([candle("BTC/USDC", T0 + 2 * HOUR, above, close=below)])), PlaceOrder
+    )
+    assert (intent.side, intent.reason, intent.size) == ("sell", "stop_loss", D("1.5"))
+    assert intent.reference_price == below
+    assert intent.step_time.timestamp() == T0 + 2 * HOUR
+    assert intent.event_time.timestamp() == T0 + 3 * HOUR  # decided at the close of the step
+
+
+def test_take_profit_exit_sells_once_the_gain_reaches_the_target(profile: Profile) -> None:
+    tp = profile.risk_management.take_profit_pct
+    state = fresh(profile)
+    feed(state, [*plans_for(profile, T0, 3), hold("ETH/USDC", "4", 50)])
+    below, above = _price_at(D(50), tp, "-0.01"), _price_at(D(50), tp, "0.01")
+    assert of_type(feed(state, step_messages(path_candles("ETH/USDC", [50, below]))), PlaceOrder) == []
+    (intent,) = of_type(
+        feed(state, step_messages([candle("ETH/USDC", T0 + 2 * HOUR, below, close=above)])), PlaceOrder
+    )
+    assert (intent.side, intent.reason, intent.size, intent.product) == (
+        "sell",
+        "take_profit",
+        D(4),
+        "ETH/USDC",
+    )
+
+
+def test_signal_reversal_exits_with_the_signal_recorded(profile: Profile) -> None:
+    # A choppy down-trend under a position whose stop loss and take profit are out of reach.
+    p = tune(profile, risk_management={"stop_loss_pct": 60.0, "take_profit_pct": 500.0})
+    n = 70
+    state = fresh(p)
+    feed(
+        state,
+        [
+            *plans_for(p, T0, n, strategy="quantum_strategy_calculator", products=("ETH/USDC",)),
+            hold("BTC/USDC", 10, 100),
+        ],
+    )
+    out = feed(state, step_messages(path_candles("BTC/USDC", zigzag(n, up=1.002, down=0.994))), reject)
+    exits = of_type(out, PlaceOrder)
+    assert exits, "the down-trend should turn the blended signal below -signal_strength_threshold"
+    assert {i.reason for i in exits} == {"exit_signal"}
+    assert all(i.side == "sell" and i.size == 10 for i in exits)
+    thr = p.strategy_config.signal_strength_threshold
+    assert all(i.signal <= -thr for i in exits)
+
+
+# ------------------------------------------------------------------------------------------ entries
+def _trend_run(p: Profile, n: int = 80, respond: Responder = fill) -> list[Message]:
+    state = fresh(p)
+    return feed(state, [*plans_for(p, T0, n), *step_messages(path_candles("BTC/USDC", zigzag(n)))], respond)
+
+
+def test_entries_need_signal_and_confidence_above_the_thresholds(profile: Profile) -> None:
+    sc = profile.strategy_config
+    assert buys(_trend_run(profile)) == []  # a mild trend is below the config's thresholds
+    lowered = open_thresholds(profile, 0.1, 0.1)
+    entries = buys(_trend_run(lowered))
+    assert entries
+    assert all(i.signal >= 0.1 and i.confidence >= 0.1 and i.reason == "entry" for i in entries)
+    # ... so it was the config's gate that held them back
+    assert any(i.signal < sc.signal_strength_threshold for i in entries)
+
+
+@pytest.mark.parametrize("gate", ["signal_strength_threshold", "confidence_threshold"])
+def test_either_threshold_alone_blocks_entries(profile: Profile, gate: str) -> None:
+    open_run = buys(_trend_run(open_thresholds(profile, 0.05, 0.05)))
+    assert open_run
+    strict = tune(open_thresholds(profile, 0.05, 0.05), strategy_config={gate: 0.9})
+    assert buys(_trend_run(strict)) == []
+
+
+def test_entry_is_sized_by_equity_confidence_and_risk_factor(profile: Profile) -> None:
+    p = open_thresholds(profile, 0.1, 0.1)
+    sc = p.strategy_config
+    first = buys(_trend_run(p))[0]  # the first entry: equity is still the initial balance
+    budget = D(p.paper.initial_quote_balance) * D(
+        sc.max_position_size_pct / 100 * first.confidence / sc.risk_adjustment_factor
+    )
+    assert first.size * first.reference_price <= budget
+    assert budget - first.size * first.reference_price < first.reference_price * Decimal("0.00000002")
+
+
+def test_entry_budget_leaves_cash_for_fee_and_slippage(profile: Profile) -> None:
+    p = open_thresholds(profile, 0.05, 0.05)
+    n = 80
+    state = fresh(p)
+    # Nearly all the equity sits in ETH (no ETH candles: it stays at its entry price), 50 USDC in cash.
+    feed(state, [*plans_for(p, T0, n), hold("ETH/USDC", "99.5", 100)])
+    cash = state.cash
+    entries = buys(feed(state, step_messages(path_candles("BTC/USDC", zigzag(n))), reject))
+    assert entries
+    assert all(i.size * i.reference_price <= cash * Decimal("0.98") for i in entries)
+    assert max(i.size * i.reference_price for i in entries) > cash * Decimal("0.97")
+
+
+def test_entries_gated_by_market_volatility(profile: Profile) -> None:
+    p = open_thresholds(profile, 0.1, 0.1)
+    assert buys(_trend_run(p))
+    flat_for_profile = tune(p, strategy_config={"entropy_threshold": 0.05})  # the market is too calm for it
+    assert buys(_trend_run(flat_for_profile)) == []
+    wild_for_profile = tune(p, risk_management={"volatility_threshold": 0.1})  # ~38 %/year is too wild for it
+    assert buys(_trend_run(wild_for_profile)) == []
+
+
+def test_flat_market_opens_nothing(profile: Profile) -> None:
+    p = open_thresholds(profile)
+    state = fresh(p)
+    out = feed(state, [*plans_for(p, T0, 70), *step_messages(path_candles("BTC/USDC", [100] * 70))], fill)
+    assert buys(out) == [] and len(steps_done(out)) == 70
+
+
+def test_open_positions_never_exceed_max_open_positions(profile: Profile) -> None:
+    p = tune(open_thresholds(profile, 0.05, 0.05), trading_params={"max_open_positions": 2})
+    n = 80
+    products = ("BTC/USDC", "ETH/USDC", "SOL/USDC")
+    state = fresh(p)
+    candles: list[CandleClosed] = []
+    for k, prod in enumerate(products):
+        candles += path_candles(prod, zigzag(n, start=50.0 * (k + 1), up=1.006 + 0.001 * k))
+    feed(state, plans_for(p, T0, n, products=products))
+    most = 0
+    opened: set[str] = set()
+    for m in step_messages(candles):
+        feed(state, [m], fill)
+        most = max(most, len(state.positions))
+        opened |= set(state.positions)
+    assert most == 2
+    assert len(opened) >= 2
+
+
+# ------------------------------------------------------------------------------------------ risk halts
+# Steps start 60 h before T0 (a UTC midnight), so the signals are warm when day T0 begins (step 60 closes at
+# T0 + 1h). The profile holds 90 ETH at 100 (9 000 of its 10 000) from the start; ETH trades only from day
+# T0 on, and falls at step DROP. Entries are answered with rejections, so the equity is the ETH position alone.
+START = T0 - 60 * HOUR
+N = 100
+DROP = 63  # opens T0 + 3h
+
+
+def _halt_run(p: Profile, eth_closes: list[Any]) -> tuple[StrategyState, list[Message]]:
+    state = fresh(p)
+    btc = path_candles("BTC/USDC", zigzag(N), START)
+    eth = path_candles("ETH/USDC", eth_closes, START + (DROP - 3) * HOUR)  # eth_closes[3] is at DROP
+    msgs = [*plans_for(p, START, N), hold("ETH/USDC", 90, 100), *step_messages([*btc, *eth])]
+    return state, feed(state, msgs, reject)
+
+
+def _step_of(i: PlaceOrder) -> int:
+    return int((i.step_time.timestamp() - START) // HOUR)
+
+
+def test_drawdown_halt_is_emitted_once_and_blocks_entries_but_not_exits(profile: Profile) -> None:
+    base = tune(open_thresholds(profile, 0.05, 0.05), risk_management={"stop_loss_pct": 50.0})
+    eth = [100, 100, 100, 80, 40]  # the 80 is at DROP: equity 1 000 + 90 * 80 = 8 200, an 18 % drawdown
+    control = tune(base, risk_management={"max_drawdown_pct": 100.0, "max_daily_loss_pct": 100.0})
+    _, free = _halt_run(control, eth)
+    assert any(_step_of(i) >= DROP for i in buys(free)), (
+        "precondition: entries after the drop without the halt"
+    )
+
+    state, out = _halt_run(base, eth)
+    dd = [h for h in of_type(out, ProfileHalted) if h.reason.startswith("drawdown")]
+    assert len(dd) == 1
+    assert dd[0].until is None and dd[0].event_time.timestamp() == START + DROP * HOUR
+    assert str(base.risk_management.max_drawdown_pct) in dd[0].reason
+    assert any(_step_of(i) < DROP for i in buys(out))
+    assert [i for i in buys(out) if _step_of(i) >= DROP] == []  # for the rest of the run, days included
+    exits = [i for i in of_type(out, PlaceOrder) if i.side == "sell"]
+    assert [(e.product, e.reason, _step_of(e)) for e in exits] == [("ETH/USDC", "stop_loss", DROP + 1)]
+    assert state.halted is not None
+
+
+def test_daily_loss_halts_entries_until_the_next_utc_day(profile: Profile) -> None:
+    base = tune(open_thresholds(profile, 0.05, 0.05), risk_management={"stop_loss_pct": 50.0})
+    eth = [100, 100, 100, 94]  # equity 10 000 -> 9 460 within day T0: 5.4 % >= 4 %, below the 12 % drawdown
+    control = tune(base, risk_management={"max_daily_loss_pct": 100.0})
+    next_day = (T0 + DAY - START) // HOUR - 1  # first step closing on the next UTC day
+    _, free = _halt_run(control, eth)
+    assert any(DROP <= _step_of(i) < next_day for i in buys(free)), "precondition: entries later that day"
+
+    _, out = _halt_run(base, eth)
+    (halt,) = of_type(out, ProfileHalted)
+    assert halt.reason.startswith("daily loss")
+    assert halt.until is not None and halt.until.timestamp() == T0 + DAY
+    assert halt.event_time.timestamp() == START + DROP * HOUR
+    assert [i for i in buys(out) if DROP <= _step_of(i) < next_day] == []
+    assert any(_step_of(i) >= next_day for i in buys(out))  # entries resume the next UTC day
+    assert any(_step_of(i) < DROP for i in buys(out))
+
+
+def test_halt_messages_are_deterministic(profile: Profile) -> None:
+    base = tune(open_thresholds(profile, 0.05, 0.05), risk_management={"stop_loss_pct": 50.0})
+    a = _halt_run(base, [100, 100, 100, 94])[1]
+    b = _halt_run(base, [100, 100, 100, 94])[1]
+    assert a == b
+
+
+# ------------------------------------------------------------------------------------------ end of run
+def test_final_markers_emitted_once_after_the_last_step(profile: Profile) -> None:
+    state = fresh(profile)
+    feed(state, plans_for(profile, T0, 3))
+    out = feed(
+        state, [*step_messages(path_candles("BTC/USDC", [100, 101, 102])), replay_finished(T0 + 2 * HOUR, 3)]
+    )
+    finals = [m for m in of_type(out, StepCompleted) if m.final]
+    assert len(finals) == 1
+    assert finals[0].step_time.timestamp() == T0 + 2 * HOUR
+    (wf,) = of_type(out, WorkerFinished)
+    assert wf.service == "strategy" and wf.instance == PID and wf.detail["steps"] == 3
+    assert out.index(finals[0]) > max(out.index(m) for m in of_type(out, StepCompleted) if not m.final)
+    assert feed(state, [replay_finished(T0 + 2 * HOUR, 3)]) == []
+
+
+def test_final_markers_wait_for_pending_intents(profile: Profile) -> None:
+    state, intent = _stop_loss_pending(profile)
+    assert feed(state, [replay_finished(T0 + HOUR, 2)]) == []
+    out = feed(state, [decided(intent, "rejected")])
+    assert [m.final for m in of_type(out, StepCompleted)] == [True]
+    assert len(of_type(out, WorkerFinished)) == 1
+    assert of_type(out, OrderDecided) == []
+
+
+def test_final_markers_wait_for_missing_plans(profile: Profile) -> None:
+    state = fresh(profile)
+    out = feed(state, [*step_messages(path_candles("BTC/USDC", [100, 101])), replay_finished(T0 + HOUR, 2)])
+    assert out == []
+    out = feed(state, plans_for(profile, T0, 2))
+    assert [m.final for m in of_type(out, StepCompleted)] == [False, False, True]
