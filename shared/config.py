@@ -221,6 +221,9 @@ class RegistrySettings(Strict):
     score_top_k: Annotated[int, Field(ge=1, le=100)] = 3
     max_nonce: Annotated[int, Field(ge=1, le=10_000)] = 64
     claim_grace_s: Annotated[int, Field(ge=0, le=86_400)] = 300
+    # What a strategy worker does with open positions when a new epoch's plan takes over:
+    # keep them (managed under the new plan: stops, take profit and reversal still apply) or close them.
+    on_rotation: Literal["keep", "close"] = "keep"
 
 
 class SystemSettings(Strict):

@@ -1,4 +1,5 @@
-"""python -m services.registry --config FILE --bootstrap HOST:PORT --redis-url URL"""
+"""python -m services.registry --config FILE --bootstrap HOST:PORT --redis-url URL [--instance N]
+[--metrics-port P] [--publish-lease-s S] [--clock auto|event|wall]"""
 
 from __future__ import annotations
 
@@ -9,8 +10,30 @@ from shared.runtime import base_parser, main_entry, run_service, settings_from_a
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = main_entry(argv, "registry", base_parser("registry"))
-    return run_service(bootstrap(settings_from_args(args)).run)
+    p = base_parser("registry")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus metrics on 127.0.0.1:PORT (0: off, so parallel replicas never clash)",
+    )
+    p.add_argument(
+        "--publish-lease-s",
+        type=float,
+        default=10.0,
+        help="seconds a decided plan may stay unpublished by its owner before another replica publishes it",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("auto", "event", "wall"),
+        default="auto",
+        help="epochs follow the candles' event time (replay) or wall time (live); auto: wall in live mode",
+    )
+    args = main_entry(argv, "registry", p)
+    settings = settings_from_args(
+        args, metrics_port=args.metrics_port, publish_lease_s=args.publish_lease_s, clock=args.clock
+    )
+    return run_service(bootstrap(settings).run)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,43 @@
-"""Wiring of the registry: md.candles -> plans (registry.plans, compacted, keyed by profile) with claims in Redis."""
+"""Wiring of the registry: md.candles -> plans (registry.plans, keyed by profile) with claims and decisions in
+Redis, and Prometheus metrics.
+
+The registry's output is a deterministic function of the candles, so it keeps no consumer offsets: every start
+reads md.candles from the beginning (rebuilding the lookback that scores the random asset exactly as an
+uninterrupted run has it), after reading the plans topic (what is published is never derived again) and
+re-claiming the plans whose epoch is not over, before it claims anything new.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import base64
+import logging
+import time
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from services.registry import handlers
 from services.registry.claims import RedisClaims
-from shared.clock import Clock, IdFactory, random_ids, system_clock
+from services.registry.ledger import PlanLedger
+from services.registry.metrics import RegistryMetrics
+from services.registry.recovery import RegistryBackend, read_plans
+from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
+from shared.codec import DecodeError, decode
 from shared.config import AppConfig
-from shared.kafka import Route, StateMachineService
-from shared.messages import Message, PlanPublished, WorkerFinished
+from shared.kafka import Publisher, Route
+from shared.messages import DeadLettered, Message, PlanPublished, WorkerFinished
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
+
+log = logging.getLogger("registry")
+
+ClockMode = Literal["event", "wall"]
+# In wall-clock mode an epoch's plan is derived this long after the boundary, so that the candle closing at the
+# boundary (the last one the score may use) has had time to arrive.
+LIVE_PLAN_DELAY_S = 5
+HOUSEKEEPING_S = 1.0
 
 
 class RegistryService:
@@ -26,28 +49,45 @@ class RegistryService:
         *,
         clock: Clock,
         ids: IdFactory,
+        metrics_port: int = 0,
+        lease_s: float = 10.0,
+        clock_mode: ClockMode = "event",
     ) -> None:
         self.cfg = cfg
-        self.topics = Topics(cfg.system.kafka.namespace)
+        self.settings = settings
+        ns = cfg.system.kafka.namespace
+        self.topics = Topics(ns)
         self.redis = redis
-        self.claims = RedisClaims(
-            redis, cfg.system.kafka.namespace, grace_s=cfg.system.registry.claim_grace_s
+        self.instance = settings.instance
+        self.clock = clock
+        self.ids = ids
+        self.metrics_port = metrics_port
+        self.lease_s = lease_s
+        self.clock_mode: ClockMode = clock_mode
+        self.metrics = RegistryMetrics(self.instance)
+        grace = cfg.system.registry.claim_grace_s
+        self.claims = RedisClaims(redis, ns, grace_s=grace)
+        self.ledger = PlanLedger(redis, ns, grace_s=grace)
+        self.backend = RegistryBackend(
+            self.claims,
+            self.ledger,
+            instance=self.instance,
+            read_topic=self._read_plans,
+            priorities={pid: p.priority for pid, p in cfg.profiles.items()},
+            metrics=self.metrics,
+            lease_s=lease_s,
         )
-        self.state = handlers.new_state(cfg)
-        self.runner = StateMachineService(
-            name="registry",
-            bootstrap=settings.kafka_bootstrap,
-            topics=[self.topics.candles],
-            group_id=self.topics.group("registry"),
-            dead_letter_topic=self.topics.dead_letter,
-            handle=self.handle,
-            route=self.route,
-            clock=clock,
-            ids=ids,
-        )
+        self.state = handlers.new_state(cfg, instance=self.instance, metrics=self.metrics)
+        self.metrics_bound: int | None = None
 
-    async def handle(self, msg: Message, partition: int) -> list[Message]:
-        return await handlers.handle(self.state, msg, partition, self.claims.claim)
+    async def _read_plans(self) -> list[PlanPublished]:
+        plans = await read_plans(self.settings.kafka_bootstrap, self.topics.plans, wait_s=30.0)
+        if plans is None:
+            raise RuntimeError(
+                f"topic {self.topics.plans!r} does not exist on {self.settings.kafka_bootstrap}; "
+                "create the topics first (`mpctl demo` does, or shared.kafka.ensure_topics)"
+            )
+        return plans
 
     def route(self, msg: Message) -> list[Route]:
         t = self.topics
@@ -64,15 +104,137 @@ class RegistryService:
             for pid, p in self.cfg.profiles.items():
                 if not p.enabled:
                     await self.claims.release(pid)
-            return await self.runner.run(stop)
+            if self.metrics_port:
+                self.metrics_bound = self.metrics.serve(self.metrics_port)
+            publisher = Publisher(self.settings.kafka_bootstrap, client_id=f"{self.topics.ns}.registry.{self.instance}")
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                enable_auto_commit=False,
+                group_id=None,
+                isolation_level="read_committed",
+                max_poll_records=500,
+            )
+            await publisher.start()
+            await consumer.start()
+            try:
+                t0 = time.monotonic()
+                published = await self._read_plans()
+                handlers.load_published(self.state, published)
+                # Before anything new is claimed: the topic's plans whose epoch is not over hold their keys again.
+                kind = await self.backend.recover([], topic_plans=published)
+                log.info(
+                    "instance %s: %d plan(s) already on %s; claims %s in %.2f s",
+                    self.instance,
+                    len(published),
+                    self.topics.plans,
+                    kind,
+                    time.monotonic() - t0,
+                )
+                tps = await _partitions(consumer, self.topics.candles)
+                consumer.assign(tps)
+                await consumer.seek_to_beginning(*tps)
+                ends = await consumer.end_offsets(tps)
+                await self._loop(consumer, publisher, stop, ends)
+            finally:
+                await consumer.stop()
+                await publisher.stop()
+            return 0
         finally:
+            self.metrics.close()
             await self.redis.aclose()
+
+    async def _loop(
+        self,
+        consumer: AIOKafkaConsumer,
+        publisher: Publisher,
+        stop: asyncio.Event,
+        start_ends: dict[TopicPartition, int],
+    ) -> None:
+        # In wall-clock mode, steps only feed the lookback; the clock plans epochs once the history is read.
+        self.state.plan_on_steps = self.clock_mode == "event"
+        caught_up = False
+        last_housekeeping = 0.0
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for rec in records:
+                    try:
+                        msg = decode(rec.value)
+                    except DecodeError as err:
+                        await self._dead_letter(publisher, rec, str(err))
+                        continue
+                    await self._send(publisher, await handlers.handle(self.state, msg, rec.partition, self.backend))
+            now = time.monotonic()
+            if now - last_housekeeping >= HOUSEKEEPING_S:
+                last_housekeeping = now
+                if self.clock_mode == "wall":
+                    if not caught_up:
+                        caught_up = all([await consumer.position(tp) >= end for tp, end in start_ends.items()])
+                    if caught_up:
+                        wall_s = int(self.clock().timestamp()) - LIVE_PLAN_DELAY_S
+                        await self._send(publisher, await handlers.on_clock(self.state, wall_s, self.backend))
+                await self._send(publisher, await handlers.check_watches(self.state, self.backend, self.lease_s))
+            await publisher.flush()
+            # Only now is a decided plan really out: record it, so no replica takes it over.
+            marks, self.state.to_mark = self.state.to_mark, []
+            for plan in marks:
+                await self.ledger.mark_published(plan.profile, int(plan.epoch_start.timestamp()), plan.id)
+
+    async def _send(self, publisher: Publisher, msgs: list[Message]) -> None:
+        for m in msgs:
+            for topic, key, broadcast in self.route(m):
+                if broadcast:
+                    await publisher.send_to_all_partitions(topic, m)
+                else:
+                    await publisher.send(topic, m, key=key)
+
+    async def _dead_letter(self, publisher: Publisher, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
+        log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
+        dl = DeadLettered(
+            # Derived: every registry start re-reads the topic, and a record is dead-lettered once per instance.
+            id=derived_id("dead", "registry", self.instance, rec.topic, rec.partition, rec.offset),
+            event_time=self.clock(),
+            correlation_id=f"{rec.topic}:{rec.partition}:{rec.offset}",
+            source_topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key.decode("utf-8", "replace") if rec.key is not None else None,
+            payload_b64=base64.b64encode(rec.value or b"").decode(),
+            error=error[:2000],
+            service="registry",
+        )
+        await publisher.send(self.topics.dead_letter, dl, key=rec.topic)
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str, wait_s: float = 30.0) -> list[TopicPartition]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        if topic in await consumer.topics():
+            parts = consumer.partitions_for_topic(topic)
+            if parts:
+                return [TopicPartition(topic, p) for p in sorted(parts)]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topic {topic!r} does not exist; create the topics first")
+        await asyncio.sleep(0.2)
 
 
 def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> RegistryService:
     o = overrides or {}
     cfg: AppConfig = o.get("config") or settings.load()
     redis = o.get("redis") or aioredis.Redis.from_url(settings.redis_url)
+    ex = settings.extra
+    mode = ex.get("clock", "auto")
+    if mode == "auto":
+        mode = "wall" if cfg.system.mode == "live" else "event"
+    if mode not in ("event", "wall"):
+        raise ValueError(f"--clock must be auto, event or wall, got {mode!r}")
     return RegistryService(
-        cfg, settings, redis, clock=o.get("clock", system_clock), ids=o.get("ids", random_ids)
+        cfg,
+        settings,
+        redis,
+        clock=o.get("clock", system_clock),
+        ids=o.get("ids", random_ids),
+        metrics_port=int(ex.get("metrics_port", "0")),
+        lease_s=float(ex.get("publish_lease_s", "10")),
+        clock_mode="wall" if mode == "wall" else "event",
     )

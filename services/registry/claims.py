@@ -5,7 +5,10 @@ Key layout (``ns`` is the namespace, e.g. the Kafka namespace ``mp``):
 - ``{ns}:reg:h:{hash}``      sorted set: who holds profile hash H, over which event-time interval;
 - ``{ns}:reg:fp:{fp}``       sorted set: who holds strategy fingerprint F;
 - ``{ns}:reg:asset:{asset}`` sorted set: who holds the asset as its random asset;
-- ``{ns}:reg:held:{profile}`` set: every claim key the profile has a member in (for ``release``).
+- ``{ns}:reg:held:{profile}`` set: every claim key the profile has a member in (for ``release``);
+- ``{ns}:reg:ready``         string: the generation of the live claim set (see below);
+- ``{ns}:reg:plan:{profile}:{start_s}`` and ``{ns}:reg:rebuild``: decision records and the rebuild lock
+  (``services/registry/ledger.py``).
 
 A claim member is ``"{profile}|{start_s}|{end_s}"`` with score ``start_s`` (Unix seconds of event time, the
 epoch's half-open interval ``[start_s, end_s)``). A claim conflicts with another profile's member whose
@@ -17,6 +20,11 @@ key cannot both win (DESIGN.md section 5, invariant 1).
 Housekeeping: a claim prunes, from each key it checks, members that ended more than ``grace_s`` before its
 start (event time), and sets each key's expiry to at least ``(end_s - start_s + grace_s)`` seconds of wall
 time (an existing longer expiry is kept).
+
+Guard: with ``RedisClaims.generation`` set, the script first checks that ``{ns}:reg:ready`` holds that
+generation and otherwise writes nothing and answers ``NOT_READY`` (the key is gone: Redis lost its state) or
+``STALE`` (another replica rebuilt since), raised as ``ClaimsLostError``. So no claim is ever made on top of a
+lost claim set: the registry rebuilds from the plans topic first (docs/registry.md section 12).
 
 Every key of one claim must live on one Redis node: fine for a single Redis or Redis with replicas; for Redis
 Cluster put the namespace in braces (``{mp}``) so that all registry keys share one hash slot.
@@ -32,15 +40,28 @@ import redis.asyncio as aioredis
 
 from services.registry.domain import ClaimOutcome, ClaimResult, PlanCandidate
 
-__all__ = ["CLAIM_LUA", "RELEASE_LUA", "Holding", "KeyKind", "RedisClaims"]
+__all__ = ["CLAIM_LUA", "RELEASE_LUA", "ClaimsLostError", "Holding", "KeyKind", "RedisClaims"]
 
 KeyKind = Literal["hash", "fp", "asset"]
 _KIND_PREFIX: Mapping[str, str] = {"hash": "h", "fp": "fp", "asset": "asset"}
 _PREFIX_KIND: Mapping[str, KeyKind] = {"h": "hash", "fp": "fp", "asset": "asset"}
 
-# KEYS[1] = held set of the profile; KEYS[2..] = hash key, fingerprint key, [asset key] (checked in that order)
-# ARGV = profile, start_s, end_s, grace_s, ttl_ms
+# KEYS[1] = held set of the profile; KEYS[2] = the namespace's ready key (generation);
+# KEYS[3..] = hash key, fingerprint key, [asset key] (checked in that order)
+# ARGV = profile, start_s, end_s, grace_s, ttl_ms, generation ('' = unguarded)
 CLAIM_LUA = """
+local gen = ARGV[6]
+if gen ~= '' then
+  -- The claims are only trusted while the generation the caller rebuilt from is still the live one:
+  -- a missing ready key means Redis lost its state (flush, restart without persistence, eviction).
+  local g = redis.call('GET', KEYS[2])
+  if not g then
+    return {'NOT_READY'}
+  end
+  if g ~= gen then
+    return {'STALE', g}
+  end
+end
 local profile = ARGV[1]
 local s = tonumber(ARGV[2])
 local e = tonumber(ARGV[3])
@@ -48,7 +69,7 @@ local grace = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local member = profile .. '|' .. ARGV[2] .. '|' .. ARGV[3]
 local taken = {'HASH_TAKEN', 'FP_TAKEN', 'ASSET_TAKEN'}
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local members = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', '(' .. ARGV[3])
   for _, m in ipairs(members) do
     local p, ms, me = string.match(m, '^(.+)|(%-?%d+)|(%-?%d+)$')
@@ -58,12 +79,12 @@ for i = 2, #KEYS do
       if e2 + grace < s then
         redis.call('ZREM', KEYS[i], m)
       elseif p ~= profile and s2 < e and s < e2 then
-        return {taken[i - 1], p, ms, me}
+        return {taken[i - 2], p, ms, me}
       end
     end
   end
 end
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   redis.call('ZADD', KEYS[i], s, member)
   if redis.call('PTTL', KEYS[i]) < ttl then
     redis.call('PEXPIRE', KEYS[i], ttl)
@@ -101,6 +122,24 @@ return removed
 """
 
 
+class ClaimsLostError(RuntimeError):
+    """A guarded claim found that Redis no longer holds the state this registry built on.
+
+    ``reason`` is ``NOT_READY`` (the ready key is gone: Redis was flushed, restarted without persistence or
+    evicted keys; nobody has rebuilt yet) or ``STALE`` (another replica rebuilt: ``generation`` is the new
+    one). Nothing was written. The registry recovers (docs/registry.md section 12) and claims again.
+    """
+
+    def __init__(self, reason: str, generation: str | None = None) -> None:
+        super().__init__(
+            f"registry claims lost ({reason}"
+            + (f", live generation {generation}" if generation else "")
+            + "): rebuild from the plans topic before claiming"
+        )
+        self.reason = reason
+        self.generation = generation
+
+
 @dataclass(frozen=True)
 class Holding:
     """One claim member: ``profile`` holds the key over ``[start_s, end_s)`` of event time."""
@@ -127,9 +166,16 @@ def _glob_escape(s: str) -> str:
 
 
 class RedisClaims:
-    """The registry's claims in Redis. ``grace_s`` is ``system.registry.claim_grace_s``."""
+    """The registry's claims in Redis. ``grace_s`` is ``system.registry.claim_grace_s``.
 
-    def __init__(self, redis: aioredis.Redis, namespace: str, *, grace_s: int = 300) -> None:
+    ``generation``: when set, every claim is guarded: it is refused (``ClaimsLostError``, nothing written)
+    unless the namespace's ready key holds exactly this generation. The registry sets it once it has
+    rebuilt (or checked) the claims from the plans topic; left None, claims are unguarded (tests, benchmark).
+    """
+
+    def __init__(
+        self, redis: aioredis.Redis, namespace: str, *, grace_s: int = 300, generation: str | None = None
+    ) -> None:
         if not namespace:
             raise ValueError("the claims namespace must not be empty")
         if grace_s < 0:
@@ -137,6 +183,7 @@ class RedisClaims:
         self._redis = redis
         self.namespace = namespace
         self.grace_s = int(grace_s)
+        self.generation = generation
         self._claim = redis.register_script(CLAIM_LUA)
         self._release = redis.register_script(RELEASE_LUA)
 
@@ -147,6 +194,11 @@ class RedisClaims:
 
     def held_key(self, profile: str) -> str:
         return f"{self.namespace}:reg:held:{profile}"
+
+    @property
+    def ready_key(self) -> str:
+        """Holds the generation of the live claim set; its absence means Redis lost the registry's state."""
+        return f"{self.namespace}:reg:ready"
 
     # ------------------------------------------------------------------------------ claims
     async def claim(self, candidate: PlanCandidate, fingerprint: str, asset: str | None) -> ClaimResult:
@@ -179,12 +231,20 @@ class RedisClaims:
         start, end = int(start_s), int(end_s)
         if end <= start:
             raise ValueError(f"claim interval [{start}, {end}) is empty")
-        keys = [self.held_key(profile), self.key("hash", hash_hex), self.key("fp", fingerprint)]
+        keys = [
+            self.held_key(profile),
+            self.ready_key,
+            self.key("hash", hash_hex),
+            self.key("fp", fingerprint),
+        ]
         if asset is not None:
             keys.append(self.key("asset", asset))
         ttl_ms = (end - start + self.grace_s) * 1000
-        raw = await self._claim(keys=keys, args=[profile, start, end, self.grace_s, ttl_ms])
+        guard = self.generation or ""
+        raw = await self._claim(keys=keys, args=[profile, start, end, self.grace_s, ttl_ms, guard])
         reply = [_text(x) for x in raw]
+        if reply[0] in ("NOT_READY", "STALE"):
+            raise ClaimsLostError(reply[0], reply[1] if len(reply) > 1 else None)
         outcome = ClaimOutcome(reply[0])
         if outcome is ClaimOutcome.OK:
             return ClaimResult(outcome)
@@ -199,6 +259,21 @@ class RedisClaims:
         removed = 0
         for key in sorted(_text(k) for k in await self._redis.smembers(held)):
             removed += int(await self._release(keys=[key, held], args=[profile, only]))
+        return removed
+
+    async def unclaim(
+        self, profile: str, start_s: int, end_s: int, keys: list[tuple[KeyKind, str]]
+    ) -> int:
+        """Remove the profile's member for exactly ``[start_s, end_s)`` from the given keys only.
+
+        Used by a replica that lost the decision for an epoch after claiming a different plan than the
+        winner's (docs/registry.md section 11): it takes back the keys the winner's plan does not use, so they
+        do not block other profiles. Keys of other intervals and of the winner's plan are left alone.
+        """
+        member = f"{profile}|{int(start_s)}|{int(end_s)}"
+        removed = 0
+        for kind, value in keys:
+            removed += int(await self._redis.zrem(self.key(kind, value), member))
         return removed
 
     # ------------------------------------------------------------------------------ inspection

@@ -1,19 +1,35 @@
-"""Registry message handling: market-data steps in, one plan per profile per epoch out.
+"""Registry message handling: market-data steps in, exactly one plan per profile per epoch out.
 
-A profile's plan for epoch e is derived at the first step inside e, from the candles strictly before the
-epoch's start (no look-ahead), and claimed in Redis before it is published. Profiles are resolved in
-priority order (then id), so when two collide the later one in that order bumps its nonce.
+A profile's plan for epoch e is derived at the first step inside e (event time; or at the wall-clock boundary
+with ``--clock wall``), from the candles strictly before the epoch's start (no look-ahead), claimed in Redis
+and recorded as *the* plan of (profile, e) before it is published. Profiles are resolved in priority order
+(then id), so when two collide the later one in that order bumps its nonce.
+
+Several replicas may run this over the same candles (docs/registry.md section 11). For each (profile, epoch):
+
+1. already on the plans topic when this process started -> taken as is (after a crash nothing is derived
+   twice, and the lookback of candles still advances so later plans are the ones an uninterrupted run makes);
+2. else a decision recorded in Redis (by another replica, or by this instance before a restart) -> adopted;
+   published only by its owner (this instance after a restart, or a replica taking over after the lease);
+3. else resolved (claims) and recorded; the replica whose record wins publishes, the others adopt the
+   winner's plan and, if theirs differed, give back the keys the winner's plan does not use.
+
+A claim or decision refused because Redis lost its state (``ClaimsLostError``) triggers a recovery first:
+the claim set is rebuilt from the plans topic (and this process's current plans) before anything new is
+claimed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from services.registry.claims import ClaimsLostError, KeyKind
 from services.registry.domain import (
-    ClaimOutcome,
     ClaimResult,
     PlanCandidate,
     ResolvedPlan,
@@ -21,9 +37,11 @@ from services.registry.domain import (
     resolve_plan_async,
     score_asset,
 )
+from services.registry.ledger import Decision, TakeoverOutcome
+from services.registry.metrics import RegistryMetrics
 from shared.aligner import Aligner, Step
 from shared.clock import derived_id, from_epoch_s
-from shared.config import AppConfig
+from shared.config import AppConfig, Profile
 from shared.messages import (
     CandleClosed,
     Message,
@@ -35,24 +53,92 @@ from shared.messages import (
 
 log = logging.getLogger("registry")
 
-TryClaim = Callable[[PlanCandidate, str, str | None], Awaitable[ClaimOutcome | ClaimResult]]
+MAX_RECOVERIES_PER_EPOCH = 5
+
+
+@dataclass(frozen=True)
+class Held:
+    """A profile's current plan as this process knows it (for recoveries)."""
+
+    plan: PlanPublished
+    owner: str
+    asset_claimed: bool | None  # None: unknown (read back from the topic)
+
+
+class Backend(Protocol):
+    """What the handler needs from Redis (services/registry/backend.py; a fake in the unit tests)."""
+
+    async def claim(self, candidate: PlanCandidate, fingerprint: str, asset: str | None) -> ClaimResult: ...
+
+    async def lookup(self, profile: str, start_s: int) -> Decision | None: ...
+
+    async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision: ...
+
+    async def unclaim(self, profile: str, start_s: int, end_s: int, keys: list[tuple[KeyKind, str]]) -> int: ...
+
+    async def recover(self, known: Sequence[Held]) -> str: ...
+
+    async def takeover(self, profile: str, start_s: int) -> tuple[TakeoverOutcome, PlanPublished | None]: ...
+
+
+@dataclass
+class Stats:
+    decided: int = 0  # derived and recorded first by this process
+    published: int = 0  # handed to Kafka by this process (decided, re-published as owner, or taken over)
+    adopted: int = 0  # recorded by another replica, taken as is
+    skipped: int = 0  # already on the plans topic at start
+    collisions: int = 0  # nonce bumps in the plans this process decided
+    refused: Counter[str] = field(default_factory=Counter)  # refused claims by outcome
+    divergent: int = 0
+    recoveries: Counter[str] = field(default_factory=Counter)
+    takeovers: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "plans": self.published,
+            "decided": self.decided,
+            "adopted": self.adopted,
+            "skipped": self.skipped,
+            "collisions": self.collisions,
+            "refused": dict(sorted(self.refused.items())),
+            "divergent": self.divergent,
+            "recoveries": dict(sorted(self.recoveries.items())),
+            "takeovers": self.takeovers,
+        }
 
 
 @dataclass
 class RegistryState:
     cfg: AppConfig
     aligner: Aligner
+    instance: str = "0"
+    metrics: RegistryMetrics = field(default_factory=RegistryMetrics)
     lookback: dict[str, deque[tuple[int, float, float]]] = field(
         default_factory=dict
     )  # asset -> (open_s, close, vol)
     current_epoch: dict[str, int] = field(default_factory=dict)
+    latest: dict[str, Held] = field(default_factory=dict)
+    on_topic: dict[tuple[str, int], PlanPublished] = field(default_factory=dict)
+    to_mark: list[PlanPublished] = field(default_factory=list)  # mark published once Kafka acknowledged
+    watches: dict[tuple[str, int], float] = field(default_factory=dict)  # adopted, unpublished: since (monotonic)
+    stats: Stats = field(default_factory=Stats)
+    plan_on_steps: bool = True  # event time (replay); False with --clock wall, where on_clock plans
     finished: bool = False
-    published: int = 0
-    collisions: int = 0
 
 
-def new_state(cfg: AppConfig) -> RegistryState:
-    return RegistryState(cfg=cfg, aligner=Aligner(frozenset(range(cfg.system.kafka.candle_partitions))))
+def new_state(cfg: AppConfig, *, instance: str = "0", metrics: RegistryMetrics | None = None) -> RegistryState:
+    return RegistryState(
+        cfg=cfg,
+        aligner=Aligner(frozenset(range(cfg.system.kafka.candle_partitions))),
+        instance=instance,
+        metrics=metrics or RegistryMetrics(instance),
+    )
+
+
+def load_published(state: RegistryState, plans: Sequence[PlanPublished]) -> None:
+    """Plans already on the topic at start: never derived again by this process."""
+    for p in plans:
+        state.on_topic[(p.profile, p.epoch)] = p
 
 
 def scores_before(state: RegistryState, start_s: int) -> dict[str, float | None]:
@@ -66,6 +152,7 @@ def scores_before(state: RegistryState, start_s: int) -> dict[str, float | None]
 
 def plan_message(r: ResolvedPlan, *, correlation: str) -> PlanPublished:
     return PlanPublished(
+        # Derived from what the plan is: replicas and reruns that derive the same plan publish the same id.
         id=derived_id("plan", r.profile, r.epoch, r.fingerprint),
         event_time=from_epoch_s(r.epoch_start_s),
         correlation_id=correlation,
@@ -87,60 +174,175 @@ def plan_message(r: ResolvedPlan, *, correlation: str) -> PlanPublished:
     )
 
 
-async def handle(state: RegistryState, msg: Message, partition: int, try_claim: TryClaim) -> list[Message]:
+def plan_keys(plan: PlanPublished, asset_claimed: bool | None) -> set[tuple[KeyKind, str]]:
+    keys: set[tuple[KeyKind, str]] = {("hash", plan.hash), ("fp", plan.fingerprint)}
+    if plan.random_asset is not None and asset_claimed is not False:
+        keys.add(("asset", plan.random_asset))
+    return keys
+
+
+async def handle(state: RegistryState, msg: Message, partition: int, backend: Backend) -> list[Message]:
     if not isinstance(msg, CandleClosed | WatermarkAdvanced | ReplayFinished):
         return []
     out: list[Message] = []
     for step in state.aligner.add(partition, msg):
-        out.extend(await _on_step(state, step, try_claim))
+        out.extend(await _on_step(state, step, backend))
     if state.aligner.finished and not state.finished:
         state.finished = True
         out.append(
             WorkerFinished(
-                id=derived_id("finished", "registry"),
+                id=derived_id("finished", "registry", state.instance),
                 event_time=from_epoch_s(0),
                 correlation_id="registry:final",
                 service="registry",
-                instance="0",
-                detail={"plans": state.published, "collisions": state.collisions},
+                instance=state.instance,
+                detail=state.stats.as_dict(),
             )
         )
     return out
 
 
-async def _on_step(state: RegistryState, step: Step, try_claim: TryClaim) -> list[Message]:
-    cfg = state.cfg
+async def on_clock(state: RegistryState, now_s: int, backend: Backend) -> list[Message]:
+    """Live mode: derive the plans of the epochs that wall time ``now_s`` has entered, without waiting for a
+    candle of the new epoch (which only closes one candle interval later)."""
+    return await _plan_profiles(state, now_s, backend, correlation=f"clock:{now_s}")
+
+
+async def _on_step(state: RegistryState, step: Step, backend: Backend) -> list[Message]:
     out: list[Message] = []
-    for pid, profile in cfg.enabled_profiles().items():
-        e = epoch_of(step.time_s, profile.profile_hash.hash_rotation_interval)
-        if state.current_epoch.get(pid) == e:
-            continue
-        start_s = e * profile.profile_hash.hash_rotation_interval
-        resolved = await resolve_plan_async(
-            pid,
-            profile,
-            e,
-            scores_before(state, start_s),
-            cfg.system.registry,
-            cfg.system.quote_asset,
-            try_claim,
-        )
-        state.current_epoch[pid] = e
-        state.published += 1
-        state.collisions += resolved.collisions
-        if resolved.collisions:
-            log.info(
-                "profile %s epoch %d: %d collision(s) resolved, nonce %d",
-                pid,
-                e,
-                resolved.collisions,
-                resolved.nonce,
-            )
-        out.append(plan_message(resolved, correlation=f"step:{step.time_s}"))
+    if state.plan_on_steps:
+        out = await _plan_profiles(state, step.time_s, backend, correlation=f"step:{step.time_s}")
     # The step's own candles join the lookback only after this step's plans: no look-ahead.
-    keep = cfg.system.registry.score_lookback_candles + 1
+    keep = state.cfg.system.registry.score_lookback_candles + 1
     for c in step.candles:
         asset = c.product.split("/")[0]
         buf = state.lookback.setdefault(asset, deque(maxlen=keep))
         buf.append((step.time_s, float(c.close), float(c.volume)))
+    return out
+
+
+async def _plan_profiles(state: RegistryState, t_s: int, backend: Backend, *, correlation: str) -> list[Message]:
+    out: list[Message] = []
+    for pid, profile in state.cfg.enabled_profiles().items():
+        e = epoch_of(t_s, profile.profile_hash.hash_rotation_interval)
+        current = state.current_epoch.get(pid)
+        if current is not None and e <= current:
+            continue  # epochs only move forward (a late step in live mode never re-plans a past epoch)
+        out.extend(await _plan_epoch(state, pid, profile, e, backend, correlation))
+    return out
+
+
+async def _plan_epoch(
+    state: RegistryState, pid: str, profile: Profile, epoch: int, backend: Backend, correlation: str
+) -> list[Message]:
+    known = state.on_topic.get((pid, epoch))
+    if known is not None:
+        state.stats.skipped += 1
+        state.metrics.adopted.labels(profile=pid, source="topic").inc()
+        _take(state, pid, epoch, Held(known, "topic", None))
+        return []
+    for _ in range(MAX_RECOVERIES_PER_EPOCH):
+        try:
+            return await _decide_epoch(state, pid, profile, epoch, backend, correlation)
+        except ClaimsLostError as err:
+            log.warning("profile %s epoch %d: %s", pid, epoch, err)
+            kind = await backend.recover(list(state.latest.values()))
+            state.stats.recoveries[kind] += 1
+            state.metrics.recoveries.labels(kind=kind).inc()
+    raise RuntimeError(
+        f"registry: profile {pid!r} epoch {epoch}: Redis lost the claim set {MAX_RECOVERIES_PER_EPOCH} times in a "
+        "row while planning this epoch; check the Redis server (flushes, evictions, restarts)"
+    )
+
+
+async def _decide_epoch(
+    state: RegistryState, pid: str, profile: Profile, epoch: int, backend: Backend, correlation: str
+) -> list[Message]:
+    cfg = state.cfg
+    interval = profile.profile_hash.hash_rotation_interval
+    start_s = epoch * interval
+    rec = await backend.lookup(pid, start_s)
+    if rec is None:
+        resolved = await resolve_plan_async(
+            pid,
+            profile,
+            epoch,
+            scores_before(state, start_s),
+            cfg.system.registry,
+            cfg.system.quote_asset,
+            backend.claim,
+        )
+        for c in resolved.conflicts:
+            state.stats.refused[c.outcome.name] += 1
+            state.metrics.refused.labels(profile=pid, outcome=c.outcome.name).inc()
+        mine = plan_message(resolved, correlation=correlation)
+        asset_claimed = resolved.random_asset is not None and not resolved.asset_shared
+        rec = await backend.decide(mine, asset_claimed=asset_claimed)
+        if rec.won:
+            state.stats.decided += 1
+            state.stats.collisions += resolved.collisions
+            state.metrics.decided.labels(profile=pid).inc()
+            if resolved.collisions:
+                state.metrics.collisions.labels(profile=pid).inc(resolved.collisions)
+                log.info(
+                    "profile %s epoch %d: %d collision(s) resolved, nonce %d",
+                    pid,
+                    epoch,
+                    resolved.collisions,
+                    resolved.nonce,
+                )
+        elif rec.plan.id != mine.id:
+            # Lost the decision with another plan (this replica saw a different claim set): give back the
+            # keys the recorded plan does not use, so they block nobody.
+            extra = plan_keys(mine, asset_claimed) - plan_keys(rec.plan, rec.asset_claimed)
+            await backend.unclaim(pid, resolved.epoch_start_s, resolved.epoch_end_s, sorted(extra))
+            state.stats.divergent += 1
+            state.metrics.divergent.labels(profile=pid).inc()
+            log.warning("profile %s epoch %d: another replica decided a different plan first; adopted it", pid, epoch)
+    out: list[Message] = []
+    if rec.won or (rec.owner == state.instance and not rec.published):
+        # The winner publishes; so does this instance for its own decision that a crash left unpublished.
+        out.append(rec.plan)
+        _queued(state, rec.plan)
+    else:
+        state.stats.adopted += 1
+        state.metrics.adopted.labels(profile=pid, source="replica").inc()
+        if not rec.published:
+            state.watches[(pid, start_s)] = time.monotonic()
+    _take(state, pid, epoch, Held(rec.plan, rec.owner, rec.asset_claimed))
+    return out
+
+
+def _queued(state: RegistryState, plan: PlanPublished) -> None:
+    state.to_mark.append(plan)
+    state.stats.published += 1
+    state.metrics.published.labels(profile=plan.profile).inc()
+
+
+def _take(state: RegistryState, pid: str, epoch: int, held: Held) -> None:
+    state.current_epoch[pid] = epoch
+    state.latest[pid] = held
+    state.metrics.epoch.labels(profile=pid).set(epoch)
+
+
+async def check_watches(state: RegistryState, backend: Backend, lease_s: float) -> list[Message]:
+    """Publish the adopted plans whose owner has not published them within ``lease_s`` (it died between its
+    decision and Kafka's acknowledgement). Same message id as the owner's, so a late owner is harmless."""
+    out: list[Message] = []
+    now = time.monotonic()
+    for key, since in list(state.watches.items()):
+        if now - since < lease_s:
+            continue
+        pid, start_s = key
+        outcome, plan = await backend.takeover(pid, start_s)
+        if outcome == "WAIT":
+            state.watches[key] = now
+            continue
+        del state.watches[key]
+        if outcome == "OK" and plan is not None:
+            log.warning("profile %s epoch %d: owner did not publish within %.0f s; publishing it", pid, plan.epoch, lease_s)
+            state.stats.takeovers += 1
+            state.metrics.takeovers.inc()
+            out.append(plan)
+            _queued(state, plan)
     return out
