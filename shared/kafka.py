@@ -44,11 +44,18 @@ async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], *, replicati
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race; checked below
                 await admin.create_topics(new, validate_only=False)
-        described = await admin.describe_topics([s.name for s in specs])
-        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        # Right after creation the metadata may still list 0 partitions: ask again until it settles.
+        for attempt in range(50):
+            described = await admin.describe_topics([s.name for s in specs])
+            counts = {d["topic"]: len(d["partitions"]) for d in described}
+            if all(counts.get(s.name) for s in specs) or attempt == 49:
+                break
+            await asyncio.sleep(0.1)
         for s in specs:
             have = counts.get(s.name)
-            if have is not None and have != s.partitions:
+            if not have:
+                raise RuntimeError(f"topic {s.name!r} was not created on {bootstrap}")
+            if have != s.partitions:
                 raise RuntimeError(
                     f"topic {s.name!r} has {have} partitions but {s.partitions} are declared; "
                     "delete it or change system.kafka settings"

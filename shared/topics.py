@@ -90,7 +90,7 @@ def declared_topics(cfg: AppConfig, namespace: str | None = None) -> list[TopicS
     k = cfg.system.kafka
     specs = [
         TopicSpec(t.candles, k.candle_partitions),
-        TopicSpec(t.plans, 1, compacted=False),
+        TopicSpec(t.plans, 1, compacted=True),
         TopicSpec(t.intents, k.intent_partitions),
         TopicSpec(t.events, 1),
         TopicSpec(t.commands, 1),

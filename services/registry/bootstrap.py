@@ -22,7 +22,7 @@ from services.registry import handlers
 from services.registry.claims import RedisClaims
 from services.registry.ledger import PlanLedger
 from services.registry.metrics import RegistryMetrics
-from services.registry.recovery import RegistryBackend, read_plans
+from services.registry.recovery import RegistryBackend, read_plans, seek_to_start, topic_partitions
 from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
@@ -38,6 +38,7 @@ ClockMode = Literal["event", "wall"]
 # boundary (the last one the score may use) has had time to arrive.
 LIVE_PLAN_DELAY_S = 5
 HOUSEKEEPING_S = 1.0
+TOUCH_READY_S = 60.0
 
 
 class RegistryService:
@@ -79,6 +80,7 @@ class RegistryService:
         )
         self.state = handlers.new_state(cfg, instance=self.instance, metrics=self.metrics)
         self.metrics_bound: int | None = None
+        self._run_id = ""
 
     async def _read_plans(self) -> list[PlanPublished]:
         plans = await read_plans(self.settings.kafka_bootstrap, self.topics.plans, wait_s=30.0)
@@ -112,12 +114,14 @@ class RegistryService:
                 enable_auto_commit=False,
                 group_id=None,
                 isolation_level="read_committed",
+                auto_offset_reset="earliest",
                 max_poll_records=500,
             )
             await publisher.start()
             await consumer.start()
             try:
                 t0 = time.monotonic()
+                await self._check_server()
                 published = await self._read_plans()
                 handlers.load_published(self.state, published)
                 # Before anything new is claimed: the topic's plans whose epoch is not over hold their keys again.
@@ -130,9 +134,11 @@ class RegistryService:
                     kind,
                     time.monotonic() - t0,
                 )
-                tps = await _partitions(consumer, self.topics.candles)
+                tps = await topic_partitions(self.settings.kafka_bootstrap, self.topics.candles, wait_s=30.0)
+                if tps is None:
+                    raise RuntimeError(f"topic {self.topics.candles!r} does not exist; create the topics first")
                 consumer.assign(tps)
-                await consumer.seek_to_beginning(*tps)
+                await seek_to_start(consumer, tps)
                 ends = await consumer.end_offsets(tps)
                 await self._loop(consumer, publisher, stop, ends)
             finally:
@@ -153,7 +159,7 @@ class RegistryService:
         # In wall-clock mode, steps only feed the lookback; the clock plans epochs once the history is read.
         self.state.plan_on_steps = self.clock_mode == "event"
         caught_up = False
-        last_housekeeping = 0.0
+        last_housekeeping = last_touch = 0.0
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200)
             for records in batches.values():
@@ -174,11 +180,22 @@ class RegistryService:
                         wall_s = int(self.clock().timestamp()) - LIVE_PLAN_DELAY_S
                         await self._send(publisher, await handlers.on_clock(self.state, wall_s, self.backend))
                 await self._send(publisher, await handlers.check_watches(self.state, self.backend, self.lease_s))
+                await self._check_server()
+                if now - last_touch >= TOUCH_READY_S:
+                    last_touch = now
+                    await self.ledger.touch_generation()
             await publisher.flush()
             # Only now is a decided plan really out: record it, so no replica takes it over.
             marks, self.state.to_mark = self.state.to_mark, []
             for plan in marks:
                 await self.ledger.mark_published(plan.profile, int(plan.epoch_start.timestamp()), plan.id)
+
+    async def _check_server(self) -> None:
+        run_id = await self.ledger.server_run_id()
+        if run_id and run_id != self._run_id:
+            self._run_id = run_id
+            if await self.ledger.fence(run_id):
+                log.warning("Redis restarted with older state (new run_id): the claim set will be rebuilt")
 
     async def _send(self, publisher: Publisher, msgs: list[Message]) -> None:
         for m in msgs:
@@ -204,18 +221,6 @@ class RegistryService:
             service="registry",
         )
         await publisher.send(self.topics.dead_letter, dl, key=rec.topic)
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str, wait_s: float = 30.0) -> list[TopicPartition]:
-    deadline = time.monotonic() + wait_s
-    while True:
-        if topic in await consumer.topics():
-            parts = consumer.partitions_for_topic(topic)
-            if parts:
-                return [TopicPartition(topic, p) for p in sorted(parts)]
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"topic {topic!r} does not exist; create the topics first")
-        await asyncio.sleep(0.2)
 
 
 def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> RegistryService:

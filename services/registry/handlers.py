@@ -88,7 +88,8 @@ class Stats:
     adopted: int = 0  # recorded by another replica, taken as is
     skipped: int = 0  # already on the plans topic at start
     collisions: int = 0  # nonce bumps in the plans this process decided
-    refused: Counter[str] = field(default_factory=Counter)  # refused claims by outcome
+    refused: Counter[str] = field(default_factory=Counter)  # refused claims by outcome, every resolution
+    refused_decided: Counter[str] = field(default_factory=Counter)  # ... in the resolutions that were recorded
     divergent: int = 0
     recoveries: Counter[str] = field(default_factory=Counter)
     takeovers: int = 0
@@ -101,6 +102,7 @@ class Stats:
             "skipped": self.skipped,
             "collisions": self.collisions,
             "refused": dict(sorted(self.refused.items())),
+            "refused_decided": dict(sorted(self.refused_decided.items())),
             "divergent": self.divergent,
             "recoveries": dict(sorted(self.recoveries.items())),
             "takeovers": self.takeovers,
@@ -119,6 +121,7 @@ class RegistryState:
     current_epoch: dict[str, int] = field(default_factory=dict)
     latest: dict[str, Held] = field(default_factory=dict)
     on_topic: dict[tuple[str, int], PlanPublished] = field(default_factory=dict)
+    last_on_topic: dict[str, int] = field(default_factory=dict)  # profile -> last epoch published before start
     to_mark: list[PlanPublished] = field(default_factory=list)  # mark published once Kafka acknowledged
     watches: dict[tuple[str, int], float] = field(default_factory=dict)  # adopted, unpublished: since (monotonic)
     stats: Stats = field(default_factory=Stats)
@@ -139,6 +142,7 @@ def load_published(state: RegistryState, plans: Sequence[PlanPublished]) -> None
     """Plans already on the topic at start: never derived again by this process."""
     for p in plans:
         state.on_topic[(p.profile, p.epoch)] = p
+        state.last_on_topic[p.profile] = max(p.epoch, state.last_on_topic.get(p.profile, p.epoch))
 
 
 def scores_before(state: RegistryState, start_s: int) -> dict[str, float | None]:
@@ -236,10 +240,15 @@ async def _plan_epoch(
     state: RegistryState, pid: str, profile: Profile, epoch: int, backend: Backend, correlation: str
 ) -> list[Message]:
     known = state.on_topic.get((pid, epoch))
-    if known is not None:
+    if known is not None or epoch < state.last_on_topic.get(pid, epoch):
+        # Published before this process started: never derived again. (An older epoch missing from the
+        # topic was compacted away: the profile's later plan is on it, so this one is over too.)
         state.stats.skipped += 1
         state.metrics.adopted.labels(profile=pid, source="topic").inc()
-        _take(state, pid, epoch, Held(known, "topic", None))
+        if known is not None:
+            _take(state, pid, epoch, Held(known, "topic", None))
+        else:
+            state.current_epoch[pid] = epoch
         return []
     for _ in range(MAX_RECOVERIES_PER_EPOCH):
         try:
@@ -280,6 +289,7 @@ async def _decide_epoch(
         rec = await backend.decide(mine, asset_claimed=asset_claimed)
         if rec.won:
             state.stats.decided += 1
+            state.stats.refused_decided.update(c.outcome.name for c in resolved.conflicts)
             state.stats.collisions += resolved.collisions
             state.metrics.decided.labels(profile=pid).inc()
             if resolved.collisions:
