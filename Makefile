@@ -17,6 +17,7 @@ install: $(STAMP)
 
 sysdeps:
 	bash scripts/ensure-system-deps.sh
+	bash scripts/ensure-chromium.sh
 
 infra-up: install sysdeps
 	$(BIN)/mpctl infra up
@@ -28,7 +29,7 @@ demo: install sysdeps
 	$(BIN)/mpctl demo $(DEMO_ARGS)
 
 lint: install
-	$(BIN)/ruff check shared services mpctl tests
+	$(BIN)/ruff check shared services mpctl tests scripts
 	$(BIN)/mypy
 
 unit: install
@@ -42,6 +43,12 @@ e2e: install sysdeps
 
 test: install sysdeps lint
 	$(BIN)/pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Benchmarks print JSON and keep it in reports/bench/ (local Kafka and Redis are started if needed).
+bench: install sysdeps
+	mkdir -p reports/bench
+	eval "$$($(BIN)/mpctl infra up 2>/dev/null)"; export KAFKA_BOOTSTRAP_SERVERS REDIS_URL; \
+	$(BIN)/python scripts/bench_registry.py | tee reports/bench/registry.json
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache

@@ -12,13 +12,15 @@ Handler = Callable[[argparse.Namespace], int]
 def build_parser() -> argparse.ArgumentParser:
     import mpctl.commands_config as commands_config
     import mpctl.commands_demo as commands_demo
+    import mpctl.commands_ops as commands_ops
     import mpctl.commands_plans as commands_plans
     import mpctl.compose as compose
     import mpctl.infra as infra
+    import mpctl.selftest as selftest
 
     parser = argparse.ArgumentParser(prog="mpctl", description="Multi-profile Coinbase trading system")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (commands_config, infra, commands_demo, compose, commands_plans):
+    for module in (commands_config, infra, commands_demo, compose, commands_plans, commands_ops, selftest):
         module.register(sub)
     return parser
 

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer
 
 from mpctl import infra
 from services.monitor.collect import collect_run
+from services.monitor.report_html import write_report
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig, ConfigError, config_warnings, load_config
 from shared.kafka import delete_topics, ensure_topics
@@ -43,7 +44,7 @@ def register(sub: Any) -> None:
 
 
 def _progress(msg: str) -> None:
-    if sys.stderr.isatty() or not os.environ.get("CI"):
+    if sys.stderr.isatty() and not os.environ.get("CI"):
         print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
@@ -189,13 +190,21 @@ async def _demo(args: argparse.Namespace, cfg: AppConfig) -> int:
     out: Path = args.out
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json"):
+    for stale in (
+        "orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json",
+        "report.html", "audit.jsonl", "alerts.jsonl", "monitor.json",
+    ):
         (out / stale).unlink(missing_ok=True)
     specs = declared_topics(cfg, ns)
     await ensure_topics(endpoints.kafka_bootstrap, specs, replication_factor=cfg.system.kafka.replication_factor)
     (out / "run.json").write_bytes(
         orjson.dumps(
-            {"namespace": ns, "kafka_bootstrap": endpoints.kafka_bootstrap, "redis_url": endpoints.redis_url},
+            {
+                "namespace": ns,
+                "kafka_bootstrap": endpoints.kafka_bootstrap,
+                "redis_url": endpoints.redis_url,
+                "config": str(args.config) if args.config else None,
+            },
             option=orjson.OPT_INDENT_2,
         )
     )
@@ -210,6 +219,11 @@ async def _demo(args: argparse.Namespace, cfg: AppConfig) -> int:
         for pid in cfg.enabled_profiles():
             stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid], log_dir)
             stack.start(f"strategy.{pid}", ["services.strategy", *common, "--profile", pid], log_dir)
+        stack.start(
+            "monitor",
+            ["services.monitor", *common, "--audit-file", str(out / "audit.jsonl"), "--alerts-file", str(out / "alerts.jsonl")],
+            log_dir,
+        )
         replay = ["--data", str(args.data), "--speed", str(args.speed)]
         for flag in ("hours", "start", "end"):
             if getattr(args, flag) is not None:
@@ -226,6 +240,7 @@ async def _demo(args: argparse.Namespace, cfg: AppConfig) -> int:
         stack.stop()
     _progress("replay fully processed; collecting the run")
     summary = await collect_run(cfg, endpoints.kafka_bootstrap, out)
+    write_report(out)
     if not args.keep_topics:
         await delete_topics(endpoints.kafka_bootstrap, [s.name for s in specs])
     print_table(summary)

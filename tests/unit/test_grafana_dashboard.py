@@ -1,0 +1,43 @@
+"""deploy/grafana/dashboard.json: valid Grafana JSON whose every query names a metric a service exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from services.monitor.metrics import MonitorMetrics
+from services.registry.metrics import RegistryMetrics
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboard.json"
+
+
+def exported_names() -> set[str]:
+    names: set[str] = set()
+    for registry in (MonitorMetrics("ns").registry, RegistryMetrics().registry):
+        for metric in registry.collect():
+            names.add(metric.name)
+            if metric.type == "counter":
+                names.add(metric.name + "_total")
+    return names
+
+
+def test_dashboard_queries_exported_metrics() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 36
+    panels = dash["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    used = {m for e in exprs for m in re.findall(r"\bmp_[a-z_]+", e)}
+    assert used <= exported_names(), used - exported_names()
+    for required in ("mp_consumer_lag", "mp_consumer_group_lag", "mp_profile_equity", "mp_profile_drawdown_pct",
+                     "mp_profile_trades", "mp_profile_win_rate", "mp_profile_realized_pnl", "mp_profile_halts",
+                     "mp_service_up", "mp_arbiter_decisions", "mp_alerts_total"):
+        assert required in used
+    for p in panels:
+        g = p["gridPos"]
+        assert 0 <= g["x"] < 24 and g["x"] + g["w"] <= 24 and g["h"] > 0
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}"  # chosen at import, no hard-wired data source

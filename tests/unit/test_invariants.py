@@ -1,0 +1,67 @@
+"""mpctl.invariants over run directories: a sound run passes; each kind of breakage is named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mpctl.invariants import assert_run, check_run
+from tests.unit.synthetic_run import build_run
+
+
+def _rewrite(path: Path, edit: object) -> None:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = edit(rows)  # type: ignore[operator]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_sound_run_passes(tmp_path: Path) -> None:
+    build_run(tmp_path)
+    r = assert_run(tmp_path)
+    assert r.ok and r.checked["profiles"] == 2 and r.checked["fills"] == 5
+
+
+def test_opposite_side_orders_within_the_window_break_invariant_3(tmp_path: Path) -> None:
+    build_run(tmp_path)
+
+    def edit(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        # profile_b submits a sell of BTC one minute after profile_a's BTC buy.
+        extra = dict(rows[0], profile="profile_b", side="sell", client_order_id="c-x", intent_id="i-profile_b-1",
+                     event_time="2021-08-01T05:01:00Z")
+        return [*rows, extra]
+
+    _rewrite(tmp_path / "orders.jsonl", edit)
+    checks = {v.check for v in check_run(tmp_path).violations}
+    assert "3-opposite-side" in checks
+    with pytest.raises(AssertionError, match="3-opposite-side"):
+        assert_run(tmp_path)
+
+
+def test_duplicates_break_invariants_1_and_4(tmp_path: Path) -> None:
+    build_run(tmp_path)
+    _rewrite(tmp_path / "orders.jsonl", lambda rows: [*rows, rows[0]])
+    _rewrite(tmp_path / "fills.jsonl", lambda rows: [*rows, rows[0]])
+
+    def same_fp(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        b0 = next(r for r in rows if r["profile"] == "profile_b")
+        a0 = next(r for r in rows if r["profile"] == "profile_a")
+        a0["fingerprint"] = b0["fingerprint"]
+        return rows
+
+    _rewrite(tmp_path / "plans.jsonl", same_fp)
+    checks = {v.check for v in check_run(tmp_path).violations}
+    assert {"4-sent-twice", "4-fill-twice", "1-fingerprint", "books"} <= checks
+
+
+def test_unbalanced_books_and_counters(tmp_path: Path) -> None:
+    summary = build_run(tmp_path)
+    summary["profiles"]["profile_a"]["final_equity"] = "1"
+    summary["counters"]["approved"] = 4
+    r = check_run(tmp_path, summary)
+    assert {v.check for v in r.violations} == {"books", "counters"}
+
+
+def test_missing_summary(tmp_path: Path) -> None:
+    assert [v.check for v in check_run(tmp_path).violations] == ["files"]
