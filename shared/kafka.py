@@ -14,7 +14,13 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
@@ -149,6 +155,26 @@ class Outbox:
 Handler = Callable[[Message, ConsumerRecord[bytes, bytes], Outbox], Awaitable[None]]
 
 
+class _Rewind(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Reads every assigned partition from its beginning: the service rebuilds its state from its input log.
+
+    Its handlers are deterministic and their outputs carry ids derived from the inputs, so what is
+    re-published after a restart repeats ids every consumer already de-duplicates. Committed offsets then
+    serve lag monitoring only.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: object) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        parts = list(assigned)
+        if parts:
+            await self._consumer.seek_to_beginning(*parts)
+
+
 class ConsumeLoop:
     """At-least-once consumption: a batch is handled, its outputs flushed, and only then its offsets committed.
 
@@ -168,9 +194,11 @@ class ConsumeLoop:
         clock: Clock,
         ids: IdFactory,
         from_beginning: bool = True,
+        rebuild_on_start: bool = False,
     ) -> None:
+        self._topics = list(topics)
+        self._rebuild = rebuild_on_start
         self._consumer = AIOKafkaConsumer(
-            *topics,
             bootstrap_servers=bootstrap,
             group_id=group_id,
             enable_auto_commit=False,
@@ -195,6 +223,8 @@ class ConsumeLoop:
 
     async def start(self) -> None:
         await self._consumer.start()
+        listener = _Rewind(self._consumer) if self._rebuild else None
+        self._consumer.subscribe(self._topics, listener=listener)
 
     def stop(self) -> None:
         self._stop.set()
@@ -275,6 +305,7 @@ class StateMachineService:
         clock: Clock,
         ids: IdFactory,
         done: Callable[[], bool] = lambda: False,
+        rebuild_on_start: bool = False,
     ) -> None:
         self.name = name
         # Kafka clients need a running event loop: they are built in run(), never at construction.
@@ -286,6 +317,7 @@ class StateMachineService:
             "service": name,
             "clock": clock,
             "ids": ids,
+            "rebuild_on_start": rebuild_on_start,
         }
         self.loop: ConsumeLoop | None = None
         self._handle = handle

@@ -160,3 +160,36 @@ async def test_declared_topic_with_other_partition_count_is_refused(infra: Endpo
     await ensure_topics(b, [TopicSpec(f"{namespace}.x", 2)])  # idempotent
     with pytest.raises(RuntimeError, match=r"has 2 partitions but 3 are declared"):
         await ensure_topics(b, [TopicSpec(f"{namespace}.x", 3)])
+
+
+async def test_rebuild_on_start_rereads_the_whole_log_despite_committed_offsets(
+    infra: Endpoints, namespace: str
+) -> None:
+    b = infra.kafka_bootstrap
+    src, _out, dlq = await _setup(b, namespace)
+    await _produce(b, src, [encode(candle(i)) for i in range(3)])
+    group = f"{namespace}.g"
+    pub = Publisher(b, client_id="t")
+    await pub.start()
+    seen: list[str] = []
+
+    async def recording(msg: Message, rec: object, box: Outbox) -> None:
+        seen.append(msg.id)
+
+    for rebuild in (False, False, True):
+        loop = ConsumeLoop(
+            bootstrap=b, topics=[src], group_id=group, publisher=pub, dead_letter_topic=dlq, service="t",
+            clock=system_clock, ids=random_ids, rebuild_on_start=rebuild,
+        )
+        await loop.start()
+        try:
+            if rebuild or not seen:
+                await _run_until(loop, recording, 3)
+            else:
+                # Committed offsets are at the end: a plain restart sees nothing new.
+                with pytest.raises(TimeoutError):
+                    await _run_until(loop, recording, 1, timeout=3)
+        finally:
+            await loop.close()
+    await pub.stop()
+    assert seen == ["c0", "c1", "c2", "c0", "c1", "c2"]
