@@ -158,9 +158,23 @@ def print_table(summary: dict[str, Any]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
     c = summary["counters"]
     print(
-        f"intents {c['intents']}, approved {c['approved']}, rejected {c['rejected']} {c['rejected_by_rule']}, "
-        f"collisions resolved {c['collisions_resolved']}, plans {c['plans']}"
+        f"intents {c['intents']}, approved {c['approved']}, delayed {c.get('delayed', 0)}, rejected {c['rejected']} "
+        f"{c['rejected_by_rule']}, collisions resolved {c['collisions_resolved']}, plans {c['plans']}"
     )
+    if "internal_cross_savings" in c:
+        s = c["internal_cross_savings"]
+        print(
+            f"internal-cross opportunities {c['internal_cross_opportunities']} (executed {c['internal_cross_executed']}): "
+            f"netting would save {s['total']} (fees {s['fees']}, slippage {s['slippage']})"
+        )
+    d = summary.get("desync")
+    if d:
+        g = d["gaps"]
+        print(
+            f"cross-profile order gaps per product: {g['pairs']} pairs, min {g['min_ms']} ms, median {g['median_ms']} ms, "
+            f"p95 {g['p95_ms']} ms; below {d['min_cross_profile_gap_ms']} ms: {d['below_min']}; "
+            f"opposite-side pairs within the window: {d['opposite_side_pairs_within_window']}"
+        )
 
 
 def run_demo(args: argparse.Namespace) -> int:

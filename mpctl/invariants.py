@@ -95,8 +95,10 @@ def check_run(out: Path, summary: dict[str, Any] | None = None) -> RunCheck:
 
     # 3: no two profiles with opposite-side orders on one product within the conflict window.
     sent = [o for o in orders if o["status"] == "submitted"]
+    # Internal legs (two profiles netted at the mid price) never reach the exchange: no wash trade there.
+    external = [o for o in sent if not o.get("internal")]
     by_product: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for o in sent:
+    for o in external:
         by_product[o["product"]].append(o)
     for product, os_ in by_product.items():
         for a, b in itertools.combinations(os_, 2):
@@ -120,7 +122,8 @@ def check_run(out: Path, summary: dict[str, Any] | None = None) -> RunCheck:
     for fid, n in Counter(f["fill_id"] for f in fills).items():
         if n != 1:
             r.fail("4-fill-twice", f"fill {fid} appears {n} times")
-    approved = {d["intent_id"] for d in decisions if d["verdict"] == "approved"}
+    # A delayed intent is approved with a later not_before (crowding rule): it may be sent.
+    approved = {d["intent_id"] for d in decisions if d["verdict"] in ("approved", "delayed")}
     for o in sent:
         if o["intent_id"] not in approved:
             r.fail("4-unapproved", f"order {o['client_order_id']} reached the exchange without approval")
@@ -171,9 +174,11 @@ def check_run(out: Path, summary: dict[str, Any] | None = None) -> RunCheck:
             if key not in prof:
                 r.fail("fields", f"{pid}: summary has no {key!r}")
     c = summary["counters"]
-    if c["intents"] != c["approved"] + c["rejected"]:
-        r.fail("counters", f"intents {c['intents']} != approved {c['approved']} + rejected {c['rejected']}")
-    if c["approved"] != len(approved):
+    delayed = c.get("delayed", 0)
+    if c["intents"] != c["approved"] + c["rejected"] + delayed:
+        r.fail("counters", f"intents {c['intents']} != approved {c['approved']} + rejected {c['rejected']} "
+                           f"+ delayed {delayed}")
+    if c["approved"] + delayed != len(approved):
         r.fail("counters", f"approved {c['approved']} in the summary, {len(approved)} in decisions.jsonl")
     return r
 

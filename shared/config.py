@@ -63,6 +63,12 @@ class ApiCredentials(Strict):
     secret: SecretStr
     passphrase: SecretStr | None = None
     sandbox: bool = True
+    # Where live credentials come from: this file, or the encrypted store (`mpctl secrets set PROFILE`),
+    # in which case the values here stay placeholders. docs/execution.md.
+    source: Literal["yaml", "store"] = "yaml"
+    # Which Coinbase API: Advanced Trade (CDP keys) or the Exchange API (key, secret, passphrase);
+    # default from the credentials' shape.
+    exchange: Literal["coinbase", "coinbaseexchange"] | None = None
 
     def is_placeholder(self) -> bool:
         values = [self.api_key, self.secret] + ([self.passphrase] if self.passphrase else [])
@@ -195,7 +201,41 @@ class KafkaSettings(Strict):
 
 
 class ArbiterSettings(Strict):
+    """Cross-profile arbitration (docs/arbiter.md gives each rule and the numbers it uses)."""
+
+    # Opposite sides: another profile's live order or recent fill on the other side within this window blocks.
     conflict_window_s: Annotated[float, Field(ge=0.0, le=86_400.0, allow_inf_nan=False)] = 300.0
+    # Crowding: different profiles' orders on one product are sent at least this far apart (event time).
+    min_cross_profile_gap_ms: Annotated[int, Field(ge=0, le=600_000)] = 500
+    # Exposure: notional (size x last close) of the positions of all profiles, per product and in all;
+    # null means no cap. The excess of a buy is trimmed or the buy rejected, as `exposure_action` says.
+    max_product_notional: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    max_total_notional: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    exposure_action: Literal["trim", "reject"] = "trim"
+    # An order trimmed or scaled below this notional (quote) is rejected instead.
+    min_order_notional: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1.0
+    # Correlation guard: Pearson correlation of two profiles' per-step returns over the last
+    # `correlation_window_steps` steps (at least `correlation_min_steps`); above the threshold the newer
+    # profile's buys are scaled by `correlation_size_scale`.
+    correlation_window_steps: Annotated[int, Field(ge=3, le=10_000)] = 48
+    correlation_min_steps: Annotated[int, Field(ge=3, le=10_000)] = 24
+    correlation_threshold: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)] = 0.8
+    correlation_size_scale: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.5
+    # Plan echo: how long (event time) an intent waits for its epoch's plan once a later plan of its profile
+    # is known; after that it is rejected (a legitimate intent never waits: its plan was published first).
+    plan_wait_s: Annotated[float, Field(ge=0.0, le=30 * 86_400.0, allow_inf_nan=False)] = 86_400.0
+    # Internal cross: "report" records what netting two profiles' opposite intents would save; "execute"
+    # (paper mode only) nets the intents of one step as an internal transfer at the mid price.
+    internal_cross: Literal["report", "execute"] = "report"
+
+    @model_validator(mode="after")
+    def _correlation_steps(self) -> ArbiterSettings:
+        if self.correlation_min_steps > self.correlation_window_steps:
+            raise ValueError(
+                f"correlation_min_steps ({self.correlation_min_steps}) must not exceed "
+                f"correlation_window_steps ({self.correlation_window_steps})"
+            )
+        return self
 
 
 class ExecutionSettings(Strict):
@@ -244,10 +284,12 @@ class AppConfig(Strict):
         quote = self.system.quote_asset
         for pid, p in self.profiles.items():
             p.check_pairs(pid, quote)
-            if self.system.mode == "live" and p.enabled and p.api_credentials.is_placeholder():
+            creds = p.api_credentials
+            if self.system.mode == "live" and p.enabled and creds.source == "yaml" and creds.is_placeholder():
                 raise ValueError(
                     f"profiles.{pid}.api_credentials: placeholder credentials ('{PLACEHOLDER_PREFIX}...') "
-                    "are refused in live mode; set real ones in config/coinbase_profiles_local.yaml (ignored by git)"
+                    "are refused in live mode; store real ones encrypted with `mpctl secrets set "
+                    f"{pid}` and set `source: store`, or put them in config/coinbase_profiles_local.yaml"
                 )
         if not any(p.enabled for p in self.profiles.values()):
             raise ValueError("no profile is enabled: set `enabled: true` on at least one")

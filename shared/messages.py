@@ -157,6 +157,10 @@ class OrderDecided(Message):
     reason: str
     conflicting_profile: str | None = None
     not_before: UtcDatetime | None = None
+    # The intent's size when a rule changed it (`size` is then the approved size).
+    requested_size: Size | None = None
+    # The numbers each rule used (rule name -> values), for decisions.jsonl and the audit trail.
+    details: dict[str, Any] = Field(default_factory=dict)
 
 
 class ExecuteOrder(Message):
@@ -173,6 +177,12 @@ class ExecuteOrder(Message):
     reason: str
     step_time: UtcDatetime
     not_before: UtcDatetime
+    # Part of `size` settled as an internal transfer with the `counterparties` at the mid price (paper mode);
+    # the rest goes to the exchange.
+    internal_size: Size = Decimal(0)
+    counterparties: list[str] = Field(default_factory=list)
+    # The plan hash of the intent's epoch: it seeds the worker's de-sync delay (None: the profile's base_hash).
+    profile_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 class OrderUpdated(Message):
@@ -210,6 +220,44 @@ class OrderFilled(Message):
     internal: bool = False
 
 
+class InternalCrossOpportunity(Message):
+    """Two profiles wanted opposite sides of one product within the conflict window: what netting them
+    saves (both legs' taker fees and both profiles' slippage), and whether it was executed internally."""
+
+    type: Literal["InternalCrossOpportunity"] = "InternalCrossOpportunity"
+    intent_id: str  # the intent whose decision found the opportunity
+    profile: str  # that intent's profile
+    product: str
+    buyer: str
+    seller: str
+    buy_intent_id: str
+    sell_intent_id: str
+    size: Annotated[Decimal, AfterValidator(_finite), Field(gt=0)]  # the quantity that crosses
+    price: Price  # mid-price estimate (the intent's reference price)
+    fee_saving: Money
+    slippage_saving: Money
+    saving: Money
+    executed: bool
+    step_time: UtcDatetime
+
+
+class CorrelationAlert(Message):
+    """The rolling correlation of two profiles' returns crossed the threshold (`breach`) or fell back (`clear`).
+    While breached, the newer profile's buys are scaled down."""
+
+    type: Literal["CorrelationAlert"] = "CorrelationAlert"
+    intent_id: str  # the first intent decided at the step that evaluated it
+    profile: str  # the newer profile (its sizes are scaled)
+    other_profile: str
+    state: Literal["breach", "clear"]
+    correlation: float | None
+    threshold: float
+    window_steps: int
+    points: int
+    size_scale: float
+    step_time: UtcDatetime
+
+
 # ------------------------------------------------------------------------------------------ operations
 class WorkerFinished(Message):
     """A service instance processed the end of the replay (used by the demo to know the run is complete)."""
@@ -218,6 +266,31 @@ class WorkerFinished(Message):
     service: str
     instance: str
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class ControlCommand(Message):
+    """An operator's command on the commands topic, signed with HMAC-SHA256 (shared/commands.py)."""
+
+    type: Literal["ControlCommand"] = "ControlCommand"
+    action: Literal["pause", "resume", "flatten", "kill", "rotate"]
+    target: str = Field(min_length=1, max_length=64)  # a profile id or "all"
+    issued_at: UtcDatetime
+    nonce: str = Field(min_length=16, max_length=64)
+    issuer: str = Field(default="mpctl", max_length=64)
+    reason: str = Field(default="", max_length=500)
+    signature: str | None = None
+
+
+class CommandHandled(Message):
+    """A service's verdict on a command: applied, or refused with the reason (both audited)."""
+
+    type: Literal["CommandHandled"] = "CommandHandled"
+    command_id: str
+    action: str
+    target: str
+    service: str
+    accepted: bool
+    reason: str = ""
 
 
 class ProfileHalted(Message):
@@ -251,7 +324,11 @@ AnyMessage = Annotated[
     | ExecuteOrder
     | OrderUpdated
     | OrderFilled
+    | InternalCrossOpportunity
+    | CorrelationAlert
     | WorkerFinished
+    | ControlCommand
+    | CommandHandled
     | ProfileHalted
     | DeadLettered,
     Field(discriminator="type"),
@@ -271,7 +348,11 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ExecuteOrder,
         OrderUpdated,
         OrderFilled,
+        InternalCrossOpportunity,
+        CorrelationAlert,
         WorkerFinished,
+        ControlCommand,
+        CommandHandled,
         ProfileHalted,
         DeadLettered,
     )

@@ -29,11 +29,18 @@ class TopicSpec:
     partitions: int
     compacted: bool = False
     retention_ms: int = WEEK_MS
+    # Broker time on every record: commands are judged fresh against a time their sender cannot set.
+    log_append_time: bool = False
 
     def configs(self) -> dict[str, str]:
-        if self.compacted:
-            return {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
-        return {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
+        out = (
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+            if self.compacted
+            else {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
+        )
+        if self.log_append_time:
+            out["message.timestamp.type"] = "LogAppendTime"
+        return out
 
 
 class Topics:
@@ -93,7 +100,7 @@ def declared_topics(cfg: AppConfig, namespace: str | None = None) -> list[TopicS
         TopicSpec(t.plans, 1, compacted=True),
         TopicSpec(t.intents, k.intent_partitions),
         TopicSpec(t.events, 1),
-        TopicSpec(t.commands, 1),
+        TopicSpec(t.commands, 1, log_append_time=True),
         TopicSpec(t.audit, 1),
         TopicSpec(t.status, 1),
         TopicSpec(t.dead_letter, 1),

@@ -1,4 +1,6 @@
-"""python -m services.arbiter --config FILE --bootstrap HOST:PORT"""
+"""python -m services.arbiter --config FILE --bootstrap HOST:PORT [--metrics-port P] [--instance N]
+
+Several may run at once (same namespace): they share the intents partitions (docs/arbiter.md)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,15 @@ from shared.runtime import base_parser, main_entry, run_service, settings_from_a
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = main_entry(argv, "arbiter", base_parser("arbiter"))
-    return run_service(bootstrap(settings_from_args(args)).run)
+    p = base_parser("arbiter")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus metrics on 127.0.0.1:PORT (0: off, so several arbiters never clash)",
+    )
+    args = main_entry(argv, "arbiter", p)
+    return run_service(bootstrap(settings_from_args(args, metrics_port=args.metrics_port)).run)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """One profile's paper exchange, pure: approved orders in, order events and fills out.
 
-- An order is sent after a per-profile de-sync delay (seeded, bounded by desync_min_ms..desync_max_ms,
-  in event time) and fills at the open of the candle that follows its decision (the first candle of the
-  product opening at or after the decision time), with slippage and the taker fee.
+- An order is sent at `not_before` (the arbiter's, which keeps different profiles' orders on a product
+  apart) plus a per-profile de-sync delay: seeded from the profile's hash (the plan hash of the intent's
+  epoch, carried on the order; the config's base_hash when absent), bounded by desync_min_ms..desync_max_ms,
+  in event time. It fills at the open of the candle that follows its decision (the first candle of the
+  product opening at or after the decision time, the order's event time), with slippage and the taker fee,
+  at its send time.
+- Internal part (`internal_size`, paper mode): settled with the other profile at that candle's open (the
+  mid price), without fee or slippage, at the decision time: an internal fill and order events marked internal.
 - Slippage = min(slippage_tolerance, 0.1 * (high - low) / open) of that candle, against the trader.
 - Never twice: an order is known by its client order id; a redelivered or retried ExecuteOrder for a known id
   produces nothing new.
@@ -14,7 +19,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
 
 from shared.aligner import Aligner, Step
@@ -48,7 +53,7 @@ def desync_delay_ms(seed: str, intent_id: str, lo: int, hi: int) -> int:
 @dataclass
 class OrderRecord:
     order: ExecuteOrder
-    send_time_s: float
+    send_time: datetime
     status: str = "submitted"
 
 
@@ -103,10 +108,16 @@ def decide(state: PaperState, msg: Message, partition: int = 0) -> list[Message]
             return []  # not ours: the topic is per profile, so this is a routing error upstream
         if msg.client_order_id in state.orders:
             return []  # never twice
-        delay = desync_delay_ms(state.seed, msg.intent_id, state.settings.desync_min_ms, state.settings.desync_max_ms)
+        internal_only = msg.internal_size >= msg.size
+        if internal_only:
+            delay, why = 0, f"internal transfer with {', '.join(msg.counterparties)}"
+        else:
+            seed = msg.profile_hash or state.seed
+            delay = desync_delay_ms(seed, msg.intent_id, state.settings.desync_min_ms, state.settings.desync_max_ms)
+            why = f"de-sync delay {delay} ms"
         send_time = msg.not_before + timedelta(milliseconds=delay)
-        state.orders[msg.client_order_id] = OrderRecord(msg, send_time.timestamp())
-        out.append(_update(msg, "submitted", send_time.timestamp(), reason=f"de-sync delay {delay} ms"))
+        state.orders[msg.client_order_id] = OrderRecord(msg, send_time)
+        out.append(_update(msg, "submitted", send_time, reason=why, internal=internal_only))
         state.waiting.append(msg.client_order_id)
         out.extend(_fill_waiting(state))
         if state.aligner.finished:
@@ -125,7 +136,9 @@ def _remember(state: PaperState, step: Step) -> None:
 def _fill_candle(state: PaperState, order: ExecuteOrder) -> CandleClosed | None:
     """The first candle of the product opening at or after the decision: its open is the next tradable price."""
     h = state.history.get(order.product, [])
-    i = bisect.bisect_left(h, order.not_before, key=lambda c: c.open_time)
+    # The decision time, not not_before: an order the arbiter delays by milliseconds still trades at the
+    # candle its decision was made for.
+    i = bisect.bisect_left(h, order.event_time, key=lambda c: c.open_time)
     return h[i] if i < len(h) else None
 
 
@@ -148,70 +161,97 @@ def _cancel_waiting(state: PaperState, reason: str) -> list[Message]:
     for coid in state.waiting:
         rec = state.orders[coid]
         rec.status = "cancelled"
-        out.append(_update(rec.order, "cancelled", rec.send_time_s, reason=reason))
+        o = rec.order
+        out.append(_update(o, "cancelled", rec.send_time, reason=reason, internal=o.internal_size >= o.size))
     state.waiting = []
     return out
 
 
 def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[Message]:
     o = rec.order
+    internal = min(o.internal_size, o.size)
+    market = o.size - internal
     rng = (candle.high - candle.low) / candle.open
     slip = min(state.slippage_tolerance, rng * Decimal("0.1"))
     price = candle.open * (1 + slip) if o.side == "buy" else candle.open * (1 - slip)
     # Rounded towards the open, so the slippage never exceeds slippage_tolerance by the rounding.
     price = price.quantize(Decimal("0.00000001"), rounding=ROUND_DOWN if o.side == "buy" else ROUND_UP)
-    notional = price * o.size
+    mid = candle.open.quantize(Decimal("0.00000001"))
+    notional = price * market
     fee = (notional * Decimal(str(state.settings.taker_fee_rate))).quantize(Decimal("0.00000001"))
-    t = max(rec.send_time_s, candle.open_time.timestamp())
-    if o.side == "buy" and notional + fee > state.cash:
+    total = notional + mid * internal
+    t = max(rec.send_time, candle.open_time)
+    t_internal = max(o.not_before, candle.open_time)
+    if o.side == "buy" and total + fee > state.cash:
         rec.status = "rejected"
-        return [_update(o, "rejected", t, reason=f"insufficient funds: needs {notional + fee:.2f}, has {state.cash:.2f}")]
+        return [_update(o, "rejected", t, reason=f"insufficient funds: needs {total + fee:.2f}, has {state.cash:.2f}",
+                        internal=market == 0)]
     held = state.positions.get(o.product, Decimal(0))
     if o.side == "sell" and o.size > held:
         rec.status = "rejected"
-        return [_update(o, "rejected", t, reason=f"insufficient position: sells {o.size}, holds {held}")]
+        return [_update(o, "rejected", t, reason=f"insufficient position: sells {o.size}, holds {held}",
+                        internal=market == 0)]
     if o.side == "buy":
-        state.cash -= notional + fee
+        state.cash -= total + fee
         state.positions[o.product] = held + o.size
     else:
-        state.cash += notional - fee
+        state.cash += total - fee
         left = held - o.size
         if left > 0:
             state.positions[o.product] = left
         else:
             state.positions.pop(o.product, None)
     rec.status = "filled"
-    fill = OrderFilled(
-        id=derived_id("fill", o.client_order_id, 0),
-        event_time=from_epoch_s(t),
+    out: list[Message] = []
+    if internal > 0:
+        out.append(_fill(o, derived_id("fill", o.client_order_id, "internal"), t_internal, internal, mid, Decimal(0), True))
+        if market > 0:
+            # The internal leg as its own line of the order log; the order completes with the exchange part.
+            out.append(_update(o, "partially_filled", t_internal, filled=internal, price=mid, internal=True,
+                               reason=f"internal transfer with {', '.join(o.counterparties)} at the mid price"))
+    if market > 0:
+        out.append(_fill(o, derived_id("fill", o.client_order_id, 0), t, market, price, fee, False))
+    avg = (total / o.size).quantize(Decimal("0.00000001"))
+    t_done = t if market > 0 else t_internal
+    out.append(_update(o, "filled", t_done, filled=o.size, price=avg, fee=fee, internal=market == 0))
+    return out
+
+
+def _fill(
+    o: ExecuteOrder, fill_id: str, t: datetime, size: Decimal, price: Decimal, fee: Decimal, internal: bool
+) -> OrderFilled:
+    return OrderFilled(
+        id=fill_id,
+        event_time=t,
         correlation_id=o.correlation_id,
         causation_id=o.id,
-        fill_id=derived_id("fill", o.client_order_id, 0),
+        fill_id=fill_id,
         intent_id=o.intent_id,
         client_order_id=o.client_order_id,
         profile=o.profile,
         product=o.product,
         side=o.side,
-        size=o.size,
+        size=size,
         price=price,
         fee=fee,
+        internal=internal,
     )
-    return [fill, _update(o, "filled", t, filled=o.size, price=price, fee=fee)]
 
 
 def _update(
     o: ExecuteOrder,
     status: str,
-    t: float,
+    t: datetime,
     *,
     reason: str = "",
     filled: Decimal = Decimal(0),
     price: Decimal | None = None,
     fee: Decimal = Decimal(0),
+    internal: bool = False,
 ) -> OrderUpdated:
     return OrderUpdated(
         id=derived_id("order-update", o.client_order_id, status),
-        event_time=from_epoch_s(t),
+        event_time=t,
         correlation_id=o.correlation_id,
         causation_id=o.id,
         intent_id=o.intent_id,
@@ -225,4 +265,5 @@ def _update(
         fee=fee,
         status=status,
         reason=reason,
+        internal=internal,
     )

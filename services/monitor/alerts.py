@@ -40,6 +40,7 @@ import orjson
 
 from shared.clock import derived_id
 from shared.messages import (
+    CorrelationAlert,
     DeadLettered,
     Message,
     OrderDecided,
@@ -211,6 +212,21 @@ def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Aler
                 key=msg.id,
                 details={"source_topic": msg.source_topic, "partition": msg.partition, "offset": msg.offset,
                          "service": msg.service, "error": msg.error[:500]},
+                **base,
+            )
+        ]
+    if isinstance(msg, CorrelationAlert):
+        if msg.state != "breach":
+            return []
+        return [
+            Alert(
+                "correlation_breach",
+                "warning",
+                f"returns of {msg.other_profile} and {msg.profile} correlate at {msg.correlation} "
+                f"(threshold {msg.threshold}); {msg.profile}'s buys scaled by {msg.size_scale}",
+                key=msg.id,
+                details={"profiles": [msg.other_profile, msg.profile], "correlation": msg.correlation,
+                         "threshold": msg.threshold, "size_scale": msg.size_scale},
                 **base,
             )
         ]

@@ -1,5 +1,6 @@
 """Reading a run back from Kafka (everything up to the end offsets at the time of the call) and writing the
-run's output files: summary.json, orders.jsonl, fills.jsonl, decisions.jsonl, plans.jsonl."""
+run's output files: summary.json, orders.jsonl, fills.jsonl, decisions.jsonl, plans.jsonl,
+internal_crosses.jsonl."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from services.monitor.domain import (
     RunData,
     decision_records,
     fill_records,
+    opportunity_records,
     order_records,
     plan_records,
     summarize,
@@ -102,5 +104,6 @@ def write_outputs(cfg: AppConfig, data: RunData, out_dir: Path, *, extra: dict[s
     _write_jsonl(out_dir / "fills.jsonl", fill_records(data))
     _write_jsonl(out_dir / "decisions.jsonl", decision_records(data))
     _write_jsonl(out_dir / "plans.jsonl", plan_records(data))
+    _write_jsonl(out_dir / "internal_crosses.jsonl", opportunity_records(data))
     (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     return summary

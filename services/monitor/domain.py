@@ -7,20 +7,31 @@ Accounting (per profile, quote currency):
   realised    = sum over sells of (sell price - average entry price) * size   (fees reported apart)
   a "win"     = a sell whose (price - average entry price) * size exceeds the fees of both its legs
   drawdown    = max over step closes of (running peak equity - equity) / running peak equity
+
+Arbitration (docs/arbiter.md): decisions by verdict and rule, internal-cross opportunities and what netting
+them saves, and `desync`, measured on the order log alone: for each product, the exchange orders (status
+submitted, not internal) in time order; a gap is the time between two consecutive orders of different
+profiles (the smallest gap between two profiles' orders is always such a pair); `below_min` counts gaps under
+`min_cross_profile_gap_ms`, `opposite_side_pairs_within_window` the pairs of different profiles' opposite
+orders closer than `conflict_window_s` (both must be 0).
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from shared.config import AppConfig
 from shared.messages import (
     CandleClosed,
+    CorrelationAlert,
+    InternalCrossOpportunity,
     Message,
     OrderDecided,
     OrderFilled,
@@ -29,6 +40,8 @@ from shared.messages import (
     PlanPublished,
     ProfileHalted,
 )
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _iso(dt: Any) -> str:
@@ -48,6 +61,8 @@ class RunData:
     updates: list[OrderUpdated] = field(default_factory=list)
     fills: list[OrderFilled] = field(default_factory=list)
     halts: list[ProfileHalted] = field(default_factory=list)
+    opportunities: list[InternalCrossOpportunity] = field(default_factory=list)
+    correlation_alerts: list[CorrelationAlert] = field(default_factory=list)
     _seen: set[str] = field(default_factory=set)
 
     def add_all(self, msgs: Iterable[Message]) -> None:
@@ -73,6 +88,10 @@ class RunData:
             self.fills.append(m)
         elif isinstance(m, ProfileHalted):
             self.halts.append(m)
+        elif isinstance(m, InternalCrossOpportunity):
+            self.opportunities.append(m)
+        elif isinstance(m, CorrelationAlert):
+            self.correlation_alerts.append(m)
 
 
 def order_records(data: RunData) -> list[dict[str, Any]]:
@@ -110,6 +129,7 @@ def fill_records(data: RunData) -> list[dict[str, Any]]:
             "client_order_id": f.client_order_id,
             "intent_id": f.intent_id,
             "event_time": _iso(f.event_time),
+            "internal": f.internal,
         }
         for f in sorted(data.fills, key=lambda f: (f.event_time, f.profile, f.fill_id))
     ]
@@ -128,9 +148,76 @@ def decision_records(data: RunData) -> list[dict[str, Any]]:
             "reason": d.reason,
             "conflicting_profile": d.conflicting_profile,
             "event_time": _iso(d.event_time),
+            "not_before": _iso(d.not_before) if d.not_before is not None else None,
+            "requested_size": _num(d.requested_size) if d.requested_size is not None else None,
+            "details": d.details,
         }
         for d in sorted(data.decisions, key=lambda d: (d.event_time, d.profile, d.intent_id))
     ]
+
+
+def opportunity_records(data: RunData) -> list[dict[str, Any]]:
+    return [
+        {
+            "product": o.product,
+            "buyer": o.buyer,
+            "seller": o.seller,
+            "buy_intent_id": o.buy_intent_id,
+            "sell_intent_id": o.sell_intent_id,
+            "size": _num(o.size),
+            "price": _num(o.price),
+            "fee_saving": _num(o.fee_saving),
+            "slippage_saving": _num(o.slippage_saving),
+            "saving": _num(o.saving),
+            "executed": o.executed,
+            "event_time": _iso(o.event_time),
+        }
+        for o in sorted(data.opportunities, key=lambda o: (o.event_time, o.product, o.id))
+    ]
+
+
+def _us(dt: datetime) -> int:
+    return (dt - _EPOCH) // timedelta(microseconds=1)  # exact, unlike float seconds
+
+
+def _stats_ms(gaps_us: list[int]) -> dict[str, Any]:
+    if not gaps_us:
+        return {"pairs": 0, "min_ms": None, "median_ms": None, "p95_ms": None}
+    g = sorted(gaps_us)
+    n = len(g)
+    median = g[n // 2] if n % 2 else (g[n // 2 - 1] + g[n // 2]) / 2
+    p95 = g[max(0, -(-95 * n // 100) - 1)]  # nearest rank
+    return {"pairs": n, "min_ms": g[0] / 1000, "median_ms": median / 1000, "p95_ms": p95 / 1000}
+
+
+def desync_report(cfg: AppConfig, data: RunData) -> dict[str, Any]:
+    """Time gaps between different profiles' exchange orders on one product (see the module docstring)."""
+    window_us = int(cfg.system.arbiter.conflict_window_s * 1_000_000)
+    min_gap_us = cfg.system.arbiter.min_cross_profile_gap_ms * 1000
+    by_product: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    for u in data.updates:
+        if u.status == "submitted" and not u.internal:
+            by_product[u.product].append((_us(u.event_time), u.profile, u.side))
+    gaps: list[int] = []
+    opposite = 0
+    for orders in by_product.values():
+        orders.sort()
+        for (t1, p1, _), (t2, p2, _) in itertools.pairwise(orders):
+            if p1 != p2:
+                gaps.append(t2 - t1)
+        for i, (t1, p1, s1) in enumerate(orders):
+            for t2, p2, s2 in orders[i + 1 :]:
+                if t2 - t1 >= window_us:
+                    break
+                if p1 != p2 and s1 != s2:
+                    opposite += 1
+    return {
+        "min_cross_profile_gap_ms": cfg.system.arbiter.min_cross_profile_gap_ms,
+        "gaps": _stats_ms(gaps),
+        "gaps_within_window": _stats_ms([g for g in gaps if g < window_us]),
+        "below_min": sum(1 for g in gaps if g < min_gap_us),
+        "opposite_side_pairs_within_window": opposite,
+    }
 
 
 def plan_records(data: RunData) -> list[dict[str, Any]]:
@@ -248,6 +335,15 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
         }
     verdicts = Counter(d.verdict for d in data.decisions)
     by_rule = Counter(d.rule for d in data.decisions if d.verdict == "rejected")
+    decided: dict[str, dict[str, int]] = defaultdict(dict)
+    for (v, r), n in sorted(Counter((d.verdict, d.rule) for d in data.decisions).items()):
+        decided[v][r] = n
+    savings = {
+        "fees": _num(sum((o.fee_saving for o in data.opportunities), Decimal(0))),
+        "slippage": _num(sum((o.slippage_saving for o in data.opportunities), Decimal(0))),
+        "total": _num(sum((o.saving for o in data.opportunities), Decimal(0))),
+    }
+    a = cfg.system.arbiter
     return {
         "profiles": profiles,
         "counters": {
@@ -255,6 +351,13 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             "approved": verdicts.get("approved", 0),
             "rejected": verdicts.get("rejected", 0),
             "rejected_by_rule": dict(sorted(by_rule.items())),
+            "delayed": verdicts.get("delayed", 0),
+            "decisions_by_rule": dict(decided),
+            "internal_cross_opportunities": len(data.opportunities),
+            "internal_cross_executed": sum(1 for o in data.opportunities if o.executed),
+            "internal_cross_savings": savings,
+            "internal_fills": sum(1 for f in data.fills if f.internal),
+            "correlation_breaches": sum(1 for c in data.correlation_alerts if c.state == "breach"),
             "collisions_resolved": sum(pl.collisions for pl in data.plans),
             "plans": len(data.plans),
             "orders_filled": sum(1 for u in data.updates if u.status == "filled"),
@@ -262,8 +365,16 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             "orders_rejected": sum(1 for u in data.updates if u.status == "rejected"),
             "halts": len(data.halts),
         },
+        "desync": desync_report(cfg, data),
         "settings": {
-            "conflict_window_s": cfg.system.arbiter.conflict_window_s,
+            "conflict_window_s": a.conflict_window_s,
+            "min_cross_profile_gap_ms": a.min_cross_profile_gap_ms,
+            "internal_cross": a.internal_cross,
+            "max_product_notional": a.max_product_notional,
+            "max_total_notional": a.max_total_notional,
+            "correlation_threshold": a.correlation_threshold,
+            "desync_min_ms": cfg.system.execution.desync_min_ms,
+            "desync_max_ms": cfg.system.execution.desync_max_ms,
             "mode": cfg.system.mode,
             "quote_asset": cfg.system.quote_asset,
         },
@@ -276,6 +387,4 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
 
 
 def _iso_ts(t: float) -> str:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")

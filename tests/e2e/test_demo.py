@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from mpctl.infra import Endpoints
 
@@ -70,15 +71,23 @@ def check_invariants(out: Path, summary: dict[str, Any]) -> None:
     assert all(n == 1 for n in per_profile_epochs.values()), "a profile got two plans for one epoch"
 
     # Invariant 3: no two profiles with opposite-side orders on one product within the conflict window.
+    # Internal legs (netted between two profiles' balances) never reach the exchange: not orders there.
     sent = [o for o in orders if o["status"] == "submitted"]
+    exchange = [o for o in sent if not o.get("internal")]
     by_product: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for o in sent:
+    for o in exchange:
         by_product[o["product"]].append(o)
+    min_gap = timedelta(milliseconds=summary["settings"]["min_cross_profile_gap_ms"])
     for product, os_ in by_product.items():
         for a, b in itertools.combinations(os_, 2):
-            if a["profile"] != b["profile"] and a["side"] != b["side"]:
+            if a["profile"] != b["profile"]:
                 gap = abs(ts(a["event_time"]) - ts(b["event_time"]))
-                assert gap >= window, f"opposite-side orders on {product} {gap} apart: {a} / {b}"
+                # De-synced execution: different profiles' orders on a product keep the minimum gap.
+                assert gap >= min_gap, f"orders on {product} {gap} apart (< {min_gap}): {a} / {b}"
+                if a["side"] != b["side"]:
+                    assert gap >= window, f"opposite-side orders on {product} {gap} apart: {a} / {b}"
+    d = summary["desync"]
+    assert d["below_min"] == 0 and d["opposite_side_pairs_within_window"] == 0, d
 
     # Invariant 4: no order sent twice; one client order id per intent and at most one full fill per order.
     coids = Counter(o["client_order_id"] for o in sent)
@@ -89,8 +98,20 @@ def check_invariants(out: Path, summary: dict[str, Any]) -> None:
     assert all(len(v) == 1 for v in intent_to_coid.values())
     fill_ids = Counter(f["fill_id"] for f in fills)
     assert all(n == 1 for n in fill_ids.values())
-    approved = {d["intent_id"] for d in decisions if d["verdict"] == "approved"}
+    approved = {d["intent_id"] for d in decisions if d["verdict"] in ("approved", "delayed")}
     assert {o["intent_id"] for o in sent} <= approved, "an order reached the exchange without approval"
+    for d_ in decisions:  # every decision says which rule decided and with what numbers
+        assert d_["rule"] and d_["reason"] and isinstance(d_["details"], dict)
+        if d_["verdict"] == "delayed":
+            assert d_["not_before"] and d_["details"]["crowding"]["pushed_ms"] > 0
+        if d_["rule"] == "opposite_side":
+            assert d_["conflicting_profile"] and d_["conflicting_profile"] != d_["profile"]
+    # Internal legs pair up: per product and step, what one profile bought internally another sold.
+    legs: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for f in fills:
+        if f["internal"]:
+            legs[(f["product"], f["event_time"])] += Decimal(f["size"]) * (1 if f["side"] == "buy" else -1)
+    assert all(v == 0 for v in legs.values()), legs
 
     # Output fields the issue names.
     for o in orders:
@@ -124,8 +145,16 @@ def check_invariants(out: Path, summary: dict[str, Any]) -> None:
         for key in ("strategy", "wins", "win_rate", "realized_pnl", "fees", "max_drawdown_pct"):
             assert key in prof
     c = summary["counters"]
-    assert c["intents"] == c["approved"] + c["rejected"]
-    assert c["approved"] == len(approved)
+    assert c["intents"] == c["approved"] + c["rejected"] + c["delayed"]
+    assert c["approved"] + c["delayed"] == len(approved)
+    assert c["rejected"] == sum(c["rejected_by_rule"].values())
+    crosses = jsonl(out / "internal_crosses.jsonl")
+    assert c["internal_cross_opportunities"] == len(crosses)
+    total = sum((Decimal(x["saving"]) for x in crosses), Decimal(0))
+    assert Decimal(c["internal_cross_savings"]["total"]) == total
+    rejected = {d["intent_id"] for d in decisions if d["verdict"] == "rejected"}
+    for x in crosses:  # each opportunity answers an opposite-side rejection (report mode) or a netting
+        assert x["executed"] or {x["buy_intent_id"], x["sell_intent_id"]} & rejected
 
 
 @pytest.mark.timeout(900)
@@ -183,3 +212,60 @@ def test_demo_runs_on_four_hour_candles(infra: Endpoints, tmp_path: Path) -> Non
     plans = jsonl(out / "plans.jsonl")
     # profile_a rotates hourly: with 4-hour candles it gets one plan per candle (the epoch of each step).
     assert len([p for p in plans if p["profile"] == "profile_a"]) == 366
+
+
+def _three_profiles(tmp: Path, **arbiter: Any) -> Path:
+    """config/examples/three_profiles.yaml (the default two profiles plus profile_c on profile_a's products),
+    with some arbiter settings."""
+    data = yaml.safe_load((ROOT / "config" / "examples" / "three_profiles.yaml").read_text())
+    if arbiter:
+        data["system"] = {"arbiter": arbiter}
+    path = tmp / "three.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _figures(summary: dict[str, Any]) -> str:
+    c, d = summary["counters"], summary["desync"]
+    return (f"intents {c['intents']} approved {c['approved']} delayed {c['delayed']} rejected_by_rule "
+            f"{c['rejected_by_rule']} internal-cross {c['internal_cross_opportunities']} saving "
+            f"{c['internal_cross_savings']} gaps {d['gaps']} within-window {d['gaps_within_window']} "
+            f"below_min {d['below_min']} opposite pairs {d['opposite_side_pairs_within_window']}")
+
+
+@pytest.mark.timeout(900)
+def test_three_profiles_on_the_bundled_data_keep_apart_and_report_internal_crosses(
+    infra: Endpoints, tmp_path: Path
+) -> None:
+    """The issue's scenario: zero opposite-side pairs inside the window, zero gaps below the minimum, the
+    internal-cross report present (with the default 300 s window, opposite intents can only meet inside one
+    hourly step, which the bundled data never gives)."""
+    out = tmp_path / "three"
+    summary = run_demo(infra, out, "--config", str(_three_profiles(tmp_path)))
+    check_invariants(out, summary)
+    print(_figures(summary))
+    assert set(summary["profiles"]) == {"profile_a", "profile_b", "profile_c"}
+    d, c = summary["desync"], summary["counters"]
+    assert d["opposite_side_pairs_within_window"] == 0 and d["below_min"] == 0
+    assert d["gaps"]["min_ms"] >= summary["settings"]["min_cross_profile_gap_ms"]
+    assert c["delayed"] > 0, "profiles a and c share products: some orders must have been spaced"
+    assert set(c["internal_cross_savings"]) == {"fees", "slippage", "total"}
+    assert "internal-cross opportunities" in summary["_stdout"] and "cross-profile order gaps" in summary["_stdout"]
+
+
+@pytest.mark.timeout(900)
+def test_three_profiles_with_an_hour_window_block_washes_and_price_the_internal_crosses(
+    infra: Endpoints, tmp_path: Path
+) -> None:
+    """With conflict_window_s = 1 h, an order of the previous step is a recent fill: opposite intents of
+    profiles a and c (same products) meet, are rejected, and each is priced as an internal cross."""
+    out = tmp_path / "three_wide"
+    # Ten days: the bundled data's first such pair is on 2021-08-07 (ETH/USDC, profile_c against profile_b).
+    summary = run_demo(infra, out, "--config", str(_three_profiles(tmp_path, conflict_window_s=3600)), "--hours", "240")
+    check_invariants(out, summary)
+    print(_figures(summary))
+    c = summary["counters"]
+    assert c["rejected_by_rule"].get("opposite_side", 0) >= 1
+    assert c["internal_cross_opportunities"] >= 1
+    assert Decimal(c["internal_cross_savings"]["total"]) > 0
+    assert summary["desync"]["opposite_side_pairs_within_window"] == 0

@@ -152,6 +152,8 @@ def plan(
     strategy: str = "zygot_zalgo_entropy_dual_key_gate",
     products: Sequence[str] = ("BTC/USDC",),
     blend_weight: float = 0.85,
+    fingerprint: str = HEX64,
+    hash_hex: str = HEX64,
 ) -> PlanPublished:
     assets = sorted({p.split("/")[0] for p in products})
     return PlanPublished(
@@ -162,7 +164,7 @@ def plan(
         epoch=epoch,
         epoch_start=dt(epoch * interval),
         epoch_end=dt((epoch + 1) * interval),
-        hash=HEX64,
+        hash=hash_hex,
         nonce=0,
         strategy=strategy,
         parameters=dict(CATALOG[strategy].tunable),
@@ -170,7 +172,7 @@ def plan(
         assets=assets,
         random_asset=None,
         products=list(products),
-        fingerprint=HEX64,
+        fingerprint=fingerprint,
     )
 
 
@@ -194,7 +196,11 @@ def place_order(
     priority: int = 100,
     intent_id: str | None = None,
     event_time: int | None = None,
+    epoch: int | None = None,
+    fingerprint: str = HEX64,
+    reason: str | None = None,
 ) -> PlaceOrder:
+    """`epoch` defaults to the step's epoch at a rotation of `interval` (pass it for other rotations)."""
     iid = intent_id or derived_id("intent", profile, product, step, side)
     return PlaceOrder(
         id=iid,
@@ -206,9 +212,9 @@ def place_order(
         side=side,
         size=D(size),
         reference_price=D(price),
-        reason="entry" if side == "buy" else "exit_signal",
-        fingerprint=HEX64,
-        epoch=step // interval,
+        reason=reason or ("entry" if side == "buy" else "exit_signal"),
+        fingerprint=fingerprint,
+        epoch=epoch if epoch is not None else step // interval,
         step_time=dt(step),
         priority=priority,
     )
@@ -233,14 +239,19 @@ def execute_order(
     product: str = "BTC/USDC",
     size: Any = "1",
     price: Any = 100,
-    not_before: int = T0,
+    not_before: int | float = T0,
     intent_id: str | None = None,
     client_order_id: str | None = None,
+    decided_at: int | None = None,
+    internal_size: Any = 0,
+    counterparties: Sequence[str] = (),
+    profile_hash: str | None = None,
 ) -> ExecuteOrder:
+    """`decided_at` (the order's event time, the candle it trades at) defaults to `not_before`."""
     iid = intent_id or derived_id("intent", profile, product, not_before, side)
     return ExecuteOrder(
         id=derived_id("execute", iid),
-        event_time=dt(not_before),
+        event_time=dt(decided_at if decided_at is not None else not_before),
         correlation_id=f"step:{not_before}",
         intent_id=iid,
         client_order_id=client_order_id or derived_id("coid", iid),
@@ -250,8 +261,11 @@ def execute_order(
         size=D(size),
         reference_price=D(price),
         reason="entry",
-        step_time=dt(not_before - HOUR),
+        step_time=dt((decided_at if decided_at is not None else not_before) - HOUR),
         not_before=dt(not_before),
+        internal_size=D(internal_size),
+        counterparties=list(counterparties),
+        profile_hash=profile_hash,
     )
 
 

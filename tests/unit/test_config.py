@@ -921,3 +921,14 @@ def test_mpctl_validate_never_prints_credentials(tmp_path: Path) -> None:
     for result in (bad, good):
         for fake in FAKES:
             assert fake not in result.stdout + result.stderr
+
+
+def test_live_mode_accepts_placeholders_when_credentials_come_from_the_encrypted_store() -> None:
+    data = template_data()
+    data["system"] = {"mode": "live"}
+    for p in data["profiles"].values():
+        p["api_credentials"]["source"] = "store"
+    cfg = parse_config(data)
+    assert {p.api_credentials.source for p in cfg.profiles.values()} == {"store"}
+    data["profiles"]["profile_b"]["api_credentials"]["source"] = "yaml"
+    refused(data, "profile_b", "api_credentials", "placeholder", "source: store")

@@ -18,6 +18,7 @@ from tests.unit.builders import (
     D,
     candle,
     config,
+    dt,
     execute_order,
     of_type,
     replay_finished,
@@ -343,3 +344,58 @@ def test_end_of_replay_still_fills_orders_whose_candle_is_known(cfg: AppConfig) 
     out = run(state, [execute_order(PID, "buy", size="1", not_before=T0 + HOUR)])
     assert len(of_type(out, OrderFilled)) == 1
     assert "cancelled" not in [u.status for u in of_type(out, OrderUpdated)]
+
+
+# ------------------------------------------------------------------------------------------ issue 5
+def test_delay_is_seeded_from_the_plan_hash_the_order_carries(cfg: AppConfig) -> None:
+    s = cfg.system.execution
+    state = paper(cfg)
+    h = "cd" * 32
+    order = execute_order(PID, "buy", not_before=T0, profile_hash=h)
+    (sub,) = of_type(run(state, [order]), OrderUpdated)
+    delay = desync_delay_ms(h, order.intent_id, s.desync_min_ms, s.desync_max_ms)
+    assert sub.event_time == order.not_before + timedelta(milliseconds=delay)
+
+
+def test_delayed_order_is_sent_at_not_before_plus_delay_and_trades_at_its_decisions_candle(cfg: AppConfig) -> None:
+    state = paper(cfg, settings_=ExecutionSettings(desync_min_ms=100, desync_max_ms=100))
+    decision = T0 + HOUR
+    order = execute_order(PID, "buy", size="1", decided_at=decision, not_before=decision + 0.7)  # +700 ms
+    (sub,) = of_type(run(state, [order]), OrderUpdated)
+    assert sub.event_time == dt(decision) + timedelta(milliseconds=800)
+    c = candle("BTC/USDC", decision, 50, 50, 50, 50)
+    out = run(state, market([candle("BTC/USDC", T0, 40, 40, 40, 40), c, candle("BTC/USDC", decision + HOUR, 70)]))
+    (fill,) = of_type(out, OrderFilled)
+    assert fill.price == c.open and fill.event_time == sub.event_time
+
+
+def test_internal_only_order_settles_at_the_mid_without_fee_or_delay(cfg: AppConfig) -> None:
+    state = paper(cfg)
+    run(state, [execute_order(PID, "buy", size="1", not_before=T0 - HOUR), *market([candle("BTC/USDC", T0 - HOUR)])])
+    cash = state.cash
+    order = execute_order(PID, "sell", size="1", not_before=T0, internal_size="1", counterparties=["profile_b"])
+    c = candle("BTC/USDC", T0, 100, 120, 90, 110)
+    out = run(state, [order, *market([c])])
+    (fill,) = of_type(out, OrderFilled)
+    assert (fill.internal, fill.price, fill.fee, fill.event_time) == (True, c.open, 0, order.not_before)
+    ups = of_type(out, OrderUpdated)
+    assert [(u.status, u.internal) for u in ups] == [("submitted", True), ("filled", True)]
+    assert ups[0].event_time == order.not_before and "profile_b" in ups[0].reason
+    assert state.cash == cash + c.open and state.positions == {}
+
+
+def test_partly_internal_order_has_an_internal_leg_and_an_exchange_leg(cfg: AppConfig) -> None:
+    state = paper(cfg)
+    order = execute_order(PID, "buy", size="0.5", not_before=T0, internal_size="0.3", counterparties=["profile_b"])
+    c = candle("BTC/USDC", T0, 100, 110, 95, 105)
+    out = run(state, [order, *market([c])])
+    internal, exchange = of_type(out, OrderFilled)
+    assert (internal.internal, internal.size, internal.price, internal.fee) == (True, D("0.3"), c.open, 0)
+    assert (exchange.internal, exchange.size) == (False, D("0.2"))
+    assert exchange.price > c.open and exchange.fee == (exchange.price * D("0.2") * taker(cfg)).quantize(EIGHT)
+    assert internal.fill_id != exchange.fill_id
+    ups = of_type(out, OrderUpdated)
+    assert [(u.status, u.internal) for u in ups] == [("submitted", False), ("partially_filled", True), ("filled", False)]
+    assert ups[1].filled_size == D("0.3") and ups[2].filled_size == D("0.5")
+    assert state.positions == {"BTC/USDC": D("0.5")}
+    assert state.cash == D(cfg.profiles[PID].paper.initial_quote_balance) - D("30") - exchange.price * D("0.2") - exchange.fee

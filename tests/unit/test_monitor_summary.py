@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import timedelta
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
@@ -12,8 +13,19 @@ from hypothesis import strategies as st
 
 from services.monitor.domain import RunData, summarize
 from shared.config import AppConfig
-from shared.messages import Message
-from tests.unit.builders import HOUR, T0, D, candle, config, order_filled, place_order
+from shared.messages import InternalCrossOpportunity, Message, OrderUpdated
+from tests.unit.builders import (
+    HOUR,
+    T0,
+    D,
+    candle,
+    config,
+    decided,
+    dt,
+    order_filled,
+    order_updated,
+    place_order,
+)
 
 PID = "profile_a"
 EIGHT = Decimal("0.00000001")
@@ -201,3 +213,58 @@ def test_drawdown_measured_from_the_initial_equity_when_it_never_rises(cfg: AppC
     s = summary(cfg, msgs)["profiles"][PID]
     # Equity 9 950, 9 800, 9 900 against the initial 10 000: the worst is 200 / 10 000.
     assert s["max_drawdown_pct"] == 2.0
+
+
+# ------------------------------------------------------------------------------------------ arbitration
+def _submitted(profile: str, side: str, at_ms: int, *, product: str = "BTC/USDC", internal: bool = False) -> OrderUpdated:
+    i = place_order(profile, side, product=product, intent_id=f"{profile}-{side}-{product}-{at_ms}")
+    return order_updated(i, "submitted", at=T0).model_copy(
+        update={"event_time": dt(T0) + timedelta(milliseconds=at_ms), "internal": internal,
+                "id": f"u-{i.intent_id}", "client_order_id": f"c-{i.intent_id}"}
+    )
+
+
+def test_desync_report_measures_gaps_between_profiles_orders_on_a_product(cfg: AppConfig) -> None:
+    msgs: list[Message] = [
+        _submitted("profile_a", "buy", 0),
+        _submitted("profile_a", "buy", 100),  # same profile: no gap counted
+        _submitted("profile_b", "buy", 700),  # 600 ms after a's last
+        _submitted("profile_a", "buy", 1000),  # 300 ms: below the 500 ms default
+        _submitted("profile_b", "buy", 900, product="ETH/USDC"),  # alone on its product
+        _submitted("profile_b", "sell", 1200, internal=True),  # an internal leg is not an exchange order
+    ]
+    d = summary(cfg, msgs)["desync"]
+    assert d["gaps"] == {"pairs": 2, "min_ms": 300.0, "median_ms": 450.0, "p95_ms": 600.0}
+    assert d["below_min"] == 1 and d["min_cross_profile_gap_ms"] == 500
+    assert d["opposite_side_pairs_within_window"] == 0
+
+
+def test_opposite_side_pairs_inside_the_window_are_counted(cfg: AppConfig) -> None:
+    window_ms = int(cfg.system.arbiter.conflict_window_s * 1000)
+    msgs: list[Message] = [
+        _submitted("profile_a", "buy", 0),
+        _submitted("profile_b", "sell", window_ms - 1),
+        _submitted("profile_b", "sell", window_ms + 5_000),  # outside a's window
+    ]
+    assert summary(cfg, msgs)["desync"]["opposite_side_pairs_within_window"] == 1
+
+
+def test_counters_of_decisions_and_internal_crosses(cfg: AppConfig) -> None:
+    a = place_order("profile_a", "buy")
+    b = place_order("profile_b", "sell")
+    c = place_order("profile_b", "buy", product="ETH/USDC")
+    opp = InternalCrossOpportunity(
+        id="x1", event_time=dt(T0 + HOUR), correlation_id="s", intent_id=b.intent_id, profile="profile_b",
+        product="BTC/USDC", buyer="profile_a", seller="profile_b", buy_intent_id=a.intent_id,
+        sell_intent_id=b.intent_id, size=D("0.1"), price=D("100"), fee_saving=D("0.12"), slippage_saving=D("0.035"),
+        saving=D("0.155"), executed=False, step_time=dt(T0),
+    )
+    msgs: list[Message] = [a, b, c, decided(a, "approved", "approved"), decided(b, "rejected", "opposite_side"),
+                           decided(c, "delayed", "crowding"), opp, opp]
+    counters = summary(cfg, msgs)["counters"]
+    assert (counters["intents"], counters["approved"], counters["rejected"], counters["delayed"]) == (3, 1, 1, 1)
+    assert counters["rejected_by_rule"] == {"opposite_side": 1}
+    assert counters["decisions_by_rule"] == {"approved": {"approved": 1}, "delayed": {"crowding": 1},
+                                             "rejected": {"opposite_side": 1}}
+    assert counters["internal_cross_opportunities"] == 1 and counters["internal_cross_executed"] == 0
+    assert counters["internal_cross_savings"] == {"fees": "0.12", "slippage": "0.035", "total": "0.155"}

@@ -1,0 +1,204 @@
+"""One profile's live execution over an ExchangePort: ExecuteOrder in, OrderUpdated / OrderFilled /
+ProfileHalted out. The paper exchange (domain.py) stays the default; this runs when `system.mode: live`.
+
+- Each order is a marketable limit: the reference price moved by `slippage_tolerance` against us, so the fill
+  price is bounded exactly as in paper trading. An order still open after `order_timeout` seconds is cancelled
+  (its filled part stays filled).
+- Never twice: an ExecuteOrder whose client order id already has a final outcome produces nothing; one that is
+  known but unfinished (a redelivery after a crash) goes through the port's create again, which finds the
+  existing order (Exchange API: lookup; Advanced Trade: de-duplicated client_order_id) instead of placing another.
+- Errors (errors.py): rejected -> `rejected` event with the reason; halt -> the order is rejected, ProfileHalted is
+  emitted and every later order of the profile is rejected without contacting the exchange; retries exhausted ->
+  the order stays `submitted` and reconciliation settles it.
+- `reconcile()` (on start, then periodically) looks up every unfinished known order and emits what is missing.
+
+The known state is rebuilt from this worker's own events (`apply` each of them, e.g. read back from
+`orders.events` on start), so it survives a restart exactly as far as the events were published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from services.execution.errors import HaltError, RejectedError, RetryableError
+from services.execution.ports import ExchangeFill, ExchangeOrder, ExchangePort
+from services.execution.reconcile import KnownOrder, Reconciliation, apply_event, order_update, reconcile
+from shared.clock import Clock, derived_id
+from shared.config import Profile
+from shared.messages import ExecuteOrder, Message, ProfileHalted
+
+log = logging.getLogger(__name__)
+
+
+class LiveExecution:
+    def __init__(
+        self,
+        profile_id: str,
+        profile: Profile,
+        port: ExchangePort,
+        *,
+        clock: Clock,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        poll_interval_s: float = 1.0,
+    ) -> None:
+        self.profile_id = profile_id
+        self.port = port
+        self.clock = clock
+        self._sleep = sleep
+        self.poll_interval_s = poll_interval_s
+        self.order_timeout = timedelta(seconds=profile.trading_params.order_timeout)
+        self.slippage = Decimal(str(profile.trading_params.slippage_tolerance))
+        self.known: dict[str, KnownOrder] = {}
+        self.exchange_ids: dict[str, ExchangeOrder] = {}  # client order id -> last seen exchange order (this run)
+        self.halted: str | None = None
+        self.last_reconciliation: Reconciliation | None = None
+        # Publishes (and waits for the acknowledgement of) `submitted` before the order is sent. Without it, a crash
+        # between send and answer leaves no trace but the redelivered command; with it, reconciliation on restart
+        # knows the order even if the exchange lost it (Coinbase Exchange forgets orders cancelled unfilled).
+        self.write_ahead: Callable[[list[Message]], Awaitable[None]] | None = None
+
+    # -------------------------------------------------------------------------- state
+    def apply(self, msg: Message) -> None:
+        # A halt is not restored from past events: a restarted worker tries again, and halts again at the first
+        # call if the cause (key, permission, clock) is still there.
+        apply_event(self.known, msg, self.profile_id)
+
+    def apply_all(self, msgs: Iterable[Message]) -> None:
+        for m in msgs:
+            self.apply(m)
+
+    def _emit(self, msgs: list[Message]) -> list[Message]:
+        self.apply_all(msgs)
+        return msgs
+
+    def limit_price(self, o: ExecuteOrder) -> Decimal:
+        factor = (1 + self.slippage) if o.side == "buy" else (1 - self.slippage)
+        return o.reference_price * factor
+
+    # -------------------------------------------------------------------------- orders
+    async def handle(self, msg: Message, partition: int = 0) -> list[Message]:
+        if not isinstance(msg, ExecuteOrder) or msg.profile != self.profile_id:
+            return []  # candles and markers drive the paper exchange only
+        k = self.known.get(msg.client_order_id)
+        if k is not None and k.terminal:
+            return []  # never twice: this intent already has its final outcome
+        now = self.clock()
+        out: list[Message] = []
+        if k is None:
+            k = KnownOrder.from_execute(msg)
+            out += self._emit([order_update(k, "submitted", now, reason="sent to the exchange")])
+            if self.write_ahead is not None:
+                await self.write_ahead(list(out))  # published again with the outputs: same id, counted once
+        if self.halted is not None:
+            return out + self._emit([order_update(k, "rejected", now, reason=f"profile halted: {self.halted}")])
+        if getattr(msg, "internal_size", 0) > 0:
+            # Netting two profiles as an internal transfer exists in paper mode only: between two real accounts
+            # it would need a transfer, so a netted order reaching live execution is a configuration error.
+            reason = "internal crosses are executed in paper mode only (system.arbiter.internal_cross: report in live)"
+            return out + self._emit([order_update(k, "rejected", now, reason=reason)])
+        try:
+            order = await self.port.create_order(
+                msg.client_order_id, msg.product, msg.side, msg.size, limit_price=self.limit_price(msg)
+            )
+        except RejectedError as err:
+            return out + self._emit([order_update(k, "rejected", self.clock(), reason=err.reason)])
+        except HaltError as err:
+            return out + self._halt(k, err)
+        except RetryableError as err:
+            log.warning("%s: order %s state unknown (%s); reconciliation will settle it", self.profile_id, k.client_order_id, err.reason)
+            return out
+        self.exchange_ids[k.client_order_id] = order
+        # A redelivered order found at the exchange keeps its original clock: order_timeout counts from creation.
+        return out + await self._track(k.client_order_id, order, sent=order.created_at or now)
+
+    def _halt(self, k: KnownOrder, err: HaltError) -> list[Message]:
+        now = self.clock()
+        self.halted = err.reason
+        log.error("%s: halted: %s", self.profile_id, err.reason)
+        halted = ProfileHalted(
+            id=derived_id("profile-halted", self.profile_id, k.client_order_id),
+            event_time=now,
+            correlation_id=k.correlation_id,
+            causation_id=k.causation_id,
+            profile=self.profile_id,
+            reason=f"execution halted: {err.reason}",
+        )
+        return self._emit([order_update(k, "rejected", now, reason=f"profile halted: {err.reason}"), halted])
+
+    async def _track(self, coid: str, order: ExchangeOrder, *, sent: datetime) -> list[Message]:
+        """Follow the order until it is final or `order_timeout` passes (then cancel), and emit its events."""
+        out: list[Message] = []
+        try:
+            deadline = sent + self.order_timeout
+            while not order.terminal and self.clock() < deadline:
+                if order.filled_size > 0:
+                    out += await self._settle(coid, order)
+                await self._sleep(self.poll_interval_s)
+                order = await self.port.fetch_order(order)
+            if not order.terminal:
+                log.info("%s: order %s unfilled after %s: cancelling", self.profile_id, coid, self.order_timeout)
+                order = await self.port.cancel(order)
+                if not order.terminal:
+                    order = await self.port.fetch_order(order)
+                if order.status == "cancelled" and not order.reason:
+                    order = _with_reason(order, f"order_timeout {self.order_timeout.total_seconds():g}s reached")
+            self.exchange_ids[coid] = order
+            out += await self._settle(coid, order)
+        except HaltError as err:
+            out += self._halt(self.known[coid], err)
+        except (RetryableError, RejectedError) as err:
+            log.warning("%s: tracking order %s interrupted (%s); reconciliation continues", self.profile_id, coid, err.reason)
+        return out
+
+    async def _settle(self, coid: str, order: ExchangeOrder) -> list[Message]:
+        fills: list[ExchangeFill] = await self.port.fetch_fills(order=order) if order.filled_size > 0 else []
+        rec = reconcile(self.profile_id, {coid: self.known[coid]}, {coid: order}, fills, self.clock(), reason=order.reason or "exchange")
+        return self._emit(rec.events)
+
+    # -------------------------------------------------------------------------- reconciliation
+    async def reconcile(self) -> list[Message]:
+        """Look up every unfinished known order; emit missing fills and state changes; cancel overdue ones."""
+        now = self.clock()
+        observed: dict[str, ExchangeOrder | None] = {}
+        fills: list[ExchangeFill] = []
+        out: list[Message] = []
+        for coid, k in sorted(self.known.items()):
+            if k.terminal:
+                continue
+            try:
+                o = await self.port.fetch_order_by_client_id(coid, k.product)
+                if o is not None and not o.terminal and o.created_at is not None and now - o.created_at > self.order_timeout:
+                    o = await self.port.cancel(o)  # overdue: order_timeout applies across restarts too
+                if o is not None and o.filled_size > 0:
+                    fills.extend(await self.port.fetch_fills(order=o))
+            except HaltError as err:
+                return out + self._halt(k, err)
+            except (RetryableError, RejectedError) as err:
+                log.warning("%s: reconciliation of %s postponed: %s", self.profile_id, coid, err.reason)
+                continue
+            observed[coid] = o
+            if o is not None:
+                self.exchange_ids[coid] = o
+        try:
+            open_orders = await self.port.fetch_open_orders()
+        except (RetryableError, RejectedError) as err:
+            log.warning("%s: open orders not listed: %s", self.profile_id, err.reason)
+            open_orders = []
+        except HaltError as err:
+            log.error("%s: open orders not listed: %s", self.profile_id, err.reason)
+            open_orders = []
+        rec = reconcile(self.profile_id, self.known, observed, fills, now, open_orders=open_orders)
+        for note in rec.notes:
+            log.warning("%s: %s", self.profile_id, note)
+        self.last_reconciliation = rec
+        return out + self._emit(rec.events)
+
+
+def _with_reason(o: ExchangeOrder, reason: str) -> ExchangeOrder:
+    from dataclasses import replace
+
+    return replace(o, reason=reason)

@@ -1,0 +1,136 @@
+"""What the execution worker's bootstrap needs for live mode, in three calls:
+
+    live = await open_live_execution(profile_id, cfg, clock=clock, allow_plaintext=flag)   # credentials, ccxt
+    await start_live(live, bootstrap=..., topics=..., route=..., client_id=...)  # rebuild, reconcile, publish
+    handler = LiveHandler(live, write_ahead=await WriteAhead.started(bootstrap, route, client_id))
+    ... StateMachineService(handle=handler.handle, ...) ...; finally: await handler.close()
+
+Only this worker process decrypts the profile's entry of the credentials store (key from MPCTL_SECRETS_KEY_FILE,
+a mounted secret, or MPCTL_SECRETS_PASSPHRASE: a worker never prompts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from services.execution.ccxt_adapter import open_exchange, profile_products
+from services.execution.credentials import (
+    CredentialStore,
+    default_store_path,
+    key_source_from_env,
+    resolve_credentials,
+)
+from services.execution.live import LiveExecution
+from services.monitor.collect import read_topics
+from shared.clock import Clock
+from shared.config import AppConfig
+from shared.kafka import Publisher, Route
+from shared.messages import Message
+from shared.topics import Topics
+
+
+async def open_live_execution(
+    profile_id: str,
+    cfg: AppConfig,
+    *,
+    clock: Clock,
+    allow_plaintext: bool = False,
+    store_path: Path | None = None,
+    api_base: str | None = None,
+    poll_interval_s: float = 1.0,
+) -> LiveExecution:
+    """Resolve the profile's credentials (store first; plaintext YAML only when allowed), open its ccxt adapter
+    with markets loaded, and return the executor. Raises CredentialsError / HaltError with a clear reason."""
+    profile = cfg.profiles[profile_id]
+    path = store_path or default_store_path()
+    store: CredentialStore | None = None
+    if path.exists():
+        store = CredentialStore.load(path)
+        store.unlock(key_source_from_env(store.kdf_name))  # no prompt: a worker runs unattended
+    creds = resolve_credentials(profile_id, profile, store, allow_plaintext)
+    port = await open_exchange(
+        creds,
+        retry_attempts=profile.trading_params.retry_attempts,
+        products=profile_products(profile, cfg.system.quote_asset),
+        api_base=api_base,
+    )
+    return LiveExecution(profile_id, profile, port, clock=clock, poll_interval_s=poll_interval_s)
+
+
+async def start_live(
+    live: LiveExecution, *, bootstrap: str, topics: Topics, route: Callable[[Message], list[Route]], client_id: str
+) -> list[Message]:
+    """Before consuming: fold this profile's past events from orders.events into the executor, reconcile with the
+    exchange, and publish what was missing (acknowledged before the consume loop starts)."""
+    past, _ = await read_topics(bootstrap, [topics.events])
+    live.apply_all(past)  # apply() keeps only this profile's order events
+    missing = await live.reconcile()
+    if missing:
+        pub = Publisher(bootstrap, client_id=client_id)
+        await pub.start()
+        try:
+            for msg in missing:
+                for topic, key, _broadcast in route(msg):
+                    await pub.send(topic, msg, key=key)
+            await pub.flush()
+        finally:
+            await pub.stop()
+    return missing
+
+
+class WriteAhead:
+    """Publishes an order's `submitted` event, acknowledged, before the order is sent (LiveExecution.write_ahead)."""
+
+    def __init__(self, bootstrap: str, route: Callable[[Message], list[Route]], client_id: str) -> None:
+        self._pub = Publisher(bootstrap, client_id=client_id)
+        self._route = route
+
+    @classmethod
+    async def started(cls, bootstrap: str, route: Callable[[Message], list[Route]], client_id: str) -> WriteAhead:
+        wa = cls(bootstrap, route, client_id)
+        await wa._pub.start()
+        return wa
+
+    async def __call__(self, msgs: list[Message]) -> None:
+        for msg in msgs:
+            for topic, key, _broadcast in self._route(msg):
+                await self._pub.send(topic, msg, key=key)
+        await self._pub.flush()
+
+    async def stop(self) -> None:
+        await self._pub.stop()
+
+
+class LiveHandler:
+    """`handle(message, partition)` for StateMachineService in live mode: ExecuteOrder goes to the exchange, and
+    every `reconcile_every_s` the next message (a candle arrives each interval) also triggers a reconciliation,
+    whose events are published with that message's outputs."""
+
+    def __init__(
+        self,
+        live: LiveExecution,
+        *,
+        write_ahead: WriteAhead | None = None,
+        reconcile_every_s: float = 60.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.live = live
+        self._write_ahead = write_ahead
+        live.write_ahead = write_ahead
+        self.every = reconcile_every_s
+        self._mono = monotonic
+        self._last = monotonic()
+
+    async def handle(self, msg: Message, partition: int = 0) -> list[Message]:
+        out = await self.live.handle(msg, partition)
+        if self._mono() - self._last >= self.every:
+            self._last = self._mono()
+            out += await self.live.reconcile()
+        return out
+
+    async def close(self) -> None:
+        if self._write_ahead is not None:
+            await self._write_ahead.stop()
+        await self.live.port.close()

@@ -1,0 +1,138 @@
+"""The exchange port: what the execution worker needs from an exchange, in our types (Decimal, UTC datetimes,
+our product names `BASE/QUOTE`). ccxt never crosses this line; the adapters in ccxt_adapter.py implement it.
+
+Every method may raise the errors of services/execution/errors.py, and only those: RetryableError (the adapter
+already retried up to `retry_attempts`), RejectedError, HaltError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal, Protocol, runtime_checkable
+
+Side = Literal["buy", "sell"]
+# Our reading of an exchange order's state. `open` covers "accepted, maybe partly filled".
+ExchangeOrderStatus = Literal["open", "filled", "cancelled", "rejected"]
+
+
+@dataclass(frozen=True)
+class MarketInfo:
+    """Trading rules of one product, from the exchange's market metadata."""
+
+    product: str  # ours and ccxt's unified symbol: BTC/USDC
+    exchange_id: str  # the exchange's own id: BTC-USDC
+    base: str
+    quote: str
+    price_increment: Decimal
+    size_increment: Decimal
+    min_size: Decimal | None  # in base units
+    min_notional: Decimal | None  # in quote units (size * price)
+    max_size: Decimal | None = None
+    active: bool = True
+
+
+@dataclass(frozen=True)
+class ExchangeOrder:
+    exchange_order_id: str
+    client_order_id: str | None
+    product: str
+    side: Side
+    size: Decimal
+    filled_size: Decimal
+    status: ExchangeOrderStatus
+    limit_price: Decimal | None = None
+    average_price: Decimal | None = None
+    fee: Decimal = Decimal(0)
+    created_at: datetime | None = None
+    reason: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.status != "open"
+
+
+@dataclass(frozen=True)
+class ExchangeFill:
+    fill_id: str  # unique per account at the exchange; our OrderFilled id is derived from it
+    exchange_order_id: str
+    product: str
+    side: Side
+    size: Decimal
+    price: Decimal
+    fee: Decimal
+    time: datetime
+    liquidity: Literal["maker", "taker"] = "taker"
+    client_order_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Balance:
+    asset: str
+    free: Decimal
+    used: Decimal
+    total: Decimal
+
+
+@dataclass(frozen=True)
+class KeyPermissions:
+    can_view: bool | None
+    can_trade: bool | None
+    can_transfer: bool | None
+    portfolio: str | None = None
+    note: str = ""
+
+
+@runtime_checkable
+class ExchangePort(Protocol):
+    """One profile's connection to one exchange account. One instance per profile: it holds that profile's
+    credentials, rate limiter and market metadata, and nothing of any other profile."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def load_markets(self, products: list[str] | None = None) -> dict[str, MarketInfo]:
+        """Market metadata, keyed by product (only `products` when given). Cached after the first call."""
+        ...
+
+    def market(self, product: str) -> MarketInfo: ...
+
+    async def create_order(
+        self,
+        client_order_id: str,
+        product: str,
+        side: Side,
+        size: Decimal,
+        *,
+        limit_price: Decimal | None = None,
+    ) -> ExchangeOrder:
+        """Place one order, at most once for this client order id, whatever the retries. Sizes and prices are
+        rounded to the market's increments here; below the minimum raises RejectedError without sending."""
+        ...
+
+    async def fetch_order(self, order: ExchangeOrder) -> ExchangeOrder: ...
+
+    async def fetch_order_by_client_id(
+        self, client_order_id: str, product: str, *, since: datetime | None = None
+    ) -> ExchangeOrder | None:
+        """The order with this client order id, or None when the exchange definitely has none."""
+        ...
+
+    async def cancel(self, order: ExchangeOrder) -> ExchangeOrder:
+        """Cancel if still open; returns the order's state after the attempt (it may have filled meanwhile)."""
+        ...
+
+    async def fetch_open_orders(self, product: str | None = None) -> list[ExchangeOrder]: ...
+
+    async def fetch_fills(
+        self, *, product: str | None = None, order: ExchangeOrder | None = None, since: datetime | None = None
+    ) -> list[ExchangeFill]: ...
+
+    async def balances(self) -> dict[str, Balance]: ...
+
+    async def key_permissions(self) -> KeyPermissions: ...
+
+    async def server_time(self) -> datetime: ...
+
+    async def close(self) -> None: ...
