@@ -70,7 +70,7 @@ def new_nonce() -> str:
 class CommandVerifier:
     """Verifies commands for one service instance; remembers accepted nonces for the freshness window."""
 
-    key: bytes
+    key: bytes | None  # None: this service has no key, so every command is refused (and audited)
     max_age: timedelta
     max_future: timedelta = timedelta(seconds=30)
     _seen: OrderedDict[str, datetime] = field(default_factory=OrderedDict)
@@ -79,6 +79,8 @@ class CommandVerifier:
         """None when the command is accepted, else the reason it is refused (for the audit trail)."""
         if not cmd.signature:
             return "unsigned command"
+        if self.key is None:
+            return f"this service has no command key ({KEY_ENV} or {KEY_FILE_ENV})"
         expected = hmac.new(self.key, signing_bytes(cmd), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, cmd.signature):
             return "bad signature"
@@ -142,3 +144,12 @@ def new_command(
         reason=reason,
     )
     return sign(cmd, key)
+
+
+def gate_for(service: str, max_age_s: float, env: dict[str, str] | None = None) -> CommandGate:
+    """The gate of a service process; without a configured key it refuses every command, saying why."""
+    try:
+        key: bytes | None = load_command_key(env)
+    except CommandKeyError:
+        key = None
+    return CommandGate(CommandVerifier(key, timedelta(seconds=max_age_s)), service)

@@ -266,6 +266,11 @@ class RegistrySettings(Strict):
     on_rotation: Literal["keep", "close"] = "keep"
 
 
+class CommandSettings(Strict):
+    # A signed command older than this (against the broker's append time) is refused as stale.
+    max_age_s: Annotated[float, Field(gt=0.0, le=86_400.0, allow_inf_nan=False)] = 120.0
+
+
 class SystemSettings(Strict):
     mode: Literal["paper", "live"] = "paper"
     quote_asset: Asset = "USDC"
@@ -273,6 +278,7 @@ class SystemSettings(Strict):
     arbiter: ArbiterSettings = ArbiterSettings()
     execution: ExecutionSettings = ExecutionSettings()
     registry: RegistrySettings = RegistrySettings()
+    commands: CommandSettings = CommandSettings()
 
 
 class AppConfig(Strict):

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import (
@@ -26,7 +27,8 @@ from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionErro
 
 from shared.clock import Clock, IdFactory
 from shared.codec import DecodeError, decode, encode
-from shared.messages import DeadLettered, Message
+from shared.commands import CommandGate
+from shared.messages import CommandHandled, ControlCommand, DeadLettered, Message
 from shared.topics import TopicSpec
 
 log = logging.getLogger(__name__)
@@ -306,8 +308,10 @@ class StateMachineService:
         ids: IdFactory,
         done: Callable[[], bool] = lambda: False,
         rebuild_on_start: bool = False,
+        commands: CommandGate | None = None,
     ) -> None:
         self.name = name
+        self._commands = commands
         # Kafka clients need a running event loop: they are built in run(), never at construction.
         self._client_args = {
             "bootstrap": bootstrap,
@@ -325,7 +329,19 @@ class StateMachineService:
         self._done = done
 
     async def _on_message(self, msg: Message, rec: ConsumerRecord[bytes, bytes], outbox: Outbox) -> None:
-        for out in await self._handle(msg, rec.partition):
+        outputs: list[Message] = []
+        if isinstance(msg, ControlCommand):
+            if self._commands is None:
+                return
+            # Judged against the broker's append time (LogAppendTime on the commands topic): unforgeable, and
+            # the same verdict when the log is re-read after a restart.
+            verdict = self._commands.check(msg, datetime.fromtimestamp(rec.timestamp / 1000, UTC))
+            outputs.append(verdict)
+            if not verdict.accepted:
+                log.warning("%s refused command %s %s: %s", self.name, msg.action, msg.target, verdict.reason)
+        if not outputs or (isinstance(outputs[0], CommandHandled) and outputs[0].accepted):
+            outputs += await self._handle(msg, rec.partition)
+        for out in outputs:
             for topic, key, broadcast in self._route(out):
                 if broadcast:
                     outbox.broadcast(topic, out)

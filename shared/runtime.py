@@ -50,7 +50,7 @@ def base_parser(service: str, *, needs_profile: bool = False) -> argparse.Argume
     return p
 
 
-def settings_from_args(args: argparse.Namespace, **extra: str) -> ServiceSettings:
+def settings_from_args(args: argparse.Namespace, **extra: str | None) -> ServiceSettings:
     return ServiceSettings(
         config_path=args.config,
         kafka_bootstrap=args.bootstrap,

@@ -9,8 +9,15 @@ from shared.runtime import base_parser, main_entry, run_service, settings_from_a
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = main_entry(argv, "execution", base_parser("execution", needs_profile=True))
-    return run_service(bootstrap(settings_from_args(args)).run)
+    p = base_parser("execution", needs_profile=True)
+    p.add_argument(
+        "--allow-plaintext-credentials",
+        action="store_true",
+        help="live mode: accept credentials written in the YAML (refused by default; use `mpctl secrets set`)",
+    )
+    args = main_entry(argv, "execution", p)
+    flag = "1" if args.allow_plaintext_credentials else None
+    return run_service(bootstrap(settings_from_args(args, allow_plaintext_credentials=flag)).run)
 
 
 if __name__ == "__main__":

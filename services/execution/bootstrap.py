@@ -10,10 +10,12 @@ import asyncio
 from typing import Any
 
 from services.execution import domain
+from services.execution.live_wiring import LiveHandler, WriteAhead, open_live_execution, start_live
 from shared.clock import Clock, IdFactory, random_ids, system_clock
+from shared.commands import gate_for
 from shared.config import AppConfig
 from shared.kafka import Route, StateMachineService
-from shared.messages import Message, OrderFilled, OrderUpdated, WorkerFinished
+from shared.messages import Message, OrderFilled, OrderUpdated, ProfileHalted, WorkerFinished
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
 
@@ -21,39 +23,74 @@ from shared.topics import Topics
 class ExecutionService:
     def __init__(self, cfg: AppConfig, settings: ServiceSettings, *, clock: Clock, ids: IdFactory) -> None:
         if settings.profile not in cfg.profiles:
-            raise ValueError(f"--profile {settings.profile!r} is not in the config (have {sorted(cfg.profiles)})")
+            raise ValueError(
+                f"--profile {settings.profile!r} is not in the config (have {sorted(cfg.profiles)})"
+            )
         self.profile_id: str = settings.profile
         self.cfg = cfg
+        self.settings = settings
+        self.clock = clock
+        self.live_handler: LiveHandler | None = None
         self.topics = Topics(cfg.system.kafka.namespace)
         profile = cfg.profiles[self.profile_id]
         self.state = domain.new_state(
-            self.profile_id, profile, cfg.system.execution, frozenset(range(cfg.system.kafka.candle_partitions))
+            self.profile_id,
+            profile,
+            cfg.system.execution,
+            frozenset(range(cfg.system.kafka.candle_partitions)),
         )
         self.runner = StateMachineService(
             name=f"execution.{self.profile_id}",
             bootstrap=settings.kafka_bootstrap,
-            topics=[self.topics.candles, self.topics.approved(self.profile_id)],
+            topics=[self.topics.candles, self.topics.approved(self.profile_id), self.topics.commands],
             group_id=self.topics.group("execution", self.profile_id),
             dead_letter_topic=self.topics.dead_letter,
             handle=self.handle,
             route=self.route,
             clock=clock,
             ids=ids,
+            # Paper state (balances, known client order ids) is rebuilt from the whole input log on start.
+            rebuild_on_start=cfg.system.mode == "paper",
+            commands=gate_for(f"execution.{self.profile_id}", cfg.system.commands.max_age_s),
         )
 
     async def handle(self, msg: Message, partition: int) -> list[Message]:
+        if self.live_handler is not None:
+            return await self.live_handler.handle(msg, partition)
         return domain.decide(self.state, msg, partition)
 
     def route(self, msg: Message) -> list[Route]:
         t = self.topics
-        if isinstance(msg, OrderUpdated | OrderFilled):
+        if isinstance(msg, OrderUpdated | OrderFilled | ProfileHalted):
             return [(t.events, msg.profile, False), (t.audit, msg.profile, False)]
         if isinstance(msg, WorkerFinished):
             return [(t.status, f"execution.{self.profile_id}", False)]
         return [(t.audit, None, False)]
 
     async def run(self, stop: asyncio.Event) -> int:
-        return await self.runner.run(stop)
+        if self.cfg.system.mode != "live":
+            return await self.runner.run(stop)
+        # Live: the only place this profile's credentials are read (its own store entry only).
+        pid = self.profile_id
+        live = await open_live_execution(
+            pid,
+            self.cfg,
+            clock=self.clock,
+            allow_plaintext=self.settings.extra.get("allow_plaintext_credentials") == "1",
+        )
+        await start_live(
+            live,
+            bootstrap=self.settings.kafka_bootstrap,
+            topics=self.topics,
+            route=self.route,
+            client_id=f"execution.{pid}.start",
+        )
+        wal = await WriteAhead.started(self.settings.kafka_bootstrap, self.route, f"execution.{pid}.wal")
+        self.live_handler = LiveHandler(live, write_ahead=wal)
+        try:
+            return await self.runner.run(stop)
+        finally:
+            await self.live_handler.close()
 
 
 def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> ExecutionService:

@@ -27,6 +27,7 @@ from shared.clock import derived_id, from_epoch_s
 from shared.config import ExecutionSettings, Profile
 from shared.messages import (
     CandleClosed,
+    ControlCommand,
     ExecuteOrder,
     Message,
     OrderFilled,
@@ -70,6 +71,7 @@ class PaperState:
     waiting: list[str] = field(default_factory=list)  # client order ids awaiting their candle
     history: dict[str, list[CandleClosed]] = field(default_factory=dict)  # per product, by open time
     finished: bool = False
+    killed: str | None = None  # set by an operator's `kill`: waiting orders cancelled, new ones refused
 
 
 def new_state(profile_id: str, profile: Profile, settings: ExecutionSettings, partitions: frozenset[int]) -> PaperState:
@@ -103,11 +105,23 @@ def decide(state: PaperState, msg: Message, partition: int = 0) -> list[Message]
                         detail={"orders": len(state.orders)},
                     )
                 )
+    elif isinstance(msg, ControlCommand):
+        # Only verified commands reach the domain (shared/commands.py CommandGate).
+        if msg.target not in (state.profile_id, "all"):
+            return []
+        if msg.action == "kill":
+            state.killed = f"killed by operator command {msg.id}"
+            out.extend(_cancel_waiting(state, state.killed))
+        elif msg.action == "resume":
+            state.killed = None
     elif isinstance(msg, ExecuteOrder):
         if msg.profile != state.profile_id:
             return []  # not ours: the topic is per profile, so this is a routing error upstream
         if msg.client_order_id in state.orders:
             return []  # never twice
+        if state.killed is not None:
+            state.orders[msg.client_order_id] = OrderRecord(msg, msg.not_before, status="rejected")
+            return [_update(msg, "rejected", msg.not_before, reason=state.killed)]
         internal_only = msg.internal_size >= msg.size
         if internal_only:
             delay, why = 0, f"internal transfer with {', '.join(msg.counterparties)}"

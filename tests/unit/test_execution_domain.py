@@ -399,3 +399,22 @@ def test_partly_internal_order_has_an_internal_leg_and_an_exchange_leg(cfg: AppC
     assert ups[1].filled_size == D("0.3") and ups[2].filled_size == D("0.5")
     assert state.positions == {"BTC/USDC": D("0.5")}
     assert state.cash == D(cfg.profiles[PID].paper.initial_quote_balance) - D("30") - exchange.price * D("0.2") - exchange.fee
+
+
+# ------------------------------------------------------------------------------------------ operator commands
+def test_kill_cancels_waiting_orders_and_refuses_new_ones_until_resume(cfg: AppConfig) -> None:
+    from shared.commands import new_command
+
+    key = b"k" * 32
+    state = paper(cfg)
+    run(state, [execute_order(PID, "buy", size="1", not_before=T0, intent_id="i-waiting")])
+    out = run(state, [new_command("kill", "all", key=key, now=T0)])
+    assert [(u.intent_id, u.status) for u in of_type(out, OrderUpdated)] == [("i-waiting", "cancelled")]
+    refused = run(state, [execute_order(PID, "buy", size="1", not_before=T0, intent_id="i-new")])
+    assert [(u.status, u.reason.startswith("killed by operator command")) for u in of_type(refused, OrderUpdated)] == [
+        ("rejected", True)
+    ]
+    assert run(state, [new_command("kill", "profile_b", key=key, now=T0)]) == []  # another profile's kill
+    run(state, [new_command("resume", PID, key=key, now=T0)])
+    out = run(state, [execute_order(PID, "buy", size="1", not_before=T0, intent_id="i-after")])
+    assert [u.status for u in of_type(out, OrderUpdated)] == ["submitted"]
