@@ -48,7 +48,9 @@ test: install sysdeps lint
 bench: install sysdeps
 	mkdir -p reports/bench
 	eval "$$($(BIN)/mpctl infra up 2>/dev/null)"; export KAFKA_BOOTSTRAP_SERVERS REDIS_URL; \
-	$(BIN)/python scripts/bench_registry.py | tee reports/bench/registry.json
+	$(BIN)/python scripts/bench_registry.py | tee reports/bench/registry.json; \
+	$(BIN)/python scripts/bench_backtest.py $(BENCH_BACKTEST_ARGS) | tee reports/bench/backtest.json; \
+	$(BIN)/python scripts/bench_pipeline.py --json reports/bench/pipeline.json --markdown docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import mpctl.backtest as backtest
     import mpctl.commands_config as commands_config
     import mpctl.commands_demo as commands_demo
     import mpctl.commands_exchange as commands_exchange
@@ -19,11 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     import mpctl.commands_send as commands_send
     import mpctl.compose as compose
     import mpctl.infra as infra
+    import mpctl.k8s as k8s
     import mpctl.selftest as selftest
 
     parser = argparse.ArgumentParser(prog="mpctl", description="Multi-profile Coinbase trading system")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (commands_config, infra, commands_demo, compose, commands_plans, commands_ops, selftest, commands_send, commands_secrets, commands_exchange):
+    for module in (commands_config, infra, commands_demo, compose, commands_plans, commands_ops, selftest, commands_send, commands_secrets, commands_exchange, k8s, backtest):
         module.register(sub)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -42,3 +43,21 @@ def decode(data: bytes | None) -> Message:
         )
         raise DecodeError(f"invalid {raw.get('type')!r} message: {problems}") from None
     return msg
+
+
+MAX_FUTURE = timedelta(days=1)
+_TIME_FIELDS = ("event_time", "open_time", "step_time", "epoch_start", "not_before", "issued_at")
+
+
+def implausible_time(msg: Message, now: datetime, max_future: timedelta = MAX_FUTURE) -> str | None:
+    """Why a message's timestamps cannot be true (far in the future of the wall clock), or None.
+
+    Replays run in the past, live trading at the present: a time beyond `now + max_future` is a forged or
+    corrupt message, and accepting it would move event time (watermarks, epochs) past every real message.
+    """
+    limit = now + max_future
+    for name in _TIME_FIELDS:
+        value = getattr(msg, name, None)
+        if isinstance(value, datetime) and value > limit:
+            return f"{name} {value.isoformat()} is more than {max_future} ahead of the clock ({now.isoformat()})"
+    return None

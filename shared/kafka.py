@@ -26,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 from shared.clock import Clock, IdFactory
-from shared.codec import DecodeError, decode, encode
+from shared.codec import DecodeError, decode, encode, implausible_time
 from shared.commands import CommandGate
 from shared.messages import CommandHandled, ControlCommand, DeadLettered, Message
 from shared.topics import TopicSpec
@@ -267,6 +267,12 @@ class ConsumeLoop:
                     except DecodeError as err:
                         await self._dead_letter(rec, str(err))
                     else:
+                        bad_time = implausible_time(msg, self._clock())
+                        if bad_time is not None:
+                            await self._dead_letter(rec, f"{type(msg).__name__}: {bad_time}")
+                            self.processed += 1
+                            offsets[tp] = rec.offset + 1
+                            continue
                         try:
                             await handler(msg, rec, outbox)
                         except HandlingError as err:

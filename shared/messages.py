@@ -11,7 +11,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -73,6 +81,14 @@ class CandleClosed(Message):
     close: Price
     volume: Size
     source: str = ""
+
+    @model_validator(mode="after")
+    def _ohlc_consistent(self) -> CandleClosed:
+        if self.high < max(self.open, self.close) or self.low > min(self.open, self.close) or self.low > self.high:
+            raise ValueError(
+                f"high/low do not bound open/close: open {self.open}, high {self.high}, low {self.low}, close {self.close}"
+            )
+        return self
 
 
 class WatermarkAdvanced(Message):

@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError
 from services.arbiter import domain
 from services.arbiter.metrics import ArbiterMetrics
 from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
-from shared.codec import DecodeError, decode
+from shared.codec import DecodeError, decode, implausible_time
 from shared.config import AppConfig
 from shared.kafka import Publisher, Route
 from shared.messages import (
@@ -183,6 +183,14 @@ class ArbiterService:
                 await self._dead_letter(rec, str(err))
             else:
                 log.warning("undecodable record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, err)
+            return
+        bad_time = implausible_time(msg, self.clock())
+        if bad_time is not None:
+            # Far-future times would move the arbiter's event time past every real message.
+            if intents:
+                await self._dead_letter(rec, f"{type(msg).__name__}: {bad_time}")
+            else:
+                log.warning("ignored %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, bad_time)
             return
         if intents and isinstance(msg, PlaceOrder):
             self.origin.setdefault(msg.intent_id, (rec.partition, rec.offset))

@@ -239,7 +239,10 @@ def decide(state: ArbiterState, msg: Message, partition: int) -> list[Message]:
             return []
         state.plans.setdefault(msg.profile, {})[msg.epoch] = msg
         state.last_plan_epoch[msg.profile] = max(msg.epoch, state.last_plan_epoch.get(msg.profile, msg.epoch))
-    elif isinstance(msg, CandleClosed | WatermarkAdvanced | ReplayFinished):
+    elif isinstance(msg, CandleClosed):
+        state.aligner.add(partition, msg)
+        return []  # a candle alone never completes a step: nothing to release (the hot path of a replay)
+    elif isinstance(msg, WatermarkAdvanced | ReplayFinished):
         if isinstance(msg, WatermarkAdvanced):
             t = int(msg.step_time.timestamp())
             state.market_marks[partition] = max(t, state.market_marks.get(partition, t))

@@ -14,8 +14,8 @@ from services.execution.live_wiring import LiveHandler, WriteAhead, open_live_ex
 from shared.clock import Clock, IdFactory, random_ids, system_clock
 from shared.commands import gate_for
 from shared.config import AppConfig
-from shared.kafka import Route, StateMachineService
-from shared.messages import Message, OrderFilled, OrderUpdated, ProfileHalted, WorkerFinished
+from shared.kafka import HandlingError, Route, StateMachineService
+from shared.messages import ExecuteOrder, Message, OrderFilled, OrderUpdated, ProfileHalted, WorkerFinished
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
 
@@ -55,6 +55,11 @@ class ExecutionService:
         )
 
     async def handle(self, msg: Message, partition: int) -> list[Message]:
+        if isinstance(msg, ExecuteOrder) and msg.profile != self.profile_id:
+            # The topic is this profile's: another profile's order here is misrouted or forged.
+            raise HandlingError(
+                f"order {msg.client_order_id} of profile {msg.profile!r} on {self.profile_id}'s approved topic"
+            )
         if self.live_handler is not None:
             return await self.live_handler.handle(msg, partition)
         return domain.decide(self.state, msg, partition)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from services.ingest.bootstrap import bootstrap
+from shared.candles import CandleFileError
 from shared.runtime import base_parser, main_entry, run_service, settings_from_args
 
 
@@ -19,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     svc = bootstrap(
         settings_from_args(args, data=args.data, hours=args.hours, start=args.start, end=args.end, speed=args.speed)
     )
-    svc.load()
+    try:
+        svc.load()
+    except (CandleFileError, ValueError) as err:
+        # A bad data file is the user's to fix: say which file and line, without a traceback.
+        print(f"ingest: {err}", file=sys.stderr)
+        return 2
     return run_service(svc.run)
 
 

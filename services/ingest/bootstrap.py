@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from services.ingest.domain import ReplayStep, build_schedule, finished_message, resume_point
 from shared.candles import load_products
 from shared.clock import Clock, system_clock
-from shared.codec import DecodeError, decode
+from shared.codec import DecodeError, decode, implausible_time
 from shared.config import AppConfig
 from shared.kafka import Publisher
 from shared.messages import ReplayFinished, WatermarkAdvanced, WorkerFinished
@@ -55,6 +55,8 @@ async def last_progress(bootstrap: str, topic: str) -> tuple[int | None, bool]:
                     msg = decode(rec.value)
                 except DecodeError:
                     continue
+                if implausible_time(msg, system_clock()) is not None:
+                    continue  # a forged far-future watermark must not make the replay skip everything
                 if isinstance(msg, WatermarkAdvanced):
                     last = int(msg.step_time.timestamp())
                 elif isinstance(msg, ReplayFinished):

@@ -24,7 +24,7 @@ from services.registry.ledger import PlanLedger
 from services.registry.metrics import RegistryMetrics
 from services.registry.recovery import RegistryBackend, read_plans, seek_to_start, topic_partitions
 from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
-from shared.codec import DecodeError, decode
+from shared.codec import DecodeError, decode, implausible_time
 from shared.config import AppConfig
 from shared.kafka import Publisher, Route
 from shared.messages import DeadLettered, Message, PlanPublished, WorkerFinished
@@ -168,6 +168,10 @@ class RegistryService:
                         msg = decode(rec.value)
                     except DecodeError as err:
                         await self._dead_letter(publisher, rec, str(err))
+                        continue
+                    bad_time = implausible_time(msg, self.clock())
+                    if bad_time is not None:
+                        await self._dead_letter(publisher, rec, f"{type(msg).__name__}: {bad_time}")
                         continue
                     await self._send(publisher, await handlers.handle(self.state, msg, rec.partition, self.backend))
             now = time.monotonic()

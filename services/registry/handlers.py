@@ -127,6 +127,8 @@ class RegistryState:
     stats: Stats = field(default_factory=Stats)
     plan_on_steps: bool = True  # event time (replay); False with --clock wall, where on_clock plans
     finished: bool = False
+    # Scores per epoch start, valid until the lookback changes: profiles sharing an epoch start share them.
+    score_cache: dict[int, dict[str, float | None]] = field(default_factory=dict)
 
 
 def new_state(cfg: AppConfig, *, instance: str = "0", metrics: RegistryMetrics | None = None) -> RegistryState:
@@ -146,11 +148,15 @@ def load_published(state: RegistryState, plans: Sequence[PlanPublished]) -> None
 
 
 def scores_before(state: RegistryState, start_s: int) -> dict[str, float | None]:
+    cached = state.score_cache.get(start_s)
+    if cached is not None:
+        return cached
     n = state.cfg.system.registry.score_lookback_candles
     out: dict[str, float | None] = {}
     for asset, buf in state.lookback.items():
         rows = [r for r in buf if r[0] < start_s][-n:]
         out[asset] = score_asset([r[1] for r in rows], [r[2] for r in rows]) if rows else None
+    state.score_cache[start_s] = out
     return out
 
 
@@ -217,6 +223,7 @@ async def _on_step(state: RegistryState, step: Step, backend: Backend) -> list[M
     if state.plan_on_steps:
         out = await _plan_profiles(state, step.time_s, backend, correlation=f"step:{step.time_s}")
     # The step's own candles join the lookback only after this step's plans: no look-ahead.
+    state.score_cache.clear()
     keep = state.cfg.system.registry.score_lookback_candles + 1
     for c in step.candles:
         asset = c.product.split("/")[0]

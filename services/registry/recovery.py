@@ -21,7 +21,8 @@ from services.registry.domain import ClaimOutcome, ClaimResult, PlanCandidate
 from services.registry.handlers import Held
 from services.registry.ledger import Decision, PlanLedger, TakeoverOutcome
 from services.registry.metrics import RegistryMetrics
-from shared.codec import DecodeError, decode
+from shared.clock import system_clock
+from shared.codec import DecodeError, decode, implausible_time
 from shared.messages import PlanPublished
 
 log = logging.getLogger("registry.recovery")
@@ -80,7 +81,8 @@ async def read_plans(bootstrap: str, topic: str, *, wait_s: float = 0.0) -> list
                         msg = decode(rec.value)
                     except DecodeError:
                         continue
-                    if isinstance(msg, PlanPublished):
+                    # A plan dated far in the future is forged or corrupt: trusting it would skip every epoch.
+                    if isinstance(msg, PlanPublished) and implausible_time(msg, system_clock()) is None:
                         out.append(msg)
         return out
     finally:

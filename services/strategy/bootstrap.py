@@ -4,6 +4,14 @@ feed market data, the profile's plans and its order outcomes into the pure state
 The worker sees only its own plan and order events (it filters by profile) and the market data.
 A lock serialises decide-and-send, so one step's intents always precede its StepCompleted marker on every
 intents partition.
+
+State after a crash: the state is a deterministic function of the worker's input logs (md.candles,
+registry.plans, orders.events), so Kafka is its durable store. Every start rebuilds it by reading the inputs
+from the beginning: before faust starts, the group's committed offsets are reset to the beginning of each
+input partition (faust's own start seeks to the committed offsets, so a seek of ours would be overridden).
+Faust still commits while the worker runs, so consumer lag stays meaningful. What the rebuild re-sends
+(intents, step markers, halts) carries the ids of the first run, and every consumer de-duplicates them
+(docs/backtest.md, "State that survives a crash").
 """
 
 from __future__ import annotations
@@ -11,19 +19,124 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from services.strategy import domain
 from shared.clock import random_ids, system_clock
-from shared.codec import DecodeError, decode, encode
+from shared.codec import DecodeError, decode, encode, implausible_time
+from shared.commands import gate_for
 from shared.config import AppConfig
-from shared.messages import DeadLettered, Message, PlaceOrder, ProfileHalted, StepCompleted, WorkerFinished
+from shared.messages import (
+    ControlCommand,
+    DeadLettered,
+    Message,
+    PlaceOrder,
+    ProfileHalted,
+    StepCompleted,
+    WorkerFinished,
+)
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
 
 log = logging.getLogger("strategy")
+
+SESSION_TIMEOUT_S = 10.0
+# One destination of an output: topic, key (None: no key) and partition (None: the key's partition).
+Destination = tuple[str, bytes | None, int | None]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The topics a strategy worker publishes to (names computed once: routing runs per message)."""
+
+    intents: str
+    events: str
+    audit: str
+    status: str
+    intent_partitions: int
+    profile: str
+    markers: tuple[Destination, ...]
+
+    @staticmethod
+    def of(topics: Topics, intent_partitions: int, profile: str) -> Outputs:
+        return Outputs(
+            topics.intents,
+            topics.events,
+            topics.audit,
+            topics.status,
+            intent_partitions,
+            profile,
+            tuple((topics.intents, None, p) for p in range(intent_partitions)),
+        )
+
+
+def routes(msg: Message, out: Outputs) -> Sequence[Destination]:
+    """Where the worker publishes one output (the backtest routes with the same function)."""
+    if isinstance(msg, StepCompleted):
+        # Every partition: the arbiter releases a step only once every profile marked it on each of them.
+        return out.markers
+    if isinstance(msg, PlaceOrder):
+        # Keyed by product: one arbiter partition sees every intent of a product, in order.
+        return [(out.intents, msg.product.encode(), None), (out.audit, msg.profile.encode(), None)]
+    if isinstance(msg, ProfileHalted):
+        return [(out.events, msg.profile.encode(), None), (out.audit, msg.profile.encode(), None)]
+    if isinstance(msg, WorkerFinished):
+        return [(out.status, f"strategy.{out.profile}".encode(), None)]
+    return [(out.audit, None, None)]
+
+
+def input_topics(topics: Topics) -> list[str]:
+    """What the worker reads: market data, plans, order outcomes (the backtest routes the same to it), and
+    operator commands (none in a backtest)."""
+    return [topics.candles, topics.plans, topics.events, topics.commands]
+
+
+async def reset_group_to_beginning(bootstrap: str, group: str, topics: list[str], *, wait_s: float) -> None:
+    """Commit the beginning offset of every partition of `topics` for `group`, so the next consumer of the
+    group reads everything again. Kafka accepts such a commit only while the group has no member: after a
+    SIGKILL the dead member stays until its session times out, hence the retries for up to `wait_s`."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps: list[TopicPartition] = []
+        for topic in topics:
+            parts: set[int] | None = None
+            for _ in range(100):
+                parts = consumer.partitions_for_topic(topic)
+                if parts:
+                    break
+                consumer.subscribe([topic])  # a fresh client may not have the topic's metadata yet
+                await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh in aiokafka
+                consumer.unsubscribe()
+                await asyncio.sleep(0.1)
+            if not parts:
+                raise RuntimeError(f"topic {topic!r} not found on {bootstrap}; create the topics first")
+            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        begins = await consumer.beginning_offsets(tps)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                await consumer.commit({tp: begins[tp] for tp in tps})
+                return
+            except KafkaError as err:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"consumer group {group!r} still has members after {wait_s:.0f} s ({err!r}): is another "
+                        "strategy worker of this profile running?"
+                    ) from None
+                log.info("group %s not empty yet (%r); waiting for the previous member's session to end", group, err)
+                await asyncio.sleep(0.5)
+    finally:
+        await consumer.stop()
 
 
 class StrategyWorker:
@@ -32,15 +145,23 @@ class StrategyWorker:
             raise ValueError(f"--profile {settings.profile!r} is not in the config (have {sorted(cfg.profiles)})")
         self.profile_id: str = settings.profile
         self.cfg = cfg
+        self.settings = settings
         self.t = Topics(cfg.system.kafka.namespace)
         k = cfg.system.kafka
         self.state = domain.new_state(
-            self.profile_id, cfg.profiles[self.profile_id], cfg.system.quote_asset, frozenset(range(k.candle_partitions))
+            self.profile_id,
+            cfg.profiles[self.profile_id],
+            cfg.system.quote_asset,
+            frozenset(range(k.candle_partitions)),
+            on_rotation=cfg.system.registry.on_rotation,
         )
-        self.intent_partitions = list(range(k.intent_partitions))
+        self.outputs = Outputs.of(self.t, k.intent_partitions, self.profile_id)
+        self.group = self.t.group("strategy", self.profile_id)
+        self.inputs = input_topics(self.t)
         self.lock = asyncio.Lock()
+        self.commands = gate_for(f"strategy.{self.profile_id}", cfg.system.commands.max_age_s)
         self.app = faust.App(
-            self.t.group("strategy", self.profile_id),
+            self.group,
             broker=f"kafka://{settings.kafka_bootstrap}",
             store="memory://",
             web_enabled=False,
@@ -51,22 +172,21 @@ class StrategyWorker:
             topic_allow_declare=False,
             consumer_auto_offset_reset="earliest",
             broker_heartbeat_interval=1.0,
-            broker_session_timeout=10.0,
+            broker_session_timeout=SESSION_TIMEOUT_S,
             producer_acks=-1,
             stream_wait_empty=False,
         )
         self.app.conf.web_enabled = False  # the constructor flag alone still bound 0.0.0.0:6066
-        self.out_intents = self._topic(self.t.intents)
-        self.out_events = self._topic(self.t.events)
-        self.out_status = self._topic(self.t.status)
-        self.out_audit = self._topic(self.t.audit)
-        self.out_dead = self._topic(self.t.dead_letter)
-        for name in (self.t.candles, self.t.plans, self.t.events):
+        self.out: dict[str, Any] = {}
+        for name in self.inputs:
             self.app.agent(self._topic(name), name=f"consume-{name}")(self._agent)
 
     def _topic(self, name: str) -> Any:
         # Raw bytes in and out: our own codec (orjson + pydantic) decodes, so bad bytes reach the dead-letter path.
-        return self.app.topic(name, value_serializer="raw", key_serializer="raw")
+        topic = self.out.get(name)
+        if topic is None:
+            topic = self.out[name] = self.app.topic(name, value_serializer="raw", key_serializer="raw")
+        return topic
 
     async def _agent(self, stream: Any) -> None:
         async for event in stream.events():
@@ -76,6 +196,17 @@ class StrategyWorker:
             except DecodeError as err:
                 await self._dead_letter(rec, str(err))
                 continue
+            bad_time = implausible_time(msg, system_clock())
+            if bad_time is not None:
+                await self._dead_letter(rec, f"{type(msg).__name__}: {bad_time}")
+                continue
+            if isinstance(msg, ControlCommand):
+                # Judged against the broker's append time, so a rebuild re-reads the same verdicts.
+                verdict = self.commands.check(msg, datetime.fromtimestamp(rec.timestamp / 1000, UTC))
+                await self._publish(verdict)
+                if not verdict.accepted:
+                    log.warning("refused command %s %s: %s", msg.action, msg.target, verdict.reason)
+                    continue
             async with self.lock:
                 for out in domain.decide(self.state, msg, rec.partition):
                     await self._publish(out)
@@ -94,25 +225,23 @@ class StrategyWorker:
             error=error[:2000],
             service=f"strategy.{self.profile_id}",
         )
-        await self.out_dead.send(key=rec.topic.encode(), value=encode(dl))
+        await self._topic(self.t.dead_letter).send(key=rec.topic.encode(), value=encode(dl))
 
     async def _publish(self, msg: Message) -> None:
         data = encode(msg)
-        if isinstance(msg, PlaceOrder):
-            await self.out_intents.send(key=msg.product.encode(), value=data)
-            await self.out_audit.send(key=msg.profile.encode(), value=data)
-        elif isinstance(msg, StepCompleted):
-            for p in self.intent_partitions:
-                await self.out_intents.send(value=data, partition=p)
-        elif isinstance(msg, ProfileHalted):
-            await self.out_events.send(key=msg.profile.encode(), value=data)
-            await self.out_audit.send(key=msg.profile.encode(), value=data)
-        elif isinstance(msg, WorkerFinished):
-            await self.out_status.send(key=f"strategy.{self.profile_id}".encode(), value=data)
-        else:
-            await self.out_audit.send(value=data)
+        for topic, key, partition in routes(msg, self.outputs):
+            await self._topic(topic).send(key=key, value=data, partition=partition)
 
     def run(self) -> int:
+        # Before faust joins the group: the rebuild starts from the beginning of every input.
+        # On the loop faust then runs on (asyncio.run would leave no current loop behind for it).
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(
+            reset_group_to_beginning(
+                self.settings.kafka_bootstrap, self.group, self.inputs, wait_s=3 * SESSION_TIMEOUT_S
+            )
+        )
         worker = faust.Worker(self.app, loglevel="warn", quiet=True, redirect_stdouts=False)
         worker.execute_from_commandline()
         return 0

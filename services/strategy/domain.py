@@ -1,31 +1,46 @@
-"""One profile's trading decisions, as a pure state machine: `decide(state, message, now) -> messages`.
+"""One profile's trading decisions, as a pure state machine: `decide(state, message, partition) -> messages`.
 
 Inputs: complete event-time steps of candles (see shared/aligner.py), the profile's plans, and the outcomes
 of its own orders. A step is evaluated only when (a) the plan of its epoch is known and (b) every intent of
 earlier steps has a final outcome (filled, cancelled or rejected). So the position a decision sees is
 exactly the one a live trader would have, whatever order Kafka delivers the topics in: replay is deterministic.
 
-Long-only spot: a buy opens a position, a sell closes it. Exits (stop loss, take profit, signal reversal) come
-before entries; entries need the blended signal and confidence above the profile's thresholds and the
-market's volatility between `entropy_threshold` (per candle) and `volatility_threshold` (annualised).
+The state is a function of the input logs alone, whatever their interleaving. That is what lets a worker
+rebuild it after a crash by reading its inputs from the beginning (docs/backtest.md): an outcome read before
+the intent it answers (a restarted worker reads the order events topic faster than it re-evaluates the
+candles) is held until the state re-emits that intent, then applied, exactly where the first run applied it.
+
+Long-only spot: a buy opens a position, a sell closes it. Exits (stop loss, take profit, signal reversal,
+rotation close) come before entries; entries need the blended signal and confidence above the profile's
+thresholds and the market's volatility between `entropy_threshold` (per candle) and `volatility_threshold`
+(annualised).
+
+Indicators live in a `MarketSignals` (one `ProductSignals` per product). Each worker has its own; the
+backtest shares one across all profiles, because indicators depend only on the product and the structural
+parameters, which every profile shares (mpctl/backtest.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import logging
+import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
 from typing import Literal
 
-from services.strategy.signals import Bar, ProductSignals, Signal, blend
+from services.strategy.signals import SECONDS_PER_YEAR, Bar, ProductSignals, Signal, blend
 from shared.aligner import Aligner, Step
-from shared.clock import derived_id, from_epoch_s
+from shared.clock import ID_NAMESPACE, from_epoch_s
 from shared.config import Profile
 from shared.messages import (
     TERMINAL_STATUSES,
     CandleClosed,
+    ControlCommand,
     Message,
     OrderDecided,
     OrderFilled,
@@ -45,6 +60,126 @@ log = logging.getLogger(__name__)
 SIZE_STEP = Decimal("0.00000001")
 MIN_NOTIONAL = Decimal("1")
 Reason = Literal["entry", "exit_signal", "stop_loss", "take_profit", "manual", "flatten"]
+RotationPolicy = Literal["keep", "close"]
+Outcome = OrderDecided | OrderUpdated | OrderFilled
+_ID_PREFIX = ID_NAMESPACE.bytes
+
+
+def derived_id(*parts: object) -> str:
+    """Exactly `shared.clock.derived_id` (a UUID 5 in hex), without building `uuid.UUID` objects: it runs for
+    every step of every profile, and this is 3x faster (tests/unit/test_backtest.py checks the equality)."""
+    h = bytearray(hashlib.sha1(_ID_PREFIX + "|".join(map(str, parts)).encode()).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50  # version 5
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return h.hex()
+
+
+_ANY_STRATEGY = next(iter(CATALOG))  # ProductSignals.evaluate validates a name; every model runs regardless
+
+
+class _Snapshot:
+    """What every profile reads of one product at its last bar: volatility, and the catalog-default signals
+    of the ready models (computed on first use: only a product some profile blends needs them)."""
+
+    __slots__ = ("per_candle", "annualised", "models", "_ps", "_defaults")
+
+    def __init__(self, ps: ProductSignals) -> None:
+        vol = ps.volatility
+        pc = self.per_candle = vol.per_candle()
+        # VolatilityTracker.annualised(), without computing per_candle() a second time.
+        self.annualised = None if pc is None else pc * math.sqrt(SECONDS_PER_YEAR / vol.interval_s)
+        self.models = ps.models
+        self._ps = ps
+        self._defaults: dict[str, Signal] | None = None
+
+    def defaults(self) -> dict[str, Signal]:
+        if self._defaults is None:
+            self._defaults = self._ps.evaluate(_ANY_STRATEGY, {})
+        return self._defaults
+
+
+class MarketSignals:
+    """The indicators of every product, fed once per step.
+
+    Sharing one instance across profiles (the backtest) is exact only if every profile evaluates a step
+    before any profile is fed the next one; `update` refuses a step older than what it has seen (that would
+    be look-ahead for the lagging profile), so a violation fails loudly instead of skewing results.
+    """
+
+    def __init__(self) -> None:
+        self.products: dict[str, ProductSignals] = {}
+        self.closes: dict[str, Decimal] = {}  # of the last step: product -> close
+        self._snaps: dict[str, _Snapshot] = {}
+        self._last_step: int | None = None
+
+    def update(self, step: Step) -> None:
+        if self._last_step is not None and step.time_s <= self._last_step:
+            if step.time_s < self._last_step:
+                raise RuntimeError(
+                    f"market signals are at step {self._last_step}, asked to evaluate the older step {step.time_s}: "
+                    "a shared MarketSignals needs every profile in lockstep"
+                )
+            return  # a profile sharing this instance already fed the step
+        self._last_step = step.time_s
+        products = self.products
+        closes: dict[str, Decimal] = {}
+        for c in step.candles:
+            ps = products.get(c.product)
+            if ps is None:
+                ps = products[c.product] = ProductSignals(step.interval_s)
+            ps.update(Bar(step.time_s, float(c.open), float(c.high), float(c.low), float(c.close), float(c.volume)))
+            closes[c.product] = c.close
+        self.closes = closes
+        self._snaps = {}
+
+    def snapshot(self, product: str) -> _Snapshot | None:
+        """The product at its last bar; None for a product never seen or absent from the last step."""
+        snap = self._snaps.get(product)
+        if snap is None:
+            if product not in self.closes:
+                return None
+            # Computed once per product and step, however many profiles read it.
+            snap = self._snaps[product] = _Snapshot(self.products[product])
+        return snap
+
+    def blended(
+        self, product: str, strategy: str, tunable: Mapping[str, float], weights: Mapping[str, float], w: float
+    ) -> Signal | None:
+        """`blend` of the selected strategy (with the plan's drifted tunables) and the others (catalog
+        defaults): the same signal as `blend(strategy, ProductSignals.evaluate(...), ...)`, with only the
+        selected model evaluated per profile. None for a product absent from the last step."""
+        snap = self.snapshot(product)
+        if snap is None:
+            return None
+        model = snap.models.get(strategy)
+        if model is None:
+            raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(CATALOG)}")
+        own = model.evaluate(tunable)
+        if own is None:
+            return None
+        signals = dict(snap.defaults())
+        signals[strategy] = own  # same key, same position: blend sums in the same order
+        return blend(strategy, signals, weights, w)
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """The profile's thresholds as the types the hot path compares with (converted once)."""
+
+    stop_loss_pct: Decimal
+    take_profit_pct: Decimal
+    max_drawdown_pct: Decimal
+    max_daily_loss_pct: Decimal
+
+    @staticmethod
+    def of(p: Profile) -> _Limits:
+        rm = p.risk_management
+        return _Limits(
+            Decimal(str(rm.stop_loss_pct)),
+            Decimal(str(rm.take_profit_pct)),
+            Decimal(str(rm.max_drawdown_pct)),
+            Decimal(str(rm.max_daily_loss_pct)),
+        )
 
 
 @dataclass
@@ -61,30 +196,55 @@ class StrategyState:
     aligner: Aligner
     cash: Decimal
     initial_equity: Decimal
+    limits: _Limits
+    on_rotation: RotationPolicy = "keep"
+    market: MarketSignals = field(default_factory=MarketSignals)
+    weights: dict[str, float] = field(default_factory=dict)
     positions: dict[str, Position] = field(default_factory=dict)
     plans: dict[int, PlanPublished] = field(default_factory=dict)
-    signals: dict[str, ProductSignals] = field(default_factory=dict)
     marks: dict[str, Decimal] = field(default_factory=dict)
     pending: dict[str, PlaceOrder] = field(default_factory=dict)
     queue: deque[Step] = field(default_factory=deque)
     seen_fills: set[str] = field(default_factory=set)
+    emitted: set[str] = field(default_factory=set)  # every intent id this state has sent
+    # Outcomes whose intent this state has not sent (yet): by intent id, and by event time for the ones that
+    # turn out to answer no intent of ours (applied before the first step closing after them).
+    held: dict[str, list[Outcome]] = field(default_factory=dict)
+    held_times: list[tuple[float, int, str]] = field(default_factory=list)
+    held_seq: int = 0
     realized_pnl: Decimal = Decimal(0)
     fees: Decimal = Decimal(0)
     high_water: Decimal = Decimal(0)
     day: int | None = None
     day_start_equity: Decimal = Decimal(0)
     halted: str | None = None  # drawdown halt: until a resume command
+    paused: str | None = None  # an operator's pause or kill: no new entries until resume
     entries_paused_day: int | None = None  # daily-loss halt: until the next UTC day
+    last_epoch: int | None = None  # epoch of the plan of the last evaluated step
+    flatten: set[str] = field(default_factory=set)  # products to close because the plan rotated
     steps_done: int = 0
     last_step_s: int | None = None
+    market_done: bool = False
     finished: bool = False
     intents_sent: int = 0
+    _tunable: tuple[str, dict[str, float]] | None = None  # (plan id, the selected strategy's tunables)
 
     def equity(self) -> Decimal:
+        if not self.positions:
+            return self.cash  # the common case, every step
         return self.cash + sum((p.size * self.marks.get(prod, p.avg_price) for prod, p in self.positions.items()), Decimal(0))
 
 
-def new_state(profile_id: str, profile: Profile, quote: str, partitions: frozenset[int]) -> StrategyState:
+def new_state(
+    profile_id: str,
+    profile: Profile,
+    quote: str,
+    partitions: frozenset[int],
+    *,
+    on_rotation: RotationPolicy = "keep",
+    market: MarketSignals | None = None,
+) -> StrategyState:
+    """`market`: the backtest passes one instance shared by every profile; a worker leaves it None."""
     cash = Decimal(str(profile.paper.initial_quote_balance))
     return StrategyState(
         profile_id=profile_id,
@@ -94,6 +254,10 @@ def new_state(profile_id: str, profile: Profile, quote: str, partitions: frozens
         cash=cash,
         initial_equity=cash,
         high_water=cash,
+        on_rotation=on_rotation,
+        market=market if market is not None else MarketSignals(),
+        weights={str(k): v for k, v in profile.strategy_config.strategy_weights.items()},
+        limits=_Limits.of(profile),
     )
 
 
@@ -102,18 +266,68 @@ def decide(state: StrategyState, msg: Message, now_partition: int = 0) -> list[M
     if isinstance(msg, CandleClosed | WatermarkAdvanced | ReplayFinished):
         for step in state.aligner.add(now_partition, msg):
             state.queue.append(step)
+        if state.aligner.finished:
+            state.market_done = True
     elif isinstance(msg, PlanPublished):
         if msg.profile == state.profile_id:
             state.plans[msg.epoch] = msg
-    elif isinstance(msg, OrderDecided):
-        if msg.profile == state.profile_id and msg.verdict == "rejected":
-            state.pending.pop(msg.intent_id, None)
-    elif isinstance(msg, OrderFilled):
-        if msg.profile == state.profile_id:
-            _apply_fill(state, msg)
-    elif isinstance(msg, OrderUpdated) and msg.profile == state.profile_id and msg.status in TERMINAL_STATUSES:
-        state.pending.pop(msg.intent_id, None)
+    elif isinstance(msg, ControlCommand):
+        # Only verified commands reach the domain (shared/commands.py). They act from the next step evaluated.
+        if msg.target in (state.profile_id, "all"):
+            if msg.action in ("pause", "kill"):
+                state.paused = f"{msg.action} by operator command {msg.id}"
+            if msg.action in ("flatten", "kill"):
+                state.flatten = set(state.positions)
+            if msg.action == "resume":
+                state.paused = None
+                state.halted = None  # a drawdown halt lasts until a resume command
+    elif isinstance(msg, OrderDecided | OrderUpdated | OrderFilled) and msg.profile == state.profile_id:
+        if msg.intent_id in state.emitted:
+            _apply_outcome(state, msg)
+        else:
+            _hold(state, msg)
     return _drain(state)
+
+
+def on_step(state: StrategyState, step: Step) -> list[Message]:
+    """Feed one complete step directly (what the aligner releases); the backtest's entry point."""
+    state.queue.append(step)
+    return _drain(state)
+
+
+def on_market_end(state: StrategyState) -> list[Message]:
+    """No step follows (what ReplayFinished on every partition means); the backtest's entry point."""
+    state.market_done = True
+    return _drain(state)
+
+
+def _hold(state: StrategyState, o: Outcome) -> None:
+    held = state.held.get(o.intent_id)
+    if held is None:
+        held = state.held[o.intent_id] = []
+        state.held_seq += 1
+        heapq.heappush(state.held_times, (o.event_time.timestamp(), state.held_seq, o.intent_id))
+    held.append(o)
+
+
+def _apply_outcome(state: StrategyState, o: Outcome) -> None:
+    if isinstance(o, OrderFilled):
+        _apply_fill(state, o)
+    elif isinstance(o, OrderDecided):
+        if o.verdict == "rejected":
+            state.pending.pop(o.intent_id, None)
+    elif o.status in TERMINAL_STATUSES:
+        state.pending.pop(o.intent_id, None)
+
+
+def _release_foreign(state: StrategyState, before_s: int) -> None:
+    """Apply held outcomes older than `before_s` (a step's close): an outcome of one of our intents is never
+    older than the close of the step that sent it, so these answer no intent of ours (e.g. a manual fill)."""
+    times = state.held_times
+    while times and times[0][0] < before_s:
+        _, _, intent_id = heapq.heappop(times)
+        for o in state.held.pop(intent_id, ()):
+            _apply_outcome(state, o)
 
 
 def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
@@ -139,11 +353,17 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
             pos.size -= sold
             if pos.size <= 0:
                 del state.positions[f.product]
+                state.flatten.discard(f.product)
 
 
 def _plan_for(state: StrategyState, step: Step) -> PlanPublished | None:
     interval = state.profile.profile_hash.hash_rotation_interval
     return state.plans.get(step.time_s // interval)
+
+
+def ready(state: StrategyState) -> bool:
+    """No intent awaits its outcome: the next step can be evaluated as soon as its plan is known."""
+    return not state.pending
 
 
 def _drain(state: StrategyState) -> list[Message]:
@@ -155,7 +375,7 @@ def _drain(state: StrategyState) -> list[Message]:
             break  # the registry has not published this epoch's plan yet
         state.queue.popleft()
         out.extend(_evaluate_step(state, step, plan))
-    if state.aligner.finished and not state.queue and not state.pending and not state.finished:
+    if state.market_done and not state.queue and not state.pending and not state.finished:
         state.finished = True
         t = from_epoch_s(state.last_step_s or 0)
         out.append(
@@ -182,82 +402,96 @@ def _drain(state: StrategyState) -> list[Message]:
     return out
 
 
+def _selected_tunable(state: StrategyState, plan: PlanPublished) -> dict[str, float]:
+    cached = state._tunable
+    if cached is not None and cached[0] == plan.id:
+        return cached[1]
+    spec = CATALOG[plan.strategy]
+    tunable = {k: v for k, v in plan.parameters.items() if k in spec.tunable}
+    state._tunable = (plan.id, tunable)
+    return tunable
+
+
 def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> list[Message]:
     p = state.profile
-    sc, rm = p.strategy_config, p.risk_management
-    close_t = from_epoch_s(step.close_s)
-    corr = f"step:{step.time_s}"
-    for c in step.candles:
-        ps = state.signals.get(c.product)
-        if ps is None:
-            ps = state.signals[c.product] = ProductSignals(step.interval_s)
-        ps.update(
-            Bar(step.time_s, float(c.open), float(c.high), float(c.low), float(c.close), float(c.volume))
-        )
-        state.marks[c.product] = c.close
+    sc = p.strategy_config
+    lim = state.limits
+    if state.held_times:
+        _release_foreign(state, step.close_s)
+    market = state.market
+    market.update(step)
+    present = market.closes
+    marks = state.marks
+    marks.update(present)
     state.steps_done += 1
     state.last_step_s = step.time_s
+    corr = f"step:{step.time_s}"
     out: list[Message] = []
 
     equity = state.equity()
-    state.high_water = max(state.high_water, equity)
+    if equity > state.high_water:
+        state.high_water = equity
     day = step.close_s // 86400
     if state.day != day:
         state.day = day
         state.day_start_equity = equity
-    out.extend(_risk_halts(state, equity, day, corr))
+    if equity < state.high_water or equity < state.day_start_equity:  # else neither loss can be positive
+        out.extend(_risk_halts(state, equity, day, corr))
 
-    tunables = {name: dict(spec.tunable) for name, spec in CATALOG.items()}
-    tunables[plan.strategy] = {k: v for k, v in plan.parameters.items() if k in CATALOG[plan.strategy].tunable}
-    weights: dict[str, float] = {str(k): v for k, v in sc.strategy_weights.items()}
+    # Rotation: the first step under a new epoch's plan. "close" sells every open position (reason
+    # "flatten"); a sale that does not happen (rejected, cancelled) is tried again at the next steps.
+    if state.last_epoch is not None and plan.epoch != state.last_epoch and state.on_rotation == "close":
+        state.flatten = set(state.positions)
+    state.last_epoch = plan.epoch
 
-    def blended(product: str) -> Signal | None:
-        ps = state.signals.get(product)
-        if ps is None:
-            return None
-        return blend(plan.strategy, ps.evaluate(plan.strategy, tunables), weights, plan.blend_weight)
-
-    present = {c.product for c in step.candles}
+    tunable = _selected_tunable(state, plan)
+    weights = state.weights
+    strategy, w = plan.strategy, plan.blend_weight
+    threshold = sc.signal_strength_threshold
     intents: list[PlaceOrder] = []
     # Exits first: they free slots and never wait on the market regime.
-    for product in sorted(state.positions):
-        pos = state.positions[product]
-        if product not in present:
-            continue
-        price = state.marks[product]
-        change_pct = (price / pos.avg_price - 1) * 100
-        reason: Reason | None = None
-        exit_sig: Signal | None = None  # the signal behind an exit_signal, recorded on the intent
-        if change_pct <= -Decimal(str(rm.stop_loss_pct)):
-            reason = "stop_loss"
-        elif change_pct >= Decimal(str(rm.take_profit_pct)):
-            reason = "take_profit"
-        else:
-            sig = blended(product)
-            if sig is not None and sig.value <= -sc.signal_strength_threshold:
-                reason, exit_sig = "exit_signal", sig
-        if reason is not None:
-            intents.append(_intent(state, plan, step, product, "sell", pos.size, price, reason, exit_sig))
+    if state.positions:
+        for product in sorted(state.positions):
+            pos = state.positions[product]
+            flat = product in state.flatten
+            if product not in present and not flat:
+                continue
+            price = marks.get(product, pos.avg_price)
+            change_pct = (price / pos.avg_price - 1) * 100
+            reason: Reason | None = None
+            exit_sig: Signal | None = None  # the signal behind an exit_signal, recorded on the intent
+            if change_pct <= -lim.stop_loss_pct:
+                reason = "stop_loss"
+            elif change_pct >= lim.take_profit_pct:
+                reason = "take_profit"
+            elif flat:
+                reason = "flatten"
+            else:
+                sig = market.blended(product, strategy, tunable, weights, w)
+                if sig is not None and sig.value <= -threshold:
+                    reason, exit_sig = "exit_signal", sig
+            if reason is not None:
+                intents.append(_intent(state, plan, step, product, "sell", pos.size, price, reason, exit_sig))
 
-    if state.halted is None and state.entries_paused_day != day:
-        slots = p.trading_params.max_open_positions - len(state.positions)
+    slots = p.trading_params.max_open_positions - len(state.positions)
+    if state.halted is None and state.paused is None and state.entries_paused_day != day and slots > 0:
         candidates: list[tuple[float, str, Signal]] = []
+        low, high = sc.entropy_threshold, p.risk_management.volatility_threshold
         for product in plan.products:
-            if product in state.positions or product not in present or slots <= 0:
+            if product in state.positions:
                 continue
-            ps = state.signals[product]
-            per_candle, annual = ps.volatility.per_candle(), ps.volatility.annualised()
-            if per_candle is None or annual is None:
-                continue
-            if per_candle < sc.entropy_threshold or annual > p.risk_management.volatility_threshold:
+            snap = market.snapshot(product)
+            if snap is None or snap.per_candle is None or snap.annualised is None:
+                continue  # absent from this step, or not enough history
+            if snap.per_candle < low or snap.annualised > high:
                 continue  # a flat market has nothing to trade; a wild one is outside the profile's risk
-            sig = blended(product)
+            sig = market.blended(product, strategy, tunable, weights, w)
             if sig is None:
                 continue
-            if sig.value >= sc.signal_strength_threshold and sig.confidence >= sc.confidence_threshold:
+            if sig.value >= threshold and sig.confidence >= sc.confidence_threshold:
                 candidates.append((-sig.value, product, sig))
-        for _, product, sig in sorted(candidates)[: max(0, slots)]:
-            price = state.marks[product]
+        for _, product, sig in sorted(candidates)[:slots]:
+            price = marks[product]
             budget = equity * Decimal(str(sc.max_position_size_pct / 100 * sig.confidence / sc.risk_adjustment_factor))
             budget = min(budget, state.cash * Decimal("0.98"))  # keep room for fee and slippage
             size = (budget / price).quantize(SIZE_STEP, rounding=ROUND_DOWN)
@@ -267,37 +501,43 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
 
     for i in intents:
         state.pending[i.intent_id] = i
+        state.emitted.add(i.intent_id)
     state.intents_sent += len(intents)
     out.extend(intents)
     out.append(
         StepCompleted(
             id=derived_id("step", state.profile_id, step.time_s),
-            event_time=close_t,
+            event_time=from_epoch_s(step.close_s),
             correlation_id=corr,
             profile=state.profile_id,
             step_time=from_epoch_s(step.time_s),
             intents=len(intents),
         )
     )
+    # Outcomes read before their intent (a rebuild after a crash): applied now, where the first run had them.
+    if state.held:
+        for i in intents:
+            for o in state.held.pop(i.intent_id, ()):
+                _apply_outcome(state, o)
     return out
 
 
 def _risk_halts(state: StrategyState, equity: Decimal, day: int, corr: str) -> list[Message]:
     rm = state.profile.risk_management
+    lim = state.limits
     out: list[Message] = []
     assert state.last_step_s is not None
-    when = from_epoch_s(state.last_step_s)
     if state.halted is None and state.high_water > 0:
         dd_pct = (state.high_water - equity) / state.high_water * 100
-        if dd_pct >= Decimal(str(rm.max_drawdown_pct)):
+        if dd_pct >= lim.max_drawdown_pct:
             state.halted = f"drawdown {dd_pct:.2f}% >= max_drawdown_pct {rm.max_drawdown_pct}"
-            out.append(_halt(state, state.halted, None, when, corr))
+            out.append(_halt(state, state.halted, None, from_epoch_s(state.last_step_s), corr))
     if state.entries_paused_day != day and state.day_start_equity > 0:
         loss_pct = (state.day_start_equity - equity) / state.day_start_equity * 100
-        if loss_pct >= Decimal(str(rm.max_daily_loss_pct)):
+        if loss_pct >= lim.max_daily_loss_pct:
             state.entries_paused_day = day
             reason = f"daily loss {loss_pct:.2f}% >= max_daily_loss_pct {rm.max_daily_loss_pct}"
-            out.append(_halt(state, reason, from_epoch_s((day + 1) * 86400), when, corr))
+            out.append(_halt(state, reason, from_epoch_s((day + 1) * 86400), from_epoch_s(state.last_step_s), corr))
     return out
 
 
@@ -342,4 +582,3 @@ def _intent(
         signal=max(-1.0, min(1.0, sig.value)) if sig else 0.0,
         confidence=max(0.0, min(1.0, sig.confidence)) if sig else 0.0,
     )
-

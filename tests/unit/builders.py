@@ -68,8 +68,9 @@ def candle(
 ) -> CandleClosed:
     o = D(open)
     c = D(close) if close is not None else o
-    h = D(high) if high is not None else max(o, c)
-    lo = D(low) if low is not None else min(o, c)
+    # A real candle's high and low bound its open and close (CandleClosed refuses anything else).
+    h = max(D(high), o, c) if high is not None else max(o, c)
+    lo = min(D(low), o, c) if low is not None else min(o, c)
     return CandleClosed(
         id=derived_id("candle", product, open_time),
         event_time=dt(open_time + interval),

@@ -7,6 +7,7 @@ candles before every strategy is warm, so tests that need entries run 60+ steps.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from decimal import Decimal
@@ -16,7 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.strategy.domain import StrategyState, decide, new_state
+from services.strategy.domain import MarketSignals, StrategyState, decide, new_state, on_step
+from services.strategy.signals import Bar, VolatilityTracker
+from shared.aligner import Step
 from shared.config import AppConfig, Profile
 from shared.messages import (
     CandleClosed,
@@ -205,9 +208,23 @@ def test_step_resumes_after_a_rejection_and_retries_the_exit(
 
 
 def test_redelivered_fill_is_counted_once(profile: Profile) -> None:
+    state, intent = _stop_loss_pending(profile)  # sells the 10 BTC held at 100
+    cash = state.cash
+    f, done = fill_for(intent, fee="1.2")
+    feed(state, [f, f, done, f])
+    assert "BTC/USDC" not in state.positions
+    assert state.cash == cash + 10 * intent.reference_price - D("1.2")
+    assert state.fees == D("1.2")
+
+
+def test_fill_of_no_intent_of_ours_is_applied_before_the_next_step_closing_after_it(profile: Profile) -> None:
+    # A fill that answers no intent this state sent (e.g. a manual order) is held until a step closes after
+    # it: an outcome of our own intents is never older than the close of the step that sent them.
     state = fresh(profile)
-    f = order_filled(PID, "buy", size="2", price="100", fee="1.2")
-    feed(state, [f, f])
+    f = order_filled(PID, "buy", size="2", price="100", fee="1.2", at=T0)
+    feed(state, [f, f, *plans_for(profile, T0, 2)])
+    assert state.positions == {}
+    feed(state, step_messages([candle("BTC/USDC", T0)]))
     assert state.positions["BTC/USDC"].size == 2
     assert state.cash == D(profile.paper.initial_quote_balance) - 200 - D("1.2")
 
@@ -320,7 +337,7 @@ def test_entry_budget_leaves_cash_for_fee_and_slippage(profile: Profile) -> None
     state = fresh(p)
     # Nearly all the equity sits in ETH (no ETH candles: it stays at its entry price), 50 USDC in cash.
     feed(state, [*plans_for(p, T0, n), hold("ETH/USDC", "99.5", 100)])
-    cash = state.cash
+    cash = D(p.paper.initial_quote_balance) - D("99.5") * 100  # the hold is applied before the first step
     entries = buys(feed(state, step_messages(path_candles("BTC/USDC", zigzag(n))), reject))
     assert entries
     assert all(i.size * i.reference_price <= cash * Decimal("0.98") for i in entries)
@@ -460,3 +477,228 @@ def test_final_markers_wait_for_missing_plans(profile: Profile) -> None:
     assert out == []
     out = feed(state, plans_for(profile, T0, 2))
     assert [m.final for m in of_type(out, StepCompleted)] == [False, False, True]
+
+
+# ------------------------------------------------------------------------------------------ risk limits, exactly
+# Each limit at its boundary: the value that reaches it triggers, the nearest value short of it does not.
+def _first_entry(p: Profile, n: int = 80) -> PlaceOrder:
+    entries = buys(_trend_run(p, n, reject))
+    assert entries, "precondition: the trend opens a position with open thresholds"
+    return entries[0]
+
+
+def _volatility_at(step_time: int, n: int = 80) -> tuple[float, float]:
+    """Per-candle and annualised volatility of the trend's BTC after the step opening at `step_time`,
+    computed by an independent VolatilityTracker."""
+    vt = VolatilityTracker(24, HOUR)
+    for c in path_candles("BTC/USDC", zigzag(n)):
+        t = int(c.open_time.timestamp())
+        if t > step_time:
+            break
+        vt.update(Bar(t, float(c.open), float(c.high), float(c.low), float(c.close), float(c.volume)))
+    pc, an = vt.per_candle(), vt.annualised()
+    assert pc is not None and an is not None
+    return pc, an
+
+
+def _entry_at(p: Profile, step_time: float) -> bool:
+    return any(i.step_time.timestamp() == step_time for i in buys(_trend_run(p, 80, reject)))
+
+
+def test_entropy_threshold_at_its_limit(profile: Profile) -> None:
+    p = open_thresholds(profile, 0.05, 0.05)
+    first = _first_entry(p)
+    t = int(first.step_time.timestamp())
+    per_candle, _ = _volatility_at(t)
+    assert _entry_at(tune(p, strategy_config={"entropy_threshold": per_candle}), t)  # >= the threshold: trades
+    above = math.nextafter(per_candle, math.inf)
+    assert not _entry_at(tune(p, strategy_config={"entropy_threshold": above}), t)
+
+
+def test_volatility_threshold_at_its_limit(profile: Profile) -> None:
+    p = open_thresholds(profile, 0.05, 0.05)
+    first = _first_entry(p)
+    t = int(first.step_time.timestamp())
+    _, annualised = _volatility_at(t)
+    assert _entry_at(tune(p, risk_management={"volatility_threshold": annualised}), t)  # <= the threshold: trades
+    below = math.nextafter(annualised, 0.0)
+    assert not _entry_at(tune(p, risk_management={"volatility_threshold": below}), t)
+
+
+def test_max_open_positions_at_its_limit(profile: Profile) -> None:
+    # Three products all asking for an entry at once: exactly max_open_positions of them are bought, the
+    # strongest signals first, and none after while the positions stay open.
+    n = 80
+    products = ("BTC/USDC", "ETH/USDC", "SOL/USDC")
+    candles: list[CandleClosed] = []
+    for k, prod in enumerate(products):
+        candles += path_candles(prod, zigzag(n, start=50.0 * (k + 1), up=1.006 + 0.001 * k))
+    for limit in (1, 2, 3):
+        p = tune(open_thresholds(profile, 0.05, 0.05), trading_params={"max_open_positions": limit})
+        state = fresh(p)
+        out = feed(state, [*plans_for(p, T0, n, products=products), *step_messages(candles)], fill)
+        assert len(state.positions) <= limit
+        first_step = min(i.step_time for i in buys(out))
+        opened_together = [i for i in buys(out) if i.step_time == first_step]
+        assert len(opened_together) == min(limit, 3)
+        assert [i.signal for i in opened_together] == sorted((i.signal for i in opened_together), reverse=True)
+
+
+def _all_in_eth(p: Profile, eth_closes: list[Any]) -> list[ProfileHalted]:
+    """10 000 of equity, all of it 100 ETH bought at 100 (no cash, so no entry changes the equity)."""
+    state = fresh(p)
+    btc = path_candles("BTC/USDC", zigzag(N), START)
+    eth = path_candles("ETH/USDC", eth_closes, START + (DROP - 3) * HOUR)
+    msgs = [*plans_for(p, START, N), hold("ETH/USDC", 100, 100), *step_messages([*btc, *eth])]
+    return of_type(feed(state, msgs, reject), ProfileHalted)
+
+
+@pytest.mark.parametrize(("price", "halts"), [("96", True), ("96.0001", False)])
+def test_max_daily_loss_at_its_limit(profile: Profile, price: str, halts: bool) -> None:
+    p = tune(profile, risk_management={"max_daily_loss_pct": 4.0, "max_drawdown_pct": 50.0, "stop_loss_pct": 50.0})
+    daily = [h for h in _all_in_eth(p, [100, 100, 100, price]) if h.reason.startswith("daily loss")]
+    assert bool(daily) is halts  # 100 x 96 = 9 600: exactly 4 % of the day's 10 000
+    if halts:
+        assert daily[0].reason.startswith("daily loss 4.00% >= max_daily_loss_pct 4.0")
+
+
+@pytest.mark.parametrize(("price", "halts"), [("88", True), ("88.0001", False)])
+def test_max_drawdown_at_its_limit(profile: Profile, price: str, halts: bool) -> None:
+    p = tune(profile, risk_management={"max_daily_loss_pct": 50.0, "max_drawdown_pct": 12.0, "stop_loss_pct": 50.0})
+    dd = [h for h in _all_in_eth(p, [100, 100, 100, price]) if h.reason.startswith("drawdown")]
+    assert bool(dd) is halts  # 100 x 88 = 8 800: exactly 12 % below the 10 000 peak
+    if halts:
+        assert dd[0].until is None  # until a resume command (signed commands: issue 7)
+
+
+# ------------------------------------------------------------------------------------------ rotation policy
+def _rotation_run(policy: str, respond: Responder) -> list[PlaceOrder]:
+    p = tune(config().profiles["profile_b"])  # rotates every 4 hours
+    assert p.profile_hash.hash_rotation_interval == 4 * HOUR
+    state = new_state("profile_b", p, "USDC", frozenset({0}), on_rotation=policy)  # type: ignore[arg-type]
+    held = order_filled("profile_b", "buy", product="BTC/USDC", size=2, price=100, at=T0 - DAY)
+    other = order_filled("profile_b", "buy", product="ETH/USDC", size=3, price=50, at=T0 - DAY)
+    market = step_messages(path_candles("BTC/USDC", [100] * 10))  # flat: no stop, no take profit, no signal
+    msgs = [*plans_covering("profile_b", T0, T0 + 10 * HOUR, 4 * HOUR), held, other, *market]
+    return of_type(feed(state, msgs, respond), PlaceOrder)
+
+
+def test_rotation_keep_leaves_positions_open() -> None:
+    assert _rotation_run("keep", fill) == []
+
+
+def test_rotation_close_sells_every_position_at_the_first_step_of_the_new_epoch() -> None:
+    sells = _rotation_run("close", fill)
+    assert [(i.product, i.side, i.reason, i.size) for i in sells] == [
+        ("BTC/USDC", "sell", "flatten", D(2)),
+        ("ETH/USDC", "sell", "flatten", D(3)),  # no ETH candle in the step: sold at its last known price
+    ]
+    assert {i.step_time.timestamp() for i in sells} == {T0 + 4 * HOUR}  # epoch 2's first step, not epoch 1's
+    assert sells[1].reference_price == 50
+
+
+def test_rotation_close_retries_a_sale_that_did_not_happen() -> None:
+    answers = iter([reject, fill, fill])
+    sells = _rotation_run("close", lambda i: next(answers)(i) if i.product == "BTC/USDC" else fill(i))
+    btc = [i for i in sells if i.product == "BTC/USDC"]
+    assert [(i.reason, i.step_time.timestamp()) for i in btc] == [("flatten", T0 + 4 * HOUR), ("flatten", T0 + 5 * HOUR)]
+    assert len({i.intent_id for i in btc}) == 2
+
+
+# ------------------------------------------------------------------------------------------ rebuild after a crash
+def _recorded_run(p: Profile, n: int = 90) -> tuple[list[Message], list[Message], list[Message], list[Message]]:
+    """An uninterrupted run, and its three input logs as a worker reads them: plans, market, order events."""
+    plans = list(plans_for(p, T0, n, products=("BTC/USDC", "ETH/USDC")))
+    market = step_messages(
+        [*path_candles("BTC/USDC", zigzag(n)), *path_candles("ETH/USDC", zigzag(n, 50.0, 1.004, 0.997))]
+    )
+    events: list[Message] = []
+    k = 0
+
+    def respond(i: PlaceOrder) -> list[Message]:
+        nonlocal k
+        k += 1
+        out = reject(i) if k % 3 == 0 else fill_for(i, fee="0.5")
+        events.extend(out)
+        return out
+
+    out = feed(fresh(p), [*plans, *market], respond)
+    return out, list(plans), market, events
+
+
+def _interleavings(*logs: list[Message]) -> st.SearchStrategy[list[Message]]:
+    """Every merge of the logs that keeps each log's own order (Kafka's per-partition order)."""
+    tags = [i for i, log in enumerate(logs) for _ in log]
+    return st.permutations(tags).map(lambda order: _merge(order, logs))
+
+
+def _merge(order: Sequence[int], logs: Sequence[list[Message]]) -> list[Message]:
+    its = [iter(log) for log in logs]
+    return [next(its[i]) for i in order]
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_rebuild_from_the_input_logs_in_any_order_reproduces_the_run(data: st.DataObject) -> None:
+    # After a crash the worker reads its three inputs from the beginning, each at its own pace: order events
+    # typically arrive long before the step that sent their intent is evaluated again.
+    p = open_thresholds(config().profiles[PID], 0.05, 0.05)
+    first, plans, market, events = _recorded_run(p)
+    assert len(buys(first)) >= 3 and len(events) >= 6  # the scenario trades, fills and rejects
+    msgs = data.draw(_interleavings(plans, market, events))
+    state = fresh(p)
+    again = feed(state, msgs)  # no responder: every outcome is already in the events log
+    assert again == first  # same intents (ids and content), markers and halts, in the same order
+
+
+def test_rebuild_with_the_events_read_first_ends_in_the_same_state() -> None:
+    p = open_thresholds(config().profiles[PID], 0.05, 0.05)
+    first, plans, market, events = _recorded_run(p)
+    a = fresh(p)
+    feed(a, [*plans, *market, *events])  # outcomes last: they wait for nothing
+    b = fresh(p)
+    assert feed(b, [*events, *plans, *market]) == first
+    for s in (a, b):
+        assert not s.held and not s.pending
+    assert (b.cash, b.fees, b.realized_pnl) != (D(0), D(0), D(0))
+    ref = fresh(p)
+    feed(ref, [*plans, *market], lambda i: [m for m in events if getattr(m, "intent_id", None) == i.intent_id])
+    assert (b.cash, b.fees, b.realized_pnl, b.positions) == (ref.cash, ref.fees, ref.realized_pnl, ref.positions)
+
+
+# ------------------------------------------------------------------------------------------ shared indicators
+def test_profiles_sharing_market_signals_decide_as_with_their_own(cfg: AppConfig) -> None:
+    n = 80
+    pids = ("profile_a", "profile_b")
+    profiles = {pid: open_thresholds(cfg.profiles[pid], 0.05, 0.05) for pid in pids}
+    plans = {
+        pid: plans_for(profiles[pid], T0, n, pid=pid, strategy=s, products=("BTC/USDC", "ETH/USDC"))
+        for pid, s in zip(pids, ("quantum_strategy_calculator", "volume_weighted_hash_oscillator"), strict=True)
+    }
+    candles = [*path_candles("BTC/USDC", zigzag(n)), *path_candles("ETH/USDC", zigzag(n, 50.0, 1.004, 0.997))]
+    alone = {pid: feed(fresh(profiles[pid], pid), [*plans[pid], *step_messages(candles)], fill) for pid in pids}
+    assert all(buys(out) for out in alone.values())
+
+    market = MarketSignals()
+    shared = {pid: new_state(pid, profiles[pid], "USDC", frozenset({0}), market=market) for pid in pids}
+    together: dict[str, list[Message]] = {pid: feed(shared[pid], plans[pid]) for pid in pids}
+    by_time: dict[int, list[CandleClosed]] = {}
+    for c in candles:
+        by_time.setdefault(int(c.open_time.timestamp()), []).append(c)
+    for t in sorted(by_time):  # lockstep: every profile evaluates a step before the next one is fed
+        step = Step(t, HOUR, tuple(sorted(by_time[t], key=lambda c: c.product)))
+        for pid in pids:
+            produced = on_step(shared[pid], step)
+            together[pid] += produced
+            for i in of_type(produced, PlaceOrder):
+                together[pid] += feed(shared[pid], fill(i))
+    assert together == alone
+
+
+def test_shared_market_signals_refuse_a_step_older_than_what_they_have_seen() -> None:
+    market = MarketSignals()
+    c0, c1 = path_candles("BTC/USDC", [100, 101])
+    market.update(Step(T0 + HOUR, HOUR, (c1,)))
+    market.update(Step(T0 + HOUR, HOUR, (c1,)))  # the same step again: another profile's turn, a no-op
+    with pytest.raises(RuntimeError, match="lockstep"):
+        market.update(Step(T0, HOUR, (c0,)))

@@ -1,0 +1,580 @@
+"""`mpctl backtest`: the demo's run in one process, without Kafka or Redis, with the same domain code.
+
+The services' pure cores are driven directly: ingest's `build_schedule`, the registry's handler (claims in an
+in-memory store with the Redis script's semantics), each profile's strategy state machine, the arbiter's
+`decide`, each profile's paper exchange. Messages travel between them where the services would publish them:
+the strategy's `routes`, the arbiter's and the execution's `route` (their Kafka topics mapped to the cores
+that consume them), intents to the arbiter partition that aiokafka's default partitioner (murmur2 of the
+product key) gives them. The output files are written by the monitor's `write_outputs`, as in the demo.
+
+Order semantics (docs/backtest.md): per market step, the registry, the arbiter and the paper exchanges get the
+step's market data (plans, fills), then every strategy evaluates the step, and intents, step markers,
+decisions, orders and fills travel until nothing moves. Strategies stay in lockstep (no profile evaluates step
+T+1 before every profile evaluated T), which lets all profiles share one set of indicators. The services'
+results do not depend on timing (every consumer waits for complete event-time steps and for the outcomes it
+needs), so this order gives the demo's results; tests/e2e/test_backtest_parity.py compares the files.
+
+Two shortcuts make it fast, each checked against the exact delivery (`--exact`, tests/unit/test_backtest.py):
+- while no intent waits for a decision, step markers only raise the arbiter's marks: the latest one per profile
+  and partition is kept and delivered before the arbiter's next input from the intents topic;
+- a paper exchange without an open order gets no candles, except those an order can still fill at: an order
+  fills at the first candle opening at or after its decision, never before the close of its intent's step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka.partitioner import murmur2
+
+from services.arbiter import bootstrap as arbiter_bootstrap
+from services.arbiter import domain as arbiter
+from services.execution import bootstrap as execution_bootstrap
+from services.execution import domain as execution
+from services.ingest.domain import ReplayStep, build_schedule, finished_message
+from services.monitor.collect import write_outputs
+from services.monitor.domain import RunData
+from services.registry import handlers as registry
+from services.registry.claims import KeyKind
+from services.registry.domain import ClaimOutcome, ClaimResult, PlanCandidate
+from services.registry.handlers import Held
+from services.registry.ledger import Decision, TakeoverOutcome
+from services.strategy import bootstrap as strategy_bootstrap
+from services.strategy import domain as strategy
+from shared.aligner import Step
+from shared.candles import CandleFile, load_products
+from shared.config import AppConfig, ConfigError, config_warnings, load_config
+from shared.kafka import Route
+from shared.messages import (
+    ExecuteOrder,
+    Message,
+    OrderDecided,
+    OrderUpdated,
+    PlaceOrder,
+    PlanPublished,
+    ReplayFinished,
+    StepCompleted,
+    WorkerFinished,
+)
+from shared.runtime import ServiceSettings
+from shared.topics import Topics
+
+__all__ = [
+    "Backtest",
+    "MemoryRegistry",
+    "Stats",
+    "load_schedule",
+    "main",
+    "register",
+    "run_backtest",
+    "run_command",
+    "subscriptions",
+]
+
+_TERMINAL = frozenset({"filled", "cancelled", "rejected"})
+_FINAL_VERDICTS = frozenset({"approved", "rejected"})
+
+
+# ------------------------------------------------------------------------------------------ registry store
+class MemoryRegistry:
+    """What Redis holds for the registry, in memory: claims and decision records.
+
+    Claims have the semantics of the Redis script (services/registry/claims.py): keys checked in the order
+    hash, fingerprint, asset; a member of another profile whose event-time interval overlaps answers the first
+    conflict with its holder; the profile's own members never conflict (re-entrant); members that ended more
+    than `grace_s` before the claim's start are pruned; otherwise every key gets the member, atomically
+    (one process, no await in between). One registry instance: every decision is won by the caller.
+    """
+
+    def __init__(self, grace_s: int) -> None:
+        self.grace_s = grace_s
+        self.holds: dict[tuple[KeyKind, str], dict[tuple[str, int, int], None]] = {}
+        self.records: dict[tuple[str, int], Decision] = {}
+
+    async def claim(self, candidate: PlanCandidate, fingerprint: str, asset: str | None) -> ClaimResult:
+        return self.claim_interval(
+            candidate.profile, candidate.epoch_start_s, candidate.epoch_end_s, candidate.hash, fingerprint, asset
+        )
+
+    def claim_interval(
+        self, profile: str, start: int, end: int, hash_hex: str, fingerprint: str, asset: str | None
+    ) -> ClaimResult:
+        keys: list[tuple[KeyKind, str]] = [("hash", hash_hex), ("fp", fingerprint)]
+        if asset is not None:
+            keys.append(("asset", asset))
+        taken = (ClaimOutcome.HASH_TAKEN, ClaimOutcome.FP_TAKEN, ClaimOutcome.ASSET_TAKEN)
+        for i, key in enumerate(keys):
+            members = self.holds.get(key)
+            if not members:
+                continue
+            # The script's order: ZRANGEBYSCORE, by start then by the member's text.
+            for m in sorted(members, key=lambda m: (m[1], f"{m[0]}|{m[1]}|{m[2]}")):
+                p, s2, e2 = m
+                if s2 >= end:
+                    continue  # the script reads members scored below the claim's end only
+                if e2 + self.grace_s < start:
+                    del members[m]
+                elif p != profile and s2 < end and start < e2:
+                    return ClaimResult(taken[i], holder=p, holder_start_s=s2, holder_end_s=e2)
+        for key in keys:
+            self.holds.setdefault(key, {})[(profile, start, end)] = None
+        return ClaimResult(ClaimOutcome.OK)
+
+    async def lookup(self, profile: str, start_s: int) -> Decision | None:
+        return self.records.get((profile, start_s))
+
+    async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision:
+        key = (plan.profile, int(plan.epoch_start.timestamp()))
+        rec = self.records.get(key)
+        if rec is not None:
+            return dataclasses.replace(rec, won=False)
+        rec = Decision(plan=plan, owner="0", published=True, asset_claimed=asset_claimed)
+        self.records[key] = rec
+        return dataclasses.replace(rec, won=True)
+
+    async def unclaim(self, profile: str, start_s: int, end_s: int, keys: list[tuple[KeyKind, str]]) -> int:
+        removed = 0
+        member = (profile, start_s, end_s)
+        for key in keys:
+            members = self.holds.get(key, {})
+            if member in members:
+                del members[member]
+                removed += 1
+        return removed
+
+    async def recover(self, known: Sequence[Held]) -> str:
+        return "memory"  # nothing is ever lost in memory
+
+    async def takeover(self, profile: str, start_s: int) -> tuple[TakeoverOutcome, PlanPublished | None]:
+        return "PUBLISHED", None
+
+
+# ------------------------------------------------------------------------------------------ data
+def _trim(files: dict[str, CandleFile], start: datetime | None, end: datetime | None, hours: float | None) -> dict[str, CandleFile]:
+    """Rows outside the replayed span dropped before `build_schedule` builds a message for each: the same
+    bounds as build_schedule ([start, end), then the first `hours` from the first candle kept), so its
+    result is unchanged and only the work on rows it would discard is saved."""
+    if not files:
+        return files
+
+    def ms(d: datetime) -> int:
+        return int((d if d.tzinfo is not None else d.replace(tzinfo=UTC)).timestamp()) * 1000
+
+    lo = ms(start) if start else None
+    hi = ms(end) if end else None
+    if hours is not None and hours > 0 and hours != float("inf"):
+        first = lo if lo is not None else min((cf.rows[0].open_time_ms for cf in files.values() if cf.rows), default=0)
+        cap = first + int(hours * 3600) * 1000
+        hi = cap if hi is None else min(hi, cap)
+    if lo is None and hi is None:
+        return files
+    out = {}
+    for product, cf in files.items():
+        rows = tuple(r for r in cf.rows if (lo is None or r.open_time_ms >= lo) and (hi is None or r.open_time_ms < hi))
+        out[product] = dataclasses.replace(cf, rows=rows)
+    return {p: cf for p, cf in out.items() if cf.rows} or files  # nothing left: let build_schedule say why
+
+
+def load_schedule(
+    cfg: AppConfig, data: Path, *, start: datetime | None = None, end: datetime | None = None, hours: float | None = None
+) -> list[ReplayStep]:
+    files = load_products(data, cfg.all_products())
+    return build_schedule(_trim(files, start, end, hours), start=start, end=end, hours=hours)
+
+
+# ------------------------------------------------------------------------------------------ engine
+@dataclass
+class Stats:
+    steps: int = 0
+    evaluations: int = 0  # profile-candle evaluations: each profile's evaluated steps times their candles
+    messages: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Exchange:
+    state: execution.PaperState
+    open_orders: set[str] = field(default_factory=set)
+    unfed: deque[tuple[int, list[tuple[int, Message]]]] = field(default_factory=deque)  # (step time, messages)
+
+
+def subscriptions(topics: Topics, profiles: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """Which core reads which topic, as the services subscribe (services/*/bootstrap.py). A core that is given
+    a message type it does not use ignores it, so listing a topic too many is harmless and one too few is not;
+    tests/unit/test_backtest.py compares this table with the services' own subscriptions."""
+    t = topics
+    subs: dict[str, list[tuple[str, str]]] = {
+        t.candles: [("registry", ""), ("arbiter", ""), *(("execution", p) for p in profiles)],
+        t.plans: [("arbiter", ""), *(("strategy", p) for p in profiles)],
+        t.intents: [("arbiter", "")],
+        t.events: [("strategy", p) for p in profiles],
+        # Operators' signed commands: none is published in a backtest; listed for completeness.
+        t.commands: [("execution", p) for p in profiles],
+    }
+    for p in profiles:
+        subs[t.approved(p)] = [("execution", p)]
+    return subs
+
+
+class Backtest:
+    """One run. `exact=True` delivers every step marker and every candle, as the services receive them."""
+
+    def __init__(self, cfg: AppConfig, steps: list[ReplayStep], *, exact: bool = False) -> None:
+        if not steps:
+            raise ValueError("nothing to replay: the schedule has no step")
+        self.cfg = cfg
+        self.steps = steps
+        self.exact = exact
+        self.topics = t = Topics(cfg.system.kafka.namespace)
+        k = cfg.system.kafka
+        self.n_intents = k.intent_partitions
+        self.n_candles = k.candle_partitions
+        self.profiles = list(cfg.enabled_profiles())
+        self.data = RunData()
+        self.stats = Stats()
+        self.market = strategy.MarketSignals()
+        parts = frozenset(range(self.n_candles))
+        self.strategies = {
+            pid: strategy.new_state(
+                pid, p, cfg.system.quote_asset, parts, on_rotation=cfg.system.registry.on_rotation, market=self.market
+            )
+            for pid, p in cfg.enabled_profiles().items()
+        }
+        self.exchanges = {
+            pid: _Exchange(execution.new_state(pid, p, cfg.system.execution, parts))
+            for pid, p in cfg.enabled_profiles().items()
+        }
+        self.arbiter = arbiter.new_state(cfg)
+        self.registry = registry.new_state(cfg)
+        self.claims = MemoryRegistry(cfg.system.registry.claim_grace_s)
+        # The services' own routing, so the backtest follows it (constructing them opens no connection).
+        settings = ServiceSettings(kafka_bootstrap="backtest:0")
+        self._arbiter_route = arbiter_bootstrap.bootstrap(settings, overrides={"config": cfg}).route
+        self._execution_route = {
+            pid: execution_bootstrap.bootstrap(settings.model_copy(update={"profile": pid}), overrides={"config": cfg}).route
+            for pid in self.profiles
+        }
+        self._outputs = {pid: strategy_bootstrap.Outputs.of(t, self.n_intents, pid) for pid in self.profiles}
+        self._intents_topic = t.intents
+        self._subs = subscriptions(t, self.profiles)
+        self._market_subs = {kind for kind, _ in self._subs[t.candles]}
+        self._collected = {t.candles, t.audit, t.intents, t.events}  # what the demo's collector reads
+        self._partition: dict[tuple[bytes, int], int] = {}
+        self._queue: deque[tuple[str, str, int, Message]] = deque()
+        self._markers: dict[int, dict[str, StepCompleted]] = {p: {} for p in range(self.n_intents)}
+        self._held_markers = 0
+        self._undecided: set[str] = set()  # intents routed to the arbiter and not decided yet
+        self._backlog: deque[ReplayStep] = deque()
+
+    # -------------------------------------------------------------------------------- routing
+    def _key_partition(self, key: bytes | None, n: int) -> int:
+        # aiokafka's DefaultPartitioner (murmur2, as the Java client), which faust's producer also uses.
+        if key is None or n == 1:
+            return 0  # unkeyed outputs go to single-partition topics only
+        p = self._partition.get((key, n))
+        if p is None:
+            p = self._partition[(key, n)] = (murmur2(key) & 0x7FFFFFFF) % n
+        return p
+
+    def _publish(self, msg: Message, topic: str, key: bytes | None, partition: int | None) -> None:
+        """One message on one topic: queued for every core that reads the topic."""
+        subs = self._subs.get(topic)
+        if not subs:
+            return  # audit, status, dead letters: read by no core (the report reads audit, see _collect)
+        if topic == self._intents_topic:
+            p = partition if partition is not None else self._key_partition(key, self.n_intents)
+            if isinstance(msg, PlaceOrder):
+                self._undecided.add(msg.intent_id)
+            elif not self.exact and not self._undecided and isinstance(msg, StepCompleted) and not msg.final:
+                # No intent undecided anywhere: the marker could only raise a mark. The latest one per
+                # profile and partition is delivered before the arbiter's next input (or at the end).
+                self._markers[p][msg.profile] = msg
+                self._held_markers += 1
+                return
+        else:
+            p = partition if partition is not None else 0
+        for kind, dest in subs:
+            self._queue.append((kind, dest, p, msg))
+
+    def _publish_routes(self, msg: Message, routes: list[Route]) -> None:
+        collect = False
+        for topic, key, broadcast in routes:
+            collect = collect or topic in self._collected
+            if broadcast and topic == self._intents_topic:
+                for p in range(self.n_intents):
+                    self._publish(msg, topic, None, p)
+            else:
+                self._publish(msg, topic, key.encode() if key is not None else None, None)
+        if collect:
+            self.data.add(msg)
+
+    def _from_strategy(self, pid: str, msgs: list[Message]) -> None:
+        out = self._outputs[pid]
+        for msg in msgs:
+            dests = strategy_bootstrap.routes(msg, out)
+            if dests is out.markers and not self.exact and not self._undecided:
+                # The common case, one step marker per profile and step: what _publish would do, inline.
+                assert isinstance(msg, StepCompleted)
+                if not msg.final:
+                    for held in self._markers.values():
+                        held[pid] = msg
+                    self._held_markers += len(self._markers)
+                    self.data.add(msg)
+                    continue
+            collect = False
+            for topic, key, partition in dests:
+                collect = collect or topic in self._collected
+                self._publish(msg, topic, key, partition)
+            if collect:
+                self.data.add(msg)
+
+    def _from_registry(self, msgs: list[Message]) -> None:
+        t = self.topics
+        for msg in msgs:
+            # As RegistryService.route: plans to the plans topic and the audit log; finish markers to status.
+            if isinstance(msg, PlanPublished):
+                self._publish_routes(msg, [(t.plans, msg.profile, False), (t.audit, msg.profile, False)])
+            elif not isinstance(msg, WorkerFinished):
+                self._publish_routes(msg, [(t.audit, None, False)])
+
+    def _from_execution(self, pid: str, msgs: list[Message]) -> None:
+        ex = self.exchanges[pid]
+        for msg in msgs:
+            if isinstance(msg, OrderUpdated):
+                if msg.status in _TERMINAL:
+                    ex.open_orders.discard(msg.client_order_id)
+                else:
+                    ex.open_orders.add(msg.client_order_id)
+            self._publish_routes(msg, self._execution_route[pid](msg))
+
+    def _from_arbiter(self, msgs: list[Message]) -> None:
+        for m in msgs:
+            if isinstance(m, OrderDecided):
+                self._undecided.discard(m.intent_id)
+            self._publish_routes(m, self._arbiter_route(m))
+
+    def _flush_markers(self) -> None:
+        if self._held_markers:
+            self._held_markers = 0
+            for p, held in self._markers.items():
+                if held:
+                    self._markers[p] = {}
+                    for m in held.values():
+                        self._from_arbiter(arbiter.decide(self.arbiter, m, p))
+
+    def _pump(self) -> None:
+        q = self._queue
+        while q:
+            kind, dest, partition, msg = q.popleft()
+            self.stats.messages += 1
+            if kind == "strategy":
+                self._from_strategy(dest, strategy.decide(self.strategies[dest], msg, partition))
+            elif kind == "arbiter":
+                if isinstance(msg, PlaceOrder | StepCompleted):
+                    self._flush_markers()  # held markers precede it on the intents topic
+                self._from_arbiter(arbiter.decide(self.arbiter, msg, partition))
+            elif kind == "execution":
+                if isinstance(msg, ExecuteOrder):
+                    self._feed_backlog(dest)
+                self._from_execution(dest, execution.decide(self.exchanges[dest].state, msg, partition))
+
+    # -------------------------------------------------------------------------------- market data
+    def _market_messages(self, step: ReplayStep) -> list[tuple[int, Message]]:
+        """What the ingest publishes for a step: each candle on its product's partition, then the watermark
+        on every partition."""
+        msgs: list[tuple[int, Message]] = [
+            (self._key_partition(c.product.encode(), self.n_candles), c) for c in step.candles
+        ]
+        wm = step.watermark()
+        msgs += [(p, wm) for p in range(self.n_candles)]
+        return msgs
+
+    def _feed_exchange(self, pid: str, msgs: list[tuple[int, Message]]) -> None:
+        state = self.exchanges[pid].state
+        for partition, m in msgs:
+            self._from_execution(pid, execution.decide(state, m, partition))
+
+    def _feed_backlog(self, pid: str) -> None:
+        ex = self.exchanges[pid]
+        while ex.unfed:
+            self._feed_exchange(pid, ex.unfed.popleft()[1])
+
+    def _fill_floor(self, step: ReplayStep) -> int:
+        """No order still to come can fill at a candle opening before this time (epoch s): its decision is
+        not before the close of its intent's step, and that step is waiting for its outcome, waiting to be
+        evaluated, or `step` (being delivered) or later."""
+        floor = step.time_s + step.interval_s
+        if self._backlog:
+            floor = min(floor, self._backlog[0].time_s + self._backlog[0].interval_s)
+        for st in self.strategies.values():
+            for i in st.pending.values():
+                floor = min(floor, int(i.event_time.timestamp()))
+        return floor
+
+    async def _market_step(self, step: ReplayStep) -> None:
+        msgs = self._market_messages(step)
+        for c in step.candles:
+            self.data.add(c)
+        # 1. Registry: the plans of the epochs this step enters (from candles before the step).
+        for partition, m in msgs:
+            self._from_registry(await registry.handle(self.registry, m, partition, self.claims))
+        self._pump()
+        # 2. Arbiter: the step's market data (its market barrier, marks and returns).
+        if "arbiter" in self._market_subs:
+            # Another topic than the held markers': Kafka interleaves topics arbitrarily, and so may we.
+            for partition, m in msgs:
+                self._from_arbiter(arbiter.decide(self.arbiter, m, partition))
+        # 3. Paper exchanges: fills at this step's opens.
+        floor: int | None = None
+        for pid in self.profiles:
+            ex = self.exchanges[pid]
+            if self.exact or ex.open_orders:
+                self._feed_backlog(pid)
+                self._feed_exchange(pid, msgs)
+            else:
+                if floor is None:
+                    floor = self._fill_floor(step)
+                while ex.unfed and ex.unfed[0][0] < floor:
+                    ex.unfed.popleft()  # no order can fill there any more
+                ex.unfed.append((step.time_s, msgs))
+        self._pump()
+
+    async def run(self) -> None:
+        """The run; its messages are in `self.data` (not returned: asyncio.run's SIGINT handling makes
+        Python 3.11 format the main task's repr, result included, which for a whole run takes seconds)."""
+        t0 = time.perf_counter()
+        for step in self.steps:
+            self.stats.steps += 1
+            await self._market_step(step)
+            # 4. Strategies, in lockstep: a step is evaluated once every profile can evaluate it.
+            self._backlog.append(step)
+            self._evaluate_ready()
+        await self._finish()
+        self.stats.seconds = time.perf_counter() - t0
+
+    def _evaluate_ready(self) -> None:
+        states = self.strategies
+        while self._backlog and all(strategy.ready(s) for s in states.values()):
+            step = self._backlog.popleft()
+            s = Step(step.time_s, step.interval_s, step.candles)
+            n = len(step.candles)
+            for pid, st in states.items():
+                self.stats.evaluations += n
+                self._from_strategy(pid, strategy.on_step(st, s))
+                self._pump()
+
+    async def _finish(self) -> None:
+        done: ReplayFinished = finished_message(self.steps)
+        ends = [(p, done) for p in range(self.n_candles)]
+        for partition, m in ends:
+            self._from_registry(await registry.handle(self.registry, m, partition, self.claims))
+        if "arbiter" in self._market_subs:
+            for partition, m in ends:
+                self._from_arbiter(arbiter.decide(self.arbiter, m, partition))
+        for pid in self.profiles:
+            self._feed_backlog(pid)
+            self._feed_exchange(pid, list(ends))
+        self._pump()
+        self._evaluate_ready()
+        if self._backlog:
+            stuck = {pid: sorted(s.pending) for pid, s in self.strategies.items() if s.pending}
+            raise RuntimeError(
+                f"backtest stuck with {len(self._backlog)} steps left; intents without outcome: {stuck} "
+                f"(undecided by the arbiter: {sorted(self._undecided)})"
+            )
+        for pid, st in self.strategies.items():
+            self._from_strategy(pid, strategy.on_market_end(st))
+            self._pump()
+        self._flush_markers()
+        self._pump()
+
+
+def run_backtest(cfg: AppConfig, steps: list[ReplayStep], *, exact: bool = False) -> tuple[RunData, Stats]:
+    bt = Backtest(cfg, steps, exact=exact)
+    asyncio.run(bt.run())
+    return bt.data, bt.stats
+
+
+# ------------------------------------------------------------------------------------------ command
+def register(sub: Any) -> None:
+    p = sub.add_parser("backtest", help="the demo's run in one process, without Kafka or Redis (same domain code)")
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--data", type=Path, default=Path("data/market"))
+    p.add_argument("--out", type=Path, default=Path("reports/backtest"))
+    p.add_argument("--hours", type=float, default=None, help="replay only the first N hours of the data")
+    p.add_argument("--start", default=None, help="ISO time, first candle open (UTC)")
+    p.add_argument("--end", default=None, help="ISO time, replay candles opening before this")
+    p.add_argument("--exact", action="store_true", help="deliver every step marker and candle (slower; a check)")
+    p.set_defaults(handler=run_command)
+
+
+def _parse_time(text: str | None, flag: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--{flag} {text!r} is not an ISO time (e.g. 2021-01-01 or 2021-01-01T00:00:00Z)") from None
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from mpctl.commands_demo import print_table
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"INVALID: {err}", file=sys.stderr)
+        return 1
+    for w in config_warnings(cfg):
+        print(f"warning: {w}", file=sys.stderr)
+    if cfg.system.mode != "paper":
+        print("mpctl backtest runs in paper mode only; set system.mode: paper", file=sys.stderr)
+        return 1
+    if not args.data.is_dir():
+        print(f"--data {args.data} is not a folder", file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
+    try:
+        steps = load_schedule(
+            cfg, args.data, start=_parse_time(args.start, "start"), end=_parse_time(args.end, "end"), hours=args.hours
+        )
+    except ValueError as err:
+        print(f"backtest: {err}", file=sys.stderr)
+        return 1
+    t1 = time.perf_counter()
+    data, stats = run_backtest(cfg, steps, exact=args.exact)
+    t2 = time.perf_counter()
+    out: Path = args.out
+    for stale in ("orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json"):
+        (out / stale).unlink(missing_ok=True)
+    summary = write_outputs(cfg, data, out, extra={"undecodable_messages": 0})  # as the demo's collector counts
+    t3 = time.perf_counter()
+    print_table(summary)
+    rate = stats.evaluations / stats.seconds if stats.seconds else 0.0
+    print(
+        f"{stats.steps} steps, {len(cfg.enabled_profiles())} profiles, {stats.evaluations} profile-candle evaluations "
+        f"in {stats.seconds:.2f} s ({rate:,.0f}/s); load {t1 - t0:.2f} s, report {t3 - t2:.2f} s; outputs in {out}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m mpctl.backtest ...`: the same command without the mpctl entry point."""
+    parser = argparse.ArgumentParser(prog="python -m mpctl.backtest")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["backtest", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""Benchmark: the whole pipeline (ingest -> strategy per profile -> arbiter -> paper execution), every service its
+own process as `mpctl demo` runs them, for several profile counts; next to a raw aiokafka baseline on the same
+broker.
+
+    .venv/bin/python scripts/bench_pipeline.py [--profiles 2,8,32] [--hours 200] [--data data/market]
+        [--json reports/bench/pipeline.json] [--markdown docs/benchmarks.md] [--latency-hours 48]
+
+For each profile count N (configs generated from the template: N profiles alternating profile_a's and
+profile_b's settings, each with its own hash settings and priority):
+
+1. Throughput run: the services are started and the benchmark waits until every consumer group has joined;
+   then the ingest replays `--hours` of candles as fast as the pipeline takes them. Market events per second
+   = candles published / (Kafka CreateTime of the last output of the run - CreateTime of the first candle),
+   where the last output is the latest order event or end-of-run marker (every strategy worker's final marker
+   comes after the outcome of its last order).
+2. Latency run: a fresh namespace and fresh processes; the ingest is paced at half the step rate the
+   throughput run reached, so the pipeline keeps up and the figure is latency rather than queueing.
+   Latency of one order = CreateTime of its 'submitted' OrderUpdated (the execution worker's
+   acknowledgement) - CreateTime of the candle that caused the intent (the candle of the order's product at
+   the step named by the correlation id "step:<open_time>").
+
+Raw baseline, on the same broker in the same run: an aiokafka producer (acks=all, idempotent, linger 2 ms, as
+the services' Publisher) sends as many messages as the largest run had candles, of the candles' mean encoded
+size, to a one-partition topic, and one consumer reads them: messages/s from first send to last receipt.
+Raw latency: one message at a time, CreateTime to receipt. Ratios = pipeline / raw.
+
+Prints one JSON document, writes it to `--json`, and writes `--markdown` with the machine described.
+Topics of the runs are deleted at the end; service logs stay in reports/bench/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mpctl import infra  # noqa: E402
+from mpctl.commands_demo import Stack, expected_finishers, tail, wait_finished  # noqa: E402
+from services.monitor.health import fetch_health  # noqa: E402
+from shared.codec import DecodeError, decode  # noqa: E402
+from shared.config import AppConfig, parse_config  # noqa: E402
+from shared.kafka import delete_topics, ensure_topics  # noqa: E402
+from shared.messages import CandleClosed, OrderDecided, OrderFilled, OrderUpdated, PlaceOrder  # noqa: E402
+from shared.topics import Topics, TopicSpec, declared_topics  # noqa: E402
+
+TEMPLATE = ROOT / "config" / "coinbase_profiles.yaml"
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def bench_config(n: int) -> dict[str, Any]:
+    """N profiles from the template's two, alternating, each with distinct hash settings and priority."""
+    data = yaml.safe_load(TEMPLATE.read_text(encoding="utf-8"))
+    bases = list(data["profiles"].values())
+    profiles = {}
+    for i in range(n):
+        p = copy.deepcopy(bases[i % len(bases)])
+        p["name"] = f"Bench profile {i}"
+        p["priority"] = i + 1
+        p["profile_hash"]["base_hash"] = f"bench_profile_{i:03d}"
+        p["profile_hash"]["entropy_seed"] = round(0.05 + 0.9 * i / max(1, n), 6)
+        profiles[f"p{i:03d}"] = p
+    return {"profiles": profiles}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+async def read_all(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of a topic, from the beginning to the end offsets at the time of the call."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        for _ in range(50):
+            if parts:
+                break
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh in aiokafka
+            parts = consumer.partitions_for_topic(topic)
+            await asyncio.sleep(0.1)
+        tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[ConsumerRecord[bytes, bytes]] = []
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            batch = await consumer.getmany(timeout_ms=1000)
+            for recs in batch.values():
+                out.extend(recs)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def total_records(bootstrap: str, specs: list[TopicSpec]) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(s.name, p) for s in specs for p in range(s.partitions)]
+        begins = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
+        return sum(ends[tp] - begins[tp] for tp in tps)
+    finally:
+        await consumer.stop()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+# ---------------------------------------------------------------------------------------------- one run
+async def wait_groups_up(bootstrap: str, cfg: AppConfig, ns: str, stack: Stack, timeout: float) -> float:
+    """Until the arbiter's and every worker's consumer group has a member (the monitor's health view)."""
+    t0 = time.monotonic()
+    wanted = {"arbiter"} | {f"{k}.{pid}" for pid in cfg.enabled_profiles() for k in ("strategy", "execution")}
+    while True:
+        dead = stack.dead()
+        if dead:
+            d = dead[0]
+            raise RuntimeError(f"{d.name} exited with {d.popen.returncode}:\n{tail(d.log)}")
+        up = {h.name for h in await fetch_health(bootstrap, cfg, ns) if h.state == "up"}
+        if wanted <= up:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"services not up after {timeout:.0f} s: missing {sorted(wanted - up)}")
+        await asyncio.sleep(1.0)
+
+
+async def run_pipeline(
+    endpoints: infra.Endpoints,
+    n: int,
+    *,
+    data: Path,
+    hours: float,
+    speed: float,
+    label: str,
+    log_root: Path,
+    timeout: float,
+) -> dict[str, Any]:
+    ns = f"bench{n}{label}{uuid.uuid4().hex[:6]}"
+    raw_cfg = bench_config(n)
+    raw_cfg["system"] = {"kafka": {"namespace": ns}}
+    cfg = parse_config(raw_cfg, source=f"<bench {n}>")
+    log_dir = log_root / ns
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = log_dir / "profiles.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw_cfg, sort_keys=False), encoding="utf-8")
+    topics = Topics(ns)
+    specs = declared_topics(cfg, ns)
+    bootstrap = endpoints.kafka_bootstrap
+    await ensure_topics(bootstrap, specs, replication_factor=1)
+    common = ["--bootstrap", bootstrap, "--redis-url", endpoints.redis_url, "--namespace", ns,
+              "--config", str(cfg_file), "--log-level", "WARNING"]
+    stack = Stack()
+    started = time.monotonic()
+    try:
+        stack.start("registry", ["services.registry", *common], log_dir)
+        stack.start("arbiter", ["services.arbiter", *common], log_dir)
+        for pid in cfg.enabled_profiles():
+            stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid], log_dir)
+            stack.start(f"strategy.{pid}", ["services.strategy", *common, "--profile", pid], log_dir)
+        startup_s = await wait_groups_up(bootstrap, cfg, ns, stack, timeout)
+        stack.start(
+            "ingest",
+            ["services.ingest", *common, "--data", str(data), "--hours", str(hours), "--speed", str(speed)],
+            log_dir,
+        )
+        expected = expected_finishers(cfg) | {f"execution:{pid}" for pid in cfg.enabled_profiles()}
+        await wait_finished(bootstrap, topics.status, expected, stack, timeout, time.monotonic())
+    finally:
+        stack.stop()
+    try:
+        candles = await read_all(bootstrap, topics.candles)
+        events = await read_all(bootstrap, topics.events)
+        intents = await read_all(bootstrap, topics.intents)
+        status = await read_all(bootstrap, topics.status)
+        records = await total_records(bootstrap, specs)
+    finally:
+        await delete_topics(bootstrap, [s.name for s in specs])
+
+    candle_ts: dict[tuple[str, int], int] = {}
+    sizes: list[int] = []
+    for rec in candles:
+        try:
+            msg = decode(rec.value)
+        except DecodeError:
+            continue
+        if isinstance(msg, CandleClosed):
+            candle_ts[(msg.product, int(msg.open_time.timestamp()))] = rec.timestamp
+            sizes.append(len(rec.value or b""))
+    first = min(candle_ts.values())
+    acks: list[float] = []
+    last_out = max(rec.timestamp for rec in status)
+    kinds: Counter[str] = Counter()
+    for rec in events:
+        last_out = max(last_out, rec.timestamp)
+        msg = decode(rec.value)
+        if isinstance(msg, OrderUpdated):
+            kinds[f"order_{msg.status}"] += 1
+            if msg.status == "submitted" and msg.correlation_id.startswith("step:"):
+                t = int(msg.correlation_id.split(":", 1)[1])
+                cause = candle_ts.get((msg.product, t))
+                if cause is not None:
+                    acks.append(float(rec.timestamp - cause))
+        elif isinstance(msg, OrderFilled):
+            kinds["fills"] += 1
+        elif isinstance(msg, OrderDecided):
+            kinds[f"decided_{msg.verdict}"] += 1
+    kinds["intents"] = sum(1 for rec in intents if isinstance(decode(rec.value), PlaceOrder))
+    span_s = max(1e-3, (last_out - first) / 1000)
+    steps = len({t for _, t in candle_ts})
+    return {
+        "namespace": ns,
+        "profiles": n,
+        "speed": speed,
+        "startup_s": round(startup_s, 1),
+        "wall_s": round(time.monotonic() - started, 1),
+        "steps": steps,
+        "candles": len(candle_ts),
+        "candle_bytes_mean": round(statistics.fmean(sizes), 1) if sizes else 0,
+        "span_s": round(span_s, 3),
+        "market_events_per_s": round(len(candle_ts) / span_s, 1),
+        "steps_per_s": round(steps / span_s, 2),
+        # Each strategy worker and each execution worker reads every candle: the fan-out the pipeline carries.
+        "candle_deliveries_per_s": round(2 * n * len(candle_ts) / span_s, 1),
+        "records_all_topics": records,
+        "records_per_s": round(records / span_s, 1),
+        "counts": dict(sorted(kinds.items())),
+        "latency_ms": {
+            "orders": len(acks),
+            "p50": percentile(acks, 50),
+            "p99": percentile(acks, 99),
+            "max": max(acks) if acks else None,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+async def raw_baseline(bootstrap: str, count: int, size: int, latency_samples: int) -> dict[str, Any]:
+    topic = f"benchraw{uuid.uuid4().hex[:8]}"
+    await ensure_topics(bootstrap, [TopicSpec(topic, 1)], replication_factor=1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=2)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000)
+    await producer.start()
+    await consumer.start()
+    tp = TopicPartition(topic, 0)
+    try:
+        consumer.assign([tp])
+        await consumer.seek_to_end(tp)
+        await consumer.position(tp)
+        payload = orjson.dumps({"pad": "x" * max(0, size - 10)})[:size]
+
+        async def consume(n: int) -> float:
+            got = 0
+            while got < n:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                got += len(batch.get(tp, []))
+            return time.monotonic()
+
+        reader = asyncio.create_task(consume(count))
+        t0 = time.monotonic()
+        futures = [await producer.send(topic, payload, key=b"BTC/USDC") for _ in range(count)]
+        await asyncio.gather(*futures)
+        t_end = await reader
+        throughput = count / (t_end - t0)
+
+        lat: list[float] = []
+        for _ in range(latency_samples):
+            md = await producer.send_and_wait(topic, payload, key=b"BTC/USDC")
+            while True:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                recs = batch.get(tp, [])
+                if recs and recs[-1].offset >= md.offset:
+                    lat.append(time.time() * 1000 - recs[-1].timestamp)
+                    break
+        return {
+            "messages": count,
+            "bytes": len(payload),
+            "produce_consume_per_s": round(throughput, 1),
+            "latency_ms": {"samples": len(lat), "p50": round(percentile(lat, 50) or 0, 2),
+                           "p99": round(percentile(lat, 99) or 0, 2)},
+        }
+    finally:
+        await producer.stop()
+        await consumer.stop()
+        await delete_topics(bootstrap, [topic])
+
+
+# ---------------------------------------------------------------------------------------------- machine
+def machine() -> dict[str, Any]:
+    mem_kib = 0
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "kafka": f"Apache Kafka {infra.KAFKA_VERSION} (KRaft, single node, local, replication factor 1)",
+        "os": platform.platform(),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def markdown(result: dict[str, Any], json_path: str) -> str:
+    m = result["machine"]
+    raw = result["raw_baseline"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `scripts/bench_pipeline.py` (`make bench`) on {result['date']}; raw figures: `{json_path}`.",
+        "How each figure is measured: the docstring of scripts/bench_pipeline.py.",
+        "",
+        "## Machine",
+        "",
+        f"- {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB memory, {m['os']}",
+        f"- Python {m['python']}; {m['kafka']}",
+        f"- Load average when the run started: {m['load_avg_at_start']}. A shared machine: other work ran too, and "
+        "the 32-profile runs alone put 67 processes on the two cores.",
+        "",
+        "## End-to-end pipeline",
+        "",
+        f"Replay of {result['hours']} hours of hourly candles ({result['products']} products). Every service in "
+        "its own process: ingest, registry, arbiter, one strategy and one execution worker per profile.",
+        "",
+        "| profiles | processes | market events/s | steps/s | candle deliveries/s | records/s (all topics) "
+        "| orders | latency p50 ms | latency p99 ms | vs raw throughput |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["runs"]:
+        t, lat = r["throughput"], r["latency"]
+        lines.append(
+            f"| {r['profiles']} | {2 * r['profiles'] + 3} | {t['market_events_per_s']} | {t['steps_per_s']} | "
+            f"{t['candle_deliveries_per_s']} | {t['records_per_s']} | {lat['latency_ms']['orders']} | "
+            f"{lat['latency_ms']['p50']} | {lat['latency_ms']['p99']} | {r['ratio_to_raw_throughput']} |"
+        )
+    lines += [
+        "",
+        "Latency runs replay "
+        f"{result['latency_hours']} hours paced at half the step rate of the throughput run (so the figure is "
+        "not queueing behind a backlog); it is from the candle's publication to the execution worker's "
+        "acknowledgement ('submitted'), Kafka CreateTime to CreateTime, and includes the arbiter waiting for every "
+        "profile to finish the step. In the throughput runs the same measure is mostly queueing behind the "
+        "replayed backlog: p50 "
+        + ", ".join(f"{r['throughput']['latency_ms']['p50']} ms ({r['profiles']} profiles)" for r in result["runs"])
+        + ".",
+        "",
+        "Startup (every worker's consumer group joined; not counted above): "
+        + ", ".join(f"{r['throughput']['startup_s']} s ({r['profiles']} profiles)" for r in result["runs"])
+        + ".",
+        "",
+        "## Raw aiokafka baseline (same broker, same run)",
+        "",
+        f"- {raw['messages']} messages of {raw['bytes']} bytes (the candles' mean size), one partition, acks=all, "
+        f"idempotent producer: {raw['produce_consume_per_s']} messages/s produced and consumed",
+        f"- one message at a time, produce to receipt: p50 {raw['latency_ms']['p50']} ms, "
+        f"p99 {raw['latency_ms']['p99']} ms",
+        "",
+        "The ratio column is the pipeline's market events/s over the raw messages/s. Each market event costs the "
+        "pipeline many messages (watermarks, plans, intents, step markers, decisions, order events, audit) and a "
+        "strategy evaluation per profile, in Python processes sharing the machine's cores.",
+        "",
+        "## Raw figures",
+        "",
+        "```json",
+        json.dumps(result, indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    endpoints = await asyncio.to_thread(infra.resolve_endpoints, None, lambda m: print(m, file=sys.stderr))
+    counts = [int(x) for x in args.profiles.split(",") if x.strip()]
+    result: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "hours": args.hours,
+        "latency_hours": args.latency_hours,
+        "runs": [],
+    }
+    log_root = Path(args.logs)
+    for n in counts:
+        print(f"[bench] {n} profiles: throughput run ({args.hours} h, as fast as possible)", file=sys.stderr)
+        tput = await run_pipeline(endpoints, n, data=args.data, hours=args.hours, speed=0.0, label="t",
+                                  log_root=log_root, timeout=args.timeout)
+        # Half the reached step rate, as a replay speed factor (steps are one candle interval apart).
+        interval_s = 3600.0
+        speed = max(1.0, 0.5 * tput["steps_per_s"] * interval_s)
+        print(f"[bench] {n} profiles: {tput['market_events_per_s']} events/s; latency run at speed {speed:.0f}",
+              file=sys.stderr)
+        lat = await run_pipeline(endpoints, n, data=args.data, hours=args.latency_hours, speed=speed, label="l",
+                                 log_root=log_root, timeout=args.timeout)
+        result["runs"].append({"profiles": n, "throughput": tput, "latency": lat})
+    biggest = max(r["throughput"]["candles"] for r in result["runs"])
+    size = round(statistics.fmean(r["throughput"]["candle_bytes_mean"] for r in result["runs"]))
+    raw = await raw_baseline(endpoints.kafka_bootstrap, biggest, size, args.latency_samples)
+    result["raw_baseline"] = raw
+    first = result["runs"][0]["throughput"]
+    result["products"] = first["candles"] // max(1, first["steps"])  # products with data in the slice
+    for r in result["runs"]:
+        r["ratio_to_raw_throughput"] = round(r["throughput"]["market_events_per_s"] / raw["produce_consume_per_s"], 4)
+        p50 = r["latency"]["latency_ms"]["p50"]
+        r["ratio_to_raw_latency_p50"] = round(p50 / raw["latency_ms"]["p50"], 1) if p50 and raw["latency_ms"]["p50"] else None
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profiles", default="2,8,32", help="comma-separated profile counts")
+    p.add_argument("--hours", type=float, default=200.0, help="hours of candles in the throughput runs")
+    p.add_argument("--latency-hours", type=float, default=48.0, help="hours of candles in the paced latency runs")
+    p.add_argument("--latency-samples", type=int, default=300, help="raw baseline one-at-a-time samples")
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "market")
+    p.add_argument("--json", default=str(ROOT / "reports" / "bench" / "pipeline.json"))
+    p.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip")
+    p.add_argument("--logs", default=str(ROOT / "reports" / "bench" / "logs"))
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it is declared stuck")
+    p.add_argument("--markdown-from", default=None, help="only write --markdown from this earlier JSON result")
+    args = p.parse_args(argv)
+    if args.markdown_from:
+        Path(args.markdown).write_text(markdown(json.loads(Path(args.markdown_from).read_text()), args.markdown_from),
+                                       encoding="utf-8")
+        return 0
+    os.chdir(ROOT)  # the services resolve relative paths (data, config) from the repository root
+    result = asyncio.run(main_async(args))
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n", encoding="utf-8")
+    if args.markdown:
+        rel = os.path.relpath(out, ROOT) if out.is_absolute() else str(out)
+        Path(args.markdown).write_text(markdown(result, rel), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
