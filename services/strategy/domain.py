@@ -219,6 +219,7 @@ class StrategyState:
     day_start_equity: Decimal = Decimal(0)
     halted: str | None = None  # drawdown halt: until a resume command
     paused: str | None = None  # an operator's pause or kill: no new entries until resume
+    flatten_requested: bool = False  # an operator's flatten or kill: sell every position at the next step
     entries_paused_day: int | None = None  # daily-loss halt: until the next UTC day
     last_epoch: int | None = None  # epoch of the plan of the last evaluated step
     flatten: set[str] = field(default_factory=set)  # products to close because the plan rotated
@@ -277,7 +278,7 @@ def decide(state: StrategyState, msg: Message, now_partition: int = 0) -> list[M
             if msg.action in ("pause", "kill"):
                 state.paused = f"{msg.action} by operator command {msg.id}"
             if msg.action in ("flatten", "kill"):
-                state.flatten = set(state.positions)
+                state.flatten_requested = True  # positions are known as of the next step
             if msg.action == "resume":
                 state.paused = None
                 state.halted = None  # a drawdown halt lasts until a resume command
@@ -442,6 +443,9 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     # "flatten"); a sale that does not happen (rejected, cancelled) is tried again at the next steps.
     if state.last_epoch is not None and plan.epoch != state.last_epoch and state.on_rotation == "close":
         state.flatten = set(state.positions)
+    if state.flatten_requested:
+        state.flatten |= set(state.positions)
+        state.flatten_requested = False
     state.last_epoch = plan.epoch
 
     tunable = _selected_tunable(state, plan)

@@ -702,3 +702,29 @@ def test_shared_market_signals_refuse_a_step_older_than_what_they_have_seen() ->
     market.update(Step(T0 + HOUR, HOUR, (c1,)))  # the same step again: another profile's turn, a no-op
     with pytest.raises(RuntimeError, match="lockstep"):
         market.update(Step(T0, HOUR, (c0,)))
+
+
+# ------------------------------------------------------------------------------------------ operator commands
+def test_flatten_command_sells_every_position_at_the_next_step_and_pause_blocks_entries(profile: Profile) -> None:
+    from shared.commands import new_command
+    from tests.unit.builders import dt
+
+    key = b"k" * 32
+    state = fresh(open_thresholds(profile, 0.0, 0.0))
+    feed(state, [*plans_for(profile, T0, 4), hold("BTC/USDC", "1.5", 200)])
+    feed(state, [new_command("flatten", "all", key=key, now=dt(T0)), new_command("pause", PID, key=key, now=dt(T0))])
+    out = feed(state, step_messages(path_candles("BTC/USDC", [200, 201])))
+    sells = [i for i in of_type(out, PlaceOrder) if i.side == "sell"]
+    assert [(i.product, i.reason, i.size) for i in sells] == [("BTC/USDC", "flatten", D("1.5"))]
+    assert buys(out) == [] and state.paused is not None
+    feed(state, [new_command("resume", "all", key=key, now=dt(T0))])
+    assert state.paused is None and state.halted is None
+
+
+def test_command_for_another_profile_changes_nothing(profile: Profile) -> None:
+    from shared.commands import new_command
+    from tests.unit.builders import dt
+
+    state = fresh(profile)
+    feed(state, [new_command("kill", "profile_b", key=b"k" * 32, now=dt(T0))])
+    assert state.paused is None and not state.flatten and not state.flatten_requested
