@@ -6,7 +6,7 @@ plain Python loop over the same candles measured in the same run.
 
 Closing figures (two years of hourly candles of the eleven Binance assets, not copied into the repository):
 
-    .venv/bin/python scripts/bench_backtest.py --data ../shared/data/market --start 2020-09-22 --end 2022-09-22
+    .venv/bin/python scripts/bench_backtest.py --data DIR_OF_THE_FULL_BINANCE_FILES --start 2020-09-22 --end 2022-09-22
 
 - The config is generated here: N variations of the template's profiles (config/coinbase_profiles.yaml), each
   with its own hash settings (base_hash, entropy_seed), its own base assets among the eleven and the others as

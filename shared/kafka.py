@@ -95,6 +95,25 @@ async def list_topics(bootstrap: str) -> list[str]:
         await admin.close()
 
 
+async def partitions_of(consumer: AIOKafkaConsumer, topics: Sequence[str], bootstrap: str) -> list[TopicPartition]:
+    """Every partition of `topics`, asking for metadata until a fresh client knows them (bounded)."""
+    tps: list[TopicPartition] = []
+    for topic in topics:
+        parts: set[int] | None = None
+        for _ in range(100):
+            parts = consumer.partitions_for_topic(topic)
+            if parts:
+                break
+            consumer.subscribe([topic])  # a fresh client may not have the topic's metadata yet
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh in aiokafka
+            consumer.unsubscribe()
+            await asyncio.sleep(0.1)
+        if not parts:
+            raise RuntimeError(f"topic {topic!r} not found on {bootstrap}; create the topics first")
+        tps += [TopicPartition(topic, p) for p in sorted(parts)]
+    return tps
+
+
 class Publisher:
     """Idempotent producer (acks=all). `send` queues; `flush` waits until everything queued is acknowledged."""
 

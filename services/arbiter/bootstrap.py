@@ -32,7 +32,7 @@ from services.arbiter.metrics import ArbiterMetrics
 from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
 from shared.codec import DecodeError, decode, implausible_time
 from shared.config import AppConfig
-from shared.kafka import Publisher, Route
+from shared.kafka import Publisher, Route, partitions_of
 from shared.messages import (
     CorrelationAlert,
     DeadLettered,
@@ -139,7 +139,7 @@ class ArbiterService:
         await publisher.start()
         await observer.start()
         try:
-            tps = await _all_partitions(observer, self.inputs, bootstrap)
+            tps = await partitions_of(observer, self.inputs, bootstrap)
             observer.assign(tps)
             await observer.seek_to_beginning(*tps)
             member.subscribe([t.intents], listener=_Listener(self))
@@ -302,22 +302,6 @@ class ArbiterService:
                     self._drop_below(p, committed)
 
 
-async def _all_partitions(consumer: AIOKafkaConsumer, topics: list[str], bootstrap: str) -> list[TopicPartition]:
-    tps: list[TopicPartition] = []
-    for topic in topics:
-        parts: set[int] | None = None
-        for _ in range(100):
-            parts = consumer.partitions_for_topic(topic)
-            if parts:
-                break
-            consumer.subscribe([topic])  # a fresh client may not have the topic's metadata yet
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh in aiokafka
-            consumer.unsubscribe()
-            await asyncio.sleep(0.1)
-        if not parts:
-            raise RuntimeError(f"topic {topic!r} not found on {bootstrap}; create the topics first")
-        tps += [TopicPartition(topic, p) for p in sorted(parts)]
-    return tps
 
 
 def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> ArbiterService:

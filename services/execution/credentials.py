@@ -431,7 +431,7 @@ def key_format_problems(exchange: ExchangeId, creds: StoredCredentials | Resolve
                 raw = b""
             if len(raw) != 64:
                 problems.append(
-                    "secret is neither an EC private key in PEM (-----BEGIN EC PRIVATE KEY-----) "
+                    "secret is neither an EC private key in PEM (the PEM block Coinbase's CDP key file holds) "
                     "nor a base64 Ed25519 key of 64 bytes"
                 )
         if creds.passphrase is not None and creds.passphrase.get_secret_value():

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from services.strategy import domain
@@ -34,6 +34,7 @@ from shared.clock import random_ids, system_clock
 from shared.codec import DecodeError, decode, encode, implausible_time
 from shared.commands import gate_for
 from shared.config import AppConfig
+from shared.kafka import partitions_of
 from shared.messages import (
     ControlCommand,
     DeadLettered,
@@ -106,20 +107,7 @@ async def reset_group_to_beginning(bootstrap: str, group: str, topics: list[str]
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
-        tps: list[TopicPartition] = []
-        for topic in topics:
-            parts: set[int] | None = None
-            for _ in range(100):
-                parts = consumer.partitions_for_topic(topic)
-                if parts:
-                    break
-                consumer.subscribe([topic])  # a fresh client may not have the topic's metadata yet
-                await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh in aiokafka
-                consumer.unsubscribe()
-                await asyncio.sleep(0.1)
-            if not parts:
-                raise RuntimeError(f"topic {topic!r} not found on {bootstrap}; create the topics first")
-            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = await partitions_of(consumer, topics, bootstrap)
         consumer.assign(tps)
         begins = await consumer.beginning_offsets(tps)
         deadline = time.monotonic() + wait_s
