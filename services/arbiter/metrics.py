@@ -8,22 +8,19 @@ never share series.
 
 from __future__ import annotations
 
-import logging
-import threading
-from wsgiref.simple_server import WSGIServer
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 
 from shared.messages import CorrelationAlert, InternalCrossOpportunity, Message, OrderDecided
-
-log = logging.getLogger("arbiter.metrics")
+from shared.metrics import MetricsEndpoint
 
 __all__ = ["ArbiterMetrics"]
 
 
-class ArbiterMetrics:
+class ArbiterMetrics(MetricsEndpoint):
+    log_name = "arbiter.metrics"
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         r = self.registry
         self.decided = Counter(
             "mp_arbiter_decided", "Decisions this process published, by rule and verdict", ["rule", "verdict"], registry=r
@@ -45,8 +42,6 @@ class ArbiterMetrics:
         )
         self.owned = Gauge("mp_arbiter_partitions_owned", "Intents partitions this process publishes for", registry=r)
         self.held = Gauge("mp_arbiter_intents_held", "Intents waiting for their step, market data or plan", registry=r)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def observe(self, msg: Message) -> None:
         if isinstance(msg, OrderDecided):
@@ -57,16 +52,3 @@ class ArbiterMetrics:
             self.savings.labels(kind="slippage").inc(float(msg.slippage_saving))
         elif isinstance(msg, CorrelationAlert):
             self.correlation_alerts.labels(state=msg.state).inc()
-
-    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Serve /metrics on addr:port; returns the bound port."""
-        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
-        bound = int(self._server.server_address[1])
-        log.info("metrics on http://%s:%d/metrics", addr, bound)
-        return bound
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

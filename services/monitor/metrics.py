@@ -15,24 +15,20 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import logging
 import math
-import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge
 
 from services.monitor.health import ServiceHealth
 from services.monitor.lag import LagReport
 from shared.messages import CandleClosed, Message, OrderDecided, OrderFilled, PlanPublished, ProfileHalted
-
-log = logging.getLogger("monitor.metrics")
+from shared.metrics import MetricsEndpoint
 
 ZERO = Decimal(0)
 
@@ -302,9 +298,11 @@ class PerformanceTracker:
         }
 
 
-class MonitorMetrics:
+class MonitorMetrics(MetricsEndpoint):
+    log_name = "monitor.metrics"
+
     def __init__(self, namespace: str) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         r = self.registry
         self.info = Gauge("mp_monitor_info", "Constant 1, labelled with the namespace the monitor watches", ["namespace"], registry=r)
         self.info.labels(namespace=namespace).set(1)
@@ -344,8 +342,6 @@ class MonitorMetrics:
         self.audit_lines = Gauge("mp_audit_lines", "Lines in the audit file (distinct messages)", registry=r)
         self._lag_labels: set[tuple[str, str, str]] = set()
         self._group_labels: set[str] = set()
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def update_lag(self, report: LagReport) -> None:
         labels: set[tuple[str, str, str]] = set()
@@ -395,16 +391,3 @@ class MonitorMetrics:
         for (a, b_), rho in tracker.correlations().items():
             if rho is not None:
                 self.correlation.labels(profile_a=a, profile_b=b_).set(rho)
-
-    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Serve /metrics on addr:port (port 0 picks a free one); returns the bound port."""
-        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
-        bound = int(self._server.server_address[1])
-        log.info("metrics on http://%s:%d/metrics", addr, bound)
-        return bound
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -6,20 +6,18 @@ services in one interpreter and a scrape shows only the registry's series.
 
 from __future__ import annotations
 
-import logging
-import threading
-from wsgiref.simple_server import WSGIServer
+from prometheus_client import Counter, Gauge
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-
-log = logging.getLogger("registry.metrics")
+from shared.metrics import MetricsEndpoint
 
 __all__ = ["RegistryMetrics"]
 
 
-class RegistryMetrics:
+class RegistryMetrics(MetricsEndpoint):
+    log_name = "registry.metrics"
+
     def __init__(self, instance: str = "0") -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         r = self.registry
         self.collisions = Counter(
             "mp_registry_collisions_resolved",
@@ -66,18 +64,3 @@ class RegistryMetrics:
         self.epoch = Gauge("mp_registry_current_epoch", "Epoch of the profile's current plan", ["profile"], registry=r)
         self.info = Gauge("mp_registry_instance_info", "Constant 1, labelled with the instance", ["instance"], registry=r)
         self.info.labels(instance=instance).set(1)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Serve /metrics on addr:port (port 0 picks a free one); returns the bound port."""
-        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
-        bound = int(self._server.server_address[1])
-        log.info("metrics on http://%s:%d/metrics", addr, bound)
-        return bound
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
