@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,9 +22,18 @@ def random_ids() -> str:
     return uuid.uuid4().hex
 
 
+_NS_BYTES = ID_NAMESPACE.bytes
+
+
 def derived_id(*parts: object) -> str:
-    """A deterministic id from its parts: the same parts give the same id, so a redelivery maps to it again."""
-    return uuid.uuid5(ID_NAMESPACE, "|".join(str(p) for p in parts)).hex
+    """A deterministic id from its parts: the same parts give the same id, so a redelivery maps to it again.
+
+    Exactly ``uuid.uuid5(ID_NAMESPACE, "|".join(map(str, parts))).hex`` (RFC 4122 name-based, SHA-1), written
+    out because a backtest derives one per candle and uuid.UUID's checks cost about half its time."""
+    h = bytearray(hashlib.sha1(_NS_BYTES + "|".join(map(str, parts)).encode(), usedforsecurity=False).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50  # version 5
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return h.hex()
 
 
 def from_epoch_s(t: float) -> datetime:

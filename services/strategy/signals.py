@@ -621,8 +621,15 @@ class ProductSignals:
                 "feed each closed bar once, in order"
             )
         self._last_time = bar.open_time
+        t = bar.open_time
         for model in self._models.values():
-            model.update(bar)
+            # SignalModel.update without its own order check: the one above covers every model, and this
+            # loop runs for every product of every step (a fifth of a backtest's time).
+            if model._last_time is not None and t <= model._last_time:
+                model.update(bar)  # fed apart from this ProductSignals: let it raise its own error
+            model._last_time = t
+            model._bars += 1
+            model._push(bar)
         self.volatility.update(bar)
 
     def evaluate(

@@ -264,3 +264,19 @@ def test_aggregated_4h_hours_window(tmp_path: Path) -> None:
     aggregate_to_4h(DATA / "binance_BTC-USDT_1h.csv.gz", tmp_path)
     steps = build_schedule(load_products(tmp_path, ["BTC/USDC"]), hours=24)
     assert len(steps) == 6
+
+
+def test_schedule_candles_equal_validated_candles(files: dict[str, CandleFile]) -> None:
+    """build_schedule skips pydantic validation (the file reader checked the rows): every candle must still be
+    exactly what validated construction gives, field by field and on the wire."""
+    from shared.codec import decode, encode
+    from shared.messages import CandleClosed
+
+    steps = build_schedule(files)
+    candles = [c for s in steps for c in s.candles]
+    assert len(candles) > 4000
+    for c in candles:
+        checked = CandleClosed.model_validate(c.model_dump())
+        assert checked == c
+        assert checked.model_dump() == c.model_dump()
+        assert decode(encode(c)) == checked
