@@ -76,6 +76,8 @@ class LiveExecution:
         return msgs
 
     def limit_price(self, o: ExecuteOrder) -> Decimal:
+        if o.limit_price is not None:
+            return o.limit_price  # a limit order rests at its own price (maker where it does not cross)
         factor = (1 + self.slippage) if o.side == "buy" else (1 - self.slippage)
         return o.reference_price * factor
 
