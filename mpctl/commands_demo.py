@@ -1,5 +1,9 @@
 """`mpctl demo`: a paper-trading run of every enabled profile over recorded candles, with every service in its
-own process over real Kafka and Redis, then the run's output files and a table per profile."""
+own process over real Kafka and Redis, then the run's output files and a table per profile.
+
+With `--exchange-api-base URL` (a local test peer only) the execution workers run in live mode through ccxt
+against that URL, with the profiles' credentials from the encrypted store: the whole pipeline, signed orders
+included, without Coinbase (tests/e2e/test_live_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlparse
 
 import orjson
 from aiokafka import AIOKafkaConsumer
@@ -40,12 +45,20 @@ def register(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is declared stuck")
     p.add_argument("--namespace", default=None, help="topic/group namespace (default: a new one per run)")
     p.add_argument("--keep-topics", action="store_true", help="keep the run's topics (for `mpctl lag` afterwards)")
+    p.add_argument(
+        "--exchange-api-base",
+        default=None,
+        help="run execution in live mode against this exchange API on loopback (a test peer; needs system.mode: live)",
+    )
     p.set_defaults(handler=run_demo)
 
 
 def _progress(msg: str) -> None:
     if sys.stderr.isatty() and not os.environ.get("CI"):
         print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+SECRET_ENV = ("MPCTL_SECRETS_PASSPHRASE", "MPCTL_SECRETS_KEY_FILE")
 
 
 @dataclass
@@ -64,6 +77,9 @@ class Stack:
         log = log_dir / f"{name}.log"
         fh = log.open("wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if not name.startswith("execution."):
+            for k in SECRET_ENV:  # only execution workers open the credentials store
+                env.pop(k, None)
         popen = subprocess.Popen([sys.executable, "-m", *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
         proc = Proc(name, popen, log, fh)
         self.procs.append(proc)
@@ -185,9 +201,18 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     for w in config_warnings(cfg):
         print(f"warning: {w}", file=sys.stderr)
-    if cfg.system.mode != "paper":
+    if args.exchange_api_base is None and cfg.system.mode != "paper":
         print("mpctl demo runs in paper mode only; set system.mode: paper", file=sys.stderr)
         return 1
+    if args.exchange_api_base is not None:
+        host = urlparse(args.exchange_api_base).hostname
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            # A replay sends years-old prices: never to a real exchange.
+            print(f"--exchange-api-base must be a loopback test peer, got host {host!r}", file=sys.stderr)
+            return 1
+        if cfg.system.mode != "live":
+            print("--exchange-api-base runs execution in live mode: set system.mode: live", file=sys.stderr)
+            return 1
     if not args.data.is_dir():
         print(f"--data {args.data} is not a folder", file=sys.stderr)
         return 1
@@ -228,10 +253,12 @@ async def _demo(args: argparse.Namespace, cfg: AppConfig) -> int:
         common += ["--config", str(args.config)]
     stack = Stack()
     try:
-        stack.start("registry", ["services.registry", *common], log_dir)
+        # A replay runs in event time, also when execution is live.
+        stack.start("registry", ["services.registry", *common, "--clock", "event"], log_dir)
         stack.start("arbiter", ["services.arbiter", *common], log_dir)
         for pid in cfg.enabled_profiles():
-            stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid], log_dir)
+            live = ["--exchange-api-base", args.exchange_api_base] if args.exchange_api_base else []
+            stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid, *live], log_dir)
             stack.start(f"strategy.{pid}", ["services.strategy", *common, "--profile", pid], log_dir)
         stack.start(
             "monitor",

@@ -242,6 +242,9 @@ class ExecutionSettings(Strict):
     # Coinbase Advanced Trade's lowest volume tier (published fee schedule): taker 0.60 %, maker 0.40 %.
     taker_fee_rate: Annotated[float, Field(ge=0.0, le=0.05, allow_inf_nan=False)] = 0.006
     maker_fee_rate: Annotated[float, Field(ge=0.0, le=0.05, allow_inf_nan=False)] = 0.004
+    # Paper exchange: the most of one candle's base volume a single order may take on that candle (0.1 = 10 %).
+    # The rest of a larger order continues on the product's next candles until the profile's order_timeout.
+    max_volume_participation: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 0.1
     desync_min_ms: Annotated[int, Field(ge=0, le=600_000)] = 50
     desync_max_ms: Annotated[int, Field(ge=0, le=600_000)] = 1500
 

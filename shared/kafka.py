@@ -334,9 +334,11 @@ class StateMachineService:
         done: Callable[[], bool] = lambda: False,
         rebuild_on_start: bool = False,
         commands: CommandGate | None = None,
+        observe: Callable[[Message, ConsumerRecord[bytes, bytes]], None] | None = None,
     ) -> None:
         self.name = name
         self._commands = commands
+        self._observe = observe  # sees every decoded input with its record (topic, Kafka timestamp): metrics
         # Kafka clients need a running event loop: they are built in run(), never at construction.
         self._client_args = {
             "bootstrap": bootstrap,
@@ -355,6 +357,8 @@ class StateMachineService:
 
     async def _on_message(self, msg: Message, rec: ConsumerRecord[bytes, bytes], outbox: Outbox) -> None:
         outputs: list[Message] = []
+        if self._observe is not None:
+            self._observe(msg, rec)
         if isinstance(msg, ControlCommand):
             if self._commands is None:
                 return

@@ -199,6 +199,19 @@ class ExecuteOrder(Message):
     counterparties: list[str] = Field(default_factory=list)
     # The plan hash of the intent's epoch: it seeds the worker's de-sync delay (None: the profile's base_hash).
     profile_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    # "market" (what the arbiter sends): a marketable limit at the reference price moved by slippage_tolerance,
+    # paying the taker fee. "limit": rests at `limit_price`; what fills from the book pays the maker fee.
+    order_type: Literal["market", "limit"] = "market"
+    limit_price: Price | None = None
+
+    @model_validator(mode="after")
+    def _limit_price_with_limit_orders(self) -> ExecuteOrder:
+        if (self.order_type == "limit") != (self.limit_price is not None):
+            raise ValueError(
+                f"order_type {self.order_type!r} with limit_price {self.limit_price!r}: a limit order needs a "
+                "limit_price and a market order takes none"
+            )
+        return self
 
 
 class OrderUpdated(Message):

@@ -1,4 +1,5 @@
-"""python -m services.execution --profile ID --config FILE --bootstrap HOST:PORT"""
+"""python -m services.execution --profile ID --config FILE --bootstrap HOST:PORT [--metrics-port P]
+[--exchange-api-base URL] [--allow-plaintext-credentials]"""
 
 from __future__ import annotations
 
@@ -15,9 +16,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="live mode: accept credentials written in the YAML (refused by default; use `mpctl secrets set`)",
     )
+    p.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)"
+    )
+    p.add_argument(
+        "--exchange-api-base",
+        default=None,
+        help="live mode: send the exchange's REST calls to this base URL instead of Coinbase's (a test peer)",
+    )
     args = main_entry(argv, "execution", p)
     flag = "1" if args.allow_plaintext_credentials else None
-    return run_service(bootstrap(settings_from_args(args, allow_plaintext_credentials=flag)).run)
+    settings = settings_from_args(
+        args,
+        allow_plaintext_credentials=flag,
+        metrics_port=str(args.metrics_port),
+        exchange_api_base=args.exchange_api_base,
+    )
+    return run_service(bootstrap(settings).run)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from aiokafka import ConsumerRecord
+
 from services.execution import domain
+from services.execution.ccxt_adapter import CcxtExchange
 from services.execution.live_wiring import LiveHandler, WriteAhead, open_live_execution, start_live
+from services.execution.metrics import ExecutionMetrics
 from shared.clock import Clock, IdFactory, random_ids, system_clock
 from shared.commands import gate_for
 from shared.config import AppConfig
@@ -21,7 +25,9 @@ from shared.topics import Topics
 
 
 class ExecutionService:
-    def __init__(self, cfg: AppConfig, settings: ServiceSettings, *, clock: Clock, ids: IdFactory) -> None:
+    def __init__(
+        self, cfg: AppConfig, settings: ServiceSettings, *, clock: Clock, ids: IdFactory, metrics_port: int = 0
+    ) -> None:
         if settings.profile not in cfg.profiles:
             raise ValueError(
                 f"--profile {settings.profile!r} is not in the config (have {sorted(cfg.profiles)})"
@@ -31,6 +37,10 @@ class ExecutionService:
         self.settings = settings
         self.clock = clock
         self.live_handler: LiveHandler | None = None
+        self.metrics_port = metrics_port
+        self.metrics_bound: int | None = None
+        # The exchange label is set once live mode has opened its adapter.
+        self.metrics = ExecutionMetrics(self.profile_id, "paper", started_at=clock().timestamp())
         self.topics = Topics(cfg.system.kafka.namespace)
         profile = cfg.profiles[self.profile_id]
         self.state = domain.new_state(
@@ -52,7 +62,11 @@ class ExecutionService:
             # Paper state (balances, known client order ids) is rebuilt from the whole input log on start.
             rebuild_on_start=cfg.system.mode == "paper",
             commands=gate_for(f"execution.{self.profile_id}", cfg.system.commands.max_age_s),
+            observe=self._received,
         )
+
+    def _received(self, msg: Message, rec: ConsumerRecord[bytes, bytes]) -> None:
+        self.metrics.received(msg, rec.topic, rec.timestamp)
 
     async def handle(self, msg: Message, partition: int) -> list[Message]:
         if isinstance(msg, ExecuteOrder) and msg.profile != self.profile_id:
@@ -61,8 +75,18 @@ class ExecutionService:
                 f"order {msg.client_order_id} of profile {msg.profile!r} on {self.profile_id}'s approved topic"
             )
         if self.live_handler is not None:
-            return await self.live_handler.handle(msg, partition)
-        return domain.decide(self.state, msg, partition)
+            out = await self.live_handler.handle(msg, partition)
+        else:
+            out = domain.decide(self.state, msg, partition)
+            if isinstance(msg, ExecuteOrder) and any(
+                isinstance(m, OrderUpdated) and m.client_order_id == msg.client_order_id for m in out
+            ):
+                self.metrics.acknowledged(msg.client_order_id, self.clock().timestamp())  # the paper exchange took it
+        if isinstance(msg, ExecuteOrder):
+            self.metrics.forget(msg.client_order_id)  # no acknowledgement by now: none to measure
+        for m in out:
+            self.metrics.observe(m)
+        return out
 
     def route(self, msg: Message) -> list[Route]:
         t = self.topics
@@ -73,6 +97,14 @@ class ExecutionService:
         return [(t.audit, None, False)]
 
     async def run(self, stop: asyncio.Event) -> int:
+        if self.metrics_port:
+            self.metrics_bound = self.metrics.serve(self.metrics_port)
+        try:
+            return await self._run(stop)
+        finally:
+            self.metrics.close()
+
+    async def _run(self, stop: asyncio.Event) -> int:
         if self.cfg.system.mode != "live":
             return await self.runner.run(stop)
         # Live: the only place this profile's credentials are read (its own store entry only).
@@ -82,14 +114,21 @@ class ExecutionService:
             self.cfg,
             clock=self.clock,
             allow_plaintext=self.settings.extra.get("allow_plaintext_credentials") == "1",
+            api_base=self.settings.extra.get("exchange_api_base"),
         )
-        await start_live(
+        self.metrics.exchange = live.port.name
+        live.on_ack = lambda coid: self.metrics.acknowledged(coid, self.clock().timestamp())
+        if isinstance(live.port, CcxtExchange):
+            live.port.on_error = self.metrics.error
+        missing = await start_live(
             live,
             bootstrap=self.settings.kafka_bootstrap,
             topics=self.topics,
             route=self.route,
             client_id=f"execution.{pid}.start",
         )
+        for m in missing:  # published before the consume loop: reconciled fills count too
+            self.metrics.observe(m)
         wal = await WriteAhead.started(self.settings.kafka_bootstrap, self.route, f"execution.{pid}.wal")
         self.live_handler = LiveHandler(live, write_ahead=wal)
         try:
@@ -101,4 +140,10 @@ class ExecutionService:
 def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> ExecutionService:
     o = overrides or {}
     cfg: AppConfig = o.get("config") or settings.load()
-    return ExecutionService(cfg, settings, clock=o.get("clock", system_clock), ids=o.get("ids", random_ids))
+    return ExecutionService(
+        cfg,
+        settings,
+        clock=o.get("clock", system_clock),
+        ids=o.get("ids", random_ids),
+        metrics_port=int(o.get("metrics_port", settings.extra.get("metrics_port", "0"))),
+    )

@@ -394,6 +394,8 @@ class CcxtExchange:
         # The Exchange API does not de-duplicate client_oid: look the id up before every send.
         self.lookup_before_send = exchange == "coinbaseexchange"
         self.retries = 0  # a metric: how many retries this adapter made
+        # Told every error the table translates, retried or not (the worker's error metric).
+        self.on_error: Callable[[ExecutionError], None] | None = None
 
     def __repr__(self) -> str:
         return f"CcxtExchange({self.profile_id}, {self.exchange})"
@@ -410,6 +412,7 @@ class CcxtExchange:
                 return await fn()
             except Exception as exc:  # noqa: BLE001 - every failure goes through the table
                 err = translate(exc, redact=self._redact, context=f"{self.profile_id} {what}")
+                self._noted(err)
                 if not isinstance(err, RetryableError) or attempt >= self.retry.attempts:
                     raise err from None  # `from None`: the library's exception (URLs, bodies) stays out of tracebacks
                 attempt += 1
@@ -417,6 +420,10 @@ class CcxtExchange:
                 delay = self.retry.delay(attempt, err)
                 log.warning("%s; retry %d/%d in %.2fs", err.reason, attempt, self.retry.attempts, delay)
                 await self._sleep(delay)
+
+    def _noted(self, err: ExecutionError) -> None:
+        if self.on_error is not None:
+            self.on_error(err)
 
     # -------------------------------------------------------------------------- markets
     async def load_markets(self, products: list[str] | None = None) -> dict[str, MarketInfo]:
@@ -444,12 +451,16 @@ class CcxtExchange:
     async def create_order(
         self, client_order_id: str, product: str, side: Side, size: Decimal, *, limit_price: Decimal | None = None
     ) -> ExchangeOrder:
-        m = self.market(product)
-        q, p = prepare_order(m, side, size, limit_price)
-        if self.exchange == "coinbaseexchange" and not is_uuid(client_order_id):
-            raise RejectedError(f"client order id {client_order_id!r} is not a UUID, as the Exchange API requires", kind="invalid_order")
-        if p is None and side == "buy" and self.exchange == "coinbase":
-            raise RejectedError("a market buy on Advanced Trade needs a quote size: give a limit price", kind="invalid_order")
+        try:  # refused here, never sent: counted with the exchange's refusals
+            m = self.market(product)
+            q, p = prepare_order(m, side, size, limit_price)
+            if self.exchange == "coinbaseexchange" and not is_uuid(client_order_id):
+                raise RejectedError(f"client order id {client_order_id!r} is not a UUID, as the Exchange API requires", kind="invalid_order")
+            if p is None and side == "buy" and self.exchange == "coinbase":
+                raise RejectedError("a market buy on Advanced Trade needs a quote size: give a limit price", kind="invalid_order")
+        except RejectedError as refused:
+            self._noted(refused)
+            raise
         params = {"client_order_id": client_order_id} if self.exchange == "coinbase" else {"client_oid": client_order_id}
         kind = "limit" if p is not None else "market"
         attempt = 0
@@ -463,6 +474,7 @@ class CcxtExchange:
                 raw = await self._ex.create_order(product, kind, side, float(q), float(p) if p is not None else None, dict(params))
             except Exception as exc:  # noqa: BLE001
                 err = translate(exc, redact=self._redact, context=f"{self.profile_id} create {client_order_id}")
+                self._noted(err)
                 if isinstance(err, RejectedError) and err.kind == "duplicate_client_id":
                     found = await self._retrying("lookup duplicate", lambda: self._lookup(client_order_id, product, None))
                     if found is not None:

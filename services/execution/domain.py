@@ -3,12 +3,14 @@
 - An order is sent at `not_before` (the arbiter's, which keeps different profiles' orders on a product
   apart) plus a per-profile de-sync delay: seeded from the profile's hash (the plan hash of the intent's
   epoch, carried on the order; the config's base_hash when absent), bounded by desync_min_ms..desync_max_ms,
-  in event time. It fills at the open of the candle that follows its decision (the first candle of the
-  product opening at or after the decision time, the order's event time), with slippage and the taker fee,
-  at its send time.
+  in event time. It trades at the open of the candle that follows its decision (the first candle of the
+  product opening at or after the decision time, the order's event time), with slippage, at its send time.
 - Internal part (`internal_size`, paper mode): settled with the other profile at that candle's open (the
   mid price), without fee or slippage, at the decision time: an internal fill and order events marked internal.
 - Slippage = min(slippage_tolerance, 0.1 * (high - low) / open) of that candle, against the trader.
+- Volume: an order fills at most max_volume_participation of a candle's volume per candle; the rest continues
+  on the product's next candles and is cancelled at order_timeout (from the send time). Taker fee for what
+  takes liquidity, maker fee for a resting limit order (docs/execution.md, Paper exchange).
 - Never twice: an order is known by its client order id; a redelivered or retried ExecuteOrder for a known id
   produces nothing new.
 - Balances are checked: a buy beyond the cash, or a sell beyond the position, is rejected with the reason.
@@ -21,6 +23,7 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
+from typing import Literal
 
 from shared.aligner import Aligner, Step
 from shared.clock import derived_id, from_epoch_s
@@ -41,6 +44,7 @@ from shared.messages import (
 # once), so an order decided at T must still find the candle opening at T when it arrives: a year of hourly
 # candles in replay; in live trading orders arrive within seconds of their candle.
 HISTORY_CANDLES = 10_000
+EIGHT = Decimal("0.00000001")
 
 
 def desync_delay_ms(seed: str, intent_id: str, lo: int, hi: int) -> int:
@@ -56,6 +60,19 @@ class OrderRecord:
     order: ExecuteOrder
     send_time: datetime
     status: str = "submitted"
+    deadline: datetime | None = None  # send_time + order_timeout: what is still open then is cancelled
+    filled: Decimal = Decimal(0)  # exchange part filled so far (the internal part is settled at once)
+    internal_done: Decimal = Decimal(0)
+    cost: Decimal = Decimal(0)  # sum of price * size over all fills (internal leg included)
+    fees: Decimal = Decimal(0)
+    fills: int = 0  # exchange fills so far: numbers the fill ids
+    last_open: datetime | None = None  # open time of the last candle the order traded on
+    last_interval_s: int = 0
+    last_fill_time: datetime | None = None
+
+    @property
+    def remaining(self) -> Decimal:
+        return self.order.size - self.internal_done - self.filled
 
 
 @dataclass
@@ -68,8 +85,10 @@ class PaperState:
     cash: Decimal
     positions: dict[str, Decimal] = field(default_factory=dict)
     orders: dict[str, OrderRecord] = field(default_factory=dict)
-    waiting: list[str] = field(default_factory=list)  # client order ids awaiting their candle
+    waiting: list[str] = field(default_factory=list)  # client order ids still open: awaiting a candle or the rest
     history: dict[str, list[CandleClosed]] = field(default_factory=dict)  # per product, by open time
+    order_timeout: timedelta = timedelta(seconds=60)
+    market_time_s: int | None = None  # the latest complete market step seen (its open time)
     finished: bool = False
     killed: str | None = None  # set by an operator's `kill`: waiting orders cancelled, new ones refused
 
@@ -82,6 +101,7 @@ def new_state(profile_id: str, profile: Profile, settings: ExecutionSettings, pa
         slippage_tolerance=Decimal(str(profile.trading_params.slippage_tolerance)),
         aligner=Aligner(partitions),
         cash=Decimal(str(profile.paper.initial_quote_balance)),
+        order_timeout=timedelta(seconds=profile.trading_params.order_timeout),
     )
 
 
@@ -130,7 +150,7 @@ def decide(state: PaperState, msg: Message, partition: int = 0) -> list[Message]
             delay = desync_delay_ms(seed, msg.intent_id, state.settings.desync_min_ms, state.settings.desync_max_ms)
             why = f"de-sync delay {delay} ms"
         send_time = msg.not_before + timedelta(milliseconds=delay)
-        state.orders[msg.client_order_id] = OrderRecord(msg, send_time)
+        state.orders[msg.client_order_id] = OrderRecord(msg, send_time, deadline=send_time + state.order_timeout)
         out.append(_update(msg, "submitted", send_time, reason=why, internal=internal_only))
         state.waiting.append(msg.client_order_id)
         out.extend(_fill_waiting(state))
@@ -140,6 +160,7 @@ def decide(state: PaperState, msg: Message, partition: int = 0) -> list[Message]
 
 
 def _remember(state: PaperState, step: Step) -> None:
+    state.market_time_s = step.time_s
     for c in step.candles:
         h = state.history.setdefault(c.product, [])
         h.append(c)  # steps arrive in time order (aligner), so the list stays sorted
@@ -156,83 +177,205 @@ def _fill_candle(state: PaperState, order: ExecuteOrder) -> CandleClosed | None:
     return h[i] if i < len(h) else None
 
 
+def _next_candle(state: PaperState, rec: OrderRecord) -> CandleClosed | None:
+    if rec.last_open is None:
+        return _fill_candle(state, rec.order)
+    h = state.history.get(rec.order.product, [])
+    i = bisect.bisect_right(h, rec.last_open, key=lambda c: c.open_time)
+    return h[i] if i < len(h) else None
+
+
 def _fill_waiting(state: PaperState) -> list[Message]:
     out: list[Message] = []
     still: list[str] = []
     for coid in state.waiting:
         rec = state.orders[coid]
-        candle = _fill_candle(state, rec.order)
-        if candle is None:
+        while rec.status in ("submitted", "partially_filled"):
+            candle = _next_candle(state, rec)
+            # The first candle is the order's arrival at the market and always trades; order_timeout bounds
+            # how long the rest stays open after it.
+            if rec.last_open is not None and _expired(state, rec, candle):
+                t = max(rec.deadline or rec.send_time, rec.last_fill_time or rec.send_time)
+                out.append(_cancel(rec, _timeout_reason(state, rec), t))
+                break
+            if candle is None:
+                break
+            out.extend(_execute(state, rec, candle))
+        if rec.status in ("submitted", "partially_filled"):
             still.append(coid)
-            continue
-        out.extend(_execute(state, rec, candle))
     state.waiting = still
     return out
+
+
+def _expired(state: PaperState, rec: OrderRecord, candle: CandleClosed | None) -> bool:
+    """The order's next candle cannot come before its deadline: cancel the rest now, not at the next step."""
+    deadline = rec.deadline or rec.send_time
+    if candle is not None:
+        return candle.open_time >= deadline
+    assert rec.last_open is not None
+    if rec.last_interval_s and rec.last_open + timedelta(seconds=rec.last_interval_s) >= deadline:
+        return True  # the product's next candle opens too late
+    return state.market_time_s is not None and from_epoch_s(state.market_time_s) >= deadline
+
+
+def _num(d: Decimal) -> str:
+    return format(d.normalize(), "f")
+
+
+def _share(state: PaperState) -> str:
+    return f"at most {_num(Decimal(str(state.settings.max_volume_participation)) * 100)}% of a candle's volume"
+
+
+def _timeout_reason(state: PaperState, rec: OrderRecord) -> str:
+    return (
+        f"order_timeout {state.order_timeout.total_seconds():g}s reached: filled "
+        f"{_num(rec.internal_done + rec.filled)} of {_num(rec.order.size)} ({_share(state)} per candle)"
+    )
+
+
+def _cancel(rec: OrderRecord, reason: str, t: datetime) -> OrderUpdated:
+    rec.status = "cancelled"
+    o = rec.order
+    done = rec.internal_done + rec.filled
+    avg = (rec.cost / done).quantize(EIGHT) if done > 0 else None
+    return _update(o, "cancelled", t, reason=reason, filled=done, price=avg, fee=rec.fees,
+                   internal=o.internal_size >= o.size)
 
 
 def _cancel_waiting(state: PaperState, reason: str) -> list[Message]:
     out: list[Message] = []
     for coid in state.waiting:
         rec = state.orders[coid]
-        rec.status = "cancelled"
-        o = rec.order
-        out.append(_update(o, "cancelled", rec.send_time, reason=reason, internal=o.internal_size >= o.size))
+        out.append(_cancel(rec, reason, max(rec.send_time, rec.last_fill_time or rec.send_time)))
     state.waiting = []
     return out
 
 
-def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[Message]:
-    o = rec.order
-    internal = min(o.internal_size, o.size)
-    market = o.size - internal
+def _limit_fill_price(state: PaperState, o: ExecuteOrder, candle: CandleClosed, first: bool) -> tuple[Decimal, bool] | None:
+    """(price, maker) at which a limit order trades on this candle, or None when the market does not reach it.
+
+    Marketable on arrival (a buy limit at or above the open): it takes liquidity like a market order, its price
+    capped by the limit. Otherwise it rests on the book and fills at its limit, as maker, once the candle trades
+    through the limit (strictly: a touch may leave a resting order in the queue).
+    """
+    lim = o.limit_price
+    assert lim is not None
+    buy = o.side == "buy"
+    if first and (candle.open <= lim if buy else candle.open >= lim):
+        p = _taker_price(state, o, candle)
+        return (min(p, lim) if buy else max(p, lim)), False
+    if candle.low < lim if buy else candle.high > lim:
+        return lim, True
+    return None
+
+
+def _taker_price(state: PaperState, o: ExecuteOrder, candle: CandleClosed) -> Decimal:
     rng = (candle.high - candle.low) / candle.open
     slip = min(state.slippage_tolerance, rng * Decimal("0.1"))
     price = candle.open * (1 + slip) if o.side == "buy" else candle.open * (1 - slip)
     # Rounded towards the open, so the slippage never exceeds slippage_tolerance by the rounding.
-    price = price.quantize(Decimal("0.00000001"), rounding=ROUND_DOWN if o.side == "buy" else ROUND_UP)
-    mid = candle.open.quantize(Decimal("0.00000001"))
-    notional = price * market
-    fee = (notional * Decimal(str(state.settings.taker_fee_rate))).quantize(Decimal("0.00000001"))
-    total = notional + mid * internal
+    return price.quantize(EIGHT, rounding=ROUND_DOWN if o.side == "buy" else ROUND_UP)
+
+
+def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[Message]:
+    """Trade the order on one candle: on its first, the internal leg and the balance check of the whole order;
+    on each, at most max_volume_participation of the candle's volume of the exchange part."""
+    o = rec.order
+    first = rec.last_open is None
+    rec.last_open, rec.last_interval_s = candle.open_time, candle.interval_s
+    internal = min(o.internal_size, o.size) if first else Decimal(0)
+    market_left = o.size - min(o.internal_size, o.size) - rec.filled
+    cap = (candle.volume * Decimal(str(state.settings.max_volume_participation))).quantize(EIGHT, rounding=ROUND_DOWN)
+    market = min(market_left, cap)
+    if o.order_type == "limit":
+        priced = _limit_fill_price(state, o, candle, first)
+        if priced is None:  # the market did not reach the limit on this candle
+            priced, market = (o.limit_price or candle.open, True), Decimal(0)
+        price, maker = priced
+    else:
+        price, maker = _taker_price(state, o, candle), False
+    rate = state.settings.maker_fee_rate if maker else state.settings.taker_fee_rate
+    fee = (price * market * Decimal(str(rate))).quantize(EIGHT)
+    mid = candle.open.quantize(EIGHT)
     t = max(rec.send_time, candle.open_time)
     t_internal = max(o.not_before, candle.open_time)
-    if o.side == "buy" and total + fee > state.cash:
-        rec.status = "rejected"
-        return [_update(o, "rejected", t, reason=f"insufficient funds: needs {total + fee:.2f}, has {state.cash:.2f}",
-                        internal=market == 0)]
     held = state.positions.get(o.product, Decimal(0))
-    if o.side == "sell" and o.size > held:
-        rec.status = "rejected"
-        return [_update(o, "rejected", t, reason=f"insufficient position: sells {o.size}, holds {held}",
-                        internal=market == 0)]
+    if first:
+        # The whole order must be covered when it reaches the market (an exchange holds the funds for all of it).
+        whole = price * market_left + mid * internal
+        whole_fee = (price * market_left * Decimal(str(rate))).quantize(EIGHT)
+        if o.side == "buy" and whole + whole_fee > state.cash:
+            rec.status = "rejected"
+            return [_update(o, "rejected", t, reason=f"insufficient funds: needs {whole + whole_fee:.2f}, has {state.cash:.2f}",
+                            internal=market_left == 0)]
+        if o.side == "sell" and o.size > held:
+            rec.status = "rejected"
+            return [_update(o, "rejected", t, reason=f"insufficient position: sells {o.size}, holds {held}",
+                            internal=market_left == 0)]
+    elif o.side == "buy" and price * market + fee > state.cash:
+        # Later parts: another order of the profile may have used the cash since (no holds are modelled).
+        return [_cancel(rec, f"insufficient funds for the rest: needs {price * market + fee:.2f}, has {state.cash:.2f}", t)]
+    elif o.side == "sell" and market > held:
+        return [_cancel(rec, f"insufficient position for the rest: sells {market}, holds {held}", t)]
+    out: list[Message] = []
+    if internal > 0:
+        _book(state, o, internal, mid * internal, Decimal(0))
+        rec.internal_done = internal
+        rec.cost += mid * internal
+        out.append(_fill(o, derived_id("fill", o.client_order_id, "internal"), t_internal, internal, mid, Decimal(0), True))
+        if market_left > 0:
+            # The internal leg as its own line of the order log; the order completes with the exchange part.
+            rec.status = "partially_filled"
+            out.append(_update(o, "partially_filled", t_internal, filled=internal, price=mid, internal=True,
+                               reason=f"internal transfer with {', '.join(o.counterparties)} at the mid price"))
+        rec.last_fill_time = t_internal
+    if market > 0:
+        _book(state, o, market, price * market, fee)
+        out.append(_fill(o, derived_id("fill", o.client_order_id, rec.fills), t, market, price, fee, False,
+                         liquidity="maker" if maker else "taker"))
+        rec.fills += 1
+        rec.filled += market
+        rec.cost += price * market
+        rec.fees += fee
+        rec.last_fill_time = t
+    done = rec.internal_done + rec.filled
+    if rec.remaining == 0:
+        rec.status = "filled"
+        avg = (rec.cost / o.size).quantize(EIGHT)
+        t_done = t if market_left > 0 else t_internal
+        out.append(_update(o, "filled", t_done, filled=o.size, price=avg, fee=rec.fees, internal=market_left == 0))
+    elif market > 0:
+        rec.status = "partially_filled"
+        out.append(_update(o, "partially_filled", t, filled=done, price=(rec.cost / done).quantize(EIGHT), fee=rec.fees,
+                           reason=f"filled {_num(market)} at {_num(price)}: {_share(state)} ({_num(candle.volume)})",
+                           seq=rec.fills))
+    return out
+
+
+def _book(state: PaperState, o: ExecuteOrder, size: Decimal, notional: Decimal, fee: Decimal) -> None:
+    held = state.positions.get(o.product, Decimal(0))
     if o.side == "buy":
-        state.cash -= total + fee
-        state.positions[o.product] = held + o.size
+        state.cash -= notional + fee
+        state.positions[o.product] = held + size
     else:
-        state.cash += total - fee
-        left = held - o.size
+        state.cash += notional - fee
+        left = held - size
         if left > 0:
             state.positions[o.product] = left
         else:
             state.positions.pop(o.product, None)
-    rec.status = "filled"
-    out: list[Message] = []
-    if internal > 0:
-        out.append(_fill(o, derived_id("fill", o.client_order_id, "internal"), t_internal, internal, mid, Decimal(0), True))
-        if market > 0:
-            # The internal leg as its own line of the order log; the order completes with the exchange part.
-            out.append(_update(o, "partially_filled", t_internal, filled=internal, price=mid, internal=True,
-                               reason=f"internal transfer with {', '.join(o.counterparties)} at the mid price"))
-    if market > 0:
-        out.append(_fill(o, derived_id("fill", o.client_order_id, 0), t, market, price, fee, False))
-    avg = (total / o.size).quantize(Decimal("0.00000001"))
-    t_done = t if market > 0 else t_internal
-    out.append(_update(o, "filled", t_done, filled=o.size, price=avg, fee=fee, internal=market == 0))
-    return out
 
 
 def _fill(
-    o: ExecuteOrder, fill_id: str, t: datetime, size: Decimal, price: Decimal, fee: Decimal, internal: bool
+    o: ExecuteOrder,
+    fill_id: str,
+    t: datetime,
+    size: Decimal,
+    price: Decimal,
+    fee: Decimal,
+    internal: bool,
+    *,
+    liquidity: Literal["maker", "taker"] = "taker",
 ) -> OrderFilled:
     return OrderFilled(
         id=fill_id,
@@ -248,6 +391,7 @@ def _fill(
         size=size,
         price=price,
         fee=fee,
+        liquidity=liquidity,
         internal=internal,
     )
 
@@ -262,9 +406,11 @@ def _update(
     price: Decimal | None = None,
     fee: Decimal = Decimal(0),
     internal: bool = False,
+    seq: int = 0,
 ) -> OrderUpdated:
     return OrderUpdated(
-        id=derived_id("order-update", o.client_order_id, status),
+        # `seq` tells apart the several partially_filled updates of one order (0: the first, or the only one).
+        id=derived_id("order-update", o.client_order_id, status, *((seq,) if seq else ())),
         event_time=t,
         correlation_id=o.correlation_id,
         causation_id=o.id,

@@ -60,6 +60,8 @@ class LiveExecution:
         # between send and answer leaves no trace but the redelivered command; with it, reconciliation on restart
         # knows the order even if the exchange lost it (Coinbase Exchange forgets orders cancelled unfilled).
         self.write_ahead: Callable[[list[Message]], Awaitable[None]] | None = None
+        # Called with the client order id when the exchange accepts a create request (the latency metric).
+        self.on_ack: Callable[[str], None] | None = None
 
     # -------------------------------------------------------------------------- state
     def apply(self, msg: Message) -> None:
@@ -76,6 +78,8 @@ class LiveExecution:
         return msgs
 
     def limit_price(self, o: ExecuteOrder) -> Decimal:
+        if o.limit_price is not None:
+            return o.limit_price  # a limit order rests at its own price (maker where it does not cross)
         factor = (1 + self.slippage) if o.side == "buy" else (1 - self.slippage)
         return o.reference_price * factor
 
@@ -111,6 +115,8 @@ class LiveExecution:
         except RetryableError as err:
             log.warning("%s: order %s state unknown (%s); reconciliation will settle it", self.profile_id, k.client_order_id, err.reason)
             return out
+        if self.on_ack is not None:
+            self.on_ack(msg.client_order_id)
         self.exchange_ids[k.client_order_id] = order
         # A redelivered order found at the exchange keeps its original clock: order_timeout counts from creation.
         return out + await self._track(k.client_order_id, order, sent=order.created_at or now)

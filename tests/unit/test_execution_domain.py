@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -12,11 +13,11 @@ from hypothesis import strategies as st
 from services.execution.domain import PaperState, decide, desync_delay_ms, new_state
 from shared.config import AppConfig, ExecutionSettings, Profile
 from shared.messages import CandleClosed, Message, OrderFilled, OrderUpdated, WorkerFinished
+from tests.unit import builders
 from tests.unit.builders import (
     HOUR,
     T0,
     D,
-    candle,
     config,
     dt,
     execute_order,
@@ -28,6 +29,11 @@ from tests.unit.builders import (
 
 PID = "profile_a"
 EIGHT = Decimal("0.00000001")
+
+
+def candle(product: str, open_time: int, *ohlc: Any, volume: Any = 1000, interval: int = HOUR) -> CandleClosed:
+    """A candle with ample volume unless the test is about volume: an order takes at most 10 % of it."""
+    return builders.candle(product, open_time, *ohlc, volume=volume, interval=interval)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+from services.execution.metrics import ExecutionMetrics
 from services.monitor.metrics import MonitorMetrics
 from services.registry.metrics import RegistryMetrics
 
@@ -14,11 +15,14 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashbo
 
 def exported_names() -> set[str]:
     names: set[str] = set()
-    for registry in (MonitorMetrics("ns").registry, RegistryMetrics().registry):
+    execution = ExecutionMetrics("p", "paper", started_at=0.0)
+    for registry in (MonitorMetrics("ns").registry, RegistryMetrics().registry, execution.registry):
         for metric in registry.collect():
             names.add(metric.name)
             if metric.type == "counter":
                 names.add(metric.name + "_total")
+            if metric.type == "histogram":
+                names.update(metric.name + s for s in ("_bucket", "_sum", "_count"))
     return names
 
 
@@ -34,7 +38,8 @@ def test_dashboard_queries_exported_metrics() -> None:
     assert used <= exported_names(), used - exported_names()
     for required in ("mp_consumer_lag", "mp_consumer_group_lag", "mp_profile_equity", "mp_profile_drawdown_pct",
                      "mp_profile_trades", "mp_profile_win_rate", "mp_profile_realized_pnl", "mp_profile_halts",
-                     "mp_service_up", "mp_arbiter_decisions", "mp_alerts_total"):
+                     "mp_service_up", "mp_arbiter_decisions", "mp_alerts_total",
+                     "mp_execution_order_latency_seconds_bucket"):
         assert required in used
     for p in panels:
         g = p["gridPos"]
