@@ -10,6 +10,9 @@ ProfileHalted out. The paper exchange (domain.py) stays the default; this runs w
 - Errors (errors.py): rejected -> `rejected` event with the reason; halt -> the order is rejected, ProfileHalted is
   emitted and every later order of the profile is rejected without contacting the exchange; retries exhausted ->
   the order stays `submitted` and reconciliation settles it.
+- Sent at `not_before` (the arbiter's spacing of different profiles' orders on a product) plus the profile's
+  de-sync delay (domain.desync_delay_ms, the same seed and bounds as the paper exchange), waited for on the
+  injected clock; an order whose send time has passed (a replay, a redelivery) goes at once.
 - `reconcile()` (on start, then periodically) looks up every unfinished known order and emits what is missing.
 
 The known state is rebuilt from this worker's own events (`apply` each of them, e.g. read back from
@@ -24,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from services.execution.domain import desync_delay_ms
 from services.execution.errors import HaltError, RejectedError, RetryableError
 from services.execution.ports import ExchangeFill, ExchangeOrder, ExchangePort
 from services.execution.reconcile import KnownOrder, Reconciliation, apply_event, order_update, reconcile
@@ -44,8 +48,11 @@ class LiveExecution:
         clock: Clock,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         poll_interval_s: float = 1.0,
+        desync_ms: tuple[int, int] = (0, 0),
     ) -> None:
         self.profile_id = profile_id
+        self.desync_ms = desync_ms
+        self.seed = profile.profile_hash.base_hash
         self.port = port
         self.clock = clock
         self._sleep = sleep
@@ -77,6 +84,11 @@ class LiveExecution:
         self.apply_all(msgs)
         return msgs
 
+    def send_time(self, o: ExecuteOrder) -> datetime:
+        """`not_before` plus this profile's de-sync delay for the intent (internal transfers never reach here)."""
+        lo, hi = self.desync_ms
+        return o.not_before + timedelta(milliseconds=desync_delay_ms(o.profile_hash or self.seed, o.intent_id, lo, hi))
+
     def limit_price(self, o: ExecuteOrder) -> Decimal:
         if o.limit_price is not None:
             return o.limit_price  # a limit order rests at its own price (maker where it does not cross)
@@ -104,6 +116,10 @@ class LiveExecution:
             # it would need a transfer, so a netted order reaching live execution is a configuration error.
             reason = "internal crosses are executed in paper mode only (system.arbiter.internal_cross: report in live)"
             return out + self._emit([order_update(k, "rejected", now, reason=reason)])
+        send_at = self.send_time(msg)
+        wait_s = (send_at - self.clock()).total_seconds()
+        if wait_s > 0:
+            await self._sleep(wait_s)  # no lock-step with another profile's order on this product
         try:
             order = await self.port.create_order(
                 msg.client_order_id, msg.product, msg.side, msg.size, limit_price=self.limit_price(msg)

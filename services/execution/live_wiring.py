@@ -56,7 +56,11 @@ async def open_live_execution(
         products=profile_products(profile, cfg.system.quote_asset),
         api_base=api_base,
     )
-    return LiveExecution(profile_id, profile, port, clock=clock, poll_interval_s=poll_interval_s)
+    ex = cfg.system.execution
+    return LiveExecution(
+        profile_id, profile, port, clock=clock, poll_interval_s=poll_interval_s,
+        desync_ms=(ex.desync_min_ms, ex.desync_max_ms),
+    )
 
 
 async def start_live(
