@@ -130,8 +130,8 @@ class MemoryRegistry:
             self.holds.setdefault(key, {})[(profile, start, end)] = None
         return ClaimResult(ClaimOutcome.OK)
 
-    async def lookup(self, profile: str, start_s: int) -> Decision | None:
-        return self.records.get((profile, start_s))
+    async def lookup(self, profile: str, start_s: int, rotation: int = 0) -> Decision | None:
+        return self.records.get((profile, start_s))  # a backtest has no operator, so no rotation
 
     async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision:
         key = (plan.profile, int(plan.epoch_start.timestamp()))
@@ -155,7 +155,9 @@ class MemoryRegistry:
     async def recover(self, known: Sequence[Held]) -> str:
         return "memory"  # nothing is ever lost in memory
 
-    async def takeover(self, profile: str, start_s: int) -> tuple[TakeoverOutcome, PlanPublished | None]:
+    async def takeover(
+        self, profile: str, start_s: int, rotation: int = 0
+    ) -> tuple[TakeoverOutcome, PlanPublished | None]:
         return "PUBLISHED", None
 
 

@@ -196,7 +196,8 @@ class StrategyWorker:
                     log.warning("refused command %s %s: %s", msg.action, msg.target, verdict.reason)
                     continue
             async with self.lock:
-                for out in domain.decide(self.state, msg, rec.partition):
+                # The record's Kafka time places a rotate command among the steps (domain.py).
+                for out in domain.decide(self.state, msg, rec.partition, rec.timestamp):
                     await self._publish(out)
 
     async def _dead_letter(self, rec: Any, error: str) -> None:

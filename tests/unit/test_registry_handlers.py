@@ -140,7 +140,7 @@ async def test_unpublished_decision_of_another_replica_is_watched_and_taken_over
     await feed(s1, FakeBackend(store, "r1"), market(1))  # r1 decides hour 0, then dies before Kafka acks
     b2 = FakeBackend(store, "r2")
     assert plans_of(await feed(s2, b2, market(1))) == []
-    assert set(s2.watches) == {("profile_a", T0), ("profile_b", T0)}
+    assert set(s2.watches) == {("profile_a", T0, 0), ("profile_b", T0, 0)}  # (profile, start, rotation)
     assert await handlers.check_watches(s2, b2, lease_s=60) == []  # within the lease: nothing yet
     for k in s2.watches:
         s2.watches[k] = time.monotonic() - 61
