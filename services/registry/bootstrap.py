@@ -34,7 +34,14 @@ from shared.codec import DecodeError, decode, implausible_time
 from shared.commands import gate_for
 from shared.config import AppConfig
 from shared.kafka import Publisher, Route
-from shared.messages import CommandHandled, ControlCommand, DeadLettered, Message, PlanPublished, WorkerFinished
+from shared.messages import (
+    CommandHandled,
+    ControlCommand,
+    DeadLettered,
+    Message,
+    PlanPublished,
+    WorkerFinished,
+)
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
 
@@ -232,7 +239,7 @@ class RegistryService:
         todo = {tp for tp in tps if await commands.position(tp) < ends[tp]}
         while todo:
             batch = await commands.getmany(*todo, timeout_ms=500)
-            for tp, recs in batch.items():
+            for recs in batch.values():
                 for rec in recs:
                     await self._on_command(rec, publisher)
             todo = {tp for tp in todo if await commands.position(tp) < ends[tp]}

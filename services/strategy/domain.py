@@ -237,6 +237,10 @@ class StrategyState:
     market_done: bool = False
     finished: bool = False
     intents_sent: int = 0
+    fills: int = 0  # fills applied (metrics)
+    closed_trades: int = 0  # sell fills
+    wins: int = 0  # sell fills whose gain at average cost exceeds the sale's fee
+    halt_counts: dict[str, int] = field(default_factory=dict)  # risk halts emitted, by kind
     _tunable: tuple[str, dict[str, float]] | None = None  # (plan id, the selected strategy's tunables)
 
     def equity(self) -> Decimal:
@@ -360,6 +364,7 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
     if f.fill_id in state.seen_fills:
         return  # redelivered fill: counted once
     state.seen_fills.add(f.fill_id)
+    state.fills += 1
     state.fees += f.fee
     notional = f.size * f.price
     pos = state.positions.get(f.product)
@@ -375,7 +380,10 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
         state.cash += notional - f.fee
         if pos is not None:
             sold = min(pos.size, f.size)
-            state.realized_pnl += (f.price - pos.avg_price) * sold
+            gain = (f.price - pos.avg_price) * sold
+            state.realized_pnl += gain
+            state.closed_trades += 1
+            state.wins += 1 if gain > f.fee else 0
             pos.size -= sold
             if pos.size <= 0:
                 del state.positions[f.product]
@@ -573,12 +581,14 @@ def _risk_halts(state: StrategyState, equity: Decimal, day: int, corr: str) -> l
         if dd_pct >= lim.max_drawdown_pct:
             state.halted = f"drawdown {dd_pct:.2f}% >= max_drawdown_pct {rm.max_drawdown_pct}"
             out.append(_halt(state, state.halted, None, from_epoch_s(state.last_step_s), corr))
+            state.halt_counts["drawdown"] = state.halt_counts.get("drawdown", 0) + 1
     if state.entries_paused_day != day and state.day_start_equity > 0:
         loss_pct = (state.day_start_equity - equity) / state.day_start_equity * 100
         if loss_pct >= lim.max_daily_loss_pct:
             state.entries_paused_day = day
             reason = f"daily loss {loss_pct:.2f}% >= max_daily_loss_pct {rm.max_daily_loss_pct}"
             out.append(_halt(state, reason, from_epoch_s((day + 1) * 86400), from_epoch_s(state.last_step_s), corr))
+            state.halt_counts["daily_loss"] = state.halt_counts.get("daily_loss", 0) + 1
     return out
 
 

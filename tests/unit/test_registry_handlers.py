@@ -273,9 +273,9 @@ def overlapping_duplicates(plans: Sequence[PlanPublished]) -> list[tuple[str, st
     bad = []
     for a in plans:
         for b in plans:
-            if a.profile < b.profile and a.epoch_start < b.epoch_end and b.epoch_start < a.epoch_end:
-                if a.hash == b.hash or a.fingerprint == b.fingerprint:
-                    bad.append((a.profile, b.profile))
+            overlap = a.profile < b.profile and a.epoch_start < b.epoch_end and b.epoch_start < a.epoch_end
+            if overlap and (a.hash == b.hash or a.fingerprint == b.fingerprint):
+                bad.append((a.profile, b.profile))
     return bad
 
 
