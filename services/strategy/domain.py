@@ -239,7 +239,8 @@ class StrategyState:
     intents_sent: int = 0
     fills: int = 0  # fills applied (metrics)
     closed_trades: int = 0  # sell fills
-    wins: int = 0  # sell fills whose gain at average cost exceeds the sale's fee
+    wins: int = 0  # sell fills whose gain at average cost exceeds both legs' fees (as summary.json counts)
+    entry_fees: dict[str, Decimal] = field(default_factory=dict)  # buy fees of the open position, by product
     halt_counts: dict[str, int] = field(default_factory=dict)  # risk halts emitted, by kind
     _tunable: tuple[str, dict[str, float]] | None = None  # (plan id, the selected strategy's tunables)
 
@@ -369,6 +370,7 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
     notional = f.size * f.price
     pos = state.positions.get(f.product)
     if f.side == "buy":
+        state.entry_fees[f.product] = state.entry_fees.get(f.product, Decimal(0)) + f.fee
         state.cash -= notional + f.fee
         if pos is None:
             state.positions[f.product] = Position(f.size, f.price)
@@ -381,12 +383,15 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
         if pos is not None:
             sold = min(pos.size, f.size)
             gain = (f.price - pos.avg_price) * sold
+            share = state.entry_fees.get(f.product, Decimal(0)) * (sold / pos.size) if pos.size else Decimal(0)
+            state.entry_fees[f.product] = state.entry_fees.get(f.product, Decimal(0)) - share
             state.realized_pnl += gain
             state.closed_trades += 1
-            state.wins += 1 if gain > f.fee else 0
+            state.wins += 1 if gain - share - f.fee > 0 else 0
             pos.size -= sold
             if pos.size <= 0:
                 del state.positions[f.product]
+                state.entry_fees.pop(f.product, None)
                 state.flatten.discard(f.product)
 
 

@@ -37,7 +37,7 @@ class StrategyMetrics(MetricsEndpoint):
         p = ["profile"]
         self.trades = Gauge("mp_strategy_trades", "Fills applied to the profile's book", p, registry=r)
         self.closed = Gauge("mp_strategy_closed_trades", "Sell fills (each closes all or part of a position)", p, registry=r)
-        self.wins = Gauge("mp_strategy_wins", "Sell fills whose gain at average cost exceeds the sale's fee", p, registry=r)
+        self.wins = Gauge("mp_strategy_wins", "Sell fills whose gain at average cost exceeds both legs' fees", p, registry=r)
         self.win_rate = Gauge("mp_strategy_win_rate", "wins / closed trades (0 before the first close)", p, registry=r)
         self.realized = Gauge("mp_strategy_realized_pnl", "Realised PnL at average cost (quote currency)", p, registry=r)
         self.unrealized = Gauge(
