@@ -8,13 +8,14 @@ from pathlib import Path
 
 from services.monitor.metrics import MonitorMetrics
 from services.registry.metrics import RegistryMetrics
+from services.strategy.metrics import StrategyMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboard.json"
 
 
 def exported_names() -> set[str]:
     names: set[str] = set()
-    for registry in (MonitorMetrics("ns").registry, RegistryMetrics().registry):
+    for registry in (MonitorMetrics("ns").registry, RegistryMetrics().registry, StrategyMetrics("p").registry):
         for metric in registry.collect():
             names.add(metric.name)
             if metric.type == "counter":
@@ -34,7 +35,8 @@ def test_dashboard_queries_exported_metrics() -> None:
     assert used <= exported_names(), used - exported_names()
     for required in ("mp_consumer_lag", "mp_consumer_group_lag", "mp_profile_equity", "mp_profile_drawdown_pct",
                      "mp_profile_trades", "mp_profile_win_rate", "mp_profile_realized_pnl", "mp_profile_halts",
-                     "mp_service_up", "mp_arbiter_decisions", "mp_alerts_total"):
+                     "mp_service_up", "mp_arbiter_decisions", "mp_alerts_total", "mp_strategy_equity",
+                     "mp_strategy_win_rate", "mp_strategy_halts", "mp_strategy_events_total", "mp_strategy_errors_total"):
         assert required in used
     for p in panels:
         g = p["gridPos"]
