@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -120,7 +121,10 @@ class HeartbeatThread(threading.Thread):
                     if not failing:
                         log.warning("heartbeat to %s failed (%s: %s); retrying", self.topic, type(err).__name__, err)
                     failing = True
-                await asyncio.get_running_loop().run_in_executor(None, self._stop.wait, self.interval_s)
+                # Polled, not an executor wait: at interpreter exit no executor takes new work.
+                deadline = time.monotonic() + self.interval_s
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    await asyncio.sleep(min(0.05, self.interval_s))
             if started:
                 # Best effort: without it, status sees the service down a few beats later.
                 with contextlib.suppress(Exception):
