@@ -19,6 +19,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from mpctl import infra
+from mpctl.progress import Progress
 from services.monitor.collect import collect_run
 from services.monitor.report_html import write_report
 from shared.codec import DecodeError, decode
@@ -43,9 +44,7 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run_demo)
 
 
-def _progress(msg: str) -> None:
-    if sys.stderr.isatty() and not os.environ.get("CI"):
-        print(f"[demo] {msg}", file=sys.stderr, flush=True)
+_progress = Progress("demo")  # terminal only, quiet in CI and pipes (mpctl/progress.py)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from mpctl.progress import Progress
 from services.monitor.collect import read_topics
 from services.monitor.health import HEALTH_HEADER, ServiceHealth, fetch_health, health_rows
 from services.monitor.lag import LagReport, fetch_lag, format_table, summary_line, to_json
@@ -31,10 +32,7 @@ from shared.topics import Topics
 DEFAULT_BOOTSTRAP = "127.0.0.1:19092"
 
 
-def progress(msg: str) -> None:
-    """Progress for a person at a terminal; CI logs and pipes stay quiet."""
-    if sys.stderr.isatty() and not os.environ.get("CI"):
-        print(msg, file=sys.stderr, flush=True)
+progress = Progress("status")  # terminal only, quiet in CI and pipes (mpctl/progress.py)
 
 
 @dataclass(frozen=True)
