@@ -37,6 +37,7 @@ from typing import Any
 
 from aiokafka.partitioner import murmur2
 
+from mpctl.progress import Progress
 from services.arbiter import bootstrap as arbiter_bootstrap
 from services.arbiter import domain as arbiter
 from services.execution import bootstrap as execution_bootstrap
@@ -130,8 +131,8 @@ class MemoryRegistry:
             self.holds.setdefault(key, {})[(profile, start, end)] = None
         return ClaimResult(ClaimOutcome.OK)
 
-    async def lookup(self, profile: str, start_s: int) -> Decision | None:
-        return self.records.get((profile, start_s))
+    async def lookup(self, profile: str, start_s: int, rotation: int = 0) -> Decision | None:
+        return self.records.get((profile, start_s))  # a backtest has no operator, so no rotation
 
     async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision:
         key = (plan.profile, int(plan.epoch_start.timestamp()))
@@ -155,7 +156,9 @@ class MemoryRegistry:
     async def recover(self, known: Sequence[Held]) -> str:
         return "memory"  # nothing is ever lost in memory
 
-    async def takeover(self, profile: str, start_s: int) -> tuple[TakeoverOutcome, PlanPublished | None]:
+    async def takeover(
+        self, profile: str, start_s: int, rotation: int = 0
+    ) -> tuple[TakeoverOutcome, PlanPublished | None]:
         return "PUBLISHED", None
 
 
@@ -543,6 +546,8 @@ def run_command(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         print(f"--data {args.data} is not a folder", file=sys.stderr)
         return 1
+    say = Progress("backtest")  # terminal only, quiet in CI and pipes
+    say(f"loading candles from {args.data} ...")
     t0 = time.perf_counter()
     try:
         steps = load_schedule(
@@ -552,8 +557,10 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"backtest: {err}", file=sys.stderr)
         return 1
     t1 = time.perf_counter()
+    say(f"{len(steps)} steps loaded in {t1 - t0:.1f} s; running {len(cfg.enabled_profiles())} profiles ...")
     data, stats = run_backtest(cfg, steps, exact=args.exact)
     t2 = time.perf_counter()
+    say(f"ran in {t2 - t1:.1f} s; writing the outputs to {args.out} ...")
     out: Path = args.out
     for stale in ("orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json"):
         (out / stale).unlink(missing_ok=True)

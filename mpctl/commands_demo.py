@@ -24,6 +24,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from mpctl import infra
+from mpctl.progress import Progress
 from services.monitor.collect import collect_run
 from services.monitor.report_html import write_report
 from shared.codec import DecodeError, decode
@@ -53,9 +54,7 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run_demo)
 
 
-def _progress(msg: str) -> None:
-    if sys.stderr.isatty() and not os.environ.get("CI"):
-        print(f"[demo] {msg}", file=sys.stderr, flush=True)
+_progress = Progress("demo")  # terminal only, quiet in CI and pipes (mpctl/progress.py)
 
 
 SECRET_ENV = ("MPCTL_SECRETS_PASSPHRASE", "MPCTL_SECRETS_KEY_FILE")

@@ -19,8 +19,9 @@ from typing import Any
 
 import orjson
 
+from mpctl.progress import Progress
 from services.monitor.collect import read_topics
-from services.monitor.health import ServiceHealth, fetch_health, health_rows
+from services.monitor.health import HEALTH_HEADER, ServiceHealth, fetch_health, health_rows
 from services.monitor.lag import LagReport, fetch_lag, format_table, summary_line, to_json
 from services.monitor.metrics import PerformanceTracker
 from services.monitor.report_html import write_report
@@ -31,10 +32,7 @@ from shared.topics import Topics
 DEFAULT_BOOTSTRAP = "127.0.0.1:19092"
 
 
-def progress(msg: str) -> None:
-    """Progress for a person at a terminal; CI logs and pipes stay quiet."""
-    if sys.stderr.isatty() and not os.environ.get("CI"):
-        print(msg, file=sys.stderr, flush=True)
+progress = Progress("status")  # terminal only, quiet in CI and pipes (mpctl/progress.py)
 
 
 @dataclass(frozen=True)
@@ -87,6 +85,13 @@ def register(sub: Any) -> None:
     status = sub.add_parser("status", help="services up/down, each profile's plan, positions, equity, halts, lag")
     _add_target(status)
     status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="a service is down when its last heartbeat is older than S seconds (default: 3 of its intervals)",
+    )
     status.set_defaults(handler=cmd_status)
 
     report = sub.add_parser("report", help="write a run's self-contained HTML report")
@@ -133,7 +138,7 @@ async def _lag(args: argparse.Namespace, target: Target) -> int:
 
 
 # ------------------------------------------------------------------------------------------ status
-async def gather_status(target: Target, cfg: AppConfig) -> dict[str, Any]:
+async def gather_status(target: Target, cfg: AppConfig, *, heartbeat_timeout: float | None = None) -> dict[str, Any]:
     t = Topics(target.namespace)
     existing = set(await list_topics(target.bootstrap))
     wanted = [t.candles, t.audit, t.events, t.plans]
@@ -152,7 +157,9 @@ async def gather_status(target: Target, cfg: AppConfig) -> dict[str, Any]:
         profiles = _profiles_from_files(target.run_dir)
     else:
         source = "none: the namespace's topics do not exist"
-    health: list[ServiceHealth] = await fetch_health(target.bootstrap, cfg, target.namespace)
+    health: list[ServiceHealth] = await fetch_health(
+        target.bootstrap, cfg, target.namespace, threshold_s=heartbeat_timeout
+    )
     lag: LagReport = await fetch_lag(target.bootstrap, target.namespace)
     return {
         "namespace": target.namespace,
@@ -211,7 +218,7 @@ def _columns(head: list[str], rows: list[list[str]]) -> str:
 def format_status(st: dict[str, Any]) -> str:
     lines = [f"namespace {st['namespace']} on {st['bootstrap']}", "", "SERVICES"]
     health = [ServiceHealth(**{**h, "clients": tuple(h["clients"])}) for h in st["services"]]
-    lines.append(_columns(["SERVICE", "STATE", "MEMBERS", "GROUP STATE", "DETAIL"], health_rows(health)))
+    lines.append(_columns(HEALTH_HEADER, health_rows(health)))
     lines += ["", f"PROFILES (from {st['source']})"]
     rows = []
     for pid, p in st["profiles"].items():
@@ -252,7 +259,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"mpctl status: {err}", file=sys.stderr)
         return 2
     try:
-        st = asyncio.run(gather_status(target, cfg))
+        st = asyncio.run(gather_status(target, cfg, heartbeat_timeout=getattr(args, "heartbeat_timeout", None)))
     except Exception as err:
         print(f"mpctl status: cannot reach {target.bootstrap}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

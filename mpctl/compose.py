@@ -40,6 +40,7 @@ REDIS_URL = "redis://redis:6379/0"
 # Host ports match `mpctl infra up` (Kafka 127.0.0.1:19092, Redis 127.0.0.1:16379), so host-side tools read the
 # compose stack with their defaults. Both stacks cannot run at once on one machine.
 KAFKA_HOST_PORT = 19092
+STRATEGY_METRICS_PORT = 9100  # deploy/prometheus.yml scrapes strategy-<profile>:9100
 REDIS_HOST_PORT = 16379
 
 CONTAINER_CONFIG = "/app/config/profiles.yaml"
@@ -62,7 +63,8 @@ SERVICE_COMMENTS: dict[str, str] = {
     "redis": "Redis holds the registry's claims (hashes, fingerprints, random assets); append-only file on a volume.",
     "topics": "One shot: creates every declared topic (shared/topics.py) with its partitions before any worker starts.",
     "ingest": "Replays the recorded candles mounted at /app/data/market, then exits 0 (a restart resumes or no-ops).",
-    "prometheus": "Scrape config deploy/prometheus.yml is a placeholder: the services export no metrics yet (issue 7).",
+    "prometheus": "Scrape config deploy/prometheus.yml: the strategy workers' metrics on port "
+    "9100 (one target per enabled profile).",
     "grafana": "Dashboard and data-source provisioning come later (issue 7); for now add Prometheus\n"
     "(http://prometheus:9090) by hand in the UI.",
 }
@@ -211,7 +213,11 @@ def compose_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> 
     )
     for pid in enabled:
         services[f"strategy-{pid}"] = _app_service(
-            "services.strategy", _common_args(pid), config_source=config_source, depends_on=_needs_topics()
+            "services.strategy",
+            # Metrics on the container network for Prometheus (loopback is the default outside containers).
+            [*_common_args(pid), "--metrics-port", str(STRATEGY_METRICS_PORT), "--metrics-addr", "0.0.0.0"],
+            config_source=config_source,
+            depends_on=_needs_topics(),
         )
         execution = _app_service(
             "services.execution", _common_args(pid), config_source=config_source, depends_on=_needs_topics()

@@ -835,15 +835,10 @@ def resolve_endpoints(
 
 
 def _cli_progress() -> Progress:
-    started = time.monotonic()
+    # Terminal only (a first start downloads the jars: worth watching); CI logs and pipes stay quiet.
+    from mpctl.progress import Progress as TerminalProgress
 
-    def emit(message: str) -> None:
-        if sys.stderr.isatty():
-            print(f"[{time.monotonic() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
-        else:
-            print(message, file=sys.stderr, flush=True)
-
-    return emit
+    return TerminalProgress("infra")
 
 
 def _infra_from_args(args: argparse.Namespace) -> LocalInfra:

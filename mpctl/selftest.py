@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mpctl.invariants import RunCheck, check_run
+from mpctl.progress import Progress
 from services.monitor.report_html import write_report
 from shared.config import DEFAULT_CONFIG, LOCAL_CONFIG, config_warnings, load_config
 
@@ -50,9 +51,7 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run_selftest)
 
 
-def _progress(msg: str) -> None:
-    if sys.stderr.isatty() and not os.environ.get("CI"):
-        print(f"[selftest] {msg}", file=sys.stderr, flush=True)
+_progress = Progress("selftest")  # terminal only, quiet in CI and pipes (mpctl/progress.py)
 
 
 @dataclass

@@ -127,6 +127,10 @@ class PlanPublished(Message):
     fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     collisions: int = Field(ge=0, default=0)
     asset_candidates: list[str] = Field(default_factory=list)
+    # 0: the epoch's scheduled plan; k > 0: the k-th early rotation inside the epoch (an operator's `rotate`),
+    # valid from epoch_start (the rotation step) to the epoch's end. rotation_commands: the commands it answers.
+    rotation: int = Field(ge=0, default=0)
+    rotation_commands: list[str] = Field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------ orders
@@ -143,6 +147,7 @@ class PlaceOrder(Message):
     reason: Literal["entry", "exit_signal", "stop_loss", "take_profit", "manual", "flatten"]
     fingerprint: str
     epoch: int
+    plan_rotation: int = Field(ge=0, default=0)  # which plan of the epoch (PlanPublished.rotation) it acts on
     step_time: UtcDatetime
     priority: int = 100
     signal: float = Field(ge=-1.0, le=1.0, default=0.0)
@@ -329,6 +334,19 @@ class ProfileHalted(Message):
     until: UtcDatetime | None = None
 
 
+class ServiceHeartbeat(Message):
+    """A running service process says it is alive, every `interval_s` seconds (services.heartbeats topic)."""
+
+    type: Literal["ServiceHeartbeat"] = "ServiceHeartbeat"
+    service: str = Field(min_length=1, max_length=128)  # "ingest", "registry", "strategy.profile_a", ...
+    instance: str = Field(max_length=128)
+    started_at: UtcDatetime
+    interval_s: float = Field(gt=0)
+    pid: int = Field(ge=0, default=0)
+    host: str = Field(default="", max_length=255)
+    stopping: bool = False  # the last beat of a clean shutdown: down at once, no threshold to wait for
+
+
 class DeadLettered(Message):
     """What could not be decoded or handled, with the error text; the original bytes are kept (base64)."""
 
@@ -359,6 +377,7 @@ AnyMessage = Annotated[
     | ControlCommand
     | CommandHandled
     | ProfileHalted
+    | ServiceHeartbeat
     | DeadLettered,
     Field(discriminator="type"),
 ]
@@ -383,6 +402,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ControlCommand,
         CommandHandled,
         ProfileHalted,
+        ServiceHeartbeat,
         DeadLettered,
     )
 }

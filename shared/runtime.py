@@ -90,4 +90,27 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 def main_entry(argv: Sequence[str] | None, service: str, parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args(argv)
     setup_logging(service, args.log_level)
+    _heartbeat(service, args)
     return args
+
+
+def _heartbeat(service: str, args: argparse.Namespace) -> None:
+    """Every service process beats on the namespace's heartbeat topic (shared/heartbeat.py)."""
+    from shared.heartbeat import heartbeat_interval, start_heartbeat
+    from shared.topics import Topics
+
+    try:
+        interval = heartbeat_interval()
+    except ValueError as err:
+        raise SystemExit(f"{service}: {err}") from None
+    if interval <= 0:
+        return
+    namespace = args.namespace
+    if not namespace:
+        try:
+            namespace = load_config(args.config).system.kafka.namespace
+        except Exception:
+            return  # the service reports the bad config itself, with its own message
+    profile = getattr(args, "profile", None)
+    name = f"{service}.{profile}" if profile else service
+    start_heartbeat(args.bootstrap, Topics(namespace).heartbeats, name, str(args.instance), interval_s=interval)

@@ -19,6 +19,7 @@ COMMANDS = "control.commands"
 AUDIT = "audit.log"
 STATUS = "services.status"
 DEAD_LETTER = "dead.letter"
+HEARTBEATS = "services.heartbeats"
 
 WEEK_MS = 7 * 24 * 3600 * 1000
 
@@ -84,6 +85,10 @@ class Topics:
     def dead_letter(self) -> str:
         return self._n(DEAD_LETTER)
 
+    @property
+    def heartbeats(self) -> str:
+        return self._n(HEARTBEATS)
+
     def approved(self, profile: str) -> str:
         return self._n(APPROVED_PREFIX + profile)
 
@@ -104,6 +109,8 @@ def declared_topics(cfg: AppConfig, namespace: str | None = None) -> list[TopicS
         TopicSpec(t.audit, 1),
         TopicSpec(t.status, 1),
         TopicSpec(t.dead_letter, 1),
+        # Keyed by service and instance; compacted: the latest beat of each process is all `status` reads.
+        TopicSpec(t.heartbeats, 1, compacted=True),
     ]
     specs += [TopicSpec(t.approved(pid), 1) for pid in cfg.profiles]
     return specs

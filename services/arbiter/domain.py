@@ -169,7 +169,8 @@ class ArbiterState:
     buffer: list[tuple[PlaceOrder, int]] = field(default_factory=list)
     buffered: set[str] = field(default_factory=set)
     decided: dict[str, list[Message]] = field(default_factory=dict)
-    plans: dict[str, dict[int, PlanPublished]] = field(default_factory=dict)
+    # profile -> (epoch, rotation) -> plan; rotation > 0: an early rotation inside the epoch (docs/registry.md)
+    plans: dict[str, dict[tuple[int, int], PlanPublished]] = field(default_factory=dict)
     last_plan_epoch: dict[str, int] = field(default_factory=dict)
     # Market data: watermarks per candle partition, released steps' closes not yet turned into returns.
     market_marks: dict[int, int] = field(default_factory=dict)
@@ -237,7 +238,7 @@ def decide(state: ArbiterState, msg: Message, partition: int) -> list[Message]:
     elif isinstance(msg, PlanPublished):
         if msg.profile not in state.profiles:
             return []
-        state.plans.setdefault(msg.profile, {})[msg.epoch] = msg
+        state.plans.setdefault(msg.profile, {})[(msg.epoch, msg.rotation)] = msg
         state.last_plan_epoch[msg.profile] = max(msg.epoch, state.last_plan_epoch.get(msg.profile, msg.epoch))
     elif isinstance(msg, CandleClosed):
         state.aligner.add(partition, msg)
@@ -298,7 +299,8 @@ def _plan_for(state: ArbiterState, intent: PlaceOrder, low: int) -> PlanPublishe
     step = int(intent.step_time.timestamp())
     if intent.epoch != step // state.rotation_s[intent.profile]:
         return "stale"  # a strategy acts on a step with the plan of the step's own epoch
-    plan = state.plans.get(intent.profile, {}).get(intent.epoch)
+    known = state.plans.get(intent.profile, {})
+    plan = known.get((intent.epoch, intent.plan_rotation))
     if plan is not None:
         return plan
     # A strategy evaluates (and marks complete) a step only once it has the plan of the step's epoch, so when
@@ -308,7 +310,9 @@ def _plan_for(state: ArbiterState, intent: PlaceOrder, low: int) -> PlanPublishe
     reached = any(ps.marks.get(intent.profile, -_INF) >= step for ps in state.partitions.values())
     if not reached:
         return "gone"
-    later = state.last_plan_epoch.get(intent.profile, -1) > intent.epoch
+    later = state.last_plan_epoch.get(intent.profile, -1) > intent.epoch or any(
+        e == intent.epoch and r > intent.plan_rotation for e, r in known
+    )
     if later and low >= step + state.settings.plan_wait_s:
         return "gone"
     return _UNKNOWN

@@ -1,25 +1,36 @@
-"""Which services are up, read from Kafka's consumer-group membership (no heartbeat in the services needed).
+"""Which services are up: from their heartbeats, else from Kafka's consumer-group membership.
 
-Every consuming service joins a consumer group named by `Topics.group` (arbiter, strategy.<profile>,
-execution.<profile>, monitor): a group with members is a running service, a group without members (state
-Empty) is a stopped one, and no group at all is a service that never ran in this namespace. The registry
-(assigned partitions, group_id None) and the ingest (producer only) join no group: they are reported as not
-observable this way, with the reason.
+Every service process publishes a `ServiceHeartbeat` every few seconds (shared/heartbeat.py). A service with a
+beat younger than the threshold (3 intervals unless told) is `up`, one whose latest beat is older (killed,
+hung) or was its clean-exit beat is `down`; the note says how long ago it beat. This covers the ingest (a
+producer) and the registry (reads without a group) too.
 
-Pure: `expected_services`, `service_health`, `health_rows`. I/O: `describe_groups`, `fetch_health`.
+A service that never beat (older builds, beats turned off) is judged by its consumer group as before: a group
+with members is a running service, a group without members (state Empty) a stopped one, no group at all a
+service that never ran in this namespace; the ingest and the registry are then `not-observable`.
+
+Pure: `expected_services`, `service_health`, `health_rows`. I/O: `describe_groups`, `read_heartbeats`,
+`fetch_health`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
+from shared.clock import system_clock
 from shared.config import AppConfig
+from shared.heartbeat import heartbeat_state
+from shared.messages import ServiceHeartbeat
 from shared.topics import Topics
+
+# service name -> instance -> its latest beat
+Beats = Mapping[str, Mapping[str, ServiceHeartbeat]]
 
 ServiceState = Literal["up", "down", "never-ran", "not-observable"]
 
@@ -59,6 +70,8 @@ class ServiceHealth:
     group_state: str = ""
     clients: tuple[str, ...] = field(default=())
     note: str = ""
+    beat_age_s: float | None = None  # age of the freshest beat (None: never beat)
+    instances_up: int = 0  # instances whose beat is fresh
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,9 +96,20 @@ def expected_services(cfg: AppConfig, namespace: str | None = None) -> list[Expe
     return out
 
 
-def service_health(expected: Sequence[ExpectedService], groups: dict[str, GroupInfo]) -> list[ServiceHealth]:
+def service_health(
+    expected: Sequence[ExpectedService],
+    groups: dict[str, GroupInfo],
+    beats: Beats | None = None,
+    *,
+    now: datetime | None = None,
+    threshold_s: float | None = None,
+) -> list[ServiceHealth]:
     out = []
     for svc in expected:
+        mine = (beats or {}).get(svc.name)
+        if mine:
+            out.append(_from_beats(svc, mine, groups.get(svc.group) if svc.group else None, now, threshold_s))
+            continue
         if svc.group is None:
             out.append(ServiceHealth(svc.name, "not-observable", None, note=svc.note))
             continue
@@ -110,17 +134,68 @@ def service_health(expected: Sequence[ExpectedService], groups: dict[str, GroupI
     return out
 
 
+def _from_beats(
+    svc: ExpectedService,
+    beats: Mapping[str, ServiceHeartbeat],
+    info: GroupInfo | None,
+    now: datetime | None,
+    threshold_s: float | None,
+) -> ServiceHealth:
+    at = now or system_clock()
+    judged = [heartbeat_state(b, at, threshold_s) for b in beats.values()]
+    up = [j for j in judged if j.state == "up"]
+    freshest = min(judged, key=lambda j: j.age_s)
+    if up:
+        note = f"{len(up)} instance(s) beating, last beat {freshest.age_s:.1f} s ago"
+    elif freshest.stopping:
+        note = f"stopped cleanly {freshest.age_s:.1f} s ago"
+    else:
+        note = f"no beat for {freshest.age_s:.1f} s (instance {freshest.instance})"
+    live = info is not None and info.state != "Dead"
+    return ServiceHealth(
+        svc.name,
+        "up" if up else "down",
+        svc.group if live else None,
+        members=len(info.members) if live and info is not None else 0,
+        group_state=info.state if live and info is not None else "",
+        clients=tuple(sorted({f"{m.client_id}@{m.host}" for m in info.members})) if live and info else (),
+        note=note,
+        beat_age_s=round(freshest.age_s, 3),
+        instances_up=len(up),
+    )
+
+
 def health_rows(health: Iterable[ServiceHealth]) -> list[list[str]]:
     return [
         [
             h.name,
             h.state,
-            "-" if h.state == "not-observable" else str(h.members),
+            "-" if h.beat_age_s is None else f"{h.beat_age_s:.1f}s",
+            "-" if h.state == "not-observable" or (h.group is None and h.beat_age_s is not None) else str(h.members),
             h.group_state or "-",
             h.note or ", ".join(h.clients) or "-",
         ]
         for h in health
     ]
+
+
+HEALTH_HEADER = ["SERVICE", "STATE", "LAST BEAT", "MEMBERS", "GROUP STATE", "DETAIL"]
+
+
+async def read_heartbeats(bootstrap: str, topic: str) -> dict[str, dict[str, ServiceHeartbeat]]:
+    """The latest beat of every (service, instance) on the heartbeat topic."""
+    from services.monitor.collect import (
+        read_topics,  # collect imports this module's neighbours: no cycle at import
+    )
+
+    msgs, _bad = await read_topics(bootstrap, [topic])
+    out: dict[str, dict[str, ServiceHeartbeat]] = {}
+    for m in msgs:
+        if isinstance(m, ServiceHeartbeat):
+            cur = out.setdefault(m.service, {}).get(m.instance)
+            if cur is None or m.event_time >= cur.event_time:
+                out[m.service][m.instance] = m
+    return out
 
 
 def _assignment(raw: bytes) -> tuple[tuple[str, int], ...]:
@@ -166,7 +241,9 @@ async def list_namespace_groups(admin: AIOKafkaAdminClient, namespace: str | Non
     return sorted(groups)
 
 
-async def fetch_health(bootstrap: str, cfg: AppConfig, namespace: str | None = None) -> list[ServiceHealth]:
+async def fetch_health(
+    bootstrap: str, cfg: AppConfig, namespace: str | None = None, *, threshold_s: float | None = None
+) -> list[ServiceHealth]:
     ns = namespace or cfg.system.kafka.namespace
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
     await admin.start()
@@ -174,6 +251,10 @@ async def fetch_health(bootstrap: str, cfg: AppConfig, namespace: str | None = N
         present = set(await list_namespace_groups(admin, ns))
         expected = expected_services(cfg, ns)
         wanted = [s.group for s in expected if s.group is not None and s.group in present]
-        return service_health(expected, await describe_groups(admin, wanted))
+        groups = await describe_groups(admin, wanted)
+        topic = Topics(ns).heartbeats
+        has_beats = topic in set(await admin.list_topics())
     finally:
         await admin.close()
+    beats = await read_heartbeats(bootstrap, topic) if has_beats else {}
+    return service_health(expected, groups, beats, now=system_clock(), threshold_s=threshold_s)

@@ -5,6 +5,11 @@ The registry's output is a deterministic function of the candles, so it keeps no
 reads md.candles from the beginning (rebuilding the lookback that scores the random asset exactly as an
 uninterrupted run has it), after reading the plans topic (what is published is never derived again) and
 re-claiming the plans whose epoch is not over, before it claims anything new.
+
+It also reads the commands topic from the beginning (signed ``rotate`` commands, judged against the broker's
+append time). Before each batch of candles is handled, the commands are read up to the topic's end as of that
+moment: every command appended before those candles is then known, so the step a rotation applies at (the
+first step whose candles were published after the command) is the same in every replica and every restart.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import base64
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -25,9 +31,17 @@ from services.registry.metrics import RegistryMetrics
 from services.registry.recovery import RegistryBackend, read_plans, seek_to_start, topic_partitions
 from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
 from shared.codec import DecodeError, decode, implausible_time
+from shared.commands import gate_for
 from shared.config import AppConfig
 from shared.kafka import Publisher, Route
-from shared.messages import DeadLettered, Message, PlanPublished, WorkerFinished
+from shared.messages import (
+    CommandHandled,
+    ControlCommand,
+    DeadLettered,
+    Message,
+    PlanPublished,
+    WorkerFinished,
+)
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
 
@@ -81,6 +95,7 @@ class RegistryService:
         self.state = handlers.new_state(cfg, instance=self.instance, metrics=self.metrics)
         self.metrics_bound: int | None = None
         self._run_id = ""
+        self.commands = gate_for("registry", cfg.system.commands.max_age_s)
 
     async def _read_plans(self) -> list[PlanPublished]:
         plans = await read_plans(self.settings.kafka_bootstrap, self.topics.plans, wait_s=30.0)
@@ -97,6 +112,8 @@ class RegistryService:
             return [(t.plans, msg.profile, False), (t.audit, msg.profile, False)]
         if isinstance(msg, WorkerFinished):
             return [(t.status, "registry", False)]
+        if isinstance(msg, CommandHandled):
+            return [(t.audit, msg.target, False)]
         return [(t.audit, None, False)]
 
     async def run(self, stop: asyncio.Event) -> int:
@@ -117,8 +134,15 @@ class RegistryService:
                 auto_offset_reset="earliest",
                 max_poll_records=500,
             )
+            commands = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                enable_auto_commit=False,
+                group_id=None,
+                auto_offset_reset="earliest",
+            )
             await publisher.start()
             await consumer.start()
+            await commands.start()
             try:
                 t0 = time.monotonic()
                 await self._check_server()
@@ -140,8 +164,14 @@ class RegistryService:
                 consumer.assign(tps)
                 await seek_to_start(consumer, tps)
                 ends = await consumer.end_offsets(tps)
-                await self._loop(consumer, publisher, stop, ends)
+                ctps = await topic_partitions(self.settings.kafka_bootstrap, self.topics.commands, wait_s=30.0)
+                if ctps is None:
+                    raise RuntimeError(f"topic {self.topics.commands!r} does not exist; create the topics first")
+                commands.assign(ctps)
+                await seek_to_start(commands, ctps)
+                await self._loop(consumer, publisher, stop, ends, commands)
             finally:
+                await commands.stop()
                 await consumer.stop()
                 await publisher.stop()
             return 0
@@ -155,6 +185,7 @@ class RegistryService:
         publisher: Publisher,
         stop: asyncio.Event,
         start_ends: dict[TopicPartition, int],
+        commands: AIOKafkaConsumer,
     ) -> None:
         # In wall-clock mode, steps only feed the lookback; the clock plans epochs once the history is read.
         self.state.plan_on_steps = self.clock_mode == "event"
@@ -162,6 +193,8 @@ class RegistryService:
         last_housekeeping = last_touch = 0.0
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200)
+            if batches:
+                await self._read_commands(commands, publisher)
             for records in batches.values():
                 for rec in records:
                     try:
@@ -173,7 +206,10 @@ class RegistryService:
                     if bad_time is not None:
                         await self._dead_letter(publisher, rec, f"{type(msg).__name__}: {bad_time}")
                         continue
-                    await self._send(publisher, await handlers.handle(self.state, msg, rec.partition, self.backend))
+                    out = await handlers.handle(
+                        self.state, msg, rec.partition, self.backend, published_ms=rec.timestamp
+                    )
+                    await self._send(publisher, out)
             now = time.monotonic()
             if now - last_housekeeping >= HOUSEKEEPING_S:
                 last_housekeeping = now
@@ -192,7 +228,38 @@ class RegistryService:
             # Only now is a decided plan really out: record it, so no replica takes it over.
             marks, self.state.to_mark = self.state.to_mark, []
             for plan in marks:
-                await self.ledger.mark_published(plan.profile, int(plan.epoch_start.timestamp()), plan.id)
+                await self.ledger.mark_published(
+                    plan.profile, int(plan.epoch_start.timestamp()), plan.id, plan.rotation
+                )
+
+    async def _read_commands(self, commands: AIOKafkaConsumer, publisher: Publisher) -> None:
+        """Read the commands topic up to its end as of now (see the module's docstring)."""
+        tps = list(commands.assignment())
+        ends = await commands.end_offsets(tps)
+        todo = {tp for tp in tps if await commands.position(tp) < ends[tp]}
+        while todo:
+            batch = await commands.getmany(*todo, timeout_ms=500)
+            for recs in batch.values():
+                for rec in recs:
+                    await self._on_command(rec, publisher)
+            todo = {tp for tp in todo if await commands.position(tp) < ends[tp]}
+
+    async def _on_command(self, rec: ConsumerRecord[bytes, bytes], publisher: Publisher) -> None:
+        try:
+            msg = decode(rec.value)
+        except DecodeError as err:
+            await self._dead_letter(publisher, rec, str(err))
+            return
+        if not isinstance(msg, ControlCommand) or msg.action != "rotate":
+            return  # the registry acts on rotate only; the other services judge and audit the rest
+        verdict = self.commands.check(msg, datetime.fromtimestamp(rec.timestamp / 1000, UTC))
+        await self._send(publisher, [verdict])
+        if not verdict.accepted:
+            log.warning("refused command %s %s: %s", msg.action, msg.target, verdict.reason)
+            return
+        await self._send(
+            publisher, await handlers.handle(self.state, msg, rec.partition, self.backend, published_ms=rec.timestamp)
+        )
 
     async def _check_server(self) -> None:
         run_id = await self.ledger.server_run_id()

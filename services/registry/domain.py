@@ -78,14 +78,20 @@ def epoch_bounds(epoch: int, interval_s: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------ hashing
-def profile_hash(base_hash: str, entropy_seed: float, epoch: int, nonce: int) -> str:
-    """H: lower-case hex SHA-256 of the UTF-8 bytes of ``f"{base_hash}|{entropy_seed!r}|{epoch}|{nonce}"``.
+def profile_hash(base_hash: str, entropy_seed: float, epoch: int, nonce: int, rotation: int = 0) -> str:
+    """H: lower-case hex SHA-256 of the UTF-8 bytes of ``f"{base_hash}|{entropy_seed!r}|{epoch}|{nonce}"``,
+    and for the k-th early rotation inside the epoch (k >= 1, an operator's ``rotate``) of
+    ``f"{base_hash}|{entropy_seed!r}|{epoch}|{nonce}|r{k}"`` (the scheduled plan's text is unchanged).
 
     ``entropy_seed`` is written with Python's ``repr`` of the float (the shortest decimal string that reads
     back to the same double, identical on every machine): 0.42 -> ``0.42``, 1 -> ``1.0``, 1e-7 -> ``1e-07``.
     Example: ``profile_a_primary_trading|0.42|475000|0``.
     """
+    if rotation < 0:
+        raise ValueError(f"rotation must be >= 0, got {rotation!r}")
     text = f"{base_hash}|{float(entropy_seed)!r}|{int(epoch)}|{int(nonce)}"
+    if rotation:
+        text += f"|r{int(rotation)}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -296,6 +302,7 @@ class PlanCandidate:
     blend_weight: float
     base_assets: tuple[str, ...]  # traded base assets: the profile's base_assets without the quote asset
     asset_candidates: tuple[str, ...]  # random-asset candidates in the order they are tried
+    rotation: int = 0  # k-th early rotation inside the epoch (0: the scheduled plan)
 
 
 def derive_candidate(
@@ -306,8 +313,14 @@ def derive_candidate(
     scores: Mapping[str, float | None],
     settings: RegistrySettings,
     quote_asset: str,
+    *,
+    rotation: int = 0,
+    start_s: int | None = None,
 ) -> PlanCandidate:
     """Derive the plan candidate of one profile for one epoch and nonce.
+
+    ``rotation`` k >= 1 with ``start_s`` (the rotation step, inside the epoch): the k-th early rotation, whose
+    interval is ``[start_s, epoch end)``; its hash has the ``|r{k}`` suffix (``profile_hash``).
 
     ``scores`` maps asset (e.g. ``"ADA"``, not the product) to ``score_asset(...)``; only the profile's
     ``random_asset_pool`` minus its base assets and the quote asset are candidates, and a pool asset missing
@@ -315,8 +328,12 @@ def derive_candidate(
     """
     ph = profile.profile_hash
     sc = profile.strategy_config
-    start_s, end_s = epoch_bounds(epoch, ph.hash_rotation_interval)
-    h = profile_hash(ph.base_hash, ph.entropy_seed, epoch, nonce)
+    epoch_start_s, end_s = epoch_bounds(epoch, ph.hash_rotation_interval)
+    if start_s is None:
+        start_s = epoch_start_s
+    elif not epoch_start_s <= start_s < end_s:
+        raise ValueError(f"rotation start {start_s} is outside epoch {epoch} [{epoch_start_s}, {end_s})")
+    h = profile_hash(ph.base_hash, ph.entropy_seed, epoch, nonce, rotation)
     strategy = choose_strategy(h, sc.strategy_weights)
     params = drift_parameters(h, strategy, sc.drift_delta_range, ph.hash_complexity_factor)
     base = tuple(a for a in dict.fromkeys(sc.base_assets) if a != quote_asset)
@@ -335,6 +352,7 @@ def derive_candidate(
         blend_weight=float(sc.hash_trajectory_weight),
         base_assets=base,
         asset_candidates=candidates,
+        rotation=rotation,
     )
 
 
@@ -406,6 +424,7 @@ class ResolvedPlan:
     collisions: int  # nonce bumps (hash or fingerprint held by another profile); always equals nonce
     asset_candidates: tuple[str, ...]  # of the final nonce, in the order they were tried
     asset_shared: bool  # every candidate was held: the first one is shared (not claimed)
+    rotation: int = 0
     # diagnostic only (not compared): which claims were refused on the way, in order. Replicas racing for the
     # same profile agree on the plan but may see different holders on the way.
     conflicts: tuple[Conflict, ...] = field(default=(), compare=False)
@@ -433,6 +452,8 @@ def _resolution(
     scores: Mapping[str, float | None],
     settings: RegistrySettings,
     quote_asset: str,
+    rotation: int = 0,
+    start_s: int | None = None,
 ) -> Generator[_ClaimRequest, ClaimResult, ResolvedPlan]:
     """The resolution loop without I/O: yields claim requests, receives their results."""
     collisions = 0
@@ -457,11 +478,14 @@ def _resolution(
             collisions=collisions,
             asset_candidates=c.asset_candidates,
             asset_shared=shared,
+            rotation=rotation,
             conflicts=tuple(conflicts),
         )
 
     for nonce in range(settings.max_nonce + 1):
-        c = derive_candidate(profile_id, profile, epoch, nonce, scores, settings, quote_asset)
+        c = derive_candidate(
+            profile_id, profile, epoch, nonce, scores, settings, quote_asset, rotation=rotation, start_s=start_s
+        )
         collided = False
         for asset in c.asset_candidates:
             fp = fingerprint(c.strategy, c.parameters, candidate_assets(c, asset))
@@ -506,6 +530,9 @@ def resolve_plan(
     settings: RegistrySettings,
     quote_asset: str,
     try_claim: Callable[[PlanCandidate, str, str | None], ClaimOutcome | ClaimResult],
+    *,
+    rotation: int = 0,
+    start_s: int | None = None,
 ) -> ResolvedPlan:
     """Resolve the profile's plan for an epoch, claiming through ``try_claim(candidate, fingerprint, asset)``.
 
@@ -514,8 +541,9 @@ def resolve_plan(
     next nonce; ASSET_TAKEN -> next asset candidate. When every candidate asset is held, claim hash and
     fingerprint only (asset None), sharing the first candidate (``asset_shared=True``); with no candidate at
     all, the plan has no random asset. Beyond max_nonce: NonceExhaustedError naming profile and epoch.
+    ``rotation``/``start_s``: an early rotation (``derive_candidate``), claimed over ``[start_s, epoch end)``.
     """
-    gen = _resolution(profile_id, profile, epoch, scores, settings, quote_asset)
+    gen = _resolution(profile_id, profile, epoch, scores, settings, quote_asset, rotation, start_s)
     try:
         req = next(gen)
         while True:
@@ -533,9 +561,12 @@ async def resolve_plan_async(
     settings: RegistrySettings,
     quote_asset: str,
     try_claim: Callable[[PlanCandidate, str, str | None], Awaitable[ClaimOutcome | ClaimResult]],
+    *,
+    rotation: int = 0,
+    start_s: int | None = None,
 ) -> ResolvedPlan:
     """``resolve_plan`` with an awaitable ``try_claim`` (e.g. ``RedisClaims.claim``); same order, same result."""
-    gen = _resolution(profile_id, profile, epoch, scores, settings, quote_asset)
+    gen = _resolution(profile_id, profile, epoch, scores, settings, quote_asset, rotation, start_s)
     try:
         req = next(gen)
         while True:

@@ -14,6 +14,12 @@ Several replicas may run this over the same candles (docs/registry.md section 11
 3. else resolved (claims) and recorded; the replica whose record wins publishes, the others adopt the
    winner's plan and, if theirs differed, give back the keys the winner's plan does not use.
 
+Early rotations (an operator's signed ``rotate`` command, docs/registry.md section 13): a command appended to
+the commands topic at broker time T applies at the first step whose candles were published at or after T
+(``published_ms``, the candle records' Kafka timestamps: the same for every replica and every re-read of the
+logs). At that step each targeted profile gets the next rotation k of its current epoch: a plan derived with the
+``|r{k}`` hash suffix over ``[step, epoch end)``, claimed and recorded like any plan (one publisher).
+
 A claim or decision refused because Redis lost its state (``ClaimsLostError``) triggers a recovery first:
 the claim set is rebuilt from the plans topic (and this process's current plans) before anything new is
 claimed.
@@ -44,6 +50,7 @@ from shared.clock import derived_id, from_epoch_s
 from shared.config import AppConfig, Profile
 from shared.messages import (
     CandleClosed,
+    ControlCommand,
     Message,
     PlanPublished,
     ReplayFinished,
@@ -70,7 +77,7 @@ class Backend(Protocol):
 
     async def claim(self, candidate: PlanCandidate, fingerprint: str, asset: str | None) -> ClaimResult: ...
 
-    async def lookup(self, profile: str, start_s: int) -> Decision | None: ...
+    async def lookup(self, profile: str, start_s: int, rotation: int = 0) -> Decision | None: ...
 
     async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision: ...
 
@@ -78,12 +85,24 @@ class Backend(Protocol):
 
     async def recover(self, known: Sequence[Held]) -> str: ...
 
-    async def takeover(self, profile: str, start_s: int) -> tuple[TakeoverOutcome, PlanPublished | None]: ...
+    async def takeover(
+        self, profile: str, start_s: int, rotation: int = 0
+    ) -> tuple[TakeoverOutcome, PlanPublished | None]: ...
+
+
+@dataclass(frozen=True)
+class RotationRequest:
+    """An accepted ``rotate`` command waiting for its step (broker append time in ms)."""
+
+    command_id: str
+    target: str  # a profile id or "all"
+    appended_ms: int
 
 
 @dataclass
 class Stats:
     decided: int = 0  # derived and recorded first by this process
+    rotations: int = 0  # early rotations applied (plans derived or adopted for a rotate command)
     published: int = 0  # handed to Kafka by this process (decided, re-published as owner, or taken over)
     adopted: int = 0  # recorded by another replica, taken as is
     skipped: int = 0  # already on the plans topic at start
@@ -106,6 +125,7 @@ class Stats:
             "divergent": self.divergent,
             "recoveries": dict(sorted(self.recoveries.items())),
             "takeovers": self.takeovers,
+            "rotations": self.rotations,
         }
 
 
@@ -120,15 +140,20 @@ class RegistryState:
     )  # asset -> (open_s, close, vol)
     current_epoch: dict[str, int] = field(default_factory=dict)
     latest: dict[str, Held] = field(default_factory=dict)
-    on_topic: dict[tuple[str, int], PlanPublished] = field(default_factory=dict)
-    last_on_topic: dict[str, int] = field(default_factory=dict)  # profile -> last epoch published before start
+    # (profile, start_s, rotation) -> plan published before this process started
+    on_topic: dict[tuple[str, int, int], PlanPublished] = field(default_factory=dict)
+    last_on_topic: dict[str, tuple[int, int]] = field(default_factory=dict)  # profile -> last (start_s, rotation)
     to_mark: list[PlanPublished] = field(default_factory=list)  # mark published once Kafka acknowledged
-    watches: dict[tuple[str, int], float] = field(default_factory=dict)  # adopted, unpublished: since (monotonic)
+    # adopted, unpublished: (profile, start_s, rotation) -> since (monotonic)
+    watches: dict[tuple[str, int, int], float] = field(default_factory=dict)
     stats: Stats = field(default_factory=Stats)
     plan_on_steps: bool = True  # event time (replay); False with --clock wall, where on_clock plans
     finished: bool = False
     # Scores per epoch start, valid until the lookback changes: profiles sharing an epoch start share them.
     score_cache: dict[int, dict[str, float | None]] = field(default_factory=dict)
+    step_published: dict[int, int] = field(default_factory=dict)  # step -> latest Kafka timestamp of its candles
+    rotation_requests: list[RotationRequest] = field(default_factory=list)  # accepted, not applied yet
+    rotation_of: dict[str, tuple[int, int]] = field(default_factory=dict)  # profile -> (epoch, last rotation k)
 
 
 def new_state(cfg: AppConfig, *, instance: str = "0", metrics: RegistryMetrics | None = None) -> RegistryState:
@@ -143,8 +168,9 @@ def new_state(cfg: AppConfig, *, instance: str = "0", metrics: RegistryMetrics |
 def load_published(state: RegistryState, plans: Sequence[PlanPublished]) -> None:
     """Plans already on the topic at start: never derived again by this process."""
     for p in plans:
-        state.on_topic[(p.profile, p.epoch)] = p
-        state.last_on_topic[p.profile] = max(p.epoch, state.last_on_topic.get(p.profile, p.epoch))
+        mark = (int(p.epoch_start.timestamp()), p.rotation)
+        state.on_topic[(p.profile, *mark)] = p
+        state.last_on_topic[p.profile] = max(mark, state.last_on_topic.get(p.profile, mark))
 
 
 def scores_before(state: RegistryState, start_s: int) -> dict[str, float | None]:
@@ -160,10 +186,16 @@ def scores_before(state: RegistryState, start_s: int) -> dict[str, float | None]
     return out
 
 
-def plan_message(r: ResolvedPlan, *, correlation: str) -> PlanPublished:
+def plan_message(r: ResolvedPlan, *, correlation: str, commands: Sequence[str] = ()) -> PlanPublished:
+    # Derived from what the plan is: replicas and reruns that derive the same plan publish the same id (the
+    # scheduled plan's id is unchanged by the rotation feature).
+    ident = (
+        derived_id("plan", r.profile, r.epoch, r.fingerprint)
+        if r.rotation == 0
+        else derived_id("plan", r.profile, r.epoch, f"r{r.rotation}", r.epoch_start_s, r.fingerprint)
+    )
     return PlanPublished(
-        # Derived from what the plan is: replicas and reruns that derive the same plan publish the same id.
-        id=derived_id("plan", r.profile, r.epoch, r.fingerprint),
+        id=ident,
         event_time=from_epoch_s(r.epoch_start_s),
         correlation_id=correlation,
         profile=r.profile,
@@ -181,6 +213,8 @@ def plan_message(r: ResolvedPlan, *, correlation: str) -> PlanPublished:
         fingerprint=r.fingerprint,
         collisions=r.collisions,
         asset_candidates=list(r.asset_candidates),
+        rotation=r.rotation,
+        rotation_commands=list(commands),
     )
 
 
@@ -191,9 +225,20 @@ def plan_keys(plan: PlanPublished, asset_claimed: bool | None) -> set[tuple[KeyK
     return keys
 
 
-async def handle(state: RegistryState, msg: Message, partition: int, backend: Backend) -> list[Message]:
+async def handle(
+    state: RegistryState, msg: Message, partition: int, backend: Backend, *, published_ms: int | None = None
+) -> list[Message]:
+    """``published_ms``: the record's Kafka timestamp (candles: when they were published; a verified command:
+    when the broker appended it). Only commands already verified (shared/commands.py) may be passed here."""
+    if isinstance(msg, ControlCommand):
+        if msg.action == "rotate" and published_ms is not None:
+            state.rotation_requests.append(RotationRequest(msg.id, msg.target, published_ms))
+        return []
     if not isinstance(msg, CandleClosed | WatermarkAdvanced | ReplayFinished):
         return []
+    if isinstance(msg, CandleClosed) and published_ms is not None:
+        t = int(msg.open_time.timestamp())
+        state.step_published[t] = max(published_ms, state.step_published.get(t, published_ms))
     out: list[Message] = []
     for step in state.aligner.add(partition, msg):
         out.extend(await _on_step(state, step, backend))
@@ -220,8 +265,15 @@ async def on_clock(state: RegistryState, now_s: int, backend: Backend) -> list[M
 
 async def _on_step(state: RegistryState, step: Step, backend: Backend) -> list[Message]:
     out: list[Message] = []
+    corr = f"step:{step.time_s}"
     if state.plan_on_steps:
-        out = await _plan_profiles(state, step.time_s, backend, correlation=f"step:{step.time_s}")
+        out = await _plan_profiles(state, step.time_s, backend, correlation=corr)
+    published = state.step_published.pop(step.time_s, None)
+    if published is not None and state.rotation_requests:
+        due = [r for r in state.rotation_requests if r.appended_ms <= published]
+        if due:
+            state.rotation_requests = [r for r in state.rotation_requests if r.appended_ms > published]
+            out.extend(await _rotate_profiles(state, step.time_s, due, backend, correlation=corr))
     # The step's own candles join the lookback only after this step's plans: no look-ahead.
     state.score_cache.clear()
     keep = state.cfg.system.registry.score_lookback_candles + 1
@@ -243,11 +295,53 @@ async def _plan_profiles(state: RegistryState, t_s: int, backend: Backend, *, co
     return out
 
 
-async def _plan_epoch(
-    state: RegistryState, pid: str, profile: Profile, epoch: int, backend: Backend, correlation: str
+async def _rotate_profiles(
+    state: RegistryState, t_s: int, due: Sequence[RotationRequest], backend: Backend, *, correlation: str
 ) -> list[Message]:
-    known = state.on_topic.get((pid, epoch))
-    if known is not None or epoch < state.last_on_topic.get(pid, epoch):
+    """Early rotations due at step ``t_s``, in profile priority order (like the scheduled plans)."""
+    out: list[Message] = []
+    for pid, profile in state.cfg.enabled_profiles().items():
+        commands = [r.command_id for r in due if r.target in (pid, "all")]
+        if not commands:
+            continue
+        interval = profile.profile_hash.hash_rotation_interval
+        epoch = epoch_of(t_s, interval)
+        start_s = t_s
+        current = state.current_epoch.get(pid)
+        if current is not None and current > epoch:
+            # Wall-clock mode plans ahead of the steps: rotate the current epoch, from its start.
+            epoch, start_s = current, current * interval
+        last_epoch, last_k = state.rotation_of.get(pid, (epoch, 0))
+        k = (last_k if last_epoch == epoch else 0) + 1
+        log.info("profile %s: early rotation %d of epoch %d at %d (commands %s)", pid, k, epoch, start_s, commands)
+        state.stats.rotations += 1
+        state.metrics.rotations.labels(profile=pid).inc()
+        out.extend(
+            await _plan_epoch(
+                state, pid, profile, epoch, backend, correlation, rotation=k, start_s=start_s, commands=commands
+            )
+        )
+    return out
+
+
+async def _plan_epoch(
+    state: RegistryState,
+    pid: str,
+    profile: Profile,
+    epoch: int,
+    backend: Backend,
+    correlation: str,
+    *,
+    rotation: int = 0,
+    start_s: int | None = None,
+    commands: Sequence[str] = (),
+) -> list[Message]:
+    if start_s is None:
+        start_s = epoch * profile.profile_hash.hash_rotation_interval
+    mark = (start_s, rotation)
+    state.rotation_of[pid] = (epoch, rotation)
+    known = state.on_topic.get((pid, *mark))
+    if known is not None or mark < state.last_on_topic.get(pid, mark):
         # Published before this process started: never derived again. (An older epoch missing from the
         # topic was compacted away: the profile's later plan is on it, so this one is over too.)
         state.stats.skipped += 1
@@ -259,7 +353,9 @@ async def _plan_epoch(
         return []
     for _ in range(MAX_RECOVERIES_PER_EPOCH):
         try:
-            return await _decide_epoch(state, pid, profile, epoch, backend, correlation)
+            return await _decide_epoch(
+                state, pid, profile, epoch, backend, correlation, rotation=rotation, start_s=start_s, commands=commands
+            )
         except ClaimsLostError as err:
             log.warning("profile %s epoch %d: %s", pid, epoch, err)
             kind = await backend.recover(list(state.latest.values()))
@@ -272,12 +368,20 @@ async def _plan_epoch(
 
 
 async def _decide_epoch(
-    state: RegistryState, pid: str, profile: Profile, epoch: int, backend: Backend, correlation: str
+    state: RegistryState,
+    pid: str,
+    profile: Profile,
+    epoch: int,
+    backend: Backend,
+    correlation: str,
+    *,
+    rotation: int,
+    start_s: int,
+    commands: Sequence[str],
 ) -> list[Message]:
     cfg = state.cfg
-    interval = profile.profile_hash.hash_rotation_interval
-    start_s = epoch * interval
-    rec = await backend.lookup(pid, start_s)
+    # The scheduled plan keeps the backend's original call (backtest and test backends key by start only).
+    rec = await (backend.lookup(pid, start_s, rotation) if rotation else backend.lookup(pid, start_s))
     if rec is None:
         resolved = await resolve_plan_async(
             pid,
@@ -287,11 +391,13 @@ async def _decide_epoch(
             cfg.system.registry,
             cfg.system.quote_asset,
             backend.claim,
+            rotation=rotation,
+            start_s=start_s if rotation else None,
         )
         for c in resolved.conflicts:
             state.stats.refused[c.outcome.name] += 1
             state.metrics.refused.labels(profile=pid, outcome=c.outcome.name).inc()
-        mine = plan_message(resolved, correlation=correlation)
+        mine = plan_message(resolved, correlation=correlation, commands=commands)
         asset_claimed = resolved.random_asset is not None and not resolved.asset_shared
         rec = await backend.decide(mine, asset_claimed=asset_claimed)
         if rec.won:
@@ -325,7 +431,7 @@ async def _decide_epoch(
         state.stats.adopted += 1
         state.metrics.adopted.labels(profile=pid, source="replica").inc()
         if not rec.published:
-            state.watches[(pid, start_s)] = time.monotonic()
+            state.watches[(pid, start_s, rotation)] = time.monotonic()
     _take(state, pid, epoch, Held(rec.plan, rec.owner, rec.asset_claimed))
     return out
 
@@ -350,8 +456,8 @@ async def check_watches(state: RegistryState, backend: Backend, lease_s: float) 
     for key, since in list(state.watches.items()):
         if now - since < lease_s:
             continue
-        pid, start_s = key
-        outcome, plan = await backend.takeover(pid, start_s)
+        pid, start_s, rotation = key
+        outcome, plan = await (backend.takeover(pid, start_s, rotation) if rotation else backend.takeover(pid, start_s))
         if outcome == "WAIT":
             state.watches[key] = now
             continue

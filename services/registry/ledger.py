@@ -8,7 +8,8 @@ adopts the recorded plan instead of its own (docs/registry.md section 11).
 
 Keys (``ns`` is the namespace):
 
-- ``{ns}:reg:plan:{profile}:{start_s}`` hash: ``plan`` (the PlanPublished JSON), ``id``, ``owner`` (the
+- ``{ns}:reg:plan:{profile}:{start_s}`` hash (``...:{start_s}:r{k}`` for the k-th early rotation, which may
+  start at the same second as the epoch's scheduled plan): ``plan`` (the PlanPublished JSON), ``id``, ``owner`` (the
   instance that decided it, the only one that publishes it), ``state`` (``decided``, then ``published`` once
   Kafka acknowledged it), ``at`` (wall ms of the decision or of the last takeover), ``asset_claimed``
   (``1``/``0``: whether the random asset was claimed or is shared; empty when unknown);
@@ -173,8 +174,9 @@ class PlanLedger:
         self._fence = redis.register_script(FENCE_LUA)
 
     # ------------------------------------------------------------------------------ keys
-    def key(self, profile: str, start_s: int) -> str:
-        return f"{self.namespace}:reg:plan:{profile}:{int(start_s)}"
+    def key(self, profile: str, start_s: int, rotation: int = 0) -> str:
+        base = f"{self.namespace}:reg:plan:{profile}:{int(start_s)}"
+        return f"{base}:r{int(rotation)}" if rotation else base
 
     @property
     def ready_key(self) -> str:
@@ -189,8 +191,8 @@ class PlanLedger:
         return f"{self.namespace}:reg:server-run"
 
     # ------------------------------------------------------------------------------ decisions
-    async def lookup(self, profile: str, start_s: int) -> Decision | None:
-        raw = await self._redis.hmget(self.key(profile, start_s), ["plan", "owner", "state", "asset_claimed"])
+    async def lookup(self, profile: str, start_s: int, rotation: int = 0) -> Decision | None:
+        raw = await self._redis.hmget(self.key(profile, start_s, rotation), ["plan", "owner", "state", "asset_claimed"])
         if raw[0] is None:
             return None
         return Decision(
@@ -216,7 +218,7 @@ class PlanLedger:
         ttl_s = max(int(plan.epoch_end.timestamp()) - start_s + self.grace_s, MIN_DECISION_TTL_S)
         flag = "" if asset_claimed is None else ("1" if asset_claimed else "0")
         raw = await self._decide(
-            keys=[self.key(plan.profile, start_s), self.ready_key],
+            keys=[self.key(plan.profile, start_s, plan.rotation), self.ready_key],
             args=[
                 encode(plan),
                 plan.id,
@@ -240,15 +242,15 @@ class PlanLedger:
             asset_claimed=_flag(_text(raw[4])),
         )
 
-    async def mark_published(self, profile: str, start_s: int, plan_id: str) -> bool:
-        return bool(await self._mark(keys=[self.key(profile, start_s)], args=[plan_id]))
+    async def mark_published(self, profile: str, start_s: int, plan_id: str, rotation: int = 0) -> bool:
+        return bool(await self._mark(keys=[self.key(profile, start_s, rotation)], args=[plan_id]))
 
     async def takeover(
-        self, profile: str, start_s: int, owner: str, lease_s: float
+        self, profile: str, start_s: int, owner: str, lease_s: float, rotation: int = 0
     ) -> tuple[TakeoverOutcome, PlanPublished | None]:
         """Become the publisher of a decided plan whose owner did not publish it within ``lease_s``."""
         raw = await self._takeover(
-            keys=[self.key(profile, start_s)], args=[owner, self._now_ms(), int(lease_s * 1000)]
+            keys=[self.key(profile, start_s, rotation)], args=[owner, self._now_ms(), int(lease_s * 1000)]
         )
         head = _text(raw[0])
         if head == "OK":

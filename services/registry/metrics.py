@@ -61,6 +61,12 @@ class RegistryMetrics(MetricsEndpoint):
         self.takeovers = Counter(
             "mp_registry_takeovers", "Decided plans published by this process after their owner's lease ran out", registry=r
         )
+        self.rotations = Counter(
+            "mp_registry_rotations",
+            "Early rotations (operator rotate commands) applied by this process, published or adopted",
+            ["profile"],
+            registry=r,
+        )
         self.epoch = Gauge("mp_registry_current_epoch", "Epoch of the profile's current plan", ["profile"], registry=r)
         self.info = Gauge("mp_registry_instance_info", "Constant 1, labelled with the instance", ["instance"], registry=r)
         self.info.labels(instance=instance).set(1)

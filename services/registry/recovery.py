@@ -97,10 +97,10 @@ async def seek_to_start(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -
 
 
 def unique_plans(plans: Iterable[PlanPublished]) -> list[PlanPublished]:
-    """One plan per (profile, epoch): the first seen (the topic keeps them in publication order)."""
-    seen: dict[tuple[str, int], PlanPublished] = {}
+    """One plan per (profile, epoch, rotation): the first seen (the topic keeps them in publication order)."""
+    seen: dict[tuple[str, int, int], PlanPublished] = {}
     for p in plans:
-        seen.setdefault((p.profile, p.epoch), p)
+        seen.setdefault((p.profile, p.epoch, p.rotation), p)
     return list(seen.values())
 
 
@@ -108,7 +108,7 @@ def latest_per_profile(plans: Iterable[PlanPublished]) -> dict[str, PlanPublishe
     out: dict[str, PlanPublished] = {}
     for p in plans:
         cur = out.get(p.profile)
-        if cur is None or p.epoch_start > cur.epoch_start:
+        if cur is None or (p.epoch_start, p.rotation) > (cur.epoch_start, cur.rotation):
             out[p.profile] = p
     return out
 
@@ -147,8 +147,8 @@ class RegistryBackend:
     async def claim(self, candidate: PlanCandidate, fingerprint: str, asset: str | None) -> ClaimResult:
         return await self.claims.claim(candidate, fingerprint, asset)
 
-    async def lookup(self, profile: str, start_s: int) -> Decision | None:
-        return await self.ledger.lookup(profile, start_s)
+    async def lookup(self, profile: str, start_s: int, rotation: int = 0) -> Decision | None:
+        return await self.ledger.lookup(profile, start_s, rotation)
 
     async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision:
         return await self.ledger.decide(plan, self.instance, asset_claimed=asset_claimed, generation=self.generation)
@@ -156,8 +156,10 @@ class RegistryBackend:
     async def unclaim(self, profile: str, start_s: int, end_s: int, keys: list[tuple[KeyKind, str]]) -> int:
         return await self.claims.unclaim(profile, start_s, end_s, keys)
 
-    async def takeover(self, profile: str, start_s: int) -> tuple[TakeoverOutcome, PlanPublished | None]:
-        return await self.ledger.takeover(profile, start_s, self.instance, self.lease_s)
+    async def takeover(
+        self, profile: str, start_s: int, rotation: int = 0
+    ) -> tuple[TakeoverOutcome, PlanPublished | None]:
+        return await self.ledger.takeover(profile, start_s, self.instance, self.lease_s, rotation)
 
     async def recover(self, known: Sequence[Held], topic_plans: Sequence[PlanPublished] | None = None) -> str:
         """Make this process's claims trustworthy again; returns what it did.
@@ -206,22 +208,24 @@ class RegistryBackend:
 
     async def _restore(self, topic_plans: Sequence[PlanPublished], known: Sequence[Held], *, guarded: bool) -> int:
         """Decision records for every plan, claims for those whose epoch is not over. Returns re-claims made."""
-        held: dict[tuple[str, int], Held] = {}
+        held: dict[tuple[str, int, int], Held] = {}
         for p in unique_plans(topic_plans):
-            held[(p.profile, p.epoch)] = Held(p, "topic", None)
+            held[(p.profile, p.epoch, p.rotation)] = Held(p, "topic", None)
         for h in known:
-            held.setdefault((h.plan.profile, h.plan.epoch), h)
+            held.setdefault((h.plan.profile, h.plan.epoch, h.plan.rotation), h)
         if not held:
             return 0
         gen = self.claims.generation if guarded else None
-        for (_, _), h in sorted(held.items(), key=lambda kv: self._order(kv[1].plan)):
+        for _, h in sorted(held.items(), key=lambda kv: self._order(kv[1].plan)):
             on_topic = h.owner == "topic"
             rec = await self.ledger.decide(
                 h.plan, h.owner, asset_claimed=h.asset_claimed, generation=gen, published=on_topic
             )
             if on_topic and not rec.published and rec.plan.id == h.plan.id:
                 # Published, but its owner died before recording that: nobody needs to take it over.
-                await self.ledger.mark_published(h.plan.profile, int(h.plan.epoch_start.timestamp()), h.plan.id)
+                await self.ledger.mark_published(
+                    h.plan.profile, int(h.plan.epoch_start.timestamp()), h.plan.id, h.plan.rotation
+                )
         # Event time "now" is the latest epoch start any known plan reached; a plan that ended more than the
         # grace before it would be pruned by the next claim anyway.
         now_ev = max(int(h.plan.epoch_start.timestamp()) for h in held.values())
@@ -259,5 +263,5 @@ class RegistryBackend:
             )
         return res
 
-    def _order(self, p: PlanPublished) -> tuple[float, int, str]:
-        return (p.epoch_start.timestamp(), self._priorities.get(p.profile, 1 << 30), p.profile)
+    def _order(self, p: PlanPublished) -> tuple[float, int, int, str]:
+        return (p.epoch_start.timestamp(), p.rotation, self._priorities.get(p.profile, 1 << 30), p.profile)

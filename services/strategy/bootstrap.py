@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from services.strategy import domain
+from services.strategy.metrics import StrategyMetrics
 from shared.clock import random_ids, system_clock
 from shared.codec import DecodeError, decode, encode, implausible_time
 from shared.commands import gate_for
@@ -39,6 +40,7 @@ from shared.messages import (
     ControlCommand,
     DeadLettered,
     Message,
+    OrderFilled,
     PlaceOrder,
     ProfileHalted,
     StepCompleted,
@@ -100,21 +102,30 @@ def input_topics(topics: Topics) -> list[str]:
     return [topics.candles, topics.plans, topics.events, topics.commands]
 
 
-async def reset_group_to_beginning(bootstrap: str, group: str, topics: list[str], *, wait_s: float) -> None:
+async def reset_group_to_beginning(
+    bootstrap: str, group: str, topics: list[str], *, wait_s: float
+) -> dict[tuple[str, int], int]:
     """Commit the beginning offset of every partition of `topics` for `group`, so the next consumer of the
     group reads everything again. Kafka accepts such a commit only while the group has no member: after a
-    SIGKILL the dead member stays until its session times out, hence the retries for up to `wait_s`."""
+    SIGKILL the dead member stays until its session times out, hence the retries for up to `wait_s`.
+
+    Returns the offsets the group had committed before (what the previous process had consumed), per
+    (topic, partition): the metrics count only records from there on."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
         tps = await partitions_of(consumer, topics, bootstrap)
         consumer.assign(tps)
         begins = await consumer.beginning_offsets(tps)
+        before = {}
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            before[(tp.topic, tp.partition)] = int(committed) if committed is not None else begins[tp]
         deadline = time.monotonic() + wait_s
         while True:
             try:
                 await consumer.commit({tp: begins[tp] for tp in tps})
-                return
+                return before
             except KafkaError as err:
                 if time.monotonic() > deadline:
                     raise RuntimeError(
@@ -148,6 +159,11 @@ class StrategyWorker:
         self.inputs = input_topics(self.t)
         self.lock = asyncio.Lock()
         self.commands = gate_for(f"strategy.{self.profile_id}", cfg.system.commands.max_age_s)
+        self.metrics = StrategyMetrics(self.profile_id)
+        self.metrics_port = int(settings.extra.get("metrics_port", "0"))
+        self.metrics_addr = settings.extra.get("metrics_addr", "127.0.0.1")
+        self.metrics_bound: int | None = None
+        self._short = {name: name[len(self.t.ns) + 1 :] for name in self.inputs}
         self.app = faust.App(
             self.group,
             broker=f"kafka://{settings.kafka_bootstrap}",
@@ -179,6 +195,7 @@ class StrategyWorker:
     async def _agent(self, stream: Any) -> None:
         async for event in stream.events():
             rec = event.message
+            self.metrics.consumed(rec.topic, rec.partition, rec.offset, self._short.get(rec.topic, rec.topic))
             try:
                 msg = decode(event.value)
             except DecodeError as err:
@@ -194,12 +211,18 @@ class StrategyWorker:
                 await self._publish(verdict)
                 if not verdict.accepted:
                     log.warning("refused command %s %s: %s", msg.action, msg.target, verdict.reason)
+                    self.metrics.error("command_refused", rec.topic, rec.partition, rec.offset)
                     continue
             async with self.lock:
-                for out in domain.decide(self.state, msg, rec.partition):
+                # The record's Kafka time places a rotate command among the steps (domain.py).
+                outs = domain.decide(self.state, msg, rec.partition, rec.timestamp)
+                for out in outs:
                     await self._publish(out)
+                if outs or isinstance(msg, OrderFilled | ControlCommand):
+                    self.metrics.update(self.state)
 
     async def _dead_letter(self, rec: Any, error: str) -> None:
+        self.metrics.error("dead_lettered", rec.topic, rec.partition, rec.offset)
         log.warning("dead-lettered %s[%s]@%s: %s", rec.topic, rec.partition, rec.offset, error)
         dl = DeadLettered(
             id=random_ids(),
@@ -225,13 +248,18 @@ class StrategyWorker:
         # On the loop faust then runs on (asyncio.run would leave no current loop behind for it).
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(
+        self.metrics.counted_from = loop.run_until_complete(
             reset_group_to_beginning(
                 self.settings.kafka_bootstrap, self.group, self.inputs, wait_s=3 * SESSION_TIMEOUT_S
             )
         )
+        if self.metrics_port:
+            self.metrics_bound = self.metrics.serve(self.metrics_port, self.metrics_addr)
         worker = faust.Worker(self.app, loglevel="warn", quiet=True, redirect_stdouts=False)
-        worker.execute_from_commandline()
+        try:
+            worker.execute_from_commandline()
+        finally:
+            self.metrics.close()
         return 0
 
 

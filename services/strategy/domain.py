@@ -10,6 +10,12 @@ rebuild it after a crash by reading its inputs from the beginning (docs/backtest
 the intent it answers (a restarted worker reads the order events topic faster than it re-evaluates the
 candles) is held until the state re-emits that intent, then applied, exactly where the first run applied it.
 
+Early rotations (an operator's `rotate`): the registry publishes a second plan for the epoch, valid from the
+rotation step (`PlanPublished.rotation` > 0). A step uses the latest plan of its epoch starting at or before it.
+An accepted rotate command for this profile, appended at broker time T, applies at the first step whose candles
+were published at or after T (the registry's rule, docs/registry.md section 13): that step waits for the
+rotated plan, so a rebuild switches plans at the same step as the first run.
+
 Long-only spot: a buy opens a position, a sell closes it. Exits (stop loss, take profit, signal reversal,
 rotation close) come before entries; entries need the blended signal and confidence above the profile's
 thresholds and the market's volatility between `entropy_threshold` (per candle) and `volatility_threshold`
@@ -201,7 +207,10 @@ class StrategyState:
     market: MarketSignals = field(default_factory=MarketSignals)
     weights: dict[str, float] = field(default_factory=dict)
     positions: dict[str, Position] = field(default_factory=dict)
-    plans: dict[int, PlanPublished] = field(default_factory=dict)
+    plans: dict[int, list[PlanPublished]] = field(default_factory=dict)  # epoch -> plans by (start, rotation)
+    step_published: dict[int, int] = field(default_factory=dict)  # step -> latest Kafka timestamp of its candles
+    rotations_waiting: dict[str, int] = field(default_factory=dict)  # rotate command id -> broker time (ms)
+    rotations_answered: set[str] = field(default_factory=set)  # command ids a published plan answers
     marks: dict[str, Decimal] = field(default_factory=dict)
     pending: dict[str, PlaceOrder] = field(default_factory=dict)
     queue: deque[Step] = field(default_factory=deque)
@@ -221,13 +230,18 @@ class StrategyState:
     paused: str | None = None  # an operator's pause or kill: no new entries until resume
     flatten_requested: bool = False  # an operator's flatten or kill: sell every position at the next step
     entries_paused_day: int | None = None  # daily-loss halt: until the next UTC day
-    last_epoch: int | None = None  # epoch of the plan of the last evaluated step
+    last_plan: tuple[int, int] | None = None  # (epoch, rotation) of the plan of the last evaluated step
     flatten: set[str] = field(default_factory=set)  # products to close because the plan rotated
     steps_done: int = 0
     last_step_s: int | None = None
     market_done: bool = False
     finished: bool = False
     intents_sent: int = 0
+    fills: int = 0  # fills applied (metrics)
+    closed_trades: int = 0  # sell fills
+    wins: int = 0  # sell fills whose gain at average cost exceeds both legs' fees (as summary.json counts)
+    entry_fees: dict[str, Decimal] = field(default_factory=dict)  # buy fees of the open position, by product
+    halt_counts: dict[str, int] = field(default_factory=dict)  # risk halts emitted, by kind
     _tunable: tuple[str, dict[str, float]] | None = None  # (plan id, the selected strategy's tunables)
 
     def equity(self) -> Decimal:
@@ -262,8 +276,16 @@ def new_state(
     )
 
 
-def decide(state: StrategyState, msg: Message, now_partition: int = 0) -> list[Message]:
-    """Apply one input message; return the messages to publish (intents, step markers, halts, finish)."""
+def decide(
+    state: StrategyState, msg: Message, now_partition: int = 0, published_ms: int | None = None
+) -> list[Message]:
+    """Apply one input message; return the messages to publish (intents, step markers, halts, finish).
+
+    `published_ms`: the record's Kafka timestamp (a candle: when it was published; a command: when the broker
+    appended it); it places a rotate command among the steps."""
+    if isinstance(msg, CandleClosed) and published_ms is not None:
+        t = int(msg.open_time.timestamp())
+        state.step_published[t] = max(published_ms, state.step_published.get(t, published_ms))
     if isinstance(msg, CandleClosed | WatermarkAdvanced | ReplayFinished):
         for step in state.aligner.add(now_partition, msg):
             state.queue.append(step)
@@ -271,7 +293,13 @@ def decide(state: StrategyState, msg: Message, now_partition: int = 0) -> list[M
             state.market_done = True
     elif isinstance(msg, PlanPublished):
         if msg.profile == state.profile_id:
-            state.plans[msg.epoch] = msg
+            plans = state.plans.setdefault(msg.epoch, [])
+            # A redelivered or re-published plan replaces its own slot: one plan per (start, rotation).
+            plans[:] = [p for p in plans if (p.epoch_start, p.rotation) != (msg.epoch_start, msg.rotation)] + [msg]
+            plans.sort(key=lambda p: (p.epoch_start, p.rotation))
+            for c in msg.rotation_commands:
+                state.rotations_waiting.pop(c, None)
+                state.rotations_answered.add(c)
     elif isinstance(msg, ControlCommand):
         # Only verified commands reach the domain (shared/commands.py). They act from the next step evaluated.
         if msg.target in (state.profile_id, "all"):
@@ -282,6 +310,8 @@ def decide(state: StrategyState, msg: Message, now_partition: int = 0) -> list[M
             if msg.action == "resume":
                 state.paused = None
                 state.halted = None  # a drawdown halt lasts until a resume command
+            if msg.action == "rotate" and published_ms is not None and msg.id not in state.rotations_answered:
+                state.rotations_waiting[msg.id] = published_ms
     elif isinstance(msg, OrderDecided | OrderUpdated | OrderFilled) and msg.profile == state.profile_id:
         if msg.intent_id in state.emitted:
             _apply_outcome(state, msg)
@@ -335,10 +365,12 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
     if f.fill_id in state.seen_fills:
         return  # redelivered fill: counted once
     state.seen_fills.add(f.fill_id)
+    state.fills += 1
     state.fees += f.fee
     notional = f.size * f.price
     pos = state.positions.get(f.product)
     if f.side == "buy":
+        state.entry_fees[f.product] = state.entry_fees.get(f.product, Decimal(0)) + f.fee
         state.cash -= notional + f.fee
         if pos is None:
             state.positions[f.product] = Position(f.size, f.price)
@@ -350,16 +382,32 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
         state.cash += notional - f.fee
         if pos is not None:
             sold = min(pos.size, f.size)
-            state.realized_pnl += (f.price - pos.avg_price) * sold
+            gain = (f.price - pos.avg_price) * sold
+            share = state.entry_fees.get(f.product, Decimal(0)) * (sold / pos.size) if pos.size else Decimal(0)
+            state.entry_fees[f.product] = state.entry_fees.get(f.product, Decimal(0)) - share
+            state.realized_pnl += gain
+            state.closed_trades += 1
+            state.wins += 1 if gain - share - f.fee > 0 else 0
             pos.size -= sold
             if pos.size <= 0:
                 del state.positions[f.product]
+                state.entry_fees.pop(f.product, None)
                 state.flatten.discard(f.product)
 
 
 def _plan_for(state: StrategyState, step: Step) -> PlanPublished | None:
+    """The latest plan of the step's epoch that starts at or before it; None while it is not known yet, or
+    while a rotation due at this step waits for its plan."""
+    if state.rotations_waiting:
+        published = state.step_published.get(step.time_s)
+        if published is not None and min(state.rotations_waiting.values()) <= published:
+            return None
     interval = state.profile.profile_hash.hash_rotation_interval
-    return state.plans.get(step.time_s // interval)
+    found = None
+    for p in state.plans.get(step.time_s // interval, ()):
+        if int(p.epoch_start.timestamp()) <= step.time_s:
+            found = p
+    return found
 
 
 def ready(state: StrategyState) -> bool:
@@ -375,6 +423,7 @@ def _drain(state: StrategyState) -> list[Message]:
         if plan is None:
             break  # the registry has not published this epoch's plan yet
         state.queue.popleft()
+        state.step_published.pop(step.time_s, None)
         out.extend(_evaluate_step(state, step, plan))
     if state.market_done and not state.queue and not state.pending and not state.finished:
         state.finished = True
@@ -441,12 +490,13 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
 
     # Rotation: the first step under a new epoch's plan. "close" sells every open position (reason
     # "flatten"); a sale that does not happen (rejected, cancelled) is tried again at the next steps.
-    if state.last_epoch is not None and plan.epoch != state.last_epoch and state.on_rotation == "close":
+    plan_key = (plan.epoch, plan.rotation)
+    if state.last_plan is not None and plan_key != state.last_plan and state.on_rotation == "close":
         state.flatten = set(state.positions)
     if state.flatten_requested:
         state.flatten |= set(state.positions)
         state.flatten_requested = False
-    state.last_epoch = plan.epoch
+    state.last_plan = plan_key
 
     tunable = _selected_tunable(state, plan)
     weights = state.weights
@@ -536,12 +586,14 @@ def _risk_halts(state: StrategyState, equity: Decimal, day: int, corr: str) -> l
         if dd_pct >= lim.max_drawdown_pct:
             state.halted = f"drawdown {dd_pct:.2f}% >= max_drawdown_pct {rm.max_drawdown_pct}"
             out.append(_halt(state, state.halted, None, from_epoch_s(state.last_step_s), corr))
+            state.halt_counts["drawdown"] = state.halt_counts.get("drawdown", 0) + 1
     if state.entries_paused_day != day and state.day_start_equity > 0:
         loss_pct = (state.day_start_equity - equity) / state.day_start_equity * 100
         if loss_pct >= lim.max_daily_loss_pct:
             state.entries_paused_day = day
             reason = f"daily loss {loss_pct:.2f}% >= max_daily_loss_pct {rm.max_daily_loss_pct}"
             out.append(_halt(state, reason, from_epoch_s((day + 1) * 86400), from_epoch_s(state.last_step_s), corr))
+            state.halt_counts["daily_loss"] = state.halt_counts.get("daily_loss", 0) + 1
     return out
 
 
@@ -581,6 +633,7 @@ def _intent(
         reason=reason,
         fingerprint=plan.fingerprint,
         epoch=plan.epoch,
+        plan_rotation=plan.rotation,
         step_time=from_epoch_s(step.time_s),
         priority=state.profile.priority,
         signal=max(-1.0, min(1.0, sig.value)) if sig else 0.0,

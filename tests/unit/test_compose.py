@@ -177,7 +177,7 @@ def test_service_commands_use_the_services_own_flags() -> None:
     services = _services(COMMITTED.read_text(encoding="utf-8"))
     extras = {
         "ingest": {"--data"},
-        "strategy": set(),
+        "strategy": {"--metrics-port", "--metrics-addr"},
         "execution": set(),
         "registry": set(),
         "arbiter": set(),
@@ -370,3 +370,19 @@ def test_real_compose_validates_a_three_profile_rendering(compose_bin: Path, pro
     names = set(proc.stdout.split())
     assert {"strategy-profile_c", "execution-profile_c"} <= names
     assert not any("profile_off" in n for n in names)
+
+
+def test_prometheus_scrapes_every_strategy_service_on_its_metrics_port() -> None:
+    import yaml
+
+    services = _services(COMMITTED.read_text(encoding="utf-8"))
+    strategies = sorted(name for name in services if name.startswith("strategy-"))
+    assert strategies, "no strategy service rendered"
+    for name in strategies:
+        cmd = services[name]["command"]
+        assert cmd[cmd.index("--metrics-port") + 1] == str(compose.STRATEGY_METRICS_PORT)
+        assert cmd[cmd.index("--metrics-addr") + 1] == "0.0.0.0"
+    prom = yaml.safe_load((COMMITTED.parent / "deploy" / "prometheus.yml").read_text(encoding="utf-8"))
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "strategy")
+    targets = {t for c in job["static_configs"] for t in c["targets"]}
+    assert targets == {f"{name}:{compose.STRATEGY_METRICS_PORT}" for name in strategies}

@@ -9,6 +9,7 @@ from pathlib import Path
 from services.execution.metrics import ExecutionMetrics
 from services.monitor.metrics import MonitorMetrics
 from services.registry.metrics import RegistryMetrics
+from services.strategy.metrics import StrategyMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboard.json"
 
@@ -16,7 +17,8 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashbo
 def exported_names() -> set[str]:
     names: set[str] = set()
     execution = ExecutionMetrics("p", "paper", started_at=0.0)
-    for registry in (MonitorMetrics("ns").registry, RegistryMetrics().registry, execution.registry):
+    strategy = StrategyMetrics("p")
+    for registry in (MonitorMetrics("ns").registry, RegistryMetrics().registry, execution.registry, strategy.registry):
         for metric in registry.collect():
             names.add(metric.name)
             if metric.type == "counter":
@@ -39,7 +41,8 @@ def test_dashboard_queries_exported_metrics() -> None:
     for required in ("mp_consumer_lag", "mp_consumer_group_lag", "mp_profile_equity", "mp_profile_drawdown_pct",
                      "mp_profile_trades", "mp_profile_win_rate", "mp_profile_realized_pnl", "mp_profile_halts",
                      "mp_service_up", "mp_arbiter_decisions", "mp_alerts_total",
-                     "mp_execution_order_latency_seconds_bucket"):
+                     "mp_execution_order_latency_seconds_bucket", "mp_strategy_equity",
+                     "mp_strategy_win_rate", "mp_strategy_halts", "mp_strategy_events_total", "mp_strategy_errors_total"):
         assert required in used
     for p in panels:
         g = p["gridPos"]

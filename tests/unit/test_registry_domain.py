@@ -606,3 +606,40 @@ def test_worked_example_of_the_docs(profile_a: Profile, reg: RegistrySettings) -
     )
     closes, volumes = [100.0, 101.0, 99.5, 100.5, 102.0, 101.0], [10.0, 12.0, 8.0, 11.0, 15.0, 9.0]
     assert score_asset(closes, volumes) == pytest.approx(4.04803, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ early rotations
+def test_rotation_hash_appends_the_rotation_and_leaves_the_scheduled_hash_unchanged() -> None:
+    assert profile_hash("x", 0.42, 3, 1, 0) == hashlib.sha256(b"x|0.42|3|1").hexdigest()
+    assert profile_hash("x", 0.42, 3, 1, 2) == hashlib.sha256(b"x|0.42|3|1|r2").hexdigest()
+    assert len({profile_hash("x", 0.42, 3, 0, k) for k in range(5)}) == 5
+    with pytest.raises(ValueError, match="rotation"):
+        profile_hash("x", 0.42, 3, 0, -1)
+
+
+def test_rotated_candidate_covers_the_rest_of_its_epoch(profile_a: Profile, reg: RegistrySettings) -> None:
+    interval = profile_a.profile_hash.hash_rotation_interval
+    start, end = epoch_bounds(EPOCH0, interval)
+    mid = start + interval // 2
+    scheduled = derive_candidate("profile_a", profile_a, EPOCH0, 0, pool_scores(profile_a), reg, QUOTE)
+    rotated = derive_candidate(
+        "profile_a", profile_a, EPOCH0, 0, pool_scores(profile_a), reg, QUOTE, rotation=1, start_s=mid
+    )
+    assert (rotated.epoch_start_s, rotated.epoch_end_s, rotated.rotation) == (mid, end, 1)
+    assert rotated.hash != scheduled.hash and (scheduled.epoch_start_s, scheduled.rotation) == (start, 0)
+    with pytest.raises(ValueError, match="outside epoch"):
+        derive_candidate("profile_a", profile_a, EPOCH0, 0, {}, reg, QUOTE, rotation=1, start_s=end)
+
+
+def test_rotated_resolution_bumps_its_nonce_on_a_collision_like_a_scheduled_one(
+    profile_a: Profile, reg: RegistrySettings
+) -> None:
+    start, _ = epoch_bounds(EPOCH0, profile_a.profile_hash.hash_rotation_interval)
+    first = derive_candidate("profile_a", profile_a, EPOCH0, 0, {}, reg, QUOTE, rotation=1, start_s=start + 60)
+
+    def claim(c: PlanCandidate, fp: str, asset: str | None) -> ClaimResult:
+        return ClaimResult(ClaimOutcome.HASH_TAKEN, "profile_b") if c.hash == first.hash else ClaimResult(ClaimOutcome.OK)
+
+    r = resolve_plan("profile_a", profile_a, EPOCH0, {}, reg, QUOTE, claim, rotation=1, start_s=start + 60)
+    assert (r.rotation, r.nonce, r.collisions, r.epoch_start_s) == (1, 1, 1, start + 60)
+    assert r.hash == profile_hash(profile_a.profile_hash.base_hash, profile_a.profile_hash.entropy_seed, EPOCH0, 1, 1)

@@ -27,8 +27,8 @@ class Store:
 
     def __init__(self) -> None:
         self.holds: dict[tuple[str, str], list[tuple[str, int, int]]] = defaultdict(list)
-        self.records: dict[tuple[str, int], Decision] = {}
-        self.inject: dict[tuple[str, int], Decision] = {}  # recorded by "another replica" just before decide
+        self.records: dict[tuple[str, int] | tuple[str, int, int], Decision] = {}
+        self.inject: dict[tuple[str, int] | tuple[str, int, int], Decision] = {}  # recorded by "another replica" just before decide
 
 
 class FakeBackend:
@@ -54,11 +54,16 @@ class FakeBackend:
             self.store.holds[k].append((c.profile, c.epoch_start_s, c.epoch_end_s))
         return ClaimResult(ClaimOutcome.OK)
 
-    async def lookup(self, profile: str, start_s: int) -> Decision | None:
-        return self.store.records.get((profile, start_s))
+    async def lookup(self, profile: str, start_s: int, rotation: int = 0) -> Decision | None:
+        return self.store.records.get(self._key(profile, start_s, rotation))
+
+    @staticmethod
+    def _key(profile: str, start_s: int, rotation: int) -> tuple[str, int] | tuple[str, int, int]:
+        # Like the ledger: an early rotation has its own record, the scheduled plan's key is unchanged.
+        return (profile, start_s, rotation) if rotation else (profile, start_s)
 
     async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision:
-        key = (plan.profile, int(plan.epoch_start.timestamp()))
+        key = self._key(plan.profile, int(plan.epoch_start.timestamp()), plan.rotation)
         if key in self.store.inject:
             self.store.records[key] = self.store.inject.pop(key)
         if key in self.store.records:
@@ -75,7 +80,9 @@ class FakeBackend:
         self.recovered.append(list(known))
         return "rebuilt"
 
-    async def takeover(self, profile: str, start_s: int) -> tuple[TakeoverOutcome, PlanPublished | None]:
+    async def takeover(
+        self, profile: str, start_s: int, rotation: int = 0
+    ) -> tuple[TakeoverOutcome, PlanPublished | None]:
         outcome = self.takeovers.get((profile, start_s), "WAIT")
         rec = self.store.records.get((profile, start_s))
         return outcome, (rec.plan if rec and outcome == "OK" else None)
@@ -140,7 +147,7 @@ async def test_unpublished_decision_of_another_replica_is_watched_and_taken_over
     await feed(s1, FakeBackend(store, "r1"), market(1))  # r1 decides hour 0, then dies before Kafka acks
     b2 = FakeBackend(store, "r2")
     assert plans_of(await feed(s2, b2, market(1))) == []
-    assert set(s2.watches) == {("profile_a", T0), ("profile_b", T0)}
+    assert set(s2.watches) == {("profile_a", T0, 0), ("profile_b", T0, 0)}  # (profile, start, rotation)
     assert await handlers.check_watches(s2, b2, lease_s=60) == []  # within the lease: nothing yet
     for k in s2.watches:
         s2.watches[k] = time.monotonic() - 61
@@ -226,3 +233,110 @@ async def test_a_compacted_topic_still_skips_every_published_epoch(cfg: AppConfi
     handlers.load_published(state, list(latest.values()))
     out = plans_of(await feed(state, FakeBackend(Store()), market(6)))
     assert out == [p for p in first if p.epoch_start.timestamp() >= T0 + 4 * HOUR]
+
+
+# ------------------------------------------------------------------------------------------ early rotations
+KEY = b"r" * 32
+
+
+def published_ms(msg: Message) -> int:
+    """Kafka time of a market-data record in these tests: step h (hours after T0) is published at (h + 1) s."""
+    t = getattr(msg, "open_time", None) or getattr(msg, "step_time", None) or getattr(msg, "last_step_time", None)
+    return ((int(t.timestamp()) - T0) // HOUR + 1) * 1000 if t is not None else 0
+
+
+async def feed_timed(
+    state: RegistryState, backend: FakeBackend, msgs: Sequence[Message], commands: Sequence[tuple[int, Message]] = ()
+) -> list[Message]:
+    """Market data with their publication times; each command (appended at ms) is read before the first
+    record published after it, as the service reads the commands topic up to its end before each batch."""
+    todo = sorted(commands, key=lambda c: c[0])
+    out: list[Message] = []
+    for m in msgs:
+        ms = published_ms(m)
+        while todo and todo[0][0] <= ms:
+            at, cmd = todo.pop(0)
+            out.extend(await handlers.handle(state, cmd, 0, backend, published_ms=at))
+        out.extend(await handlers.handle(state, m, 0, backend, published_ms=ms))
+    return out
+
+
+def rotate(target: str) -> Message:
+    from shared.commands import new_command
+    from tests.unit.builders import dt
+
+    return new_command("rotate", target, key=KEY, now=dt(T0))
+
+
+def overlapping_duplicates(plans: Sequence[PlanPublished]) -> list[tuple[str, str]]:
+    """Pairs of different profiles holding one hash or fingerprint over overlapping intervals."""
+    bad = []
+    for a in plans:
+        for b in plans:
+            overlap = a.profile < b.profile and a.epoch_start < b.epoch_end and b.epoch_start < a.epoch_end
+            if overlap and (a.hash == b.hash or a.fingerprint == b.fingerprint):
+                bad.append((a.profile, b.profile))
+    return bad
+
+
+async def test_rotate_command_publishes_a_new_plan_for_its_profile_at_the_first_step_published_after_it(
+    cfg: AppConfig,
+) -> None:
+    state = handlers.new_state(cfg)
+    cmd = rotate("profile_b")
+    # Appended at 2.5 s: steps h=0,1 were published before (1 s, 2 s), step h=2 after (3 s).
+    out = await feed_timed(state, FakeBackend(Store()), market(8), [(2500, cmd)])
+    plans = plans_of(out)
+    rotated = [p for p in plans if p.rotation]
+    assert [(p.profile, p.rotation, p.epoch_start.timestamp(), p.rotation_commands) for p in rotated] == [
+        ("profile_b", 1, T0 + 2 * HOUR, [cmd.id])
+    ]
+    scheduled = next(p for p in plans if p.profile == "profile_b" and p.epoch == rotated[0].epoch and not p.rotation)
+    assert rotated[0].epoch_end == scheduled.epoch_end and rotated[0].hash != scheduled.hash
+    assert rotated[0].id != scheduled.id
+    assert len([p for p in plans if p.profile == "profile_a"]) == 8  # profile_a: its hourly plans only
+    assert overlapping_duplicates(plans) == []
+    assert state.stats.rotations == 1 and state.stats.as_dict()["rotations"] == 1
+    assert state.metrics.registry.get_sample_value("mp_registry_rotations_total", {"profile": "profile_b"}) == 1
+
+
+async def test_rotate_all_rotates_every_enabled_profile_once_and_twice_counts_up(cfg: AppConfig) -> None:
+    state = handlers.new_state(cfg)
+    first, second = rotate("all"), rotate("all")
+    out = await feed_timed(state, FakeBackend(Store()), market(4), [(1500, first), (1600, second), (2500, rotate("all"))])
+    rotated = sorted((p.profile, p.rotation, int(p.epoch_start.timestamp()) - T0) for p in plans_of(out) if p.rotation)
+    # Two commands due at one step make one rotation; profile_a's epochs are one step long, so its rotations
+    # fall on a scheduled plan's start (kept apart by the rotation number).
+    assert rotated == [
+        ("profile_a", 1, HOUR),
+        ("profile_a", 1, 2 * HOUR),
+        ("profile_b", 1, HOUR),
+        ("profile_b", 2, 2 * HOUR),
+    ]
+    assert overlapping_duplicates(plans_of(out)) == []
+
+
+async def test_rotation_is_the_same_in_a_replay_and_is_not_derived_again_after_a_restart(cfg: AppConfig) -> None:
+    cmds = [(2500, rotate("profile_b")), (5500, rotate("all"))]
+    first = plans_of(await feed_timed(handlers.new_state(cfg), FakeBackend(Store()), market(8), cmds))
+    again = plans_of(await feed_timed(handlers.new_state(cfg), FakeBackend(Store()), market(8), cmds))
+    assert [p.id for p in again] == [p.id for p in first] and sum(1 for p in first if p.rotation) == 3
+    # A restarted registry reads the plans topic first: nothing is derived or published again.
+    restarted = handlers.new_state(cfg)
+    handlers.load_published(restarted, first)
+    backend = FakeBackend(Store())
+    assert plans_of(await feed_timed(restarted, backend, market(8), cmds)) == []
+    assert backend.claims == 0
+    last_b = [p for p in first if p.profile == "profile_b"][-1]
+    # The second command falls in profile_b's next epoch (hours 4-7): its first rotation there, from hour 5.
+    assert (last_b.rotation, last_b.epoch_start.timestamp()) == (1, T0 + 5 * HOUR)
+    assert restarted.latest["profile_b"].plan == last_b
+
+
+async def test_rotate_command_after_the_last_step_rotates_nothing(cfg: AppConfig) -> None:
+    state = handlers.new_state(cfg)
+    backend = FakeBackend(Store())
+    out = await feed_timed(state, backend, market(3))
+    out += await handlers.handle(state, rotate("all"), 0, backend, published_ms=10_000)
+    assert [p for p in plans_of(out) if p.rotation] == [] and state.stats.rotations == 0
+    assert len(state.rotation_requests) == 1  # waits for a step published after it

@@ -728,3 +728,91 @@ def test_command_for_another_profile_changes_nothing(profile: Profile) -> None:
     state = fresh(profile)
     feed(state, [new_command("kill", "profile_b", key=b"k" * 32, now=dt(T0))])
     assert state.paused is None and not state.flatten and not state.flatten_requested
+
+
+# ------------------------------------------------------------------------------------------ early rotation (rotate)
+def _timed(msgs: Sequence[Message]) -> list[tuple[Message, int | None]]:
+    """Market data with Kafka times: step h (hours after T0) published at (h + 1) s; other messages untimed."""
+    out: list[tuple[Message, int | None]] = []
+    for m in msgs:
+        t = getattr(m, "open_time", None)
+        out.append((m, None if t is None else ((int(t.timestamp()) - T0) // HOUR + 1) * 1000))
+    return out
+
+
+def _feed_timed(state: StrategyState, msgs: Sequence[tuple[Message, int | None]]) -> list[Message]:
+    out: list[Message] = []
+    for m, ms in msgs:
+        produced = decide(state, m, 0, ms)
+        out.extend(produced)
+        for i in of_type(produced, PlaceOrder):
+            for r in fill(i):
+                out.extend(decide(state, r, 0))
+    return out
+
+
+def _rotated(scheduled: PlanPublished, start: int, command_id: str) -> PlanPublished:
+    from tests.unit.builders import dt
+
+    return scheduled.model_copy(
+        update={
+            "id": "rotated",
+            "epoch_start": dt(start),
+            "rotation": 1,
+            "rotation_commands": [command_id],
+            "fingerprint": "cd" * 32,
+        }
+    )
+
+
+def _rotate_setup() -> tuple[Profile, list[PlanPublished], Message, list[Message]]:
+    from shared.commands import new_command
+    from tests.unit.builders import dt
+
+    p = tune(config().profiles["profile_b"])  # 4-hour epochs: hours 0-3 are one epoch
+    plans = plans_covering("profile_b", T0, T0 + 4 * HOUR, 4 * HOUR)
+    cmd = new_command("rotate", "profile_b", key=b"k" * 32, now=dt(T0))
+    market = step_messages(path_candles("BTC/USDC", [100] * 4))  # flat: only a rotation sells
+    held = order_filled("profile_b", "buy", product="BTC/USDC", size=2, price=100, at=T0 - DAY)
+    return p, plans, cmd, [held, *market]
+
+
+def test_rotate_command_holds_its_step_until_the_rotated_plan_and_close_sells_there() -> None:
+    p, plans, cmd, rest = _rotate_setup()
+    state = new_state("profile_b", p, "USDC", frozenset({0}), on_rotation="close")
+    timed = _timed(rest)
+    out = _feed_timed(state, [(pl, None) for pl in plans] + [(cmd, 2500)] + timed)
+    # Appended at 2.5 s: hours 0 and 1 (published at 1 s, 2 s) use the scheduled plan; hour 2 waits.
+    assert steps_done(out) == [T0, T0 + HOUR] and of_type(out, PlaceOrder) == []
+    out = _feed_timed(state, [(_rotated(plans[0], T0 + 2 * HOUR, cmd.id), None)])
+    assert steps_done(out) == [T0 + 2 * HOUR, T0 + 3 * HOUR]
+    sells = of_type(out, PlaceOrder)
+    assert [(i.reason, i.step_time.timestamp(), i.plan_rotation, i.fingerprint) for i in sells] == [
+        ("flatten", T0 + 2 * HOUR, 1, "cd" * 32)
+    ]
+    assert state.rotations_waiting == {}
+
+
+def test_rebuild_with_the_rotated_plan_read_first_switches_at_the_same_step() -> None:
+    p, plans, cmd, rest = _rotate_setup()
+    first = new_state("profile_b", p, "USDC", frozenset({0}), on_rotation="close")
+    run = _feed_timed(first, [(pl, None) for pl in plans] + [(cmd, 2500)] + _timed(rest))
+    run += _feed_timed(first, [(_rotated(plans[0], T0 + 2 * HOUR, cmd.id), None)])
+    rebuilt = new_state("profile_b", p, "USDC", frozenset({0}), on_rotation="close")
+    # A restarted worker reads the small topics first: both plans and the command before any candle.
+    again = _feed_timed(
+        rebuilt, [(pl, None) for pl in plans] + [(_rotated(plans[0], T0 + 2 * HOUR, cmd.id), None), (cmd, 2500)] + _timed(rest)
+    )
+    assert of_type(again, PlaceOrder) == of_type(run, PlaceOrder) and len(of_type(run, PlaceOrder)) == 1
+    assert steps_done(again) == steps_done(run)
+
+
+def test_rotate_command_for_another_profile_holds_no_step() -> None:
+    from shared.commands import new_command
+    from tests.unit.builders import dt
+
+    p, plans, _, rest = _rotate_setup()
+    state = new_state("profile_b", p, "USDC", frozenset({0}), on_rotation="close")
+    other = new_command("rotate", "profile_a", key=b"k" * 32, now=dt(T0))
+    out = _feed_timed(state, [(pl, None) for pl in plans] + [(other, 500)] + _timed(rest))
+    assert steps_done(out) == [T0 + h * HOUR for h in range(4)] and of_type(out, PlaceOrder) == []
