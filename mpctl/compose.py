@@ -40,7 +40,8 @@ REDIS_URL = "redis://redis:6379/0"
 # Host ports match `mpctl infra up` (Kafka 127.0.0.1:19092, Redis 127.0.0.1:16379), so host-side tools read the
 # compose stack with their defaults. Both stacks cannot run at once on one machine.
 KAFKA_HOST_PORT = 19092
-STRATEGY_METRICS_PORT = 9100  # deploy/prometheus.yml scrapes strategy-<profile>:9100
+METRICS_PORT = 9100  # every app service but ingest serves /metrics here; deploy/prometheus.yml scrapes it
+STRATEGY_METRICS_PORT = METRICS_PORT
 REDIS_HOST_PORT = 16379
 
 CONTAINER_CONFIG = "/app/config/profiles.yaml"
@@ -63,10 +64,11 @@ SERVICE_COMMENTS: dict[str, str] = {
     "redis": "Redis holds the registry's claims (hashes, fingerprints, random assets); append-only file on a volume.",
     "topics": "One shot: creates every declared topic (shared/topics.py) with its partitions before any worker starts.",
     "ingest": "Replays the recorded candles mounted at /app/data/market, then exits 0 (a restart resumes or no-ops).",
-    "prometheus": "Scrape config deploy/prometheus.yml: the strategy workers' metrics on port "
-    "9100 (one target per enabled profile).",
-    "grafana": "Dashboard and data-source provisioning come later (issue 7); for now add Prometheus\n"
-    "(http://prometheus:9090) by hand in the UI.",
+    "monitor": "Consumer lag, per-profile performance, service health, alerts; the audit trail to the audit-data volume.",
+    "prometheus": "Scrape config deploy/prometheus.yml (rendered with this file): every service's /metrics on port "
+    "9100.",
+    "grafana": "Provisioned from deploy/grafana/provisioning: the Prometheus data source and the dashboard\n"
+    "deploy/grafana/dashboard.json; http://127.0.0.1:3000 (admin/admin on first login).",
 }
 
 
@@ -113,7 +115,7 @@ def _app_service(
     depends_on: dict[str, dict[str, str]],
     restart: str = "unless-stopped",
 ) -> dict[str, Any]:
-    return {
+    svc: dict[str, Any] = {
         "image": APP_IMAGE,
         "build": {"context": ".", "dockerfile": "Dockerfile"},
         "command": [module, *args],
@@ -121,6 +123,30 @@ def _app_service(
         "depends_on": depends_on,
         "restart": restart,
     }
+    if "--metrics-port" in args:
+        svc["healthcheck"] = dict(_METRICS_HEALTHCHECK)
+    return svc
+
+
+# Metrics on the container network for Prometheus (loopback is the default outside containers).
+_METRICS_ARGS = ["--metrics-port", str(METRICS_PORT), "--metrics-addr", "0.0.0.0"]
+
+# A service that serves /metrics is healthy when it answers there (stdlib only, from inside the container).
+_METRICS_HEALTHCHECK = {
+    "test": [
+        "CMD",
+        "python",
+        "-c",
+        f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{METRICS_PORT}/metrics', timeout=3).read()",
+    ],
+    "interval": "20s",
+    "timeout": "5s",
+    "retries": 3,
+    "start_period": "60s",
+}
+
+# What Prometheus scrapes: job -> compose services (rendered into deploy/prometheus.yml).
+SCRAPED_KINDS = ("registry", "arbiter", "monitor", "strategy", "execution")
 
 
 def _common_args(profile: str | None = None) -> list[str]:
@@ -206,21 +232,32 @@ def compose_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> 
         restart="no",
     )
     services["registry"] = _app_service(
-        "services.registry", _common_args(), config_source=config_source, depends_on=_needs_topics(redis=True)
+        "services.registry",
+        [*_common_args(), *_METRICS_ARGS],
+        config_source=config_source,
+        depends_on=_needs_topics(redis=True),
     )
     services["arbiter"] = _app_service(
-        "services.arbiter", _common_args(), config_source=config_source, depends_on=_needs_topics()
+        "services.arbiter", [*_common_args(), *_METRICS_ARGS], config_source=config_source, depends_on=_needs_topics()
     )
+    monitor = _app_service(
+        "services.monitor",
+        [*_common_args(), *_METRICS_ARGS, "--audit-file", "/app/audit/audit.jsonl"],
+        config_source=config_source,
+        depends_on=_needs_topics(),
+    )
+    monitor["volumes"].append("audit-data:/app/audit")
+    services["monitor"] = monitor
     for pid in enabled:
         services[f"strategy-{pid}"] = _app_service(
             "services.strategy",
-            # Metrics on the container network for Prometheus (loopback is the default outside containers).
-            [*_common_args(pid), "--metrics-port", str(STRATEGY_METRICS_PORT), "--metrics-addr", "0.0.0.0"],
+            [*_common_args(pid), *_METRICS_ARGS],
             config_source=config_source,
             depends_on=_needs_topics(),
         )
         execution = _app_service(
-            "services.execution", _common_args(pid), config_source=config_source, depends_on=_needs_topics()
+            "services.execution", [*_common_args(pid), *_METRICS_ARGS], config_source=config_source,
+            depends_on=_needs_topics()
         )
         execution["secrets"] = [{"source": secret_name(pid), "target": "/run/secrets/coinbase.json"}]
         services[f"execution-{pid}"] = execution
@@ -255,7 +292,11 @@ def compose_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> 
     services["grafana"] = {
         "image": GRAFANA_IMAGE,
         "ports": ["127.0.0.1:3000:3000"],
-        "volumes": ["grafana-data:/var/lib/grafana"],
+        "volumes": [
+            "grafana-data:/var/lib/grafana",
+            _bind("./deploy/grafana/provisioning", "/etc/grafana/provisioning"),
+            _bind("./deploy/grafana/dashboard.json", "/var/lib/grafana-dashboards/multiprofile.json"),
+        ],
         "depends_on": {"prometheus": {"condition": "service_started"}},
         "restart": "unless-stopped",
     }
@@ -264,7 +305,7 @@ def compose_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> 
         "name": PROJECT_NAME,
         "services": services,
         "secrets": {secret_name(pid): {"file": f"./{SECRETS_DIR}/{pid}.json"} for pid in enabled},
-        "volumes": {"kafka-data": {}, "redis-data": {}, "prometheus-data": {}, "grafana-data": {}},
+        "volumes": {"kafka-data": {}, "redis-data": {}, "prometheus-data": {}, "grafana-data": {}, "audit-data": {}},
     }
 
 
@@ -301,6 +342,28 @@ def render_compose(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) ->
     )
 
 
+PROMETHEUS_HEADER = """\
+# Prometheus scrape configuration for the compose stack (mounted read-only by docker-compose.yml).
+# Generated by `mpctl compose render` with docker-compose.yml: do not edit by hand. Every app service but
+# ingest (a producer; its heartbeat shows in `mpctl status`) serves /metrics on port {port} inside its container
+# (`--metrics-port {port} --metrics-addr 0.0.0.0`); tests/unit/test_compose.py checks both files agree.
+"""
+
+
+def prometheus_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> dict[str, Any]:
+    services = compose_model(cfg, config_path=config_path)["services"]
+    jobs: list[dict[str, Any]] = [{"job_name": "prometheus", "static_configs": [{"targets": ["localhost:9090"]}]}]
+    for kind in SCRAPED_KINDS:
+        names = [n for n in services if n == kind or n.startswith(f"{kind}-")]
+        jobs.append({"job_name": kind, "static_configs": [{"targets": [f"{n}:{METRICS_PORT}" for n in names]}]})
+    return {"global": {"scrape_interval": "15s", "evaluation_interval": "15s"}, "scrape_configs": jobs}
+
+
+def render_prometheus(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> str:
+    body = yaml.dump(prometheus_model(cfg, config_path=config_path), Dumper=_Dumper, sort_keys=False, width=120)
+    return PROMETHEUS_HEADER.format(port=METRICS_PORT) + body
+
+
 def live_credentials_in(cfg: AppConfig) -> list[str]:
     """Enabled profiles with any non-placeholder credential value in the config (which reaches every container)."""
     found = []
@@ -332,6 +395,11 @@ def cmd_render(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     out.write_text(text, encoding="utf-8")
+    # The scrape config lists the rendered services, so it is rendered with them (beside the compose file).
+    prom = out.parent / "deploy" / "prometheus.yml"
+    if prom.parent.is_dir():
+        prom.write_text(render_prometheus(cfg, config_path=config_path), encoding="utf-8")
+        print(f"wrote {prom}")
     print(f"wrote {out} ({len(cfg.enabled_profiles())} enabled profile(s))")
     return 0
 

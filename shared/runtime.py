@@ -50,6 +50,22 @@ def base_parser(service: str, *, needs_profile: bool = False) -> argparse.Argume
     return p
 
 
+def add_metrics_args(p: argparse.ArgumentParser, why_off: str = "0: off") -> None:
+    """--metrics-port / --metrics-addr, the same for every service: loopback unless a container needs 0.0.0.0."""
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help=f"serve Prometheus metrics on ADDR:PORT ({why_off})",
+    )
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address to serve metrics on (0.0.0.0 in a container)")
+
+
+def check_metrics_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 <= args.metrics_port <= 65535:
+        p.error(f"--metrics-port must be 0..65535, got {args.metrics_port}")
+
+
 def settings_from_args(args: argparse.Namespace, **extra: str | None) -> ServiceSettings:
     return ServiceSettings(
         config_path=args.config,

@@ -1,4 +1,4 @@
-"""python -m services.arbiter --config FILE --bootstrap HOST:PORT [--metrics-port P] [--instance N]
+"""python -m services.arbiter --config FILE --bootstrap HOST:PORT [--metrics-port P] [--metrics-addr A] [--instance N]
 
 Several may run at once (same namespace): they share the intents partitions (docs/arbiter.md)."""
 
@@ -7,19 +7,23 @@ from __future__ import annotations
 import sys
 
 from services.arbiter.bootstrap import bootstrap
-from shared.runtime import base_parser, main_entry, run_service, settings_from_args
+from shared.runtime import (
+    add_metrics_args,
+    base_parser,
+    check_metrics_args,
+    main_entry,
+    run_service,
+    settings_from_args,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("arbiter")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=0,
-        help="serve Prometheus metrics on 127.0.0.1:PORT (0: off, so several arbiters never clash)",
-    )
+    add_metrics_args(p, "0: off, so several arbiters never clash")
     args = main_entry(argv, "arbiter", p)
-    return run_service(bootstrap(settings_from_args(args, metrics_port=args.metrics_port)).run)
+    check_metrics_args(p, args)
+    settings = settings_from_args(args, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr)
+    return run_service(bootstrap(settings).run)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ class ArbiterService:
             member.subscribe([t.intents], listener=_Listener(self))
             await member.start()
             if self.metrics_port:
-                self.metrics_bound = self.metrics.serve(self.metrics_port)
+                self.metrics_bound = self.metrics.serve(self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1"))
             last_prune = time.monotonic()
             try:
                 while not stop.is_set():

@@ -1,4 +1,4 @@
-"""python -m services.execution --profile ID --config FILE --bootstrap HOST:PORT [--metrics-port P]
+"""python -m services.execution --profile ID --config FILE --bootstrap HOST:PORT [--metrics-port P] [--metrics-addr A]
 [--exchange-api-base URL] [--allow-plaintext-credentials]"""
 
 from __future__ import annotations
@@ -6,7 +6,14 @@ from __future__ import annotations
 import sys
 
 from services.execution.bootstrap import bootstrap
-from shared.runtime import base_parser, main_entry, run_service, settings_from_args
+from shared.runtime import (
+    add_metrics_args,
+    base_parser,
+    check_metrics_args,
+    main_entry,
+    run_service,
+    settings_from_args,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,20 +23,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="live mode: accept credentials written in the YAML (refused by default; use `mpctl secrets set`)",
     )
-    p.add_argument(
-        "--metrics-port", type=int, default=0, help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)"
-    )
+    add_metrics_args(p)
     p.add_argument(
         "--exchange-api-base",
         default=None,
         help="live mode: send the exchange's REST calls to this base URL instead of Coinbase's (a test peer)",
     )
     args = main_entry(argv, "execution", p)
+    check_metrics_args(p, args)
     flag = "1" if args.allow_plaintext_credentials else None
     settings = settings_from_args(
         args,
         allow_plaintext_credentials=flag,
         metrics_port=str(args.metrics_port),
+        metrics_addr=args.metrics_addr,
         exchange_api_base=args.exchange_api_base,
     )
     return run_service(bootstrap(settings).run)

@@ -98,7 +98,7 @@ class ExecutionService:
 
     async def run(self, stop: asyncio.Event) -> int:
         if self.metrics_port:
-            self.metrics_bound = self.metrics.serve(self.metrics_port)
+            self.metrics_bound = self.metrics.serve(self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1"))
         try:
             return await self._run(stop)
         finally:

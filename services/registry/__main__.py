@@ -1,22 +1,24 @@
 """python -m services.registry --config FILE --bootstrap HOST:PORT --redis-url URL [--instance N]
-[--metrics-port P] [--publish-lease-s S] [--clock auto|event|wall]"""
+[--metrics-port P] [--metrics-addr A] [--publish-lease-s S] [--clock auto|event|wall]"""
 
 from __future__ import annotations
 
 import sys
 
 from services.registry.bootstrap import bootstrap
-from shared.runtime import base_parser, main_entry, run_service, settings_from_args
+from shared.runtime import (
+    add_metrics_args,
+    base_parser,
+    check_metrics_args,
+    main_entry,
+    run_service,
+    settings_from_args,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("registry")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=0,
-        help="serve Prometheus metrics on 127.0.0.1:PORT (0: off, so parallel replicas never clash)",
-    )
+    add_metrics_args(p, "0: off, so parallel replicas never clash")
     p.add_argument(
         "--publish-lease-s",
         type=float,
@@ -30,8 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         help="epochs follow the candles' event time (replay) or wall time (live); auto: wall in live mode",
     )
     args = main_entry(argv, "registry", p)
+    check_metrics_args(p, args)
     settings = settings_from_args(
-        args, metrics_port=args.metrics_port, publish_lease_s=args.publish_lease_s, clock=args.clock
+        args,
+        metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
+        publish_lease_s=args.publish_lease_s,
+        clock=args.clock,
     )
     return run_service(bootstrap(settings).run)
 

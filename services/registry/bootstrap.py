@@ -124,7 +124,7 @@ class RegistryService:
                 if not p.enabled:
                     await self.claims.release(pid)
             if self.metrics_port:
-                self.metrics_bound = self.metrics.serve(self.metrics_port)
+                self.metrics_bound = self.metrics.serve(self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1"))
             publisher = Publisher(self.settings.kafka_bootstrap, client_id=f"{self.topics.ns}.registry.{self.instance}")
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.settings.kafka_bootstrap,

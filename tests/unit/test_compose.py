@@ -175,12 +175,14 @@ def test_render_warns_when_the_mounted_config_holds_credentials(tmp_path: Path) 
 def test_service_commands_use_the_services_own_flags() -> None:
     """Every app command parses with the service's parser (shared.runtime.base_parser and its extra flags)."""
     services = _services(COMMITTED.read_text(encoding="utf-8"))
+    metrics = {"--metrics-port", "--metrics-addr"}
     extras = {
         "ingest": {"--data"},
-        "strategy": {"--metrics-port", "--metrics-addr"},
-        "execution": set(),
-        "registry": set(),
-        "arbiter": set(),
+        "strategy": metrics,
+        "execution": metrics,
+        "registry": metrics,
+        "arbiter": metrics,
+        "monitor": metrics | {"--audit-file"},
     }
     seen = set()
     for name, svc in services.items():
@@ -207,7 +209,7 @@ def test_service_commands_use_the_services_own_flags() -> None:
             "read_only": True,
             "bind": {"create_host_path": False},
         } in mounts
-    assert seen == {"registry", "arbiter", "strategy", "execution", "ingest"}
+    assert seen == {"registry", "arbiter", "strategy", "execution", "ingest", "monitor"}
     topics_cmd = services["topics"]["command"]
     assert topics_cmd[:2] == ["mpctl.compose", "topics"]
 
@@ -372,17 +374,30 @@ def test_real_compose_validates_a_three_profile_rendering(compose_bin: Path, pro
     assert not any("profile_off" in n for n in names)
 
 
-def test_prometheus_scrapes_every_strategy_service_on_its_metrics_port() -> None:
-    import yaml
-
+def test_prometheus_scrapes_every_service_that_serves_metrics() -> None:
     services = _services(COMMITTED.read_text(encoding="utf-8"))
-    strategies = sorted(name for name in services if name.startswith("strategy-"))
-    assert strategies, "no strategy service rendered"
-    for name in strategies:
+    serving = sorted(
+        name for name, svc in services.items() if "--metrics-port" in (svc.get("command") or [])
+    )
+    assert {"registry", "arbiter", "monitor", "strategy-profile_a", "execution-profile_b"} <= set(serving)
+    for name in serving:
         cmd = services[name]["command"]
-        assert cmd[cmd.index("--metrics-port") + 1] == str(compose.STRATEGY_METRICS_PORT)
+        assert cmd[cmd.index("--metrics-port") + 1] == str(compose.METRICS_PORT)
         assert cmd[cmd.index("--metrics-addr") + 1] == "0.0.0.0"
-    prom = yaml.safe_load((COMMITTED.parent / "deploy" / "prometheus.yml").read_text(encoding="utf-8"))
-    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "strategy")
-    targets = {t for c in job["static_configs"] for t in c["targets"]}
-    assert targets == {f"{name}:{compose.STRATEGY_METRICS_PORT}" for name in strategies}
+    committed = (COMMITTED.parent / "deploy" / "prometheus.yml").read_text(encoding="utf-8")
+    assert committed == compose.render_prometheus(load_config(TEMPLATE), config_path=TEMPLATE_REL), "run `mpctl compose render`"
+    prom = yaml.safe_load(committed)
+    targets = {t for j in prom["scrape_configs"] for c in j["static_configs"] for t in c["targets"]}
+    assert targets - {"localhost:9090"} == {f"{name}:{compose.METRICS_PORT}" for name in serving}
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard() -> None:
+    services = _services(COMMITTED.read_text(encoding="utf-8"))
+    binds = {v["target"]: v["source"] for v in services["grafana"]["volumes"] if isinstance(v, dict)}
+    assert binds["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    assert binds["/var/lib/grafana-dashboards/multiprofile.json"] == "./deploy/grafana/dashboard.json"
+    prov = COMMITTED.parent / "deploy" / "grafana" / "provisioning"
+    ds = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text(encoding="utf-8"))["datasources"]
+    assert [d["url"] for d in ds] == ["http://prometheus:9090"] and ds[0]["isDefault"] is True
+    dash = yaml.safe_load((prov / "dashboards" / "multiprofile.yml").read_text(encoding="utf-8"))["providers"]
+    assert dash[0]["options"]["path"] == "/var/lib/grafana-dashboards"
