@@ -81,7 +81,8 @@ class HeartbeatThread(threading.Thread):
         self.interval_s = interval_s
         self.started_at = system_clock()
         self.beats = 0
-        self._stop = threading.Event()
+        # Not `_stop`: threading.Thread.join() calls its own `_stop()` method, which that name would shadow.
+        self._stopping = threading.Event()
         self._key = f"{service}|{instance}".encode()
 
     def _beat(self, *, stopping: bool = False) -> ServiceHeartbeat:
@@ -107,7 +108,7 @@ class HeartbeatThread(threading.Thread):
         failing = False
         started = False
         try:
-            while not self._stop.is_set():
+            while not self._stopping.is_set():
                 try:
                     if not started:
                         await producer.start()
@@ -123,7 +124,7 @@ class HeartbeatThread(threading.Thread):
                     failing = True
                 # Polled, not an executor wait: at interpreter exit no executor takes new work.
                 deadline = time.monotonic() + self.interval_s
-                while not self._stop.is_set() and time.monotonic() < deadline:
+                while not self._stopping.is_set() and time.monotonic() < deadline:
                     await asyncio.sleep(min(0.05, self.interval_s))
             if started:
                 # Best effort: without it, status sees the service down a few beats later.
@@ -136,7 +137,7 @@ class HeartbeatThread(threading.Thread):
                 await producer.stop()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
+        self._stopping.set()
         self.join(timeout)
 
 
