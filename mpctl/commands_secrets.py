@@ -6,6 +6,8 @@
   Coinbase's developer platform downloads.
 - `mpctl secrets list`: profile names and which fields are set; never a value, and no key is needed.
 - `mpctl secrets remove PROFILE`, `mpctl secrets keygen PATH` (a random key file for MPCTL_SECRETS_KEY_FILE).
+- `mpctl secrets export PROFILE --out DIR`: DIR/<profile>.enc (a store holding that profile's entry only) and
+  DIR/<profile>.key (its new random key, mode 0600), the pair a container's execution worker is given.
 
 The store's key: the key file of MPCTL_SECRETS_KEY_FILE (or /run/secrets/mpctl_secrets_key) when set, else a
 passphrase (MPCTL_SECRETS_PASSPHRASE, or asked for without echo).
@@ -35,9 +37,11 @@ from services.execution.credentials import (
     StoredCredentials,
     default_store_path,
     exchange_id_for,
+    export_profile,
     key_format_problems,
     key_source_from_env,
     new_key_file,
+    refuse_overwrite,
 )
 
 
@@ -62,6 +66,16 @@ def register(sub: Any) -> None:
     rm.add_argument("profile")
     _store_arg(rm)
     rm.set_defaults(handler=run_remove)
+
+    ex = ss.add_parser(
+        "export",
+        help="write DIR/<profile>.enc (that profile's entry only) and DIR/<profile>.key (its new key) for a container",
+    )
+    ex.add_argument("profile")
+    ex.add_argument("--out", type=Path, required=True, help="folder to write to (e.g. secrets, beside docker-compose.yml)")
+    _store_arg(ex)
+    ex.add_argument("--force", action="store_true", help="replace an existing export of this profile (store and key)")
+    ex.set_defaults(handler=run_export)
 
     kg = ss.add_parser("keygen", help=f"write a random key file (use it with {ENV_KEY_FILE})")
     kg.add_argument("path", type=Path)
@@ -217,4 +231,37 @@ def run_keygen(args: argparse.Namespace) -> int:
     except OSError as err:
         return _err(f"cannot write {args.path}: {err.strerror}")
     print(f"wrote a new key to {args.path} (mode 0600); use it with {ENV_KEY_FILE}={args.path}")
+    return 0
+
+
+def unlock_for_export(path: Path, profiles: list[str], out: Path, *, force: bool) -> CredentialStore:
+    """The user's store, unlocked, once every profile is known to be in it and no export would be overwritten:
+    the passphrase is asked for (as `set` asks) only when there is something to do."""
+    store = CredentialStore.load(path)
+    present = store.profiles()
+    for profile in profiles:
+        if profile not in present:
+            raise CredentialsError(
+                f"no entry for profile {profile!r} in {path} (profiles present: {', '.join(present) or 'none'}); "
+                f"add it with `mpctl secrets set {profile}`"
+            )
+        if not force:
+            refuse_overwrite(profile, out)
+    prompt = _prompt_hidden if _interactive() else None
+    store.unlock(key_source_from_env(store.kdf_name, prompt=prompt))
+    return store
+
+
+def run_export(args: argparse.Namespace) -> int:
+    path = args.store or default_store_path()
+    try:
+        store = unlock_for_export(path, [args.profile], args.out, force=args.force)
+        enc, key = export_profile(store, args.profile, args.out, force=args.force)
+    except CredentialsError as err:
+        return _err(str(err))
+    except OSError as err:
+        return _err(f"cannot write to {args.out}: {err.strerror}")
+    print(f"wrote {enc} ({args.profile}'s entry only) and its new key {key} (mode 0600)")
+    print(f"the execution worker of {args.profile} opens it with MPCTL_CREDENTIALS_STORE={enc} and the key mounted "
+          f"at {MOUNTED_KEY_FILE} (or {ENV_KEY_FILE}={key}); keep both out of git and images")
     return 0

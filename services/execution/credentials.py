@@ -15,6 +15,9 @@ File (JSON, default `~/.config/mpctl/credentials.enc`, mode 0600):
   edited by hand, fails authentication.
 - `check` is a fixed plaintext encrypted under the master key: a wrong passphrase is reported as such, distinct
   from a modified entry.
+- `export_profile` writes a deployable copy of one entry: a store of the same format (`key-file` KDF) holding
+  that entry only, under a new random key written beside it. A container gets that pair, so the execution worker
+  of profile X can decrypt X's entry and has no ciphertext, and no key, for any other profile.
 
 Nothing here logs or raises a value: errors name the profile and the field, never its content.
 """
@@ -29,6 +32,7 @@ import logging
 import os
 import re
 import secrets as pysecrets
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Mapping
@@ -79,6 +83,10 @@ class NoCredentialsError(CredentialsError):
 
 
 class PlaintextRefusedError(CredentialsError):
+    pass
+
+
+class ExportExistsError(CredentialsError):
     pass
 
 
@@ -181,6 +189,8 @@ def new_key_file(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(base64.b64encode(pysecrets.token_bytes(32)).decode() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def key_source_from_env(
@@ -390,6 +400,61 @@ class CredentialStore:
         return self._master
 
 
+def export_paths(profile: str, folder: Path) -> tuple[Path, Path]:
+    """Where `export_profile` writes: <folder>/<profile>.enc and <folder>/<profile>.key."""
+    return folder / f"{profile}.enc", folder / f"{profile}.key"
+
+
+def refuse_overwrite(profile: str, folder: Path) -> None:
+    """ExportExistsError when an export of `profile` is already in `folder`."""
+    existing = [str(p) for p in export_paths(profile, folder) if p.exists() or p.is_symlink()]
+    if existing:
+        raise ExportExistsError(f"{' and '.join(existing)} exist: not overwritten (use --force to replace both)")
+
+
+def export_profile(source: CredentialStore, profile: str, folder: str | Path, *, force: bool = False) -> tuple[Path, Path]:
+    """Write <folder>/<profile>.enc, a store holding only `profile`'s entry, encrypted under a new random key
+    written to <folder>/<profile>.key (mode 0600). Returns both paths; prints and logs nothing.
+
+    A new key for each export: the deployed pair opens this one entry and nothing else, and never the user's
+    store. Existing files are kept unless `force` (then both are replaced: an old key must not outlive its store).
+    """
+    if profile not in source:
+        present = ", ".join(source.profiles()) or "none"
+        raise NoCredentialsError(f"no entry for profile {profile!r} in {source.path} (profiles present: {present})")
+    enc, key = export_paths(profile, Path(folder))
+    if not force:
+        refuse_overwrite(profile, Path(folder))
+    return _write_export(profile, source.get(profile), enc, key)  # decrypts this profile's entry only
+
+
+def export_empty(profile: str, folder: str | Path) -> tuple[Path, Path]:
+    """The export of a profile that has no credentials yet: a store with no entry and its own new key. Paper mode
+    never opens it; live mode refuses to start with the command that adds the entry. Never overwrites."""
+    enc, key = export_paths(profile, Path(folder))
+    refuse_overwrite(profile, Path(folder))
+    return _write_export(profile, None, enc, key)
+
+
+def _write_export(profile: str, creds: StoredCredentials | None, enc: Path, key: Path) -> tuple[Path, Path]:
+    enc.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Both files are written in a private temporary folder and renamed at the end: a failure while writing
+    # (disk full, interrupt) leaves the old pair, if any, untouched.
+    work = Path(tempfile.mkdtemp(prefix=f".{profile}-export-", dir=enc.parent))
+    try:
+        tmp_key = work / "key"
+        new_key_file(tmp_key)
+        out = CredentialStore.create(work / "store", KeySource.from_key_file(tmp_key))
+        if creds is not None:
+            out.put(profile, creds)
+        out.save()
+        os.replace(work / "store", enc)
+        os.replace(tmp_key, key)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return enc, key
+
+
 def _subkey(master: bytes, purpose: str) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=f"mpctl-credentials/v1/{purpose}".encode()).derive(master)
 
@@ -541,7 +606,7 @@ def resolve_credentials(
     where = f"the store {store.path}" if store is not None else "an encrypted store (none was found)"
     raise NoCredentialsError(
         f"no credentials for profile {profile_id!r}: the YAML holds placeholders and {where} has no entry; "
-        f"run `mpctl secrets set {profile_id}`"
+        f"run `mpctl secrets set {profile_id}` (for a container, then `mpctl secrets export {profile_id} --out secrets`)"
     )
 
 

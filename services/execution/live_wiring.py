@@ -6,7 +6,9 @@
     ... StateMachineService(handle=handler.handle, ...) ...; finally: await handler.close()
 
 Only this worker process decrypts the profile's entry of the credentials store (key from MPCTL_SECRETS_KEY_FILE,
-a mounted secret, or MPCTL_SECRETS_PASSPHRASE: a worker never prompts).
+a mounted secret, or MPCTL_SECRETS_PASSPHRASE: a worker never prompts). In a container the store is the profile's
+export (`mpctl secrets export`): MPCTL_CREDENTIALS_STORE=/run/secrets/credentials.enc, its key at
+/run/secrets/mpctl_secrets_key.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 
 from services.execution.ccxt_adapter import open_exchange, profile_products
 from services.execution.credentials import (
+    ENV_STORE,
     CredentialStore,
+    NoCredentialsError,
     default_store_path,
     key_source_from_env,
     resolve_credentials,
@@ -49,7 +53,12 @@ async def open_live_execution(
     if path.exists():
         store = CredentialStore.load(path)
         store.unlock(key_source_from_env(store.kdf_name))  # no prompt: a worker runs unattended
-    creds = resolve_credentials(profile_id, profile, store, allow_plaintext)
+    try:
+        creds = resolve_credentials(profile_id, profile, store, allow_plaintext)
+    except NoCredentialsError as err:
+        if store is None:  # name the path looked at: in a container, a secret mounted elsewhere or not at all
+            raise NoCredentialsError(f"{err} (no store at {path}: set {ENV_STORE} or mount the export there)") from None
+        raise
     port = await open_exchange(
         creds,
         retry_attempts=profile.trading_params.retry_attempts,

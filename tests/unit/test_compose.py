@@ -9,8 +9,10 @@ validates and resolves the file.
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -22,8 +24,10 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import SecretStr
 
 from mpctl import compose
+from services.execution import credentials
 from shared.config import AppConfig, load_config, parse_config
 from shared.runtime import base_parser
 
@@ -130,17 +134,31 @@ def test_one_strategy_and_one_execution_per_enabled_profile(which: str) -> None:
 
 
 @pytest.mark.parametrize("which", ["template", "three_profiles"])
-def test_each_profile_secret_is_mounted_only_into_its_execution_service(which: str) -> None:
+def test_each_profile_export_and_its_key_are_mounted_only_into_its_execution_service(which: str) -> None:
     cfg = load_config(TEMPLATE) if which == "template" else _three_profiles()[0]
     model = yaml.safe_load(compose.render_compose(cfg))
     enabled = list(cfg.enabled_profiles())
-    assert model["secrets"] == {f"coinbase_{pid}": {"file": f"./secrets/{pid}.json"} for pid in enabled}
+    expected = {}
+    for pid in enabled:
+        expected[f"coinbase_{pid}"] = {"file": f"./secrets/{pid}.enc"}
+        expected[f"coinbase_{pid}_key"] = {"file": f"./secrets/{pid}.key"}
+    assert model["secrets"] == expected
     mounted: dict[str, list[str]] = {}
     for name, svc in model["services"].items():
         for s in svc.get("secrets", []):
             source = s["source"] if isinstance(s, dict) else s
             mounted.setdefault(source, []).append(name)
-    assert mounted == {f"coinbase_{pid}": [f"execution-{pid}"] for pid in enabled}
+    assert mounted == {name: [f"execution-{name.removeprefix('coinbase_').removesuffix('_key')}"] for name in expected}
+    for pid in enabled:
+        svc = model["services"][f"execution-{pid}"]
+        # Where the worker looks: the store named by MPCTL_CREDENTIALS_STORE, the key at its mounted default.
+        assert svc["secrets"] == [
+            {"source": f"coinbase_{pid}", "target": "/run/secrets/credentials.enc"},
+            {"source": f"coinbase_{pid}_key", "target": str(credentials.MOUNTED_KEY_FILE)},
+        ]
+        assert svc["environment"] == {credentials.ENV_STORE: "/run/secrets/credentials.enc"}
+    told = {name for name, svc in model["services"].items() if credentials.ENV_STORE in json.dumps(svc)}
+    assert told == {f"execution-{pid}" for pid in enabled}
 
 
 def test_no_credential_value_reaches_the_compose_file() -> None:
@@ -168,7 +186,7 @@ def test_render_warns_when_the_mounted_config_holds_credentials(tmp_path: Path) 
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "profile_a" in proc.stderr and "secrets/profile_a.json" in proc.stderr
+    assert "profile_a" in proc.stderr and "mpctl secrets set profile_a" in proc.stderr
     assert "real-looking" not in proc.stdout and "real-looking" not in proc.stderr
 
 
@@ -231,18 +249,73 @@ def test_dependencies_and_restart_policies() -> None:
         assert all(p.startswith("127.0.0.1:") for p in port_list)  # nothing published beyond loopback
 
 
-def test_init_secrets_writes_placeholders_once(tmp_path: Path) -> None:
+def _store_with(path: Path, profiles: dict[str, credentials.StoredCredentials]) -> None:
+    s = credentials.CredentialStore.create(path, credentials.KeySource.from_passphrase(STORE_PASS), scrypt=FAST)
+    for pid, c in profiles.items():
+        s.put(pid, c)
+    s.save()
+
+
+STORE_PASS = "init-secrets store passphrase 5521"
+FAST = credentials.ScryptParams(n=2**10)  # tests only
+A_KEY = "organizations/init-org/apiKeys/INITSECRETS-A-KEY-77d1"
+A_SECRET = base64.b64encode(b"INITSECRETS-A-SECRET-" + b"y" * 43).decode()
+OFF_KEY = "INITSECRETS-OFF-KEY-0c2e"
+
+
+def test_init_secrets_exports_stored_profiles_writes_empty_stores_for_others_and_never_overwrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "user" / "credentials.enc"
+    a = credentials.StoredCredentials(SecretStr(A_KEY), SecretStr(A_SECRET))
+    other = credentials.StoredCredentials(SecretStr(OFF_KEY), SecretStr(A_SECRET))
+    _store_with(store, {"profile_a": a, "profile_zz": other})  # profile_zz: not in the config
+    monkeypatch.setenv(credentials.ENV_PASSPHRASE, STORE_PASS)
+    monkeypatch.delenv(credentials.ENV_KEY_FILE, raising=False)
     folder = tmp_path / "secrets"
-    args = argparse.Namespace(config=TEMPLATE, dir=folder)
+    args = argparse.Namespace(config=TEMPLATE, dir=folder, store=store)
     assert compose.cmd_init_secrets(args) == 0
-    files = sorted(p.name for p in folder.iterdir())
-    assert files == ["profile_a.json", "profile_b.json"]
-    a = folder / "profile_a.json"
-    assert stat.S_IMODE(a.stat().st_mode) == 0o600
-    assert json.loads(a.read_text())["api_key"].startswith("YOUR_")
-    a.write_text('{"api_key": "kept"}')
-    assert compose.cmd_init_secrets(args) == 0
-    assert json.loads(a.read_text()) == {"api_key": "kept"}
+    assert sorted(p.name for p in folder.iterdir()) == ["profile_a.enc", "profile_a.key", "profile_b.enc", "profile_b.key"]
+    for f in folder.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+
+    def opened(pid: str) -> credentials.CredentialStore:
+        s = credentials.CredentialStore.load(folder / f"{pid}.enc")
+        s.unlock(credentials.KeySource.from_key_file(folder / f"{pid}.key"))
+        return s
+
+    exported = opened("profile_a")
+    assert list(exported.profiles()) == ["profile_a"]
+    assert exported.get("profile_a").api_key.get_secret_value() == A_KEY
+    assert opened("profile_b").profiles() == {}  # no entry in the user's store: an empty one, paper mode only
+    out = capsys.readouterr()
+    assert "EMPTY store" in out.out and "mpctl secrets set profile_b" in out.out
+    for text in (out.out, out.err, *(f.read_text() for f in folder.iterdir())):
+        assert A_KEY not in text and A_SECRET not in text and STORE_PASS not in text and "profile_zz" not in text
+
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert compose.cmd_init_secrets(args) == 0  # a second run keeps everything
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert "kept" in capsys.readouterr().out
+
+    (folder / "profile_b.key").unlink()  # half a pair is reported, not repaired behind the user's back
+    assert compose.cmd_init_secrets(args) == 2
+    assert "only one of" in capsys.readouterr().err
+    assert not (folder / "profile_b.key").exists()
+
+
+def test_init_secrets_with_a_wrong_passphrase_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "credentials.enc"
+    _store_with(store, {"profile_a": credentials.StoredCredentials(SecretStr(A_KEY), SecretStr(A_SECRET))})
+    monkeypatch.setenv(credentials.ENV_PASSPHRASE, "not the passphrase of this store")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    folder = tmp_path / "secrets"
+    assert compose.cmd_init_secrets(argparse.Namespace(config=TEMPLATE, dir=folder, store=store)) == 2
+    assert "does not open" in capsys.readouterr().err
+    # Not even profile_b's empty store: a failed run must not leave a half-initialised folder that looks done.
+    assert not folder.exists() or not list(folder.iterdir())
 
 
 def test_topics_command_fails_cleanly_without_a_broker() -> None:
@@ -311,7 +384,8 @@ def project_copy(tmp_path: Path) -> Path:
     (tmp_path / "data" / "market").mkdir(parents=True)
     (tmp_path / "secrets").mkdir()
     for pid in load_config(TEMPLATE).enabled_profiles():
-        (tmp_path / "secrets" / f"{pid}.json").write_text('{"api_key": "DUMMY"}\n', encoding="utf-8")
+        for ext in ("enc", "key"):
+            (tmp_path / "secrets" / f"{pid}.{ext}").write_text("DUMMY\n", encoding="utf-8")
     return tmp_path
 
 
@@ -333,10 +407,11 @@ def test_real_compose_validates_the_committed_file(compose_bin: Path, project_co
     holders = {name: [s["source"] for s in svc.get("secrets", [])] for name, svc in model["services"].items()}
     enabled = list(load_config(TEMPLATE).enabled_profiles())
     assert {n: s for n, s in holders.items() if s} == {
-        f"execution-{pid}": [f"coinbase_{pid}"] for pid in enabled
+        f"execution-{pid}": [f"coinbase_{pid}", f"coinbase_{pid}_key"] for pid in enabled
     }
     for pid in enabled:
-        assert model["secrets"][f"coinbase_{pid}"]["file"] == str(project_copy / "secrets" / f"{pid}.json")
+        assert model["secrets"][f"coinbase_{pid}"]["file"] == str(project_copy / "secrets" / f"{pid}.enc")
+        assert model["secrets"][f"coinbase_{pid}_key"]["file"] == str(project_copy / "secrets" / f"{pid}.key")
     config_mount = model["services"]["registry"]["volumes"][0]
     assert config_mount["source"] == str(project_copy / TEMPLATE_REL)
     assert config_mount["read_only"] is True

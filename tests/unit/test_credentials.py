@@ -11,7 +11,9 @@ import io
 import json
 import logging
 import os
+import re
 import stat
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +232,81 @@ def test_not_a_store(tmp_path: Path) -> None:
         CredentialStore.load(tmp_path / "missing")
 
 
+# ------------------------------------------------------------------------------------------ export for a container
+def test_export_holds_only_that_profiles_entry_under_a_new_key(store_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "secrets"
+    enc, key = credmod.export_profile(reopen(store_path), "profile_b", out)
+    assert (enc, key) == (out / "profile_b.enc", out / "profile_b.key")
+    for f in (enc, key):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert sorted(p.name for p in out.iterdir()) == ["profile_b.enc", "profile_b.key"]  # no temporary left
+    text = enc.read_text()
+    assert "profile_a" not in text  # the other profile is not even named
+    assert_no_secret(text + key.read_text())
+    exported = CredentialStore.load(enc)
+    assert exported.kdf_name == "key-file"
+    assert exported.profiles() == {"profile_b": ("api_key", "secret", "passphrase")}
+    exported.unlock(KeySource.from_key_file(key))
+    b = exported.get("profile_b")
+    src = reopen(store_path).get("profile_b")
+    assert (b.api_key, b.secret, b.passphrase) == (src.api_key, src.secret, src.passphrase)
+    # The key is new: it is not derived from the passphrase, and a second export gets another one.
+    other = tmp_path / "again"
+    credmod.export_profile(reopen(store_path), "profile_b", other)
+    assert credmod.read_key_file(other / "profile_b.key") != credmod.read_key_file(key)
+
+
+def test_export_does_not_open_with_another_key(store_path: Path, tmp_path: Path) -> None:
+    enc, _ = credmod.export_profile(reopen(store_path), "profile_a", tmp_path / "a")
+    _, key_b = credmod.export_profile(reopen(store_path), "profile_b", tmp_path / "b")
+    wrong = tmp_path / "wrong.key"
+    new_key_file(wrong)
+    for k in (wrong, key_b):  # a random key, and another profile's export key
+        s = CredentialStore.load(enc)
+        with pytest.raises(WrongKeyError, match="does not open"):
+            s.unlock(KeySource.from_key_file(k))
+        # Past the key check too: the entry itself fails authentication under a wrong key.
+        s._master = credmod.read_key_file(k)
+        with pytest.raises(TamperedError, match="failed authentication"):
+            s.get("profile_a")
+    with pytest.raises(WrongKeyError):
+        CredentialStore.load(enc).unlock(KeySource.from_passphrase(PASS))  # nor with the source's passphrase
+
+
+def test_export_refuses_to_overwrite_unless_forced(store_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "secrets"
+    enc, key = credmod.export_profile(reopen(store_path), "profile_a", out)
+    before = (enc.read_bytes(), key.read_bytes())
+    with pytest.raises(credmod.ExportExistsError, match=r"profile_a\.enc and .*profile_a\.key exist.*--force"):
+        credmod.export_profile(reopen(store_path), "profile_a", out)
+    key.unlink()  # half a pair is refused too: the store would be kept with no key
+    with pytest.raises(credmod.ExportExistsError, match="profile_a.enc exist"):
+        credmod.export_profile(reopen(store_path), "profile_a", out)
+    assert enc.read_bytes() == before[0]
+    credmod.export_profile(reopen(store_path), "profile_a", out, force=True)
+    assert enc.read_bytes() != before[0] and key.read_bytes() != before[1]
+    s = CredentialStore.load(enc)
+    s.unlock(KeySource.from_key_file(key))
+    assert s.get("profile_a").secret.get_secret_value() == A_PEM
+
+
+def test_export_of_an_unknown_profile_lists_the_profiles_present(store_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(NoCredentialsError, match=r"'profile_x'.*profiles present: profile_a, profile_b"):
+        credmod.export_profile(reopen(store_path), "profile_x", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_empty_is_a_store_without_entries(tmp_path: Path) -> None:
+    enc, key = credmod.export_empty("profile_c", tmp_path)
+    s = CredentialStore.load(enc)
+    s.unlock(KeySource.from_key_file(key))
+    assert s.profiles() == {}
+    with pytest.raises(NoCredentialsError, match="mpctl secrets export profile_c"):
+        resolve_credentials("profile_c", config().profiles["profile_a"], s, allow_plaintext=False)
+    with pytest.raises(credmod.ExportExistsError):
+        credmod.export_empty("profile_c", tmp_path)
+
+
 # ------------------------------------------------------------------------------------------ shapes
 def test_exchange_by_shape_and_explicit() -> None:
     assert exchange_id_for(creds_a()) == "coinbase"
@@ -293,6 +370,15 @@ def test_placeholders_without_store_entry(store_path: Path) -> None:
     s = reopen(store_path)
     with pytest.raises(NoCredentialsError, match="has no entry"):
         resolve_credentials("profile_x", p, s, allow_plaintext=False)
+
+
+async def test_worker_names_the_store_path_it_found_nothing_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.execution.live_wiring import open_live_execution
+
+    missing = tmp_path / "run" / "secrets" / "credentials.enc"
+    monkeypatch.setenv(credmod.ENV_STORE, str(missing))
+    with pytest.raises(NoCredentialsError, match=rf"no store at {re.escape(str(missing))}: set MPCTL_CREDENTIALS_STORE"):
+        await open_live_execution("profile_a", config(), clock=lambda: datetime.now(UTC))
 
 
 def test_reprs_hold_no_secret(store_path: Path) -> None:
@@ -382,6 +468,54 @@ def test_secrets_list_and_remove_errors(tmp_path: Path, store_path: Path, monkey
     monkeypatch.setenv(credmod.ENV_PASSPHRASE, PASS)
     assert run_cli(["secrets", "remove", "profile_a", "--store", str(store_path)]) == 0
     assert list(CredentialStore.load(store_path).profiles()) == ["profile_b"]
+
+
+def test_secrets_export_writes_the_pair_and_prints_no_value(
+    store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv(credmod.ENV_PASSPHRASE, PASS)
+    monkeypatch.delenv(credmod.ENV_KEY_FILE, raising=False)
+    monkeypatch.setattr("sys.stdin", FakeStdin("", tty=False))
+    out = tmp_path / "secrets"
+    assert run_cli(["secrets", "export", "profile_a", "--out", str(out), "--store", str(store_path)]) == 0
+    printed = capsys.readouterr()
+    assert str(out / "profile_a.enc") in printed.out and str(out / "profile_a.key") in printed.out
+    key_text = (out / "profile_a.key").read_text().strip()
+    assert key_text not in printed.out + printed.err + caplog.text  # the key is written, never shown
+    assert_no_secret(printed.out + printed.err + caplog.text)
+    assert run_cli(["secrets", "export", "profile_a", "--out", str(out), "--store", str(store_path)]) == 2
+    assert "not overwritten" in capsys.readouterr().err
+    assert (out / "profile_a.key").read_text().strip() == key_text
+    assert run_cli(["secrets", "export", "profile_a", "--out", str(out), "--store", str(store_path), "--force"]) == 0
+    assert (out / "profile_a.key").read_text().strip() != key_text
+
+
+def test_secrets_export_errors_say_what_is_wrong(
+    store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(credmod.ENV_KEY_FILE, raising=False)
+    monkeypatch.delenv(credmod.ENV_PASSPHRASE, raising=False)
+    monkeypatch.setattr("sys.stdin", FakeStdin("", tty=False))
+    out = tmp_path / "secrets"
+    base = ["secrets", "export", "--out", str(out), "--store", str(store_path)]
+    # An unknown profile is found without the passphrase, and the profiles present are listed.
+    assert run_cli([*base[:2], "profile_x", *base[2:]]) == 2
+    assert "'profile_x'" in (err := capsys.readouterr().err) and "profiles present: profile_a, profile_b" in err
+    # Locked store, no terminal, no passphrase in the environment: said how to give it.
+    assert run_cli([*base[:2], "profile_a", *base[2:]]) == 2
+    assert credmod.ENV_PASSPHRASE in capsys.readouterr().err
+    # On a terminal the passphrase is asked for as `set` asks it (getpass), and a wrong one is refused.
+    monkeypatch.setattr("sys.stdin", FakeStdin("", tty=True))
+    asked: list[str] = []
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": asked.append(prompt) or "a wrong passphrase here")
+    assert run_cli([*base[:2], "profile_a", *base[2:]]) == 2
+    assert asked == ["Passphrase of the credentials store: "]
+    err = capsys.readouterr().err
+    assert "does not open" in err and "a wrong passphrase" not in err
+    assert not out.exists()
+    assert run_cli(["secrets", "export", "profile_a", "--out", str(out), "--store", str(tmp_path / "none.enc")]) == 2
+    assert "no credentials store at" in capsys.readouterr().err
 
 
 def test_secrets_keygen(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from mpctl import k8s
+from services.execution import credentials
 from shared.config import AppConfig, load_config, parse_config
 from shared.runtime import base_parser
 from shared.topics import declared_topics
@@ -179,7 +180,36 @@ def test_each_profile_secret_is_mounted_only_into_its_execution_deployment(which
     templates = _docs(k8s.render_secret_templates(cfg))
     assert [t["metadata"]["name"] for t in templates] == [f"coinbase-{p.replace('_', '-')}" for p in enabled]
     for t in templates:
-        assert "YOUR_" in t["stringData"][k8s.SECRET_KEY]
+        assert sorted(t["stringData"]) == ["credentials.enc", "mpctl_secrets_key"]
+        assert all(v.startswith("YOUR_") for v in t["stringData"].values())
+
+
+@pytest.mark.parametrize("which", ["template", "three_profiles"])
+def test_execution_pod_finds_the_export_and_its_key_where_the_worker_looks(which: str) -> None:
+    cfg = _config(which)
+    docs = _docs(k8s.render_manifests(cfg))
+    for pid in cfg.enabled_profiles():
+        d = next(x for x in docs if x["kind"] == "Deployment" and x["metadata"]["name"] == f"execution-{pid.replace('_', '-')}")
+        pod = _pod_spec(d)
+        (vol,) = [v for v in pod["volumes"] if "secret" in v]
+        assert vol["secret"]["items"] == [
+            {"key": "credentials.enc", "path": "credentials.enc"},
+            {"key": "mpctl_secrets_key", "path": "mpctl_secrets_key"},
+        ]
+        (c,) = pod["containers"]
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+        assert mount["mountPath"] == "/run/secrets" and mount["readOnly"] is True
+        assert f"{mount['mountPath']}/mpctl_secrets_key" == str(credentials.MOUNTED_KEY_FILE)
+        assert c["env"] == [{"name": credentials.ENV_STORE, "value": "/run/secrets/credentials.enc"}]
+    # No other workload is told where a store is.
+    told = [x["metadata"]["name"] for x in docs if x["kind"] in ("Deployment", "StatefulSet") and credentials.ENV_STORE in json.dumps(x)]
+    assert sorted(told) == sorted(f"execution-{p.replace('_', '-')}" for p in cfg.enabled_profiles())
+
+
+def test_secret_example_shows_the_kubectl_command_for_the_export() -> None:
+    text = SECRETS.read_text(encoding="utf-8")
+    assert "mpctl secrets export profile_a --out secrets" in text
+    assert "--from-file=credentials.enc=secrets/profile_a.enc --from-file=mpctl_secrets_key=secrets/profile_a.key" in text
 
 
 def test_no_credential_value_reaches_the_manifests() -> None:
