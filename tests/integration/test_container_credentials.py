@@ -104,6 +104,9 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
     worker = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.execution", "--profile", PID, "--config", str(cfg_path),
         "--bootstrap", kafka_bootstrap, "--namespace", namespace, "--exchange-api-base", peer.base_url,
+        # DEBUG: the most verbose output the worker can give (aiokafka, ccxt, aiohttp) is what the scan reads;
+        # at INFO a healthy worker may print nothing at all.
+        "--log-level", "DEBUG",
         cwd=ROOT, env=container_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:
