@@ -506,7 +506,10 @@ class LocalInfra:
 
     def restart_kafka(self, progress: Progress | None = None) -> None:
         """Stop the running broker (SIGTERM: a controlled shutdown) and start it again on the same ports with
-        the same data dir, waiting until it answers (the fault suite's broker restart)."""
+        the same data dir, waiting until it answers (the fault suite's broker restart).
+
+        With ``detach=False``, call the restarts from a thread that lives as long as the servers should: the
+        parent-death signal is sent when the *thread* that started a child ends (Linux prctl semantics)."""
         say = progress or _noop
         with _file_lock(self.state_dir / ".lock"):
             pid = self._kafka_pid()
@@ -515,9 +518,9 @@ class LocalInfra:
             self._stop_server("kafka", pid, self.kafka_pid_file, say)
             self._kafka_up(say)
 
-    def restart_redis(self, progress: Progress | None = None, *, flush: bool = False) -> None:
-        """Stop the running Redis (after FLUSHALL when `flush`) and start it again on the same port. It keeps
-        nothing on disk (`--save ""`), so it comes back empty either way."""
+    def restart_redis(self, progress: Progress | None = None, *, flush: bool = False, down_s: float = 0.0) -> None:
+        """Stop the running Redis (after FLUSHALL when `flush`), wait `down_s` seconds, start it again on the
+        same port. It keeps nothing on disk (`--save ""`), so it comes back empty either way."""
         import redis
 
         say = progress or _noop
@@ -532,6 +535,7 @@ class LocalInfra:
                 finally:
                     client.close()
             self._stop_server("redis", pid, self.redis_pid_file, say)
+            time.sleep(down_s)
             self._redis_up(say)
 
     def _stop_server(self, name: str, pid: int, pid_file: Path, say: Progress) -> None:

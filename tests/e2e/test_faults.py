@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from mpctl import commands_demo
 from mpctl.commands_demo import Fault, Stack, demo_pipeline, sigkill_and_restart
@@ -52,6 +53,7 @@ HOURS = 240
 SPEED = 72_000.0
 RUN_TIMEOUT_S = 180.0
 PARALLEL = 2
+REDIS_DOWN_S = 3.0
 COMPARED = ("orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json")
 
 pytestmark = pytest.mark.timeout(900)  # the first test builds every run (module fixture); about 4 min idle
@@ -137,10 +139,13 @@ def _action(case: FaultCase, local: LocalInfra | None, marks: dict[str, int]) ->
         assert local is not None and case.needs is not None
         t0 = time.monotonic()
         before = local.status()[case.needs]["pid"]
+        # On this (the main) thread, blocking the loop meanwhile: the new server's parent-death signal follows
+        # the thread that starts it, and a worker thread's end would stop it (LocalInfra(detach=False)).
         if case.needs == "kafka":
-            await asyncio.to_thread(local.restart_kafka)
+            local.restart_kafka()
         else:
-            await asyncio.to_thread(local.restart_redis, flush=True)
+            # Down long enough that the registry's next Redis command surely meets the closed port.
+            local.restart_redis(flush=True, down_s=REDIS_DOWN_S)
         after = local.status()[case.needs]["pid"]
         if after is None or after == before:
             raise RuntimeError(f"{case.needs} was not restarted: pid {before} before, {after} after")
@@ -204,6 +209,20 @@ def runs(infra_session: InfraSession, tmp_path_factory: pytest.TempPathFactory) 
         return Runs(baseline, done, skipped)
 
     yield asyncio.run(all_runs())
+
+
+def test_restarted_servers_still_run_after_the_fault_runs(runs: Runs, infra_session: InfraSession) -> None:
+    """The later tests of the session use the same broker and Redis: the restarted ones must have stayed up."""
+    restarted = [c.needs for c in CASES if c.needs and c.label in runs.faults]
+    if not restarted or infra_session.local is None:
+        pytest.skip("no server was restarted in this session")
+    status = infra_session.local.status()
+    assert all(status[name]["state"] == "running" for name in restarted), status
+    client = redis.Redis.from_url(infra_session.endpoints.redis_url, socket_timeout=5)
+    try:
+        assert client.ping()
+    finally:
+        client.close()
 
 
 def _faulted(runs: Runs, label: str) -> RunResult:
