@@ -307,8 +307,10 @@ async def demo_pipeline(
     *,
     endpoints: infra.Endpoints | None = None,
     faults: Sequence[Fault] = (),
+    errors: IO[str] | None = None,
 ) -> int:
-    """The demo run; `faults` are injected while it runs (the fault suite), `endpoints` skip the lookup."""
+    """The demo run; `faults` are injected while it runs (the fault suite), `endpoints` skip the lookup, a
+    failure is told on `errors` (default stderr: several runs side by side each keep their own)."""
     started = time.monotonic()
     if endpoints is None:
         endpoints = await asyncio.to_thread(infra.resolve_endpoints, None, _progress)
@@ -363,7 +365,7 @@ async def demo_pipeline(
             endpoints.kafka_bootstrap, topics, expected_finishers(cfg), stack, args.timeout, started, faults
         )
     except (RuntimeError, TimeoutError) as err:
-        print(f"demo failed: {err}", file=sys.stderr)
+        print(f"demo failed: {err}", file=errors or sys.stderr)
         return 1
     finally:
         stack.stop()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import os
@@ -75,8 +74,8 @@ SERVICE_FAULTS = [
     FaultCase("kill-execution", 0.40, "execution.profile_a"),
     FaultCase("kill-strategy", 0.35, "strategy.profile_c"),
     FaultCase("kill-arbiter", 0.45, "arbiter"),
-    FaultCase("kill-registry", 0.30, "registry"),
-    FaultCase("kill-ingest", 0.15, "ingest"),
+    FaultCase("kill-registry", 0.20, "registry"),
+    FaultCase("kill-ingest", 0.12, "ingest"),
     FaultCase("kill-monitor", 0.50, "monitor"),
 ]
 CASES = [
@@ -113,8 +112,7 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, fault: Fault | None,
     cfg = load_config(CONFIG)
     started = time.monotonic()
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = await demo_pipeline(_args(out, ns), cfg, endpoints=endpoints, faults=[fault] if fault else [])
+    rc = await demo_pipeline(_args(out, ns), cfg, endpoints=endpoints, faults=[fault] if fault else [], errors=err)
     result = RunResult(out, rc, err.getvalue(), time.monotonic() - started, out / "logs", fault=fault,
                        marks=marks if marks is not None else {})
     t = Topics(ns)
