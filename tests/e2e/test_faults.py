@@ -23,7 +23,7 @@ import json
 import os
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -231,6 +231,18 @@ def _faulted(runs: Runs, label: str) -> RunResult:
     return r
 
 
+def _audit_entries(path: Path) -> Counter[str]:
+    """(type, id) of each complete line of an audit file (a line torn by a SIGKILL is not a message)."""
+    out: Counter[str] = Counter()
+    for line in path.read_text().splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        out[f"{d['type']}:{d['id']}"] += 1
+    return out
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -267,6 +279,12 @@ def test_fault_lands_mid_run_and_the_run_completes(runs: Runs, label: str) -> No
         if victim == "ingest":
             # Killed mid-replay: the restarted ingest resumed after the last step on md.candles.
             assert "resuming after step" in after, after[-2000:]
+    if victim == "monitor":
+        # The restarted monitor re-read audit.log from its start: its file holds each message once, all of them.
+        got, want = _audit_entries(r.out / "audit.jsonl"), _audit_entries(runs.baseline.out / "audit.jsonl")
+        twice = [k for k, n in got.items() if n > 1]
+        assert not twice, f"audit lines written twice: {twice[:5]}"
+        assert len(got) == len(want), (len(got), len(want))
     if label == "flush-and-restart-redis":
         # The registry noticed the empty Redis and rebuilt its claims from the plans topic, plans included.
         rebuilt = re.findall(r"rebuilt the claim set from (\d+) plan", _after_fault(r, "registry"))
