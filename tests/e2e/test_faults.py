@@ -119,8 +119,6 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, fault: Fault | None,
     try:
         result.events, _ = await read_topics(endpoints.kafka_bootstrap, [t.events])
     finally:
-        kafka = cfg.system.kafka.model_copy(update={"namespace": ns})
-        cfg = cfg.model_copy(update={"system": cfg.system.model_copy(update={"kafka": kafka})})
         await delete_topics(endpoints.kafka_bootstrap, [s.name for s in declared_topics(cfg, ns)])
     result.records = len(result.events)
     return result
