@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +68,8 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
     fh: IO[bytes]
+    args: list[str] = field(default_factory=list)
+    restarts: int = 0
 
 
 @dataclass
@@ -73,16 +77,36 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
 
     def start(self, name: str, args: list[str], log_dir: Path) -> Proc:
-        log = log_dir / f"{name}.log"
-        fh = log.open("wb")
+        return self._spawn(name, args, log_dir / f"{name}.log", "wb")
+
+    def _spawn(self, name: str, args: list[str], log: Path, mode: str) -> Proc:
+        fh = log.open(mode)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if not name.startswith("execution."):
             for k in SECRET_ENV:  # only execution workers open the credentials store
                 env.pop(k, None)
         popen = subprocess.Popen([sys.executable, "-m", *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
-        proc = Proc(name, popen, log, fh)
+        proc = Proc(name, popen, log, fh, list(args))
         self.procs.append(proc)
         return proc
+
+    def sigkill_and_restart(self, name: str) -> Proc:
+        """SIGKILL the running service `name` and start it again with the same arguments, its log continued.
+
+        Synchronous on purpose: with no await between kill and restart, `wait_finished` (same event loop)
+        never sees the victim dead, so a fault injected on purpose is not reported as a crash."""
+        old = next((p for p in self.procs if p.name == name and p.popen.poll() is None), None)
+        if old is None:
+            states = {p.name: p.popen.poll() for p in self.procs}
+            raise RuntimeError(f"no running service {name!r} to kill (exit codes, None = running: {states})")
+        old.popen.kill()
+        old.popen.wait()
+        old.fh.write(f"\n--- SIGKILLed by fault injection (restart {old.restarts + 1}) ---\n".encode())
+        old.fh.close()
+        self.procs.remove(old)
+        new = self._spawn(name, old.args, old.log, "ab")
+        new.restarts = old.restarts + 1
+        return new
 
     def dead(self) -> list[Proc]:
         return [p for p in self.procs if p.popen.poll() not in (None, 0)]
@@ -150,6 +174,89 @@ async def wait_finished(
         await consumer.stop()
 
 
+FaultAction = Callable[[Stack], Awaitable[str]]  # does the harm, returns what it did
+
+
+@dataclass
+class Fault:
+    """Harm done once to a running demo, when `after_order_events` records are on orders.events (decisions,
+    order updates, fills: the run's progress). The demo fails if the run completes before it fired."""
+
+    label: str
+    after_order_events: int
+    action: FaultAction
+    fired_after: int | None = None  # records on orders.events when it fired
+    fired_at_s: float | None = None  # seconds into the run
+    finished_before: list[str] = field(default_factory=list)  # services whose WorkerFinished was out by then
+    outcome: str = ""
+
+
+def sigkill_and_restart(service: str) -> FaultAction:
+    """A fault action: SIGKILL the stack's process `service` (e.g. "arbiter", "strategy.profile_a") and
+    start it again with the same arguments."""
+
+    async def act(stack: Stack) -> str:
+        proc = stack.sigkill_and_restart(service)
+        return f"SIGKILLed {service}; restarted as pid {proc.popen.pid}"
+
+    return act
+
+
+async def inject_faults(bootstrap: str, topics: Topics, faults: Sequence[Fault], stack: Stack, started: float) -> None:
+    """Fire each fault once its progress point is reached (returns when all fired)."""
+    pending = sorted(faults, key=lambda f: f.after_order_events)
+    consumer = AIOKafkaConsumer(
+        topics.events, topics.status, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    seen = 0
+    finished: set[str] = set()
+    try:
+        while pending:
+            for tp, recs in (await consumer.getmany(timeout_ms=200)).items():
+                if tp.topic == topics.events:
+                    seen += len(recs)
+                    continue
+                for rec in recs:
+                    with contextlib.suppress(DecodeError):
+                        msg = decode(rec.value)
+                        if isinstance(msg, WorkerFinished):
+                            finished.add(f"{msg.service}:{msg.instance}")
+            while pending and seen >= pending[0].after_order_events:
+                fault = pending.pop(0)
+                fault.fired_after, fault.fired_at_s = seen, time.monotonic() - started
+                fault.finished_before = sorted(finished)
+                _progress(f"fault {fault.label} after {seen} order events")
+                fault.outcome = await fault.action(stack)
+    finally:
+        await consumer.stop()
+
+
+async def wait_finished_with_faults(
+    bootstrap: str, topics: Topics, expected: set[str], stack: Stack, timeout: float, started: float,
+    faults: Sequence[Fault],
+) -> set[str]:
+    """`wait_finished`, with `faults` injected meanwhile; an error of either ends the wait."""
+    waiter = asyncio.create_task(wait_finished(bootstrap, topics.status, expected, stack, timeout, started))
+    tasks: set[asyncio.Task[Any]] = {waiter}
+    if faults:
+        tasks.add(asyncio.create_task(inject_faults(bootstrap, topics, faults, stack, started)))
+    try:
+        while not waiter.done():
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises what failed
+            tasks -= done
+        unfired = [f"{f.label} (after {f.after_order_events})" for f in faults if f.fired_after is None]
+        if unfired:
+            raise RuntimeError(f"the run completed before these faults fired: {unfired}")
+        return waiter.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def print_table(summary: dict[str, Any]) -> None:
     cols = ["profile", "strategy", "trades", "win_rate", "realized_pnl", "fees", "final_equity", "return_%", "max_dd_%"]
     rows = []
@@ -215,12 +322,22 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         print(f"--data {args.data} is not a folder", file=sys.stderr)
         return 1
-    return asyncio.run(_demo(args, cfg))
+    return asyncio.run(demo_pipeline(args, cfg))
 
 
-async def _demo(args: argparse.Namespace, cfg: AppConfig) -> int:
+async def demo_pipeline(
+    args: argparse.Namespace,
+    cfg: AppConfig,
+    *,
+    endpoints: infra.Endpoints | None = None,
+    faults: Sequence[Fault] = (),
+    errors: IO[str] | None = None,
+) -> int:
+    """The demo run; `faults` are injected while it runs (the fault suite), `endpoints` skip the lookup, a
+    failure is told on `errors` (default stderr: several runs side by side each keep their own)."""
     started = time.monotonic()
-    endpoints = await asyncio.to_thread(infra.resolve_endpoints, None, _progress)
+    if endpoints is None:
+        endpoints = await asyncio.to_thread(infra.resolve_endpoints, None, _progress)
     ns = args.namespace or "demo" + datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     kafka = cfg.system.kafka.model_copy(update={"namespace": ns})
     cfg = cfg.model_copy(update={"system": cfg.system.model_copy(update={"kafka": kafka})})
@@ -270,11 +387,11 @@ async def _demo(args: argparse.Namespace, cfg: AppConfig) -> int:
                 replay += [f"--{flag}", str(getattr(args, flag))]
         stack.start("ingest", ["services.ingest", *common, *replay], log_dir)
         _progress(f"started {len(stack.procs)} service processes; logs in {log_dir}")
-        await wait_finished(
-            endpoints.kafka_bootstrap, topics.status, expected_finishers(cfg), stack, args.timeout, started
+        await wait_finished_with_faults(
+            endpoints.kafka_bootstrap, topics, expected_finishers(cfg), stack, args.timeout, started, faults
         )
     except (RuntimeError, TimeoutError) as err:
-        print(f"demo failed: {err}", file=sys.stderr)
+        print(f"demo failed: {err}", file=errors or sys.stderr)
         return 1
     finally:
         stack.stop()

@@ -498,16 +498,54 @@ class LocalInfra:
                 ("redis", self._redis_pid(), self.redis_pid_file),
             ):
                 if pid is not None:
-                    say(f"stopping {name} (pid {pid})...")
-                    _terminate(pid, STOP_TIMEOUT_S, group=self.detach)
-                    child = self._children.pop(name, None)
-                    if child is not None:
-                        with contextlib.suppress(subprocess.TimeoutExpired):
-                            child.wait(timeout=1)
+                    self._stop_server(name, pid, pid_file, say)
                 pid_file.unlink(missing_ok=True)
             if purge:
                 shutil.rmtree(self.kafka_dir, ignore_errors=True)
                 shutil.rmtree(self.redis_dir, ignore_errors=True)
+
+    def restart_kafka(self, progress: Progress | None = None) -> None:
+        """Stop the running broker (SIGTERM: a controlled shutdown) and start it again on the same ports with
+        the same data dir, waiting until it answers (the fault suite's broker restart).
+
+        With ``detach=False``, call the restarts from a thread that lives as long as the servers should: the
+        parent-death signal is sent when the *thread* that started a child ends (Linux prctl semantics)."""
+        say = progress or _noop
+        with _file_lock(self.state_dir / ".lock"):
+            pid = self._kafka_pid()
+            if pid is None:
+                raise InfraError(f"kafka is not running from {self.state_dir}: nothing to restart")
+            self._stop_server("kafka", pid, self.kafka_pid_file, say)
+            self._kafka_up(say)
+
+    def restart_redis(self, progress: Progress | None = None, *, flush: bool = False, down_s: float = 0.0) -> None:
+        """Stop the running Redis (after FLUSHALL when `flush`), wait `down_s` seconds, start it again on the
+        same port. It keeps nothing on disk (`--save ""`), so it comes back empty either way."""
+        import redis
+
+        say = progress or _noop
+        with _file_lock(self.state_dir / ".lock"):
+            pid = self._redis_pid()
+            if pid is None:
+                raise InfraError(f"redis is not running from {self.state_dir}: nothing to restart")
+            if flush:
+                client = redis.Redis(host=self.host, port=self.redis_port, socket_timeout=5.0)
+                try:
+                    client.flushall()
+                finally:
+                    client.close()
+            self._stop_server("redis", pid, self.redis_pid_file, say)
+            time.sleep(down_s)
+            self._redis_up(say)
+
+    def _stop_server(self, name: str, pid: int, pid_file: Path, say: Progress) -> None:
+        say(f"stopping {name} (pid {pid})...")
+        _terminate(pid, STOP_TIMEOUT_S, group=self.detach)
+        child = self._children.pop(name, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=1)
+        pid_file.unlink(missing_ok=True)
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Per component: state (running/starting/stopped), pid, port(s), log path, endpoint."""

@@ -33,6 +33,9 @@ from shared.topics import TopicSpec
 
 log = logging.getLogger(__name__)
 
+# How long a producer keeps a message while its partition has no leader (a broker restarting) before failing.
+PRODUCER_REQUEST_TIMEOUT_MS = 300_000
+
 
 class HandlingError(ValueError):
     """A well-formed message a handler refuses (bad values); it goes to the dead-letter topic with the reason."""
@@ -124,6 +127,9 @@ class Publisher:
             acks="all",
             enable_idempotence=True,
             linger_ms=2,
+            # aiokafka fails a queued batch whose partition has had no leader for this long, and the service
+            # then stops: its 40 s default is shorter than a broker restart on a loaded machine.
+            request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
         )
         self._pending: list[asyncio.Future[Any]] = []
         self._partitions: dict[str, list[int]] = {}

@@ -6,11 +6,16 @@ partition assignment it re-reads the topics from their beginning. Records below 
 were already handled by an earlier run: they rebuild the state but raise no alert again (and the audit file
 de-duplicates them). Offsets are committed after the audit file is flushed, so the group's lag in
 `mpctl lag` is how far the monitor is behind.
+
+The monitor is the only consumer of the audit topic, so it dead-letters what it cannot decode there (with an
+id derived from the record, once: records an earlier run handled are not dead-lettered again); undecodable
+records of the other topics it only counts, their own consumers dead-letter them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
@@ -37,8 +42,11 @@ from services.monitor.audit_sink import AuditFileSink
 from services.monitor.health import fetch_health
 from services.monitor.lag import fetch_lag
 from services.monitor.metrics import MonitorMetrics, PerformanceTracker
+from shared.clock import derived_id, system_clock
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
+from shared.kafka import Publisher
+from shared.messages import DeadLettered
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
 
@@ -108,6 +116,8 @@ class MonitorService:
         self.consumer: AIOKafkaConsumer | None = None
         self.metrics_bound: int | None = None
         self.undecodable = 0
+        self.dead_letters: list[DeadLettered] = []  # to publish before the next commit
+        self.publisher: Publisher | None = None
         self.alerts_raised = 0
         self._last_steps = 0
 
@@ -130,6 +140,12 @@ class MonitorService:
         log.info("assigned %d partition(s); re-reading them from their beginning", len(assigned))
 
     async def commit(self) -> None:
+        if self.dead_letters and self.publisher is not None:
+            # The effect before the offset: a dead letter is out before its record counts as handled.
+            pending, self.dead_letters = self.dead_letters, []
+            for dl in pending:
+                await self.publisher.send(self.topics.dead_letter, dl, key=dl.source_topic)
+            await self.publisher.flush()
         if self.consumer is not None and self.progress.to_commit:
             if self.audit is not None:
                 self.audit.flush()
@@ -148,9 +164,11 @@ class MonitorService:
         self.metrics.messages.labels(topic=rec.topic).inc()
         try:
             msg = decode(rec.value)
-        except DecodeError:
-            # Not ours to dead-letter: the service that consumes this topic does that; we only count it.
+        except DecodeError as err:
             self.undecodable += 1
+            # Other topics' consumers dead-letter their records; audit.log is only ours.
+            if rec.topic == self.topics.audit and rec.offset >= self.progress.boundary.get(tp, 0):
+                self.dead_letters.append(self._dead_letter(rec, str(err)))
         else:
             self.tracker.add(msg)
             if self.audit is not None and rec.topic == self.topics.audit:
@@ -161,6 +179,21 @@ class MonitorService:
             self.progress.behind.discard(tp)
         if rec.offset + 1 > self.progress.boundary.get(tp, 0):
             self.progress.to_commit[tp] = rec.offset + 1
+
+    def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> DeadLettered:
+        log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
+        return DeadLettered(
+            id=derived_id("dead-letter", "monitor", rec.topic, rec.partition, rec.offset),
+            event_time=system_clock(),
+            correlation_id=f"{rec.topic}:{rec.partition}:{rec.offset}",
+            source_topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key.decode("utf-8", "replace") if rec.key is not None else None,
+            payload_b64=base64.b64encode(rec.value or b"").decode(),
+            error=error[:2000],
+            service="monitor",
+        )
 
     def after_batch(self) -> None:
         self.metrics.update_performance(self.tracker)
@@ -263,7 +296,9 @@ class MonitorService:
             max_poll_records=2000,
         )
         poller: asyncio.Task[None] | None = None
+        self.publisher = Publisher(self.settings.kafka_bootstrap, client_id=f"{self.topics.group('monitor')}.dlq")
         try:
+            await self.publisher.start()
             await self.consumer.start()
             self.consumer.subscribe(self.watched_topics, listener=_SeekToStart(self))
             await self._wait_assignment(stop)
@@ -287,6 +322,8 @@ class MonitorService:
             with contextlib.suppress(Exception):
                 await self.commit()
             await self.consumer.stop()
+            with contextlib.suppress(Exception):  # a broker already gone: the records are re-read next start
+                await self.publisher.stop()
             await self.dispatcher.close()
             if self.audit is not None:
                 self.audit.close()

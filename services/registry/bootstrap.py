@@ -23,6 +23,10 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.registry import handlers
 from services.registry.claims import RedisClaims
@@ -53,6 +57,7 @@ ClockMode = Literal["event", "wall"]
 LIVE_PLAN_DELAY_S = 5
 HOUSEKEEPING_S = 1.0
 TOUCH_READY_S = 60.0
+REDIS_RETRIES = 30
 
 
 class RegistryService:
@@ -297,7 +302,11 @@ class RegistryService:
 def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> RegistryService:
     o = overrides or {}
     cfg: AppConfig = o.get("config") or settings.load()
-    redis = o.get("redis") or aioredis.Redis.from_url(settings.redis_url)
+    # A Redis restart must not stop the registry: commands wait and retry (about 25 s) while it is away.
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), REDIS_RETRIES)
+    redis = o.get("redis") or aioredis.Redis.from_url(
+        settings.redis_url, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError]
+    )
     ex = settings.extra
     mode = ex.get("clock", "auto")
     if mode == "auto":

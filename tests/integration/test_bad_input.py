@@ -3,7 +3,8 @@ pipeline lands in the dead-letter topic with a reason naming the problem, nothin
 keep running; bad config files and a corrupted candle file are refused with a clear error.
 
 Three pipelines run side by side on the session's broker, each in its own namespace, every service its own
-process as `mpctl demo` runs them (registry, arbiter, one strategy and one execution worker per profile):
+process as `mpctl demo` runs them (registry, arbiter, one strategy and one execution worker per profile; the
+garbage run also has the monitor, the consumer of audit.log):
 
 - clean: the bundled candles only;
 - garbage: the same candles, with undecodable messages (hand-written and hypothesis-generated) sent to every
@@ -443,7 +444,8 @@ async def _stall_after(reference: asyncio.Event) -> None:
 async def _run_pipeline(endpoints: Endpoints, tmp: Path, label: str,
                         before: list[tuple[Any, str, bytes | None]],
                         during: list[tuple[Any, str, bytes | None]], *, timeout: float = RUN_TIMEOUT_S,
-                        done: asyncio.Event | None = None, reference: asyncio.Event | None = None) -> Run:
+                        done: asyncio.Event | None = None, reference: asyncio.Event | None = None,
+                        monitor: bool = False) -> Run:
     """One pipeline over the slice, with `before` injected before the services start and `during` while they
     replay. `done` is set when this run finished; with `reference`, the run is declared stalled
     STALL_GRACE_S after `reference` is set (the clean run finished) if it has not finished by then."""
@@ -468,6 +470,9 @@ async def _run_pipeline(endpoints: Endpoints, tmp: Path, label: str,
         for pid in cfg.enabled_profiles():
             run.stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid], log_dir)
             run.stack.start(f"strategy.{pid}", ["services.strategy", *common, "--profile", pid], log_dir)
+        if monitor:
+            run.stack.start("monitor", ["services.monitor", *common, "--audit-file", str(log_dir / "audit.jsonl")],
+                            log_dir)
         run.stack.start("ingest", ["services.ingest", *common, "--data", str(DATA), "--hours", str(HOURS)], log_dir)
         if during:
             await asyncio.sleep(2.0)  # the workers are starting or replaying: the rest lands in the middle
@@ -530,7 +535,7 @@ def results(infra: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> Itera
         clean_done = asyncio.Event()
         return list(await asyncio.gather(
             _run_pipeline(infra, tmp, "c", [], [], done=clean_done),
-            _run_pipeline(infra, tmp, "g", before, during),
+            _run_pipeline(infra, tmp, "g", before, during, monitor=True),
             _run_pipeline(infra, tmp, "a", together, [], reference=clean_done),
             *(_run_pipeline(infra, tmp, "s", [(a, a.topic, _j(a.value))], [], reference=clean_done)
               for a in alone),
@@ -546,6 +551,8 @@ DEAD_LETTERERS = {
     "plans": {f"strategy.{p}" for p in PROFILES},
     "intents": {"arbiter"},
     "events": {f"strategy.{p}" for p in PROFILES},
+    "audit": {"monitor"},
+    "commands": {*(f"strategy.{p}" for p in PROFILES), *(f"execution.{p}" for p in PROFILES)},
 }
 
 
@@ -555,7 +562,7 @@ def _expected_services(topic_name: str, ns: str) -> set[str]:
     if base.startswith("orders.approved."):
         return {f"execution.{base.rsplit('.', 1)[1]}"}
     kind = {"md.candles": "candles", "registry.plans": "plans", "orders.intents": "intents",
-            "orders.events": "events"}[base]
+            "orders.events": "events", "audit.log": "audit", "control.commands": "commands"}[base]
     return DEAD_LETTERERS[kind]
 
 
@@ -572,8 +579,8 @@ def test_services_keep_running_through_garbage(results: Results) -> None:
     assert g.error is None and not g.dead, (g.error, g.dead)
     # Every service reached the end of the replay (wait_finished) and was still running then (not the ingest,
     # which exits 0 when the replay is published).
-    assert set(g.alive_at_end) >= {"registry", "arbiter", *(f"{k}.{p}" for p in PROFILES
-                                                          for k in ("strategy", "execution"))}
+    assert set(g.alive_at_end) >= {"registry", "arbiter", "monitor", *(f"{k}.{p}" for p in PROFILES
+                                                                     for k in ("strategy", "execution"))}
 
 
 def test_every_bad_message_is_dead_lettered_with_its_reason(results: Results) -> None:
@@ -606,15 +613,25 @@ def test_garbage_loses_nothing_the_outputs_equal_the_clean_run(results: Results)
         assert not missing and not extra, f"{kind}: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "audit.log and control.commands have no consumer that dead-letters: the monitor reads audit.log and only "
-    "counts undecodable records (services/monitor/bootstrap.py: 'Not ours to dead-letter'), and nothing "
-    "consumes control.commands yet"))
 def test_garbage_on_audit_and_commands_is_dead_lettered(results: Results) -> None:
+    """audit.log by the monitor (its only consumer), control.commands by every worker that reads commands
+    (the strategy and execution workers), each with the reason."""
     g = results.garbage
-    for (topic, partition, offset), case in g.injected.items():
-        if case.topic in ("audit", "commands"):
-            assert (topic, partition, offset) in g.dead_letters, f"{case.label} on {topic}"
+    problems = []
+    checked = 0
+    for (topic, partition, offset), case in sorted(g.injected.items()):
+        if case.topic not in ("audit", "commands"):
+            continue
+        got = g.dead_letters.get((topic, partition, offset), {})
+        for service in sorted(_expected_services(topic, g.namespace)):
+            checked += 1
+            reason = got.get(service)
+            if reason is None:
+                problems.append(f"{case.label} on {topic}[{partition}]@{offset}: not dead-lettered by {service}")
+            elif case.expect not in reason:
+                problems.append(f"{case.label}: {service} gave {reason!r}, expected it to name {case.expect!r}")
+    assert {c.topic for c in g.injected.values()} >= {"audit", "commands"} and checked
+    assert not problems, "\n".join(problems)
 
 
 def _refused(results: Results, case: Absurd) -> list[str]:
