@@ -202,6 +202,23 @@ class _Rewind(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._consumer.seek_to_beginning(*parts)
 
 
+def dead_letter_for(rec: Any, error: str, *, service: str, msg_id: str, now: datetime) -> DeadLettered:
+    """The dead-letter event for a consumed record: where it came from, its raw bytes, and why (cut to 2,000
+    characters). Every service that dead-letters builds it here, so the topic reads the same whoever wrote it."""
+    return DeadLettered(
+        id=msg_id,
+        event_time=now,
+        correlation_id=f"{rec.topic}:{rec.partition}:{rec.offset}",
+        source_topic=rec.topic,
+        partition=rec.partition,
+        offset=rec.offset,
+        key=rec.key.decode("utf-8", "replace") if rec.key is not None else None,
+        payload_b64=base64.b64encode(rec.value or b"").decode(),
+        error=error[:2000],
+        service=service,
+    )
+
+
 class ConsumeLoop:
     """At-least-once consumption: a batch is handled, its outputs flushed, and only then its offsets committed.
 
@@ -262,18 +279,7 @@ class ConsumeLoop:
     async def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
         self.dead_lettered += 1
         log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
-        dl = DeadLettered(
-            id=self._ids(),
-            event_time=self._clock(),
-            correlation_id=f"{rec.topic}:{rec.partition}:{rec.offset}",
-            source_topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            key=rec.key.decode("utf-8", "replace") if rec.key is not None else None,
-            payload_b64=base64.b64encode(rec.value or b"").decode(),
-            error=error[:2000],
-            service=self._service,
-        )
+        dl = dead_letter_for(rec, error, service=self._service, msg_id=self._ids(), now=self._clock())
         await self._publisher.send(self._dlq, dl, key=rec.topic)
 
     async def run(self, handler: Handler, *, idle: Callable[[], Awaitable[None]] | None = None) -> None:

@@ -16,13 +16,14 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from mpctl.infra import Endpoints, LocalInfra, resolve_endpoints
+from tests.peer.coinbase_peer import CoinbasePeer
 
 _TESTS_DIR = Path(__file__).resolve().parent
 
@@ -145,3 +146,14 @@ def redis_url(infra: Endpoints) -> str:
 def namespace() -> str:
     """A unique prefix for topics, groups and keys, so tests sharing one broker never collide."""
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[CoinbasePeer]:
+    """A local Coinbase protocol peer (tests/peer/coinbase_peer.py) on loopback, stopped after the test."""
+    p = CoinbasePeer()
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()

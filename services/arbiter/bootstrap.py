@@ -17,7 +17,6 @@ Several arbiter processes may run (docs/arbiter.md, "Two arbiters"):
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -32,10 +31,9 @@ from services.arbiter.metrics import ArbiterMetrics
 from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
 from shared.codec import DecodeError, decode, implausible_time
 from shared.config import AppConfig
-from shared.kafka import Publisher, Route, partitions_of
+from shared.kafka import Publisher, Route, dead_letter_for, partitions_of
 from shared.messages import (
     CorrelationAlert,
-    DeadLettered,
     ExecuteOrder,
     InternalCrossOpportunity,
     Message,
@@ -224,18 +222,7 @@ class ArbiterService:
         if floor is None or rec.offset < floor:
             return  # the owner of the partition dead-letters it
         assert self.publisher is not None
-        dl = DeadLettered(
-            id=derived_id("dead-letter", rec.topic, rec.partition, rec.offset),
-            event_time=self.clock(),
-            correlation_id=f"{rec.topic}:{rec.partition}:{rec.offset}",
-            source_topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            key=rec.key.decode("utf-8", "replace") if rec.key is not None else None,
-            payload_b64=base64.b64encode(rec.value or b"").decode(),
-            error=error[:2000],
-            service="arbiter",
-        )
+        dl = dead_letter_for(rec, error, service="arbiter", msg_id=derived_id("dead-letter", rec.topic, rec.partition, rec.offset), now=self.clock())
         log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
         await self.publisher.send(self.topics.dead_letter, dl, key=rec.topic)
 

@@ -15,7 +15,6 @@ records of the other topics it only counts, their own consumers dead-letter them
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -45,7 +44,7 @@ from services.monitor.metrics import MonitorMetrics, PerformanceTracker
 from shared.clock import derived_id, system_clock
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
-from shared.kafka import Publisher
+from shared.kafka import Publisher, dead_letter_for
 from shared.messages import DeadLettered
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
@@ -182,18 +181,7 @@ class MonitorService:
 
     def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> DeadLettered:
         log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
-        return DeadLettered(
-            id=derived_id("dead-letter", "monitor", rec.topic, rec.partition, rec.offset),
-            event_time=system_clock(),
-            correlation_id=f"{rec.topic}:{rec.partition}:{rec.offset}",
-            source_topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            key=rec.key.decode("utf-8", "replace") if rec.key is not None else None,
-            payload_b64=base64.b64encode(rec.value or b"").decode(),
-            error=error[:2000],
-            service="monitor",
-        )
+        return dead_letter_for(rec, error, service="monitor", msg_id=derived_id("dead-letter", "monitor", rec.topic, rec.partition, rec.offset), now=system_clock())
 
     def after_batch(self) -> None:
         self.metrics.update_performance(self.tracker)

@@ -15,7 +15,6 @@ first step whose candles were published after the command) is the same in every 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from datetime import UTC, datetime
@@ -37,11 +36,10 @@ from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
 from shared.codec import DecodeError, decode, implausible_time
 from shared.commands import gate_for
 from shared.config import AppConfig
-from shared.kafka import Publisher, Route
+from shared.kafka import Publisher, Route, dead_letter_for
 from shared.messages import (
     CommandHandled,
     ControlCommand,
-    DeadLettered,
     Message,
     PlanPublished,
     WorkerFinished,
@@ -283,19 +281,8 @@ class RegistryService:
 
     async def _dead_letter(self, publisher: Publisher, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
         log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
-        dl = DeadLettered(
-            # Derived: every registry start re-reads the topic, and a record is dead-lettered once per instance.
-            id=derived_id("dead", "registry", self.instance, rec.topic, rec.partition, rec.offset),
-            event_time=self.clock(),
-            correlation_id=f"{rec.topic}:{rec.partition}:{rec.offset}",
-            source_topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            key=rec.key.decode("utf-8", "replace") if rec.key is not None else None,
-            payload_b64=base64.b64encode(rec.value or b"").decode(),
-            error=error[:2000],
-            service="registry",
-        )
+        # Derived id: every registry start re-reads the topic, and a record is dead-lettered once per instance.
+        dl = dead_letter_for(rec, error, service="registry", msg_id=derived_id("dead", "registry", self.instance, rec.topic, rec.partition, rec.offset), now=self.clock())
         await publisher.send(self.topics.dead_letter, dl, key=rec.topic)
 
 

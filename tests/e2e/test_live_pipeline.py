@@ -12,12 +12,10 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 
@@ -28,16 +26,6 @@ from tests.peer.coinbase_peer import CoinbasePeer
 ROOT = Path(__file__).resolve().parents[2]
 # A slice of the bundled data in which both default profiles trade (after their indicators' warm-up).
 HOURS = "168"
-
-
-@pytest.fixture
-async def peer() -> AsyncIterator[CoinbasePeer]:
-    p = CoinbasePeer()
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
 
 
 async def run(cmd: list[str], env: dict[str, str], *, stdin: bytes | None = None, timeout: float = 120) -> tuple[int, str]:

@@ -12,10 +12,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import yaml
 from pydantic import SecretStr
 
@@ -36,16 +34,6 @@ from tests.peer.coinbase_peer import CoinbasePeer
 
 ROOT = Path(__file__).resolve().parents[2]
 PID = "profile_a"
-
-
-@pytest.fixture
-async def peer() -> AsyncIterator[CoinbasePeer]:
-    p = CoinbasePeer()
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
 
 
 def live_config(path: Path) -> Path:

@@ -15,7 +15,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -50,16 +50,6 @@ APIS = ["coinbase", "coinbaseexchange"]
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture
-async def peer() -> AsyncIterator[CoinbasePeer]:
-    p = CoinbasePeer()
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
-
-
 @pytest.fixture(autouse=True)
 def no_secret_in_logs(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> Iterator[list[str]]:
     """Every test: everything logged (DEBUG and up, ccxt included) and printed is scanned for the credentials."""

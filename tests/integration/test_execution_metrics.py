@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -124,16 +124,6 @@ async def test_paper_worker_metrics_count_exactly_the_fills_fees_and_statuses_it
     assert total(samples, "mp_execution_order_latency_seconds_count", exchange="paper") == 2
     assert 0 < total(samples, "mp_execution_order_latency_seconds_sum") < 40
     assert total(samples, "mp_execution_errors_total") == 0
-
-
-@pytest.fixture
-async def peer() -> AsyncIterator[CoinbasePeer]:
-    p = CoinbasePeer()
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
 
 
 async def test_live_worker_metrics_count_retries_latency_and_fills_against_the_peer(

@@ -4,7 +4,7 @@ once, however many times the worker restarts."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -31,16 +31,6 @@ from tests.integration.test_exchange_adapters import app_config, execute
 from tests.peer.coinbase_peer import CoinbasePeer
 
 D = Decimal
-
-
-@pytest.fixture
-async def peer() -> AsyncIterator[CoinbasePeer]:
-    p = CoinbasePeer()
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
 
 
 def route_for(t: Topics) -> Callable[[Message], list[Route]]:
