@@ -249,7 +249,8 @@ class Backtest:
         parts = frozenset(range(self.n_candles))
         self.strategies = {
             pid: strategy.new_state(
-                pid, p, cfg.system.quote_asset, parts, on_rotation=cfg.system.registry.on_rotation, market=self.market
+                pid, p, cfg.system.quote_asset, parts, on_rotation=cfg.system.registry.on_rotation, market=self.market,
+                decision_wait_steps=cfg.system.strategy.decision_wait_steps,
             )
             for pid, p in cfg.enabled_profiles().items()
         }

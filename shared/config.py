@@ -269,6 +269,14 @@ class RegistrySettings(Strict):
     on_rotation: Literal["keep", "close"] = "keep"
 
 
+class StrategySettings(Strict):
+    # A fill or order event of a profile for an intent its strategy worker never sent (a manual order) counts
+    # only once the arbiter's approving decision for it is seen; with none, it is dead-lettered after this many
+    # further steps of event time (docs/operations.md, "Forged order events"). The decision normally comes
+    # first; the wait covers a delayed write (broker retry, arbiter fail-over).
+    decision_wait_steps: Annotated[int, Field(ge=1, le=10_000)] = 6
+
+
 class CommandSettings(Strict):
     # A signed command older than this (against the broker's append time) is refused as stale.
     max_age_s: Annotated[float, Field(gt=0.0, le=86_400.0, allow_inf_nan=False)] = 120.0
@@ -281,6 +289,7 @@ class SystemSettings(Strict):
     arbiter: ArbiterSettings = ArbiterSettings()
     execution: ExecutionSettings = ExecutionSettings()
     registry: RegistrySettings = RegistrySettings()
+    strategy: StrategySettings = StrategySettings()
     commands: CommandSettings = CommandSettings()
 
 

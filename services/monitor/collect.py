@@ -5,6 +5,7 @@ internal_crosses.jsonl."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,14 @@ from services.monitor.domain import (
     order_records,
     plan_records,
     summarize,
+    verified_fills,
 )
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
 from shared.messages import Message
 from shared.topics import Topics
+
+log = logging.getLogger(__name__)
 
 
 async def read_topics(bootstrap: str, topics: Sequence[str]) -> tuple[list[Message], int]:
@@ -98,6 +102,8 @@ async def collect_run(cfg: AppConfig, bootstrap: str, out_dir: Path) -> dict[str
 def write_outputs(cfg: AppConfig, data: RunData, out_dir: Path, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(cfg, data)
+    for f, why in verified_fills(data)[1]:
+        log.warning("fill %s left out of the report: %s", f.fill_id, why)
     if extra:
         summary["counters"].update(extra)
     _write_jsonl(out_dir / "orders.jsonl", order_records(data))

@@ -8,6 +8,11 @@ Accounting (per profile, quote currency):
   a "win"     = a sell whose (price - average entry price) * size exceeds the fees of both its legs
   drawdown    = max over step closes of (running peak equity - equity) / running peak equity
 
+Only fills the arbiter approved count (as the strategy workers apply them, services/strategy/domain.py): a
+fill needs an approving `OrderDecided` for its intent of the same profile, product and side, and an intent's
+fills never exceed the decided size in total. Any other fill (a forged record on orders.events) moves no
+books and is counted in `counters.unverified_fills`. The report reads the whole run, so no wait is needed.
+
 Arbitration (docs/arbiter.md): decisions by verdict and rule, internal-cross opportunities and what netting
 them saves, and `desync`, measured on the order log alone: for each product, the exchange orders (status
 submitted, not internal) in time order; a gap is the time between two consecutive orders of different
@@ -116,6 +121,28 @@ def order_records(data: RunData) -> list[dict[str, Any]]:
     return out
 
 
+def verified_fills(data: RunData) -> tuple[list[OrderFilled], list[tuple[OrderFilled, str]]]:
+    """The fills an approving decision covers, in (event time, fill id) order, and the others with why."""
+    decisions: dict[str, OrderDecided] = {}
+    for decision in data.decisions:
+        decisions.setdefault(decision.intent_id, decision)  # the first, as the strategy workers keep
+    filled: dict[str, Decimal] = defaultdict(Decimal)
+    ok: list[OrderFilled] = []
+    refused: list[tuple[OrderFilled, str]] = []
+    for f in sorted(data.fills, key=lambda f: (f.event_time, f.fill_id)):
+        d = decisions.get(f.intent_id)
+        if d is None or d.verdict == "rejected" or d.profile != f.profile:
+            refused.append((f, f"no approving decision of {f.profile} for intent {f.intent_id}"))
+        elif (d.product, d.side) != (f.product, f.side):
+            refused.append((f, f"{f.side} {f.product} does not match the approved {d.side} {d.product}"))
+        elif filled[f.intent_id] + f.size > d.size:
+            refused.append((f, f"fills of intent {f.intent_id} would exceed the approved size {d.size}"))
+        else:
+            filled[f.intent_id] += f.size
+            ok.append(f)
+    return ok, refused
+
+
 def fill_records(data: RunData) -> list[dict[str, Any]]:
     return [
         {
@@ -131,7 +158,7 @@ def fill_records(data: RunData) -> list[dict[str, Any]]:
             "event_time": _iso(f.event_time),
             "internal": f.internal,
         }
-        for f in sorted(data.fills, key=lambda f: (f.event_time, f.profile, f.fill_id))
+        for f in sorted(verified_fills(data)[0], key=lambda f: (f.event_time, f.profile, f.fill_id))
     ]
 
 
@@ -255,8 +282,9 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
         step_times.add(c.event_time.timestamp())
     for series in closes.values():
         series.sort()
+    counted, unverified = verified_fills(data)
     fills_by_profile: dict[str, list[OrderFilled]] = defaultdict(list)
-    for f in data.fills:
+    for f in counted:
         fills_by_profile[f.profile].append(f)
 
     profiles: dict[str, Any] = {}
@@ -356,7 +384,8 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             "internal_cross_opportunities": len(data.opportunities),
             "internal_cross_executed": sum(1 for o in data.opportunities if o.executed),
             "internal_cross_savings": savings,
-            "internal_fills": sum(1 for f in data.fills if f.internal),
+            "internal_fills": sum(1 for f in counted if f.internal),
+            "unverified_fills": len(unverified),
             "correlation_breaches": sum(1 for c in data.correlation_alerts if c.state == "breach"),
             "collisions_resolved": sum(pl.collisions for pl in data.plans),
             "plans": len(data.plans),

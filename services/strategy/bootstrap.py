@@ -20,6 +20,7 @@ import asyncio
 import base64
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ from shared.messages import (
     DeadLettered,
     Message,
     OrderFilled,
+    OrderUpdated,
     PlaceOrder,
     ProfileHalted,
     StepCompleted,
@@ -153,6 +155,7 @@ class StrategyWorker:
             cfg.system.quote_asset,
             frozenset(range(k.candle_partitions)),
             on_rotation=cfg.system.registry.on_rotation,
+            decision_wait_steps=cfg.system.strategy.decision_wait_steps,
         )
         self.outputs = Outputs.of(self.t, k.intent_partitions, self.profile_id)
         self.group = self.t.group("strategy", self.profile_id)
@@ -182,6 +185,8 @@ class StrategyWorker:
         )
         self.app.conf.web_enabled = False  # the constructor flag alone still bound 0.0.0.0:6066
         self.out: dict[str, Any] = {}
+        # Records of outcomes for intents this worker did not send, by message id, until the domain judges them.
+        self.held_records: dict[str, tuple[str, deque[Any]]] = {}
         for name in self.inputs:
             self.app.agent(self._topic(name), name=f"consume-{name}")(self._agent)
 
@@ -214,12 +219,34 @@ class StrategyWorker:
                     self.metrics.error("command_refused", rec.topic, rec.partition, rec.offset)
                     continue
             async with self.lock:
+                if (
+                    isinstance(msg, OrderFilled | OrderUpdated)
+                    and msg.profile == self.profile_id
+                    and msg.intent_id not in self.state.emitted
+                ):
+                    # Held by the domain, maybe refused later: keep the record to dead-letter it then.
+                    self.held_records.setdefault(msg.id, (msg.intent_id, deque()))[1].append(rec)
                 # The record's Kafka time places a rotate command among the steps (domain.py).
                 outs = domain.decide(self.state, msg, rec.partition, rec.timestamp)
                 for out in outs:
                     await self._publish(out)
+                for refusal in domain.take_refused(self.state):
+                    await self._dead_letter_refused(refusal)
+                if self.held_records and outs:
+                    # Outcomes judged at a step and applied: their records are no longer needed.
+                    for mid, (intent_id, _) in list(self.held_records.items()):
+                        if not domain.awaits(self.state, intent_id):
+                            del self.held_records[mid]
                 if outs or isinstance(msg, OrderFilled | ControlCommand):
                     self.metrics.update(self.state)
+
+    async def _dead_letter_refused(self, refusal: domain.Refusal) -> None:
+        recs = self.held_records.get(refusal.outcome.id)
+        if not recs or not recs[1]:
+            # Cannot happen (every foreign outcome's record is kept until judged); say so rather than lose it.
+            log.error("refused %s, but its record is unknown: %s", refusal.outcome.id, refusal.reason)
+            return
+        await self._dead_letter(recs[1].popleft(), refusal.reason)
 
     async def _dead_letter(self, rec: Any, error: str) -> None:
         self.metrics.error("dead_lettered", rec.topic, rec.partition, rec.offset)

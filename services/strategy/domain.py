@@ -10,6 +10,16 @@ rebuild it after a crash by reading its inputs from the beginning (docs/backtest
 the intent it answers (a restarted worker reads the order events topic faster than it re-evaluates the
 candles) is held until the state re-emits that intent, then applied, exactly where the first run applied it.
 
+Outcomes of intents this state never sends (manual orders: `mpctl.router` sends a `PlaceOrder` with reason
+`manual` through the arbiter) are trusted only when the arbiter approved them: an `OrderDecided` of this
+profile approving the intent, with the same product and side, and fills never exceeding its size in total.
+Such an outcome is judged before the first step closing after its event time (an outcome of our own intents
+is never older than the close of the step that sent them, so by then it cannot be ours): applied if approved;
+dead-lettered (`StrategyState.refused`, drained by the worker) if inconsistent with the decision; held while no
+decision is known, and dead-lettered once `decision_wait_steps` further steps closed without one. The
+decision normally precedes its fills on orders.events (the arbiter writes it before it hands the order to
+execution); the wait covers a decision whose write was delayed (broker retry, arbiter fail-over).
+
 Early rotations (an operator's `rotate`): the registry publishes a second plan for the epoch, valid from the
 rotation step (`PlanPublished.rotation` > 0). A step uses the latest plan of its epoch starting at or before it.
 An accepted rotate command for this profile, appended at broker time T, applies at the first step whose candles
@@ -42,7 +52,7 @@ from typing import Literal
 from services.strategy.signals import SECONDS_PER_YEAR, Bar, ProductSignals, Signal, blend
 from shared.aligner import Aligner, Step
 from shared.clock import ID_NAMESPACE, from_epoch_s
-from shared.config import Profile
+from shared.config import Profile, StrategySettings
 from shared.messages import (
     TERMINAL_STATUSES,
     CandleClosed,
@@ -68,6 +78,7 @@ MIN_NOTIONAL = Decimal("1")
 Reason = Literal["entry", "exit_signal", "stop_loss", "take_profit", "manual", "flatten"]
 RotationPolicy = Literal["keep", "close"]
 Outcome = OrderDecided | OrderUpdated | OrderFilled
+DEFAULT_DECISION_WAIT_STEPS = StrategySettings().decision_wait_steps
 _ID_PREFIX = ID_NAMESPACE.bytes
 
 
@@ -188,6 +199,14 @@ class _Limits:
         )
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """An outcome the state refused (it moves no books): the worker dead-letters the record it came in."""
+
+    outcome: Outcome
+    reason: str
+
+
 @dataclass
 class Position:
     size: Decimal
@@ -221,6 +240,14 @@ class StrategyState:
     held: dict[str, list[Outcome]] = field(default_factory=dict)
     held_times: list[tuple[float, int, str]] = field(default_factory=list)
     held_seq: int = 0
+    # The arbiter's decisions on intents this state has not sent (first one per intent): what makes a manual
+    # order's outcomes legitimate. Own intents' entries go when the intent is (re-)emitted.
+    decisions: dict[str, OrderDecided] = field(default_factory=dict)
+    decided_filled: dict[str, Decimal] = field(default_factory=dict)  # manual intent -> size of its applied fills
+    # Foreign outcomes past their release with no decision yet: intent -> (refuse after this close, outcomes).
+    awaiting: dict[str, tuple[int, list[Outcome]]] = field(default_factory=dict)
+    decision_wait_steps: int = DEFAULT_DECISION_WAIT_STEPS
+    refused: list[Refusal] = field(default_factory=list)  # drained by the worker (take_refused)
     realized_pnl: Decimal = Decimal(0)
     fees: Decimal = Decimal(0)
     high_water: Decimal = Decimal(0)
@@ -258,8 +285,10 @@ def new_state(
     *,
     on_rotation: RotationPolicy = "keep",
     market: MarketSignals | None = None,
+    decision_wait_steps: int = DEFAULT_DECISION_WAIT_STEPS,
 ) -> StrategyState:
-    """`market`: the backtest passes one instance shared by every profile; a worker leaves it None."""
+    """`market`: the backtest passes one instance shared by every profile; a worker leaves it None.
+    `decision_wait_steps`: how many steps a foreign outcome waits for its decision (module docstring)."""
     cash = Decimal(str(profile.paper.initial_quote_balance))
     return StrategyState(
         profile_id=profile_id,
@@ -273,6 +302,7 @@ def new_state(
         market=market if market is not None else MarketSignals(),
         weights={str(k): v for k, v in profile.strategy_config.strategy_weights.items()},
         limits=_Limits.of(profile),
+        decision_wait_steps=decision_wait_steps,
     )
 
 
@@ -316,8 +346,21 @@ def decide(
         if msg.intent_id in state.emitted:
             _apply_outcome(state, msg)
         else:
-            _hold(state, msg)
+            if isinstance(msg, OrderDecided):
+                state.decisions.setdefault(msg.intent_id, msg)
+            _hold(state, msg)  # a decision too: in a rebuild it may answer an intent not re-emitted yet
     return _drain(state)
+
+
+def take_refused(state: StrategyState) -> list[Refusal]:
+    """The outcomes refused since the last call (the worker dead-letters them)."""
+    out, state.refused = state.refused, []
+    return out
+
+
+def awaits(state: StrategyState, intent_id: str) -> bool:
+    """Outcomes of this intent are still held (not yet applied or refused)."""
+    return intent_id in state.held or intent_id in state.awaiting
 
 
 def on_step(state: StrategyState, step: Step) -> list[Message]:
@@ -351,14 +394,68 @@ def _apply_outcome(state: StrategyState, o: Outcome) -> None:
         state.pending.pop(o.intent_id, None)
 
 
-def _release_foreign(state: StrategyState, before_s: int) -> None:
-    """Apply held outcomes older than `before_s` (a step's close): an outcome of one of our intents is never
-    older than the close of the step that sent it, so these answer no intent of ours (e.g. a manual fill)."""
+def _release_foreign(state: StrategyState, step: Step) -> None:
+    """Judge held outcomes older than the step's close: an outcome of one of our intents is never older than
+    the close of the step that sent it, so these answer no intent of ours (e.g. a manual order)."""
+    before_s = step.close_s
     times = state.held_times
     while times and times[0][0] < before_s:
         _, _, intent_id = heapq.heappop(times)
-        for o in state.held.pop(intent_id, ()):
-            _apply_outcome(state, o)
+        outcomes = state.held.pop(intent_id, [])
+        waiting = state.awaiting.get(intent_id)
+        if waiting is not None:
+            waiting[1].extend(outcomes)
+        else:
+            # The wait counts whole steps from the first one that could judge it.
+            deadline = before_s + state.decision_wait_steps * step.interval_s
+            state.awaiting[intent_id] = (deadline, outcomes)
+    if state.awaiting:
+        for intent_id in list(state.awaiting):
+            deadline, outcomes = state.awaiting[intent_id]
+            decision = state.decisions.get(intent_id)
+            if decision is None and before_s < deadline:
+                continue  # the decision may still come
+            del state.awaiting[intent_id]
+            for o in outcomes:
+                _judge_foreign(state, o, decision)
+
+
+def _judge_foreign(state: StrategyState, o: Outcome, decision: OrderDecided | None) -> None:
+    """Apply an outcome of an intent this state did not send if the arbiter approved it, else refuse it."""
+    if isinstance(o, OrderDecided):
+        _apply_outcome(state, o)  # a decision moves no books
+        return
+    if isinstance(o, OrderFilled) and o.fill_id in state.seen_fills:
+        return  # a redelivered copy of an applied fill: counted once, as for our own
+    what = f"{type(o).__name__} {o.id} ({o.side} {o.size} {o.product}) of {o.profile} for intent {o.intent_id}"
+    reason: str | None = None
+    if decision is None:
+        reason = (
+            f"{what} refused: it is not an intent of this worker and no OrderDecided of {state.profile_id} for it "
+            f"was seen within {state.decision_wait_steps} steps after its event time {o.event_time.isoformat()} "
+            "(a manual order is decided by the arbiter before it is executed)"
+        )
+    elif decision.verdict == "rejected":
+        reason = f"{what} refused: the arbiter rejected that intent ({decision.rule}: {decision.reason})"
+    elif (o.product, o.side) != (decision.product, decision.side):
+        reason = (
+            f"{what} refused: {o.side} {o.product} does not match the approved {decision.side} {decision.product}"
+        )
+    else:
+        # A fill adds to what the intent has filled; an order event states its filled size as a whole.
+        if isinstance(o, OrderFilled):
+            total = state.decided_filled.get(o.intent_id, Decimal(0)) + o.size
+        else:
+            total = o.filled_size
+        if total > decision.size:
+            reason = f"{what} refused: fills of {total} would exceed the approved size {decision.size}"
+        elif isinstance(o, OrderFilled):
+            state.decided_filled[o.intent_id] = total
+    if reason is None:
+        _apply_outcome(state, o)
+    else:
+        log.warning("%s", reason)
+        state.refused.append(Refusal(o, reason))
 
 
 def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
@@ -466,8 +563,8 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     p = state.profile
     sc = p.strategy_config
     lim = state.limits
-    if state.held_times:
-        _release_foreign(state, step.close_s)
+    if state.held_times or state.awaiting:
+        _release_foreign(state, step)
     market = state.market
     market.update(step)
     present = market.closes
@@ -556,6 +653,8 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     for i in intents:
         state.pending[i.intent_id] = i
         state.emitted.add(i.intent_id)
+        if state.decisions:
+            state.decisions.pop(i.intent_id, None)  # read ahead in a rebuild: answered as our own now
     state.intents_sent += len(intents)
     out.extend(intents)
     out.append(

@@ -317,11 +317,9 @@ ABSURD: list[Absurd] = [
            "profile_b's order on profile_a's approved topic"),
     Absurd("execute-absurd-size", "approved_a", execute(size="1000000000000"),
            "an approved order for 10^12 BTC"),
-    Absurd("fill-forged", "events", order_filled(), "a fill of profile_a for an intent it never sent",
-           today="not dead-lettered: strategy.profile_a applies it as an outcome answering no intent of its own "
-                 "(services/strategy/domain.py _release_foreign, meant for manual fills), so its cash and "
-                 "position change and it trades differently from then on: anyone who can write to "
-                 "orders.events can move a profile's books"),
+    # No OrderDecided approves its intent: strategy.profile_a dead-letters it once system.strategy.
+    # decision_wait_steps steps closed after it (docs/operations.md, "Forged order events").
+    Absurd("fill-forged", "events", order_filled(), "a fill of profile_a for an intent it never sent"),
     Absurd("order-updated-nan-price", "events", order_updated(price="NaN"), "an order event with price NaN"),
     Absurd("plan-far-future-epoch", "plans",
            plan(epoch=999_999_999, epoch_start=FAR_FUTURE, epoch_end="2099-01-01T01:00:00Z"),
@@ -676,6 +674,16 @@ def test_absurd_values_that_pass_the_schema_are_refused(results: Results, case: 
     assert not run.dead, run.dead
     problems = _refused(results, case)
     assert not problems, "\n".join(problems)
+
+
+def test_forged_fill_is_dead_lettered_naming_its_intent_and_moves_no_books(results: Results) -> None:
+    (case,) = [a for a in ABSURD if a.label == "fill-forged"]
+    run = results.absurd
+    (key,) = [k for k, c in run.injected.items() if c.label == case.label]
+    reason = run.dead_letters.get(key, {}).get("strategy.profile_a", "")
+    assert case.value["intent_id"] in reason and "no OrderDecided of profile_a" in reason, reason
+    # Applied, it would have changed profile_a's cash and position, hence its later orders and fills.
+    assert run.outputs.get("fill") == results.clean.outputs.get("fill")
 
 
 # ------------------------------------------------------------------------------------------ files

@@ -300,6 +300,29 @@ def order_filled(
     )
 
 
+def approval_of(f: OrderFilled, *, size: Any = None, verdict: str = "approved") -> OrderDecided:
+    """The arbiter's decision on the (manual) intent a fill answers, as it reaches orders.events first."""
+    return OrderDecided(
+        id=derived_id("decision", f.intent_id),
+        event_time=f.event_time,
+        correlation_id=f"manual:{f.intent_id[:16]}",
+        intent_id=f.intent_id,
+        profile=f.profile,
+        product=f.product,
+        side=f.side,
+        size=D(size) if size is not None else f.size,
+        verdict=verdict,
+        rule="approved" if verdict != "rejected" else "test",
+        reason="test",
+    )
+
+
+def manual_fill(profile: str, side: str, **kw: Any) -> list[Message]:
+    """A fill of a manual order (an intent the strategy did not send), preceded by its approving decision."""
+    f = order_filled(profile, side, **kw)
+    return [approval_of(f), f]
+
+
 def order_updated(
     intent: PlaceOrder, status: str, *, at: int | None = None, price: Any = None
 ) -> OrderUpdated:

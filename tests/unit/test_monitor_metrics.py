@@ -17,7 +17,18 @@ from services.monitor.health import ExpectedService, GroupInfo, MemberInfo, serv
 from services.monitor.lag import build_report
 from services.monitor.metrics import MonitorMetrics, PerformanceTracker
 from shared.messages import Message, ProfileHalted
-from tests.unit.builders import HOUR, T0, candle, config, decided, dt, order_filled, place_order, plan
+from tests.unit.builders import (
+    HOUR,
+    T0,
+    approval_of,
+    candle,
+    config,
+    decided,
+    dt,
+    order_filled,
+    place_order,
+    plan,
+)
 
 
 def run_messages() -> list[Message]:
@@ -27,7 +38,7 @@ def run_messages() -> list[Message]:
     for i, (b, e) in enumerate(zip(btc, eth, strict=True)):
         msgs.append(candle("BTC/USDC", T0 + i * HOUR, open=b, close=b + 1))
         msgs.append(candle("ETH/USDC", T0 + i * HOUR, open=e, close=e - 1))
-    msgs += [
+    fills = [
         order_filled("profile_a", "buy", size="10", price="104", fee="0.6", at=T0 + 1 * HOUR),
         order_filled("profile_a", "sell", size="4", price="97", fee="0.2", at=T0 + 3 * HOUR),
         order_filled("profile_a", "sell", size="6", price="106", fee="0.3", at=T0 + 6 * HOUR),
@@ -35,6 +46,8 @@ def run_messages() -> list[Message]:
         order_filled("profile_b", "buy", product="BTC/USDC", size="5", price="99", fee="0.2", at=T0 + 5 * HOUR),
         order_filled("profile_b", "sell", product="ETH/USDC", size="20", price="55", fee="0.5", at=T0 + 9 * HOUR),
     ]
+    # Approved by the arbiter: the report counts only such fills (the tracker books every fill it reads).
+    msgs += [*(approval_of(f) for f in fills), *fills]
     intent = place_order("profile_a", "buy")
     msgs += [plan("profile_a", T0 // HOUR), decided(intent, "approved", "approved"),
              decided(place_order("profile_b", "sell"), "rejected", "opposite_side")]

@@ -11,17 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.monitor.domain import RunData, summarize
+from services.monitor.domain import RunData, fill_records, summarize
 from shared.config import AppConfig
 from shared.messages import InternalCrossOpportunity, Message, OrderUpdated
 from tests.unit.builders import (
     HOUR,
     T0,
     D,
+    approval_of,
     candle,
     config,
     decided,
     dt,
+    manual_fill,
     order_filled,
     order_updated,
     place_order,
@@ -92,8 +94,8 @@ def test_books_balance_for_any_fill_sequence(
         fees += fee
         n += 1
         at = T0 + i * 1000 + 7  # fills between and after the candle closes, in order
-        msgs.append(
-            order_filled(
+        msgs.extend(
+            manual_fill(
                 PID, "buy" if is_buy else "sell", product=product, size=size, price=price, fee=fee, at=at
             )
         )
@@ -118,7 +120,7 @@ def test_books_balance_for_any_fill_sequence(
 def test_final_equity_values_open_positions_at_the_last_close(cfg: AppConfig) -> None:
     msgs: list[Message] = [
         *closes_path("BTC/USDC", [100, 110, 120]),
-        order_filled(PID, "buy", size="2", price="100.5", fee="1.25", at=T0 + 10),
+        *manual_fill(PID, "buy", size="2", price="100.5", fee="1.25", at=T0 + 10),
     ]
     s = summary(cfg, msgs)["profiles"][PID]
     initial = D(cfg.profiles[PID].paper.initial_quote_balance)
@@ -135,12 +137,12 @@ def test_profile_without_fills_ends_at_its_initial_equity(cfg: AppConfig) -> Non
 
 # ------------------------------------------------------------------------------------------ de-duplication
 def test_redelivered_messages_count_once(cfg: AppConfig) -> None:
-    buy = order_filled(PID, "buy", size="1", price="100", fee="0.6", at=T0 + 10)
-    sell = order_filled(PID, "sell", size="1", price="110", fee="0.66", at=T0 + HOUR + 10)
+    buy = manual_fill(PID, "buy", size="1", price="100", fee="0.6", at=T0 + 10)
+    sell = manual_fill(PID, "sell", size="1", price="110", fee="0.66", at=T0 + HOUR + 10)
     intent = place_order(PID, "buy", step=T0)
     candles = closes_path("BTC/USDC", [100, 110])
-    once = summary(cfg, [*candles, buy, sell, intent])
-    twice = summary(cfg, [*candles, buy, sell, intent, buy, *candles, sell, intent])
+    once = summary(cfg, [*candles, *buy, *sell, intent])
+    twice = summary(cfg, [*candles, *buy, *sell, intent, *buy, *candles, *sell, intent])
     assert twice == once
     assert once["profiles"][PID]["trades"] == 2
     assert once["counters"]["intents"] == 1
@@ -148,11 +150,37 @@ def test_redelivered_messages_count_once(cfg: AppConfig) -> None:
 
 
 def test_deduplication_is_by_type_and_id_not_by_content(cfg: AppConfig) -> None:
-    a = order_filled(PID, "buy", size="1", price="100", at=T0 + 10, fill_id="f1")
-    b = order_filled(PID, "buy", size="1", price="100", at=T0 + 20, fill_id="f2")  # same content, new id
-    s = summary(cfg, [*closes_path("BTC/USDC", [100]), a, b])["profiles"][PID]
+    a = manual_fill(PID, "buy", size="1", price="100", at=T0 + 10, fill_id="f1")
+    b = manual_fill(PID, "buy", size="1", price="100", at=T0 + 20, fill_id="f2")  # same content, new id
+    s = summary(cfg, [*closes_path("BTC/USDC", [100]), *a, *b])["profiles"][PID]
     assert s["trades"] == 2
     assert s["open_positions"] == {"BTC/USDC": "2"}
+
+
+# ------------------------------------------------------------------------------------------ unapproved fills
+def test_fill_without_an_approving_decision_moves_no_books_and_is_counted(cfg: AppConfig) -> None:
+    candles = closes_path("BTC/USDC", [100, 110])
+    real = manual_fill(PID, "buy", size="1", price="100", fee="0.6", at=T0 + 10)
+    forged = order_filled(PID, "buy", size="5", price="100", at=T0 + 20, intent_id="forged-intent")
+    on_rejected = manual_fill(PID, "buy", size="2", price="100", at=T0 + 30)
+    rejected = on_rejected[0].model_copy(update={"verdict": "rejected"})
+    honest = summary(cfg, [*candles, *real])
+    s = summary(cfg, [*candles, *real, forged, rejected, on_rejected[1]])
+    assert s["profiles"] == honest["profiles"]
+    assert (s["counters"]["unverified_fills"], honest["counters"]["unverified_fills"]) == (2, 0)
+    data = RunData()
+    data.add_all([*real, forged])
+    assert [r["fill_id"] for r in fill_records(data)] == [real[1].id]
+
+
+def test_fills_beyond_the_approved_size_or_of_another_product_are_left_out(cfg: AppConfig) -> None:
+    first = order_filled(PID, "buy", size="1", price="100", at=T0 + 10, intent_id="i1", fill_id="f1")
+    extra = order_filled(PID, "buy", size="1", price="100", at=T0 + 20, intent_id="i1", fill_id="f2")
+    other = order_filled(PID, "buy", product="ETH/USDC", size="1", price="50", at=T0 + 30, intent_id="i1",
+                         fill_id="f3")
+    s = summary(cfg, [*closes_path("BTC/USDC", [100]), approval_of(first, size="1.5"), first, extra, other])
+    assert s["profiles"][PID]["open_positions"] == {"BTC/USDC": "1"}
+    assert s["counters"]["unverified_fills"] == 2
 
 
 # ------------------------------------------------------------------------------------------ wins
@@ -160,14 +188,14 @@ def test_win_needs_the_gain_to_exceed_both_legs_fees(cfg: AppConfig) -> None:
     msgs: list[Message] = [
         *closes_path("BTC/USDC", [100, 100, 100]),
         # BTC: gain 3 > fees 1 + 1: a win.
-        order_filled(PID, "buy", product="BTC/USDC", size="1", price="100", fee="1", at=T0 + 1),
-        order_filled(PID, "sell", product="BTC/USDC", size="1", price="103", fee="1", at=T0 + 2),
+        *manual_fill(PID, "buy", product="BTC/USDC", size="1", price="100", fee="1", at=T0 + 1),
+        *manual_fill(PID, "sell", product="BTC/USDC", size="1", price="103", fee="1", at=T0 + 2),
         # ETH: gain 1 == fees 0.5 + 0.5: not a win.
-        order_filled(PID, "buy", product="ETH/USDC", size="1", price="50", fee="0.5", at=T0 + 3),
-        order_filled(PID, "sell", product="ETH/USDC", size="1", price="51", fee="0.5", at=T0 + 4),
+        *manual_fill(PID, "buy", product="ETH/USDC", size="1", price="50", fee="0.5", at=T0 + 3),
+        *manual_fill(PID, "sell", product="ETH/USDC", size="1", price="51", fee="0.5", at=T0 + 4),
         # SOL: a loss.
-        order_filled(PID, "buy", product="SOL/USDC", size="1", price="10", fee="0", at=T0 + 5),
-        order_filled(PID, "sell", product="SOL/USDC", size="1", price="9", fee="0", at=T0 + 6),
+        *manual_fill(PID, "buy", product="SOL/USDC", size="1", price="10", fee="0", at=T0 + 5),
+        *manual_fill(PID, "sell", product="SOL/USDC", size="1", price="9", fee="0", at=T0 + 6),
     ]
     s = summary(cfg, msgs)["profiles"][PID]
     assert (s["closed_trades"], s["wins"]) == (3, 1)
@@ -178,11 +206,11 @@ def test_win_needs_the_gain_to_exceed_both_legs_fees(cfg: AppConfig) -> None:
 def test_partial_sells_share_the_entry_fee(cfg: AppConfig) -> None:
     msgs: list[Message] = [
         *closes_path("BTC/USDC", [100]),
-        order_filled(PID, "buy", size="2", price="100", fee="2", at=T0 + 1),
+        *manual_fill(PID, "buy", size="2", price="100", fee="2", at=T0 + 1),
         # gain 2, half the entry fee 1, own fee 1: not a win
-        order_filled(PID, "sell", size="1", price="102", fee="1", at=T0 + 2),
+        *manual_fill(PID, "sell", size="1", price="102", fee="1", at=T0 + 2),
         # gain 4, the other half 1, own fee 1: a win
-        order_filled(PID, "sell", size="1", price="104", fee="1", at=T0 + 3),
+        *manual_fill(PID, "sell", size="1", price="104", fee="1", at=T0 + 3),
     ]
     s = summary(cfg, msgs)["profiles"][PID]
     assert (s["closed_trades"], s["wins"]) == (2, 1)
@@ -195,7 +223,7 @@ def test_max_drawdown_on_a_hand_checked_equity_path(cfg: AppConfig) -> None:
     path = [100, 120, 90, 130, 110]
     msgs: list[Message] = [
         *closes_path("BTC/USDC", path),
-        order_filled(PID, "buy", size="10", price="100", at=T0 + 10),
+        *manual_fill(PID, "buy", size="10", price="100", at=T0 + 10),
     ]
     s = summary(cfg, msgs)["profiles"][PID]
     assert [e for _, e in s["equity_curve"]] == [10000.0, 10200.0, 9900.0, 10300.0, 10100.0]
@@ -208,7 +236,7 @@ def test_max_drawdown_on_a_hand_checked_equity_path(cfg: AppConfig) -> None:
 def test_drawdown_measured_from_the_initial_equity_when_it_never_rises(cfg: AppConfig) -> None:
     msgs: list[Message] = [
         *closes_path("BTC/USDC", [95, 80, 90]),
-        order_filled(PID, "buy", size="10", price="100", at=T0 + 10),
+        *manual_fill(PID, "buy", size="10", price="100", at=T0 + 10),
     ]
     s = summary(cfg, msgs)["profiles"][PID]
     # Equity 9 950, 9 800, 9 900 against the initial 10 000: the worst is 200 / 10 000.

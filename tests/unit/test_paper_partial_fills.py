@@ -23,8 +23,8 @@ from tests.unit.builders import (
     D,
     config,
     execute_order,
+    manual_fill,
     of_type,
-    order_filled,
     path_candles,
     plans_covering,
     replay_finished,
@@ -285,8 +285,8 @@ def test_fills_never_exceed_the_order_and_cash_and_positions_are_conserved(
 def test_strategy_accounts_a_partly_filled_then_cancelled_order_exactly_as_the_exchange() -> None:
     profile: Profile = CFG.profiles[PID]
     st_ = strategy.new_state(PID, profile, "USDC", frozenset({0}))
-    hold = order_filled(PID, "buy", product="BTC/USDC", size=10, price=100, at=T0 - 10 * 24 * HOUR)
-    for m in [*plans_covering(PID, T0, T0 + 6 * HOUR, profile.profile_hash.hash_rotation_interval), hold]:
+    hold = manual_fill(PID, "buy", product="BTC/USDC", size=10, price=100, at=T0 - 10 * 24 * HOUR)
+    for m in [*plans_covering(PID, T0, T0 + 6 * HOUR, profile.profile_hash.hash_rotation_interval), *hold]:
         strategy.decide(st_, m, 0)
     ex = paper(timeout=45)
     ex.positions["BTC/USDC"] = D(10)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.strategy.domain import MarketSignals, StrategyState, decide, new_state, on_step
+from services.strategy.domain import MarketSignals, StrategyState, decide, new_state, on_step, take_refused
 from services.strategy.signals import Bar, VolatilityTracker
 from shared.aligner import Step
 from shared.config import AppConfig, Profile
@@ -25,6 +25,7 @@ from shared.messages import (
     CandleClosed,
     Message,
     OrderDecided,
+    OrderFilled,
     PlaceOrder,
     PlanPublished,
     ProfileHalted,
@@ -36,10 +37,12 @@ from tests.unit.builders import (
     HOUR,
     T0,
     D,
+    approval_of,
     candle,
     config,
     decided,
     fill_for,
+    manual_fill,
     of_type,
     order_filled,
     order_updated,
@@ -107,9 +110,9 @@ def buys(out: list[Message]) -> list[PlaceOrder]:
     return [i for i in of_type(out, PlaceOrder) if i.side == "buy"]
 
 
-def hold(product: str, size: Any, price: Any) -> Message:
-    """A position the profile already holds (a fill it receives before the steps)."""
-    return order_filled(PID, "buy", product=product, size=size, price=price, at=T0 - 10 * DAY)
+def hold(product: str, size: Any, price: Any) -> list[Message]:
+    """A position the profile already holds (an approved manual fill it receives before the steps)."""
+    return manual_fill(PID, "buy", product=product, size=size, price=price, at=T0 - 10 * DAY)
 
 
 # ------------------------------------------------------------------------------------------ plans gate steps
@@ -161,7 +164,7 @@ def test_late_plans_give_the_same_decisions_as_plans_known_up_front(data: st.Dat
 # ------------------------------------------------------------------------------------------ pending intents
 def _stop_loss_pending(profile: Profile) -> tuple[StrategyState, PlaceOrder]:
     state = fresh(profile)
-    feed(state, [*plans_for(profile, T0, 4), hold("BTC/USDC", 10, 100)])
+    feed(state, [*plans_for(profile, T0, 4), *hold("BTC/USDC", 10, 100)])
     out = feed(state, step_messages(path_candles("BTC/USDC", [100, 97])))
     (intent,) = of_type(out, PlaceOrder)
     assert intent.reason == "stop_loss"
@@ -217,16 +220,119 @@ def test_redelivered_fill_is_counted_once(profile: Profile) -> None:
     assert state.fees == D("1.2")
 
 
-def test_fill_of_no_intent_of_ours_is_applied_before_the_next_step_closing_after_it(profile: Profile) -> None:
-    # A fill that answers no intent this state sent (e.g. a manual order) is held until a step closes after
-    # it: an outcome of our own intents is never older than the close of the step that sent them.
+def test_approved_fill_of_no_intent_of_ours_is_applied_before_the_next_step_closing_after_it(
+    profile: Profile,
+) -> None:
+    # A fill that answers no intent this state sent (a manual order) is held until a step closes after it: an
+    # outcome of our own intents is never older than the close of the step that sent them.
     state = fresh(profile)
-    f = order_filled(PID, "buy", size="2", price="100", fee="1.2", at=T0)
-    feed(state, [f, f, *plans_for(profile, T0, 2)])
+    decision, f = manual_fill(PID, "buy", size="2", price="100", fee="1.2", at=T0)
+    feed(state, [decision, f, f, *plans_for(profile, T0, 2)])
     assert state.positions == {}
     feed(state, step_messages([candle("BTC/USDC", T0)]))
     assert state.positions["BTC/USDC"].size == 2
     assert state.cash == D(profile.paper.initial_quote_balance) - 200 - D("1.2")
+    assert state.fills == 1 and take_refused(state) == []  # the redelivered copy counts once
+
+
+# ------------------------------------------------------------------------------------------ forged outcomes
+WAIT = 3  # decision_wait_steps of these tests
+
+
+def _waiting(p: Profile) -> StrategyState:
+    return new_state(PID, p, "USDC", frozenset({0}), decision_wait_steps=WAIT)
+
+
+def _flat_steps(state: StrategyState, p: Profile, first: int, n: int) -> list[Message]:
+    """n flat BTC steps from `first` (no signal, no entry), with their plans."""
+    market = step_messages([candle("BTC/USDC", first + k * HOUR) for k in range(n)])
+    return feed(state, [*plans_for(p, first, n), *market])
+
+
+def _books(state: StrategyState) -> tuple[Any, ...]:
+    return (state.cash, state.fees, state.fills, dict(state.positions))
+
+
+def test_forged_fill_of_no_intent_is_refused_after_the_wait_and_moves_no_books(profile: Profile) -> None:
+    state = _waiting(profile)
+    untouched = _books(state)
+    forged = order_filled(PID, "buy", size="2", price="100", fee="1.2", at=T0, intent_id="forged-intent")
+    feed(state, [forged])
+    _flat_steps(state, profile, T0, WAIT)  # closes T0+1h .. T0+3h: the decision may still come
+    assert take_refused(state) == [] and _books(state) == untouched
+    _flat_steps(state, profile, T0 + WAIT * HOUR, 1)
+    (refusal,) = take_refused(state)
+    assert refusal.outcome == forged
+    assert "forged-intent" in refusal.reason and "no OrderDecided of profile_a" in refusal.reason
+    assert _books(state) == untouched
+    assert not state.held and not state.awaiting  # nothing left to apply later
+
+
+def test_fill_read_before_its_decision_is_held_then_applied_once(profile: Profile) -> None:
+    # The decision's write was delayed: the fill arrives first, its decision steps later (within the wait).
+    state = _waiting(profile)
+    decision, f = manual_fill(PID, "buy", size="2", price="100", fee="1.2", at=T0)
+    feed(state, [f])
+    _flat_steps(state, profile, T0, WAIT - 1)
+    assert state.positions == {} and take_refused(state) == []
+    feed(state, [decision, f])
+    _flat_steps(state, profile, T0 + (WAIT - 1) * HOUR, 3)
+    assert state.positions["BTC/USDC"].size == 2 and state.fills == 1
+    assert state.cash == D(profile.paper.initial_quote_balance) - 200 - D("1.2")
+    assert take_refused(state) == []
+
+
+def test_fills_beyond_the_decided_size_are_refused(profile: Profile) -> None:
+    state = _waiting(profile)
+    first = order_filled(PID, "buy", size="1", price="100", at=T0, intent_id="manual-1", fill_id="f1")
+    second = order_filled(PID, "buy", size="1", price="100", at=T0 + 1, intent_id="manual-1", fill_id="f2")
+    third = order_filled(PID, "buy", size="0.5", price="100", at=T0 + 2, intent_id="manual-1", fill_id="f3")
+    feed(state, [approval_of(first, size="1.5"), first, second, third])
+    _flat_steps(state, profile, T0, 1)
+    # 1 fits the approved 1.5; 1 more would make 2; the 0.5 after it fits (1.5 in all).
+    assert state.positions["BTC/USDC"].size == D("1.5") and state.fills == 2
+    (refusal,) = take_refused(state)
+    assert refusal.outcome == second
+    assert "manual-1" in refusal.reason and "exceed the approved size 1.5" in refusal.reason
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"product": "ETH/USDC"}, "does not match the approved buy ETH/USDC"),
+        ({"side": "sell"}, "does not match the approved sell BTC/USDC"),
+        ({"verdict": "rejected"}, "the arbiter rejected that intent"),
+    ],
+    ids=["other-product", "other-side", "rejected"],
+)
+def test_fill_inconsistent_with_its_decision_is_refused_without_waiting(
+    profile: Profile, change: dict[str, str], why: str
+) -> None:
+    state = _waiting(profile)
+    f = order_filled(PID, "buy", size="1", price="100", at=T0, intent_id="manual-2")
+    decision = approval_of(f).model_copy(update=change)
+    feed(state, [decision, f])
+    _flat_steps(state, profile, T0, 1)  # the first step that can judge it
+    (refusal,) = take_refused(state)
+    assert "manual-2" in refusal.reason and why in refusal.reason
+    assert state.positions == {} and state.fills == 0
+
+
+def test_decision_of_another_profile_does_not_approve_a_fill_of_this_one(profile: Profile) -> None:
+    state = _waiting(profile)
+    f = order_filled(PID, "buy", size="1", price="100", at=T0, intent_id="b-intent")
+    feed(state, [approval_of(f).model_copy(update={"profile": "profile_b"}), f])
+    _flat_steps(state, profile, T0, WAIT + 1)
+    (refusal,) = take_refused(state)
+    assert "b-intent" in refusal.reason and state.positions == {}
+
+
+def test_own_intent_outcomes_need_no_decision(profile: Profile) -> None:
+    # As before: the outcomes of the intents this state sent are applied on arrival (the fault suite and the
+    # rebuild tests cover their ordering).
+    state, intent = _stop_loss_pending(profile)
+    feed(state, fill_for(intent))
+    assert state.positions == {} and take_refused(state) == []
 
 
 def test_messages_of_other_profiles_are_ignored(profile: Profile) -> None:
@@ -244,7 +350,7 @@ def _price_at(avg: Decimal, pct: float, nudge: str) -> Decimal:
 def test_stop_loss_exit_sells_the_whole_position_once_the_loss_reaches_the_limit(profile: Profile) -> None:
     sl = profile.risk_management.stop_loss_pct
     state = fresh(profile)
-    feed(state, [*plans_for(profile, T0, 3), hold("BTC/USDC", "1.5", 200)])
+    feed(state, [*plans_for(profile, T0, 3), *hold("BTC/USDC", "1.5", 200)])
     above, below = _price_at(D(200), -sl, "0.01"), _price_at(D(200), -sl, "-0.01")
     out = feed(state, step_messages(path_candles("BTC/USDC", [200, above])))
     assert of_type(out, PlaceOrder) == []
@@ -260,7 +366,7 @@ def test_stop_loss_exit_sells_the_whole_position_once_the_loss_reaches_the_limit
 def test_take_profit_exit_sells_once_the_gain_reaches_the_target(profile: Profile) -> None:
     tp = profile.risk_management.take_profit_pct
     state = fresh(profile)
-    feed(state, [*plans_for(profile, T0, 3), hold("ETH/USDC", "4", 50)])
+    feed(state, [*plans_for(profile, T0, 3), *hold("ETH/USDC", "4", 50)])
     below, above = _price_at(D(50), tp, "-0.01"), _price_at(D(50), tp, "0.01")
     assert of_type(feed(state, step_messages(path_candles("ETH/USDC", [50, below]))), PlaceOrder) == []
     (intent,) = of_type(
@@ -283,7 +389,7 @@ def test_signal_reversal_exits_with_the_signal_recorded(profile: Profile) -> Non
         state,
         [
             *plans_for(p, T0, n, strategy="quantum_strategy_calculator", products=("ETH/USDC",)),
-            hold("BTC/USDC", 10, 100),
+            *hold("BTC/USDC", 10, 100),
         ],
     )
     out = feed(state, step_messages(path_candles("BTC/USDC", zigzag(n, up=1.002, down=0.994))), reject)
@@ -336,7 +442,7 @@ def test_entry_budget_leaves_cash_for_fee_and_slippage(profile: Profile) -> None
     n = 80
     state = fresh(p)
     # Nearly all the equity sits in ETH (no ETH candles: it stays at its entry price), 50 USDC in cash.
-    feed(state, [*plans_for(p, T0, n), hold("ETH/USDC", "99.5", 100)])
+    feed(state, [*plans_for(p, T0, n), *hold("ETH/USDC", "99.5", 100)])
     cash = D(p.paper.initial_quote_balance) - D("99.5") * 100  # the hold is applied before the first step
     entries = buys(feed(state, step_messages(path_candles("BTC/USDC", zigzag(n))), reject))
     assert entries
@@ -392,7 +498,7 @@ def _halt_run(p: Profile, eth_closes: list[Any]) -> tuple[StrategyState, list[Me
     state = fresh(p)
     btc = path_candles("BTC/USDC", zigzag(N), START)
     eth = path_candles("ETH/USDC", eth_closes, START + (DROP - 3) * HOUR)  # eth_closes[3] is at DROP
-    msgs = [*plans_for(p, START, N), hold("ETH/USDC", 90, 100), *step_messages([*btc, *eth])]
+    msgs = [*plans_for(p, START, N), *hold("ETH/USDC", 90, 100), *step_messages([*btc, *eth])]
     return state, feed(state, msgs, reject)
 
 
@@ -549,7 +655,7 @@ def _all_in_eth(p: Profile, eth_closes: list[Any]) -> list[ProfileHalted]:
     state = fresh(p)
     btc = path_candles("BTC/USDC", zigzag(N), START)
     eth = path_candles("ETH/USDC", eth_closes, START + (DROP - 3) * HOUR)
-    msgs = [*plans_for(p, START, N), hold("ETH/USDC", 100, 100), *step_messages([*btc, *eth])]
+    msgs = [*plans_for(p, START, N), *hold("ETH/USDC", 100, 100), *step_messages([*btc, *eth])]
     return of_type(feed(state, msgs, reject), ProfileHalted)
 
 
@@ -576,10 +682,10 @@ def _rotation_run(policy: str, respond: Responder) -> list[PlaceOrder]:
     p = tune(config().profiles["profile_b"])  # rotates every 4 hours
     assert p.profile_hash.hash_rotation_interval == 4 * HOUR
     state = new_state("profile_b", p, "USDC", frozenset({0}), on_rotation=policy)  # type: ignore[arg-type]
-    held = order_filled("profile_b", "buy", product="BTC/USDC", size=2, price=100, at=T0 - DAY)
-    other = order_filled("profile_b", "buy", product="ETH/USDC", size=3, price=50, at=T0 - DAY)
+    held = manual_fill("profile_b", "buy", product="BTC/USDC", size=2, price=100, at=T0 - DAY)
+    other = manual_fill("profile_b", "buy", product="ETH/USDC", size=3, price=50, at=T0 - DAY)
     market = step_messages(path_candles("BTC/USDC", [100] * 10))  # flat: no stop, no take profit, no signal
-    msgs = [*plans_covering("profile_b", T0, T0 + 10 * HOUR, 4 * HOUR), held, other, *market]
+    msgs = [*plans_covering("profile_b", T0, T0 + 10 * HOUR, 4 * HOUR), *held, *other, *market]
     return of_type(feed(state, msgs, respond), PlaceOrder)
 
 
@@ -606,13 +712,16 @@ def test_rotation_close_retries_a_sale_that_did_not_happen() -> None:
 
 
 # ------------------------------------------------------------------------------------------ rebuild after a crash
-def _recorded_run(p: Profile, n: int = 90) -> tuple[list[Message], list[Message], list[Message], list[Message]]:
-    """An uninterrupted run, and its three input logs as a worker reads them: plans, market, order events."""
+def _recorded_run(
+    p: Profile, n: int = 90, manual: Sequence[Message] = ()
+) -> tuple[list[Message], list[Message], list[Message], list[Message]]:
+    """An uninterrupted run, and its three input logs as a worker reads them: plans, market, order events
+    (`manual`: order events of a manual order, first on the events log)."""
     plans = list(plans_for(p, T0, n, products=("BTC/USDC", "ETH/USDC")))
     market = step_messages(
         [*path_candles("BTC/USDC", zigzag(n)), *path_candles("ETH/USDC", zigzag(n, 50.0, 1.004, 0.997))]
     )
-    events: list[Message] = []
+    events: list[Message] = list(manual)
     k = 0
 
     def respond(i: PlaceOrder) -> list[Message]:
@@ -622,7 +731,7 @@ def _recorded_run(p: Profile, n: int = 90) -> tuple[list[Message], list[Message]
         events.extend(out)
         return out
 
-    out = feed(fresh(p), [*plans, *market], respond)
+    out = feed(fresh(p), [*manual, *plans, *market], respond)
     return out, list(plans), market, events
 
 
@@ -649,6 +758,22 @@ def test_rebuild_from_the_input_logs_in_any_order_reproduces_the_run(data: st.Da
     state = fresh(p)
     again = feed(state, msgs)  # no responder: every outcome is already in the events log
     assert again == first  # same intents (ids and content), markers and halts, in the same order
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_rebuild_applies_an_approved_manual_fill_at_the_same_step(data: st.DataObject) -> None:
+    p = open_thresholds(config().profiles[PID], 0.05, 0.05)
+    base = _recorded_run(p)[0]
+    # After the run's first intent: from there on no step runs before the events log is read up to the
+    # manual order (a foreign fill read late is applied late, as for any input: nothing gates steps on it).
+    at = int(of_type(base, PlaceOrder)[0].event_time.timestamp()) + 2 * HOUR + 7
+    manual = manual_fill(PID, "buy", product="ETH/USDC", size="3", price="50", fee="0.3", at=at)
+    first, plans, market, events = _recorded_run(p, manual=manual)
+    assert first != base  # the manual position changes what the run does
+    state = fresh(p)
+    assert feed(state, data.draw(_interleavings(plans, market, events))) == first
+    assert state.fills == len(of_type(events, OrderFilled)) and take_refused(state) == []
 
 
 def test_rebuild_with_the_events_read_first_ends_in_the_same_state() -> None:
@@ -711,7 +836,7 @@ def test_flatten_command_sells_every_position_at_the_next_step_and_pause_blocks_
 
     key = b"k" * 32
     state = fresh(open_thresholds(profile, 0.0, 0.0))
-    feed(state, [*plans_for(profile, T0, 4), hold("BTC/USDC", "1.5", 200)])
+    feed(state, [*plans_for(profile, T0, 4), *hold("BTC/USDC", "1.5", 200)])
     feed(state, [new_command("flatten", "all", key=key, now=dt(T0)), new_command("pause", PID, key=key, now=dt(T0))])
     out = feed(state, step_messages(path_candles("BTC/USDC", [200, 201])))
     sells = [i for i in of_type(out, PlaceOrder) if i.side == "sell"]
@@ -773,8 +898,8 @@ def _rotate_setup() -> tuple[Profile, list[PlanPublished], Message, list[Message
     plans = plans_covering("profile_b", T0, T0 + 4 * HOUR, 4 * HOUR)
     cmd = new_command("rotate", "profile_b", key=b"k" * 32, now=dt(T0))
     market = step_messages(path_candles("BTC/USDC", [100] * 4))  # flat: only a rotation sells
-    held = order_filled("profile_b", "buy", product="BTC/USDC", size=2, price=100, at=T0 - DAY)
-    return p, plans, cmd, [held, *market]
+    held = manual_fill("profile_b", "buy", product="BTC/USDC", size=2, price=100, at=T0 - DAY)
+    return p, plans, cmd, [*held, *market]
 
 
 def test_rotate_command_holds_its_step_until_the_rotated_plan_and_close_sells_there() -> None:

@@ -8,6 +8,7 @@ from tests.unit.builders import (
     DAY,
     HOUR,
     T0,
+    approval_of,
     config,
     order_filled,
     path_candles,
@@ -30,9 +31,10 @@ def test_gauges_come_from_the_state_so_a_rebuild_exports_the_same_numbers() -> N
     m = StrategyMetrics("profile_a")
     for _ in range(2):  # a first run, then a rebuild of a restarted worker over the same inputs
         state = new_state("profile_a", p, "USDC", frozenset({0}))
-        # Fills of no intent of ours are applied at the first step closing after them: one flat step.
+        # Approved fills of no intent of ours are applied at the first step closing after them: one flat step.
         market = step_messages(path_candles("BTC/USDC", [100]))
-        for msg in [*plans_covering("profile_a", T0, T0 + HOUR, HOUR), *fills, *market]:
+        approvals = [approval_of(f) for f in fills]
+        for msg in [*plans_covering("profile_a", T0, T0 + HOUR, HOUR), *approvals, *fills, *market]:
             decide(state, msg, 0)
             m.update(state)
         assert sample(m, "mp_strategy_trades") == 3 and sample(m, "mp_strategy_closed_trades") == 2
