@@ -17,7 +17,6 @@ Faust still commits while the worker runs, so consumer lag stays meaningful. Wha
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections import deque
@@ -36,10 +35,9 @@ from shared.clock import random_ids, system_clock
 from shared.codec import DecodeError, decode, encode, implausible_time
 from shared.commands import gate_for
 from shared.config import AppConfig
-from shared.kafka import partitions_of
+from shared.kafka import dead_letter_for, partitions_of
 from shared.messages import (
     ControlCommand,
-    DeadLettered,
     Message,
     OrderFilled,
     OrderUpdated,
@@ -251,17 +249,8 @@ class StrategyWorker:
     async def _dead_letter(self, rec: Any, error: str) -> None:
         self.metrics.error("dead_lettered", rec.topic, rec.partition, rec.offset)
         log.warning("dead-lettered %s[%s]@%s: %s", rec.topic, rec.partition, rec.offset, error)
-        dl = DeadLettered(
-            id=random_ids(),
-            event_time=system_clock(),
-            correlation_id=f"{rec.topic}:{rec.partition}:{rec.offset}",
-            source_topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            key=rec.key.decode("utf-8", "replace") if rec.key else None,
-            payload_b64=base64.b64encode(rec.value or b"").decode(),
-            error=error[:2000],
-            service=f"strategy.{self.profile_id}",
+        dl = dead_letter_for(
+            rec, error, service=f"strategy.{self.profile_id}", msg_id=random_ids(), now=system_clock()
         )
         await self._topic(self.t.dead_letter).send(key=rec.topic.encode(), value=encode(dl))
 

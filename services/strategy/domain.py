@@ -235,6 +235,10 @@ class StrategyState:
     queue: deque[Step] = field(default_factory=deque)
     seen_fills: set[str] = field(default_factory=set)
     emitted: set[str] = field(default_factory=set)  # every intent id this state has sent
+    # What each of our intents asked (product, side, size) and how much of it has filled: a fill of our own
+    # intent that contradicts it (another product or side, more than the intent's size) is refused.
+    own_orders: dict[str, tuple[str, str, Decimal]] = field(default_factory=dict)
+    own_filled: dict[str, Decimal] = field(default_factory=dict)
     # Outcomes whose intent this state has not sent (yet): by intent id, and by event time for the ones that
     # turn out to answer no intent of ours (applied before the first step closing after them).
     held: dict[str, list[Outcome]] = field(default_factory=dict)
@@ -344,7 +348,12 @@ def decide(
                 state.rotations_waiting[msg.id] = published_ms
     elif isinstance(msg, OrderDecided | OrderUpdated | OrderFilled) and msg.profile == state.profile_id:
         if msg.intent_id in state.emitted:
-            _apply_outcome(state, msg)
+            reason = _contradicts_own(state, msg) if isinstance(msg, OrderFilled) else None
+            if reason is None:
+                _apply_outcome(state, msg)
+            else:
+                log.warning("%s", reason)
+                state.refused.append(Refusal(msg, reason))
         else:
             if isinstance(msg, OrderDecided):
                 state.decisions.setdefault(msg.intent_id, msg)
@@ -456,6 +465,24 @@ def _judge_foreign(state: StrategyState, o: Outcome, decision: OrderDecided | No
     else:
         log.warning("%s", reason)
         state.refused.append(Refusal(o, reason))
+
+
+def _contradicts_own(state: StrategyState, f: OrderFilled) -> str | None:
+    """Why a fill of one of our intents cannot be real (None when it is consistent), counting it if it is."""
+    if f.fill_id in state.seen_fills:
+        return None  # a redelivered copy: _apply_fill counts it once
+    asked = state.own_orders.get(f.intent_id)
+    if asked is None:
+        return None  # every emitted intent is recorded; nothing to compare against otherwise
+    product, side, size = asked
+    what = f"OrderFilled {f.id} ({f.side} {f.size} {f.product}) of {f.profile} for its intent {f.intent_id}"
+    if (f.product, f.side) != (product, side):
+        return f"{what} refused: the intent was {side} {product}"
+    total = state.own_filled.get(f.intent_id, Decimal(0)) + f.size
+    if total > size:
+        return f"{what} refused: fills of {total} would exceed the intent's size {size}"
+    state.own_filled[f.intent_id] = total
+    return None
 
 
 def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
@@ -653,6 +680,7 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     for i in intents:
         state.pending[i.intent_id] = i
         state.emitted.add(i.intent_id)
+        state.own_orders[i.intent_id] = (i.product, i.side, i.size)
         if state.decisions:
             state.decisions.pop(i.intent_id, None)  # read ahead in a rebuild: answered as our own now
     state.intents_sent += len(intents)

@@ -335,6 +335,40 @@ def test_own_intent_outcomes_need_no_decision(profile: Profile) -> None:
     assert state.positions == {} and take_refused(state) == []
 
 
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"size": D("11"), "fill_id": "extra-size"}, "exceed the intent's size 10"),
+        ({"product": "ETH/USDC", "fill_id": "extra-product"}, "the intent was sell BTC/USDC"),
+        ({"side": "buy", "fill_id": "extra-side"}, "the intent was sell BTC/USDC"),
+    ],
+    ids=["beyond-size", "other-product", "other-side"],
+)
+def test_fill_contradicting_our_own_intent_is_refused_and_moves_no_books(
+    profile: Profile, change: dict[str, object], why: str
+) -> None:
+    state, intent = _stop_loss_pending(profile)  # sells the 10 BTC held at 100
+    cash, fills = state.cash, state.fills
+    f, _done = fill_for(intent)
+    forged = f.model_copy(update={"id": str(change["fill_id"]), **change})
+    feed(state, [forged])
+    (refusal,) = take_refused(state)
+    assert refusal.outcome == forged and intent.intent_id in refusal.reason and why in refusal.reason
+    assert state.positions["BTC/USDC"].size == 10 and state.cash == cash and state.fills == fills
+
+
+def test_second_fill_of_our_intent_beyond_its_size_is_refused_after_the_real_one(profile: Profile) -> None:
+    state, intent = _stop_loss_pending(profile)
+    fills = state.fills
+    f, done = fill_for(intent)
+    feed(state, [f, done])
+    extra = f.model_copy(update={"id": "again", "fill_id": "again", "size": D("1")})
+    feed(state, [extra])
+    (refusal,) = take_refused(state)
+    assert "fills of 11 would exceed the intent's size 10" in refusal.reason
+    assert "BTC/USDC" not in state.positions and state.fills == fills + 1
+
+
 def test_messages_of_other_profiles_are_ignored(profile: Profile) -> None:
     state = fresh(profile)
     other = order_filled("profile_b", "buy", size="2", price="100")
