@@ -180,12 +180,15 @@ FaultAction = Callable[[Stack], Awaitable[str]]  # does the harm, returns what i
 @dataclass
 class Fault:
     """Harm done once to a running demo, when `after_order_events` records are on orders.events (decisions,
-    order updates, fills: the run's progress). The demo fails if the run completes before it fired."""
+    order updates, fills: the run's progress) and `after_candles` on the candles topic (the replay's own progress,
+    for harm to the ingest, which runs ahead of the pipeline). The demo fails if the run completes before it fired."""
 
     label: str
     after_order_events: int
     action: FaultAction
+    after_candles: int = 0
     fired_after: int | None = None  # records on orders.events when it fired
+    fired_after_candles: int | None = None  # records on the candles topic when it fired
     fired_at_s: float | None = None  # seconds into the run
     finished_before: list[str] = field(default_factory=list)  # services whose WorkerFinished was out by then
     outcome: str = ""
@@ -204,12 +207,13 @@ def sigkill_and_restart(service: str) -> FaultAction:
 
 async def inject_faults(bootstrap: str, topics: Topics, faults: Sequence[Fault], stack: Stack, started: float) -> None:
     """Fire each fault once its progress point is reached (returns when all fired)."""
-    pending = sorted(faults, key=lambda f: f.after_order_events)
+    pending = list(faults)
     consumer = AIOKafkaConsumer(
-        topics.events, topics.status, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+        topics.events, topics.status, topics.candles,
+        bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
     )
     await consumer.start()
-    seen = 0
+    seen = candles = 0
     finished: set[str] = set()
     try:
         while pending:
@@ -217,16 +221,20 @@ async def inject_faults(bootstrap: str, topics: Topics, faults: Sequence[Fault],
                 if tp.topic == topics.events:
                     seen += len(recs)
                     continue
+                if tp.topic == topics.candles:
+                    candles += len(recs)
+                    continue
                 for rec in recs:
                     with contextlib.suppress(DecodeError):
                         msg = decode(rec.value)
                         if isinstance(msg, WorkerFinished):
                             finished.add(f"{msg.service}:{msg.instance}")
-            while pending and seen >= pending[0].after_order_events:
-                fault = pending.pop(0)
+            for fault in [f for f in pending if seen >= f.after_order_events and candles >= f.after_candles]:
+                pending.remove(fault)
                 fault.fired_after, fault.fired_at_s = seen, time.monotonic() - started
+                fault.fired_after_candles = candles
                 fault.finished_before = sorted(finished)
-                _progress(f"fault {fault.label} after {seen} order events")
+                _progress(f"fault {fault.label} after {seen} order events, {candles} candle records")
                 fault.outcome = await fault.action(stack)
     finally:
         await consumer.stop()

@@ -61,9 +61,12 @@ pytestmark = pytest.mark.timeout(900)  # the first test builds every run (module
 @dataclass(frozen=True)
 class FaultCase:
     label: str
-    share: float  # of the baseline's orders.events records, when the fault fires
+    share: float  # of the baseline's orders.events records (candle records for `on="candles"`) when it fires
     victim: str | None  # the stack process killed and restarted, if a service
     needs: str | None = None  # "kafka" / "redis": a server this session started itself
+    # The ingest runs ahead of the pipeline (on a loaded machine by more than the whole replay), so its fault
+    # follows the replay's own progress, the candle records, not the order events that trail it.
+    on: str = "events"
 
 
 # How each victim's WorkerFinished is named (a prefix): it must not have finished its work when killed.
@@ -75,7 +78,7 @@ SERVICE_FAULTS = [
     FaultCase("kill-strategy", 0.35, "strategy.profile_c"),
     FaultCase("kill-arbiter", 0.45, "arbiter"),
     FaultCase("kill-registry", 0.20, "registry"),
-    FaultCase("kill-ingest", 0.12, "ingest"),
+    FaultCase("kill-ingest", 0.30, "ingest", on="candles"),
     FaultCase("kill-monitor", 0.50, "monitor"),
 ]
 CASES = [
@@ -94,6 +97,7 @@ class RunResult:
     stack_logs: Path
     events: list[Message] = field(default_factory=list)  # orders.events as published, copies included
     records: int = 0
+    candle_records: int = 0  # on the candles topic (candles and watermarks)
     fault: Fault | None = None
     marks: dict[str, int] = field(default_factory=dict)  # service -> its log's size when the fault fired
 
@@ -118,6 +122,8 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, fault: Fault | None,
     t = Topics(ns)
     try:
         result.events, _ = await read_topics(endpoints.kafka_bootstrap, [t.events])
+        candles, _ = await read_topics(endpoints.kafka_bootstrap, [t.candles])
+        result.candle_records = len(candles)
     finally:
         await delete_topics(endpoints.kafka_bootstrap, [s.name for s in declared_topics(cfg, ns)])
     result.records = len(result.events)
@@ -193,7 +199,10 @@ def runs(infra_session: InfraSession, tmp_path_factory: pytest.TempPathFactory) 
         async def one(case: FaultCase) -> None:
             marks: dict[str, int] = {}
             action = _action(case, infra_session.local, marks)
-            fault = Fault(case.label, max(1, int(baseline.records * case.share)), action)
+            if case.on == "candles":
+                fault = Fault(case.label, 0, action, after_candles=max(1, int(baseline.candle_records * case.share)))
+            else:
+                fault = Fault(case.label, max(1, int(baseline.records * case.share)), action)
             async with slots:
                 done[case.label] = await _run(endpoints, tmp / case.label, f"{tag}{case.label.replace('-', '')}",
                                               fault, marks)
@@ -267,6 +276,7 @@ def test_fault_lands_mid_run_and_the_run_completes(runs: Runs, label: str) -> No
     # Mid-run: orders were flowing before it and after it (the baseline's count, since a restart republishes).
     assert f.fired_after >= f.after_order_events
     assert f.fired_after < runs.baseline.records, (f.fired_after, runs.baseline.records)
+    assert f.fired_after_candles is not None and f.fired_after_candles >= f.after_candles
     victim = VICTIMS[label]
     if victim in FINISHER:
         early = [x for x in f.finished_before if x.startswith(FINISHER[victim])]
