@@ -208,7 +208,7 @@ class Stats:
 class _Exchange:
     state: execution.PaperState
     open_orders: set[str] = field(default_factory=set)
-    unfed: deque[tuple[int, list[tuple[int, Message]]]] = field(default_factory=deque)  # (step time, messages)
+    unfed: deque[Step] = field(default_factory=deque)  # market steps not delivered yet (see _market_step)
 
 
 def subscriptions(topics: Topics, profiles: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
@@ -277,7 +277,8 @@ class Backtest:
         self._markers: dict[int, dict[str, StepCompleted]] = {p: {} for p in range(self.n_intents)}
         self._held_markers = 0
         self._undecided: set[str] = set()  # intents routed to the arbiter and not decided yet
-        self._backlog: deque[ReplayStep] = deque()
+        self._backlog: deque[Step] = deque()
+        self._step_messages: dict[int, list[tuple[int, Message]]] = {}  # step time -> its market messages
 
     # -------------------------------------------------------------------------------- routing
     def _key_partition(self, key: bytes | None, n: int) -> int:
@@ -392,14 +393,18 @@ class Backtest:
                 self._from_execution(dest, execution.decide(self.exchanges[dest].state, msg, partition))
 
     # -------------------------------------------------------------------------------- market data
-    def _market_messages(self, step: ReplayStep) -> list[tuple[int, Message]]:
+    def _market_messages(self, step: Step) -> list[tuple[int, Message]]:
         """What the ingest publishes for a step: each candle on its product's partition, then the watermark
-        on every partition."""
-        msgs: list[tuple[int, Message]] = [
-            (self._key_partition(c.product.encode(), self.n_candles), c) for c in step.candles
-        ]
-        wm = step.watermark()
-        msgs += [(p, wm) for p in range(self.n_candles)]
+        on every partition. Built when a core needs them (a paper exchange with an order, or --exact), kept
+        for the other exchanges that may need the same step."""
+        msgs = self._step_messages.get(step.time_s)
+        if msgs is None:
+            msgs = [(self._key_partition(c.product.encode(), self.n_candles), c) for c in step.candles]
+            wm = ReplayStep(step.time_s, step.interval_s, step.candles).watermark()
+            msgs += [(p, wm) for p in range(self.n_candles)]
+            if len(self._step_messages) >= 256:
+                del self._step_messages[next(iter(self._step_messages))]  # the oldest: a bounded memo
+            self._step_messages[step.time_s] = msgs
         return msgs
 
     def _feed_exchange(self, pid: str, msgs: list[tuple[int, Message]]) -> None:
@@ -410,9 +415,9 @@ class Backtest:
     def _feed_backlog(self, pid: str) -> None:
         ex = self.exchanges[pid]
         while ex.unfed:
-            self._feed_exchange(pid, ex.unfed.popleft()[1])
+            self._feed_exchange(pid, self._market_messages(ex.unfed.popleft()))
 
-    def _fill_floor(self, step: ReplayStep) -> int:
+    def _fill_floor(self, step: Step) -> int:
         """No order still to come can fill at a candle opening before this time (epoch s): its decision is
         not before the close of its intent's step, and that step is waiting for its outcome, waiting to be
         evaluated, or `step` (being delivered) or later."""
@@ -424,40 +429,47 @@ class Backtest:
                 floor = min(floor, int(i.event_time.timestamp()))
         return floor
 
-    async def _market_step(self, step: ReplayStep) -> None:
-        msgs = self._market_messages(step)
+    async def _market_step(self, step: Step) -> None:
         for c in step.candles:
             self.data.add(c)
         # 1. Registry: the plans of the epochs this step enters (from candles before the step).
-        for partition, m in msgs:
-            self._from_registry(await registry.handle(self.registry, m, partition, self.claims))
-        self._pump()
         # 2. Arbiter: the step's market data (its market barrier, marks and returns).
+        # Both get the whole step, as their aligners would release it (`--exact`: message by message).
+        if self.exact:
+            for partition, m in self._market_messages(step):
+                self._from_registry(await registry.handle(self.registry, m, partition, self.claims))
+        else:
+            self._from_registry(await registry.on_step(self.registry, step, self.claims))
+        self._pump()
         if "arbiter" in self._market_subs:
             # Another topic than the held markers': Kafka interleaves topics arbitrarily, and so may we.
-            for partition, m in msgs:
-                self._from_arbiter(arbiter.decide(self.arbiter, m, partition))
+            if self.exact:
+                for partition, m in self._market_messages(step):
+                    self._from_arbiter(arbiter.decide(self.arbiter, m, partition))
+            else:
+                self._from_arbiter(arbiter.on_market_step(self.arbiter, step))
         # 3. Paper exchanges: fills at this step's opens.
         floor: int | None = None
         for pid in self.profiles:
             ex = self.exchanges[pid]
             if self.exact or ex.open_orders:
                 self._feed_backlog(pid)
-                self._feed_exchange(pid, msgs)
+                self._feed_exchange(pid, self._market_messages(step))
             else:
                 if floor is None:
                     floor = self._fill_floor(step)
-                while ex.unfed and ex.unfed[0][0] < floor:
+                while ex.unfed and ex.unfed[0].time_s < floor:
                     ex.unfed.popleft()  # no order can fill there any more
-                ex.unfed.append((step.time_s, msgs))
+                ex.unfed.append(step)
         self._pump()
 
     async def run(self) -> None:
         """The run; its messages are in `self.data` (not returned: asyncio.run's SIGINT handling makes
         Python 3.11 format the main task's repr, result included, which for a whole run takes seconds)."""
         t0 = time.perf_counter()
-        for step in self.steps:
+        for replay_step in self.steps:
             self.stats.steps += 1
+            step = Step(replay_step.time_s, replay_step.interval_s, replay_step.candles)
             await self._market_step(step)
             # 4. Strategies, in lockstep: a step is evaluated once every profile can evaluate it.
             self._backlog.append(step)
@@ -469,11 +481,10 @@ class Backtest:
         states = self.strategies
         while self._backlog and all(strategy.ready(s) for s in states.values()):
             step = self._backlog.popleft()
-            s = Step(step.time_s, step.interval_s, step.candles)
             n = len(step.candles)
             for pid, st in states.items():
                 self.stats.evaluations += n
-                self._from_strategy(pid, strategy.on_step(st, s))
+                self._from_strategy(pid, strategy.on_step(st, step))
                 self._pump()
 
     async def _finish(self) -> None:

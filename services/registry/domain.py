@@ -197,6 +197,25 @@ def _bin_index(x: float, lo: float, hi: float, bins: int) -> int:
     return i
 
 
+def _bin_counts(xs: Sequence[float], lo: float, hi: float, bins: int) -> list[int]:
+    """How many of xs fall in each bin: ``_bin_index`` for each, with the edges and the scale computed once
+    (the same arithmetic, so the same bins; it runs for every asset at every epoch start)."""
+    step = (hi - lo) / bins
+    edges = [i * step + lo for i in range(bins)] + [hi]
+    scale = bins / (hi - lo)
+    last = bins - 1
+    counts = [0] * bins
+    for x in xs:
+        i = int((x - lo) * scale)
+        i = 0 if i < 0 else last if i > last else i
+        if x < edges[i]:
+            i -= 1
+        elif i != last and x >= edges[i + 1]:
+            i += 1
+        counts[i] += 1
+    return counts
+
+
 def score_asset(closes: Sequence[float], volumes: Sequence[float]) -> float | None:
     """How worth trading a product looked over the given candles (the caller passes the last
     ``score_lookback_candles``), or None when it cannot be scored.
@@ -227,9 +246,7 @@ def score_asset(closes: Sequence[float], volumes: Sequence[float]) -> float | No
     lo, hi = min(returns), max(returns)
     entropy = 0.0
     if hi > lo:
-        counts = [0] * ENTROPY_BINS
-        for r in returns:
-            counts[_bin_index(r, lo, hi, ENTROPY_BINS)] += 1
+        counts = _bin_counts(returns, lo, hi, ENTROPY_BINS)
         total = len(returns)
         for k in counts:
             if k:
