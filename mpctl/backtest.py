@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -188,11 +190,25 @@ def _trim(files: dict[str, CandleFile], start: datetime | None, end: datetime | 
     return {p: cf for p, cf in out.items() if cf.rows} or files  # nothing left: let build_schedule say why
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Loading allocates about ten objects per candle and frees almost none, in no reference cycle: the cyclic
+    collector would walk the growing heap again and again for nothing (a third of the loading time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def load_schedule(
     cfg: AppConfig, data: Path, *, start: datetime | None = None, end: datetime | None = None, hours: float | None = None
 ) -> list[ReplayStep]:
-    files = load_products(data, cfg.all_products())
-    return build_schedule(_trim(files, start, end, hours), start=start, end=end, hours=hours)
+    with _gc_paused():
+        files = load_products(data, cfg.all_products())
+        return build_schedule(_trim(files, start, end, hours), start=start, end=end, hours=hours)
 
 
 # ------------------------------------------------------------------------------------------ engine
