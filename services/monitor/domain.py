@@ -42,6 +42,18 @@ from shared.messages import (
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The message types RunData keeps (add's branches below).
+_KEPT = (
+    CandleClosed,
+    PlanPublished,
+    PlaceOrder,
+    OrderDecided,
+    OrderUpdated,
+    OrderFilled,
+    ProfileHalted,
+    InternalCrossOpportunity,
+    CorrelationAlert,
+)
 
 
 def _iso(dt: Any) -> str:
@@ -70,6 +82,8 @@ class RunData:
             self.add(m)
 
     def add(self, m: Message) -> None:
+        if not isinstance(m, _KEPT):
+            return  # e.g. step markers: the report keeps none (a backtest adds one per profile and step)
         key = f"{type(m).__name__}:{m.id}"
         if key in self._seen:
             return

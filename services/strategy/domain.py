@@ -39,7 +39,7 @@ from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
 from typing import Literal
 
-from services.strategy.signals import SECONDS_PER_YEAR, Bar, ProductSignals, Signal, blend
+from services.strategy.signals import SECONDS_PER_YEAR, Bar, ProductSignals, Signal, blend_with
 from shared.aligner import Aligner, Step
 from shared.clock import ID_NAMESPACE, from_epoch_s
 from shared.config import Profile
@@ -163,9 +163,8 @@ class MarketSignals:
         own = model.evaluate(tunable)
         if own is None:
             return None
-        signals = dict(snap.defaults())
-        signals[strategy] = own  # same key, same position: blend sums in the same order
-        return blend(strategy, signals, weights, w)
+        # The others' default signals, in catalog order (blend_with skips the selected one's default).
+        return blend_with(strategy, own, snap.defaults(), weights, w)
 
 
 @dataclass(frozen=True)

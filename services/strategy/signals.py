@@ -36,6 +36,7 @@ __all__ = [
     "VolatilityTracker",
     "VwmaOscillatorModel",
     "blend",
+    "blend_with",
     "make_model",
 ]
 
@@ -57,6 +58,10 @@ class Bar:
 
     def __post_init__(self) -> None:
         # Checked once here so no indicator ever takes the log of a non-positive price or sums a NaN.
+        inf = math.inf
+        o, c, v = self.open, self.close, self.volume
+        if 0.0 < self.low <= self.high < inf and 0.0 < o < inf and 0.0 < c < inf and 0.0 <= v < inf:
+            return  # a valid bar (every bar of a backtest): one test, the precise errors below otherwise
         for what, x in (("open", self.open), ("high", self.high), ("low", self.low), ("close", self.close)):
             if not 0.0 < x < math.inf:
                 raise ValueError(f"bar at {self.open_time}: {what} {x!r} must be a positive finite price")
@@ -737,8 +742,18 @@ def blend(
     own = signals.get(selected)
     if own is None:
         return None
+    return blend_with(selected, own, signals, weights, w)
+
+
+def blend_with(
+    selected: str, own: Signal, others: Mapping[str, Signal], weights: Mapping[str, float], w: float
+) -> Signal:
+    """`blend` with the selected strategy's signal given apart: whatever `others` holds under the selected
+    name is skipped, so one set of catalog-default signals serves every profile's blend without a copy."""
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"hash_trajectory_weight {w!r} must be in [0, 1]")
     total = value = confidence = 0.0
-    for name, sig in signals.items():
+    for name, sig in others.items():
         if name == selected:
             continue
         weight = weights.get(name, 0.0)
