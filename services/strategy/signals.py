@@ -306,6 +306,8 @@ class SignalModel(ABC):
         self._defaults: dict[str, float] = dict(spec.tunable)
         self._bars = 0
         self._last_time: int | None = None
+        # Bar count at which the model's per-bar quantities were last computed (see `_at_bar`).
+        self._memo_at = -1
         self._log = returns if returns is not None else _LogReturns()
         self._own_log = returns is None
         self._setup(params)
@@ -339,6 +341,17 @@ class SignalModel(ABC):
 
     def ready(self) -> bool:
         return self._bars >= self._warmup
+
+    def _at_bar(self) -> bool:
+        """True once per bar: when the quantities that do not depend on the tunables must be computed again.
+
+        A backtest evaluates each model of a product several times per bar (catalog defaults, then every
+        profile's own drifted tunables); the tunables only enter at the end of each formula, so what comes
+        before is computed once per bar and kept: the same numbers from the same operations."""
+        if self._memo_at == self._bars:
+            return False
+        self._memo_at = self._bars
+        return True
 
     def evaluate(self, tunable: Mapping[str, float]) -> Signal | None:
         """Signal at the last bar, or None before warm-up. Missing tunable keys take the catalog default;
@@ -399,18 +412,25 @@ class VwmaOscillatorModel(SignalModel):
         d = self._defaults
         gain = _tunable(tunable, "gain", d["gain"])
         scale = _tunable(tunable, "confidence_scale", d["confidence_scale"], positive=True)
+        if self._at_bar():
+            self._z = self._oscillator()
+        z = self._z
+        if z is None:
+            return _FLAT
+        return _signal(math.tanh(gain * z), 1.0 - math.exp(-abs(z) / scale))
+
+    def _oscillator(self) -> float | None:
         var = self._returns.variance()
         if var <= 0.0:
-            return _FLAT  # no volatility, no scale: the oscillator is undefined
+            return None  # no volatility, no scale: the oscillator is undefined
         # Sums of non-negative volumes are exactly 0.0 only when every volume is 0: fall back to equal weights.
         pv_f, vol_f, c_f = self._fast.totals()
         pv_s, vol_s, c_s = self._slow.totals()
         vwma_f = pv_f / vol_f if vol_f > 0.0 else c_f / self._f
         vwma_s = pv_s / vol_s if vol_s > 0.0 else c_s / self._s
         if vwma_s <= 0.0:
-            return _FLAT  # subnormal volumes: every close x volume underflowed to 0, so no average is defined
-        z = (vwma_f - vwma_s) / vwma_s / (math.sqrt(var) * self._sqrt_f)
-        return _signal(math.tanh(gain * z), 1.0 - math.exp(-abs(z) / scale))
+            return None  # subnormal volumes: every close x volume underflowed to 0, so no average is defined
+        return (vwma_f - vwma_s) / vwma_s / (math.sqrt(var) * self._sqrt_f)
 
 
 class EntropyGatedMomentumModel(SignalModel):
@@ -450,17 +470,22 @@ class EntropyGatedMomentumModel(SignalModel):
         d = self._defaults
         z_scale = _tunable(tunable, "momentum_z_scale", d["momentum_z_scale"], positive=True)
         gate = _tunable(tunable, "entropy_gate", d["entropy_gate"])
-        moves = self._up + self._down
-        h = _binary_entropy(self._up, moves) if moves else 1.0  # no moves at all: no order to trade on
+        if self._at_bar():
+            moves = self._up + self._down
+            self._h = _binary_entropy(self._up, moves) if moves else 1.0  # no moves at all: no order to trade on
+            self._t_stat = self._momentum()
+        h, m = self._h, self._t_stat
         if h > gate:
             return _FLAT
+        # No momentum (m None: undefined without volatility) or none at all: value 0.
+        value = 0.0 if m is None or m == 0.0 else math.copysign(min(1.0, abs(m) / z_scale), m)
+        return _signal(value, 1.0 - h)
+
+    def _momentum(self) -> float | None:
         var = self._returns.variance()
         if var > 0.0:
-            m = math.log(self._closes[-1] / self._closes[0]) / (math.sqrt(var) * self._sqrt_m)
-            value = math.copysign(min(1.0, abs(m) / z_scale), m) if m != 0.0 else 0.0
-        else:
-            value = 0.0  # momentum undefined without volatility
-        return _signal(value, 1.0 - h)
+            return math.log(self._closes[-1] / self._closes[0]) / (math.sqrt(var) * self._sqrt_m)
+        return None
 
 
 class MultiHorizonMomentumModel(SignalModel):
@@ -492,19 +517,27 @@ class MultiHorizonMomentumModel(SignalModel):
         total = ws[0] + ws[1] + ws[2]
         if min(ws) < 0.0 or total <= 0.0:
             raise ValueError(f"{self.name}: horizon weights {ws} must be >= 0 with a positive sum")
-        var = self._returns.variance()
-        if var <= 0.0:
+        if self._at_bar():
+            self._zs = self._horizon_z()
+        zs = self._zs
+        if zs is None:
             return _FLAT
-        sd = math.sqrt(var)
-        closes = self._closes
-        c = closes[-1]
         score = 0.0
         agree = 0.0
-        for h, sqrt_h, w in zip(self._h, self._sqrt_h, ws, strict=True):
-            z = math.log(c / closes[-1 - h]) / (sd * sqrt_h)
+        for z, w in zip(zs, ws, strict=True):
             score += w * z
             agree += w * ((z > 0.0) - (z < 0.0))
         return _signal(math.tanh(gain * score / total), abs(agree / total))
+
+    def _horizon_z(self) -> tuple[float, ...] | None:
+        """Each horizon's log return in units of sd * sqrt(horizon); None without volatility."""
+        var = self._returns.variance()
+        if var <= 0.0:
+            return None
+        sd = math.sqrt(var)
+        closes = self._closes
+        c = closes[-1]
+        return tuple(math.log(c / closes[-1 - h]) / (sd * sqrt_h) for h, sqrt_h in zip(self._h, self._sqrt_h, strict=True))
 
 
 class BayesianDriftModel(SignalModel):
@@ -528,11 +561,13 @@ class BayesianDriftModel(SignalModel):
         d = self._defaults
         prior_scale = _tunable(tunable, "prior_scale", d["prior_scale"], positive=True)
         gain = _tunable(tunable, "gain", d["gain"])
-        s2 = self._returns.variance()
+        if self._at_bar():
+            self._s2 = self._returns.variance()
+            # Sum of the window's log returns, telescoped: exact, no running sum needed.
+            self._total = math.log(self._closes[-1] / self._closes[0]) if self._s2 > 0.0 else 0.0
+        s2, total = self._s2, self._total
         if s2 <= 0.0:
             return _FLAT  # zero noise variance: the posterior is degenerate
-        # Sum of the window's log returns, telescoped: exact, no running sum needed.
-        total = math.log(self._closes[-1] / self._closes[0])
         # Posterior mean / posterior sd, simplified: tau2 = prior_scale^2 * s2 makes s2 partly cancel.
         z = total / math.sqrt(s2 * (1.0 / (prior_scale * prior_scale) + self._n))
         return _signal(math.tanh(gain * z), abs(math.erf(z * _SQRT1_2)))
@@ -586,22 +621,30 @@ class DonchianAtrBreakoutModel(SignalModel):
         d = self._defaults
         gain = _tunable(tunable, "gain", d["gain"])
         expansion_ref = _tunable(tunable, "expansion_ref", d["expansion_ref"], positive=True)
+        if self._at_bar():
+            self._breakout = self._breakout_atrs()
+        if self._breakout is None:
+            return _FLAT
+        x, ratio = self._breakout
+        return _signal(math.tanh(gain * x), min(1.0, ratio / expansion_ref))
+
+    def _breakout_atrs(self) -> tuple[float, float] | None:
+        """(distance beyond the channel in fast ATRs, fast ATR / slow ATR); None inside the channel."""
         assert self._prev is not None  # ready() guarantees bars
         close = self._prev.close
         upper = self._highs[0][1]
         lower = self._lows[0][1]
         atr_f = self._tr_f.total() / self._af
         if atr_f <= 0.0:
-            return _FLAT
+            return None
         if close > upper:
             x = (close - upper) / atr_f
         elif close < lower:
             x = (close - lower) / atr_f
         else:
-            return _FLAT
+            return None
         atr_s = self._tr_s.total() / self._as
-        ratio = atr_f / atr_s if atr_s > 0.0 else math.inf
-        return _signal(math.tanh(gain * x), min(1.0, ratio / expansion_ref))
+        return x, atr_f / atr_s if atr_s > 0.0 else math.inf
 
 
 _MODELS: dict[str, type[SignalModel]] = {
