@@ -290,7 +290,11 @@ class Backtest:
         self._collected = {t.candles, t.audit, t.intents, t.events}  # what the demo's collector reads
         self._partition: dict[tuple[bytes, int], int] = {}
         self._queue: deque[tuple[str, str, int, Message]] = deque()
-        self._markers: dict[int, dict[str, StepCompleted]] = {p: {} for p in range(self.n_intents)}
+        # Held step markers, per intents partition and profile: a message, or what strategy.step_marker builds
+        # one from (profile, step time, close, intents) when it is delivered (see _from_lazy_marker).
+        self._markers: dict[int, dict[str, StepCompleted | tuple[str, int, int, int]]] = {
+            p: {} for p in range(self.n_intents)
+        }
         self._held_markers = 0
         self._undecided: set[str] = set()  # intents routed to the arbiter and not decided yet
         self._backlog: deque[Step] = deque()
@@ -358,6 +362,18 @@ class Backtest:
             if collect:
                 self.data.add(msg)
 
+    def _from_lazy_marker(self, pid: str, marker: tuple[int, int, int]) -> None:
+        """The step marker that strategy.on_step(..., lazy_marker=True) described instead of building it (its
+        last output). Held like the others while markers are held, and built only if it is delivered (most
+        are replaced by the profile's next one first); otherwise built now and routed as usual."""
+        if not self.exact and not self._undecided:
+            spec = (pid, *marker)
+            for held in self._markers.values():
+                held[pid] = spec
+            self._held_markers += len(self._markers)
+        else:
+            self._from_strategy(pid, [strategy.step_marker(pid, *marker)])
+
     def _from_registry(self, msgs: list[Message]) -> None:
         t = self.topics
         for msg in msgs:
@@ -386,10 +402,13 @@ class Backtest:
     def _flush_markers(self) -> None:
         if self._held_markers:
             self._held_markers = 0
+            built: dict[tuple[str, int, int, int], StepCompleted] = {}  # one message for every partition
             for p, held in self._markers.items():
                 if held:
                     self._markers[p] = {}
                     for m in held.values():
+                        if isinstance(m, tuple):
+                            m = built[m] if m in built else built.setdefault(m, strategy.step_marker(*m))
                         self._from_arbiter(arbiter.decide(self.arbiter, m, p))
 
     def _pump(self) -> None:
@@ -500,7 +519,10 @@ class Backtest:
             n = len(step.candles)
             for pid, st in states.items():
                 self.stats.evaluations += n
-                self._from_strategy(pid, strategy.on_step(st, step))
+                self._from_strategy(pid, strategy.on_step(st, step, lazy_marker=not self.exact))
+                if st.marker is not None:
+                    marker, st.marker = st.marker, None
+                    self._from_lazy_marker(pid, marker)
                 self._pump()
 
     async def _finish(self) -> None:

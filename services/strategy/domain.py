@@ -242,6 +242,10 @@ class StrategyState:
     entry_fees: dict[str, Decimal] = field(default_factory=dict)  # buy fees of the open position, by product
     halt_counts: dict[str, int] = field(default_factory=dict)  # risk halts emitted, by kind
     _tunable: tuple[str, dict[str, float]] | None = None  # (plan id, the selected strategy's tunables)
+    # on_step(..., lazy_marker=True): the last evaluated step's marker, left out of the outputs, as
+    # (step time, step close, intents): the caller builds it with step_marker when it needs it.
+    marker: tuple[int, int, int] | None = None
+    _lazy_marker: bool = False
 
     def equity(self) -> Decimal:
         if not self.positions:
@@ -319,10 +323,30 @@ def decide(
     return _drain(state)
 
 
-def on_step(state: StrategyState, step: Step) -> list[Message]:
-    """Feed one complete step directly (what the aligner releases); the backtest's entry point."""
+def on_step(state: StrategyState, step: Step, *, lazy_marker: bool = False) -> list[Message]:
+    """Feed one complete step directly (what the aligner releases); the backtest's entry point.
+
+    `lazy_marker`: the marker of the last step this call evaluates (it would close the outputs) is not built
+    but described in `state.marker`, for `step_marker`. The backtest holds most markers and delivers only
+    the latest one per profile: one in ten is ever read, and building them is a tenth of its time."""
     state.queue.append(step)
-    return _drain(state)
+    state._lazy_marker = lazy_marker
+    try:
+        return _drain(state)
+    finally:
+        state._lazy_marker = False
+
+
+def step_marker(profile_id: str, step_time_s: int, close_s: int, intents: int) -> StepCompleted:
+    """The marker a strategy publishes after the intents of a step it evaluated."""
+    return StepCompleted(
+        id=derived_id("step", profile_id, step_time_s),
+        event_time=from_epoch_s(close_s),
+        correlation_id=f"step:{step_time_s}",
+        profile=profile_id,
+        step_time=from_epoch_s(step_time_s),
+        intents=intents,
+    )
 
 
 def on_market_end(state: StrategyState) -> list[Message]:
@@ -557,16 +581,10 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
         state.emitted.add(i.intent_id)
     state.intents_sent += len(intents)
     out.extend(intents)
-    out.append(
-        StepCompleted(
-            id=derived_id("step", state.profile_id, step.time_s),
-            event_time=from_epoch_s(step.close_s),
-            correlation_id=corr,
-            profile=state.profile_id,
-            step_time=from_epoch_s(step.time_s),
-            intents=len(intents),
-        )
-    )
+    if state._lazy_marker and not state.queue and not state.market_done:
+        state.marker = (step.time_s, step.close_s, len(intents))  # the last output of this call (on_step)
+    else:
+        out.append(step_marker(state.profile_id, step.time_s, step.close_s, len(intents)))
     # Outcomes read before their intent (a rebuild after a crash): applied now, where the first run had them.
     if state.held:
         for i in intents:
