@@ -42,9 +42,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mpctl.backtest import load_schedule, run_backtest  # noqa: E402
+from mpctl.backtest import load_schedule, run_backtest, write_report  # noqa: E402
 from services.ingest.domain import ReplayStep  # noqa: E402
-from services.monitor.collect import write_outputs  # noqa: E402
 from shared.candles import FILE_RE  # noqa: E402
 from shared.config import AppConfig, parse_config  # noqa: E402
 
@@ -133,7 +132,7 @@ def measure(cfg: AppConfig, steps: list[ReplayStep], out_dir: Path | None) -> di
     t1 = time.perf_counter()
     report_s = 0.0
     if out_dir is not None:
-        write_outputs(cfg, data, out_dir)
+        write_report(cfg, data, out_dir)  # as `mpctl backtest` writes them
         report_s = time.perf_counter() - t1
     return {
         "profiles": len(cfg.enabled_profiles()),
