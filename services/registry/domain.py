@@ -303,6 +303,24 @@ def fingerprint(strategy: str, params: Mapping[str, float], assets: Sequence[str
     return hashlib.sha256(canonical_json(strategy, params, assets).encode("utf-8")).hexdigest()
 
 
+class _Fingerprints:
+    """``fingerprint(strategy, params, assets)`` for the asset sets one candidate tries in turn, with the
+    parameters quantised and encoded once. The text is canonical_json's: its keys, sorted, are assets,
+    parameters, strategy, so it is the concatenation of their encodings (tests/unit/test_registry_domain.py)."""
+
+    def __init__(self, strategy: str, params: Mapping[str, float]) -> None:
+        quantised = {k: quantise(v) for k, v in params.items()}
+        self._tail = f',"parameters":{_canonical(quantised)},"strategy":{_canonical(strategy)}}}'
+
+    def __call__(self, assets: Sequence[str]) -> str:
+        text = f'{{"assets":{_canonical(sorted(assets))}{self._tail}'
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 # ------------------------------------------------------------------------------------------ candidates
 @dataclass(frozen=True)
 class PlanCandidate:
@@ -504,8 +522,9 @@ def _resolution(
             profile_id, profile, epoch, nonce, scores, settings, quote_asset, rotation=rotation, start_s=start_s
         )
         collided = False
+        fingerprint_of = _Fingerprints(c.strategy, c.parameters)
         for asset in c.asset_candidates:
-            fp = fingerprint(c.strategy, c.parameters, candidate_assets(c, asset))
+            fp = fingerprint_of(candidate_assets(c, asset))
             res = yield _ClaimRequest(c, fp, asset)
             if res.outcome is ClaimOutcome.OK:
                 return done(c, fp, asset, shared=False)
@@ -519,7 +538,7 @@ def _resolution(
             continue
         # No candidate at all (no data) -> no random asset; every candidate held -> the first one, shared.
         shared_asset = c.asset_candidates[0] if c.asset_candidates else None
-        fp = fingerprint(c.strategy, c.parameters, candidate_assets(c, shared_asset))
+        fp = fingerprint_of(candidate_assets(c, shared_asset))
         res = yield _ClaimRequest(c, fp, None)
         if res.outcome is ClaimOutcome.OK:
             return done(c, fp, shared_asset, shared=shared_asset is not None)
