@@ -90,7 +90,10 @@ def _signal(value: float, confidence: float) -> Signal:
         value = 0.0
     if confidence != confidence:
         confidence = 0.0
-    return Signal(min(1.0, max(-1.0, value)), min(1.0, max(0.0, confidence)))
+    # min(1.0, max(-1.0, value)) and min(1.0, max(0.0, confidence)), written out (they run for every signal).
+    value = value if value > -1.0 else -1.0
+    confidence = confidence if confidence > 0.0 else 0.0
+    return Signal(value if value < 1.0 else 1.0, confidence if confidence < 1.0 else 1.0)
 
 
 _FLAT = Signal(0.0, 0.0)
