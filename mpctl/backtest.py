@@ -14,11 +14,14 @@ T+1 before every profile evaluated T), which lets all profiles share one set of 
 results do not depend on timing (every consumer waits for complete event-time steps and for the outcomes it
 needs), so this order gives the demo's results; tests/e2e/test_backtest_parity.py compares the files.
 
-Two shortcuts make it fast, each checked against the exact delivery (`--exact`, tests/unit/test_backtest.py):
+Shortcuts make it fast, each checked against the exact delivery (`--exact`, tests/unit/test_backtest.py):
 - while no intent waits for a decision, step markers only raise the arbiter's marks: the latest one per profile
-  and partition is kept and delivered before the arbiter's next input from the intents topic;
+  and partition is kept and delivered before the arbiter's next input from the intents topic (and a marker
+  is built only when it is delivered: strategy.on_step(..., lazy_marker=True));
 - a paper exchange without an open order gets no candles, except those an order can still fill at: an order
-  fills at the first candle opening at or after its decision, never before the close of its intent's step.
+  fills at the first candle opening at or after its decision, never before the close of its intent's step;
+- the registry and the arbiter get whole steps (registry.on_step, arbiter.on_market_step), as their aligners
+  would release them, instead of each candle and watermark.
 """
 
 from __future__ import annotations
