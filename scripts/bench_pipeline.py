@@ -449,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown-from", default=None, help="only write --markdown from this earlier JSON result")
     args = p.parse_args(argv)
     if args.markdown_from:
-        Path(args.markdown).write_text(markdown(json.loads(Path(args.markdown_from).read_text()), args.markdown_from),
-                                       encoding="utf-8")
+        text = markdown(json.loads(Path(args.markdown_from).read_text()), args.markdown_from)
+        Path(args.markdown).write_text(text + kept_backtest_section(Path(args.markdown)), encoding="utf-8")
         return 0
     os.chdir(ROOT)  # the services resolve relative paths (data, config) from the repository root
     result = asyncio.run(main_async(args))
@@ -461,8 +461,19 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(text + "\n", encoding="utf-8")
     if args.markdown:
         rel = os.path.relpath(out, ROOT) if out.is_absolute() else str(out)
-        Path(args.markdown).write_text(markdown(result, rel), encoding="utf-8")
+        page = Path(args.markdown)
+        page.write_text(markdown(result, rel) + kept_backtest_section(page), encoding="utf-8")
     return 0
+
+
+def kept_backtest_section(page: Path) -> str:
+    """The page's "## Backtest" section (written by hand from scripts/bench_backtest.py's figures), carried
+    over when this script rewrites the page; empty when there is none."""
+    if not page.exists():
+        return ""
+    text = page.read_text(encoding="utf-8")
+    start = text.find("\n## Backtest")
+    return "" if start < 0 else text[start:]
 
 
 if __name__ == "__main__":

@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 from typing import Any, Literal
 
 from services.execution.domain import desync_delay_ms
-from shared.aligner import Aligner
+from shared.aligner import Aligner, Step
 from shared.clock import derived_id, from_epoch_s
 from shared.config import AppConfig, ArbiterSettings, ExecutionSettings
 from shared.messages import (
@@ -86,17 +87,27 @@ def _num(d: Decimal) -> str:
     return format(d, "f")
 
 
-def pearson(xs: list[float], ys: list[float]) -> float | None:
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Pearson correlation of two equally long series; None when either is constant or too short."""
     n = len(xs)
     if n < 3 or len(ys) != n:
         return None
-    mx, my = math.fsum(xs) / n, math.fsum(ys) / n
-    sxy = math.fsum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-    sxx = math.fsum((x - mx) ** 2 for x in xs)
-    syy = math.fsum((y - my) ** 2 for y in ys)
+    return _pearson_centered(_centered(xs), _centered(ys))
+
+
+def _centered(xs: Sequence[float]) -> tuple[list[float], float]:
+    """A series' deviations from its mean and their sum of squares: what `pearson` needs of each series,
+    computed once per profile when every pair of profiles is correlated."""
+    mx = math.fsum(xs) / len(xs)
+    dx = [x - mx for x in xs]
+    return dx, math.fsum(d**2 for d in dx)
+
+
+def _pearson_centered(a: tuple[list[float], float], b: tuple[list[float], float]) -> float | None:
+    (dx, sxx), (dy, syy) = a, b
     if sxx <= 1e-24 or syy <= 1e-24:
         return None
+    sxy = math.fsum(x * y for x, y in zip(dx, dy, strict=True))
     return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
 
@@ -256,13 +267,31 @@ def decide(state: ArbiterState, msg: Message, partition: int) -> list[Message]:
     return _release(state)
 
 
+def on_market_step(state: ArbiterState, step: Step) -> list[Message]:
+    """One complete market step: what `decide` does with the step's candles and the watermark of every candle
+    partition, for a caller that holds whole steps (the backtest). The same state changes, and one release
+    instead of one per watermark: the earlier ones find the step incomplete and nothing else changed since
+    the last release, so they release nothing."""
+    t = step.time_s
+    marks = state.market_marks
+    for p in state.candle_partitions:
+        marks[p] = max(t, marks.get(p, t))
+    state.pending_closes.append((t, {c.product: c.close for c in step.candles}))
+    return _release(state)
+
+
 # ------------------------------------------------------------------------------------------ barriers
 def _intents_low(state: ArbiterState) -> int | None:
     """The last step every enabled profile has completed on every intents partition (None: not known yet)."""
     low = _INF
+    profiles = state.profiles
     for p in range(state.n_partitions):
         ps = state.partitions.get(p)
-        for pid in state.profiles:
+        if ps is not None and not ps.final and len(ps.marks) == len(profiles):
+            # The common case: every profile marked (marks hold enabled profiles only), none finished.
+            low = min(low, min(ps.marks.values()))
+            continue
+        for pid in profiles:
             if ps is not None and pid in ps.final:
                 continue  # a finished profile sends nothing more: it holds no step back
             if ps is None or pid not in ps.marks:
@@ -347,10 +376,13 @@ def _release(state: ArbiterState) -> list[Message]:
 
 def _finish_partitions(state: ArbiterState) -> list[Message]:
     out: list[Message] = []
-    waiting = {p for _, p in state.buffer}
+    waiting = {p for _, p in state.buffer} if state.buffer else set()
     for p in range(state.n_partitions):
         ps = state.partitions.get(p)
-        if ps is None or ps.finished or p in waiting or not all(pid in ps.final for pid in state.profiles):
+        # len(final) first: it holds enabled profiles only, so it is short of them until every one finished.
+        if ps is None or ps.finished or len(ps.final) < len(state.profiles) or p in waiting:
+            continue
+        if not all(pid in ps.final for pid in state.profiles):
             continue
         ps.finished = True
         out.append(
@@ -392,10 +424,16 @@ def _correlation_step(state: ArbiterState, t: int, first: PlaceOrder) -> list[Me
     s = state.settings
     out: list[Message] = []
     pids = list(state.rank)
+    # pearson(xs, ys) of every pair, with each profile's series centred once (the same arithmetic).
+    centred = {
+        pid: _centered(r) if len(r) >= max(3, s.correlation_min_steps) else None
+        for pid, r in state.returns.items()
+    }
     for i, older in enumerate(pids):
         for newer in pids[i + 1 :]:
-            xs, ys = list(state.returns[older]), list(state.returns[newer])
-            c = pearson(xs, ys) if len(xs) >= s.correlation_min_steps else None
+            xs, ys = state.returns[older], state.returns[newer]
+            a, b = centred[older], centred[newer]
+            c = _pearson_centered(a, b) if a is not None and b is not None and len(xs) == len(ys) else None
             pair = (older, newer)
             state.correlations[pair] = c
             breach = c is not None and c > s.correlation_threshold

@@ -45,17 +45,22 @@ def build_schedule(
         raise ValueError("no candle file matches the configured products; check --data and the profiles' assets")
     interval = next(iter(files.values())).interval_s
     by_time: dict[int, list[CandleClosed]] = defaultdict(list)
+    # Each open time's datetimes and correlation id, made once for the candles of every product (immutable).
+    stamps: dict[int, tuple[datetime, datetime, str]] = {}
     for product in sorted(files):
         cf = files[product]
         source = f"{cf.source}:{cf.base}-{cf.quote}"
         template: CandleClosed | None = None
         for r in cf.rows:
             t = r.open_time_ms // 1000
+            stamp = stamps.get(t)
+            if stamp is None:
+                stamp = stamps[t] = (from_epoch_s(t), from_epoch_s(t + interval), f"step:{t}")
             fields = {
                 "id": derived_id("candle", product, t),
-                "event_time": from_epoch_s(t + interval),
-                "correlation_id": f"step:{t}",
-                "open_time": from_epoch_s(t),
+                "event_time": stamp[1],
+                "correlation_id": stamp[2],
+                "open_time": stamp[0],
                 "open": r.open,
                 "high": r.high,
                 "low": r.low,

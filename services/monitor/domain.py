@@ -47,6 +47,18 @@ from shared.messages import (
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The message types RunData keeps (add's branches below).
+_KEPT = (
+    CandleClosed,
+    PlanPublished,
+    PlaceOrder,
+    OrderDecided,
+    OrderUpdated,
+    OrderFilled,
+    ProfileHalted,
+    InternalCrossOpportunity,
+    CorrelationAlert,
+)
 
 
 def _iso(dt: Any) -> str:
@@ -75,6 +87,8 @@ class RunData:
             self.add(m)
 
     def add(self, m: Message) -> None:
+        if not isinstance(m, _KEPT):
+            return  # e.g. step markers: the report keeps none (a backtest adds one per profile and step)
         key = f"{type(m).__name__}:{m.id}"
         if key in self._seen:
             return
@@ -267,10 +281,14 @@ def plan_records(data: RunData) -> list[dict[str, Any]]:
     ]
 
 
+_INFINITY = Decimal("Infinity")
+_ZERO = Decimal(0)
+
+
 def _mark(closes: dict[str, list[tuple[float, Decimal]]], product: str, t: float, fallback: Decimal) -> Decimal:
     """The last close of the product at or before t (the price an open position is valued at)."""
     series = closes.get(product, [])
-    i = bisect.bisect_right(series, (t, Decimal("Infinity"))) - 1
+    i = bisect.bisect_right(series, (t, _INFINITY)) - 1
     return series[i][1] if i >= 0 else fallback
 
 
@@ -278,14 +296,17 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
     closes: dict[str, list[tuple[float, Decimal]]] = defaultdict(list)
     step_times: set[float] = set()
     for c in data.candles:
-        closes[c.product].append((c.event_time.timestamp(), c.close))
-        step_times.add(c.event_time.timestamp())
+        close_t = c.event_time.timestamp()
+        closes[c.product].append((close_t, c.close))
+        step_times.add(close_t)
     for series in closes.values():
         series.sort()
     counted, unverified = verified_fills(data)
     fills_by_profile: dict[str, list[OrderFilled]] = defaultdict(list)
     for f in counted:
         fills_by_profile[f.profile].append(f)
+    times = sorted(step_times)
+    iso_times = {t: _iso_ts(t) for t in times}  # every profile's equity curve has a point at each step
 
     profiles: dict[str, Any] = {}
     for pid, p in cfg.enabled_profiles().items():
@@ -300,7 +321,10 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
         curve: list[tuple[float, Decimal]] = []
         fi = 0
 
-        for t in [*sorted(step_times), float("inf")]:
+        held: list[tuple[str, Decimal]] = []  # the open positions, as of the last fill
+        for t in [*times, float("inf")]:
+            if fi < len(fills) and fills[fi].event_time.timestamp() <= t:
+                held = []  # positions change below
             while fi < len(fills) and fills[fi].event_time.timestamp() <= t:
                 f = fills[fi]
                 fi += 1
@@ -326,7 +350,9 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
                     cash += notional - f.fee
                     sells += notional
             if t != float("inf"):
-                curve.append((t, cash + sum((s * _mark(closes, prod, t, avg[prod]) for prod, s in pos.items() if s), Decimal(0))))
+                if not held:
+                    held = [(prod, s) for prod, s in pos.items() if s]
+                curve.append((t, cash + sum((s * _mark(closes, prod, t, avg[prod]) for prod, s in held), _ZERO)))
         peak = initial
         max_dd = Decimal(0)
         for _, eq in curve:
@@ -359,7 +385,7 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             "open_positions": {k: _num(v) for k, v in open_positions.items()},
             "mark_prices": {k: _num(v) for k, v in marks.items()},
             "halts": [{"reason": h.reason, "at": _iso(h.event_time)} for h in data.halts if h.profile == pid],
-            "equity_curve": [[_iso_ts(t), float(e)] for t, e in curve],
+            "equity_curve": [[iso_times[t], float(e)] for t, e in curve],
         }
     verdicts = Counter(d.verdict for d in data.decisions)
     by_rule = Counter(d.rule for d in data.decisions if d.verdict == "rejected")

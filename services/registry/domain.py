@@ -197,6 +197,25 @@ def _bin_index(x: float, lo: float, hi: float, bins: int) -> int:
     return i
 
 
+def _bin_counts(xs: Sequence[float], lo: float, hi: float, bins: int) -> list[int]:
+    """How many of xs fall in each bin: ``_bin_index`` for each, with the edges and the scale computed once
+    (the same arithmetic, so the same bins; it runs for every asset at every epoch start)."""
+    step = (hi - lo) / bins
+    edges = [i * step + lo for i in range(bins)] + [hi]
+    scale = bins / (hi - lo)
+    last = bins - 1
+    counts = [0] * bins
+    for x in xs:
+        i = int((x - lo) * scale)
+        i = 0 if i < 0 else last if i > last else i
+        if x < edges[i]:
+            i -= 1
+        elif i != last and x >= edges[i + 1]:
+            i += 1
+        counts[i] += 1
+    return counts
+
+
 def score_asset(closes: Sequence[float], volumes: Sequence[float]) -> float | None:
     """How worth trading a product looked over the given candles (the caller passes the last
     ``score_lookback_candles``), or None when it cannot be scored.
@@ -227,9 +246,7 @@ def score_asset(closes: Sequence[float], volumes: Sequence[float]) -> float | No
     lo, hi = min(returns), max(returns)
     entropy = 0.0
     if hi > lo:
-        counts = [0] * ENTROPY_BINS
-        for r in returns:
-            counts[_bin_index(r, lo, hi, ENTROPY_BINS)] += 1
+        counts = _bin_counts(returns, lo, hi, ENTROPY_BINS)
         total = len(returns)
         for k in counts:
             if k:
@@ -284,6 +301,24 @@ def canonical_json(strategy: str, params: Mapping[str, float], assets: Sequence[
 def fingerprint(strategy: str, params: Mapping[str, float], assets: Sequence[str]) -> str:
     """F: lower-case hex SHA-256 of the UTF-8 bytes of ``canonical_json(strategy, params, assets)``."""
     return hashlib.sha256(canonical_json(strategy, params, assets).encode("utf-8")).hexdigest()
+
+
+class _Fingerprints:
+    """``fingerprint(strategy, params, assets)`` for the asset sets one candidate tries in turn, with the
+    parameters quantised and encoded once. The text is canonical_json's: its keys, sorted, are assets,
+    parameters, strategy, so it is the concatenation of their encodings (tests/unit/test_registry_domain.py)."""
+
+    def __init__(self, strategy: str, params: Mapping[str, float]) -> None:
+        quantised = {k: quantise(v) for k, v in params.items()}
+        self._tail = f',"parameters":{_canonical(quantised)},"strategy":{_canonical(strategy)}}}'
+
+    def __call__(self, assets: Sequence[str]) -> str:
+        text = f'{{"assets":{_canonical(sorted(assets))}{self._tail}'
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 # ------------------------------------------------------------------------------------------ candidates
@@ -487,8 +522,9 @@ def _resolution(
             profile_id, profile, epoch, nonce, scores, settings, quote_asset, rotation=rotation, start_s=start_s
         )
         collided = False
+        fingerprint_of = _Fingerprints(c.strategy, c.parameters)
         for asset in c.asset_candidates:
-            fp = fingerprint(c.strategy, c.parameters, candidate_assets(c, asset))
+            fp = fingerprint_of(candidate_assets(c, asset))
             res = yield _ClaimRequest(c, fp, asset)
             if res.outcome is ClaimOutcome.OK:
                 return done(c, fp, asset, shared=False)
@@ -502,7 +538,7 @@ def _resolution(
             continue
         # No candidate at all (no data) -> no random asset; every candidate held -> the first one, shared.
         shared_asset = c.asset_candidates[0] if c.asset_candidates else None
-        fp = fingerprint(c.strategy, c.parameters, candidate_assets(c, shared_asset))
+        fp = fingerprint_of(candidate_assets(c, shared_asset))
         res = yield _ClaimRequest(c, fp, None)
         if res.outcome is ClaimOutcome.OK:
             return done(c, fp, shared_asset, shared=shared_asset is not None)

@@ -257,6 +257,12 @@ async def handle(
     return out
 
 
+async def on_step(state: RegistryState, step: Step, backend: Backend) -> list[Message]:
+    """One complete step, as `handle` gets it from the aligner once its candles and watermarks are in: the
+    backtest's entry point (it holds whole steps, so it feeds them without the per-message aligner)."""
+    return await _on_step(state, step, backend)
+
+
 async def on_clock(state: RegistryState, now_s: int, backend: Backend) -> list[Message]:
     """Live mode: derive the plans of the epochs that wall time ``now_s`` has entered, without waiting for a
     candle of the new epoch (which only closes one candle interval later)."""
@@ -277,9 +283,12 @@ async def _on_step(state: RegistryState, step: Step, backend: Backend) -> list[M
     # The step's own candles join the lookback only after this step's plans: no look-ahead.
     state.score_cache.clear()
     keep = state.cfg.system.registry.score_lookback_candles + 1
+    lookback = state.lookback
     for c in step.candles:
         asset = c.product.split("/")[0]
-        buf = state.lookback.setdefault(asset, deque(maxlen=keep))
+        buf = lookback.get(asset)
+        if buf is None:
+            buf = lookback[asset] = deque(maxlen=keep)
         buf.append((step.time_s, float(c.close), float(c.volume)))
     return out
 

@@ -36,6 +36,7 @@ __all__ = [
     "VolatilityTracker",
     "VwmaOscillatorModel",
     "blend",
+    "blend_with",
     "make_model",
 ]
 
@@ -57,6 +58,10 @@ class Bar:
 
     def __post_init__(self) -> None:
         # Checked once here so no indicator ever takes the log of a non-positive price or sums a NaN.
+        inf = math.inf
+        o, c, v = self.open, self.close, self.volume
+        if 0.0 < self.low <= self.high < inf and 0.0 < o < inf and 0.0 < c < inf and 0.0 <= v < inf:
+            return  # a valid bar (every bar of a backtest): one test, the precise errors below otherwise
         for what, x in (("open", self.open), ("high", self.high), ("low", self.low), ("close", self.close)):
             if not 0.0 < x < math.inf:
                 raise ValueError(f"bar at {self.open_time}: {what} {x!r} must be a positive finite price")
@@ -85,7 +90,10 @@ def _signal(value: float, confidence: float) -> Signal:
         value = 0.0
     if confidence != confidence:
         confidence = 0.0
-    return Signal(min(1.0, max(-1.0, value)), min(1.0, max(0.0, confidence)))
+    # min(1.0, max(-1.0, value)) and min(1.0, max(0.0, confidence)), written out (they run for every signal).
+    value = value if value > -1.0 else -1.0
+    confidence = confidence if confidence > 0.0 else 0.0
+    return Signal(value if value < 1.0 else 1.0, confidence if confidence < 1.0 else 1.0)
 
 
 _FLAT = Signal(0.0, 0.0)
@@ -108,20 +116,62 @@ class _RollingSum:
         self._front: list[float] = []  # suffix sums of older values; _front[-1] covers the whole front
 
     def push(self, x: float) -> None:
-        if len(self._front) + len(self._back) >= self._n:
-            if not self._front:
-                acc = 0.0
-                for y in reversed(self._back):
-                    acc += y
-                    self._front.append(acc)
-                self._back.clear()
-                self._back_sum = 0.0
-            self._front.pop()
+        # Full once n values were pushed, and then a non-empty front means full: the front is filled only
+        # when the back holds n values, and from then on every push pops one value and appends one.
+        front = self._front
+        if front:
+            front.pop()
+        elif len(self._back) >= self._n:
+            acc = 0.0
+            for y in reversed(self._back):
+                acc += y
+                front.append(acc)
+            self._back.clear()
+            self._back_sum = 0.0
+            front.pop()
         self._back.append(x)
         self._back_sum += x
 
     def total(self) -> float:
         return (self._front[-1] if self._front else 0.0) + self._back_sum
+
+
+class _RollingSum3:
+    """Three rolling sums of one window pushed together (the VWMA's price x volume, volume and close): each
+    sum is exactly what its own _RollingSum gives (same additions, same order), with one bookkeeping."""
+
+    __slots__ = ("_n", "_back", "_sa", "_sb", "_sc", "_front")
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+        self._back: list[tuple[float, float, float]] = []
+        self._sa = self._sb = self._sc = 0.0
+        self._front: list[tuple[float, float, float]] = []
+
+    def push(self, a: float, b: float, c: float) -> None:
+        front = self._front
+        if front:  # full (see _RollingSum.push)
+            front.pop()
+        elif len(self._back) >= self._n:
+            xa = xb = xc = 0.0
+            for ya, yb, yc in reversed(self._back):
+                xa += ya
+                xb += yb
+                xc += yc
+                front.append((xa, xb, xc))
+            self._back.clear()
+            self._sa = self._sb = self._sc = 0.0
+            front.pop()
+        self._back.append((a, b, c))
+        self._sa += a
+        self._sb += b
+        self._sc += c
+
+    def totals(self) -> tuple[float, float, float]:
+        if self._front:
+            fa, fb, fc = self._front[-1]
+            return fa + self._sa, fb + self._sb, fc + self._sc
+        return 0.0 + self._sa, 0.0 + self._sb, 0.0 + self._sc  # as _RollingSum.total: 0.0 + -0.0 is 0.0
 
 
 class _RollingMoments:
@@ -138,17 +188,19 @@ class _RollingMoments:
         self._front: list[tuple[int, float, float]] = []  # suffix (count, mean, M2) aggregates
 
     def push(self, x: float) -> None:
-        if len(self._front) + len(self._back) >= self._n:
-            if not self._front:
-                mean, m2 = 0.0, 0.0
-                for k, y in enumerate(reversed(self._back), 1):
-                    d = y - mean
-                    mean += d / k
-                    m2 += d * (y - mean)
-                    self._front.append((k, mean, m2))
-                self._back.clear()
-                self._bn, self._bmean, self._bm2 = 0, 0.0, 0.0
-            self._front.pop()
+        front = self._front
+        if front:  # full (see _RollingSum.push)
+            front.pop()
+        elif len(self._back) >= self._n:
+            mean, m2 = 0.0, 0.0
+            for k, y in enumerate(reversed(self._back), 1):
+                d = y - mean
+                mean += d / k
+                m2 += d * (y - mean)
+                front.append((k, mean, m2))
+            self._back.clear()
+            self._bn, self._bmean, self._bm2 = 0, 0.0, 0.0
+            front.pop()
         self._back.append(x)
         self._bn += 1
         d = x - self._bmean
@@ -172,6 +224,38 @@ class _RollingMoments:
         else:
             n, m2 = nb, self._bm2
         return m2 / (n - 1) if n > 1 and m2 > 0.0 else 0.0
+
+
+class _LogReturns:
+    """Log returns of close, r = ln(close / previous close), with their rolling moments by window.
+
+    One instance serves every model of a product (ProductSignals): the log is taken once per bar instead of
+    once per model, and models asking for the same window share one _RollingMoments (the same values pushed
+    in the same order give the same numbers, so sharing changes none). A model built alone has its own.
+    """
+
+    __slots__ = ("_prev", "last", "_windows")
+
+    def __init__(self) -> None:
+        self._prev: float | None = None
+        self.last = 0.0  # the last bar's return (valid from the second bar on)
+        self._windows: dict[int, _RollingMoments] = {}
+
+    def window(self, n: int) -> _RollingMoments:
+        m = self._windows.get(n)
+        if m is None:
+            if self._prev is not None:
+                raise RuntimeError("a returns window must be asked for before the first bar")
+            m = self._windows[n] = _RollingMoments(n)
+        return m
+
+    def push(self, close: float) -> None:
+        prev = self._prev
+        if prev is not None:
+            r = self.last = math.log(close / prev)
+            for m in self._windows.values():
+                m.push(r)
+        self._prev = close
 
 
 def _tunable(tunable: Mapping[str, float], key: str, default: float, *, positive: bool = False) -> float:
@@ -206,7 +290,9 @@ class SignalModel(ABC):
     # Smallest allowed value of each structural parameter (2 where a sample variance needs two values).
     _minimum: ClassVar[Mapping[str, int]]
 
-    def __init__(self, structural: Mapping[str, int] | None = None) -> None:
+    def __init__(self, structural: Mapping[str, int] | None = None, *, returns: _LogReturns | None = None) -> None:
+        """`returns`: the log returns shared by the models of one product (ProductSignals feeds them);
+        None: the model keeps and feeds its own."""
         spec = CATALOG[self.name]
         params = dict(spec.structural)
         for key, raw in (structural or {}).items():
@@ -223,6 +309,10 @@ class SignalModel(ABC):
         self._defaults: dict[str, float] = dict(spec.tunable)
         self._bars = 0
         self._last_time: int | None = None
+        # Bar count at which the model's per-bar quantities were last computed (see `_at_bar`).
+        self._memo_at = -1
+        self._log = returns if returns is not None else _LogReturns()
+        self._own_log = returns is None
         self._setup(params)
         self._warmup = self._compute_warmup(params)
 
@@ -248,10 +338,23 @@ class SignalModel(ABC):
             )
         self._last_time = bar.open_time
         self._bars += 1
+        if self._own_log:
+            self._log.push(bar.close)
         self._push(bar)
 
     def ready(self) -> bool:
         return self._bars >= self._warmup
+
+    def _at_bar(self) -> bool:
+        """True once per bar: when the quantities that do not depend on the tunables must be computed again.
+
+        A backtest evaluates each model of a product several times per bar (catalog defaults, then every
+        profile's own drifted tunables); the tunables only enter at the end of each formula, so what comes
+        before is computed once per bar and kept: the same numbers from the same operations."""
+        if self._memo_at == self._bars:
+            return False
+        self._memo_at = self._bars
+        return True
 
     def evaluate(self, tunable: Mapping[str, float]) -> Signal | None:
         """Signal at the last bar, or None before warm-up. Missing tunable keys take the catalog default;
@@ -267,7 +370,8 @@ class SignalModel(ABC):
     def _compute_warmup(self, p: Mapping[str, int]) -> int: ...
 
     @abstractmethod
-    def _push(self, bar: Bar) -> None: ...
+    def _push(self, bar: Bar) -> None:
+        """Take the bar in; the log returns (`self._log`) already include it."""
 
     @abstractmethod
     def _evaluate(self, tunable: Mapping[str, float]) -> Signal: ...
@@ -292,10 +396,10 @@ class VwmaOscillatorModel(SignalModel):
         self._f = p["fast_window"]
         self._s = p["slow_window"]
         self._sqrt_f = math.sqrt(self._f)
-        self._pv_f, self._v_f, self._c_f = _RollingSum(self._f), _RollingSum(self._f), _RollingSum(self._f)
-        self._pv_s, self._v_s, self._c_s = _RollingSum(self._s), _RollingSum(self._s), _RollingSum(self._s)
-        self._returns = _RollingMoments(self._s)
-        self._prev: float | None = None
+        # Rolling sums of (close x volume, volume, close) over the fast and the slow window.
+        self._fast = _RollingSum3(self._f)
+        self._slow = _RollingSum3(self._s)
+        self._returns = self._log.window(self._s)
 
     def _compute_warmup(self, p: Mapping[str, int]) -> int:
         # VWMA_fast needs fast_window bars; sigma needs slow_window returns, i.e. slow_window + 1 closes.
@@ -304,29 +408,32 @@ class VwmaOscillatorModel(SignalModel):
     def _push(self, bar: Bar) -> None:
         c, v = bar.close, bar.volume
         pv = c * v
-        self._pv_f.push(pv)
-        self._v_f.push(v)
-        self._c_f.push(c)
-        self._pv_s.push(pv)
-        self._v_s.push(v)
-        self._c_s.push(c)
-        if self._prev is not None:
-            self._returns.push(math.log(c / self._prev))
-        self._prev = c
+        self._fast.push(pv, v, c)
+        self._slow.push(pv, v, c)
 
     def _evaluate(self, tunable: Mapping[str, float]) -> Signal:
         d = self._defaults
         gain = _tunable(tunable, "gain", d["gain"])
         scale = _tunable(tunable, "confidence_scale", d["confidence_scale"], positive=True)
+        if self._at_bar():
+            self._z = self._oscillator()
+        z = self._z
+        if z is None:
+            return _FLAT
+        return _signal(math.tanh(gain * z), 1.0 - math.exp(-abs(z) / scale))
+
+    def _oscillator(self) -> float | None:
         var = self._returns.variance()
         if var <= 0.0:
-            return _FLAT  # no volatility, no scale: the oscillator is undefined
+            return None  # no volatility, no scale: the oscillator is undefined
         # Sums of non-negative volumes are exactly 0.0 only when every volume is 0: fall back to equal weights.
-        vol_f, vol_s = self._v_f.total(), self._v_s.total()
-        vwma_f = self._pv_f.total() / vol_f if vol_f > 0.0 else self._c_f.total() / self._f
-        vwma_s = self._pv_s.total() / vol_s if vol_s > 0.0 else self._c_s.total() / self._s
-        z = (vwma_f - vwma_s) / vwma_s / (math.sqrt(var) * self._sqrt_f)
-        return _signal(math.tanh(gain * z), 1.0 - math.exp(-abs(z) / scale))
+        pv_f, vol_f, c_f = self._fast.totals()
+        pv_s, vol_s, c_s = self._slow.totals()
+        vwma_f = pv_f / vol_f if vol_f > 0.0 else c_f / self._f
+        vwma_s = pv_s / vol_s if vol_s > 0.0 else c_s / self._s
+        if vwma_s <= 0.0:
+            return None  # subnormal volumes: every close x volume underflowed to 0, so no average is defined
+        return (vwma_f - vwma_s) / vwma_s / (math.sqrt(var) * self._sqrt_f)
 
 
 class EntropyGatedMomentumModel(SignalModel):
@@ -340,7 +447,7 @@ class EntropyGatedMomentumModel(SignalModel):
         self._e = p["entropy_window"]
         self._sqrt_m = math.sqrt(self._m)
         self._closes: deque[float] = deque(maxlen=self._m + 1)
-        self._returns = _RollingMoments(self._m)
+        self._returns = self._log.window(self._m)
         self._signs: deque[int] = deque()
         self._up = 0
         self._down = 0
@@ -351,8 +458,7 @@ class EntropyGatedMomentumModel(SignalModel):
     def _push(self, bar: Bar) -> None:
         c = bar.close
         if self._closes:
-            r = math.log(c / self._closes[-1])
-            self._returns.push(r)
+            r = self._log.last  # ln(c / previous close)
             s = (r > 0.0) - (r < 0.0)
             if len(self._signs) == self._e:
                 old = self._signs.popleft()
@@ -367,17 +473,22 @@ class EntropyGatedMomentumModel(SignalModel):
         d = self._defaults
         z_scale = _tunable(tunable, "momentum_z_scale", d["momentum_z_scale"], positive=True)
         gate = _tunable(tunable, "entropy_gate", d["entropy_gate"])
-        moves = self._up + self._down
-        h = _binary_entropy(self._up, moves) if moves else 1.0  # no moves at all: no order to trade on
+        if self._at_bar():
+            moves = self._up + self._down
+            self._h = _binary_entropy(self._up, moves) if moves else 1.0  # no moves at all: no order to trade on
+            self._t_stat = self._momentum()
+        h, m = self._h, self._t_stat
         if h > gate:
             return _FLAT
+        # No momentum (m None: undefined without volatility) or none at all: value 0.
+        value = 0.0 if m is None or m == 0.0 else math.copysign(min(1.0, abs(m) / z_scale), m)
+        return _signal(value, 1.0 - h)
+
+    def _momentum(self) -> float | None:
         var = self._returns.variance()
         if var > 0.0:
-            m = math.log(self._closes[-1] / self._closes[0]) / (math.sqrt(var) * self._sqrt_m)
-            value = math.copysign(min(1.0, abs(m) / z_scale), m) if m != 0.0 else 0.0
-        else:
-            value = 0.0  # momentum undefined without volatility
-        return _signal(value, 1.0 - h)
+            return math.log(self._closes[-1] / self._closes[0]) / (math.sqrt(var) * self._sqrt_m)
+        return None
 
 
 class MultiHorizonMomentumModel(SignalModel):
@@ -390,16 +501,13 @@ class MultiHorizonMomentumModel(SignalModel):
         self._h = (p["short_horizon"], p["mid_horizon"], p["long_horizon"])
         self._sqrt_h = tuple(math.sqrt(h) for h in self._h)
         self._closes: deque[float] = deque(maxlen=max(self._h) + 1)
-        self._returns = _RollingMoments(p["vol_window"])
+        self._returns = self._log.window(p["vol_window"])
 
     def _compute_warmup(self, p: Mapping[str, int]) -> int:
         return max(p["short_horizon"], p["mid_horizon"], p["long_horizon"], p["vol_window"]) + 1
 
     def _push(self, bar: Bar) -> None:
-        c = bar.close
-        if self._closes:
-            self._returns.push(math.log(c / self._closes[-1]))
-        self._closes.append(c)
+        self._closes.append(bar.close)
 
     def _evaluate(self, tunable: Mapping[str, float]) -> Signal:
         d = self._defaults
@@ -412,19 +520,27 @@ class MultiHorizonMomentumModel(SignalModel):
         total = ws[0] + ws[1] + ws[2]
         if min(ws) < 0.0 or total <= 0.0:
             raise ValueError(f"{self.name}: horizon weights {ws} must be >= 0 with a positive sum")
-        var = self._returns.variance()
-        if var <= 0.0:
+        if self._at_bar():
+            self._zs = self._horizon_z()
+        zs = self._zs
+        if zs is None:
             return _FLAT
-        sd = math.sqrt(var)
-        closes = self._closes
-        c = closes[-1]
         score = 0.0
         agree = 0.0
-        for h, sqrt_h, w in zip(self._h, self._sqrt_h, ws, strict=True):
-            z = math.log(c / closes[-1 - h]) / (sd * sqrt_h)
+        for z, w in zip(zs, ws, strict=True):
             score += w * z
             agree += w * ((z > 0.0) - (z < 0.0))
         return _signal(math.tanh(gain * score / total), abs(agree / total))
+
+    def _horizon_z(self) -> tuple[float, ...] | None:
+        """Each horizon's log return in units of sd * sqrt(horizon); None without volatility."""
+        var = self._returns.variance()
+        if var <= 0.0:
+            return None
+        sd = math.sqrt(var)
+        closes = self._closes
+        c = closes[-1]
+        return tuple(math.log(c / closes[-1 - h]) / (sd * sqrt_h) for h, sqrt_h in zip(self._h, self._sqrt_h, strict=True))
 
 
 class BayesianDriftModel(SignalModel):
@@ -436,26 +552,25 @@ class BayesianDriftModel(SignalModel):
     def _setup(self, p: Mapping[str, int]) -> None:
         self._n = p["window"]
         self._closes: deque[float] = deque(maxlen=self._n + 1)
-        self._returns = _RollingMoments(self._n)
+        self._returns = self._log.window(self._n)
 
     def _compute_warmup(self, p: Mapping[str, int]) -> int:
         return p["window"] + 1
 
     def _push(self, bar: Bar) -> None:
-        c = bar.close
-        if self._closes:
-            self._returns.push(math.log(c / self._closes[-1]))
-        self._closes.append(c)
+        self._closes.append(bar.close)
 
     def _evaluate(self, tunable: Mapping[str, float]) -> Signal:
         d = self._defaults
         prior_scale = _tunable(tunable, "prior_scale", d["prior_scale"], positive=True)
         gain = _tunable(tunable, "gain", d["gain"])
-        s2 = self._returns.variance()
+        if self._at_bar():
+            self._s2 = self._returns.variance()
+            # Sum of the window's log returns, telescoped: exact, no running sum needed.
+            self._total = math.log(self._closes[-1] / self._closes[0]) if self._s2 > 0.0 else 0.0
+        s2, total = self._s2, self._total
         if s2 <= 0.0:
             return _FLAT  # zero noise variance: the posterior is degenerate
-        # Sum of the window's log returns, telescoped: exact, no running sum needed.
-        total = math.log(self._closes[-1] / self._closes[0])
         # Posterior mean / posterior sd, simplified: tau2 = prior_scale^2 * s2 makes s2 partly cancel.
         z = total / math.sqrt(s2 * (1.0 / (prior_scale * prior_scale) + self._n))
         return _signal(math.tanh(gain * z), abs(math.erf(z * _SQRT1_2)))
@@ -509,22 +624,30 @@ class DonchianAtrBreakoutModel(SignalModel):
         d = self._defaults
         gain = _tunable(tunable, "gain", d["gain"])
         expansion_ref = _tunable(tunable, "expansion_ref", d["expansion_ref"], positive=True)
+        if self._at_bar():
+            self._breakout = self._breakout_atrs()
+        if self._breakout is None:
+            return _FLAT
+        x, ratio = self._breakout
+        return _signal(math.tanh(gain * x), min(1.0, ratio / expansion_ref))
+
+    def _breakout_atrs(self) -> tuple[float, float] | None:
+        """(distance beyond the channel in fast ATRs, fast ATR / slow ATR); None inside the channel."""
         assert self._prev is not None  # ready() guarantees bars
         close = self._prev.close
         upper = self._highs[0][1]
         lower = self._lows[0][1]
         atr_f = self._tr_f.total() / self._af
         if atr_f <= 0.0:
-            return _FLAT
+            return None
         if close > upper:
             x = (close - upper) / atr_f
         elif close < lower:
             x = (close - lower) / atr_f
         else:
-            return _FLAT
+            return None
         atr_s = self._tr_s.total() / self._as
-        ratio = atr_f / atr_s if atr_s > 0.0 else math.inf
-        return _signal(math.tanh(gain * x), min(1.0, ratio / expansion_ref))
+        return x, atr_f / atr_s if atr_s > 0.0 else math.inf
 
 
 _MODELS: dict[str, type[SignalModel]] = {
@@ -540,11 +663,13 @@ _MODELS: dict[str, type[SignalModel]] = {
 assert tuple(_MODELS) == tuple(CATALOG), "one model per catalog strategy, in catalog order"
 
 
-def make_model(name: str, structural: Mapping[str, int] | None = None) -> SignalModel:
+def make_model(
+    name: str, structural: Mapping[str, int] | None = None, *, returns: _LogReturns | None = None
+) -> SignalModel:
     cls = _MODELS.get(name)
     if cls is None:
         raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(_MODELS)}")
-    return cls(structural)
+    return cls(structural, returns=returns)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -555,7 +680,7 @@ def make_model(name: str, structural: Mapping[str, int] | None = None) -> Signal
 class VolatilityTracker:
     """Sample standard deviation of the last `window` log returns of close (the entropy_threshold measure)."""
 
-    def __init__(self, window: int = 24, interval_s: int = 3600) -> None:
+    def __init__(self, window: int = 24, interval_s: int = 3600, *, returns: _LogReturns | None = None) -> None:
         if window < 2:
             raise ValueError(f"volatility window {window} must be >= 2 (a sample stdev needs two returns)")
         if interval_s < 1:
@@ -563,17 +688,17 @@ class VolatilityTracker:
         self.window = window
         self.interval_s = interval_s
         self._annualise = math.sqrt(SECONDS_PER_YEAR / interval_s)
-        self._returns = _RollingMoments(window)
-        self._prev: float | None = None
+        self._log = returns if returns is not None else _LogReturns()
+        self._own_log = returns is None  # shared: ProductSignals feeds them
+        self._returns = self._log.window(window)
         self._last_time: int | None = None
 
     def update(self, bar: Bar) -> None:
         if self._last_time is not None and bar.open_time <= self._last_time:
             raise ValueError(f"volatility: bar open_time {bar.open_time} is not after {self._last_time}")
         self._last_time = bar.open_time
-        if self._prev is not None:
-            self._returns.push(math.log(bar.close / self._prev))
-        self._prev = bar.close
+        if self._own_log:
+            self._log.push(bar.close)
 
     def per_candle(self) -> float | None:
         if self._returns.count() < self.window:
@@ -599,8 +724,10 @@ class ProductSignals:
         unknown = sorted(set(overrides) - set(_MODELS))
         if unknown:
             raise ValueError(f"unknown strategy {unknown[0]!r}; valid: {', '.join(_MODELS)}")
-        self._models: dict[str, SignalModel] = {n: make_model(n, overrides.get(n)) for n in _MODELS}
-        self.volatility = VolatilityTracker(vol_window, interval_s)
+        # One set of log returns for the five models and the volatility (see _LogReturns).
+        self._log = _LogReturns()
+        self._models: dict[str, SignalModel] = {n: make_model(n, overrides.get(n), returns=self._log) for n in _MODELS}
+        self.volatility = VolatilityTracker(vol_window, interval_s, returns=self._log)
         self.interval_s = interval_s
         self._last_time: int | None = None
 
@@ -622,6 +749,7 @@ class ProductSignals:
             )
         self._last_time = bar.open_time
         t = bar.open_time
+        self._log.push(bar.close)
         for model in self._models.values():
             # SignalModel.update without its own order check: the one above covers every model, and this
             # loop runs for every product of every step (a fifth of a backtest's time).
@@ -660,8 +788,18 @@ def blend(
     own = signals.get(selected)
     if own is None:
         return None
+    return blend_with(selected, own, signals, weights, w)
+
+
+def blend_with(
+    selected: str, own: Signal, others: Mapping[str, Signal], weights: Mapping[str, float], w: float
+) -> Signal:
+    """`blend` with the selected strategy's signal given apart: whatever `others` holds under the selected
+    name is skipped, so one set of catalog-default signals serves every profile's blend without a copy."""
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"hash_trajectory_weight {w!r} must be in [0, 1]")
     total = value = confidence = 0.0
-    for name, sig in signals.items():
+    for name, sig in others.items():
         if name == selected:
             continue
         weight = weights.get(name, 0.0)

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from services.registry.domain import (
     score_asset,
     strategy_fraction,
 )
+from services.registry.domain import _Fingerprints as _Fingerprints
 from shared.config import STRATEGY_NAMES, AppConfig, Profile, RegistrySettings, load_config
 from shared.strategy_catalog import CATALOG
 
@@ -373,6 +374,26 @@ def test_fingerprint_canonical_json() -> None:
     )
     assert fp != fingerprint("quantum_strategy_calculator", params, ["ADA", "BTC", "ETH"])
     assert fp != fingerprint("volume_weighted_hash_oscillator", params, ["ADA", "BTC", "SOL"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    strategy=st.sampled_from(list(CATALOG)),
+    params=st.dictionaries(st.text(min_size=1, max_size=12), st.floats(allow_nan=False, allow_infinity=False), max_size=8),
+    assets=st.lists(st.text(max_size=6), max_size=6),
+)
+def test_resolution_fingerprints_equal_fingerprint(strategy: str, params: dict[str, float], assets: list[str]) -> None:
+    # The resolution loop encodes a candidate's parameters once for all its asset sets: same text, same F
+    # (or the same error: a parameter that quantises to infinity has no JSON).
+    def outcome(f: Callable[[], str]) -> str:
+        try:
+            return f()
+        except ValueError as err:
+            return f"ValueError: {err}"
+
+    assert outcome(lambda: _Fingerprints(strategy, params)(assets)) == outcome(
+        lambda: fingerprint(strategy, params, assets)
+    )
 
 
 def test_candidate_assets_and_products(profile_a: Profile, reg: RegistrySettings) -> None:
