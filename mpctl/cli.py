@@ -3,35 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import mpctl.backtest as backtest
-    import mpctl.commands_config as commands_config
-    import mpctl.commands_demo as commands_demo
-    import mpctl.commands_exchange as commands_exchange
-    import mpctl.commands_ops as commands_ops
-    import mpctl.commands_plans as commands_plans
-    import mpctl.commands_secrets as commands_secrets
-    import mpctl.commands_send as commands_send
-    import mpctl.compose as compose
-    import mpctl.infra as infra
-    import mpctl.k8s as k8s
-    import mpctl.selftest as selftest
+# Command -> the module that registers it. `mpctl backtest ...` imports only mpctl.backtest: importing every
+# command (ccxt among them) costs about a second, which a short command would otherwise pay each time.
+COMMAND_MODULES: dict[str, str] = {
+    "config": "mpctl.commands_config",
+    "infra": "mpctl.infra",
+    "demo": "mpctl.commands_demo",
+    "compose": "mpctl.compose",
+    "plans": "mpctl.commands_plans",
+    "lag": "mpctl.commands_ops",
+    "status": "mpctl.commands_ops",
+    "report": "mpctl.commands_ops",
+    "selftest": "mpctl.selftest",
+    "send": "mpctl.commands_send",
+    "secrets": "mpctl.commands_secrets",
+    "exchange": "mpctl.commands_exchange",
+    "k8s": "mpctl.k8s",
+    "backtest": "mpctl.backtest",
+}
 
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command, or with `only` that command (when it names one)."""
     parser = argparse.ArgumentParser(prog="mpctl", description="Multi-profile Coinbase trading system")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (commands_config, infra, commands_demo, compose, commands_plans, commands_ops, selftest, commands_send, commands_secrets, commands_exchange, k8s, backtest):
-        module.register(sub)
+    wanted = [COMMAND_MODULES[only]] if only in COMMAND_MODULES else list(dict.fromkeys(COMMAND_MODULES.values()))
+    for name in wanted:
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     handler: Handler = args.handler
     try:

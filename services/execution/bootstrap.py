@@ -7,13 +7,11 @@ in paper mode it runs the paper exchange of services/execution/domain.py.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import ConsumerRecord
 
 from services.execution import domain
-from services.execution.ccxt_adapter import CcxtExchange
-from services.execution.live_wiring import LiveHandler, WriteAhead, open_live_execution, start_live
 from services.execution.metrics import ExecutionMetrics
 from shared.clock import Clock, IdFactory, random_ids, system_clock
 from shared.commands import gate_for
@@ -22,6 +20,9 @@ from shared.kafka import HandlingError, Route, StateMachineService
 from shared.messages import ExecuteOrder, Message, OrderFilled, OrderUpdated, ProfileHalted, WorkerFinished
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
+
+if TYPE_CHECKING:
+    from services.execution.live_wiring import LiveHandler
 
 
 class ExecutionService:
@@ -107,7 +108,11 @@ class ExecutionService:
     async def _run(self, stop: asyncio.Event) -> int:
         if self.cfg.system.mode != "live":
             return await self.runner.run(stop)
-        # Live: the only place this profile's credentials are read (its own store entry only).
+        # Live: the only place this profile's credentials are read (its own store entry only). ccxt is
+        # imported here, not at module level: paper workers and the backtest never load it (half a second).
+        from services.execution.ccxt_adapter import CcxtExchange
+        from services.execution.live_wiring import LiveHandler, WriteAhead, open_live_execution, start_live
+
         pid = self.profile_id
         live = await open_live_execution(
             pid,

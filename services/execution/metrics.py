@@ -18,11 +18,15 @@ describe the whole log again (ids are counted once per process).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Histogram
 
-from services.execution.errors import ExecutionError
 from shared.messages import ExecuteOrder, Message, OrderFilled, OrderUpdated
 from shared.metrics import MetricsEndpoint
+
+if TYPE_CHECKING:  # errors.py imports ccxt, which paper workers and the backtest never need to load
+    from services.execution.errors import ExecutionError
 
 __all__ = ["ExecutionMetrics", "LATENCY_BUCKETS"]
 
