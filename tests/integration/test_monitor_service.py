@@ -88,7 +88,12 @@ async def test_monitor_audits_alerts_and_exports(
         async def scraped() -> bool:
             async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{svc.metrics_bound}/metrics") as r:
                 text = await r.text()
-            return f'mp_consumer_group_lag{{group="{namespace}.monitor"}}' in text and "mp_service_up" in text
+            # Up once its consumer group is stable (it runs in-process here, so no heartbeat): polled again each
+            # lag interval, so a first poll during the group's join is not the last word.
+            return (
+                f'mp_consumer_group_lag{{group="{namespace}.monitor"}}' in text
+                and 'mp_service_up{service="monitor"} 1.0' in text
+            )
 
         await eventually(scraped, what="lag and health metrics")
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{svc.metrics_bound}/metrics") as r:
