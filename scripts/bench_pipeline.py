@@ -3,7 +3,7 @@ own process as `mpctl demo` runs them, for several profile counts; next to a raw
 broker.
 
     .venv/bin/python scripts/bench_pipeline.py [--profiles 2,8,32] [--hours 200] [--data data/market]
-        [--json reports/bench/pipeline.json] [--markdown docs/benchmarks.md] [--latency-hours 48]
+        [--json reports/bench/pipeline.json] [--markdown docs/benchmarks.md] [--latency-hours 200]
 
 For each profile count N (configs generated from the template: N profiles alternating profile_a's and
 profile_b's settings, each with its own hash settings and priority):
@@ -439,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profiles", default="2,8,32", help="comma-separated profile counts")
     p.add_argument("--hours", type=float, default=200.0, help="hours of candles in the throughput runs")
-    p.add_argument("--latency-hours", type=float, default=48.0, help="hours of candles in the paced latency runs")
+    p.add_argument(
+        "--latency-hours", type=float, default=200.0,
+        help="hours of candles in the paced latency runs (the signal models need about five days before the first order)",
+    )
     p.add_argument("--latency-samples", type=int, default=300, help="raw baseline one-at-a-time samples")
     p.add_argument("--data", type=Path, default=ROOT / "data" / "market")
     p.add_argument("--json", default=str(ROOT / "reports" / "bench" / "pipeline.json"))
