@@ -50,12 +50,12 @@ def base_parser(service: str, *, needs_profile: bool = False) -> argparse.Argume
     return p
 
 
-def add_metrics_args(p: argparse.ArgumentParser, why_off: str = "0: off") -> None:
+def add_metrics_args(p: argparse.ArgumentParser, why_off: str = "0: off", *, default_port: int = 0) -> None:
     """--metrics-port / --metrics-addr, the same for every service: loopback unless a container needs 0.0.0.0."""
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=0,
+        default=default_port,
         help=f"serve Prometheus metrics on ADDR:PORT ({why_off})",
     )
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address to serve metrics on (0.0.0.0 in a container)")
@@ -105,6 +105,8 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
 def main_entry(argv: Sequence[str] | None, service: str, parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    if isinstance(getattr(args, "metrics_port", None), int):
+        check_metrics_args(parser, args)  # before anything starts (the heartbeat below)
     setup_logging(service, args.log_level)
     _heartbeat(service, args)
     return args

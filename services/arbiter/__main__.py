@@ -10,7 +10,6 @@ from services.arbiter.bootstrap import bootstrap
 from shared.runtime import (
     add_metrics_args,
     base_parser,
-    check_metrics_args,
     main_entry,
     run_service,
     settings_from_args,
@@ -21,7 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser("arbiter")
     add_metrics_args(p, "0: off, so several arbiters never clash")
     args = main_entry(argv, "arbiter", p)
-    check_metrics_args(p, args)
     settings = settings_from_args(args, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr)
     return run_service(bootstrap(settings).run)
 

@@ -9,7 +9,6 @@ from services.execution.bootstrap import bootstrap
 from shared.runtime import (
     add_metrics_args,
     base_parser,
-    check_metrics_args,
     main_entry,
     run_service,
     settings_from_args,
@@ -30,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
         help="live mode: send the exchange's REST calls to this base URL instead of Coinbase's (a test peer)",
     )
     args = main_entry(argv, "execution", p)
-    check_metrics_args(p, args)
     flag = "1" if args.allow_plaintext_credentials else None
     settings = settings_from_args(
         args,

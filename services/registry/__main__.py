@@ -9,7 +9,6 @@ from services.registry.bootstrap import bootstrap
 from shared.runtime import (
     add_metrics_args,
     base_parser,
-    check_metrics_args,
     main_entry,
     run_service,
     settings_from_args,
@@ -32,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
         help="epochs follow the candles' event time (replay) or wall time (live); auto: wall in live mode",
     )
     args = main_entry(argv, "registry", p)
-    check_metrics_args(p, args)
     settings = settings_from_args(
         args,
         metrics_port=args.metrics_port,

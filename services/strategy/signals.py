@@ -336,10 +336,15 @@ class SignalModel(ABC):
                 f"{self.name}: bar open_time {bar.open_time} is not after the previous {self._last_time}; "
                 "feed each closed bar once, in order"
             )
-        self._last_time = bar.open_time
-        self._bars += 1
         if self._own_log:
             self._log.push(bar.close)
+        self._advance(bar)
+
+    def _advance(self, bar: Bar) -> None:
+        """Take `bar` without the order check: for ProductSignals, which checks once for all its models and feeds
+        their shared log-return stream itself."""
+        self._last_time = bar.open_time
+        self._bars += 1
         self._push(bar)
 
     def ready(self) -> bool:
@@ -755,9 +760,7 @@ class ProductSignals:
             # loop runs for every product of every step (a fifth of a backtest's time).
             if model._last_time is not None and t <= model._last_time:
                 model.update(bar)  # fed apart from this ProductSignals: let it raise its own error
-            model._last_time = t
-            model._bars += 1
-            model._push(bar)
+            model._advance(bar)
         self.volatility.update(bar)
 
     def evaluate(
