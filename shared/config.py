@@ -282,9 +282,74 @@ class CommandSettings(Strict):
     max_age_s: Annotated[float, Field(gt=0.0, le=86_400.0, allow_inf_nan=False)] = 120.0
 
 
+# Candle intervals Coinbase serves (Advanced Trade REST granularities), in seconds.
+INTERVAL_SECONDS: dict[str, int] = {
+    "1m": 60,
+    "5m": 300,
+    "15m": 900,
+    "30m": 1800,
+    "1h": 3600,
+    "2h": 7200,
+    "6h": 21600,
+    "1d": 86400,
+}
+Interval = Literal["1m", "5m", "15m", "30m", "1h", "2h", "6h", "1d"]
+
+
+def _url_with_scheme(value: str, schemes: tuple[str, ...], key: str) -> str:
+    m = re.match(r"^([a-z]+)://[^/\s]+", value)
+    if not m or m.group(1) not in schemes:
+        raise ValueError(f"{key} must be a {' or '.join(schemes)} URL with a host, got {value!r}")
+    return value.rstrip("/")
+
+
+class MarketDataSettings(Strict):
+    """Where the market comes from (docs/ingest.md): Coinbase in real time, or a replay of candle files."""
+
+    source: Literal["coinbase", "replay"] = "coinbase"
+    interval: Interval = "1h"
+    # Coinbase's public endpoints; a test peer or a proxy can stand in.
+    rest_url: str = "https://api.coinbase.com"
+    ws_url: str = "wss://advanced-trade-ws.coinbase.com"
+    # Replay: the folder of candle files (`<source>_<BASE>-<QUOTE>_<interval>.csv[.gz]`).
+    data_dir: Path = Path("data/market")
+    # A bucket is final once the exchange's time passed its end by grace_s and REST answered for it; one still
+    # missing deadline_s after its end raises an alert and its step goes out without it.
+    grace_s: Annotated[float, Field(ge=0.0, le=3600.0, allow_inf_nan=False)] = 2.0
+    deadline_s: Annotated[float, Field(gt=0.0, le=86_400.0, allow_inf_nan=False)] = 120.0
+    # How often REST is asked again while a bucket is not final yet (exchange seconds).
+    poll_interval_s: Annotated[float, Field(gt=0.0, le=3600.0, allow_inf_nan=False)] = 2.0
+    # On a first start, this many closed buckets of history are published before the live ones (warm-up).
+    history_steps: Annotated[int, Field(ge=0, le=10_000)] = 300
+    # No websocket frame for this long (real seconds): the feed is stale; new entries stop until it is fresh.
+    stale_after_s: Annotated[float, Field(gt=0.0, le=600.0, allow_inf_nan=False)] = 5.0
+    # Public REST budget: Coinbase allows about 10 requests/s per IP; stay under it.
+    max_requests_per_s: Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)] = 8.0
+
+    @field_validator("rest_url")
+    @classmethod
+    def _rest_url(cls, v: str) -> str:
+        return _url_with_scheme(v, ("https", "http"), "system.market_data.rest_url")
+
+    @field_validator("ws_url")
+    @classmethod
+    def _ws_url(cls, v: str) -> str:
+        return _url_with_scheme(v, ("wss", "ws"), "system.market_data.ws_url")
+
+    @property
+    def interval_s(self) -> int:
+        return INTERVAL_SECONDS[self.interval]
+
+    @property
+    def live(self) -> bool:
+        """The market is the exchange's, in real time: services follow the exchange's clock."""
+        return self.source == "coinbase"
+
+
 class SystemSettings(Strict):
     mode: Literal["paper", "live"] = "paper"
     quote_asset: Asset = "USDC"
+    market_data: MarketDataSettings = MarketDataSettings()
     kafka: KafkaSettings = KafkaSettings()
     arbiter: ArbiterSettings = ArbiterSettings()
     execution: ExecutionSettings = ExecutionSettings()
@@ -403,6 +468,26 @@ def load_config(path: str | Path | None = None) -> AppConfig:
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {_yaml_error_text(err)}") from None
     return parse_config(data, source=str(p))
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def live_source_problem(cfg: AppConfig, *, source: str | None = None, exchange_url: str | None = None) -> str | None:
+    """Why this run must not start, or None: live orders priced from replayed candles would trade real money on
+    years-old prices. A loopback exchange (a test peer) may take a replay's orders."""
+    src = source or cfg.system.market_data.source
+    if cfg.system.mode != "live" or src != "replay":
+        return None
+    if exchange_url is not None:
+        from urllib.parse import urlparse
+
+        if urlparse(exchange_url).hostname in LOOPBACK_HOSTS:
+            return None
+    return (
+        "system.mode: live with market data source 'replay' is refused: live orders would be priced from recorded "
+        "candles, not the market; use system.market_data.source: coinbase (or system.mode: paper to replay)"
+    )
 
 
 def config_warnings(cfg: AppConfig) -> list[str]:

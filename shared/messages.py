@@ -81,6 +81,8 @@ class CandleClosed(Message):
     close: Price
     volume: Size
     source: str = ""
+    # A bucket without trades (REST leaves it out): flat at the previous close, volume 0 (docs/ingest.md).
+    synthetic: bool = False
 
     @model_validator(mode="after")
     def _ohlc_consistent(self) -> CandleClosed:
@@ -97,6 +99,11 @@ class WatermarkAdvanced(Message):
     type: Literal["WatermarkAdvanced"] = "WatermarkAdvanced"
     step_time: UtcDatetime
     interval_s: int = Field(gt=0)
+    # Live feed only: the exchange's time when the step was published (None in a replay). A step published
+    # long after its end is history (a backfill): strategies warm up on it but open nothing.
+    published_at: UtcDatetime | None = None
+    # Products whose bucket was still missing at the deadline: the step went out without them.
+    missing: list[str] = Field(default_factory=list)
 
 
 class ReplayFinished(Message):
@@ -105,6 +112,40 @@ class ReplayFinished(Message):
     type: Literal["ReplayFinished"] = "ReplayFinished"
     last_step_time: UtcDatetime | None
     steps: int = Field(ge=0)
+
+
+class TradeObserved(Message):
+    """One market trade seen on the exchange's websocket (topic md.trades, keyed by product).
+    `event_time` is the trade's time; ids are derived from the exchange's trade id, so a repeat is one trade."""
+
+    type: Literal["TradeObserved"] = "TradeObserved"
+    product: str
+    trade_id: str = Field(min_length=1, max_length=64)
+    price: Price
+    size: Size
+    side: Literal["buy", "sell"] | None = None  # the taker's side, as the exchange reports it
+
+
+class FeedStateChanged(Message):
+    """The live feed went stale (no websocket frame, or the last step too old) or is fresh again. Broadcast
+    on every md.candles partition, in order with the candles: while stale, strategies open nothing."""
+
+    type: Literal["FeedStateChanged"] = "FeedStateChanged"
+    state: Literal["stale", "fresh"]
+    reason: str = Field(max_length=500)
+    last_frame_age_s: float | None = None
+    last_step_time: UtcDatetime | None = None
+
+
+class ExchangeTimeObserved(Message):
+    """The exchange's time as the feed reports it (heartbeats, REST server time), about once a second on
+    md.clock. `event_time` is the exchange's time; `rate` is exchange seconds per local second (1 against
+    Coinbase; a test peer may run faster), so a reader extrapolates between observations."""
+
+    type: Literal["ExchangeTimeObserved"] = "ExchangeTimeObserved"
+    rate: float = Field(gt=0.0, le=1_000_000.0, allow_inf_nan=False)
+    skew_s: float = Field(allow_inf_nan=False)  # exchange time minus the ingest machine's clock
+    origin: Literal["heartbeat", "rest"]
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -364,6 +405,9 @@ AnyMessage = Annotated[
     CandleClosed
     | WatermarkAdvanced
     | ReplayFinished
+    | TradeObserved
+    | FeedStateChanged
+    | ExchangeTimeObserved
     | PlanPublished
     | PlaceOrder
     | StepCompleted
@@ -389,6 +433,9 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         CandleClosed,
         WatermarkAdvanced,
         ReplayFinished,
+        TradeObserved,
+        FeedStateChanged,
+        ExchangeTimeObserved,
         PlanPublished,
         PlaceOrder,
         StepCompleted,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from shared.config import AppConfig
 
 CANDLES = "md.candles"
+TRADES = "md.trades"
+CLOCK = "md.clock"
 PLANS = "registry.plans"
 INTENTS = "orders.intents"
 APPROVED_PREFIX = "orders.approved."
@@ -22,6 +24,7 @@ DEAD_LETTER = "dead.letter"
 HEARTBEATS = "services.heartbeats"
 
 WEEK_MS = 7 * 24 * 3600 * 1000
+DAY_MS = 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,14 @@ class Topics:
     @property
     def candles(self) -> str:
         return self._n(CANDLES)
+
+    @property
+    def trades(self) -> str:
+        return self._n(TRADES)
+
+    @property
+    def clock(self) -> str:
+        return self._n(CLOCK)
 
     @property
     def plans(self) -> str:
@@ -102,6 +113,9 @@ def declared_topics(cfg: AppConfig, namespace: str | None = None) -> list[TopicS
     k = cfg.system.kafka
     specs = [
         TopicSpec(t.candles, k.candle_partitions),
+        TopicSpec(t.trades, k.candle_partitions),
+        # Only the latest observation matters to a reader: a day covers any restart.
+        TopicSpec(t.clock, 1, retention_ms=DAY_MS),
         TopicSpec(t.plans, 1, compacted=True),
         TopicSpec(t.intents, k.intent_partitions),
         TopicSpec(t.events, 1),
