@@ -168,7 +168,7 @@ async def run_pipeline(
     specs = declared_topics(cfg, ns)
     bootstrap = endpoints.kafka_bootstrap
     await ensure_topics(bootstrap, specs, replication_factor=1)
-    common = ["--bootstrap", bootstrap, "--redis-url", endpoints.redis_url, "--namespace", ns,
+    common = ["--bootstrap", bootstrap, "--redis-url", endpoints.redis_url, "--source", "replay", "--namespace", ns,
               "--config", str(cfg_file), "--log-level", "WARNING"]
     stack = Stack()
     started = time.monotonic()

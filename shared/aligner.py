@@ -19,6 +19,9 @@ class Step:
     time_s: int
     interval_s: int
     candles: tuple[CandleClosed, ...]  # sorted by product
+    # Live feed: the exchange's time at which the step's watermark went out (None in a replay). A step published
+    # long after its close is history (a warm-up or a backfill after an outage), not the market of now.
+    published_s: float | None = None
 
     @property
     def close_s(self) -> int:
@@ -33,6 +36,7 @@ class Aligner:
     _finished: set[int] = field(default_factory=set)
     _released_upto: int | None = None
     _interval: dict[int, int] = field(default_factory=dict)
+    _published: dict[int, float] = field(default_factory=dict)
 
     def add(self, partition: int, msg: CandleClosed | WatermarkAdvanced | ReplayFinished) -> list[Step]:
         """Feed one market-data message; returns the steps it completes, oldest first."""
@@ -48,6 +52,9 @@ class Aligner:
             self._marks[partition] = max(t, self._marks.get(partition, t))
             if t in self._pending:  # a step without candles (or already released) leaves nothing behind
                 self._interval.setdefault(t, msg.interval_s)
+                if msg.published_at is not None:
+                    # The first partition's copy: every copy of one watermark carries the same time.
+                    self._published.setdefault(t, msg.published_at.timestamp())
         else:
             self._finished.add(partition)
         return self._release()
@@ -76,6 +83,8 @@ class Aligner:
         steps = []
         for t in ready:
             candles = self._pending.pop(t)
-            steps.append(Step(t, self._interval.pop(t, 0), tuple(candles[p] for p in sorted(candles))))
+            steps.append(
+                Step(t, self._interval.pop(t, 0), tuple(candles[p] for p in sorted(candles)), self._published.pop(t, None))
+            )
             self._released_upto = t
         return steps

@@ -429,7 +429,9 @@ def _format_error(err: ValidationError) -> str:
         # Only a scalar of a known key is echoed: a mapping or list may hold credentials (e.g. `profiles:`
         # written as a list), and so may an unknown key (e.g. `api_key:` outside `api_credentials:`).
         scalar = bad is None or isinstance(bad, str | int | float | bool)
-        secret_loc = any(str(x) in _CREDENTIAL_KEYS for x in e["loc"])
+        # Credentials live under profiles (system.market_data.source is no secret, api_credentials.source may sit
+        # beside one).
+        secret_loc = bool(e["loc"]) and e["loc"][0] == "profiles" and any(str(x) in _CREDENTIAL_KEYS for x in e["loc"])
         hide = not scalar or e["type"] in ("missing", "extra_forbidden") or secret_loc
         shown = "" if hide else f" (got {bad!r})"
         lines.append(f"{loc or '<root>'}: {msg}{shown}")

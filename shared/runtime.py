@@ -24,6 +24,8 @@ class ServiceSettings(BaseModel):
     kafka_bootstrap: str = Field(min_length=1)
     redis_url: str = "redis://127.0.0.1:16379/0"
     namespace: str | None = None
+    # The market-data source (coinbase | replay); None: the profiles file's system.market_data.source.
+    source: str | None = None
     profile: str | None = None
     instance: str = "0"
     log_level: str = "INFO"
@@ -31,10 +33,13 @@ class ServiceSettings(BaseModel):
 
     def load(self) -> AppConfig:
         cfg = load_config(self.config_path)
+        system = cfg.system
         if self.namespace:
-            kafka = cfg.system.kafka.model_copy(update={"namespace": self.namespace})
-            cfg = cfg.model_copy(update={"system": cfg.system.model_copy(update={"kafka": kafka})})
-        return cfg
+            system = system.model_copy(update={"kafka": system.kafka.model_copy(update={"namespace": self.namespace})})
+        if self.source:
+            md = system.market_data.model_copy(update={"source": self.source})
+            system = system.model_copy(update={"market_data": md})
+        return cfg.model_copy(update={"system": system}) if system is not cfg.system else cfg
 
 
 def base_parser(service: str, *, needs_profile: bool = False) -> argparse.ArgumentParser:
@@ -43,6 +48,13 @@ def base_parser(service: str, *, needs_profile: bool = False) -> argparse.Argume
     p.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"))
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:16379/0"))
     p.add_argument("--namespace", default=None, help="topic/group namespace (default: system.kafka.namespace)")
+    p.add_argument(
+        "--source",
+        choices=("coinbase", "replay"),
+        default=None,
+        help="market data: Coinbase in real time (the exchange's clock) or a replay (event time); "
+        "default: system.market_data.source",
+    )
     p.add_argument("--instance", default="0")
     p.add_argument("--log-level", default=os.environ.get("MPCTL_LOG_LEVEL", "INFO"))
     if needs_profile:
@@ -72,6 +84,7 @@ def settings_from_args(args: argparse.Namespace, **extra: str | None) -> Service
         kafka_bootstrap=args.bootstrap,
         redis_url=args.redis_url,
         namespace=args.namespace,
+        source=getattr(args, "source", None),
         profile=getattr(args, "profile", None),
         instance=args.instance,
         log_level=args.log_level,

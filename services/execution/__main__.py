@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics_addr=args.metrics_addr,
         exchange_api_base=args.exchange_api_base,
     )
-    return run_service(bootstrap(settings).run)
+    svc = bootstrap(settings)
+    problem = svc.live_problem()
+    if problem is not None:
+        print(f"execution: {problem}", file=sys.stderr)
+        return 2
+    return run_service(svc.run)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ in paper mode it runs the paper exchange of services/execution/domain.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import ConsumerRecord
@@ -14,8 +16,9 @@ from aiokafka import ConsumerRecord
 from services.execution import domain
 from services.execution.metrics import ExecutionMetrics
 from shared.clock import Clock, IdFactory, random_ids, system_clock
+from shared.clock_feed import ServiceClock, service_clock
 from shared.commands import gate_for
-from shared.config import AppConfig
+from shared.config import AppConfig, live_source_problem
 from shared.kafka import HandlingError, Route, StateMachineService
 from shared.messages import ExecuteOrder, Message, OrderFilled, OrderUpdated, ProfileHalted, WorkerFinished
 from shared.runtime import ServiceSettings
@@ -25,9 +28,20 @@ if TYPE_CHECKING:
     from services.execution.live_wiring import LiveHandler
 
 
+class LiveSourceRefused(RuntimeError):
+    """Live mode on a replayed market (shared.config.live_source_problem)."""
+
+
 class ExecutionService:
     def __init__(
-        self, cfg: AppConfig, settings: ServiceSettings, *, clock: Clock, ids: IdFactory, metrics_port: int = 0
+        self,
+        cfg: AppConfig,
+        settings: ServiceSettings,
+        *,
+        clock: Clock,
+        ids: IdFactory,
+        metrics_port: int = 0,
+        service_clock: ServiceClock | None = None,
     ) -> None:
         if settings.profile not in cfg.profiles:
             raise ValueError(
@@ -37,11 +51,12 @@ class ExecutionService:
         self.cfg = cfg
         self.settings = settings
         self.clock = clock
+        self.service_clock = service_clock or ServiceClock(clock)
         self.live_handler: LiveHandler | None = None
         self.metrics_port = metrics_port
         self.metrics_bound: int | None = None
         # The exchange label is set once live mode has opened its adapter.
-        self.metrics = ExecutionMetrics(self.profile_id, "paper", started_at=clock().timestamp())
+        self.metrics = ExecutionMetrics(self.profile_id, "paper", started_at=time.time())
         self.topics = Topics(cfg.system.kafka.namespace)
         profile = cfg.profiles[self.profile_id]
         self.state = domain.new_state(
@@ -65,6 +80,10 @@ class ExecutionService:
             commands=gate_for(f"execution.{self.profile_id}", cfg.system.commands.max_age_s),
             observe=self._received,
         )
+
+    def live_problem(self) -> str | None:
+        """Why this worker must not start (live orders on a replayed market), or None."""
+        return live_source_problem(self.cfg, exchange_url=self.settings.extra.get("exchange_api_base"))
 
     def _received(self, msg: Message, rec: ConsumerRecord[bytes, bytes]) -> None:
         self.metrics.received(msg, rec.topic, rec.timestamp)
@@ -108,6 +127,24 @@ class ExecutionService:
     async def _run(self, stop: asyncio.Event) -> int:
         if self.cfg.system.mode != "live":
             return await self.runner.run(stop)
+        api_base = self.settings.extra.get("exchange_api_base")
+        problem = self.live_problem()
+        if problem is not None:
+            raise LiveSourceRefused(problem)
+        follower = asyncio.create_task(self.service_clock.run(self.settings.kafka_bootstrap, self.topics, stop))
+        try:
+            # Live market: send times and order timeouts are exchange time, read from md.clock.
+            if not await self.service_clock.wait_synced(stop, timeout_s=300.0):
+                if stop.is_set():
+                    return 0
+                raise RuntimeError(f"no exchange time on {self.topics.clock!r} within 300 s: is the live ingest running?")
+            return await self._run_live(stop, api_base)
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+
+    async def _run_live(self, stop: asyncio.Event, api_base: str | None) -> int:
         # Live: the only place this profile's credentials are read (its own store entry only). ccxt is
         # imported here, not at module level: paper workers and the backtest never load it (half a second).
         from services.execution.ccxt_adapter import CcxtExchange
@@ -118,8 +155,9 @@ class ExecutionService:
             pid,
             self.cfg,
             clock=self.clock,
+            clock_sleep=self.service_clock.sleep,
             allow_plaintext=self.settings.extra.get("allow_plaintext_credentials") == "1",
-            api_base=self.settings.extra.get("exchange_api_base"),
+            api_base=api_base,
         )
         self.metrics.exchange = live.port.name
         live.on_ack = lambda coid: self.metrics.acknowledged(coid, self.clock().timestamp())
@@ -145,10 +183,17 @@ class ExecutionService:
 def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> ExecutionService:
     o = overrides or {}
     cfg: AppConfig = o.get("config") or settings.load()
+    # Live orders wait on the exchange's clock when the market is live; paper execution runs on event time.
+    sclock = o.get("service_clock") or (
+        service_clock(cfg)
+        if cfg.system.mode == "live" and "clock" not in o
+        else ServiceClock(o.get("clock", system_clock))
+    )
     return ExecutionService(
         cfg,
         settings,
-        clock=o.get("clock", system_clock),
+        service_clock=sclock,
+        clock=o.get("clock", sclock.clock),
         ids=o.get("ids", random_ids),
         metrics_port=int(o.get("metrics_port", settings.extra.get("metrics_port", "0"))),
     )

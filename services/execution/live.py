@@ -47,6 +47,7 @@ class LiveExecution:
         *,
         clock: Clock,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock_sleep: Callable[[float], Awaitable[None]] | None = None,
         poll_interval_s: float = 1.0,
         desync_ms: tuple[int, int] = (0, 0),
     ) -> None:
@@ -55,7 +56,9 @@ class LiveExecution:
         self.seed = profile.profile_hash.base_hash
         self.port = port
         self.clock = clock
-        self._sleep = sleep
+        self._sleep = sleep  # real seconds: polling the exchange
+        # Seconds of `clock` time (the exchange's, live): the wait until an order's send time.
+        self._clock_sleep = clock_sleep or sleep
         self.poll_interval_s = poll_interval_s
         self.order_timeout = timedelta(seconds=profile.trading_params.order_timeout)
         self.slippage = Decimal(str(profile.trading_params.slippage_tolerance))
@@ -119,7 +122,7 @@ class LiveExecution:
         send_at = self.send_time(msg)
         wait_s = (send_at - self.clock()).total_seconds()
         if wait_s > 0:
-            await self._sleep(wait_s)  # no lock-step with another profile's order on this product
+            await self._clock_sleep(wait_s)  # no lock-step with another profile's order on this product
         try:
             order = await self.port.create_order(
                 msg.client_order_id, msg.product, msg.side, msg.size, limit_price=self.limit_price(msg)

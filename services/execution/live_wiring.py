@@ -14,7 +14,7 @@ export (`mpctl secrets export`): MPCTL_CREDENTIALS_STORE=/run/secrets/credential
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from services.execution.ccxt_adapter import open_exchange, profile_products
@@ -40,6 +40,7 @@ async def open_live_execution(
     cfg: AppConfig,
     *,
     clock: Clock,
+    clock_sleep: Callable[[float], Awaitable[None]] | None = None,
     allow_plaintext: bool = False,
     store_path: Path | None = None,
     api_base: str | None = None,
@@ -67,7 +68,7 @@ async def open_live_execution(
     )
     ex = cfg.system.execution
     return LiveExecution(
-        profile_id, profile, port, clock=clock, poll_interval_s=poll_interval_s,
+        profile_id, profile, port, clock=clock, clock_sleep=clock_sleep, poll_interval_s=poll_interval_s,
         desync_ms=(ex.desync_min_ms, ex.desync_max_ms),
     )
 

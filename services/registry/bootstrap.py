@@ -15,6 +15,7 @@ first step whose candles were published after the command) is the same in every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from services.registry.ledger import PlanLedger
 from services.registry.metrics import RegistryMetrics
 from services.registry.recovery import RegistryBackend, read_plans, seek_to_start, topic_partitions
 from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
+from shared.clock_feed import ServiceClock, service_clock
 from shared.codec import DecodeError, decode, implausible_time
 from shared.commands import gate_for
 from shared.config import AppConfig
@@ -50,6 +52,7 @@ from shared.topics import Topics
 log = logging.getLogger("registry")
 
 ClockMode = Literal["event", "wall"]
+CLOCK_SYNC_TIMEOUT_S = 300.0  # the ingest may start after the registry and backfill first
 # In wall-clock mode an epoch's plan is derived this long after the boundary, so that the candle closing at the
 # boundary (the last one the score may use) has had time to arrive.
 LIVE_PLAN_DELAY_S = 5
@@ -70,6 +73,7 @@ class RegistryService:
         metrics_port: int = 0,
         lease_s: float = 10.0,
         clock_mode: ClockMode = "event",
+        service_clock: ServiceClock | None = None,
     ) -> None:
         self.cfg = cfg
         self.settings = settings
@@ -78,6 +82,7 @@ class RegistryService:
         self.redis = redis
         self.instance = settings.instance
         self.clock = clock
+        self.service_clock = service_clock or ServiceClock(clock)
         self.ids = ids
         self.metrics_port = metrics_port
         self.lease_s = lease_s
@@ -172,7 +177,21 @@ class RegistryService:
                     raise RuntimeError(f"topic {self.topics.commands!r} does not exist; create the topics first")
                 commands.assign(ctps)
                 await seek_to_start(commands, ctps)
-                await self._loop(consumer, publisher, stop, ends, commands)
+                # Live: epochs turn on the exchange's clock, followed from md.clock (the ingest reports it).
+                follower = asyncio.create_task(self.service_clock.run(self.settings.kafka_bootstrap, self.topics, stop))
+                try:
+                    if not await self.service_clock.wait_synced(stop, timeout_s=CLOCK_SYNC_TIMEOUT_S):
+                        if stop.is_set():
+                            return 0
+                        raise RuntimeError(
+                            f"no exchange time on {self.topics.clock!r} within {CLOCK_SYNC_TIMEOUT_S:.0f} s: "
+                            "is the live ingest running?"
+                        )
+                    await self._loop(consumer, publisher, stop, ends, commands)
+                finally:
+                    follower.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await follower
             finally:
                 await commands.stop()
                 await consumer.stop()
@@ -297,14 +316,19 @@ def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = N
     ex = settings.extra
     mode = ex.get("clock", "auto")
     if mode == "auto":
-        mode = "wall" if cfg.system.mode == "live" else "event"
+        # Live market: epochs turn on the exchange's clock; a replay: on the candles' event time.
+        mode = "wall" if cfg.system.market_data.live else "event"
     if mode not in ("event", "wall"):
         raise ValueError(f"--clock must be auto, event or wall, got {mode!r}")
+    sclock = o.get("service_clock") or (
+        service_clock(cfg) if mode == "wall" and "clock" not in o else ServiceClock(o.get("clock", system_clock))
+    )
     return RegistryService(
         cfg,
         settings,
         redis,
-        clock=o.get("clock", system_clock),
+        clock=o.get("clock", sclock.clock),
+        service_clock=sclock,
         ids=o.get("ids", random_ids),
         metrics_port=int(ex.get("metrics_port", "0")),
         lease_s=float(ex.get("publish_lease_s", "10")),

@@ -138,6 +138,12 @@ async def reset_group_to_beginning(
         await consumer.stop()
 
 
+def max_publish_lag_s(cfg: AppConfig) -> float:
+    """A live step normally goes out within its grace, re-polls and deadline; one published later is history."""
+    md = cfg.system.market_data
+    return md.grace_s + md.deadline_s + md.poll_interval_s
+
+
 class StrategyWorker:
     def __init__(self, cfg: AppConfig, settings: ServiceSettings) -> None:
         if settings.profile not in cfg.profiles:
@@ -154,6 +160,7 @@ class StrategyWorker:
             frozenset(range(k.candle_partitions)),
             on_rotation=cfg.system.registry.on_rotation,
             decision_wait_steps=cfg.system.strategy.decision_wait_steps,
+            max_publish_lag_s=max_publish_lag_s(cfg),
         )
         self.outputs = Outputs.of(self.t, k.intent_partitions, self.profile_id)
         self.group = self.t.group("strategy", self.profile_id)

@@ -57,6 +57,7 @@ from shared.messages import (
     TERMINAL_STATUSES,
     CandleClosed,
     ControlCommand,
+    FeedStateChanged,
     Message,
     OrderDecided,
     OrderFilled,
@@ -260,6 +261,12 @@ class StrategyState:
     paused: str | None = None  # an operator's pause or kill: no new entries until resume
     flatten_requested: bool = False  # an operator's flatten or kill: sell every position at the next step
     entries_paused_day: int | None = None  # daily-loss halt: until the next UTC day
+    # Live feed: stale (the ingest's FeedStateChanged) -> no new entries until fresh again; exits still act.
+    feed_stale: str | None = None
+    # Live feed: a step published more than this long after its close is history (warm-up, backfill after an
+    # outage): it feeds the models and exits but opens nothing. None: no limit (a replay carries no times).
+    max_publish_lag_s: float | None = None
+    history_steps: int = 0  # steps evaluated as history or while stale (entries held back)
     last_plan: tuple[int, int] | None = None  # (epoch, rotation) of the plan of the last evaluated step
     flatten: set[str] = field(default_factory=set)  # products to close because the plan rotated
     steps_done: int = 0
@@ -293,9 +300,11 @@ def new_state(
     on_rotation: RotationPolicy = "keep",
     market: MarketSignals | None = None,
     decision_wait_steps: int = DEFAULT_DECISION_WAIT_STEPS,
+    max_publish_lag_s: float | None = None,
 ) -> StrategyState:
     """`market`: the backtest passes one instance shared by every profile; a worker leaves it None.
-    `decision_wait_steps`: how many steps a foreign outcome waits for its decision (module docstring)."""
+    `decision_wait_steps`: how many steps a foreign outcome waits for its decision (module docstring).
+    `max_publish_lag_s`: a live step published later than this after its close opens nothing."""
     cash = Decimal(str(profile.paper.initial_quote_balance))
     return StrategyState(
         profile_id=profile_id,
@@ -310,6 +319,7 @@ def new_state(
         weights={str(k): v for k, v in profile.strategy_config.strategy_weights.items()},
         limits=_Limits.of(profile),
         decision_wait_steps=decision_wait_steps,
+        max_publish_lag_s=max_publish_lag_s,
     )
 
 
@@ -328,6 +338,9 @@ def decide(
             state.queue.append(step)
         if state.aligner.finished:
             state.market_done = True
+    elif isinstance(msg, FeedStateChanged):
+        # In order with the candles (broadcast on every partition): it holds from the next step evaluated.
+        state.feed_stale = msg.reason if msg.state == "stale" else None
     elif isinstance(msg, PlanPublished):
         if msg.profile == state.profile_id:
             plans = state.plans.setdefault(msg.epoch, [])
@@ -599,6 +612,14 @@ def _drain(state: StrategyState) -> list[Message]:
     return out
 
 
+def _is_current(state: StrategyState, step: Step) -> bool:
+    """The step is the market of now: the feed is not stale and the step went out soon after it closed."""
+    if state.feed_stale is not None:
+        return False
+    lag = state.max_publish_lag_s
+    return lag is None or step.published_s is None or step.published_s - step.close_s <= lag
+
+
 def _selected_tunable(state: StrategyState, plan: PlanPublished) -> dict[str, float]:
     cached = state._tunable
     if cached is not None and cached[0] == plan.id:
@@ -675,6 +696,9 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
                 intents.append(_intent(state, plan, step, product, "sell", pos.size, price, reason, exit_sig))
 
     slots = p.trading_params.max_open_positions - len(state.positions)
+    if not _is_current(state, step):
+        state.history_steps += 1
+        slots = 0  # history or a stale feed: the models learn from it, nothing is opened on it
     if state.halted is None and state.paused is None and state.entries_paused_day != day and slots > 0:
         candidates: list[tuple[float, str, Signal]] = []
         low, high = sc.entropy_threshold, p.risk_management.volatility_threshold

@@ -457,7 +457,7 @@ async def _run_pipeline(endpoints: Endpoints, tmp: Path, label: str,
     await ensure_topics(bootstrap, specs, replication_factor=1)
     log_dir = tmp / ns
     log_dir.mkdir(parents=True)
-    common = ["--bootstrap", bootstrap, "--redis-url", endpoints.redis_url, "--namespace", ns,
+    common = ["--bootstrap", bootstrap, "--redis-url", endpoints.redis_url, "--source", "replay", "--namespace", ns,
               "--config", str(TEMPLATE), "--log-level", "WARNING"]
     run = Run(ns, Stack())
     started = time.monotonic()

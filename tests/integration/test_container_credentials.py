@@ -90,7 +90,7 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
     # Only what the container has: the two mounted files, the store's path, no passphrase, no user store.
     container_env = {**base_env, ENV_STORE: str(enc), ENV_KEY_FILE: str(key)}
     worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.execution", "--profile", PID, "--config", str(cfg_path),
+        sys.executable, "-m", "services.execution", "--profile", PID, "--config", str(cfg_path), "--source", "replay",
         "--bootstrap", kafka_bootstrap, "--namespace", namespace, "--exchange-api-base", peer.base_url,
         # DEBUG: the most verbose output the worker can give (aiokafka, ccxt, aiohttp) is what the scan reads;
         # at INFO a healthy worker may print nothing at all.

@@ -129,7 +129,10 @@ async def test_paper_worker_metrics_count_exactly_the_fills_fees_and_statuses_it
 async def test_live_worker_metrics_count_retries_latency_and_fills_against_the_peer(
     peer: CoinbasePeer, kafka_bootstrap: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = in_namespace(app_config(order_timeout=30.0), namespace, mode="live")
+    base = app_config(order_timeout=30.0)
+    # The test publishes the candles itself (a replay, event time): live orders go to the loopback peer.
+    replay = base.system.market_data.model_copy(update={"source": "replay"})
+    cfg = in_namespace(base, namespace, mode="live", market_data=replay)
     t = Topics(namespace)
     await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
     a = peer.add_advanced_profile(PID)

@@ -45,7 +45,8 @@ async def test_registry_and_arbiter_up_by_heartbeat_then_down_when_killed_or_sto
 ) -> None:
     b = infra.kafka_bootstrap
     await create_topics(b, ns_config(namespace))
-    common = ["--bootstrap", b, "--redis-url", infra.redis_url, "--namespace", namespace, "--config", str(TEMPLATE)]
+    common = ["--bootstrap", b, "--redis-url", infra.redis_url, "--namespace", namespace, "--config", str(TEMPLATE),
+              "--source", "replay"]
     registry = _start("services.registry", common, tmp_path / "registry.log")
     arbiter = _start("services.arbiter", common, tmp_path / "arbiter.log")
     try:

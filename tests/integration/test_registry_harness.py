@@ -152,6 +152,8 @@ class Run:
             str(self.config),
             "--instance",
             instance,
+            "--source",
+            "replay",
             *extra,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -56,7 +56,7 @@ async def test_strategy_metrics_equal_the_runs_output(infra: Endpoints, tmp_path
     await ensure_topics(infra.kafka_bootstrap, specs)
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
-    common = ["--bootstrap", infra.kafka_bootstrap, "--redis-url", infra.redis_url, "--namespace", namespace,
+    common = ["--bootstrap", infra.kafka_bootstrap, "--redis-url", infra.redis_url, "--source", "replay", "--namespace", namespace,
               "--config", str(CONFIG)]
     port = _free_port()
     stack = Stack()

@@ -89,7 +89,7 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, kill: bool) -> dict[
     await ensure_topics(endpoints.kafka_bootstrap, specs)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True)
-    common = ["--bootstrap", endpoints.kafka_bootstrap, "--redis-url", endpoints.redis_url, "--namespace", ns,
+    common = ["--bootstrap", endpoints.kafka_bootstrap, "--redis-url", endpoints.redis_url, "--source", "replay", "--namespace", ns,
               "--config", str(CONFIG)]
     replay = ["--data", str(DATA), "--hours", str(HOURS), "--speed", str(SPEED if kill else 0.0)]
     stack = Stack()

@@ -25,6 +25,7 @@ from shared.config import (
     AppConfig,
     ConfigError,
     config_warnings,
+    live_source_problem,
     load_config,
     parse_config,
 )
@@ -932,3 +933,53 @@ def test_live_mode_accepts_placeholders_when_credentials_come_from_the_encrypted
     assert {p.api_credentials.source for p in cfg.profiles.values()} == {"store"}
     data["profiles"]["profile_b"]["api_credentials"]["source"] = "yaml"
     refused(data, "profile_b", "api_credentials", "placeholder", "source: store")
+
+
+# ------------------------------------------------------------------------------------------ market data
+def test_market_data_defaults_to_coinbase_hourly_on_the_public_endpoints() -> None:
+    md = parse_config(one_profile()).system.market_data
+    assert (md.source, md.interval, md.interval_s) == ("coinbase", "1h", 3600)
+    assert md.rest_url == "https://api.coinbase.com" and md.ws_url == "wss://advanced-trade-ws.coinbase.com"
+    assert md.live
+
+
+@pytest.mark.parametrize(
+    ("market_data", "fragments"),
+    [
+        ({"interval": "3m"}, ("market_data.interval", "3m")),
+        ({"source": "kraken"}, ("market_data.source", "kraken")),
+        ({"rest_url": "ftp://x.example"}, ("rest_url", "ftp://x.example")),
+        ({"ws_url": "https://advanced-trade-ws.coinbase.com"}, ("ws_url", "https://advanced-trade-ws.coinbase.com")),
+        ({"grace_s": -1}, ("grace_s",)),
+        ({"intervall": "1h"}, ("intervall",)),
+    ],
+)
+def test_bad_market_data_settings_are_refused_naming_key_and_value(
+    market_data: dict[str, Any], fragments: tuple[str, ...]
+) -> None:
+    data = one_profile()
+    data["system"] = {"market_data": market_data}
+    refused(data, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("mode", "source", "exchange_url", "refused_"),
+    [
+        ("live", "replay", None, True),
+        ("live", "replay", "https://api.coinbase.com", True),
+        ("live", "replay", "http://127.0.0.1:8123", False),  # a loopback test peer, as the live pipeline test
+        ("live", "coinbase", None, False),
+        ("paper", "replay", None, False),
+    ],
+)
+def test_live_mode_on_a_replay_is_refused_unless_the_exchange_is_a_loopback_peer(
+    mode: str, source: str, exchange_url: str | None, refused_: bool
+) -> None:
+    data = one_profile()
+    data["system"] = {"mode": "paper", "market_data": {"source": source}}
+    cfg = parse_config(data)
+    cfg = cfg.model_copy(update={"system": cfg.system.model_copy(update={"mode": mode})})
+    problem = live_source_problem(cfg, exchange_url=exchange_url)
+    assert (problem is not None) == refused_
+    if problem:
+        assert "replay" in problem and "coinbase" in problem

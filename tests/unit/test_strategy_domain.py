@@ -23,6 +23,7 @@ from shared.aligner import Step
 from shared.config import AppConfig, Profile
 from shared.messages import (
     CandleClosed,
+    FeedStateChanged,
     Message,
     OrderDecided,
     OrderFilled,
@@ -30,6 +31,7 @@ from shared.messages import (
     PlanPublished,
     ProfileHalted,
     StepCompleted,
+    WatermarkAdvanced,
     WorkerFinished,
 )
 from tests.unit.builders import (
@@ -41,6 +43,7 @@ from tests.unit.builders import (
     candle,
     config,
     decided,
+    dt,
     fill_for,
     manual_fill,
     of_type,
@@ -975,3 +978,69 @@ def test_rotate_command_for_another_profile_holds_no_step() -> None:
     other = new_command("rotate", "profile_a", key=b"k" * 32, now=dt(T0))
     out = _feed_timed(state, [(pl, None) for pl in plans] + [(other, 500)] + _timed(rest))
     assert steps_done(out) == [T0 + h * HOUR for h in range(4)] and of_type(out, PlaceOrder) == []
+
+
+# ------------------------------------------------------------------------------------------ live feed gate
+def _live(msgs: list[Message], lag_of: Callable[[int], float]) -> list[Message]:
+    """The watermarks of a live feed: each step published `lag_of(step)` seconds after its close."""
+    out: list[Message] = []
+    for m in msgs:
+        if isinstance(m, WatermarkAdvanced):
+            close = int(m.step_time.timestamp()) + m.interval_s
+            m = m.model_copy(update={"published_at": dt(close + lag_of(close))})
+        out.append(m)
+    return out
+
+
+def _live_run(p: Profile, n: int, lag_of: Callable[[int], float], extra: Sequence[Message] = ()) -> list[Message]:
+    state = new_state(PID, p, "USDC", frozenset({0}), max_publish_lag_s=125.0)
+    market = _live(step_messages(path_candles("BTC/USDC", zigzag(n))), lag_of)
+    return feed(state, [*plans_for(p, T0, n), *extra, *market], fill)
+
+
+def test_live_steps_published_on_time_open_entries_as_a_replay_does(profile: Profile) -> None:
+    p = open_thresholds(profile, 0.1, 0.1)
+    replay = buys(_trend_run(p, 60))
+    assert replay
+    live = buys(_live_run(p, 60, lambda close: 3.0))
+    assert [(i.step_time, i.size) for i in live] == [(i.step_time, i.size) for i in replay]
+
+
+def test_history_steps_feed_the_models_but_open_nothing(profile: Profile) -> None:
+    p = open_thresholds(profile, 0.1, 0.1)
+    replay_entries = buys(_trend_run(p, 60))
+    first_entry = int(replay_entries[0].step_time.timestamp())
+    # Every step up to and including the first entry's is a backfill published hours after it closed.
+    cutoff = first_entry + HOUR
+    out = _live_run(p, 60, lambda close: 6 * HOUR if close <= cutoff else 3.0)
+    entries = buys(out)
+    assert entries and all(int(i.step_time.timestamp()) > first_entry for i in entries)
+    assert len(steps_done(out)) == 60  # every step was still evaluated (models warmed up, exits checked)
+
+
+def test_stale_feed_blocks_entries_until_fresh_and_exits_still_act(profile: Profile) -> None:
+    p = open_thresholds(profile, 0.1, 0.1)
+    state = new_state(PID, p, "USDC", frozenset({0}), max_publish_lag_s=125.0)
+    n = 60
+    market = _live(step_messages(path_candles("BTC/USDC", zigzag(n))), lambda close: 3.0)
+    stale = FeedStateChanged(
+        id="stale-1", event_time=dt(T0), correlation_id="feed", state="stale", reason="no websocket frame for 6 s"
+    )
+    out = feed(state, [*plans_for(p, T0, n), stale, *market], fill)
+    assert buys(out) == [] and len(steps_done(out)) == n
+    assert state.history_steps == n
+    fresh_again = stale.model_copy(update={"id": "fresh-1", "state": "fresh", "reason": "frames flowing"})
+    more = _live(step_messages(path_candles("BTC/USDC", zigzag(n + 20)[n:], start=T0 + n * HOUR)), lambda c: 3.0)
+    out = feed(state, [*plans_for(p, T0 + n * HOUR, 20), fresh_again, *more], fill)
+    assert buys(out)
+
+
+def test_stale_feed_still_lets_a_stop_loss_exit(profile: Profile) -> None:
+    p = open_thresholds(profile, 0.99, 0.99)
+    state = new_state(PID, p, "USDC", frozenset({0}), max_publish_lag_s=125.0)
+    stale = FeedStateChanged(id="s", event_time=dt(T0), correlation_id="feed", state="stale", reason="silent")
+    crash = [100, 100, 90]  # -10 %: below the stop loss
+    market = _live(step_messages(path_candles("BTC/USDC", crash)), lambda close: 3.0)
+    out = feed(state, [*plans_for(p, T0, 3), *hold("BTC/USDC", "1", 100), stale, *market], fill)
+    sells = [i for i in of_type(out, PlaceOrder) if i.side == "sell"]
+    assert [i.reason for i in sells] == ["stop_loss"]
