@@ -1,7 +1,7 @@
 """Alerts: what deserves a human's attention, raised to the log and to configurable webhooks.
 
 Kinds (`KINDS`): collision, duplication_prevented, halt, wash_trade_rejection, correlation_breach,
-lag_above_threshold, internal_cross_opportunity, dead_letter.
+lag_above_threshold, internal_cross_opportunity, dead_letter, feed_stale, missing_bucket.
 
 `alerts_from_message` maps one message to its alerts, purely:
 
@@ -13,6 +13,8 @@ lag_above_threshold, internal_cross_opportunity, dead_letter.
 | OrderDecided with rule `internal_cross*`, an internal fill, a message type `*InternalCross*` | internal_cross_opportunity |
 | ProfileHalted | halt |
 | DeadLettered | dead_letter |
+| FeedStateChanged stale (the live feed: no websocket frame, or the last step too old) | feed_stale |
+| WatermarkAdvanced with `missing` products (a bucket still missing at the deadline) | missing_bucket |
 
 Lag and correlation alerts come from measurements (`lag_alerts`, `correlation_alerts`) and fire once when a
 value crosses its threshold, again only after it went back below (`AlertGate`).
@@ -42,12 +44,14 @@ from shared.clock import derived_id
 from shared.messages import (
     CorrelationAlert,
     DeadLettered,
+    FeedStateChanged,
     Message,
     OrderDecided,
     OrderFilled,
     OrderUpdated,
     PlanPublished,
     ProfileHalted,
+    WatermarkAdvanced,
 )
 
 log = logging.getLogger("monitor.alerts")
@@ -62,6 +66,8 @@ KINDS: tuple[str, ...] = (
     "lag_above_threshold",
     "internal_cross_opportunity",
     "dead_letter",
+    "feed_stale",
+    "missing_bucket",
 )
 WASH_TRADE_RULES = frozenset({"opposite_side"})
 
@@ -227,6 +233,34 @@ def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Aler
                 key=msg.id,
                 details={"profiles": [msg.other_profile, msg.profile], "correlation": msg.correlation,
                          "threshold": msg.threshold, "size_scale": msg.size_scale},
+                **base,
+            )
+        ]
+    if isinstance(msg, FeedStateChanged):
+        if msg.state != "stale":
+            return []
+        # Every candle partition carries a copy: one id, one alert.
+        return [
+            Alert(
+                "feed_stale",
+                "critical",
+                f"market feed stale: {msg.reason}; no new entries until it is fresh again",
+                key=msg.id,
+                details={"reason": msg.reason, "last_frame_age_s": msg.last_frame_age_s,
+                         "last_step_time": msg.last_step_time.isoformat() if msg.last_step_time else None},
+                **base,
+            )
+        ]
+    if isinstance(msg, WatermarkAdvanced):
+        if not msg.missing:
+            return []
+        return [
+            Alert(
+                "missing_bucket",
+                "warning",
+                f"step {msg.step_time.isoformat()} went out without {', '.join(msg.missing)}: no final candle by the deadline",
+                key=msg.id,
+                details={"step_time": msg.step_time.isoformat(), "missing": list(msg.missing)},
                 **base,
             )
         ]

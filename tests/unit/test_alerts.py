@@ -27,8 +27,8 @@ from services.monitor.alerts import (
     lag_alerts,
     redact_url,
 )
-from shared.messages import DeadLettered, ProfileHalted
-from tests.unit.builders import T0, decided, dt, order_filled, place_order, plan
+from shared.messages import DeadLettered, FeedStateChanged, ProfileHalted
+from tests.unit.builders import T0, decided, dt, order_filled, place_order, plan, watermark
 
 NOW = datetime(2024, 3, 10, tzinfo=UTC)
 
@@ -61,6 +61,19 @@ def test_message_mapping() -> None:
     [d] = alerts_from_message(dead, "ns")
     assert d.kind == "dead_letter" and "payload_b64" not in d.to_json()["details"]
     assert "secret-ish" not in str(d.to_json())
+
+
+def test_live_feed_alerts_on_a_stale_feed_and_a_missing_bucket_only() -> None:
+    stale = FeedStateChanged(
+        id="feed-stale-1", event_time=dt(T0), correlation_id="feed", state="stale", reason="no websocket frame for 6.0 s"
+    )
+    (alert,) = alerts_from_message(stale, "ns")
+    assert alert.kind == "feed_stale" and alert.severity == "critical" and "6.0 s" in alert.summary
+    assert kinds(stale.model_copy(update={"state": "fresh"})) == []
+    assert kinds(watermark(T0)) == []
+    (missing,) = alerts_from_message(watermark(T0).model_copy(update={"missing": ["ETH/USDC"]}), "ns")
+    assert missing.kind == "missing_bucket" and "ETH/USDC" in missing.summary
+    assert {"feed_stale", "missing_bucket"} <= set(KINDS)
 
 
 def test_alert_json_and_ids_are_stable() -> None:
