@@ -479,6 +479,7 @@ class CoinbaseMdPeer:
         self._silence_pongs = False
         self._hb_stop_until = 0.0
         self._conns: set[_Conn] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         self.ws_url = ""
@@ -637,7 +638,9 @@ class CoinbaseMdPeer:
             kind = body.pop("kind")
             if kind == "close":
                 # Answer first: a clean close waits for the clients' close frames.
-                asyncio.get_running_loop().create_task(self.fault(kind, **body))
+                task = asyncio.get_running_loop().create_task(self.fault(kind, **body))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             else:
                 await self.fault(kind, **body)
         except (ValueError, TypeError, KeyError, AttributeError) as err:
