@@ -176,10 +176,10 @@ async def test_rest_429_fault_and_rate_limit(session: aiohttp.ClientSession) -> 
             )
         status, _, _ = await get(session, peer, "BTC-USD", START_S - 600, START_S)
         assert status == 200
-        peer.set_rate_limit(5)
-        got = [(await get(session, peer, "BTC-USD", START_S - 600, START_S))[0] for _ in range(8)]
-        assert got[:5] == [200] * 5 and got[5:] == [429] * 3
-        await asyncio.sleep(0.25)  # one token back
+        peer.set_rate_limit(2)  # a token bucket: 2 at once, then one every 0.5 s
+        got = [(await get(session, peer, "BTC-USD", START_S - 600, START_S))[0] for _ in range(6)]
+        assert got[:2] == [200] * 2 and got.count(429) >= 3
+        await asyncio.sleep(0.55)  # one token back
         assert (await get(session, peer, "BTC-USD", START_S - 600, START_S))[0] == 200
 
 
@@ -206,28 +206,28 @@ async def test_late_bucket_appears_only_after_its_delay(session: aiohttp.ClientS
 
 
 async def test_server_time_follows_the_fast_clock(session: aiohttp.ClientSession) -> None:
+    async def server_ms() -> tuple[dict[str, str], int, float, float]:
+        before = time.monotonic()
+        async with session.get(peer.base_url + "/api/v3/brokerage/time") as r:
+            body = await r.json()
+        return body, int(body["epochMillis"]), before, time.monotonic()
+
     async with CoinbaseMdPeer(["BTC-USD"], start=START, speed=120) as peer:
-        async with session.get(peer.base_url + "/api/v3/brokerage/time") as r:
-            t1 = await r.json()
+        t1, ms1, a1, b1 = await server_ms()
         await asyncio.sleep(0.5)
-        async with session.get(peer.base_url + "/api/v3/brokerage/time") as r:
-            t2 = await r.json()
+        t2, ms2, a2, b2 = await server_ms()
         assert all(isinstance(v, str) for v in (*t1.values(), *t2.values()))
         assert t1["iso"].endswith("Z") and t1["iso"].startswith("2026-04-07T14:30:")
-        assert (
-            datetime.fromisoformat(t1["iso"].replace("Z", "+00:00")).timestamp()
-            == int(t1["epochMillis"]) / 1000
-        )
-        assert int(t1["epochSeconds"]) == int(t1["epochMillis"]) // 1000
-        assert 55_000 <= int(t2["epochMillis"]) - int(t1["epochMillis"]) <= 75_000
+        assert datetime.fromisoformat(t1["iso"].replace("Z", "+00:00")).timestamp() == ms1 / 1000
+        assert int(t1["epochSeconds"]) == ms1 // 1000
+        # 120 peer ms per real ms, whatever the load: bounded by the real time between the two requests
+        assert 120_000 * (a2 - b1) - 5 <= ms2 - ms1 <= 120_000 * (b2 - a1) + 5
         await peer.fault("set_speed", speed=1)
-        async with session.get(peer.base_url + "/api/v3/brokerage/time") as r:
-            t3 = await r.json()
+        _, ms3, a3, b3 = await server_ms()
         await asyncio.sleep(0.3)
-        async with session.get(peer.base_url + "/api/v3/brokerage/time") as r:
-            t4 = await r.json()
-        assert int(t3["epochMillis"]) >= int(t2["epochMillis"])  # continuous
-        assert 250 <= int(t4["epochMillis"]) - int(t3["epochMillis"]) <= 1000
+        _, ms4, a4, b4 = await server_ms()
+        assert ms3 >= ms2  # continuous
+        assert 1000 * (a4 - b3) - 5 <= ms4 - ms3 <= 1000 * (b4 - a3) + 5
 
 
 # ---------------------------------------------------------------------------------------------- websocket
@@ -357,7 +357,7 @@ async def test_stop_heartbeats_while_trades_flow(session: aiohttp.ClientSession)
         await subscribe(ws, "market_trades", ["BTC-USD"])
         await collect(ws, 0.3)
         peer.stop_heartbeats(0.8)
-        during = await collect(ws, 0.7)
+        during = await collect(ws, 0.6)
         assert not of(during, "heartbeats") and trades_of(during, "update")
         after = await collect(ws, 0.5)
         assert of(after, "heartbeats")
@@ -429,29 +429,39 @@ async def test_outage_aborts_refuses_and_503s_then_recovers(session: aiohttp.Cli
 async def test_streamed_trades_aggregate_to_the_rest_candles(session: aiohttp.ClientSession) -> None:
     start = datetime(2026, 4, 7, 14, 29, 58, tzinfo=UTC)
     async with (
-        CoinbaseMdPeer(["BTC-USD", "ETH-USD"], start=start, speed=60, quiet_every={"ETH-USD": 2}) as peer,
+        CoinbaseMdPeer(
+            ["BTC-USD", "ETH-USD"],
+            start=start,
+            speed=60,
+            quiet_every={"ETH-USD": 2},
+            heartbeat_interval_s=0.1,
+        ) as peer,
         session.ws_connect(peer.ws_url) as ws,
     ):
+        await subscribe(ws, "heartbeats", [])
         await subscribe(ws, "market_trades", ["BTC-USD", "ETH-USD"])
-        msgs = await collect(ws, 3.3)  # buckets 14:30, 14:31 and 14:32 pass entirely (speed 60)
-        by_id: dict[tuple[str, str], dict[str, str]] = {
-            (t["product_id"], t["trade_id"]): t for t in trades_of(msgs)
-        }
+        msgs: list[dict[str, Any]] = []
+        # Until buckets 14:30, 14:31 and 14:32 have passed entirely (3 real seconds at speed 60): a message
+        # stamped after 14:33:05 comes after every trade of 14:32, on both products.
+        while not msgs or msgs[-1]["timestamp"] < "2026-04-07T14:33:05":
+            batch = await collect(ws, 0.5)
+            assert batch, "the stream stopped"
+            msgs += batch
+        # De-duplicated by trade_id (the snapshot and the first update may overlap on a real exchange).
+        by_id = {(t["product_id"], t["trade_id"]): t for t in trades_of(msgs)}
         for product in ("BTC-USD", "ETH-USD"):
             _, body, _ = await get(session, peer, product, START_S, START_S + 2 * G)
             rest = {c["start"]: c for c in body["candles"]}
             for s in range(START_S, START_S + 3 * G, G):
-                got = sorted(
+                mine = sorted(
                     (
                         Trade(int(t["trade_id"]), p, Decimal(t["price"]), Decimal(t["size"]), t["side"], 0)
                         for (p, _), t in by_id.items()
-                        if p == product
-                        and START_S <= int(t["trade_id"]) // 100 * G < START_S + 3 * G
-                        and int(t["trade_id"]) // 100 * G == s
+                        if p == product and s <= datetime.fromisoformat(t["time"]).timestamp() < s + G
                     ),
                     key=lambda t: t.trade_id,
                 )
-                c = aggregate(s, got)
+                c = aggregate(s, mine)
                 if product == "ETH-USD" and (s // G) % 2 == 0:
                     assert c is None and str(s) not in rest  # quiet: no trades, left out of REST
                 else:
