@@ -140,8 +140,14 @@ async def test_candles_argument_errors(session: aiohttp.ClientSession) -> None:
             peer.base_url + CANDLES.format("BTC-USD"), params={"granularity": "ONE_MINUTE"}
         ) as r:
             assert r.status == 400
+        async with session.get(peer.base_url + "/api/v3/brokerage/market/products") as r:
+            assert r.status == 404  # not served by this peer
+        history = START_S - 1200 * G  # history goes back as far as asked
+        status, body, _ = await get(session, peer, "BTC-USD", history, history + 299 * G)
+        assert status == 200 and len(body["candles"]) == 300
+        assert body["candles"][::-1] == peer.final_candles("BTC-USD", history, history + 300 * G)
         statuses = [r.status for r in peer.requests]
-        assert statuses == [400, 200, 400, 404, 400]
+        assert statuses == [400, 200, 400, 404, 400, 404, 200]
         assert (
             peer.requests[0].params["granularity"] == "ONE_MINUTE" and peer.requests[0].peer_time_s == START_S
         )

@@ -654,6 +654,7 @@ class CoinbaseMdPeer:
 
     # -------------------------------------------------------------------------- REST
     async def _not_found(self, request: web.Request) -> web.Response:
+        self._record(request, 404)
         return _HttpError(404, "NOT_FOUND", "Not Found").response()
 
     def _record(self, request: web.Request, status: int) -> None:
