@@ -478,7 +478,7 @@ async def run_pipeline(
     summary = await collect(cfg, endpoints.kafka_bootstrap, out)
     print_table(summary)
     print(
-        f"{outcome} after {len(seen.new_steps)} new step(s), last {seen.last_step.isoformat() if seen.last_step else '-'}; "
+        f"{outcome}: {len(seen.new_steps)} new step(s) this start, last {seen.last_step.isoformat() if seen.last_step else '-'}; "
         f"outputs in {out}; topics of namespace {ns} kept: `mpctl run --out {out}` resumes "
         f"({time.monotonic() - started:.1f} s)"
     )
@@ -531,7 +531,7 @@ async def supervise(
             raise err
         done, why = await candles_drained(bootstrap, cfg)
         if done:
-            return f"{len(seen.new_steps)} new steps processed by every consumer group"
+            return "every step processed by every consumer group"
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
     raise TimeoutError(f"the consumer groups did not process every step in time: {why}")

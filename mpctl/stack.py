@@ -57,6 +57,7 @@ class Proc:
     fh: IO[bytes]
     args: list[str] = field(default_factory=list)
     restarts: int = 0
+    stopped: bool = False  # stopped on purpose (Stack.stop_one): its exit code is no crash
 
 
 @dataclass
@@ -100,13 +101,14 @@ class Stack:
         return new
 
     def dead(self) -> list[Proc]:
-        return [p for p in self.procs if p.popen.poll() not in (None, 0)]
+        return [p for p in self.procs if p.popen.poll() not in (None, 0) and not p.stopped]
 
     def stop_one(self, name: str, grace: float = 10.0) -> int | None:
         """SIGTERM the service `name` and wait for it (SIGKILL after `grace`); its exit code."""
         p = self.get(name)
         if p is None:
             return None
+        p.stopped = True
         if p.popen.poll() is None:
             p.popen.send_signal(signal.SIGTERM)
             try:
