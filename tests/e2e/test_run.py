@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from mpctl.infra import Endpoints
 from mpctl.invariants import check_run
 from mpctl.stack import ingest_takes_source
 from shared.codec import DecodeError, decode
+from shared.config import load_config
 from shared.kafka import partitions_of
 from shared.messages import CandleClosed, WatermarkAdvanced
 
@@ -217,13 +217,6 @@ LIVE_REASON = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def low_threshold_config(tmp_path: Path, rest_url: str, ws_url: str) -> Path:
     """Two profiles on 1 m live candles, thresholds low enough that a few dozen candles produce intents."""
     doc = yaml.safe_load((ROOT / "config" / "coinbase_profiles.yaml").read_text())
@@ -239,13 +232,27 @@ def low_threshold_config(tmp_path: Path, rest_url: str, ws_url: str) -> Path:
     for p in doc["profiles"].values():
         p["enabled"] = True
         p["api_credentials"].update(source="store", exchange="coinbase", sandbox=False)
-        for key in ("entropy_threshold", "confidence_threshold", "signal_strength_threshold"):
-            for section in p.values():
-                if isinstance(section, dict) and key in section:
-                    section[key] = 0.0
+        lower(p)
     path = tmp_path / "live_paper.yaml"
     path.write_text(yaml.safe_dump(doc))
+    load_config(path)  # valid
     return path
+
+
+LOW = {"entropy_threshold": 0.0001, "confidence_threshold": 0.05, "signal_strength_threshold": 0.05}
+
+
+def lower(node: Any) -> None:
+    """Every entry threshold of a profile, wherever it sits, set low."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in LOW:
+                node[k] = LOW[k]
+            else:
+                lower(v)
+    elif isinstance(node, list):
+        for v in node:
+            lower(v)
 
 
 async def topic_bytes(bootstrap: str, namespace: str) -> list[bytes]:
@@ -274,34 +281,34 @@ async def topic_bytes(bootstrap: str, namespace: str) -> list[bytes]:
 def test_run_on_the_live_peer_trades_on_paper_and_leaks_no_credential(
     infra: Endpoints, tmp_path: Path
 ) -> None:
-    port = free_port()
-    peer_log = tmp_path / "peer.log"
-    with peer_log.open("wb") as fh:
-        peer = subprocess.Popen(
-            [
-                sys.executable,
-                str(MD_PEER),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--speed",
-                "60",
-                "--interval",
-                "1m",
-            ],
-            cwd=ROOT,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+    products = sorted(
+        {p.replace("/", "-") for p in load_config(ROOT / "config" / "coinbase_profiles.yaml").all_products()}
+    )
+    peer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.peer.coinbase_md_peer",
+            "--port",
+            "0",
+            "--speed",
+            "60",
+            "--granularity",
+            "60",
+            "--products",
+            ",".join(products),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.2)
-        cfg = low_threshold_config(tmp_path, f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws")
+        assert peer.stdout is not None
+        ready = peer.stdout.readline().split()  # "ready http://127.0.0.1:P ws://127.0.0.1:P/ws"
+        assert ready[:1] == ["ready"], ready
+        rest_url, ws_url = ready[1], ready[2]
+        cfg = low_threshold_config(tmp_path, rest_url, ws_url)
         passphrase = "forward test store passphrase 5b1e"
         store = tmp_path / "secrets" / "credentials.enc"
         env = env_for(infra, MPCTL_CREDENTIALS_STORE=str(store), MPCTL_SECRETS_PASSPHRASE=passphrase)
