@@ -37,6 +37,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "market"
 MD_PEER = ROOT / "tests" / "peer" / "coinbase_md_peer.py"
 REPLAY_SPEED = "36000"  # 1 h candles: ten steps a second
+# Live (b): the signal models warm up on this many closed 1 m candles of history (published at once on the first
+# start, opening nothing), then LIVE_STEPS candles close at the peer's 60 x pace, about one a real second.
+HISTORY = 250
+LIVE_STEPS = 40
 
 
 def env_for(infra: Endpoints, **extra: str) -> dict[str, str]:
@@ -227,16 +231,24 @@ def low_threshold_config(tmp_path: Path, rest_url: str, ws_url: str) -> Path:
         "interval": "1m",
         "rest_url": rest_url,
         "ws_url": ws_url,
-        "history_steps": 60,
+        "history_steps": HISTORY,
     }
+    # The peer's prices come from data/market: only the assets with a file there (UNI has none).
+    have = data_assets()
     for p in doc["profiles"].values():
         p["enabled"] = True
         p["api_credentials"].update(source="store", exchange="coinbase", sandbox=False)
+        sc = p["strategy_config"]
+        sc["random_asset_pool"] = [a for a in sc["random_asset_pool"] if a in have]
         lower(p)
     path = tmp_path / "live_paper.yaml"
     path.write_text(yaml.safe_dump(doc))
     load_config(path)  # valid
     return path
+
+
+def data_assets() -> set[str]:
+    return {f.name.split("_")[1].split("-")[0] for f in DATA.glob("*_*-*_1h.csv*")}
 
 
 LOW = {"entropy_threshold": 0.0001, "confidence_threshold": 0.05, "signal_strength_threshold": 0.05}
@@ -281,9 +293,6 @@ async def topic_bytes(bootstrap: str, namespace: str) -> list[bytes]:
 def test_run_on_the_live_peer_trades_on_paper_and_leaks_no_credential(
     infra: Endpoints, tmp_path: Path
 ) -> None:
-    products = sorted(
-        {p.replace("/", "-") for p in load_config(ROOT / "config" / "coinbase_profiles.yaml").all_products()}
-    )
     peer = subprocess.Popen(
         [
             sys.executable,
@@ -296,7 +305,7 @@ def test_run_on_the_live_peer_trades_on_paper_and_leaks_no_credential(
             "--granularity",
             "60",
             "--products",
-            ",".join(products),
+            ",".join(f"{a}-USDC" for a in sorted(data_assets())),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -316,7 +325,17 @@ def test_run_on_the_live_peer_trades_on_paper_and_leaks_no_credential(
         secrets_ = {pid: f"test-secret-{pid}-9d4c1f" for pid in ("profile_a", "profile_b")}
         for pid, secret in secrets_.items():
             setp = subprocess.run(
-                [sys.executable, "-m", "mpctl.cli", "secrets", "set", pid, "--exchange", "coinbase"],
+                [
+                    sys.executable,
+                    "-m",
+                    "mpctl.cli",
+                    "secrets",
+                    "set",
+                    pid,
+                    "--exchange",
+                    "coinbase",
+                    "--force",
+                ],
                 cwd=ROOT,
                 env=env,
                 input=json.dumps({"api_key": f"key-{pid}", "secret": secret}),
@@ -333,7 +352,7 @@ def test_run_on_the_live_peer_trades_on_paper_and_leaks_no_credential(
             "--out",
             str(out),
             "--max-steps",
-            "40",
+            str(HISTORY + LIVE_STEPS),
             "--timeout",
             "100",
             env=env,
