@@ -16,6 +16,7 @@ COMMAND_MODULES: dict[str, str] = {
     "config": "mpctl.commands_config",
     "infra": "mpctl.infra",
     "demo": "mpctl.commands_demo",
+    "run": "mpctl.commands_run",
     "compose": "mpctl.compose",
     "plans": "mpctl.commands_plans",
     "lag": "mpctl.commands_ops",

@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,18 +19,37 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
-import orjson
 from aiokafka import AIOKafkaConsumer
 
 from mpctl import infra
-from mpctl.progress import Progress
-from services.monitor.collect import collect_run
-from services.monitor.report_html import write_report
+from mpctl.stack import (
+    OUTPUT_FILES,
+    SECRET_ENV,
+    Proc,
+    Stack,
+    _progress,
+    collect,
+    common_args,
+    create_topics,
+    expected_finishers,
+    replay_source_args,
+    start_services,
+    tail,
+    wait_finished,
+    with_namespace,
+    write_run_json,
+)
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig, ConfigError, config_warnings, load_config
-from shared.kafka import delete_topics, ensure_topics
+from shared.kafka import delete_topics
 from shared.messages import WorkerFinished
-from shared.topics import Topics, declared_topics
+from shared.topics import Topics
+
+# Shared with `mpctl run` (mpctl/stack.py); importable from here as before.
+__all__ = [
+    "SECRET_ENV", "Fault", "FaultAction", "Proc", "Stack", "demo_pipeline", "expected_finishers", "register",
+    "run_demo", "sigkill_and_restart", "tail", "wait_finished",
+]
 
 
 def register(sub: Any) -> None:
@@ -54,124 +70,6 @@ def register(sub: Any) -> None:
         help="run execution in live mode against this exchange API on loopback (a test peer; needs system.mode: live)",
     )
     p.set_defaults(handler=run_demo)
-
-
-_progress = Progress("demo")  # terminal only, quiet in CI and pipes (mpctl/progress.py)
-
-
-SECRET_ENV = ("MPCTL_SECRETS_PASSPHRASE", "MPCTL_SECRETS_KEY_FILE")
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    fh: IO[bytes]
-    args: list[str] = field(default_factory=list)
-    restarts: int = 0
-
-
-@dataclass
-class Stack:
-    procs: list[Proc] = field(default_factory=list)
-
-    def start(self, name: str, args: list[str], log_dir: Path) -> Proc:
-        return self._spawn(name, args, log_dir / f"{name}.log", "wb")
-
-    def _spawn(self, name: str, args: list[str], log: Path, mode: str) -> Proc:
-        fh = log.open(mode)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if not name.startswith("execution."):
-            for k in SECRET_ENV:  # only execution workers open the credentials store
-                env.pop(k, None)
-        popen = subprocess.Popen([sys.executable, "-m", *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
-        proc = Proc(name, popen, log, fh, list(args))
-        self.procs.append(proc)
-        return proc
-
-    def sigkill_and_restart(self, name: str) -> Proc:
-        """SIGKILL the running service `name` and start it again with the same arguments, its log continued.
-
-        Synchronous on purpose: with no await between kill and restart, `wait_finished` (same event loop)
-        never sees the victim dead, so a fault injected on purpose is not reported as a crash."""
-        old = next((p for p in self.procs if p.name == name and p.popen.poll() is None), None)
-        if old is None:
-            states = {p.name: p.popen.poll() for p in self.procs}
-            raise RuntimeError(f"no running service {name!r} to kill (exit codes, None = running: {states})")
-        old.popen.kill()
-        old.popen.wait()
-        old.fh.write(f"\n--- SIGKILLed by fault injection (restart {old.restarts + 1}) ---\n".encode())
-        old.fh.close()
-        self.procs.remove(old)
-        new = self._spawn(name, old.args, old.log, "ab")
-        new.restarts = old.restarts + 1
-        return new
-
-    def dead(self) -> list[Proc]:
-        return [p for p in self.procs if p.popen.poll() not in (None, 0)]
-
-    def stop(self, grace: float = 10.0) -> None:
-        for p in self.procs:
-            if p.popen.poll() is None:
-                p.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for p in self.procs:
-            try:
-                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
-                p.popen.wait()
-            p.fh.close()
-
-
-def tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
-def expected_finishers(cfg: AppConfig) -> set[str]:
-    names = {"ingest:0", "registry:0"}
-    names |= {f"arbiter:partition-{p}" for p in range(cfg.system.kafka.intent_partitions)}
-    names |= {f"strategy:{pid}" for pid in cfg.enabled_profiles()}
-    return names
-
-
-async def wait_finished(
-    bootstrap: str, topic: str, expected: set[str], stack: Stack, timeout: float, started: float
-) -> set[str]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    seen: set[str] = set()
-    last_report = 0.0
-    try:
-        while not expected <= seen:
-            dead = stack.dead()
-            if dead:
-                d = dead[0]
-                raise RuntimeError(
-                    f"service {d.name} exited with code {d.popen.returncode}; last lines of {d.log}:\n{tail(d.log)}"
-                )
-            if time.monotonic() - started > timeout:
-                missing = sorted(expected - seen)
-                raise TimeoutError(f"run not complete after {timeout:.0f} s; still waiting for {missing}")
-            batch = await consumer.getmany(timeout_ms=500)
-            for recs in batch.values():
-                for rec in recs:
-                    try:
-                        msg = decode(rec.value)
-                    except DecodeError:
-                        continue
-                    if isinstance(msg, WorkerFinished):
-                        seen.add(f"{msg.service}:{msg.instance}")
-            if time.monotonic() - last_report > 15:
-                last_report = time.monotonic()
-                _progress(f"{time.monotonic() - started:.0f}s: finished {sorted(seen)}")
-        return seen
-    finally:
-        await consumer.stop()
 
 
 FaultAction = Callable[[Stack], Awaitable[str]]  # does the harm, returns what it did
@@ -347,53 +245,26 @@ async def demo_pipeline(
     if endpoints is None:
         endpoints = await asyncio.to_thread(infra.resolve_endpoints, None, _progress)
     ns = args.namespace or "demo" + datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-    kafka = cfg.system.kafka.model_copy(update={"namespace": ns})
-    cfg = cfg.model_copy(update={"system": cfg.system.model_copy(update={"kafka": kafka})})
+    cfg = with_namespace(cfg, ns)
     topics = Topics(ns)
     out: Path = args.out
-    log_dir = out / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (
-        "orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json",
-        "report.html", "audit.jsonl", "alerts.jsonl", "monitor.json",
-    ):
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    for stale in OUTPUT_FILES:
         (out / stale).unlink(missing_ok=True)
-    specs = declared_topics(cfg, ns)
-    await ensure_topics(endpoints.kafka_bootstrap, specs, replication_factor=cfg.system.kafka.replication_factor)
-    (out / "run.json").write_bytes(
-        orjson.dumps(
-            {
-                "namespace": ns,
-                "kafka_bootstrap": endpoints.kafka_bootstrap,
-                "redis_url": endpoints.redis_url,
-                "config": str(args.config) if args.config else None,
-            },
-            option=orjson.OPT_INDENT_2,
-        )
-    )
+    specs = await create_topics(endpoints.kafka_bootstrap, cfg, ns)
+    write_run_json(out, ns, endpoints, args.config)
     _progress(f"namespace {ns}: {len(specs)} topics on {endpoints.kafka_bootstrap}, Redis {endpoints.redis_url}")
-    common = ["--bootstrap", endpoints.kafka_bootstrap, "--redis-url", endpoints.redis_url, "--namespace", ns]
-    if args.config:
-        common += ["--config", str(args.config)]
     stack = Stack()
     try:
-        # A replay runs in event time, also when execution is live.
-        stack.start("registry", ["services.registry", *common, "--clock", "event"], log_dir)
-        stack.start("arbiter", ["services.arbiter", *common], log_dir)
-        for pid in cfg.enabled_profiles():
-            live = ["--exchange-api-base", args.exchange_api_base] if args.exchange_api_base else []
-            stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid, *live], log_dir)
-            stack.start(f"strategy.{pid}", ["services.strategy", *common, "--profile", pid], log_dir)
-        stack.start(
-            "monitor",
-            ["services.monitor", *common, "--audit-file", str(out / "audit.jsonl"), "--alerts-file", str(out / "alerts.jsonl")],
-            log_dir,
-        )
-        replay = ["--data", str(args.data), "--speed", str(args.speed)]
+        replay = [*replay_source_args(), "--data", str(args.data), "--speed", str(args.speed)]
         for flag in ("hours", "start", "end"):
             if getattr(args, flag) is not None:
                 replay += [f"--{flag}", str(getattr(args, flag))]
-        stack.start("ingest", ["services.ingest", *common, *replay], log_dir)
+        # A replay runs in event time, also when execution is live.
+        log_dir = start_services(
+            stack, cfg, common_args(endpoints, ns, args.config), out,
+            registry_clock="event", ingest_args=replay, exchange_api_base=args.exchange_api_base,
+        )
         _progress(f"started {len(stack.procs)} service processes; logs in {log_dir}")
         await wait_finished_with_faults(
             endpoints.kafka_bootstrap, topics, expected_finishers(cfg), stack, args.timeout, started, faults
@@ -404,8 +275,7 @@ async def demo_pipeline(
     finally:
         stack.stop()
     _progress("replay fully processed; collecting the run")
-    summary = await collect_run(cfg, endpoints.kafka_bootstrap, out)
-    write_report(out)
+    summary = await collect(cfg, endpoints.kafka_bootstrap, out)
     if not args.keep_topics:
         await delete_topics(endpoints.kafka_bootstrap, [s.name for s in specs])
     print_table(summary)

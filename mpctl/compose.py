@@ -47,6 +47,7 @@ REDIS_HOST_PORT = 16379
 
 CONTAINER_CONFIG = "/app/config/profiles.yaml"
 CONTAINER_DATA = "/app/data/market"
+REPLAY_PROFILE = "replay"  # `docker compose --profile replay`: the recorded candles instead of the live market
 SECRETS_DIR = "secrets"
 # Where the execution worker finds its profile's export: the worker reads the store named by MPCTL_CREDENTIALS_STORE
 # and, with no MPCTL_SECRETS_KEY_FILE, the key mounted at /run/secrets/mpctl_secrets_key (credentials.py).
@@ -70,7 +71,10 @@ SERVICE_COMMENTS: dict[str, str] = {
     f"the host reaches it on 127.0.0.1:{KAFKA_HOST_PORT} (the same address as `mpctl infra up`).",
     "redis": "Redis holds the registry's claims (hashes, fingerprints, random assets); append-only file on a volume.",
     "topics": "One shot: creates every declared topic (shared/topics.py) with its partitions before any worker starts.",
-    "ingest": "Replays the recorded candles mounted at /app/data/market, then exits 0 (a restart resumes or no-ops).",
+    "ingest": "The live market from Coinbase (system.market_data: REST candles, websocket liveness and time), with\n"
+    "paper execution unless system.mode: live; after a restart it backfills the steps it missed.",
+    "ingest-replay": "Opt-in (compose profile `replay`): replays the candles mounted at /app/data/market instead of\n"
+    "the live market, then exits 0. Run it alone: `docker compose --profile replay up -d --scale ingest=0`.",
     "monitor": "Consumer lag, per-profile performance, service health, alerts; the audit trail to the audit-data volume.",
     "prometheus": "Scrape config deploy/prometheus.yml (rendered with this file): every service's /metrics on port "
     "9100.",
@@ -285,15 +289,22 @@ def compose_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> 
     ]
     ingest_deps: dict[str, dict[str, str]] = _needs_topics()
     ingest_deps.update({name: {"condition": "service_started"} for name in workers})
-    ingest = _app_service(
+    services["ingest"] = _app_service(
         "services.ingest",
-        [*_common_args(), "--data", CONTAINER_DATA],
+        [*_common_args(), "--source", "coinbase"],
         config_source=config_source,
         depends_on=ingest_deps,
+    )
+    replay = _app_service(
+        "services.ingest",
+        [*_common_args(), "--source", "replay", "--data", CONTAINER_DATA],
+        config_source=config_source,
+        depends_on=dict(ingest_deps),
         restart="on-failure",
     )
-    ingest["volumes"].append(_bind("./data/market", CONTAINER_DATA))
-    services["ingest"] = ingest
+    replay["profiles"] = [REPLAY_PROFILE]
+    replay["volumes"].append(_bind("./data/market", CONTAINER_DATA))
+    services["ingest-replay"] = replay
 
     services["prometheus"] = {
         "image": PROMETHEUS_IMAGE,

@@ -45,6 +45,8 @@ REPLICATION_FACTOR = 3
 ORDER_MIN_ISR = 2
 CONFIG_MOUNT = "/app/config"
 CONFIG_FILE = f"{CONFIG_MOUNT}/profiles.yaml"
+REPLAY_DATA_MOUNT = "/app/data/market"  # --replay: the candle files, from the claim below
+REPLAY_DATA_CLAIM = "market-data"
 SECRET_MOUNT = "/run/secrets"
 # The Secret's two keys, as files in SECRET_MOUNT: the store the worker reads (MPCTL_CREDENTIALS_STORE) and the
 # key it opens it with (credentials.MOUNTED_KEY_FILE, found there with no MPCTL_SECRETS_KEY_FILE set).
@@ -396,7 +398,39 @@ def _common_args(profile: str | None = None) -> list[str]:
     return args
 
 
-def workload_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
+def ingest_objects(*, image: str, replay: bool) -> list[dict[str, Any]]:
+    """One ingest pod (one publisher of md.candles): the live market from Coinbase by default; with `replay`,
+    the candle files of the PersistentVolumeClaim `market-data` (fill it with data/market first)."""
+    ready = {"readinessProbe": {**_kafka_reachable_probe(), "initialDelaySeconds": 5}}
+    mounts = [_config_mount()]
+    volumes = [_config_volume()]
+    objs: list[dict[str, Any]] = []
+    if replay:
+        args = ["services.ingest", *_common_args(), "--source", "replay", "--data", REPLAY_DATA_MOUNT]
+        mounts.append({"name": "market-data", "mountPath": REPLAY_DATA_MOUNT, "readOnly": True})
+        volumes.append({"name": "market-data", "persistentVolumeClaim": {"claimName": REPLAY_DATA_CLAIM, "readOnly": True}})
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": REPLAY_DATA_CLAIM, "labels": _labels("ingest")},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            }
+        )
+    else:
+        args = ["services.ingest", *_common_args(), "--source", "coinbase"]
+    objs.append(
+        _deployment(
+            "ingest",
+            "ingest",
+            _container("ingest", image, args, _resources("100m", "256Mi", "1", "512Mi"), mounts=mounts, probes=ready),
+            volumes,
+        )
+    )
+    return objs
+
+
+def workload_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool = False) -> list[dict[str, Any]]:
     ready = {"readinessProbe": {**_kafka_reachable_probe(), "initialDelaySeconds": 5}}
     objs: list[dict[str, Any]] = []
 
@@ -502,11 +536,12 @@ def workload_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE) -> list[dict
     monitor_svc = _service("monitor", _selector("monitor"), MONITOR_METRICS_PORT, headless=False, component="monitor")
     monitor_svc["spec"]["ports"][0]["name"] = "metrics"
     objs.append(monitor_svc)
+    objs += ingest_objects(image=image, replay=replay)
     return objs
 
 
-def manifest_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
-    return [*kafka_objects(cfg), *redis_objects(), config_map(cfg), *workload_objects(cfg, image=image)]
+def manifest_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool = False) -> list[dict[str, Any]]:
+    return [*kafka_objects(cfg), *redis_objects(), config_map(cfg), *workload_objects(cfg, image=image, replay=replay)]
 
 
 def _dump_all(objs: list[dict[str, Any]]) -> str:
@@ -514,9 +549,13 @@ def _dump_all(objs: list[dict[str, Any]]) -> str:
     return "---\n" + "---\n".join(docs)
 
 
-def render_manifests(cfg: AppConfig, *, image: str = DEFAULT_IMAGE, config_path: str = str(DEFAULT_CONFIG)) -> str:
-    """Every object of the stack as one multi-document YAML file."""
-    return HEADER.format(config=Path(config_path).as_posix()) + _dump_all(manifest_objects(cfg, image=image))
+def render_manifests(
+    cfg: AppConfig, *, image: str = DEFAULT_IMAGE, config_path: str = str(DEFAULT_CONFIG), replay: bool = False
+) -> str:
+    """Every object of the stack as one multi-document YAML file (the live ingest, or with `replay` a replay)."""
+    return HEADER.format(config=Path(config_path).as_posix()) + _dump_all(
+        manifest_objects(cfg, image=image, replay=replay)
+    )
 
 
 def secret_templates(cfg: AppConfig) -> list[dict[str, Any]]:
@@ -550,7 +589,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"INVALID: {err}", file=sys.stderr)
         return 1
-    text = render_manifests(cfg, image=args.image, config_path=config_path)
+    text = render_manifests(cfg, image=args.image, config_path=config_path, replay=args.replay)
     if str(args.out) == "-":
         sys.stdout.write(text)
         return 0
@@ -577,6 +616,12 @@ def _add_subcommands(ksub: Any) -> None:
         help="placeholder Secrets file ('' to skip; ignored with --out -)",
     )
     r.add_argument("--image", default=DEFAULT_IMAGE, help=f"application image (default {DEFAULT_IMAGE})")
+    r.add_argument(
+        "--replay",
+        action="store_true",
+        help=f"ingest replays the candle files of the PersistentVolumeClaim {REPLAY_DATA_CLAIM!r} instead of the "
+        "live market (the default)",
+    )
     r.set_defaults(handler=cmd_render)
 
 

@@ -55,11 +55,15 @@ async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], *, replicati
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race; checked below
                 await admin.create_topics(new, validate_only=False)
-        # Right after creation the metadata may still list 0 partitions: ask again until it settles.
-        for attempt in range(50):
+        # Right after creation the metadata may still list 0 partitions, or partitions without a leader (a
+        # producer sending then logs NotLeaderForPartitionError): ask again until every partition has a leader.
+        for attempt in range(100):
             described = await admin.describe_topics([s.name for s in specs])
             counts = {d["topic"]: len(d["partitions"]) for d in described}
-            if all(counts.get(s.name) for s in specs) or attempt == 49:
+            led = all(
+                p.get("error_code", 0) == 0 and p.get("leader", -1) >= 0 for d in described for p in d["partitions"]
+            )
+            if (all(counts.get(s.name) for s in specs) and led) or attempt == 99:
                 break
             await asyncio.sleep(0.1)
         for s in specs:

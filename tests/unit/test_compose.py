@@ -195,7 +195,7 @@ def test_service_commands_use_the_services_own_flags() -> None:
     services = _services(COMMITTED.read_text(encoding="utf-8"))
     metrics = {"--metrics-port", "--metrics-addr"}
     extras = {
-        "ingest": {"--data"},
+        "ingest": {"--data", "--source"},
         "strategy": metrics,
         "execution": metrics,
         "registry": metrics,
@@ -243,10 +243,29 @@ def test_dependencies_and_restart_policies() -> None:
     for name, svc in services.items():
         if svc.get("image") == compose.APP_IMAGE and name != "topics":
             assert svc["depends_on"]["topics"] == {"condition": "service_completed_successfully"}
-            assert svc["restart"] == ("on-failure" if name == "ingest" else "unless-stopped")
+            # The replay is a one-shot (exits 0 at its end); every other service, the live ingest among them, runs on.
+            assert svc["restart"] == ("on-failure" if name == "ingest-replay" else "unless-stopped")
     assert services["registry"]["depends_on"]["redis"] == {"condition": "service_healthy"}
     for port_list in (svc.get("ports", []) for svc in services.values()):
         assert all(p.startswith("127.0.0.1:") for p in port_list)  # nothing published beyond loopback
+
+
+def test_the_live_market_by_default_the_replay_opt_in() -> None:
+    services = _services(COMMITTED.read_text(encoding="utf-8"))
+    live, replay = services["ingest"], services["ingest-replay"]
+    assert "profiles" not in live  # `docker compose up` starts it
+    assert live["command"][0] == "services.ingest"
+    assert live["command"][live["command"].index("--source") + 1] == "coinbase" and "--data" not in live["command"]
+    assert not any(v == compose.CONTAINER_DATA or str(v).endswith(compose.CONTAINER_DATA) for v in live["volumes"])
+    assert replay["profiles"] == ["replay"]  # only with `docker compose --profile replay`
+    cmd = replay["command"]
+    assert cmd[cmd.index("--source") + 1] == "replay" and cmd[cmd.index("--data") + 1] == compose.CONTAINER_DATA
+    assert any(isinstance(v, dict) and v["target"] == compose.CONTAINER_DATA for v in replay["volumes"])
+    assert replay["depends_on"] == live["depends_on"]
+    # Paper execution by default: the template's mode.
+    assert load_config(compose.DEFAULT_CONFIG).system.mode == "paper"
+    others = [n for n, svc in services.items() if n not in ("ingest", "ingest-replay")]
+    assert all("profiles" not in services[n] for n in others)
 
 
 def _store_with(path: Path, profiles: dict[str, credentials.StoredCredentials]) -> None:

@@ -273,7 +273,11 @@ def test_redis_has_a_primary_and_a_replica() -> None:
 
 def test_workloads_have_resources_probes_and_parse_their_args() -> None:
     docs = _docs(STACK.read_text(encoding="utf-8"))
-    extras = {"registry": {"--metrics-port"}, "monitor": {"--metrics-port", "--metrics-addr"}}
+    extras = {
+        "registry": {"--metrics-port"},
+        "monitor": {"--metrics-port", "--metrics-addr"},
+        "ingest": {"--source", "--data"},
+    }
     for d in [*_by_kind(docs, "Deployment"), *_by_kind(docs, "StatefulSet")]:
         for c in _pod_spec(d)["containers"]:
             r = c["resources"]
@@ -290,6 +294,47 @@ def test_workloads_have_resources_probes_and_parse_their_args() -> None:
             assert {u for u in unknown if u.startswith("--")} <= extras.get(service, set()), (module, unknown)
             assert args.bootstrap == k8s.KAFKA_BOOTSTRAP and args.config == Path(k8s.CONFIG_FILE)
             assert args.redis_url == k8s.REDIS_URL
+
+
+def _ingest(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    deps = [d for d in _by_kind(docs, "Deployment") if d["metadata"]["name"] == "ingest"]
+    assert len(deps) == 1
+    spec = deps[0]["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}  # one publisher of md.candles
+    container: dict[str, Any] = _pod_spec(deps[0])["containers"][0]
+    return container
+
+
+def test_the_ingest_runs_the_live_market_by_default_and_a_replay_with_the_flag() -> None:
+    cfg = load_config(TEMPLATE)
+    assert cfg.system.mode == "paper"  # paper execution by default
+    live = _docs(STACK.read_text(encoding="utf-8"))
+    args = _ingest(live)["args"]
+    assert args[0] == "services.ingest" and args[args.index("--source") + 1] == "coinbase" and "--data" not in args
+    assert not _by_kind(live, "PersistentVolumeClaim")
+    replay = _docs(k8s.render_manifests(cfg, config_path=TEMPLATE_REL, replay=True))
+    c = _ingest(replay)
+    args = c["args"]
+    assert args[args.index("--source") + 1] == "replay" and args[args.index("--data") + 1] == k8s.REPLAY_DATA_MOUNT
+    assert {"name": "market-data", "mountPath": k8s.REPLAY_DATA_MOUNT, "readOnly": True} in c["volumeMounts"]
+    (pvc,) = _by_kind(replay, "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == k8s.REPLAY_DATA_CLAIM
+    for d in [pvc, *(d for d in _by_kind(replay, "Deployment") if d["metadata"]["name"] == "ingest")]:
+        _validate_core(d)
+    # Everything else is the same rendering.
+    assert [d for d in replay if d["metadata"]["name"] not in ("ingest", k8s.REPLAY_DATA_CLAIM)] == [
+        d for d in live if d["metadata"]["name"] != "ingest"
+    ]
+
+
+def test_cli_render_replay_flag(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    k8s.register(parser.add_subparsers())
+    out = tmp_path / "stack.yaml"
+    args = parser.parse_args(["k8s", "render", "--config", str(TEMPLATE), "--out", str(out), "--secrets-out", "", "--replay"])
+    assert args.handler(args) == 0
+    args = _ingest(_docs(out.read_text(encoding="utf-8")))["args"]
+    assert args[args.index("--source") + 1] == "replay"
 
 
 # ------------------------------------------------------------------------------------------ core schemas

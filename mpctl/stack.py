@@ -1,0 +1,308 @@
+"""What `mpctl demo` and `mpctl run` share: the service processes of one run (`Stack`), the command lines they
+are started with, the run directory (`run.json`, logs), topic set-up, waiting for the services, collecting.
+
+Each service is its own process (`python -m services.<name>`), its output in `<out>/logs/<name>.log`. Only the
+execution workers keep the credential store's environment variables (SECRET_ENV)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from mpctl import infra
+from mpctl.progress import Progress
+from services.monitor.collect import collect_run
+from services.monitor.report_html import write_report
+from shared.codec import DecodeError, decode
+from shared.config import AppConfig
+from shared.kafka import ensure_topics
+from shared.messages import WorkerFinished
+from shared.topics import TopicSpec, declared_topics
+
+SECRET_ENV = ("MPCTL_SECRETS_PASSPHRASE", "MPCTL_SECRETS_KEY_FILE")
+
+# The files a run's collection writes (stale ones are removed before a new demo).
+OUTPUT_FILES = (
+    "orders.jsonl",
+    "fills.jsonl",
+    "decisions.jsonl",
+    "plans.jsonl",
+    "summary.json",
+    "report.html",
+    "audit.jsonl",
+    "alerts.jsonl",
+    "monitor.json",
+)
+
+_progress = Progress("demo")  # terminal only, quiet in CI and pipes (mpctl/progress.py)
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    fh: IO[bytes]
+    args: list[str] = field(default_factory=list)
+    restarts: int = 0
+    stopped: bool = False  # stopped on purpose (Stack.stop_one): its exit code is no crash
+
+
+@dataclass
+class Stack:
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, args: list[str], log_dir: Path, *, append: bool = False) -> Proc:
+        """Start `python -m <args>` as service `name`; `append` continues its log (a resumed run)."""
+        return self._spawn(name, args, log_dir / f"{name}.log", "ab" if append else "wb")
+
+    def _spawn(self, name: str, args: list[str], log: Path, mode: str) -> Proc:
+        fh = log.open(mode)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if not name.startswith("execution."):
+            for k in SECRET_ENV:  # only execution workers open the credentials store
+                env.pop(k, None)
+        popen = subprocess.Popen([sys.executable, "-m", *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = Proc(name, popen, log, fh, list(args))
+        self.procs.append(proc)
+        return proc
+
+    def get(self, name: str) -> Proc | None:
+        return next((p for p in self.procs if p.name == name), None)
+
+    def sigkill_and_restart(self, name: str) -> Proc:
+        """SIGKILL the running service `name` and start it again with the same arguments, its log continued.
+
+        Synchronous on purpose: with no await between kill and restart, `wait_finished` (same event loop)
+        never sees the victim dead, so a fault injected on purpose is not reported as a crash."""
+        old = next((p for p in self.procs if p.name == name and p.popen.poll() is None), None)
+        if old is None:
+            states = {p.name: p.popen.poll() for p in self.procs}
+            raise RuntimeError(f"no running service {name!r} to kill (exit codes, None = running: {states})")
+        old.popen.kill()
+        old.popen.wait()
+        old.fh.write(f"\n--- SIGKILLed by fault injection (restart {old.restarts + 1}) ---\n".encode())
+        old.fh.close()
+        self.procs.remove(old)
+        new = self._spawn(name, old.args, old.log, "ab")
+        new.restarts = old.restarts + 1
+        return new
+
+    def dead(self) -> list[Proc]:
+        return [p for p in self.procs if p.popen.poll() not in (None, 0) and not p.stopped]
+
+    def stop_one(self, name: str, grace: float = 10.0) -> int | None:
+        """SIGTERM the service `name` and wait for it (SIGKILL after `grace`); its exit code."""
+        p = self.get(name)
+        if p is None:
+            return None
+        p.stopped = True
+        if p.popen.poll() is None:
+            p.popen.send_signal(signal.SIGTERM)
+            try:
+                p.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+        return p.popen.returncode
+
+    def stop(self, grace: float = 10.0) -> None:
+        for p in self.procs:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+            p.fh.close()
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def dead_service_error(stack: Stack) -> RuntimeError | None:
+    dead = stack.dead()
+    if not dead:
+        return None
+    d = dead[0]
+    return RuntimeError(
+        f"service {d.name} exited with code {d.popen.returncode}; last lines of {d.log}:\n{tail(d.log)}"
+    )
+
+
+def expected_finishers(cfg: AppConfig) -> set[str]:
+    names = {"ingest:0", "registry:0"}
+    names |= {f"arbiter:partition-{p}" for p in range(cfg.system.kafka.intent_partitions)}
+    names |= {f"strategy:{pid}" for pid in cfg.enabled_profiles()}
+    return names
+
+
+async def wait_finished(
+    bootstrap: str,
+    topic: str,
+    expected: set[str],
+    stack: Stack,
+    timeout: float,
+    started: float,
+    *,
+    say: Say | None = None,
+) -> set[str]:
+    """Wait until every `expected` service:instance announced WorkerFinished on `topic` (the end of a replay)."""
+    say = say or _progress
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    seen: set[str] = set()
+    last_report = 0.0
+    try:
+        while not expected <= seen:
+            err = dead_service_error(stack)
+            if err is not None:
+                raise err
+            if time.monotonic() - started > timeout:
+                missing = sorted(expected - seen)
+                raise TimeoutError(f"run not complete after {timeout:.0f} s; still waiting for {missing}")
+            batch = await consumer.getmany(timeout_ms=500)
+            for recs in batch.values():
+                for rec in recs:
+                    try:
+                        msg = decode(rec.value)
+                    except DecodeError:
+                        continue
+                    if isinstance(msg, WorkerFinished):
+                        seen.add(f"{msg.service}:{msg.instance}")
+            if time.monotonic() - last_report > 15:
+                last_report = time.monotonic()
+                say(f"{time.monotonic() - started:.0f}s: finished {sorted(seen)}")
+        return seen
+    finally:
+        await consumer.stop()
+
+
+# ------------------------------------------------------------------------------------------ run directory
+def with_namespace(cfg: AppConfig, ns: str) -> AppConfig:
+    kafka = cfg.system.kafka.model_copy(update={"namespace": ns})
+    return cfg.model_copy(update={"system": cfg.system.model_copy(update={"kafka": kafka})})
+
+
+def read_run_json(out: Path) -> dict[str, Any] | None:
+    """The run directory's run.json, or None when there is none (a new run)."""
+    path = out / "run.json"
+    if not path.exists():
+        return None
+    info: dict[str, Any] = orjson.loads(path.read_bytes())
+    return info
+
+
+def write_run_json(
+    out: Path, ns: str, endpoints: infra.Endpoints, config: Path | None, extra: dict[str, Any] | None = None
+) -> None:
+    """What `mpctl status|lag|report|send --run DIR` read: the namespace, the broker, Redis, the profiles file."""
+    doc: dict[str, Any] = {
+        "namespace": ns,
+        "kafka_bootstrap": endpoints.kafka_bootstrap,
+        "redis_url": endpoints.redis_url,
+        "config": str(config) if config else None,
+    }
+    doc.update(extra or {})
+    (out / "run.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+
+
+async def create_topics(bootstrap: str, cfg: AppConfig, ns: str) -> list[TopicSpec]:
+    specs = declared_topics(cfg, ns)
+    await ensure_topics(bootstrap, specs, replication_factor=cfg.system.kafka.replication_factor)
+    return specs
+
+
+def common_args(endpoints: infra.Endpoints, ns: str, config: Path | None) -> list[str]:
+    args = ["--bootstrap", endpoints.kafka_bootstrap, "--redis-url", endpoints.redis_url, "--namespace", ns]
+    if config:
+        args += ["--config", str(config)]
+    return args
+
+
+def ingest_takes_source() -> bool:
+    """Whether this checkout's ingest has `--source {coinbase,replay}` (the live ingest); before it, a replay
+    ingest is started with `--data` alone."""
+    import services.ingest.__main__ as ingest_main
+
+    try:
+        return "--source" in Path(ingest_main.__file__).read_text()
+    except OSError:
+        return False
+
+
+def replay_source_args() -> list[str]:
+    return ["--source", "replay"] if ingest_takes_source() else []
+
+
+def start_services(
+    stack: Stack,
+    cfg: AppConfig,
+    common: Sequence[str],
+    out: Path,
+    *,
+    registry_clock: str,
+    ingest_args: Sequence[str],
+    exchange_api_base: str | None = None,
+    append_logs: bool = False,
+) -> Path:
+    """Start every service of the run, the ingest last (its candles find every consumer ready); the log folder."""
+    log_dir = out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    c = list(common)
+    stack.start("registry", ["services.registry", *c, "--clock", registry_clock], log_dir, append=append_logs)
+    stack.start("arbiter", ["services.arbiter", *c], log_dir, append=append_logs)
+    for pid in cfg.enabled_profiles():
+        live = ["--exchange-api-base", exchange_api_base] if exchange_api_base else []
+        stack.start(
+            f"execution.{pid}",
+            ["services.execution", *c, "--profile", pid, *live],
+            log_dir,
+            append=append_logs,
+        )
+        stack.start(
+            f"strategy.{pid}", ["services.strategy", *c, "--profile", pid], log_dir, append=append_logs
+        )
+    stack.start(
+        "monitor",
+        [
+            "services.monitor",
+            *c,
+            "--audit-file",
+            str(out / "audit.jsonl"),
+            "--alerts-file",
+            str(out / "alerts.jsonl"),
+        ],
+        log_dir,
+        append=append_logs,
+    )
+    stack.start("ingest", ["services.ingest", *c, *ingest_args], log_dir, append=append_logs)
+    return log_dir
+
+
+async def collect(cfg: AppConfig, bootstrap: str, out: Path) -> dict[str, Any]:
+    """The run's files from its topics (orders, fills, decisions, plans, summary), then report.html."""
+    summary = await collect_run(cfg, bootstrap, out)
+    write_report(out)
+    return summary
