@@ -32,7 +32,6 @@ from mpctl.stack import (
     common_args,
     create_topics,
     expected_finishers,
-    replay_source_args,
     start_services,
     tail,
     wait_finished,
@@ -256,14 +255,14 @@ async def demo_pipeline(
     _progress(f"namespace {ns}: {len(specs)} topics on {endpoints.kafka_bootstrap}, Redis {endpoints.redis_url}")
     stack = Stack()
     try:
-        replay = [*replay_source_args(), "--data", str(args.data), "--speed", str(args.speed)]
+        replay = ["--data", str(args.data), "--speed", str(args.speed)]
         for flag in ("hours", "start", "end"):
             if getattr(args, flag) is not None:
                 replay += [f"--{flag}", str(getattr(args, flag))]
         # A replay runs in event time, also when execution is live.
         log_dir = start_services(
-            stack, cfg, common_args(endpoints, ns, args.config), out,
-            registry_clock="event", ingest_args=replay, exchange_api_base=args.exchange_api_base,
+            stack, cfg, common_args(endpoints, ns, args.config, "replay"), out,
+            ingest_args=replay, exchange_api_base=args.exchange_api_base,
         )
         _progress(f"started {len(stack.procs)} service processes; logs in {log_dir}")
         await wait_finished_with_faults(

@@ -38,7 +38,6 @@ from mpctl.stack import (
     create_topics,
     dead_service_error,
     read_run_json,
-    replay_source_args,
     start_services,
     with_namespace,
     write_run_json,
@@ -223,23 +222,12 @@ def plan_start(args: argparse.Namespace, settings: RunSettings, *, now: datetime
 def ingest_args(settings: RunSettings) -> list[str]:
     """The ingest's flags: the live source with the endpoint and interval flags given, or the replay."""
     if settings.source == "coinbase":
-        out = ["--source", "coinbase"]
+        out: list[str] = []
         for key, flag in (("rest_url", "--rest-url"), ("ws_url", "--ws-url"), ("interval", "--interval")):
             if key in settings.flags:
                 out += [flag, settings.flags[key]]
         return out
-    src = replay_source_args()
-    out = [*src, "--data", str(settings.data_dir), "--speed", f"{settings.speed:g}"]
-    if src and "interval" in settings.flags:
-        out += ["--interval", settings.flags["interval"]]
-    return out
-
-
-def registry_clock(cfg: AppConfig, settings: RunSettings) -> str:
-    """`auto` (the config's source decides) unless the flags chose another source than the config's."""
-    if settings.source == cfg.system.market_data.source:
-        return "auto"
-    return "event" if settings.source == "replay" else "wall"
+    return ["--data", str(settings.data_dir), "--speed", f"{settings.speed:g}"]
 
 
 def check_start(args: argparse.Namespace, cfg: AppConfig, settings: RunSettings) -> None:
@@ -450,9 +438,8 @@ async def run_pipeline(
         log_dir = start_services(
             stack,
             cfg,
-            common_args(endpoints, ns, args.config),
+            common_args(endpoints, ns, args.config, settings.source),
             out,
-            registry_clock=registry_clock(cfg, settings),
             ingest_args=ingest_args(settings),
             exchange_api_base=args.exchange_api_base,
             append_logs=plan.resumed,

@@ -234,26 +234,13 @@ async def create_topics(bootstrap: str, cfg: AppConfig, ns: str) -> list[TopicSp
     return specs
 
 
-def common_args(endpoints: infra.Endpoints, ns: str, config: Path | None) -> list[str]:
+def common_args(endpoints: infra.Endpoints, ns: str, config: Path | None, source: str) -> list[str]:
+    """Flags every service of a run takes. `--source` chooses each service's clock: the exchange's (coinbase)
+    or the candles' event time (replay)."""
     args = ["--bootstrap", endpoints.kafka_bootstrap, "--redis-url", endpoints.redis_url, "--namespace", ns]
     if config:
         args += ["--config", str(config)]
-    return args
-
-
-def ingest_takes_source() -> bool:
-    """Whether this checkout's ingest has `--source {coinbase,replay}` (the live ingest); before it, a replay
-    ingest is started with `--data` alone."""
-    import services.ingest.__main__ as ingest_main
-
-    try:
-        return "--source" in Path(ingest_main.__file__).read_text()
-    except OSError:
-        return False
-
-
-def replay_source_args() -> list[str]:
-    return ["--source", "replay"] if ingest_takes_source() else []
+    return [*args, "--source", source]
 
 
 def start_services(
@@ -262,7 +249,6 @@ def start_services(
     common: Sequence[str],
     out: Path,
     *,
-    registry_clock: str,
     ingest_args: Sequence[str],
     exchange_api_base: str | None = None,
     append_logs: bool = False,
@@ -271,7 +257,8 @@ def start_services(
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     c = list(common)
-    stack.start("registry", ["services.registry", *c, "--clock", registry_clock], log_dir, append=append_logs)
+    # --clock auto: epochs on the exchange's clock (coinbase) or on event time (replay), from --source.
+    stack.start("registry", ["services.registry", *c, "--clock", "auto"], log_dir, append=append_logs)
     stack.start("arbiter", ["services.arbiter", *c], log_dir, append=append_logs)
     for pid in cfg.enabled_profiles():
         live = ["--exchange-api-base", exchange_api_base] if exchange_api_base else []

@@ -21,13 +21,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from mpctl.infra import Endpoints
 from mpctl.invariants import check_run
-from mpctl.stack import ingest_takes_source
 from shared.codec import DecodeError, decode
 from shared.config import load_config
 from shared.kafka import partitions_of
@@ -214,13 +212,6 @@ def test_run_replay_stops_by_itself_and_resumes_without_a_gap(infra: Endpoints, 
 
 
 # ------------------------------------------------------------------------------------------ (b) live
-LIVE_READY = MD_PEER.exists() and ingest_takes_source()
-LIVE_REASON = (
-    "needs the live ingest (`services.ingest --source coinbase`, branch `ingest`) and the market-data peer "
-    "(tests/peer/coinbase_md_peer.py, branch `peer`); not merged on this branch yet"
-)
-
-
 def low_threshold_config(tmp_path: Path, rest_url: str, ws_url: str) -> Path:
     """Two profiles on 1 m live candles, thresholds low enough that a few dozen candles produce intents."""
     doc = yaml.safe_load((ROOT / "config" / "coinbase_profiles.yaml").read_text())
@@ -289,7 +280,6 @@ async def topic_bytes(bootstrap: str, namespace: str) -> list[bytes]:
     return blobs
 
 
-@pytest.mark.skipif(not LIVE_READY, reason=LIVE_REASON)
 def test_run_on_the_live_peer_trades_on_paper_and_leaks_no_credential(
     infra: Endpoints, tmp_path: Path
 ) -> None:

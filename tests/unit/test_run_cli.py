@@ -10,7 +10,7 @@ import orjson
 import pytest
 import yaml
 
-from mpctl import commands_run
+from mpctl import commands_run, infra
 from mpctl.cli import build_parser
 from mpctl.commands_run import (
     DEFAULT_OUT,
@@ -19,9 +19,9 @@ from mpctl.commands_run import (
     check_start,
     ingest_args,
     plan_start,
-    registry_clock,
     resolve_settings,
 )
+from mpctl.stack import common_args
 from shared.config import AppConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,8 +101,7 @@ def test_the_profiles_file_gives_the_settings_when_no_flag_does() -> None:
     )
     assert s.speed == REPLAY_SPEED and s.flags == {}
     # The ingest reads the same file: only the flags given are passed on.
-    assert ingest_args(s) == ["--source", "coinbase"]
-    assert registry_clock(cfg, s) == "auto"
+    assert ingest_args(s) == []
 
 
 def test_flags_override_the_profiles_file() -> None:
@@ -112,8 +111,6 @@ def test_flags_override_the_profiles_file() -> None:
     )
     assert (s.interval, s.rest_url, s.ws_url) == ("1m", "http://127.0.0.1:8", "ws://127.0.0.1:8")
     assert ingest_args(s) == [
-        "--source",
-        "coinbase",
         "--rest-url",
         "http://127.0.0.1:8/",
         "--ws-url",
@@ -123,23 +120,23 @@ def test_flags_override_the_profiles_file() -> None:
     ]
 
 
-def test_a_replay_flag_over_a_live_config_runs_the_registry_in_event_time() -> None:
+def test_a_replay_flag_over_a_live_config_reaches_every_service() -> None:
     cfg = config()
     s = resolve_settings(
         parse("--source", "replay", "--data", str(ROOT / "data" / "market"), "--speed", "100"), cfg
     )
-    assert s.source == "replay" and registry_clock(cfg, s) == "event"
+    assert s.source == "replay"
     args = ingest_args(s)
     assert (
         args[args.index("--data") + 1] == str(ROOT / "data" / "market")
         and args[args.index("--speed") + 1] == "100"
     )
-    assert (
-        registry_clock(
-            config(source="replay"), resolve_settings(parse("--source", "coinbase"), config(source="replay"))
-        )
-        == "wall"
-    )
+    # Every service gets the run's source: it picks their clock (event time here, not the exchange's).
+    endpoints = infra.Endpoints("127.0.0.1:9092", "redis://127.0.0.1:6379/0")
+    common = common_args(endpoints, "ns", None, s.source)
+    assert common[common.index("--source") + 1] == "replay"
+    live = resolve_settings(parse("--source", "coinbase"), config(source="replay"))
+    assert common_args(endpoints, "ns", None, live.source)[-2:] == ["--source", "coinbase"]
 
 
 def test_bad_urls_and_counts_are_refused_with_the_key() -> None:
