@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from services.ingest.coinbase_md import (
     CoinbaseRest,
@@ -50,7 +50,7 @@ from shared.clock import Clock, derived_id, from_epoch_s
 from shared.codec import DecodeError, decode, implausible_time
 from shared.config import INTERVAL_SECONDS, AppConfig
 from shared.exchange_clock import ExchangeClock
-from shared.kafka import Publisher
+from shared.kafka import Publisher, partitions_of
 from shared.messages import (
     CandleClosed,
     ExchangeTimeObserved,
@@ -69,6 +69,8 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 30.0
 # Heartbeats come once a second: a longer pause between frames may have lost trades (a stalled stream keeps
 # its sequence numbers), so websocket coverage ends there.
 QUIET_BREAK_S = 2.5
+# A failing candles request is asked again after 0.25 s, doubling to this (real s).
+REST_RETRY_MAX_S = 2.0
 READBACK_RECORDS = 2000  # per partition: a few steps of every product, the last watermark and feed state
 TRADE_IDS_KEPT = 5000  # per product: more than a snapshot (50) plus what arrives between two re-subscribes
 
@@ -150,13 +152,10 @@ async def read_progress(bootstrap: str, topic: str, now: Clock) -> Progress:
     marks: list[tuple[int, int]] = []
     feed: tuple[float, FeedState] | None = None
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer.topics()  # refresh the metadata once
-            parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise IngestError(f"topic {topic!r} does not exist; create the namespace's topics first")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        try:
+            tps = await partitions_of(consumer, [topic], bootstrap)
+        except RuntimeError as err:
+            raise IngestError(str(err)) from None
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         for tp in tps:
@@ -232,6 +231,7 @@ class LiveIngest:
         self.book: LiveBook | None = None
         self.monitor = FeedMonitor()
         self.wake = asyncio.Event()
+        self.resubscribed = asyncio.Event()
         self.started_mono = 0.0
         self.last_frame_mono: float | None = None
         self.last_heartbeat_mono: float | None = None
@@ -358,10 +358,17 @@ class LiveIngest:
             for f in fetches:
                 if stop.is_set():
                     return
-                fail_delay = 0.0 if await self._fetch(f) else min(5.0, max(0.25, fail_delay * 2))
+                if not await self._fetch(f):
+                    fail_delay = min(REST_RETRY_MAX_S, max(0.25, fail_delay * 2))
+                    break
+                fail_delay = 0.0
                 await self._publish_ready(self.clock.epoch_s())
             if fail_delay:
-                await _wait(stop, fail_delay)
+                # REST failing (an outage): ask again after a short back-off, or at once when the websocket
+                # comes back (its snapshot wakes us).
+                self.resubscribed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.resubscribed.wait(), timeout=fail_delay)
                 continue
             if not fetches:
                 now = self.clock.epoch_s()
@@ -621,6 +628,7 @@ class LiveIngest:
             book.ws_up(now_ex)
             book.poll_now()  # a reconnect: check REST for what the outage may have hidden
             self.wake.set()
+            self.resubscribed.set()
         elif book.coverage.open_since is None and self._trades_subscribed:
             book.ws_up(now_ex)
         for t in frame.trades:

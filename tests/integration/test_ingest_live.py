@@ -1,0 +1,217 @@
+"""The live ingest (services/ingest/live.py) against the market-data peer (tests/peer/coinbase_md_peer.py) on a
+real broker: across closes, aborts, silences, sequence jumps, 429 bursts, a late bucket, an outage and a SIGKILL
+of the ingest process, md.candles holds the peer's final REST candles value for value (synthetic empties where
+the peer had none), each exactly once, in step order, none missing, and no watermark before its step's end +
+grace; the feed goes stale and fresh again; md.clock follows the peer's fast clock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiokafka import AIOKafkaConsumer
+
+from services.ingest.bootstrap import bootstrap_live
+from services.ingest.live import LiveIngest
+from shared.codec import decode
+from shared.config import AppConfig
+from shared.kafka import ensure_topics, partitions_of
+from shared.messages import CandleClosed, ExchangeTimeObserved, FeedStateChanged, Message, WatermarkAdvanced
+from shared.runtime import ServiceSettings
+from shared.topics import Topics, declared_topics
+from tests.peer.coinbase_md_peer import CoinbaseMdPeer
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "config" / "coinbase_profiles.yaml"
+PRODUCTS = ("BTC/USDC", "ETH/USDC", "SOL/USDC")
+SPEED = 60.0
+IV = 60
+GRACE = 3.0
+HISTORY = 10
+STALE_AFTER = 1.0
+
+
+def write_config(path: Path, namespace: str) -> AppConfig:
+    """The template with one enabled profile trading three products, interval 1m, tuned for a 60x peer."""
+    raw: dict[str, Any] = yaml.safe_load(TEMPLATE.read_text())
+    first, *others = list(raw["profiles"])
+    for pid in others:
+        raw["profiles"][pid]["enabled"] = False
+    p = raw["profiles"][first]
+    p["trading_params"]["trading_pairs"] = ["BTC/USDC", "ETH/USDC"]
+    p["strategy_config"]["base_assets"] = ["BTC", "ETH", "USDC"]
+    p["strategy_config"]["random_asset_pool"] = ["SOL"]
+    raw.setdefault("system", {})["market_data"] = {
+        "source": "coinbase",
+        "interval": "1m",
+        "rest_url": "http://127.0.0.1:1",
+        "ws_url": "ws://127.0.0.1:1/ws",
+        "grace_s": GRACE,
+        "deadline_s": 900.0,  # 15 real s at 60x: a late bucket of 2 minutes is waited for
+        "poll_interval_s": 6.0,
+        "history_steps": HISTORY,
+        "stale_after_s": STALE_AFTER,
+        "max_requests_per_s": 20.0,
+    }
+    raw["system"].setdefault("kafka", {})["namespace"] = namespace
+    path.write_text(yaml.safe_dump(raw))
+    cfg = AppConfig.model_validate(raw)
+    assert tuple(cfg.all_products()) == PRODUCTS, cfg.all_products()
+    return cfg
+
+
+def settings(kafka_bootstrap: str, namespace: str, cfg_path: Path, peer: CoinbaseMdPeer) -> ServiceSettings:
+    return ServiceSettings(
+        config_path=cfg_path,
+        kafka_bootstrap=kafka_bootstrap,
+        namespace=namespace,
+        extra={"rest_url": peer.base_url, "ws_url": peer.ws_url},
+    )
+
+
+async def read_all(bootstrap: str, topic: str) -> list[tuple[int, Message]]:
+    """Every record of `topic` now, as (partition, message), in offset order per partition."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    out: list[tuple[int, Message]] = []
+    try:
+        tps = await partitions_of(consumer, [topic], bootstrap)
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, 0)
+            pos = 0
+            while pos < ends[tp]:
+                recs = (await consumer.getmany(tp, timeout_ms=2000)).get(tp, [])
+                if not recs:
+                    break
+                out.extend((tp.partition, decode(r.value)) for r in recs)
+                pos = recs[-1].offset + 1
+    finally:
+        await consumer.stop()
+    return out
+
+
+def check_candles(records: list[tuple[int, Message]], peer: CoinbaseMdPeer) -> tuple[list[int], list[CandleClosed]]:
+    """The invariants of md.candles against the peer's ground truth; returns the steps and the candles."""
+    candles = [m for p, m in records if isinstance(m, CandleClosed)]
+    counts = Counter((c.product, int(c.open_time.timestamp())) for c in candles)
+    dupes = {k: n for k, n in counts.items() if n > 1}
+    assert not dupes, f"candles published more than once: {sorted(dupes)[:10]}"
+    # Watermarks: per partition in step order, one step after the other, none before end + grace.
+    by_part: dict[int, list[WatermarkAdvanced]] = {}
+    for p, m in records:
+        if isinstance(m, WatermarkAdvanced):
+            by_part.setdefault(p, []).append(m)
+    steps0 = [int(w.step_time.timestamp()) for w in by_part[0]]
+    assert steps0 == sorted(set(steps0)), "watermarks out of order or repeated on partition 0"
+    assert steps0 == list(range(steps0[0], steps0[-1] + IV, IV)), "a step is missing"
+    for ws in by_part.values():
+        for w in ws:
+            assert w.missing == [], f"step {w.step_time} missing {w.missing}"
+            assert w.published_at is not None
+            assert w.published_at.timestamp() >= w.step_time.timestamp() + IV + GRACE - 1e-6, w
+    # Candles come before their step's watermark on their partition.
+    for part in by_part:
+        marks: set[int] = set()
+        for p, m in records:
+            if p != part:
+                continue
+            if isinstance(m, WatermarkAdvanced):
+                marks.add(int(m.step_time.timestamp()))
+            elif isinstance(m, CandleClosed):
+                assert int(m.open_time.timestamp()) not in marks, f"candle after its watermark: {m}"
+    # Values: the peer's final REST candles, synthetic flat at the previous close where it had none.
+    got = {(c.product, int(c.open_time.timestamp())): c for c in candles}
+    for product in PRODUCTS:
+        pid = product.replace("/", "-")
+        truth = {int(r["start"]): r for r in peer.final_candles(pid, steps0[0] - 100 * IV, steps0[-1] + IV)}
+        prev: Decimal | None = None
+        for t in range(steps0[0] - 100 * IV, steps0[0], IV):
+            if t in truth:
+                prev = Decimal(truth[t]["close"])
+        for t in steps0:
+            c = got.get((product, t))
+            assert c is not None, f"no candle of {product} at {t}"
+            if t in truth:
+                r = truth[t]
+                assert not c.synthetic, f"{product} {t} synthetic but the peer has {r}"
+                assert (c.open, c.high, c.low, c.close, c.volume) == tuple(
+                    Decimal(r[k]) for k in ("open", "high", "low", "close", "volume")
+                ), f"{product} {t}: {c} != {r}"
+            else:
+                assert c.synthetic and c.volume == 0 and c.open == c.high == c.low == c.close == prev, (product, t, c)
+            prev = c.close
+    return steps0, candles
+
+
+async def wait_for(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "cfg.yaml", namespace)
+    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
+    topics = Topics(namespace)
+    async with CoinbaseMdPeer(
+        ("BTC-USD", "ETH-USD", "SOL-USD"), speed=SPEED, granularity_s=IV, quiet_every={"SOL-USD": 4}
+    ) as peer:
+        svc: LiveIngest = bootstrap_live(settings(kafka_bootstrap, namespace, tmp_path / "cfg.yaml", peer), overrides={"config": cfg})
+        stop = asyncio.Event()
+        task = asyncio.create_task(svc.run(stop))
+        try:
+            await wait_for(lambda: svc.book is not None and len(svc.lags) >= HISTORY + 2, 20, "history and live steps")
+            faults: list[tuple[str, Any]] = [
+                ("close 1000", lambda: peer.close(1000)),
+                ("abort 1006", peer.abort),
+                ("sequence jump", lambda: peer.sequence_jump(5)),
+                ("429 burst", lambda: peer.rest_429(2)),
+            ]
+            for _name, fault in faults:
+                r = fault()
+                if asyncio.iscoroutine(r):
+                    await r
+                n = len(svc.lags)
+                await wait_for(lambda n=n: len(svc.lags) >= n + 2, 15, f"steps after {_name}")
+            assert svc.reconnect_count >= 2 and svc.gap_count >= 1
+            # A late bucket of BTC: trades on the websocket, REST without it for 2 minutes (2 real s).
+            late = peer.bucket_of(peer.now_s()) + IV
+            peer.late_bucket("BTC-USD", late, 120.0)
+            await wait_for(lambda: svc.book is not None and svc.book.next_step > late + IV, 20, "the late bucket")
+            # Silence: stale within stale_after_s (+ slack), fresh again after.
+            peer.silence(3.0)
+            await wait_for(lambda: svc.monitor.state == "stale", STALE_AFTER + 1.5, "stale")
+            await wait_for(lambda: svc.monitor.state == "fresh", 10, "fresh")
+            # Outage: websocket and REST down for 3 s; then caught up.
+            peer.outage(3.0)
+            t_out = time.monotonic()
+            await asyncio.sleep(3.0)
+            await wait_for(lambda: svc.book is not None and peer.now_s() - svc.book.next_step < IV + GRACE + 2 * IV, 15, "catch-up")
+            print(f"\noutage end to caught up: {time.monotonic() - t_out - 3.0:.2f}s real")
+            await wait_for(lambda: svc.monitor.state == "fresh", 15, "fresh after the outage")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+        lags = sorted(x for x, _ in svc.lags[HISTORY + 1 :] if x < 10 * IV)
+        real = sorted(y for _, y in svc.lags[HISTORY + 1 :] if y < 10)
+        print(f"lag exchange p50 {lags[len(lags) // 2]:.2f}s p99 {lags[int(len(lags) * 0.99)]:.2f}s; "
+              f"real p50 {real[len(real) // 2]:.3f}s p99 {real[int(len(real) * 0.99)]:.3f}s")
+        records = await read_all(kafka_bootstrap, topics.candles)
+        steps, candles = check_candles(records, peer)
+        assert len(steps) >= HISTORY + 10
+        assert any(c.synthetic for c in candles), "the quiet product's empty buckets"
+        states = [m.state for p, m in records if p == 0 and isinstance(m, FeedStateChanged)]
+        assert "stale" in states and states[-1] == "fresh"
+        clock = [m for _, m in await read_all(kafka_bootstrap, topics.clock) if isinstance(m, ExchangeTimeObserved)]
+        assert len(clock) >= 5
+        assert abs(clock[-1].rate - SPEED) / SPEED < 0.1, [c.rate for c in clock[-5:]]
