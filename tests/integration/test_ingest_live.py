@@ -7,6 +7,9 @@ grace; the feed goes stale and fresh again; md.clock follows the peer's fast clo
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from decimal import Decimal
@@ -215,3 +218,52 @@ async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, 
         clock = [m for _, m in await read_all(kafka_bootstrap, topics.clock) if isinstance(m, ExchangeTimeObserved)]
         assert len(clock) >= 5
         assert abs(clock[-1].rate - SPEED) / SPEED < 0.1, [c.rate for c in clock[-5:]]
+
+
+def _watermarks(records: list[tuple[int, Message]]) -> int:
+    return sum(1 for p, m in records if p == 0 and isinstance(m, WatermarkAdvanced))
+
+
+async def test_sigkill_and_restart_publish_every_bucket_once(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> None:
+    """`python -m services.ingest --source coinbase` killed with SIGKILL, down for 2 peer minutes, restarted:
+    the steps it missed are backfilled, none is published twice."""
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg = write_config(cfg_path, namespace)
+    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
+    topic = Topics(namespace).candles
+    async with CoinbaseMdPeer(
+        ("BTC-USD", "ETH-USD", "SOL-USD"), speed=SPEED, granularity_s=IV, quiet_every={"SOL-USD": 5}
+    ) as peer:
+        cmd = [
+            sys.executable, "-m", "services.ingest", "--source", "coinbase", "--config", str(cfg_path),
+            "--bootstrap", kafka_bootstrap, "--namespace", namespace, "--rest-url", peer.base_url,
+            "--ws-url", peer.ws_url, "--interval", "1m",
+        ]  # fmt: skip
+        log = (tmp_path / "ingest.log").open("w")
+
+        async def run_until(n_steps: int, timeout: float) -> subprocess.Popen[bytes]:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)
+            deadline = time.monotonic() + timeout
+            while _watermarks(await read_all(kafka_bootstrap, topic)) < n_steps:
+                assert proc.poll() is None, f"ingest exited {proc.returncode}; see {tmp_path / 'ingest.log'}"
+                assert time.monotonic() < deadline, f"fewer than {n_steps} steps after {timeout}s"
+                await asyncio.sleep(0.3)
+            return proc
+
+        try:
+            first = await run_until(HISTORY + 3, 30)
+            first.send_signal(signal.SIGKILL)
+            first.wait(5)
+            before = _watermarks(await read_all(kafka_bootstrap, topic))
+            await asyncio.sleep(2.0)  # two buckets pass while it is down
+            second = await run_until(before + 5, 30)
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(15) == 0
+        finally:
+            for p in (locals().get("first"), locals().get("second")):
+                if isinstance(p, subprocess.Popen) and p.poll() is None:
+                    p.kill()
+                    p.wait(5)
+            log.close()
+        steps, _ = check_candles(await read_all(kafka_bootstrap, topic), peer)
+        assert len(steps) >= HISTORY + 8
