@@ -22,6 +22,7 @@ from decimal import Decimal
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer
+from pydantic import ValidationError
 
 from services.ingest.coinbase_md import (
     CoinbaseRest,
@@ -107,8 +108,8 @@ class LiveOptions:
         if updates:
             try:
                 md = md.model_validate(md.model_dump() | updates)
-            except ValueError as err:
-                raise IngestConfigError(str(err)) from None
+            except ValidationError as err:
+                raise IngestConfigError("; ".join(str(e["msg"]) for e in err.errors())) from None
         granularity(md.interval_s)  # refuses an interval Coinbase does not serve
         products = tuple(app.all_products())
         if not products:

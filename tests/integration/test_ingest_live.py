@@ -21,9 +21,10 @@ from aiokafka import AIOKafkaConsumer
 
 from services.ingest.bootstrap import bootstrap_live
 from services.ingest.live import LiveIngest
+from shared.clock import derived_id, from_epoch_s
 from shared.codec import decode
 from shared.config import AppConfig
-from shared.kafka import ensure_topics, partitions_of
+from shared.kafka import Publisher, ensure_topics, partitions_of
 from shared.messages import CandleClosed, ExchangeTimeObserved, FeedStateChanged, Message, WatermarkAdvanced
 from shared.runtime import ServiceSettings
 from shared.topics import Topics, declared_topics
@@ -267,3 +268,49 @@ async def test_sigkill_and_restart_publish_every_bucket_once(kafka_bootstrap: st
             log.close()
         steps, _ = check_candles(await read_all(kafka_bootstrap, topic), peer)
         assert len(steps) >= HISTORY + 8
+
+
+async def test_restart_after_a_step_whose_watermark_never_went_out(
+    kafka_bootstrap: str, namespace: str, tmp_path: Path
+) -> None:
+    """A crash between a step's candles and its watermark: the restart sends the watermark and the other
+    products' candles, never those candles again."""
+    cfg = write_config(tmp_path / "cfg.yaml", namespace)
+    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
+    topic = Topics(namespace).candles
+    async with CoinbaseMdPeer(("BTC-USD", "ETH-USD", "SOL-USD"), speed=SPEED, granularity_s=IV) as peer:
+        st = settings(kafka_bootstrap, namespace, tmp_path / "cfg.yaml", peer)
+
+        async def run(steps: int) -> None:
+            svc = bootstrap_live(st, overrides={"config": cfg})
+            stop = asyncio.Event()
+            task = asyncio.create_task(svc.run(stop))
+            try:
+                await wait_for(lambda: len(svc.lags) >= steps or task.done(), 20, f"{steps} steps")
+            finally:
+                stop.set()
+                assert await asyncio.wait_for(task, 15) == 0
+
+        await run(HISTORY)
+        marks = [m for p, m in await read_all(kafka_bootstrap, topic) if p == 0 and isinstance(m, WatermarkAdvanced)]
+        nxt = int(marks[-1].step_time.timestamp()) + IV
+        await wait_for(lambda: peer.now_s() > nxt + IV + GRACE, 5, "the next bucket to close")
+        (row,) = peer.final_candles("BTC-USD", nxt, nxt + IV)
+        half = CandleClosed(
+            id=derived_id("candle", "BTC/USDC", nxt),
+            event_time=from_epoch_s(nxt + IV),
+            correlation_id=f"step:{nxt}",
+            product="BTC/USDC",
+            interval_s=IV,
+            open_time=from_epoch_s(nxt),
+            **{k: Decimal(row[k]) for k in ("open", "high", "low", "close", "volume")},
+            source="coinbase",
+        )
+        pub = Publisher(kafka_bootstrap, client_id="half-step")
+        await pub.start()
+        await pub.send(topic, half, key=half.product)
+        await pub.stop()
+        await run(3)
+        records = await read_all(kafka_bootstrap, topic)
+        check_candles(records, peer)
+        assert nxt in [int(m.step_time.timestamp()) for p, m in records if p == 0 and isinstance(m, WatermarkAdvanced)]
