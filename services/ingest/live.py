@@ -67,6 +67,7 @@ log = logging.getLogger("ingest.live")
 # A connection that stayed up this long (real s) was healthy: the next reconnect starts from the first delay.
 HEALTHY_CONNECTION_S = 5.0
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 30.0
+WS_CONNECT_TIMEOUT_S = 10.0  # a connect that hangs (a black-holed route) is retried like a refused one
 # Heartbeats come once a second: a longer pause between frames may have lost trades (a stalled stream keeps
 # its sequence numbers), so websocket coverage ends there.
 QUIET_BREAK_S = 2.5
@@ -538,9 +539,11 @@ class LiveIngest:
             opened = self.mono()
             self._trades_subscribed = False
             try:
-                async with self.session.ws_connect(
-                    self.opt.ws_url, autoping=True, heartbeat=None, max_msg_size=16 * 1024 * 1024
-                ) as ws:
+                async with asyncio.timeout(WS_CONNECT_TIMEOUT_S):
+                    ws = await self.session.ws_connect(
+                        self.opt.ws_url, autoping=True, heartbeat=None, max_msg_size=16 * 1024 * 1024
+                    )
+                async with ws:
                     for m in subscribe_messages(list(self.ws_ids)):
                         await ws.send_str(m)
                     self.connected = True
