@@ -239,3 +239,18 @@ def test_stale_reasons_and_transitions() -> None:
     assert m.decide("y") is None
     t = m.decide(None)
     assert t is not None and t[0] == "fresh"
+
+
+def test_live_options_from_config_and_overrides() -> None:
+    from services.ingest.live import LiveOptions
+    from shared.config import load_config
+
+    cfg = load_config("config/coinbase_profiles.yaml")
+    o = LiveOptions.from_config(cfg)
+    assert o.interval_s == cfg.system.market_data.interval_s and o.products == tuple(cfg.all_products())
+    o = LiveOptions.from_config(cfg, interval="1m", rest_url="http://127.0.0.1:9", ws_url="ws://127.0.0.1:9/ws")
+    assert (o.interval_s, o.rest_url, o.ws_url) == (60, "http://127.0.0.1:9", "ws://127.0.0.1:9/ws")
+    with pytest.raises(IngestConfigError, match="'7m'"):
+        LiveOptions.from_config(cfg, interval="7m")
+    with pytest.raises(IngestConfigError, match="'ftp://x'"):
+        LiveOptions.from_config(cfg, rest_url="ftp://x")
