@@ -479,6 +479,7 @@ class CoinbaseMdPeer:
         self._silence_pongs = False
         self._hb_stop_until = 0.0
         self._conns: set[_Conn] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         self.ws_url = ""
@@ -637,7 +638,9 @@ class CoinbaseMdPeer:
             kind = body.pop("kind")
             if kind == "close":
                 # Answer first: a clean close waits for the clients' close frames.
-                asyncio.get_running_loop().create_task(self.fault(kind, **body))
+                task = asyncio.get_running_loop().create_task(self.fault(kind, **body))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             else:
                 await self.fault(kind, **body)
         except (ValueError, TypeError, KeyError, AttributeError) as err:
@@ -651,6 +654,7 @@ class CoinbaseMdPeer:
 
     # -------------------------------------------------------------------------- REST
     async def _not_found(self, request: web.Request) -> web.Response:
+        self._record(request, 404)
         return _HttpError(404, "NOT_FOUND", "Not Found").response()
 
     def _record(self, request: web.Request, status: int) -> None:
