@@ -15,7 +15,7 @@ import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.ingest.domain import ReplayStep, build_schedule, finished_message, resume_point
-from services.ingest.live import LiveIngest, LiveOptions
+from services.ingest.live import CLOCK_MIN_SPAN_S, LiveIngest, LiveOptions
 from services.ingest.metrics import IngestMetrics
 from shared.candles import load_products
 from shared.clock import Clock, system_clock
@@ -163,7 +163,7 @@ def bootstrap_live(settings: ServiceSettings, *, overrides: dict[str, Any] | Non
         settings,
         options,
         wall=o.get("wall", system_clock),
-        clock=o.get("exchange_clock") or ExchangeClock(monotonic=monotonic),
+        clock=o.get("exchange_clock") or ExchangeClock(monotonic=monotonic, min_span_s=CLOCK_MIN_SPAN_S),
         monotonic=monotonic,
         session_factory=o.get("session_factory", aiohttp.ClientSession),
         metrics=o.get("metrics") or IngestMetrics(),

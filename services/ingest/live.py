@@ -67,7 +67,11 @@ log = logging.getLogger("ingest.live")
 # A connection that stayed up this long (real s) was healthy: the next reconnect starts from the first delay.
 HEALTHY_CONNECTION_S = 5.0
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 30.0
-WS_CONNECT_TIMEOUT_S = 10.0  # a connect that hangs (a black-holed route) is retried like a refused one
+WS_CONNECT_TIMEOUT_S = 10.0
+# REST server times taken on start, this far apart (real s): enough span for the clock's rate estimate
+# (bootstrap builds the ExchangeClock with min_span_s below the warm-up's span).
+CLOCK_WARMUP_SAMPLES, CLOCK_WARMUP_SPACING_S = 5, 0.2
+CLOCK_MIN_SPAN_S = 0.6  # a connect that hangs (a black-holed route) is retried like a refused one
 # Heartbeats come once a second: a longer pause between frames may have lost trades (a stalled stream keeps
 # its sequence numbers), so websocket coverage ends there.
 QUIET_BREAK_S = 2.5
@@ -323,12 +327,20 @@ class LiveIngest:
         )
 
     async def _sync_clock(self, stop: asyncio.Event) -> bool:
-        """The first exchange time, from REST, before anything is timed on it."""
+        """The exchange's time and rate, from REST, before anything is timed on it or published on md.clock:
+        a few server times a moment apart give the rate (1 against Coinbase, N against a peer N times
+        faster), which heartbeats (one a second) would take seconds to tell."""
         delay = BACKOFF_FIRST_S
+        taken = 0
         while not stop.is_set():
             try:
                 await self._observe_rest_time()
-                return True
+                taken += 1
+                if taken >= CLOCK_WARMUP_SAMPLES:
+                    log.info("exchange clock: rate %.3f, skew %.3fs", self.clock.rate, self.clock.skew_s(self.wall()))
+                    return True
+                await _wait(stop, CLOCK_WARMUP_SPACING_S)
+                continue
             except MarketDataError as err:
                 self.metrics.rest_errors.labels(err.kind).inc()
                 log.warning("server time: %s; retrying in %.1fs", err, delay)

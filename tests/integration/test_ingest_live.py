@@ -180,6 +180,7 @@ async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, 
                 ("abort 1006", peer.abort),
                 ("sequence jump", lambda: peer.sequence_jump(5)),
                 ("429 burst", lambda: peer.rest_429(2)),
+                ("heartbeats stopped", lambda: peer.stop_heartbeats(4.0)),
             ]
             for _name, fault in faults:
                 r = fault()
@@ -241,8 +242,9 @@ async def test_sigkill_and_restart_publish_every_bucket_once(kafka_bootstrap: st
     cfg = write_config(cfg_path, namespace)
     await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
     topic = Topics(namespace).candles
+    # Twice as fast as the other tests: the ingest follows whatever speed the exchange's clock runs at.
     async with CoinbaseMdPeer(
-        ("BTC-USD", "ETH-USD", "SOL-USD"), speed=SPEED, granularity_s=IV, quiet_every={"SOL-USD": 5}
+        ("BTC-USD", "ETH-USD", "SOL-USD"), speed=2 * SPEED, granularity_s=IV, quiet_every={"SOL-USD": 5}
     ) as peer:
         cmd = [
             sys.executable, "-m", "services.ingest", "--source", "coinbase", "--config", str(cfg_path),
@@ -265,7 +267,7 @@ async def test_sigkill_and_restart_publish_every_bucket_once(kafka_bootstrap: st
             first.send_signal(signal.SIGKILL)
             first.wait(5)
             before = _watermarks(await read_all(kafka_bootstrap, topic))
-            await asyncio.sleep(2.0)  # two buckets pass while it is down
+            await asyncio.sleep(2.0)  # four buckets pass while it is down
             second = await run_until(before + 5, 30)
             second.send_signal(signal.SIGTERM)
             assert second.wait(15) == 0
@@ -275,8 +277,11 @@ async def test_sigkill_and_restart_publish_every_bucket_once(kafka_bootstrap: st
                     p.kill()
                     p.wait(5)
             log.close()
-        steps, _ = check_candles(await read_all(kafka_bootstrap, topic), peer)
+        records = await read_all(kafka_bootstrap, topic)
+        steps, _ = check_candles(records, peer)
         assert len(steps) >= HISTORY + 8
+        clock = [m for _, m in await read_all(kafka_bootstrap, Topics(namespace).clock) if isinstance(m, ExchangeTimeObserved)]
+        assert abs(clock[-1].rate - 2 * SPEED) / (2 * SPEED) < 0.1, [c.rate for c in clock[-5:]]
 
 
 async def test_restart_after_a_step_whose_watermark_never_went_out(
