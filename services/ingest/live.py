@@ -246,6 +246,7 @@ class LiveIngest:
         self.alerted: set[tuple[str, int]] = set()
         self.seen_trades: dict[str, OrderedDict[str, None]] = {p: OrderedDict() for p in options.products}
         self.connected = False
+        self._trades_subscribed = False  # this connection's market_trades snapshot came: coverage may start
         # Figures a test or an operator reads (also exported as metrics).
         self.lags: list[tuple[float, float]] = []  # (exchange s, real s) from bucket end to its watermark
         self.reconnect_count = 0
@@ -675,8 +676,6 @@ class LiveIngest:
             )
             self.metrics.trades.inc()
         self.wake.set()
-
-    _trades_subscribed = False
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 from aiokafka import AIOKafkaConsumer
 
@@ -28,6 +29,7 @@ from shared.kafka import Publisher, ensure_topics, partitions_of
 from shared.messages import CandleClosed, ExchangeTimeObserved, FeedStateChanged, Message, WatermarkAdvanced
 from shared.runtime import ServiceSettings
 from shared.topics import Topics, declared_topics
+from tests.conftest import free_ports
 from tests.peer.coinbase_md_peer import CoinbaseMdPeer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,8 +255,8 @@ async def test_sigkill_and_restart_publish_every_bucket_once(kafka_bootstrap: st
         ]  # fmt: skip
         log = (tmp_path / "ingest.log").open("w")
 
-        async def run_until(n_steps: int, timeout: float) -> subprocess.Popen[bytes]:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)
+        async def run_until(n_steps: int, timeout: float, *extra: str) -> subprocess.Popen[bytes]:
+            proc = subprocess.Popen([*cmd, *extra], cwd=ROOT, stdout=log, stderr=log)
             deadline = time.monotonic() + timeout
             while _watermarks(await read_all(kafka_bootstrap, topic)) < n_steps:
                 assert proc.poll() is None, f"ingest exited {proc.returncode}; see {tmp_path / 'ingest.log'}"
@@ -268,7 +270,11 @@ async def test_sigkill_and_restart_publish_every_bucket_once(kafka_bootstrap: st
             first.wait(5)
             before = _watermarks(await read_all(kafka_bootstrap, topic))
             await asyncio.sleep(2.0)  # four buckets pass while it is down
-            second = await run_until(before + 5, 30)
+            (port,) = free_ports(1)
+            second = await run_until(before + 5, 30, "--metrics-port", str(port))
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                text = await resp.text()
+            assert "mp_ingest_finalisation_lag_seconds_bucket" in text and "mp_ingest_clock_rate" in text
             second.send_signal(signal.SIGTERM)
             assert second.wait(15) == 0
         finally:
