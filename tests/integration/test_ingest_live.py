@@ -175,6 +175,15 @@ async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, 
         svc: LiveIngest = bootstrap_live(settings(kafka_bootstrap, namespace, tmp_path / "cfg.yaml", peer), overrides={"config": cfg})
         stop = asyncio.Event()
         task = asyncio.create_task(svc.run(stop))
+        ahead: list[float] = []  # the ingest's exchange clock minus the peer's: ahead would finalise too early
+
+        async def sample_clock() -> None:
+            while not stop.is_set():
+                if svc.book is not None:
+                    ahead.append(svc.clock.epoch_s() - peer.now_s())
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample_clock())
         try:
             await wait_for(lambda: svc.book is not None and len(svc.lags) >= HISTORY + 2, 20, "history and live steps")
             faults: list[tuple[str, Any]] = [
@@ -209,6 +218,10 @@ async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, 
         finally:
             stop.set()
             await asyncio.wait_for(task, 15)
+            await sampler
+        # Never ahead by more than a fraction of the grace (the rate estimate's error over a second).
+        print(f"clock minus peer: max {max(ahead):+.3f}s min {min(ahead):+.3f}s (exchange)")
+        assert max(ahead) < GRACE / 3, max(ahead)
         live = svc.lags[HISTORY + 1 :]
         for name, sel in (("all live steps", live), ("without a fault", [x for x in live if x[0] < IV])):
             ex = sorted(x for x, _ in sel)
