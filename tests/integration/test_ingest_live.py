@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 
@@ -347,3 +348,64 @@ async def test_restart_after_a_step_whose_watermark_never_went_out(
         records = await read_all(kafka_bootstrap, topic)
         check_candles(records, peer)
         assert nxt in [int(m.step_time.timestamp()) for p, m in records if p == 0 and isinstance(m, WatermarkAdvanced)]
+
+
+async def test_rest_client_paging_429_back_off_and_errors_by_kind() -> None:
+    """The REST adapter on a minimal loopback server: parameters, 429 with Retry-After, 5xx, a malformed row."""
+    from aiohttp import web
+
+    from services.ingest.coinbase_md import CoinbaseRest, ProtocolError, RestError
+    from services.ingest.live_domain import IngestError
+
+    seen: list[dict[str, str]] = []
+    script: list[web.Response] = []
+
+    async def candles(request: web.Request) -> web.Response:
+        seen.append({"path": request.path, **request.query})
+        return script.pop(0)
+
+    app = web.Application()
+    app.router.add_get("/api/v3/brokerage/market/products/{pid}/candles", candles)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    errors: list[str] = []
+    sleeps: list[float] = []
+
+    async def fake_sleep(s: float) -> None:
+        sleeps.append(s)
+
+    row = {"start": "1775570400", "low": "1", "high": "3", "open": "2", "close": "2.5", "volume": "7"}
+    try:
+        async with aiohttp.ClientSession() as session:
+            rest = CoinbaseRest(
+                session, f"http://127.0.0.1:{port}", max_requests_per_s=100, sleep=fake_sleep, on_error=errors.append
+            )
+            script[:] = [
+                web.json_response({"message": "slow down"}, status=429, headers={"Retry-After": "1"}),
+                web.json_response({"candles": [dict(row, start="1775570460"), row]}),
+            ]
+            bars = await rest.candles("BTC/USDC", 1775570400, 1775570400 + 300 * 60, 60)
+            assert [b.start_s for b in bars] == [1775570400, 1775570460]
+            assert seen[-1] == {
+                "path": "/api/v3/brokerage/market/products/BTC-USDC/candles",
+                "start": "1775570400",
+                "end": str(1775570400 + 300 * 60 - 1),
+                "granularity": "ONE_MINUTE",
+            }
+            assert errors == ["http_429"] and 1.0 <= sleeps[0] <= 1.25
+            script[:] = [web.json_response({"message": "down"}, status=503)]
+            with pytest.raises(RestError, match="503") as e5:
+                await rest.candles("BTC/USDC", 1775570400, 1775570460, 60)
+            assert e5.value.kind == "http_5xx"
+            script[:] = [web.json_response({"candles": [dict(row, close="abc")]})]
+            with pytest.raises(ProtocolError, match="'abc'") as eb:
+                await rest.candles("BTC/USDC", 1775570400, 1775570460, 60)
+            assert eb.value.kind == "bad_row"
+            with pytest.raises(IngestError, match="asked 301"):  # never more than 300 buckets a request
+                await rest.candles("BTC/USDC", 0, 301 * 60, 60)
+            assert len(seen) == 4
+    finally:
+        await runner.cleanup()
