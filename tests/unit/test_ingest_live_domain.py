@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.ingest.live_domain import (
     MAX_BUCKETS_PER_REQUEST,
@@ -254,3 +256,71 @@ def test_live_options_from_config_and_overrides() -> None:
         LiveOptions.from_config(cfg, interval="7m")
     with pytest.raises(IngestConfigError, match="'ftp://x'"):
         LiveOptions.from_config(cfg, rest_url="ftp://x")
+
+
+@given(
+    empty=st.lists(st.booleans(), min_size=40, max_size=40),
+    steps=st.lists(st.floats(min_value=0.5, max_value=90.0), min_size=60, max_size=120),
+    ws=st.lists(st.booleans(), min_size=120, max_size=120),
+)
+@settings(max_examples=60, deadline=None)
+def test_property_honest_rest_gives_the_truth_once_in_order(
+    empty: list[bool], steps: list[float], ws: list[bool]
+) -> None:
+    """Whatever the timing of the polls and the websocket's ups and downs, with a REST that is never late:
+    every published step is the truth (values, or synthetic at the previous close for an empty bucket), in
+    order, each once, none before its end + grace, and an in-progress (partial) row is never published."""
+    products = ("A/USDC", "B/USDC")
+    horizon = len(empty) + int(sum(steps)) // IV + 2
+
+    def is_empty(i: int, k: int) -> bool:
+        # A trade at least every 10 buckets: a later bucket always shows up long before the deadline.
+        return k % 10 != 9 and empty[(k + 7 * i) % len(empty)]
+
+    truth = {
+        (p, T0 + k * IV): None if is_empty(i, k) else bar(T0 + k * IV, str(100 + k % 50 + 50 * i))
+        for i, p in enumerate(products)
+        for k in range(-SEED_BUCKETS, horizon)
+    }
+    b = LiveBook(products, IV, grace_s=GRACE, deadline_s=3600.0, poll_interval_s=POLL, next_step=T0)
+    now = float(T0)
+    out = []
+    for dt, up in zip(steps, ws, strict=False):
+        before = now
+        now += dt
+        if up:
+            b.ws_up(before)
+            for (p, s), v in truth.items():  # the websocket shows every trade while it is up
+                if v is not None and before <= s + IV / 2 < now:
+                    b.on_trade(p, s + IV / 2)
+        else:
+            b.ws_down(before)
+        for f in b.fetches(now):
+            rows = []
+            for s in range(f.start_s, f.end_s, IV):
+                v = truth.get((f.product, s))
+                if v is None or s > now:
+                    continue
+                # The bucket in progress: REST shows partial values (never to be published).
+                rows.append(v if s + IV <= now else bar(s, "999999"))
+            b.on_answer(f, rows, now)
+        for step in b.ready(now):
+            assert now >= step.time_s + IV + GRACE
+            out.append(step)
+    times = [s.time_s for s in out]
+    assert times == list(range(T0, T0 + IV * len(out), IV))
+    # Nothing held back longer than the wait for a later bucket (at most 10 buckets) or one poll.
+    assert len(out) >= (now - T0 - GRACE - POLL) // IV - 11
+    prev: dict[str, Decimal | None] = {
+        p: next((v.close for k in range(-1, -SEED_BUCKETS - 1, -1) if (v := truth[(p, T0 + k * IV)]) is not None), None)
+        for p in products
+    }
+    for step in out:
+        assert step.missing == ()
+        for c in step.candles:
+            v = truth[(c.product, step.time_s)]
+            if v is None:
+                assert c.synthetic and c.bar.close == prev[c.product] and c.bar.volume == 0
+            else:
+                assert not c.synthetic and c.bar == v
+            prev[c.product] = c.bar.close
