@@ -410,8 +410,6 @@ class LiveIngest:
         steps = self.book.ready(now)
         for step in steps:
             await self._publish_step(step, now)
-        if steps:
-            await self.publisher.flush()
 
     async def _publish_step(self, step: StepOut, now: float) -> None:
         iv = self.opt.interval_s
@@ -438,6 +436,11 @@ class LiveIngest:
             )
             await self.publisher.send(self.topics.candles, msg, key=c.product)
             self.metrics.candles.labels(str(c.synthetic).lower()).inc()
+        # Acknowledged before the watermark, and the watermark before the next step's candles: batches of
+        # different partitions are delivered independently, so without these a SIGKILL mid-backfill could leave
+        # a watermark on the topic whose candles were lost. With them, a restart reads back exactly which
+        # step is complete and which candles of the next one are already there.
+        await self.publisher.flush()
         if step.missing:
             self.metrics.missing.inc(len(step.missing))
             log.error(
@@ -456,6 +459,7 @@ class LiveIngest:
             missing=list(step.missing),
         )
         await self.publisher.send_to_all_partitions(self.topics.candles, wm)
+        await self.publisher.flush()
         lag = now - (t + iv)
         self.metrics.steps.inc()
         self.metrics.finalisation_lag.observe(lag)
