@@ -238,6 +238,8 @@ class LiveIngest:
         self.monitor = FeedMonitor()
         self.wake = asyncio.Event()
         self.resubscribed = asyncio.Event()
+        self.rest_back = asyncio.Event()
+        self._rest_failing = False
         self.started_mono = 0.0
         self.last_frame_mono: float | None = None
         self.last_heartbeat_mono: float | None = None
@@ -351,7 +353,12 @@ class LiveIngest:
 
     async def _observe_rest_time(self) -> None:
         t0 = self.mono()
-        t = await self.rest.server_time()
+        try:
+            t = await self.rest.server_time()
+        except MarketDataError:
+            self._rest_failing = True
+            raise
+        self._rest_answered()
         # The answer was made somewhere during the request: its middle is the best local time for it.
         self.clock.observe(from_epoch_s(t), at=(t0 + self.mono()) / 2)
         self.clock_origin = "rest"
@@ -401,9 +408,16 @@ class LiveIngest:
             if err.kind != "http_429":  # the client counts each 429 it backs off from
                 self.metrics.rest_errors.labels(err.kind).inc()
             log.warning("candles %s [%d, %d): %s", f.product, f.start_s, f.end_s, err)
+            self._rest_failing = True
             return False
+        self._rest_answered()
         self.book.on_answer(f, bars, asked)
         return True
+
+    def _rest_answered(self) -> None:
+        if self._rest_failing:
+            self._rest_failing = False
+            self.rest_back.set()
 
     async def _publish_ready(self, now: float) -> None:
         assert self.book is not None
@@ -580,7 +594,14 @@ class LiveIngest:
             self.reconnect_count += 1
             self.metrics.reconnects.inc()
             log.info("websocket closed; reconnecting in %.2fs", delay)
-            await _wait(stop, delay)
+            self.rest_back.clear()
+            await _wait(stop, BACKOFF_FIRST_S)  # never more than a few connects a second
+            with contextlib.suppress(TimeoutError):
+                # REST answering again after failures says the exchange is back: reconnect now, not after the
+                # back-off grown during the outage (at most once per outage, so no reconnect storm).
+                await asyncio.wait_for(self.rest_back.wait(), timeout=max(0.0, delay - BACKOFF_FIRST_S))
+            if self.rest_back.is_set():
+                backoff = BACKOFF_FIRST_S
 
     async def _read_ws(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> None:
         assert self.book is not None

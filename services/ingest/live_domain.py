@@ -143,6 +143,7 @@ class ProductBook:
     seeded: bool = False  # last_close is known, or REST was asked for the buckets before the first step
     last_poll: float | None = None
     asked_to: int = 0  # end of the last range asked: a page further on is asked at once (backfill)
+    asked_edge: bool = False  # ... and whether it reached the bucket in progress
 
 
 class LiveBook:
@@ -200,13 +201,16 @@ class LiveBook:
                 b.rows[bar.start_s] = (bar, asked_at)
             if b.latest_row is None or bar.start_s > b.latest_row:
                 b.latest_row = bar.start_s
+        # Only an answer reaching the bucket in progress can show that nothing later exists yet: a backfill
+        # page ending in an empty bucket says nothing about it, the next page will.
+        to_the_edge = f.end_s > floor_to(asked_at, iv)
         lo = max(f.start_s, self.next_step - iv)
         for s in range(lo - lo % iv, f.end_s, iv):
             if s < f.start_s or s + iv > f.end_s:
                 continue
             if asked_at >= s + iv + self.grace_s:
                 b.covered.add(s)
-            if asked_at >= s + iv + self.deadline_s:
+            if to_the_edge and asked_at >= s + iv + self.deadline_s:
                 b.asked_past_deadline.add(s)
         if not b.seeded and f.start_s < self.next_step:
             before = [bar for bar in bars if bar.start_s < self.next_step]
@@ -215,6 +219,7 @@ class LiveBook:
             b.seeded = True
         b.last_poll = asked_at if b.last_poll is None else max(b.last_poll, asked_at)
         b.asked_to = f.end_s
+        b.asked_edge = to_the_edge
 
     def on_trade(self, product: str, t: float) -> bool:
         """A websocket trade of `product` at exchange time `t`; False when its bucket was already decided."""
@@ -307,7 +312,10 @@ class LiveBook:
             b = self.books[p]
             if self.decide(p, s) is not None:
                 continue
-            if b.last_poll is not None and now - b.last_poll < self.poll_interval_s and s + iv <= b.asked_to:
+            # Asked lately, and that answer could tell (it held a bucket after s, or reached the live edge):
+            # wait for the poll interval. Otherwise (a backfill page ended at s) ask the next page now.
+            could_tell = s + iv < b.asked_to or (s + iv == b.asked_to and b.asked_edge)
+            if b.last_poll is not None and now - b.last_poll < self.poll_interval_s and could_tell:
                 continue
             start = s if b.seeded else s - SEED_BUCKETS * iv
             out.append(Fetch(p, start, min(end_cap, start + MAX_BUCKETS_PER_REQUEST * iv)))

@@ -172,6 +172,21 @@ def test_fetch_plan_pages_at_most_300_buckets_and_seeds_the_previous_close() -> 
     assert f2.start_s == b.next_step and (f2.end_s - f2.start_s) // IV == MAX_BUCKETS_PER_REQUEST
 
 
+def test_an_empty_bucket_at_the_end_of_a_backfill_page_waits_for_the_next_page() -> None:
+    b = book(("A/USDC",))
+    now = T0 + 1000 * IV
+    (f,) = b.fetches(now)
+    last = f.end_s - IV
+    b.on_answer(f, [bar(s) for s in range(f.start_s, last, IV)], now)  # the page's last bucket is empty
+    steps = b.ready(now)
+    assert steps[-1].time_s == last - IV and b.next_step == last  # neither missing nor invented
+    (f2,) = b.fetches(now)
+    assert f2.start_s == last
+    b.on_answer(f2, [bar(last + IV)], now)
+    step = b.ready(now)[0]
+    assert step.time_s == last and step.candles[0].synthetic and step.missing == ()
+
+
 def test_fetch_plan_stops_at_the_bucket_in_progress() -> None:
     b = book(("A/USDC",))
     now = T0 + 3 * IV + 10
