@@ -1,21 +1,27 @@
-"""Wiring of the ingest service: candle files -> md.candles (replay), in event time."""
+"""Wiring of the ingest service: candle files -> md.candles (replay), in event time; or Coinbase live
+(services/ingest/live.py) with the exchange's clock."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.ingest.domain import ReplayStep, build_schedule, finished_message, resume_point
+from services.ingest.live import CLOCK_MIN_SPAN_S, LiveIngest, LiveOptions
+from services.ingest.metrics import IngestMetrics
 from shared.candles import load_products
 from shared.clock import Clock, system_clock
 from shared.codec import DecodeError, decode, implausible_time
 from shared.config import AppConfig
+from shared.exchange_clock import ExchangeClock
 from shared.kafka import Publisher
 from shared.messages import ReplayFinished, WatermarkAdvanced, WorkerFinished
 from shared.runtime import ServiceSettings
@@ -141,3 +147,26 @@ def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = N
         speed=float(ex.get("speed", "0")),
     )
     return IngestService(cfg, settings, options, clock=o.get("clock", system_clock))
+
+
+def bootstrap_live(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> LiveIngest:
+    """The live ingest. Overrides (tests): config, monotonic, wall (the machine's clock), session_factory,
+    metrics; the command line's interval/rest_url/ws_url come in `settings.extra`. Raises IngestConfigError
+    for settings it cannot run with."""
+    o = overrides or {}
+    cfg: AppConfig = o.get("config") or settings.load()
+    ex = settings.extra
+    options = LiveOptions.from_config(cfg, interval=ex.get("interval"), rest_url=ex.get("rest_url"), ws_url=ex.get("ws_url"))
+    monotonic = o.get("monotonic", time.monotonic)
+    return LiveIngest(
+        cfg,
+        settings,
+        options,
+        wall=o.get("wall", system_clock),
+        clock=o.get("exchange_clock") or ExchangeClock(monotonic=monotonic, min_span_s=CLOCK_MIN_SPAN_S),
+        monotonic=monotonic,
+        session_factory=o.get("session_factory", aiohttp.ClientSession),
+        metrics=o.get("metrics") or IngestMetrics(),
+        metrics_port=int(ex.get("metrics_port", "0")),
+        metrics_addr=ex.get("metrics_addr", "127.0.0.1"),
+    )
