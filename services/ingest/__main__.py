@@ -16,7 +16,6 @@ from shared.runtime import add_metrics_args, base_parser, main_entry, run_servic
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("ingest")
-    p.add_argument("--source", choices=["coinbase", "replay"], default=None)
     p.add_argument("--data", default=None, help="replay: folder of candle files (default: system.market_data.data_dir)")
     p.add_argument("--hours", default=None)
     p.add_argument("--start", default=None)

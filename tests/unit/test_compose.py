@@ -195,7 +195,7 @@ def test_service_commands_use_the_services_own_flags() -> None:
     services = _services(COMMITTED.read_text(encoding="utf-8"))
     metrics = {"--metrics-port", "--metrics-addr"}
     extras = {
-        "ingest": {"--data", "--source"},
+        "ingest": {"--data"} | metrics,
         "strategy": metrics,
         "execution": metrics,
         "registry": metrics,
