@@ -581,7 +581,14 @@ def _drain(state: StrategyState) -> list[Message]:
         step = state.queue[0]
         plan = _plan_for(state, step)
         if plan is None:
-            break  # the registry has not published this epoch's plan yet
+            if not _unplanned_history(state, step):
+                break  # the registry has not published this epoch's plan yet
+            # A live start's warm-up history from before the registry's first epoch: it will never have a plan
+            # (the registry plans live epochs on the exchange's clock); the models learn from it, nothing acts.
+            state.queue.popleft()
+            state.step_published.pop(step.time_s, None)
+            out.extend(_warm_up(state, step))
+            continue
         state.queue.popleft()
         state.step_published.pop(step.time_s, None)
         out.extend(_evaluate_step(state, step, plan))
@@ -610,6 +617,24 @@ def _drain(state: StrategyState) -> list[Message]:
             )
         )
     return out
+
+
+def _unplanned_history(state: StrategyState, step: Step) -> bool:
+    """A history step (published long after it closed: `_is_current` says no) of an epoch before every plan
+    this profile has: the registry moved on without planning it."""
+    if step.published_s is None or _is_current(state, step):
+        return False  # a replay's or a current step's plan is still to come: wait for it
+    epoch = step.time_s // state.profile.profile_hash.hash_rotation_interval
+    return bool(state.plans) and min(state.plans) > epoch
+
+
+def _warm_up(state: StrategyState, step: Step) -> list[Message]:
+    state.market.update(step)
+    state.marks.update(state.market.closes)
+    state.steps_done += 1
+    state.history_steps += 1
+    state.last_step_s = step.time_s
+    return [step_marker(state.profile_id, step.time_s, step.close_s, 0)]
 
 
 def _is_current(state: StrategyState, step: Step) -> bool:

@@ -1044,3 +1044,25 @@ def test_stale_feed_still_lets_a_stop_loss_exit(profile: Profile) -> None:
     out = feed(state, [*plans_for(p, T0, 3), *hold("BTC/USDC", "1", 100), stale, *market], fill)
     sells = [i for i in of_type(out, PlaceOrder) if i.side == "sell"]
     assert [i.reason for i in sells] == ["stop_loss"]
+
+
+def test_live_warm_up_before_the_registrys_first_epoch_is_learnt_from_not_waited_for(profile: Profile) -> None:
+    """A live start publishes history from before the first epoch the registry plans (it plans live epochs on
+    the exchange's clock, never past ones): those steps warm the models up instead of blocking the worker."""
+    p = open_thresholds(profile, 0.1, 0.1)
+    n, live_from = 60, 40
+    state = new_state(PID, p, "USDC", frozenset({0}), max_publish_lag_s=125.0)
+    cutoff = T0 + live_from * HOUR
+    market = _live(step_messages(path_candles("BTC/USDC", zigzag(n))), lambda c: 6 * HOUR if c <= cutoff else 3.0)
+    out = feed(state, [*plans_for(p, cutoff, n - live_from), *market], fill)
+    assert steps_done(out) == [T0 + i * HOUR for i in range(n)]  # every step marked, none waits forever
+    assert all(int(i.step_time.timestamp()) >= cutoff for i in of_type(out, PlaceOrder))
+    # Warmed up: the first live steps trade as a replay with plans all along does at those steps.
+    replay = [i for i in buys(_trend_run(p, n)) if int(i.step_time.timestamp()) >= cutoff]
+    assert [(i.step_time, i.signal) for i in buys(out)][:1] == [(i.step_time, i.signal) for i in replay][:1]
+
+
+def test_a_replay_step_without_its_plan_still_waits_for_it(profile: Profile) -> None:
+    state = fresh(profile)
+    feed(state, [plan(PID, (T0 + 2 * HOUR) // HOUR)])
+    assert steps_done(feed(state, step_messages(path_candles("BTC/USDC", [100, 101, 102])))) == []
