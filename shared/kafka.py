@@ -286,7 +286,7 @@ class ConsumeLoop:
         """On a clean stop: the outputs acknowledged, a snapshot of everything handled."""
         if self.keeper is not None and self._rebuild:
             await self._publisher.flush()
-            await self.keeper.save()
+            await self.keeper.save(final=True)
 
     def stop(self) -> None:
         self._stop.set()

@@ -152,6 +152,7 @@ _ALLOWED = {
     ("collections", "deque"),
     ("collections", "OrderedDict"),
     ("collections", "defaultdict"),
+    ("collections", "Counter"),
     ("decimal", "Decimal"),
     ("datetime", "datetime"),
     ("datetime", "date"),
@@ -433,23 +434,24 @@ class StateKeeper:
         self._last_save = time.monotonic()
         return data
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, *, final: bool = False) -> None:
         t0 = time.perf_counter()
         await self.store.write(data)
         self.last_write_s = time.perf_counter() - t0
         self.written += 1
-        log.debug(
-            "%s: snapshot of %d bytes (capture %.3f s, write %.3f s)",
+        (log.info if final else log.debug)(
+            "%s: %ssnapshot of %d bytes (capture %.3f s, write %.3f s)",
             self.service,
+            "final " if final else "",
             len(data),
             self.last_capture_s,
             self.last_write_s,
         )
 
-    async def save(self) -> None:
+    async def save(self, *, final: bool = False) -> None:
         data = self.capture()
         if data is not None:
-            await self.write(data)
+            await self.write(data, final=final)
 
     async def close(self) -> None:
         await self.store.close()

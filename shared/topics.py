@@ -149,7 +149,7 @@ def declared_topics(cfg: AppConfig, namespace: str | None = None) -> list[TopicS
 
 # Stateful services that keep snapshots (shared/snapshots.py): one per profile, and one for the whole system.
 PER_PROFILE_STATE = ("strategy", "execution")
-SHARED_STATE = ("arbiter",)
+SHARED_STATE = ("arbiter", "monitor")
 
 
 def state_spec(name: str) -> TopicSpec:

@@ -226,7 +226,7 @@ class ArbiterService:
                     self.metrics.held.set(len(self.state.buffer))
                 if keeper is not None:  # a clean stop: a snapshot of everything handled
                     await publisher.flush()
-                    await keeper.save()
+                    await keeper.save(final=True)
             finally:
                 await member.stop()
                 if keeper is not None:

@@ -259,7 +259,7 @@ class StrategyWorker:
         if self.keeper is not None:
             self.keeper.advance(rec.topic, rec.partition, rec.offset + 1)
 
-    async def snapshot(self) -> None:
+    async def snapshot(self, *, final: bool = False) -> None:
         """A snapshot of every input handled so far, once their outputs are acknowledged."""
         keeper = self.keeper
         if keeper is None:
@@ -269,7 +269,7 @@ class StrategyWorker:
                 await self.app.producer.flush()
                 data = keeper.capture()
             if data is not None:
-                await keeper.write(data)
+                await keeper.write(data, final=final)
 
     async def _snapshot_tick(self) -> None:
         if self.keeper is not None and self.keeper.due():
@@ -281,7 +281,7 @@ class StrategyWorker:
     async def _on_shutdown(self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         # The consumers have stopped: a last snapshot covers everything handled.
         try:
-            await self.snapshot()
+            await self.snapshot(final=True)
         except Exception as err:
             log.warning("final snapshot failed: %s: %s", type(err).__name__, err)
         if self.keeper is not None:
