@@ -214,3 +214,50 @@ async def test_restart_after_retention_deleted_the_inputs_gives_the_uninterrupte
     summary = orjson.loads((tmp_path / "whole" / "summary.json").read_bytes())
     assert summary, "the run reports"
     print(f"whole {whole['seconds']:.1f} s, interrupted {cut['seconds']:.1f} s, snapshots {cut['snapshot_bytes']}")
+
+
+@pytest.mark.timeout(120)
+async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
+    infra: Endpoints, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from services.monitor.bootstrap import MonitorOptions, MonitorService
+    from shared.runtime import ServiceSettings
+    from tests.integration.ops_stack import TEMPLATE, create_topics, eventually, ns_config, publish
+    from tests.unit.builders import HOUR, T0, candle, order_filled
+
+    monkeypatch.setenv("MPCTL_STATE_KEY", "durable-state-test-key-0123456789")
+    b = infra.kafka_bootstrap
+    cfg = ns_config(namespace)
+    await create_topics(b, cfg)
+    t = Topics(namespace)
+    fills = [order_filled("profile_a", "buy", size="1", price="100", fee="0.6", at=T0 + 60),
+             order_filled("profile_a", "sell", size="1", price="110", fee="0.6", at=T0 + HOUR + 60)]
+    await publish(b, [(t.events, f, "profile_a") for f in fills]
+                  + [(t.candles, candle("BTC/USDC", T0 + i * HOUR, open=100, close=105 + i), None) for i in range(2)])
+
+    async def run_monitor() -> dict[str, Any]:
+        settings = ServiceSettings(config_path=TEMPLATE, kafka_bootstrap=b, namespace=namespace,
+                                   redis_url=infra.redis_url)
+        svc = MonitorService(cfg, settings, MonitorOptions(audit_file=tmp_path / "audit.jsonl", drain=True))
+        assert await asyncio.wait_for(svc.run(asyncio.Event()), 60) == 0
+        return svc.tracker.profile_view("profile_a")
+
+    first = await run_monitor()
+    assert first["trades"] == 2, first
+    # Retention deletes everything the monitor read; a restart keeps the numbers.
+    targets = {TopicPartition(tp, 0): 2 for tp in (t.events, t.candles)}
+    admin = AIOKafkaAdminClient(bootstrap_servers=b)
+    await admin.start()
+    try:
+        await admin.delete_records({tp: RecordsToDelete(off) for tp, off in targets.items()})
+    finally:
+        await admin.close()
+
+    async def deleted() -> bool:
+        return all(v == 2 for v in (await _begins(b, list(targets))).values())
+
+    await eventually(deleted, what="records deleted")
+    assert await run_monitor() == first
+    await delete_topics(b, [s.name for s in declared_topics(cfg)])
