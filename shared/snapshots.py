@@ -122,6 +122,8 @@ def fingerprint(*parts: object) -> str:
             return o.model_dump(mode="json")
         if isinstance(o, set | frozenset):
             return sorted(o, key=str)
+        if isinstance(o, Decimal):
+            return str(o)
         raise TypeError(type(o).__name__)
 
     data = orjson.dumps(list(parts), default=default, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
