@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
@@ -38,12 +39,24 @@ HOURS = 360
 SPEED = 90_000.0  # 40 ms of replay per hourly step
 STOP_AFTER_STEPS = 120
 STOP_AFTER_FILLS = 4
+SNAPSHOT_INTERVAL_S = 1.0
+# Stopped with SIGKILL (they resume from their last periodic snapshot); the others with SIGTERM (final one).
+KILLED = ("strategy.profile_a", "execution.profile_b")
 FILES = ("orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json")
 
 
-def _common(endpoints: Endpoints, ns: str) -> list[str]:
+def _config_file(out: Path) -> Path:
+    """The three-profile example with a snapshot every second: the stop finds periodic snapshots too."""
+    raw = yaml.safe_load(CONFIG.read_text())
+    raw.setdefault("system", {})["state"] = {"snapshot_interval_s": SNAPSHOT_INTERVAL_S}
+    path = out / "profiles.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _common(endpoints: Endpoints, ns: str, config: Path) -> list[str]:
     return ["--bootstrap", endpoints.kafka_bootstrap, "--redis-url", endpoints.redis_url, "--source", "replay",
-            "--namespace", ns, "--config", str(CONFIG)]
+            "--namespace", ns, "--config", str(config)]
 
 
 def _stateful(cfg: AppConfig, common: list[str]) -> list[tuple[str, list[str]]]:
@@ -142,7 +155,7 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, interrupt: bool) -> 
     await ensure_topics(endpoints.kafka_bootstrap, specs)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True)
-    common = _common(endpoints, ns)
+    common = _common(endpoints, ns, _config_file(out))
     replay = ["--data", str(DATA), "--hours", str(HOURS), "--speed", str(SPEED if interrupt else 0.0)]
     stack = Stack()
     started = time.monotonic()
@@ -159,9 +172,10 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, interrupt: bool) -> 
             names = {name for name, _ in _stateful(cfg, common)}
             victims = [p for p in stack.procs if p.name in names]
             for p in victims:
-                os.kill(p.popen.pid, signal.SIGTERM)
+                os.kill(p.popen.pid, signal.SIGKILL if p.name in KILLED else signal.SIGTERM)
             for p in victims:
-                assert p.popen.wait(timeout=30) == 0, f"{p.name} did not stop cleanly"
+                code = p.popen.wait(timeout=30)
+                assert code == (-signal.SIGKILL if p.name in KILLED else 0), f"{p.name} exited with {code}"
                 p.fh.close()
                 stack.procs.remove(p)
             # What the stopped services wrote, before it is deleted: the report is built from all of it.
