@@ -55,8 +55,18 @@ def _config_file(out: Path) -> Path:
 
 
 def _common(endpoints: Endpoints, ns: str, config: Path) -> list[str]:
-    return ["--bootstrap", endpoints.kafka_bootstrap, "--redis-url", endpoints.redis_url, "--source", "replay",
-            "--namespace", ns, "--config", str(config)]
+    return [
+        "--bootstrap",
+        endpoints.kafka_bootstrap,
+        "--redis-url",
+        endpoints.redis_url,
+        "--source",
+        "replay",
+        "--namespace",
+        ns,
+        "--config",
+        str(config),
+    ]
 
 
 def _stateful(cfg: AppConfig, common: list[str]) -> list[tuple[str, list[str]]]:
@@ -98,8 +108,12 @@ async def _wait_progress(bootstrap: str, cfg: AppConfig, steps: int, fills: int)
 
 async def _snapshot_headers(bootstrap: str, topics: list[str]) -> dict[str, dict[str, Any]]:
     """The header of the last snapshot on each state topic (JSON after the MAC: readable without the key)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                max_partition_fetch_bytes=64 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=64 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
     await consumer.start()
     out: dict[str, dict[str, Any]] = {}
     try:
@@ -121,7 +135,9 @@ async def _snapshot_headers(bootstrap: str, topics: list[str]) -> dict[str, dict
     return out
 
 
-async def _delete_covered(bootstrap: str, cfg: AppConfig, headers: dict[str, dict[str, Any]]) -> dict[str, int]:
+async def _delete_covered(
+    bootstrap: str, cfg: AppConfig, headers: dict[str, dict[str, Any]]
+) -> dict[str, int]:
     """Delete, on every non-compacted input partition, the records every snapshot reading it covers."""
     compacted = {s.name for s in declared_topics(cfg) if s.compacted}
     covered: dict[tuple[str, int], int] = {}
@@ -188,7 +204,9 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, interrupt: bool) -> 
             info["positions"] = {k: h["positions"] for k, h in headers.items()}
             info["deleted"] = await _delete_covered(endpoints.kafka_bootstrap, cfg, headers)
             probe = [TopicPartition(tp, 0) for tp in (t.candles, t.events)]
-            info["begins"] = {tp.topic: off for tp, off in (await _begins(endpoints.kafka_bootstrap, probe)).items()}
+            info["begins"] = {
+                tp.topic: off for tp, off in (await _begins(endpoints.kafka_bootstrap, probe)).items()
+            }
             for name, args in _stateful(cfg, common):
                 stack.start(f"{name}.restarted", args, log_dir)
         await wait_finished(endpoints.kafka_bootstrap, t.status, expected_finishers(cfg), stack, 240, started)
@@ -227,7 +245,9 @@ async def test_restart_after_retention_deleted_the_inputs_gives_the_uninterrupte
     assert len(cut["restored"]) == 1 + 2 * len(cfg.enabled_profiles()), cut["restored"]
     summary = orjson.loads((tmp_path / "whole" / "summary.json").read_bytes())
     assert summary, "the run reports"
-    print(f"whole {whole['seconds']:.1f} s, interrupted {cut['seconds']:.1f} s, snapshots {cut['snapshot_bytes']}")
+    print(
+        f"whole {whole['seconds']:.1f} s, interrupted {cut['seconds']:.1f} s, snapshots {cut['snapshot_bytes']}"
+    )
 
 
 @pytest.mark.timeout(120)
@@ -246,14 +266,20 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
     cfg = ns_config(namespace)
     await create_topics(b, cfg)
     t = Topics(namespace)
-    fills = [order_filled("profile_a", "buy", size="1", price="100", fee="0.6", at=T0 + 60),
-             order_filled("profile_a", "sell", size="1", price="110", fee="0.6", at=T0 + HOUR + 60)]
-    await publish(b, [(t.events, f, "profile_a") for f in fills]
-                  + [(t.candles, candle("BTC/USDC", T0 + i * HOUR, open=100, close=105 + i), None) for i in range(2)])
+    fills = [
+        order_filled("profile_a", "buy", size="1", price="100", fee="0.6", at=T0 + 60),
+        order_filled("profile_a", "sell", size="1", price="110", fee="0.6", at=T0 + HOUR + 60),
+    ]
+    await publish(
+        b,
+        [(t.events, f, "profile_a") for f in fills]
+        + [(t.candles, candle("BTC/USDC", T0 + i * HOUR, open=100, close=105 + i), None) for i in range(2)],
+    )
 
     async def run_monitor() -> dict[str, Any]:
-        settings = ServiceSettings(config_path=TEMPLATE, kafka_bootstrap=b, namespace=namespace,
-                                   redis_url=infra.redis_url)
+        settings = ServiceSettings(
+            config_path=TEMPLATE, kafka_bootstrap=b, namespace=namespace, redis_url=infra.redis_url
+        )
         svc = MonitorService(cfg, settings, MonitorOptions(audit_file=tmp_path / "audit.jsonl", drain=True))
         assert await asyncio.wait_for(svc.run(asyncio.Event()), 60) == 0
         return svc.tracker.profile_view("profile_a")

@@ -41,7 +41,13 @@ POS = {("ns.md.candles", 0): 120, ("ns.orders.events", 0): 7}
 
 
 def snap(state: Any, **kw: Any) -> Snapshot:
-    args: dict[str, Any] = {"service": "strategy.p", "schema": 1, "fingerprint": "f", "positions": POS, "state": state}
+    args: dict[str, Any] = {
+        "service": "strategy.p",
+        "schema": 1,
+        "fingerprint": "f",
+        "positions": POS,
+        "state": state,
+    }
     args.update(kw)
     return Snapshot(**args)
 
@@ -87,10 +93,15 @@ def test_round_trip_of_plain_values() -> None:
 
 @pytest.mark.parametrize(
     ("which", "fields"),
-    [("strategy", strategy_domain.CONFIG_FIELDS), ("execution", execution_domain.CONFIG_FIELDS),
-     ("arbiter", arbiter_domain.CONFIG_FIELDS)],
+    [
+        ("strategy", strategy_domain.CONFIG_FIELDS),
+        ("execution", execution_domain.CONFIG_FIELDS),
+        ("arbiter", arbiter_domain.CONFIG_FIELDS),
+    ],
 )
-def test_round_trip_of_the_services_states_is_exact(run: tuple[AppConfig, Backtest], which: str, fields: frozenset[str]) -> None:
+def test_round_trip_of_the_services_states_is_exact(
+    run: tuple[AppConfig, Backtest], which: str, fields: frozenset[str]
+) -> None:
     cfg, bt = run
     pid = next(iter(cfg.enabled_profiles()))
     if which == "strategy":
@@ -143,7 +154,11 @@ def test_another_key_or_namespace_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("kw", "why"),
-    [({"schema": 2}, "schema"), ({"fingerprint": "g"}, "configuration"), ({"service": "strategy.q"}, "not of")],
+    [
+        ({"schema": 2}, "schema"),
+        ({"fingerprint": "g"}, "configuration"),
+        ({"service": "strategy.q"}, "not of"),
+    ],
 )
 def test_version_configuration_or_service_mismatch_is_ignored(kw: dict[str, Any], why: str) -> None:
     data = encode_snapshot(snap({"cash": Decimal(1)}), KEY)
@@ -175,7 +190,11 @@ def test_fingerprint_follows_the_configuration(run: tuple[AppConfig, Backtest]) 
 def test_positions_resume_at_the_snapshot_or_the_beginning() -> None:
     from aiokafka import TopicPartition
 
-    a, b, c = TopicPartition("ns.md.candles", 0), TopicPartition("ns.orders.events", 0), TopicPartition("x", 0)
+    a, b, c = (
+        TopicPartition("ns.md.candles", 0),
+        TopicPartition("ns.orders.events", 0),
+        TopicPartition("x", 0),
+    )
     assert clamp_positions(POS, {a: 0, b: 10, c: 3}) == {a: 120, b: 10, c: 3}  # b: inputs lost, said loudly
 
 
@@ -192,7 +211,9 @@ def test_every_stateful_instance_has_a_compacted_state_topic(run: tuple[AppConfi
     cfg, _ = run
     t = Topics("ns")
     specs = {s.name: s for s in declared_topics(cfg, "ns")}
-    names = [t.state("arbiter")] + [t.state(s, pid) for pid in cfg.profiles for s in ("strategy", "execution")]
+    names = [t.state("arbiter")] + [
+        t.state(s, pid) for pid in cfg.profiles for s in ("strategy", "execution")
+    ]
     for name in names:
         assert specs[name].compacted and specs[name].partitions == 1
         assert int(specs[name].configs()["max.message.bytes"]) >= 16 * 1024 * 1024
