@@ -24,6 +24,7 @@ from shared.config import AppConfig, load_config
 from shared.snapshots import (
     Snapshot,
     SnapshotRefused,
+    StateKeeper,
     clamp_positions,
     dataclass_dump,
     dataclass_restore,
@@ -217,3 +218,80 @@ def test_every_stateful_instance_has_a_compacted_state_topic(run: tuple[AppConfi
     for name in names:
         assert specs[name].compacted and specs[name].partitions == 1
         assert int(specs[name].configs()["max.message.bytes"]) >= 16 * 1024 * 1024
+
+
+class MemoryStore:
+    """A state topic in memory: the last record written is the newest snapshot."""
+
+    topic = "ns.state.strategy.p"
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+
+    async def latest(self) -> bytes | None:
+        return self.records[-1] if self.records else None
+
+    async def write(self, data: bytes) -> None:
+        self.records.append(data)
+
+    async def close(self) -> None:
+        return None
+
+
+def keeper(
+    store: MemoryStore, box: dict[str, Any], *, fp: str = "f", schema: int = 1, **kw: Any
+) -> StateKeeper:
+    return StateKeeper(
+        store,  # type: ignore[arg-type]
+        KEY,
+        "strategy.p",
+        schema,
+        fp,
+        dump=lambda: dict(box),
+        restore=lambda d: box.update(d),
+        **kw,
+    )
+
+
+async def test_keeper_saves_after_progress_and_restores_state_and_positions() -> None:
+    store, box = MemoryStore(), {"cash": Decimal("10")}
+    k = keeper(store, box, interval_s=3600, every_messages=2)
+    assert await k.load() is None  # nothing yet: read the inputs from the beginning
+    await k.save()
+    assert store.records == []  # nothing handled, nothing written
+    k.advance("ns.md.candles", 0, 5)
+    assert not k.due()
+    k.advance("ns.md.candles", 0, 6)
+    assert k.due()
+    box["cash"] = Decimal("12.5")
+    await k.save()
+    assert len(store.records) == 1 and not k.due()
+
+    other: dict[str, Any] = {}
+    k2 = keeper(store, other)
+    assert await k2.load() == {("ns.md.candles", 0): 6}
+    assert other == {"cash": Decimal("12.5")}
+
+
+@pytest.mark.parametrize(("kw", "said"), [({"fp": "g"}, "another configuration"), ({"schema": 2}, "schema")])
+async def test_keeper_ignores_a_snapshot_of_another_configuration_or_schema(
+    kw: dict[str, Any], said: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, box = MemoryStore(), {"cash": Decimal("10")}
+    k = keeper(store, box)
+    k.advance("ns.md.candles", 0, 1)
+    await k.save()
+    other: dict[str, Any] = {}
+    assert await keeper(store, other, **kw).load() is None
+    assert other == {}  # nothing restored: the service rebuilds from what its inputs still hold
+    assert said in caplog.text and "rebuilding from what the inputs still hold" in caplog.text
+
+
+async def test_keeper_ignores_a_forged_snapshot(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore()
+    store.records.append(
+        encode_snapshot(snap({"cash": Decimal("1e9")}), derive_key(b"attacker-key-123456", "ns"))
+    )
+    box: dict[str, Any] = {"cash": Decimal("10")}
+    assert await keeper(store, box).load() is None
+    assert box == {"cash": Decimal("10")} and "bad signature" in caplog.text
