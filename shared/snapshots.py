@@ -185,9 +185,33 @@ def _proxied(m: MappingProxyType[Any, Any]) -> Any:
     return refs[0] if refs else dict(m)
 
 
+def _model(cls: type[BaseModel], values: dict[str, Any]) -> BaseModel:
+    """A message rebuilt from its field values without validation (they were valid when pickled)."""
+    obj = cls.__new__(cls)
+    object.__setattr__(obj, "__dict__", values)
+    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
+    object.__setattr__(obj, "__pydantic_extra__", None)
+    object.__setattr__(obj, "__pydantic_private__", None)
+    return obj
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        # The code base's pydantic messages as (class, field values): half the time of pydantic's own pickling
+        # (a paper exchange keeps thousands of candles).
+        if (
+            isinstance(obj, BaseModel)
+            and type(obj).__module__.startswith(_ALLOWED_MODULES)
+            and obj.__pydantic_extra__ is None
+            and obj.__pydantic_private__ is None
+        ):
+            return _model, (type(obj), obj.__dict__)
+        return NotImplemented
+
+
 def _pickle(obj: object) -> bytes:
     buf = io.BytesIO()
-    p = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
+    p = _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
     table = copyreg.dispatch_table.copy()
     table[MappingProxyType] = _reduce_proxy
     p.dispatch_table = table
