@@ -282,6 +282,16 @@ class CommandSettings(Strict):
     max_age_s: Annotated[float, Field(gt=0.0, le=86_400.0, allow_inf_nan=False)] = 120.0
 
 
+class StateSettings(Strict):
+    # Durable state (docs/architecture.md, "Durable state"): each stateful service writes a signed snapshot of
+    # its state and the input offsets it covers to its compacted state topic at most this often (and on a clean
+    # stop), so a restart after any length of run resumes from it instead of re-reading inputs retention deleted.
+    snapshots: bool = True
+    snapshot_interval_s: Annotated[float, Field(gt=0.0, le=86_400.0, allow_inf_nan=False)] = 30.0
+    # ... and at the latest after this many input messages, whatever the interval.
+    snapshot_every_messages: Annotated[int, Field(ge=1)] = 200_000
+
+
 # Candle intervals Coinbase serves (Advanced Trade REST granularities), in seconds.
 INTERVAL_SECONDS: dict[str, int] = {
     "1m": 60,
@@ -356,6 +366,7 @@ class SystemSettings(Strict):
     registry: RegistrySettings = RegistrySettings()
     strategy: StrategySettings = StrategySettings()
     commands: CommandSettings = CommandSettings()
+    state: StateSettings = StateSettings()
 
 
 class AppConfig(Strict):

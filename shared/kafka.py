@@ -29,6 +29,7 @@ from shared.clock import Clock, IdFactory
 from shared.codec import DecodeError, decode, encode, implausible_time
 from shared.commands import CommandGate
 from shared.messages import CommandHandled, ControlCommand, DeadLettered, Message
+from shared.snapshots import Durable, Positions, StateKeeper, clamp_positions
 from shared.topics import TopicSpec
 
 log = logging.getLogger(__name__)
@@ -187,23 +188,31 @@ Handler = Callable[[Message, ConsumerRecord[bytes, bytes], Outbox], Awaitable[No
 
 
 class _Rewind(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Reads every assigned partition from its beginning: the service rebuilds its state from its input log.
+    """Reads every assigned partition from the position its restored snapshot covers, or from its beginning
+    without one: the service rebuilds its state from its snapshot and its input log (shared/snapshots.py).
 
     Its handlers are deterministic and their outputs carry ids derived from the inputs, so what is
     re-published after a restart repeats ids every consumer already de-duplicates. Committed offsets then
     serve lag monitoring only.
     """
 
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, positions: Positions | None = None) -> None:
         self._consumer = consumer
+        self._positions = positions or {}
 
     async def on_partitions_revoked(self, revoked: object) -> None:
         return None
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         parts = list(assigned)
-        if parts:
+        if not parts:
+            return
+        if not self._positions:
             await self._consumer.seek_to_beginning(*parts)
+            return
+        begins = await self._consumer.beginning_offsets(parts)
+        for tp, offset in clamp_positions(self._positions, begins).items():
+            self._consumer.seek(tp, offset)
 
 
 def dead_letter_for(rec: Any, error: str, *, service: str, msg_id: str, now: datetime) -> DeadLettered:
@@ -243,9 +252,11 @@ class ConsumeLoop:
         ids: IdFactory,
         from_beginning: bool = True,
         rebuild_on_start: bool = False,
+        keeper: StateKeeper | None = None,
     ) -> None:
         self._topics = list(topics)
         self._rebuild = rebuild_on_start
+        self.keeper = keeper  # snapshots of the service's state (only with rebuild_on_start)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=group_id,
@@ -270,15 +281,24 @@ class ConsumeLoop:
         return self._consumer
 
     async def start(self) -> None:
+        positions = await self.keeper.load() if self.keeper is not None and self._rebuild else None
         await self._consumer.start()
-        listener = _Rewind(self._consumer) if self._rebuild else None
+        listener = _Rewind(self._consumer, positions) if self._rebuild else None
         self._consumer.subscribe(self._topics, listener=listener)
+
+    async def final_snapshot(self) -> None:
+        """On a clean stop: the outputs acknowledged, a snapshot of everything handled."""
+        if self.keeper is not None and self._rebuild:
+            await self._publisher.flush()
+            await self.keeper.save(final=True)
 
     def stop(self) -> None:
         self._stop.set()
 
     async def close(self) -> None:
         await self._consumer.stop()
+        if self.keeper is not None:
+            await self.keeper.close()
 
     async def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
         self.dead_lettered += 1
@@ -307,6 +327,8 @@ class ConsumeLoop:
                             await self._dead_letter(rec, f"{type(msg).__name__}: {bad_time}")
                             self.processed += 1
                             offsets[tp] = rec.offset + 1
+                            if self.keeper is not None:
+                                self.keeper.advance(rec.topic, rec.partition, rec.offset + 1)
                             continue
                         try:
                             await handler(msg, rec, outbox)
@@ -320,8 +342,12 @@ class ConsumeLoop:
                             await self._publisher.send(topic, out, key=key)
                     self.processed += 1
                     offsets[tp] = rec.offset + 1
+                    if self.keeper is not None:
+                        self.keeper.advance(rec.topic, rec.partition, rec.offset + 1)
             await self._publisher.flush()
             await self._consumer.commit(offsets)
+            if self.keeper is not None and self._rebuild and self.keeper.due():
+                await self.keeper.save()  # the outputs of every handled input are acknowledged
 
 
 Route = tuple[str, str | None, bool]  # topic, key, broadcast to every partition
@@ -351,8 +377,10 @@ class StateMachineService:
         rebuild_on_start: bool = False,
         commands: CommandGate | None = None,
         observe: Callable[[Message, ConsumerRecord[bytes, bytes]], None] | None = None,
+        durable: Durable | None = None,
     ) -> None:
         self.name = name
+        self._durable = durable  # snapshots of the state, with rebuild_on_start (shared/snapshots.py)
         self._commands = commands
         self._observe = observe  # sees every decoded input with its record (topic, Kafka timestamp): metrics
         # Kafka clients need a running event loop: they are built in run(), never at construction.
@@ -396,7 +424,8 @@ class StateMachineService:
     async def run(self, stop: asyncio.Event, *, exit_when_done: bool = False) -> int:
         a = self._client_args
         publisher = Publisher(str(a["bootstrap"]), client_id=str(a["group_id"]))
-        loop = self.loop = ConsumeLoop(publisher=publisher, **a)  # type: ignore[arg-type]
+        keeper = await self._durable.keeper(str(a["bootstrap"])) if self._durable is not None else None
+        loop = self.loop = ConsumeLoop(publisher=publisher, keeper=keeper, **a)  # type: ignore[arg-type]
         await publisher.start()
         await loop.start()
         try:
@@ -413,6 +442,7 @@ class StateMachineService:
                 await loop.run(self._on_message)
             finally:
                 watcher.cancel()
+            await loop.final_snapshot()
             return 0
         finally:
             await loop.close()

@@ -22,9 +22,14 @@ AUDIT = "audit.log"
 STATUS = "services.status"
 DEAD_LETTER = "dead.letter"
 HEARTBEATS = "services.heartbeats"
+STATE_PREFIX = "state."
 
 WEEK_MS = 7 * 24 * 3600 * 1000
 DAY_MS = 24 * 3600 * 1000
+# A state snapshot is one record (shared/snapshots.py): the topic accepts records this large.
+STATE_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Compaction never touches the active segment: rolling every 10 minutes lets old snapshots go.
+STATE_SEGMENT_MS = 10 * 60 * 1000
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class TopicSpec:
     retention_ms: int = WEEK_MS
     # Broker time on every record: commands are judged fresh against a time their sender cannot set.
     log_append_time: bool = False
+    max_message_bytes: int | None = None
+    segment_ms: int | None = None
 
     def configs(self) -> dict[str, str]:
         out = (
@@ -44,6 +51,10 @@ class TopicSpec:
         )
         if self.log_append_time:
             out["message.timestamp.type"] = "LogAppendTime"
+        if self.max_message_bytes is not None:
+            out["max.message.bytes"] = str(self.max_message_bytes)
+        if self.segment_ms is not None:
+            out["segment.ms"] = str(self.segment_ms)
         return out
 
 
@@ -103,6 +114,10 @@ class Topics:
     def approved(self, profile: str) -> str:
         return self._n(APPROVED_PREFIX + profile)
 
+    def state(self, service: str, instance: str | None = None) -> str:
+        """The compacted topic holding the latest state snapshot of one stateful service instance."""
+        return self._n(STATE_PREFIX + (f"{service}.{instance}" if instance else service))
+
     def group(self, service: str, instance: str | None = None) -> str:
         """Consumer group id: one per service, or per (service, profile) for per-profile workers."""
         return self._n(f"{service}.{instance}" if instance else service)
@@ -127,4 +142,18 @@ def declared_topics(cfg: AppConfig, namespace: str | None = None) -> list[TopicS
         TopicSpec(t.heartbeats, 1, compacted=True),
     ]
     specs += [TopicSpec(t.approved(pid), 1) for pid in cfg.profiles]
+    specs += [state_spec(t.state(s, pid)) for pid in cfg.profiles for s in PER_PROFILE_STATE]
+    specs += [state_spec(t.state(s)) for s in SHARED_STATE]
     return specs
+
+
+# Stateful services that keep snapshots (shared/snapshots.py): one per profile, and one for the whole system.
+PER_PROFILE_STATE = ("strategy", "execution")
+SHARED_STATE = ("arbiter", "monitor")
+
+
+def state_spec(name: str) -> TopicSpec:
+    """Compacted, one partition, one key: the newest snapshot is the last record."""
+    return TopicSpec(
+        name, 1, compacted=True, max_message_bytes=STATE_MAX_MESSAGE_BYTES, segment_ms=STATE_SEGMENT_MS
+    )

@@ -12,6 +12,13 @@ Several arbiter processes may run (docs/arbiter.md, "Two arbiters"):
   commits, after its outputs are acknowledged, the offset below which every intent of the partition is
   decided. When a process dies (or a partition moves), the new owner publishes from that offset: what the old
   one published after its last commit is published again with the same ids, which every consumer ignores.
+
+Durable state: every few seconds and on a clean stop, after its outputs are acknowledged, a process writes a
+signed snapshot of its state (domain state and the outputs it retains per intents partition) with the next
+offset of every input partition it covers to the compacted `state.arbiter` topic; a starting process restores
+the newest one and reads each input from there, so a restart after any length of run no longer depends on
+inputs retention has deleted (docs/architecture.md, "Durable state"). Any process's snapshot serves any other:
+they all hold the same state.
 """
 
 from __future__ import annotations
@@ -42,6 +49,14 @@ from shared.messages import (
     WorkerFinished,
 )
 from shared.runtime import ServiceSettings
+from shared.snapshots import (
+    Durable,
+    StateKeeper,
+    clamp_positions,
+    dataclass_dump,
+    dataclass_restore,
+    fingerprint,
+)
 from shared.topics import Topics
 
 log = logging.getLogger("arbiter")
@@ -92,6 +107,44 @@ class ArbiterService:
         self.last_offset: dict[int, int] = {}
         self.committed: dict[int, int] = {}
         self.publisher: Publisher | None = None
+        self.keeper: StateKeeper | None = None
+        st = cfg.system.state
+        k = cfg.system.kafka
+        self.durable = Durable(
+            topic=self.topics.state("arbiter"),
+            namespace=self.topics.ns,
+            redis_url=settings.redis_url,
+            service="arbiter",
+            schema=domain.SNAPSHOT_SCHEMA,
+            fingerprint=fingerprint(
+                "arbiter", cfg.profiles, cfg.system.arbiter, cfg.system.execution, k.intent_partitions,
+                k.candle_partitions, cfg.system.mode,
+            ),
+            dump=self._dump,
+            restore=self._restore,
+            interval_s=st.snapshot_interval_s,
+            every_messages=st.snapshot_every_messages,
+            enabled=st.snapshots,
+        )
+
+    # ------------------------------------------------------------------------------------ durable state
+    def _dump(self) -> dict[str, Any]:
+        return {
+            "state": dataclass_dump(self.state, domain.CONFIG_FIELDS),
+            "origin": self.origin,
+            "retained": dict(self.retained),
+            "next_offset": self.next_offset,
+            "last_offset": self.last_offset,
+            "finished_partitions": self.finished_partitions,
+        }
+
+    def _restore(self, data: dict[str, Any]) -> None:
+        dataclass_restore(self.state, data["state"])
+        self.origin = data["origin"]
+        self.retained = defaultdict(list, data["retained"])
+        self.next_offset = data["next_offset"]
+        self.last_offset = data["last_offset"]
+        self.finished_partitions = data["finished_partitions"]
 
     # ------------------------------------------------------------------------------------ pure part
     async def handle(self, msg: Message, partition: int) -> list[Message]:
@@ -134,12 +187,18 @@ class ArbiterService:
             session_timeout_ms=SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=1_000,
         )
+        keeper = self.keeper = await self.durable.keeper(bootstrap)
+        positions = await keeper.load() if keeper is not None else None
         await publisher.start()
         await observer.start()
         try:
             tps = await partitions_of(observer, self.inputs, bootstrap)
             observer.assign(tps)
-            await observer.seek_to_beginning(*tps)
+            if positions:
+                for tp, offset in clamp_positions(positions, await observer.beginning_offsets(tps)).items():
+                    observer.seek(tp, offset)
+            else:
+                await observer.seek_to_beginning(*tps)
             member.subscribe([t.intents], listener=_Listener(self))
             await member.start()
             if self.metrics_port:
@@ -152,8 +211,12 @@ class ArbiterService:
                     for recs in batch.values():
                         for rec in recs:
                             await self._on_record(rec)
+                            if keeper is not None:
+                                keeper.advance(rec.topic, rec.partition, rec.offset + 1)
                     await publisher.flush()
                     await self._commit(member)
+                    if keeper is not None and keeper.due():
+                        await keeper.save()  # after the outputs of the handled inputs are acknowledged
                     # Keeps the membership alive (its partitions are paused: it fetches nothing).
                     await member.getmany(timeout_ms=0)
                     if time.monotonic() - last_prune > PRUNE_EVERY_S:
@@ -161,8 +224,13 @@ class ArbiterService:
                         await self._prune(member)
                     self.metrics.owned.set(len(self.owned))
                     self.metrics.held.set(len(self.state.buffer))
+                if keeper is not None:  # a clean stop: a snapshot of everything handled
+                    await publisher.flush()
+                    await keeper.save(final=True)
             finally:
                 await member.stop()
+                if keeper is not None:
+                    await keeper.close()
         finally:
             await observer.stop()
             await publisher.stop()

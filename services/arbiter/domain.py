@@ -201,6 +201,15 @@ class ArbiterState:
     savings: dict[str, Decimal] = field(default_factory=dict)
 
 
+# Durable state (shared/snapshots.py): the version of ArbiterState's snapshot form (raise it when a field
+# changes meaning), and the fields new_state sets from the configuration, which a snapshot leaves out.
+SNAPSHOT_SCHEMA = 1
+CONFIG_FIELDS = frozenset(
+    {"profiles", "rank", "settings", "execution", "conflict_window", "n_partitions", "base_hash", "slippage",
+     "initial", "rotation_s", "candle_partitions"}
+)
+
+
 def new_state(cfg: AppConfig) -> ArbiterState:
     a = cfg.system.arbiter
     if a.internal_cross == "execute" and cfg.system.mode != "paper":

@@ -22,6 +22,7 @@ from shared.config import AppConfig, live_source_problem
 from shared.kafka import HandlingError, Route, StateMachineService
 from shared.messages import ExecuteOrder, Message, OrderFilled, OrderUpdated, ProfileHalted, WorkerFinished
 from shared.runtime import ServiceSettings
+from shared.snapshots import Durable, dataclass_dump, dataclass_restore, fingerprint
 from shared.topics import Topics
 
 if TYPE_CHECKING:
@@ -79,6 +80,26 @@ class ExecutionService:
             rebuild_on_start=cfg.system.mode == "paper",
             commands=gate_for(f"execution.{self.profile_id}", cfg.system.commands.max_age_s),
             observe=self._received,
+            durable=self._durable(cfg, profile) if cfg.system.mode == "paper" else None,
+        )
+
+    def _durable(self, cfg: AppConfig, profile: Any) -> Durable:
+        """Paper state snapshots (docs/architecture.md, "Durable state"): a restart resumes from the newest."""
+        st = cfg.system.state
+        return Durable(
+            topic=self.topics.state("execution", self.profile_id),
+            namespace=self.topics.ns,
+            redis_url=self.settings.redis_url,
+            service=f"execution.{self.profile_id}",
+            schema=domain.SNAPSHOT_SCHEMA,
+            fingerprint=fingerprint(
+                "execution", profile, cfg.system.execution, cfg.system.kafka.candle_partitions, cfg.system.mode
+            ),
+            dump=lambda: dataclass_dump(self.state, domain.CONFIG_FIELDS),
+            restore=lambda data: dataclass_restore(self.state, data),
+            interval_s=st.snapshot_interval_s,
+            every_messages=st.snapshot_every_messages,
+            enabled=st.snapshots,
         )
 
     def live_problem(self) -> str | None:

@@ -93,6 +93,12 @@ class PaperState:
     killed: str | None = None  # set by an operator's `kill`: waiting orders cancelled, new ones refused
 
 
+# Durable state (shared/snapshots.py): the version of PaperState's snapshot form (raise it when a field changes
+# meaning), and the fields new_state sets from the configuration, which a snapshot leaves out.
+SNAPSHOT_SCHEMA = 1
+CONFIG_FIELDS = frozenset({"profile_id", "seed", "settings", "slippage_tolerance", "order_timeout"})
+
+
 def new_state(profile_id: str, profile: Profile, settings: ExecutionSettings, partitions: frozenset[int]) -> PaperState:
     return PaperState(
         profile_id=profile_id,

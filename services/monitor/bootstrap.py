@@ -1,10 +1,13 @@
 """The monitor service: follows a namespace's audit, events, plans, candles and dead-letter topics and feeds
 the audit file, the alerts and the Prometheus metrics; polls consumer lag and service health every N seconds.
 
-Restart behaviour: the monitor's state (positions, PnL, peaks) is derived from the messages, so on every
-partition assignment it re-reads the topics from their beginning. Records below the group's committed offset
-were already handled by an earlier run: they rebuild the state but raise no alert again (and the audit file
-de-duplicates them). Offsets are committed after the audit file is flushed, so the group's lag in
+Restart behaviour: the monitor's state (positions, PnL, peaks) is derived from the messages. It writes a signed
+snapshot of it (the performance tracker, the correlation alert gate) with the next offset of every partition it
+covers to the compacted `state.monitor` topic every few seconds and on stop, after the audit file is flushed
+and its dead letters acknowledged (docs/architecture.md, "Durable state"). On every partition assignment it
+resumes at the newest snapshot's position, or, with none, re-reads the topic from its beginning. Records below
+the group's committed offset were already handled by an earlier run: they rebuild the state but raise no alert
+again (and the audit file de-duplicates them). Offsets are committed after the audit file is flushed, so the group's lag in
 `mpctl lag` is how far the monitor is behind.
 
 The monitor is the only consumer of the audit topic, so it dead-letters what it cannot decode there (with an
@@ -47,6 +50,7 @@ from shared.config import AppConfig
 from shared.kafka import Publisher, dead_letter_for
 from shared.messages import DeadLettered
 from shared.runtime import ServiceSettings
+from shared.snapshots import Durable, Positions, StateKeeper, clamp_positions, fingerprint
 from shared.topics import Topics
 
 log = logging.getLogger("monitor")
@@ -119,6 +123,32 @@ class MonitorService:
         self.publisher: Publisher | None = None
         self.alerts_raised = 0
         self._last_steps = 0
+        self.keeper: StateKeeper | None = None
+        self.restored: Positions = {}
+        st = cfg.system.state
+        self.durable = Durable(
+            topic=self.topics.state("monitor"),
+            namespace=self.ns,
+            redis_url=settings.redis_url,
+            service="monitor",
+            schema=1,
+            fingerprint=fingerprint("monitor", self.tracker.initial, options.correlation_window),
+            dump=self._dump,
+            restore=self._restore,
+            interval_s=st.snapshot_interval_s,
+            every_messages=st.snapshot_every_messages,
+            enabled=st.snapshots,
+        )
+
+    def _dump(self) -> dict[str, Any]:
+        return {"tracker": self.tracker, "corr_gate": self.corr_gate, "last_steps": self._last_steps,
+                "undecodable": self.undecodable}
+
+    def _restore(self, data: dict[str, Any]) -> None:
+        self.tracker = data["tracker"]
+        self.corr_gate = data["corr_gate"]
+        self._last_steps = data["last_steps"]
+        self.undecodable = data["undecodable"]
 
     @property
     def watched_topics(self) -> list[str]:
@@ -130,13 +160,15 @@ class MonitorService:
         if c is None or not assigned:
             return
         begins = await c.beginning_offsets(assigned)
+        starts = clamp_positions(self.restored, begins)  # the snapshot's positions, else the beginnings
         for tp in assigned:
             committed = await c.committed(tp)
             self.progress.boundary[tp] = int(committed) if committed is not None else 0
-            if self.progress.boundary[tp] > begins[tp]:
+            if self.progress.boundary[tp] > starts[tp]:
                 self.progress.behind.add(tp)
-            c.seek(tp, begins[tp])
-        log.info("assigned %d partition(s); re-reading them from their beginning", len(assigned))
+            c.seek(tp, starts[tp])
+        log.info("assigned %d partition(s); reading them from %s", len(assigned),
+                 "the snapshot's positions" if self.restored else "their beginning")
 
     async def commit(self) -> None:
         if self.dead_letters and self.publisher is not None:
@@ -151,6 +183,8 @@ class MonitorService:
             offsets, self.progress.to_commit = self.progress.to_commit, {}
             with contextlib.suppress(Exception):  # a rebalance in progress: the next batch commits again
                 await self.consumer.commit(offsets)
+        if self.keeper is not None and self.keeper.due():
+            await self.keeper.save()  # the audit file flushed, the dead letters acknowledged
 
     def _raise(self, alerts: list[Alert]) -> None:
         # Counted once the dispatcher took them: a message read on two topics raises its alert once.
@@ -178,6 +212,8 @@ class MonitorService:
             self.progress.behind.discard(tp)
         if rec.offset + 1 > self.progress.boundary.get(tp, 0):
             self.progress.to_commit[tp] = rec.offset + 1
+        if self.keeper is not None:
+            self.keeper.advance(rec.topic, rec.partition, rec.offset + 1)
 
     def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> DeadLettered:
         log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
@@ -286,6 +322,9 @@ class MonitorService:
         poller: asyncio.Task[None] | None = None
         self.publisher = Publisher(self.settings.kafka_bootstrap, client_id=f"{self.topics.group('monitor')}.dlq")
         try:
+            self.keeper = await self.durable.keeper(self.settings.kafka_bootstrap)
+            if self.keeper is not None:
+                self.restored = await self.keeper.load() or {}
             await self.publisher.start()
             await self.consumer.start()
             self.consumer.subscribe(self.watched_topics, listener=_SeekToStart(self))
@@ -307,8 +346,15 @@ class MonitorService:
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
+            committed = False
             with contextlib.suppress(Exception):
                 await self.commit()
+                committed = True
+            if self.keeper is not None:
+                with contextlib.suppress(Exception):  # a broker already gone: the last periodic snapshot stands
+                    if committed:
+                        await self.keeper.save(final=True)
+                    await self.keeper.close()
             await self.consumer.stop()
             with contextlib.suppress(Exception):  # a broker already gone: the records are re-read next start
                 await self.publisher.stop()

@@ -6,12 +6,15 @@ A lock serialises decide-and-send, so one step's intents always precede its Step
 intents partition.
 
 State after a crash: the state is a deterministic function of the worker's input logs (md.candles,
-registry.plans, orders.events), so Kafka is its durable store. Every start rebuilds it by reading the inputs
-from the beginning: before faust starts, the group's committed offsets are reset to the beginning of each
-input partition (faust's own start seeks to the committed offsets, so a seek of ours would be overridden).
-Faust still commits while the worker runs, so consumer lag stays meaningful. What the rebuild re-sends
-(intents, step markers, halts) carries the ids of the first run, and every consumer de-duplicates them
-(docs/backtest.md, "State that survives a crash").
+registry.plans, orders.events), whatever their interleaving. The worker writes a signed snapshot of it, with
+the next offset of every input partition it covers, to its compacted state topic every few seconds and on a
+clean stop (shared/snapshots.py), after the producer has flushed the outputs of those inputs. Every start
+restores the newest snapshot and resumes each input there; with none, it reads the inputs from the
+beginning. Either way, before faust starts, the group's committed offsets are set to those positions (faust's
+own start seeks to the committed offsets, so a seek of ours would be overridden). Faust still commits while
+the worker runs, so consumer lag stays meaningful. What the rebuild re-sends (intents, step markers, halts)
+carries the ids of the first run, and every consumer de-duplicates them (docs/backtest.md, "State that
+survives a crash"; docs/architecture.md, "Durable state").
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ from shared.messages import (
     WorkerFinished,
 )
 from shared.runtime import ServiceSettings
+from shared.snapshots import (
+    Durable,
+    Positions,
+    StateKeeper,
+    clamp_positions,
+    dataclass_dump,
+    dataclass_restore,
+    fingerprint,
+)
 from shared.topics import Topics
 
 log = logging.getLogger("strategy")
@@ -102,12 +114,25 @@ def input_topics(topics: Topics) -> list[str]:
     return [topics.candles, topics.plans, topics.events, topics.commands]
 
 
+@dataclass(frozen=True)
+class HeldRecord:
+    """What the dead-letter path needs of a consumed record (faust's records are not kept in snapshots)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int
+
+
 async def reset_group_to_beginning(
-    bootstrap: str, group: str, topics: list[str], *, wait_s: float
+    bootstrap: str, group: str, topics: list[str], *, wait_s: float, positions: Positions | None = None
 ) -> dict[tuple[str, int], int]:
-    """Commit the beginning offset of every partition of `topics` for `group`, so the next consumer of the
-    group reads everything again. Kafka accepts such a commit only while the group has no member: after a
-    SIGKILL the dead member stays until its session times out, hence the retries for up to `wait_s`.
+    """Commit the beginning offset of every partition of `topics` for `group` (or, for the partitions a
+    restored snapshot covers, its position), so the next consumer of the group reads from there. Kafka accepts
+    such a commit only while the group has no member: after a SIGKILL the dead member stays until its session
+    times out, hence the retries for up to `wait_s`.
 
     Returns the offsets the group had committed before (what the previous process had consumed), per
     (topic, partition): the metrics count only records from there on."""
@@ -117,6 +142,7 @@ async def reset_group_to_beginning(
         tps = await partitions_of(consumer, topics, bootstrap)
         consumer.assign(tps)
         begins = await consumer.beginning_offsets(tps)
+        starts = clamp_positions(positions or {}, begins)
         before = {}
         for tp in tps:
             committed = await consumer.committed(tp)
@@ -124,7 +150,7 @@ async def reset_group_to_beginning(
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                await consumer.commit({tp: begins[tp] for tp in tps})
+                await consumer.commit({tp: starts[tp] for tp in tps})
                 return before
             except KafkaError as err:
                 if time.monotonic() > deadline:
@@ -191,9 +217,75 @@ class StrategyWorker:
         self.app.conf.web_enabled = False  # the constructor flag alone still bound 0.0.0.0:6066
         self.out: dict[str, Any] = {}
         # Records of outcomes for intents this worker did not send, by message id, until the domain judges them.
-        self.held_records: dict[str, tuple[str, deque[Any]]] = {}
+        self.held_records: dict[str, tuple[str, deque[HeldRecord]]] = {}
         for name in self.inputs:
             self.app.agent(self._topic(name), name=f"consume-{name}")(self._agent)
+        self.keeper: StateKeeper | None = None
+        self.snapshot_lock = asyncio.Lock()
+        st = cfg.system.state
+        self.durable = Durable(
+            topic=self.t.state("strategy", self.profile_id),
+            namespace=self.t.ns,
+            redis_url=settings.redis_url,
+            service=f"strategy.{self.profile_id}",
+            schema=domain.SNAPSHOT_SCHEMA,
+            fingerprint=fingerprint(
+                "strategy",
+                cfg.profiles[self.profile_id],
+                cfg.system.quote_asset,
+                k.candle_partitions,
+                cfg.system.registry.on_rotation,
+                cfg.system.strategy.decision_wait_steps,
+                max_publish_lag_s(cfg),
+            ),
+            dump=self._dump,
+            restore=self._restore,
+            interval_s=st.snapshot_interval_s,
+            every_messages=st.snapshot_every_messages,
+            enabled=st.snapshots,
+        )
+        self.app.timer(interval=min(1.0, st.snapshot_interval_s), name="snapshots")(self._snapshot_tick)
+        self.app.on_before_shutdown.connect(self._on_shutdown)
+
+    # ------------------------------------------------------------------------------------ durable state
+    def _dump(self) -> dict[str, Any]:
+        return {"state": dataclass_dump(self.state, domain.CONFIG_FIELDS), "held_records": self.held_records}
+
+    def _restore(self, data: dict[str, Any]) -> None:
+        dataclass_restore(self.state, data["state"])
+        self.held_records = data["held_records"]
+
+    def _advance(self, rec: Any) -> None:
+        if self.keeper is not None:
+            self.keeper.advance(rec.topic, rec.partition, rec.offset + 1)
+
+    async def snapshot(self, *, final: bool = False) -> None:
+        """A snapshot of every input handled so far, once their outputs are acknowledged."""
+        keeper = self.keeper
+        if keeper is None:
+            return
+        async with self.snapshot_lock:
+            async with self.lock:  # no input is handled meanwhile: the state and positions are of one moment
+                await self.app.producer.flush()
+                data = keeper.capture()
+            if data is not None:
+                await keeper.write(data, final=final)
+
+    async def _snapshot_tick(self) -> None:
+        if self.keeper is not None and self.keeper.due():
+            try:
+                await self.snapshot()
+            except Exception as err:  # the broker may be restarting: the next tick tries again
+                log.warning("snapshot failed: %s: %s", type(err).__name__, err)
+
+    async def _on_shutdown(self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # The consumers have stopped: a last snapshot covers everything handled.
+        try:
+            await self.snapshot(final=True)
+        except Exception as err:
+            log.warning("final snapshot failed: %s: %s", type(err).__name__, err)
+        if self.keeper is not None:
+            await self.keeper.close()
 
     def _topic(self, name: str) -> Any:
         # Raw bytes in and out: our own codec (orjson + pydantic) decodes, so bad bytes reach the dead-letter path.
@@ -210,10 +302,12 @@ class StrategyWorker:
                 msg = decode(event.value)
             except DecodeError as err:
                 await self._dead_letter(rec, str(err))
+                self._advance(rec)
                 continue
             bad_time = implausible_time(msg, system_clock())
             if bad_time is not None:
                 await self._dead_letter(rec, f"{type(msg).__name__}: {bad_time}")
+                self._advance(rec)
                 continue
             if isinstance(msg, ControlCommand):
                 # Judged against the broker's append time, so a rebuild re-reads the same verdicts.
@@ -222,6 +316,7 @@ class StrategyWorker:
                 if not verdict.accepted:
                     log.warning("refused command %s %s: %s", msg.action, msg.target, verdict.reason)
                     self.metrics.error("command_refused", rec.topic, rec.partition, rec.offset)
+                    self._advance(rec)
                     continue
             async with self.lock:
                 if (
@@ -230,7 +325,8 @@ class StrategyWorker:
                     and msg.intent_id not in self.state.emitted
                 ):
                     # Held by the domain, maybe refused later: keep the record to dead-letter it then.
-                    self.held_records.setdefault(msg.id, (msg.intent_id, deque()))[1].append(rec)
+                    held = HeldRecord(rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp)
+                    self.held_records.setdefault(msg.id, (msg.intent_id, deque()))[1].append(held)
                 # The record's Kafka time places a rotate command among the steps (domain.py).
                 outs = domain.decide(self.state, msg, rec.partition, rec.timestamp)
                 for out in outs:
@@ -244,6 +340,7 @@ class StrategyWorker:
                             del self.held_records[mid]
                 if outs or isinstance(msg, OrderFilled | ControlCommand):
                     self.metrics.update(self.state)
+                self._advance(rec)
 
     async def _dead_letter_refused(self, refusal: domain.Refusal) -> None:
         recs = self.held_records.get(refusal.outcome.id)
@@ -271,9 +368,14 @@ class StrategyWorker:
         # On the loop faust then runs on (asyncio.run would leave no current loop behind for it).
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        bootstrap = self.settings.kafka_bootstrap
+        self.keeper = loop.run_until_complete(self.durable.keeper(bootstrap))
+        positions = loop.run_until_complete(self.keeper.load()) if self.keeper is not None else None
+        if positions is not None:
+            self.metrics.update(self.state)
         self.metrics.counted_from = loop.run_until_complete(
             reset_group_to_beginning(
-                self.settings.kafka_bootstrap, self.group, self.inputs, wait_s=3 * SESSION_TIMEOUT_S
+                bootstrap, self.group, self.inputs, wait_s=3 * SESSION_TIMEOUT_S, positions=positions
             )
         )
         if self.metrics_port:

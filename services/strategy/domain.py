@@ -291,6 +291,14 @@ class StrategyState:
         return self.cash + sum((p.size * self.marks.get(prod, p.avg_price) for prod, p in self.positions.items()), Decimal(0))
 
 
+# Durable state (shared/snapshots.py): the version of StrategyState's snapshot form (raise it when a field
+# changes meaning), and the fields new_state sets from the configuration, which a snapshot leaves out.
+SNAPSHOT_SCHEMA = 1
+CONFIG_FIELDS = frozenset(
+    {"profile_id", "profile", "quote", "limits", "on_rotation", "weights", "decision_wait_steps", "max_publish_lag_s"}
+)
+
+
 def new_state(
     profile_id: str,
     profile: Profile,
