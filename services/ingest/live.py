@@ -246,6 +246,7 @@ class LiveIngest:
         self.clock_origin: str = "rest"
         self.caught_up_once = False
         self.alerted: set[tuple[str, int]] = set()
+        self.started_s = float("inf")
         self.seen_trades: dict[str, OrderedDict[str, None]] = {p: OrderedDict() for p in options.products}
         self.connected = False
         self._trades_subscribed = False  # this connection's market_trades snapshot came: coverage may start
@@ -283,6 +284,8 @@ class LiveIngest:
                 return 1
             progress = await read_progress(self.settings.kafka_bootstrap, self.topics.candles, self.clock)
             self.book = self._book_from(progress)
+            # Buckets whose deadline passed before this start are a backfill, not an overdue bucket: no alert.
+            self.started_s = self.clock.epoch_s()
             self.monitor.state = progress.feed_state
             log.info(
                 "live ingest of %d products at %ds from %s (%s)",
@@ -483,6 +486,8 @@ class LiveIngest:
     def _alert_overdue(self, now: float) -> None:
         assert self.book is not None
         s = self.book.next_step
+        if s + self.opt.interval_s + self.opt.deadline_s < self.started_s:
+            return  # history this start is catching up on (a first start, or the gap of a restart)
         for p in self.book.overdue(now):
             if (p, s) not in self.alerted:
                 self.alerted.add((p, s))
