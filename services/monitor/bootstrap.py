@@ -238,6 +238,9 @@ class MonitorService:
                 namespace=self.ns,
             )
             self._raise(alerts)
+        self._write_snapshot_file()
+
+    def _write_snapshot_file(self) -> None:
         if self.opts.snapshot_file is not None:
             self.opts.snapshot_file.write_bytes(orjson.dumps(self.tracker.snapshot(), option=orjson.OPT_INDENT_2))
 
@@ -331,6 +334,8 @@ class MonitorService:
             await self._wait_assignment(stop)
             if self.opts.drain:
                 await self._consume_until(await self._ends(), float("inf"))
+                # Also when a restored state left nothing new to read: the file shows the state drained to.
+                self._write_snapshot_file()
                 with contextlib.suppress(Exception):
                     await self.poll_once()
                 log.info("drained: %d audit line(s), %d alert(s)", len(self.audit or ()), self.alerts_raised)

@@ -65,7 +65,9 @@ class FaultCase:
     victim: str | None  # the stack process killed and restarted, if a service
     needs: str | None = None  # "kafka" / "redis": a server this session started itself
     # The ingest runs ahead of the pipeline (on a loaded machine by more than the whole replay), so its fault
-    # follows the replay's own progress, the candle records, not the order events that trail it.
+    # follows the replay's own progress, the candle records, not the order events that trail it. So does the
+    # paper execution worker's: it follows the candles too and finishes with the replay, while the strategies'
+    # order events may still trail far behind.
     on: str = "events"
 
 
@@ -74,7 +76,7 @@ FINISHER = {"execution.profile_a": "execution:profile_a", "strategy.profile_c": 
             "arbiter": "arbiter:", "registry": "registry:", "ingest": "ingest:"}
 
 SERVICE_FAULTS = [
-    FaultCase("kill-execution", 0.40, "execution.profile_a"),
+    FaultCase("kill-execution", 0.60, "execution.profile_a", on="candles"),
     FaultCase("kill-strategy", 0.35, "strategy.profile_c"),
     FaultCase("kill-arbiter", 0.45, "arbiter"),
     FaultCase("kill-registry", 0.20, "registry"),
