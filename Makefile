@@ -30,6 +30,7 @@ demo: install sysdeps
 
 lint: install
 	$(BIN)/ruff check shared services mpctl tests scripts
+	$(BIN)/ruff format --check shared services mpctl tests scripts
 	$(BIN)/mypy
 
 unit: install

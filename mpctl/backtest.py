@@ -110,7 +110,12 @@ class MemoryRegistry:
 
     async def claim(self, candidate: PlanCandidate, fingerprint: str, asset: str | None) -> ClaimResult:
         return self.claim_interval(
-            candidate.profile, candidate.epoch_start_s, candidate.epoch_end_s, candidate.hash, fingerprint, asset
+            candidate.profile,
+            candidate.epoch_start_s,
+            candidate.epoch_end_s,
+            candidate.hash,
+            fingerprint,
+            asset,
         )
 
     def claim_interval(
@@ -169,7 +174,9 @@ class MemoryRegistry:
 
 
 # ------------------------------------------------------------------------------------------ data
-def _trim(files: dict[str, CandleFile], start: datetime | None, end: datetime | None, hours: float | None) -> dict[str, CandleFile]:
+def _trim(
+    files: dict[str, CandleFile], start: datetime | None, end: datetime | None, hours: float | None
+) -> dict[str, CandleFile]:
     """Rows outside the replayed span dropped before `build_schedule` builds a message for each: the same
     bounds as build_schedule ([start, end), then the first `hours` from the first candle kept), so its
     result is unchanged and only the work on rows it would discard is saved."""
@@ -182,14 +189,20 @@ def _trim(files: dict[str, CandleFile], start: datetime | None, end: datetime | 
     lo = ms(start) if start else None
     hi = ms(end) if end else None
     if hours is not None and hours > 0 and hours != float("inf"):
-        first = lo if lo is not None else min((cf.rows[0].open_time_ms for cf in files.values() if cf.rows), default=0)
+        first = (
+            lo
+            if lo is not None
+            else min((cf.rows[0].open_time_ms for cf in files.values() if cf.rows), default=0)
+        )
         cap = first + int(hours * 3600) * 1000
         hi = cap if hi is None else min(hi, cap)
     if lo is None and hi is None:
         return files
     out = {}
     for product, cf in files.items():
-        rows = tuple(r for r in cf.rows if (lo is None or r.open_time_ms >= lo) and (hi is None or r.open_time_ms < hi))
+        rows = tuple(
+            r for r in cf.rows if (lo is None or r.open_time_ms >= lo) and (hi is None or r.open_time_ms < hi)
+        )
         out[product] = dataclasses.replace(cf, rows=rows)
     return {p: cf for p, cf in out.items() if cf.rows} or files  # nothing left: let build_schedule say why
 
@@ -213,7 +226,12 @@ def _gc_paused(*, freeze: bool = False) -> Iterator[None]:
 
 
 def load_schedule(
-    cfg: AppConfig, data: Path, *, start: datetime | None = None, end: datetime | None = None, hours: float | None = None
+    cfg: AppConfig,
+    data: Path,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    hours: float | None = None,
 ) -> list[ReplayStep]:
     with _gc_paused(freeze=True):
         files = load_products(data, cfg.all_products())
@@ -274,7 +292,12 @@ class Backtest:
         parts = frozenset(range(self.n_candles))
         self.strategies = {
             pid: strategy.new_state(
-                pid, p, cfg.system.quote_asset, parts, on_rotation=cfg.system.registry.on_rotation, market=self.market,
+                pid,
+                p,
+                cfg.system.quote_asset,
+                parts,
+                on_rotation=cfg.system.registry.on_rotation,
+                market=self.market,
                 decision_wait_steps=cfg.system.strategy.decision_wait_steps,
             )
             for pid, p in cfg.enabled_profiles().items()
@@ -290,7 +313,9 @@ class Backtest:
         settings = ServiceSettings(kafka_bootstrap="backtest:0")
         self._arbiter_route = arbiter_bootstrap.bootstrap(settings, overrides={"config": cfg}).route
         self._execution_route = {
-            pid: execution_bootstrap.bootstrap(settings.model_copy(update={"profile": pid}), overrides={"config": cfg}).route
+            pid: execution_bootstrap.bootstrap(
+                settings.model_copy(update={"profile": pid}), overrides={"config": cfg}
+            ).route
             for pid in self.profiles
         }
         self._outputs = {pid: strategy_bootstrap.Outputs.of(t, self.n_intents, pid) for pid in self.profiles}
@@ -573,19 +598,25 @@ def write_report(cfg: AppConfig, data: RunData, out: Path) -> dict[str, Any]:
     for stale in ("orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json"):
         (out / stale).unlink(missing_ok=True)
     with _gc_paused():
-        return write_outputs(cfg, data, out, extra={"undecodable_messages": 0})  # as the demo's collector counts
+        return write_outputs(
+            cfg, data, out, extra={"undecodable_messages": 0}
+        )  # as the demo's collector counts
 
 
 # ------------------------------------------------------------------------------------------ command
 def register(sub: Any) -> None:
-    p = sub.add_parser("backtest", help="the demo's run in one process, without Kafka or Redis (same domain code)")
+    p = sub.add_parser(
+        "backtest", help="the demo's run in one process, without Kafka or Redis (same domain code)"
+    )
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--data", type=Path, default=Path("data/market"))
     p.add_argument("--out", type=Path, default=Path("reports/backtest"))
     p.add_argument("--hours", type=float, default=None, help="replay only the first N hours of the data")
     p.add_argument("--start", default=None, help="ISO time, first candle open (UTC)")
     p.add_argument("--end", default=None, help="ISO time, replay candles opening before this")
-    p.add_argument("--exact", action="store_true", help="deliver every step marker and candle (slower; a check)")
+    p.add_argument(
+        "--exact", action="store_true", help="deliver every step marker and candle (slower; a check)"
+    )
     p.set_defaults(handler=run_command)
 
 
@@ -595,7 +626,9 @@ def _parse_time(text: str | None, flag: str) -> datetime | None:
     try:
         return datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"--{flag} {text!r} is not an ISO time (e.g. 2021-01-01 or 2021-01-01T00:00:00Z)") from None
+        raise ValueError(
+            f"--{flag} {text!r} is not an ISO time (e.g. 2021-01-01 or 2021-01-01T00:00:00Z)"
+        ) from None
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -619,7 +652,11 @@ def run_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         steps = load_schedule(
-            cfg, args.data, start=_parse_time(args.start, "start"), end=_parse_time(args.end, "end"), hours=args.hours
+            cfg,
+            args.data,
+            start=_parse_time(args.start, "start"),
+            end=_parse_time(args.end, "end"),
+            hours=args.hours,
         )
     except ValueError as err:
         print(f"backtest: {err}", file=sys.stderr)

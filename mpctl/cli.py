@@ -35,7 +35,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser with every command, or with `only` that command (when it names one)."""
     parser = argparse.ArgumentParser(prog="mpctl", description="Multi-profile Coinbase trading system")
     sub = parser.add_subparsers(dest="command", required=True)
-    wanted = [COMMAND_MODULES[only]] if only in COMMAND_MODULES else list(dict.fromkeys(COMMAND_MODULES.values()))
+    wanted = (
+        [COMMAND_MODULES[only]] if only in COMMAND_MODULES else list(dict.fromkeys(COMMAND_MODULES.values()))
+    )
     for name in wanted:
         importlib.import_module(name).register(sub)
     return parser

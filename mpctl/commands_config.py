@@ -14,7 +14,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("config", help="check configuration files")
     csub = p.add_subparsers(dest="config_command", required=True)
     v = csub.add_parser("validate", help="validate a profiles file (exit 1 on error)")
-    v.add_argument("file", type=Path, nargs="?", default=None, help="default: the local file, else the template")
+    v.add_argument(
+        "file", type=Path, nargs="?", default=None, help="default: the local file, else the template"
+    )
     v.set_defaults(handler=validate)
 
 

@@ -46,8 +46,18 @@ from shared.topics import Topics
 
 # Shared with `mpctl run` (mpctl/stack.py); importable from here as before.
 __all__ = [
-    "SECRET_ENV", "Fault", "FaultAction", "Proc", "Stack", "demo_pipeline", "expected_finishers", "register",
-    "run_demo", "sigkill_and_restart", "tail", "wait_finished",
+    "SECRET_ENV",
+    "Fault",
+    "FaultAction",
+    "Proc",
+    "Stack",
+    "demo_pipeline",
+    "expected_finishers",
+    "register",
+    "run_demo",
+    "sigkill_and_restart",
+    "tail",
+    "wait_finished",
 ]
 
 
@@ -59,10 +69,14 @@ def register(sub: Any) -> None:
     p.add_argument("--hours", type=float, default=None, help="replay only the first N hours of the data")
     p.add_argument("--start", default=None, help="ISO time, first candle open (UTC)")
     p.add_argument("--end", default=None, help="ISO time, replay candles opening before this")
-    p.add_argument("--speed", type=float, default=0.0, help="0: as fast as consumers keep up; N: N x real time")
+    p.add_argument(
+        "--speed", type=float, default=0.0, help="0: as fast as consumers keep up; N: N x real time"
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is declared stuck")
     p.add_argument("--namespace", default=None, help="topic/group namespace (default: a new one per run)")
-    p.add_argument("--keep-topics", action="store_true", help="keep the run's topics (for `mpctl lag` afterwards)")
+    p.add_argument(
+        "--keep-topics", action="store_true", help="keep the run's topics (for `mpctl lag` afterwards)"
+    )
     p.add_argument(
         "--exchange-api-base",
         default=None,
@@ -102,12 +116,18 @@ def sigkill_and_restart(service: str) -> FaultAction:
     return act
 
 
-async def inject_faults(bootstrap: str, topics: Topics, faults: Sequence[Fault], stack: Stack, started: float) -> None:
+async def inject_faults(
+    bootstrap: str, topics: Topics, faults: Sequence[Fault], stack: Stack, started: float
+) -> None:
     """Fire each fault once its progress point is reached (returns when all fired)."""
     pending = list(faults)
     consumer = AIOKafkaConsumer(
-        topics.events, topics.status, topics.candles,
-        bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
+        topics.events,
+        topics.status,
+        topics.candles,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
     )
     await consumer.start()
     seen = candles = 0
@@ -138,7 +158,12 @@ async def inject_faults(bootstrap: str, topics: Topics, faults: Sequence[Fault],
 
 
 async def wait_finished_with_faults(
-    bootstrap: str, topics: Topics, expected: set[str], stack: Stack, timeout: float, started: float,
+    bootstrap: str,
+    topics: Topics,
+    expected: set[str],
+    stack: Stack,
+    timeout: float,
+    started: float,
     faults: Sequence[Fault],
 ) -> set[str]:
     """`wait_finished`, with `faults` injected meanwhile; an error of either ends the wait."""
@@ -163,7 +188,17 @@ async def wait_finished_with_faults(
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    cols = ["profile", "strategy", "trades", "win_rate", "realized_pnl", "fees", "final_equity", "return_%", "max_dd_%"]
+    cols = [
+        "profile",
+        "strategy",
+        "trades",
+        "win_rate",
+        "realized_pnl",
+        "fees",
+        "final_equity",
+        "return_%",
+        "max_dd_%",
+    ]
     rows = []
     for pid, p in summary["profiles"].items():
         rows.append(
@@ -252,7 +287,9 @@ async def demo_pipeline(
         (out / stale).unlink(missing_ok=True)
     specs = await create_topics(endpoints.kafka_bootstrap, cfg, ns)
     write_run_json(out, ns, endpoints, args.config)
-    _progress(f"namespace {ns}: {len(specs)} topics on {endpoints.kafka_bootstrap}, Redis {endpoints.redis_url}")
+    _progress(
+        f"namespace {ns}: {len(specs)} topics on {endpoints.kafka_bootstrap}, Redis {endpoints.redis_url}"
+    )
     stack = Stack()
     try:
         replay = ["--data", str(args.data), "--speed", str(args.speed)]
@@ -261,8 +298,12 @@ async def demo_pipeline(
                 replay += [f"--{flag}", str(getattr(args, flag))]
         # A replay runs in event time, also when execution is live.
         log_dir = start_services(
-            stack, cfg, common_args(endpoints, ns, args.config, "replay"), out,
-            ingest_args=replay, exchange_api_base=args.exchange_api_base,
+            stack,
+            cfg,
+            common_args(endpoints, ns, args.config, "replay"),
+            out,
+            ingest_args=replay,
+            exchange_api_base=args.exchange_api_base,
         )
         _progress(f"started {len(stack.procs)} service processes; logs in {log_dir}")
         await wait_finished_with_faults(

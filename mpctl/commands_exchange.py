@@ -38,9 +38,17 @@ def register(sub: Any) -> None:
     ss = p.add_subparsers(dest="exchange_command", required=True)
     c = ss.add_parser("check", help="authenticate, list balances and the profile's products; place nothing")
     c.add_argument("profile")
-    c.add_argument("--config", type=Path, default=None, help="profiles file (default: local file, else template)")
-    c.add_argument("--store", type=Path, default=None, help=f"credentials store (default: {default_store_path()})")
-    c.add_argument("--allow-plaintext-credentials", action="store_true", help="accept real credentials written in the YAML")
+    c.add_argument(
+        "--config", type=Path, default=None, help="profiles file (default: local file, else template)"
+    )
+    c.add_argument(
+        "--store", type=Path, default=None, help=f"credentials store (default: {default_store_path()})"
+    )
+    c.add_argument(
+        "--allow-plaintext-credentials",
+        action="store_true",
+        help="accept real credentials written in the YAML",
+    )
     c.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     # Tests point the check at a local Coinbase peer; not for users.
     c.add_argument("--api-base", default=None, help=argparse.SUPPRESS)
@@ -57,9 +65,16 @@ def _print(status: str, text: str) -> None:
 
 def explain(err: ExecutionError, skew_s: float | None) -> str:
     """What an error most likely means for someone setting a key up."""
-    skew = f" The local clock is {skew_s:+.0f} s off the exchange's: fix it first (NTP)." if skew_s is not None and abs(skew_s) >= SKEW_FAIL_S else ""
+    skew = (
+        f" The local clock is {skew_s:+.0f} s off the exchange's: fix it first (NTP)."
+        if skew_s is not None and abs(skew_s) >= SKEW_FAIL_S
+        else ""
+    )
     if err.kind == "clock_skew":
-        return "the exchange refused the request's timestamp: the local clock is off. Synchronise it (NTP)." + skew
+        return (
+            "the exchange refused the request's timestamp: the local clock is off. Synchronise it (NTP)."
+            + skew
+        )
     if err.kind == "authentication":
         return (
             "the exchange refused the key. Check that the key and secret belong together and are not revoked, "
@@ -67,7 +82,9 @@ def explain(err: ExecutionError, skew_s: float | None) -> str:
             "Exchange API, `coinbaseexchange`), the passphrase, and the key's IP allowlist." + skew
         )
     if err.kind == "permission":
-        return "the key lacks a permission for this call: give it 'view' and 'trade' on the profile's portfolio."
+        return (
+            "the key lacks a permission for this call: give it 'view' and 'trade' on the profile's portfolio."
+        )
     if err.kind == "configuration":
         return err.reason
     if err.outcome == "retry":
@@ -75,10 +92,20 @@ def explain(err: ExecutionError, skew_s: float | None) -> str:
     return err.reason
 
 
-async def check(profile_id: str, creds: ResolvedCredentials, *, products: list[str], api_base: str | None, timeout_s: float) -> int:
+async def check(
+    profile_id: str,
+    creds: ResolvedCredentials,
+    *,
+    products: list[str],
+    api_base: str | None,
+    timeout_s: float,
+) -> int:
     failures = 0
     problems = key_format_problems(creds.exchange, creds)
-    _print("info", f"profile {profile_id}: {creds.exchange}{' (sandbox)' if creds.sandbox and creds.exchange == 'coinbaseexchange' else ''}, credentials from the {creds.source}")
+    _print(
+        "info",
+        f"profile {profile_id}: {creds.exchange}{' (sandbox)' if creds.sandbox and creds.exchange == 'coinbaseexchange' else ''}, credentials from the {creds.source}",
+    )
     if problems:
         for p in problems:
             _print("FAIL", f"key format: {p}")
@@ -89,12 +116,21 @@ async def check(profile_id: str, creds: ResolvedCredentials, *, products: list[s
     try:
         # Markets later: on Advanced Trade their loading makes a signed call, and the clock must be read first.
         port = await open_exchange(
-            creds, retry_attempts=1, products=products, api_base=api_base, timeout_s=timeout_s, base_delay_s=0.2, load=False
+            creds,
+            retry_attempts=1,
+            products=products,
+            api_base=api_base,
+            timeout_s=timeout_s,
+            base_delay_s=0.2,
+            load=False,
         )
         server = await port.server_time()
         skew = (datetime.now(UTC) - server).total_seconds()
         if abs(skew) >= SKEW_FAIL_S:
-            _print("FAIL", f"clock: local clock is {skew:+.1f} s off the exchange's; signatures will be refused. Synchronise it (NTP).")
+            _print(
+                "FAIL",
+                f"clock: local clock is {skew:+.1f} s off the exchange's; signatures will be refused. Synchronise it (NTP).",
+            )
             failures += 1
         elif abs(skew) >= SKEW_WARN_S:
             _print("warn", f"clock: local clock is {skew:+.1f} s off the exchange's")
@@ -113,7 +149,9 @@ async def check(profile_id: str, creds: ResolvedCredentials, *, products: list[s
         _print("ok", "authenticated; balances:")
         shown = [b for b in balances.values() if b.total != 0] or list(balances.values())
         for b in sorted(shown, key=lambda x: x.asset):
-            print(f"        {b.asset:<6} total {_num(b.total)}  free {_num(b.free)}  in orders {_num(b.used)}")
+            print(
+                f"        {b.asset:<6} total {_num(b.total)}  free {_num(b.free)}  in orders {_num(b.used)}"
+            )
         markets = await port.load_markets(products)
         for prod in products:
             m = markets.get(prod)
@@ -126,7 +164,9 @@ async def check(profile_id: str, creds: ResolvedCredentials, *, products: list[s
                 rules += f", min size {_num(m.min_size)} {m.base}"
             if m.min_notional is not None:
                 rules += f", min notional {_num(m.min_notional)} {m.quote}"
-            _print("ok" if m.active else "FAIL", f"product {prod}: {rules}{'' if m.active else ' (not trading)'}")
+            _print(
+                "ok" if m.active else "FAIL", f"product {prod}: {rules}{'' if m.active else ' (not trading)'}"
+            )
             failures += not m.active
     except HaltError as err:
         _print("FAIL", err.reason)
@@ -151,7 +191,9 @@ def run_check(args: argparse.Namespace) -> int:
         return 2
     profile = cfg.profiles.get(args.profile)
     if profile is None:
-        print(f"error: no profile {args.profile!r} in the config (have {sorted(cfg.profiles)})", file=sys.stderr)
+        print(
+            f"error: no profile {args.profile!r} in the config (have {sorted(cfg.profiles)})", file=sys.stderr
+        )
         return 2
     path = args.store or default_store_path()
     try:
@@ -163,4 +205,6 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     products = profile_products(profile, cfg.system.quote_asset)
-    return asyncio.run(check(args.profile, creds, products=products, api_base=args.api_base, timeout_s=args.timeout))
+    return asyncio.run(
+        check(args.profile, creds, products=products, api_base=args.api_base, timeout_s=args.timeout)
+    )

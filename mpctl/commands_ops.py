@@ -69,20 +69,34 @@ def resolve_target(args: argparse.Namespace) -> Target:
 
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=Path, default=None, help="a run directory (reads its run.json)")
-    p.add_argument("--namespace", default=None, help="topic/group namespace (default: the run's, else the config's)")
-    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap (default: $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:19092)")
-    p.add_argument("--config", type=Path, default=None, help="profiles file (default: local file, else template)")
+    p.add_argument(
+        "--namespace", default=None, help="topic/group namespace (default: the run's, else the config's)"
+    )
+    p.add_argument(
+        "--bootstrap",
+        default=None,
+        help="Kafka bootstrap (default: $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:19092)",
+    )
+    p.add_argument(
+        "--config", type=Path, default=None, help="profiles file (default: local file, else template)"
+    )
 
 
 def register(sub: Any) -> None:
     lag = sub.add_parser("lag", help="consumer lag per group, topic and partition")
     _add_target(lag)
     lag.add_argument("--json", action="store_true", help="one JSON document per snapshot")
-    lag.add_argument("--watch", type=float, default=None, metavar="S", help="refresh every S seconds until Ctrl-C")
-    lag.add_argument("--fail-above", type=int, default=None, metavar="N", help="exit 3 when the total lag exceeds N")
+    lag.add_argument(
+        "--watch", type=float, default=None, metavar="S", help="refresh every S seconds until Ctrl-C"
+    )
+    lag.add_argument(
+        "--fail-above", type=int, default=None, metavar="N", help="exit 3 when the total lag exceeds N"
+    )
     lag.set_defaults(handler=cmd_lag)
 
-    status = sub.add_parser("status", help="services up/down, each profile's plan, positions, equity, halts, lag")
+    status = sub.add_parser(
+        "status", help="services up/down, each profile's plan, positions, equity, halts, lag"
+    )
     _add_target(status)
     status.add_argument("--json", action="store_true")
     status.add_argument(
@@ -112,7 +126,10 @@ def cmd_lag(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except Exception as err:  # an unreachable broker gives aiokafka errors of several kinds
-        print(f"mpctl lag: cannot read lag from {target.bootstrap}: {type(err).__name__}: {err}", file=sys.stderr)
+        print(
+            f"mpctl lag: cannot read lag from {target.bootstrap}: {type(err).__name__}: {err}",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -138,7 +155,9 @@ async def _lag(args: argparse.Namespace, target: Target) -> int:
 
 
 # ------------------------------------------------------------------------------------------ status
-async def gather_status(target: Target, cfg: AppConfig, *, heartbeat_timeout: float | None = None) -> dict[str, Any]:
+async def gather_status(
+    target: Target, cfg: AppConfig, *, heartbeat_timeout: float | None = None
+) -> dict[str, Any]:
     t = Topics(target.namespace)
     existing = set(await list_topics(target.bootstrap))
     wanted = [t.candles, t.audit, t.events, t.plans]
@@ -167,7 +186,11 @@ async def gather_status(target: Target, cfg: AppConfig, *, heartbeat_timeout: fl
         "source": source,
         "services": [h.to_json() for h in health],
         "profiles": profiles,
-        "lag": {"total": lag.total, "summary": summary_line(lag), "groups": {g.group: g.total for g in lag.groups}},
+        "lag": {
+            "total": lag.total,
+            "summary": summary_line(lag),
+            "groups": {g.group: g.total for g in lag.groups},
+        },
     }
 
 
@@ -239,7 +262,19 @@ def format_status(st: dict[str, Any]) -> str:
         )
     lines.append(
         _columns(
-            ["PROFILE", "STRATEGY", "EPOCH", "ASSETS", "NONCE", "TRADES", "EQUITY", "REALISED", "POSITIONS", "HALTS"], rows
+            [
+                "PROFILE",
+                "STRATEGY",
+                "EPOCH",
+                "ASSETS",
+                "NONCE",
+                "TRADES",
+                "EQUITY",
+                "REALISED",
+                "POSITIONS",
+                "HALTS",
+            ],
+            rows,
         )
         if rows
         else "no profile data"
@@ -259,7 +294,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"mpctl status: {err}", file=sys.stderr)
         return 2
     try:
-        st = asyncio.run(gather_status(target, cfg, heartbeat_timeout=getattr(args, "heartbeat_timeout", None)))
+        st = asyncio.run(
+            gather_status(target, cfg, heartbeat_timeout=getattr(args, "heartbeat_timeout", None))
+        )
     except Exception as err:
         print(f"mpctl status: cannot reach {target.bootstrap}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

@@ -77,7 +77,9 @@ def plan_row(plan: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def select(rows: Iterable[dict[str, Any]], *, every: bool = False, profiles: list[str] | None = None) -> list[dict[str, Any]]:
+def select(
+    rows: Iterable[dict[str, Any]], *, every: bool = False, profiles: list[str] | None = None
+) -> list[dict[str, Any]]:
     """The current (latest epoch) plan per profile, or every epoch's, sorted by profile then epoch."""
     rows = [r for r in rows if not profiles or r["profile"] in profiles]
     if every:
@@ -92,7 +94,17 @@ def select(rows: Iterable[dict[str, Any]], *, every: bool = False, profiles: lis
 
 
 def plans_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["profile", "epoch", "hash", "nonce", "strategy", "key parameters", "assets", "fingerprint", "epoch end"]
+    cols = [
+        "profile",
+        "epoch",
+        "hash",
+        "nonce",
+        "strategy",
+        "key parameters",
+        "assets",
+        "fingerprint",
+        "epoch end",
+    ]
     table = [
         [
             r["profile"],
@@ -101,7 +113,8 @@ def plans_table(rows: list[dict[str, Any]]) -> str:
             str(r["nonce"]),
             r["strategy"],
             " ".join(f"{k}={_num(v)}" for k, v in r["key_parameters"].items()),
-            ",".join(a for a in r["assets"] if a != r["random_asset"]) + (f" +{r['random_asset']}" if r["random_asset"] else ""),
+            ",".join(a for a in r["assets"] if a != r["random_asset"])
+            + (f" +{r['random_asset']}" if r["random_asset"] else ""),
             r["fingerprint"][:HASH_PREFIX],
             r["epoch_end"],
         ]

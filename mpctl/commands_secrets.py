@@ -52,8 +52,15 @@ def register(sub: Any) -> None:
     s = ss.add_parser("set", help="store a profile's API credentials (values are read without echo)")
     s.add_argument("profile")
     _store_arg(s)
-    s.add_argument("--cdp-key-file", type=Path, default=None, help="the JSON key file downloaded from Coinbase (CDP)")
-    s.add_argument("--exchange", choices=EXCHANGE_IDS, default=None, help="check the values for this API (default: by shape)")
+    s.add_argument(
+        "--cdp-key-file", type=Path, default=None, help="the JSON key file downloaded from Coinbase (CDP)"
+    )
+    s.add_argument(
+        "--exchange",
+        choices=EXCHANGE_IDS,
+        default=None,
+        help="check the values for this API (default: by shape)",
+    )
     s.add_argument("--force", action="store_true", help="store even when the key format looks wrong")
     s.set_defaults(handler=run_set)
 
@@ -72,9 +79,13 @@ def register(sub: Any) -> None:
         help="write DIR/<profile>.enc (that profile's entry only) and DIR/<profile>.key (its new key) for a container",
     )
     ex.add_argument("profile")
-    ex.add_argument("--out", type=Path, required=True, help="folder to write to (e.g. secrets, beside docker-compose.yml)")
+    ex.add_argument(
+        "--out", type=Path, required=True, help="folder to write to (e.g. secrets, beside docker-compose.yml)"
+    )
     _store_arg(ex)
-    ex.add_argument("--force", action="store_true", help="replace an existing export of this profile (store and key)")
+    ex.add_argument(
+        "--force", action="store_true", help="replace an existing export of this profile (store and key)"
+    )
     ex.set_defaults(handler=run_export)
 
     kg = ss.add_parser("keygen", help=f"write a random key file (use it with {ENV_KEY_FILE})")
@@ -144,7 +155,9 @@ def read_values(args: argparse.Namespace) -> dict[str, str]:
         try:
             return _from_mapping(json.loads(args.cdp_key_file.read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError):
-            raise CredentialsError(f"{args.cdp_key_file} is not a readable CDP key file (JSON with name and privateKey)") from None
+            raise CredentialsError(
+                f"{args.cdp_key_file} is not a readable CDP key file (JSON with name and privateKey)"
+            ) from None
     if _interactive():
         vals = {
             "api_key": _prompt_hidden("API key (Advanced Trade: organizations/.../apiKeys/...): "),
@@ -161,7 +174,11 @@ def read_values(args: argparse.Namespace) -> dict[str, str]:
         else:
             lines = [line.strip() for line in text.splitlines()]
             vals = dict(zip(FIELDS, lines, strict=False))
-    return {k: _unescape_pem(v.strip()) if k == "secret" else v.strip() for k, v in vals.items() if v and v.strip()}
+    return {
+        k: _unescape_pem(v.strip()) if k == "secret" else v.strip()
+        for k, v in vals.items()
+        if v and v.strip()
+    }
 
 
 def run_set(args: argparse.Namespace) -> int:
@@ -180,7 +197,9 @@ def run_set(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"warning: {p}", file=sys.stderr)
         if problems and not args.force:
-            return _err(f"the values do not look like a {exchange} key (above); nothing stored (use --force to store anyway)")
+            return _err(
+                f"the values do not look like a {exchange} key (above); nothing stored (use --force to store anyway)"
+            )
         store = open_store(path, create=True)
         store.put(args.profile, creds)
         store.save()
@@ -199,7 +218,12 @@ def run_list(args: argparse.Namespace) -> int:
     except CredentialsError as err:
         return _err(str(err))
     if args.json:
-        print(json.dumps({"store": str(path), "kdf": kdf, "profiles": {p: list(f) for p, f in profiles.items()}}, indent=2))
+        print(
+            json.dumps(
+                {"store": str(path), "kdf": kdf, "profiles": {p: list(f) for p, f in profiles.items()}},
+                indent=2,
+            )
+        )
         return 0
     print(f"store: {path} (key: {'passphrase, scrypt' if kdf == 'scrypt' else 'key file'})")
     if not profiles:
@@ -262,6 +286,8 @@ def run_export(args: argparse.Namespace) -> int:
     except OSError as err:
         return _err(f"cannot write to {args.out}: {err.strerror}")
     print(f"wrote {enc} ({args.profile}'s entry only) and its new key {key} (mode 0600)")
-    print(f"the execution worker of {args.profile} opens it with MPCTL_CREDENTIALS_STORE={enc} and the key mounted "
-          f"at {MOUNTED_KEY_FILE} (or {ENV_KEY_FILE}={key}); keep both out of git and images")
+    print(
+        f"the execution worker of {args.profile} opens it with MPCTL_CREDENTIALS_STORE={enc} and the key mounted "
+        f"at {MOUNTED_KEY_FILE} (or {ENV_KEY_FILE}={key}); keep both out of git and images"
+    )
     return 0

@@ -21,10 +21,14 @@ ACTIONS = ("pause", "resume", "flatten", "kill", "rotate")
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("send", help="publish a signed command (key from MPCTL_COMMAND_KEY or MPCTL_COMMAND_KEY_FILE)")
+    p = sub.add_parser(
+        "send", help="publish a signed command (key from MPCTL_COMMAND_KEY or MPCTL_COMMAND_KEY_FILE)"
+    )
     p.add_argument("action", choices=ACTIONS)
     p.add_argument("target", help="a profile id, or 'all'")
-    p.add_argument("--run", type=Path, default=None, help="a demo's output folder (its run.json names the namespace)")
+    p.add_argument(
+        "--run", type=Path, default=None, help="a demo's output folder (its run.json names the namespace)"
+    )
     p.add_argument("--namespace", default=None)
     p.add_argument("--bootstrap", default=None)
     p.add_argument("--config", type=Path, default=None, help="profiles file, to check the target exists")

@@ -47,7 +47,9 @@ REDIS_HOST_PORT = 16379
 
 CONTAINER_CONFIG = "/app/config/profiles.yaml"
 CONTAINER_DATA = "/app/data/market"
-REPLAY_PROFILE = "replay"  # `docker compose --profile replay`: the recorded candles instead of the live market
+REPLAY_PROFILE = (
+    "replay"  # `docker compose --profile replay`: the recorded candles instead of the live market
+)
 SECRETS_DIR = "secrets"
 # Where the execution worker finds its profile's export: the worker reads the store named by MPCTL_CREDENTIALS_STORE
 # and, with no MPCTL_SECRETS_KEY_FILE, the key mounted at /run/secrets/mpctl_secrets_key (credentials.py).
@@ -254,7 +256,10 @@ def compose_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> 
         depends_on=_needs_topics(redis=True),
     )
     services["arbiter"] = _app_service(
-        "services.arbiter", [*_common_args(), *_METRICS_ARGS], config_source=config_source, depends_on=_needs_topics()
+        "services.arbiter",
+        [*_common_args(), *_METRICS_ARGS],
+        config_source=config_source,
+        depends_on=_needs_topics(),
     )
     monitor = _app_service(
         "services.monitor",
@@ -272,8 +277,10 @@ def compose_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> 
             depends_on=_needs_topics(),
         )
         execution = _app_service(
-            "services.execution", [*_common_args(pid), *_METRICS_ARGS], config_source=config_source,
-            depends_on=_needs_topics()
+            "services.execution",
+            [*_common_args(pid), *_METRICS_ARGS],
+            config_source=config_source,
+            depends_on=_needs_topics(),
         )
         execution["environment"] = {ENV_STORE: CONTAINER_STORE}
         execution["secrets"] = [
@@ -337,7 +344,13 @@ def compose_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> 
             for pid in enabled
             for name, ext in ((secret_name(pid), "enc"), (key_secret_name(pid), "key"))
         },
-        "volumes": {"kafka-data": {}, "redis-data": {}, "prometheus-data": {}, "grafana-data": {}, "audit-data": {}},
+        "volumes": {
+            "kafka-data": {},
+            "redis-data": {},
+            "prometheus-data": {},
+            "grafana-data": {},
+            "audit-data": {},
+        },
     }
 
 
@@ -384,11 +397,17 @@ PROMETHEUS_HEADER = """\
 
 def prometheus_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> dict[str, Any]:
     services = compose_model(cfg, config_path=config_path)["services"]
-    jobs: list[dict[str, Any]] = [{"job_name": "prometheus", "static_configs": [{"targets": ["localhost:9090"]}]}]
+    jobs: list[dict[str, Any]] = [
+        {"job_name": "prometheus", "static_configs": [{"targets": ["localhost:9090"]}]}
+    ]
     for kind in SCRAPED_KINDS:
         # Services of an opt-in compose profile (the replay) are not scraped: they are not running by default.
-        names = [n for n in services if (n == kind or n.startswith(f"{kind}-")) and "profiles" not in services[n]]
-        jobs.append({"job_name": kind, "static_configs": [{"targets": [f"{n}:{METRICS_PORT}" for n in names]}]})
+        names = [
+            n for n in services if (n == kind or n.startswith(f"{kind}-")) and "profiles" not in services[n]
+        ]
+        jobs.append(
+            {"job_name": kind, "static_configs": [{"targets": [f"{n}:{METRICS_PORT}" for n in names]}]}
+        )
     return {
         "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
         "rule_files": ["/etc/prometheus/rules.yml"],
@@ -397,7 +416,9 @@ def prometheus_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) 
 
 
 def render_prometheus(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> str:
-    body = yaml.dump(prometheus_model(cfg, config_path=config_path), Dumper=_Dumper, sort_keys=False, width=120)
+    body = yaml.dump(
+        prometheus_model(cfg, config_path=config_path), Dumper=_Dumper, sort_keys=False, width=120
+    )
     return PROMETHEUS_HEADER.format(port=METRICS_PORT) + body
 
 
@@ -582,7 +603,9 @@ def _add_subcommands(csub: Any) -> None:
     )
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     s.add_argument("--dir", type=Path, default=Path(SECRETS_DIR))
-    s.add_argument("--store", type=Path, default=None, help="the encrypted store (default: as `mpctl secrets`)")
+    s.add_argument(
+        "--store", type=Path, default=None, help="the encrypted store (default: as `mpctl secrets`)"
+    )
     s.set_defaults(handler=cmd_init_secrets)
 
 

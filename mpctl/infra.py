@@ -518,7 +518,9 @@ class LocalInfra:
             self._stop_server("kafka", pid, self.kafka_pid_file, say)
             self._kafka_up(say)
 
-    def restart_redis(self, progress: Progress | None = None, *, flush: bool = False, down_s: float = 0.0) -> None:
+    def restart_redis(
+        self, progress: Progress | None = None, *, flush: bool = False, down_s: float = 0.0
+    ) -> None:
         """Stop the running Redis (after FLUSHALL when `flush`), wait `down_s` seconds, start it again on the
         same port. It keeps nothing on disk (`--save ""`), so it comes back empty either way."""
         import redis

@@ -16,7 +16,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-ORDER_FIELDS = {"profile", "product", "side", "size", "price", "fee", "status", "client_order_id", "intent_id", "event_time"}
+ORDER_FIELDS = {
+    "profile",
+    "product",
+    "side",
+    "size",
+    "price",
+    "fee",
+    "status",
+    "client_order_id",
+    "intent_id",
+    "event_time",
+}
 PLAN_FIELDS = {"epoch", "profile", "hash", "nonce", "strategy", "parameters", "assets", "fingerprint"}
 STATUSES = {"submitted", "open", "partially_filled", "filled", "cancelled", "rejected"}
 PROFILE_KEYS = ("strategy", "wins", "win_rate", "realized_pnl", "fees", "max_drawdown_pct")
@@ -53,7 +64,9 @@ class RunCheck:
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
 
 
 def _ts(s: str) -> datetime:
@@ -82,13 +95,19 @@ def check_run(out: Path, summary: dict[str, Any] | None = None) -> RunCheck:
             continue
         r.checked["plan pairs"] += 1
         if a["fingerprint"] == b["fingerprint"]:
-            r.fail("1-fingerprint", f"{a['profile']} and {b['profile']} hold fingerprint {a['fingerprint'][:12]} "
-                                    f"in epochs starting {a['epoch_start']} / {b['epoch_start']}")
+            r.fail(
+                "1-fingerprint",
+                f"{a['profile']} and {b['profile']} hold fingerprint {a['fingerprint'][:12]} "
+                f"in epochs starting {a['epoch_start']} / {b['epoch_start']}",
+            )
         if a["hash"] == b["hash"]:
             r.fail("1-hash", f"{a['profile']} and {b['profile']} hold hash {a['hash'][:12]}")
         if a.get("random_asset") and a.get("random_asset") == b.get("random_asset"):
-            r.fail("2-random-asset", f"{a['profile']} and {b['profile']} share random asset {a['random_asset']} "
-                                     f"in epochs starting {a['epoch_start']} / {b['epoch_start']}")
+            r.fail(
+                "2-random-asset",
+                f"{a['profile']} and {b['profile']} share random asset {a['random_asset']} "
+                f"in epochs starting {a['epoch_start']} / {b['epoch_start']}",
+            )
     for (pid, epoch), n in Counter((p["profile"], p["epoch"]) for p in plans).items():
         if n != 1:
             r.fail("1-one-plan-per-epoch", f"{pid} has {n} plans for epoch {epoch}")
@@ -106,8 +125,11 @@ def check_run(out: Path, summary: dict[str, Any] | None = None) -> RunCheck:
                 r.checked["opposite-side pairs"] += 1
                 gap = abs(_ts(a["event_time"]) - _ts(b["event_time"]))
                 if gap < window:
-                    r.fail("3-opposite-side", f"{product}: {a['profile']} {a['side']} and {b['profile']} {b['side']} "
-                                              f"sent {gap} apart (window {window})")
+                    r.fail(
+                        "3-opposite-side",
+                        f"{product}: {a['profile']} {a['side']} and {b['profile']} {b['side']} "
+                        f"sent {gap} apart (window {window})",
+                    )
 
     # 4: nothing sent twice; one client order id per intent; one fill per fill id; nothing unapproved sent.
     for coid, n in Counter(o["client_order_id"] for o in sent).items():
@@ -176,8 +198,11 @@ def check_run(out: Path, summary: dict[str, Any] | None = None) -> RunCheck:
     c = summary["counters"]
     delayed = c.get("delayed", 0)
     if c["intents"] != c["approved"] + c["rejected"] + delayed:
-        r.fail("counters", f"intents {c['intents']} != approved {c['approved']} + rejected {c['rejected']} "
-                           f"+ delayed {delayed}")
+        r.fail(
+            "counters",
+            f"intents {c['intents']} != approved {c['approved']} + rejected {c['rejected']} "
+            f"+ delayed {delayed}",
+        )
     if c["approved"] + delayed != len(approved):
         r.fail("counters", f"approved {c['approved']} in the summary, {len(approved)} in decisions.jsonl")
     return r
@@ -186,5 +211,10 @@ def check_run(out: Path, summary: dict[str, Any] | None = None) -> RunCheck:
 def assert_run(out: Path, summary: dict[str, Any] | None = None) -> RunCheck:
     r = check_run(out, summary)
     if not r.ok:
-        raise AssertionError("invariants broken in " + str(out) + ":\n" + "\n".join(f"  [{v.check}] {v.message}" for v in r.violations))
+        raise AssertionError(
+            "invariants broken in "
+            + str(out)
+            + ":\n"
+            + "\n".join(f"  [{v.check}] {v.message}" for v in r.violations)
+        )
     return r

@@ -139,8 +139,13 @@ def kafka_objects(cfg: AppConfig) -> list[dict[str, Any]]:
                 "storage": {
                     "type": "jbod",
                     "volumes": [
-                        {"id": 0, "type": "persistent-claim", "size": "10Gi", "kraftMetadata": "shared",
-                         "deleteClaim": False}
+                        {
+                            "id": 0,
+                            "type": "persistent-claim",
+                            "size": "10Gi",
+                            "kraftMetadata": "shared",
+                            "deleteClaim": False,
+                        }
                     ],
                 },
                 "resources": _resources("250m", "1Gi", "1", "1Gi"),
@@ -229,14 +234,22 @@ def _redis_statefulset(role: str, extra_args: list[str]) -> dict[str, Any]:
                             "name": "redis",
                             "image": REDIS_IMAGE,
                             # appendfsync everysec: a claim acknowledged by Redis is on disk within a second.
-                            "command": ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec",
-                                        *extra_args],
+                            "command": [
+                                "redis-server",
+                                "--appendonly",
+                                "yes",
+                                "--appendfsync",
+                                "everysec",
+                                *extra_args,
+                            ],
                             "ports": [{"name": "redis", "containerPort": 6379}],
                             "readinessProbe": {**probe, "initialDelaySeconds": 2},
                             "livenessProbe": {**probe, "initialDelaySeconds": 15, "failureThreshold": 6},
                             "resources": _resources("100m", "256Mi", "1", "1Gi"),
-                            "securityContext": {"allowPrivilegeEscalation": False,
-                                                "capabilities": {"drop": ["ALL"]}},
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
                             "volumeMounts": [{"name": "data", "mountPath": "/data"}],
                         }
                     ],
@@ -252,8 +265,13 @@ def _redis_statefulset(role: str, extra_args: list[str]) -> dict[str, Any]:
     }
 
 
-def _service(name: str, selector: dict[str, str], port: int, *, headless: bool, component: str) -> dict[str, Any]:
-    spec: dict[str, Any] = {"selector": selector, "ports": [{"name": "tcp", "port": port, "targetPort": port}]}
+def _service(
+    name: str, selector: dict[str, str], port: int, *, headless: bool, component: str
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "selector": selector,
+        "ports": [{"name": "tcp", "port": port, "targetPort": port}],
+    }
     if headless:
         spec["clusterIP"] = "None"
     return {
@@ -317,7 +335,9 @@ def _kafka_reachable_probe() -> dict[str, Any]:
 def _http_probe_exec(port: int) -> dict[str, Any]:
     # The registry serves /metrics on loopback only (its --metrics-port), which the kubelet cannot reach: the
     # request is made from inside the container.
-    code = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=3).read()"
+    code = (
+        f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=3).read()"
+    )
     return {"exec": {"command": ["python", "-c", code]}, "periodSeconds": 20, "timeoutSeconds": 5}
 
 
@@ -368,8 +388,12 @@ def _deployment(
         "metadata": {"labels": labels},
         "spec": {
             "automountServiceAccountToken": False,  # no workload talks to the Kubernetes API
-            "securityContext": {"runAsNonRoot": True, "runAsUser": APP_UID, "runAsGroup": APP_UID,
-                                "fsGroup": APP_UID},
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": APP_UID,
+                "runAsGroup": APP_UID,
+                "fsGroup": APP_UID,
+            },
             "terminationGracePeriodSeconds": 30,
             "containers": [container],
             "volumes": volumes,
@@ -408,7 +432,12 @@ def ingest_objects(*, image: str, replay: bool) -> list[dict[str, Any]]:
     if replay:
         args = ["services.ingest", *_common_args(), "--source", "replay", "--data", REPLAY_DATA_MOUNT]
         mounts.append({"name": "market-data", "mountPath": REPLAY_DATA_MOUNT, "readOnly": True})
-        volumes.append({"name": "market-data", "persistentVolumeClaim": {"claimName": REPLAY_DATA_CLAIM, "readOnly": True}})
+        volumes.append(
+            {
+                "name": "market-data",
+                "persistentVolumeClaim": {"claimName": REPLAY_DATA_CLAIM, "readOnly": True},
+            }
+        )
         objs.append(
             {
                 "apiVersion": "v1",
@@ -423,14 +452,18 @@ def ingest_objects(*, image: str, replay: bool) -> list[dict[str, Any]]:
         _deployment(
             "ingest",
             "ingest",
-            _container("ingest", image, args, _resources("100m", "256Mi", "1", "512Mi"), mounts=mounts, probes=ready),
+            _container(
+                "ingest", image, args, _resources("100m", "256Mi", "1", "512Mi"), mounts=mounts, probes=ready
+            ),
             volumes,
         )
     )
     return objs
 
 
-def workload_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool = False) -> list[dict[str, Any]]:
+def workload_objects(
+    cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool = False
+) -> list[dict[str, Any]]:
     ready = {"readinessProbe": {**_kafka_reachable_probe(), "initialDelaySeconds": 5}}
     objs: list[dict[str, Any]] = []
 
@@ -443,8 +476,14 @@ def workload_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool
                 "registry",
                 image,
                 # $(POD_NAME): each replica claims in Redis under its own instance name.
-                ["services.registry", *_common_args(), "--instance", "$(POD_NAME)",
-                 "--metrics-port", str(REGISTRY_METRICS_PORT)],
+                [
+                    "services.registry",
+                    *_common_args(),
+                    "--instance",
+                    "$(POD_NAME)",
+                    "--metrics-port",
+                    str(REGISTRY_METRICS_PORT),
+                ],
                 _resources("100m", "256Mi", "1", "512Mi"),
                 mounts=[_config_mount()],
                 env=[{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
@@ -464,8 +503,12 @@ def workload_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool
             "arbiter",
             "arbiter",
             _container(
-                "arbiter", image, ["services.arbiter", *_common_args(), "--instance", "$(POD_NAME)"],
-                _resources("200m", "256Mi", "1", "512Mi"), mounts=[_config_mount()], probes=ready,
+                "arbiter",
+                image,
+                ["services.arbiter", *_common_args(), "--instance", "$(POD_NAME)"],
+                _resources("200m", "256Mi", "1", "512Mi"),
+                mounts=[_config_mount()],
+                probes=ready,
                 env=[{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
             ),
             [_config_volume()],
@@ -482,8 +525,12 @@ def workload_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool
                 f"strategy-{d}",
                 "strategy",
                 _container(
-                    "strategy", image, ["services.strategy", *_common_args(pid)],
-                    _resources("100m", "256Mi", "1", "512Mi"), mounts=[_config_mount()], probes=ready,
+                    "strategy",
+                    image,
+                    ["services.strategy", *_common_args(pid)],
+                    _resources("100m", "256Mi", "1", "512Mi"),
+                    mounts=[_config_mount()],
+                    probes=ready,
                 ),
                 [_config_volume()],
                 profile=pid,
@@ -503,10 +550,15 @@ def workload_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool
                 f"execution-{d}",
                 "execution",
                 _container(
-                    "execution", image, ["services.execution", *_common_args(pid)],
+                    "execution",
+                    image,
+                    ["services.execution", *_common_args(pid)],
                     _resources("50m", "192Mi", "500m", "384Mi"),
                     env=[{"name": ENV_STORE, "value": CONTAINER_STORE}],
-                    mounts=[_config_mount(), {"name": "coinbase", "mountPath": SECRET_MOUNT, "readOnly": True}],
+                    mounts=[
+                        _config_mount(),
+                        {"name": "coinbase", "mountPath": SECRET_MOUNT, "readOnly": True},
+                    ],
                     probes=ready,
                 ),
                 [_config_volume(), secret_volume],
@@ -519,9 +571,16 @@ def workload_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool
             "monitor",
             "monitor",
             _container(
-                "monitor", image,
-                ["services.monitor", *_common_args(), "--metrics-port", str(MONITOR_METRICS_PORT),
-                 "--metrics-addr", "0.0.0.0"],
+                "monitor",
+                image,
+                [
+                    "services.monitor",
+                    *_common_args(),
+                    "--metrics-port",
+                    str(MONITOR_METRICS_PORT),
+                    "--metrics-addr",
+                    "0.0.0.0",
+                ],
                 _resources("100m", "256Mi", "1", "512Mi"),
                 mounts=[_config_mount()],
                 ports=[{"name": "metrics", "containerPort": MONITOR_METRICS_PORT}],
@@ -533,15 +592,24 @@ def workload_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool
             [_config_volume()],
         )
     )
-    monitor_svc = _service("monitor", _selector("monitor"), MONITOR_METRICS_PORT, headless=False, component="monitor")
+    monitor_svc = _service(
+        "monitor", _selector("monitor"), MONITOR_METRICS_PORT, headless=False, component="monitor"
+    )
     monitor_svc["spec"]["ports"][0]["name"] = "metrics"
     objs.append(monitor_svc)
     objs += ingest_objects(image=image, replay=replay)
     return objs
 
 
-def manifest_objects(cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool = False) -> list[dict[str, Any]]:
-    return [*kafka_objects(cfg), *redis_objects(), config_map(cfg), *workload_objects(cfg, image=image, replay=replay)]
+def manifest_objects(
+    cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool = False
+) -> list[dict[str, Any]]:
+    return [
+        *kafka_objects(cfg),
+        *redis_objects(),
+        config_map(cfg),
+        *workload_objects(cfg, image=image, replay=replay),
+    ]
 
 
 def _dump_all(objs: list[dict[str, Any]]) -> str:
@@ -550,7 +618,11 @@ def _dump_all(objs: list[dict[str, Any]]) -> str:
 
 
 def render_manifests(
-    cfg: AppConfig, *, image: str = DEFAULT_IMAGE, config_path: str = str(DEFAULT_CONFIG), replay: bool = False
+    cfg: AppConfig,
+    *,
+    image: str = DEFAULT_IMAGE,
+    config_path: str = str(DEFAULT_CONFIG),
+    replay: bool = False,
 ) -> str:
     """Every object of the stack as one multi-document YAML file (the live ingest, or with `replay` a replay)."""
     return HEADER.format(config=Path(config_path).as_posix()) + _dump_all(
@@ -608,7 +680,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def _add_subcommands(ksub: Any) -> None:
     r = ksub.add_parser("render", help="write the Kubernetes manifests generated from the profiles file")
-    r.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"profiles file (default {DEFAULT_CONFIG})")
+    r.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"profiles file (default {DEFAULT_CONFIG})"
+    )
     r.add_argument("--out", default="deploy/k8s/stack.yaml", help="output file, '-' for stdout")
     r.add_argument(
         "--secrets-out",

@@ -32,7 +32,9 @@ class Progress:
     The stream and environment are looked up at each call unless given, so a module-level instance follows
     redirections (tests capturing stderr, a daemonised process)."""
 
-    def __init__(self, label: str, *, stream: TextIO | None = None, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, label: str, *, stream: TextIO | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
         self.label = label
         self._stream = stream
         self._env = env

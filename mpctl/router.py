@@ -114,7 +114,9 @@ class ProfileRouter:
         cfg = load_config(self.config_path)
         ns = self._namespace or cfg.system.kafka.namespace
         t = Topics(ns)
-        self.bootstrap = self._bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip() or DEFAULT_BOOTSTRAP
+        self.bootstrap = (
+            self._bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip() or DEFAULT_BOOTSTRAP
+        )
         existing = set(await list_topics(self.bootstrap))
         followed = [t.plans, t.events, t.candles, t.intents, t.audit]
         missing = [n for n in followed if n not in existing]
@@ -130,7 +132,10 @@ class ProfileRouter:
         self._publisher = Publisher(self.bootstrap, client_id=f"{ns}.router.{uuid.uuid4().hex[:8]}")
         await self._publisher.start()
         self._consumer = c = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            group_id=None,
+            auto_offset_reset="earliest",
         )
         await c.start()
         tps = []
@@ -230,7 +235,9 @@ class ProfileRouter:
         `mpctl demo` do). Resuming paused profiles goes through signed commands (`mpctl send resume`)."""
         cfg, t = self._need()
         self.health = await fetch_health(self.bootstrap, cfg, t.ns)
-        needed = {"arbiter"} | {f"{kind}.{pid}" for pid in cfg.enabled_profiles() for kind in ("strategy", "execution")}
+        needed = {"arbiter"} | {
+            f"{kind}.{pid}" for pid in cfg.enabled_profiles() for kind in ("strategy", "execution")
+        }
         down = sorted(h.name for h in self.health if h.name in needed and h.state != "up")
         if down:
             raise RuntimeError(
@@ -293,7 +300,14 @@ class ProfileRouter:
         await self._publisher.send(t.intents, intent, key=intent.product)
         await self._publisher.send(t.audit, intent, key=pid)
         await self._publisher.flush()
-        log.info("manual intent %s: %s %s %s for %s", intent.intent_id, intent.side, intent.size, intent.product, pid)
+        log.info(
+            "manual intent %s: %s %s %s for %s",
+            intent.intent_id,
+            intent.side,
+            intent.size,
+            intent.product,
+            pid,
+        )
         result: dict[str, Any] = {
             "status": "pending",
             "profile": pid,
@@ -307,12 +321,18 @@ class ProfileRouter:
             "fills": [],
         }
         iid = intent.intent_id
-        if not await self._wait(lambda: iid in self.decisions, self.decision_timeout_s, "waiting for the decision"):
+        if not await self._wait(
+            lambda: iid in self.decisions, self.decision_timeout_s, "waiting for the decision"
+        ):
             result["reason"] = f"no decision within {self.decision_timeout_s:.0f} s (is the arbiter running?)"
             return result
         d = self.decisions[iid]
-        result["decision"] = {"verdict": d.verdict, "rule": d.rule, "reason": d.reason,
-                              "conflicting_profile": d.conflicting_profile}
+        result["decision"] = {
+            "verdict": d.verdict,
+            "rule": d.rule,
+            "reason": d.reason,
+            "conflicting_profile": d.conflicting_profile,
+        }
         if d.verdict == "rejected":
             result["status"] = "rejected"
             result["reason"] = d.reason
@@ -330,14 +350,21 @@ class ProfileRouter:
             if last.reason:
                 result["reason"] = last.reason
         result["fills"] = [
-            {"fill_id": f.fill_id, "size": str(f.size), "price": str(f.price), "fee": str(f.fee),
-             "time": f.event_time.isoformat()}
+            {
+                "fill_id": f.fill_id,
+                "size": str(f.size),
+                "price": str(f.price),
+                "fee": str(f.fee),
+                "time": f.event_time.isoformat(),
+            }
             for f in self.fills.get(iid, [])
         ]
         if done:
             result["status"] = result["order_status"]
         else:
-            result["reason"] = f"no final order state within {self.fill_timeout_s:.0f} s (is execution.{pid} running?)"
+            result["reason"] = (
+                f"no final order state within {self.fill_timeout_s:.0f} s (is execution.{pid} running?)"
+            )
         return result
 
     # ------------------------------------------------------------------ building the intent
@@ -385,7 +412,9 @@ class ProfileRouter:
             raise TradeRefused(f"profile {pid!r} is not an enabled profile (have {sorted(enabled)})")
         prof = enabled[pid]
         if product not in prof.trading_params.trading_pairs:
-            raise TradeRefused(f"{product} is not one of {pid}'s trading pairs {prof.trading_params.trading_pairs}")
+            raise TradeRefused(
+                f"{product} is not one of {pid}'s trading pairs {prof.trading_params.trading_pairs}"
+            )
         halt = self.halted.get(pid)
         if halt is not None and not self._halt_over(halt):
             raise TradeRefused(f"{pid} is halted: {halt.reason}")
@@ -404,7 +433,9 @@ class ProfileRouter:
                     f"{prof.strategy_config.max_position_size_pct}% of equity {equity:.2f}"
                 )
             if held == 0 and len(book.open_positions()) >= prof.trading_params.max_open_positions:
-                raise TradeRefused(f"{pid}: max_open_positions {prof.trading_params.max_open_positions} reached")
+                raise TradeRefused(
+                    f"{pid}: max_open_positions {prof.trading_params.max_open_positions} reached"
+                )
         elif size > held:
             raise TradeRefused(f"{pid}: sells {size} {product} but holds {held}")
 

@@ -41,12 +41,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("selftest", help="short paper run + invariant checks; writes multi_profile_test_results.json")
+    p = sub.add_parser(
+        "selftest", help="short paper run + invariant checks; writes multi_profile_test_results.json"
+    )
     p.add_argument("--out", type=Path, default=Path("."), help="where the results and log go (default: .)")
-    p.add_argument("--hours", type=float, default=DEFAULT_HOURS, help=f"hours of data to replay (default {DEFAULT_HOURS:g})")
+    p.add_argument(
+        "--hours",
+        type=float,
+        default=DEFAULT_HOURS,
+        help=f"hours of data to replay (default {DEFAULT_HOURS:g})",
+    )
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--data", type=Path, default=None, help="candle folder (default: the bundled data/market)")
-    p.add_argument("--keep-run", action="store_true", help="keep the run directory (its path is in the results)")
+    p.add_argument(
+        "--keep-run", action="store_true", help="keep the run directory (its path is in the results)"
+    )
     p.add_argument("--timeout", type=float, default=900.0)
     p.set_defaults(handler=run_selftest)
 
@@ -85,13 +94,17 @@ class Session:
             e.fail(f"{type(err).__name__}: {err}")
         e.duration_s = round(time.monotonic() - t0, 3)
         self.entries.append(e)
-        self.say(f"{e.status.upper():6} {name} ({e.duration_s:.1f} s){': ' + '; '.join(e.details) if e.details else ''}")
+        self.say(
+            f"{e.status.upper():6} {name} ({e.duration_s:.1f} s){': ' + '; '.join(e.details) if e.details else ''}"
+        )
         return e
 
 
 def _run(cmd: list[str], session: Session, timeout: float) -> subprocess.CompletedProcess[str]:
     session.say("$ " + " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
+    )
     for stream, text in (("stdout", proc.stdout), ("stderr", proc.stderr)):
         if text.strip():
             session.log.write(f"--- {stream}\n{text.rstrip()}\n---\n")
@@ -118,8 +131,10 @@ def run_selftest(args: argparse.Namespace) -> int:
         s.say(f"mpctl selftest: {args.hours:g} hours of paper trading into {run_dir}")
 
         # The demo runs in the project's directory; its default config is the project's, wherever we run.
-        config_path = args.config.resolve() if args.config else (
-            ROOT / LOCAL_CONFIG if (ROOT / LOCAL_CONFIG).exists() else ROOT / DEFAULT_CONFIG
+        config_path = (
+            args.config.resolve()
+            if args.config
+            else (ROOT / LOCAL_CONFIG if (ROOT / LOCAL_CONFIG).exists() else ROOT / DEFAULT_CONFIG)
         )
         args.config = config_path
 
@@ -137,8 +152,17 @@ def run_selftest(args: argparse.Namespace) -> int:
         cfg = state["cfg"]
 
         def integration(e: Entry) -> None:
-            cmd = [sys.executable, "-m", "mpctl.cli", "demo", "--out", str(run_dir), "--hours", f"{args.hours:g}",
-                   "--keep-topics"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "mpctl.cli",
+                "demo",
+                "--out",
+                str(run_dir),
+                "--hours",
+                f"{args.hours:g}",
+                "--keep-topics",
+            ]
             if args.config:
                 cmd += ["--config", str(args.config.resolve())]
             if args.data:
@@ -203,15 +227,19 @@ def _checks(
     def separation(e: Entry) -> None:
         for v in _by_prefix(check, "1-", "2-"):
             e.fail(v)
-        e.details.append(f"{check.checked['plan pairs']} overlapping plan pairs checked; "
-                         f"{summary['counters']['collisions_resolved']} collision(s) resolved")
+        e.details.append(
+            f"{check.checked['plan pairs']} overlapping plan pairs checked; "
+            f"{summary['counters']['collisions_resolved']} collision(s) resolved"
+        )
 
     def arbitrage(e: Entry) -> None:
         for v in _by_prefix(check, "3-", "counters"):
             e.fail(v)
         c = summary["counters"]
-        e.details.append(f"intents {c['intents']}: approved {c['approved']}, rejected {c['rejected']} "
-                         f"{c.get('rejected_by_rule', {})}")
+        e.details.append(
+            f"intents {c['intents']}: approved {c['approved']}, rejected {c['rejected']} "
+            f"{c.get('rejected_by_rule', {})}"
+        )
 
     def execution(e: Entry) -> None:
         for v in _by_prefix(check, "4-", "books", "fields"):
@@ -225,9 +253,22 @@ def _checks(
     def monitoring(e: Entry) -> None:
         ns = state["run"]["namespace"]
         bootstrap = state["run"]["kafka_bootstrap"]
-        cmd = [sys.executable, "-m", "services.monitor", "--bootstrap", bootstrap, "--namespace", ns, "--drain",
-               "--audit-file", str(run_dir / "audit.jsonl"), "--alerts-file", str(run_dir / "alerts.jsonl"),
-               "--snapshot-file", str(run_dir / "monitor.json")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "services.monitor",
+            "--bootstrap",
+            bootstrap,
+            "--namespace",
+            ns,
+            "--drain",
+            "--audit-file",
+            str(run_dir / "audit.jsonl"),
+            "--alerts-file",
+            str(run_dir / "alerts.jsonl"),
+            "--snapshot-file",
+            str(run_dir / "monitor.json"),
+        ]
         if args.config:
             cmd += ["--config", str(args.config.resolve())]
         proc = _run(cmd, s, 300)
@@ -243,8 +284,10 @@ def _checks(
             if abs(live - Decimal(p["final_equity"])) > Decimal("0.000001"):
                 e.fail(f"{pid}: monitor equity {live} != summary {p['final_equity']}")
         report = write_report(run_dir)
-        e.details.append(f"audit {audit_lines} line(s); monitor equity = summary; report {report.name} "
-                         f"{report.stat().st_size // 1024} KiB")
+        e.details.append(
+            f"audit {audit_lines} line(s); monitor equity = summary; report {report.name} "
+            f"{report.stat().st_size // 1024} KiB"
+        )
 
     for name, body in (
         ("profile_management", profiles),
@@ -258,7 +301,17 @@ def _checks(
     extra = {
         "namespace": state["run"]["namespace"],
         "profiles": {
-            pid: {k: p[k] for k in ("strategy", "trades", "win_rate", "realized_pnl", "final_equity", "max_drawdown_pct")}
+            pid: {
+                k: p[k]
+                for k in (
+                    "strategy",
+                    "trades",
+                    "win_rate",
+                    "realized_pnl",
+                    "final_equity",
+                    "max_drawdown_pct",
+                )
+            }
             for pid, p in summary["profiles"].items()
         },
         "counters": summary["counters"],
@@ -293,7 +346,10 @@ def _finish(
         "hours": args.hours,
         "passed": not failed,
         "summary": {"total": len(s.entries), "passed": len(s.entries) - len(failed), "failed": len(failed)},
-        "tests": [{"name": e.name, "status": e.status, "duration_s": e.duration_s, "details": e.details} for e in s.entries],
+        "tests": [
+            {"name": e.name, "status": e.status, "duration_s": e.duration_s, "details": e.details}
+            for e in s.entries
+        ],
         "run_dir": str(run_dir) if args.keep_run else None,
         **extra,
     }
@@ -301,7 +357,8 @@ def _finish(
     s.say(f"{'PASSED' if not failed else 'FAILED'}: {results['summary']}; results in {results_path}")
     if not args.keep_run:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"selftest {'passed' if not failed else 'FAILED'}: {results['summary']['passed']}/{results['summary']['total']} "
-          f"in {results['duration_s']:.1f} s; {results_path}")
+    print(
+        f"selftest {'passed' if not failed else 'FAILED'}: {results['summary']['passed']}/{results['summary']['total']} "
+        f"in {results['duration_s']:.1f} s; {results_path}"
+    )
     return 0 if not failed else 1
-

@@ -72,11 +72,15 @@ def bench_config(n: int, rotation_s: int) -> AppConfig:
         weights = {name: values[(k + i) % len(values)] for k, name in enumerate(names)}
         p["name"] = f"Benchmark profile {i}"
         p["priority"] = i + 1
-        p["strategy_config"].update(base_assets=[*base, "USDC"], random_asset_pool=pool, strategy_weights=weights)
+        p["strategy_config"].update(
+            base_assets=[*base, "USDC"], random_asset_pool=pool, strategy_weights=weights
+        )
         p["trading_params"]["trading_pairs"] = [f"{a}/USDC" for a in base]
         p["trading_params"]["max_open_positions"] = 4
         p["profile_hash"].update(
-            base_hash=f"bench_profile_{i}", entropy_seed=round(0.11 + 0.07 * i, 4), hash_rotation_interval=rotation_s
+            base_hash=f"bench_profile_{i}",
+            entropy_seed=round(0.11 + 0.07 * i, 4),
+            hash_rotation_interval=rotation_s,
         )
         profiles[f"bench_{i}"] = p
     return parse_config({"profiles": profiles}, source="<bench config>")
@@ -156,7 +160,9 @@ def measure(cfg: AppConfig, steps: list[ReplayStep], out_dir: Path | None) -> di
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "market")
-    ap.add_argument("--source", default=None, help="file source to use when an asset has several (e.g. binance)")
+    ap.add_argument(
+        "--source", default=None, help="file source to use when an asset has several (e.g. binance)"
+    )
     ap.add_argument("--start", default=None)
     ap.add_argument("--end", default=None)
     ap.add_argument("--hours", type=float, default=None)
@@ -202,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{many['profiles']}_profiles": round(many["evaluations_per_s"] / loop_rate, 4),
             "1_profile": round(one["evaluations_per_s"] / loop_rate, 4),
         },
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -81,7 +81,9 @@ async def wait_for(cond: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-async def start(bootstrap: str, peer: CoinbaseMdPeer, tmp: Path, history: int) -> tuple[LiveIngest, asyncio.Task[int], asyncio.Event]:
+async def start(
+    bootstrap: str, peer: CoinbaseMdPeer, tmp: Path, history: int
+) -> tuple[LiveIngest, asyncio.Task[int], asyncio.Event]:
     ns = "benchingest" + uuid.uuid4().hex[:8]
     cfg = config(tmp / f"{ns}.yaml", ns, history)
     await ensure_topics(bootstrap, declared_topics(cfg, ns))
@@ -117,7 +119,9 @@ async def bench_lag(bootstrap: str, tmp: Path, speed: float, steps: int) -> dict
         rtt = await rest_round_trip(peer)
         svc, task, stop = await start(bootstrap, peer, tmp, history)
         try:
-            await wait_for(lambda: len(svc.lags) >= history + steps + 1, (steps + 5) * IV / speed + 30, "live steps")
+            await wait_for(
+                lambda: len(svc.lags) >= history + steps + 1, (steps + 5) * IV / speed + 30, "live steps"
+            )
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
@@ -127,7 +131,11 @@ async def bench_lag(bootstrap: str, tmp: Path, speed: float, steps: int) -> dict
     return {
         "speed": speed,
         "steps": len(live),
-        "lag_exchange_s": {"p50": round(pct(ex, 0.5), 3), "p99": round(pct(ex, 0.99), 3), "max": round(max(ex), 3)},
+        "lag_exchange_s": {
+            "p50": round(pct(ex, 0.5), 3),
+            "p99": round(pct(ex, 0.99), 3),
+            "max": round(max(ex), 3),
+        },
         "lag_real_s": {"p50": round(pct(real, 0.5), 4), "p99": round(pct(real, 0.99), 4)},
         "baseline": {"grace_s": GRACE, "rest_round_trip_real_s": round(rtt, 5)},
         # Exchange seconds the lag costs beyond what it must (the grace, plus one REST round trip in peer time).
@@ -180,7 +188,11 @@ async def main() -> None:
         json.dumps(
             {
                 "benchmark": "ingest",
-                "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+                "machine": {
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                },
                 "finalisation": lag,
                 "outage": outage,
             },

@@ -168,8 +168,20 @@ async def run_pipeline(
     specs = declared_topics(cfg, ns)
     bootstrap = endpoints.kafka_bootstrap
     await ensure_topics(bootstrap, specs, replication_factor=1)
-    common = ["--bootstrap", bootstrap, "--redis-url", endpoints.redis_url, "--source", "replay", "--namespace", ns,
-              "--config", str(cfg_file), "--log-level", "WARNING"]
+    common = [
+        "--bootstrap",
+        bootstrap,
+        "--redis-url",
+        endpoints.redis_url,
+        "--source",
+        "replay",
+        "--namespace",
+        ns,
+        "--config",
+        str(cfg_file),
+        "--log-level",
+        "WARNING",
+    ]
     stack = Stack()
     started = time.monotonic()
     try:
@@ -296,8 +308,11 @@ async def raw_baseline(bootstrap: str, count: int, size: int, latency_samples: i
             "messages": count,
             "bytes": len(payload),
             "produce_consume_per_s": round(throughput, 1),
-            "latency_ms": {"samples": len(lat), "p50": round(percentile(lat, 50) or 0, 2),
-                           "p99": round(percentile(lat, 99) or 0, 2)},
+            "latency_ms": {
+                "samples": len(lat),
+                "p50": round(percentile(lat, 50) or 0, 2),
+                "p99": round(percentile(lat, 99) or 0, 2),
+            },
         }
     finally:
         await producer.stop()
@@ -370,7 +385,9 @@ def markdown(result: dict[str, Any], json_path: str) -> str:
         "acknowledgement ('submitted'), Kafka CreateTime to CreateTime, and includes the arbiter waiting for every "
         "profile to finish the step. In the throughput runs the same measure is mostly queueing behind the "
         "replayed backlog: p50 "
-        + ", ".join(f"{r['throughput']['latency_ms']['p50']} ms ({r['profiles']} profiles)" for r in result["runs"])
+        + ", ".join(
+            f"{r['throughput']['latency_ms']['p50']} ms ({r['profiles']} profiles)" for r in result["runs"]
+        )
         + ".",
         "",
         "Startup (every worker's consumer group joined; not counted above): "
@@ -412,15 +429,33 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     log_root = Path(args.logs)
     for n in counts:
         print(f"[bench] {n} profiles: throughput run ({args.hours} h, as fast as possible)", file=sys.stderr)
-        tput = await run_pipeline(endpoints, n, data=args.data, hours=args.hours, speed=0.0, label="t",
-                                  log_root=log_root, timeout=args.timeout)
+        tput = await run_pipeline(
+            endpoints,
+            n,
+            data=args.data,
+            hours=args.hours,
+            speed=0.0,
+            label="t",
+            log_root=log_root,
+            timeout=args.timeout,
+        )
         # Half the reached step rate, as a replay speed factor (steps are one candle interval apart).
         interval_s = 3600.0
         speed = max(1.0, 0.5 * tput["steps_per_s"] * interval_s)
-        print(f"[bench] {n} profiles: {tput['market_events_per_s']} events/s; latency run at speed {speed:.0f}",
-              file=sys.stderr)
-        lat = await run_pipeline(endpoints, n, data=args.data, hours=args.latency_hours, speed=speed, label="l",
-                                 log_root=log_root, timeout=args.timeout)
+        print(
+            f"[bench] {n} profiles: {tput['market_events_per_s']} events/s; latency run at speed {speed:.0f}",
+            file=sys.stderr,
+        )
+        lat = await run_pipeline(
+            endpoints,
+            n,
+            data=args.data,
+            hours=args.latency_hours,
+            speed=speed,
+            label="l",
+            log_root=log_root,
+            timeout=args.timeout,
+        )
         result["runs"].append({"profiles": n, "throughput": tput, "latency": lat})
     biggest = max(r["throughput"]["candles"] for r in result["runs"])
     size = round(statistics.fmean(r["throughput"]["candle_bytes_mean"] for r in result["runs"]))
@@ -429,9 +464,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     first = result["runs"][0]["throughput"]
     result["products"] = first["candles"] // max(1, first["steps"])  # products with data in the slice
     for r in result["runs"]:
-        r["ratio_to_raw_throughput"] = round(r["throughput"]["market_events_per_s"] / raw["produce_consume_per_s"], 4)
+        r["ratio_to_raw_throughput"] = round(
+            r["throughput"]["market_events_per_s"] / raw["produce_consume_per_s"], 4
+        )
         p50 = r["latency"]["latency_ms"]["p50"]
-        r["ratio_to_raw_latency_p50"] = round(p50 / raw["latency_ms"]["p50"], 1) if p50 and raw["latency_ms"]["p50"] else None
+        r["ratio_to_raw_latency_p50"] = (
+            round(p50 / raw["latency_ms"]["p50"], 1) if p50 and raw["latency_ms"]["p50"] else None
+        )
     return result
 
 
@@ -440,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiles", default="2,8,32", help="comma-separated profile counts")
     p.add_argument("--hours", type=float, default=200.0, help="hours of candles in the throughput runs")
     p.add_argument(
-        "--latency-hours", type=float, default=200.0,
+        "--latency-hours",
+        type=float,
+        default=200.0,
         help="hours of candles in the paced latency runs (the signal models need about five days before the first order)",
     )
     p.add_argument("--latency-samples", type=int, default=300, help="raw baseline one-at-a-time samples")
@@ -449,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip")
     p.add_argument("--logs", default=str(ROOT / "reports" / "bench" / "logs"))
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it is declared stuck")
-    p.add_argument("--markdown-from", default=None, help="only write --markdown from this earlier JSON result")
+    p.add_argument(
+        "--markdown-from", default=None, help="only write --markdown from this earlier JSON result"
+    )
     args = p.parse_args(argv)
     if args.markdown_from:
         text = markdown(json.loads(Path(args.markdown_from).read_text()), args.markdown_from)

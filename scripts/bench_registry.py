@@ -139,7 +139,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 s, _ = await workers(args.n, c, setnx)
                 setnx_s = min(setnx_s, s)
                 await redis.delete(*[f"{run_ns}:setnx:{i}" for i in range(args.n)])
-                s, _ = await workers(args.n, c, claimer(RedisClaims(redis, f"{run_ns}:r{rep}", grace_s=reg.claim_grace_s)))
+                s, _ = await workers(
+                    args.n, c, claimer(RedisClaims(redis, f"{run_ns}:r{rep}", grace_s=reg.claim_grace_s))
+                )
                 claim_s = min(claim_s, s)
 
             def resolver(prefix: str, with_ledger: bool) -> Callable[[int], Awaitable[int]]:
@@ -147,7 +149,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 # registry walks epochs in order; workers out of order would make the claims cheaper).
                 def job(e: int) -> Awaitable[int]:
                     cl = RedisClaims(redis, f"{prefix}:e{e}", grace_s=reg.claim_grace_s)
-                    ledger = PlanLedger(redis, f"{prefix}:e{e}", grace_s=reg.claim_grace_s) if with_ledger else None
+                    ledger = (
+                        PlanLedger(redis, f"{prefix}:e{e}", grace_s=reg.claim_grace_s)
+                        if with_ledger
+                        else None
+                    )
                     return resolve_epoch(e, cl, ledger)
 
                 return job
@@ -167,7 +173,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     plan = await resolve_plan_async(pid, prof, epoch, scores, reg, "USDC", counted)
                     if ledger is not None:
-                        await ledger.decide(plan_message(plan, correlation="bench"), "bench", asset_claimed=True, generation=None)
+                        await ledger.decide(
+                            plan_message(plan, correlation="bench"),
+                            "bench",
+                            asset_claimed=True,
+                            generation=None,
+                        )
                 return calls
 
             resolve_s, resolve_calls = await workers(args.epochs, c, resolver(f"{run_ns}:resolve", False))

@@ -84,7 +84,12 @@ class Aligner:
         for t in ready:
             candles = self._pending.pop(t)
             steps.append(
-                Step(t, self._interval.pop(t, 0), tuple(candles[p] for p in sorted(candles)), self._published.pop(t, None))
+                Step(
+                    t,
+                    self._interval.pop(t, 0),
+                    tuple(candles[p] for p in sorted(candles)),
+                    self._published.pop(t, None),
+                )
             )
             self._released_upto = t
         return steps

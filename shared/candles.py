@@ -16,7 +16,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import NoReturn
 
-FILE_RE = re.compile(r"^(?P<source>[a-z0-9]+)_(?P<base>[A-Z0-9]+)-(?P<quote>[A-Z0-9]+)_(?P<interval>\d+[smhdw])\.csv(\.gz)?$")
+FILE_RE = re.compile(
+    r"^(?P<source>[a-z0-9]+)_(?P<base>[A-Z0-9]+)-(?P<quote>[A-Z0-9]+)_(?P<interval>\d+[smhdw])\.csv(\.gz)?$"
+)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 HEADER = "timestamp_ms,open,high,low,close,volume"
 
@@ -127,11 +129,17 @@ def read_candle_file(path: Path) -> CandleFile:
         raise CandleFileError(
             f"{path}: the name says {m.group('interval')} ({named} s) but the rows are {interval_ms // 1000} s apart"
         )
-    misaligned = [(n, r.open_time_ms) for n, r in zip(line_of, rows, strict=True) if r.open_time_ms % interval_ms]
+    misaligned = [
+        (n, r.open_time_ms) for n, r in zip(line_of, rows, strict=True) if r.open_time_ms % interval_ms
+    ]
     if misaligned:
         n, ts = misaligned[0]
-        raise CandleFileError(f"{path}:{n}: open time {ts} is not a multiple of the {interval_ms // 1000} s interval")
-    return CandleFile(path, m.group("source"), m.group("base"), m.group("quote"), interval_ms // 1000, tuple(rows))
+        raise CandleFileError(
+            f"{path}:{n}: open time {ts} is not a multiple of the {interval_ms // 1000} s interval"
+        )
+    return CandleFile(
+        path, m.group("source"), m.group("base"), m.group("quote"), interval_ms // 1000, tuple(rows)
+    )
 
 
 def discover(data_dir: Path) -> list[Path]:
@@ -161,5 +169,7 @@ def load_products(data_dir: Path, products: list[str]) -> dict[str, CandleFile]:
         found[product] = cf
     intervals = {cf.interval_s for cf in found.values()}
     if len(intervals) > 1:
-        raise CandleFileError(f"files in {data_dir} have different intervals {sorted(intervals)}; replay one interval")
+        raise CandleFileError(
+            f"files in {data_dir} have different intervals {sorted(intervals)}; replay one interval"
+        )
     return found

@@ -30,7 +30,9 @@ def derived_id(*parts: object) -> str:
 
     Exactly ``uuid.uuid5(ID_NAMESPACE, "|".join(map(str, parts))).hex`` (RFC 4122 name-based, SHA-1), written
     out because a backtest derives one per candle and uuid.UUID's checks cost about half its time."""
-    h = bytearray(hashlib.sha1(_NS_BYTES + "|".join(map(str, parts)).encode(), usedforsecurity=False).digest()[:16])
+    h = bytearray(
+        hashlib.sha1(_NS_BYTES + "|".join(map(str, parts)).encode(), usedforsecurity=False).digest()[:16]
+    )
     h[6] = (h[6] & 0x0F) | 0x50  # version 5
     h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
     return h.hex()

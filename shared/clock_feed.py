@@ -28,7 +28,9 @@ log = logging.getLogger("clock")
 async def follow_clock(bootstrap: str, topic: str, clock: ExchangeClock, stop: asyncio.Event) -> None:
     """Feed `clock` from `topic` (partition 0), starting at its newest record, until `stop` is set. No consumer
     group: every process reads the latest observation for itself."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="latest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="latest"
+    )
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)
@@ -62,7 +64,9 @@ class ServiceClock:
 
     async def sleep(self, seconds: float) -> None:
         """Sleep `seconds` of this clock's time (exchange seconds when live)."""
-        await (self.exchange.sleep(seconds) if self.exchange is not None else asyncio.sleep(max(0.0, seconds)))
+        await (
+            self.exchange.sleep(seconds) if self.exchange is not None else asyncio.sleep(max(0.0, seconds))
+        )
 
     async def run(self, bootstrap: str, topics: Topics, stop: asyncio.Event) -> None:
         """Follow md.clock until `stop` (nothing to do in a replay); restarts the follower after an error."""

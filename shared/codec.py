@@ -59,5 +59,7 @@ def implausible_time(msg: Message, now: datetime, max_future: timedelta = MAX_FU
     for name in _TIME_FIELDS:
         value = getattr(msg, name, None)
         if isinstance(value, datetime) and value > limit:
-            return f"{name} {value.isoformat()} is more than {max_future} ahead of the clock ({now.isoformat()})"
+            return (
+                f"{name} {value.isoformat()} is more than {max_future} ahead of the clock ({now.isoformat()})"
+            )
     return None

@@ -72,7 +72,9 @@ class ApiCredentials(Strict):
 
     def is_placeholder(self) -> bool:
         values = [self.api_key, self.secret] + ([self.passphrase] if self.passphrase else [])
-        return any(v.get_secret_value().startswith(PLACEHOLDER_PREFIX) or not v.get_secret_value() for v in values)
+        return any(
+            v.get_secret_value().startswith(PLACEHOLDER_PREFIX) or not v.get_secret_value() for v in values
+        )
 
 
 class StrategyConfig(Strict):
@@ -174,7 +176,9 @@ class Profile(Strict):
             assert m is not None  # checked by the field validator
             base, q = m.group(1), m.group(2)
             if base == q:
-                raise ValueError(f"profiles.{pid}.trading_params.trading_pairs: {pair!r} trades an asset against itself")
+                raise ValueError(
+                    f"profiles.{pid}.trading_params.trading_pairs: {pair!r} trades an asset against itself"
+                )
             if base not in assets:
                 raise ValueError(
                     f"profiles.{pid}.trading_params.trading_pairs: base {base!r} of {pair!r} is not in the "
@@ -188,7 +192,9 @@ class Profile(Strict):
 
     def traded_assets(self) -> list[str]:
         """Every asset the profile may trade: base assets and the random pool (an epoch adds one of the pool)."""
-        return list(dict.fromkeys([*self.strategy_config.base_assets, *self.strategy_config.random_asset_pool]))
+        return list(
+            dict.fromkeys([*self.strategy_config.base_assets, *self.strategy_config.random_asset_pool])
+        )
 
 
 # --------------------------------------------------------------------------------------------- system
@@ -392,7 +398,10 @@ class AppConfig(Strict):
     # ----------------------------------------------------------------------------- derived views
     def enabled_profiles(self) -> dict[str, Profile]:
         """Enabled profiles in decision order: priority (lower first), then profile id."""
-        items = sorted(((pid, p) for pid, p in self.profiles.items() if p.enabled), key=lambda kv: (kv[1].priority, kv[0]))
+        items = sorted(
+            ((pid, p) for pid, p in self.profiles.items() if p.enabled),
+            key=lambda kv: (kv[1].priority, kv[0]),
+        )
         return dict(items)
 
     def product(self, asset: str) -> str:
@@ -442,7 +451,9 @@ def _format_error(err: ValidationError) -> str:
         scalar = bad is None or isinstance(bad, str | int | float | bool)
         # Credentials live under profiles (system.market_data.source is no secret, api_credentials.source may sit
         # beside one).
-        secret_loc = bool(e["loc"]) and e["loc"][0] == "profiles" and any(str(x) in _CREDENTIAL_KEYS for x in e["loc"])
+        secret_loc = (
+            bool(e["loc"]) and e["loc"][0] == "profiles" and any(str(x) in _CREDENTIAL_KEYS for x in e["loc"])
+        )
         hide = not scalar or e["type"] in ("missing", "extra_forbidden") or secret_loc
         shown = "" if hide else f" (got {bad!r})"
         lines.append(f"{loc or '<root>'}: {msg}{shown}")
@@ -462,7 +473,9 @@ def _yaml_error_text(err: yaml.YAMLError) -> str:
 
 def parse_config(data: Any, *, source: str = "<config>") -> AppConfig:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping with a `profiles:` key, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: the top level must be a mapping with a `profiles:` key, got {type(data).__name__}"
+        )
     try:
         return AppConfig.model_validate(data)
     except ValidationError as err:
@@ -486,7 +499,9 @@ def load_config(path: str | Path | None = None) -> AppConfig:
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-def live_source_problem(cfg: AppConfig, *, source: str | None = None, exchange_url: str | None = None) -> str | None:
+def live_source_problem(
+    cfg: AppConfig, *, source: str | None = None, exchange_url: str | None = None
+) -> str | None:
     """Why this run must not start, or None: live orders priced from replayed candles would trade real money on
     years-old prices. A loopback exchange (a test peer) may take a replay's orders."""
     src = source or cfg.system.market_data.source

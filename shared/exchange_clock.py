@@ -33,7 +33,9 @@ class ExchangeClock:
         min_span_s: float = 2.0,
     ) -> None:
         self._mono = monotonic
-        self._samples: deque[tuple[float, float]] = deque(maxlen=window)  # (local monotonic, exchange epoch s)
+        self._samples: deque[tuple[float, float]] = deque(
+            maxlen=window
+        )  # (local monotonic, exchange epoch s)
         self._min_span_s = min_span_s
         self._rate = 1.0
         self._given_rate: float | None = None
@@ -74,7 +76,9 @@ class ExchangeClock:
 
     def epoch_s(self) -> float:
         if not self._samples:
-            raise ClockNotSynced("the exchange's time has not been observed yet (no heartbeat or server time)")
+            raise ClockNotSynced(
+                "the exchange's time has not been observed yet (no heartbeat or server time)"
+            )
         local, ex = self._samples[-1]
         now = ex + (self._mono() - local) * self._rate
         # Never backwards: a late observation or a lower rate estimate holds the clock until it catches up.
@@ -92,7 +96,9 @@ class ExchangeClock:
         """Sleep `exchange_seconds` of exchange time (for `sleep=` injection into waits written in exchange time)."""
         await asyncio.sleep(self.real_seconds(exchange_seconds))
 
-    async def wait_until(self, t: datetime, stop: asyncio.Event | None = None, *, max_step_s: float = 0.5) -> bool:
+    async def wait_until(
+        self, t: datetime, stop: asyncio.Event | None = None, *, max_step_s: float = 0.5
+    ) -> bool:
         """Wait until exchange time reaches `t` (re-checked at least every `max_step_s` real seconds, so a rate
         change is followed); False when `stop` was set first."""
         while True:

@@ -30,7 +30,14 @@ from shared.clock import derived_id, system_clock
 from shared.codec import encode
 from shared.messages import ServiceHeartbeat
 
-__all__ = ["INTERVAL_ENV", "Beat", "HeartbeatThread", "heartbeat_interval", "heartbeat_state", "start_heartbeat"]
+__all__ = [
+    "INTERVAL_ENV",
+    "Beat",
+    "HeartbeatThread",
+    "heartbeat_interval",
+    "heartbeat_state",
+    "start_heartbeat",
+]
 
 INTERVAL_ENV = "MPCTL_HEARTBEAT_S"
 DEFAULT_INTERVAL_S = 5.0
@@ -120,7 +127,9 @@ class HeartbeatThread(threading.Thread):
                     failing = False
                 except Exception as err:  # the broker is away: keep the service running, try again later
                     if not failing:
-                        log.warning("heartbeat to %s failed (%s: %s); retrying", self.topic, type(err).__name__, err)
+                        log.warning(
+                            "heartbeat to %s failed (%s: %s); retrying", self.topic, type(err).__name__, err
+                        )
                     failing = True
                 # Polled, not an executor wait: at interpreter exit no executor takes new work.
                 deadline = time.monotonic() + self.interval_s
@@ -130,7 +139,8 @@ class HeartbeatThread(threading.Thread):
                 # Best effort: without it, status sees the service down a few beats later.
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
-                        producer.send_and_wait(self.topic, encode(self._beat(stopping=True)), key=self._key), 3.0
+                        producer.send_and_wait(self.topic, encode(self._beat(stopping=True)), key=self._key),
+                        3.0,
                     )
         finally:
             if started:

@@ -49,7 +49,12 @@ async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], *, replicati
     try:
         existing = set(await admin.list_topics())
         new = [
-            NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication_factor, topic_configs=s.configs())
+            NewTopic(
+                s.name,
+                num_partitions=s.partitions,
+                replication_factor=replication_factor,
+                topic_configs=s.configs(),
+            )
             for s in specs
             if s.name not in existing
         ]
@@ -62,7 +67,9 @@ async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], *, replicati
             described = await admin.describe_topics([s.name for s in specs])
             counts = {d["topic"]: len(d["partitions"]) for d in described}
             led = all(
-                p.get("error_code", 0) == 0 and p.get("leader", -1) >= 0 for d in described for p in d["partitions"]
+                p.get("error_code", 0) == 0 and p.get("leader", -1) >= 0
+                for d in described
+                for p in d["partitions"]
             )
             if (all(counts.get(s.name) for s in specs) and led) or attempt == 99:
                 break
@@ -103,7 +110,9 @@ async def list_topics(bootstrap: str) -> list[str]:
         await admin.close()
 
 
-async def partitions_of(consumer: AIOKafkaConsumer, topics: Sequence[str], bootstrap: str) -> list[TopicPartition]:
+async def partitions_of(
+    consumer: AIOKafkaConsumer, topics: Sequence[str], bootstrap: str
+) -> list[TopicPartition]:
     """Every partition of `topics`, asking for metadata until a fresh client knows them (bounded)."""
     tps: list[TopicPartition] = []
     for topic in topics:
@@ -156,7 +165,9 @@ class Publisher:
         if topic not in self._partitions:
             parts = await self._producer.partitions_for(topic)
             if not parts:
-                raise RuntimeError(f"topic {topic!r} does not exist; run `mpctl infra up` / topic creation first")
+                raise RuntimeError(
+                    f"topic {topic!r} does not exist; run `mpctl infra up` / topic creation first"
+                )
             self._partitions[topic] = sorted(parts)
         return self._partitions[topic]
 

@@ -86,7 +86,11 @@ class CandleClosed(Message):
 
     @model_validator(mode="after")
     def _ohlc_consistent(self) -> CandleClosed:
-        if self.high < max(self.open, self.close) or self.low > min(self.open, self.close) or self.low > self.high:
+        if (
+            self.high < max(self.open, self.close)
+            or self.low > min(self.open, self.close)
+            or self.low > self.high
+        ):
             raise ValueError(
                 f"high/low do not bound open/close: open {self.open}, high {self.high}, low {self.low}, close {self.close}"
             )

@@ -35,7 +35,9 @@ class ServiceSettings(BaseModel):
         cfg = load_config(self.config_path)
         system = cfg.system
         if self.namespace:
-            system = system.model_copy(update={"kafka": system.kafka.model_copy(update={"namespace": self.namespace})})
+            system = system.model_copy(
+                update={"kafka": system.kafka.model_copy(update={"namespace": self.namespace})}
+            )
         if self.source:
             md = system.market_data.model_copy(update={"source": self.source})
             system = system.model_copy(update={"market_data": md})
@@ -44,10 +46,14 @@ class ServiceSettings(BaseModel):
 
 def base_parser(service: str, *, needs_profile: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m services.{service}")
-    p.add_argument("--config", type=Path, default=None, help="profiles file (default: local file, else template)")
+    p.add_argument(
+        "--config", type=Path, default=None, help="profiles file (default: local file, else template)"
+    )
     p.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"))
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:16379/0"))
-    p.add_argument("--namespace", default=None, help="topic/group namespace (default: system.kafka.namespace)")
+    p.add_argument(
+        "--namespace", default=None, help="topic/group namespace (default: system.kafka.namespace)"
+    )
     p.add_argument(
         "--source",
         choices=("coinbase", "replay"),
@@ -70,7 +76,9 @@ def add_metrics_args(p: argparse.ArgumentParser, why_off: str = "0: off", *, def
         default=default_port,
         help=f"serve Prometheus metrics on ADDR:PORT ({why_off})",
     )
-    p.add_argument("--metrics-addr", default="127.0.0.1", help="address to serve metrics on (0.0.0.0 in a container)")
+    p.add_argument(
+        "--metrics-addr", default="127.0.0.1", help="address to serve metrics on (0.0.0.0 in a container)"
+    )
 
 
 def check_metrics_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -116,7 +124,9 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     return asyncio.run(runner())
 
 
-def main_entry(argv: Sequence[str] | None, service: str, parser: argparse.ArgumentParser) -> argparse.Namespace:
+def main_entry(
+    argv: Sequence[str] | None, service: str, parser: argparse.ArgumentParser
+) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if isinstance(getattr(args, "metrics_port", None), int):
         check_metrics_args(parser, args)  # before anything starts (the heartbeat below)
@@ -144,4 +154,6 @@ def _heartbeat(service: str, args: argparse.Namespace) -> None:
             return  # the service reports the bad config itself, with its own message
     profile = getattr(args, "profile", None)
     name = f"{service}.{profile}" if profile else service
-    start_heartbeat(args.bootstrap, Topics(namespace).heartbeats, name, str(args.instance), interval_s=interval)
+    start_heartbeat(
+        args.bootstrap, Topics(namespace).heartbeats, name, str(args.instance), interval_s=interval
+    )

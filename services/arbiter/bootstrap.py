@@ -81,7 +81,13 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 class ArbiterService:
     def __init__(
-        self, cfg: AppConfig, settings: ServiceSettings, *, clock: Clock, ids: IdFactory, metrics_port: int = 0
+        self,
+        cfg: AppConfig,
+        settings: ServiceSettings,
+        *,
+        clock: Clock,
+        ids: IdFactory,
+        metrics_port: int = 0,
     ) -> None:
         self.cfg = cfg
         self.settings = settings
@@ -117,8 +123,13 @@ class ArbiterService:
             service="arbiter",
             schema=domain.SNAPSHOT_SCHEMA,
             fingerprint=fingerprint(
-                "arbiter", cfg.profiles, cfg.system.arbiter, cfg.system.execution, k.intent_partitions,
-                k.candle_partitions, cfg.system.mode,
+                "arbiter",
+                cfg.profiles,
+                cfg.system.arbiter,
+                cfg.system.execution,
+                k.intent_partitions,
+                k.candle_partitions,
+                cfg.system.mode,
             ),
             dump=self._dump,
             restore=self._restore,
@@ -202,7 +213,9 @@ class ArbiterService:
             member.subscribe([t.intents], listener=_Listener(self))
             await member.start()
             if self.metrics_port:
-                self.metrics_bound = self.metrics.serve(self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1"))
+                self.metrics_bound = self.metrics.serve(
+                    self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1")
+                )
             last_prune = time.monotonic()
             try:
                 while not stop.is_set():
@@ -273,7 +286,11 @@ class ArbiterService:
             p = int(out.instance.rsplit("-", 1)[1])
             return p, self.last_offset.get(p, 0)
         intent_id = getattr(out, "intent_id", None)
-        if isinstance(cause, PlaceOrder) and cause.intent_id == intent_id and rec.topic == self.topics.intents:
+        if (
+            isinstance(cause, PlaceOrder)
+            and cause.intent_id == intent_id
+            and rec.topic == self.topics.intents
+        ):
             return rec.partition, rec.offset  # decided (or re-sent for a redelivery) on reading it
         if intent_id is not None and intent_id in self.origin:
             return self.origin[intent_id]
@@ -290,7 +307,13 @@ class ArbiterService:
         if floor is None or rec.offset < floor:
             return  # the owner of the partition dead-letters it
         assert self.publisher is not None
-        dl = dead_letter_for(rec, error, service="arbiter", msg_id=derived_id("dead-letter", rec.topic, rec.partition, rec.offset), now=self.clock())
+        dl = dead_letter_for(
+            rec,
+            error,
+            service="arbiter",
+            msg_id=derived_id("dead-letter", rec.topic, rec.partition, rec.offset),
+            now=self.clock(),
+        )
         log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
         await self.publisher.send(self.topics.dead_letter, dl, key=rec.topic)
 
@@ -316,11 +339,17 @@ class ArbiterService:
                 if off >= floor:
                     await self._publish(msg)
                     sent += 1
-            log.info("partition %d assigned: publishing from offset %d (%d outputs caught up)", p, floor, sent)
+            log.info(
+                "partition %d assigned: publishing from offset %d (%d outputs caught up)", p, floor, sent
+            )
 
     def _safe_offset(self, p: int) -> int:
         """Below this offset every intent of partition p is decided (and its outputs published)."""
-        waiting = [self.origin[i.intent_id][1] for i, part in self.state.buffer if part == p and i.intent_id in self.origin]
+        waiting = [
+            self.origin[i.intent_id][1]
+            for i, part in self.state.buffer
+            if part == p and i.intent_id in self.origin
+        ]
         return min(waiting) if waiting else self.next_offset.get(p, 0)
 
     async def _commit(self, member: AIOKafkaConsumer) -> None:
@@ -355,8 +384,6 @@ class ArbiterService:
                 committed = await member.committed(TopicPartition(self.topics.intents, p))
                 if committed:
                     self._drop_below(p, committed)
-
-
 
 
 def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> ArbiterService:

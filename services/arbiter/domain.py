@@ -189,7 +189,9 @@ class ArbiterState:
     pending_closes: deque[tuple[int, dict[str, Decimal]]] = field(default_factory=deque)
     closes: dict[str, Decimal] = field(default_factory=dict)  # last close per product, up to `returns_upto`
     returns_upto: int | None = None
-    reference: dict[str, Decimal] = field(default_factory=dict)  # last intent price per product (fallback mark)
+    reference: dict[str, Decimal] = field(
+        default_factory=dict
+    )  # last intent price per product (fallback mark)
     # What the arbiter's approvals make of each profile's positions (approved orders assumed filled).
     positions: dict[str, dict[str, Decimal]] = field(default_factory=dict)
     returns: dict[str, deque[float]] = field(default_factory=dict)
@@ -205,15 +207,28 @@ class ArbiterState:
 # changes meaning), and the fields new_state sets from the configuration, which a snapshot leaves out.
 SNAPSHOT_SCHEMA = 1
 CONFIG_FIELDS = frozenset(
-    {"profiles", "rank", "settings", "execution", "conflict_window", "n_partitions", "base_hash", "slippage",
-     "initial", "rotation_s", "candle_partitions"}
+    {
+        "profiles",
+        "rank",
+        "settings",
+        "execution",
+        "conflict_window",
+        "n_partitions",
+        "base_hash",
+        "slippage",
+        "initial",
+        "rotation_s",
+        "candle_partitions",
+    }
 )
 
 
 def new_state(cfg: AppConfig) -> ArbiterState:
     a = cfg.system.arbiter
     if a.internal_cross == "execute" and cfg.system.mode != "paper":
-        raise ValueError("system.arbiter.internal_cross: execute is a paper-mode option; use report in live mode")
+        raise ValueError(
+            "system.arbiter.internal_cross: execute is a paper-mode option; use report in live mode"
+        )
     enabled = cfg.enabled_profiles()  # already in decision order
     candle_parts = frozenset(range(cfg.system.kafka.candle_partitions))
     return ArbiterState(
@@ -240,8 +255,14 @@ def decide(state: ArbiterState, msg: Message, partition: int) -> list[Message]:
         if msg.intent_id in state.decided:
             return list(state.decided[msg.intent_id])  # redelivery: same decision again
         if msg.profile not in state.profiles:
-            d = Draft(msg, partition, msg.size, "rejected", "unknown_profile",
-                      f"profile {msg.profile!r} is not an enabled profile")
+            d = Draft(
+                msg,
+                partition,
+                msg.size,
+                "rejected",
+                "unknown_profile",
+                f"profile {msg.profile!r} is not an enabled profile",
+            )
             return _emit(state, d)
         if msg.intent_id in state.buffered:
             return []
@@ -401,7 +422,10 @@ def _finish_partitions(state: ArbiterState) -> list[Message]:
                 correlation_id="arbiter:final",
                 service="arbiter",
                 instance=f"partition-{p}",
-                detail={"counts": dict(state.counts), "savings": {k: _num(v) for k, v in state.savings.items()}},
+                detail={
+                    "counts": dict(state.counts),
+                    "savings": {k: _num(v) for k, v in state.savings.items()},
+                },
             )
         )
     return out
@@ -513,20 +537,33 @@ def rule_plan_echo(state: ArbiterState, d: Draft, plan: PlanPublished | None | s
         return
     if plan == "stale":
         expected = int(i.step_time.timestamp()) // state.rotation_s[i.profile]
-        _reject(d, "plan_echo", f"{i.profile}'s intent for step {i.step_time.isoformat()} carries the plan of epoch "
-                                f"{i.epoch}, but that step is in epoch {expected} (stale after a rotation)",
-                {"epoch": i.epoch, "step_epoch": expected, "fingerprint": i.fingerprint})
+        _reject(
+            d,
+            "plan_echo",
+            f"{i.profile}'s intent for step {i.step_time.isoformat()} carries the plan of epoch "
+            f"{i.epoch}, but that step is in epoch {expected} (stale after a rotation)",
+            {"epoch": i.epoch, "step_epoch": expected, "fingerprint": i.fingerprint},
+        )
         return
     if isinstance(plan, str):
-        _reject(d, "plan_echo", f"{i.profile} has no registered plan for epoch {i.epoch}: the intent's "
-                                f"fingerprint {i.fingerprint[:12]} cannot be checked (forged or lost)",
-                {"epoch": i.epoch, "fingerprint": i.fingerprint, "registered": None})
+        _reject(
+            d,
+            "plan_echo",
+            f"{i.profile} has no registered plan for epoch {i.epoch}: the intent's "
+            f"fingerprint {i.fingerprint[:12]} cannot be checked (forged or lost)",
+            {"epoch": i.epoch, "fingerprint": i.fingerprint, "registered": None},
+        )
         return
     d.plan_hash = plan.hash
     info = {"epoch": i.epoch, "fingerprint": i.fingerprint, "registered": plan.fingerprint}
     if i.fingerprint != plan.fingerprint:
-        _reject(d, "plan_echo", f"{i.profile}'s intent carries fingerprint {i.fingerprint[:12]}, but its plan for "
-                                f"epoch {i.epoch} has {plan.fingerprint[:12]} (stale or forged)", info)
+        _reject(
+            d,
+            "plan_echo",
+            f"{i.profile}'s intent carries fingerprint {i.fingerprint[:12]}, but its plan for "
+            f"epoch {i.epoch} has {plan.fingerprint[:12]} (stale or forged)",
+            info,
+        )
     else:
         d.details["plan_echo"] = info
 
@@ -547,8 +584,12 @@ def rule_correlation_guard(state: ArbiterState, d: Draft) -> None:
         "size_before": _num(before),
         "size_after": _num(d.size),
     }
-    _set_rule(d, "correlation_guard", f"size scaled by {scale} (correlation with {', '.join(sorted(hot))} "
-                                      f"above {state.settings.correlation_threshold})")
+    _set_rule(
+        d,
+        "correlation_guard",
+        f"size scaled by {scale} (correlation with {', '.join(sorted(hot))} "
+        f"above {state.settings.correlation_threshold})",
+    )
     _min_notional(state, d, "correlation_guard")
 
 
@@ -573,15 +614,27 @@ def rule_exposure(state: ArbiterState, d: Draft) -> None:
         room.append((Decimal(str(s.max_total_notional)) - total, "max_total_notional"))
     headroom, cap = min(room)
     notional = d.size * price
-    info = {"price": _num(price), "notional": _num(notional.quantize(MONEY_STEP)),
-            "product_exposure": _num(product_total.quantize(MONEY_STEP)), "total_exposure": _num(total.quantize(MONEY_STEP)),
-            "max_product_notional": s.max_product_notional, "max_total_notional": s.max_total_notional,
-            "binding": cap, "headroom": _num(headroom.quantize(MONEY_STEP)), "action": s.exposure_action}
+    info = {
+        "price": _num(price),
+        "notional": _num(notional.quantize(MONEY_STEP)),
+        "product_exposure": _num(product_total.quantize(MONEY_STEP)),
+        "total_exposure": _num(total.quantize(MONEY_STEP)),
+        "max_product_notional": s.max_product_notional,
+        "max_total_notional": s.max_total_notional,
+        "binding": cap,
+        "headroom": _num(headroom.quantize(MONEY_STEP)),
+        "action": s.exposure_action,
+    }
     if notional <= headroom:
         return
     d.details["exposure_cap"] = info
     if s.exposure_action == "reject" or headroom <= 0:
-        _reject(d, "exposure_cap", f"{i.profile} buy {i.product} of {notional:.2f} exceeds {cap} headroom {headroom:.2f}", info)
+        _reject(
+            d,
+            "exposure_cap",
+            f"{i.profile} buy {i.product} of {notional:.2f} exceeds {cap} headroom {headroom:.2f}",
+            info,
+        )
         return
     before = d.size
     d.size = (headroom / price).quantize(SIZE_STEP, rounding=ROUND_DOWN)
@@ -594,8 +647,12 @@ def _min_notional(state: ArbiterState, d: Draft, rule: str) -> None:
     price = _mark(state, d.intent.product) or d.intent.reference_price
     floor = Decimal(str(state.settings.min_order_notional))
     if d.size <= 0 or d.size * price < floor:
-        _reject(d, rule, f"{d.reason}; what is left ({d.size} x {price:.2f}) is below min_order_notional {floor}",
-                d.details.get(rule, {}))
+        _reject(
+            d,
+            rule,
+            f"{d.reason}; what is left ({d.size} x {price:.2f}) is below min_order_notional {floor}",
+            d.details.get(rule, {}),
+        )
 
 
 def rule_opposite_side(state: ArbiterState, d: Draft, drafts: list[Draft]) -> None:
@@ -606,10 +663,24 @@ def rule_opposite_side(state: ArbiterState, d: Draft, drafts: list[Draft]) -> No
     book = state.book.setdefault(i.product, deque())
     while book and book[0].end < i.event_time - window:
         book.popleft()
-    old = [e for e in book if e.profile != i.profile and e.side != i.side
-           and e.end > i.event_time - window and e.start < i.event_time + window]
-    now = [o for o in drafts if o.live and o.intent.product == i.product and o.intent.profile != i.profile
-           and o.intent.side != i.side and o.market > 0 and abs(o.intent.event_time - i.event_time) < window]
+    old = [
+        e
+        for e in book
+        if e.profile != i.profile
+        and e.side != i.side
+        and e.end > i.event_time - window
+        and e.start < i.event_time + window
+    ]
+    now = [
+        o
+        for o in drafts
+        if o.live
+        and o.intent.product == i.product
+        and o.intent.profile != i.profile
+        and o.intent.side != i.side
+        and o.market > 0
+        and abs(o.intent.event_time - i.event_time) < window
+    ]
     if not old and not now:
         return
     execute = state.settings.internal_cross == "execute" and not old
@@ -641,25 +712,55 @@ def rule_opposite_side(state: ArbiterState, d: Draft, drafts: list[Draft]) -> No
                 od.reason = f"{_num(od.internal)} settled internally with {', '.join(od.counterparties)}"
             d.internal += q
             d.counterparties.append(other)
-    info = {"conflicts": [{"profile": e.profile, "side": e.side, "intent_id": e.intent_id,
-                           "from": e.start.isoformat(), "until": e.end.isoformat()} for e in old]
-            + [{"profile": o.intent.profile, "side": o.intent.side, "intent_id": o.intent.intent_id,
-                "from": o.intent.event_time.isoformat(), "until": None} for o in now],
-            "conflict_window_s": window.total_seconds()}
+    info = {
+        "conflicts": [
+            {
+                "profile": e.profile,
+                "side": e.side,
+                "intent_id": e.intent_id,
+                "from": e.start.isoformat(),
+                "until": e.end.isoformat(),
+            }
+            for e in old
+        ]
+        + [
+            {
+                "profile": o.intent.profile,
+                "side": o.intent.side,
+                "intent_id": o.intent.intent_id,
+                "from": o.intent.event_time.isoformat(),
+                "until": None,
+            }
+            for o in now
+        ],
+        "conflict_window_s": window.total_seconds(),
+    }
     if execute:
-        d.details["internal_cross"] = {**info, "internal_size": _num(d.internal), "market_size": _num(d.market)}
-        _set_rule(d, "internal_cross", f"{i.profile} {i.side} {i.product}: {_num(d.internal)} settled internally "
-                                       f"with {', '.join(d.counterparties)} at the mid price")
+        d.details["internal_cross"] = {
+            **info,
+            "internal_size": _num(d.internal),
+            "market_size": _num(d.market),
+        }
+        _set_rule(
+            d,
+            "internal_cross",
+            f"{i.profile} {i.side} {i.product}: {_num(d.internal)} settled internally "
+            f"with {', '.join(d.counterparties)} at the mid price",
+        )
         d.conflicting = first
         return
-    reason = (f"{i.profile} {i.side} {i.product} conflicts with {first} "
-              f"{'buy' if i.side == 'sell' else 'sell'} within conflict_window_s={window.total_seconds():g} "
-              f"(live order or recent fill)")
+    reason = (
+        f"{i.profile} {i.side} {i.product} conflicts with {first} "
+        f"{'buy' if i.side == 'sell' else 'sell'} within conflict_window_s={window.total_seconds():g} "
+        f"(live order or recent fill)"
+    )
     _reject(d, "opposite_side", reason, info)
     d.conflicting = first
 
 
-def _opportunity(state: ArbiterState, d: Draft, other: str, other_intent: str, q: Decimal, *, executed: bool) -> Message:
+def _opportunity(
+    state: ArbiterState, d: Draft, other: str, other_intent: str, q: Decimal, *, executed: bool
+) -> Message:
     i = d.intent
     price = i.reference_price
     notional = q * price
@@ -719,11 +820,19 @@ def rule_crowding(state: ArbiterState, d: Draft) -> None:
         BookEntry(i.profile, i.side, i.event_time, d.send, i.intent_id, d.market, d.cross_open)
     )
     if t != natural:
-        d.details["crowding"] = {"delay_ms": delay, "natural_send": _from_ms(natural).isoformat(),
-                                 "send": d.send.isoformat(), "pushed_ms": t - natural, "min_cross_profile_gap_ms": gap}
+        d.details["crowding"] = {
+            "delay_ms": delay,
+            "natural_send": _from_ms(natural).isoformat(),
+            "send": d.send.isoformat(),
+            "pushed_ms": t - natural,
+            "min_cross_profile_gap_ms": gap,
+        }
         d.verdict = "delayed"
         prior = "" if d.rule == "approved" else f"{d.reason}; "
-        d.rule, d.reason = "crowding", f"{prior}sent {t - natural} ms later to keep {gap} ms from other profiles' orders"
+        d.rule, d.reason = (
+            "crowding",
+            f"{prior}sent {t - natural} ms later to keep {gap} ms from other profiles' orders",
+        )
 
 
 def _set_rule(d: Draft, rule: str, reason: str) -> None:

@@ -23,7 +23,10 @@ class ArbiterMetrics(MetricsEndpoint):
         super().__init__()
         r = self.registry
         self.decided = Counter(
-            "mp_arbiter_decided", "Decisions this process published, by rule and verdict", ["rule", "verdict"], registry=r
+            "mp_arbiter_decided",
+            "Decisions this process published, by rule and verdict",
+            ["rule", "verdict"],
+            registry=r,
         )
         self.opportunities = Counter(
             "mp_arbiter_internal_cross_opportunities",
@@ -38,10 +41,17 @@ class ArbiterMetrics(MetricsEndpoint):
             registry=r,
         )
         self.correlation_alerts = Counter(
-            "mp_arbiter_correlation_alerts", "Correlation guard alerts, by state (breach, clear)", ["state"], registry=r
+            "mp_arbiter_correlation_alerts",
+            "Correlation guard alerts, by state (breach, clear)",
+            ["state"],
+            registry=r,
         )
-        self.owned = Gauge("mp_arbiter_partitions_owned", "Intents partitions this process publishes for", registry=r)
-        self.held = Gauge("mp_arbiter_intents_held", "Intents waiting for their step, market data or plan", registry=r)
+        self.owned = Gauge(
+            "mp_arbiter_partitions_owned", "Intents partitions this process publishes for", registry=r
+        )
+        self.held = Gauge(
+            "mp_arbiter_intents_held", "Intents waiting for their step, market data or plan", registry=r
+        )
 
     def observe(self, msg: Message) -> None:
         if isinstance(msg, OrderDecided):

@@ -93,7 +93,11 @@ class ExecutionService:
             service=f"execution.{self.profile_id}",
             schema=domain.SNAPSHOT_SCHEMA,
             fingerprint=fingerprint(
-                "execution", profile, cfg.system.execution, cfg.system.kafka.candle_partitions, cfg.system.mode
+                "execution",
+                profile,
+                cfg.system.execution,
+                cfg.system.kafka.candle_partitions,
+                cfg.system.mode,
             ),
             dump=lambda: dataclass_dump(self.state, domain.CONFIG_FIELDS),
             restore=lambda data: dataclass_restore(self.state, data),
@@ -122,7 +126,9 @@ class ExecutionService:
             if isinstance(msg, ExecuteOrder) and any(
                 isinstance(m, OrderUpdated) and m.client_order_id == msg.client_order_id for m in out
             ):
-                self.metrics.acknowledged(msg.client_order_id, self.clock().timestamp())  # the paper exchange took it
+                self.metrics.acknowledged(
+                    msg.client_order_id, self.clock().timestamp()
+                )  # the paper exchange took it
         if isinstance(msg, ExecuteOrder):
             self.metrics.forget(msg.client_order_id)  # no acknowledgement by now: none to measure
         for m in out:
@@ -139,7 +145,9 @@ class ExecutionService:
 
     async def run(self, stop: asyncio.Event) -> int:
         if self.metrics_port:
-            self.metrics_bound = self.metrics.serve(self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1"))
+            self.metrics_bound = self.metrics.serve(
+                self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1")
+            )
         try:
             return await self._run(stop)
         finally:
@@ -152,13 +160,17 @@ class ExecutionService:
         problem = self.live_problem()
         if problem is not None:
             raise LiveSourceRefused(problem)
-        follower = asyncio.create_task(self.service_clock.run(self.settings.kafka_bootstrap, self.topics, stop))
+        follower = asyncio.create_task(
+            self.service_clock.run(self.settings.kafka_bootstrap, self.topics, stop)
+        )
         try:
             # Live market: send times and order timeouts are exchange time, read from md.clock.
             if not await self.service_clock.wait_synced(stop, timeout_s=300.0):
                 if stop.is_set():
                     return 0
-                raise RuntimeError(f"no exchange time on {self.topics.clock!r} within 300 s: is the live ingest running?")
+                raise RuntimeError(
+                    f"no exchange time on {self.topics.clock!r} within 300 s: is the live ingest running?"
+                )
             return await self._run_live(stop, api_base)
         finally:
             follower.cancel()

@@ -101,9 +101,13 @@ class RateLimiter:
         async with self._lock:  # FIFO: requests leave in the order they asked
             while True:
                 now = self._mono()
-                self._tokens = min(float(self.limit.burst), self._tokens + (now - self._last) * self.limit.rate)
+                self._tokens = min(
+                    float(self.limit.burst), self._tokens + (now - self._last) * self.limit.rate
+                )
                 self._last = now
-                if self._tokens >= 1.0 - 1e-9:  # tolerance: float refills may fall a hair short after the wait
+                if (
+                    self._tokens >= 1.0 - 1e-9
+                ):  # tolerance: float refills may fall a hair short after the wait
                     self._tokens = max(0.0, self._tokens - 1.0)
                     return
                 wait = (1.0 - self._tokens) / self.limit.rate
@@ -225,14 +229,18 @@ def _num(d: Decimal) -> str:
     return format(d.normalize(), "f")  # plain digits in messages: 10, not 1E+1
 
 
-def prepare_order(m: MarketInfo, side: Side, size: Decimal, limit_price: Decimal | None) -> tuple[Decimal, Decimal | None]:
+def prepare_order(
+    m: MarketInfo, side: Side, size: Decimal, limit_price: Decimal | None
+) -> tuple[Decimal, Decimal | None]:
     """Size and price rounded to the market's increments, or RejectedError with the reason (nothing is sent).
 
     The size rounds down (never more than decided). A buy's limit rounds down and a sell's up, so rounding never
     makes the price worse than the one the worker chose.
     """
     if not m.active:
-        raise RejectedError(f"{m.product} is not trading at the exchange (disabled or cancel-only)", kind="market_closed")
+        raise RejectedError(
+            f"{m.product} is not trading at the exchange (disabled or cancel-only)", kind="market_closed"
+        )
     if size <= 0:
         raise RejectedError(f"size must be positive, got {size}", kind="invalid_order")
     q = _floor_to(size, m.size_increment).normalize()
@@ -245,7 +253,8 @@ def prepare_order(m: MarketInfo, side: Side, size: Decimal, limit_price: Decimal
         )
     if m.max_size is not None and q > m.max_size:
         raise RejectedError(
-            f"above maximum: size {_num(q)} {m.base} exceeds {m.product} maximum {_num(m.max_size)}", kind="above_maximum"
+            f"above maximum: size {_num(q)} {m.base} exceeds {m.product} maximum {_num(m.max_size)}",
+            kind="above_maximum",
         )
     p: Decimal | None = None
     if limit_price is not None:
@@ -253,7 +262,10 @@ def prepare_order(m: MarketInfo, side: Side, size: Decimal, limit_price: Decimal
             raise RejectedError(f"limit price must be positive, got {limit_price}", kind="invalid_order")
         p = (_floor_to if side == "buy" else _ceil_to)(limit_price, m.price_increment).normalize()
         if p <= 0:
-            raise RejectedError(f"limit price {_num(limit_price)} rounds to 0 at increment {_num(m.price_increment)}", kind="invalid_order")
+            raise RejectedError(
+                f"limit price {_num(limit_price)} rounds to 0 at increment {_num(m.price_increment)}",
+                kind="invalid_order",
+            )
         if m.min_notional is not None and q * p < m.min_notional:
             raise RejectedError(
                 f"below minimum: notional {_num(q * p)} {m.quote} (size {_num(q)} x price {_num(p)}) is under "
@@ -269,9 +281,13 @@ def market_from_ccxt(mk: dict[str, Any]) -> MarketInfo:
     prec = mk.get("precision") or {}
     limits = mk.get("limits") or {}
     size_inc = _dec(info.get("base_increment")) or _dec(prec.get("amount"))
-    price_inc = _dec(info.get("price_increment")) or _dec(info.get("quote_increment")) or _dec(prec.get("price"))
+    price_inc = (
+        _dec(info.get("price_increment")) or _dec(info.get("quote_increment")) or _dec(prec.get("price"))
+    )
     if size_inc is None or price_inc is None or size_inc <= 0 or price_inc <= 0:
-        raise HaltError(f"market {mk.get('symbol')}: the exchange gave no size or price increment", kind="bad_response")
+        raise HaltError(
+            f"market {mk.get('symbol')}: the exchange gave no size or price increment", kind="bad_response"
+        )
     min_size = _dec(info.get("base_min_size")) or _dec((limits.get("amount") or {}).get("min"))
     min_notional = (
         _dec(info.get("quote_min_size"))
@@ -312,7 +328,9 @@ def _ms_to_dt(ms: Any) -> datetime | None:
     return datetime.fromtimestamp(int(ms) / 1000, UTC) if isinstance(ms, int | float) else None
 
 
-def order_from_ccxt(o: dict[str, Any], *, product: str, side: Side, size: Decimal, client_order_id: str | None) -> ExchangeOrder:
+def order_from_ccxt(
+    o: dict[str, Any], *, product: str, side: Side, size: Decimal, client_order_id: str | None
+) -> ExchangeOrder:
     """Our order from ccxt's unified order; fields an answer lacks (a create's answer is short) are filled from
     what we sent."""
     raw_status = o.get("status")
@@ -320,7 +338,9 @@ def order_from_ccxt(o: dict[str, Any], *, product: str, side: Side, size: Decima
     filled = _dec(o.get("filled")) or Decimal(0)
     amount = _dec(o.get("amount")) or size
     if status == "filled" and filled < amount:
-        status = "cancelled"  # closed with a remainder: only a cancel (or expiry) closes a partly filled order
+        status = (
+            "cancelled"  # closed with a remainder: only a cancel (or expiry) closes a partly filled order
+        )
     fee = _dec((o.get("fee") or {}).get("cost")) or Decimal(0)
     return ExchangeOrder(
         exchange_order_id=str(o.get("id")),
@@ -337,7 +357,9 @@ def order_from_ccxt(o: dict[str, Any], *, product: str, side: Side, size: Decima
     )
 
 
-def fill_from_ccxt(t: dict[str, Any], exchange: ExchangeId, *, client_order_id: str | None = None) -> ExchangeFill:
+def fill_from_ccxt(
+    t: dict[str, Any], exchange: ExchangeId, *, client_order_id: str | None = None
+) -> ExchangeFill:
     info = t.get("info") or {}
     product = str(t.get("symbol"))
     # Advanced: entry_id is unique per fill; Exchange: trade ids are unique per product only.
@@ -436,7 +458,11 @@ class CcxtExchange:
             self._markets = out
             missing = sorted(set(products or []) - set(out))
             if missing:
-                log.warning("%s: the exchange lists no spot market for %s; orders on them are rejected", self.profile_id, missing)
+                log.warning(
+                    "%s: the exchange lists no spot market for %s; orders on them are rejected",
+                    self.profile_id,
+                    missing,
+                )
         if products is None:
             return dict(self._markets)
         return {p: m for p, m in self._markets.items() if p in products}
@@ -444,39 +470,70 @@ class CcxtExchange:
     def market(self, product: str) -> MarketInfo:
         m = self._markets.get(product)
         if m is None:
-            raise RejectedError(f"{product} is not a market of {self.exchange} for this profile (or markets not loaded)", kind="bad_symbol")
+            raise RejectedError(
+                f"{product} is not a market of {self.exchange} for this profile (or markets not loaded)",
+                kind="bad_symbol",
+            )
         return m
 
     # -------------------------------------------------------------------------- orders
     async def create_order(
-        self, client_order_id: str, product: str, side: Side, size: Decimal, *, limit_price: Decimal | None = None
+        self,
+        client_order_id: str,
+        product: str,
+        side: Side,
+        size: Decimal,
+        *,
+        limit_price: Decimal | None = None,
     ) -> ExchangeOrder:
         try:  # refused here, never sent: counted with the exchange's refusals
             m = self.market(product)
             q, p = prepare_order(m, side, size, limit_price)
             if self.exchange == "coinbaseexchange" and not is_uuid(client_order_id):
-                raise RejectedError(f"client order id {client_order_id!r} is not a UUID, as the Exchange API requires", kind="invalid_order")
+                raise RejectedError(
+                    f"client order id {client_order_id!r} is not a UUID, as the Exchange API requires",
+                    kind="invalid_order",
+                )
             if p is None and side == "buy" and self.exchange == "coinbase":
-                raise RejectedError("a market buy on Advanced Trade needs a quote size: give a limit price", kind="invalid_order")
+                raise RejectedError(
+                    "a market buy on Advanced Trade needs a quote size: give a limit price",
+                    kind="invalid_order",
+                )
         except RejectedError as refused:
             self._noted(refused)
             raise
-        params = {"client_order_id": client_order_id} if self.exchange == "coinbase" else {"client_oid": client_order_id}
+        params = (
+            {"client_order_id": client_order_id}
+            if self.exchange == "coinbase"
+            else {"client_oid": client_order_id}
+        )
         kind = "limit" if p is not None else "market"
         attempt = 0
         while True:
             if self.lookup_before_send:
-                existing = await self._retrying("lookup before send", lambda: self._lookup(client_order_id, product, None))
+                existing = await self._retrying(
+                    "lookup before send", lambda: self._lookup(client_order_id, product, None)
+                )
                 if existing is not None:
-                    log.info("%s: order %s already at the exchange; not sent again", self.profile_id, client_order_id)
+                    log.info(
+                        "%s: order %s already at the exchange; not sent again",
+                        self.profile_id,
+                        client_order_id,
+                    )
                     return existing
             try:
-                raw = await self._ex.create_order(product, kind, side, float(q), float(p) if p is not None else None, dict(params))
+                raw = await self._ex.create_order(
+                    product, kind, side, float(q), float(p) if p is not None else None, dict(params)
+                )
             except Exception as exc:  # noqa: BLE001
-                err = translate(exc, redact=self._redact, context=f"{self.profile_id} create {client_order_id}")
+                err = translate(
+                    exc, redact=self._redact, context=f"{self.profile_id} create {client_order_id}"
+                )
                 self._noted(err)
                 if isinstance(err, RejectedError) and err.kind == "duplicate_client_id":
-                    found = await self._retrying("lookup duplicate", lambda: self._lookup(client_order_id, product, None))
+                    found = await self._retrying(
+                        "lookup duplicate", lambda: self._lookup(client_order_id, product, None)
+                    )
                     if found is not None:
                         return found
                 if not isinstance(err, RetryableError):
@@ -491,18 +548,28 @@ class CcxtExchange:
                 attempt += 1
                 self.retries += 1
                 delay = self.retry.delay(attempt, err)
-                log.warning("%s; resend %d/%d in %.2fs (same client order id)", err.reason, attempt, self.retry.attempts, delay)
+                log.warning(
+                    "%s; resend %d/%d in %.2fs (same client order id)",
+                    err.reason,
+                    attempt,
+                    self.retry.attempts,
+                    delay,
+                )
                 await self._sleep(delay)
                 continue
             return order_from_ccxt(raw, product=product, side=side, size=q, client_order_id=client_order_id)
 
-    async def _lookup(self, client_order_id: str, product: str, since: datetime | None) -> ExchangeOrder | None:
+    async def _lookup(
+        self, client_order_id: str, product: str, since: datetime | None
+    ) -> ExchangeOrder | None:
         if self.exchange == "coinbaseexchange":
             try:
                 raw = await self._ex.fetch_order(None, None, {"client_oid": client_order_id})
             except cx.OrderNotFound:
                 return None
-            return order_from_ccxt(raw, product=product, side="buy", size=Decimal(0), client_order_id=client_order_id)
+            return order_from_ccxt(
+                raw, product=product, side="buy", size=Decimal(0), client_order_id=client_order_id
+            )
         # Advanced Trade: list the product's orders since `since` (all statuses) and match the client id.
         start = since or (datetime.now(UTC) - self._lookup_window)
         cursor: str | None = None
@@ -511,7 +578,9 @@ class CcxtExchange:
             page = await self._ex.fetch_orders(product, int(start.timestamp() * 1000), 250, params)
             for o in page:
                 if o.get("clientOrderId") == client_order_id:
-                    return order_from_ccxt(o, product=product, side="buy", size=Decimal(0), client_order_id=client_order_id)
+                    return order_from_ccxt(
+                        o, product=product, side="buy", size=Decimal(0), client_order_id=client_order_id
+                    )
             cursor = ((page[0].get("info") or {}).get("cursor") if page else None) or None
             if not cursor:
                 return None
@@ -520,7 +589,9 @@ class CcxtExchange:
     async def fetch_order_by_client_id(
         self, client_order_id: str, product: str, *, since: datetime | None = None
     ) -> ExchangeOrder | None:
-        return await self._retrying(f"lookup {client_order_id}", lambda: self._lookup(client_order_id, product, since))
+        return await self._retrying(
+            f"lookup {client_order_id}", lambda: self._lookup(client_order_id, product, since)
+        )
 
     async def fetch_order(self, order: ExchangeOrder) -> ExchangeOrder:
         async def get() -> ExchangeOrder:
@@ -532,7 +603,11 @@ class CcxtExchange:
                     return _replace(order, status="cancelled", reason="not found: cancelled before any fill")
                 raise
             return order_from_ccxt(
-                raw, product=order.product, side=order.side, size=order.size, client_order_id=order.client_order_id
+                raw,
+                product=order.product,
+                side=order.side,
+                size=order.size,
+                client_order_id=order.client_order_id,
             )
 
         return await self._retrying(f"fetch order {order.client_order_id}", get)
@@ -549,7 +624,13 @@ class CcxtExchange:
     async def fetch_open_orders(self, product: str | None = None) -> list[ExchangeOrder]:
         raw = await self._retrying("fetch open orders", lambda: self._ex.fetch_open_orders(product))
         return [
-            order_from_ccxt(o, product=str(o.get("symbol")), side=_side(o.get("side")), size=Decimal(0), client_order_id=None)
+            order_from_ccxt(
+                o,
+                product=str(o.get("symbol")),
+                side=_side(o.get("side")),
+                size=Decimal(0),
+                client_order_id=None,
+            )
             for o in raw
         ]
 
@@ -560,7 +641,9 @@ class CcxtExchange:
         coid = order.client_order_id if order is not None else None
         if self.exchange == "coinbaseexchange":
             if order is not None:
-                raw = await self._retrying("fetch fills", lambda: self._ex.fetch_order_trades(order.exchange_order_id, order.product))
+                raw = await self._retrying(
+                    "fetch fills", lambda: self._ex.fetch_order_trades(order.exchange_order_id, order.product)
+                )
             else:
                 if product is None:
                     raise ValueError("the Exchange API lists fills per product or per order: give one")
@@ -588,7 +671,9 @@ class CcxtExchange:
 
     # -------------------------------------------------------------------------- account
     async def balances(self) -> dict[str, Balance]:
-        params = {"v3": True} if self.exchange == "coinbase" else {}  # v3: the key's portfolio, not the v2 wallet
+        params = (
+            {"v3": True} if self.exchange == "coinbase" else {}
+        )  # v3: the key's portfolio, not the v2 wallet
         raw = await self._retrying("fetch balance", lambda: self._ex.fetch_balance(params))
         out: dict[str, Balance] = {}
         for asset, b in raw.items():
@@ -603,7 +688,10 @@ class CcxtExchange:
     async def key_permissions(self) -> KeyPermissions:
         if self.exchange == "coinbaseexchange":
             return KeyPermissions(
-                None, None, None, note="the Exchange API does not report a key's permissions; a 403 on the first order means no 'trade'"
+                None,
+                None,
+                None,
+                note="the Exchange API does not report a key's permissions; a 403 on the first order means no 'trade'",
             )
         raw = await self._retrying("key permissions", lambda: self._ex.v3PrivateGetBrokerageKeyPermissions())
         return KeyPermissions(

@@ -108,7 +108,9 @@ class StoredCredentials:
     passphrase: SecretStr | None = None
 
     def fields_set(self) -> tuple[str, ...]:
-        return tuple(f for f in FIELDS if getattr(self, f) is not None and getattr(self, f).get_secret_value())
+        return tuple(
+            f for f in FIELDS if getattr(self, f) is not None and getattr(self, f).get_secret_value()
+        )
 
     def _plaintext(self) -> bytes:
         return json.dumps({f: getattr(self, f).get_secret_value() for f in self.fields_set()}).encode()
@@ -117,7 +119,11 @@ class StoredCredentials:
     def _from_plaintext(cls, data: bytes) -> StoredCredentials:
         d = json.loads(data)
         pp = d.get("passphrase")
-        return cls(api_key=SecretStr(d["api_key"]), secret=SecretStr(d["secret"]), passphrase=SecretStr(pp) if pp else None)
+        return cls(
+            api_key=SecretStr(d["api_key"]),
+            secret=SecretStr(d["secret"]),
+            passphrase=SecretStr(pp) if pp else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,13 @@ class ScryptParams:
 class KeySource:
     """Where the master key comes from: a passphrase (scrypt) or a key file (32 bytes: raw, hex or base64)."""
 
-    def __init__(self, kind: Literal["scrypt", "key-file"], *, passphrase: SecretStr | None = None, path: Path | None = None):
+    def __init__(
+        self,
+        kind: Literal["scrypt", "key-file"],
+        *,
+        passphrase: SecretStr | None = None,
+        path: Path | None = None,
+    ):
         self.kind = kind
         self._passphrase = passphrase
         self.path = path
@@ -158,8 +170,12 @@ class KeySource:
             salt = base64.b64decode(kdf["salt"], validate=True)
             n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
         except (KeyError, ValueError, TypeError, binascii.Error):
-            raise TamperedError("the store's scrypt parameters are unreadable (file modified or corrupted)") from None
-        return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(self._passphrase.get_secret_value().encode())
+            raise TamperedError(
+                "the store's scrypt parameters are unreadable (file modified or corrupted)"
+            ) from None
+        return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(
+            self._passphrase.get_secret_value().encode()
+        )
 
 
 def read_key_file(path: Path) -> bytes:
@@ -253,7 +269,9 @@ class CredentialStore:
         try:
             text = p.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise CredentialsError(f"no credentials store at {p}: create it with `mpctl secrets set PROFILE`") from None
+            raise CredentialsError(
+                f"no credentials store at {p}: create it with `mpctl secrets set PROFILE`"
+            ) from None
         except OSError as err:
             raise CredentialsError(f"cannot read the credentials store {p}: {err.strerror}") from None
         try:
@@ -263,18 +281,28 @@ class CredentialStore:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise TamperedError(f"{p} is not a credentials store (format is not {FORMAT!r})")
         if data.get("version") != VERSION:
-            raise CredentialsError(f"{p}: store version {data.get('version')!r} is not supported (this build reads {VERSION})")
+            raise CredentialsError(
+                f"{p}: store version {data.get('version')!r} is not supported (this build reads {VERSION})"
+            )
         if not isinstance(data.get("entries"), dict) or not isinstance(data.get("kdf"), dict):
             raise TamperedError(f"{p}: the store's structure is damaged")
         return cls(p, data)
 
     @classmethod
-    def create(cls, path: str | Path, source: KeySource, *, scrypt: ScryptParams | None = None) -> CredentialStore:
+    def create(
+        cls, path: str | Path, source: KeySource, *, scrypt: ScryptParams | None = None
+    ) -> CredentialStore:
         """A new, empty, unlocked store (written by `save`)."""
         if source.kind == "scrypt":
             # Parameters are stored so that they can be raised later without breaking old stores.
             sp = scrypt or ScryptParams()
-            kdf: dict[str, Any] = {"name": "scrypt", "salt": _b64(pysecrets.token_bytes(16)), "n": sp.n, "r": sp.r, "p": sp.p}
+            kdf: dict[str, Any] = {
+                "name": "scrypt",
+                "salt": _b64(pysecrets.token_bytes(16)),
+                "n": sp.n,
+                "r": sp.r,
+                "p": sp.p,
+            }
         else:
             kdf = {"name": "key-file"}
         store = cls(Path(path), {"format": FORMAT, "version": VERSION, "kdf": kdf, "entries": {}})
@@ -286,7 +314,9 @@ class CredentialStore:
         return store
 
     @classmethod
-    def open_or_create(cls, path: str | Path, source: KeySource, *, scrypt: ScryptParams | None = None) -> CredentialStore:
+    def open_or_create(
+        cls, path: str | Path, source: KeySource, *, scrypt: ScryptParams | None = None
+    ) -> CredentialStore:
         p = Path(path)
         if p.exists():
             store = cls.load(p)
@@ -316,7 +346,9 @@ class CredentialStore:
         except (InvalidTag, ValueError):
             ok = False
         if not ok:
-            raise WrongKeyError(f"the passphrase or key file does not open {self.path} (or its header was modified)")
+            raise WrongKeyError(
+                f"the passphrase or key file does not open {self.path} (or its header was modified)"
+            )
         self._master = master
 
     @property
@@ -340,7 +372,9 @@ class CredentialStore:
         master = self._require_master()
         entry = self._data["entries"].get(profile)
         if entry is None:
-            raise NoCredentialsError(f"no credentials for profile {profile!r} in {self.path}: run `mpctl secrets set {profile}`")
+            raise NoCredentialsError(
+                f"no credentials for profile {profile!r} in {self.path}: run `mpctl secrets set {profile}`"
+            )
         if not isinstance(entry, dict) or not isinstance(entry.get("fields"), list):
             raise TamperedError(f"the entry of profile {profile!r} in {self.path} is damaged")
         fields = tuple(str(f) for f in entry["fields"])
@@ -361,12 +395,16 @@ class CredentialStore:
     def put(self, profile: str, creds: StoredCredentials) -> None:
         master = self._require_master()
         if not re.fullmatch(r"[a-z][a-z0-9_]{0,47}", profile):
-            raise CredentialsError(f"{profile!r} is not a profile id (lower case letters, digits, _; as in the config)")
+            raise CredentialsError(
+                f"{profile!r} is not a profile id (lower case letters, digits, _; as in the config)"
+            )
         fields = creds.fields_set()
         if "api_key" not in fields or "secret" not in fields:
             raise CredentialsError(f"profile {profile!r}: api_key and secret are both required")
         nonce = pysecrets.token_bytes(12)  # random 96-bit nonce per encryption: never reused with a key
-        ct = AESGCM(_subkey(master, f"entry/{profile}")).encrypt(nonce, creds._plaintext(), _entry_ad(profile, fields))
+        ct = AESGCM(_subkey(master, f"entry/{profile}")).encrypt(
+            nonce, creds._plaintext(), _entry_ad(profile, fields)
+        )
         self._data["entries"][profile] = {
             "fields": list(fields),
             "nonce": _b64(nonce),
@@ -409,10 +447,14 @@ def refuse_overwrite(profile: str, folder: Path) -> None:
     """ExportExistsError when an export of `profile` is already in `folder`."""
     existing = [str(p) for p in export_paths(profile, folder) if p.exists() or p.is_symlink()]
     if existing:
-        raise ExportExistsError(f"{' and '.join(existing)} exist: not overwritten (use --force to replace both)")
+        raise ExportExistsError(
+            f"{' and '.join(existing)} exist: not overwritten (use --force to replace both)"
+        )
 
 
-def export_profile(source: CredentialStore, profile: str, folder: str | Path, *, force: bool = False) -> tuple[Path, Path]:
+def export_profile(
+    source: CredentialStore, profile: str, folder: str | Path, *, force: bool = False
+) -> tuple[Path, Path]:
     """Write <folder>/<profile>.enc, a store holding only `profile`'s entry, encrypted under a new random key
     written to <folder>/<profile>.key (mode 0600). Returns both paths; prints and logs nothing.
 
@@ -421,7 +463,9 @@ def export_profile(source: CredentialStore, profile: str, folder: str | Path, *,
     """
     if profile not in source:
         present = ", ".join(source.profiles()) or "none"
-        raise NoCredentialsError(f"no entry for profile {profile!r} in {source.path} (profiles present: {present})")
+        raise NoCredentialsError(
+            f"no entry for profile {profile!r} in {source.path} (profiles present: {present})"
+        )
     enc, key = export_paths(profile, Path(folder))
     if not force:
         refuse_overwrite(profile, Path(folder))
@@ -456,14 +500,18 @@ def _write_export(profile: str, creds: StoredCredentials | None, enc: Path, key:
 
 
 def _subkey(master: bytes, purpose: str) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=f"mpctl-credentials/v1/{purpose}".encode()).derive(master)
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=f"mpctl-credentials/v1/{purpose}".encode()
+    ).derive(master)
 
 
 # ------------------------------------------------------------------------------------------ exchange choice
 _CDP_KEY_NAME = re.compile(r"^organizations/[^/\s]+/apiKeys/[^/\s]+$")
 
 
-def exchange_id_for(creds: StoredCredentials | ResolvedCredentials, explicit: str | None = None) -> ExchangeId:
+def exchange_id_for(
+    creds: StoredCredentials | ResolvedCredentials, explicit: str | None = None
+) -> ExchangeId:
     """The ccxt exchange of a profile: the explicit setting when given, else from the credentials' shape
     (a passphrase means the Exchange API; a CDP key name or PEM secret means Advanced Trade)."""
     if explicit is not None:
@@ -482,7 +530,9 @@ def key_format_problems(exchange: ExchangeId, creds: StoredCredentials | Resolve
     problems: list[str] = []
     if exchange == "coinbase":
         if key.startswith("-----BEGIN"):
-            problems.append("api_key holds a PEM key; it must be the key *name* organizations/<org>/apiKeys/<id>")
+            problems.append(
+                "api_key holds a PEM key; it must be the key *name* organizations/<org>/apiKeys/<id>"
+            )
         elif not _CDP_KEY_NAME.match(key):
             problems.append("api_key is not a CDP key name of the form organizations/<org>/apiKeys/<id>")
         if "\\n" in secret and "\n" not in secret:
@@ -500,10 +550,14 @@ def key_format_problems(exchange: ExchangeId, creds: StoredCredentials | Resolve
                     "nor a base64 Ed25519 key of 64 bytes"
                 )
         if creds.passphrase is not None and creds.passphrase.get_secret_value():
-            problems.append("a passphrase is set, but Advanced Trade (CDP) keys have none: is this an Exchange API key?")
+            problems.append(
+                "a passphrase is set, but Advanced Trade (CDP) keys have none: is this an Exchange API key?"
+            )
     else:
         if not key or "/" in key:
-            problems.append("api_key does not look like a Coinbase Exchange API key (a CDP key name belongs to 'coinbase')")
+            problems.append(
+                "api_key does not look like a Coinbase Exchange API key (a CDP key name belongs to 'coinbase')"
+            )
         try:
             base64.b64decode(secret, validate=True)
         except (binascii.Error, ValueError):
@@ -592,13 +646,18 @@ def resolve_credentials(
                 f"{PLAINTEXT_WHY}. Move them to the encrypted store with `mpctl secrets set {profile_id}` and put "
                 f"placeholders ({PLACEHOLDER_PREFIX}...) in the YAML, or accept the risk with --allow-plaintext-credentials."
             )
-        log.warning("profile %s trades with plaintext credentials from the YAML (--allow-plaintext-credentials)", profile_id)
+        log.warning(
+            "profile %s trades with plaintext credentials from the YAML (--allow-plaintext-credentials)",
+            profile_id,
+        )
         yc = StoredCredentials(yaml_creds.api_key, yaml_creds.secret, yaml_creds.passphrase)
         return ResolvedCredentials(
             profile_id=profile_id,
             api_key=yaml_creds.api_key,
             secret=yaml_creds.secret,
-            passphrase=yaml_creds.passphrase if yaml_creds.passphrase and yaml_creds.passphrase.get_secret_value() else None,
+            passphrase=yaml_creds.passphrase
+            if yaml_creds.passphrase and yaml_creds.passphrase.get_secret_value()
+            else None,
             sandbox=yaml_creds.sandbox,
             exchange=exchange_id_for(yc, explicit),
             source="yaml",
@@ -612,7 +671,9 @@ def resolve_credentials(
 
 def redactor(values: list[str]) -> Callable[[str], str]:
     """A function that masks every given value in a text; a multi-line value (a PEM key) line by line too."""
-    pieces = set(values) | {line.strip() for v in values for line in v.splitlines() if len(line.strip()) >= 16}
+    pieces = set(values) | {
+        line.strip() for v in values for line in v.splitlines() if len(line.strip()) >= 16
+    }
     needles = sorted({v for v in pieces if len(v) >= 4}, key=len, reverse=True)
 
     def redact(text: str) -> str:

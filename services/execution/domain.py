@@ -85,7 +85,9 @@ class PaperState:
     cash: Decimal
     positions: dict[str, Decimal] = field(default_factory=dict)
     orders: dict[str, OrderRecord] = field(default_factory=dict)
-    waiting: list[str] = field(default_factory=list)  # client order ids still open: awaiting a candle or the rest
+    waiting: list[str] = field(
+        default_factory=list
+    )  # client order ids still open: awaiting a candle or the rest
     history: dict[str, list[CandleClosed]] = field(default_factory=dict)  # per product, by open time
     order_timeout: timedelta = timedelta(seconds=60)
     market_time_s: int | None = None  # the latest complete market step seen (its open time)
@@ -99,7 +101,9 @@ SNAPSHOT_SCHEMA = 1
 CONFIG_FIELDS = frozenset({"profile_id", "seed", "settings", "slippage_tolerance", "order_timeout"})
 
 
-def new_state(profile_id: str, profile: Profile, settings: ExecutionSettings, partitions: frozenset[int]) -> PaperState:
+def new_state(
+    profile_id: str, profile: Profile, settings: ExecutionSettings, partitions: frozenset[int]
+) -> PaperState:
     return PaperState(
         profile_id=profile_id,
         seed=profile.profile_hash.base_hash,
@@ -153,10 +157,14 @@ def decide(state: PaperState, msg: Message, partition: int = 0) -> list[Message]
             delay, why = 0, f"internal transfer with {', '.join(msg.counterparties)}"
         else:
             seed = msg.profile_hash or state.seed
-            delay = desync_delay_ms(seed, msg.intent_id, state.settings.desync_min_ms, state.settings.desync_max_ms)
+            delay = desync_delay_ms(
+                seed, msg.intent_id, state.settings.desync_min_ms, state.settings.desync_max_ms
+            )
             why = f"de-sync delay {delay} ms"
         send_time = msg.not_before + timedelta(milliseconds=delay)
-        state.orders[msg.client_order_id] = OrderRecord(msg, send_time, deadline=send_time + state.order_timeout)
+        state.orders[msg.client_order_id] = OrderRecord(
+            msg, send_time, deadline=send_time + state.order_timeout
+        )
         out.append(_update(msg, "submitted", send_time, reason=why, internal=internal_only))
         state.waiting.append(msg.client_order_id)
         out.extend(_fill_waiting(state))
@@ -229,7 +237,9 @@ def _num(d: Decimal) -> str:
 
 
 def _share(state: PaperState) -> str:
-    return f"at most {_num(Decimal(str(state.settings.max_volume_participation)) * 100)}% of a candle's volume"
+    return (
+        f"at most {_num(Decimal(str(state.settings.max_volume_participation)) * 100)}% of a candle's volume"
+    )
 
 
 def _timeout_reason(state: PaperState, rec: OrderRecord) -> str:
@@ -244,8 +254,16 @@ def _cancel(rec: OrderRecord, reason: str, t: datetime) -> OrderUpdated:
     o = rec.order
     done = rec.internal_done + rec.filled
     avg = (rec.cost / done).quantize(EIGHT) if done > 0 else None
-    return _update(o, "cancelled", t, reason=reason, filled=done, price=avg, fee=rec.fees,
-                   internal=o.internal_size >= o.size)
+    return _update(
+        o,
+        "cancelled",
+        t,
+        reason=reason,
+        filled=done,
+        price=avg,
+        fee=rec.fees,
+        internal=o.internal_size >= o.size,
+    )
 
 
 def _cancel_waiting(state: PaperState, reason: str) -> list[Message]:
@@ -257,7 +275,9 @@ def _cancel_waiting(state: PaperState, reason: str) -> list[Message]:
     return out
 
 
-def _limit_fill_price(state: PaperState, o: ExecuteOrder, candle: CandleClosed, first: bool) -> tuple[Decimal, bool] | None:
+def _limit_fill_price(
+    state: PaperState, o: ExecuteOrder, candle: CandleClosed, first: bool
+) -> tuple[Decimal, bool] | None:
     """(price, maker) at which a limit order trades on this candle, or None when the market does not reach it.
 
     Marketable on arrival (a buy limit at or above the open): it takes liquidity like a market order, its price
@@ -291,7 +311,9 @@ def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[
     rec.last_open, rec.last_interval_s = candle.open_time, candle.interval_s
     internal = min(o.internal_size, o.size) if first else Decimal(0)
     market_left = o.size - min(o.internal_size, o.size) - rec.filled
-    cap = (candle.volume * Decimal(str(state.settings.max_volume_participation))).quantize(EIGHT, rounding=ROUND_DOWN)
+    cap = (candle.volume * Decimal(str(state.settings.max_volume_participation))).quantize(
+        EIGHT, rounding=ROUND_DOWN
+    )
     market = min(market_left, cap)
     if o.order_type == "limit":
         priced = _limit_fill_price(state, o, candle, first)
@@ -312,15 +334,35 @@ def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[
         whole_fee = (price * market_left * Decimal(str(rate))).quantize(EIGHT)
         if o.side == "buy" and whole + whole_fee > state.cash:
             rec.status = "rejected"
-            return [_update(o, "rejected", t, reason=f"insufficient funds: needs {whole + whole_fee:.2f}, has {state.cash:.2f}",
-                            internal=market_left == 0)]
+            return [
+                _update(
+                    o,
+                    "rejected",
+                    t,
+                    reason=f"insufficient funds: needs {whole + whole_fee:.2f}, has {state.cash:.2f}",
+                    internal=market_left == 0,
+                )
+            ]
         if o.side == "sell" and o.size > held:
             rec.status = "rejected"
-            return [_update(o, "rejected", t, reason=f"insufficient position: sells {o.size}, holds {held}",
-                            internal=market_left == 0)]
+            return [
+                _update(
+                    o,
+                    "rejected",
+                    t,
+                    reason=f"insufficient position: sells {o.size}, holds {held}",
+                    internal=market_left == 0,
+                )
+            ]
     elif o.side == "buy" and price * market + fee > state.cash:
         # Later parts: another order of the profile may have used the cash since (no holds are modelled).
-        return [_cancel(rec, f"insufficient funds for the rest: needs {price * market + fee:.2f}, has {state.cash:.2f}", t)]
+        return [
+            _cancel(
+                rec,
+                f"insufficient funds for the rest: needs {price * market + fee:.2f}, has {state.cash:.2f}",
+                t,
+            )
+        ]
     elif o.side == "sell" and market > held:
         return [_cancel(rec, f"insufficient position for the rest: sells {market}, holds {held}", t)]
     out: list[Message] = []
@@ -328,17 +370,46 @@ def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[
         _book(state, o, internal, mid * internal, Decimal(0))
         rec.internal_done = internal
         rec.cost += mid * internal
-        out.append(_fill(o, derived_id("fill", o.client_order_id, "internal"), t_internal, internal, mid, Decimal(0), True))
+        out.append(
+            _fill(
+                o,
+                derived_id("fill", o.client_order_id, "internal"),
+                t_internal,
+                internal,
+                mid,
+                Decimal(0),
+                True,
+            )
+        )
         if market_left > 0:
             # The internal leg as its own line of the order log; the order completes with the exchange part.
             rec.status = "partially_filled"
-            out.append(_update(o, "partially_filled", t_internal, filled=internal, price=mid, internal=True,
-                               reason=f"internal transfer with {', '.join(o.counterparties)} at the mid price"))
+            out.append(
+                _update(
+                    o,
+                    "partially_filled",
+                    t_internal,
+                    filled=internal,
+                    price=mid,
+                    internal=True,
+                    reason=f"internal transfer with {', '.join(o.counterparties)} at the mid price",
+                )
+            )
         rec.last_fill_time = t_internal
     if market > 0:
         _book(state, o, market, price * market, fee)
-        out.append(_fill(o, derived_id("fill", o.client_order_id, rec.fills), t, market, price, fee, False,
-                         liquidity="maker" if maker else "taker"))
+        out.append(
+            _fill(
+                o,
+                derived_id("fill", o.client_order_id, rec.fills),
+                t,
+                market,
+                price,
+                fee,
+                False,
+                liquidity="maker" if maker else "taker",
+            )
+        )
         rec.fills += 1
         rec.filled += market
         rec.cost += price * market
@@ -349,12 +420,23 @@ def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[
         rec.status = "filled"
         avg = (rec.cost / o.size).quantize(EIGHT)
         t_done = t if market_left > 0 else t_internal
-        out.append(_update(o, "filled", t_done, filled=o.size, price=avg, fee=rec.fees, internal=market_left == 0))
+        out.append(
+            _update(o, "filled", t_done, filled=o.size, price=avg, fee=rec.fees, internal=market_left == 0)
+        )
     elif market > 0:
         rec.status = "partially_filled"
-        out.append(_update(o, "partially_filled", t, filled=done, price=(rec.cost / done).quantize(EIGHT), fee=rec.fees,
-                           reason=f"filled {_num(market)} at {_num(price)}: {_share(state)} ({_num(candle.volume)})",
-                           seq=rec.fills))
+        out.append(
+            _update(
+                o,
+                "partially_filled",
+                t,
+                filled=done,
+                price=(rec.cost / done).quantize(EIGHT),
+                fee=rec.fees,
+                reason=f"filled {_num(market)} at {_num(price)}: {_share(state)} ({_num(candle.volume)})",
+                seq=rec.fills,
+            )
+        )
     return out
 
 

@@ -62,7 +62,11 @@ class UnknownOrderStateError(RetryableError):
     """Retries ran out while the exchange may hold the order: nothing may be resent until a lookup settles it."""
 
 
-_CLASS: dict[Outcome, type[ExecutionError]] = {"retry": RetryableError, "reject": RejectedError, "halt": HaltError}
+_CLASS: dict[Outcome, type[ExecutionError]] = {
+    "retry": RetryableError,
+    "reject": RejectedError,
+    "halt": HaltError,
+}
 
 
 @dataclass(frozen=True)
@@ -75,15 +79,23 @@ class Rule:
 # Coinbase's own words that say more than the class or status: matched (case-insensitive) in the text of a ccxt
 # error before anything else. Exchange API answers clock skew with a 400, which would otherwise read "rejected".
 MESSAGE_RULES: tuple[tuple[str, Rule], ...] = (
-    ("timestamp expired", Rule("halt", "clock_skew", "request timestamp refused: the local clock is off (check NTP)")),
-    ("invalid signature", Rule("halt", "authentication", "signature refused: the secret does not belong to this key")),
+    (
+        "timestamp expired",
+        Rule("halt", "clock_skew", "request timestamp refused: the local clock is off (check NTP)"),
+    ),
+    (
+        "invalid signature",
+        Rule("halt", "authentication", "signature refused: the secret does not belong to this key"),
+    ),
     ("invalid passphrase", Rule("halt", "authentication", "the passphrase does not belong to this key")),
     ("invalid api key", Rule("halt", "authentication", "unknown API key")),
 )
 
 # HTTP statuses that decide by themselves, whatever class ccxt chose (see module docstring).
 STATUS_RULES: dict[int, Rule] = {
-    401: Rule("halt", "authentication", "the exchange refused the key (401): wrong, revoked or malformed key"),
+    401: Rule(
+        "halt", "authentication", "the exchange refused the key (401): wrong, revoked or malformed key"
+    ),
     403: Rule("halt", "permission", "the key lacks a permission for this call (403), e.g. trade or view"),
     429: Rule("retry", "rate_limited", "rate limited by the exchange (429)"),
     500: Rule("retry", "server_error", "exchange server error (500)"),
@@ -97,7 +109,10 @@ CLASS_RULES: tuple[tuple[type[BaseException], Rule], ...] = (
     (cx.AccountSuspended, Rule("halt", "account_suspended", "the account is suspended")),
     (cx.PermissionDenied, Rule("halt", "permission", "the key lacks a permission for this call")),
     (cx.AuthenticationError, Rule("halt", "authentication", "the exchange refused the key")),
-    (cx.ArgumentsRequired, Rule("halt", "configuration", "the request could not be built (key format or adapter bug)")),
+    (
+        cx.ArgumentsRequired,
+        Rule("halt", "configuration", "the request could not be built (key format or adapter bug)"),
+    ),
     (cx.NotSupported, Rule("halt", "configuration", "the exchange does not support this call")),
     (cx.InvalidProxySettings, Rule("halt", "configuration", "invalid proxy settings")),
     (cx.ExchangeClosedByUser, Rule("halt", "closed", "the exchange client was closed")),
@@ -110,7 +125,10 @@ CLASS_RULES: tuple[tuple[type[BaseException], Rule], ...] = (
     (cx.BadRequest, Rule("reject", "bad_request", "the exchange refused the request")),
     (cx.OperationRejected, Rule("reject", "rejected", "the exchange refused the operation")),
     (cx.ChecksumError, Rule("retry", "network", "inconsistent data from the exchange")),
-    (cx.InvalidNonce, Rule("halt", "clock_skew", "request timestamp refused: the local clock is off (check NTP)")),
+    (
+        cx.InvalidNonce,
+        Rule("halt", "clock_skew", "request timestamp refused: the local clock is off (check NTP)"),
+    ),
     (cx.RateLimitExceeded, Rule("retry", "rate_limited", "rate limited by the exchange")),
     (cx.DDoSProtection, Rule("retry", "rate_limited", "throttled by the exchange's DDoS protection")),
     (cx.OnMaintenance, Rule("retry", "maintenance", "the exchange is under maintenance")),
@@ -123,7 +141,10 @@ CLASS_RULES: tuple[tuple[type[BaseException], Rule], ...] = (
     (cx.ExchangeError, Rule("reject", "exchange_error", "the exchange returned an error")),
     (cx.BaseError, Rule("halt", "unexpected", "unexpected exchange client error")),
     # Outside ccxt: transport failures are worth a retry; anything else is a bug and stops the profile.
-    (asyncio.TimeoutError, Rule("retry", "timeout", "no answer in time (the request may have been executed)")),
+    (
+        asyncio.TimeoutError,
+        Rule("retry", "timeout", "no answer in time (the request may have been executed)"),
+    ),
     (ConnectionError, Rule("retry", "network", "connection error")),
     (OSError, Rule("retry", "network", "operating system I/O error")),
 )
@@ -152,7 +173,11 @@ def _no_redaction(text: str) -> str:
 
 
 def translate(
-    exc: BaseException, *, http_status: int | None = None, redact: Callable[[str], str] = _no_redaction, context: str = ""
+    exc: BaseException,
+    *,
+    http_status: int | None = None,
+    redact: Callable[[str], str] = _no_redaction,
+    context: str = "",
 ) -> ExecutionError:
     """Our error for `exc` (already ours: returned unchanged). The reason names the rule, then the library's
     words, shortened and redacted."""
@@ -167,7 +192,9 @@ def translate(
     parts.append(f", HTTP {status}]" if isinstance(status, int) else "]")
     if detail:
         parts.append(f": {detail}")
-    return _CLASS[rule.outcome]("".join(parts), kind=rule.kind, http_status=status if isinstance(status, int) else None)
+    return _CLASS[rule.outcome](
+        "".join(parts), kind=rule.kind, http_status=status if isinstance(status, int) else None
+    )
 
 
 def table_rows() -> list[tuple[str, Outcome, str]]:

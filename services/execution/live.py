@@ -63,7 +63,9 @@ class LiveExecution:
         self.order_timeout = timedelta(seconds=profile.trading_params.order_timeout)
         self.slippage = Decimal(str(profile.trading_params.slippage_tolerance))
         self.known: dict[str, KnownOrder] = {}
-        self.exchange_ids: dict[str, ExchangeOrder] = {}  # client order id -> last seen exchange order (this run)
+        self.exchange_ids: dict[
+            str, ExchangeOrder
+        ] = {}  # client order id -> last seen exchange order (this run)
         self.halted: str | None = None
         self.last_reconciliation: Reconciliation | None = None
         # Publishes (and waits for the acknowledgement of) `submitted` before the order is sent. Without it, a crash
@@ -90,7 +92,9 @@ class LiveExecution:
     def send_time(self, o: ExecuteOrder) -> datetime:
         """`not_before` plus this profile's de-sync delay for the intent (internal transfers never reach here)."""
         lo, hi = self.desync_ms
-        return o.not_before + timedelta(milliseconds=desync_delay_ms(o.profile_hash or self.seed, o.intent_id, lo, hi))
+        return o.not_before + timedelta(
+            milliseconds=desync_delay_ms(o.profile_hash or self.seed, o.intent_id, lo, hi)
+        )
 
     def limit_price(self, o: ExecuteOrder) -> Decimal:
         if o.limit_price is not None:
@@ -113,7 +117,9 @@ class LiveExecution:
             if self.write_ahead is not None:
                 await self.write_ahead(list(out))  # published again with the outputs: same id, counted once
         if self.halted is not None:
-            return out + self._emit([order_update(k, "rejected", now, reason=f"profile halted: {self.halted}")])
+            return out + self._emit(
+                [order_update(k, "rejected", now, reason=f"profile halted: {self.halted}")]
+            )
         if getattr(msg, "internal_size", 0) > 0:
             # Netting two profiles as an internal transfer exists in paper mode only: between two real accounts
             # it would need a transfer, so a netted order reaching live execution is a configuration error.
@@ -132,7 +138,12 @@ class LiveExecution:
         except HaltError as err:
             return out + self._halt(k, err)
         except RetryableError as err:
-            log.warning("%s: order %s state unknown (%s); reconciliation will settle it", self.profile_id, k.client_order_id, err.reason)
+            log.warning(
+                "%s: order %s state unknown (%s); reconciliation will settle it",
+                self.profile_id,
+                k.client_order_id,
+                err.reason,
+            )
             return out
         if self.on_ack is not None:
             self.on_ack(msg.client_order_id)
@@ -165,23 +176,39 @@ class LiveExecution:
                 await self._sleep(self.poll_interval_s)
                 order = await self.port.fetch_order(order)
             if not order.terminal:
-                log.info("%s: order %s unfilled after %s: cancelling", self.profile_id, coid, self.order_timeout)
+                log.info(
+                    "%s: order %s unfilled after %s: cancelling", self.profile_id, coid, self.order_timeout
+                )
                 order = await self.port.cancel(order)
                 if not order.terminal:
                     order = await self.port.fetch_order(order)
                 if order.status == "cancelled" and not order.reason:
-                    order = _with_reason(order, f"order_timeout {self.order_timeout.total_seconds():g}s reached")
+                    order = _with_reason(
+                        order, f"order_timeout {self.order_timeout.total_seconds():g}s reached"
+                    )
             self.exchange_ids[coid] = order
             out += await self._settle(coid, order)
         except HaltError as err:
             out += self._halt(self.known[coid], err)
         except (RetryableError, RejectedError) as err:
-            log.warning("%s: tracking order %s interrupted (%s); reconciliation continues", self.profile_id, coid, err.reason)
+            log.warning(
+                "%s: tracking order %s interrupted (%s); reconciliation continues",
+                self.profile_id,
+                coid,
+                err.reason,
+            )
         return out
 
     async def _settle(self, coid: str, order: ExchangeOrder) -> list[Message]:
         fills: list[ExchangeFill] = await self.port.fetch_fills(order=order) if order.filled_size > 0 else []
-        rec = reconcile(self.profile_id, {coid: self.known[coid]}, {coid: order}, fills, self.clock(), reason=order.reason or "exchange")
+        rec = reconcile(
+            self.profile_id,
+            {coid: self.known[coid]},
+            {coid: order},
+            fills,
+            self.clock(),
+            reason=order.reason or "exchange",
+        )
         return self._emit(rec.events)
 
     # -------------------------------------------------------------------------- reconciliation
@@ -196,7 +223,12 @@ class LiveExecution:
                 continue
             try:
                 o = await self.port.fetch_order_by_client_id(coid, k.product)
-                if o is not None and not o.terminal and o.created_at is not None and now - o.created_at > self.order_timeout:
+                if (
+                    o is not None
+                    and not o.terminal
+                    and o.created_at is not None
+                    and now - o.created_at > self.order_timeout
+                ):
                     o = await self.port.cancel(o)  # overdue: order_timeout applies across restarts too
                 if o is not None and o.filled_size > 0:
                     fills.extend(await self.port.fetch_fills(order=o))

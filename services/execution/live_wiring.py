@@ -58,7 +58,9 @@ async def open_live_execution(
         creds = resolve_credentials(profile_id, profile, store, allow_plaintext)
     except NoCredentialsError as err:
         if store is None:  # name the path looked at: in a container, a secret mounted elsewhere or not at all
-            raise NoCredentialsError(f"{err} (no store at {path}: set {ENV_STORE} or mount the export there)") from None
+            raise NoCredentialsError(
+                f"{err} (no store at {path}: set {ENV_STORE} or mount the export there)"
+            ) from None
         raise
     port = await open_exchange(
         creds,
@@ -68,13 +70,23 @@ async def open_live_execution(
     )
     ex = cfg.system.execution
     return LiveExecution(
-        profile_id, profile, port, clock=clock, clock_sleep=clock_sleep, poll_interval_s=poll_interval_s,
+        profile_id,
+        profile,
+        port,
+        clock=clock,
+        clock_sleep=clock_sleep,
+        poll_interval_s=poll_interval_s,
         desync_ms=(ex.desync_min_ms, ex.desync_max_ms),
     )
 
 
 async def start_live(
-    live: LiveExecution, *, bootstrap: str, topics: Topics, route: Callable[[Message], list[Route]], client_id: str
+    live: LiveExecution,
+    *,
+    bootstrap: str,
+    topics: Topics,
+    route: Callable[[Message], list[Route]],
+    client_id: str,
 ) -> list[Message]:
     """Before consuming: fold this profile's past events from orders.events into the executor, reconcile with the
     exchange, and publish what was missing (acknowledged before the consume loop starts)."""
@@ -102,7 +114,9 @@ class WriteAhead:
         self._route = route
 
     @classmethod
-    async def started(cls, bootstrap: str, route: Callable[[Message], list[Route]], client_id: str) -> WriteAhead:
+    async def started(
+        cls, bootstrap: str, route: Callable[[Message], list[Route]], client_id: str
+    ) -> WriteAhead:
         wa = cls(bootstrap, route, client_id)
         await wa._pub.start()
         return wa

@@ -50,15 +50,26 @@ class ExecutionMetrics(MetricsEndpoint):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.orders = Counter("mp_execution_orders", "Order events by status", ["profile", "status"], registry=r)
-        self.fills = Counter("mp_execution_fills", "Fills, by liquidity (maker, taker)", ["profile", "liquidity"], registry=r)
-        self.fees = Counter("mp_execution_fees", "Fees paid on fills (quote currency)", ["profile"], registry=r)
+        self.orders = Counter(
+            "mp_execution_orders", "Order events by status", ["profile", "status"], registry=r
+        )
+        self.fills = Counter(
+            "mp_execution_fills", "Fills, by liquidity (maker, taker)", ["profile", "liquidity"], registry=r
+        )
+        self.fees = Counter(
+            "mp_execution_fees", "Fees paid on fills (quote currency)", ["profile"], registry=r
+        )
         self.errors = Counter(
-            "mp_execution_errors", "Exchange errors by outcome (retry, reject, halt) and kind", ["profile", "outcome", "kind"],
+            "mp_execution_errors",
+            "Exchange errors by outcome (retry, reject, halt) and kind",
+            ["profile", "outcome", "kind"],
             registry=r,
         )
         self.processed = Counter(
-            "mp_execution_events_processed", "Input messages handled, by topic", ["profile", "topic"], registry=r
+            "mp_execution_events_processed",
+            "Input messages handled, by topic",
+            ["profile", "topic"],
+            registry=r,
         )
         self._sent_at: dict[str, float] = {}  # client order id -> Kafka timestamp of its ExecuteOrder (s)
         self._seen: set[str] = set()  # ids of order events and fills already counted
@@ -82,7 +93,9 @@ class ExecutionMetrics(MetricsEndpoint):
         self._sent_at.pop(client_order_id, None)
 
     def error(self, err: ExecutionError) -> None:
-        self.errors.labels(profile=self.profile, outcome=err.outcome, kind=err.kind or type(err).__name__).inc()
+        self.errors.labels(
+            profile=self.profile, outcome=err.outcome, kind=err.kind or type(err).__name__
+        ).inc()
 
     def observe(self, msg: Message) -> None:
         """An output of the worker (published, or republished with the same id)."""

@@ -90,7 +90,9 @@ def apply_event(known: dict[str, KnownOrder], msg: Message, profile: str) -> Non
             )
         if k.terminal and msg.status not in TERMINAL_STATUSES:
             return  # a late, older update never reopens a finished order
-        known[msg.client_order_id] = replace(k, status=msg.status, filled_size=max(k.filled_size, msg.filled_size))
+        known[msg.client_order_id] = replace(
+            k, status=msg.status, filled_size=max(k.filled_size, msg.filled_size)
+        )
     elif isinstance(msg, OrderFilled) and msg.profile == profile:
         k = known.get(msg.client_order_id)
         if k is None:
@@ -153,7 +155,9 @@ def reconcile(
     for f in fills:
         coid = f.client_order_id or by_exchange_id.get(f.exchange_order_id)
         if coid is None or coid not in known:
-            out.notes.append(f"fill {f.fill_id} of exchange order {f.exchange_order_id} matches no known order")
+            out.notes.append(
+                f"fill {f.fill_id} of exchange order {f.exchange_order_id} matches no known order"
+            )
             continue
         fills_of.setdefault(coid, []).append(f)
 
@@ -216,7 +220,9 @@ def reconcile(
 
     known_ids = set(known)
     for o in open_orders:
-        if o.client_order_id not in known_ids and all(o.exchange_order_id != u.exchange_order_id for u in out.unknown_orders):
+        if o.client_order_id not in known_ids and all(
+            o.exchange_order_id != u.exchange_order_id for u in out.unknown_orders
+        ):
             out.unknown_orders.append(o)
     for u in out.unknown_orders:
         out.notes.append(

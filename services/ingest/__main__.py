@@ -16,14 +16,22 @@ from shared.runtime import add_metrics_args, base_parser, main_entry, run_servic
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("ingest")
-    p.add_argument("--data", default=None, help="replay: folder of candle files (default: system.market_data.data_dir)")
+    p.add_argument(
+        "--data", default=None, help="replay: folder of candle files (default: system.market_data.data_dir)"
+    )
     p.add_argument("--hours", default=None)
     p.add_argument("--start", default=None)
     p.add_argument("--end", default=None)
     p.add_argument("--speed", default="0")
-    p.add_argument("--rest-url", default=None, help="coinbase: REST base URL (default: system.market_data.rest_url)")
-    p.add_argument("--ws-url", default=None, help="coinbase: websocket URL (default: system.market_data.ws_url)")
-    p.add_argument("--interval", default=None, choices=list(INTERVAL_SECONDS), help="coinbase: candle interval")
+    p.add_argument(
+        "--rest-url", default=None, help="coinbase: REST base URL (default: system.market_data.rest_url)"
+    )
+    p.add_argument(
+        "--ws-url", default=None, help="coinbase: websocket URL (default: system.market_data.ws_url)"
+    )
+    p.add_argument(
+        "--interval", default=None, choices=list(INTERVAL_SECONDS), help="coinbase: candle interval"
+    )
     add_metrics_args(p)
     args = main_entry(argv, "ingest", p)
     settings = settings_from_args(
@@ -53,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ingest: {err}", file=sys.stderr)
             return 2
     if args.data is None:
-        settings = settings.model_copy(update={"extra": settings.extra | {"data": str(cfg.system.market_data.data_dir)}})
+        settings = settings.model_copy(
+            update={"extra": settings.extra | {"data": str(cfg.system.market_data.data_dir)}}
+        )
     svc = bootstrap(settings, overrides={"config": cfg})
     try:
         svc.load()

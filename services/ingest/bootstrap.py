@@ -74,7 +74,9 @@ async def last_progress(bootstrap: str, topic: str) -> tuple[int | None, bool]:
 
 
 class IngestService:
-    def __init__(self, cfg: AppConfig, settings: ServiceSettings, options: ReplayOptions, *, clock: Clock) -> None:
+    def __init__(
+        self, cfg: AppConfig, settings: ServiceSettings, options: ReplayOptions, *, clock: Clock
+    ) -> None:
         self.cfg = cfg
         self.settings = settings
         self.options = options
@@ -84,7 +86,9 @@ class IngestService:
 
     def load(self) -> None:
         files = load_products(self.options.data_dir, self.cfg.all_products())
-        self.steps = build_schedule(files, start=self.options.start, end=self.options.end, hours=self.options.hours)
+        self.steps = build_schedule(
+            files, start=self.options.start, end=self.options.end, hours=self.options.hours
+        )
         log.info(
             "replaying %d steps of %d products (%s .. %s)",
             len(self.steps),
@@ -156,7 +160,9 @@ def bootstrap_live(settings: ServiceSettings, *, overrides: dict[str, Any] | Non
     o = overrides or {}
     cfg: AppConfig = o.get("config") or settings.load()
     ex = settings.extra
-    options = LiveOptions.from_config(cfg, interval=ex.get("interval"), rest_url=ex.get("rest_url"), ws_url=ex.get("ws_url"))
+    options = LiveOptions.from_config(
+        cfg, interval=ex.get("interval"), rest_url=ex.get("rest_url"), ws_url=ex.get("ws_url")
+    )
     monotonic = o.get("monotonic", time.monotonic)
     return LiveIngest(
         cfg,

@@ -72,7 +72,9 @@ _RFC3339 = re.compile(
 )
 # Go's time.Time.String(): `2026-04-07 14:30:10.000123456 +0000 UTC m=+91717.525857105` (the monotonic
 # reading `m=...` is the server's uptime, not a time: ignored).
-_GO_TIME = re.compile(r"^(\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))? ([+-])(\d\d)(\d\d)(?: [A-Za-z]+)?(?: m=[+-][\d.]+)?$")
+_GO_TIME = re.compile(
+    r"^(\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))? ([+-])(\d\d)(\d\d)(?: [A-Za-z]+)?(?: m=[+-][\d.]+)?$"
+)
 
 
 def _epoch(parts: Sequence[str | None], sign: str | None, oh: str | None, om: str | None) -> float:
@@ -148,7 +150,9 @@ def parse_candles(body: object, interval_s: int) -> list[Bar]:
     """`{"candles": [...]}` (newest first) -> bars oldest first. One malformed row fails the whole page: a
     page with a hole must not make a bucket look empty."""
     if not isinstance(body, dict) or not isinstance(body.get("candles"), list):
-        raise ProtocolError("bad_body", f"candles answer must be {{'candles': [...]}}, got {str(body)[:200]!r}")
+        raise ProtocolError(
+            "bad_body", f"candles answer must be {{'candles': [...]}}, got {str(body)[:200]!r}"
+        )
     bars = [parse_candle(r, interval_s) for r in body["candles"]]
     starts = [b.start_s for b in bars]
     if len(set(starts)) != len(starts):
@@ -168,7 +172,9 @@ def parse_server_time(body: object) -> float:
                     raise ProtocolError("bad_body", f"server time {key} is not an integer: {raw!r}") from None
         if "iso" in body:
             return parse_rfc3339(body["iso"])
-    raise ProtocolError("bad_body", f"server time answer has no epochMillis/epochSeconds/iso: {str(body)[:200]!r}")
+    raise ProtocolError(
+        "bad_body", f"server time answer has no epochMillis/epochSeconds/iso: {str(body)[:200]!r}"
+    )
 
 
 # ---------------------------------------------------------------------------------------- websocket frames
@@ -257,7 +263,8 @@ def subscribe_messages(ws_ids: Sequence[str]) -> list[str]:
     """One subscribe message per channel (Coinbase takes one channel per message)."""
     ids = sorted(ws_ids)
     return [
-        json.dumps({"type": "subscribe", "product_ids": ids, "channel": ch}) for ch in ("heartbeats", "market_trades")
+        json.dumps({"type": "subscribe", "product_ids": ids, "channel": ch})
+        for ch in ("heartbeats", "market_trades")
     ]
 
 
@@ -322,11 +329,15 @@ class CoinbaseRest:
                 await self._sleep(wait)
             self._on_request(what)
             try:
-                async with self.session.get(self.base_url + path, params=params, timeout=self._timeout) as resp:
+                async with self.session.get(
+                    self.base_url + path, params=params, timeout=self._timeout
+                ) as resp:
                     if resp.status == 429:
                         self._on_error("http_429")
                         if attempt == self.max_retries:
-                            raise RestError("http_429", f"GET {path}: still rate limited after {attempt} retries")
+                            raise RestError(
+                                "http_429", f"GET {path}: still rate limited after {attempt} retries"
+                            )
                         await self._sleep(_retry_after(resp.headers.get("Retry-After"), backoff))
                         backoff = min(backoff * 2, 8.0)
                         continue

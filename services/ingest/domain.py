@@ -42,7 +42,9 @@ def build_schedule(
 ) -> list[ReplayStep]:
     """Steps in time order. `start`/`end` bound open times ([start, end)); `hours` keeps the first N hours."""
     if not files:
-        raise ValueError("no candle file matches the configured products; check --data and the profiles' assets")
+        raise ValueError(
+            "no candle file matches the configured products; check --data and the profiles' assets"
+        )
     interval = next(iter(files.values())).interval_s
     by_time: dict[int, list[CandleClosed]] = defaultdict(list)
     # Each open time's datetimes and correlation id, made once for the candles of every product (immutable).

@@ -108,7 +108,9 @@ class LiveOptions:
         updates = {k: v for k, v in (("rest_url", rest_url), ("ws_url", ws_url)) if v is not None}
         if interval is not None:
             if interval not in INTERVAL_SECONDS:
-                raise IngestConfigError(f"--interval {interval!r} is not one of {', '.join(INTERVAL_SECONDS)}")
+                raise IngestConfigError(
+                    f"--interval {interval!r} is not one of {', '.join(INTERVAL_SECONDS)}"
+                )
             updates["interval"] = interval
         if updates:
             try:
@@ -292,7 +294,9 @@ class LiveIngest:
                 len(self.opt.products),
                 self.opt.interval_s,
                 from_epoch_s(self.book.next_step).isoformat(),
-                "resuming" if progress.last_step is not None else f"first start, {self.opt.history_steps} steps of history",
+                "resuming"
+                if progress.last_step is not None
+                else f"first start, {self.opt.history_steps} steps of history",
             )
             tasks = [
                 asyncio.create_task(self._ws_loop(stop), name="ingest-ws"),
@@ -343,7 +347,11 @@ class LiveIngest:
                 await self._observe_rest_time()
                 taken += 1
                 if taken >= CLOCK_WARMUP_SAMPLES:
-                    log.info("exchange clock: rate %.3f, skew %.3fs", self.clock.rate, self.clock.skew_s(self.wall()))
+                    log.info(
+                        "exchange clock: rate %.3f, skew %.3fs",
+                        self.clock.rate,
+                        self.clock.skew_s(self.wall()),
+                    )
                     return True
                 await _wait(stop, CLOCK_WARMUP_SPACING_S)
                 continue
@@ -689,7 +697,9 @@ class LiveIngest:
             if len(seen) > TRADE_IDS_KEPT:
                 seen.popitem(last=False)
             if not book.on_trade(product, t.time_s) and not frame.snapshot:
-                log.warning("trade %s of %s at %s came after its bucket was published", t.trade_id, product, t.time_s)
+                log.warning(
+                    "trade %s of %s at %s came after its bucket was published", t.trade_id, product, t.time_s
+                )
             await self.publisher.send(
                 self.topics.trades,
                 TradeObserved(

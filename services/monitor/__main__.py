@@ -13,8 +13,12 @@ from shared.runtime import base_parser, main_entry, run_service, settings_from_a
 
 def parser() -> argparse.ArgumentParser:
     p = base_parser("monitor")
-    p.add_argument("--audit-file", type=Path, default=None, help="append the audit topic to this JSON-lines file")
-    p.add_argument("--alerts-file", type=Path, default=None, help="also append every alert to this JSON-lines file")
+    p.add_argument(
+        "--audit-file", type=Path, default=None, help="append the audit topic to this JSON-lines file"
+    )
+    p.add_argument(
+        "--alerts-file", type=Path, default=None, help="also append every alert to this JSON-lines file"
+    )
     p.add_argument(
         "--webhook",
         action="append",
@@ -26,16 +30,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=int(os.environ["MPCTL_MONITOR_METRICS_PORT"]) if os.environ.get("MPCTL_MONITOR_METRICS_PORT") else None,
+        default=int(os.environ["MPCTL_MONITOR_METRICS_PORT"])
+        if os.environ.get("MPCTL_MONITOR_METRICS_PORT")
+        else None,
         help="serve Prometheus metrics on 127.0.0.1:PORT (0: any free port; default: none)",
     )
-    p.add_argument("--metrics-addr", default="127.0.0.1", help="address to serve metrics on (0.0.0.0 in a container)")
+    p.add_argument(
+        "--metrics-addr", default="127.0.0.1", help="address to serve metrics on (0.0.0.0 in a container)"
+    )
     p.add_argument("--lag-interval", type=float, default=15.0, help="seconds between lag and health polls")
-    p.add_argument("--lag-threshold", type=int, default=1000, help="alert when a group's total lag exceeds this")
+    p.add_argument(
+        "--lag-threshold", type=int, default=1000, help="alert when a group's total lag exceeds this"
+    )
     p.add_argument("--correlation-threshold", type=float, default=0.9)
-    p.add_argument("--correlation-window", type=int, default=48, help="steps in the rolling return correlation")
+    p.add_argument(
+        "--correlation-window", type=int, default=48, help="steps in the rolling return correlation"
+    )
     p.add_argument("--drain", action="store_true", help="exit once caught up with the topics' current end")
-    p.add_argument("--snapshot-file", type=Path, default=None, help="write the tracked per-profile view as JSON")
+    p.add_argument(
+        "--snapshot-file", type=Path, default=None, help="write the tracked per-profile view as JSON"
+    )
     return p
 
 

@@ -113,7 +113,11 @@ def _rule_is_duplicate(rule: str) -> bool:
 
 def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Alert]:
     """The alerts one message raises (most raise none)."""
-    base: dict[str, Any] = {"event_time": msg.event_time, "namespace": namespace, "correlation_id": msg.correlation_id}
+    base: dict[str, Any] = {
+        "event_time": msg.event_time,
+        "namespace": namespace,
+        "correlation_id": msg.correlation_id,
+    }
     if isinstance(msg, PlanPublished):
         if msg.collisions > 0:
             return [
@@ -123,7 +127,12 @@ def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Aler
                     f"{msg.profile}: {msg.collisions} collision(s) resolved in epoch {msg.epoch}, nonce now {msg.nonce}",
                     key=msg.id,
                     profile=msg.profile,
-                    details={"epoch": msg.epoch, "nonce": msg.nonce, "collisions": msg.collisions, "strategy": msg.strategy},
+                    details={
+                        "epoch": msg.epoch,
+                        "nonce": msg.nonce,
+                        "collisions": msg.collisions,
+                        "strategy": msg.strategy,
+                    },
                     **base,
                 )
             ]
@@ -216,8 +225,13 @@ def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Aler
                 "warning",
                 f"{msg.service} dead-lettered {msg.source_topic}[{msg.partition}]@{msg.offset}: {msg.error[:200]}",
                 key=msg.id,
-                details={"source_topic": msg.source_topic, "partition": msg.partition, "offset": msg.offset,
-                         "service": msg.service, "error": msg.error[:500]},
+                details={
+                    "source_topic": msg.source_topic,
+                    "partition": msg.partition,
+                    "offset": msg.offset,
+                    "service": msg.service,
+                    "error": msg.error[:500],
+                },
                 **base,
             )
         ]
@@ -231,8 +245,12 @@ def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Aler
                 f"returns of {msg.other_profile} and {msg.profile} correlate at {msg.correlation} "
                 f"(threshold {msg.threshold}); {msg.profile}'s buys scaled by {msg.size_scale}",
                 key=msg.id,
-                details={"profiles": [msg.other_profile, msg.profile], "correlation": msg.correlation,
-                         "threshold": msg.threshold, "size_scale": msg.size_scale},
+                details={
+                    "profiles": [msg.other_profile, msg.profile],
+                    "correlation": msg.correlation,
+                    "threshold": msg.threshold,
+                    "size_scale": msg.size_scale,
+                },
                 **base,
             )
         ]
@@ -246,8 +264,11 @@ def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Aler
                 "critical",
                 f"market feed stale: {msg.reason}; no new entries until it is fresh again",
                 key=msg.id,
-                details={"reason": msg.reason, "last_frame_age_s": msg.last_frame_age_s,
-                         "last_step_time": msg.last_step_time.isoformat() if msg.last_step_time else None},
+                details={
+                    "reason": msg.reason,
+                    "last_frame_age_s": msg.last_frame_age_s,
+                    "last_step_time": msg.last_step_time.isoformat() if msg.last_step_time else None,
+                },
                 **base,
             )
         ]
@@ -275,7 +296,9 @@ def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Aler
                 key=msg.id,
                 profile=getattr(msg, "profile", None),
                 product=getattr(msg, "product", None),
-                details={k: str(v) for k, v in msg.model_dump(mode="json").items() if k not in ("id", "type")},
+                details={
+                    k: str(v) for k, v in msg.model_dump(mode="json").items() if k not in ("id", "type")
+                },
                 **base,
             )
         ]
@@ -298,7 +321,12 @@ class AlertGate:
 
 
 def lag_alerts(
-    group_lags: Mapping[str, int], threshold: int, gate: AlertGate, *, now: datetime, namespace: str | None = None
+    group_lags: Mapping[str, int],
+    threshold: int,
+    gate: AlertGate,
+    *,
+    now: datetime,
+    namespace: str | None = None,
 ) -> list[Alert]:
     """One alert per consumer group whose total lag rises above `threshold` messages."""
     out = []
@@ -342,7 +370,12 @@ def correlation_alerts(
                     event_time=now,
                     key=f"{a}:{b}:{now.isoformat()}",
                     namespace=namespace,
-                    details={"profiles": [a, b], "correlation": rho, "threshold": threshold, "window": window},
+                    details={
+                        "profiles": [a, b],
+                        "correlation": rho,
+                        "threshold": threshold,
+                        "window": window,
+                    },
                 )
             )
     return out
@@ -402,7 +435,9 @@ class WebhookSink:
     """Plain JSON POST of `Alert.to_json()`; a 2xx answer is success. Bounded: `attempts` tries, each within
     `timeout_s`, with a doubling pause between them."""
 
-    def __init__(self, url: str, *, attempts: int = 3, timeout_s: float = 3.0, backoff_s: float = 0.5) -> None:
+    def __init__(
+        self, url: str, *, attempts: int = 3, timeout_s: float = 3.0, backoff_s: float = 0.5
+    ) -> None:
         if urlsplit(url).scheme not in ("http", "https"):
             raise ValueError(f"webhook {redact_url(url)}: only http and https URLs are supported")
         self._url = url
@@ -426,7 +461,14 @@ class WebhookSink:
                     problem = f"HTTP {resp.status}"
             except (aiohttp.ClientError, TimeoutError, OSError) as err:
                 problem = type(err).__name__
-            log.warning("%s: attempt %d/%d for alert %s failed: %s", self.name, attempt, self._attempts, alert.kind, problem)
+            log.warning(
+                "%s: attempt %d/%d for alert %s failed: %s",
+                self.name,
+                attempt,
+                self._attempts,
+                alert.kind,
+                problem,
+            )
             if attempt < self._attempts:
                 await asyncio.sleep(self._backoff * 2 ** (attempt - 1))
         return False

@@ -64,7 +64,9 @@ class MonitorOptions:
     webhook_attempts: int = 3
     webhook_timeout_s: float = 3.0
     metrics_port: int | None = None  # None: no HTTP server; 0: any free port
-    metrics_addr: str = "127.0.0.1"  # loopback by default; a container needs 0.0.0.0 for Prometheus to reach it
+    metrics_addr: str = (
+        "127.0.0.1"  # loopback by default; a container needs 0.0.0.0 for Prometheus to reach it
+    )
     lag_interval_s: float = 15.0
     lag_threshold: int = 1000
     correlation_threshold: float = 0.9
@@ -141,8 +143,12 @@ class MonitorService:
         )
 
     def _dump(self) -> dict[str, Any]:
-        return {"tracker": self.tracker, "corr_gate": self.corr_gate, "last_steps": self._last_steps,
-                "undecodable": self.undecodable}
+        return {
+            "tracker": self.tracker,
+            "corr_gate": self.corr_gate,
+            "last_steps": self._last_steps,
+            "undecodable": self.undecodable,
+        }
 
     def _restore(self, data: dict[str, Any]) -> None:
         self.tracker = data["tracker"]
@@ -167,8 +173,11 @@ class MonitorService:
             if self.progress.boundary[tp] > starts[tp]:
                 self.progress.behind.add(tp)
             c.seek(tp, starts[tp])
-        log.info("assigned %d partition(s); reading them from %s", len(assigned),
-                 "the snapshot's positions" if self.restored else "their beginning")
+        log.info(
+            "assigned %d partition(s); reading them from %s",
+            len(assigned),
+            "the snapshot's positions" if self.restored else "their beginning",
+        )
 
     async def commit(self) -> None:
         if self.dead_letters and self.publisher is not None:
@@ -217,7 +226,13 @@ class MonitorService:
 
     def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> DeadLettered:
         log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
-        return dead_letter_for(rec, error, service="monitor", msg_id=derived_id("dead-letter", "monitor", rec.topic, rec.partition, rec.offset), now=system_clock())
+        return dead_letter_for(
+            rec,
+            error,
+            service="monitor",
+            msg_id=derived_id("dead-letter", "monitor", rec.topic, rec.partition, rec.offset),
+            now=system_clock(),
+        )
 
     def after_batch(self) -> None:
         self.metrics.update_performance(self.tracker)
@@ -242,7 +257,9 @@ class MonitorService:
 
     def _write_snapshot_file(self) -> None:
         if self.opts.snapshot_file is not None:
-            self.opts.snapshot_file.write_bytes(orjson.dumps(self.tracker.snapshot(), option=orjson.OPT_INDENT_2))
+            self.opts.snapshot_file.write_bytes(
+                orjson.dumps(self.tracker.snapshot(), option=orjson.OPT_INDENT_2)
+            )
 
     async def poll_once(self) -> None:
         bootstrap = self.settings.kafka_bootstrap
@@ -323,7 +340,9 @@ class MonitorService:
             max_poll_records=2000,
         )
         poller: asyncio.Task[None] | None = None
-        self.publisher = Publisher(self.settings.kafka_bootstrap, client_id=f"{self.topics.group('monitor')}.dlq")
+        self.publisher = Publisher(
+            self.settings.kafka_bootstrap, client_id=f"{self.topics.group('monitor')}.dlq"
+        )
         try:
             self.keeper = await self.durable.keeper(self.settings.kafka_bootstrap)
             if self.keeper is not None:
@@ -356,7 +375,9 @@ class MonitorService:
                 await self.commit()
                 committed = True
             if self.keeper is not None:
-                with contextlib.suppress(Exception):  # a broker already gone: the last periodic snapshot stands
+                with contextlib.suppress(
+                    Exception
+                ):  # a broker already gone: the last periodic snapshot stands
                     if committed:
                         await self.keeper.save(final=True)
                     await self.keeper.close()
@@ -369,7 +390,9 @@ class MonitorService:
             self.metrics.close()
 
 
-def bootstrap(settings: ServiceSettings, options: MonitorOptions, *, overrides: dict[str, Any] | None = None) -> MonitorService:
+def bootstrap(
+    settings: ServiceSettings, options: MonitorOptions, *, overrides: dict[str, Any] | None = None
+) -> MonitorService:
     o = overrides or {}
     cfg: AppConfig = o.get("config") or settings.load()
     return MonitorService(cfg, settings, options)

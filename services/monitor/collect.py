@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 async def read_topics(bootstrap: str, topics: Sequence[str]) -> tuple[list[Message], int]:
     """All decodable messages of the topics up to their current end; returns them and the undecodable count."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000, auto_offset_reset="earliest"
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_poll_records=5000,
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     out: list[Message] = []
@@ -95,11 +98,15 @@ async def collect_run(cfg: AppConfig, bootstrap: str, out_dir: Path) -> dict[str
     data = RunData()
     data.add_all(msgs)
     if not data.candles:
-        raise RuntimeError(f"no candle found on {t.candles}: nothing to report (was the run's namespace deleted?)")
+        raise RuntimeError(
+            f"no candle found on {t.candles}: nothing to report (was the run's namespace deleted?)"
+        )
     return write_outputs(cfg, data, out_dir, extra={"undecodable_messages": bad})
 
 
-def write_outputs(cfg: AppConfig, data: RunData, out_dir: Path, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_outputs(
+    cfg: AppConfig, data: RunData, out_dir: Path, *, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(cfg, data)
     for f, why in verified_fills(data)[1]:
@@ -111,5 +118,7 @@ def write_outputs(cfg: AppConfig, data: RunData, out_dir: Path, *, extra: dict[s
     _write_jsonl(out_dir / "decisions.jsonl", decision_records(data))
     _write_jsonl(out_dir / "plans.jsonl", plan_records(data))
     _write_jsonl(out_dir / "internal_crosses.jsonl", opportunity_records(data))
-    (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    (out_dir / "summary.json").write_bytes(
+        orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    )
     return summary

@@ -285,7 +285,9 @@ _INFINITY = Decimal("Infinity")
 _ZERO = Decimal(0)
 
 
-def _mark(closes: dict[str, list[tuple[float, Decimal]]], product: str, t: float, fallback: Decimal) -> Decimal:
+def _mark(
+    closes: dict[str, list[tuple[float, Decimal]]], product: str, t: float, fallback: Decimal
+) -> Decimal:
     """The last close of the product at or before t (the price an open position is valued at)."""
     series = closes.get(product, [])
     i = bisect.bisect_right(series, (t, _INFINITY)) - 1
@@ -352,7 +354,9 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             if t != float("inf"):
                 if not held:
                     held = [(prod, s) for prod, s in pos.items() if s]
-                curve.append((t, cash + sum((s * _mark(closes, prod, t, avg[prod]) for prod, s in held), _ZERO)))
+                curve.append(
+                    (t, cash + sum((s * _mark(closes, prod, t, avg[prod]) for prod, s in held), _ZERO))
+                )
         peak = initial
         max_dd = Decimal(0)
         for _, eq in curve:
@@ -362,7 +366,13 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
         last_t = max(step_times) if step_times else 0.0
         open_positions = {prod: size for prod, size in sorted(pos.items()) if size}
         marks = {prod: _mark(closes, prod, last_t, avg[prod]) for prod in open_positions}
-        final = initial + sells - buys - fees + sum((s * marks[prod] for prod, s in open_positions.items()), Decimal(0))
+        final = (
+            initial
+            + sells
+            - buys
+            - fees
+            + sum((s * marks[prod] for prod, s in open_positions.items()), Decimal(0))
+        )
         plans = [pl for pl in data.plans if pl.profile == pid]
         strategies = Counter(pl.strategy for pl in plans)
         profiles[pid] = {

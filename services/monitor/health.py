@@ -85,7 +85,10 @@ def expected_services(cfg: AppConfig, namespace: str | None = None) -> list[Expe
     out = [
         ExpectedService("ingest", None, "producer only: joins no consumer group"),
         ExpectedService(
-            "registry", t.group("registry"), "reads its partitions without a consumer group", group_optional=True
+            "registry",
+            t.group("registry"),
+            "reads its partitions without a consumer group",
+            group_optional=True,
         ),
         ExpectedService("arbiter", t.group("arbiter")),
     ]
@@ -171,7 +174,9 @@ def health_rows(health: Iterable[ServiceHealth]) -> list[list[str]]:
             h.name,
             h.state,
             "-" if h.beat_age_s is None else f"{h.beat_age_s:.1f}s",
-            "-" if h.state == "not-observable" or (h.group is None and h.beat_age_s is not None) else str(h.members),
+            "-"
+            if h.state == "not-observable" or (h.group is None and h.beat_age_s is not None)
+            else str(h.members),
             h.group_state or "-",
             h.note or ", ".join(h.clients) or "-",
         ]
@@ -228,7 +233,8 @@ async def describe_groups(admin: AIOKafkaAdminClient, group_ids: Iterable[str]) 
                     state=str(state),
                     protocol_type=str(protocol_type),
                     members=tuple(
-                        MemberInfo(str(m[0]), str(m[1]), str(m[2]), _assignment(bytes(m[4] or b""))) for m in members
+                        MemberInfo(str(m[0]), str(m[1]), str(m[2]), _assignment(bytes(m[4] or b"")))
+                        for m in members
                     ),
                 )
     return out

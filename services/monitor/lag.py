@@ -144,8 +144,10 @@ def format_table(report: LagReport) -> str:
     lines = [title]
     for r in [head, *rows]:
         lines.append(
-            "  ".join(v.rjust(w) if i in numeric else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
-            .rstrip()
+            "  ".join(
+                v.rjust(w) if i in numeric else v.ljust(w)
+                for i, (v, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
         )
     lines.append(f"total lag {report.total} over {len(report.groups)} group(s)")
     if report.missing_topics:
@@ -192,7 +194,9 @@ def summary_line(report: LagReport) -> str:
     )
 
 
-async def fetch_lag(bootstrap: str, namespace: str | None, *, groups: Iterable[str] | None = None) -> LagReport:
+async def fetch_lag(
+    bootstrap: str, namespace: str | None, *, groups: Iterable[str] | None = None
+) -> LagReport:
     """Lag of every consumer group of the namespace (or of the groups given) at this moment."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
     await admin.start()
@@ -220,5 +224,10 @@ async def fetch_lag(bootstrap: str, namespace: str | None, *, groups: Iterable[s
         finally:
             await consumer.stop()
     return build_report(
-        namespace=namespace, bootstrap=bootstrap, committed=committed, ends=ends, infos=infos, missing_topics=missing
+        namespace=namespace,
+        bootstrap=bootstrap,
+        committed=committed,
+        ends=ends,
+        infos=infos,
+        missing_topics=missing,
     )

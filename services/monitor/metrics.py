@@ -106,8 +106,10 @@ class ProfileBook:
 
     def unrealized(self, marks: Mapping[str, Decimal]) -> Decimal:
         return sum(
-            ((marks.get(p, self.avg_price.get(p, ZERO)) - self.avg_price.get(p, ZERO)) * s
-             for p, s in self.open_positions().items()),
+            (
+                (marks.get(p, self.avg_price.get(p, ZERO)) - self.avg_price.get(p, ZERO)) * s
+                for p, s in self.open_positions().items()
+            ),
             ZERO,
         )
 
@@ -129,7 +131,9 @@ class PerformanceTracker:
         max_steps: int = 10_000,
     ) -> None:
         self.initial = {pid: Decimal(str(b)) for pid, b in initial_balances.items()}
-        self._books: dict[str, ProfileBook] = {pid: ProfileBook(initial=b, cash=b, peak=b) for pid, b in self.initial.items()}
+        self._books: dict[str, ProfileBook] = {
+            pid: ProfileBook(initial=b, cash=b, peak=b) for pid, b in self.initial.items()
+        }
         self.marks: dict[str, Decimal] = {}
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.latest_plan: dict[str, PlanPublished] = {}
@@ -191,7 +195,9 @@ class PerformanceTracker:
         if isinstance(m, OrderFilled):
             self._seen.add(key)
             self._book(m.profile)
-            bisect.insort(self._fills[m.profile], (m.event_time.timestamp(), m.fill_id, m), key=lambda x: x[:2])
+            bisect.insort(
+                self._fills[m.profile], (m.event_time.timestamp(), m.fill_id, m), key=lambda x: x[:2]
+            )
             self._curves = None
             return True
         if isinstance(m, ProfileHalted):
@@ -227,8 +233,13 @@ class PerformanceTracker:
         out: dict[str, list[tuple[float, Decimal]]] = {}
         for pid, fills in self._fills.items():
             old = self._books[pid]
-            book = ProfileBook(initial=self.initial[pid], cash=self.initial[pid], halts=old.halts,
-                               last_halt=old.last_halt, collisions=old.collisions)
+            book = ProfileBook(
+                initial=self.initial[pid],
+                cash=self.initial[pid],
+                halts=old.halts,
+                last_halt=old.last_halt,
+                collisions=old.collisions,
+            )
             curve: list[tuple[float, Decimal]] = []
             fi = 0
             for t in self.step_times:
@@ -252,7 +263,10 @@ class PerformanceTracker:
         return out
 
     def correlations(self) -> dict[tuple[str, str], float | None]:
-        rets = {pid: simple_returns([float(e) for _, e in c[-(self.window + 1) :]]) for pid, c in self.curves().items()}
+        rets = {
+            pid: simple_returns([float(e) for _, e in c[-(self.window + 1) :]])
+            for pid, c in self.curves().items()
+        }
         return {(a, b): pearson(rets[a], rets[b]) for a, b in itertools.combinations(sorted(rets), 2)}
 
     def profile_view(self, pid: str) -> dict[str, Any]:
@@ -304,31 +318,58 @@ class MonitorMetrics(MetricsEndpoint):
     def __init__(self, namespace: str) -> None:
         super().__init__()
         r = self.registry
-        self.info = Gauge("mp_monitor_info", "Constant 1, labelled with the namespace the monitor watches", ["namespace"], registry=r)
+        self.info = Gauge(
+            "mp_monitor_info",
+            "Constant 1, labelled with the namespace the monitor watches",
+            ["namespace"],
+            registry=r,
+        )
         self.info.labels(namespace=namespace).set(1)
         self.lag = Gauge(
-            "mp_consumer_lag", "End offset minus committed offset", ["group", "topic", "partition"], registry=r
+            "mp_consumer_lag",
+            "End offset minus committed offset",
+            ["group", "topic", "partition"],
+            registry=r,
         )
-        self.group_lag = Gauge("mp_consumer_group_lag", "Sum of a consumer group's partition lags", ["group"], registry=r)
+        self.group_lag = Gauge(
+            "mp_consumer_group_lag", "Sum of a consumer group's partition lags", ["group"], registry=r
+        )
         self.service_up = Gauge(
-            "mp_service_up", "1 when the service's consumer group has members, 0 when it has none", ["service"], registry=r
+            "mp_service_up",
+            "1 when the service's consumer group has members, 0 when it has none",
+            ["service"],
+            registry=r,
         )
         p = ["profile"]
         self.trades = Gauge("mp_profile_trades", "Fills of the profile", p, registry=r)
         self.closed = Gauge("mp_profile_closed_trades", "Sells (closing fills) of the profile", p, registry=r)
         self.wins = Gauge("mp_profile_wins", "Sells whose gain exceeded the fees of both legs", p, registry=r)
         self.win_rate = Gauge("mp_profile_win_rate", "Wins / closed trades (0..1)", p, registry=r)
-        self.realized = Gauge("mp_profile_realized_pnl", "Realised PnL in the quote currency (fees apart)", p, registry=r)
-        self.unrealized = Gauge("mp_profile_unrealized_pnl", "Open positions at the last close minus their cost", p, registry=r)
+        self.realized = Gauge(
+            "mp_profile_realized_pnl", "Realised PnL in the quote currency (fees apart)", p, registry=r
+        )
+        self.unrealized = Gauge(
+            "mp_profile_unrealized_pnl", "Open positions at the last close minus their cost", p, registry=r
+        )
         self.fees = Gauge("mp_profile_fees", "Fees paid in the quote currency", p, registry=r)
         self.equity = Gauge("mp_profile_equity", "Cash plus open positions at the last close", p, registry=r)
-        self.drawdown = Gauge("mp_profile_drawdown_pct", "Current drawdown from the running equity peak, percent", p, registry=r)
-        self.max_drawdown = Gauge("mp_profile_max_drawdown_pct", "Largest drawdown seen, percent", p, registry=r)
+        self.drawdown = Gauge(
+            "mp_profile_drawdown_pct", "Current drawdown from the running equity peak, percent", p, registry=r
+        )
+        self.max_drawdown = Gauge(
+            "mp_profile_max_drawdown_pct", "Largest drawdown seen, percent", p, registry=r
+        )
         self.halts = Gauge("mp_profile_halts", "ProfileHalted events of the profile", p, registry=r)
-        self.open_positions = Gauge("mp_profile_open_positions", "Products with an open position", p, registry=r)
-        self.collisions = Gauge("mp_profile_collisions", "Nonce bumps in the profile's published plans", p, registry=r)
+        self.open_positions = Gauge(
+            "mp_profile_open_positions", "Products with an open position", p, registry=r
+        )
+        self.collisions = Gauge(
+            "mp_profile_collisions", "Nonce bumps in the profile's published plans", p, registry=r
+        )
         self.epoch = Gauge("mp_profile_plan_epoch", "Epoch of the profile's latest plan", p, registry=r)
-        self.decisions = Gauge("mp_arbiter_decisions", "Arbiter decisions by verdict and rule", ["verdict", "rule"], registry=r)
+        self.decisions = Gauge(
+            "mp_arbiter_decisions", "Arbiter decisions by verdict and rule", ["verdict", "rule"], registry=r
+        )
         self.correlation = Gauge(
             "mp_profile_return_correlation",
             "Pearson correlation of two profiles' step returns over the rolling window",
@@ -336,9 +377,15 @@ class MonitorMetrics(MetricsEndpoint):
             registry=r,
         )
         self.alerts = PromCounter("mp_alerts", "Alerts raised, by kind", ["kind"], registry=r)
-        self.alert_failures = Gauge("mp_alert_sink_failures", "Alerts a sink failed to deliver", ["sink"], registry=r)
-        self.alerts_dropped = Gauge("mp_alerts_dropped", "Alerts dropped because the queue was full", registry=r)
-        self.messages = PromCounter("mp_monitor_messages", "Messages the monitor consumed, by topic", ["topic"], registry=r)
+        self.alert_failures = Gauge(
+            "mp_alert_sink_failures", "Alerts a sink failed to deliver", ["sink"], registry=r
+        )
+        self.alerts_dropped = Gauge(
+            "mp_alerts_dropped", "Alerts dropped because the queue was full", registry=r
+        )
+        self.messages = PromCounter(
+            "mp_monitor_messages", "Messages the monitor consumed, by topic", ["topic"], registry=r
+        )
         self.audit_lines = Gauge("mp_audit_lines", "Lines in the audit file (distinct messages)", registry=r)
         self._lag_labels: set[tuple[str, str, str]] = set()
         self._group_labels: set[str] = set()

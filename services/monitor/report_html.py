@@ -25,7 +25,18 @@ import orjson
 
 from services.monitor.metrics import pearson, simple_returns
 
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+PALETTE = [
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+]
 MAX_POINTS = 1500
 Point = tuple[float, float]
 
@@ -186,7 +197,9 @@ def line_chart(
         f'<text x="{left}" y="20" class="ctitle">{html.escape(title)}</text>',
     ]
     if not pts:
-        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" class="muted">no data</text></svg>')
+        parts.append(
+            f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" class="muted">no data</text></svg>'
+        )
         return "".join(parts)
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     if x1 <= x0:
@@ -208,7 +221,9 @@ def line_chart(
     for v in yt:
         y = sy(v)
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" class="grid"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{html.escape(y_fmt(v))}</text>')
+        parts.append(
+            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{html.escape(y_fmt(v))}</text>'
+        )
     span = x1 - x0
     fmt = "%m-%d %H:%M" if span < 3 * 86400 else "%Y-%m-%d"
     for i in range(6):
@@ -261,7 +276,9 @@ def bar_chart(items: Sequence[tuple[str, int, str]], *, title: str, width: int =
     for i, (label, v, color) in enumerate(items):
         y = top + i * (bar_h + gap)
         w = (width - left - 60) * v / vmax
-        parts.append(f'<text x="{left - 8}" y="{y + 14}" text-anchor="end" class="tick">{html.escape(label)}</text>')
+        parts.append(
+            f'<text x="{left - 8}" y="{y + 14}" text-anchor="end" class="tick">{html.escape(label)}</text>'
+        )
         parts.append(f'<rect x="{left}" y="{y}" width="{max(w, 1):.1f}" height="{bar_h}" fill="{color}"/>')
         parts.append(f'<text x="{left + w + 6:.1f}" y="{y + 14}" class="tick">{v}</text>')
     parts.append("</svg>")
@@ -278,7 +295,9 @@ def strategy_timeline(plans: Sequence[dict[str, Any]], profiles: Sequence[str], 
         f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
         f'aria-label="strategy per epoch"><text x="4" y="18" class="ctitle">Strategy per epoch</text>'
     ]
-    spans = [(_ts(p["epoch_start"]), _ts(p["epoch_end"])) for p in plans if "epoch_start" in p and "epoch_end" in p]
+    spans = [
+        (_ts(p["epoch_start"]), _ts(p["epoch_end"])) for p in plans if "epoch_start" in p and "epoch_end" in p
+    ]
     if not spans:
         parts.append(f'<text x="4" y="{top + 14}" class="muted">no plan</text></svg>')
         return "".join(parts)
@@ -290,10 +309,12 @@ def strategy_timeline(plans: Sequence[dict[str, Any]], profiles: Sequence[str], 
 
     for i, pid in enumerate(profiles):
         y = top + i * (lane_h + 6)
-        parts.append(f'<text x="{left - 8}" y="{y + 17}" text-anchor="end" class="tick">{html.escape(pid)}</text>')
+        parts.append(
+            f'<text x="{left - 8}" y="{y + 17}" text-anchor="end" class="tick">{html.escape(pid)}</text>'
+        )
         for p in (p for p in plans if p["profile"] == pid and "epoch_start" in p):
             a, b = sx(_ts(p["epoch_start"])), sx(_ts(p["epoch_end"]))
-            tip = f'{p["profile"]} epoch {p["epoch"]}: {p["strategy"]}, nonce {p["nonce"]}, random asset {p.get("random_asset")}'
+            tip = f"{p['profile']} epoch {p['epoch']}: {p['strategy']}, nonce {p['nonce']}, random asset {p.get('random_asset')}"
             parts.append(
                 f'<rect x="{a:.1f}" y="{y}" width="{max(b - a, 0.5):.1f}" height="{lane_h}" fill="{colors[p["strategy"]]}">'
                 f"<title>{html.escape(tip)}</title></rect>"
@@ -361,7 +382,9 @@ def _corr_cell(v: float | None) -> Raw:
     # Red for positive (profiles moving together, what the system tries to avoid), blue for negative.
     alpha = min(1.0, abs(v))
     rgb = "207,34,46" if v >= 0 else "9,105,218"
-    return Raw(f'<div style="background:rgba({rgb},{alpha * 0.55:.2f});text-align:right;padding:0 4px">{v:+.2f}</div>')
+    return Raw(
+        f'<div style="background:rgba({rgb},{alpha * 0.55:.2f});text-align:right;padding:0 4px">{v:+.2f}</div>'
+    )
 
 
 def render_report(run: RunFiles, *, generated_at: datetime | None = None) -> str:
@@ -370,13 +393,16 @@ def render_report(run: RunFiles, *, generated_at: datetime | None = None) -> str
     pids = list(profiles)
     colors = {pid: PALETTE[i % len(PALETTE)] for i, pid in enumerate(pids)}
     curves = {pid: equity_series(p) for pid, p in profiles.items()}
-    drawdowns = {pid: drawdown_series(curves[pid], float(p.get("initial_equity", 0) or 0)) for pid, p in profiles.items()}
+    drawdowns = {
+        pid: drawdown_series(curves[pid], float(p.get("initial_equity", 0) or 0))
+        for pid, p in profiles.items()
+    }
     counters = s.get("counters", {})
     span = s.get("span", {})
     gen = (generated_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M:%S UTC")
     title = f"Run report {run.name}".strip()
     parts = [
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
@@ -387,55 +413,123 @@ def render_report(run: RunFiles, *, generated_at: datetime | None = None) -> str
 
     # Summary cards and table.
     parts.append('<div class="cards">')
-    for label, key in (("intents", "intents"), ("approved", "approved"), ("rejected", "rejected"),
-                       ("collisions resolved", "collisions_resolved"), ("plans", "plans"), ("halts", "halts")):
-        parts.append(f'<div class="card"><span class="muted">{_e(label)}</span><b>{_e(counters.get(key, 0))}</b></div>')
+    for label, key in (
+        ("intents", "intents"),
+        ("approved", "approved"),
+        ("rejected", "rejected"),
+        ("collisions resolved", "collisions_resolved"),
+        ("plans", "plans"),
+        ("halts", "halts"),
+    ):
+        parts.append(
+            f'<div class="card"><span class="muted">{_e(label)}</span><b>{_e(counters.get(key, 0))}</b></div>'
+        )
     parts.append(f'<div class="card"><span class="muted">alerts</span><b>{len(run.alerts)}</b></div></div>')
     parts.append("<h2>Profiles</h2>")
     rows = []
     for pid, p in profiles.items():
-        rows.append([
-            Raw(f'<span style="color:{colors[pid]}">■</span>&nbsp;{_e(pid)}'), p.get("strategy"), p.get("trades"),
-            f"{float(p.get('win_rate', 0)):.1%}", _signed(Decimal(str(p.get("realized_pnl", 0)))),
-            f"{float(p.get('fees', 0)):,.2f}", f"{float(p.get('initial_equity', 0)):,.2f}",
-            f"{float(p.get('final_equity', 0)):,.2f}", _signed(p.get("return_pct")),
-            f"{float(p.get('max_drawdown_pct', 0)):.2f}", len(p.get("halts", [])),
-            Raw("<br>".join(f"{_e(k)} {_e(v)}" for k, v in p.get("open_positions", {}).items()) or "-"),
-        ])
-    parts.append(_table(
-        ["profile", "strategy (most epochs)", "trades", "win rate", "realised PnL", "fees", "initial equity",
-         "final equity", "return %", "max DD %", "halts", "open positions"],
-        rows, numeric={2, 3, 5, 6, 7, 9, 10},
-    ))
+        rows.append(
+            [
+                Raw(f'<span style="color:{colors[pid]}">■</span>&nbsp;{_e(pid)}'),
+                p.get("strategy"),
+                p.get("trades"),
+                f"{float(p.get('win_rate', 0)):.1%}",
+                _signed(Decimal(str(p.get("realized_pnl", 0)))),
+                f"{float(p.get('fees', 0)):,.2f}",
+                f"{float(p.get('initial_equity', 0)):,.2f}",
+                f"{float(p.get('final_equity', 0)):,.2f}",
+                _signed(p.get("return_pct")),
+                f"{float(p.get('max_drawdown_pct', 0)):.2f}",
+                len(p.get("halts", [])),
+                Raw("<br>".join(f"{_e(k)} {_e(v)}" for k, v in p.get("open_positions", {}).items()) or "-"),
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "profile",
+                "strategy (most epochs)",
+                "trades",
+                "win rate",
+                "realised PnL",
+                "fees",
+                "initial equity",
+                "final equity",
+                "return %",
+                "max DD %",
+                "halts",
+                "open positions",
+            ],
+            rows,
+            numeric={2, 3, 5, 6, 7, 9, 10},
+        )
+    )
 
     parts.append("<h2>Equity and drawdown</h2>")
-    parts.append(line_chart([Series(pid, colors[pid], curves[pid]) for pid in pids],
-                            title="Equity per profile (quote currency, at each step close)", y_label="equity"))
-    parts.append(line_chart([Series(pid, colors[pid], drawdowns[pid]) for pid in pids],
-                            title="Drawdown from the running peak (%)", y_label="drawdown %",
-                            y_fmt=lambda v: f"{v:.2f}", area=True, height=240))
+    parts.append(
+        line_chart(
+            [Series(pid, colors[pid], curves[pid]) for pid in pids],
+            title="Equity per profile (quote currency, at each step close)",
+            y_label="equity",
+        )
+    )
+    parts.append(
+        line_chart(
+            [Series(pid, colors[pid], drawdowns[pid]) for pid in pids],
+            title="Drawdown from the running peak (%)",
+            y_label="drawdown %",
+            y_fmt=lambda v: f"{v:.2f}",
+            area=True,
+            height=240,
+        )
+    )
 
     parts.append("<h2>Correlation of the profiles' step returns</h2>")
     corr = correlation_matrix(curves)
-    parts.append(_table(["", *pids], [[pid, *(_corr_cell(corr.get((pid, q))) for q in pids)] for pid in pids]))
-    parts.append('<p class="muted">Pearson correlation of simple returns between consecutive step closes; n/a when '
-                 "a profile's equity never moved (no position held).</p>")
+    parts.append(
+        _table(["", *pids], [[pid, *(_corr_cell(corr.get((pid, q))) for q in pids)] for pid in pids])
+    )
+    parts.append(
+        '<p class="muted">Pearson correlation of simple returns between consecutive step closes; n/a when '
+        "a profile's equity never moved (no position held).</p>"
+    )
 
     parts.append("<h2>Arbiter</h2>")
     by = Counter((d.get("verdict", "?"), d.get("rule", "?")) for d in run.decisions)
     vcolor = {"approved": "#2ca02c", "rejected": "#d62728", "delayed": "#ff7f0e"}
-    items = [(f"{v} · {r}", n, vcolor.get(v, "#7f7f7f")) for (v, r), n in sorted(by.items(), key=lambda x: -x[1])]
+    items = [
+        (f"{v} · {r}", n, vcolor.get(v, "#7f7f7f")) for (v, r), n in sorted(by.items(), key=lambda x: -x[1])
+    ]
     parts.append(bar_chart(items, title="Decisions by verdict and rule"))
     per_profile = Counter((str(d.get("profile")), str(d.get("verdict"))) for d in run.decisions)
     verdicts = sorted({v for _, v in per_profile})
-    parts.append(_table(["profile", *verdicts], [[pid, *(per_profile.get((pid, v), 0) for v in verdicts)] for pid in pids],
-                        numeric=set(range(1, len(verdicts) + 1))))
+    parts.append(
+        _table(
+            ["profile", *verdicts],
+            [[pid, *(per_profile.get((pid, v), 0) for v in verdicts)] for pid in pids],
+            numeric=set(range(1, len(verdicts) + 1)),
+        )
+    )
     rejected = [d for d in run.decisions if d.get("verdict") == "rejected"]
     if rejected:
         parts.append(f"<details><summary>{len(rejected)} rejection(s)</summary>")
-        parts.append(_table(["time", "profile", "product", "side", "rule", "conflicting profile", "reason"],
-                            [[d.get("event_time"), d.get("profile"), d.get("product"), d.get("side"), d.get("rule"),
-                              d.get("conflicting_profile"), d.get("reason")] for d in rejected[:2000]]))
+        parts.append(
+            _table(
+                ["time", "profile", "product", "side", "rule", "conflicting profile", "reason"],
+                [
+                    [
+                        d.get("event_time"),
+                        d.get("profile"),
+                        d.get("product"),
+                        d.get("side"),
+                        d.get("rule"),
+                        d.get("conflicting_profile"),
+                        d.get("reason"),
+                    ]
+                    for d in rejected[:2000]
+                ],
+            )
+        )
         parts.append("</details>")
 
     parts.append("<h2>Plans per epoch</h2>")
@@ -445,45 +539,107 @@ def render_report(run: RunFiles, *, generated_at: datetime | None = None) -> str
         mine = [p for p in run.plans if p.get("profile") == pid]
         strat = Counter(p["strategy"] for p in mine)
         rnd = Counter(p.get("random_asset") for p in mine if p.get("random_asset"))
-        prow.append([pid, len(mine), ", ".join(f"{k} {v}" for k, v in strat.most_common()),
-                     ", ".join(f"{k} {v}" for k, v in rnd.most_common(5)) or "-",
-                     sum(int(p.get("collisions", 0)) for p in mine), max((int(p.get("nonce", 0)) for p in mine), default=0)])
-    parts.append(_table(["profile", "epochs", "strategies (epochs)", "random assets (top 5)", "collisions", "max nonce"],
-                        prow, numeric={1, 4, 5}))
+        prow.append(
+            [
+                pid,
+                len(mine),
+                ", ".join(f"{k} {v}" for k, v in strat.most_common()),
+                ", ".join(f"{k} {v}" for k, v in rnd.most_common(5)) or "-",
+                sum(int(p.get("collisions", 0)) for p in mine),
+                max((int(p.get("nonce", 0)) for p in mine), default=0),
+            ]
+        )
+    parts.append(
+        _table(
+            ["profile", "epochs", "strategies (epochs)", "random assets (top 5)", "collisions", "max nonce"],
+            prow,
+            numeric={1, 4, 5},
+        )
+    )
     parts.append(f"<details><summary>every plan ({len(run.plans)})</summary>")
-    parts.append(_table(
-        ["epoch start", "profile", "epoch", "strategy", "assets", "random asset", "nonce", "collisions", "fingerprint"],
-        [[p.get("epoch_start"), p.get("profile"), p.get("epoch"), p.get("strategy"), " ".join(p.get("assets", [])),
-          p.get("random_asset") or "-", p.get("nonce"), p.get("collisions", 0), str(p.get("fingerprint", ""))[:12]]
-         for p in sorted(run.plans, key=lambda p: (p.get("epoch_start", ""), p.get("profile", "")))],
-        numeric={2, 6, 7},
-    ))
+    parts.append(
+        _table(
+            [
+                "epoch start",
+                "profile",
+                "epoch",
+                "strategy",
+                "assets",
+                "random asset",
+                "nonce",
+                "collisions",
+                "fingerprint",
+            ],
+            [
+                [
+                    p.get("epoch_start"),
+                    p.get("profile"),
+                    p.get("epoch"),
+                    p.get("strategy"),
+                    " ".join(p.get("assets", [])),
+                    p.get("random_asset") or "-",
+                    p.get("nonce"),
+                    p.get("collisions", 0),
+                    str(p.get("fingerprint", ""))[:12],
+                ]
+                for p in sorted(run.plans, key=lambda p: (p.get("epoch_start", ""), p.get("profile", "")))
+            ],
+            numeric={2, 6, 7},
+        )
+    )
     parts.append("</details>")
 
     parts.append("<h2>Trades</h2>")
     trades = trade_rows(run.fills)
     if trades:
-        parts.append(_table(
-            ["time", "profile", "product", "side", "size", "price", "notional", "fee", "realised PnL"],
-            [[t["event_time"], t["profile"], t["product"], t["side"], t["size"], f"{float(t['price']):,.6g}",
-              f"{float(t['notional']):,.2f}", f"{float(t['fee']):,.4f}", _signed(t["pnl"])] for t in trades[:5000]],
-            numeric={4, 5, 6, 7},
-        ))
+        parts.append(
+            _table(
+                ["time", "profile", "product", "side", "size", "price", "notional", "fee", "realised PnL"],
+                [
+                    [
+                        t["event_time"],
+                        t["profile"],
+                        t["product"],
+                        t["side"],
+                        t["size"],
+                        f"{float(t['price']):,.6g}",
+                        f"{float(t['notional']):,.2f}",
+                        f"{float(t['fee']):,.4f}",
+                        _signed(t["pnl"]),
+                    ]
+                    for t in trades[:5000]
+                ],
+                numeric={4, 5, 6, 7},
+            )
+        )
         if len(trades) > 5000:
             parts.append(f'<p class="muted">first 5000 of {len(trades)} fills; all are in fills.jsonl</p>')
     else:
         parts.append('<p class="muted">no fill in this run</p>')
     statuses = Counter(o.get("status") for o in run.orders)
     if statuses:
-        parts.append('<p class="muted">order events: ' + ", ".join(f"{_e(k)} {v}" for k, v in sorted(statuses.items())) + "</p>")
+        parts.append(
+            '<p class="muted">order events: '
+            + ", ".join(f"{_e(k)} {v}" for k, v in sorted(statuses.items()))
+            + "</p>"
+        )
 
     parts.append("<h2>Alerts</h2>")
     if run.alerts:
         kinds = Counter(a.get("kind") for a in run.alerts)
         parts.append(_table(["kind", "count"], sorted(kinds.items()), numeric={1}))
-        parts.append(_table(["time", "severity", "kind", "summary"],
-                            [[a.get("event_time"), a.get("severity"), a.get("kind"), a.get("summary")] for a in run.alerts[-200:]]))
+        parts.append(
+            _table(
+                ["time", "severity", "kind", "summary"],
+                [
+                    [a.get("event_time"), a.get("severity"), a.get("kind"), a.get("summary")]
+                    for a in run.alerts[-200:]
+                ],
+            )
+        )
     else:
-        parts.append('<p class="muted">no alerts file in this run directory (the monitor writes alerts.jsonl)</p>')
+        parts.append(
+            '<p class="muted">no alerts file in this run directory (the monitor writes alerts.jsonl)</p>'
+        )
     parts.append("</body></html>")
     return "".join(parts) + "\n"

@@ -132,8 +132,12 @@ class RegistryService:
                 if not p.enabled:
                     await self.claims.release(pid)
             if self.metrics_port:
-                self.metrics_bound = self.metrics.serve(self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1"))
-            publisher = Publisher(self.settings.kafka_bootstrap, client_id=f"{self.topics.ns}.registry.{self.instance}")
+                self.metrics_bound = self.metrics.serve(
+                    self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1")
+                )
+            publisher = Publisher(
+                self.settings.kafka_bootstrap, client_id=f"{self.topics.ns}.registry.{self.instance}"
+            )
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.settings.kafka_bootstrap,
                 enable_auto_commit=False,
@@ -168,17 +172,25 @@ class RegistryService:
                 )
                 tps = await topic_partitions(self.settings.kafka_bootstrap, self.topics.candles, wait_s=30.0)
                 if tps is None:
-                    raise RuntimeError(f"topic {self.topics.candles!r} does not exist; create the topics first")
+                    raise RuntimeError(
+                        f"topic {self.topics.candles!r} does not exist; create the topics first"
+                    )
                 consumer.assign(tps)
                 await seek_to_start(consumer, tps)
                 ends = await consumer.end_offsets(tps)
-                ctps = await topic_partitions(self.settings.kafka_bootstrap, self.topics.commands, wait_s=30.0)
+                ctps = await topic_partitions(
+                    self.settings.kafka_bootstrap, self.topics.commands, wait_s=30.0
+                )
                 if ctps is None:
-                    raise RuntimeError(f"topic {self.topics.commands!r} does not exist; create the topics first")
+                    raise RuntimeError(
+                        f"topic {self.topics.commands!r} does not exist; create the topics first"
+                    )
                 commands.assign(ctps)
                 await seek_to_start(commands, ctps)
                 # Live: epochs turn on the exchange's clock, followed from md.clock (the ingest reports it).
-                follower = asyncio.create_task(self.service_clock.run(self.settings.kafka_bootstrap, self.topics, stop))
+                follower = asyncio.create_task(
+                    self.service_clock.run(self.settings.kafka_bootstrap, self.topics, stop)
+                )
                 try:
                     if not await self.service_clock.wait_synced(stop, timeout_s=CLOCK_SYNC_TIMEOUT_S):
                         if stop.is_set():
@@ -237,11 +249,15 @@ class RegistryService:
                 last_housekeeping = now
                 if self.clock_mode == "wall":
                     if not caught_up:
-                        caught_up = all([await consumer.position(tp) >= end for tp, end in start_ends.items()])
+                        caught_up = all(
+                            [await consumer.position(tp) >= end for tp, end in start_ends.items()]
+                        )
                     if caught_up:
                         wall_s = int(self.clock().timestamp()) - LIVE_PLAN_DELAY_S
                         await self._send(publisher, await handlers.on_clock(self.state, wall_s, self.backend))
-                await self._send(publisher, await handlers.check_watches(self.state, self.backend, self.lease_s))
+                await self._send(
+                    publisher, await handlers.check_watches(self.state, self.backend, self.lease_s)
+                )
                 await self._check_server()
                 if now - last_touch >= TOUCH_READY_S:
                     last_touch = now
@@ -280,7 +296,8 @@ class RegistryService:
             log.warning("refused command %s %s: %s", msg.action, msg.target, verdict.reason)
             return
         await self._send(
-            publisher, await handlers.handle(self.state, msg, rec.partition, self.backend, published_ms=rec.timestamp)
+            publisher,
+            await handlers.handle(self.state, msg, rec.partition, self.backend, published_ms=rec.timestamp),
         )
 
     async def _check_server(self) -> None:
@@ -301,7 +318,13 @@ class RegistryService:
     async def _dead_letter(self, publisher: Publisher, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
         log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
         # Derived id: every registry start re-reads the topic, and a record is dead-lettered once per instance.
-        dl = dead_letter_for(rec, error, service="registry", msg_id=derived_id("dead", "registry", self.instance, rec.topic, rec.partition, rec.offset), now=self.clock())
+        dl = dead_letter_for(
+            rec,
+            error,
+            service="registry",
+            msg_id=derived_id("dead", "registry", self.instance, rec.topic, rec.partition, rec.offset),
+            now=self.clock(),
+        )
         await publisher.send(self.topics.dead_letter, dl, key=rec.topic)
 
 
@@ -321,7 +344,9 @@ def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = N
     if mode not in ("event", "wall"):
         raise ValueError(f"--clock must be auto, event or wall, got {mode!r}")
     sclock = o.get("service_clock") or (
-        service_clock(cfg) if mode == "wall" and "clock" not in o else ServiceClock(o.get("clock", system_clock))
+        service_clock(cfg)
+        if mode == "wall" and "clock" not in o
+        else ServiceClock(o.get("clock", system_clock))
     )
     return RegistryService(
         cfg,

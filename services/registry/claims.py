@@ -261,9 +261,7 @@ class RedisClaims:
             removed += int(await self._release(keys=[key, held], args=[profile, only]))
         return removed
 
-    async def unclaim(
-        self, profile: str, start_s: int, end_s: int, keys: list[tuple[KeyKind, str]]
-    ) -> int:
+    async def unclaim(self, profile: str, start_s: int, end_s: int, keys: list[tuple[KeyKind, str]]) -> int:
         """Remove the profile's member for exactly ``[start_s, end_s)`` from the given keys only.
 
         Used by a replica that lost the decision for an epoch after claiming a different plan than the

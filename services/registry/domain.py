@@ -519,7 +519,15 @@ def _resolution(
 
     for nonce in range(settings.max_nonce + 1):
         c = derive_candidate(
-            profile_id, profile, epoch, nonce, scores, settings, quote_asset, rotation=rotation, start_s=start_s
+            profile_id,
+            profile,
+            epoch,
+            nonce,
+            scores,
+            settings,
+            quote_asset,
+            rotation=rotation,
+            start_s=start_s,
         )
         collided = False
         fingerprint_of = _Fingerprints(c.strategy, c.parameters)

@@ -81,7 +81,9 @@ class Backend(Protocol):
 
     async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision: ...
 
-    async def unclaim(self, profile: str, start_s: int, end_s: int, keys: list[tuple[KeyKind, str]]) -> int: ...
+    async def unclaim(
+        self, profile: str, start_s: int, end_s: int, keys: list[tuple[KeyKind, str]]
+    ) -> int: ...
 
     async def recover(self, known: Sequence[Held]) -> str: ...
 
@@ -108,7 +110,9 @@ class Stats:
     skipped: int = 0  # already on the plans topic at start
     collisions: int = 0  # nonce bumps in the plans this process decided
     refused: Counter[str] = field(default_factory=Counter)  # refused claims by outcome, every resolution
-    refused_decided: Counter[str] = field(default_factory=Counter)  # ... in the resolutions that were recorded
+    refused_decided: Counter[str] = field(
+        default_factory=Counter
+    )  # ... in the resolutions that were recorded
     divergent: int = 0
     recoveries: Counter[str] = field(default_factory=Counter)
     takeovers: int = 0
@@ -142,7 +146,9 @@ class RegistryState:
     latest: dict[str, Held] = field(default_factory=dict)
     # (profile, start_s, rotation) -> plan published before this process started
     on_topic: dict[tuple[str, int, int], PlanPublished] = field(default_factory=dict)
-    last_on_topic: dict[str, tuple[int, int]] = field(default_factory=dict)  # profile -> last (start_s, rotation)
+    last_on_topic: dict[str, tuple[int, int]] = field(
+        default_factory=dict
+    )  # profile -> last (start_s, rotation)
     to_mark: list[PlanPublished] = field(default_factory=list)  # mark published once Kafka acknowledged
     # adopted, unpublished: (profile, start_s, rotation) -> since (monotonic)
     watches: dict[tuple[str, int, int], float] = field(default_factory=dict)
@@ -151,12 +157,18 @@ class RegistryState:
     finished: bool = False
     # Scores per epoch start, valid until the lookback changes: profiles sharing an epoch start share them.
     score_cache: dict[int, dict[str, float | None]] = field(default_factory=dict)
-    step_published: dict[int, int] = field(default_factory=dict)  # step -> latest Kafka timestamp of its candles
+    step_published: dict[int, int] = field(
+        default_factory=dict
+    )  # step -> latest Kafka timestamp of its candles
     rotation_requests: list[RotationRequest] = field(default_factory=list)  # accepted, not applied yet
-    rotation_of: dict[str, tuple[int, int]] = field(default_factory=dict)  # profile -> (epoch, last rotation k)
+    rotation_of: dict[str, tuple[int, int]] = field(
+        default_factory=dict
+    )  # profile -> (epoch, last rotation k)
 
 
-def new_state(cfg: AppConfig, *, instance: str = "0", metrics: RegistryMetrics | None = None) -> RegistryState:
+def new_state(
+    cfg: AppConfig, *, instance: str = "0", metrics: RegistryMetrics | None = None
+) -> RegistryState:
     return RegistryState(
         cfg=cfg,
         aligner=Aligner(frozenset(range(cfg.system.kafka.candle_partitions))),
@@ -293,7 +305,9 @@ async def _on_step(state: RegistryState, step: Step, backend: Backend) -> list[M
     return out
 
 
-async def _plan_profiles(state: RegistryState, t_s: int, backend: Backend, *, correlation: str) -> list[Message]:
+async def _plan_profiles(
+    state: RegistryState, t_s: int, backend: Backend, *, correlation: str
+) -> list[Message]:
     out: list[Message] = []
     for pid, profile in state.cfg.enabled_profiles().items():
         e = epoch_of(t_s, profile.profile_hash.hash_rotation_interval)
@@ -322,12 +336,22 @@ async def _rotate_profiles(
             epoch, start_s = current, current * interval
         last_epoch, last_k = state.rotation_of.get(pid, (epoch, 0))
         k = (last_k if last_epoch == epoch else 0) + 1
-        log.info("profile %s: early rotation %d of epoch %d at %d (commands %s)", pid, k, epoch, start_s, commands)
+        log.info(
+            "profile %s: early rotation %d of epoch %d at %d (commands %s)", pid, k, epoch, start_s, commands
+        )
         state.stats.rotations += 1
         state.metrics.rotations.labels(profile=pid).inc()
         out.extend(
             await _plan_epoch(
-                state, pid, profile, epoch, backend, correlation, rotation=k, start_s=start_s, commands=commands
+                state,
+                pid,
+                profile,
+                epoch,
+                backend,
+                correlation,
+                rotation=k,
+                start_s=start_s,
+                commands=commands,
             )
         )
     return out
@@ -363,7 +387,15 @@ async def _plan_epoch(
     for _ in range(MAX_RECOVERIES_PER_EPOCH):
         try:
             return await _decide_epoch(
-                state, pid, profile, epoch, backend, correlation, rotation=rotation, start_s=start_s, commands=commands
+                state,
+                pid,
+                profile,
+                epoch,
+                backend,
+                correlation,
+                rotation=rotation,
+                start_s=start_s,
+                commands=commands,
             )
         except ClaimsLostError as err:
             log.warning("profile %s epoch %d: %s", pid, epoch, err)
@@ -430,7 +462,9 @@ async def _decide_epoch(
             await backend.unclaim(pid, resolved.epoch_start_s, resolved.epoch_end_s, sorted(extra))
             state.stats.divergent += 1
             state.metrics.divergent.labels(profile=pid).inc()
-            log.warning("profile %s epoch %d: another replica decided a different plan first; adopted it", pid, epoch)
+            log.warning(
+                "profile %s epoch %d: another replica decided a different plan first; adopted it", pid, epoch
+            )
     out: list[Message] = []
     if rec.won or (rec.owner == state.instance and not rec.published):
         # The winner publishes; so does this instance for its own decision that a crash left unpublished.
@@ -466,13 +500,20 @@ async def check_watches(state: RegistryState, backend: Backend, lease_s: float) 
         if now - since < lease_s:
             continue
         pid, start_s, rotation = key
-        outcome, plan = await (backend.takeover(pid, start_s, rotation) if rotation else backend.takeover(pid, start_s))
+        outcome, plan = await (
+            backend.takeover(pid, start_s, rotation) if rotation else backend.takeover(pid, start_s)
+        )
         if outcome == "WAIT":
             state.watches[key] = now
             continue
         del state.watches[key]
         if outcome == "OK" and plan is not None:
-            log.warning("profile %s epoch %d: owner did not publish within %.0f s; publishing it", pid, plan.epoch, lease_s)
+            log.warning(
+                "profile %s epoch %d: owner did not publish within %.0f s; publishing it",
+                pid,
+                plan.epoch,
+                lease_s,
+            )
             state.stats.takeovers += 1
             state.metrics.takeovers.inc()
             out.append(plan)

@@ -192,7 +192,9 @@ class PlanLedger:
 
     # ------------------------------------------------------------------------------ decisions
     async def lookup(self, profile: str, start_s: int, rotation: int = 0) -> Decision | None:
-        raw = await self._redis.hmget(self.key(profile, start_s, rotation), ["plan", "owner", "state", "asset_claimed"])
+        raw = await self._redis.hmget(
+            self.key(profile, start_s, rotation), ["plan", "owner", "state", "asset_claimed"]
+        )
         if raw[0] is None:
             return None
         return Decision(
@@ -234,7 +236,9 @@ class PlanLedger:
         if head in ("NOT_READY", "STALE"):
             raise ClaimsLostError(head, _text(raw[1]) if len(raw) > 1 else None)
         if head == "OK":
-            return Decision(plan=plan, owner=owner, published=published, asset_claimed=asset_claimed, won=True)
+            return Decision(
+                plan=plan, owner=owner, published=published, asset_claimed=asset_claimed, won=True
+            )
         return Decision(
             plan=_plan(raw[1]),
             owner=_text(raw[2]),

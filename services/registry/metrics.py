@@ -32,10 +32,16 @@ class RegistryMetrics(MetricsEndpoint):
             registry=r,
         )
         self.published = Counter(
-            "mp_registry_plans_published", "Plans this process published to the plans topic", ["profile"], registry=r
+            "mp_registry_plans_published",
+            "Plans this process published to the plans topic",
+            ["profile"],
+            registry=r,
         )
         self.decided = Counter(
-            "mp_registry_plans_decided", "Plans this process derived and recorded first", ["profile"], registry=r
+            "mp_registry_plans_decided",
+            "Plans this process derived and recorded first",
+            ["profile"],
+            registry=r,
         )
         self.adopted = Counter(
             "mp_registry_plans_adopted",
@@ -59,7 +65,9 @@ class RegistryMetrics(MetricsEndpoint):
             "mp_registry_reclaimed", "Plans re-claimed during recoveries, by outcome", ["outcome"], registry=r
         )
         self.takeovers = Counter(
-            "mp_registry_takeovers", "Decided plans published by this process after their owner's lease ran out", registry=r
+            "mp_registry_takeovers",
+            "Decided plans published by this process after their owner's lease ran out",
+            registry=r,
         )
         self.rotations = Counter(
             "mp_registry_rotations",
@@ -67,6 +75,10 @@ class RegistryMetrics(MetricsEndpoint):
             ["profile"],
             registry=r,
         )
-        self.epoch = Gauge("mp_registry_current_epoch", "Epoch of the profile's current plan", ["profile"], registry=r)
-        self.info = Gauge("mp_registry_instance_info", "Constant 1, labelled with the instance", ["instance"], registry=r)
+        self.epoch = Gauge(
+            "mp_registry_current_epoch", "Epoch of the profile's current plan", ["profile"], registry=r
+        )
+        self.info = Gauge(
+            "mp_registry_instance_info", "Constant 1, labelled with the instance", ["instance"], registry=r
+        )
         self.info.labels(instance=instance).set(1)

@@ -151,7 +151,9 @@ class RegistryBackend:
         return await self.ledger.lookup(profile, start_s, rotation)
 
     async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision:
-        return await self.ledger.decide(plan, self.instance, asset_claimed=asset_claimed, generation=self.generation)
+        return await self.ledger.decide(
+            plan, self.instance, asset_claimed=asset_claimed, generation=self.generation
+        )
 
     async def unclaim(self, profile: str, start_s: int, end_s: int, keys: list[tuple[KeyKind, str]]) -> int:
         return await self.claims.unclaim(profile, start_s, end_s, keys)
@@ -187,7 +189,9 @@ class RegistryBackend:
                 try:
                     t0 = time.monotonic()
                     plans = await self._read_topic()
-                    self.claims.generation = None  # nobody else claims: the ready key is absent and we hold the lock
+                    self.claims.generation = (
+                        None  # nobody else claims: the ready key is absent and we hold the lock
+                    )
                     n = await self._restore(plans, known, guarded=False)
                     self.claims.generation = await self.ledger.set_generation()
                     log.warning(
@@ -206,7 +210,9 @@ class RegistryBackend:
                 )
             await asyncio.sleep(0.05)
 
-    async def _restore(self, topic_plans: Sequence[PlanPublished], known: Sequence[Held], *, guarded: bool) -> int:
+    async def _restore(
+        self, topic_plans: Sequence[PlanPublished], known: Sequence[Held], *, guarded: bool
+    ) -> int:
         """Decision records for every plan, claims for those whose epoch is not over. Returns re-claims made."""
         held: dict[tuple[str, int, int], Held] = {}
         for p in unique_plans(topic_plans):

@@ -158,7 +158,11 @@ async def reset_group_to_beginning(
                         f"consumer group {group!r} still has members after {wait_s:.0f} s ({err!r}): is another "
                         "strategy worker of this profile running?"
                     ) from None
-                log.info("group %s not empty yet (%r); waiting for the previous member's session to end", group, err)
+                log.info(
+                    "group %s not empty yet (%r); waiting for the previous member's session to end",
+                    group,
+                    err,
+                )
                 await asyncio.sleep(0.5)
     finally:
         await consumer.stop()
@@ -173,7 +177,9 @@ def max_publish_lag_s(cfg: AppConfig) -> float:
 class StrategyWorker:
     def __init__(self, cfg: AppConfig, settings: ServiceSettings) -> None:
         if settings.profile not in cfg.profiles:
-            raise ValueError(f"--profile {settings.profile!r} is not in the config (have {sorted(cfg.profiles)})")
+            raise ValueError(
+                f"--profile {settings.profile!r} is not in the config (have {sorted(cfg.profiles)})"
+            )
         self.profile_id: str = settings.profile
         self.cfg = cfg
         self.settings = settings

@@ -145,7 +145,9 @@ class MarketSignals:
             ps = products.get(c.product)
             if ps is None:
                 ps = products[c.product] = ProductSignals(step.interval_s)
-            ps.update(Bar(step.time_s, float(c.open), float(c.high), float(c.low), float(c.close), float(c.volume)))
+            ps.update(
+                Bar(step.time_s, float(c.open), float(c.high), float(c.low), float(c.close), float(c.volume))
+            )
             closes[c.product] = c.close
         self.closes = closes
         self._snaps = {}
@@ -161,7 +163,12 @@ class MarketSignals:
         return snap
 
     def blended(
-        self, product: str, strategy: str, tunable: Mapping[str, float], weights: Mapping[str, float], w: float
+        self,
+        product: str,
+        strategy: str,
+        tunable: Mapping[str, float],
+        weights: Mapping[str, float],
+        w: float,
     ) -> Signal | None:
         """`blend` of the selected strategy (with the plan's drifted tunables) and the others (catalog
         defaults): the same signal as `blend(strategy, ProductSignals.evaluate(...), ...)`, with only the
@@ -227,7 +234,9 @@ class StrategyState:
     weights: dict[str, float] = field(default_factory=dict)
     positions: dict[str, Position] = field(default_factory=dict)
     plans: dict[int, list[PlanPublished]] = field(default_factory=dict)  # epoch -> plans by (start, rotation)
-    step_published: dict[int, int] = field(default_factory=dict)  # step -> latest Kafka timestamp of its candles
+    step_published: dict[int, int] = field(
+        default_factory=dict
+    )  # step -> latest Kafka timestamp of its candles
     rotations_waiting: dict[str, int] = field(default_factory=dict)  # rotate command id -> broker time (ms)
     rotations_answered: set[str] = field(default_factory=set)  # command ids a published plan answers
     marks: dict[str, Decimal] = field(default_factory=dict)
@@ -247,7 +256,9 @@ class StrategyState:
     # The arbiter's decisions on intents this state has not sent (first one per intent): what makes a manual
     # order's outcomes legitimate. Own intents' entries go when the intent is (re-)emitted.
     decisions: dict[str, OrderDecided] = field(default_factory=dict)
-    decided_filled: dict[str, Decimal] = field(default_factory=dict)  # manual intent -> size of its applied fills
+    decided_filled: dict[str, Decimal] = field(
+        default_factory=dict
+    )  # manual intent -> size of its applied fills
     # Foreign outcomes past their release with no decision yet: intent -> (refuse after this close, outcomes).
     awaiting: dict[str, tuple[int, list[Outcome]]] = field(default_factory=dict)
     decision_wait_steps: int = DEFAULT_DECISION_WAIT_STEPS
@@ -288,14 +299,25 @@ class StrategyState:
     def equity(self) -> Decimal:
         if not self.positions:
             return self.cash  # the common case, every step
-        return self.cash + sum((p.size * self.marks.get(prod, p.avg_price) for prod, p in self.positions.items()), Decimal(0))
+        return self.cash + sum(
+            (p.size * self.marks.get(prod, p.avg_price) for prod, p in self.positions.items()), Decimal(0)
+        )
 
 
 # Durable state (shared/snapshots.py): the version of StrategyState's snapshot form (raise it when a field
 # changes meaning), and the fields new_state sets from the configuration, which a snapshot leaves out.
 SNAPSHOT_SCHEMA = 1
 CONFIG_FIELDS = frozenset(
-    {"profile_id", "profile", "quote", "limits", "on_rotation", "weights", "decision_wait_steps", "max_publish_lag_s"}
+    {
+        "profile_id",
+        "profile",
+        "quote",
+        "limits",
+        "on_rotation",
+        "weights",
+        "decision_wait_steps",
+        "max_publish_lag_s",
+    }
 )
 
 
@@ -353,7 +375,9 @@ def decide(
         if msg.profile == state.profile_id:
             plans = state.plans.setdefault(msg.epoch, [])
             # A redelivered or re-published plan replaces its own slot: one plan per (start, rotation).
-            plans[:] = [p for p in plans if (p.epoch_start, p.rotation) != (msg.epoch_start, msg.rotation)] + [msg]
+            plans[:] = [
+                p for p in plans if (p.epoch_start, p.rotation) != (msg.epoch_start, msg.rotation)
+            ] + [msg]
             plans.sort(key=lambda p: (p.epoch_start, p.rotation))
             for c in msg.rotation_commands:
                 state.rotations_waiting.pop(c, None)
@@ -480,7 +504,9 @@ def _judge_foreign(state: StrategyState, o: Outcome, decision: OrderDecided | No
         return
     if isinstance(o, OrderFilled) and o.fill_id in state.seen_fills:
         return  # a redelivered copy of an applied fill: counted once, as for our own
-    what = f"{type(o).__name__} {o.id} ({o.side} {o.size} {o.product}) of {o.profile} for intent {o.intent_id}"
+    what = (
+        f"{type(o).__name__} {o.id} ({o.side} {o.size} {o.product}) of {o.profile} for intent {o.intent_id}"
+    )
     reason: str | None = None
     if decision is None:
         reason = (
@@ -491,9 +517,7 @@ def _judge_foreign(state: StrategyState, o: Outcome, decision: OrderDecided | No
     elif decision.verdict == "rejected":
         reason = f"{what} refused: the arbiter rejected that intent ({decision.rule}: {decision.reason})"
     elif (o.product, o.side) != (decision.product, decision.side):
-        reason = (
-            f"{what} refused: {o.side} {o.product} does not match the approved {decision.side} {decision.product}"
-        )
+        reason = f"{what} refused: {o.side} {o.product} does not match the approved {decision.side} {decision.product}"
     else:
         # A fill adds to what the intent has filled; an order event states its filled size as a whole.
         if isinstance(o, OrderFilled):
@@ -551,7 +575,9 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
         if pos is not None:
             sold = min(pos.size, f.size)
             gain = (f.price - pos.avg_price) * sold
-            share = state.entry_fees.get(f.product, Decimal(0)) * (sold / pos.size) if pos.size else Decimal(0)
+            share = (
+                state.entry_fees.get(f.product, Decimal(0)) * (sold / pos.size) if pos.size else Decimal(0)
+            )
             state.entry_fees[f.product] = state.entry_fees.get(f.product, Decimal(0)) - share
             state.realized_pnl += gain
             state.closed_trades += 1
@@ -750,7 +776,9 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
                 candidates.append((-sig.value, product, sig))
         for _, product, sig in sorted(candidates)[:slots]:
             price = marks[product]
-            budget = equity * Decimal(str(sc.max_position_size_pct / 100 * sig.confidence / sc.risk_adjustment_factor))
+            budget = equity * Decimal(
+                str(sc.max_position_size_pct / 100 * sig.confidence / sc.risk_adjustment_factor)
+            )
             budget = min(budget, state.cash * Decimal("0.98"))  # keep room for fee and slippage
             size = (budget / price).quantize(SIZE_STEP, rounding=ROUND_DOWN)
             if size <= 0 or size * price < MIN_NOTIONAL:
@@ -793,12 +821,16 @@ def _risk_halts(state: StrategyState, equity: Decimal, day: int, corr: str) -> l
         if loss_pct >= lim.max_daily_loss_pct:
             state.entries_paused_day = day
             reason = f"daily loss {loss_pct:.2f}% >= max_daily_loss_pct {rm.max_daily_loss_pct}"
-            out.append(_halt(state, reason, from_epoch_s((day + 1) * 86400), from_epoch_s(state.last_step_s), corr))
+            out.append(
+                _halt(state, reason, from_epoch_s((day + 1) * 86400), from_epoch_s(state.last_step_s), corr)
+            )
             state.halt_counts["daily_loss"] = state.halt_counts.get("daily_loss", 0) + 1
     return out
 
 
-def _halt(state: StrategyState, reason: str, until: datetime | None, when: datetime, corr: str) -> ProfileHalted:
+def _halt(
+    state: StrategyState, reason: str, until: datetime | None, when: datetime, corr: str
+) -> ProfileHalted:
     return ProfileHalted(
         id=derived_id("halt", state.profile_id, when.isoformat(), reason.split(" ")[0]),
         event_time=when,

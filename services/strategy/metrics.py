@@ -36,22 +36,41 @@ class StrategyMetrics(MetricsEndpoint):
         r = self.registry
         p = ["profile"]
         self.trades = Gauge("mp_strategy_trades", "Fills applied to the profile's book", p, registry=r)
-        self.closed = Gauge("mp_strategy_closed_trades", "Sell fills (each closes all or part of a position)", p, registry=r)
-        self.wins = Gauge("mp_strategy_wins", "Sell fills whose gain at average cost exceeds both legs' fees", p, registry=r)
-        self.win_rate = Gauge("mp_strategy_win_rate", "wins / closed trades (0 before the first close)", p, registry=r)
-        self.realized = Gauge("mp_strategy_realized_pnl", "Realised PnL at average cost (quote currency)", p, registry=r)
+        self.closed = Gauge(
+            "mp_strategy_closed_trades", "Sell fills (each closes all or part of a position)", p, registry=r
+        )
+        self.wins = Gauge(
+            "mp_strategy_wins", "Sell fills whose gain at average cost exceeds both legs' fees", p, registry=r
+        )
+        self.win_rate = Gauge(
+            "mp_strategy_win_rate", "wins / closed trades (0 before the first close)", p, registry=r
+        )
+        self.realized = Gauge(
+            "mp_strategy_realized_pnl", "Realised PnL at average cost (quote currency)", p, registry=r
+        )
         self.unrealized = Gauge(
-            "mp_strategy_unrealized_pnl", "Open positions at the last close minus their cost (quote)", p, registry=r
+            "mp_strategy_unrealized_pnl",
+            "Open positions at the last close minus their cost (quote)",
+            p,
+            registry=r,
         )
         self.fees = Gauge("mp_strategy_fees", "Fees paid (quote currency)", p, registry=r)
-        self.equity = Gauge("mp_strategy_equity", "Cash plus open positions at the last close (quote)", p, registry=r)
+        self.equity = Gauge(
+            "mp_strategy_equity", "Cash plus open positions at the last close (quote)", p, registry=r
+        )
         self.drawdown = Gauge(
-            "mp_strategy_drawdown_pct", "Percent below the running equity peak at the last step", p, registry=r
+            "mp_strategy_drawdown_pct",
+            "Percent below the running equity peak at the last step",
+            p,
+            registry=r,
         )
         self.max_drawdown = Gauge("mp_strategy_max_drawdown_pct", "Largest drawdown_pct seen", p, registry=r)
         self.open_positions = Gauge("mp_strategy_open_positions", "Open positions", p, registry=r)
         self.halts = Gauge(
-            "mp_strategy_halts", "Risk halts emitted, by kind (drawdown, daily_loss)", ["profile", "kind"], registry=r
+            "mp_strategy_halts",
+            "Risk halts emitted, by kind (drawdown, daily_loss)",
+            ["profile", "kind"],
+            registry=r,
         )
         self.halted = Gauge(
             "mp_strategy_halted",
@@ -61,7 +80,9 @@ class StrategyMetrics(MetricsEndpoint):
         )
         self.intents = Gauge("mp_strategy_intents", "Order intents emitted", p, registry=r)
         self.steps = Gauge("mp_strategy_steps", "Market steps evaluated", p, registry=r)
-        self.epoch = Gauge("mp_strategy_plan_epoch", "Epoch of the plan of the last evaluated step", p, registry=r)
+        self.epoch = Gauge(
+            "mp_strategy_plan_epoch", "Epoch of the plan of the last evaluated step", p, registry=r
+        )
         self.rotation = Gauge(
             "mp_strategy_plan_rotation", "Early rotation of that plan (0: the scheduled plan)", p, registry=r
         )
@@ -100,7 +121,10 @@ class StrategyMetrics(MetricsEndpoint):
         self.win_rate.labels(pid).set(state.wins / state.closed_trades if state.closed_trades else 0.0)
         self.realized.labels(pid).set(float(state.realized_pnl))
         unrealized = sum(
-            ((state.marks.get(prod, pos.avg_price) - pos.avg_price) * pos.size for prod, pos in state.positions.items()),
+            (
+                (state.marks.get(prod, pos.avg_price) - pos.avg_price) * pos.size
+                for prod, pos in state.positions.items()
+            ),
             Decimal(0),
         )
         self.unrealized.labels(pid).set(float(unrealized))
@@ -116,7 +140,9 @@ class StrategyMetrics(MetricsEndpoint):
         for kind, n in state.halt_counts.items():
             self.halts.labels(pid, kind).set(n)
         self.halted.labels(pid, "drawdown").set(1 if state.halted else 0)
-        self.halted.labels(pid, "daily_loss").set(1 if state.day is not None and state.entries_paused_day == state.day else 0)
+        self.halted.labels(pid, "daily_loss").set(
+            1 if state.day is not None and state.entries_paused_day == state.day else 0
+        )
         self.halted.labels(pid, "operator").set(1 if state.paused else 0)
         self.intents.labels(pid).set(state.intents_sent)
         self.steps.labels(pid).set(state.steps_done)

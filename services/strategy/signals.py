@@ -290,7 +290,9 @@ class SignalModel(ABC):
     # Smallest allowed value of each structural parameter (2 where a sample variance needs two values).
     _minimum: ClassVar[Mapping[str, int]]
 
-    def __init__(self, structural: Mapping[str, int] | None = None, *, returns: _LogReturns | None = None) -> None:
+    def __init__(
+        self, structural: Mapping[str, int] | None = None, *, returns: _LogReturns | None = None
+    ) -> None:
         """`returns`: the log returns shared by the models of one product (ProductSignals feeds them);
         None: the model keeps and feeds its own."""
         spec = CATALOG[self.name]
@@ -480,7 +482,9 @@ class EntropyGatedMomentumModel(SignalModel):
         gate = _tunable(tunable, "entropy_gate", d["entropy_gate"])
         if self._at_bar():
             moves = self._up + self._down
-            self._h = _binary_entropy(self._up, moves) if moves else 1.0  # no moves at all: no order to trade on
+            self._h = (
+                _binary_entropy(self._up, moves) if moves else 1.0
+            )  # no moves at all: no order to trade on
             self._t_stat = self._momentum()
         h, m = self._h, self._t_stat
         if h > gate:
@@ -545,7 +549,10 @@ class MultiHorizonMomentumModel(SignalModel):
         sd = math.sqrt(var)
         closes = self._closes
         c = closes[-1]
-        return tuple(math.log(c / closes[-1 - h]) / (sd * sqrt_h) for h, sqrt_h in zip(self._h, self._sqrt_h, strict=True))
+        return tuple(
+            math.log(c / closes[-1 - h]) / (sd * sqrt_h)
+            for h, sqrt_h in zip(self._h, self._sqrt_h, strict=True)
+        )
 
 
 class BayesianDriftModel(SignalModel):
@@ -685,7 +692,9 @@ def make_model(
 class VolatilityTracker:
     """Sample standard deviation of the last `window` log returns of close (the entropy_threshold measure)."""
 
-    def __init__(self, window: int = 24, interval_s: int = 3600, *, returns: _LogReturns | None = None) -> None:
+    def __init__(
+        self, window: int = 24, interval_s: int = 3600, *, returns: _LogReturns | None = None
+    ) -> None:
         if window < 2:
             raise ValueError(f"volatility window {window} must be >= 2 (a sample stdev needs two returns)")
         if interval_s < 1:
@@ -731,7 +740,9 @@ class ProductSignals:
             raise ValueError(f"unknown strategy {unknown[0]!r}; valid: {', '.join(_MODELS)}")
         # One set of log returns for the five models and the volatility (see _LogReturns).
         self._log = _LogReturns()
-        self._models: dict[str, SignalModel] = {n: make_model(n, overrides.get(n), returns=self._log) for n in _MODELS}
+        self._models: dict[str, SignalModel] = {
+            n: make_model(n, overrides.get(n), returns=self._log) for n in _MODELS
+        }
         self.volatility = VolatilityTracker(vol_window, interval_s, returns=self._log)
         self.interval_s = interval_s
         self._last_time: int | None = None

@@ -63,26 +63,66 @@ def test_audit_file_follows_trades_and_holds_no_secret(infra: Endpoints, tmp_pat
     cfg_path = tmp_path / "profiles.yaml"
     secret_values = secret_config(cfg_path)
     out = tmp_path / "run"
-    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap, REDIS_URL=infra.redis_url, CI="true")
+    env = dict(
+        os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap, REDIS_URL=infra.redis_url, CI="true"
+    )
     demo = subprocess.run(
-        [sys.executable, "-m", "mpctl.cli", "demo", "--config", str(cfg_path), "--out", str(out), "--hours", "240",
-         "--keep-topics"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "mpctl.cli",
+            "demo",
+            "--config",
+            str(cfg_path),
+            "--out",
+            str(out),
+            "--hours",
+            "240",
+            "--keep-topics",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert demo.returncode == 0, demo.stderr
     ns = json.loads((out / "run.json").read_text())["namespace"]
     try:
         monitor = subprocess.run(
-            [sys.executable, "-m", "services.monitor", "--config", str(cfg_path), "--bootstrap", infra.kafka_bootstrap,
-             "--namespace", ns, "--drain", "--audit-file", str(out / "audit.jsonl"),
-             "--alerts-file", str(out / "alerts.jsonl"), "--snapshot-file", str(out / "monitor.json")],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "services.monitor",
+                "--config",
+                str(cfg_path),
+                "--bootstrap",
+                infra.kafka_bootstrap,
+                "--namespace",
+                ns,
+                "--drain",
+                "--audit-file",
+                str(out / "audit.jsonl"),
+                "--alerts-file",
+                str(out / "alerts.jsonl"),
+                "--snapshot-file",
+                str(out / "monitor.json"),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert monitor.returncode == 0, monitor.stderr
         records = asyncio.run(raw_records(infra.kafka_bootstrap, ns))
     finally:
-        asyncio.run(delete_topics(infra.kafka_bootstrap, [t for t in asyncio.run(list_topics(infra.kafka_bootstrap))
-                                                         if t.startswith(ns + ".")]))
+        asyncio.run(
+            delete_topics(
+                infra.kafka_bootstrap,
+                [t for t in asyncio.run(list_topics(infra.kafka_bootstrap)) if t.startswith(ns + ".")],
+            )
+        )
     write_report(out)
 
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
@@ -98,7 +138,9 @@ def test_audit_file_follows_trades_and_holds_no_secret(infra: Endpoints, tmp_pat
     # Follow every fill back to its intent and the candle step that caused it, by correlation id.
     intents = {a["intent_id"]: a for a in audit if a["type"] == "PlaceOrder"}
     decisions = {a["intent_id"]: a for a in audit if a["type"] == "OrderDecided"}
-    candle_steps = {json.loads(r.split(b"\n", 1)[1])["correlation_id"] for r in records if b'"CandleClosed"' in r}
+    candle_steps = {
+        json.loads(r.split(b"\n", 1)[1])["correlation_id"] for r in records if b'"CandleClosed"' in r
+    }
     for f in (a for a in audit if a["type"] == "OrderFilled"):
         intent = intents[f["intent_id"]]
         assert f["correlation_id"] == intent["correlation_id"] == decisions[f["intent_id"]]["correlation_id"]
@@ -110,8 +152,12 @@ def test_audit_file_follows_trades_and_holds_no_secret(infra: Endpoints, tmp_pat
     for p in out.rglob("*"):
         if p.is_file():
             haystacks[str(p.relative_to(out))] = p.read_bytes()
-    for name, text in (("demo stdout", demo.stdout), ("demo stderr", demo.stderr),
-                       ("monitor stderr", monitor.stderr), ("monitor stdout", monitor.stdout)):
+    for name, text in (
+        ("demo stdout", demo.stdout),
+        ("demo stderr", demo.stderr),
+        ("monitor stderr", monitor.stderr),
+        ("monitor stdout", monitor.stdout),
+    ):
         haystacks[name] = text.encode()
     assert {"audit.jsonl", "report.html", "summary.json", "alerts.jsonl"} <= set(haystacks)
     assert any(k.startswith("logs/") for k in haystacks)

@@ -88,7 +88,9 @@ async def test_memory_claims_answer_as_the_redis_script(redis_url: str) -> None:
             end = start + rnd.choice((900, 1800, 3600, 14400))
             h, f = f"{rnd.randrange(5):064x}", f"{rnd.randrange(5):064x}"
             asset = rnd.choice([None, "ADA", "DOT", "LINK"])
-            want = await redis_claims.claim_interval(profile, start, end, hash_hex=h, fingerprint=f, asset=asset)
+            want = await redis_claims.claim_interval(
+                profile, start, end, hash_hex=h, fingerprint=f, asset=asset
+            )
             got = memory.claim_interval(profile, start, end, h, f, asset)
             assert got == want, (profile, start, end, h[-1], f[-1], asset)
     finally:

@@ -25,7 +25,12 @@ DATA = ROOT / "data" / "market"
 
 
 def run_demo(endpoints: Endpoints, out: Path, *args: str, timeout: float = 600) -> dict[str, Any]:
-    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=endpoints.kafka_bootstrap, REDIS_URL=endpoints.redis_url, CI="true")
+    env = dict(
+        os.environ,
+        KAFKA_BOOTSTRAP_SERVERS=endpoints.kafka_bootstrap,
+        REDIS_URL=endpoints.redis_url,
+        CI="true",
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "mpctl.cli", "demo", "--out", str(out), *args],
         cwd=ROOT,
@@ -115,12 +120,31 @@ def check_invariants(out: Path, summary: dict[str, Any]) -> None:
 
     # Output fields the issue names.
     for o in orders:
-        assert set(o) >= {"profile", "product", "side", "size", "price", "fee", "status", "client_order_id",
-                          "intent_id", "event_time"}
+        assert set(o) >= {
+            "profile",
+            "product",
+            "side",
+            "size",
+            "price",
+            "fee",
+            "status",
+            "client_order_id",
+            "intent_id",
+            "event_time",
+        }
         assert o["side"] in ("buy", "sell")
         assert o["status"] in ("submitted", "open", "partially_filled", "filled", "cancelled", "rejected")
     for p in plans:
-        assert set(p) >= {"epoch", "profile", "hash", "nonce", "strategy", "parameters", "assets", "fingerprint"}
+        assert set(p) >= {
+            "epoch",
+            "profile",
+            "hash",
+            "nonce",
+            "strategy",
+            "parameters",
+            "assets",
+            "fingerprint",
+        }
 
     # The books balance, recomputed here from fills.jsonl alone.
     for pid, prof in summary["profiles"].items():
@@ -140,7 +164,11 @@ def check_invariants(out: Path, summary: dict[str, Any]) -> None:
         assert {k: Decimal(v) for k, v in prof["open_positions"].items()} == open_pos
         marked = sum((v * Decimal(prof["mark_prices"][k]) for k, v in open_pos.items()), Decimal(0))
         expected = initial + sells - buys - fees + marked
-        assert abs(Decimal(prof["final_equity"]) - expected) < Decimal("0.0000001"), (pid, prof["final_equity"], expected)
+        assert abs(Decimal(prof["final_equity"]) - expected) < Decimal("0.0000001"), (
+            pid,
+            prof["final_equity"],
+            expected,
+        )
         assert prof["trades"] == sum(1 for f in fills if f["profile"] == pid)
         for key in ("strategy", "wins", "win_rate", "realized_pnl", "fees", "max_drawdown_pct"):
             assert key in prof
@@ -227,10 +255,12 @@ def _three_profiles(tmp: Path, **arbiter: Any) -> Path:
 
 def _figures(summary: dict[str, Any]) -> str:
     c, d = summary["counters"], summary["desync"]
-    return (f"intents {c['intents']} approved {c['approved']} delayed {c['delayed']} rejected_by_rule "
-            f"{c['rejected_by_rule']} internal-cross {c['internal_cross_opportunities']} saving "
-            f"{c['internal_cross_savings']} gaps {d['gaps']} within-window {d['gaps_within_window']} "
-            f"below_min {d['below_min']} opposite pairs {d['opposite_side_pairs_within_window']}")
+    return (
+        f"intents {c['intents']} approved {c['approved']} delayed {c['delayed']} rejected_by_rule "
+        f"{c['rejected_by_rule']} internal-cross {c['internal_cross_opportunities']} saving "
+        f"{c['internal_cross_savings']} gaps {d['gaps']} within-window {d['gaps_within_window']} "
+        f"below_min {d['below_min']} opposite pairs {d['opposite_side_pairs_within_window']}"
+    )
 
 
 @pytest.mark.timeout(900)
@@ -250,7 +280,10 @@ def test_three_profiles_on_the_bundled_data_keep_apart_and_report_internal_cross
     assert d["gaps"]["min_ms"] >= summary["settings"]["min_cross_profile_gap_ms"]
     assert c["delayed"] > 0, "profiles a and c share products: some orders must have been spaced"
     assert set(c["internal_cross_savings"]) == {"fees", "slippage", "total"}
-    assert "internal-cross opportunities" in summary["_stdout"] and "cross-profile order gaps" in summary["_stdout"]
+    assert (
+        "internal-cross opportunities" in summary["_stdout"]
+        and "cross-profile order gaps" in summary["_stdout"]
+    )
 
 
 @pytest.mark.timeout(900)
@@ -261,7 +294,9 @@ def test_three_profiles_with_an_hour_window_block_washes_and_price_the_internal_
     profiles a and c (same products) meet, are rejected, and each is priced as an internal cross."""
     out = tmp_path / "three_wide"
     # Ten days: the bundled data's first such pair is on 2021-08-07 (ETH/USDC, profile_c against profile_b).
-    summary = run_demo(infra, out, "--config", str(_three_profiles(tmp_path, conflict_window_s=3600)), "--hours", "240")
+    summary = run_demo(
+        infra, out, "--config", str(_three_profiles(tmp_path, conflict_window_s=3600)), "--hours", "240"
+    )
     check_invariants(out, summary)
     print(_figures(summary))
     c = summary["counters"]

@@ -72,8 +72,13 @@ class FaultCase:
 
 
 # How each victim's WorkerFinished is named (a prefix): it must not have finished its work when killed.
-FINISHER = {"execution.profile_a": "execution:profile_a", "strategy.profile_c": "strategy:profile_c",
-            "arbiter": "arbiter:", "registry": "registry:", "ingest": "ingest:"}
+FINISHER = {
+    "execution.profile_a": "execution:profile_a",
+    "strategy.profile_c": "strategy:profile_c",
+    "arbiter": "arbiter:",
+    "registry": "registry:",
+    "ingest": "ingest:",
+}
 
 SERVICE_FAULTS = [
     FaultCase("kill-execution", 0.60, "execution.profile_a", on="candles"),
@@ -108,19 +113,45 @@ def _args(out: Path, ns: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     commands_demo.register(parser.add_subparsers())
     return parser.parse_args(
-        ["demo", "--config", str(CONFIG), "--data", str(DATA), "--out", str(out), "--hours", str(HOURS),
-         "--speed", str(SPEED), "--timeout", str(RUN_TIMEOUT_S), "--namespace", ns, "--keep-topics"]
+        [
+            "demo",
+            "--config",
+            str(CONFIG),
+            "--data",
+            str(DATA),
+            "--out",
+            str(out),
+            "--hours",
+            str(HOURS),
+            "--speed",
+            str(SPEED),
+            "--timeout",
+            str(RUN_TIMEOUT_S),
+            "--namespace",
+            ns,
+            "--keep-topics",
+        ]
     )
 
 
-async def _run(endpoints: Endpoints, out: Path, ns: str, fault: Fault | None,
-               marks: dict[str, int] | None = None) -> RunResult:
+async def _run(
+    endpoints: Endpoints, out: Path, ns: str, fault: Fault | None, marks: dict[str, int] | None = None
+) -> RunResult:
     cfg = load_config(CONFIG)
     started = time.monotonic()
     err = io.StringIO()
-    rc = await demo_pipeline(_args(out, ns), cfg, endpoints=endpoints, faults=[fault] if fault else [], errors=err)
-    result = RunResult(out, rc, err.getvalue(), time.monotonic() - started, out / "logs", fault=fault,
-                       marks=marks if marks is not None else {})
+    rc = await demo_pipeline(
+        _args(out, ns), cfg, endpoints=endpoints, faults=[fault] if fault else [], errors=err
+    )
+    result = RunResult(
+        out,
+        rc,
+        err.getvalue(),
+        time.monotonic() - started,
+        out / "logs",
+        fault=fault,
+        marks=marks if marks is not None else {},
+    )
     t = Topics(ns)
     try:
         result.events, _ = await read_topics(endpoints.kafka_bootstrap, [t.events])
@@ -169,7 +200,9 @@ def _skip_reason(case: FaultCase, session: InfraSession) -> str | None:
     if case.needs == "kafka" and os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         return "KAFKA_BOOTSTRAP_SERVERS points at an external broker: this suite restarts only a broker it started"
     if case.needs == "redis" and os.environ.get("REDIS_URL"):
-        return "REDIS_URL points at an external Redis: this suite flushes and restarts only a Redis it started"
+        return (
+            "REDIS_URL points at an external Redis: this suite flushes and restarts only a Redis it started"
+        )
     if case.needs and session.local is None:
         return f"{case.needs} runs in a container here, not under LocalInfra: no restart available"
     only = [x.strip() for x in os.environ.get("MPCTL_FAULTS", "").split(",") if x.strip()]
@@ -202,12 +235,15 @@ def runs(infra_session: InfraSession, tmp_path_factory: pytest.TempPathFactory) 
             marks: dict[str, int] = {}
             action = _action(case, infra_session.local, marks)
             if case.on == "candles":
-                fault = Fault(case.label, 0, action, after_candles=max(1, int(baseline.candle_records * case.share)))
+                fault = Fault(
+                    case.label, 0, action, after_candles=max(1, int(baseline.candle_records * case.share))
+                )
             else:
                 fault = Fault(case.label, max(1, int(baseline.records * case.share)), action)
             async with slots:
-                done[case.label] = await _run(endpoints, tmp / case.label, f"{tag}{case.label.replace('-', '')}",
-                                              fault, marks)
+                done[case.label] = await _run(
+                    endpoints, tmp / case.label, f"{tag}{case.label.replace('-', '')}", fault, marks
+                )
 
         await asyncio.gather(*(one(c) for c in CASES if c.victim and c.label not in skipped))
         for case in CASES:
@@ -330,9 +366,14 @@ def test_no_order_sent_twice_and_no_fill_lost_or_counted_twice(runs: Runs, label
     assert not twice, f"orders submitted under several event ids: {twice}"
     over = {c: sum(f.values()) for c, f in fills.items() if sum(f.values()) > sizes.get(c, Decimal(0))}
     assert not over, f"filled beyond the order size (double-counted fills): {over}"
-    base_fills = {(m.client_order_id, m.fill_id, m.size, m.price) for m in runs.baseline.events
-                  if isinstance(m, OrderFilled)}
-    got_fills = {(m.client_order_id, m.fill_id, m.size, m.price) for m in r.events if isinstance(m, OrderFilled)}
+    base_fills = {
+        (m.client_order_id, m.fill_id, m.size, m.price)
+        for m in runs.baseline.events
+        if isinstance(m, OrderFilled)
+    }
+    got_fills = {
+        (m.client_order_id, m.fill_id, m.size, m.price) for m in r.events if isinstance(m, OrderFilled)
+    }
     assert got_fills == base_fills, f"lost {base_fills - got_fills}, extra {got_fills - base_fills}"
 
 
@@ -343,30 +384,58 @@ def test_final_books_equal_the_uninterrupted_run(runs: Runs, label: str) -> None
         got, want = (r.out / name).read_bytes(), (runs.baseline.out / name).read_bytes()
         if name == "summary.json" and got != want:
             g, w = json.loads(got), json.loads(want)
-            diff = {pid: (g["profiles"].get(pid), p) for pid, p in w["profiles"].items() if g["profiles"].get(pid) != p}
-            raise AssertionError(f"summary differs; profiles (fault, baseline): {diff}; counters "
-                                 f"{g['counters']} vs {w['counters']}")
+            diff = {
+                pid: (g["profiles"].get(pid), p)
+                for pid, p in w["profiles"].items()
+                if g["profiles"].get(pid) != p
+            }
+            raise AssertionError(
+                f"summary differs; profiles (fault, baseline): {diff}; counters "
+                f"{g['counters']} vs {w['counters']}"
+            )
         assert got == want, f"{name} differs from the uninterrupted run's"
 
 
 def test_fault_figures_for_the_report(runs: Runs) -> None:
     """Prints what each fault met (`pytest -s` shows it); asserts only that the faults that ran fired."""
+
     def figures(r: RunResult) -> dict[str, Any]:
         ids = {f"{type(m).__name__}:{m.id}" for m in r.events}
         orders = _jsonl(r.out / "orders.jsonl") if (r.out / "orders.jsonl").exists() else []
-        same = [n for n in COMPARED if (r.out / n).exists() and
-                (r.out / n).read_bytes() == (runs.baseline.out / n).read_bytes()]
+        same = [
+            n
+            for n in COMPARED
+            if (r.out / n).exists() and (r.out / n).read_bytes() == (runs.baseline.out / n).read_bytes()
+        ]
         return {
-            "rc": r.rc, "seconds": round(r.seconds, 1), "events_records": r.records,
+            "rc": r.rc,
+            "seconds": round(r.seconds, 1),
+            "events_records": r.records,
             "republished_copies": r.records - len(ids),
             "orders_submitted": sum(1 for o in orders if o["status"] == "submitted"),
             "fills": len({m.fill_id for m in r.events if isinstance(m, OrderFilled)}),
             "files_equal_to_baseline": len(same),
-            "fault": None if r.fault is None else {
-                "after": r.fault.after_order_events, "fired_after": r.fault.fired_after,
-                "at_s": r.fault.fired_at_s and round(r.fault.fired_at_s, 1), "outcome": r.fault.outcome,
-                "finished_before": r.fault.finished_before},
+            "fault": None
+            if r.fault is None
+            else {
+                "after": r.fault.after_order_events,
+                "fired_after": r.fault.fired_after,
+                "at_s": r.fault.fired_at_s and round(r.fault.fired_at_s, 1),
+                "outcome": r.fault.outcome,
+                "finished_before": r.fault.finished_before,
+            },
         }
-    print(json.dumps({"baseline": figures(runs.baseline), **{k: figures(v) for k, v in runs.faults.items()},
-                      "skipped": runs.skipped}, indent=2))
-    assert all(r.fault is not None and r.fault.fired_after is not None for r in runs.faults.values() if r.rc == 0)
+
+    print(
+        json.dumps(
+            {
+                "baseline": figures(runs.baseline),
+                **{k: figures(v) for k, v in runs.faults.items()},
+                "skipped": runs.skipped,
+            },
+            indent=2,
+        )
+    )
+    assert all(
+        r.fault is not None and r.fault.fired_after is not None for r in runs.faults.values() if r.rc == 0
+    )

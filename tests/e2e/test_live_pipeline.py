@@ -28,10 +28,16 @@ ROOT = Path(__file__).resolve().parents[2]
 HOURS = "168"
 
 
-async def run(cmd: list[str], env: dict[str, str], *, stdin: bytes | None = None, timeout: float = 120) -> tuple[int, str]:
+async def run(
+    cmd: list[str], env: dict[str, str], *, stdin: bytes | None = None, timeout: float = 120
+) -> tuple[int, str]:
     """A subprocess that does not block the event loop the peer answers on."""
     proc = await asyncio.create_subprocess_exec(
-        *cmd, cwd=ROOT, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        *cmd,
+        cwd=ROOT,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
@@ -86,10 +92,15 @@ async def test_live_pipeline_signs_each_profiles_orders_with_its_own_key_once_an
     outputs: list[str] = []
     for profile, values, api in (
         ("profile_a", {"api_key": adv.key_name, "secret": adv.private_pem}, "coinbase"),
-        ("profile_b", {"api_key": exc.api_key, "secret": exc.secret_b64, "passphrase": exc.passphrase}, "coinbaseexchange"),
+        (
+            "profile_b",
+            {"api_key": exc.api_key, "secret": exc.secret_b64, "passphrase": exc.passphrase},
+            "coinbaseexchange",
+        ),
     ):
         code, text = await run(
-            [sys.executable, "-m", "mpctl.cli", "secrets", "set", profile, "--exchange", api], env,
+            [sys.executable, "-m", "mpctl.cli", "secrets", "set", profile, "--exchange", api],
+            env,
             stdin=json.dumps(values).encode(),
         )
         assert code == 0, text
@@ -106,8 +117,25 @@ async def test_live_pipeline_signs_each_profiles_orders_with_its_own_key_once_an
     out = tmp_path / "run"
     namespace = f"live{os.getpid()}"
     code, text = await run(
-        [sys.executable, "-m", "mpctl.cli", "demo", "--config", str(cfg_path), "--out", str(out), "--hours", HOURS,
-         "--exchange-api-base", peer.base_url, "--namespace", namespace, "--keep-topics", "--timeout", "100"],
+        [
+            sys.executable,
+            "-m",
+            "mpctl.cli",
+            "demo",
+            "--config",
+            str(cfg_path),
+            "--out",
+            str(out),
+            "--hours",
+            HOURS,
+            "--exchange-api-base",
+            peer.base_url,
+            "--namespace",
+            namespace,
+            "--keep-topics",
+            "--timeout",
+            "100",
+        ],
         env,
         timeout=150,
     )
@@ -124,7 +152,9 @@ async def test_live_pipeline_signs_each_profiles_orders_with_its_own_key_once_an
         assert o.profile == profile_of[o.client_id] and o.signed_by == key_of[o.profile]
     assert all(n == 1 for n in Counter(o.client_id for o in peer.orders).values())
     sent = {o["client_order_id"] for o in orders if o["status"] == "submitted"}
-    assert {o["client_order_id"] for o in orders if o["status"] == "filled"} <= {o.client_id for o in peer.orders}
+    assert {o["client_order_id"] for o in orders if o["status"] == "filled"} <= {
+        o.client_id for o in peer.orders
+    }
     assert {o.client_id for o in peer.orders} <= sent
 
     # Each fill at the peer is in the output once, with its size.
@@ -148,7 +178,11 @@ async def test_live_pipeline_signs_each_profiles_orders_with_its_own_key_once_an
     blobs, n_topics = await topic_bytes(infra.kafka_bootstrap, namespace)
     assert n_topics >= 10 and len(blobs) > 1000
     texts["topics"] = b"\n".join(blobs)
-    assert all(o.client_id.encode() in texts["topics"] for o in peer.orders)  # the scan reads the run's messages
-    print(f"peer orders {len(peer.orders)}, fills {peer_fills}, topics {n_topics}, records {len(blobs) // 2}, files {len(files)}")
+    assert all(
+        o.client_id.encode() in texts["topics"] for o in peer.orders
+    )  # the scan reads the run's messages
+    print(
+        f"peer orders {len(peer.orders)}, fills {peer_fills}, topics {n_topics}, records {len(blobs) // 2}, files {len(files)}"
+    )
     leaks = [(where, s[:12]) for where, data in texts.items() for s in secrets_ if s.encode() in data]
     assert leaks == [], f"secret values found in: {sorted({w for w, _ in leaks})}"

@@ -31,14 +31,28 @@ def chromium() -> str:
             found = shutil.which(name)
             if found:
                 return found
-    pytest.skip("chromium is not installed and could not be installed (scripts/ensure-chromium.sh needs root and apt)")
+    pytest.skip(
+        "chromium is not installed and could not be installed (scripts/ensure-chromium.sh needs root and apt)"
+    )
 
 
-def run_chromium(binary: str, profile: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_chromium(
+    binary: str, profile: Path, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     cmd = [
-        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *args,
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -51,9 +65,17 @@ def console_lines(stderr: str) -> list[str]:
 def test_report_renders_in_headless_chromium(infra: Endpoints, tmp_path: Path) -> None:
     binary = chromium()
     out = tmp_path / "demo"
-    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap, REDIS_URL=infra.redis_url, CI="true")
-    demo = subprocess.run([sys.executable, "-m", "mpctl.cli", "demo", "--out", str(out), "--hours", "480"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap, REDIS_URL=infra.redis_url, CI="true"
+    )
+    demo = subprocess.run(
+        [sys.executable, "-m", "mpctl.cli", "demo", "--out", str(out), "--hours", "480"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert demo.returncode == 0, demo.stderr
     report = write_report(out)
     url = report.resolve().as_uri()
@@ -74,8 +96,9 @@ def test_report_renders_in_headless_chromium(infra: Endpoints, tmp_path: Path) -
     ARTIFACTS.mkdir(exist_ok=True)
     png = ARTIFACTS / "report.png"
     png.unlink(missing_ok=True)
-    shot = run_chromium(binary, tmp_path / "p2", f"--screenshot={png}", "--window-size=1400,2000",
-                        "--hide-scrollbars", url)
+    shot = run_chromium(
+        binary, tmp_path / "p2", f"--screenshot={png}", "--window-size=1400,2000", "--hide-scrollbars", url
+    )
     assert shot.returncode == 0, shot.stderr[-2000:]
     assert console_lines(shot.stderr) == []
     data = png.read_bytes()
@@ -86,7 +109,9 @@ def test_console_error_detection_works(tmp_path: Path) -> None:
     """The check above would see an error: a page that logs one is caught."""
     binary = chromium()
     bad = tmp_path / "bad.html"
-    bad.write_text('<!DOCTYPE html><html><body><script>console.error("boom"); missing();</script></body></html>')
+    bad.write_text(
+        '<!DOCTYPE html><html><body><script>console.error("boom"); missing();</script></body></html>'
+    )
     r = run_chromium(binary, tmp_path / "p", "--dump-dom", bad.resolve().as_uri())
     lines = console_lines(r.stderr)
     assert any('"boom"' in x for x in lines) and any("ReferenceError" in x for x in lines)

@@ -30,8 +30,14 @@ async def test_selftest_passes_and_writes_results(
     assert code == 0, json.dumps(results["tests"], indent=1)
     assert results["passed"] is True and results["summary"] == {"total": 8, "passed": 8, "failed": 0}
     assert [t["name"] for t in results["tests"]] == [
-        "system_initialization", "integration", "profile_management", "strategy_generation", "trade_execution",
-        "cross_profile_arbitrage", "mathematical_separation", "performance_monitoring",
+        "system_initialization",
+        "integration",
+        "profile_management",
+        "strategy_generation",
+        "trade_execution",
+        "cross_profile_arbitrage",
+        "mathematical_separation",
+        "performance_monitoring",
     ]
     assert results["invariants"]["ok"] and results["counters"]["intents"] > 0
     assert set(results["profiles"]) == {"profile_a", "profile_b"}
@@ -50,5 +56,7 @@ def test_selftest_reports_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFix
     args = parser.parse_args(["selftest", "--out", str(tmp_path), "--config", str(bad)])
     assert args.handler(args) == 1
     results = json.loads((tmp_path / "multi_profile_test_results.json").read_text())
-    assert results["tests"][0]["name"] == "system_initialization" and results["tests"][0]["status"] == "failed"
+    assert (
+        results["tests"][0]["name"] == "system_initialization" and results["tests"][0]["status"] == "failed"
+    )
     assert "profiles" in results["tests"][0]["details"][0]

@@ -30,7 +30,9 @@ async def create_topics(bootstrap: str, cfg: AppConfig) -> None:
     await ensure_topics(bootstrap, declared_topics(cfg))
 
 
-async def publish(bootstrap: str, items: list[tuple[str, Message, str | None]], *, broadcast: bool = False) -> None:
+async def publish(
+    bootstrap: str, items: list[tuple[str, Message, str | None]], *, broadcast: bool = False
+) -> None:
     pub = Publisher(bootstrap, client_id="ops-test")
     await pub.start()
     try:
@@ -45,11 +47,15 @@ async def publish(bootstrap: str, items: list[tuple[str, Message, str | None]], 
 
 
 @contextlib.asynccontextmanager
-async def running(bootstrap: str, namespace: str, *, executions: tuple[str, ...] = ("profile_a",)) -> AsyncIterator[Topics]:
+async def running(
+    bootstrap: str, namespace: str, *, executions: tuple[str, ...] = ("profile_a",)
+) -> AsyncIterator[Topics]:
     settings = ServiceSettings(config_path=TEMPLATE, kafka_bootstrap=bootstrap, namespace=namespace)
     cfg = ns_config(namespace)
     stop = asyncio.Event()
-    mains: list[Callable[[asyncio.Event], Awaitable[int]]] = [arbiter_bootstrap(settings, overrides={"config": cfg}).run]
+    mains: list[Callable[[asyncio.Event], Awaitable[int]]] = [
+        arbiter_bootstrap(settings, overrides={"config": cfg}).run
+    ]
     for pid in executions:
         s = settings.model_copy(update={"profile": pid})
         mains.append(execution_bootstrap(s, overrides={"config": cfg}).run)
@@ -61,7 +67,9 @@ async def running(bootstrap: str, namespace: str, *, executions: tuple[str, ...]
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 45.0, what: str = "condition") -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 45.0, what: str = "condition"
+) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not await check():
         if asyncio.get_running_loop().time() > deadline:

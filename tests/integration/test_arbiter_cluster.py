@@ -88,8 +88,17 @@ class Script:
         t = T0 + k * HOUR
         e = kw.pop("epoch", self.epoch(profile, t))
         price = next(c for c in self.market[k] if getattr(c, "product", None) == product).close  # type: ignore[attr-defined]
-        return place_order(profile, side, step=t, product=product, size=size, price=price, epoch=e,
-                           fingerprint=kw.pop("fingerprint", fp(profile, e)), **kw)
+        return place_order(
+            profile,
+            side,
+            step=t,
+            product=product,
+            size=size,
+            price=price,
+            epoch=e,
+            fingerprint=kw.pop("fingerprint", fp(profile, e)),
+            **kw,
+        )
 
 
 def build_script(cfg: AppConfig) -> Script:
@@ -98,20 +107,32 @@ def build_script(cfg: AppConfig) -> Script:
     moves = [0, 3, -2, 4, -1, 2, -3, 5, 1, -2, 3, -1, 2, 0, -2, 1]
     for k in range(STEPS):
         t = T0 + k * HOUR
-        px = {p: round(v * (1 + moves[k] / 100 + (i - 1.5) * 0.002 * (k % 3)), 4) for i, (p, v) in enumerate(base.items())}
+        px = {
+            p: round(v * (1 + moves[k] / 100 + (i - 1.5) * 0.002 * (k % 3)), 4)
+            for i, (p, v) in enumerate(base.items())
+        }
         s.market[k] = [candle(p, t, v, v, v, v) for p, v in px.items()] + [watermark(t)]
         for pid in (A, B, C):
             r = cfg.profiles[pid].profile_hash.hash_rotation_interval
             e = t // r
-            s.plans.setdefault((pid, e), plan(pid, e, interval=r, fingerprint=fp(pid, e), hash_hex=fp(pid, e)))
+            s.plans.setdefault(
+                (pid, e), plan(pid, e, interval=r, fingerprint=fp(pid, e), hash_hex=fp(pid, e))
+            )
     i = s.intent
     s.intents = {
-        0: [i(0, A, "buy", "BTC/USDC", "2"), i(0, B, "buy", "BTC/USDC", "2"), i(0, C, "buy", "ETH/USDC", "4")],
+        0: [
+            i(0, A, "buy", "BTC/USDC", "2"),
+            i(0, B, "buy", "BTC/USDC", "2"),
+            i(0, C, "buy", "ETH/USDC", "4"),
+        ],
         1: [],
         2: [i(2, C, "buy", "BTC/USDC", "3")],  # beyond max_product_notional: trimmed
         3: [i(3, A, "sell", "XRP/USDC", "10"), i(3, C, "buy", "XRP/USDC", "25")],  # netted (execute mode)
         4: [i(4, B, "sell", "BTC/USDC", "2")],
-        5: [i(5, A, "buy", "BTC/USDC", "1"), i(5, C, "buy", "SOL/USDC", "2")],  # A's: opposite to B's recent sell
+        5: [
+            i(5, A, "buy", "BTC/USDC", "1"),
+            i(5, C, "buy", "SOL/USDC", "2"),
+        ],  # A's: opposite to B's recent sell
         6: [i(6, C, "buy", "SOL/USDC", "2", fingerprint="ee" * 32)],  # forged
         7: [i(7, A, "buy", "SOL/USDC", "1", epoch=(T0 + 6 * HOUR) // HOUR)],  # stale after a rotation
         8: [i(8, B, "buy", "ETH/USDC", "3"), i(8, C, "buy", "ETH/USDC", "3")],
@@ -120,7 +141,11 @@ def build_script(cfg: AppConfig) -> Script:
         11: [i(11, B, "buy", "SOL/USDC", "5"), i(11, A, "buy", "SOL/USDC", "5")],
         12: [i(12, C, "sell", "ETH/USDC", "4"), i(12, B, "buy", "XRP/USDC", "30")],
         13: [i(13, A, "sell", "BTC/USDC", "3"), i(13, C, "buy", "BTC/USDC", "1")],
-        14: [i(14, B, "buy", "BTC/USDC", "2"), i(14, A, "buy", "XRP/USDC", "20"), i(14, C, "buy", "SOL/USDC", "3")],
+        14: [
+            i(14, B, "buy", "BTC/USDC", "2"),
+            i(14, A, "buy", "XRP/USDC", "20"),
+            i(14, C, "buy", "SOL/USDC", "3"),
+        ],
         15: [i(15, A, "sell", "ETH/USDC", "1"), i(15, B, "sell", "SOL/USDC", "5")],
     }
     return s
@@ -159,7 +184,10 @@ class Arbiter:
 
     async def metrics(self) -> str | None:
         try:
-            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{self.port}/metrics") as r:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{self.port}/metrics") as r,
+            ):
                 return await r.text()
         except aiohttp.ClientError:
             return None
@@ -179,15 +207,33 @@ def start_arbiter(name: str, config: Path, endpoints: Endpoints, namespace: str,
     log = tmp / f"{name}.log"
     fh = log.open("ab")
     popen = subprocess.Popen(
-        [sys.executable, "-m", "services.arbiter", "--config", str(config), "--bootstrap", endpoints.kafka_bootstrap,
-         "--namespace", namespace, "--instance", name, "--metrics-port", str(port)],
-        cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        [
+            sys.executable,
+            "-m",
+            "services.arbiter",
+            "--config",
+            str(config),
+            "--bootstrap",
+            endpoints.kafka_bootstrap,
+            "--namespace",
+            namespace,
+            "--instance",
+            name,
+            "--metrics-port",
+            str(port),
+        ],
+        cwd=ROOT,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     fh.close()
     return Arbiter(name, popen, port, log)
 
 
-async def until(check: Callable[[], Any], what: str, timeout: float = 90.0, procs: list[Arbiter] | None = None) -> None:
+async def until(
+    check: Callable[[], Any], what: str, timeout: float = 90.0, procs: list[Arbiter] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         ok = check()
@@ -242,8 +288,14 @@ class Outputs:
                         m = decode(rec.value)
                     except DecodeError:
                         continue
-                    if isinstance(m, OrderDecided | ExecuteOrder | InternalCrossOpportunity | CorrelationAlert
-                                  | WorkerFinished) and (not isinstance(m, WorkerFinished) or m.service == "arbiter"):
+                    if isinstance(
+                        m,
+                        OrderDecided
+                        | ExecuteOrder
+                        | InternalCrossOpportunity
+                        | CorrelationAlert
+                        | WorkerFinished,
+                    ) and (not isinstance(m, WorkerFinished) or m.service == "arbiter"):
                         self.copies[m.id].append(m)
 
     def decided(self) -> set[str]:
@@ -274,9 +326,15 @@ async def test_two_arbiters_one_killed_and_restarted_decide_exactly_as_one_pure_
     decisions = [m for m in expected.values() if isinstance(m, OrderDecided)]
     rules = {(d.verdict, d.rule) for d in decisions}
     # The scenario exercises every rule (checked on the pure run, then on Kafka).
-    for rule in [("rejected", "plan_echo"), ("rejected", "opposite_side"), ("approved", "internal_cross"),
-                 ("delayed", "crowding"), ("approved", "exposure_cap"), ("approved", "correlation_guard"),
-                 ("rejected", "unknown_profile")]:
+    for rule in [
+        ("rejected", "plan_echo"),
+        ("rejected", "opposite_side"),
+        ("approved", "internal_cross"),
+        ("delayed", "crowding"),
+        ("approved", "exposure_cap"),
+        ("approved", "correlation_guard"),
+        ("rejected", "unknown_profile"),
+    ]:
         assert rule in rules, f"{rule} not in {sorted(rules)}"
     assert any(isinstance(m, CorrelationAlert) for m in expected.values())
     assert any(isinstance(m, InternalCrossOpportunity) and m.executed for m in expected.values())
@@ -310,8 +368,10 @@ async def test_two_arbiters_one_killed_and_restarted_decide_exactly_as_one_pure_
 
     sent_plans: set[tuple[str, int]] = set()
     try:
-        async with Outputs(b, [t.events, t.audit, *(t.approved(p) for p in (A, B, C)), t.status]) as out, \
-                publisher(b) as pub:
+        async with (
+            Outputs(b, [t.events, t.audit, *(t.approved(p) for p in (A, B, C)), t.status]) as out,
+            publisher(b) as pub,
+        ):
             first, second = (start_arbiter(x, config, infra, namespace, tmp_path) for x in ("one", "two"))
             procs += [first, second]
 
@@ -325,10 +385,14 @@ async def test_two_arbiters_one_killed_and_restarted_decide_exactly_as_one_pure_
             await pub.flush()
             await until(decided_upto(4), "decisions of steps 0-3", procs=procs)
 
-            first.popen.send_signal(signal.SIGKILL)  # mid-run: its partitions move to the other after its session
+            first.popen.send_signal(
+                signal.SIGKILL
+            )  # mid-run: its partitions move to the other after its session
             first.popen.wait()
             late = (A, script.epoch(A, T0 + 5 * HOUR))
-            await publish_steps(pub, range(4, 8), late_plan=late)  # step 5's plan of A arrives after its intents
+            await publish_steps(
+                pub, range(4, 8), late_plan=late
+            )  # step 5's plan of A arrives after its intents
             await asyncio.sleep(1.0)
             assert {it.intent_id for it in script.intents[5] if it.profile == A}.isdisjoint(out.decided())
             await pub.send(t.plans, script.plans[late], key=A)
@@ -378,7 +442,10 @@ async def test_two_arbiters_one_killed_and_restarted_decide_exactly_as_one_pure_
     # Every published copy equals the pure run's message; nothing is missing, nothing extra.
     published = {i: c for i, c in copies.items() if not isinstance(c[0], WorkerFinished)}
     want = {i: m for i, m in expected.items() if not isinstance(m, WorkerFinished)}
-    assert set(published) == set(want), (sorted(set(want) - set(published))[:5], sorted(set(published) - set(want))[:5])
+    assert set(published) == set(want), (
+        sorted(set(want) - set(published))[:5],
+        sorted(set(published) - set(want))[:5],
+    )
     for i, cs in published.items():
         for c in cs:
             assert c.model_dump() == want[i].model_dump(), (c, want[i])
@@ -388,6 +455,6 @@ async def test_two_arbiters_one_killed_and_restarted_decide_exactly_as_one_pure_
     assert "publishing from offset" in restarted.log.read_text()
     # Its metrics count what it published, by rule and verdict (steps 12-15 hold two opposite-side rejections).
     line = 'mp_arbiter_decided_total{rule="opposite_side",verdict="rejected"} '
-    counted = [float(x[len(line):]) for x in metrics.splitlines() if x.startswith(line)]
+    counted = [float(x[len(line) :]) for x in metrics.splitlines() if x.startswith(line)]
     assert counted and counted[0] >= 2, metrics
     assert "mp_arbiter_internal_cross_opportunities_total" in metrics

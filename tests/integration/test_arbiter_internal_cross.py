@@ -23,7 +23,9 @@ from tests.unit.builders import HOUR, T0, candle, place_order, plan, step_comple
 A, B = "profile_a", "profile_b"
 
 
-async def test_opposite_intents_of_one_step_settle_internally_at_the_mid(infra: Endpoints, namespace: str) -> None:
+async def test_opposite_intents_of_one_step_settle_internally_at_the_mid(
+    infra: Endpoints, namespace: str
+) -> None:
     cfg = ns_config(namespace)
     arbiter = cfg.system.arbiter.model_copy(update={"internal_cross": "execute"})
     cfg = cfg.model_copy(update={"system": cfg.system.model_copy(update={"arbiter": arbiter})})
@@ -33,7 +35,10 @@ async def test_opposite_intents_of_one_step_settle_internally_at_the_mid(infra: 
     settings = ServiceSettings(config_path=TEMPLATE, kafka_bootstrap=b, namespace=namespace)
     stop = asyncio.Event()
     mains = [arbiter_bootstrap(settings, overrides={"config": cfg}).run]
-    mains += [execution_bootstrap(settings.model_copy(update={"profile": p}), overrides={"config": cfg}).run for p in (A, B)]
+    mains += [
+        execution_bootstrap(settings.model_copy(update={"profile": p}), overrides={"config": cfg}).run
+        for p in (A, B)
+    ]
     tasks = [asyncio.create_task(m(stop)) for m in mains]
 
     t1, t2 = T0 - HOUR, T0
@@ -42,14 +47,17 @@ async def test_opposite_intents_of_one_step_settle_internally_at_the_mid(infra: 
     buy = place_order(A, "buy", step=t2, size="0.5", price="102", epoch=t2 // HOUR)
     sell = place_order(B, "sell", step=t2, size="0.3", price="102", epoch=t2 // rot_b)
     msgs: list[tuple[str, Message, str | None, bool]] = [
-        (t.plans, plan(A, t1 // HOUR), A, False), (t.plans, plan(A, t2 // HOUR), A, False),
+        (t.plans, plan(A, t1 // HOUR), A, False),
+        (t.plans, plan(A, t2 // HOUR), A, False),
         (t.plans, plan(B, t1 // rot_b, interval=rot_b), B, False),
         (t.plans, plan(B, t2 // rot_b, interval=rot_b), B, False),
     ]
     for k, (o, c) in enumerate([(100, 101), (101, 102), (104, 103)]):
         tk = t1 + k * HOUR
-        msgs += [(t.candles, candle("BTC/USDC", tk, o, o + 2, o - 2, c), "BTC/USDC", False),
-                 (t.candles, watermark(tk), None, True)]
+        msgs += [
+            (t.candles, candle("BTC/USDC", tk, o, o + 2, o - 2, c), "BTC/USDC", False),
+            (t.candles, watermark(tk), None, True),
+        ]
     msgs += [(t.intents, first, "BTC/USDC", False)]
     msgs += [(t.intents, step_completed(p, t1), None, True) for p in (A, B)]
     msgs += [(t.intents, buy, "BTC/USDC", False), (t.intents, sell, "BTC/USDC", False)]
@@ -75,19 +83,37 @@ async def test_opposite_intents_of_one_step_settle_internally_at_the_mid(infra: 
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
 
     events, _ = await read_topics(b, [t.events, t.audit, t.candles, t.intents])
-    decisions = {m.profile: m for m in events if isinstance(m, OrderDecided) and m.intent_id in (buy.intent_id, sell.intent_id)}
+    decisions = {
+        m.profile: m
+        for m in events
+        if isinstance(m, OrderDecided) and m.intent_id in (buy.intent_id, sell.intent_id)
+    }
     assert decisions[A].rule == decisions[B].rule == "internal_cross"
-    fills = [m for m in events if isinstance(m, OrderFilled) and m.intent_id in (buy.intent_id, sell.intent_id)]
+    fills = [
+        m for m in events if isinstance(m, OrderFilled) and m.intent_id in (buy.intent_id, sell.intent_id)
+    ]
     internal = sorted((f for f in {f.id: f for f in fills}.values() if f.internal), key=lambda f: f.side)
-    assert [(f.profile, f.side, f.size, f.fee) for f in internal] == [(A, "buy", Decimal("0.3"), Decimal(0)),
-                                                                       (B, "sell", Decimal("0.3"), Decimal(0))]
-    assert internal[0].price == internal[1].price == Decimal("104")  # the open of the candle after the decision
+    assert [(f.profile, f.side, f.size, f.fee) for f in internal] == [
+        (A, "buy", Decimal("0.3"), Decimal(0)),
+        (B, "sell", Decimal("0.3"), Decimal(0)),
+    ]
+    assert (
+        internal[0].price == internal[1].price == Decimal("104")
+    )  # the open of the candle after the decision
     (exchange,) = [f for f in {f.id: f for f in fills}.values() if not f.internal]
     assert (exchange.profile, exchange.size) == (A, Decimal("0.2")) and exchange.price > Decimal("104")
-    lines = {(m.profile, m.status, m.internal) for m in events if isinstance(m, OrderUpdated)
-             and m.intent_id in (buy.intent_id, sell.intent_id)}
-    assert lines == {(A, "submitted", False), (A, "partially_filled", True), (A, "filled", False),
-                     (B, "submitted", True), (B, "filled", True)}
+    lines = {
+        (m.profile, m.status, m.internal)
+        for m in events
+        if isinstance(m, OrderUpdated) and m.intent_id in (buy.intent_id, sell.intent_id)
+    }
+    assert lines == {
+        (A, "submitted", False),
+        (A, "partially_filled", True),
+        (A, "filled", False),
+        (B, "submitted", True),
+        (B, "filled", True),
+    }
     assert [o.executed for o in events if isinstance(o, InternalCrossOpportunity)] == [True]
 
     data = RunData()

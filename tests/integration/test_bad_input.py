@@ -86,49 +86,110 @@ def _env(type_: str, **fields: Any) -> dict[str, Any]:
 
 
 def candle(**over: Any) -> dict[str, Any]:
-    d = _env("CandleClosed", product="BTC/USDC", interval_s=3600, open_time="2021-08-01T10:00:00Z",
-             open="40000", high="40100", low="39900", close="40050", volume="12.5", source="test")
+    d = _env(
+        "CandleClosed",
+        product="BTC/USDC",
+        interval_s=3600,
+        open_time="2021-08-01T10:00:00Z",
+        open="40000",
+        high="40100",
+        low="39900",
+        close="40050",
+        volume="12.5",
+        source="test",
+    )
     d.update(over)
     return d
 
 
 def plan(**over: Any) -> dict[str, Any]:
-    d = _env("PlanPublished", profile="profile_a", epoch=452_160, epoch_start="2021-08-01T10:00:00Z",
-             epoch_end="2021-08-01T11:00:00Z", hash="a" * 64, nonce=0,
-             strategy="volume_weighted_hash_oscillator", parameters={"fast": 5.0}, blend_weight=0.85,
-             assets=["BTC", "ETH"], random_asset="ADA", products=["BTC/USDC"], fingerprint="b" * 64)
+    d = _env(
+        "PlanPublished",
+        profile="profile_a",
+        epoch=452_160,
+        epoch_start="2021-08-01T10:00:00Z",
+        epoch_end="2021-08-01T11:00:00Z",
+        hash="a" * 64,
+        nonce=0,
+        strategy="volume_weighted_hash_oscillator",
+        parameters={"fast": 5.0},
+        blend_weight=0.85,
+        assets=["BTC", "ETH"],
+        random_asset="ADA",
+        products=["BTC/USDC"],
+        fingerprint="b" * 64,
+    )
     d.update(over)
     return d
 
 
 def intent(**over: Any) -> dict[str, Any]:
-    d = _env("PlaceOrder", intent_id=f"forged-{uuid.uuid4().hex[:8]}", profile="profile_a", product="BTC/USDC",
-             side="buy", size="0.01", reference_price="40000", reason="entry", fingerprint="b" * 64, epoch=452_160,
-             step_time="2021-08-01T10:00:00Z")
+    d = _env(
+        "PlaceOrder",
+        intent_id=f"forged-{uuid.uuid4().hex[:8]}",
+        profile="profile_a",
+        product="BTC/USDC",
+        side="buy",
+        size="0.01",
+        reference_price="40000",
+        reason="entry",
+        fingerprint="b" * 64,
+        epoch=452_160,
+        step_time="2021-08-01T10:00:00Z",
+    )
     d.update(over)
     return d
 
 
 def execute(profile: str = "profile_a", **over: Any) -> dict[str, Any]:
-    d = _env("ExecuteOrder", intent_id=f"forged-{uuid.uuid4().hex[:8]}", client_order_id=str(uuid.uuid4()),
-             profile=profile, product="BTC/USDC", side="buy", size="0.01", reference_price="40000",
-             reason="entry", step_time="2021-08-01T10:00:00Z", not_before="2021-08-01T11:00:00Z")
+    d = _env(
+        "ExecuteOrder",
+        intent_id=f"forged-{uuid.uuid4().hex[:8]}",
+        client_order_id=str(uuid.uuid4()),
+        profile=profile,
+        product="BTC/USDC",
+        side="buy",
+        size="0.01",
+        reference_price="40000",
+        reason="entry",
+        step_time="2021-08-01T10:00:00Z",
+        not_before="2021-08-01T11:00:00Z",
+    )
     d.update(over)
     return d
 
 
 def order_updated(**over: Any) -> dict[str, Any]:
-    d = _env("OrderUpdated", intent_id=f"forged-{uuid.uuid4().hex[:8]}", client_order_id=str(uuid.uuid4()),
-             profile="profile_a", product="BTC/USDC", side="buy", size="0.01", status="filled",
-             filled_size="0.01", price="40000", fee="0.24")
+    d = _env(
+        "OrderUpdated",
+        intent_id=f"forged-{uuid.uuid4().hex[:8]}",
+        client_order_id=str(uuid.uuid4()),
+        profile="profile_a",
+        product="BTC/USDC",
+        side="buy",
+        size="0.01",
+        status="filled",
+        filled_size="0.01",
+        price="40000",
+        fee="0.24",
+    )
     d.update(over)
     return d
 
 
 def order_filled(**over: Any) -> dict[str, Any]:
-    d = _env("OrderFilled", fill_id=f"forged-{uuid.uuid4().hex[:8]}", intent_id=f"forged-{uuid.uuid4().hex[:8]}",
-             client_order_id=str(uuid.uuid4()), profile="profile_a", product="BTC/USDC", side="buy", size="0.01",
-             price="40000", fee="0.24")
+    d = _env(
+        "OrderFilled",
+        fill_id=f"forged-{uuid.uuid4().hex[:8]}",
+        intent_id=f"forged-{uuid.uuid4().hex[:8]}",
+        client_order_id=str(uuid.uuid4()),
+        profile="profile_a",
+        product="BTC/USDC",
+        side="buy",
+        size="0.01",
+        price="40000",
+        fee="0.24",
+    )
     d.update(over)
     return d
 
@@ -172,10 +233,14 @@ def _generic(topic: str) -> list[Bad]:
         Bad(f"{topic}:json-array", topic, b"[1, 2, 3]", "must be a JSON object"),
         Bad(f"{topic}:no-type", topic, _j(_without(t, "type")), "no 'type' field"),
         Bad(f"{topic}:unknown-type", topic, _j({**t, "type": "LaunchRocket"}), "LaunchRocket"),
-        Bad(f"{topic}:schema-version-2", topic, _j({**t, "schema_version": 2}), "unsupported schema_version 2"),
+        Bad(
+            f"{topic}:schema-version-2", topic, _j({**t, "schema_version": 2}), "unsupported schema_version 2"
+        ),
         Bad(f"{topic}:schema-version-text", topic, _j({**t, "schema_version": "one"}), "schema_version"),
         Bad(f"{topic}:missing-id", topic, _j(_without(t, "id")), "id: Field required"),
-        Bad(f"{topic}:naive-event-time", topic, _j({**t, "event_time": "2021-08-01T11:00:00"}), "no time zone"),
+        Bad(
+            f"{topic}:naive-event-time", topic, _j({**t, "event_time": "2021-08-01T11:00:00"}), "no time zone"
+        ),
         Bad(f"{topic}:tombstone", topic, None, "empty message value"),
     ]
 
@@ -195,7 +260,12 @@ HAND_WRITTEN: list[Bad] = [
     Bad("plans:hash-not-hex", "plans", _j(plan(hash="z" * 64)), "hash"),
     Bad("plans:negative-nonce", "plans", _j(plan(nonce=-1)), "nonce"),
     Bad("plans:blend-weight-7", "plans", _j(plan(blend_weight=7)), "blend_weight"),
-    Bad("plans:missing-fingerprint", "plans", _j(_without(plan(), "fingerprint")), "fingerprint: Field required"),
+    Bad(
+        "plans:missing-fingerprint",
+        "plans",
+        _j(_without(plan(), "fingerprint")),
+        "fingerprint: Field required",
+    ),
     # Intents
     Bad("intents:negative-size", "intents", _j(intent(size="-1")), "size"),
     Bad("intents:zero-size", "intents", _j(intent(size="0")), "size"),
@@ -206,21 +276,42 @@ HAND_WRITTEN: list[Bad] = [
     # Approved orders
     Bad("approved:negative-size", "approved", _j(execute(size="-3")), "size"),
     Bad("approved:nan-price", "approved", _j(execute(reference_price="NaN")), "finite"),
-    Bad("approved:missing-client-order-id", "approved", _j(_without(execute(), "client_order_id")),
-        "client_order_id: Field required"),
+    Bad(
+        "approved:missing-client-order-id",
+        "approved",
+        _j(_without(execute(), "client_order_id")),
+        "client_order_id: Field required",
+    ),
     # Order events
     Bad("events:negative-filled", "events", _j(order_updated(filled_size="-0.5")), "filled_size"),
     Bad("events:unknown-status", "events", _j(order_updated(status="teleported")), "status"),
     Bad("events:fill-nan-price", "events", _j(order_filled(price="NaN")), "finite"),
     Bad("events:fill-negative-size", "events", _j(order_filled(size="-1")), "size"),
-    Bad("events:decision-unknown-verdict", "events",
-        _j(_env("OrderDecided", intent_id="x", profile="profile_a", product="BTC/USDC", side="buy", size="1",
-                verdict="maybe", rule="r", reason="r")), "verdict"),
+    Bad(
+        "events:decision-unknown-verdict",
+        "events",
+        _j(
+            _env(
+                "OrderDecided",
+                intent_id="x",
+                profile="profile_a",
+                product="BTC/USDC",
+                side="buy",
+                size="1",
+                verdict="maybe",
+                rule="r",
+                reason="r",
+            )
+        ),
+        "verdict",
+    ),
 ]
 
 
 # ------------------------------------------------------------------------------------------ hypothesis garbage
-_BAD_VALUES: st.SearchStrategy[Any] = st.sampled_from(["NaN", "-1", "Infinity", "-Infinity", "abc", "", None, [], {}, True, -7, "1e-999999"])
+_BAD_VALUES: st.SearchStrategy[Any] = st.sampled_from(
+    ["NaN", "-1", "Infinity", "-Infinity", "abc", "", None, [], {}, True, -7, "1e-999999"]
+)
 
 
 @st.composite
@@ -253,8 +344,13 @@ def _decode_error(value: bytes | None) -> str | None:
     return None
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(_mutated())
 def test_every_generated_bad_message_is_refused_by_the_codec_with_a_reason(case: tuple[str, bytes]) -> None:
     """The property the pipeline test relies on: what the generator makes never decodes, and the reason says
@@ -272,8 +368,13 @@ def hypothesis_corpus(n: int = 40) -> list[Bad]:
     """`n` generated bad messages for the pipeline (derandomized: the same corpus every run)."""
     found: list[Bad] = []
 
-    @settings(max_examples=n * 3, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n * 3,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(_mutated())
     def collect(case: tuple[str, bytes]) -> None:
         topic, value = case
@@ -298,33 +399,70 @@ class Absurd:
 
 
 ABSURD: list[Absurd] = [
-    Absurd("candle-far-future", "candles", candle(open_time=FAR_FUTURE, event_time=FAR_FUTURE),
-           "a BTC/USDC candle opening in 2099"),
-    Absurd("candle-high-below-low", "candles",
-           candle(product="ETH/USDC", open_time="2021-08-01T10:00:00Z", open="3000", high="1", low="5000",
-                  close="3000"),
-           "an ETH/USDC candle of a replayed step whose high (1) is below its low (5000)"),
-    Absurd("watermark-far-future", "candles", _env("WatermarkAdvanced", step_time=FAR_FUTURE, interval_s=3600),
-           "a watermark in 2099 (declares every step complete)",
-           alone=True),
-    Absurd("intent-unknown-profile", "intents", intent(profile="mallory"),
-           "an intent of a profile not in the config"),
-    Absurd("intent-far-future", "intents", intent(step_time=FAR_FUTURE, event_time=FAR_FUTURE),
-           "an intent of profile_a for a step in 2099 (refused today by plan_echo: its fingerprint is not the plan's)"),
-    Absurd("intent-absurd-size", "intents",
-           intent(size="1000000000000", reference_price="1e30"), "an intent to buy 10^12 BTC at 10^30"),
-    Absurd("execute-other-profile", "approved_a", execute(profile="profile_b"),
-           "profile_b's order on profile_a's approved topic"),
-    Absurd("execute-absurd-size", "approved_a", execute(size="1000000000000"),
-           "an approved order for 10^12 BTC"),
+    Absurd(
+        "candle-far-future",
+        "candles",
+        candle(open_time=FAR_FUTURE, event_time=FAR_FUTURE),
+        "a BTC/USDC candle opening in 2099",
+    ),
+    Absurd(
+        "candle-high-below-low",
+        "candles",
+        candle(
+            product="ETH/USDC",
+            open_time="2021-08-01T10:00:00Z",
+            open="3000",
+            high="1",
+            low="5000",
+            close="3000",
+        ),
+        "an ETH/USDC candle of a replayed step whose high (1) is below its low (5000)",
+    ),
+    Absurd(
+        "watermark-far-future",
+        "candles",
+        _env("WatermarkAdvanced", step_time=FAR_FUTURE, interval_s=3600),
+        "a watermark in 2099 (declares every step complete)",
+        alone=True,
+    ),
+    Absurd(
+        "intent-unknown-profile",
+        "intents",
+        intent(profile="mallory"),
+        "an intent of a profile not in the config",
+    ),
+    Absurd(
+        "intent-far-future",
+        "intents",
+        intent(step_time=FAR_FUTURE, event_time=FAR_FUTURE),
+        "an intent of profile_a for a step in 2099 (refused today by plan_echo: its fingerprint is not the plan's)",
+    ),
+    Absurd(
+        "intent-absurd-size",
+        "intents",
+        intent(size="1000000000000", reference_price="1e30"),
+        "an intent to buy 10^12 BTC at 10^30",
+    ),
+    Absurd(
+        "execute-other-profile",
+        "approved_a",
+        execute(profile="profile_b"),
+        "profile_b's order on profile_a's approved topic",
+    ),
+    Absurd(
+        "execute-absurd-size", "approved_a", execute(size="1000000000000"), "an approved order for 10^12 BTC"
+    ),
     # No OrderDecided approves its intent: strategy.profile_a dead-letters it once system.strategy.
     # decision_wait_steps steps closed after it (docs/operations.md, "Forged order events").
     Absurd("fill-forged", "events", order_filled(), "a fill of profile_a for an intent it never sent"),
     Absurd("order-updated-nan-price", "events", order_updated(price="NaN"), "an order event with price NaN"),
-    Absurd("plan-far-future-epoch", "plans",
-           plan(epoch=999_999_999, epoch_start=FAR_FUTURE, epoch_end="2099-01-01T01:00:00Z"),
-           "a plan of profile_a for an epoch in 2099",
-           alone=True),
+    Absurd(
+        "plan-far-future-epoch",
+        "plans",
+        plan(epoch=999_999_999, epoch_start=FAR_FUTURE, epoch_end="2099-01-01T01:00:00Z"),
+        "a plan of profile_a for an epoch in 2099",
+        alone=True,
+    ),
 ]
 
 
@@ -335,7 +473,9 @@ class Run:
     stack: Stack
     alive_at_end: list[str] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
-    injected: dict[tuple[str, int, int], Any] = field(default_factory=dict)  # (topic, partition, offset) -> case
+    injected: dict[tuple[str, int, int], Any] = field(
+        default_factory=dict
+    )  # (topic, partition, offset) -> case
     dead_letters: dict[tuple[str, int, int], dict[str, str]] = field(default_factory=dict)
     outputs: dict[str, set[tuple[Any, ...]]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -363,8 +503,7 @@ def _topic_names(t: Topics, topic: str) -> list[tuple[str, int | None]]:
     raise AssertionError(topic)
 
 
-async def _inject(bootstrap: str, t: Topics, cases: list[tuple[Any, str, bytes | None]],
-                  run: Run) -> None:
+async def _inject(bootstrap: str, t: Topics, cases: list[tuple[Any, str, bytes | None]], run: Run) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
@@ -404,13 +543,29 @@ def _output_key(msg: Any) -> tuple[Any, ...] | None:
     if isinstance(msg, OrderDecided):
         return ("decided", msg.id, msg.intent_id, msg.verdict, msg.rule, str(msg.size))
     if isinstance(msg, OrderUpdated):
-        return ("order", msg.id, msg.client_order_id, msg.status, str(msg.size), str(msg.price), str(msg.fee),
-                msg.event_time.isoformat())
+        return (
+            "order",
+            msg.id,
+            msg.client_order_id,
+            msg.status,
+            str(msg.size),
+            str(msg.price),
+            str(msg.fee),
+            msg.event_time.isoformat(),
+        )
     if isinstance(msg, OrderFilled):
         return ("fill", msg.fill_id, str(msg.size), str(msg.price), str(msg.fee))
     if isinstance(msg, PlanPublished):
-        return ("plan", msg.profile, msg.epoch, msg.hash, msg.nonce, msg.strategy, msg.fingerprint,
-                tuple(msg.assets))
+        return (
+            "plan",
+            msg.profile,
+            msg.epoch,
+            msg.hash,
+            msg.nonce,
+            msg.strategy,
+            msg.fingerprint,
+            tuple(msg.assets),
+        )
     return None
 
 
@@ -439,26 +594,50 @@ async def _stall_after(reference: asyncio.Event) -> None:
     await asyncio.sleep(STALL_GRACE_S)
 
 
-async def _run_pipeline(endpoints: Endpoints, tmp: Path, label: str,
-                        before: list[tuple[Any, str, bytes | None]],
-                        during: list[tuple[Any, str, bytes | None]], *, timeout: float = RUN_TIMEOUT_S,
-                        done: asyncio.Event | None = None, reference: asyncio.Event | None = None,
-                        monitor: bool = False) -> Run:
+async def _run_pipeline(
+    endpoints: Endpoints,
+    tmp: Path,
+    label: str,
+    before: list[tuple[Any, str, bytes | None]],
+    during: list[tuple[Any, str, bytes | None]],
+    *,
+    timeout: float = RUN_TIMEOUT_S,
+    done: asyncio.Event | None = None,
+    reference: asyncio.Event | None = None,
+    monitor: bool = False,
+) -> Run:
     """One pipeline over the slice, with `before` injected before the services start and `during` while they
     replay. `done` is set when this run finished; with `reference`, the run is declared stalled
     STALL_GRACE_S after `reference` is set (the clean run finished) if it has not finished by then."""
     ns = f"bad{label}{uuid.uuid4().hex[:6]}"
     cfg = load_config(TEMPLATE)
-    cfg = cfg.model_copy(update={"system": cfg.system.model_copy(
-        update={"kafka": cfg.system.kafka.model_copy(update={"namespace": ns})})})
+    cfg = cfg.model_copy(
+        update={
+            "system": cfg.system.model_copy(
+                update={"kafka": cfg.system.kafka.model_copy(update={"namespace": ns})}
+            )
+        }
+    )
     t = Topics(ns)
     specs = declared_topics(cfg, ns)
     bootstrap = endpoints.kafka_bootstrap
     await ensure_topics(bootstrap, specs, replication_factor=1)
     log_dir = tmp / ns
     log_dir.mkdir(parents=True)
-    common = ["--bootstrap", bootstrap, "--redis-url", endpoints.redis_url, "--source", "replay", "--namespace", ns,
-              "--config", str(TEMPLATE), "--log-level", "WARNING"]
+    common = [
+        "--bootstrap",
+        bootstrap,
+        "--redis-url",
+        endpoints.redis_url,
+        "--source",
+        "replay",
+        "--namespace",
+        ns,
+        "--config",
+        str(TEMPLATE),
+        "--log-level",
+        "WARNING",
+    ]
     run = Run(ns, Stack())
     started = time.monotonic()
     try:
@@ -469,18 +648,26 @@ async def _run_pipeline(endpoints: Endpoints, tmp: Path, label: str,
             run.stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid], log_dir)
             run.stack.start(f"strategy.{pid}", ["services.strategy", *common, "--profile", pid], log_dir)
         if monitor:
-            run.stack.start("monitor", ["services.monitor", *common, "--audit-file", str(log_dir / "audit.jsonl")],
-                            log_dir)
-        run.stack.start("ingest", ["services.ingest", *common, "--data", str(DATA), "--hours", str(HOURS)], log_dir)
+            run.stack.start(
+                "monitor",
+                ["services.monitor", *common, "--audit-file", str(log_dir / "audit.jsonl")],
+                log_dir,
+            )
+        run.stack.start(
+            "ingest", ["services.ingest", *common, "--data", str(DATA), "--hours", str(HOURS)], log_dir
+        )
         if during:
             await asyncio.sleep(2.0)  # the workers are starting or replaying: the rest lands in the middle
             await _inject(bootstrap, t, during, run)
         expected = expected_finishers(cfg) | {f"execution:{pid}" for pid in cfg.enabled_profiles()}
-        waiter = asyncio.create_task(wait_finished(bootstrap, t.status, expected, run.stack, timeout, started))
+        waiter = asyncio.create_task(
+            wait_finished(bootstrap, t.status, expected, run.stack, timeout, started)
+        )
         watchdog = asyncio.create_task(_stall_after(reference)) if reference is not None else None
         try:
-            finished, _ = await asyncio.wait({waiter, *([watchdog] if watchdog else [])},
-                                             return_when=asyncio.FIRST_COMPLETED)
+            finished, _ = await asyncio.wait(
+                {waiter, *([watchdog] if watchdog else [])}, return_when=asyncio.FIRST_COMPLETED
+            )
             if waiter in finished:
                 waiter.result()
             else:
@@ -495,8 +682,11 @@ async def _run_pipeline(endpoints: Endpoints, tmp: Path, label: str,
                 done.set()
         # Still there after the end of the replay: nothing crashed on the way (workers idle, they do not exit).
         run.alive_at_end = [p.name for p in run.stack.procs if p.popen.poll() is None]
-        run.dead = [f"{p.name} ({p.popen.returncode}): {tail(p.log, 5)}" for p in run.stack.procs
-                    if p.popen.poll() not in (None, 0)]
+        run.dead = [
+            f"{p.name} ({p.popen.returncode}): {tail(p.log, 5)}"
+            for p in run.stack.procs
+            if p.popen.poll() not in (None, 0)
+        ]
     finally:
         run.stack.stop()
     try:
@@ -519,8 +709,11 @@ class Results:
 def results(infra: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Results]:
     tmp = tmp_path_factory.mktemp("bad-input")
     corpus = HAND_WRITTEN + hypothesis_corpus()
-    extra = [Bad(f"{topic}:{b.label.split(':', 1)[1]}", topic, b.value, b.expect)
-             for topic in ("audit", "commands") for b in _generic("candles")[:3]]
+    extra = [
+        Bad(f"{topic}:{b.label.split(':', 1)[1]}", topic, b.value, b.expect)
+        for topic in ("audit", "commands")
+        for b in _generic("candles")[:3]
+    ]
     half = len(corpus) // 2
     before: list[tuple[Any, str, bytes | None]] = [(b, b.topic, b.value) for b in corpus[:half] + extra]
     during: list[tuple[Any, str, bytes | None]] = [(b, b.topic, b.value) for b in corpus[half:]]
@@ -531,13 +724,17 @@ def results(infra: Endpoints, tmp_path_factory: pytest.TempPathFactory) -> Itera
         # Side by side: most of a run is waiting (process start, group joins), not computing. A message that
         # stalls a pipeline is itself a finding: the absurd runs are not waited for long after the clean one.
         clean_done = asyncio.Event()
-        return list(await asyncio.gather(
-            _run_pipeline(infra, tmp, "c", [], [], done=clean_done),
-            _run_pipeline(infra, tmp, "g", before, during, monitor=True),
-            _run_pipeline(infra, tmp, "a", together, [], reference=clean_done),
-            *(_run_pipeline(infra, tmp, "s", [(a, a.topic, _j(a.value))], [], reference=clean_done)
-              for a in alone),
-        ))
+        return list(
+            await asyncio.gather(
+                _run_pipeline(infra, tmp, "c", [], [], done=clean_done),
+                _run_pipeline(infra, tmp, "g", before, during, monitor=True),
+                _run_pipeline(infra, tmp, "a", together, [], reference=clean_done),
+                *(
+                    _run_pipeline(infra, tmp, "s", [(a, a.topic, _j(a.value))], [], reference=clean_done)
+                    for a in alone
+                ),
+            )
+        )
 
     runs = asyncio.run(all_runs())
     yield Results(runs[0], runs[1], runs[2], {a.label: r for a, r in zip(alone, runs[3:], strict=True)})
@@ -556,11 +753,17 @@ DEAD_LETTERERS = {
 
 def _expected_services(topic_name: str, ns: str) -> set[str]:
     """The services that must dead-letter a bad record of this topic."""
-    base = topic_name[len(ns) + 1:]
+    base = topic_name[len(ns) + 1 :]
     if base.startswith("orders.approved."):
         return {f"execution.{base.rsplit('.', 1)[1]}"}
-    kind = {"md.candles": "candles", "registry.plans": "plans", "orders.intents": "intents",
-            "orders.events": "events", "audit.log": "audit", "control.commands": "commands"}[base]
+    kind = {
+        "md.candles": "candles",
+        "registry.plans": "plans",
+        "orders.intents": "intents",
+        "orders.events": "events",
+        "audit.log": "audit",
+        "control.commands": "commands",
+    }[base]
     return DEAD_LETTERERS[kind]
 
 
@@ -568,7 +771,9 @@ def _expected_services(topic_name: str, ns: str) -> set[str]:
 def test_the_clean_run_trades(results: Results) -> None:
     clean = results.clean
     assert clean.error is None and not clean.dead, (clean.error, clean.dead)
-    assert clean.outputs.get("fill"), "the clean slice produced no fill: the comparison below would prove little"
+    assert clean.outputs.get("fill"), (
+        "the clean slice produced no fill: the comparison below would prove little"
+    )
     assert clean.outputs.get("decided") and clean.outputs.get("plan")
 
 
@@ -577,8 +782,12 @@ def test_services_keep_running_through_garbage(results: Results) -> None:
     assert g.error is None and not g.dead, (g.error, g.dead)
     # Every service reached the end of the replay (wait_finished) and was still running then (not the ingest,
     # which exits 0 when the replay is published).
-    assert set(g.alive_at_end) >= {"registry", "arbiter", "monitor", *(f"{k}.{p}" for p in PROFILES
-                                                                     for k in ("strategy", "execution"))}
+    assert set(g.alive_at_end) >= {
+        "registry",
+        "arbiter",
+        "monitor",
+        *(f"{k}.{p}" for p in PROFILES for k in ("strategy", "execution")),
+    }
 
 
 def _dead_letter_problems(g: Run, wanted: Callable[[Any], bool]) -> tuple[list[str], int]:
@@ -594,9 +803,13 @@ def _dead_letter_problems(g: Run, wanted: Callable[[Any], bool]) -> tuple[list[s
             checked += 1
             reason = got.get(service)
             if reason is None:
-                problems.append(f"{case.label} on {topic}[{partition}]@{offset}: not dead-lettered by {service}")
+                problems.append(
+                    f"{case.label} on {topic}[{partition}]@{offset}: not dead-lettered by {service}"
+                )
             elif case.expect not in reason:
-                problems.append(f"{case.label}: {service} gave {reason!r}, expected it to name {case.expect!r}")
+                problems.append(
+                    f"{case.label}: {service} gave {reason!r}, expected it to name {case.expect!r}"
+                )
     return problems, checked
 
 
@@ -634,7 +847,10 @@ def _refused(results: Results, case: Absurd) -> list[str]:
     problems = [] if run.error is None else [f"the run did not complete: {run.error[:300]}"]
     rejected_intents = {k[2] for k in run.outputs.get("decided", set()) if k[3] == "rejected"}
     rejected_orders = {k[2] for k in run.outputs.get("order", set()) if k[3] == "rejected"}
-    if case.value.get("intent_id") in rejected_intents or case.value.get("client_order_id") in rejected_orders:
+    if (
+        case.value.get("intent_id") in rejected_intents
+        or case.value.get("client_order_id") in rejected_orders
+    ):
         return problems
     hits = [k for k, c in run.injected.items() if c.label == case.label]
     assert hits, case.label
@@ -698,20 +914,52 @@ def _bad_configs() -> list[Any]:
 
     case("not-yaml", lambda d: "profiles:\n  profile_a: [unclosed\n", "not valid YAML", "line")
     case("empty-file", lambda d: "", "top level must be a mapping")
-    case("misspelt-key", lambda d: d["profiles"]["profile_a"]["risk_management"].update(stop_los_pct=1.0),
-         "profile_a", "stop_los_pct", "unknown key")
-    case("weights-sum-0.9", lambda d: d["profiles"]["profile_b"]["strategy_config"]["strategy_weights"].update(
-        quantum_strategy_calculator=0.15), "profile_b", "strategy_weights", "sum to 1")
-    case("negative-stop-loss", lambda d: d["profiles"]["profile_a"]["risk_management"].update(stop_loss_pct=-2.5),
-         "profile_a", "stop_loss_pct")
-    case("nan-entropy", lambda d: d["profiles"]["profile_a"]["strategy_config"].update(entropy_threshold=float("nan")),
-         "profile_a", "entropy_threshold")
-    case("empty-assets", lambda d: d["profiles"]["profile_a"]["strategy_config"].update(base_assets=[]),
-         "profile_a", "base_assets")
-    case("pair-outside-assets", lambda d: d["profiles"]["profile_b"]["trading_params"].update(
-        trading_pairs=["DOGE/USDC"]), "profile_b", "DOGE/USDC")
-    case("rotation-zero", lambda d: d["profiles"]["profile_a"]["profile_hash"].update(hash_rotation_interval=0),
-         "profile_a", "hash_rotation_interval")
+    case(
+        "misspelt-key",
+        lambda d: d["profiles"]["profile_a"]["risk_management"].update(stop_los_pct=1.0),
+        "profile_a",
+        "stop_los_pct",
+        "unknown key",
+    )
+    case(
+        "weights-sum-0.9",
+        lambda d: d["profiles"]["profile_b"]["strategy_config"]["strategy_weights"].update(
+            quantum_strategy_calculator=0.15
+        ),
+        "profile_b",
+        "strategy_weights",
+        "sum to 1",
+    )
+    case(
+        "negative-stop-loss",
+        lambda d: d["profiles"]["profile_a"]["risk_management"].update(stop_loss_pct=-2.5),
+        "profile_a",
+        "stop_loss_pct",
+    )
+    case(
+        "nan-entropy",
+        lambda d: d["profiles"]["profile_a"]["strategy_config"].update(entropy_threshold=float("nan")),
+        "profile_a",
+        "entropy_threshold",
+    )
+    case(
+        "empty-assets",
+        lambda d: d["profiles"]["profile_a"]["strategy_config"].update(base_assets=[]),
+        "profile_a",
+        "base_assets",
+    )
+    case(
+        "pair-outside-assets",
+        lambda d: d["profiles"]["profile_b"]["trading_params"].update(trading_pairs=["DOGE/USDC"]),
+        "profile_b",
+        "DOGE/USDC",
+    )
+    case(
+        "rotation-zero",
+        lambda d: d["profiles"]["profile_a"]["profile_hash"].update(hash_rotation_interval=0),
+        "profile_a",
+        "hash_rotation_interval",
+    )
     case("no-profiles", lambda d: d.update(profiles={}), "profiles")
     case("live-with-placeholders", lambda d: d.update(system={"mode": "live"}), "profile_a", "placeholder")
     return cases
@@ -736,13 +984,23 @@ def test_config_validate_cli_exits_1_with_the_message(tmp_path: Path) -> None:
     d = _template()
     d["profiles"]["profile_a"]["trading_params"]["max_open_positons"] = 4
     path.write_text(yaml.safe_dump(d), encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "mpctl.cli", "config", "validate", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpctl.cli", "config", "validate", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "profile_a" in proc.stderr and "max_open_positons" in proc.stderr
     assert "Traceback" not in proc.stderr
-    missing = subprocess.run([sys.executable, "-m", "mpctl.cli", "config", "validate", str(tmp_path / "no.yaml")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "mpctl.cli", "config", "validate", str(tmp_path / "no.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1 and "no.yaml" in missing.stderr and "cannot read" in missing.stderr
 
 
@@ -754,11 +1012,15 @@ def _ts(line_no: int) -> int:
 CORRUPTIONS = [
     pytest.param(40, f"{_ts(40)},41000,41100,40900", "expected 6 comma-separated fields", id="short-row"),
     pytest.param(41, f"{_ts(41)},41000,41100,40900,abc,12", "close 'abc' is not a number", id="text-price"),
-    pytest.param(42, f"{_ts(42)},41000,40000,40900,41050,12", "high/low do not bound open/close",
-                 id="high-below-open"),
-    pytest.param(43, f"{_ts(42)},41000,41100,40900,41050,12", "timestamps must increase strictly",
-                 id="time-goes-back"),
-    pytest.param(44, "2021-08-02T18:00,41000,41100,40900,41050,12", "is not an integer (ms)", id="iso-timestamp"),
+    pytest.param(
+        42, f"{_ts(42)},41000,40000,40900,41050,12", "high/low do not bound open/close", id="high-below-open"
+    ),
+    pytest.param(
+        43, f"{_ts(42)},41000,41100,40900,41050,12", "timestamps must increase strictly", id="time-goes-back"
+    ),
+    pytest.param(
+        44, "2021-08-02T18:00,41000,41100,40900,41050,12", "is not an integer (ms)", id="iso-timestamp"
+    ),
     pytest.param(45, f"{_ts(45)},41000,41100,40900,NaN,12", "close 'NaN' is not finite", id="nan-close"),
     pytest.param(46, f"{_ts(46)},41000,41100,40900,41050,-3", "volume >= 0", id="negative-volume"),
 ]
@@ -790,9 +1052,26 @@ def test_corrupted_candle_file_is_refused_naming_file_and_line(
 
 def _ingest(infra: Endpoints, data: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.ingest", "--config", str(TEMPLATE), "--bootstrap", infra.kafka_bootstrap,
-         "--namespace", f"badfile{uuid.uuid4().hex[:6]}", "--data", str(data), "--hours", "24"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        [
+            sys.executable,
+            "-m",
+            "services.ingest",
+            "--config",
+            str(TEMPLATE),
+            "--bootstrap",
+            infra.kafka_bootstrap,
+            "--namespace",
+            f"badfile{uuid.uuid4().hex[:6]}",
+            "--data",
+            str(data),
+            "--hours",
+            "24",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
 
 
@@ -812,9 +1091,18 @@ def test_ingest_reports_a_corrupted_file_without_a_traceback(tmp_path: Path, inf
 def test_absurd_summary_for_the_report(results: Results) -> None:
     """Prints what each absurd message met (`pytest -s` shows it); asserts only that the runs ran."""
     summary = {a.label: _refused(results, a) or "refused" for a in ABSURD}
-    print(json.dumps({"absurd": summary,
-                      "seconds": {"clean": round(results.clean.seconds, 1),
-                                  "garbage": round(results.garbage.seconds, 1),
-                                  "absurd": round(results.absurd.seconds, 1),
-                                  **{k: round(r.seconds, 1) for k, r in results.alone.items()}}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "absurd": summary,
+                "seconds": {
+                    "clean": round(results.clean.seconds, 1),
+                    "garbage": round(results.garbage.seconds, 1),
+                    "absurd": round(results.absurd.seconds, 1),
+                    **{k: round(r.seconds, 1) for k, r in results.alone.items()},
+                },
+            },
+            indent=2,
+        )
+    )
     assert results.absurd.outputs.get("plan")

@@ -56,18 +56,37 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
     # The user's store: a passphrase, both profiles.
     passphrase = "user store passphrase for the container test 3d91"
     user_store = tmp_path / "user" / "credentials.enc"
-    s = CredentialStore.create(user_store, KeySource.from_passphrase(passphrase), scrypt=ScryptParams(n=2**10))
+    s = CredentialStore.create(
+        user_store, KeySource.from_passphrase(passphrase), scrypt=ScryptParams(n=2**10)
+    )
     s.put(PID, StoredCredentials(SecretStr(a.key_name), SecretStr(a.private_pem)))
-    s.put("profile_b", StoredCredentials(SecretStr(b.api_key), SecretStr(b.secret_b64), SecretStr(b.passphrase)))
+    s.put(
+        "profile_b", StoredCredentials(SecretStr(b.api_key), SecretStr(b.secret_b64), SecretStr(b.passphrase))
+    )
     s.save()
 
     # The export, through the command the user runs (the passphrase from the environment, as in a script).
     secrets_dir = tmp_path / "secrets"
-    base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    base_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path / "home"),
+        "PYTHONUNBUFFERED": "1",
+    }
     export = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mpctl.cli", "secrets", "export", PID, "--out", str(secrets_dir), "--store", str(user_store),
-        cwd=ROOT, env={**base_env, ENV_PASSPHRASE: passphrase},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "mpctl.cli",
+        "secrets",
+        "export",
+        PID,
+        "--out",
+        str(secrets_dir),
+        "--store",
+        str(user_store),
+        cwd=ROOT,
+        env={**base_env, ENV_PASSPHRASE: passphrase},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     export_out = (await asyncio.wait_for(export.communicate(), 60))[0].decode(errors="replace")
     assert export.returncode == 0, export_out
@@ -90,12 +109,29 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
     # Only what the container has: the two mounted files, the store's path, no passphrase, no user store.
     container_env = {**base_env, ENV_STORE: str(enc), ENV_KEY_FILE: str(key)}
     worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.execution", "--profile", PID, "--config", str(cfg_path), "--source", "replay",
-        "--bootstrap", kafka_bootstrap, "--namespace", namespace, "--exchange-api-base", peer.base_url,
+        sys.executable,
+        "-m",
+        "services.execution",
+        "--profile",
+        PID,
+        "--config",
+        str(cfg_path),
+        "--source",
+        "replay",
+        "--bootstrap",
+        kafka_bootstrap,
+        "--namespace",
+        namespace,
+        "--exchange-api-base",
+        peer.base_url,
         # DEBUG: the most verbose output the worker can give (aiokafka, ccxt, aiohttp) is what the scan reads;
         # at INFO a healthy worker may print nothing at all.
-        "--log-level", "DEBUG",
-        cwd=ROOT, env=container_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        "--log-level",
+        "DEBUG",
+        cwd=ROOT,
+        env=container_env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 30
@@ -121,7 +157,15 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
 
     # No secret value in anything printed: the export command's output or the worker's.
     pem_lines = [ln for ln in a.private_pem.splitlines() if ln and "-----" not in ln]
-    secrets_ = [a.key_name, a.private_pem, *pem_lines, b.api_key, b.secret_b64, b.passphrase, passphrase,
-                key.read_text().strip()]
+    secrets_ = [
+        a.key_name,
+        a.private_pem,
+        *pem_lines,
+        b.api_key,
+        b.secret_b64,
+        b.passphrase,
+        passphrase,
+        key.read_text().strip(),
+    ]
     for where, text in (("export", export_out), ("worker", worker_out)):
         assert [v[:8] for v in secrets_ if v in text] == [], f"secret values in the {where} output"

@@ -51,7 +51,9 @@ APIS = ["coinbase", "coinbaseexchange"]
 
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(autouse=True)
-def no_secret_in_logs(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> Iterator[list[str]]:
+def no_secret_in_logs(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> Iterator[list[str]]:
     """Every test: everything logged (DEBUG and up, ccxt included) and printed is scanned for the credentials."""
     caplog.set_level(logging.DEBUG)
     secrets_used: list[str] = []
@@ -68,11 +70,19 @@ def creds_for(peer: CoinbasePeer, api: str, profile: str, secrets_used: list[str
     if api == "coinbase":
         a: AdvancedKeyMaterial = peer.add_advanced_profile(profile)
         secrets_used += [a.key_name, a.private_pem]
-        return ResolvedCredentials(profile, SecretStr(a.key_name), SecretStr(a.private_pem), None, False, "coinbase", "store")
+        return ResolvedCredentials(
+            profile, SecretStr(a.key_name), SecretStr(a.private_pem), None, False, "coinbase", "store"
+        )
     e: ExchangeKeyMaterial = peer.add_exchange_profile(profile)
     secrets_used += [e.api_key, e.secret_b64, e.passphrase]
     return ResolvedCredentials(
-        profile, SecretStr(e.api_key), SecretStr(e.secret_b64), SecretStr(e.passphrase), True, "coinbaseexchange", "store"
+        profile,
+        SecretStr(e.api_key),
+        SecretStr(e.secret_b64),
+        SecretStr(e.passphrase),
+        True,
+        "coinbaseexchange",
+        "store",
     )
 
 
@@ -80,7 +90,9 @@ async def adapter(peer: CoinbasePeer, creds: ResolvedCredentials, **kw: Any) -> 
     kw.setdefault("retry_attempts", 3)
     kw.setdefault("timeout_s", 5.0)
     kw.setdefault("base_delay_s", 0.01)
-    return await open_exchange(creds, products=["BTC/USDC", "ETH/USDC", "SOL/USDC"], api_base=peer.base_url, **kw)
+    return await open_exchange(
+        creds, products=["BTC/USDC", "ETH/USDC", "SOL/USDC"], api_base=peer.base_url, **kw
+    )
 
 
 def coid(tag: str) -> str:
@@ -97,7 +109,15 @@ def app_config(order_timeout: float = 1.0) -> AppConfig:
     return parse_config(data)
 
 
-def execute(profile: str, tag: str, *, side: str = "buy", size: str = "0.01", price: str = "60000", product: str = "BTC/USDC") -> ExecuteOrder:
+def execute(
+    profile: str,
+    tag: str,
+    *,
+    side: str = "buy",
+    size: str = "0.01",
+    price: str = "60000",
+    product: str = "BTC/USDC",
+) -> ExecuteOrder:
     now = datetime.now(UTC)
     return ExecuteOrder(
         id=derived_id("execute", profile, tag),
@@ -121,12 +141,16 @@ def orders_with(peer: CoinbasePeer, client_id: str) -> list[PeerOrder]:
 
 
 def posts(peer: CoinbasePeer) -> int:
-    return sum(1 for r in peer.requests if r.method == "POST" and r.path in ("/orders", "/api/v3/brokerage/orders"))
+    return sum(
+        1 for r in peer.requests if r.method == "POST" and r.path in ("/orders", "/api/v3/brokerage/orders")
+    )
 
 
 def live(profile: str, port: CcxtExchange, cfg: AppConfig | None = None) -> LiveExecution:
     c = cfg or app_config()
-    return LiveExecution(profile, c.profiles[profile], port, clock=lambda: datetime.now(UTC), poll_interval_s=0.05)
+    return LiveExecution(
+        profile, c.profiles[profile], port, clock=lambda: datetime.now(UTC), poll_interval_s=0.05
+    )
 
 
 def of(msgs: list[Message], cls: type[Any]) -> list[Any]:
@@ -135,16 +159,22 @@ def of(msgs: list[Message], cls: type[Any]) -> list[Any]:
 
 # ------------------------------------------------------------------------------------------ orders
 @pytest.mark.parametrize("api", APIS)
-async def test_order_round_trip_with_rounding(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_order_round_trip_with_rounding(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs))
     try:
-        o = await port.create_order(coid("rt"), "BTC/USDC", "buy", D("0.0123456789"), limit_price=D("60000.129"))
+        o = await port.create_order(
+            coid("rt"), "BTC/USDC", "buy", D("0.0123456789"), limit_price=D("60000.129")
+        )
         (po,) = peer.orders
         assert po.client_id == coid("rt") and po.size == D("0.01234567") and po.limit_price == D("60000.12")
         o = await port.fetch_order(o)
         assert o.status == "filled" and o.filled_size == D("0.01234567") and o.client_order_id == coid("rt")
         fills = await port.fetch_fills(order=o)
-        assert [f.size for f in fills] == [D("0.01234567")] and fills[0].exchange_order_id == o.exchange_order_id
+        assert [f.size for f in fills] == [D("0.01234567")] and fills[
+            0
+        ].exchange_order_id == o.exchange_order_id
         assert await port.fetch_order_by_client_id(coid("rt"), "BTC/USDC") == o
         assert await port.fetch_order_by_client_id(coid("absent"), "BTC/USDC") is None
         bal = await port.balances()
@@ -154,7 +184,9 @@ async def test_order_round_trip_with_rounding(peer: CoinbasePeer, api: str, no_s
 
 
 @pytest.mark.parametrize("api", APIS)
-async def test_below_minimum_is_rejected_and_not_sent(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_below_minimum_is_rejected_and_not_sent(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs))
     try:
         with pytest.raises(RejectedError, match="below minimum") as ei:
@@ -170,7 +202,9 @@ async def test_below_minimum_is_rejected_and_not_sent(peer: CoinbasePeer, api: s
 
 # ------------------------------------------------------------------------------------------ never twice
 @pytest.mark.parametrize("api", APIS)
-async def test_timeout_after_accept_then_retry_makes_exactly_one_order(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_timeout_after_accept_then_retry_makes_exactly_one_order(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs), timeout_s=0.5)
     peer.hang_after_accept(2.0)
     try:
@@ -187,11 +221,17 @@ async def test_timeout_after_accept_then_retry_makes_exactly_one_order(peer: Coi
 
 
 @pytest.mark.parametrize("api", APIS)
-async def test_redelivered_order_is_never_placed_twice(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_redelivered_order_is_never_placed_twice(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs))
     try:
-        first = await port.create_order(coid("redeliver"), "BTC/USDC", "buy", D("0.01"), limit_price=D("60000"))
-        again = await port.create_order(coid("redeliver"), "BTC/USDC", "buy", D("0.01"), limit_price=D("60000"))
+        first = await port.create_order(
+            coid("redeliver"), "BTC/USDC", "buy", D("0.01"), limit_price=D("60000")
+        )
+        again = await port.create_order(
+            coid("redeliver"), "BTC/USDC", "buy", D("0.01"), limit_price=D("60000")
+        )
         # The worker above the port: a redelivered ExecuteOrder of a finished intent produces nothing at all.
         ex = live("profile_a", port)
         msg = execute("profile_a", "redeliver-live")
@@ -206,7 +246,9 @@ async def test_redelivered_order_is_never_placed_twice(peer: CoinbasePeer, api: 
     assert [u.status for u in of(out1, OrderUpdated)] == ["submitted", "filled"]
 
 
-async def test_exchange_api_itself_does_not_deduplicate(peer: CoinbasePeer, no_secret_in_logs: list[str]) -> None:
+async def test_exchange_api_itself_does_not_deduplicate(
+    peer: CoinbasePeer, no_secret_in_logs: list[str]
+) -> None:
     """Control: without the lookup, the Exchange API makes a second order for a repeated client_oid."""
     port = await adapter(peer, creds_for(peer, "coinbaseexchange", "profile_a", no_secret_in_logs))
     port.lookup_before_send = False
@@ -219,14 +261,23 @@ async def test_exchange_api_itself_does_not_deduplicate(peer: CoinbasePeer, no_s
 
 
 # ------------------------------------------------------------------------------------------ error table
-ADV_429 = {"error": "rate_limit_exceeded", "error_details": "Too many requests", "message": "Too many requests"}
+ADV_429 = {
+    "error": "rate_limit_exceeded",
+    "error_details": "Too many requests",
+    "message": "Too many requests",
+}
 ADV_500 = {"error": "internal_server_error", "message": "Internal server error"}
 
 
 def fault_body(api: str, status: int) -> Any:
     if api == "coinbase":
         return {429: ADV_429, 500: ADV_500, 503: "Service Unavailable", 401: "Unauthorized\n"}[status]
-    return {429: {"message": "Private rate limit exceeded"}, 500: {"message": "Internal server error"}, 503: "", 401: {"message": "Invalid API Key"}}[status]
+    return {
+        429: {"message": "Private rate limit exceeded"},
+        500: {"message": "Internal server error"},
+        503: "",
+        401: {"message": "Invalid API Key"},
+    }[status]
 
 
 ORDER_PATH = {"coinbase": r"^/api/v3/brokerage/orders$", "coinbaseexchange": r"^/orders$"}
@@ -234,7 +285,9 @@ ORDER_PATH = {"coinbase": r"^/api/v3/brokerage/orders$", "coinbaseexchange": r"^
 
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("status", [429, 500, 503])
-async def test_transient_errors_are_retried_to_one_order(peer: CoinbasePeer, api: str, status: int, no_secret_in_logs: list[str]) -> None:
+async def test_transient_errors_are_retried_to_one_order(
+    peer: CoinbasePeer, api: str, status: int, no_secret_in_logs: list[str]
+) -> None:
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs))
     peer.inject("POST", ORDER_PATH[api], status, fault_body(api, status), times=2)
     try:
@@ -246,7 +299,9 @@ async def test_transient_errors_are_retried_to_one_order(peer: CoinbasePeer, api
 
 
 @pytest.mark.parametrize("api", APIS)
-async def test_retries_exhausted_leave_the_order_state_unknown(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_retries_exhausted_leave_the_order_state_unknown(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs), retry_attempts=2)
     peer.inject("POST", ORDER_PATH[api], 500, fault_body(api, 500), times=99)
     peer.inject("GET", r"accounts", 500, fault_body(api, 500), times=99)
@@ -261,7 +316,9 @@ async def test_retries_exhausted_leave_the_order_state_unknown(peer: CoinbasePee
 
 
 @pytest.mark.parametrize("api", APIS)
-async def test_rejections_become_rejected_events(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_rejections_become_rejected_events(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs))
     ex = live("profile_a", port)
     try:
@@ -272,13 +329,21 @@ async def test_rejections_become_rejected_events(peer: CoinbasePeer, api: str, n
         tiny = await ex.handle(execute("profile_a", "tiny", size="0.000001", price="1"))
     finally:
         await port.close()
-    assert [(u.status, "insufficient funds" in u.reason) for u in of(out, OrderUpdated)] == [("submitted", False), ("rejected", True)]
-    assert of(tiny, OrderUpdated)[-1].status == "rejected" and "below minimum" in of(tiny, OrderUpdated)[-1].reason
+    assert [(u.status, "insufficient funds" in u.reason) for u in of(out, OrderUpdated)] == [
+        ("submitted", False),
+        ("rejected", True),
+    ]
+    assert (
+        of(tiny, OrderUpdated)[-1].status == "rejected"
+        and "below minimum" in of(tiny, OrderUpdated)[-1].reason
+    )
     assert peer.orders == [] and ex.halted is None
 
 
 @pytest.mark.parametrize("api", APIS)
-async def test_missing_trade_permission_halts_the_profile(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_missing_trade_permission_halts_the_profile(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs))
     peer.account_of("profile_a").can_trade = False
     ex = live("profile_a", port)
@@ -307,7 +372,9 @@ async def test_refused_key_halts(peer: CoinbasePeer, api: str, no_secret_in_logs
 
 
 @pytest.mark.parametrize("api", APIS)
-async def test_clock_skew_is_refused_and_halts(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_clock_skew_is_refused_and_halts(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs))
     peer.clock_offset_s = 600.0
     try:
@@ -323,7 +390,9 @@ async def test_clock_skew_is_refused_and_halts(peer: CoinbasePeer, api: str, no_
 
 # ------------------------------------------------------------------------------------------ rate limiting
 @pytest.mark.parametrize("api", APIS)
-async def test_rate_limiter_keeps_under_the_exchange_limit(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_rate_limiter_keeps_under_the_exchange_limit(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     peer.rate_limit_per_s = 10
     creds = creds_for(peer, api, "profile_a", no_secret_in_logs)
     port = await adapter(peer, creds, limit=RateLimit(rate=4, burst=4), retry_attempts=0)
@@ -346,7 +415,9 @@ async def test_rate_limiter_keeps_under_the_exchange_limit(peer: CoinbasePeer, a
 
 # ------------------------------------------------------------------------------------------ fills and timeouts
 @pytest.mark.parametrize("api", APIS)
-async def test_partial_fill_then_order_timeout_cancels_the_rest(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_partial_fill_then_order_timeout_cancels_the_rest(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     peer.fill_plan = [D("0.4")]
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs))
     ex = live("profile_a", port, app_config(order_timeout=0.5))
@@ -363,7 +434,9 @@ async def test_partial_fill_then_order_timeout_cancels_the_rest(peer: CoinbasePe
 
 
 @pytest.mark.parametrize("api", APIS)
-async def test_partial_fills_completed_while_tracking(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_partial_fills_completed_while_tracking(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     peer.fill_plan = [D("0.25")]
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs))
     ex = live("profile_a", port, app_config(order_timeout=5.0))
@@ -389,7 +462,9 @@ async def test_partial_fills_completed_while_tracking(peer: CoinbasePeer, api: s
 
 
 @pytest.mark.parametrize("api", APIS)
-async def test_unfilled_order_is_cancelled_at_order_timeout(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_unfilled_order_is_cancelled_at_order_timeout(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     peer.fill_plan = []
     port = await adapter(peer, creds_for(peer, api, "profile_a", no_secret_in_logs))
     ex = live("profile_a", port, app_config(order_timeout=0.3))
@@ -398,11 +473,15 @@ async def test_unfilled_order_is_cancelled_at_order_timeout(peer: CoinbasePeer, 
     finally:
         await port.close()
     assert peer.orders[0].status == "CANCELLED"
-    assert [u.status for u in of(out, OrderUpdated)] == ["submitted", "cancelled"] and of(out, OrderFilled) == []
+    assert [u.status for u in of(out, OrderUpdated)] == ["submitted", "cancelled"] and of(
+        out, OrderFilled
+    ) == []
 
 
 # ------------------------------------------------------------------------------------------ key isolation
-async def test_no_order_is_signed_with_another_profiles_key(peer: CoinbasePeer, no_secret_in_logs: list[str]) -> None:
+async def test_no_order_is_signed_with_another_profiles_key(
+    peer: CoinbasePeer, no_secret_in_logs: list[str]
+) -> None:
     cfg = app_config()
     profiles = {"profile_a": "coinbase", "profile_b": "coinbase"}
     exchange_profiles = {"xprof_a": "coinbaseexchange", "xprof_b": "coinbaseexchange"}
@@ -410,12 +489,17 @@ async def test_no_order_is_signed_with_another_profiles_key(peer: CoinbasePeer, 
     for name in exchange_profiles:  # two more profiles, on the Exchange API
         data["profiles"][name] = data["profiles"]["profile_a"] | {"name": name}
     cfg = parse_config(data)
-    creds = {p: creds_for(peer, api, p, no_secret_in_logs) for p, api in (profiles | exchange_profiles).items()}
+    creds = {
+        p: creds_for(peer, api, p, no_secret_in_logs) for p, api in (profiles | exchange_profiles).items()
+    }
     ports = {p: await adapter(peer, c) for p, c in creds.items()}
     sent: dict[str, str] = {}  # client order id -> profile
     try:
+
         async def run(p: str) -> None:
-            ex = LiveExecution(p, cfg.profiles[p], ports[p], clock=lambda: datetime.now(UTC), poll_interval_s=0.05)
+            ex = LiveExecution(
+                p, cfg.profiles[p], ports[p], clock=lambda: datetime.now(UTC), poll_interval_s=0.05
+            )
             for i in range(4):
                 msg = execute(p, f"iso{i}", size="0.001")
                 sent[msg.client_order_id] = p
@@ -423,7 +507,15 @@ async def test_no_order_is_signed_with_another_profiles_key(peer: CoinbasePeer, 
 
         await asyncio.gather(*(run(p) for p in ports))
         # A misconfigured profile: profile_a's key name with profile_b's private key. Every request is refused.
-        wrong = ResolvedCredentials("profile_a", creds["profile_a"].api_key, creds["profile_b"].secret, None, False, "coinbase", "store")
+        wrong = ResolvedCredentials(
+            "profile_a",
+            creds["profile_a"].api_key,
+            creds["profile_b"].secret,
+            None,
+            False,
+            "coinbase",
+            "store",
+        )
         with pytest.raises(HaltError):
             bad = await adapter(peer, wrong, load=False)
             try:
@@ -548,7 +640,9 @@ def creds_for_existing(peer: CoinbasePeer, api: str, run: CrashRun) -> ResolvedC
     store = CredentialStore.load(run.store)
     store.unlock(KeySource.from_key_file(run.key_file))
     s = store.get("profile_a")
-    return ResolvedCredentials("profile_a", s.api_key, s.secret, s.passphrase, api == "coinbaseexchange", api, "store")  # type: ignore[arg-type]
+    return ResolvedCredentials(
+        "profile_a", s.api_key, s.secret, s.passphrase, api == "coinbaseexchange", api, "store"
+    )  # type: ignore[arg-type]
 
 
 def ex_submitted(msg: ExecuteOrder) -> list[Message]:
@@ -558,7 +652,9 @@ def ex_submitted(msg: ExecuteOrder) -> list[Message]:
 
 
 @pytest.mark.parametrize("api", APIS)
-async def test_reconcile_finds_what_happened_while_down(peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]) -> None:
+async def test_reconcile_finds_what_happened_while_down(
+    peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
+) -> None:
     peer.fill_plan = []
     c = creds_for(peer, api, "profile_a", no_secret_in_logs)
     port = await adapter(peer, c)
@@ -568,7 +664,9 @@ async def test_reconcile_finds_what_happened_while_down(peer: CoinbasePeer, api:
     try:
         # Two orders accepted and left open; the worker's tracking is interrupted (it "goes down").
         for m in (a, b):
-            o = await port.create_order(m.client_order_id, m.product, m.side, m.size, limit_price=ex.limit_price(m))
+            o = await port.create_order(
+                m.client_order_id, m.product, m.side, m.size, limit_price=ex.limit_price(m)
+            )
             published += ex_submitted(m)
             assert o.status == "open"
         pa, pb = peer.orders
@@ -595,7 +693,14 @@ async def test_reconcile_finds_what_happened_while_down(peer: CoinbasePeer, api:
 
 # ------------------------------------------------------------------------------------------ mpctl exchange check
 @pytest.mark.parametrize("api", APIS)
-async def test_exchange_check(peer: CoinbasePeer, api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], no_secret_in_logs: list[str]) -> None:
+async def test_exchange_check(
+    peer: CoinbasePeer,
+    api: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_secret_in_logs: list[str],
+) -> None:
     import argparse
 
     from mpctl.commands_exchange import check, register
@@ -604,7 +709,19 @@ async def test_exchange_check(peer: CoinbasePeer, api: str, tmp_path: Path, monk
     monkeypatch.setenv(ENV_KEY_FILE, str(run.key_file))
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["exchange", "check", "profile_a", "--config", str(run.config), "--store", str(run.store), "--api-base", peer.base_url])
+    args = parser.parse_args(
+        [
+            "exchange",
+            "check",
+            "profile_a",
+            "--config",
+            str(run.config),
+            "--store",
+            str(run.store),
+            "--api-base",
+            peer.base_url,
+        ]
+    )
 
     code = await asyncio.to_thread(args.handler, args)
     out = capsys.readouterr().out
@@ -627,7 +744,9 @@ async def test_exchange_check(peer: CoinbasePeer, api: str, tmp_path: Path, monk
 
     # Wrong key format: explained, nothing sent.
     c = creds_for_existing(peer, api, run)
-    bad = ResolvedCredentials("profile_a", SecretStr("not-a-key/"), c.secret, c.passphrase, False, api, "store")  # type: ignore[arg-type]
+    bad = ResolvedCredentials(
+        "profile_a", SecretStr("not-a-key/"), c.secret, c.passphrase, False, api, "store"
+    )  # type: ignore[arg-type]
     n = len(peer.requests)
     assert await check("profile_a", bad, products=["BTC/USDC"], api_base=peer.base_url, timeout_s=2.0) == 1
     out = capsys.readouterr().out
@@ -636,7 +755,9 @@ async def test_exchange_check(peer: CoinbasePeer, api: str, tmp_path: Path, monk
 
 # ------------------------------------------------------------------------------------------ write-ahead
 @pytest.mark.parametrize("write_ahead", [True, False])
-async def test_write_ahead_covers_an_order_the_exchange_forgets(peer: CoinbasePeer, write_ahead: bool, no_secret_in_logs: list[str]) -> None:
+async def test_write_ahead_covers_an_order_the_exchange_forgets(
+    peer: CoinbasePeer, write_ahead: bool, no_secret_in_logs: list[str]
+) -> None:
     """Exchange API: the worker dies while its order is in flight, then the order is cancelled unfilled and the
     exchange forgets it (404). With write-ahead the restart knows the order and never resends it; without it, the
     redelivered command finds nothing and sends a second order (the control case)."""

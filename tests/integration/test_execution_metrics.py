@@ -57,7 +57,9 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
-async def run_until(svc: ExecutionService, done: Callable[[], Awaitable[bool]], timeout_s: float = 40.0) -> Samples:
+async def run_until(
+    svc: ExecutionService, done: Callable[[], Awaitable[bool]], timeout_s: float = 40.0
+) -> Samples:
     """Run the worker until `done`, scrape its endpoint while it runs, then stop it."""
     stop = asyncio.Event()
     task = asyncio.create_task(svc.run(stop))
@@ -65,7 +67,9 @@ async def run_until(svc: ExecutionService, done: Callable[[], Awaitable[bool]], 
         deadline = asyncio.get_running_loop().time() + timeout_s
         while not await done():
             assert not task.done(), "the worker stopped early"
-            assert asyncio.get_running_loop().time() < deadline, "the worker did not produce the expected events"
+            assert asyncio.get_running_loop().time() < deadline, (
+                "the worker did not produce the expected events"
+            )
             await asyncio.sleep(0.3)
         assert svc.metrics_bound is not None
         return await scrape(svc.metrics_bound)
@@ -92,7 +96,12 @@ async def test_paper_worker_metrics_count_exactly_the_fills_fees_and_statuses_it
     # Two orders: one fills whole, one is bounded by the thin candle (10 % of 10) and its rest is cancelled.
     small = execute_order(PID, "buy", size="0.5", not_before=T0, intent_id="metrics-small")
     big = execute_order(PID, "buy", size="3", not_before=T0, intent_id="metrics-big")
-    market: list[Message] = [candle("BTC/USDC", T0, 100, volume=10), watermark(T0), candle("BTC/USDC", T0 + HOUR, 101, volume=10), watermark(T0 + HOUR)]
+    market: list[Message] = [
+        candle("BTC/USDC", T0, 100, volume=10),
+        watermark(T0),
+        candle("BTC/USDC", T0 + HOUR, 101, volume=10),
+        watermark(T0 + HOUR),
+    ]
     pub = Publisher(kafka_bootstrap, client_id="test")
     await pub.start()
     try:
@@ -105,7 +114,13 @@ async def test_paper_worker_metrics_count_exactly_the_fills_fees_and_statuses_it
         await pub.stop()
 
     async def settled() -> bool:
-        return sum(isinstance(m, OrderUpdated) and m.status in ("filled", "cancelled") for m in await events_of(kafka_bootstrap, t)) == 2
+        return (
+            sum(
+                isinstance(m, OrderUpdated) and m.status in ("filled", "cancelled")
+                for m in await events_of(kafka_bootstrap, t)
+            )
+            == 2
+        )
 
     samples = await run_until(svc, settled)
     events = await events_of(kafka_bootstrap, t)
@@ -115,7 +130,9 @@ async def test_paper_worker_metrics_count_exactly_the_fills_fees_and_statuses_it
 
     assert total(samples, "mp_execution_fills_total", profile=PID) == len(fills)
     assert total(samples, "mp_execution_fills_total", liquidity="taker") == len(fills)
-    assert total(samples, "mp_execution_fees_total", profile=PID) == pytest.approx(float(sum(f.fee for f in fills)))
+    assert total(samples, "mp_execution_fees_total", profile=PID) == pytest.approx(
+        float(sum(f.fee for f in fills))
+    )
     for status, n in statuses.items():
         assert total(samples, "mp_execution_orders_total", status=status) == n, status
     assert total(samples, "mp_execution_events_processed_total", topic=t.candles) == len(market)
@@ -143,17 +160,28 @@ async def test_live_worker_metrics_count_retries_latency_and_fills_against_the_p
     store.save()
     monkeypatch.setenv(ENV_KEY_FILE, str(kf))
     monkeypatch.setenv("MPCTL_CREDENTIALS_STORE", str(tmp_path / "c.enc"))
-    peer.inject("POST", r"/api/v3/brokerage/orders$", 500, {"error": "INTERNAL", "message": "try again"}, times=1)
+    peer.inject(
+        "POST", r"/api/v3/brokerage/orders$", 500, {"error": "INTERNAL", "message": "try again"}, times=1
+    )
 
     (port,) = free_ports(1)
     settings = ServiceSettings(
-        kafka_bootstrap=kafka_bootstrap, namespace=namespace, profile=PID, extra={"exchange_api_base": peer.base_url}
+        kafka_bootstrap=kafka_bootstrap,
+        namespace=namespace,
+        profile=PID,
+        extra={"exchange_api_base": peer.base_url},
     )
     svc = bootstrap(settings, overrides={"config": cfg, "metrics_port": port})
     orders = [execute(PID, f"metrics-{i}") for i in range(2)]
 
     async def publish_then_wait() -> bool:
-        return sum(isinstance(m, OrderUpdated) and m.status == "filled" for m in await events_of(kafka_bootstrap, t)) == 2
+        return (
+            sum(
+                isinstance(m, OrderUpdated) and m.status == "filled"
+                for m in await events_of(kafka_bootstrap, t)
+            )
+            == 2
+        )
 
     async def publish() -> None:
         await asyncio.sleep(1.0)  # after the worker's start (its start time bounds what the latency measures)

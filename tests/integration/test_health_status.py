@@ -28,7 +28,9 @@ async def _states(bootstrap: str, namespace: str) -> dict[str, str]:
     return {h.name: h.state for h in await fetch_health(bootstrap, ns_config(namespace), namespace)}
 
 
-async def test_services_up_then_down(infra: Endpoints, namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_services_up_then_down(
+    infra: Endpoints, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     b = infra.kafka_bootstrap
     cfg = ns_config(namespace)
     await create_topics(b, cfg)
@@ -52,12 +54,19 @@ async def test_services_up_then_down(infra: Endpoints, namespace: str, capsys: p
             "execution.profile_b": "never-ran",
             "monitor": "never-ran",
         }
-        await publish(b, [
-            (topics.plans, t_plan, "profile_a"),
-            (topics.audit, t_plan, "profile_a"),
-            (topics.candles, candle("BTC/USDC", T0, open=100, close=110), "BTC/USDC"),
-            (topics.events, order_filled("profile_a", "buy", size="2", price="100", fee="0.1", at=T0 + 60), "profile_a"),
-        ])
+        await publish(
+            b,
+            [
+                (topics.plans, t_plan, "profile_a"),
+                (topics.audit, t_plan, "profile_a"),
+                (topics.candles, candle("BTC/USDC", T0, open=100, close=110), "BTC/USDC"),
+                (
+                    topics.events,
+                    order_filled("profile_a", "buy", size="2", price="100", fee="0.1", at=T0 + 60),
+                    "profile_a",
+                ),
+            ],
+        )
         args = _cli("status", "--namespace", namespace, "--bootstrap", b, "--config", str(TEMPLATE), "--json")
         assert await asyncio.to_thread(args.handler, args) == 0
         st = json.loads(capsys.readouterr().out)
@@ -87,7 +96,9 @@ async def test_status_from_run_files_when_topics_are_gone(
 ) -> None:
     run = tmp_path / "run"
     build_run(run)
-    (run / "run.json").write_text(json.dumps({"namespace": namespace, "kafka_bootstrap": infra.kafka_bootstrap}))
+    (run / "run.json").write_text(
+        json.dumps({"namespace": namespace, "kafka_bootstrap": infra.kafka_bootstrap})
+    )
     args = _cli("status", "--run", str(run), "--config", str(TEMPLATE))
     assert await asyncio.to_thread(args.handler, args) == 0
     out = capsys.readouterr().out

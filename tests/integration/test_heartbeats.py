@@ -31,7 +31,11 @@ DOWN_THRESHOLD_S = 2.0
 def _start(module: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", **{INTERVAL_ENV: str(BEAT_S)})
     return subprocess.Popen(
-        [sys.executable, "-m", module, *args], cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
     )
 
 
@@ -45,8 +49,18 @@ async def test_registry_and_arbiter_up_by_heartbeat_then_down_when_killed_or_sto
 ) -> None:
     b = infra.kafka_bootstrap
     await create_topics(b, ns_config(namespace))
-    common = ["--bootstrap", b, "--redis-url", infra.redis_url, "--namespace", namespace, "--config", str(TEMPLATE),
-              "--source", "replay"]
+    common = [
+        "--bootstrap",
+        b,
+        "--redis-url",
+        infra.redis_url,
+        "--namespace",
+        namespace,
+        "--config",
+        str(TEMPLATE),
+        "--source",
+        "replay",
+    ]
     registry = _start("services.registry", common, tmp_path / "registry.log")
     arbiter = _start("services.arbiter", common, tmp_path / "arbiter.log")
     try:
@@ -62,8 +76,19 @@ async def test_registry_and_arbiter_up_by_heartbeat_then_down_when_killed_or_sto
 
         parser = argparse.ArgumentParser()
         commands_ops.register(parser.add_subparsers(dest="command"))
-        args = parser.parse_args(["status", "--namespace", namespace, "--bootstrap", b, "--config", str(TEMPLATE),
-                                  "--heartbeat-timeout", str(UP_THRESHOLD_S)])
+        args = parser.parse_args(
+            [
+                "status",
+                "--namespace",
+                namespace,
+                "--bootstrap",
+                b,
+                "--config",
+                str(TEMPLATE),
+                "--heartbeat-timeout",
+                str(UP_THRESHOLD_S),
+            ]
+        )
         for _ in range(20):  # a fresh broker may answer GroupLoadInProgress while it loads the offsets topic
             if await asyncio.to_thread(args.handler, args) == 0:
                 break

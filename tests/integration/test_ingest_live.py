@@ -106,7 +106,9 @@ async def read_all(bootstrap: str, topic: str) -> list[tuple[int, Message]]:
     return out
 
 
-def check_candles(records: list[tuple[int, Message]], peer: CoinbaseMdPeer) -> tuple[list[int], list[CandleClosed]]:
+def check_candles(
+    records: list[tuple[int, Message]], peer: CoinbaseMdPeer
+) -> tuple[list[int], list[CandleClosed]]:
     """The invariants of md.candles against the peer's ground truth; returns the steps and the candles."""
     candles = [m for p, m in records if isinstance(m, CandleClosed)]
     counts = Counter((c.product, int(c.open_time.timestamp())) for c in candles)
@@ -154,7 +156,11 @@ def check_candles(records: list[tuple[int, Message]], peer: CoinbaseMdPeer) -> t
                     Decimal(r[k]) for k in ("open", "high", "low", "close", "volume")
                 ), f"{product} {t}: {c} != {r}"
             else:
-                assert c.synthetic and c.volume == 0 and c.open == c.high == c.low == c.close == prev, (product, t, c)
+                assert c.synthetic and c.volume == 0 and c.open == c.high == c.low == c.close == prev, (
+                    product,
+                    t,
+                    c,
+                )
             prev = c.close
     return steps0, candles
 
@@ -175,10 +181,14 @@ async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, 
     async with CoinbaseMdPeer(
         ("BTC-USD", "ETH-USD", "SOL-USD"), speed=SPEED, granularity_s=IV, quiet_every={"SOL-USD": 4}
     ) as peer:
-        svc: LiveIngest = bootstrap_live(settings(kafka_bootstrap, namespace, tmp_path / "cfg.yaml", peer), overrides={"config": cfg})
+        svc: LiveIngest = bootstrap_live(
+            settings(kafka_bootstrap, namespace, tmp_path / "cfg.yaml", peer), overrides={"config": cfg}
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(svc.run(stop))
-        ahead: list[float] = []  # the ingest's exchange clock minus the peer's: ahead would finalise too early
+        ahead: list[
+            float
+        ] = []  # the ingest's exchange clock minus the peer's: ahead would finalise too early
 
         async def sample_clock() -> None:
             while not stop.is_set():
@@ -209,7 +219,9 @@ async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, 
             # A late bucket of BTC: trades on the websocket, REST without it for 2 minutes (2 real s).
             late = peer.bucket_of(peer.now_s()) + IV
             peer.late_bucket("BTC-USD", late, 120.0)
-            await wait_for(lambda: svc.book is not None and svc.book.next_step > late + IV, 20, "the late bucket")
+            await wait_for(
+                lambda: svc.book is not None and svc.book.next_step > late + IV, 20, "the late bucket"
+            )
             # Silence: stale within stale_after_s (+ slack), fresh again after.
             peer.silence(3.0)
             await wait_for(lambda: svc.monitor.state == "stale", STALE_AFTER + 1.5, "stale")
@@ -218,7 +230,11 @@ async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, 
             peer.outage(3.0)
             t_out = time.monotonic()
             await asyncio.sleep(3.0)
-            await wait_for(lambda: svc.book is not None and peer.now_s() - svc.book.next_step < IV + GRACE + 2 * IV, 15, "catch-up")
+            await wait_for(
+                lambda: svc.book is not None and peer.now_s() - svc.book.next_step < IV + GRACE + 2 * IV,
+                15,
+                "catch-up",
+            )
             print(f"\noutage end to caught up: {time.monotonic() - t_out - 3.0:.2f}s real")
             await wait_for(lambda: svc.monitor.state == "fresh", 15, "fresh after the outage")
         finally:
@@ -234,8 +250,10 @@ async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, 
         for name, sel in (("all live steps", live), ("without a fault", [x for x in live if x[0] < IV])):
             ex = sorted(x for x, _ in sel)
             real = [x / SPEED for x in ex]  # the peer's speed: the service's rate estimate starts at 1
-            print(f"finalisation lag, {name} ({len(sel)}): exchange p50 {ex[len(ex) // 2]:.2f}s "
-                  f"p99 {ex[int(len(ex) * 0.99)]:.2f}s; real p50 {real[len(real) // 2]:.3f}s p99 {real[int(len(real) * 0.99)]:.3f}s")
+            print(
+                f"finalisation lag, {name} ({len(sel)}): exchange p50 {ex[len(ex) // 2]:.2f}s "
+                f"p99 {ex[int(len(ex) * 0.99)]:.2f}s; real p50 {real[len(real) // 2]:.3f}s p99 {real[int(len(real) * 0.99)]:.3f}s"
+            )
         records = await read_all(kafka_bootstrap, topics.candles)
         steps, candles = check_candles(records, peer)
         assert len(steps) >= LONG_HISTORY + 10
@@ -249,7 +267,9 @@ async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, 
         assert (m("mp_ingest_candles_published_total", {"synthetic": "true"}) or 0) >= 1
         assert m("mp_ingest_finalisation_lag_seconds_count") == len(svc.lags)
         assert (m("mp_ingest_trades_published_total") or 0) > 0 and m("mp_ingest_feed_stale") == 0
-        clock = [m for _, m in await read_all(kafka_bootstrap, topics.clock) if isinstance(m, ExchangeTimeObserved)]
+        clock = [
+            m for _, m in await read_all(kafka_bootstrap, topics.clock) if isinstance(m, ExchangeTimeObserved)
+        ]
         assert len(clock) >= 5
         assert abs(clock[-1].rate - SPEED) / SPEED < 0.1, [c.rate for c in clock[-5:]]
 
@@ -258,7 +278,9 @@ def _watermarks(records: list[tuple[int, Message]]) -> int:
     return sum(1 for p, m in records if p == 0 and isinstance(m, WatermarkAdvanced))
 
 
-async def test_sigkill_and_restart_publish_every_bucket_once(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> None:
+async def test_sigkill_and_restart_publish_every_bucket_once(
+    kafka_bootstrap: str, namespace: str, tmp_path: Path
+) -> None:
     """`python -m services.ingest --source coinbase` killed with SIGKILL, down for 2 peer minutes, restarted:
     the steps it missed are backfilled, none is published twice."""
     cfg_path = tmp_path / "cfg.yaml"
@@ -307,7 +329,11 @@ async def test_sigkill_and_restart_publish_every_bucket_once(kafka_bootstrap: st
         records = await read_all(kafka_bootstrap, topic)
         steps, _ = check_candles(records, peer)
         assert len(steps) >= HISTORY + 8
-        clock = [m for _, m in await read_all(kafka_bootstrap, Topics(namespace).clock) if isinstance(m, ExchangeTimeObserved)]
+        clock = [
+            m
+            for _, m in await read_all(kafka_bootstrap, Topics(namespace).clock)
+            if isinstance(m, ExchangeTimeObserved)
+        ]
         assert abs(clock[-1].rate - 2 * SPEED) / (2 * SPEED) < 0.1, [c.rate for c in clock[-5:]]
 
 
@@ -333,7 +359,11 @@ async def test_restart_after_a_step_whose_watermark_never_went_out(
                 assert await asyncio.wait_for(task, 15) == 0
 
         await run(HISTORY)
-        marks = [m for p, m in await read_all(kafka_bootstrap, topic) if p == 0 and isinstance(m, WatermarkAdvanced)]
+        marks = [
+            m
+            for p, m in await read_all(kafka_bootstrap, topic)
+            if p == 0 and isinstance(m, WatermarkAdvanced)
+        ]
         nxt = int(marks[-1].step_time.timestamp()) + IV
         await wait_for(lambda: peer.now_s() > nxt + IV + GRACE, 5, "the next bucket to close")
         (row,) = peer.final_candles("BTC-USD", nxt, nxt + IV)
@@ -354,7 +384,9 @@ async def test_restart_after_a_step_whose_watermark_never_went_out(
         await run(3)
         records = await read_all(kafka_bootstrap, topic)
         check_candles(records, peer)
-        assert nxt in [int(m.step_time.timestamp()) for p, m in records if p == 0 and isinstance(m, WatermarkAdvanced)]
+        assert nxt in [
+            int(m.step_time.timestamp()) for p, m in records if p == 0 and isinstance(m, WatermarkAdvanced)
+        ]
 
 
 async def test_rest_client_paging_429_back_off_and_errors_by_kind() -> None:
@@ -388,7 +420,11 @@ async def test_rest_client_paging_429_back_off_and_errors_by_kind() -> None:
     try:
         async with aiohttp.ClientSession() as session:
             rest = CoinbaseRest(
-                session, f"http://127.0.0.1:{port}", max_requests_per_s=100, sleep=fake_sleep, on_error=errors.append
+                session,
+                f"http://127.0.0.1:{port}",
+                max_requests_per_s=100,
+                sleep=fake_sleep,
+                on_error=errors.append,
             )
             script[:] = [
                 web.json_response({"message": "slow down"}, status=429, headers={"Retry-After": "1"}),

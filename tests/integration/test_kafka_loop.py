@@ -23,8 +23,17 @@ from shared.topics import TopicSpec
 def candle(i: int) -> CandleClosed:
     t = datetime(2021, 8, 1, i, tzinfo=UTC)
     return CandleClosed(
-        id=f"c{i}", event_time=t, correlation_id="t", product="BTC/USDC", interval_s=3600, open_time=t,
-        open=Decimal("100"), high=Decimal("110"), low=Decimal("90"), close=Decimal(100 + i), volume=Decimal("1"),
+        id=f"c{i}",
+        event_time=t,
+        correlation_id="t",
+        product="BTC/USDC",
+        interval_s=3600,
+        open_time=t,
+        open=Decimal("100"),
+        high=Decimal("110"),
+        low=Decimal("90"),
+        close=Decimal(100 + i),
+        volume=Decimal("1"),
     )
 
 
@@ -59,16 +68,26 @@ async def _run_until(loop: ConsumeLoop, handler: object, count: int, timeout: fl
 
 def _loop(bootstrap: str, topics: list[str], group: str, pub: Publisher, dlq: str) -> ConsumeLoop:
     return ConsumeLoop(
-        bootstrap=bootstrap, topics=topics, group_id=group, publisher=pub, dead_letter_topic=dlq,
-        service="test", clock=system_clock, ids=random_ids,
+        bootstrap=bootstrap,
+        topics=topics,
+        group_id=group,
+        publisher=pub,
+        dead_letter_topic=dlq,
+        service="test",
+        clock=system_clock,
+        ids=random_ids,
     )
 
 
-async def test_malformed_bytes_go_to_dead_letter_and_valid_messages_all_arrive(infra: Endpoints, namespace: str) -> None:
+async def test_malformed_bytes_go_to_dead_letter_and_valid_messages_all_arrive(
+    infra: Endpoints, namespace: str
+) -> None:
     b = infra.kafka_bootstrap
     src, out, dlq = await _setup(b, namespace)
     bad_schema = b'{"type": "CandleClosed", "id": "x"}'
-    await _produce(b, src, [encode(candle(0)), b"\xff not json", encode(candle(1)), bad_schema, encode(candle(2))])
+    await _produce(
+        b, src, [encode(candle(0)), b"\xff not json", encode(candle(1)), bad_schema, encode(candle(2))]
+    )
     pub = Publisher(b, client_id="t")
     await pub.start()
     seen: list[str] = []
@@ -119,7 +138,9 @@ async def test_refused_message_is_dead_lettered_with_reason(infra: Endpoints, na
     assert "close 101 is not allowed here" in dead[0].error
 
 
-async def test_failed_handler_commits_nothing_and_batch_is_redelivered(infra: Endpoints, namespace: str) -> None:
+async def test_failed_handler_commits_nothing_and_batch_is_redelivered(
+    infra: Endpoints, namespace: str
+) -> None:
     b = infra.kafka_bootstrap
     src, _out, dlq = await _setup(b, namespace)
     await _produce(b, src, [encode(candle(i)) for i in range(3)])
@@ -178,8 +199,15 @@ async def test_rebuild_on_start_rereads_the_whole_log_despite_committed_offsets(
 
     for rebuild in (False, False, True):
         loop = ConsumeLoop(
-            bootstrap=b, topics=[src], group_id=group, publisher=pub, dead_letter_topic=dlq, service="t",
-            clock=system_clock, ids=random_ids, rebuild_on_start=rebuild,
+            bootstrap=b,
+            topics=[src],
+            group_id=group,
+            publisher=pub,
+            dead_letter_topic=dlq,
+            service="t",
+            clock=system_clock,
+            ids=random_ids,
+            rebuild_on_start=rebuild,
         )
         await loop.start()
         try:

@@ -51,8 +51,13 @@ async def paused_group(infra: Endpoints, namespace: str) -> AsyncIterator[tuple[
     finally:
         await producer.stop()
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=infra.kafka_bootstrap, group_id=group, enable_auto_commit=False,
-        auto_offset_reset="earliest", session_timeout_ms=10_000, heartbeat_interval_ms=1_000,
+        topic,
+        bootstrap_servers=infra.kafka_bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000,
     )
     await consumer.start()
     try:
@@ -69,7 +74,9 @@ async def paused_group(infra: Endpoints, namespace: str) -> AsyncIterator[tuple[
         await _delete(infra.kafka_bootstrap, [topic])
 
 
-async def test_lag_is_exactly_end_minus_committed(infra: Endpoints, namespace: str, paused_group: tuple[str, str]) -> None:
+async def test_lag_is_exactly_end_minus_committed(
+    infra: Endpoints, namespace: str, paused_group: tuple[str, str]
+) -> None:
     topic, group = paused_group
     report = await fetch_lag(infra.kafka_bootstrap, namespace)
     [g] = report.groups
@@ -92,7 +99,12 @@ async def test_lag_is_exactly_end_minus_committed(infra: Endpoints, namespace: s
     assert lines[4].split() == ["lagger", "lagtest", "2", "-", "0", "-", "1", "Stable"]
     assert "total lag 6 over 1 group(s)" in table
     assert to_json(report)["groups"][0]["partitions"][0] == {
-        "topic": topic, "partition": 0, "committed": 4, "end": 10, "lag": 6}
+        "topic": topic,
+        "partition": 0,
+        "committed": 4,
+        "end": 10,
+        "lag": 6,
+    }
 
 
 def _cli(*argv: str) -> tuple[argparse.ArgumentParser, argparse.Namespace]:

@@ -35,14 +35,22 @@ D = Decimal
 
 def route_for(t: Topics) -> Callable[[Message], list[Route]]:
     def route(msg: Message) -> list[Route]:
-        return [(t.events, getattr(msg, "profile", None), False), (t.audit, getattr(msg, "profile", None), False)]
+        return [
+            (t.events, getattr(msg, "profile", None), False),
+            (t.audit, getattr(msg, "profile", None), False),
+        ]
 
     return route
 
 
 @pytest.mark.parametrize("api", ["coinbase", "coinbaseexchange"])
 async def test_restart_rebuilds_from_events_and_counts_a_fill_once(
-    peer: CoinbasePeer, api: str, kafka_bootstrap: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    peer: CoinbasePeer,
+    api: str,
+    kafka_bootstrap: str,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cfg: AppConfig = app_config(order_timeout=30.0)
     t = Topics(namespace)
@@ -64,21 +72,39 @@ async def test_restart_rebuilds_from_events_and_counts_a_fill_once(
     # Before the "crash": the worker published `submitted` and sent the order; the answer never came back.
     peer.fill_plan = []
     msg = execute("profile_a", f"wiring-{api}")
-    first = await open_live_execution("profile_a", cfg, clock=lambda: datetime.now(UTC), store_path=tmp_path / "c.enc", api_base=peer.base_url)
-    await first.port.create_order(msg.client_order_id, msg.product, msg.side, msg.size, limit_price=first.limit_price(msg))
+    first = await open_live_execution(
+        "profile_a",
+        cfg,
+        clock=lambda: datetime.now(UTC),
+        store_path=tmp_path / "c.enc",
+        api_base=peer.base_url,
+    )
+    await first.port.create_order(
+        msg.client_order_id, msg.product, msg.side, msg.size, limit_price=first.limit_price(msg)
+    )
     await first.port.close()
     pub = Publisher(kafka_bootstrap, client_id="test")
     await pub.start()
-    await pub.send(t.events, order_update(KnownOrder.from_execute(msg), "submitted", datetime.now(UTC)), key="profile_a")
+    await pub.send(
+        t.events, order_update(KnownOrder.from_execute(msg), "submitted", datetime.now(UTC)), key="profile_a"
+    )
     await pub.stop()
     (po,) = peer.orders
     peer.fill(po, D("0.003"))
     peer.fill(po)  # two fills while the worker is down
 
     for _ in range(2):  # two restarts: the second must publish nothing
-        live = await open_live_execution("profile_a", cfg, clock=lambda: datetime.now(UTC), store_path=tmp_path / "c.enc", api_base=peer.base_url)
+        live = await open_live_execution(
+            "profile_a",
+            cfg,
+            clock=lambda: datetime.now(UTC),
+            store_path=tmp_path / "c.enc",
+            api_base=peer.base_url,
+        )
         try:
-            await start_live(live, bootstrap=kafka_bootstrap, topics=t, route=route_for(t), client_id="execution.profile_a")
+            await start_live(
+                live, bootstrap=kafka_bootstrap, topics=t, route=route_for(t), client_id="execution.profile_a"
+            )
             # The redelivered command after restart produces nothing either.
             assert await LiveHandler(live).handle(msg) == []
         finally:
@@ -94,6 +120,8 @@ async def test_restart_rebuilds_from_events_and_counts_a_fill_once(
     published, _ = await read_topics(kafka_bootstrap, [t.events, t.audit])
     values = [stored.api_key.get_secret_value(), stored.secret.get_secret_value()]
     values += [stored.passphrase.get_secret_value()] if stored.passphrase else []
-    pieces = values + [line for v in values for line in v.splitlines() if len(line) > 20 and "-----" not in line]
+    pieces = values + [
+        line for v in values for line in v.splitlines() if len(line) > 20 and "-----" not in line
+    ]
     blob = b"\n".join(encode(m) for m in published).decode()
     assert published and not [p for p in pieces if p in blob]

@@ -44,14 +44,25 @@ async def hook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
 
 def _service(b: str, namespace: str, tmp: Path, url: str) -> MonitorService:
     settings = ServiceSettings(config_path=TEMPLATE, kafka_bootstrap=b, namespace=namespace)
-    opts = MonitorOptions(audit_file=tmp / "audit.jsonl", alerts_file=tmp / "alerts.jsonl", webhooks=(url,),
-                          metrics_port=0, lag_interval_s=0.5, lag_threshold=10_000)
+    opts = MonitorOptions(
+        audit_file=tmp / "audit.jsonl",
+        alerts_file=tmp / "alerts.jsonl",
+        webhooks=(url,),
+        metrics_port=0,
+        lag_interval_s=0.5,
+        lag_threshold=10_000,
+    )
     return MonitorService(ns_config(namespace), settings, opts)
 
 
 def _halt(i: int) -> ProfileHalted:
-    return ProfileHalted(id=f"halt-{i}", event_time=dt(T0 + i * HOUR), correlation_id=f"step:{T0}",
-                         profile="profile_b", reason=f"max_daily_loss_pct reached ({i})")
+    return ProfileHalted(
+        id=f"halt-{i}",
+        event_time=dt(T0 + i * HOUR),
+        correlation_id=f"step:{T0}",
+        profile="profile_b",
+        reason=f"max_daily_loss_pct reached ({i})",
+    )
 
 
 async def test_monitor_audits_alerts_and_exports(
@@ -70,23 +81,39 @@ async def test_monitor_audits_alerts_and_exports(
     fill = order_filled("profile_a", "buy", size="1", price="100", fee="0.6", at=T0 + 60)
     audit_msgs = [collided, buy, wash, fill, _halt(1)]
     await publish(b, [(t.audit, m, None) for m in audit_msgs + audit_msgs[:2]])  # with two redelivered copies
-    await publish(b, [(t.plans, collided, "profile_a"), (t.events, wash, "profile_b"), (t.events, fill, "profile_a"),
-                      (t.events, _halt(1), "profile_b"), (t.candles, candle("BTC/USDC", T0, open=100, close=105), None)])
+    await publish(
+        b,
+        [
+            (t.plans, collided, "profile_a"),
+            (t.events, wash, "profile_b"),
+            (t.events, fill, "profile_a"),
+            (t.events, _halt(1), "profile_b"),
+            (t.candles, candle("BTC/USDC", T0, open=100, close=105), None),
+        ],
+    )
 
     svc = _service(b, namespace, tmp_path, url)
     stop = asyncio.Event()
     task = asyncio.create_task(svc.run(stop))
     try:
+
         async def alerted() -> bool:
             return len(got) >= 3
 
         await eventually(alerted, what="three alerts at the webhook")
         assert sorted(a["kind"] for a in got) == ["collision", "halt", "wash_trade_rejection"]
         halt = next(a for a in got if a["kind"] == "halt")
-        assert halt["profile"] == "profile_b" and halt["namespace"] == namespace and halt["severity"] == "critical"
+        assert (
+            halt["profile"] == "profile_b"
+            and halt["namespace"] == namespace
+            and halt["severity"] == "critical"
+        )
 
         async def scraped() -> bool:
-            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{svc.metrics_bound}/metrics") as r:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"http://127.0.0.1:{svc.metrics_bound}/metrics") as r,
+            ):
                 text = await r.text()
             # Up once its consumer group is stable (it runs in-process here, so no heartbeat): polled again each
             # lag interval, so a first poll during the group's join is not the last word.
@@ -120,6 +147,7 @@ async def test_monitor_audits_alerts_and_exports(
     stop2 = asyncio.Event()
     task2 = asyncio.create_task(svc2.run(stop2))
     try:
+
         async def second_halt() -> bool:
             return len(got) >= 4
 

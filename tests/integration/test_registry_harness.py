@@ -187,7 +187,9 @@ class Run:
             rc = proc.poll()
             assert rc is None, f"registry {inst} exited with {rc}:\n{self.logs()}"
 
-    async def publish(self, steps: Sequence[ReplayStep], *, finish_with: list[ReplayStep] | None = None) -> None:
+    async def publish(
+        self, steps: Sequence[ReplayStep], *, finish_with: list[ReplayStep] | None = None
+    ) -> None:
         assert self.publisher is not None
         for step in steps:
             for c in step.candles:
@@ -210,10 +212,14 @@ class Run:
             if predicate(plans):
                 return plans
             if time.monotonic() > deadline:
-                raise AssertionError(f"plans not as expected after {timeout} s ({len(plans)} plans)\n{self.logs()}")
+                raise AssertionError(
+                    f"plans not as expected after {timeout} s ({len(plans)} plans)\n{self.logs()}"
+                )
             await asyncio.sleep(0.2)
 
-    async def wait_finished(self, instances: Iterable[str], timeout: float = 40.0) -> dict[str, WorkerFinished]:
+    async def wait_finished(
+        self, instances: Iterable[str], timeout: float = 40.0
+    ) -> dict[str, WorkerFinished]:
         want = set(instances)
         consumer = AIOKafkaConsumer(
             self.topics.status, bootstrap_servers=self.endpoints.kafka_bootstrap, auto_offset_reset="earliest"
@@ -256,7 +262,9 @@ class Run:
             log.close()
         if self.publisher is not None:
             await self.publisher.stop()
-        await delete_topics(self.endpoints.kafka_bootstrap, [s.name for s in declared_topics(self.cfg, self.ns)])
+        await delete_topics(
+            self.endpoints.kafka_bootstrap, [s.name for s in declared_topics(self.cfg, self.ns)]
+        )
         await self.flush_redis()
 
 
@@ -289,7 +297,9 @@ class Check:
             if not (a.epoch_start < b.epoch_end and b.epoch_start < a.epoch_end):
                 continue
             assert a.hash != b.hash, f"hash held twice: {a.profile}/{a.epoch} and {b.profile}/{b.epoch}"
-            assert a.fingerprint != b.fingerprint, f"fingerprint held twice: {a.profile}/{a.epoch}, {b.profile}/{b.epoch}"
+            assert a.fingerprint != b.fingerprint, (
+                f"fingerprint held twice: {a.profile}/{a.epoch}, {b.profile}/{b.epoch}"
+            )
             if pool_allows and a.random_asset and b.random_asset:
                 assert a.random_asset != b.random_asset, (
                     f"random asset {a.random_asset} shared: {a.profile}/{a.epoch} and {b.profile}/{b.epoch}"
@@ -299,6 +309,16 @@ class Check:
 def outcome(plans: Iterable[PlanPublished]) -> set[tuple[Any, ...]]:
     """What a run decided, independent of namespace and of which replica published."""
     return {
-        (p.id, p.profile, p.epoch, p.hash, p.nonce, p.strategy, p.fingerprint, p.random_asset, tuple(p.assets))
+        (
+            p.id,
+            p.profile,
+            p.epoch,
+            p.hash,
+            p.nonce,
+            p.strategy,
+            p.fingerprint,
+            p.random_asset,
+            tuple(p.assets),
+        )
         for p in plans
     }

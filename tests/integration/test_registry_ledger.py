@@ -21,7 +21,15 @@ HOUR = 3600
 T = 1_710_028_800
 
 
-def plan(profile: str, start: int, *, end: int | None = None, h: str = "a", fp: str = "1", asset: str | None = "ADA") -> PlanPublished:
+def plan(
+    profile: str,
+    start: int,
+    *,
+    end: int | None = None,
+    h: str = "a",
+    fp: str = "1",
+    asset: str | None = "ADA",
+) -> PlanPublished:
     return PlanPublished(
         id=derived_id("plan", profile, start, fp),
         event_time=from_epoch_s(start),
@@ -106,7 +114,9 @@ async def test_guard_refuses_claims_and_decisions_on_a_lost_claim_set(client: ai
     claims, ledger = RedisClaims(client, ns), PlanLedger(client, ns)
     gen = await ledger.set_generation()
     claims.generation = gen
-    assert (await claims.claim_interval("pa", T, T + HOUR, hash_hex="a" * 64, fingerprint="1" * 64, asset="ADA")).ok
+    assert (
+        await claims.claim_interval("pa", T, T + HOUR, hash_hex="a" * 64, fingerprint="1" * 64, asset="ADA")
+    ).ok
     await client.delete(claims.ready_key)  # what FLUSHDB / a restart without persistence does to it
     with pytest.raises(ClaimsLostError) as lost:
         await claims.claim_interval("pb", T, T + HOUR, hash_hex="b" * 64, fingerprint="2" * 64, asset="DOT")
@@ -119,7 +129,9 @@ async def test_guard_refuses_claims_and_decisions_on_a_lost_claim_set(client: ai
     assert (stale.value.reason, stale.value.generation) == ("STALE", other)
     assert await claims.holders("hash", "b" * 64) == []  # nothing written by refused claims
     claims.generation = None  # unguarded (tests, benchmark) claims as before
-    assert (await claims.claim_interval("pb", T, T + HOUR, hash_hex="b" * 64, fingerprint="2" * 64, asset="DOT")).ok
+    assert (
+        await claims.claim_interval("pb", T, T + HOUR, hash_hex="b" * 64, fingerprint="2" * 64, asset="DOT")
+    ).ok
 
 
 def backend(client: aioredis.Redis, instance: str, topic: list[PlanPublished]) -> RegistryBackend:
@@ -146,7 +158,9 @@ async def test_rebuild_restores_live_claims_and_decisions_once(client: aioredis.
         plan("pa", T, h="c", fp="3", asset="LINK"),
     ]
     b1, b2 = backend(client, "r1", topic), backend(client, "r2", topic)
-    unpublished = Held(plan("pc", T, h="d", fp="4", asset="AVAX"), "r2", True)  # r2 decided it, not yet on Kafka
+    unpublished = Held(
+        plan("pc", T, h="d", fp="4", asset="AVAX"), "r2", True
+    )  # r2 decided it, not yet on Kafka
     kinds = await asyncio.gather(b1.recover([]), b2.recover([unpublished]))
     assert sorted(kinds) == ["rebuilt", "rejoined"]
     assert b1.generation == b2.generation == await b1.ledger.generation()

@@ -35,7 +35,9 @@ SPECS = {
 }
 
 
-async def race(infra: Endpoints, tmp: Path, ns: str) -> tuple[list[PlanPublished], dict[str, WorkerFinished], Run]:
+async def race(
+    infra: Endpoints, tmp: Path, ns: str
+) -> tuple[list[PlanPublished], dict[str, WorkerFinished], Run]:
     config = write_config(tmp / "race.yaml", SPECS)
     run = Run(infra, ns, config, tmp / f"logs-{ns}")
     await run.setup()

@@ -34,7 +34,12 @@ def assert_claims_unique(plans: list[PlanPublished]) -> None:
     """No two profiles hold one hash or fingerprint over overlapping intervals (rotated plans included)."""
     for a, b in itertools.combinations({p.id: p for p in plans}.values(), 2):
         if a.profile != b.profile and a.epoch_start < b.epoch_end and b.epoch_start < a.epoch_end:
-            assert a.hash != b.hash and a.fingerprint != b.fingerprint, (a.profile, a.epoch, b.profile, b.epoch)
+            assert a.hash != b.hash and a.fingerprint != b.fingerprint, (
+                a.profile,
+                a.epoch,
+                b.profile,
+                b.epoch,
+            )
 
 
 async def send_rotate(run: Run, target: str) -> str:
@@ -66,7 +71,9 @@ async def test_rotate_command_gives_one_new_plan_per_target_and_a_restart_reache
         assert [(p.profile, p.rotation, p.epoch_start.timestamp(), p.rotation_commands) for p in rotated] == [
             ("hotel", 1, steps[9].time_s, [one])
         ]
-        scheduled = next(p for p in plans if p.profile == "hotel" and p.epoch == rotated[0].epoch and not p.rotation)
+        scheduled = next(
+            p for p in plans if p.profile == "hotel" and p.epoch == rotated[0].epoch and not p.rotation
+        )
         assert rotated[0].hash != scheduled.hash and rotated[0].epoch_end == scheduled.epoch_end
 
         every = await send_rotate(run, "all")
@@ -74,16 +81,28 @@ async def test_rotate_command_gives_one_new_plan_per_target_and_a_restart_reache
         finished = await run.wait_finished(["r1", "r2"])
         plans = await run.plans()
         second = sorted((p.profile, p.rotation) for p in plans if every in p.rotation_commands)
-        assert second == [("alpha", 1), ("golf", 1), ("hotel", 1 if steps[13].time_s // 14400 != steps[9].time_s // 14400 else 2)]
-        assert {p.epoch_start.timestamp() for p in plans if every in p.rotation_commands} == {steps[13].time_s}
+        assert second == [
+            ("alpha", 1),
+            ("golf", 1),
+            ("hotel", 1 if steps[13].time_s // 14400 != steps[9].time_s // 14400 else 2),
+        ]
+        assert {p.epoch_start.timestamp() for p in plans if every in p.rotation_commands} == {
+            steps[13].time_s
+        }
         assert max(by_slot(plans).values()) == 1, "a plan was published twice (two replicas)"
         assert_claims_unique(plans)
-        assert sum(int(f.detail["rotations"]) for f in finished.values()) == 2 * 4  # each replica applied all 4
+        assert (
+            sum(int(f.detail["rotations"]) for f in finished.values()) == 2 * 4
+        )  # each replica applied all 4
         assert sum(int(f.detail["plans"]) for f in finished.values()) == len(plans)
 
         # Every registry judged the commands and audited its verdicts.
         audit, _ = await read_topics(infra.kafka_bootstrap, [run.topics.audit])
-        verdicts = {(v.command_id, v.accepted) for v in audit if isinstance(v, CommandHandled) and v.service == "registry"}
+        verdicts = {
+            (v.command_id, v.accepted)
+            for v in audit
+            if isinstance(v, CommandHandled) and v.service == "registry"
+        }
         assert verdicts == {(one, True), (every, True)}
 
         # A restarted registry re-reads candles and commands: the same rotations, each found on the topic.
@@ -92,7 +111,11 @@ async def test_rotate_command_gives_one_new_plan_per_target_and_a_restart_reache
             del run.procs[inst]  # stopped on purpose: no longer expected alive
         run.start_registry("r3")
         again = (await run.wait_finished(["r3"]))["r3"]
-        assert (again.detail["plans"], again.detail["rotations"], again.detail["skipped"]) == (0, 4, len(plans))
+        assert (again.detail["plans"], again.detail["rotations"], again.detail["skipped"]) == (
+            0,
+            4,
+            len(plans),
+        )
         assert by_slot(await run.plans()) == by_slot(plans)
     finally:
         await run.close()

@@ -47,7 +47,9 @@ def parse_plans_args(*argv: str) -> argparse.Namespace:
 async def test_metrics_and_mpctl_plans(
     infra: Endpoints, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = Run(infra, f"vis{uuid.uuid4().hex[:8]}", write_config(tmp_path / "vis.yaml", SPECS), tmp_path / "logs")
+    run = Run(
+        infra, f"vis{uuid.uuid4().hex[:8]}", write_config(tmp_path / "vis.yaml", SPECS), tmp_path / "logs"
+    )
     (port,) = free_ports(1)
     try:
         await run.setup()
@@ -62,21 +64,36 @@ async def test_metrics_and_mpctl_plans(
         for pid in SPECS:
             n = sum(1 for p in plans if p.profile == pid)
             assert m[("mp_registry_plans_published_total", (("profile", pid),))] == n
-            assert m[("mp_registry_current_epoch", (("profile", pid),))] == max(p.epoch for p in plans if p.profile == pid)
+            assert m[("mp_registry_current_epoch", (("profile", pid),))] == max(
+                p.epoch for p in plans if p.profile == pid
+            )
         bravo_bumps = sum(p.collisions for p in plans if p.profile == "bravo")
         assert bravo_bumps >= HOURS  # once per hourly epoch at least
         assert m[("mp_registry_collisions_resolved_total", (("profile", "bravo"),))] == bravo_bumps
-        assert ("mp_registry_collisions_resolved_total", (("profile", "alpha"),)) not in m  # the first never bumps
-        assert m[("mp_registry_claims_refused_total", (("outcome", "HASH_TAKEN"), ("profile", "bravo")))] >= HOURS
+        assert (
+            "mp_registry_collisions_resolved_total",
+            (("profile", "alpha"),),
+        ) not in m  # the first never bumps
+        assert (
+            m[("mp_registry_claims_refused_total", (("outcome", "HASH_TAKEN"), ("profile", "bravo")))]
+            >= HOURS
+        )
         assert m[("mp_registry_instance_info", (("instance", "0"),))] == 1
 
         # ---- mpctl plans on the running namespace (run.json as the demo writes it)
         run_dir = tmp_path / "demo"
         run_dir.mkdir()
         (run_dir / "run.json").write_text(
-            json.dumps({"namespace": run.ns, "kafka_bootstrap": infra.kafka_bootstrap, "redis_url": infra.redis_url})
+            json.dumps(
+                {"namespace": run.ns, "kafka_bootstrap": infra.kafka_bootstrap, "redis_url": infra.redis_url}
+            )
         )
-        assert await asyncio.to_thread(commands_plans.run_plans, parse_plans_args("--run", str(run_dir), "--json")) == 0
+        assert (
+            await asyncio.to_thread(
+                commands_plans.run_plans, parse_plans_args("--run", str(run_dir), "--json")
+            )
+            == 0
+        )
         shown: dict[str, Any] = json.loads(capsys.readouterr().out)
         assert shown["source"].startswith(f"topic {run.ns}.registry.plans")
         current = {r["profile"]: r for r in shown["plans"]}
@@ -90,10 +107,25 @@ async def test_metrics_and_mpctl_plans(
                 latest.epoch,
             )
             assert set(row["key_parameters"]) <= set(row["parameters"]) and row["key_parameters"]
-        assert await asyncio.to_thread(commands_plans.run_plans, parse_plans_args("--namespace", run.ns, "--bootstrap", infra.kafka_bootstrap)) == 0
+        assert (
+            await asyncio.to_thread(
+                commands_plans.run_plans,
+                parse_plans_args("--namespace", run.ns, "--bootstrap", infra.kafka_bootstrap),
+            )
+            == 0
+        )
         table = capsys.readouterr().out
         header = table.splitlines()[1]
-        for col in ("profile", "hash", "nonce", "strategy", "key parameters", "assets", "fingerprint", "epoch end"):
+        for col in (
+            "profile",
+            "hash",
+            "nonce",
+            "strategy",
+            "key parameters",
+            "assets",
+            "fingerprint",
+            "epoch end",
+        ):
             assert col in header
         assert all(pid in table for pid in SPECS)
 
@@ -105,10 +137,18 @@ async def test_metrics_and_mpctl_plans(
                 fh.write(json.dumps(rec) + "\n")
     finally:
         await run.close()
-    assert await asyncio.to_thread(commands_plans.run_plans, parse_plans_args("--run", str(run_dir), "--json")) == 0
+    assert (
+        await asyncio.to_thread(commands_plans.run_plans, parse_plans_args("--run", str(run_dir), "--json"))
+        == 0
+    )
     fallback: dict[str, Any] = json.loads(capsys.readouterr().out)
     assert fallback["source"].startswith(str(run_dir / "plans.jsonl"))
     assert fallback["plans"] == shown["plans"]
     # nothing at all: a clear error, exit 1
-    assert await asyncio.to_thread(commands_plans.run_plans, parse_plans_args("--run", str(tmp_path / "nothing"))) == 1
+    assert (
+        await asyncio.to_thread(
+            commands_plans.run_plans, parse_plans_args("--run", str(tmp_path / "nothing"))
+        )
+        == 1
+    )
     assert "no plans" in capsys.readouterr().err

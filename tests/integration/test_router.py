@@ -18,12 +18,18 @@ async def test_manual_trade_through_arbiter_and_execution(infra: Endpoints, name
     b = infra.kafka_bootstrap
     await create_topics(b, ns_config(namespace))
     async with running(b, namespace, executions=("profile_a",)) as t:
-        await publish(b, [(t.candles, candle("BTC/USDC", T0, open=100, high=103, low=99, close=102), "BTC/USDC")])
+        await publish(
+            b, [(t.candles, candle("BTC/USDC", T0, open=100, high=103, low=99, close=102), "BTC/USDC")]
+        )
         await publish(b, [(t.candles, watermark(T0), None)], broadcast=True)
         # Both profiles' strategy workers completed step T0 (what they would have sent).
-        await publish(b, [(t.intents, step_completed(p, T0), None) for p in ("profile_a", "profile_b")], broadcast=True)
+        await publish(
+            b, [(t.intents, step_completed(p, T0), None) for p in ("profile_a", "profile_b")], broadcast=True
+        )
 
-        router = ProfileRouter(TEMPLATE, bootstrap=b, namespace=namespace, decision_timeout_s=30, fill_timeout_s=30)
+        router = ProfileRouter(
+            TEMPLATE, bootstrap=b, namespace=namespace, decision_timeout_s=30, fill_timeout_s=30
+        )
         await router.initialize()
         try:
             status = router.get_profile_status()
@@ -54,7 +60,9 @@ async def test_manual_trade_through_arbiter_and_execution(infra: Endpoints, name
             assert "holds 0" in reasons[2] and "no enabled profile trades DOGE/USDC" in reasons[3]
 
             trade = asyncio.create_task(
-                router.execute_unified_trade({"symbol": "BTC-USDC", "side": "buy", "type": "market", "size": 0.5})
+                router.execute_unified_trade(
+                    {"symbol": "BTC-USDC", "side": "buy", "type": "market", "size": 0.5}
+                )
             )
 
             async def decided() -> bool:
@@ -62,8 +70,16 @@ async def test_manual_trade_through_arbiter_and_execution(infra: Endpoints, name
 
             await eventually(decided, what="the arbiter's decision")
             # The next candle: the paper exchange fills a market order at its open.
-            await publish(b, [(t.candles, candle("BTC/USDC", T0 + HOUR, open=105, high=106, low=104, close=105),
-                               "BTC/USDC")])
+            await publish(
+                b,
+                [
+                    (
+                        t.candles,
+                        candle("BTC/USDC", T0 + HOUR, open=105, high=106, low=104, close=105),
+                        "BTC/USDC",
+                    )
+                ],
+            )
             await publish(b, [(t.candles, watermark(T0 + HOUR), None)], broadcast=True)
             result = await asyncio.wait_for(trade, 60)
         finally:
@@ -74,7 +90,9 @@ async def test_manual_trade_through_arbiter_and_execution(infra: Endpoints, name
     assert result["symbol"] == "BTC/USDC" and result["size"] == "0.5"
     [fill] = result["fills"]
     assert Decimal(fill["size"]) == Decimal("0.5")
-    assert Decimal("105") <= Decimal(fill["price"]) <= Decimal("105") * Decimal("1.0015")  # open plus slippage
+    assert (
+        Decimal("105") <= Decimal(fill["price"]) <= Decimal("105") * Decimal("1.0015")
+    )  # open plus slippage
     view = router.get_profile_status()["profiles"]["profile_a"]
     assert view["open_positions"] == {"BTC/USDC": "0.5"} and view["trades"] == 1
 

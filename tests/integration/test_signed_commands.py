@@ -17,7 +17,9 @@ from shared.topics import TopicSpec
 KEY = b"integration-command-key-0123456789"
 
 
-async def test_service_applies_valid_command_and_audits_each_refusal(infra: Endpoints, namespace: str) -> None:
+async def test_service_applies_valid_command_and_audits_each_refusal(
+    infra: Endpoints, namespace: str
+) -> None:
     b = infra.kafka_bootstrap
     commands, audit, dlq = f"{namespace}.control.commands", f"{namespace}.audit", f"{namespace}.dlq"
     await ensure_topics(
@@ -43,8 +45,15 @@ async def test_service_applies_valid_command_and_audits_each_refusal(infra: Endp
         return []
 
     svc = StateMachineService(
-        name="svc", bootstrap=b, topics=[commands], group_id=f"{namespace}.svc", dead_letter_topic=dlq,
-        handle=handle, route=lambda m: [(audit, None, False)], clock=system_clock, ids=random_ids,
+        name="svc",
+        bootstrap=b,
+        topics=[commands],
+        group_id=f"{namespace}.svc",
+        dead_letter_topic=dlq,
+        handle=handle,
+        route=lambda m: [(audit, None, False)],
+        clock=system_clock,
+        ids=random_ids,
         commands=CommandGate(CommandVerifier(KEY, timedelta(seconds=120)), "svc"),
     )
     stop = asyncio.Event()
@@ -61,5 +70,10 @@ async def test_service_applies_valid_command_and_audits_each_refusal(infra: Endp
     handled = [v for v in verdicts if isinstance(v, CommandHandled)]
     reasons = [h.reason.split(":")[0] for h in handled]
     assert [h.accepted for h in handled] == [True, False, False, False, False]
-    assert reasons[1:] == ["unsigned command", "bad signature", "stale", "replayed nonce " + good.nonce[:8] + "..."]
+    assert reasons[1:] == [
+        "unsigned command",
+        "bad signature",
+        "stale",
+        "replayed nonce " + good.nonce[:8] + "...",
+    ]
     assert all(h.service == "svc" and h.command_id for h in handled)

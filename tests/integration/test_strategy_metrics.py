@@ -49,15 +49,27 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 @pytest.mark.timeout(300)
-async def test_strategy_metrics_equal_the_runs_output(infra: Endpoints, tmp_path: Path, namespace: str) -> None:
+async def test_strategy_metrics_equal_the_runs_output(
+    infra: Endpoints, tmp_path: Path, namespace: str
+) -> None:
     cfg = _config(namespace)
     t = Topics(namespace)
     specs = declared_topics(cfg, namespace)
     await ensure_topics(infra.kafka_bootstrap, specs)
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
-    common = ["--bootstrap", infra.kafka_bootstrap, "--redis-url", infra.redis_url, "--source", "replay", "--namespace", namespace,
-              "--config", str(CONFIG)]
+    common = [
+        "--bootstrap",
+        infra.kafka_bootstrap,
+        "--redis-url",
+        infra.redis_url,
+        "--source",
+        "replay",
+        "--namespace",
+        namespace,
+        "--config",
+        str(CONFIG),
+    ]
     port = _free_port()
     stack = Stack()
     started = time.monotonic()
@@ -68,7 +80,9 @@ async def test_strategy_metrics_equal_the_runs_output(infra: Endpoints, tmp_path
             extra = ["--metrics-port", str(port)] if pid == PID else []
             stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid], log_dir)
             stack.start(f"strategy.{pid}", ["services.strategy", *common, "--profile", pid, *extra], log_dir)
-        stack.start("ingest", ["services.ingest", *common, "--data", str(DATA), "--hours", str(HOURS)], log_dir)
+        stack.start(
+            "ingest", ["services.ingest", *common, "--data", str(DATA), "--hours", str(HOURS)], log_dir
+        )
         await wait_finished(infra.kafka_bootstrap, t.status, expected_finishers(cfg), stack, 240, started)
         got = scrape(port)  # the worker still runs: finished means every step and every fill was applied
     finally:
@@ -92,11 +106,20 @@ async def test_strategy_metrics_equal_the_runs_output(infra: Endpoints, tmp_path
     assert g("mp_strategy_open_positions") == len(want["open_positions"])
     # Drawdown is the worker's own risk view (equity as each step is evaluated, before that step's fills), the
     # summary's is sampled at step closes after them: the same order of size, not the same number.
-    assert 0 <= g("mp_strategy_drawdown_pct") <= g("mp_strategy_max_drawdown_pct") < 2 * want["max_drawdown_pct"] + 1
-    assert g("mp_strategy_halts", kind="drawdown") + g("mp_strategy_halts", kind="daily_loss") == len(want["halts"])
+    assert (
+        0
+        <= g("mp_strategy_drawdown_pct")
+        <= g("mp_strategy_max_drawdown_pct")
+        < 2 * want["max_drawdown_pct"] + 1
+    )
+    assert g("mp_strategy_halts", kind="drawdown") + g("mp_strategy_halts", kind="daily_loss") == len(
+        want["halts"]
+    )
     intents = {m.intent_id for m in raw if isinstance(m, PlaceOrder) and m.profile == PID}
     assert g("mp_strategy_intents") == len(intents)
-    candle_records = sum(1 for _ in raw) - sum(1 for m in raw if isinstance(m, PlaceOrder) or m.type == "StepCompleted")
+    candle_records = sum(1 for _ in raw) - sum(
+        1 for m in raw if isinstance(m, PlaceOrder) or m.type == "StepCompleted"
+    )
     assert g("mp_strategy_events_total", topic="md.candles") == candle_records
     assert g("mp_strategy_steps") == HOURS
     assert g("mp_strategy_errors_total", kind="dead_lettered") == 0

@@ -43,7 +43,9 @@ def _config(ns: str) -> AppConfig:
     return cfg.model_copy(update={"system": cfg.system.model_copy(update={"kafka": kafka})})
 
 
-async def _kill_mid_replay(endpoints: Endpoints, cfg: AppConfig, stack: Stack, log_dir: Path, args: list[str]) -> int:
+async def _kill_mid_replay(
+    endpoints: Endpoints, cfg: AppConfig, stack: Stack, log_dir: Path, args: list[str]
+) -> int:
     """SIGKILL the victim's strategy worker once it completed KILL_AFTER_STEPS steps (with an intent among
     them), start it again; returns how many steps it had completed."""
     t = Topics(cfg.system.kafka.namespace)
@@ -89,8 +91,18 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, kill: bool) -> dict[
     await ensure_topics(endpoints.kafka_bootstrap, specs)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True)
-    common = ["--bootstrap", endpoints.kafka_bootstrap, "--redis-url", endpoints.redis_url, "--source", "replay", "--namespace", ns,
-              "--config", str(CONFIG)]
+    common = [
+        "--bootstrap",
+        endpoints.kafka_bootstrap,
+        "--redis-url",
+        endpoints.redis_url,
+        "--source",
+        "replay",
+        "--namespace",
+        ns,
+        "--config",
+        str(CONFIG),
+    ]
     replay = ["--data", str(DATA), "--hours", str(HOURS), "--speed", str(SPEED if kill else 0.0)]
     stack = Stack()
     started = time.monotonic()
@@ -119,7 +131,9 @@ async def test_strategy_killed_mid_replay_gives_the_orders_of_an_uninterrupted_r
 ) -> None:
     whole = await _run(infra, tmp_path / "whole", f"{namespace}w", kill=False)
     broken = await _run(infra, tmp_path / "killed", f"{namespace}k", kill=True)
-    assert broken["killed_at"] is not None and broken["killed_at"] < HOURS, "killed before the end of the replay"
+    assert broken["killed_at"] is not None and broken["killed_at"] < HOURS, (
+        "killed before the end of the replay"
+    )
 
     # The output files (orders, fills, decisions, plans, summary) are identical.
     for name in ("orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json"):
@@ -134,13 +148,17 @@ async def test_strategy_killed_mid_replay_gives_the_orders_of_an_uninterrupted_r
     sent = Counter(m.intent_id for m in broken["raw"] if isinstance(m, PlaceOrder) and m.profile == VICTIM)
     assert max(sent.values()) >= 2, "the rebuild re-sent the intents evaluated before the kill"
     markers = Counter(
-        int(m.step_time.timestamp()) for m in broken["raw"] if isinstance(m, StepCompleted) and m.profile == VICTIM
+        int(m.step_time.timestamp())
+        for m in broken["raw"]
+        if isinstance(m, StepCompleted) and m.profile == VICTIM
     )
     assert max(markers.values()) > min(markers.values()), "steps before the kill were marked again"
 
     # No order sent twice, none missing: one `submitted` per client order id, the same ids as the whole run.
     def submitted(raw: list[Any]) -> Counter[str]:
-        return Counter(m.client_order_id for m in raw if isinstance(m, OrderUpdated) and m.status == "submitted")
+        return Counter(
+            m.client_order_id for m in raw if isinstance(m, OrderUpdated) and m.status == "submitted"
+        )
 
     assert submitted(broken["raw"]) == submitted(whole["raw"])
     assert set(submitted(broken["raw"]).values()) == {1}
@@ -149,6 +167,3 @@ async def test_strategy_killed_mid_replay_gives_the_orders_of_an_uninterrupted_r
 def test_restart_test_parameters_leave_time_to_kill() -> None:
     assert KILL_AFTER_STEPS < HOURS / 2
     assert 3600 / SPEED * (HOURS - KILL_AFTER_STEPS) > 5  # seconds of replay left when the victim dies
-
-
-

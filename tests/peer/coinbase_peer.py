@@ -64,8 +64,15 @@ DEFAULT_PRODUCTS: tuple[Product, ...] = (
     *(
         Product(base, "USDC", "0.01", "0.0001", "0.1", "1", price)
         for base, price in (
-            ("XRP", "0.6"), ("LINK", "15"), ("ADA", "0.45"), ("DOT", "7"), ("MATIC", "0.7"),
-            ("AVAX", "35"), ("UNI", "8"), ("ATOM", "9"), ("LTC", "80"),
+            ("XRP", "0.6"),
+            ("LINK", "15"),
+            ("ADA", "0.45"),
+            ("DOT", "7"),
+            ("MATIC", "0.7"),
+            ("AVAX", "35"),
+            ("UNI", "8"),
+            ("ATOM", "9"),
+            ("LTC", "80"),
         )
     ),  # fmt: skip
 )
@@ -80,7 +87,9 @@ class Account:
     secret_b64: str = ""
     passphrase: str = ""
     can_trade: bool = True
-    balances: dict[str, Decimal] = field(default_factory=lambda: {"USDC": D("100000"), "BTC": D("1"), "ETH": D("10"), "SOL": D("100")})
+    balances: dict[str, Decimal] = field(
+        default_factory=lambda: {"USDC": D("100000"), "BTC": D("1"), "ETH": D("10"), "SOL": D("100")}
+    )
 
 
 @dataclass
@@ -206,7 +215,9 @@ class CoinbasePeer:
         key = ec.generate_private_key(ec.SECP256R1())
         name = f"organizations/{uuid.uuid4()}/apiKeys/{uuid.uuid4()}"
         pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
         ).decode()
         self.accounts[name] = Account(profile, "advanced", name, public_key=key.public_key())
         return AdvancedKeyMaterial(name, pem)
@@ -215,7 +226,9 @@ class CoinbasePeer:
         api_key = secrets.token_hex(16)
         secret = base64.b64encode(secrets.token_bytes(64)).decode()
         passphrase = secrets.token_urlsafe(12)
-        self.accounts[api_key] = Account(profile, "exchange", api_key, secret_b64=secret, passphrase=passphrase)
+        self.accounts[api_key] = Account(
+            profile, "exchange", api_key, secret_b64=secret, passphrase=passphrase
+        )
         return ExchangeKeyMaterial(api_key, secret, passphrase)
 
     def account_of(self, profile: str) -> Account:
@@ -238,7 +251,9 @@ class CoinbasePeer:
             await self._runner.cleanup()
 
     # -------------------------------------------------------------------------- faults and fills
-    def inject(self, method: str, path_regex: str, status: int, body: Any, *, times: int = 1, api: str | None = None) -> None:
+    def inject(
+        self, method: str, path_regex: str, status: int, body: Any, *, times: int = 1, api: str | None = None
+    ) -> None:
         self.faults.append(Fault(method.upper(), re.compile(path_regex), status, body, times, api))
 
     def hang_after_accept(self, seconds: float, *, times: int = 1) -> None:
@@ -266,7 +281,9 @@ class CoinbasePeer:
         acct = self.account_of(order.profile)
         sign = 1 if order.side == "buy" else -1
         acct.balances[order.product.base] = acct.balances.get(order.product.base, D(0)) + sign * qty
-        acct.balances[order.product.quote] = acct.balances.get(order.product.quote, D(0)) - sign * qty * px - f.fee
+        acct.balances[order.product.quote] = (
+            acct.balances.get(order.product.quote, D(0)) - sign * qty * px - f.fee
+        )
         return f
 
     async def _hold(self) -> None:
@@ -316,12 +333,21 @@ class CoinbasePeer:
                 rec.status = 429
                 if api == "advanced":
                     return web.json_response(
-                        {"error": "rate_limit_exceeded", "error_details": "Too many requests", "message": "Too many requests"},
+                        {
+                            "error": "rate_limit_exceeded",
+                            "error_details": "Too many requests",
+                            "message": "Too many requests",
+                        },
                         status=429,
                     )
                 return web.json_response({"message": "Private rate limit exceeded"}, status=429)
         for fault in self.faults:
-            if fault.times > 0 and fault.method in (request.method, "*") and fault.path.search(path) and fault.api in (None, api):
+            if (
+                fault.times > 0
+                and fault.method in (request.method, "*")
+                and fault.path.search(path)
+                and fault.api in (None, api)
+            ):
                 fault.times -= 1
                 rec.status = fault.status
                 if isinstance(fault.body, str):
@@ -340,9 +366,9 @@ class CoinbasePeer:
     @staticmethod
     def _is_public(api: str, path: str) -> bool:
         if api == "advanced":
-            return path.startswith(("/v2/currencies", "/v2/exchange-rates", "/v2/time", "/api/v3/brokerage/market/")) or (
-                path == "/api/v3/brokerage/time"
-            )
+            return path.startswith(
+                ("/v2/currencies", "/v2/exchange-rates", "/v2/time", "/api/v3/brokerage/market/")
+            ) or (path == "/api/v3/brokerage/time")
         return path in ("/products", "/currencies", "/time") or path.startswith("/products/")
 
     def _over_limit(self, key_id: str) -> bool:
@@ -406,7 +432,9 @@ class CoinbasePeer:
         if abs(now - ts_f) > 30:
             return None, "request timestamp expired"
         prehash = f"{ts}{request.method}{request.raw_path}{body}".encode()
-        expected = base64.b64encode(hmac.new(base64.b64decode(acct.secret_b64), prehash, hashlib.sha256).digest()).decode()
+        expected = base64.b64encode(
+            hmac.new(base64.b64decode(acct.secret_b64), prehash, hashlib.sha256).digest()
+        ).decode()
         if not hmac.compare_digest(expected, request.headers.get("CB-ACCESS-SIGN", "")):
             return None, "invalid signature"
         return acct, ""
@@ -415,7 +443,13 @@ class CoinbasePeer:
     def _adv_order(self, o: PeerOrder) -> dict[str, Any]:
         filled = o.filled
         cfg: dict[str, Any] = (
-            {"limit_limit_gtc": {"base_size": str(o.size), "limit_price": str(o.limit_price), "post_only": False}}
+            {
+                "limit_limit_gtc": {
+                    "base_size": str(o.size),
+                    "limit_price": str(o.limit_price),
+                    "post_only": False,
+                }
+            }
             if o.limit_price is not None
             else {"market_market_ioc": {"base_size": str(o.size)}}
         )
@@ -461,22 +495,43 @@ class CoinbasePeer:
             "side": o.side.upper(),
         }
 
-    async def _advanced(self, request: web.Request, path: str, body: str, acct: Account | None) -> web.StreamResponse:
+    async def _advanced(
+        self, request: web.Request, path: str, body: str, acct: Account | None
+    ) -> web.StreamResponse:
         m, q = request.method, request.query
         if path == "/v2/currencies":
             return web.json_response({"data": [{"id": "USD", "name": "US Dollar", "min_size": "0.01"}]})
         if path == "/v2/currencies/crypto":
-            codes = sorted({p.base for p in self.products.values()} | {p.quote for p in self.products.values()})
-            data = [{"asset_id": str(uuid.uuid5(uuid.NAMESPACE_DNS, c)), "code": c, "name": c, "exponent": 8, "type": "crypto"} for c in codes]
+            codes = sorted(
+                {p.base for p in self.products.values()} | {p.quote for p in self.products.values()}
+            )
+            data = [
+                {
+                    "asset_id": str(uuid.uuid5(uuid.NAMESPACE_DNS, c)),
+                    "code": c,
+                    "name": c,
+                    "exponent": 8,
+                    "type": "crypto",
+                }
+                for c in codes
+            ]
             return web.json_response({"data": data})
         if path == "/v2/exchange-rates":
-            return web.json_response({"data": {"currency": "USD", "rates": {p.base: "1" for p in self.products.values()}}})
+            return web.json_response(
+                {"data": {"currency": "USD", "rates": {p.base: "1" for p in self.products.values()}}}
+            )
         if path == "/v2/time":
             n = self.now()
             return web.json_response({"data": {"iso": _iso(n), "epoch": int(n.timestamp())}})
         if path == "/api/v3/brokerage/time":
             n = self.now()
-            return web.json_response({"iso": _iso(n), "epochSeconds": str(int(n.timestamp())), "epochMillis": str(int(n.timestamp() * 1000))})
+            return web.json_response(
+                {
+                    "iso": _iso(n),
+                    "epochSeconds": str(int(n.timestamp())),
+                    "epochMillis": str(int(n.timestamp() * 1000)),
+                }
+            )
         if path == "/api/v3/brokerage/market/products":
             if q.get("product_type", "SPOT") != "SPOT":
                 return web.json_response({"products": [], "num_products": 0})
@@ -510,11 +565,21 @@ class CoinbasePeer:
             return web.json_response({"products": prods, "num_products": len(prods)})
         assert acct is not None
         if path == "/api/v3/brokerage/transaction_summary":
-            fee = {"pricing_tier": "Advanced 1", "taker_fee_rate": str(self.taker_fee), "maker_fee_rate": "0.004"}
+            fee = {
+                "pricing_tier": "Advanced 1",
+                "taker_fee_rate": str(self.taker_fee),
+                "maker_fee_rate": "0.004",
+            }
             return web.json_response({"total_volume": 0, "total_fees": 0, "fee_tier": fee})
         if path == "/api/v3/brokerage/key_permissions":
             return web.json_response(
-                {"can_view": True, "can_trade": acct.can_trade, "can_transfer": False, "portfolio_uuid": f"portfolio-{acct.profile}", "portfolio_type": "DEFAULT"}
+                {
+                    "can_view": True,
+                    "can_trade": acct.can_trade,
+                    "can_transfer": False,
+                    "portfolio_uuid": f"portfolio-{acct.profile}",
+                    "portfolio_type": "DEFAULT",
+                }
             )
         if path == "/api/v3/brokerage/accounts":
             accounts = [
@@ -529,7 +594,9 @@ class CoinbasePeer:
                 }
                 for c, v in sorted(acct.balances.items())
             ]
-            return web.json_response({"accounts": accounts, "has_next": False, "cursor": "", "size": len(accounts)})
+            return web.json_response(
+                {"accounts": accounts, "has_next": False, "cursor": "", "size": len(accounts)}
+            )
         if path == "/api/v3/brokerage/orders" and m == "POST":
             return await self._adv_create(acct, json.loads(body or "{}"))
         if path == "/api/v3/brokerage/orders/historical/batch":
@@ -548,7 +615,12 @@ class CoinbasePeer:
             page = mine[offset : offset + limit]
             more = offset + limit < len(mine)
             return web.json_response(
-                {"orders": [self._adv_order(o) for o in page], "sequence": "0", "has_next": more, "cursor": str(offset + limit) if more else ""}
+                {
+                    "orders": [self._adv_order(o) for o in page],
+                    "sequence": "0",
+                    "has_next": more,
+                    "cursor": str(offset + limit) if more else "",
+                }
             )
         if path == "/api/v3/brokerage/orders/historical/fills":
             ids = set(q.getall("order_ids", []) + q.getall("order_id", []))
@@ -579,9 +651,18 @@ class CoinbasePeer:
                     results.append({"success": False, "failure_reason": reason, "order_id": oid})
                 else:
                     target.status = "CANCELLED"
-                    results.append({"success": True, "failure_reason": "UNKNOWN_CANCEL_FAILURE_REASON", "order_id": oid})
+                    results.append(
+                        {"success": True, "failure_reason": "UNKNOWN_CANCEL_FAILURE_REASON", "order_id": oid}
+                    )
             return web.json_response({"results": results})
-        raise _Http(404, {"error": "NOT_FOUND", "error_details": f"no route {m} {path}", "message": f"no route {m} {path}"})
+        raise _Http(
+            404,
+            {
+                "error": "NOT_FOUND",
+                "error_details": f"no route {m} {path}",
+                "message": f"no route {m} {path}",
+            },
+        )
 
     def _find(self, acct: Account, order_id: str) -> PeerOrder | None:
         return next((o for o in self.orders if o.order_id == order_id and o.signed_by == acct.key_id), None)
@@ -593,7 +674,14 @@ class CoinbasePeer:
         if existing is not None:
             return web.json_response(self._adv_success(existing))
         if not acct.can_trade:
-            raise _Http(403, {"error": "PERMISSION_DENIED", "error_details": "Missing required scopes", "message": "Missing required scopes"})
+            raise _Http(
+                403,
+                {
+                    "error": "PERMISSION_DENIED",
+                    "error_details": "Missing required scopes",
+                    "message": "Missing required scopes",
+                },
+            )
         prod = self.products.get(str(req.get("product_id")))
         if prod is None:
             return self._adv_failure("INVALID_PRODUCT_ID", "Product not found")
@@ -626,7 +714,12 @@ class CoinbasePeer:
             "success": True,
             "failure_reason": "UNKNOWN_FAILURE_REASON",
             "order_id": o.order_id,
-            "success_response": {"order_id": o.order_id, "product_id": o.product.id, "side": o.side.upper(), "client_order_id": o.client_id},
+            "success_response": {
+                "order_id": o.order_id,
+                "product_id": o.product.id,
+                "side": o.side.upper(),
+                "client_order_id": o.client_id,
+            },
         }
 
     @staticmethod
@@ -646,8 +739,19 @@ class CoinbasePeer:
             }
         )
 
-    def _store(self, acct: Account, api: str, coid: str, prod: Product, side: str, size: Decimal, price: Decimal | None) -> PeerOrder:
-        o = PeerOrder(str(uuid.uuid4()), coid, api, acct.profile, acct.key_id, prod, side, size, price, self.now())
+    def _store(
+        self,
+        acct: Account,
+        api: str,
+        coid: str,
+        prod: Product,
+        side: str,
+        size: Decimal,
+        price: Decimal | None,
+    ) -> PeerOrder:
+        o = PeerOrder(
+            str(uuid.uuid4()), coid, api, acct.profile, acct.key_id, prod, side, size, price, self.now()
+        )
         self.orders.append(o)
         for frac in self.fill_plan:
             if o.status != "OPEN":
@@ -698,15 +802,30 @@ class CoinbasePeer:
             "usd_volume": str(f.size * f.price),
         }
 
-    async def _exchange(self, request: web.Request, path: str, body: str, acct: Account | None) -> web.StreamResponse:
+    async def _exchange(
+        self, request: web.Request, path: str, body: str, acct: Account | None
+    ) -> web.StreamResponse:
         m, q = request.method, request.query
         if path == "/time":
             n = self.now()
             return web.json_response({"iso": _iso(n), "epoch": n.timestamp()})
         if path == "/currencies":
-            codes = sorted({p.base for p in self.products.values()} | {p.quote for p in self.products.values()})
+            codes = sorted(
+                {p.base for p in self.products.values()} | {p.quote for p in self.products.values()}
+            )
             return web.json_response(
-                [{"id": c, "name": c, "min_size": "0.00000001", "status": "online", "message": "", "max_precision": "0.00000001", "details": {"type": "crypto"}} for c in codes]
+                [
+                    {
+                        "id": c,
+                        "name": c,
+                        "min_size": "0.00000001",
+                        "status": "online",
+                        "message": "",
+                        "max_precision": "0.00000001",
+                        "details": {"type": "crypto"},
+                    }
+                    for c in codes
+                ]
             )
         if path == "/products":
             return web.json_response(
@@ -734,7 +853,15 @@ class CoinbasePeer:
         if path == "/accounts":
             return web.json_response(
                 [
-                    {"id": str(uuid.uuid5(uuid.NAMESPACE_DNS, acct.key_id + c)), "currency": c, "balance": str(v), "hold": "0", "available": str(v), "profile_id": f"profile-{acct.profile}", "trading_enabled": True}
+                    {
+                        "id": str(uuid.uuid5(uuid.NAMESPACE_DNS, acct.key_id + c)),
+                        "currency": c,
+                        "balance": str(v),
+                        "hold": "0",
+                        "available": str(v),
+                        "profile_id": f"profile-{acct.profile}",
+                        "trading_enabled": True,
+                    }
                     for c, v in sorted(acct.balances.items())
                 ]
             )
@@ -746,16 +873,27 @@ class CoinbasePeer:
             if "all" not in status:
                 want_open = bool({"open", "pending", "active"} & set(status))
                 want_done = "done" in status
-                mine = [o for o in mine if (o.status == "OPEN" and want_open) or (o.status != "OPEN" and want_done)]
+                mine = [
+                    o
+                    for o in mine
+                    if (o.status == "OPEN" and want_open) or (o.status != "OPEN" and want_done)
+                ]
             if "product_id" in q:
                 mine = [o for o in mine if o.product.id == q["product_id"]]
-            return web.json_response([self._ex_order(o) for o in sorted(mine, key=lambda o: o.created, reverse=True)])
+            return web.json_response(
+                [self._ex_order(o) for o in sorted(mine, key=lambda o: o.created, reverse=True)]
+            )
         mo = re.fullmatch(r"/orders/(client:)?([^/]+)", path)
         if mo:
             by_client, ident = mo.group(1) is not None, mo.group(2)
             mine = [o for o in self.orders if o.signed_by == acct.key_id]
             o = next((x for x in mine if (x.client_id if by_client else x.order_id) == ident), None)
-            forgotten = o is not None and self.exchange_forgets_unfilled_cancels and o.status == "CANCELLED" and not o.fills
+            forgotten = (
+                o is not None
+                and self.exchange_forgets_unfilled_cancels
+                and o.status == "CANCELLED"
+                and not o.fills
+            )
             if o is None or forgotten:
                 raise _Http(404, {"message": "NotFound"})
             if m == "GET":

@@ -27,7 +27,9 @@ async def main(args: argparse.Namespace) -> int:
     store = CredentialStore.load(args.store)
     store.unlock(key_source_from_env(store.kdf_name))
     creds = resolve_credentials(args.profile, profile, store, allow_plaintext=False)
-    port = await open_exchange(creds, retry_attempts=0, products=["BTC/USDC"], api_base=args.api_base, timeout_s=60.0)
+    port = await open_exchange(
+        creds, retry_attempts=0, products=["BTC/USDC"], api_base=args.api_base, timeout_s=60.0
+    )
     live = LiveExecution(args.profile, profile, port, clock=lambda: datetime.now(UTC), poll_interval_s=0.05)
     order = decode(Path(args.order).read_bytes())
     print("sending", flush=True)

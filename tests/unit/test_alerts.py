@@ -44,7 +44,12 @@ def test_message_mapping() -> None:
     assert kinds(decided(buy, "approved", "approved")) == []
     wash = decided(buy, "rejected", "opposite_side").model_copy(update={"conflicting_profile": "profile_a"})
     [a] = alerts_from_message(wash, "ns")
-    assert (a.kind, a.severity, a.profile, a.product) == ("wash_trade_rejection", "warning", "profile_b", "BTC/USDC")
+    assert (a.kind, a.severity, a.profile, a.product) == (
+        "wash_trade_rejection",
+        "warning",
+        "profile_b",
+        "BTC/USDC",
+    )
     assert "profile_a" in a.summary and a.details["conflicting_profile"] == "profile_a"
     assert kinds(decided(buy, "rejected", "duplicate_intent")) == ["duplication_prevented"]
     assert kinds(decided(buy, "rejected", "plan_echo")) == ["duplication_prevented"]
@@ -52,12 +57,23 @@ def test_message_mapping() -> None:
     internal = order_filled("profile_a", "buy", at=T0).model_copy(update={"internal": True})
     assert kinds(internal) == ["internal_cross_opportunity"]
     assert kinds(order_filled("profile_a", "buy", at=T0)) == []
-    halt = ProfileHalted(id="h1", event_time=dt(T0), correlation_id="c", profile="profile_a", reason="drawdown 12%")
+    halt = ProfileHalted(
+        id="h1", event_time=dt(T0), correlation_id="c", profile="profile_a", reason="drawdown 12%"
+    )
     [h] = alerts_from_message(halt, "ns")
     assert (h.kind, h.severity, h.namespace) == ("halt", "critical", "ns")
-    dead = DeadLettered(id="d1", event_time=dt(T0), correlation_id="c", source_topic="ns.orders.intents", partition=1,
-                        offset=7, key=None, payload_b64=base64.b64encode(b"secret-ish bytes").decode(),
-                        error="not JSON", service="arbiter")
+    dead = DeadLettered(
+        id="d1",
+        event_time=dt(T0),
+        correlation_id="c",
+        source_topic="ns.orders.intents",
+        partition=1,
+        offset=7,
+        key=None,
+        payload_b64=base64.b64encode(b"secret-ish bytes").decode(),
+        error="not JSON",
+        service="arbiter",
+    )
     [d] = alerts_from_message(dead, "ns")
     assert d.kind == "dead_letter" and "payload_b64" not in d.to_json()["details"]
     assert "secret-ish" not in str(d.to_json())
@@ -65,7 +81,11 @@ def test_message_mapping() -> None:
 
 def test_live_feed_alerts_on_a_stale_feed_and_a_missing_bucket_only() -> None:
     stale = FeedStateChanged(
-        id="feed-stale-1", event_time=dt(T0), correlation_id="feed", state="stale", reason="no websocket frame for 6.0 s"
+        id="feed-stale-1",
+        event_time=dt(T0),
+        correlation_id="feed",
+        state="stale",
+        reason="no websocket frame for 6.0 s",
     )
     (alert,) = alerts_from_message(stale, "ns")
     assert alert.kind == "feed_stale" and alert.severity == "critical" and "6.0 s" in alert.summary
@@ -82,8 +102,15 @@ def test_alert_json_and_ids_are_stable() -> None:
     assert a[0].id == b[0].id  # a redelivered message maps to the same alert id
     j = a[0].to_json()
     assert j["text"].startswith("[critical] halt:") and j["event_time"] == "2024-03-10T00:00:00Z"
-    assert set(KINDS) >= {"collision", "duplication_prevented", "halt", "wash_trade_rejection", "correlation_breach",
-                          "lag_above_threshold", "internal_cross_opportunity"}
+    assert set(KINDS) >= {
+        "collision",
+        "duplication_prevented",
+        "halt",
+        "wash_trade_rejection",
+        "correlation_breach",
+        "lag_above_threshold",
+        "internal_cross_opportunity",
+    }
 
 
 def test_gate_fires_once_per_crossing() -> None:
@@ -98,7 +125,10 @@ def test_gate_fires_once_per_crossing() -> None:
 
 
 def test_redact_url_hides_the_token() -> None:
-    assert redact_url("https://hooks.slack.com/services/T000/B000/XXXXSECRET?x=1") == "https://hooks.slack.com/..."
+    assert (
+        redact_url("https://hooks.slack.com/services/T000/B000/XXXXSECRET?x=1")
+        == "https://hooks.slack.com/..."
+    )
     assert redact_url("http://127.0.0.1:8080/bot123:ABC/send") == "http://127.0.0.1:8080/..."
     with pytest.raises(ValueError, match="only http and https"):
         WebhookSink("ftp://example.invalid/x")
@@ -156,7 +186,10 @@ async def slow_receiver() -> AsyncIterator[Receiver]:
 
 def _halt(i: int = 1) -> Any:
     return alerts_from_message(
-        ProfileHalted(id=f"h{i}", event_time=dt(T0), correlation_id="c", profile="profile_a", reason=f"loss {i}"), "ns"
+        ProfileHalted(
+            id=f"h{i}", event_time=dt(T0), correlation_id="c", profile="profile_a", reason=f"loss {i}"
+        ),
+        "ns",
     )
 
 
@@ -177,7 +210,9 @@ async def test_webhook_receives_plain_json(receiver: Receiver, caplog: pytest.Lo
     assert sorted(d.sent.values()) == [2, 2] and not d.failed
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("monitor"))
     assert "ALERT critical halt" in ours
-    assert "T0KEN" not in ours and all("T0KEN" not in name for name in d.sent)  # the receiver's own log has it
+    assert "T0KEN" not in ours and all(
+        "T0KEN" not in name for name in d.sent
+    )  # the receiver's own log has it
 
 
 async def test_dead_webhook_does_not_raise(caplog: pytest.LogCaptureFixture) -> None:

@@ -65,7 +65,9 @@ def with_execution(cfg: AppConfig, **values: Any) -> AppConfig:
 
 
 def with_priorities(cfg: AppConfig, **prio: int) -> AppConfig:
-    profiles = {pid: p.model_copy(update={"priority": prio.get(pid, p.priority)}) for pid, p in cfg.profiles.items()}
+    profiles = {
+        pid: p.model_copy(update={"priority": prio.get(pid, p.priority)}) for pid, p in cfg.profiles.items()
+    }
     return cfg.model_copy(update={"profiles": profiles})
 
 
@@ -92,8 +94,14 @@ def market(t: int, prices: dict[str, Any] | None = None) -> list[Message]:
     return [*out, watermark(t)]
 
 
-def markers(state: ArbiterState, t: int, profiles: Iterable[str] | None = None, **kw: Any) -> list[tuple[Message, int]]:
-    return [(step_completed(p, t, **kw), part) for p in (profiles or state.profiles) for part in range(state.n_partitions)]
+def markers(
+    state: ArbiterState, t: int, profiles: Iterable[str] | None = None, **kw: Any
+) -> list[tuple[Message, int]]:
+    return [
+        (step_completed(p, t, **kw), part)
+        for p in (profiles or state.profiles)
+        for part in range(state.n_partitions)
+    ]
 
 
 def feed(state: ArbiterState, msgs: Iterable[Message | tuple[Message, int]]) -> list[Message]:
@@ -104,7 +112,9 @@ def feed(state: ArbiterState, msgs: Iterable[Message | tuple[Message, int]]) -> 
     return out
 
 
-def step(state: ArbiterState, t: int, *intents: PlaceOrder, prices: dict[str, Any] | None = None) -> list[Message]:
+def step(
+    state: ArbiterState, t: int, *intents: PlaceOrder, prices: dict[str, Any] | None = None
+) -> list[Message]:
     """One complete event-time step: plans, market data, the intents, every profile's marker everywhere."""
     return feed(state, [*plans_at(state, t), *market(t, prices), *intents, *markers(state, t)])
 
@@ -142,7 +152,9 @@ def test_opposite_side_outside_window_is_approved(cfg: AppConfig) -> None:
 
 def test_recent_fill_counts_until_a_window_after_the_send(cfg: AppConfig) -> None:
     # An order sent late (constant 30 s de-sync here) is live until sent, then a recent fill for the window.
-    c = with_execution(with_arbiter(cfg, conflict_window_s=HOUR - 10), desync_min_ms=30_000, desync_max_ms=30_000)
+    c = with_execution(
+        with_arbiter(cfg, conflict_window_s=HOUR - 10), desync_min_ms=30_000, desync_max_ms=30_000
+    )
     state = new_state(c)
     step(state, T0, intent(state, A, "buy"))
     # B's sell an hour later: 3590 s after A's decision, but only 3560 s after A's fill.
@@ -170,7 +182,12 @@ def test_same_profile_opposite_sides_is_not_a_cross_profile_wash(cfg: AppConfig)
     out = step(state, T0 + HOUR, intent(state, A, "sell", T0 + HOUR))
     assert verdicts(out)[A].verdict == "approved"
     t = T0 + 2 * HOUR
-    out = step(state, t, intent(state, B, "buy", t, product="ETH/USDC"), intent(state, B, "sell", t, product="ETH/USDC"))
+    out = step(
+        state,
+        t,
+        intent(state, B, "buy", t, product="ETH/USDC"),
+        intent(state, B, "sell", t, product="ETH/USDC"),
+    )
     assert [d.verdict for d in of_type(out, OrderDecided)] == ["approved", "approved"]
 
 
@@ -190,10 +207,17 @@ def test_opposite_intents_of_one_step_report_an_internal_cross_with_its_savings(
     out = step(state, T0, buy, sell)
     assert verdicts(out)[B].rule == "opposite_side"
     (opp,) = of_type(out, InternalCrossOpportunity)
-    assert (opp.buyer, opp.seller, opp.buy_intent_id, opp.sell_intent_id) == (A, B, buy.intent_id, sell.intent_id)
+    assert (opp.buyer, opp.seller, opp.buy_intent_id, opp.sell_intent_id) == (
+        A,
+        B,
+        buy.intent_id,
+        sell.intent_id,
+    )
     assert opp.size == D("0.3") and opp.executed is False
     fee_rate = D(cfg.system.execution.taker_fee_rate)
-    slip = D(cfg.profiles[A].trading_params.slippage_tolerance) + D(cfg.profiles[B].trading_params.slippage_tolerance)
+    slip = D(cfg.profiles[A].trading_params.slippage_tolerance) + D(
+        cfg.profiles[B].trading_params.slippage_tolerance
+    )
     assert opp.fee_saving == D("30") * 2 * fee_rate == D("0.36")
     assert opp.slippage_saving == D("30") * slip == D("0.105")
     assert opp.saving == D("0.465")
@@ -225,7 +249,9 @@ def test_execute_mode_still_rejects_against_an_order_of_an_earlier_step(cfg: App
 
 def test_execute_mode_is_refused_in_live_mode(cfg: AppConfig) -> None:
     live = with_arbiter(cfg, internal_cross="execute").model_copy(
-        update={"system": with_arbiter(cfg, internal_cross="execute").system.model_copy(update={"mode": "live"})}
+        update={
+            "system": with_arbiter(cfg, internal_cross="execute").system.model_copy(update={"mode": "live"})
+        }
     )
     with pytest.raises(ValueError, match="paper-mode option"):
         new_state(live)
@@ -234,16 +260,24 @@ def test_execute_mode_is_refused_in_live_mode(cfg: AppConfig) -> None:
 # ------------------------------------------------------------------------------------------ barriers
 def test_intents_held_until_every_profile_completed_the_step_on_every_partition(cfg: AppConfig) -> None:
     state = new_state(cfg)
-    assert feed(state, [*plans_at(state, T0), *market(T0), intent(state, A, "buy"), *markers(state, T0, [A])]) == []
+    assert (
+        feed(state, [*plans_at(state, T0), *market(T0), intent(state, A, "buy"), *markers(state, T0, [A])])
+        == []
+    )
     assert feed(state, markers(state, T0 - HOUR, [B])) == []  # an older step of B is not enough
-    assert feed(state, [(step_completed(B, T0), 0), (step_completed(B, T0), 1)]) == []  # partition 2 is missing
+    assert (
+        feed(state, [(step_completed(B, T0), 0), (step_completed(B, T0), 1)]) == []
+    )  # partition 2 is missing
     out = feed(state, [(step_completed(B, T0), 2)])
     assert [d.verdict for d in of_type(out, OrderDecided)] == ["approved"]
 
 
 def test_intents_wait_for_the_market_data_of_their_step(cfg: AppConfig) -> None:
     state = new_state(cfg)
-    assert feed(state, [*plans_at(state, T0), *market(T0 - HOUR), intent(state, A, "buy"), *markers(state, T0)]) == []
+    assert (
+        feed(state, [*plans_at(state, T0), *market(T0 - HOUR), intent(state, A, "buy"), *markers(state, T0)])
+        == []
+    )
     out = feed(state, [watermark(T0)])
     assert [d.verdict for d in of_type(out, OrderDecided)] == ["approved"]
 
@@ -362,23 +396,39 @@ def test_crowding_uses_the_workers_own_de_sync_prediction(cfg: AppConfig) -> Non
     a, b = intent(state, A, "buy"), intent(state, B, "buy")
     o = orders(step(state, T0, a, b))
     ex = c.system.execution
-    send = {p: o[p].not_before + timedelta(milliseconds=desync_delay_ms(HEX64, o[p].intent_id, ex.desync_min_ms,
-                                                                          ex.desync_max_ms)) for p in (A, B)}
+    send = {
+        p: o[p].not_before
+        + timedelta(milliseconds=desync_delay_ms(HEX64, o[p].intent_id, ex.desync_min_ms, ex.desync_max_ms))
+        for p in (A, B)
+    }
     assert abs(send[A] - send[B]) >= timedelta(milliseconds=2000)
 
 
 def test_no_gap_is_needed_between_one_profiles_own_orders(cfg: AppConfig) -> None:
     c = with_execution(with_arbiter(cfg, min_cross_profile_gap_ms=700), desync_min_ms=100, desync_max_ms=100)
     state = new_state(c)
-    out = step(state, T0, intent(state, A, "buy"), intent(state, A, "buy", product="ETH/USDC"),
-               intent(state, A, "sell", product="SOL/USDC"))
+    out = step(
+        state,
+        T0,
+        intent(state, A, "buy"),
+        intent(state, A, "buy", product="ETH/USDC"),
+        intent(state, A, "sell", product="SOL/USDC"),
+    )
     assert {d.verdict for d in of_type(out, OrderDecided)} == {"approved"}
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([A, B]), st.sampled_from(["BTC/USDC", "ETH/USDC"]),
-                          st.integers(0, 3)), min_size=1, max_size=12, unique=True))
-def test_every_pair_of_profiles_orders_on_a_product_is_at_least_the_gap_apart(picks: list[tuple[str, str, int]]) -> None:
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([A, B]), st.sampled_from(["BTC/USDC", "ETH/USDC"]), st.integers(0, 3)),
+        min_size=1,
+        max_size=12,
+        unique=True,
+    )
+)
+def test_every_pair_of_profiles_orders_on_a_product_is_at_least_the_gap_apart(
+    picks: list[tuple[str, str, int]],
+) -> None:
     c = with_arbiter(config(), min_cross_profile_gap_ms=900)
     state = new_state(c)
     ex = c.system.execution
@@ -400,7 +450,9 @@ def test_buy_beyond_the_product_cap_is_trimmed(cfg: AppConfig) -> None:
     state = new_state(with_arbiter(cfg, max_product_notional=150.0))
     out = step(state, T0, intent(state, A, "buy", size="1", price="100"), prices={"BTC/USDC": 100})
     assert verdicts(out)[A].verdict == "approved"
-    out = step(state, T0 + HOUR, intent(state, B, "buy", T0 + HOUR, size="1", price="100"), prices={"BTC/USDC": 100})
+    out = step(
+        state, T0 + HOUR, intent(state, B, "buy", T0 + HOUR, size="1", price="100"), prices={"BTC/USDC": 100}
+    )
     d, o = verdicts(out)[B], orders(out)[B]
     assert (d.rule, d.size, d.requested_size, o.size) == ("exposure_cap", D("0.5"), D("1"), D("0.5"))
     assert d.details["exposure_cap"]["binding"] == "max_product_notional"
@@ -413,7 +465,9 @@ def test_reject_action_rejects_the_excess_and_sells_are_never_capped(cfg: AppCon
     t = T0 + HOUR
     out = step(state, t, intent(state, B, "buy", t, size="1", price="100"), prices={"BTC/USDC": 100})
     assert (verdicts(out)[B].verdict, verdicts(out)[B].rule) == ("rejected", "exposure_cap")
-    out = step(state, t + HOUR, intent(state, A, "sell", t + HOUR, size="1", price="300"), prices={"BTC/USDC": 300})
+    out = step(
+        state, t + HOUR, intent(state, A, "sell", t + HOUR, size="1", price="300"), prices={"BTC/USDC": 300}
+    )
     assert verdicts(out)[A].verdict == "approved"
 
 
@@ -422,8 +476,12 @@ def test_total_cap_spans_products_at_their_marks(cfg: AppConfig) -> None:
     step(state, T0, intent(state, A, "buy", size="1", price="100"), prices={"BTC/USDC": 100, "ETH/USDC": 50})
     t = T0 + HOUR
     # BTC is now worth 180: 70 of room left for B's ETH buy (2 x 50 asked).
-    out = step(state, t, intent(state, B, "buy", t, product="ETH/USDC", size="2", price="50"),
-               prices={"BTC/USDC": 180, "ETH/USDC": 50})
+    out = step(
+        state,
+        t,
+        intent(state, B, "buy", t, product="ETH/USDC", size="2", price="50"),
+        prices={"BTC/USDC": 180, "ETH/USDC": 50},
+    )
     d = verdicts(out)[B]
     assert (d.rule, d.size) == ("exposure_cap", D("1.4"))
     assert d.details["exposure_cap"]["binding"] == "max_total_notional"
@@ -446,18 +504,34 @@ def test_pearson() -> None:
 
 
 def test_correlated_profiles_raise_an_alert_and_the_newer_ones_buys_are_scaled(cfg: AppConfig) -> None:
-    c = with_arbiter(cfg, correlation_window_steps=6, correlation_min_steps=4, correlation_threshold=0.8,
-                     correlation_size_scale=0.5, min_cross_profile_gap_ms=0)
+    c = with_arbiter(
+        cfg,
+        correlation_window_steps=6,
+        correlation_min_steps=4,
+        correlation_threshold=0.8,
+        correlation_size_scale=0.5,
+        min_cross_profile_gap_ms=0,
+    )
     state = new_state(c)
     # Both profiles hold 1 BTC from T0 on; the price moves; their returns move together.
-    step(state, T0, intent(state, A, "buy", product="BTC/USDC"), intent(state, B, "buy", product="BTC/USDC"),
-         prices={"BTC/USDC": 100})
+    step(
+        state,
+        T0,
+        intent(state, A, "buy", product="BTC/USDC"),
+        intent(state, B, "buy", product="BTC/USDC"),
+        prices={"BTC/USDC": 100},
+    )
     alerts: list[CorrelationAlert] = []
     for k, px in enumerate([103, 101, 106, 104], start=1):
         alerts += of_type(step(state, T0 + k * HOUR, prices={"BTC/USDC": px}), CorrelationAlert)
     t = T0 + 5 * HOUR
-    out = step(state, t, intent(state, A, "buy", t, product="ETH/USDC", size="1", price="10"),
-               intent(state, B, "buy", t, product="ETH/USDC", size="1", price="10"), prices={"BTC/USDC": 108})
+    out = step(
+        state,
+        t,
+        intent(state, A, "buy", t, product="ETH/USDC", size="1", price="10"),
+        intent(state, B, "buy", t, product="ETH/USDC", size="1", price="10"),
+        prices={"BTC/USDC": 108},
+    )
     alerts += of_type(out, CorrelationAlert)
     (alert,) = alerts
     assert (alert.state, alert.profile, alert.other_profile) == ("breach", B, A)
@@ -480,10 +554,15 @@ def test_no_correlation_without_positions(cfg: AppConfig) -> None:
 def _sources(state: ArbiterState, winner_first: list[PlaceOrder]) -> list[list[tuple[Message, int]]]:
     """Every stream the arbiter reads, each in its own order: plans, candles, and per (partition, profile)
     the profile's intents there followed by its marker."""
-    srcs: list[list[tuple[Message, int]]] = [[(m, 0) for m in plans_at(state, T0)], [(m, 0) for m in market(T0)]]
+    srcs: list[list[tuple[Message, int]]] = [
+        [(m, 0) for m in plans_at(state, T0)],
+        [(m, 0) for m in market(T0)],
+    ]
     for part in range(state.n_partitions):
         for pid in state.profiles:
-            mine: list[tuple[Message, int]] = [(i, part) for i in winner_first if i.profile == pid and part == 0]
+            mine: list[tuple[Message, int]] = [
+                (i, part) for i in winner_first if i.profile == pid and part == 0
+            ]
             srcs.append([*mine, (step_completed(pid, T0), part)])
     return srcs
 
@@ -511,7 +590,11 @@ def test_priority_decides_who_is_served_whatever_the_arrival_order(rnd: random.R
     out = feed(state, _interleave(_sources(state, intents), rnd))
     v = verdicts(out)
     assert v[winner].verdict in ("approved", "delayed")
-    assert (v[loser].verdict, v[loser].rule, v[loser].conflicting_profile) == ("rejected", "opposite_side", winner)
+    assert (v[loser].verdict, v[loser].rule, v[loser].conflicting_profile) == (
+        "rejected",
+        "opposite_side",
+        winner,
+    )
     assert [e.profile for e in of_type(out, ExecuteOrder)] == [winner]
     assert [d.profile for d in of_type(out, OrderDecided)] == [winner, loser]
 
@@ -519,8 +602,12 @@ def test_priority_decides_who_is_served_whatever_the_arrival_order(rnd: random.R
 def _scenario(state: ArbiterState) -> list[list[tuple[Message, int]]]:
     """Four steps, three products over three partitions, both profiles: every rule has something to do."""
     parts = {"BTC/USDC": 0, "ETH/USDC": 1, "SOL/USDC": 2}
-    prices: list[dict[str, Any]] = [{"BTC/USDC": 100, "ETH/USDC": 10, "SOL/USDC": 5}, {"BTC/USDC": 104, "ETH/USDC": 9, "SOL/USDC": 5.5},
-              {"BTC/USDC": 102, "ETH/USDC": 11, "SOL/USDC": 5.2}, {"BTC/USDC": 107, "ETH/USDC": 10, "SOL/USDC": 5.1}]
+    prices: list[dict[str, Any]] = [
+        {"BTC/USDC": 100, "ETH/USDC": 10, "SOL/USDC": 5},
+        {"BTC/USDC": 104, "ETH/USDC": 9, "SOL/USDC": 5.5},
+        {"BTC/USDC": 102, "ETH/USDC": 11, "SOL/USDC": 5.2},
+        {"BTC/USDC": 107, "ETH/USDC": 10, "SOL/USDC": 5.1},
+    ]
     plan_src = [(m, 0) for k in range(4) for m in plans_at(state, T0 + k * HOUR)]
     candle_src = [(m, 0) for k in range(4) for m in market(T0 + k * HOUR, prices[k])]
     script: dict[int, list[tuple[str, ...]]] = {
@@ -529,13 +616,17 @@ def _scenario(state: ArbiterState) -> list[list[tuple[Message, int]]]:
         2: [(B, "sell", "BTC/USDC"), (A, "buy", "BTC/USDC"), (A, "buy", "SOL/USDC"), (B, "sell", "ETH/USDC")],
         3: [(A, "sell", "SOL/USDC"), (B, "buy", "ETH/USDC"), (A, "buy", "ETH/USDC", "forged")],
     }
-    per: dict[tuple[int, str], list[tuple[Message, int]]] = {(p, pid): [] for p in range(3) for pid in state.profiles}
+    per: dict[tuple[int, str], list[tuple[Message, int]]] = {
+        (p, pid): [] for p in range(3) for pid in state.profiles
+    }
     for k in range(4):
         t = T0 + k * HOUR
         for row in script[k]:
             pid, side, product = row[:3]
             fp = OTHER if len(row) > 3 else HEX64
-            i = intent(state, pid, side, t, product=product, size="2", price=prices[k][product], fingerprint=fp)
+            i = intent(
+                state, pid, side, t, product=product, size="2", price=prices[k][product], fingerprint=fp
+            )
             per[(parts[product], pid)].append((i, parts[product]))
         for p in range(3):
             for pid in state.profiles:
@@ -549,9 +640,17 @@ def _decisions(out: list[Message]) -> dict[str, dict[str, Any]]:
 
 @settings(max_examples=25, deadline=None)
 @given(st.randoms(use_true_random=False))
-def test_decisions_do_not_depend_on_the_arrival_order_across_topics_and_partitions(rnd: random.Random) -> None:
-    c = with_arbiter(config(), conflict_window_s=2 * HOUR, max_total_notional=400.0, min_cross_profile_gap_ms=800,
-                     correlation_window_steps=4, correlation_min_steps=3)
+def test_decisions_do_not_depend_on_the_arrival_order_across_topics_and_partitions(
+    rnd: random.Random,
+) -> None:
+    c = with_arbiter(
+        config(),
+        conflict_window_s=2 * HOUR,
+        max_total_notional=400.0,
+        min_cross_profile_gap_ms=800,
+        correlation_window_steps=4,
+        correlation_min_steps=3,
+    )
     reference = new_state(c)
     srcs = _scenario(reference)
     expected = _decisions(feed(reference, [m for s in srcs for m in s]))
@@ -570,7 +669,9 @@ def test_redelivered_intent_gets_the_identical_decision_and_messages(cfg: AppCon
     first = step(state, T0, i)
     counts = dict(state.counts)
     again = feed(state, [i])
-    assert [m.model_dump() for m in again] == [m.model_dump() for m in first if not isinstance(m, WorkerFinished)]
+    assert [m.model_dump() for m in again] == [
+        m.model_dump() for m in first if not isinstance(m, WorkerFinished)
+    ]
     assert state.counts == counts  # decided once, counted once
 
 
@@ -640,12 +741,26 @@ def test_approved_order_carries_the_intent(cfg: AppConfig) -> None:
 def test_worker_finished_per_partition_after_every_profile_final_marker(cfg: AppConfig) -> None:
     state = new_state(cfg)
     held = intent(state, B, "buy")
-    feed(state, [*plans_at(state, T0), *market(T0), held, *markers(state, T0, [B]), *markers(state, T0, [B], final=True)])
+    feed(
+        state,
+        [
+            *plans_at(state, T0),
+            *market(T0),
+            held,
+            *markers(state, T0, [B]),
+            *markers(state, T0, [B], final=True),
+        ],
+    )
     out = feed(state, markers(state, T0, [A], final=True))
     # Partition 1 holds no intent: it finishes with A's final marker there. Partitions 0 (B's intent) and 2
     # finish once the intent is decided, which needs A's final marker on partition 2 too.
-    assert [type(m).__name__ for m in out] == ["WorkerFinished", "OrderDecided", "ExecuteOrder", "WorkerFinished",
-                                               "WorkerFinished"]
+    assert [type(m).__name__ for m in out] == [
+        "WorkerFinished",
+        "OrderDecided",
+        "ExecuteOrder",
+        "WorkerFinished",
+        "WorkerFinished",
+    ]
     assert [m.instance for m in of_type(out, WorkerFinished)] == ["partition-1", "partition-0", "partition-2"]
     assert feed(state, markers(state, T0, final=True)) == []  # once per partition
 
@@ -676,7 +791,9 @@ def test_event_time_of_a_delayed_order_is_unchanged(cfg: AppConfig) -> None:
 
 # ------------------------------------------------------------------------------------------ wiring
 def test_service_routes_every_output_and_counts_what_it_publishes(cfg: AppConfig) -> None:
-    svc = bootstrap(ServiceSettings(kafka_bootstrap="unused:0"), overrides={"config": cfg})  # connects nothing
+    svc = bootstrap(
+        ServiceSettings(kafka_bootstrap="unused:0"), overrides={"config": cfg}
+    )  # connects nothing
     t = Topics(cfg.system.kafka.namespace)
     assert svc.inputs == [t.intents, t.plans, t.candles]
     state = svc.state
@@ -691,4 +808,5 @@ def test_service_routes_every_output_and_counts_what_it_publishes(cfg: AppConfig
     assert value("mp_arbiter_decided_total", {"rule": "opposite_side", "verdict": "rejected"}) == 1.0
     assert value("mp_arbiter_internal_cross_opportunities_total", {"executed": "false"}) == 1.0
     assert value("mp_arbiter_internal_cross_savings_total", {"kind": "fees"}) == pytest.approx(
-        float(D("0.1") * 100 * 2 * D(cfg.system.execution.taker_fee_rate)))
+        float(D("0.1") * 100 * 2 * D(cfg.system.execution.taker_fee_rate))
+    )

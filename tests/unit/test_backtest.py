@@ -109,7 +109,9 @@ def test_subscriptions_cover_what_the_services_read(three: AppConfig) -> None:
     for topic in [t.intents, t.plans, t.candles, *_reads(arbiter)]:
         assert ("arbiter", "") in readers.get(topic, set()), topic
     for pid in three.enabled_profiles():
-        ex = execution_bootstrap.bootstrap(settings.model_copy(update={"profile": pid}), overrides={"config": three})
+        ex = execution_bootstrap.bootstrap(
+            settings.model_copy(update={"profile": pid}), overrides={"config": three}
+        )
         # Operator commands have no place in a backtest: the one topic a backtest does not route.
         for topic in [t.candles, t.approved(pid), *(r for r in _reads(ex) if r != t.commands)]:
             assert ("execution", pid) in readers.get(topic, set()), topic
@@ -128,14 +130,29 @@ def test_strategy_routes_markers_to_every_intents_partition_and_intents_by_produ
     t = Topics("x")
     out = strategy_bootstrap.Outputs.of(t, 3, "profile_a")
     now = datetime(2024, 1, 1, tzinfo=UTC)
-    marker = StepCompleted(id="m", event_time=now, correlation_id="c", profile="profile_a", step_time=now, intents=0)
+    marker = StepCompleted(
+        id="m", event_time=now, correlation_id="c", profile="profile_a", step_time=now, intents=0
+    )
     assert list(strategy_bootstrap.routes(marker, out)) == [(t.intents, None, p) for p in range(3)]
     intent = PlaceOrder(
-        id="i", event_time=now, correlation_id="c", intent_id="i", profile="profile_a", product="BTC/USDC",
-        side="buy", size=Decimal(1), reference_price=Decimal(1), reason="entry", fingerprint="f", epoch=1,
+        id="i",
+        event_time=now,
+        correlation_id="c",
+        intent_id="i",
+        profile="profile_a",
+        product="BTC/USDC",
+        side="buy",
+        size=Decimal(1),
+        reference_price=Decimal(1),
+        reason="entry",
+        fingerprint="f",
+        epoch=1,
         step_time=now,
     )
-    assert list(strategy_bootstrap.routes(intent, out)) == [(t.intents, b"BTC/USDC", None), (t.audit, b"profile_a", None)]
+    assert list(strategy_bootstrap.routes(intent, out)) == [
+        (t.intents, b"BTC/USDC", None),
+        (t.audit, b"profile_a", None),
+    ]
 
 
 # ------------------------------------------------------------------------------------------ claims in memory
@@ -149,7 +166,9 @@ def test_memory_claims_follow_the_redis_scripts_rules() -> None:
     assert m.claim_interval("b", 1800, 5400, "h2", "f1", "DOT").outcome is ClaimOutcome.FP_TAKEN
     assert m.claim_interval("b", 1800, 5400, "h2", "f2", "ADA").outcome is ClaimOutcome.ASSET_TAKEN
     assert m.claim_interval("b", 1800, 5400, "h2", "f2", None).outcome is ok  # no asset claimed
-    assert m.claim_interval("c", 3600, 7200, "h1", "f1", "ADA").outcome is ok  # half-open: touching is no overlap
+    assert (
+        m.claim_interval("c", 3600, 7200, "h1", "f1", "ADA").outcome is ok
+    )  # half-open: touching is no overlap
     # A member that ended more than grace_s before a claim's start is pruned from the keys that claim checks.
     assert ("a", 0, 3600) in m.holds[("hash", "h1")]
     assert m.claim_interval("d", 3600 + 301 + 3600, 3600 * 4, "h1", "f9", None).outcome is ok
@@ -191,9 +210,13 @@ def test_strategy_domain_derived_id_equals_shared_derived_id() -> None:
     assert fast_derived_id() == derived_id()
 
 
-def test_command_writes_the_demo_files_with_their_invariants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_writes_the_demo_files_with_their_invariants(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "bt"
-    assert backtest.main(["--config", str(THREE), "--data", str(DATA), "--out", str(out), "--hours", "300"]) == 0
+    assert (
+        backtest.main(["--config", str(THREE), "--data", str(DATA), "--out", str(out), "--hours", "300"]) == 0
+    )
     summary = orjson.loads((out / "summary.json").read_bytes())
     check_invariants(out, summary)
     assert set(summary["profiles"]) == {"profile_a", "profile_b", "profile_c"}
@@ -203,8 +226,13 @@ def test_command_writes_the_demo_files_with_their_invariants(tmp_path: Path, cap
 
 
 def test_command_refuses_bad_input(tmp_path: Path) -> None:
-    assert backtest.main(["--config", str(THREE), "--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 1
-    assert backtest.main(["--config", str(THREE), "--data", str(DATA), "--out", str(tmp_path), "--start", "bad"]) == 1
+    assert (
+        backtest.main(["--config", str(THREE), "--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 1
+    )
+    assert (
+        backtest.main(["--config", str(THREE), "--data", str(DATA), "--out", str(tmp_path), "--start", "bad"])
+        == 1
+    )
     later = ["--start", "2030-01-01"]
     assert backtest.main(["--config", str(THREE), "--data", str(DATA), "--out", str(tmp_path), *later]) == 1
 

@@ -262,7 +262,9 @@ def test_empty_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_header_with_bom_or_spaces_is_accepted(tmp_path: Path) -> None:
-    path = write(tmp_path, "x_BTC-USD_1h.csv", rows_1h(3), header="\ufefftimestamp_ms, open, high, low, close, volume")
+    path = write(
+        tmp_path, "x_BTC-USD_1h.csv", rows_1h(3), header="\ufefftimestamp_ms, open, high, low, close, volume"
+    )
     assert len(read_candle_file(path).rows) == 3
 
 
@@ -286,7 +288,13 @@ def test_too_few_candles_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["BTC-USDT_1h.csv", "binance_BTCUSDT_1h.csv", "binance_btc-usdt_1h.csv", "binance_BTC-USDT_1x.csv", "binance_BTC-USDT_1h.txt"],
+    [
+        "BTC-USDT_1h.csv",
+        "binance_BTCUSDT_1h.csv",
+        "binance_btc-usdt_1h.csv",
+        "binance_BTC-USDT_1x.csv",
+        "binance_BTC-USDT_1h.txt",
+    ],
 )
 def test_badly_named_file_is_refused(tmp_path: Path, name: str) -> None:
     path = write(tmp_path, name, rows_1h(3), gz=False)
@@ -296,7 +304,12 @@ def test_badly_named_file_is_refused(tmp_path: Path, name: str) -> None:
 def test_file_name_pattern() -> None:
     m = FILE_RE.match("coinbase_BTC-USD_15m.csv")
     assert m is not None
-    assert (m.group("source"), m.group("base"), m.group("quote"), m.group("interval")) == ("coinbase", "BTC", "USD", "15m")
+    assert (m.group("source"), m.group("base"), m.group("quote"), m.group("interval")) == (
+        "coinbase",
+        "BTC",
+        "USD",
+        "15m",
+    )
 
 
 # --------------------------------------------------------------------------------------------- load_products
@@ -307,7 +320,9 @@ def _copy(tmp_path: Path, *names: str) -> Path:
 
 
 def test_load_products_maps_base_to_the_config_quote_ignoring_source_quote(tmp_path: Path) -> None:
-    folder = _copy(tmp_path, "binance_BTC-USDT_1h.csv.gz", "binance_ETH-USDT_1h.csv.gz", "binance_SOL-USDT_1h.csv.gz")
+    folder = _copy(
+        tmp_path, "binance_BTC-USDT_1h.csv.gz", "binance_ETH-USDT_1h.csv.gz", "binance_SOL-USDT_1h.csv.gz"
+    )
     found = load_products(folder, ["BTC/USDC", "ETH/USDC"])
     assert sorted(found) == ["BTC/USDC", "ETH/USDC"]  # SOL is present in the folder but not wanted
     assert found["BTC/USDC"].base == "BTC"
@@ -375,4 +390,7 @@ def test_discover_lists_only_candle_files_sorted(tmp_path: Path) -> None:
     _copy(tmp_path, "binance_ETH-USDT_1h.csv.gz", "binance_BTC-USDT_1h.csv.gz")
     (tmp_path / "README.md").write_text("x", encoding="utf-8")
     (tmp_path / "MANIFEST.csv").write_text("x", encoding="utf-8")
-    assert [p.name for p in discover(tmp_path)] == ["binance_BTC-USDT_1h.csv.gz", "binance_ETH-USDT_1h.csv.gz"]
+    assert [p.name for p in discover(tmp_path)] == [
+        "binance_BTC-USDT_1h.csv.gz",
+        "binance_ETH-USDT_1h.csv.gz",
+    ]

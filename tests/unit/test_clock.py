@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from shared.clock import ID_NAMESPACE, derived_id
 
-parts = st.lists(st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.none()), min_size=1, max_size=5)
+parts = st.lists(
+    st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.none()), min_size=1, max_size=5
+)
 
 
 @given(parts)

@@ -63,7 +63,14 @@ def test_subscribe_one_message_per_channel() -> None:
     assert all(m["type"] == "subscribe" and m["product_ids"] == ["BTC-USD", "ETH-USD"] for m in msgs)
 
 
-ROW = {"start": "1775570400", "low": "68600.00", "high": "68960.00", "open": "68700.00", "close": "68880.00", "volume": "402.11"}
+ROW = {
+    "start": "1775570400",
+    "low": "68600.00",
+    "high": "68960.00",
+    "open": "68700.00",
+    "close": "68880.00",
+    "volume": "402.11",
+}
 
 
 def test_candles_newest_first_to_oldest_first() -> None:
@@ -105,7 +112,10 @@ def test_one_bad_row_fails_the_page_and_bad_bodies() -> None:
 
 
 def test_server_time() -> None:
-    assert parse_server_time({"iso": "x", "epochSeconds": "1775572210", "epochMillis": "1775572210123"}) == 1775572210.123
+    assert (
+        parse_server_time({"iso": "x", "epochSeconds": "1775572210", "epochMillis": "1775572210123"})
+        == 1775572210.123
+    )
     assert parse_server_time({"epochSeconds": 1775572210}) == 1775572210.0
     assert parse_server_time({"iso": "2026-04-07T14:30:10.5Z"}) == 1775572210.5
     with pytest.raises(ProtocolError, match="'soon'"):
@@ -127,9 +137,16 @@ def test_frames() -> None:
     )
     assert tr.kind == "trades" and tr.snapshot and tr.seq == 2
     (t,) = tr.trades
-    assert (t.trade_id, t.ws_product, t.price, t.side) == ("995098701", "BTC-USD", Decimal("68900.00"), "sell")
+    assert (t.trade_id, t.ws_product, t.price, t.side) == (
+        "995098701",
+        "BTC-USD",
+        Decimal("68900.00"),
+        "sell",
+    )
     assert t.time_s == pytest.approx(1775572202.8)
-    sub = parse_frame('{"channel":"subscriptions","timestamp":"2026-04-07T14:30:00Z","sequence_num":1,"events":[]}')
+    sub = parse_frame(
+        '{"channel":"subscriptions","timestamp":"2026-04-07T14:30:00Z","sequence_num":1,"events":[]}'
+    )
     assert sub.kind == "subscriptions"
     err = parse_frame('{"type":"error","message":"failure to subscribe"}')
     assert err.kind == "error" and err.message == "failure to subscribe"
@@ -145,7 +162,10 @@ def test_frames() -> None:
         ('{"channel":"heartbeats","sequence_num":"1","events":[]}', "bad_frame"),
         ('{"channel":"heartbeats","sequence_num":1,"events":[{}]}', "bad_frame"),
         ('{"channel":"heartbeats","sequence_num":1,"events":[{"current_time":"now"}]}', "bad_time"),
-        ('{"channel":"market_trades","sequence_num":1,"events":[{"trades":[{"trade_id":"1"}]}]}', "bad_trade"),
+        (
+            '{"channel":"market_trades","sequence_num":1,"events":[{"trades":[{"trade_id":"1"}]}]}',
+            "bad_trade",
+        ),
         (
             '{"channel":"market_trades","sequence_num":1,"events":[{"trades":[{"trade_id":"1","product_id":"A-USD",'
             '"price":"-1","size":"1","time":"2026-04-07T14:30:02Z"}]}]}',

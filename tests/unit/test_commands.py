@@ -61,7 +61,12 @@ def test_replayed_command_is_refused_the_second_time() -> None:
 
 def test_gate_gives_the_same_verdicts_when_the_log_is_read_again() -> None:
     good = new_command("pause", "profile_a", key=KEY, now=T0)
-    log = [(good, T0), (good, T0 + timedelta(seconds=2)), (sign(good, b"y" * 32), T0), (good, T0 + timedelta(hours=1))]
+    log = [
+        (good, T0),
+        (good, T0 + timedelta(seconds=2)),
+        (sign(good, b"y" * 32), T0),
+        (good, T0 + timedelta(hours=1)),
+    ]
 
     def verdicts() -> list[tuple[bool, str]]:
         gate = CommandGate(verifier(), "strategy.profile_a")

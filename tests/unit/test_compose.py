@@ -148,7 +148,9 @@ def test_each_profile_export_and_its_key_are_mounted_only_into_its_execution_ser
         for s in svc.get("secrets", []):
             source = s["source"] if isinstance(s, dict) else s
             mounted.setdefault(source, []).append(name)
-    assert mounted == {name: [f"execution-{name.removeprefix('coinbase_').removesuffix('_key')}"] for name in expected}
+    assert mounted == {
+        name: [f"execution-{name.removeprefix('coinbase_').removesuffix('_key')}"] for name in expected
+    }
     for pid in enabled:
         svc = model["services"][f"execution-{pid}"]
         # Where the worker looks: the store named by MPCTL_CREDENTIALS_STORE, the key at its mounted default.
@@ -255,11 +257,18 @@ def test_the_live_market_by_default_the_replay_opt_in() -> None:
     live, replay = services["ingest"], services["ingest-replay"]
     assert "profiles" not in live  # `docker compose up` starts it
     assert live["command"][0] == "services.ingest"
-    assert live["command"][live["command"].index("--source") + 1] == "coinbase" and "--data" not in live["command"]
-    assert not any(v == compose.CONTAINER_DATA or str(v).endswith(compose.CONTAINER_DATA) for v in live["volumes"])
+    assert (
+        live["command"][live["command"].index("--source") + 1] == "coinbase"
+        and "--data" not in live["command"]
+    )
+    assert not any(
+        v == compose.CONTAINER_DATA or str(v).endswith(compose.CONTAINER_DATA) for v in live["volumes"]
+    )
     assert replay["profiles"] == ["replay"]  # only with `docker compose --profile replay`
     cmd = replay["command"]
-    assert cmd[cmd.index("--source") + 1] == "replay" and cmd[cmd.index("--data") + 1] == compose.CONTAINER_DATA
+    assert (
+        cmd[cmd.index("--source") + 1] == "replay" and cmd[cmd.index("--data") + 1] == compose.CONTAINER_DATA
+    )
     assert any(isinstance(v, dict) and v["target"] == compose.CONTAINER_DATA for v in replay["volumes"])
     assert replay["depends_on"] == live["depends_on"]
     # Paper execution by default: the template's mode.
@@ -269,7 +278,9 @@ def test_the_live_market_by_default_the_replay_opt_in() -> None:
 
 
 def _store_with(path: Path, profiles: dict[str, credentials.StoredCredentials]) -> None:
-    s = credentials.CredentialStore.create(path, credentials.KeySource.from_passphrase(STORE_PASS), scrypt=FAST)
+    s = credentials.CredentialStore.create(
+        path, credentials.KeySource.from_passphrase(STORE_PASS), scrypt=FAST
+    )
     for pid, c in profiles.items():
         s.put(pid, c)
     s.save()
@@ -294,7 +305,12 @@ def test_init_secrets_exports_stored_profiles_writes_empty_stores_for_others_and
     folder = tmp_path / "secrets"
     args = argparse.Namespace(config=TEMPLATE, dir=folder, store=store)
     assert compose.cmd_init_secrets(args) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["profile_a.enc", "profile_a.key", "profile_b.enc", "profile_b.key"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "profile_a.enc",
+        "profile_a.key",
+        "profile_b.enc",
+        "profile_b.key",
+    ]
     for f in folder.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
 
@@ -310,7 +326,9 @@ def test_init_secrets_exports_stored_profiles_writes_empty_stores_for_others_and
     out = capsys.readouterr()
     assert "EMPTY store" in out.out and "mpctl secrets set profile_b" in out.out
     for text in (out.out, out.err, *(f.read_text() for f in folder.iterdir())):
-        assert A_KEY not in text and A_SECRET not in text and STORE_PASS not in text and "profile_zz" not in text
+        assert (
+            A_KEY not in text and A_SECRET not in text and STORE_PASS not in text and "profile_zz" not in text
+        )
 
     before = {f.name: f.read_bytes() for f in folder.iterdir()}
     assert compose.cmd_init_secrets(args) == 0  # a second run keeps everything
@@ -470,16 +488,16 @@ def test_real_compose_validates_a_three_profile_rendering(compose_bin: Path, pro
 
 def test_prometheus_scrapes_every_service_that_serves_metrics() -> None:
     services = _services(COMMITTED.read_text(encoding="utf-8"))
-    serving = sorted(
-        name for name, svc in services.items() if "--metrics-port" in (svc.get("command") or [])
-    )
+    serving = sorted(name for name, svc in services.items() if "--metrics-port" in (svc.get("command") or []))
     assert {"registry", "arbiter", "monitor", "strategy-profile_a", "execution-profile_b"} <= set(serving)
     for name in serving:
         cmd = services[name]["command"]
         assert cmd[cmd.index("--metrics-port") + 1] == str(compose.METRICS_PORT)
         assert cmd[cmd.index("--metrics-addr") + 1] == "0.0.0.0"
     committed = (COMMITTED.parent / "deploy" / "prometheus.yml").read_text(encoding="utf-8")
-    assert committed == compose.render_prometheus(load_config(TEMPLATE), config_path=TEMPLATE_REL), "run `mpctl compose render`"
+    assert committed == compose.render_prometheus(load_config(TEMPLATE), config_path=TEMPLATE_REL), (
+        "run `mpctl compose render`"
+    )
     prom = yaml.safe_load(committed)
     targets = {t for j in prom["scrape_configs"] for c in j["static_configs"] for t in c["targets"]}
     assert targets - {"localhost:9090"} == {f"{name}:{compose.METRICS_PORT}" for name in serving}

@@ -327,7 +327,9 @@ def test_empty_weights_are_refused() -> None:
 
 def test_a_subset_of_strategies_is_allowed() -> None:
     data = one_profile()
-    data["profiles"]["profile_a"]["strategy_config"]["strategy_weights"] = {"quantum_strategy_calculator": 1.0}
+    data["profiles"]["profile_a"]["strategy_config"]["strategy_weights"] = {
+        "quantum_strategy_calculator": 1.0
+    }
     assert parse_config(data).profiles["profile_a"].strategy_config.strategy_weights == {
         "quantum_strategy_calculator": 1.0
     }
@@ -338,7 +340,9 @@ def test_negative_weight_is_refused() -> None:
     w = _weights(data)
     w["volume_weighted_hash_oscillator"] = 0.50
     w["entropy_enhanced_trading_executor"] = -0.10
-    refused(data, "profiles.profile_a.strategy_config.strategy_weights.entropy_enhanced_trading_executor", "-0.1")
+    refused(
+        data, "profiles.profile_a.strategy_config.strategy_weights.entropy_enhanced_trading_executor", "-0.1"
+    )
 
 
 _WEIGHT_VECTORS = st.lists(
@@ -361,7 +365,9 @@ def test_random_weight_vectors_normalised_to_one_are_accepted(raw: list[float]) 
 
 @settings(max_examples=150, deadline=None)
 @given(raw=_WEIGHT_VECTORS, eps=st.floats(min_value=2e-6, max_value=0.2), up=st.booleans())
-def test_random_weight_vectors_perturbed_beyond_1e6_are_refused(raw: list[float], eps: float, up: bool) -> None:
+def test_random_weight_vectors_perturbed_beyond_1e6_are_refused(
+    raw: list[float], eps: float, up: bool
+) -> None:
     total = sum(raw)
     normalised = [x / total for x in raw]
     if up and max(normalised) * (1 + eps) > 1.0:
@@ -607,7 +613,9 @@ def test_placeholder_of_a_disabled_profile_is_fine_in_live_mode() -> None:
 def test_real_credentials_are_accepted_in_live_mode() -> None:
     data = one_profile()
     data["system"] = {"mode": "live"}
-    data["profiles"]["profile_a"]["api_credentials"].update(api_key=FAKE_KEY, secret=FAKE_SECRET, passphrase=FAKE_PASS)
+    data["profiles"]["profile_a"]["api_credentials"].update(
+        api_key=FAKE_KEY, secret=FAKE_SECRET, passphrase=FAKE_PASS
+    )
     creds = parse_config(data).profiles["profile_a"].api_credentials
     assert creds.api_key.get_secret_value() == FAKE_KEY
     assert not creds.is_placeholder()
@@ -661,7 +669,9 @@ def test_several_problems_are_all_reported() -> None:
 
 
 # --------------------------------------------------------------------------------------------- local file rule
-def test_load_config_without_path_prefers_the_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_config_without_path_prefers_the_local_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     template = template_data()
     local = copy.deepcopy(template)
     local["profiles"]["profile_a"]["name"] = "Local Copy"
@@ -734,16 +744,42 @@ def _secret_error_cases() -> list[tuple[str, Any]]:
         mutate(data)
         cases.append((name, data))
 
-    case("live mode, other profile placeholder", lambda d: d.update(system={"mode": "live"}) or d["profiles"]["profile_b"]["api_credentials"].update(secret="YOUR_X"))
-    case("unknown key inside api_credentials", lambda d: d["profiles"]["profile_a"]["api_credentials"].update(api_secret=FAKE_SECRET))
-    case("credential of wrong type", lambda d: d["profiles"]["profile_a"]["api_credentials"].update(sandbox=FAKE_KEY))
+    case(
+        "live mode, other profile placeholder",
+        lambda d: (
+            d.update(system={"mode": "live"})
+            or d["profiles"]["profile_b"]["api_credentials"].update(secret="YOUR_X")
+        ),
+    )
+    case(
+        "unknown key inside api_credentials",
+        lambda d: d["profiles"]["profile_a"]["api_credentials"].update(api_secret=FAKE_SECRET),
+    )
+    case(
+        "credential of wrong type",
+        lambda d: d["profiles"]["profile_a"]["api_credentials"].update(sandbox=FAKE_KEY),
+    )
     case("api_key outside its section", lambda d: d["profiles"]["profile_a"].update(api_key=FAKE_KEY))
-    case("credentials as a string", lambda d: d["profiles"]["profile_a"].update(api_credentials=f"{FAKE_KEY}:{FAKE_SECRET}"))
-    case("credentials as a list", lambda d: d["profiles"]["profile_a"].update(api_credentials=[FAKE_KEY, FAKE_SECRET, FAKE_PASS]))
+    case(
+        "credentials as a string",
+        lambda d: d["profiles"]["profile_a"].update(api_credentials=f"{FAKE_KEY}:{FAKE_SECRET}"),
+    )
+    case(
+        "credentials as a list",
+        lambda d: d["profiles"]["profile_a"].update(api_credentials=[FAKE_KEY, FAKE_SECRET, FAKE_PASS]),
+    )
     case("profiles as a list", lambda d: d.update(profiles=list(d["profiles"].values())))
     case("profile as a list", lambda d: d["profiles"].update(profile_a=[d["profiles"]["profile_a"]]))
-    case("misspelt section holding credentials", lambda d: d["profiles"]["profile_a"].update(api_credential=d["profiles"]["profile_a"].pop("api_credentials")))
-    case("bad value next to credentials", lambda d: d["profiles"]["profile_a"]["risk_management"].update(stop_loss_pct=-1))
+    case(
+        "misspelt section holding credentials",
+        lambda d: d["profiles"]["profile_a"].update(
+            api_credential=d["profiles"]["profile_a"].pop("api_credentials")
+        ),
+    )
+    case(
+        "bad value next to credentials",
+        lambda d: d["profiles"]["profile_a"]["risk_management"].update(stop_loss_pct=-1),
+    )
     return cases
 
 
@@ -799,7 +835,9 @@ def test_same_base_hash_with_other_seed_is_no_shared_setting() -> None:
 
 def test_shared_hash_settings_of_a_disabled_profile_do_not_warn() -> None:
     data = template_data()
-    data["profiles"]["profile_b"]["profile_hash"] = copy.deepcopy(data["profiles"]["profile_a"]["profile_hash"])
+    data["profiles"]["profile_b"]["profile_hash"] = copy.deepcopy(
+        data["profiles"]["profile_a"]["profile_hash"]
+    )
     data["profiles"]["profile_b"]["enabled"] = False
     assert config_warnings(parse_config(data)) == []
 
@@ -860,7 +898,9 @@ def test_three_profiles_example_adds_profile_c_on_profile_a_products() -> None:
     a, c = cfg.profiles["profile_a"], cfg.profiles["profile_c"]
     assert c.trading_pairs == a.trading_pairs
     assert c.strategy_config.base_assets == a.strategy_config.base_assets
-    assert c.profile_hash.settings_key() not in {p.profile_hash.settings_key() for p in (a, cfg.profiles["profile_b"])}
+    assert c.profile_hash.settings_key() not in {
+        p.profile_hash.settings_key() for p in (a, cfg.profiles["profile_b"])
+    }
     assert config_warnings(cfg) == []
 
 
@@ -949,7 +989,10 @@ def test_market_data_defaults_to_coinbase_hourly_on_the_public_endpoints() -> No
         ({"interval": "3m"}, ("market_data.interval", "3m")),
         ({"source": "kraken"}, ("market_data.source", "kraken")),
         ({"rest_url": "ftp://x.example"}, ("rest_url", "ftp://x.example")),
-        ({"ws_url": "https://advanced-trade-ws.coinbase.com"}, ("ws_url", "https://advanced-trade-ws.coinbase.com")),
+        (
+            {"ws_url": "https://advanced-trade-ws.coinbase.com"},
+            ("ws_url", "https://advanced-trade-ws.coinbase.com"),
+        ),
         ({"grace_s": -1}, ("grace_s",)),
         ({"intervall": "1h"}, ("intervall",)),
     ],

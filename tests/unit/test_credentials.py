@@ -48,7 +48,11 @@ PASS = "correct horse battery staple 4417"
 A_KEY = "organizations/leak-org-7731/apiKeys/LEAKCHECK-A-KEY-91f2"
 A_PEM = (
     ec.generate_private_key(ec.SECP256R1())
-    .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    .private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
     .decode()
 )
 B_KEY = "LEAKCHECKBKEY5d41402abc4b2a76b9"
@@ -94,10 +98,17 @@ def reopen(path: Path, passphrase: str = PASS) -> CredentialStore:
 def test_round_trip(store_path: Path) -> None:
     s = reopen(store_path)
     a, b = s.get("profile_a"), s.get("profile_b")
-    assert a.api_key.get_secret_value() == A_KEY and a.secret.get_secret_value() == A_PEM and a.passphrase is None
+    assert (
+        a.api_key.get_secret_value() == A_KEY
+        and a.secret.get_secret_value() == A_PEM
+        and a.passphrase is None
+    )
     assert (b.api_key.get_secret_value(), b.secret.get_secret_value()) == (B_KEY, B_SECRET)
     assert b.passphrase is not None and b.passphrase.get_secret_value() == B_PASS
-    assert s.profiles() == {"profile_a": ("api_key", "secret"), "profile_b": ("api_key", "secret", "passphrase")}
+    assert s.profiles() == {
+        "profile_a": ("api_key", "secret"),
+        "profile_b": ("api_key", "secret", "passphrase"),
+    }
 
 
 def test_default_scrypt_parameters_round_trip(tmp_path: Path) -> None:
@@ -150,7 +161,9 @@ def test_entry_moved_to_another_profile_or_edited_field_list_fails(store_path: P
         s.get("profile_a")
 
 
-def test_entry_of_x_is_decrypted_without_touching_y(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_entry_of_x_is_decrypted_without_touching_y(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Y's entry is destroyed: if opening X read it, this would fail.
     data = json.loads(store_path.read_text())
     data["entries"]["profile_b"]["ciphertext"] = "AAAA"
@@ -277,7 +290,9 @@ def test_export_refuses_to_overwrite_unless_forced(store_path: Path, tmp_path: P
     out = tmp_path / "secrets"
     enc, key = credmod.export_profile(reopen(store_path), "profile_a", out)
     before = (enc.read_bytes(), key.read_bytes())
-    with pytest.raises(credmod.ExportExistsError, match=r"profile_a\.enc and .*profile_a\.key exist.*--force"):
+    with pytest.raises(
+        credmod.ExportExistsError, match=r"profile_a\.enc and .*profile_a\.key exist.*--force"
+    ):
         credmod.export_profile(reopen(store_path), "profile_a", out)
     key.unlink()  # half a pair is refused too: the store would be kept with no key
     with pytest.raises(credmod.ExportExistsError, match="profile_a.enc exist"):
@@ -323,7 +338,9 @@ def test_key_format_problems() -> None:
     assert any("key *name*" in p for p in key_format_problems("coinbase", pem_as_key))
     escaped = StoredCredentials(SecretStr(A_KEY), SecretStr(A_PEM.replace("\n", "\\n")))
     assert any("literal \\n" in p for p in key_format_problems("coinbase", escaped))
-    rsa_like = StoredCredentials(SecretStr(A_KEY), SecretStr("-----BEGIN EC PRIVATE KEY-----\ngarbage\n-----END EC PRIVATE KEY-----\n"))
+    rsa_like = StoredCredentials(
+        SecretStr(A_KEY), SecretStr("-----BEGIN EC PRIVATE KEY-----\ngarbage\n-----END EC PRIVATE KEY-----\n")
+    )
     assert any("does not load" in p for p in key_format_problems("coinbase", rsa_like))
     no_pass = StoredCredentials(SecretStr(B_KEY), SecretStr(B_SECRET))
     assert any("passphrase" in p for p in key_format_problems("coinbaseexchange", no_pass))
@@ -337,10 +354,14 @@ def _profile(**creds: Any) -> Profile:
     return tune(p, api_credentials={k: SecretStr(v) if isinstance(v, str) else v for k, v in creds.items()})
 
 
-def test_store_entry_is_used_and_yaml_values_ignored(store_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_store_entry_is_used_and_yaml_values_ignored(
+    store_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     s = reopen(store_path)
-    r = resolve_credentials("profile_b", _profile(api_key=B_KEY + "-yaml", secret="yaml-secret-LEAK"), s, allow_plaintext=False)
+    r = resolve_credentials(
+        "profile_b", _profile(api_key=B_KEY + "-yaml", secret="yaml-secret-LEAK"), s, allow_plaintext=False
+    )
     assert r.source == "store" and r.exchange == "coinbaseexchange"
     assert r.api_key.get_secret_value() == B_KEY
     assert "encrypted store's entry is used" in caplog.text
@@ -372,12 +393,16 @@ def test_placeholders_without_store_entry(store_path: Path) -> None:
         resolve_credentials("profile_x", p, s, allow_plaintext=False)
 
 
-async def test_worker_names_the_store_path_it_found_nothing_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_worker_names_the_store_path_it_found_nothing_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from services.execution.live_wiring import open_live_execution
 
     missing = tmp_path / "run" / "secrets" / "credentials.enc"
     monkeypatch.setenv(credmod.ENV_STORE, str(missing))
-    with pytest.raises(NoCredentialsError, match=rf"no store at {re.escape(str(missing))}: set MPCTL_CREDENTIALS_STORE"):
+    with pytest.raises(
+        NoCredentialsError, match=rf"no store at {re.escape(str(missing))}: set MPCTL_CREDENTIALS_STORE"
+    ):
         await open_live_execution("profile_a", config(), clock=lambda: datetime.now(UTC))
 
 
@@ -409,7 +434,10 @@ class FakeStdin(io.StringIO):
 
 
 def test_secrets_set_from_stdin_then_list_shows_no_values(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     store = tmp_path / "s.enc"
@@ -426,10 +454,14 @@ def test_secrets_set_from_stdin_then_list_shows_no_values(
     assert "profile_b  api_key, secret, passphrase" in out.out
     assert '"profile_b": [' in out.out
     assert_no_secret(out.out + out.err + caplog.text)
-    assert reopen(store).get("profile_a").secret.get_secret_value() == A_PEM.strip()  # surrounding blanks dropped
+    assert (
+        reopen(store).get("profile_a").secret.get_secret_value() == A_PEM.strip()
+    )  # surrounding blanks dropped
 
 
-def test_secrets_set_on_a_terminal_uses_getpass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_secrets_set_on_a_terminal_uses_getpass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = tmp_path / "s.enc"
     monkeypatch.delenv(credmod.ENV_PASSPHRASE, raising=False)
     monkeypatch.delenv(credmod.ENV_KEY_FILE, raising=False)
@@ -449,7 +481,9 @@ def test_secrets_set_on_a_terminal_uses_getpass(tmp_path: Path, monkeypatch: pyt
     assert reopen(store).get("profile_b").passphrase is not None
 
 
-def test_secrets_set_refuses_a_wrong_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_secrets_set_refuses_a_wrong_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv(credmod.ENV_PASSPHRASE, PASS)
     monkeypatch.setattr("sys.stdin", FakeStdin(json.dumps({"api_key": A_PEM, "secret": A_PEM}), tty=False))
     assert run_cli(["secrets", "set", "profile_a", "--store", str(tmp_path / "s.enc")]) == 2
@@ -459,7 +493,9 @@ def test_secrets_set_refuses_a_wrong_format(tmp_path: Path, monkeypatch: pytest.
     assert_no_secret(out.out + out.err)
 
 
-def test_secrets_list_and_remove_errors(tmp_path: Path, store_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_secrets_list_and_remove_errors(
+    tmp_path: Path, store_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run_cli(["secrets", "list", "--store", str(tmp_path / "none")]) == 2
     monkeypatch.setenv(credmod.ENV_PASSPHRASE, "wrong passphrase entirely")
     monkeypatch.setattr("sys.stdin", FakeStdin("", tty=False))
@@ -471,7 +507,11 @@ def test_secrets_list_and_remove_errors(tmp_path: Path, store_path: Path, monkey
 
 
 def test_secrets_export_writes_the_pair_and_prints_no_value(
-    store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    store_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv(credmod.ENV_PASSPHRASE, PASS)
@@ -487,7 +527,10 @@ def test_secrets_export_writes_the_pair_and_prints_no_value(
     assert run_cli(["secrets", "export", "profile_a", "--out", str(out), "--store", str(store_path)]) == 2
     assert "not overwritten" in capsys.readouterr().err
     assert (out / "profile_a.key").read_text().strip() == key_text
-    assert run_cli(["secrets", "export", "profile_a", "--out", str(out), "--store", str(store_path), "--force"]) == 0
+    assert (
+        run_cli(["secrets", "export", "profile_a", "--out", str(out), "--store", str(store_path), "--force"])
+        == 0
+    )
     assert (out / "profile_a.key").read_text().strip() != key_text
 
 
@@ -501,20 +544,27 @@ def test_secrets_export_errors_say_what_is_wrong(
     base = ["secrets", "export", "--out", str(out), "--store", str(store_path)]
     # An unknown profile is found without the passphrase, and the profiles present are listed.
     assert run_cli([*base[:2], "profile_x", *base[2:]]) == 2
-    assert "'profile_x'" in (err := capsys.readouterr().err) and "profiles present: profile_a, profile_b" in err
+    assert (
+        "'profile_x'" in (err := capsys.readouterr().err) and "profiles present: profile_a, profile_b" in err
+    )
     # Locked store, no terminal, no passphrase in the environment: said how to give it.
     assert run_cli([*base[:2], "profile_a", *base[2:]]) == 2
     assert credmod.ENV_PASSPHRASE in capsys.readouterr().err
     # On a terminal the passphrase is asked for as `set` asks it (getpass), and a wrong one is refused.
     monkeypatch.setattr("sys.stdin", FakeStdin("", tty=True))
     asked: list[str] = []
-    monkeypatch.setattr("getpass.getpass", lambda prompt="": asked.append(prompt) or "a wrong passphrase here")
+    monkeypatch.setattr(
+        "getpass.getpass", lambda prompt="": asked.append(prompt) or "a wrong passphrase here"
+    )
     assert run_cli([*base[:2], "profile_a", *base[2:]]) == 2
     assert asked == ["Passphrase of the credentials store: "]
     err = capsys.readouterr().err
     assert "does not open" in err and "a wrong passphrase" not in err
     assert not out.exists()
-    assert run_cli(["secrets", "export", "profile_a", "--out", str(out), "--store", str(tmp_path / "none.enc")]) == 2
+    assert (
+        run_cli(["secrets", "export", "profile_a", "--out", str(out), "--store", str(tmp_path / "none.enc")])
+        == 2
+    )
     assert "no credentials store at" in capsys.readouterr().err
 
 

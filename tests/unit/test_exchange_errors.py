@@ -74,7 +74,9 @@ CASES: list[tuple[BaseException, int | None, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("exc", "status", "outcome", "kind"), CASES, ids=[f"{type(c[0]).__name__}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize(
+    ("exc", "status", "outcome", "kind"), CASES, ids=[f"{type(c[0]).__name__}-{c[1]}" for c in CASES]
+)
 def test_table(exc: BaseException, status: int | None, outcome: str, kind: str) -> None:
     err = translate(tagged(exc, status))
     assert err.outcome == outcome, err.reason
@@ -113,7 +115,8 @@ def test_translate_keeps_our_errors_and_redacts_library_text() -> None:
     assert translate(ours) is ours
     secret = "SEKRIT-passphrase-0xdeadbeef"
     err = translate(
-        tagged(cx.AuthenticationError(f"coinbaseexchange invalid key {secret}"), 401), redact=lambda t: t.replace(secret, "***")
+        tagged(cx.AuthenticationError(f"coinbaseexchange invalid key {secret}"), 401),
+        redact=lambda t: t.replace(secret, "***"),
     )
     assert secret not in err.reason and "***" in err.reason
     # Text of non-ccxt exceptions may hold anything: only the type is kept.
@@ -129,7 +132,12 @@ def test_long_library_messages_are_shortened() -> None:
 def test_table_rows_cover_statuses_and_classes() -> None:
     rows = table_rows()
     names = [r[0] for r in rows]
-    assert "HTTP 429" in names and "HTTP 401" in names and "InsufficientFunds" in names and "RequestTimeout" in names
+    assert (
+        "HTTP 429" in names
+        and "HTTP 401" in names
+        and "InsufficientFunds" in names
+        and "RequestTimeout" in names
+    )
     assert {r[1] for r in rows} == {"retry", "reject", "halt"}
 
 

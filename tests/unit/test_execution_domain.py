@@ -31,7 +31,9 @@ PID = "profile_a"
 EIGHT = Decimal("0.00000001")
 
 
-def candle(product: str, open_time: int, *ohlc: Any, volume: Any = 1000, interval: int = HOUR) -> CandleClosed:
+def candle(
+    product: str, open_time: int, *ohlc: Any, volume: Any = 1000, interval: int = HOUR
+) -> CandleClosed:
     """A candle with ample volume unless the test is about volume: an order takes at most 10 % of it."""
     return builders.candle(product, open_time, *ohlc, volume=volume, interval=interval)
 
@@ -363,23 +365,32 @@ def test_delay_is_seeded_from_the_plan_hash_the_order_carries(cfg: AppConfig) ->
     assert sub.event_time == order.not_before + timedelta(milliseconds=delay)
 
 
-def test_delayed_order_is_sent_at_not_before_plus_delay_and_trades_at_its_decisions_candle(cfg: AppConfig) -> None:
+def test_delayed_order_is_sent_at_not_before_plus_delay_and_trades_at_its_decisions_candle(
+    cfg: AppConfig,
+) -> None:
     state = paper(cfg, settings_=ExecutionSettings(desync_min_ms=100, desync_max_ms=100))
     decision = T0 + HOUR
     order = execute_order(PID, "buy", size="1", decided_at=decision, not_before=decision + 0.7)  # +700 ms
     (sub,) = of_type(run(state, [order]), OrderUpdated)
     assert sub.event_time == dt(decision) + timedelta(milliseconds=800)
     c = candle("BTC/USDC", decision, 50, 50, 50, 50)
-    out = run(state, market([candle("BTC/USDC", T0, 40, 40, 40, 40), c, candle("BTC/USDC", decision + HOUR, 70)]))
+    out = run(
+        state, market([candle("BTC/USDC", T0, 40, 40, 40, 40), c, candle("BTC/USDC", decision + HOUR, 70)])
+    )
     (fill,) = of_type(out, OrderFilled)
     assert fill.price == c.open and fill.event_time == sub.event_time
 
 
 def test_internal_only_order_settles_at_the_mid_without_fee_or_delay(cfg: AppConfig) -> None:
     state = paper(cfg)
-    run(state, [execute_order(PID, "buy", size="1", not_before=T0 - HOUR), *market([candle("BTC/USDC", T0 - HOUR)])])
+    run(
+        state,
+        [execute_order(PID, "buy", size="1", not_before=T0 - HOUR), *market([candle("BTC/USDC", T0 - HOUR)])],
+    )
     cash = state.cash
-    order = execute_order(PID, "sell", size="1", not_before=T0, internal_size="1", counterparties=["profile_b"])
+    order = execute_order(
+        PID, "sell", size="1", not_before=T0, internal_size="1", counterparties=["profile_b"]
+    )
     c = candle("BTC/USDC", T0, 100, 120, 90, 110)
     out = run(state, [order, *market([c])])
     (fill,) = of_type(out, OrderFilled)
@@ -392,19 +403,33 @@ def test_internal_only_order_settles_at_the_mid_without_fee_or_delay(cfg: AppCon
 
 def test_partly_internal_order_has_an_internal_leg_and_an_exchange_leg(cfg: AppConfig) -> None:
     state = paper(cfg)
-    order = execute_order(PID, "buy", size="0.5", not_before=T0, internal_size="0.3", counterparties=["profile_b"])
+    order = execute_order(
+        PID, "buy", size="0.5", not_before=T0, internal_size="0.3", counterparties=["profile_b"]
+    )
     c = candle("BTC/USDC", T0, 100, 110, 95, 105)
     out = run(state, [order, *market([c])])
     internal, exchange = of_type(out, OrderFilled)
     assert (internal.internal, internal.size, internal.price, internal.fee) == (True, D("0.3"), c.open, 0)
     assert (exchange.internal, exchange.size) == (False, D("0.2"))
-    assert exchange.price > c.open and exchange.fee == (exchange.price * D("0.2") * taker(cfg)).quantize(EIGHT)
+    assert exchange.price > c.open and exchange.fee == (exchange.price * D("0.2") * taker(cfg)).quantize(
+        EIGHT
+    )
     assert internal.fill_id != exchange.fill_id
     ups = of_type(out, OrderUpdated)
-    assert [(u.status, u.internal) for u in ups] == [("submitted", False), ("partially_filled", True), ("filled", False)]
+    assert [(u.status, u.internal) for u in ups] == [
+        ("submitted", False),
+        ("partially_filled", True),
+        ("filled", False),
+    ]
     assert ups[1].filled_size == D("0.3") and ups[2].filled_size == D("0.5")
     assert state.positions == {"BTC/USDC": D("0.5")}
-    assert state.cash == D(cfg.profiles[PID].paper.initial_quote_balance) - D("30") - exchange.price * D("0.2") - exchange.fee
+    assert (
+        state.cash
+        == D(cfg.profiles[PID].paper.initial_quote_balance)
+        - D("30")
+        - exchange.price * D("0.2")
+        - exchange.fee
+    )
 
 
 # ------------------------------------------------------------------------------------------ operator commands
@@ -417,9 +442,9 @@ def test_kill_cancels_waiting_orders_and_refuses_new_ones_until_resume(cfg: AppC
     out = run(state, [new_command("kill", "all", key=key, now=T0)])
     assert [(u.intent_id, u.status) for u in of_type(out, OrderUpdated)] == [("i-waiting", "cancelled")]
     refused = run(state, [execute_order(PID, "buy", size="1", not_before=T0, intent_id="i-new")])
-    assert [(u.status, u.reason.startswith("killed by operator command")) for u in of_type(refused, OrderUpdated)] == [
-        ("rejected", True)
-    ]
+    assert [
+        (u.status, u.reason.startswith("killed by operator command")) for u in of_type(refused, OrderUpdated)
+    ] == [("rejected", True)]
     assert run(state, [new_command("kill", "profile_b", key=key, now=T0)]) == []  # another profile's kill
     run(state, [new_command("resume", PID, key=key, now=T0)])
     out = run(state, [execute_order(PID, "buy", size="1", not_before=T0, intent_id="i-after")])

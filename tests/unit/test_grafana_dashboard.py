@@ -19,8 +19,13 @@ def exported_names() -> set[str]:
     names: set[str] = set()
     execution = ExecutionMetrics("p", "paper", started_at=0.0)
     strategy = StrategyMetrics("p")
-    registries = (MonitorMetrics("ns").registry, RegistryMetrics().registry, execution.registry, strategy.registry,
-                  IngestMetrics().registry)
+    registries = (
+        MonitorMetrics("ns").registry,
+        RegistryMetrics().registry,
+        execution.registry,
+        strategy.registry,
+        IngestMetrics().registry,
+    )
     for registry in registries:
         for metric in registry.collect():
             names.add(metric.name)
@@ -41,13 +46,31 @@ def test_dashboard_queries_exported_metrics() -> None:
     assert len(exprs) >= 20
     used = {m for e in exprs for m in re.findall(r"\bmp_[a-z_]+", e)}
     assert used <= exported_names(), used - exported_names()
-    for required in ("mp_consumer_lag", "mp_consumer_group_lag", "mp_profile_equity", "mp_profile_drawdown_pct",
-                     "mp_profile_trades", "mp_profile_win_rate", "mp_profile_realized_pnl", "mp_profile_halts",
-                     "mp_service_up", "mp_arbiter_decisions", "mp_alerts_total",
-                     "mp_execution_order_latency_seconds_bucket", "mp_strategy_equity",
-                     "mp_strategy_win_rate", "mp_strategy_halts", "mp_strategy_events_total", "mp_strategy_errors_total",
-                     "mp_ingest_feed_stale", "mp_ingest_feed_age_seconds", "mp_ingest_finalisation_lag_seconds_bucket",
-                     "mp_ingest_ws_reconnects_total", "mp_ingest_ws_sequence_gaps_total", "mp_ingest_clock_skew_seconds"):
+    for required in (
+        "mp_consumer_lag",
+        "mp_consumer_group_lag",
+        "mp_profile_equity",
+        "mp_profile_drawdown_pct",
+        "mp_profile_trades",
+        "mp_profile_win_rate",
+        "mp_profile_realized_pnl",
+        "mp_profile_halts",
+        "mp_service_up",
+        "mp_arbiter_decisions",
+        "mp_alerts_total",
+        "mp_execution_order_latency_seconds_bucket",
+        "mp_strategy_equity",
+        "mp_strategy_win_rate",
+        "mp_strategy_halts",
+        "mp_strategy_events_total",
+        "mp_strategy_errors_total",
+        "mp_ingest_feed_stale",
+        "mp_ingest_feed_age_seconds",
+        "mp_ingest_finalisation_lag_seconds_bucket",
+        "mp_ingest_ws_reconnects_total",
+        "mp_ingest_ws_sequence_gaps_total",
+        "mp_ingest_clock_skew_seconds",
+    ):
         assert required in used
     for p in panels:
         g = p["gridPos"]

@@ -12,7 +12,9 @@ from shared.messages import ServiceHeartbeat
 from tests.unit.builders import T0, dt
 
 
-def beat(service: str, at: int, *, instance: str = "0", interval: float = 5.0, stopping: bool = False) -> ServiceHeartbeat:
+def beat(
+    service: str, at: int, *, instance: str = "0", interval: float = 5.0, stopping: bool = False
+) -> ServiceHeartbeat:
     return ServiceHeartbeat(
         id=f"{service}-{instance}-{at}",
         event_time=dt(at),
@@ -49,7 +51,10 @@ def test_beats_decide_the_state_and_services_without_beats_keep_the_group_rule()
         ExpectedService("arbiter", "ns.arbiter"),
         ExpectedService("monitor", "ns.monitor"),
     ]
-    groups = {"ns.arbiter": GroupInfo("ns.arbiter", "Empty", "consumer"), "ns.monitor": GroupInfo("ns.monitor", "Empty", "consumer")}
+    groups = {
+        "ns.arbiter": GroupInfo("ns.arbiter", "Empty", "consumer"),
+        "ns.monitor": GroupInfo("ns.monitor", "Empty", "consumer"),
+    }
     beats = {
         "ingest": {"0": beat("ingest", T0 + 58)},
         # two replicas: one fresh is enough

@@ -75,7 +75,13 @@ def test_candles_carry_the_file_values_and_source(files: dict[str, CandleFile]) 
     steps = build_schedule(files, hours=1)
     btc = next(c for c in steps[0].candles if c.product == "BTC/USDC")
     row = files["BTC/USDC"].rows[0]
-    assert (btc.open, btc.high, btc.low, btc.close, btc.volume) == (row.open, row.high, row.low, row.close, row.volume)
+    assert (btc.open, btc.high, btc.low, btc.close, btc.volume) == (
+        row.open,
+        row.high,
+        row.low,
+        row.close,
+        row.volume,
+    )
     assert btc.source == "binance:BTC-USDT"
     assert btc.interval_s == 3600
 
@@ -137,7 +143,11 @@ def test_start_and_end_bound_open_times_half_open(files: dict[str, CandleFile]) 
 
 
 def test_start_and_end_parsed_from_iso_utc(files: dict[str, CandleFile]) -> None:
-    a = build_schedule(files, start=datetime.fromisoformat("2021-08-02T00:00:00Z"), end=datetime.fromisoformat("2021-08-02T06:00:00+00:00"))
+    a = build_schedule(
+        files,
+        start=datetime.fromisoformat("2021-08-02T00:00:00Z"),
+        end=datetime.fromisoformat("2021-08-02T06:00:00+00:00"),
+    )
     b = build_schedule(
         files,
         start=datetime.fromisoformat("2021-08-02T02:00:00+02:00"),  # the same instant, written in UTC+2

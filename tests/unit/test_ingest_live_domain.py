@@ -265,7 +265,9 @@ def test_live_options_from_config_and_overrides() -> None:
     cfg = load_config("config/coinbase_profiles.yaml")
     o = LiveOptions.from_config(cfg)
     assert o.interval_s == cfg.system.market_data.interval_s and o.products == tuple(cfg.all_products())
-    o = LiveOptions.from_config(cfg, interval="1m", rest_url="http://127.0.0.1:9", ws_url="ws://127.0.0.1:9/ws")
+    o = LiveOptions.from_config(
+        cfg, interval="1m", rest_url="http://127.0.0.1:9", ws_url="ws://127.0.0.1:9/ws"
+    )
     assert (o.interval_s, o.rest_url, o.ws_url) == (60, "http://127.0.0.1:9", "ws://127.0.0.1:9/ws")
     with pytest.raises(IngestConfigError, match="'7m'"):
         LiveOptions.from_config(cfg, interval="7m")
@@ -327,7 +329,10 @@ def test_property_honest_rest_gives_the_truth_once_in_order(
     # Nothing held back longer than the wait for a later bucket (at most 10 buckets) or one poll.
     assert len(out) >= (now - T0 - GRACE - POLL) // IV - 11
     prev: dict[str, Decimal | None] = {
-        p: next((v.close for k in range(-1, -SEED_BUCKETS - 1, -1) if (v := truth[(p, T0 + k * IV)]) is not None), None)
+        p: next(
+            (v.close for k in range(-1, -SEED_BUCKETS - 1, -1) if (v := truth[(p, T0 + k * IV)]) is not None),
+            None,
+        )
         for p in products
     }
     for step in out:

@@ -28,8 +28,14 @@ def test_opposite_side_orders_within_the_window_break_invariant_3(tmp_path: Path
 
     def edit(rows: list[dict[str, object]]) -> list[dict[str, object]]:
         # profile_b submits a sell of BTC one minute after profile_a's BTC buy.
-        extra = dict(rows[0], profile="profile_b", side="sell", client_order_id="c-x", intent_id="i-profile_b-1",
-                     event_time="2021-08-01T05:01:00Z")
+        extra = dict(
+            rows[0],
+            profile="profile_b",
+            side="sell",
+            client_order_id="c-x",
+            intent_id="i-profile_b-1",
+            event_time="2021-08-01T05:01:00Z",
+        )
         return [*rows, extra]
 
     _rewrite(tmp_path / "orders.jsonl", edit)

@@ -104,9 +104,22 @@ def test_cli_render_writes_the_same_files(tmp_path: Path) -> None:
     out, sec = tmp_path / "stack.yaml", tmp_path / "secrets.yaml"
     # The config path is relative to the repository root, as in the committed header: render from there.
     proc = subprocess.run(
-        [sys.executable, "-m", "mpctl.k8s", "render", "--config", TEMPLATE_REL, "--out", str(out),
-         "--secrets-out", str(sec)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "mpctl.k8s",
+            "render",
+            "--config",
+            TEMPLATE_REL,
+            "--out",
+            str(out),
+            "--secrets-out",
+            str(sec),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert out.read_text(encoding="utf-8") == STACK.read_text(encoding="utf-8")
@@ -137,8 +150,12 @@ def test_one_strategy_and_one_execution_deployment_per_enabled_profile(which: st
     deployments = {d["metadata"]["name"]: d for d in _by_kind(docs, "Deployment")}
     enabled = list(cfg.enabled_profiles())
     for kind in ("strategy", "execution"):
-        mine = [d for d in deployments.values() if d["metadata"]["labels"]["app.kubernetes.io/component"] == kind]
-        assert sorted(d["metadata"]["labels"]["multiprofile.coinbase/profile"] for d in mine) == sorted(enabled)
+        mine = [
+            d for d in deployments.values() if d["metadata"]["labels"]["app.kubernetes.io/component"] == kind
+        ]
+        assert sorted(d["metadata"]["labels"]["multiprofile.coinbase/profile"] for d in mine) == sorted(
+            enabled
+        )
         for d in mine:
             assert d["spec"]["replicas"] == 1
             assert d["spec"]["strategy"] == {"type": "Recreate"}  # never two consumers of one profile's group
@@ -189,7 +206,11 @@ def test_execution_pod_finds_the_export_and_its_key_where_the_worker_looks(which
     cfg = _config(which)
     docs = _docs(k8s.render_manifests(cfg))
     for pid in cfg.enabled_profiles():
-        d = next(x for x in docs if x["kind"] == "Deployment" and x["metadata"]["name"] == f"execution-{pid.replace('_', '-')}")
+        d = next(
+            x
+            for x in docs
+            if x["kind"] == "Deployment" and x["metadata"]["name"] == f"execution-{pid.replace('_', '-')}"
+        )
         pod = _pod_spec(d)
         (vol,) = [v for v in pod["volumes"] if "secret" in v]
         assert vol["secret"]["items"] == [
@@ -202,14 +223,21 @@ def test_execution_pod_finds_the_export_and_its_key_where_the_worker_looks(which
         assert f"{mount['mountPath']}/mpctl_secrets_key" == str(credentials.MOUNTED_KEY_FILE)
         assert c["env"] == [{"name": credentials.ENV_STORE, "value": "/run/secrets/credentials.enc"}]
     # No other workload is told where a store is.
-    told = [x["metadata"]["name"] for x in docs if x["kind"] in ("Deployment", "StatefulSet") and credentials.ENV_STORE in json.dumps(x)]
+    told = [
+        x["metadata"]["name"]
+        for x in docs
+        if x["kind"] in ("Deployment", "StatefulSet") and credentials.ENV_STORE in json.dumps(x)
+    ]
     assert sorted(told) == sorted(f"execution-{p.replace('_', '-')}" for p in cfg.enabled_profiles())
 
 
 def test_secret_example_shows_the_kubectl_command_for_the_export() -> None:
     text = SECRETS.read_text(encoding="utf-8")
     assert "mpctl secrets export profile_a --out secrets" in text
-    assert "--from-file=credentials.enc=secrets/profile_a.enc --from-file=mpctl_secrets_key=secrets/profile_a.key" in text
+    assert (
+        "--from-file=credentials.enc=secrets/profile_a.enc --from-file=mpctl_secrets_key=secrets/profile_a.key"
+        in text
+    )
 
 
 def test_no_credential_value_reaches_the_manifests() -> None:
@@ -288,9 +316,9 @@ def test_workloads_have_resources_probes_and_parse_their_args() -> None:
                 continue
             module = c["args"][0]
             service = module.split(".")[1]
-            args, unknown = base_parser(service, needs_profile=service in ("strategy", "execution")).parse_known_args(
-                c["args"][1:]
-            )
+            args, unknown = base_parser(
+                service, needs_profile=service in ("strategy", "execution")
+            ).parse_known_args(c["args"][1:])
             assert {u for u in unknown if u.startswith("--")} <= extras.get(service, set()), (module, unknown)
             assert args.bootstrap == k8s.KAFKA_BOOTSTRAP and args.config == Path(k8s.CONFIG_FILE)
             assert args.redis_url == k8s.REDIS_URL
@@ -310,12 +338,19 @@ def test_the_ingest_runs_the_live_market_by_default_and_a_replay_with_the_flag()
     assert cfg.system.mode == "paper"  # paper execution by default
     live = _docs(STACK.read_text(encoding="utf-8"))
     args = _ingest(live)["args"]
-    assert args[0] == "services.ingest" and args[args.index("--source") + 1] == "coinbase" and "--data" not in args
+    assert (
+        args[0] == "services.ingest"
+        and args[args.index("--source") + 1] == "coinbase"
+        and "--data" not in args
+    )
     assert not _by_kind(live, "PersistentVolumeClaim")
     replay = _docs(k8s.render_manifests(cfg, config_path=TEMPLATE_REL, replay=True))
     c = _ingest(replay)
     args = c["args"]
-    assert args[args.index("--source") + 1] == "replay" and args[args.index("--data") + 1] == k8s.REPLAY_DATA_MOUNT
+    assert (
+        args[args.index("--source") + 1] == "replay"
+        and args[args.index("--data") + 1] == k8s.REPLAY_DATA_MOUNT
+    )
     assert {"name": "market-data", "mountPath": k8s.REPLAY_DATA_MOUNT, "readOnly": True} in c["volumeMounts"]
     (pvc,) = _by_kind(replay, "PersistentVolumeClaim")
     assert pvc["metadata"]["name"] == k8s.REPLAY_DATA_CLAIM
@@ -331,7 +366,9 @@ def test_cli_render_replay_flag(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     k8s.register(parser.add_subparsers())
     out = tmp_path / "stack.yaml"
-    args = parser.parse_args(["k8s", "render", "--config", str(TEMPLATE), "--out", str(out), "--secrets-out", "", "--replay"])
+    args = parser.parse_args(
+        ["k8s", "render", "--config", str(TEMPLATE), "--out", str(out), "--secrets-out", "", "--replay"]
+    )
     assert args.handler(args) == 0
     args = _ingest(_docs(out.read_text(encoding="utf-8")))["args"]
     assert args[args.index("--source") + 1] == "replay"
@@ -358,7 +395,9 @@ def test_core_objects_validate_against_the_kubernetes_schemas() -> None:
 
 def _first(kind: str, name: str | None = None) -> dict[str, Any]:
     docs = _docs(STACK.read_text(encoding="utf-8")) + _docs(SECRETS.read_text(encoding="utf-8"))
-    return copy.deepcopy(next(d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)))
+    return copy.deepcopy(
+        next(d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name))
+    )
 
 
 def _break_core(case: str) -> dict[str, Any]:
@@ -411,7 +450,9 @@ def strimzi_validator() -> Path:
         pytest.skip("node and npm are needed to run Strimzi's CRD schemas (apt-get install nodejs npm)")
     lock = (SCHEMA_CHECK / "package-lock.json").read_bytes()
     digest = hashlib.sha256(lock + (SCHEMA_CHECK / "package.json").read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mpctl" / f"strimzi-schema-{digest}"
+    cache = (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mpctl" / f"strimzi-schema-{digest}"
+    )
     marker = cache / ".installed"
     if not marker.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -419,7 +460,10 @@ def strimzi_validator() -> Path:
             shutil.copy2(SCHEMA_CHECK / name, cache / name)
         proc = subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=cache, capture_output=True, text=True, timeout=300,
+            cwd=cache,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode == 0, f"npm ci failed:\n{proc.stdout}\n{proc.stderr}"
         marker.write_text("ok\n")
@@ -430,7 +474,11 @@ def strimzi_validator() -> Path:
 
 def _run_strimzi(script: Path, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     proc = subprocess.run(
-        ["node", str(script)], input=json.dumps(docs), capture_output=True, text=True, timeout=120,
+        ["node", str(script)],
+        input=json.dumps(docs),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode in (0, 1), proc.stderr
     results: list[dict[str, Any]] = json.loads(proc.stdout)
@@ -439,7 +487,9 @@ def _run_strimzi(script: Path, docs: list[dict[str, Any]]) -> list[dict[str, Any
 
 
 def _strimzi_docs() -> list[dict[str, Any]]:
-    return [d for d in _docs(STACK.read_text(encoding="utf-8")) if d["apiVersion"].startswith("kafka.strimzi.io/")]
+    return [
+        d for d in _docs(STACK.read_text(encoding="utf-8")) if d["apiVersion"].startswith("kafka.strimzi.io/")
+    ]
 
 
 def test_strimzi_resources_validate_against_strimzi_crd_schemas(strimzi_validator: Path) -> None:
@@ -499,7 +549,11 @@ _RESOURCES = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "requests": {"type": "object", "additionalProperties": False, "properties": {"cpu": {}, "memory": {}}},
+        "requests": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"cpu": {}, "memory": {}},
+        },
         "limits": {"type": "object", "additionalProperties": False, "properties": {"cpu": {}, "memory": {}}},
     },
 }
@@ -507,7 +561,11 @@ _META = {
     "type": "object",
     "required": ["name"],
     "additionalProperties": False,
-    "properties": {"name": {"type": "string"}, "labels": {"type": "object"}, "annotations": {"type": "object"}},
+    "properties": {
+        "name": {"type": "string"},
+        "labels": {"type": "object"},
+        "annotations": {"type": "object"},
+    },
 }
 STRIMZI_STRICT: dict[str, dict[str, Any]] = {
     "KafkaTopic": {
@@ -603,8 +661,16 @@ STRIMZI_STRICT: dict[str, dict[str, Any]] = {
                                     "properties": {
                                         "name": {"type": "string"},
                                         "port": {"type": "integer"},
-                                        "type": {"enum": ["internal", "route", "loadbalancer", "nodeport",
-                                                          "ingress", "cluster-ip"]},
+                                        "type": {
+                                            "enum": [
+                                                "internal",
+                                                "route",
+                                                "loadbalancer",
+                                                "nodeport",
+                                                "ingress",
+                                                "cluster-ip",
+                                            ]
+                                        },
                                         "tls": {"type": "boolean"},
                                         "authentication": {"type": "object"},
                                         "configuration": {"type": "object"},
@@ -621,7 +687,10 @@ STRIMZI_STRICT: dict[str, dict[str, Any]] = {
                     "entityOperator": {
                         "type": "object",
                         "additionalProperties": False,
-                        "properties": {"topicOperator": {"type": "object"}, "userOperator": {"type": "object"}},
+                        "properties": {
+                            "topicOperator": {"type": "object"},
+                            "userOperator": {"type": "object"},
+                        },
                     },
                     "cruiseControl": {"type": "object"},
                     "kafkaExporter": {"type": "object"},

@@ -38,10 +38,18 @@ class RecordingPort:
         raise RejectedError("stand-in port: refused after recording the send time")
 
 
-def _live(profile: str, time: VirtualTime, port: RecordingPort, lo: int = 50, hi: int = 1500) -> LiveExecution:
+def _live(
+    profile: str, time: VirtualTime, port: RecordingPort, lo: int = 50, hi: int = 1500
+) -> LiveExecution:
     cfg = config()
-    return LiveExecution(profile, cfg.profiles[profile], port, clock=time.clock, sleep=time.sleep,  # type: ignore[arg-type]
-                         desync_ms=(lo, hi))
+    return LiveExecution(
+        profile,
+        cfg.profiles[profile],
+        port,
+        clock=time.clock,
+        sleep=time.sleep,  # type: ignore[arg-type]
+        desync_ms=(lo, hi),
+    )
 
 
 def test_live_order_waits_for_not_before_plus_the_profiles_desync_delay() -> None:

@@ -42,22 +42,37 @@ def run_messages() -> list[Message]:
         order_filled("profile_a", "buy", size="10", price="104", fee="0.6", at=T0 + 1 * HOUR),
         order_filled("profile_a", "sell", size="4", price="97", fee="0.2", at=T0 + 3 * HOUR),
         order_filled("profile_a", "sell", size="6", price="106", fee="0.3", at=T0 + 6 * HOUR),
-        order_filled("profile_b", "buy", product="ETH/USDC", size="20", price="52", fee="0.5", at=T0 + 2 * HOUR),
-        order_filled("profile_b", "buy", product="BTC/USDC", size="5", price="99", fee="0.2", at=T0 + 5 * HOUR),
-        order_filled("profile_b", "sell", product="ETH/USDC", size="20", price="55", fee="0.5", at=T0 + 9 * HOUR),
+        order_filled(
+            "profile_b", "buy", product="ETH/USDC", size="20", price="52", fee="0.5", at=T0 + 2 * HOUR
+        ),
+        order_filled(
+            "profile_b", "buy", product="BTC/USDC", size="5", price="99", fee="0.2", at=T0 + 5 * HOUR
+        ),
+        order_filled(
+            "profile_b", "sell", product="ETH/USDC", size="20", price="55", fee="0.5", at=T0 + 9 * HOUR
+        ),
     ]
     # Approved by the arbiter: the report counts only such fills (the tracker books every fill it reads).
     msgs += [*(approval_of(f) for f in fills), *fills]
     intent = place_order("profile_a", "buy")
-    msgs += [plan("profile_a", T0 // HOUR), decided(intent, "approved", "approved"),
-             decided(place_order("profile_b", "sell"), "rejected", "opposite_side")]
-    msgs.append(ProfileHalted(id="h", event_time=dt(T0 + 7 * HOUR), correlation_id="c", profile="profile_b", reason="x"))
+    msgs += [
+        plan("profile_a", T0 // HOUR),
+        decided(intent, "approved", "approved"),
+        decided(place_order("profile_b", "sell"), "rejected", "opposite_side"),
+    ]
+    msgs.append(
+        ProfileHalted(
+            id="h", event_time=dt(T0 + 7 * HOUR), correlation_id="c", profile="profile_b", reason="x"
+        )
+    )
     return msgs
 
 
 def tracker_for(msgs: list[Message]) -> PerformanceTracker:
     cfg = config()
-    t = PerformanceTracker({pid: Decimal(str(p.paper.initial_quote_balance)) for pid, p in cfg.enabled_profiles().items()})
+    t = PerformanceTracker(
+        {pid: Decimal(str(p.paper.initial_quote_balance)) for pid, p in cfg.enabled_profiles().items()}
+    )
     t.add_all(msgs)
     return t
 
@@ -80,7 +95,8 @@ def test_tracker_matches_the_report_in_any_reading_order() -> None:
             assert Decimal(v["equity"]) == Decimal(p["final_equity"])
             assert v["max_drawdown_pct"] == p["max_drawdown_pct"]
             assert {k: Decimal(x) for k, x in v["open_positions"].items()} == {
-                k: Decimal(x) for k, x in p["open_positions"].items()}
+                k: Decimal(x) for k, x in p["open_positions"].items()
+            }
             curve = [float(e) for _, e in t.curves()[pid]]
             assert curve == [e for _, e in p["equity_curve"]]
     t = tracker_for(msgs)
@@ -96,14 +112,20 @@ def test_prometheus_exposition() -> None:
     m = MonitorMetrics("ns1")
     m.update_performance(t)
     report = build_report(
-        namespace="ns1", bootstrap="b", taken_at=0,
+        namespace="ns1",
+        bootstrap="b",
+        taken_at=0,
         committed={"ns1.arbiter": {("ns1.orders.intents", 0): 5, ("ns1.orders.intents", 1): 7}},
         ends={("ns1.orders.intents", 0): 9, ("ns1.orders.intents", 1): 7},
         infos={"ns1.arbiter": GroupInfo("ns1.arbiter", "Stable", "consumer", (MemberInfo("m", "c", "/h"),))},
     )
     m.update_lag(report)
-    m.update_health(service_health([ExpectedService("arbiter", "ns1.arbiter"), ExpectedService("ingest", None)],
-                                   {"ns1.arbiter": report_group_info()}))
+    m.update_health(
+        service_health(
+            [ExpectedService("arbiter", "ns1.arbiter"), ExpectedService("ingest", None)],
+            {"ns1.arbiter": report_group_info()},
+        )
+    )
     text = generate_latest(m.registry).decode()
     assert 'mp_consumer_lag{group="ns1.arbiter",partition="0",topic="ns1.orders.intents"} 4.0' in text
     assert 'mp_consumer_group_lag{group="ns1.arbiter"} 4.0' in text
@@ -112,8 +134,13 @@ def test_prometheus_exposition() -> None:
     assert 'mp_profile_halts{profile="profile_b"} 1.0' in text
     assert 'mp_arbiter_decisions{rule="opposite_side",verdict="rejected"} 1.0' in text
     assert 'mp_monitor_info{namespace="ns1"} 1.0' in text
-    for name in ("mp_profile_win_rate", "mp_profile_realized_pnl", "mp_profile_equity", "mp_profile_drawdown_pct",
-                 "mp_profile_return_correlation"):
+    for name in (
+        "mp_profile_win_rate",
+        "mp_profile_realized_pnl",
+        "mp_profile_equity",
+        "mp_profile_drawdown_pct",
+        "mp_profile_return_correlation",
+    ):
         assert name + "{" in text
     # A group that went away loses its series instead of keeping its last value.
     m.update_lag(build_report(namespace="ns1", bootstrap="b", committed={}, ends={}, infos={}, taken_at=0))
@@ -147,11 +174,22 @@ def test_audit_sink_dedups_and_survives_restart_and_torn_line(tmp_path: Path) ->
 
 
 def test_health_states() -> None:
-    exp = [ExpectedService("arbiter", "g.arbiter"), ExpectedService("strategy.a", "g.strategy.a"),
-           ExpectedService("execution.a", "g.execution.a"),
-           ExpectedService("registry", "g.registry", "no group", group_optional=True), ExpectedService("ingest", None, "x")]
-    groups = {"g.arbiter": GroupInfo("g.arbiter", "Stable", "consumer", (MemberInfo("m1", "arb", "/127.0.0.1"),)),
-              "g.strategy.a": GroupInfo("g.strategy.a", "Empty", "consumer", ())}
+    exp = [
+        ExpectedService("arbiter", "g.arbiter"),
+        ExpectedService("strategy.a", "g.strategy.a"),
+        ExpectedService("execution.a", "g.execution.a"),
+        ExpectedService("registry", "g.registry", "no group", group_optional=True),
+        ExpectedService("ingest", None, "x"),
+    ]
+    groups = {
+        "g.arbiter": GroupInfo("g.arbiter", "Stable", "consumer", (MemberInfo("m1", "arb", "/127.0.0.1"),)),
+        "g.strategy.a": GroupInfo("g.strategy.a", "Empty", "consumer", ()),
+    }
     states = {h.name: h.state for h in service_health(exp, groups)}
-    assert states == {"arbiter": "up", "strategy.a": "down", "execution.a": "never-ran", "registry": "not-observable",
-                      "ingest": "not-observable"}
+    assert states == {
+        "arbiter": "up",
+        "strategy.a": "down",
+        "execution.a": "never-ran",
+        "registry": "not-observable",
+        "ingest": "not-observable",
+    }

@@ -176,8 +176,9 @@ def test_fill_without_an_approving_decision_moves_no_books_and_is_counted(cfg: A
 def test_fills_beyond_the_approved_size_or_of_another_product_are_left_out(cfg: AppConfig) -> None:
     first = order_filled(PID, "buy", size="1", price="100", at=T0 + 10, intent_id="i1", fill_id="f1")
     extra = order_filled(PID, "buy", size="1", price="100", at=T0 + 20, intent_id="i1", fill_id="f2")
-    other = order_filled(PID, "buy", product="ETH/USDC", size="1", price="50", at=T0 + 30, intent_id="i1",
-                         fill_id="f3")
+    other = order_filled(
+        PID, "buy", product="ETH/USDC", size="1", price="50", at=T0 + 30, intent_id="i1", fill_id="f3"
+    )
     s = summary(cfg, [*closes_path("BTC/USDC", [100]), approval_of(first, size="1.5"), first, extra, other])
     assert s["profiles"][PID]["open_positions"] == {"BTC/USDC": "1"}
     assert s["counters"]["unverified_fills"] == 2
@@ -244,11 +245,17 @@ def test_drawdown_measured_from_the_initial_equity_when_it_never_rises(cfg: AppC
 
 
 # ------------------------------------------------------------------------------------------ arbitration
-def _submitted(profile: str, side: str, at_ms: int, *, product: str = "BTC/USDC", internal: bool = False) -> OrderUpdated:
+def _submitted(
+    profile: str, side: str, at_ms: int, *, product: str = "BTC/USDC", internal: bool = False
+) -> OrderUpdated:
     i = place_order(profile, side, product=product, intent_id=f"{profile}-{side}-{product}-{at_ms}")
     return order_updated(i, "submitted", at=T0).model_copy(
-        update={"event_time": dt(T0) + timedelta(milliseconds=at_ms), "internal": internal,
-                "id": f"u-{i.intent_id}", "client_order_id": f"c-{i.intent_id}"}
+        update={
+            "event_time": dt(T0) + timedelta(milliseconds=at_ms),
+            "internal": internal,
+            "id": f"u-{i.intent_id}",
+            "client_order_id": f"c-{i.intent_id}",
+        }
     )
 
 
@@ -282,17 +289,46 @@ def test_counters_of_decisions_and_internal_crosses(cfg: AppConfig) -> None:
     b = place_order("profile_b", "sell")
     c = place_order("profile_b", "buy", product="ETH/USDC")
     opp = InternalCrossOpportunity(
-        id="x1", event_time=dt(T0 + HOUR), correlation_id="s", intent_id=b.intent_id, profile="profile_b",
-        product="BTC/USDC", buyer="profile_a", seller="profile_b", buy_intent_id=a.intent_id,
-        sell_intent_id=b.intent_id, size=D("0.1"), price=D("100"), fee_saving=D("0.12"), slippage_saving=D("0.035"),
-        saving=D("0.155"), executed=False, step_time=dt(T0),
+        id="x1",
+        event_time=dt(T0 + HOUR),
+        correlation_id="s",
+        intent_id=b.intent_id,
+        profile="profile_b",
+        product="BTC/USDC",
+        buyer="profile_a",
+        seller="profile_b",
+        buy_intent_id=a.intent_id,
+        sell_intent_id=b.intent_id,
+        size=D("0.1"),
+        price=D("100"),
+        fee_saving=D("0.12"),
+        slippage_saving=D("0.035"),
+        saving=D("0.155"),
+        executed=False,
+        step_time=dt(T0),
     )
-    msgs: list[Message] = [a, b, c, decided(a, "approved", "approved"), decided(b, "rejected", "opposite_side"),
-                           decided(c, "delayed", "crowding"), opp, opp]
+    msgs: list[Message] = [
+        a,
+        b,
+        c,
+        decided(a, "approved", "approved"),
+        decided(b, "rejected", "opposite_side"),
+        decided(c, "delayed", "crowding"),
+        opp,
+        opp,
+    ]
     counters = summary(cfg, msgs)["counters"]
-    assert (counters["intents"], counters["approved"], counters["rejected"], counters["delayed"]) == (3, 1, 1, 1)
+    assert (counters["intents"], counters["approved"], counters["rejected"], counters["delayed"]) == (
+        3,
+        1,
+        1,
+        1,
+    )
     assert counters["rejected_by_rule"] == {"opposite_side": 1}
-    assert counters["decisions_by_rule"] == {"approved": {"approved": 1}, "delayed": {"crowding": 1},
-                                             "rejected": {"opposite_side": 1}}
+    assert counters["decisions_by_rule"] == {
+        "approved": {"approved": 1},
+        "delayed": {"crowding": 1},
+        "rejected": {"opposite_side": 1},
+    }
     assert counters["internal_cross_opportunities"] == 1 and counters["internal_cross_executed"] == 0
     assert counters["internal_cross_savings"] == {"fees": "0.12", "slippage": "0.035", "total": "0.155"}

@@ -81,7 +81,9 @@ def maker_rate() -> Decimal:
 
 
 # ------------------------------------------------------------------------------------------ volume bound
-def test_order_larger_than_its_share_of_a_thin_candle_fills_partly_and_the_rest_is_cancelled_at_order_timeout() -> None:
+def test_order_larger_than_its_share_of_a_thin_candle_fills_partly_and_the_rest_is_cancelled_at_order_timeout() -> (
+    None
+):
     state = paper(timeout=45)  # hourly candles: the next one opens long after the timeout
     cash0 = state.cash
     order = execute_order(PID, "buy", size="3", not_before=T0)
@@ -102,12 +104,19 @@ def test_rest_of_a_partial_order_continues_on_the_next_candles_until_filled() ->
     state = paper(timeout=4 * HOUR)
     cash0 = state.cash
     order = execute_order(PID, "buy", size="2.5", not_before=T0)
-    market = [candle(T0, 100, volume=10), candle(T0 + HOUR, 110, volume=10), candle(T0 + 2 * HOUR, 120, volume=10)]
+    market = [
+        candle(T0, 100, volume=10),
+        candle(T0 + HOUR, 110, volume=10),
+        candle(T0 + 2 * HOUR, 120, volume=10),
+    ]
     out = run(state, [order, *step_messages(market)])
     fills = of_type(out, OrderFilled)
     assert [f.size for f in fills] == [D(1), D(1), D("0.5")]
-    assert [f.event_time for f in fills] == [max(state.orders[order.client_order_id].send_time, market[0].open_time),
-                                             market[1].open_time, market[2].open_time]
+    assert [f.event_time for f in fills] == [
+        max(state.orders[order.client_order_id].send_time, market[0].open_time),
+        market[1].open_time,
+        market[2].open_time,
+    ]
     assert len({f.fill_id for f in fills}) == 3
     assert statuses(out) == ["submitted", "partially_filled", "partially_filled", "filled"]
     updates = of_type(out, OrderUpdated)
@@ -117,7 +126,9 @@ def test_rest_of_a_partial_order_continues_on_the_next_candles_until_filled() ->
         assert abs(f.fee - f.price * f.size * taker_rate()) <= EIGHT and f.liquidity == "taker"
     done = updates[-1]
     assert done.fee == sum(f.fee for f in fills)
-    assert done.price is not None and abs(done.price - sum(f.price * f.size for f in fills) / D("2.5")) <= EIGHT
+    assert (
+        done.price is not None and abs(done.price - sum(f.price * f.size for f in fills) / D("2.5")) <= EIGHT
+    )
     assert state.cash == cash0 - sum(f.price * f.size + f.fee for f in fills)
     assert state.positions == {"BTC/USDC": D("2.5")}
 
@@ -148,15 +159,25 @@ def test_candle_without_volume_fills_nothing_and_the_order_waits_for_the_next() 
 
 def test_end_of_replay_cancels_the_rest_of_a_partly_filled_order_with_its_fills() -> None:
     state = paper(timeout=10 * HOUR)
-    run(state, [execute_order(PID, "buy", size="3", not_before=T0), *step_messages([candle(T0, 100, volume=10)])])
+    run(
+        state,
+        [execute_order(PID, "buy", size="3", not_before=T0), *step_messages([candle(T0, 100, volume=10)])],
+    )
     out = run(state, [replay_finished(T0, 1)])
     (cancelled,) = of_type(out, OrderUpdated)
-    assert cancelled.status == "cancelled" and cancelled.filled_size == D(1) and "replay ended" in cancelled.reason
+    assert (
+        cancelled.status == "cancelled"
+        and cancelled.filled_size == D(1)
+        and "replay ended" in cancelled.reason
+    )
 
 
 def test_participation_setting_bounds_each_fill() -> None:
     state = paper(participation=0.5)
-    out = run(state, [execute_order(PID, "buy", size="9", not_before=T0), *step_messages([candle(T0, 100, volume=10)])])
+    out = run(
+        state,
+        [execute_order(PID, "buy", size="9", not_before=T0), *step_messages([candle(T0, 100, volume=10)])],
+    )
     assert [f.size for f in of_type(out, OrderFilled)] == [D(5)]
 
 
@@ -194,7 +215,9 @@ def test_limit_sell_the_market_never_reaches_is_cancelled_unfilled_at_order_time
     state.positions["BTC/USDC"] = D(1)
     cash0 = state.cash
     order = limit_order("sell", "1", 120, T0)
-    out = run(state, [order, *step_messages([candle(T0 + i * HOUR, 100, 119, 99, volume=100) for i in range(4)])])
+    out = run(
+        state, [order, *step_messages([candle(T0 + i * HOUR, 100, 119, 99, volume=100) for i in range(4)])]
+    )
     assert of_type(out, OrderFilled) == []
     cancelled = of_type(out, OrderUpdated)[-1]
     assert (cancelled.status, cancelled.filled_size, cancelled.price) == ("cancelled", D(0), None)
@@ -251,7 +274,9 @@ def test_fills_never_exceed_the_order_and_cash_and_positions_are_conserved(
         for k, (at, side, size, kind, offset, internal) in enumerate(orders):
             if at != i:
                 continue
-            o = execute_order(PID, side, size=size, not_before=t, intent_id=f"intent-{k}", internal_size=size * internal)
+            o = execute_order(
+                PID, side, size=size, not_before=t, intent_id=f"intent-{k}", internal_size=size * internal
+            )
             if kind == "limit":
                 o = o.model_copy(update={"order_type": "limit", "limit_price": D(100) * (1 + offset)})
             out += run(state, [o])
@@ -266,7 +291,9 @@ def test_fills_never_exceed_the_order_and_cash_and_positions_are_conserved(
     for f in fills:
         by_order[f.client_order_id].append(f)
     finals = [u for u in of_type(out, OrderUpdated) if u.status in TERMINAL]
-    assert len(finals) == len({u.client_order_id for u in of_type(out, OrderUpdated)})  # every order ends, once
+    assert len(finals) == len(
+        {u.client_order_id for u in of_type(out, OrderUpdated)}
+    )  # every order ends, once
     for u in finals:
         got = sum((f.size for f in by_order[u.client_order_id]), Decimal(0))
         assert got <= u.size
@@ -298,8 +325,14 @@ def test_strategy_accounts_a_partly_filled_then_cancelled_order_exactly_as_the_e
     (intent,) = of_type(out, PlaceOrder)  # the stop loss sells the 10 BTC held
     assert (intent.side, intent.size) == ("sell", D(10))
     decision = int(intent.event_time.timestamp())
-    order = execute_order(PID, "sell", size=intent.size, price=intent.reference_price, not_before=decision,
-                          intent_id=intent.intent_id)
+    order = execute_order(
+        PID,
+        "sell",
+        size=intent.size,
+        price=intent.reference_price,
+        not_before=decision,
+        intent_id=intent.intent_id,
+    )
     thin = candle(decision, 97, volume=30)  # 10 % of 30: 3 of the 10 sell
     events = run(ex, [order, *step_messages([thin])])
     assert statuses(events)[-1] == "cancelled"

@@ -51,7 +51,9 @@ def test_writes_nothing_on_a_pipe() -> None:
         assert reader.read() == b""
 
 
-def test_default_stream_is_looked_up_at_each_call(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_stream_is_looked_up_at_each_call(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("CI", raising=False)
     p = Progress("status")
     p("reading")  # pytest's capture is not a terminal

@@ -15,7 +15,9 @@ from shared.messages import OrderFilled, OrderUpdated
 
 D = Decimal
 NOW = datetime(2024, 3, 10, 12, tzinfo=UTC)
-BTC = MarketInfo("BTC/USDC", "BTC-USDC", "BTC", "USDC", D("0.01"), D("0.00000001"), D("0.00001"), D("1"), D("10000"))
+BTC = MarketInfo(
+    "BTC/USDC", "BTC-USDC", "BTC", "USDC", D("0.01"), D("0.00000001"), D("0.00001"), D("1"), D("10000")
+)
 
 
 # ------------------------------------------------------------------------------------------ rounding
@@ -57,11 +59,23 @@ def test_market_from_ccxt_prefers_exact_strings() -> None:
         "active": True,
         "precision": {"amount": 0.001, "price": 0.01},
         "limits": {"amount": {"min": 0.01}, "cost": {"min": 1.0}},
-        "info": {"base_increment": "0.001", "quote_increment": "0.01", "base_min_size": "0.01", "quote_min_size": "1"},
+        "info": {
+            "base_increment": "0.001",
+            "quote_increment": "0.01",
+            "base_min_size": "0.01",
+            "quote_min_size": "1",
+        },
     }
     m = market_from_ccxt(mk)
-    assert (m.size_increment, m.price_increment, m.min_size, m.min_notional) == (D("0.001"), D("0.01"), D("0.01"), D("1"))
-    exchange_api = dict(mk, info={"base_increment": "0.001", "quote_increment": "0.01", "min_market_funds": "5"}, limits={})
+    assert (m.size_increment, m.price_increment, m.min_size, m.min_notional) == (
+        D("0.001"),
+        D("0.01"),
+        D("0.01"),
+        D("1"),
+    )
+    exchange_api = dict(
+        mk, info={"base_increment": "0.001", "quote_increment": "0.01", "min_market_funds": "5"}, limits={}
+    )
     m2 = market_from_ccxt(exchange_api)
     assert m2.min_size is None and m2.min_notional == D("5")
 
@@ -114,7 +128,11 @@ def test_fill_while_down_is_emitted_once() -> None:
     fills = [e for e in rec.events if isinstance(e, OrderFilled)]
     updates = [e for e in rec.events if isinstance(e, OrderUpdated)]
     assert [f.size for f in fills] == [D("0.2"), D("0.3")]
-    assert rec.events[-1] is updates[-1] and updates[-1].status == "filled" and updates[-1].filled_size == D("0.5")
+    assert (
+        rec.events[-1] is updates[-1]
+        and updates[-1].status == "filled"
+        and updates[-1].filled_size == D("0.5")
+    )
     assert updates[-1].price == D("100") and updates[-1].fee == D("0.6")
     # Second pass over the state rebuilt from those events: nothing new.
     k2 = known_from_events("profile_a", [*rec.events])
@@ -138,11 +156,15 @@ def test_terminal_status_waits_for_all_fills() -> None:
 
 def test_cancelled_on_the_exchange_site() -> None:
     rec = reconcile("profile_a", {"c1": known("open")}, {"c1": xorder("cancelled", "0")}, [], NOW)
-    assert [(e.status, e.filled_size) for e in rec.events if isinstance(e, OrderUpdated)] == [("cancelled", D("0"))]
+    assert [(e.status, e.filled_size) for e in rec.events if isinstance(e, OrderUpdated)] == [
+        ("cancelled", D("0"))
+    ]
 
 
 def test_partly_filled_then_cancelled() -> None:
-    rec = reconcile("profile_a", {"c1": known("open")}, {"c1": xorder("cancelled", "0.2")}, [xfill("f1", "0.2")], NOW)
+    rec = reconcile(
+        "profile_a", {"c1": known("open")}, {"c1": xorder("cancelled", "0.2")}, [xfill("f1", "0.2")], NOW
+    )
     kinds = [(type(e).__name__, getattr(e, "status", None)) for e in rec.events]
     assert kinds == [("OrderFilled", None), ("OrderUpdated", "cancelled")]
 
@@ -168,5 +190,7 @@ def test_unknown_orders_are_reported_not_adopted() -> None:
 
 def test_update_ids_are_deterministic() -> None:
     a = reconcile("profile_a", {"c1": known()}, {"c1": xorder()}, [xfill("f1", "0.5")], NOW)
-    b = reconcile("profile_a", {"c1": known()}, {"c1": xorder()}, [xfill("f1", "0.5")], NOW + timedelta(hours=1))
+    b = reconcile(
+        "profile_a", {"c1": known()}, {"c1": xorder()}, [xfill("f1", "0.5")], NOW + timedelta(hours=1)
+    )
     assert [e.id for e in a.events] == [e.id for e in b.events]

@@ -379,10 +379,14 @@ def test_fingerprint_canonical_json() -> None:
 @settings(max_examples=300, deadline=None)
 @given(
     strategy=st.sampled_from(list(CATALOG)),
-    params=st.dictionaries(st.text(min_size=1, max_size=12), st.floats(allow_nan=False, allow_infinity=False), max_size=8),
+    params=st.dictionaries(
+        st.text(min_size=1, max_size=12), st.floats(allow_nan=False, allow_infinity=False), max_size=8
+    ),
     assets=st.lists(st.text(max_size=6), max_size=6),
 )
-def test_resolution_fingerprints_equal_fingerprint(strategy: str, params: dict[str, float], assets: list[str]) -> None:
+def test_resolution_fingerprints_equal_fingerprint(
+    strategy: str, params: dict[str, float], assets: list[str]
+) -> None:
     # The resolution loop encodes a candidate's parameters once for all its asset sets: same text, same F
     # (or the same error: a parameter that quantises to infinity has no JSON).
     def outcome(f: Callable[[], str]) -> str:
@@ -656,11 +660,19 @@ def test_rotated_resolution_bumps_its_nonce_on_a_collision_like_a_scheduled_one(
     profile_a: Profile, reg: RegistrySettings
 ) -> None:
     start, _ = epoch_bounds(EPOCH0, profile_a.profile_hash.hash_rotation_interval)
-    first = derive_candidate("profile_a", profile_a, EPOCH0, 0, {}, reg, QUOTE, rotation=1, start_s=start + 60)
+    first = derive_candidate(
+        "profile_a", profile_a, EPOCH0, 0, {}, reg, QUOTE, rotation=1, start_s=start + 60
+    )
 
     def claim(c: PlanCandidate, fp: str, asset: str | None) -> ClaimResult:
-        return ClaimResult(ClaimOutcome.HASH_TAKEN, "profile_b") if c.hash == first.hash else ClaimResult(ClaimOutcome.OK)
+        return (
+            ClaimResult(ClaimOutcome.HASH_TAKEN, "profile_b")
+            if c.hash == first.hash
+            else ClaimResult(ClaimOutcome.OK)
+        )
 
     r = resolve_plan("profile_a", profile_a, EPOCH0, {}, reg, QUOTE, claim, rotation=1, start_s=start + 60)
     assert (r.rotation, r.nonce, r.collisions, r.epoch_start_s) == (1, 1, 1, start + 60)
-    assert r.hash == profile_hash(profile_a.profile_hash.base_hash, profile_a.profile_hash.entropy_seed, EPOCH0, 1, 1)
+    assert r.hash == profile_hash(
+        profile_a.profile_hash.base_hash, profile_a.profile_hash.entropy_seed, EPOCH0, 1, 1
+    )

@@ -28,7 +28,9 @@ class Store:
     def __init__(self) -> None:
         self.holds: dict[tuple[str, str], list[tuple[str, int, int]]] = defaultdict(list)
         self.records: dict[tuple[str, int] | tuple[str, int, int], Decision] = {}
-        self.inject: dict[tuple[str, int] | tuple[str, int, int], Decision] = {}  # recorded by "another replica" just before decide
+        self.inject: dict[
+            tuple[str, int] | tuple[str, int, int], Decision
+        ] = {}  # recorded by "another replica" just before decide
 
 
 class FakeBackend:
@@ -90,7 +92,11 @@ class FakeBackend:
 
 def market(hours: int) -> list[Message]:
     cfg = config()
-    cs = [candle(p, T0 + h * HOUR, 100 + h + i, close=101 + h + (h % 3) + i) for h in range(hours) for i, p in enumerate(cfg.all_products())]
+    cs = [
+        candle(p, T0 + h * HOUR, 100 + h + i, close=101 + h + (h % 3) + i)
+        for h in range(hours)
+        for i, p in enumerate(cfg.all_products())
+    ]
     return [*step_messages(cs), replay_finished(T0 + (hours - 1) * HOUR, hours)]
 
 
@@ -117,13 +123,17 @@ async def test_one_replica_decides_and_publishes_every_epoch(cfg: AppConfig) -> 
     plans = plans_of(out)
     # profile_a rotates hourly (8 epochs), profile_b every 4 hours (2 epochs)
     assert sorted((p.profile, p.epoch) for p in plans) == sorted(
-        [("profile_a", T0 // HOUR + h) for h in range(8)] + [("profile_b", T0 // (4 * HOUR) + k) for k in range(2)]
+        [("profile_a", T0 // HOUR + h) for h in range(8)]
+        + [("profile_b", T0 // (4 * HOUR) + k) for k in range(2)]
     )
     assert state.to_mark == plans  # marked published once Kafka acknowledged them
     assert state.stats.decided == state.stats.published == len(plans)
     fin = [m for m in out if isinstance(m, WorkerFinished)]
     assert len(fin) == 1 and fin[0].instance == "0" and fin[0].detail["plans"] == len(plans)
-    assert state.metrics.registry.get_sample_value("mp_registry_plans_published_total", {"profile": "profile_a"}) == 8
+    assert (
+        state.metrics.registry.get_sample_value("mp_registry_plans_published_total", {"profile": "profile_a"})
+        == 8
+    )
 
 
 async def test_second_replica_adopts_and_publishes_nothing(cfg: AppConfig) -> None:
@@ -186,8 +196,12 @@ async def test_lost_decision_with_another_plan_gives_back_its_keys(cfg: AppConfi
     store = Store()
     state = handlers.new_state(cfg, instance="r2")
     b = FakeBackend(store, "r2")
-    other = plans_of(await feed(handlers.new_state(cfg), FakeBackend(Store()), market(1)))[0]  # profile_a hour 0
-    winner = other.model_copy(update={"id": "x" * 32, "hash": "c" * 64, "fingerprint": "d" * 64, "random_asset": None})
+    other = plans_of(await feed(handlers.new_state(cfg), FakeBackend(Store()), market(1)))[
+        0
+    ]  # profile_a hour 0
+    winner = other.model_copy(
+        update={"id": "x" * 32, "hash": "c" * 64, "fingerprint": "d" * 64, "random_asset": None}
+    )
     store.inject[("profile_a", T0)] = Decision(winner, "r1", True, None)
     await feed(state, b, market(1))
     assert state.latest["profile_a"].plan == winner
@@ -218,7 +232,10 @@ async def test_wall_clock_mode_plans_from_the_clock_and_never_goes_back(cfg: App
     assert state.lookback  # the steps still feed the score's lookback
     now = T0 + 3 * HOUR + 5
     out = plans_of(await handlers.on_clock(state, now, b))
-    assert [(p.profile, p.epoch) for p in out] == [("profile_a", now // HOUR), ("profile_b", now // (4 * HOUR))]
+    assert [(p.profile, p.epoch) for p in out] == [
+        ("profile_a", now // HOUR),
+        ("profile_b", now // (4 * HOUR)),
+    ]
     assert plans_of(await handlers.on_clock(state, now + 10, b)) == []
     state.plan_on_steps = True
     late = [candle("BTC/USDC", T0 + 2 * HOUR, 100)]  # a step of an epoch already past
@@ -241,12 +258,19 @@ KEY = b"r" * 32
 
 def published_ms(msg: Message) -> int:
     """Kafka time of a market-data record in these tests: step h (hours after T0) is published at (h + 1) s."""
-    t = getattr(msg, "open_time", None) or getattr(msg, "step_time", None) or getattr(msg, "last_step_time", None)
+    t = (
+        getattr(msg, "open_time", None)
+        or getattr(msg, "step_time", None)
+        or getattr(msg, "last_step_time", None)
+    )
     return ((int(t.timestamp()) - T0) // HOUR + 1) * 1000 if t is not None else 0
 
 
 async def feed_timed(
-    state: RegistryState, backend: FakeBackend, msgs: Sequence[Message], commands: Sequence[tuple[int, Message]] = ()
+    state: RegistryState,
+    backend: FakeBackend,
+    msgs: Sequence[Message],
+    commands: Sequence[tuple[int, Message]] = (),
 ) -> list[Message]:
     """Market data with their publication times; each command (appended at ms) is read before the first
     record published after it, as the service reads the commands topic up to its end before each batch."""
@@ -291,20 +315,28 @@ async def test_rotate_command_publishes_a_new_plan_for_its_profile_at_the_first_
     assert [(p.profile, p.rotation, p.epoch_start.timestamp(), p.rotation_commands) for p in rotated] == [
         ("profile_b", 1, T0 + 2 * HOUR, [cmd.id])
     ]
-    scheduled = next(p for p in plans if p.profile == "profile_b" and p.epoch == rotated[0].epoch and not p.rotation)
+    scheduled = next(
+        p for p in plans if p.profile == "profile_b" and p.epoch == rotated[0].epoch and not p.rotation
+    )
     assert rotated[0].epoch_end == scheduled.epoch_end and rotated[0].hash != scheduled.hash
     assert rotated[0].id != scheduled.id
     assert len([p for p in plans if p.profile == "profile_a"]) == 8  # profile_a: its hourly plans only
     assert overlapping_duplicates(plans) == []
     assert state.stats.rotations == 1 and state.stats.as_dict()["rotations"] == 1
-    assert state.metrics.registry.get_sample_value("mp_registry_rotations_total", {"profile": "profile_b"}) == 1
+    assert (
+        state.metrics.registry.get_sample_value("mp_registry_rotations_total", {"profile": "profile_b"}) == 1
+    )
 
 
 async def test_rotate_all_rotates_every_enabled_profile_once_and_twice_counts_up(cfg: AppConfig) -> None:
     state = handlers.new_state(cfg)
     first, second = rotate("all"), rotate("all")
-    out = await feed_timed(state, FakeBackend(Store()), market(4), [(1500, first), (1600, second), (2500, rotate("all"))])
-    rotated = sorted((p.profile, p.rotation, int(p.epoch_start.timestamp()) - T0) for p in plans_of(out) if p.rotation)
+    out = await feed_timed(
+        state, FakeBackend(Store()), market(4), [(1500, first), (1600, second), (2500, rotate("all"))]
+    )
+    rotated = sorted(
+        (p.profile, p.rotation, int(p.epoch_start.timestamp()) - T0) for p in plans_of(out) if p.rotation
+    )
     # Two commands due at one step make one rotation; profile_a's epochs are one step long, so its rotations
     # fall on a scheduled plan's start (kept apart by the rotation number).
     assert rotated == [
@@ -316,7 +348,9 @@ async def test_rotate_all_rotates_every_enabled_profile_once_and_twice_counts_up
     assert overlapping_duplicates(plans_of(out)) == []
 
 
-async def test_rotation_is_the_same_in_a_replay_and_is_not_derived_again_after_a_restart(cfg: AppConfig) -> None:
+async def test_rotation_is_the_same_in_a_replay_and_is_not_derived_again_after_a_restart(
+    cfg: AppConfig,
+) -> None:
     cmds = [(2500, rotate("profile_b")), (5500, rotate("all"))]
     first = plans_of(await feed_timed(handlers.new_state(cfg), FakeBackend(Store()), market(8), cmds))
     again = plans_of(await feed_timed(handlers.new_state(cfg), FakeBackend(Store()), market(8), cmds))

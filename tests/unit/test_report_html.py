@@ -35,8 +35,15 @@ def test_report_is_self_contained_and_has_every_section(run_dir: Path) -> None:
     assert "<script" not in page
     assert not re.search(r"""(src|href)\s*=""", page)
     assert "http://" not in page and "https://" not in page and "@import" not in page
-    for heading in ("Profiles", "Equity and drawdown", "Correlation of the profiles' step returns", "Arbiter",
-                    "Plans per epoch", "Trades", "Alerts"):
+    for heading in (
+        "Profiles",
+        "Equity and drawdown",
+        "Correlation of the profiles' step returns",
+        "Arbiter",
+        "Plans per epoch",
+        "Trades",
+        "Alerts",
+    ):
         assert f"<h2>{heading}</h2>" in page
     # Two line charts with one path per profile each (the drawdown chart adds a filled area per profile).
     paths = re.findall(r'<path d="M[0-9.]+,[0-9.]+ L', page)
@@ -54,11 +61,19 @@ def test_report_numbers(run_dir: Path) -> None:
     run = load_run(run_dir)
     rows = trade_rows(run.fills)
     sells = [r for r in rows if r["side"] == "sell"]
-    assert [float(r["pnl"]) for r in sells] == [pytest.approx(10.0), pytest.approx(-10.0)]  # (41000-40000)*0.01, (29-30)*10
-    curves = {pid: [(float(i), float(v)) for i, (_, v) in enumerate(p["equity_curve"])]
-              for pid, p in run.summary["profiles"].items()}
+    assert [float(r["pnl"]) for r in sells] == [
+        pytest.approx(10.0),
+        pytest.approx(-10.0),
+    ]  # (41000-40000)*0.01, (29-30)*10
+    curves = {
+        pid: [(float(i), float(v)) for i, (_, v) in enumerate(p["equity_curve"])]
+        for pid, p in run.summary["profiles"].items()
+    }
     m = correlation_matrix(curves)
-    expected = pearson(simple_returns([v for _, v in curves["profile_a"]]), simple_returns([v for _, v in curves["profile_b"]]))
+    expected = pearson(
+        simple_returns([v for _, v in curves["profile_a"]]),
+        simple_returns([v for _, v in curves["profile_b"]]),
+    )
     assert m[("profile_a", "profile_b")] == pytest.approx(expected)
     assert m[("profile_a", "profile_b")] == m[("profile_b", "profile_a")]
     assert m[("profile_a", "profile_a")] == 1.0
@@ -73,7 +88,9 @@ def test_correlation_is_none_for_a_flat_curve() -> None:
     assert correlation_matrix({"a": flat, "b": moving})[("a", "b")] is None
 
 
-def test_mpctl_report_writes_the_file(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_mpctl_report_writes_the_file(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     parser = argparse.ArgumentParser()
     commands_ops.register(parser.add_subparsers(dest="command"))
     out = tmp_path / "elsewhere" / "r.html"
@@ -84,7 +101,9 @@ def test_mpctl_report_writes_the_file(run_dir: Path, tmp_path: Path, capsys: pyt
     assert write_report(run_dir) == run_dir / "report.html"
 
 
-def test_mpctl_report_on_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_mpctl_report_on_a_folder_that_is_not_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     parser = argparse.ArgumentParser()
     commands_ops.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", "--run", str(tmp_path)])

@@ -653,7 +653,9 @@ def test_entropy_threshold_at_its_limit(profile: Profile) -> None:
     first = _first_entry(p)
     t = int(first.step_time.timestamp())
     per_candle, _ = _volatility_at(t)
-    assert _entry_at(tune(p, strategy_config={"entropy_threshold": per_candle}), t)  # >= the threshold: trades
+    assert _entry_at(
+        tune(p, strategy_config={"entropy_threshold": per_candle}), t
+    )  # >= the threshold: trades
     above = math.nextafter(per_candle, math.inf)
     assert not _entry_at(tune(p, strategy_config={"entropy_threshold": above}), t)
 
@@ -663,7 +665,9 @@ def test_volatility_threshold_at_its_limit(profile: Profile) -> None:
     first = _first_entry(p)
     t = int(first.step_time.timestamp())
     _, annualised = _volatility_at(t)
-    assert _entry_at(tune(p, risk_management={"volatility_threshold": annualised}), t)  # <= the threshold: trades
+    assert _entry_at(
+        tune(p, risk_management={"volatility_threshold": annualised}), t
+    )  # <= the threshold: trades
     below = math.nextafter(annualised, 0.0)
     assert not _entry_at(tune(p, risk_management={"volatility_threshold": below}), t)
 
@@ -684,7 +688,9 @@ def test_max_open_positions_at_its_limit(profile: Profile) -> None:
         first_step = min(i.step_time for i in buys(out))
         opened_together = [i for i in buys(out) if i.step_time == first_step]
         assert len(opened_together) == min(limit, 3)
-        assert [i.signal for i in opened_together] == sorted((i.signal for i in opened_together), reverse=True)
+        assert [i.signal for i in opened_together] == sorted(
+            (i.signal for i in opened_together), reverse=True
+        )
 
 
 def _all_in_eth(p: Profile, eth_closes: list[Any]) -> list[ProfileHalted]:
@@ -698,7 +704,9 @@ def _all_in_eth(p: Profile, eth_closes: list[Any]) -> list[ProfileHalted]:
 
 @pytest.mark.parametrize(("price", "halts"), [("96", True), ("96.0001", False)])
 def test_max_daily_loss_at_its_limit(profile: Profile, price: str, halts: bool) -> None:
-    p = tune(profile, risk_management={"max_daily_loss_pct": 4.0, "max_drawdown_pct": 50.0, "stop_loss_pct": 50.0})
+    p = tune(
+        profile, risk_management={"max_daily_loss_pct": 4.0, "max_drawdown_pct": 50.0, "stop_loss_pct": 50.0}
+    )
     daily = [h for h in _all_in_eth(p, [100, 100, 100, price]) if h.reason.startswith("daily loss")]
     assert bool(daily) is halts  # 100 x 96 = 9 600: exactly 4 % of the day's 10 000
     if halts:
@@ -707,7 +715,9 @@ def test_max_daily_loss_at_its_limit(profile: Profile, price: str, halts: bool) 
 
 @pytest.mark.parametrize(("price", "halts"), [("88", True), ("88.0001", False)])
 def test_max_drawdown_at_its_limit(profile: Profile, price: str, halts: bool) -> None:
-    p = tune(profile, risk_management={"max_daily_loss_pct": 50.0, "max_drawdown_pct": 12.0, "stop_loss_pct": 50.0})
+    p = tune(
+        profile, risk_management={"max_daily_loss_pct": 50.0, "max_drawdown_pct": 12.0, "stop_loss_pct": 50.0}
+    )
     dd = [h for h in _all_in_eth(p, [100, 100, 100, price]) if h.reason.startswith("drawdown")]
     assert bool(dd) is halts  # 100 x 88 = 8 800: exactly 12 % below the 10 000 peak
     if halts:
@@ -744,7 +754,10 @@ def test_rotation_close_retries_a_sale_that_did_not_happen() -> None:
     answers = iter([reject, fill, fill])
     sells = _rotation_run("close", lambda i: next(answers)(i) if i.product == "BTC/USDC" else fill(i))
     btc = [i for i in sells if i.product == "BTC/USDC"]
-    assert [(i.reason, i.step_time.timestamp()) for i in btc] == [("flatten", T0 + 4 * HOUR), ("flatten", T0 + 5 * HOUR)]
+    assert [(i.reason, i.step_time.timestamp()) for i in btc] == [
+        ("flatten", T0 + 4 * HOUR),
+        ("flatten", T0 + 5 * HOUR),
+    ]
     assert len({i.intent_id for i in btc}) == 2
 
 
@@ -824,8 +837,15 @@ def test_rebuild_with_the_events_read_first_ends_in_the_same_state() -> None:
         assert not s.held and not s.pending
     assert (b.cash, b.fees, b.realized_pnl) != (D(0), D(0), D(0))
     ref = fresh(p)
-    feed(ref, [*plans, *market], lambda i: [m for m in events if getattr(m, "intent_id", None) == i.intent_id])
-    assert (b.cash, b.fees, b.realized_pnl, b.positions) == (ref.cash, ref.fees, ref.realized_pnl, ref.positions)
+    feed(
+        ref, [*plans, *market], lambda i: [m for m in events if getattr(m, "intent_id", None) == i.intent_id]
+    )
+    assert (b.cash, b.fees, b.realized_pnl, b.positions) == (
+        ref.cash,
+        ref.fees,
+        ref.realized_pnl,
+        ref.positions,
+    )
 
 
 # ------------------------------------------------------------------------------------------ shared indicators
@@ -835,10 +855,14 @@ def test_profiles_sharing_market_signals_decide_as_with_their_own(cfg: AppConfig
     profiles = {pid: open_thresholds(cfg.profiles[pid], 0.05, 0.05) for pid in pids}
     plans = {
         pid: plans_for(profiles[pid], T0, n, pid=pid, strategy=s, products=("BTC/USDC", "ETH/USDC"))
-        for pid, s in zip(pids, ("quantum_strategy_calculator", "volume_weighted_hash_oscillator"), strict=True)
+        for pid, s in zip(
+            pids, ("quantum_strategy_calculator", "volume_weighted_hash_oscillator"), strict=True
+        )
     }
     candles = [*path_candles("BTC/USDC", zigzag(n)), *path_candles("ETH/USDC", zigzag(n, 50.0, 1.004, 0.997))]
-    alone = {pid: feed(fresh(profiles[pid], pid), [*plans[pid], *step_messages(candles)], fill) for pid in pids}
+    alone = {
+        pid: feed(fresh(profiles[pid], pid), [*plans[pid], *step_messages(candles)], fill) for pid in pids
+    }
     assert all(buys(out) for out in alone.values())
 
     market = MarketSignals()
@@ -867,14 +891,19 @@ def test_shared_market_signals_refuse_a_step_older_than_what_they_have_seen() ->
 
 
 # ------------------------------------------------------------------------------------------ operator commands
-def test_flatten_command_sells_every_position_at_the_next_step_and_pause_blocks_entries(profile: Profile) -> None:
+def test_flatten_command_sells_every_position_at_the_next_step_and_pause_blocks_entries(
+    profile: Profile,
+) -> None:
     from shared.commands import new_command
     from tests.unit.builders import dt
 
     key = b"k" * 32
     state = fresh(open_thresholds(profile, 0.0, 0.0))
     feed(state, [*plans_for(profile, T0, 4), *hold("BTC/USDC", "1.5", 200)])
-    feed(state, [new_command("flatten", "all", key=key, now=dt(T0)), new_command("pause", PID, key=key, now=dt(T0))])
+    feed(
+        state,
+        [new_command("flatten", "all", key=key, now=dt(T0)), new_command("pause", PID, key=key, now=dt(T0))],
+    )
     out = feed(state, step_messages(path_candles("BTC/USDC", [200, 201])))
     sells = [i for i in of_type(out, PlaceOrder) if i.side == "sell"]
     assert [(i.product, i.reason, i.size) for i in sells] == [("BTC/USDC", "flatten", D("1.5"))]
@@ -963,7 +992,10 @@ def test_rebuild_with_the_rotated_plan_read_first_switches_at_the_same_step() ->
     rebuilt = new_state("profile_b", p, "USDC", frozenset({0}), on_rotation="close")
     # A restarted worker reads the small topics first: both plans and the command before any candle.
     again = _feed_timed(
-        rebuilt, [(pl, None) for pl in plans] + [(_rotated(plans[0], T0 + 2 * HOUR, cmd.id), None), (cmd, 2500)] + _timed(rest)
+        rebuilt,
+        [(pl, None) for pl in plans]
+        + [(_rotated(plans[0], T0 + 2 * HOUR, cmd.id), None), (cmd, 2500)]
+        + _timed(rest),
     )
     assert of_type(again, PlaceOrder) == of_type(run, PlaceOrder) and len(of_type(run, PlaceOrder)) == 1
     assert steps_done(again) == steps_done(run)
@@ -992,7 +1024,9 @@ def _live(msgs: list[Message], lag_of: Callable[[int], float]) -> list[Message]:
     return out
 
 
-def _live_run(p: Profile, n: int, lag_of: Callable[[int], float], extra: Sequence[Message] = ()) -> list[Message]:
+def _live_run(
+    p: Profile, n: int, lag_of: Callable[[int], float], extra: Sequence[Message] = ()
+) -> list[Message]:
     state = new_state(PID, p, "USDC", frozenset({0}), max_publish_lag_s=125.0)
     market = _live(step_messages(path_candles("BTC/USDC", zigzag(n))), lag_of)
     return feed(state, [*plans_for(p, T0, n), *extra, *market], fill)
@@ -1024,13 +1058,19 @@ def test_stale_feed_blocks_entries_until_fresh_and_exits_still_act(profile: Prof
     n = 60
     market = _live(step_messages(path_candles("BTC/USDC", zigzag(n))), lambda close: 3.0)
     stale = FeedStateChanged(
-        id="stale-1", event_time=dt(T0), correlation_id="feed", state="stale", reason="no websocket frame for 6 s"
+        id="stale-1",
+        event_time=dt(T0),
+        correlation_id="feed",
+        state="stale",
+        reason="no websocket frame for 6 s",
     )
     out = feed(state, [*plans_for(p, T0, n), stale, *market], fill)
     assert buys(out) == [] and len(steps_done(out)) == n
     assert state.history_steps == n
     fresh_again = stale.model_copy(update={"id": "fresh-1", "state": "fresh", "reason": "frames flowing"})
-    more = _live(step_messages(path_candles("BTC/USDC", zigzag(n + 20)[n:], start=T0 + n * HOUR)), lambda c: 3.0)
+    more = _live(
+        step_messages(path_candles("BTC/USDC", zigzag(n + 20)[n:], start=T0 + n * HOUR)), lambda c: 3.0
+    )
     out = feed(state, [*plans_for(p, T0 + n * HOUR, 20), fresh_again, *more], fill)
     assert buys(out)
 
@@ -1046,14 +1086,18 @@ def test_stale_feed_still_lets_a_stop_loss_exit(profile: Profile) -> None:
     assert [i.reason for i in sells] == ["stop_loss"]
 
 
-def test_live_warm_up_before_the_registrys_first_epoch_is_learnt_from_not_waited_for(profile: Profile) -> None:
+def test_live_warm_up_before_the_registrys_first_epoch_is_learnt_from_not_waited_for(
+    profile: Profile,
+) -> None:
     """A live start publishes history from before the first epoch the registry plans (it plans live epochs on
     the exchange's clock, never past ones): those steps warm the models up instead of blocking the worker."""
     p = open_thresholds(profile, 0.1, 0.1)
     n, live_from = 60, 40
     state = new_state(PID, p, "USDC", frozenset({0}), max_publish_lag_s=125.0)
     cutoff = T0 + live_from * HOUR
-    market = _live(step_messages(path_candles("BTC/USDC", zigzag(n))), lambda c: 6 * HOUR if c <= cutoff else 3.0)
+    market = _live(
+        step_messages(path_candles("BTC/USDC", zigzag(n))), lambda c: 6 * HOUR if c <= cutoff else 3.0
+    )
     out = feed(state, [*plans_for(p, cutoff, n - live_from), *market], fill)
     assert steps_done(out) == [T0 + i * HOUR for i in range(n)]  # every step marked, none waits forever
     assert all(int(i.step_time.timestamp()) >= cutoff for i in of_type(out, PlaceOrder))

@@ -26,7 +26,9 @@ def test_gauges_come_from_the_state_so_a_rebuild_exports_the_same_numbers() -> N
     fills = [
         order_filled("profile_a", "buy", product="BTC/USDC", size=2, price=100, fee="0.2", at=T0 - DAY),
         order_filled("profile_a", "sell", product="BTC/USDC", size=1, price=110, fee="0.1", at=T0 - DAY + 60),
-        order_filled("profile_a", "sell", product="BTC/USDC", size=1, price="100.1", fee="0.1", at=T0 - DAY + 120),
+        order_filled(
+            "profile_a", "sell", product="BTC/USDC", size=1, price="100.1", fee="0.1", at=T0 - DAY + 120
+        ),
     ]
     m = StrategyMetrics("profile_a")
     for _ in range(2):  # a first run, then a rebuild of a restarted worker over the same inputs
@@ -42,7 +44,10 @@ def test_gauges_come_from_the_state_so_a_rebuild_exports_the_same_numbers() -> N
         assert sample(m, "mp_strategy_wins") == 1 and sample(m, "mp_strategy_win_rate") == 0.5
         assert sample(m, "mp_strategy_realized_pnl") == 10.1
         assert sample(m, "mp_strategy_fees") == 0.4
-        assert sample(m, "mp_strategy_equity") == float(state.cash) and sample(m, "mp_strategy_open_positions") == 0
+        assert (
+            sample(m, "mp_strategy_equity") == float(state.cash)
+            and sample(m, "mp_strategy_open_positions") == 0
+        )
 
 
 def test_counters_count_only_records_past_the_previous_committed_offset() -> None:
