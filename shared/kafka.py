@@ -131,6 +131,43 @@ async def partitions_of(
     return tps
 
 
+async def read_tail(
+    bootstrap: str, topic: str, *, records: int, now: Clock, partitions: Sequence[int] | None = None
+) -> list[tuple[int, Message]]:
+    """The last `records` records of each partition of `topic` (or of `partitions`), decoded, as (partition,
+    message) in offset order: what a producer reads back to resume. Undecodable records are skipped, and so are
+    records timed implausibly far ahead of `now`: a forged far-future record must not make a producer skip
+    real work."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    out: list[tuple[int, Message]] = []
+    try:
+        if partitions is None:
+            tps = await partitions_of(consumer, [topic], bootstrap)
+        else:
+            tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            pos = max(0, ends[tp] - records)
+            consumer.seek(tp, pos)
+            while pos < ends[tp]:
+                recs = (await consumer.getmany(tp, timeout_ms=2000)).get(tp, [])
+                if not recs:
+                    break
+                for rec in recs:
+                    try:
+                        msg = decode(rec.value)
+                    except DecodeError:
+                        continue
+                    if implausible_time(msg, now()) is None:
+                        out.append((tp.partition, msg))
+                pos = recs[-1].offset + 1
+    finally:
+        await consumer.stop()
+    return out
+
+
 class Publisher:
     """Idempotent producer (acks=all). `send` queues; `flush` waits until everything queued is acknowledged."""
 

@@ -12,17 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.ingest.domain import ReplayStep, build_schedule, finished_message, resume_point
 from services.ingest.live import CLOCK_MIN_SPAN_S, LiveIngest, LiveOptions
 from services.ingest.metrics import IngestMetrics
 from shared.candles import load_products
 from shared.clock import Clock, system_clock
-from shared.codec import DecodeError, decode, implausible_time
 from shared.config import AppConfig
 from shared.exchange_clock import ExchangeClock
-from shared.kafka import Publisher
+from shared.kafka import Publisher, read_tail
 from shared.messages import ReplayFinished, WatermarkAdvanced, WorkerFinished
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
@@ -41,36 +39,14 @@ class ReplayOptions:
 
 async def last_progress(bootstrap: str, topic: str) -> tuple[int | None, bool]:
     """The last watermark (epoch s) on partition 0 and whether the replay already finished: resume after a crash."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        pos = max(0, end - 200)
-        last: int | None = None
-        done = False
-        while pos < end:
-            consumer.seek(tp, pos)
-            batch = await consumer.getmany(tp, timeout_ms=2000)
-            recs = batch.get(tp, [])
-            if not recs:
-                break
-            for rec in recs:
-                try:
-                    msg = decode(rec.value)
-                except DecodeError:
-                    continue
-                if implausible_time(msg, system_clock()) is not None:
-                    continue  # a forged far-future watermark must not make the replay skip everything
-                if isinstance(msg, WatermarkAdvanced):
-                    last = int(msg.step_time.timestamp())
-                elif isinstance(msg, ReplayFinished):
-                    done = True
-            pos = recs[-1].offset + 1
-        return last, done
-    finally:
-        await consumer.stop()
+    last: int | None = None
+    done = False
+    for _, msg in await read_tail(bootstrap, topic, records=200, now=system_clock, partitions=[0]):
+        if isinstance(msg, WatermarkAdvanced):
+            last = int(msg.step_time.timestamp())
+        elif isinstance(msg, ReplayFinished):
+            done = True
+    return last, done
 
 
 class IngestService:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
 from services.ingest.coinbase_md import (
@@ -48,10 +47,9 @@ from services.ingest.live_domain import (
 )
 from services.ingest.metrics import IngestMetrics
 from shared.clock import Clock, derived_id, from_epoch_s
-from shared.codec import DecodeError, decode, implausible_time
 from shared.config import INTERVAL_SECONDS, AppConfig
 from shared.exchange_clock import ExchangeClock
-from shared.kafka import Publisher, partitions_of
+from shared.kafka import Publisher, read_tail
 from shared.messages import (
     CandleClosed,
     ExchangeTimeObserved,
@@ -154,44 +152,22 @@ def _bar(c: CandleClosed) -> Bar:
 async def read_progress(bootstrap: str, topic: str, now: Clock) -> Progress:
     """The tail of every partition of md.candles: the last watermark, the candles after it (a step whose
     watermark a crash prevented), each product's last close and the last feed state."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
     candles: dict[tuple[str, int], CandleClosed] = {}
     marks: list[tuple[int, int]] = []
     feed: tuple[float, FeedState] | None = None
     try:
-        try:
-            tps = await partitions_of(consumer, [topic], bootstrap)
-        except RuntimeError as err:
-            raise IngestError(str(err)) from None
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            end = ends[tp]
-            pos = max(0, end - READBACK_RECORDS)
-            consumer.seek(tp, pos)
-            while pos < end:
-                recs = (await consumer.getmany(tp, timeout_ms=2000)).get(tp, [])
-                if not recs:
-                    break
-                for rec in recs:
-                    try:
-                        msg = decode(rec.value)
-                    except DecodeError:
-                        continue
-                    if implausible_time(msg, now()) is not None:
-                        continue  # a forged far-future record must not make the ingest skip real steps
-                    if isinstance(msg, CandleClosed):
-                        candles[(msg.product, int(msg.open_time.timestamp()))] = msg
-                    elif isinstance(msg, WatermarkAdvanced):
-                        marks.append((int(msg.step_time.timestamp()), msg.interval_s))
-                    elif isinstance(msg, FeedStateChanged):
-                        t = msg.event_time.timestamp()
-                        if feed is None or t >= feed[0]:
-                            feed = (t, msg.state)
-                pos = recs[-1].offset + 1
-    finally:
-        await consumer.stop()
+        tail = await read_tail(bootstrap, topic, records=READBACK_RECORDS, now=now)
+    except RuntimeError as err:
+        raise IngestError(str(err)) from None
+    for _, msg in tail:
+        if isinstance(msg, CandleClosed):
+            candles[(msg.product, int(msg.open_time.timestamp()))] = msg
+        elif isinstance(msg, WatermarkAdvanced):
+            marks.append((int(msg.step_time.timestamp()), msg.interval_s))
+        elif isinstance(msg, FeedStateChanged):
+            t = msg.event_time.timestamp()
+            if feed is None or t >= feed[0]:
+                feed = (t, msg.state)
     out = Progress(feed_state=feed[1] if feed else "fresh")
     if marks:
         out.last_step, out.interval_s = max(marks)
