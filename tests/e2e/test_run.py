@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from mpctl.infra import Endpoints
 from mpctl.invariants import check_run
@@ -30,6 +30,7 @@ from shared.codec import DecodeError, decode
 from shared.config import load_config
 from shared.kafka import partitions_of
 from shared.messages import CandleClosed, WatermarkAdvanced
+from tests.e2e.test_live_pipeline import topic_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "market"
@@ -265,28 +266,6 @@ def lower(node: Any) -> None:
             lower(v)
 
 
-async def topic_bytes(bootstrap: str, namespace: str) -> list[bytes]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    blobs: list[bytes] = []
-    try:
-        names = sorted(t for t in await consumer.topics() if t.startswith(f"{namespace}."))
-        tps = await partitions_of(consumer, names, bootstrap)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        left: set[TopicPartition] = {tp for tp in tps if ends[tp] > 0}
-        while left:
-            for tp, recs in (await consumer.getmany(timeout_ms=1000)).items():
-                for rec in recs:
-                    blobs += [rec.value or b"", rec.key or b""]
-                    if rec.offset + 1 >= ends[tp]:
-                        left.discard(tp)
-    finally:
-        await consumer.stop()
-    return blobs
-
-
 def test_run_on_the_live_peer_trades_on_paper_and_leaks_no_credential(
     infra: Endpoints, tmp_path: Path
 ) -> None:
@@ -366,7 +345,7 @@ def test_run_on_the_live_peer_trades_on_paper_and_leaks_no_credential(
         assert result.ok, result.violations
         texts = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
         texts["command output"] = (run.stdout + run.stderr).encode()
-        texts["topics"] = b"\n".join(asyncio.run(topic_bytes(infra.kafka_bootstrap, ns)))
+        texts["topics"] = b"\n".join(asyncio.run(topic_bytes(infra.kafka_bootstrap, ns))[0])
         leaks = [
             w for w, data in texts.items() for s in [*secrets_.values(), passphrase] if s.encode() in data
         ]
