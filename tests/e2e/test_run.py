@@ -40,6 +40,7 @@ REPLAY_SPEED = "36000"  # 1 h candles: ten steps a second
 # start, opening nothing), then LIVE_STEPS candles close at the peer's 60 x pace, about one a real second.
 HISTORY = 250
 LIVE_STEPS = 40
+PEER_START = "2026-03-02T13:00:00Z"
 
 
 def env_for(infra: Endpoints, **extra: str) -> dict[str, str]:
@@ -224,6 +225,9 @@ def low_threshold_config(tmp_path: Path, rest_url: str, ws_url: str) -> Path:
         "rest_url": rest_url,
         "ws_url": ws_url,
         "history_steps": HISTORY,
+        # Eleven products at 60x: the default 8 requests/s would take 80 exchange seconds a round (the peer
+        # has no rate limit of its own).
+        "max_requests_per_s": 40.0,
     }
     # The peer's prices come from data/market: only the assets with a file there (UNI has none).
     have = data_assets()
@@ -278,6 +282,10 @@ def test_run_on_the_live_peer_trades_on_paper_and_leaks_no_credential(
             "0",
             "--speed",
             "60",
+            # A fixed start: the epochs, so the profiles' plans (strategy, assets), and the data rows the peer
+            # serves are the same in every run, and so is what the strategies trade (not the wall clock's luck).
+            "--start",
+            PEER_START,
             "--granularity",
             "60",
             "--products",
