@@ -42,6 +42,7 @@ from typing import Any
 
 from aiokafka.partitioner import murmur2
 
+from mpctl.commands_config import load_for_command
 from mpctl.progress import Progress
 from services.arbiter import bootstrap as arbiter_bootstrap
 from services.arbiter import domain as arbiter
@@ -59,7 +60,7 @@ from services.strategy import bootstrap as strategy_bootstrap
 from services.strategy import domain as strategy
 from shared.aligner import Step
 from shared.candles import CandleFile, load_products
-from shared.config import AppConfig, ConfigError, config_warnings, load_config
+from shared.config import AppConfig
 from shared.kafka import Route
 from shared.messages import (
     ExecuteOrder,
@@ -634,13 +635,9 @@ def _parse_time(text: str | None, flag: str) -> datetime | None:
 def run_command(args: argparse.Namespace) -> int:
     from mpctl.commands_demo import print_table
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        print(f"INVALID: {err}", file=sys.stderr)
+    cfg = load_for_command(args.config)
+    if cfg is None:
         return 1
-    for w in config_warnings(cfg):
-        print(f"warning: {w}", file=sys.stderr)
     if cfg.system.mode != "paper":
         print("mpctl backtest runs in paper mode only; set system.mode: paper", file=sys.stderr)
         return 1

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shared.config import ConfigError, config_warnings, load_config
+from shared.config import AppConfig, ConfigError, config_warnings, load_config
 
 
 def register(sub: Any) -> None:
@@ -20,14 +20,22 @@ def register(sub: Any) -> None:
     v.set_defaults(handler=validate)
 
 
-def validate(args: argparse.Namespace) -> int:
+def load_for_command(path: Path | None) -> AppConfig | None:
+    """The profiles file for a command: None (after saying why on stderr) when it is invalid; warnings printed."""
     try:
-        cfg = load_config(args.file)
+        cfg = load_config(path)
     except ConfigError as err:
         print(f"INVALID: {err}", file=sys.stderr)
-        return 1
+        return None
     for w in config_warnings(cfg):
         print(f"warning: {w}", file=sys.stderr)
+    return cfg
+
+
+def validate(args: argparse.Namespace) -> int:
+    cfg = load_for_command(args.file)
+    if cfg is None:
+        return 1
     enabled = list(cfg.enabled_profiles())
     print(
         f"OK: {args.file or 'default config'}: {len(cfg.profiles)} profile(s), enabled {enabled}, "

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 from aiokafka import AIOKafkaConsumer
 
 from mpctl import infra
+from mpctl.commands_config import load_for_command
 from mpctl.stack import (
     OUTPUT_FILES,
     SECRET_ENV,
@@ -39,7 +40,7 @@ from mpctl.stack import (
     write_run_json,
 )
 from shared.codec import DecodeError, decode
-from shared.config import AppConfig, ConfigError, config_warnings, load_config
+from shared.config import AppConfig
 from shared.kafka import delete_topics
 from shared.messages import WorkerFinished
 from shared.topics import Topics
@@ -240,13 +241,9 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        print(f"INVALID: {err}", file=sys.stderr)
+    cfg = load_for_command(args.config)
+    if cfg is None:
         return 1
-    for w in config_warnings(cfg):
-        print(f"warning: {w}", file=sys.stderr)
     if args.exchange_api_base is None and cfg.system.mode != "paper":
         print("mpctl demo runs in paper mode only; set system.mode: paper", file=sys.stderr)
         return 1

@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from mpctl import infra
+from mpctl.commands_config import load_for_command
 from mpctl.commands_demo import print_table
 from mpctl.progress import Progress, progress_enabled
 from mpctl.stack import (
@@ -47,12 +48,9 @@ from services.monitor.metrics import PerformanceTracker
 from shared.codec import DecodeError, decode
 from shared.config import (
     AppConfig,
-    ConfigError,
     Interval,
     MarketDataSettings,
-    config_warnings,
     live_source_problem,
-    load_config,
 )
 from shared.messages import FeedStateChanged, WatermarkAdvanced
 from shared.topics import Topics
@@ -241,13 +239,9 @@ def check_start(args: argparse.Namespace, cfg: AppConfig, settings: RunSettings)
 
 
 def run_forward(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        print(f"INVALID: {err}", file=sys.stderr)
+    cfg = load_for_command(args.config)
+    if cfg is None:
         return 1
-    for w in config_warnings(cfg):
-        print(f"warning: {w}", file=sys.stderr)
     try:
         settings = resolve_settings(args, cfg)
         check_start(args, cfg, settings)
