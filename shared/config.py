@@ -138,6 +138,9 @@ class RiskManagement(Strict):
     max_drawdown_pct: Percent
     # Annualised realised volatility above which no new entries are opened (0.75 = 75 %/year).
     volatility_threshold: PositiveFloat
+    # A drawdown or daily-loss halt also sells the profile's positions (reason "halt"), so the loss stops at the
+    # limit; false keeps them (only new entries stop).
+    close_on_halt: bool = True
 
 
 class ProfileHash(Strict):

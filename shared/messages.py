@@ -179,6 +179,12 @@ class PlanPublished(Message):
 
 
 # ------------------------------------------------------------------------------------------ orders
+# Why an order exists: an entry, or the exit's cause. Carried from the intent to the order and each fill, so a
+# run's files say what every limit did (summary.json counts exits by it). "stop_loss"/"take_profit" orders are
+# also the protective orders the paper exchange holds for a position (docs/execution.md, Protective orders).
+IntentReason = Literal["entry", "exit_signal", "stop_loss", "take_profit", "manual", "flatten", "halt"]
+
+
 class PlaceOrder(Message):
     """Command from a strategy worker to the arbiter: the intent to trade (keyed by product)."""
 
@@ -189,7 +195,7 @@ class PlaceOrder(Message):
     side: Side
     size: Annotated[Decimal, AfterValidator(_finite), Field(gt=0)]
     reference_price: Price
-    reason: Literal["entry", "exit_signal", "stop_loss", "take_profit", "manual", "flatten"]
+    reason: IntentReason
     fingerprint: str
     epoch: int
     plan_rotation: int = Field(ge=0, default=0)  # which plan of the epoch (PlanPublished.rotation) it acts on
@@ -253,6 +259,7 @@ class ExecuteOrder(Message):
     # paying the taker fee. "limit": rests at `limit_price`; what fills from the book pays the maker fee.
     order_type: Literal["market", "limit"] = "market"
     limit_price: Price | None = None
+    intent_reason: IntentReason | None = None  # the intent's reason (None: a message from before it existed)
 
     @model_validator(mode="after")
     def _limit_price_with_limit_orders(self) -> ExecuteOrder:
@@ -280,6 +287,7 @@ class OrderUpdated(Message):
     status: OrderStatus
     reason: str = ""
     internal: bool = False
+    intent_reason: IntentReason | None = None
 
 
 class OrderFilled(Message):
@@ -297,6 +305,7 @@ class OrderFilled(Message):
     fee: Money
     liquidity: Literal["maker", "taker"] = "taker"
     internal: bool = False
+    intent_reason: IntentReason | None = None
 
 
 class InternalCrossOpportunity(Message):

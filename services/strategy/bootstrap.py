@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -219,6 +221,8 @@ class StrategyWorker:
             broker_session_timeout=SESSION_TIMEOUT_S,
             producer_acks=-1,
             stream_wait_empty=False,
+            # faust writes an empty "<group>-data" tree even with the memory store; keep it out of the cwd.
+            datadir=os.path.join(tempfile.gettempdir(), "mp-faust", self.group),
         )
         self.app.conf.web_enabled = False  # the constructor flag alone still bound 0.0.0.0:6066
         self.out: dict[str, Any] = {}
