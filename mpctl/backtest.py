@@ -304,7 +304,11 @@ class Backtest:
             for pid, p in cfg.enabled_profiles().items()
         }
         self.exchanges = {
-            pid: _Exchange(execution.new_state(pid, p, cfg.system.execution, parts))
+            pid: _Exchange(
+                execution.new_state(
+                    pid, p, cfg.system.execution, parts, profiles_sharing=len(cfg.enabled_profiles())
+                )
+            )
             for pid, p in cfg.enabled_profiles().items()
         }
         self.arbiter = arbiter.new_state(cfg)
@@ -492,12 +496,14 @@ class Backtest:
         """No order still to come can fill at a candle opening before this time (epoch s): its decision is
         not before the close of its intent's step, and that step is waiting for its outcome, waiting to be
         evaluated, or `step` (being delivered) or later."""
-        floor = step.time_s + step.interval_s
+        # A protective exit of a step still to evaluate fills on that step's own candle.
+        floor = step.time_s
         if self._backlog:
-            floor = min(floor, self._backlog[0].time_s + self._backlog[0].interval_s)
+            floor = min(floor, self._backlog[0].time_s)
         for st in self.strategies.values():
             for i in st.pending.values():
-                floor = min(floor, int(i.event_time.timestamp()))
+                at = i.trigger_candle or i.event_time
+                floor = min(floor, int(at.timestamp()))
         return floor
 
     async def _market_step(self, step: Step) -> None:
@@ -550,7 +556,7 @@ class Backtest:
 
     def _evaluate_ready(self) -> None:
         states = self.strategies
-        while self._backlog and all(strategy.ready(s) for s in states.values()):
+        while self._backlog and all(strategy.ready(s, self._backlog[0]) for s in states.values()):
             step = self._backlog.popleft()
             n = len(step.candles)
             for pid, st in states.items():

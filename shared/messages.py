@@ -179,6 +179,15 @@ class PlanPublished(Message):
 
 
 # ------------------------------------------------------------------------------------------ orders
+def _check_trigger(price: Decimal | None, candle: datetime | None, side: str) -> None:
+    if (price is None) != (candle is None):
+        raise ValueError(
+            f"trigger_price {price!r} with trigger_candle {candle!r}: a protective exit needs both, other orders neither"
+        )
+    if price is not None and side != "sell":
+        raise ValueError(f"a protective exit (trigger_price {price}) sells a held position, not a {side}")
+
+
 # Why an order exists: an entry, or the exit's cause. Carried from the intent to the order and each fill, so a
 # run's files say what every limit did (summary.json counts exits by it). "stop_loss"/"take_profit" orders are
 # also the protective orders the paper exchange holds for a position (docs/execution.md, Protective orders).
@@ -203,6 +212,16 @@ class PlaceOrder(Message):
     priority: int = 100
     signal: float = Field(ge=-1.0, le=1.0, default=0.0)
     confidence: float = Field(ge=0.0, le=1.0, default=0.0)
+    # A protective exit (stop_loss / take_profit): the position's resting order was reached within the candle
+    # opening at `trigger_candle`, at `trigger_price` (the level, or the open when the candle opened beyond
+    # it). The paper exchange fills it on that candle's range (docs/execution.md, Protective exits).
+    trigger_price: Price | None = None
+    trigger_candle: UtcDatetime | None = None
+
+    @model_validator(mode="after")
+    def _trigger_whole(self) -> PlaceOrder:
+        _check_trigger(self.trigger_price, self.trigger_candle, self.side)
+        return self
 
 
 class StepCompleted(Message):
@@ -260,6 +279,8 @@ class ExecuteOrder(Message):
     order_type: Literal["market", "limit"] = "market"
     limit_price: Price | None = None
     intent_reason: IntentReason | None = None  # the intent's reason (None: a message from before it existed)
+    trigger_price: Price | None = None  # PlaceOrder.trigger_price / trigger_candle, carried unchanged
+    trigger_candle: UtcDatetime | None = None
 
     @model_validator(mode="after")
     def _limit_price_with_limit_orders(self) -> ExecuteOrder:
@@ -268,6 +289,7 @@ class ExecuteOrder(Message):
                 f"order_type {self.order_type!r} with limit_price {self.limit_price!r}: a limit order needs a "
                 "limit_price and a market order takes none"
             )
+        _check_trigger(self.trigger_price, self.trigger_candle, self.side)
         return self
 
 
@@ -306,6 +328,9 @@ class OrderFilled(Message):
     liquidity: Literal["maker", "taker"] = "taker"
     internal: bool = False
     intent_reason: IntentReason | None = None
+    # Paper fills: the open time of the candle whose range priced the fill (a protective exit is priced on the
+    # candle that reached its level, and booked when that is known, at the candle's close).
+    candle_open: UtcDatetime | None = None
 
 
 class InternalCrossOpportunity(Message):

@@ -888,6 +888,8 @@ def _emit(state: ArbiterState, d: Draft) -> list[Message]:
                 internal_size=d.internal,
                 counterparties=d.counterparties,
                 profile_hash=d.plan_hash,
+                trigger_price=i.trigger_price,
+                trigger_candle=i.trigger_candle,
             )
         )
     msgs.extend(d.extra)

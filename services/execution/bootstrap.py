@@ -65,6 +65,7 @@ class ExecutionService:
             profile,
             cfg.system.execution,
             frozenset(range(cfg.system.kafka.candle_partitions)),
+            profiles_sharing=len(cfg.enabled_profiles()),
         )
         self.runner = StateMachineService(
             name=f"execution.{self.profile_id}",

@@ -7,10 +7,16 @@
   product opening at or after the decision time, the order's event time), with slippage, at its send time.
 - Internal part (`internal_size`, paper mode): settled with the other profile at that candle's open (the
   mid price), without fee or slippage, at the decision time: an internal fill and order events marked internal.
-- Slippage = min(slippage_tolerance, 0.1 * (high - low) / open) of that candle, against the trader.
-- Volume: an order fills at most max_volume_participation of a candle's volume per candle; the rest continues
-  on the product's next candles and is cancelled at order_timeout (from the send time). Taker fee for what
-  takes liquidity, maker fee for a resting limit order (docs/execution.md, Paper exchange).
+- Slippage = min(slippage_tolerance, 0.1 * (high - low) / open) of that candle, against the trader, and the
+  price is then bounded by the candle's range: no fill is ever priced outside [low, high] of its candle.
+- Protective exits (`ExecuteOrder.trigger_price`, from the strategy's stop loss / take profit): the resting
+  order reached its level within the candle opening at `trigger_candle`; it fills on that candle at the
+  trigger price (the level, or the open after a gap) moved by the slippage and bounded by the range.
+- Volume is shared: all profiles together take at most max_volume_participation of a candle's volume. Each
+  profile's worker takes at most its part (`liquidity_share`: the participation over the number of profiles),
+  across all its orders on the product; the rest continues on the product's next candles and is cancelled at
+  order_timeout (from the send time). Taker fee for what takes liquidity, maker fee for a resting limit order
+  (docs/execution.md, Paper exchange).
 - Never twice: an order is known by its client order id; a redelivered or retried ExecuteOrder for a known id
   produces nothing new.
 - Balances are checked: a buy beyond the cash, or a sell beyond the position, is rejected with the reason.
@@ -90,6 +96,10 @@ class PaperState:
     )  # client order ids still open: awaiting a candle or the rest
     history: dict[str, list[CandleClosed]] = field(default_factory=dict)  # per product, by open time
     order_timeout: timedelta = timedelta(seconds=60)
+    # This profile's part of each candle's volume (max_volume_participation over the profiles sharing it), and
+    # what its orders have taken of each (product, candle open) so far.
+    liquidity_share: Decimal = Decimal("0.1")
+    used: dict[tuple[str, datetime], Decimal] = field(default_factory=dict)
     market_time_s: int | None = None  # the latest complete market step seen (its open time)
     finished: bool = False
     killed: str | None = None  # set by an operator's `kill`: waiting orders cancelled, new ones refused
@@ -98,13 +108,28 @@ class PaperState:
 # Durable state (shared/snapshots.py): the version of PaperState's snapshot form (raise it when a field changes
 # meaning), and the fields new_state sets from the configuration, which a snapshot leaves out.
 SNAPSHOT_SCHEMA = 1
-CONFIG_FIELDS = frozenset({"profile_id", "seed", "settings", "slippage_tolerance", "order_timeout"})
+CONFIG_FIELDS = frozenset(
+    {"profile_id", "seed", "settings", "slippage_tolerance", "order_timeout", "liquidity_share"}
+)
 
 
 def new_state(
-    profile_id: str, profile: Profile, settings: ExecutionSettings, partitions: frozenset[int]
+    profile_id: str,
+    profile: Profile,
+    settings: ExecutionSettings,
+    partitions: frozenset[int],
+    *,
+    profiles_sharing: int = 1,
 ) -> PaperState:
+    """`profiles_sharing`: how many profiles' workers trade on the same candles (every enabled profile): each
+    takes at most its equal part of max_volume_participation, so together they never exceed it."""
+    if profiles_sharing < 1:
+        raise ValueError(f"profiles_sharing must be at least 1, got {profiles_sharing}")
+    share = (Decimal(str(settings.max_volume_participation)) / profiles_sharing).quantize(
+        EIGHT, rounding=ROUND_DOWN
+    )
     return PaperState(
+        liquidity_share=share,
         profile_id=profile_id,
         seed=profile.profile_hash.base_hash,
         settings=settings,
@@ -180,11 +205,19 @@ def _remember(state: PaperState, step: Step) -> None:
         h.append(c)  # steps arrive in time order (aligner), so the list stays sorted
         if len(h) > HISTORY_CANDLES:
             del h[: len(h) - HISTORY_CANDLES]
+    if len(state.used) > 4 * HISTORY_CANDLES:
+        # What was taken of candles no order can trade on any more (older than every product's history).
+        oldest = min(h[0].open_time for h in state.history.values() if h)
+        state.used = {k: v for k, v in state.used.items() if k[1] >= oldest}
 
 
 def _fill_candle(state: PaperState, order: ExecuteOrder) -> CandleClosed | None:
-    """The first candle of the product opening at or after the decision: its open is the next tradable price."""
+    """The first candle of the product opening at or after the decision: its open is the next tradable price.
+    A protective exit's: the candle that reached its level (it rested at the exchange during it)."""
     h = state.history.get(order.product, [])
+    if order.trigger_candle is not None:
+        i = bisect.bisect_left(h, order.trigger_candle, key=lambda c: c.open_time)
+        return h[i] if i < len(h) else None
     # The decision time, not not_before: an order the arbiter delays by milliseconds still trades at the
     # candle its decision was made for.
     i = bisect.bisect_left(h, order.event_time, key=lambda c: c.open_time)
@@ -237,9 +270,9 @@ def _num(d: Decimal) -> str:
 
 
 def _share(state: PaperState) -> str:
-    return (
-        f"at most {_num(Decimal(str(state.settings.max_volume_participation)) * 100)}% of a candle's volume"
-    )
+    whole = Decimal(str(state.settings.max_volume_participation))
+    part = f"at most {_num(state.liquidity_share * 100)}% of a candle's volume"
+    return part if state.liquidity_share >= whole else f"{part} (this profile's part of {_num(whole * 100)}%)"
 
 
 def _timeout_reason(state: PaperState, rec: OrderRecord) -> str:
@@ -291,16 +324,25 @@ def _limit_fill_price(
         p = _taker_price(state, o, candle)
         return (min(p, lim) if buy else max(p, lim)), False
     if candle.low < lim if buy else candle.high > lim:
-        return lim, True
+        # A later candle that opened beyond the limit trades at the limit's side of its range at best.
+        return _in_range(lim, candle), True
     return None
 
 
-def _taker_price(state: PaperState, o: ExecuteOrder, candle: CandleClosed) -> Decimal:
+def _taker_price(state: PaperState, o: ExecuteOrder, candle: CandleClosed, first: bool = True) -> Decimal:
+    """The open (a protective exit's trigger price on its candle) moved by the slippage against the trader,
+    then bounded by the candle's range: a price nobody traded at is never a fill."""
     rng = (candle.high - candle.low) / candle.open
     slip = min(state.slippage_tolerance, rng * Decimal("0.1"))
-    price = candle.open * (1 + slip) if o.side == "buy" else candle.open * (1 - slip)
-    # Rounded towards the open, so the slippage never exceeds slippage_tolerance by the rounding.
-    return price.quantize(EIGHT, rounding=ROUND_DOWN if o.side == "buy" else ROUND_UP)
+    ref = o.trigger_price if first and o.trigger_price is not None else candle.open
+    price = ref * (1 + slip) if o.side == "buy" else ref * (1 - slip)
+    # Rounded towards the reference, so the slippage never exceeds slippage_tolerance by the rounding.
+    price = price.quantize(EIGHT, rounding=ROUND_DOWN if o.side == "buy" else ROUND_UP)
+    return _in_range(price, candle)
+
+
+def _in_range(price: Decimal, candle: CandleClosed) -> Decimal:
+    return min(max(price, candle.low), candle.high)
 
 
 def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[Message]:
@@ -311,8 +353,10 @@ def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[
     rec.last_open, rec.last_interval_s = candle.open_time, candle.interval_s
     internal = min(o.internal_size, o.size) if first else Decimal(0)
     market_left = o.size - min(o.internal_size, o.size) - rec.filled
-    cap = (candle.volume * Decimal(str(state.settings.max_volume_participation))).quantize(
-        EIGHT, rounding=ROUND_DOWN
+    slot = (o.product, candle.open_time)
+    taken = state.used.get(slot, Decimal(0))
+    cap = max(
+        Decimal(0), (candle.volume * state.liquidity_share).quantize(EIGHT, rounding=ROUND_DOWN) - taken
     )
     market = min(market_left, cap)
     if o.order_type == "limit":
@@ -321,7 +365,7 @@ def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[
             priced, market = (o.limit_price or candle.open, True), Decimal(0)
         price, maker = priced
     else:
-        price, maker = _taker_price(state, o, candle), False
+        price, maker = _taker_price(state, o, candle, first), False
     rate = state.settings.maker_fee_rate if maker else state.settings.taker_fee_rate
     fee = (price * market * Decimal(str(rate))).quantize(EIGHT)
     mid = candle.open.quantize(EIGHT)
@@ -379,6 +423,7 @@ def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[
                 mid,
                 Decimal(0),
                 True,
+                candle_open=candle.open_time,
             )
         )
         if market_left > 0:
@@ -397,6 +442,7 @@ def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[
             )
         rec.last_fill_time = t_internal
     if market > 0:
+        state.used[slot] = taken + market
         _book(state, o, market, price * market, fee)
         out.append(
             _fill(
@@ -408,6 +454,7 @@ def _execute(state: PaperState, rec: OrderRecord, candle: CandleClosed) -> list[
                 fee,
                 False,
                 liquidity="maker" if maker else "taker",
+                candle_open=candle.open_time,
             )
         )
         rec.fills += 1
@@ -464,6 +511,7 @@ def _fill(
     internal: bool,
     *,
     liquidity: Literal["maker", "taker"] = "taker",
+    candle_open: datetime | None = None,
 ) -> OrderFilled:
     return OrderFilled(
         id=fill_id,
@@ -481,6 +529,8 @@ def _fill(
         fee=fee,
         liquidity=liquidity,
         internal=internal,
+        intent_reason=o.intent_reason,
+        candle_open=candle_open,
     )
 
 
@@ -514,4 +564,5 @@ def _update(
         status=status,
         reason=reason,
         internal=internal,
+        intent_reason=o.intent_reason,
     )

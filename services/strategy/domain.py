@@ -1,9 +1,17 @@
 """One profile's trading decisions, as a pure state machine: `decide(state, message, partition) -> messages`.
 
 Inputs: complete event-time steps of candles (see shared/aligner.py), the profile's plans, and the outcomes
-of its own orders. A step is evaluated only when (a) the plan of its epoch is known and (b) every intent of
-earlier steps has a final outcome (filled, cancelled or rejected). So the position a decision sees is
-exactly the one a live trader would have, whatever order Kafka delivers the topics in: replay is deterministic.
+of its own orders. A step is evaluated only when (a) the plan of its epoch is known and (b) what each of its
+orders did before the step's close is known: the order has its final outcome (filled, cancelled, rejected),
+or an event of the exchange at or after the close (the exchange reports an order's events in time order, so
+nothing earlier is still to come). The step then sees exactly the outcomes whose event time is before its
+close, and nothing later: an order still working at the close is working for the decision (no look-ahead),
+and the position a decision sees is the one a live trader would have, whatever order Kafka delivers the
+topics in: replay is deterministic.
+
+While an order of the profile works on a product, the step makes no new intent in that product (no buy and
+sell working at once, no sale sized to a position not yet held); an entry elsewhere is sized from the cash
+with what the working buys can still spend set aside (their unfilled size at the reference price, plus 2 %).
 
 The state is a function of the input logs alone, whatever their interleaving. That is what lets a worker
 rebuild it after a crash by reading its inputs from the beginning (docs/backtest.md): an outcome read before
@@ -26,8 +34,11 @@ An accepted rotate command for this profile, appended at broker time T, applies 
 were published at or after T (the registry's rule, docs/registry.md section 13): that step waits for the
 rotated plan, so a rebuild switches plans at the same step as the first run.
 
-Long-only spot: a buy opens a position, a sell closes it. Exits (stop loss, take profit, signal reversal,
-rotation close) come before entries; entries need the blended signal and confidence above the profile's
+Long-only spot: a buy opens a position, a sell closes it. Exits come before entries. Stop loss and take profit
+are protective orders resting at the exchange once the entry completed (shared/protective.py): the first
+candle whose range reaches a level sends the exit with its trigger price and candle, and the paper exchange
+fills it on that candle at that price (slippage and fee included), not at a later close. Then a halt's close
+(reason "halt"), an operator's or a rotation's flatten, and signal reversal; entries need the blended signal and confidence above the profile's
 thresholds and the market's volatility between `entropy_threshold` (per candle) and `volatility_threshold`
 (annualised).
 
@@ -50,6 +61,7 @@ from decimal import ROUND_DOWN, Decimal
 from typing import Literal
 
 from services.strategy.signals import SECONDS_PER_YEAR, Bar, ProductSignals, Signal, blend_with
+from shared import protective
 from shared.aligner import Aligner, Step
 from shared.clock import ID_NAMESPACE, from_epoch_s
 from shared.config import Profile, StrategySettings
@@ -58,6 +70,7 @@ from shared.messages import (
     CandleClosed,
     ControlCommand,
     FeedStateChanged,
+    IntentReason,
     Message,
     OrderDecided,
     OrderFilled,
@@ -76,7 +89,8 @@ log = logging.getLogger(__name__)
 
 SIZE_STEP = Decimal("0.00000001")
 MIN_NOTIONAL = Decimal("1")
-Reason = Literal["entry", "exit_signal", "stop_loss", "take_profit", "manual", "flatten"]
+Reason = IntentReason
+RESERVE = Decimal("1.02")  # a working buy may still spend its unfilled size at the reference price, plus this
 RotationPolicy = Literal["keep", "close"]
 Outcome = OrderDecided | OrderUpdated | OrderFilled
 DEFAULT_DECISION_WAIT_STEPS = StrategySettings().decision_wait_steps
@@ -240,7 +254,15 @@ class StrategyState:
     rotations_waiting: dict[str, int] = field(default_factory=dict)  # rotate command id -> broker time (ms)
     rotations_answered: set[str] = field(default_factory=set)  # command ids a published plan answers
     marks: dict[str, Decimal] = field(default_factory=dict)
+    # Our intents whose final outcome has not been applied yet: orders working as of the last evaluated step.
     pending: dict[str, PlaceOrder] = field(default_factory=dict)
+    # Outcomes of our intents as they arrive, applied when a step whose close is after their event time is
+    # evaluated: (event time, arrival number, outcome).
+    deferred: list[tuple[float, int, Outcome]] = field(default_factory=list)
+    defer_seq: int = 0
+    seen_through: dict[str, float] = field(default_factory=dict)  # intent -> latest exchange event time seen
+    final_seen: set[str] = field(default_factory=set)  # intents whose final outcome has arrived
+    applied_size: dict[str, Decimal] = field(default_factory=dict)  # intent -> size of its applied fills
     queue: deque[Step] = field(default_factory=deque)
     seen_fills: set[str] = field(default_factory=set)
     emitted: set[str] = field(default_factory=set)  # every intent id this state has sent
@@ -280,6 +302,8 @@ class StrategyState:
     history_steps: int = 0  # steps evaluated as history or while stale (entries held back)
     last_plan: tuple[int, int] | None = None  # (epoch, rotation) of the plan of the last evaluated step
     flatten: set[str] = field(default_factory=set)  # products to close because the plan rotated
+    halt_close: set[str] = field(default_factory=set)  # products to close because a risk halt fired
+    close_on_halt: bool = True
     steps_done: int = 0
     last_step_s: int | None = None
     market_done: bool = False
@@ -306,9 +330,10 @@ class StrategyState:
 
 # Durable state (shared/snapshots.py): the version of StrategyState's snapshot form (raise it when a field
 # changes meaning), and the fields new_state sets from the configuration, which a snapshot leaves out.
-SNAPSHOT_SCHEMA = 1
+SNAPSHOT_SCHEMA = 2
 CONFIG_FIELDS = frozenset(
     {
+        "close_on_halt",
         "profile_id",
         "profile",
         "quote",
@@ -350,6 +375,7 @@ def new_state(
         limits=_Limits.of(profile),
         decision_wait_steps=decision_wait_steps,
         max_publish_lag_s=max_publish_lag_s,
+        close_on_halt=profile.risk_management.close_on_halt,
     )
 
 
@@ -398,7 +424,7 @@ def decide(
         if msg.intent_id in state.emitted:
             reason = _contradicts_own(state, msg) if isinstance(msg, OrderFilled) else None
             if reason is None:
-                _apply_outcome(state, msg)
+                _receive_own(state, msg)
             else:
                 log.warning("%s", reason)
                 state.refused.append(Refusal(msg, reason))
@@ -413,6 +439,35 @@ def take_refused(state: StrategyState) -> list[Refusal]:
     """The outcomes refused since the last call (the worker dead-letters them)."""
     out, state.refused = state.refused, []
     return out
+
+
+def _receive_own(state: StrategyState, o: Outcome) -> None:
+    """An outcome of one of our intents: it proves how far the exchange got with the order, and is applied
+    when the first step closing after its event time is evaluated (never earlier: no look-ahead)."""
+    t = o.event_time.timestamp()
+    iid = o.intent_id
+    if not isinstance(o, OrderDecided) and t > state.seen_through.get(iid, -math.inf):
+        state.seen_through[iid] = t  # the arbiter's decision says nothing of the exchange's progress
+    if (isinstance(o, OrderDecided) and o.verdict == "rejected") or (
+        isinstance(o, OrderUpdated) and o.status in TERMINAL_STATUSES
+    ):
+        state.final_seen.add(iid)
+    state.defer_seq += 1
+    heapq.heappush(state.deferred, (t, state.defer_seq, o))
+
+
+def _apply_due(state: StrategyState, before_s: float) -> None:
+    """Apply the deferred outcomes whose event time is before `before_s` (all of them: math.inf)."""
+    d = state.deferred
+    while d and d[0][0] < before_s:
+        _apply_outcome(state, heapq.heappop(d)[2])
+
+
+def _known(state: StrategyState, step: Step) -> bool:
+    """What each working order did before the step's close is known (module docstring)."""
+    close = step.close_s
+    seen = state.seen_through
+    return all(iid in state.final_seen or seen.get(iid, -math.inf) >= close for iid in state.pending)
 
 
 def awaits(state: StrategyState, intent_id: str) -> bool:
@@ -466,9 +521,17 @@ def _apply_outcome(state: StrategyState, o: Outcome) -> None:
         _apply_fill(state, o)
     elif isinstance(o, OrderDecided):
         if o.verdict == "rejected":
-            state.pending.pop(o.intent_id, None)
+            _settle(state, o.intent_id)
     elif o.status in TERMINAL_STATUSES:
-        state.pending.pop(o.intent_id, None)
+        _settle(state, o.intent_id)
+
+
+def _settle(state: StrategyState, intent_id: str) -> None:
+    """The intent's final outcome is applied: it works no more."""
+    state.pending.pop(intent_id, None)
+    state.seen_through.pop(intent_id, None)
+    state.final_seen.discard(intent_id)
+    state.applied_size.pop(intent_id, None)
 
 
 def _release_foreign(state: StrategyState, step: Step) -> None:
@@ -559,6 +622,8 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
     state.seen_fills.add(f.fill_id)
     state.fills += 1
     state.fees += f.fee
+    if f.intent_id in state.pending:
+        state.applied_size[f.intent_id] = state.applied_size.get(f.intent_id, Decimal(0)) + f.size
     notional = f.size * f.price
     pos = state.positions.get(f.product)
     if f.side == "buy":
@@ -587,6 +652,7 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
                 del state.positions[f.product]
                 state.entry_fees.pop(f.product, None)
                 state.flatten.discard(f.product)
+                state.halt_close.discard(f.product)
 
 
 def _plan_for(state: StrategyState, step: Step) -> PlanPublished | None:
@@ -604,15 +670,17 @@ def _plan_for(state: StrategyState, step: Step) -> PlanPublished | None:
     return found
 
 
-def ready(state: StrategyState) -> bool:
-    """No intent awaits its outcome: the next step can be evaluated as soon as its plan is known."""
-    return not state.pending
+def ready(state: StrategyState, step: Step) -> bool:
+    """What the profile's orders did before `step` closed is known: it can be evaluated once its plan is."""
+    return _known(state, step)
 
 
 def _drain(state: StrategyState) -> list[Message]:
     out: list[Message] = []
-    while state.queue and not state.pending:
+    while state.queue and _known(state, state.queue[0]):
         step = state.queue[0]
+        if state.deferred:
+            _apply_due(state, step.close_s)
         plan = _plan_for(state, step)
         if plan is None:
             if not _unplanned_history(state, step):
@@ -626,6 +694,8 @@ def _drain(state: StrategyState) -> list[Message]:
         state.queue.popleft()
         state.step_published.pop(step.time_s, None)
         out.extend(_evaluate_step(state, step, plan))
+    if state.market_done and not state.queue and state.deferred:
+        _apply_due(state, math.inf)  # no step follows: every outcome is in the past
     if state.market_done and not state.queue and not state.pending and not state.finished:
         state.finished = True
         t = from_epoch_s(state.last_step_s or 0)
@@ -705,7 +775,34 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     corr = f"step:{step.time_s}"
     out: list[Message] = []
 
+    # Orders still working at this close: no new intent in their products (module docstring).
+    working: set[str] = set()
+    reserved = Decimal(0)
+    for w_intent in state.pending.values():
+        working.add(w_intent.product)
+        if w_intent.side == "buy":
+            left = w_intent.size - state.applied_size.get(w_intent.intent_id, Decimal(0))
+            reserved += max(left, Decimal(0)) * w_intent.reference_price * RESERVE
+
+    # Protective exits the step's candles reached: they acted inside the candle, so the equity of this close
+    # counts the position at its trigger price (what the resting order got), not at the close.
+    triggered: dict[str, tuple[Reason, Decimal, datetime]] = {}
+    if state.positions:
+        candles = {c.product: c for c in step.candles}
+        for product, pos in state.positions.items():
+            c = candles.get(product)
+            if c is None or product in working:
+                continue  # nothing traded, or the entry still fills (protected once it completed)
+            stop, take = protective.levels(pos.avg_price, lim.stop_loss_pct, lim.take_profit_pct)
+            hit = protective.reached(c.open, c.high, c.low, stop, take)
+            if hit is not None:
+                triggered[product] = (hit[0], hit[1], c.open_time)
+
     equity = state.equity()
+    if triggered:
+        for product, (_, at, _) in triggered.items():
+            pos = state.positions[product]
+            equity += pos.size * (at - marks.get(product, pos.avg_price))
     if equity > state.high_water:
         state.high_water = equity
     day = step.close_s // 86400
@@ -713,7 +810,7 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
         state.day = day
         state.day_start_equity = equity
     if equity < state.high_water or equity < state.day_start_equity:  # else neither loss can be positive
-        out.extend(_risk_halts(state, equity, day, corr))
+        out.extend(_risk_halts(state, equity, day, corr, step.close_s))
 
     # Rotation: the first step under a new epoch's plan. "close" sells every open position (reason
     # "flatten"); a sale that does not happen (rejected, cancelled) is tried again at the next steps.
@@ -733,28 +830,49 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     # Exits first: they free slots and never wait on the market regime.
     if state.positions:
         for product in sorted(state.positions):
+            if product in working:
+                continue  # its order is still working: its outcome decides
             pos = state.positions[product]
             flat = product in state.flatten
-            if product not in present and not flat:
+            halt = product in state.halt_close
+            hit_at = triggered.get(product)
+            if hit_at is not None:
+                reason, at, candle_open = hit_at
+                intents.append(
+                    _intent(
+                        state,
+                        plan,
+                        step,
+                        product,
+                        "sell",
+                        pos.size,
+                        at,
+                        reason,
+                        None,
+                        trigger=(at, candle_open),
+                    )
+                )
+                continue
+            if product not in present and not (flat or halt):
                 continue
             price = marks.get(product, pos.avg_price)
-            change_pct = (price / pos.avg_price - 1) * 100
-            reason: Reason | None = None
+            reason_: Reason | None = None
             exit_sig: Signal | None = None  # the signal behind an exit_signal, recorded on the intent
-            if change_pct <= -lim.stop_loss_pct:
-                reason = "stop_loss"
-            elif change_pct >= lim.take_profit_pct:
-                reason = "take_profit"
+            if halt:
+                reason_ = "halt"
             elif flat:
-                reason = "flatten"
+                reason_ = "flatten"
             else:
                 sig = market.blended(product, strategy, tunable, weights, w)
                 if sig is not None and sig.value <= -threshold:
-                    reason, exit_sig = "exit_signal", sig
-            if reason is not None:
-                intents.append(_intent(state, plan, step, product, "sell", pos.size, price, reason, exit_sig))
+                    reason_, exit_sig = "exit_signal", sig
+            if reason_ is not None:
+                intents.append(
+                    _intent(state, plan, step, product, "sell", pos.size, price, reason_, exit_sig)
+                )
 
-    slots = p.trading_params.max_open_positions - len(state.positions)
+    held_or_buying = set(state.positions) | {i.product for i in state.pending.values() if i.side == "buy"}
+    slots = p.trading_params.max_open_positions - len(held_or_buying)
     if not _is_current(state, step):
         state.history_steps += 1
         slots = 0  # history or a stale feed: the models learn from it, nothing is opened on it
@@ -762,7 +880,7 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
         candidates: list[tuple[float, str, Signal]] = []
         low, high = sc.entropy_threshold, p.risk_management.volatility_threshold
         for product in plan.products:
-            if product in state.positions:
+            if product in state.positions or product in working:
                 continue
             snap = market.snapshot(product)
             if snap is None or snap.per_candle is None or snap.annualised is None:
@@ -774,12 +892,13 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
                 continue
             if sig.value >= threshold and sig.confidence >= sc.confidence_threshold:
                 candidates.append((-sig.value, product, sig))
+        cash = state.cash - reserved
         for _, product, sig in sorted(candidates)[:slots]:
             price = marks[product]
             budget = equity * Decimal(
                 str(sc.max_position_size_pct / 100 * sig.confidence / sc.risk_adjustment_factor)
             )
-            budget = min(budget, state.cash * Decimal("0.98"))  # keep room for fee and slippage
+            budget = min(budget, cash * Decimal("0.98"))  # keep room for fee and slippage
             size = (budget / price).quantize(SIZE_STEP, rounding=ROUND_DOWN)
             if size <= 0 or size * price < MIN_NOTIONAL:
                 continue
@@ -801,30 +920,32 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     if state.held:
         for i in intents:
             for o in state.held.pop(i.intent_id, ()):
-                _apply_outcome(state, o)
+                _receive_own(state, o)
     return out
 
 
-def _risk_halts(state: StrategyState, equity: Decimal, day: int, corr: str) -> list[Message]:
+def _risk_halts(state: StrategyState, equity: Decimal, day: int, corr: str, close_s: int) -> list[Message]:
+    """Halts the step's close breached, stamped at that close (when they are known). With close_on_halt the
+    profile's positions are sold too (reason "halt"), so the loss stops at the limit."""
     rm = state.profile.risk_management
     lim = state.limits
     out: list[Message] = []
-    assert state.last_step_s is not None
+    when = from_epoch_s(close_s)
     if state.halted is None and state.high_water > 0:
         dd_pct = (state.high_water - equity) / state.high_water * 100
         if dd_pct >= lim.max_drawdown_pct:
             state.halted = f"drawdown {dd_pct:.2f}% >= max_drawdown_pct {rm.max_drawdown_pct}"
-            out.append(_halt(state, state.halted, None, from_epoch_s(state.last_step_s), corr))
+            out.append(_halt(state, state.halted, None, when, corr))
             state.halt_counts["drawdown"] = state.halt_counts.get("drawdown", 0) + 1
     if state.entries_paused_day != day and state.day_start_equity > 0:
         loss_pct = (state.day_start_equity - equity) / state.day_start_equity * 100
         if loss_pct >= lim.max_daily_loss_pct:
             state.entries_paused_day = day
             reason = f"daily loss {loss_pct:.2f}% >= max_daily_loss_pct {rm.max_daily_loss_pct}"
-            out.append(
-                _halt(state, reason, from_epoch_s((day + 1) * 86400), from_epoch_s(state.last_step_s), corr)
-            )
+            out.append(_halt(state, reason, from_epoch_s((day + 1) * 86400), when, corr))
             state.halt_counts["daily_loss"] = state.halt_counts.get("daily_loss", 0) + 1
+    if out and state.close_on_halt:
+        state.halt_close |= set(state.positions)
     return out
 
 
@@ -851,6 +972,8 @@ def _intent(
     price: Decimal,
     reason: Reason,
     sig: Signal | None,
+    *,
+    trigger: tuple[Decimal, datetime] | None = None,
 ) -> PlaceOrder:
     intent_id = derived_id("intent", state.profile_id, product, step.time_s, side)
     return PlaceOrder(
@@ -871,4 +994,6 @@ def _intent(
         priority=state.profile.priority,
         signal=max(-1.0, min(1.0, sig.value)) if sig else 0.0,
         confidence=max(0.0, min(1.0, sig.confidence)) if sig else 0.0,
+        trigger_price=trigger[0] if trigger else None,
+        trigger_candle=trigger[1] if trigger else None,
     )

@@ -213,11 +213,25 @@ def test_step_resumes_after_a_rejection_and_retries_the_exit(
     assert state.positions["BTC/USDC"].size == 10
 
 
+def _next_step(state: StrategyState, at: int = T0 + 2 * HOUR, price: Any = 97) -> list[Message]:
+    """Evaluate the step after the pending one: outcomes are applied when a step closing after them is."""
+    return feed(state, step_messages([candle("BTC/USDC", at, price)]))
+
+
+def test_outcomes_are_applied_only_by_a_step_closing_after_them(profile: Profile) -> None:
+    state, intent = _stop_loss_pending(profile)  # sells the 10 BTC held at 100
+    feed(state, fill_for(intent))
+    assert state.positions["BTC/USDC"].size == 10  # known, not yet seen by any decision
+    _next_step(state)
+    assert "BTC/USDC" not in state.positions
+
+
 def test_redelivered_fill_is_counted_once(profile: Profile) -> None:
     state, intent = _stop_loss_pending(profile)  # sells the 10 BTC held at 100
     cash = state.cash
     f, done = fill_for(intent, fee="1.2")
     feed(state, [f, f, done, f])
+    _next_step(state)
     assert "BTC/USDC" not in state.positions
     assert state.cash == cash + 10 * intent.reference_price - D("1.2")
     assert state.fees == D("1.2")
@@ -335,6 +349,7 @@ def test_own_intent_outcomes_need_no_decision(profile: Profile) -> None:
     # rebuild tests cover their ordering).
     state, intent = _stop_loss_pending(profile)
     feed(state, fill_for(intent))
+    _next_step(state)
     assert state.positions == {} and take_refused(state) == []
 
 
@@ -367,6 +382,7 @@ def test_second_fill_of_our_intent_beyond_its_size_is_refused_after_the_real_one
     feed(state, [f, done])
     extra = f.model_copy(update={"id": "again", "fill_id": "again", "size": D("1")})
     feed(state, [extra])
+    _next_step(state)
     (refusal,) = take_refused(state)
     assert "fills of 11 would exceed the intent's size 10" in refusal.reason
     assert "BTC/USDC" not in state.positions and state.fills == fills + 1
@@ -395,7 +411,11 @@ def test_stop_loss_exit_sells_the_whole_position_once_the_loss_reaches_the_limit
         feed(state, step_messages([candle("BTC/USDC", T0 + 2 * HOUR, above, close=below)])), PlaceOrder
     )
     assert (intent.side, intent.reason, intent.size) == ("sell", "stop_loss", D("1.5"))
-    assert intent.reference_price == below
+    # The stop rested at the exchange: it acted within the candle at its level, not at the close.
+    stop = (D(200) * (1 - D(sl) / 100)).quantize(D("0.00000001"))
+    assert below < stop < above
+    assert intent.reference_price == intent.trigger_price == stop
+    assert intent.trigger_candle is not None and intent.trigger_candle.timestamp() == T0 + 2 * HOUR
     assert intent.step_time.timestamp() == T0 + 2 * HOUR
     assert intent.event_time.timestamp() == T0 + 3 * HOUR  # decided at the close of the step
 
@@ -555,12 +575,26 @@ def test_drawdown_halt_is_emitted_once_and_blocks_entries_but_not_exits(profile:
     state, out = _halt_run(base, eth)
     dd = [h for h in of_type(out, ProfileHalted) if h.reason.startswith("drawdown")]
     assert len(dd) == 1
-    assert dd[0].until is None and dd[0].event_time.timestamp() == START + DROP * HOUR
+    # Stamped when it is known: at the close of the step whose close breached the limit.
+    assert dd[0].until is None and dd[0].event_time.timestamp() == START + (DROP + 1) * HOUR
     assert str(base.risk_management.max_drawdown_pct) in dd[0].reason
     assert any(_step_of(i) < DROP for i in buys(out))
     assert [i for i in buys(out) if _step_of(i) >= DROP] == []  # for the rest of the run, days included
-    exits = [i for i in of_type(out, PlaceOrder) if i.side == "sell"]
-    assert [(e.product, e.reason, _step_of(e)) for e in exits] == [("ETH/USDC", "stop_loss", DROP + 1)]
+    exits = [(e.product, e.reason, _step_of(e)) for e in of_type(out, PlaceOrder) if e.side == "sell"]
+    # close_on_halt (the default): the halt sells the position at once; every sale is rejected here, so it is
+    # tried again at each step, and the stop (reached within the next candle) acts first where it can.
+    assert exits[:3] == [
+        ("ETH/USDC", "halt", DROP),
+        ("ETH/USDC", "stop_loss", DROP + 1),
+        ("ETH/USDC", "halt", DROP + 2),
+    ]
+    assert {r for _, r, _ in exits[3:]} == {"halt"}
+    assert state.halted is not None
+
+    keep = tune(base, risk_management={"close_on_halt": False})
+    state, out = _halt_run(keep, eth)
+    exits = [(e.product, e.reason, _step_of(e)) for e in of_type(out, PlaceOrder) if e.side == "sell"]
+    assert exits == [("ETH/USDC", "stop_loss", DROP + 1)]  # the halt only blocked entries
     assert state.halted is not None
 
 
@@ -576,7 +610,7 @@ def test_daily_loss_halts_entries_until_the_next_utc_day(profile: Profile) -> No
     (halt,) = of_type(out, ProfileHalted)
     assert halt.reason.startswith("daily loss")
     assert halt.until is not None and halt.until.timestamp() == T0 + DAY
-    assert halt.event_time.timestamp() == START + DROP * HOUR
+    assert halt.event_time.timestamp() == START + (DROP + 1) * HOUR
     assert [i for i in buys(out) if DROP <= _step_of(i) < next_day] == []
     assert any(_step_of(i) >= next_day for i in buys(out))  # entries resume the next UTC day
     assert any(_step_of(i) < DROP for i in buys(out))
