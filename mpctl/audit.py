@@ -421,9 +421,11 @@ def check_stops(run: Run, r: AuditReport) -> None:
             for c in run.candles.from_time(product, t0):
                 if c.open_us > ep.end:
                     break
-                held, avg = _avg_cost(ep.fills, c.close_us)
-                if held <= 0 or avg <= 0:
-                    break
+                # The episode's buys up to this candle (sells leave the average cost unchanged); the position
+                # is open at the candle (the episode ends at or after its open).
+                buys = [f for f in ep.fills if f.side == "buy" and f.t < c.close_us]
+                bought = sum((f.size for f in buys), Decimal(0))
+                avg = sum((f.size * f.price for f in buys), Decimal(0)) / bought
                 stop = avg * (1 - lim.stop_loss_pct / 100)
                 take = avg * (1 + lim.take_profit_pct / 100)
                 hit_stop, hit_take = c.low <= stop, c.high >= take
