@@ -83,7 +83,7 @@ CHECKS: dict[str, str] = {
 }
 MAX_EXAMPLES = 5
 EPS = Decimal("0.00000001")  # sizes and prices are written with 8 decimals
-HALT_TOL_PCT = Decimal("0.05")  # recomputed drawdown/daily loss vs the strategy's own: rounding of marks
+HALT_TOL_PCT = Decimal("0.005")  # the halt reasons round the drawdown and daily loss to 2 decimals
 US = 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
