@@ -701,7 +701,7 @@ def check_halts(run: Run, r: AuditReport) -> None:
                 if o.profile != pid or o.side != "buy" or o.intent_reason not in (None, "entry"):
                     continue
                 s = _life_start(o, fills_of)
-                if s is not None and at <= s < until and fills_of.get(o.client_order_id):
+                if s is not None and at <= s < until:
                     r.fail(
                         "6-halt-entry",
                         f"{pid} {o.product}: entry order {o.client_order_id} submitted {_iso(s)} after the "
