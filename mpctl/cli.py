@@ -28,6 +28,7 @@ COMMAND_MODULES: dict[str, str] = {
     "exchange": "mpctl.commands_exchange",
     "k8s": "mpctl.k8s",
     "backtest": "mpctl.backtest",
+    "audit": "mpctl.audit",
 }
 
 
