@@ -130,6 +130,13 @@ class Fill:
     intent_reason: str | None = None
     fill_id: str = ""
     where: str = ""  # file:line, for messages
+    candle_us: int | None = None  # `candle_open`: the candle whose range priced it (paper), when recorded
+
+    @property
+    def priced_at(self) -> int:
+        """A time inside the candle that priced the fill: a protective exit is priced on the candle that reached
+        its level and booked when that is known (at its close); other fills on the candle of their time."""
+        return self.candle_us if self.candle_us is not None else self.t
 
 
 @dataclass
@@ -343,14 +350,16 @@ def _fills_by_order(run: Run) -> dict[str, list[Fill]]:
 
 
 def _protective(o: Order | None, run: Run) -> bool:
-    return o is not None and o.intent_reason in PROTECTIVE and o.intent_id not in run.decided_intents
+    """A stop loss or take profit: a trigger order that takes liquidity once its level is reached (whether the
+    exchange held it or the arbiter passed it on), so it cannot trade with another profile's market order."""
+    return o is not None and o.intent_reason in PROTECTIVE
 
 
 # ------------------------------------------------------------------------------------------ rule 1
 def check_fills_in_candle(run: Run, r: AuditReport) -> None:
     for f in run.fills:
         r.checked["fills"] += 1
-        c = run.candles.at(f.product, f.t)
+        c = run.candles.at(f.product, f.priced_at)
         if c is None:
             r.fail(
                 "1-fill-in-candle",
@@ -418,7 +427,12 @@ def check_stops(run: Run, r: AuditReport) -> None:
         for ep in _episodes(fills):
             r.checked["positions"] += 1
             t0 = ep.fills[0].t
-            for c in run.candles.from_time(product, t0):
+            # Protected from the candle in which the entry order completed (docs/execution.md): while it
+            # still fills, a sale would work against it.
+            entry = run.orders.get(ep.fills[0].client_order_id)
+            done = entry.final if entry is not None else None
+            guarded = max(t0, done.t) if done is not None else t0
+            for c in run.candles.from_time(product, guarded):
                 if c.open_us > ep.end:
                     break
                 # The episode's buys up to this candle (sells leave the average cost unchanged); the position
@@ -433,7 +447,7 @@ def check_stops(run: Run, r: AuditReport) -> None:
                     continue
                 r.checked["stop/take-profit triggers"] += 1
                 level, what = (stop, "stop") if hit_stop else (take, "take-profit")
-                sells = [f for f in ep.fills if f.side == "sell" and c.open_us <= f.t < c.close_us]
+                sells = [f for f in ep.fills if f.side == "sell" and c.open_us <= f.priced_at < c.close_us]
                 head = (
                     f"{pid} {product}: position entered {_iso(t0)} (avg cost {_n(avg)}): candle "
                     f"{_iso(c.open_us)} reached the {what} level {_n(level)} "
@@ -598,7 +612,7 @@ def check_liquidity(run: Run, r: AuditReport) -> None:
     for f in run.fills:
         if f.internal:
             continue
-        c = run.candles.at(f.product, f.t)
+        c = run.candles.at(f.product, f.priced_at)
         if c is not None:
             taken[(f.product, c.open_us)].append(f)
     for (product, open_us), fs in sorted(taken.items()):
@@ -627,8 +641,9 @@ class _EquityPoint:
 
 
 def _equity_curve(run: Run, pid: str, lim: Limits) -> dict[int, _EquityPoint]:
-    """The profile's equity at every step close: cash from the fills before it, positions at the closes."""
-    fills = [f for f in run.fills if f.profile == pid]
+    """The profile's equity at every step close: cash from the fills priced before it (a protective exit on the
+    candle that reached its level), positions at the closes."""
+    fills = sorted((f for f in run.fills if f.profile == pid), key=lambda f: f.priced_at)
     closes = sorted((b.close_us, p, b.close) for p, bs in run.candles.bars.items() for b in bs)
     cash = lim.initial_equity
     pos: dict[str, Decimal] = defaultdict(Decimal)
@@ -638,7 +653,7 @@ def _equity_curve(run: Run, pid: str, lim: Limits) -> dict[int, _EquityPoint]:
     out: dict[int, _EquityPoint] = {}
     fi = ci = 0
     for t in run.candles.closes():
-        while fi < len(fills) and fills[fi].t < t:
+        while fi < len(fills) and fills[fi].priced_at < t:
             f = fills[fi]
             sign = 1 if f.side == "sell" else -1
             cash += sign * f.size * f.price - f.fee
@@ -709,9 +724,11 @@ def check_halts(run: Run, r: AuditReport) -> None:
                     )
             if not lim.close_on_halt:
                 continue
+            # close_on_halt: every position held at the halt is sold from the halt's close on (a sale order
+            # submitted before the next candle closes); how fast it fills is the market's share (rule 5).
             held: dict[str, Decimal] = defaultdict(Decimal)
             for f in run.fills:
-                if f.profile == pid and f.t < at:
+                if f.profile == pid and f.priced_at < at:
                     held[f.product] += f.size if f.side == "buy" else -f.size
             for product, size in sorted(held.items()):
                 if size <= EPS:
@@ -719,19 +736,20 @@ def check_halts(run: Run, r: AuditReport) -> None:
                 c = run.candles.first_opening_at_or_after(product, at)
                 if c is None:
                     continue  # the run ended first
-                left = size + sum(
-                    (
-                        f.size if f.side == "buy" else -f.size
-                        for f in run.fills
-                        if f.profile == pid and f.product == product and at <= f.t < c.close_us
-                    ),
-                    Decimal(0),
-                )
-                if left > EPS:
+                sold = [
+                    o
+                    for o in run.orders.values()
+                    if o.profile == pid
+                    and o.product == product
+                    and o.side == "sell"
+                    and (s := _life_start(o, fills_of)) is not None
+                    and at <= s < c.close_us
+                ]
+                if not sold:
                     r.fail(
                         "6-halt-close",
-                        f"{pid} {product}: halt '{reason}' at {_iso(at)} with close_on_halt, but "
-                        f"{_n(left)} of {_n(size)} still held after the next candle {_iso(c.open_us)}",
+                        f"{pid} {product}: halt '{reason}' at {_iso(at)} with close_on_halt, but no sale of the "
+                        f"{_n(size)} held was sent before the next candle {_iso(c.open_us)} closed",
                     )
 
 
@@ -868,6 +886,7 @@ def parse_fill(rec: Mapping[str, Any], where: str = "") -> Fill:
         intent_reason=rec.get("intent_reason"),
         fill_id=str(rec.get("fill_id", "")),
         where=where,
+        candle_us=_time(rec, "candle_open", where) if rec.get("candle_open") else None,
     )
 
 

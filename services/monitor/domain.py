@@ -171,6 +171,7 @@ def fill_records(data: RunData) -> list[dict[str, Any]]:
             "intent_id": f.intent_id,
             "event_time": _iso(f.event_time),
             "internal": f.internal,
+            "candle_open": _iso(f.candle_open) if f.candle_open is not None else None,
         }
         for f in sorted(verified_fills(data)[0], key=lambda f: (f.event_time, f.profile, f.fill_id))
     ]
