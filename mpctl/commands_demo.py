@@ -39,6 +39,7 @@ from mpctl.stack import (
     with_namespace,
     write_run_json,
 )
+from services.monitor.domain import exit_reason_order
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
 from shared.kafka import delete_topics
@@ -219,7 +220,7 @@ def print_table(summary: dict[str, Any]) -> None:
     # Why each exit happened: sell orders with a fill, by the intent's reason; orders cancelled at order_timeout.
     exits = {pid: p["exits_by_reason"] for pid, p in summary["profiles"].items() if "exits_by_reason" in p}
     if exits:
-        reasons = list(dict.fromkeys(r for e in exits.values() for r in e))
+        reasons = exit_reason_order(r for e in exits.values() for r in e)
         _print_rows(
             ["exits by reason", *reasons, "timed_out"],
             [

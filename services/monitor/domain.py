@@ -126,7 +126,15 @@ class RunData:
 
 # The reasons an exit (a sell) can have, each a key of summary.json's exits_by_reason (docs/monitoring.md).
 EXIT_REASONS = ("exit_signal", "stop_loss", "take_profit", "flatten", "halt", "manual")
+
+
 # Intent reasons of the protective orders the paper exchange holds for a position (docs/execution.md).
+def exit_reason_order(reasons: Iterable[str]) -> list[str]:
+    """Exit reasons in the order they are shown: EXIT_REASONS first (summary.json may sort its keys), others after."""
+    given = set(reasons)
+    return [r for r in EXIT_REASONS if r in given] + sorted(given - set(EXIT_REASONS))
+
+
 PROTECTIVE_REASONS = frozenset({"stop_loss", "take_profit"})
 TIMEOUT_PREFIX = "order_timeout"  # how the paper exchange's (and live worker's) timeout cancel reason starts
 

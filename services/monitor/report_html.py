@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from services.monitor.domain import exit_reason_order
 from services.monitor.metrics import pearson, simple_returns
 
 PALETTE = [
@@ -470,7 +471,7 @@ def render_report(run: RunFiles, *, generated_at: datetime | None = None) -> str
     }
     if exits:
         parts.append("<h2>Exits by reason</h2>")
-        reasons = list(dict.fromkeys(r for e in exits.values() for r in e))
+        reasons = exit_reason_order(r for e in exits.values() for r in e)
         parts.append(
             _table(
                 ["profile", *(r.replace("_", " ") for r in reasons), "orders timed out"],
