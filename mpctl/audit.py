@@ -418,6 +418,20 @@ def _avg_cost(fills: Iterable[Fill], before: int) -> tuple[Decimal, Decimal]:
     return size, (cost / size if size > 0 else Decimal(0))
 
 
+def _protective_sent(run: Run, pid: str, product: str, c: CandleBar) -> bool:
+    """A stop loss / take profit of the profile was sent at that candle's close (it acted on the candle; its
+    fills come on the next candles when the profile's share of the candle's volume was used up)."""
+    interval = c.close_us - c.open_us
+    return any(
+        o.profile == pid
+        and o.product == product
+        and o.side == "sell"
+        and o.intent_reason in PROTECTIVE
+        and any(e.status == "submitted" and c.close_us <= e.t < c.close_us + interval for e in o.events)
+        for o in run.orders.values()
+    )
+
+
 def check_stops(run: Run, r: AuditReport) -> None:
     stop_stats: dict[str, dict[str, Any]] = {}
     for (pid, product), fills in sorted(_by(run.fills, "profile", "product").items()):
@@ -453,6 +467,9 @@ def check_stops(run: Run, r: AuditReport) -> None:
                     f"{_iso(c.open_us)} reached the {what} level {_n(level)} "
                     f"(low {_n(c.low)}, high {_n(c.high)})"
                 )
+                if not sells and _protective_sent(run, pid, product, c):
+                    r.checked["protective exits short of the candle's liquidity"] += 1
+                    break  # sent for that candle, whose volume share this profile's orders had used up (rule 5)
                 if not sells:
                     later = next((f for f in ep.fills if f.side == "sell" and f.t >= c.close_us), None)
                     tail = (
@@ -641,9 +658,9 @@ class _EquityPoint:
 
 
 def _equity_curve(run: Run, pid: str, lim: Limits) -> dict[int, _EquityPoint]:
-    """The profile's equity at every step close: cash from the fills priced before it (a protective exit on the
-    candle that reached its level), positions at the closes."""
-    fills = sorted((f for f in run.fills if f.profile == pid), key=lambda f: f.priced_at)
+    """The profile's equity at every step close: cash from the fills booked before it, positions at the closes
+    (what the strategy knows at that close: a protective exit is booked when its fill is)."""
+    fills = [f for f in run.fills if f.profile == pid]
     closes = sorted((b.close_us, p, b.close) for p, bs in run.candles.bars.items() for b in bs)
     cash = lim.initial_equity
     pos: dict[str, Decimal] = defaultdict(Decimal)
@@ -653,7 +670,7 @@ def _equity_curve(run: Run, pid: str, lim: Limits) -> dict[int, _EquityPoint]:
     out: dict[int, _EquityPoint] = {}
     fi = ci = 0
     for t in run.candles.closes():
-        while fi < len(fills) and fills[fi].priced_at < t:
+        while fi < len(fills) and fills[fi].t < t:
             f = fills[fi]
             sign = 1 if f.side == "sell" else -1
             cash += sign * f.size * f.price - f.fee
@@ -736,6 +753,21 @@ def check_halts(run: Run, r: AuditReport) -> None:
                 c = run.candles.first_opening_at_or_after(product, at)
                 if c is None:
                     continue  # the run ended first
+                # An order of the profile still working on the product at the halt decides first (no sale
+                # while it works, rule 3): the sale is due at the first close after it ended.
+                busy = max(
+                    (
+                        _life_end(o)
+                        for o in run.orders.values()
+                        if o.profile == pid
+                        and o.product == product
+                        and (s0 := _life_start(o, fills_of)) is not None
+                        and s0 < at
+                    ),
+                    default=0,
+                )
+                # (the first close after it ended, and the de-sync delay of the sale after that close)
+                due = max(c.close_us, busy + 2 * (c.close_us - c.open_us)) if busy < INF else INF
                 sold = [
                     o
                     for o in run.orders.values()
@@ -743,9 +775,17 @@ def check_halts(run: Run, r: AuditReport) -> None:
                     and o.product == product
                     and o.side == "sell"
                     and (s := _life_start(o, fills_of)) is not None
-                    and at <= s < c.close_us
+                    and at <= s < due
                 ]
-                if not sold:
+                left = size + sum(
+                    (
+                        f.size if f.side == "buy" else -f.size
+                        for f in run.fills
+                        if f.profile == pid and f.product == product and at <= f.t < due
+                    ),
+                    Decimal(0),
+                )
+                if not sold and due < INF and left > EPS:
                     r.fail(
                         "6-halt-close",
                         f"{pid} {product}: halt '{reason}' at {_iso(at)} with close_on_halt, but no sale of the "
@@ -916,7 +956,9 @@ def parse_orders(records: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, 
     return orders
 
 
-def load_candles(data_dir: Path, products: Sequence[str]) -> Candles:
+def load_candles(data_dir: Path, products: Sequence[str], *, until_us: int | None = None) -> Candles:
+    """The products' candles; with `until_us`, only those closed by then (the run's last close: a candle
+    after the run is no part of it)."""
     from shared.candles import CandleFileError, load_products
 
     try:
@@ -936,10 +978,21 @@ def load_candles(data_dir: Path, products: Sequence[str]) -> Candles:
                     row.volume,
                 )
                 for row in cf.rows
+                if until_us is None or (row.open_time_ms // 1000 + cf.interval_s) * US <= until_us
             ]
             for p, cf in files.items()
         }
     )
+
+
+def _last_close(summary: Mapping[str, Any], where: str) -> int | None:
+    last = (summary.get("span") or {}).get("last_close")
+    if not last:
+        return None
+    try:
+        return _us(str(last))
+    except ValueError:
+        raise AuditInputError(f"{where}: span.last_close {last!r} is not an ISO time") from None
 
 
 def load_run(run_dir: Path, data_dir: Path, cfg: AppConfig) -> Run:
@@ -975,7 +1028,7 @@ def load_run(run_dir: Path, data_dir: Path, cfg: AppConfig) -> Run:
         fills=fills,
         decided_intents={str(rec.get("intent_id")) for _, rec in decisions},
         summary=summary,
-        candles=load_candles(data_dir, products),
+        candles=load_candles(data_dir, products, until_us=_last_close(summary, f"{run_dir}/summary.json")),
         limits=limits,
         max_volume_participation=Decimal(str(cfg.system.execution.max_volume_participation)),
         conflict_window_us=int(Decimal(str(cfg.system.arbiter.conflict_window_s)) * US),

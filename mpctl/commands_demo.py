@@ -39,6 +39,7 @@ from mpctl.stack import (
     with_namespace,
     write_run_json,
 )
+from services.monitor.domain import exit_reason_order
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
 from shared.kafka import delete_topics
@@ -215,10 +216,22 @@ def print_table(summary: dict[str, Any]) -> None:
                 f"{p['max_drawdown_pct']:.2f}",
             ]
         )
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    _print_rows(cols, rows)
+    # Why each exit happened: sell orders with a fill, by the intent's reason; orders cancelled at order_timeout.
+    exits = {pid: p["exits_by_reason"] for pid, p in summary["profiles"].items() if "exits_by_reason" in p}
+    if exits:
+        reasons = exit_reason_order(r for e in exits.values() for r in e)
+        _print_rows(
+            ["exits by reason", *reasons, "timed_out"],
+            [
+                [
+                    pid,
+                    *(str(e.get(r, 0)) for r in reasons),
+                    str(summary["profiles"][pid].get("orders_timed_out", 0)),
+                ]
+                for pid, e in exits.items()
+            ],
+        )
     c = summary["counters"]
     print(
         f"intents {c['intents']}, approved {c['approved']}, delayed {c.get('delayed', 0)}, rejected {c['rejected']} "
@@ -236,8 +249,21 @@ def print_table(summary: dict[str, Any]) -> None:
         print(
             f"cross-profile order gaps per product: {g['pairs']} pairs, min {g['min_ms']} ms, median {g['median_ms']} ms, "
             f"p95 {g['p95_ms']} ms; below {d['min_cross_profile_gap_ms']} ms: {d['below_min']}; "
-            f"opposite-side pairs within the window: {d['opposite_side_pairs_within_window']}"
+            f"opposite-side pairs (from the fills: inside an order's working life + window): "
+            f"{d['opposite_side_pairs_within_window']}"
+            + (
+                f" (protective exits, reported apart: {d['protective_opposite_pairs_within_window']})"
+                if d.get("protective_opposite_pairs_within_window")
+                else ""
+            )
         )
+
+
+def _print_rows(cols: list[str], rows: list[list[str]]) -> None:
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 def run_demo(args: argparse.Namespace) -> int:

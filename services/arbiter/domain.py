@@ -20,8 +20,13 @@ Rules, applied to each intent in that order (each one below is a pure function o
 2. `correlation_guard` (buys): when the rolling correlation of the profile's returns with an earlier-ranked
    profile's is above the threshold, the size is scaled down.
 3. `exposure_cap` (buys): total notional per product and in all, across profiles, capped; trim or reject.
-4. `opposite_side`: another profile's live order or recent fill on the other side of the product within
-   `conflict_window_s` blocks the intent (wash-trade prevention); the decision names both profiles. Each such
+4. `opposite_side`: another profile's live order or recent fill on the other side of the product blocks the
+   intent (wash-trade prevention); the decision names both profiles. An approved (or delayed) order is live for
+   its whole working life, from its decision until its latest possible end: its predicted send time plus its
+   profile's `trading_params.order_timeout` (a paper order keeps filling, part by part, until then; its last
+   fill is no later). It then blocks for `conflict_window_s` after that end. Conservative and deterministic:
+   the arbiter does not read order events (their arrival relative to the intents is not deterministic), so an
+   order that finishes early still blocks until that end. Each such
    pair is an internal-cross opportunity (reported with what netting would save); with
    `internal_cross: execute` two intents of one step are netted instead, as an internal transfer.
 5. `crowding`: different profiles' orders on one product are sent at least `min_cross_profile_gap_ms` apart.
@@ -114,8 +119,9 @@ def _pearson_centered(a: tuple[list[float], float], b: tuple[list[float], float]
 # ------------------------------------------------------------------------------------------ state
 @dataclass
 class BookEntry:
-    """A market order another intent may conflict with: live from its decision (`start`) until it is sent
-    (`end`, when the paper exchange fills it), then a recent fill for `conflict_window_s`."""
+    """A market order another intent may conflict with: live from its decision (`start`) until its latest
+    possible end (`end` = predicted send + the profile's order_timeout: it may keep filling until then), then
+    a recent fill for `conflict_window_s`."""
 
     profile: str
     side: str
@@ -124,6 +130,7 @@ class BookEntry:
     intent_id: str
     size: Decimal
     cross_open: Decimal  # what of it has not yet been counted in an internal-cross opportunity
+    send: datetime | None = None  # the predicted send time (`end` - order_timeout)
 
 
 @dataclass
@@ -174,6 +181,7 @@ class ArbiterState:
     slippage: dict[str, Decimal]
     initial: dict[str, Decimal]
     rotation_s: dict[str, int]
+    order_timeout: dict[str, timedelta]  # profile -> trading_params.order_timeout (an order's working life)
     aligner: Aligner
     candle_partitions: frozenset[int]
     partitions: dict[int, PartitionState] = field(default_factory=dict)
@@ -205,7 +213,7 @@ class ArbiterState:
 
 # Durable state (shared/snapshots.py): the version of ArbiterState's snapshot form (raise it when a field
 # changes meaning), and the fields new_state sets from the configuration, which a snapshot leaves out.
-SNAPSHOT_SCHEMA = 1
+SNAPSHOT_SCHEMA = 2  # 2: BookEntry.end is send + order_timeout (was the send), BookEntry.send
 CONFIG_FIELDS = frozenset(
     {
         "profiles",
@@ -218,6 +226,7 @@ CONFIG_FIELDS = frozenset(
         "slippage",
         "initial",
         "rotation_s",
+        "order_timeout",
         "candle_partitions",
     }
 )
@@ -242,6 +251,7 @@ def new_state(cfg: AppConfig) -> ArbiterState:
         slippage={pid: Decimal(str(p.trading_params.slippage_tolerance)) for pid, p in enabled.items()},
         initial={pid: Decimal(str(p.paper.initial_quote_balance)) for pid, p in enabled.items()},
         rotation_s={pid: p.profile_hash.hash_rotation_interval for pid, p in enabled.items()},
+        order_timeout={pid: timedelta(seconds=p.trading_params.order_timeout) for pid, p in enabled.items()},
         aligner=Aligner(candle_parts),
         candle_partitions=candle_parts,
         positions={pid: {} for pid in enabled},
@@ -659,8 +669,16 @@ def rule_opposite_side(state: ArbiterState, d: Draft, drafts: list[Draft]) -> No
     """Wash-trade prevention against other profiles' live orders and recent fills; internal-cross report
     (or, with internal_cross: execute, netting against the opposite intents of the same step)."""
     i = d.intent
+    if i.trigger_price is not None:
+        # A protective exit: the stop or take-profit resting at the exchange was reached within its candle. A
+        # trigger order that takes liquidity at its level cannot trade with another profile's market order,
+        # and refusing it would leave the position unprotected: it is neither blocked nor blocking (the
+        # summary reports such pairs apart, services/monitor/domain.py).
+        return
     window = state.conflict_window
     book = state.book.setdefault(i.product, deque())
+    # Entries are in decision order; their ends are not (order_timeout is per profile): an expired entry
+    # behind a live one stays until it reaches the front, and the filter below ignores it meanwhile.
     while book and book[0].end < i.event_time - window:
         book.popleft()
     old = [
@@ -675,6 +693,7 @@ def rule_opposite_side(state: ArbiterState, d: Draft, drafts: list[Draft]) -> No
         o
         for o in drafts
         if o.live
+        and o.intent.trigger_price is None
         and o.intent.product == i.product
         and o.intent.profile != i.profile
         and o.intent.side != i.side
@@ -719,6 +738,7 @@ def rule_opposite_side(state: ArbiterState, d: Draft, drafts: list[Draft]) -> No
                 "side": e.side,
                 "intent_id": e.intent_id,
                 "from": e.start.isoformat(),
+                "send": e.send.isoformat() if e.send is not None else None,
                 "until": e.end.isoformat(),
             }
             for e in old
@@ -752,7 +772,7 @@ def rule_opposite_side(state: ArbiterState, d: Draft, drafts: list[Draft]) -> No
     reason = (
         f"{i.profile} {i.side} {i.product} conflicts with {first} "
         f"{'buy' if i.side == 'sell' else 'sell'} within conflict_window_s={window.total_seconds():g} "
-        f"(live order or recent fill)"
+        f"(order working until send + order_timeout, or its recent fill)"
     )
     _reject(d, "opposite_side", reason, info)
     d.conflicting = first
@@ -816,9 +836,20 @@ def rule_crowding(state: ArbiterState, d: Draft) -> None:
     sends.append((i.profile, t))
     d.not_before = _from_ms(t - delay)
     d.send = _from_ms(t)
-    state.book.setdefault(i.product, deque()).append(
-        BookEntry(i.profile, i.side, i.event_time, d.send, i.intent_id, d.market, d.cross_open)
-    )
+    # Live until its latest possible end: the paper exchange may fill it until send + order_timeout.
+    if i.trigger_price is None:  # a protective exit blocks nobody (rule_opposite_side)
+        state.book.setdefault(i.product, deque()).append(
+            BookEntry(
+                i.profile,
+                i.side,
+                i.event_time,
+                d.send + state.order_timeout[i.profile],
+                i.intent_id,
+                d.market,
+                d.cross_open,
+                send=d.send,
+            )
+        )
     if t != natural:
         d.details["crowding"] = {
             "delay_ms": delay,
@@ -883,6 +914,7 @@ def _emit(state: ArbiterState, d: Draft) -> list[Message]:
                 size=d.size,
                 reference_price=i.reference_price,
                 reason=i.reason,
+                intent_reason=i.reason,
                 step_time=i.step_time,
                 not_before=d.not_before or i.event_time,
                 internal_size=d.internal,

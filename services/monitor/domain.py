@@ -13,12 +13,24 @@ fill needs an approving `OrderDecided` for its intent of the same profile, produ
 fills never exceed the decided size in total. Any other fill (a forged record on orders.events) moves no
 books and is counted in `counters.unverified_fills`. The report reads the whole run, so no wait is needed.
 
+Why each order exists: every order and fill record carries `intent_reason` (entry, exit_signal, stop_loss,
+take_profit, manual, flatten, halt), from its event, else from its intent (`PlaceOrder.reason`), else from
+another event of the same order, else null. Per profile, `exits_by_reason` counts the sell orders (distinct
+client order ids, internal legs alike) with at least one verified fill by that reason, and `orders_timed_out`
+the orders cancelled at `order_timeout` (the paper exchange's cancel reason starts with "order_timeout").
+
 Arbitration (docs/arbiter.md): decisions by verdict and rule, internal-cross opportunities and what netting
-them saves, and `desync`, measured on the order log alone: for each product, the exchange orders (status
-submitted, not internal) in time order; a gap is the time between two consecutive orders of different
+them saves, and `desync`. The gaps are measured on the order log: for each product, the exchange orders
+(status submitted, not internal) in time order; a gap is the time between two consecutive orders of different
 profiles (the smallest gap between two profiles' orders is always such a pair); `below_min` counts gaps under
-`min_cross_profile_gap_ms`, `opposite_side_pairs_within_window` the pairs of different profiles' opposite
-orders closer than `conflict_window_s` (both must be 0).
+`min_cross_profile_gap_ms`. The wash-trade count comes from the fills (`opposite_side_pairs`): two orders of
+different profiles on one product and opposite sides form a pair when a (non-internal, verified) fill of one
+falls inside the other's working life, from its first exchange event (its `submitted` event; a protective
+order, whose first event is `open`, from its first fill) to its last fill + `conflict_window_s`; each pair of
+orders once. `opposite_side_pairs_within_window` counts the pairs of arbitrated orders (must be 0);
+`protective_opposite_pairs_within_window` the pairs where either order is a protective order (a stop loss or
+take profit: a trigger order taking liquidity at its level, which cannot trade with another profile's market
+order: reported, not prevented).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -113,7 +125,43 @@ class RunData:
             self.correlation_alerts.append(m)
 
 
+# The reasons an exit (a sell) can have, each a key of summary.json's exits_by_reason (docs/monitoring.md).
+EXIT_REASONS = ("exit_signal", "stop_loss", "take_profit", "flatten", "halt", "manual")
+
+
+# Intent reasons of the protective orders the paper exchange holds for a position (docs/execution.md).
+def exit_reason_order(reasons: Iterable[str]) -> list[str]:
+    """Exit reasons in the order they are shown: EXIT_REASONS first (summary.json may sort its keys), others after."""
+    given = set(reasons)
+    return [r for r in EXIT_REASONS if r in given] + sorted(given - set(EXIT_REASONS))
+
+
+PROTECTIVE_REASONS = frozenset({"stop_loss", "take_profit"})
+TIMEOUT_PREFIX = "order_timeout"  # how the paper exchange's (and live worker's) timeout cancel reason starts
+
+
+class _Reasons:
+    """An order event's intent reason: its own, else its intent's (PlaceOrder.reason), else that of another
+    event of the same order (messages from before the field existed carry none)."""
+
+    def __init__(self, data: RunData) -> None:
+        self.by_intent: dict[str, str] = {}
+        for i in data.intents:
+            self.by_intent.setdefault(i.intent_id, i.reason)
+        self.by_order: dict[str, str] = {}
+        events: list[OrderUpdated | OrderFilled] = [*data.updates, *data.fills]
+        for e in events:
+            if e.intent_reason is not None:
+                self.by_order.setdefault(e.client_order_id, e.intent_reason)
+
+    def of(self, e: OrderUpdated | OrderFilled) -> str | None:
+        if e.intent_reason is not None:
+            return e.intent_reason
+        return self.by_intent.get(e.intent_id) or self.by_order.get(e.client_order_id)
+
+
 def order_records(data: RunData) -> list[dict[str, Any]]:
+    reasons = _Reasons(data)
     out = []
     for u in sorted(data.updates, key=lambda u: (u.event_time, u.profile, u.client_order_id)):
         out.append(
@@ -130,6 +178,7 @@ def order_records(data: RunData) -> list[dict[str, Any]]:
                 "event_time": _iso(u.event_time),
                 "reason": u.reason,
                 "internal": u.internal,
+                "intent_reason": reasons.of(u),
             }
         )
     return out
@@ -158,6 +207,7 @@ def verified_fills(data: RunData) -> tuple[list[OrderFilled], list[tuple[OrderFi
 
 
 def fill_records(data: RunData) -> list[dict[str, Any]]:
+    reasons = _Reasons(data)
     return [
         {
             "profile": f.profile,
@@ -171,6 +221,7 @@ def fill_records(data: RunData) -> list[dict[str, Any]]:
             "intent_id": f.intent_id,
             "event_time": _iso(f.event_time),
             "internal": f.internal,
+            "intent_reason": reasons.of(f),
             "candle_open": _iso(f.candle_open) if f.candle_open is not None else None,
         }
         for f in sorted(verified_fills(data)[0], key=lambda f: (f.event_time, f.profile, f.fill_id))
@@ -232,8 +283,89 @@ def _stats_ms(gaps_us: list[int]) -> dict[str, Any]:
     return {"pairs": n, "min_ms": g[0] / 1000, "median_ms": median / 1000, "p95_ms": p95 / 1000}
 
 
+def _us_iso(s: str) -> int:
+    return _us(datetime.fromisoformat(s.replace("Z", "+00:00")))
+
+
+@dataclass(frozen=True)
+class WorkingOrder:
+    """An order that traded at the exchange, for the wash-trade count: its non-internal fill times (sorted) and
+    the start of its working life (its `submitted` event; a protective order's first fill), in microseconds."""
+
+    client_order_id: str
+    profile: str
+    product: str
+    side: str
+    start_us: int
+    fills_us: tuple[int, ...]
+    protective: bool
+
+
+def working_orders(
+    orders: Iterable[Mapping[str, Any]], fills: Iterable[Mapping[str, Any]]
+) -> list[WorkingOrder]:
+    """The orders with at least one non-internal fill, from order and fill records (orders.jsonl and
+    fills.jsonl rows). A stop loss or take profit is protective: a trigger order that takes liquidity once its
+    level is reached, so it cannot trade with another profile's market order (docs/execution.md)."""
+    submitted: dict[str, int] = {}
+    reason: dict[str, str] = {}
+    for o in orders:
+        coid = o["client_order_id"]
+        if o.get("intent_reason"):
+            reason.setdefault(coid, o["intent_reason"])
+        if o["status"] == "submitted" and not o.get("internal"):
+            t = _us_iso(o["event_time"])
+            submitted[coid] = min(t, submitted.get(coid, t))
+    traded: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for f in fills:
+        if not f.get("internal"):
+            traded[f["client_order_id"]].append(f)
+    out = []
+    for coid, fs in sorted(traded.items()):
+        times = tuple(sorted(_us_iso(f["event_time"]) for f in fs))
+        f0 = fs[0]
+        why = next((f["intent_reason"] for f in fs if f.get("intent_reason")), reason.get(coid))
+        out.append(
+            WorkingOrder(
+                client_order_id=coid,
+                profile=f0["profile"],
+                product=f0["product"],
+                side=f0["side"],
+                start_us=min(submitted.get(coid, times[0]), times[0]),
+                fills_us=times,
+                protective=why in PROTECTIVE_REASONS,
+            )
+        )
+    return out
+
+
+def opposite_side_pairs(
+    orders: list[WorkingOrder], window_us: int
+) -> list[tuple[WorkingOrder, WorkingOrder]]:
+    """The pairs of orders of different profiles on one product and opposite sides where a fill of one falls in
+    the other's working life [start, last fill + window); each unordered pair once, in time order."""
+    by_product: dict[str, list[tuple[int, int]]] = defaultdict(list)  # product -> (fill time, order index)
+    for n, o in enumerate(orders):
+        by_product[o.product].extend((t, n) for t in o.fills_us)
+    for series in by_product.values():
+        series.sort()
+    found: set[tuple[int, int]] = set()
+    for n, a in enumerate(orders):
+        series = by_product[a.product]
+        lo = bisect.bisect_left(series, (a.start_us, -1))
+        hi = bisect.bisect_left(series, (a.fills_us[-1] + window_us, -1))
+        for _, m in series[lo:hi]:
+            b = orders[m]
+            if b.profile != a.profile and b.side != a.side:
+                found.add((min(n, m), max(n, m)))
+    pairs = [(orders[n], orders[m]) for n, m in found]
+    pairs.sort(key=lambda p: (min(p[0].start_us, p[1].start_us), p[0].client_order_id, p[1].client_order_id))
+    return pairs
+
+
 def desync_report(cfg: AppConfig, data: RunData) -> dict[str, Any]:
-    """Time gaps between different profiles' exchange orders on one product (see the module docstring)."""
+    """Time gaps between different profiles' exchange orders on one product, and the opposite-side pairs
+    from the fills (see the module docstring)."""
     window_us = int(cfg.system.arbiter.conflict_window_s * 1_000_000)
     min_gap_us = cfg.system.arbiter.min_cross_profile_gap_ms * 1000
     by_product: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
@@ -241,24 +373,21 @@ def desync_report(cfg: AppConfig, data: RunData) -> dict[str, Any]:
         if u.status == "submitted" and not u.internal:
             by_product[u.product].append((_us(u.event_time), u.profile, u.side))
     gaps: list[int] = []
-    opposite = 0
     for orders in by_product.values():
         orders.sort()
         for (t1, p1, _), (t2, p2, _) in itertools.pairwise(orders):
             if p1 != p2:
                 gaps.append(t2 - t1)
-        for i, (t1, p1, s1) in enumerate(orders):
-            for t2, p2, s2 in orders[i + 1 :]:
-                if t2 - t1 >= window_us:
-                    break
-                if p1 != p2 and s1 != s2:
-                    opposite += 1
+    working = working_orders(order_records(data), fill_records(data))
+    pairs = opposite_side_pairs(working, window_us)
+    protective = sum(1 for a, b in pairs if a.protective or b.protective)
     return {
         "min_cross_profile_gap_ms": cfg.system.arbiter.min_cross_profile_gap_ms,
         "gaps": _stats_ms(gaps),
         "gaps_within_window": _stats_ms([g for g in gaps if g < window_us]),
         "below_min": sum(1 for g in gaps if g < min_gap_us),
-        "opposite_side_pairs_within_window": opposite,
+        "opposite_side_pairs_within_window": len(pairs) - protective,
+        "protective_opposite_pairs_within_window": protective,
     }
 
 
@@ -310,6 +439,7 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
         fills_by_profile[f.profile].append(f)
     times = sorted(step_times)
     iso_times = {t: _iso_ts(t) for t in times}  # every profile's equity curve has a point at each step
+    exits, timed_out = exits_by_reason(cfg, data, counted), orders_timed_out(data)
 
     profiles: dict[str, Any] = {}
     for pid, p in cfg.enabled_profiles().items():
@@ -395,7 +525,9 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             "max_drawdown_pct": float(round(max_dd, 4)),
             "open_positions": {k: _num(v) for k, v in open_positions.items()},
             "mark_prices": {k: _num(v) for k, v in marks.items()},
-            "halts": [{"reason": h.reason, "at": _iso(h.event_time)} for h in data.halts if h.profile == pid],
+            "halts": [_halt_record(h) for h in sorted(data.halts, key=_halt_order) if h.profile == pid],
+            "exits_by_reason": exits[pid],
+            "orders_timed_out": timed_out.get(pid, 0),
             "equity_curve": [[iso_times[t], float(e)] for t, e in curve],
         }
     verdicts = Counter(d.verdict for d in data.decisions)
@@ -430,6 +562,11 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             "orders_cancelled": sum(1 for u in data.updates if u.status == "cancelled"),
             "orders_rejected": sum(1 for u in data.updates if u.status == "rejected"),
             "halts": len(data.halts),
+            "exits_by_reason": {
+                r: sum(e.get(r, 0) for e in exits.values())
+                for r in dict.fromkeys(k for e in exits.values() for k in e) or EXIT_REASONS
+            },
+            "orders_timed_out": sum(timed_out.values()),
         },
         "desync": desync_report(cfg, data),
         "settings": {
@@ -449,6 +586,60 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             "last_close": _iso_ts(last_t) if step_times else None,
             "steps": len(step_times),
         },
+    }
+
+
+def exits_by_reason(
+    cfg: AppConfig, data: RunData, counted: list[OrderFilled] | None = None
+) -> dict[str, dict[str, int]]:
+    """Per enabled profile: the sell orders (distinct client order ids, internal legs alike) with at least
+    one verified fill, by intent reason; every reason of EXIT_REASONS present, "unknown" (no reason known)
+    and any other reason only when counted."""
+    fills = verified_fills(data)[0] if counted is None else counted
+    reasons = _Reasons(data)
+    seen: dict[str, dict[str, str]] = defaultdict(dict)  # profile -> client order id -> reason
+    for f in fills:
+        if f.side == "sell":
+            seen[f.profile].setdefault(f.client_order_id, reasons.of(f) or "unknown")
+    out: dict[str, dict[str, int]] = {}
+    for pid in cfg.enabled_profiles():
+        n = Counter(seen.get(pid, {}).values())
+        out[pid] = {r: n.get(r, 0) for r in EXIT_REASONS} | {
+            r: k for r, k in sorted(n.items()) if r not in EXIT_REASONS
+        }
+    return out
+
+
+def orders_timed_out(data: RunData) -> dict[str, int]:
+    """Per profile: the orders (distinct client order ids) cancelled because of order_timeout."""
+    coids: dict[str, set[str]] = defaultdict(set)
+    for u in data.updates:
+        if u.status == "cancelled" and u.reason.startswith(TIMEOUT_PREFIX):
+            coids[u.profile].add(u.client_order_id)
+    return {pid: len(c) for pid, c in coids.items()}
+
+
+def halt_kind(reason: str) -> str:
+    """drawdown / daily_loss / other, from the halt reason's first word ("daily loss ..." is daily_loss)."""
+    first = reason.split(" ", 1)[0].lower() if reason else ""
+    if first == "drawdown":
+        return "drawdown"
+    if first in ("daily", "daily_loss"):
+        return "daily_loss"
+    return "other"
+
+
+def _halt_order(h: ProfileHalted) -> tuple[datetime, str]:
+    return h.event_time, h.id
+
+
+def _halt_record(h: ProfileHalted) -> dict[str, Any]:
+    return {
+        "event_time": _iso(h.event_time),
+        "at": _iso(h.event_time),  # the earlier name of event_time, kept for readers of older summaries
+        "reason": h.reason,
+        "until": _iso(h.until) if h.until is not None else None,
+        "kind": halt_kind(h.reason),
     }
 
 

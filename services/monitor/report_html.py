@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from services.monitor.domain import exit_reason_order
 from services.monitor.metrics import pearson, simple_returns
 
 PALETTE = [
@@ -464,6 +465,46 @@ def render_report(run: RunFiles, *, generated_at: datetime | None = None) -> str
             numeric={2, 3, 5, 6, 7, 9, 10},
         )
     )
+
+    exits = {
+        pid: p["exits_by_reason"] for pid, p in profiles.items() if isinstance(p.get("exits_by_reason"), dict)
+    }
+    if exits:
+        parts.append("<h2>Exits by reason</h2>")
+        reasons = exit_reason_order(r for e in exits.values() for r in e)
+        parts.append(
+            _table(
+                ["profile", *(r.replace("_", " ") for r in reasons), "orders timed out"],
+                [
+                    [pid, *(e.get(r, 0) for r in reasons), profiles[pid].get("orders_timed_out", 0)]
+                    for pid, e in exits.items()
+                ],
+                numeric=set(range(1, len(reasons) + 2)),
+            )
+        )
+        parts.append(
+            '<p class="muted">Sell orders with at least one fill, by the reason of their intent; orders '
+            "cancelled at order_timeout with what was left unfilled.</p>"
+        )
+    halts = [(pid, h) for pid, p in profiles.items() for h in p.get("halts", []) if isinstance(h, dict)]
+    if halts:
+        parts.append(f"<details><summary>{len(halts)} halt(s)</summary>")
+        parts.append(
+            _table(
+                ["time", "profile", "kind", "until", "reason"],
+                [
+                    [
+                        h.get("event_time", h.get("at")),
+                        pid,
+                        h.get("kind", "-"),
+                        h.get("until") or "-",
+                        h.get("reason"),
+                    ]
+                    for pid, h in halts
+                ],
+            )
+        )
+        parts.append("</details>")
 
     parts.append("<h2>Equity and drawdown</h2>")
     parts.append(

@@ -784,8 +784,8 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
             left = w_intent.size - state.applied_size.get(w_intent.intent_id, Decimal(0))
             reserved += max(left, Decimal(0)) * w_intent.reference_price * RESERVE
 
-    # Protective exits the step's candles reached: they acted inside the candle, so the equity of this close
-    # counts the position at its trigger price (what the resting order got), not at the close.
+    # Protective exits the step's candles reached (the exit is booked with its fill: the equity of this close
+    # is the books' own, applied fills and the closes, as the audit recomputes it).
     triggered: dict[str, tuple[Reason, Decimal, datetime]] = {}
     if state.positions:
         candles = {c.product: c for c in step.candles}
@@ -799,10 +799,6 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
                 triggered[product] = (hit[0], hit[1], c.open_time)
 
     equity = state.equity()
-    if triggered:
-        for product, (_, at, _) in triggered.items():
-            pos = state.positions[product]
-            equity += pos.size * (at - marks.get(product, pos.avg_price))
     if equity > state.high_water:
         state.high_water = equity
     day = step.close_s // 86400

@@ -46,7 +46,7 @@ def run_backtest(out: Path, *args: str) -> str:
 def test_backtest_writes_the_demos_files(infra: Endpoints, tmp_path: Path, config: str, hours: str) -> None:
     demo, bt = tmp_path / "demo", tmp_path / "backtest"
     summary = run_demo(infra, demo, "--config", config, "--hours", hours)
-    check_invariants(demo, summary)
+    check_invariants(demo, summary, config=config)
     run_backtest(bt, "--config", config, "--hours", hours)
     assert summary["counters"]["plans"] > 0
     if "three" in config:
@@ -98,3 +98,24 @@ async def test_memory_claims_answer_as_the_redis_script(redis_url: str) -> None:
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+@pytest.mark.timeout(900)
+def test_orders_working_across_candles_keep_the_paper_rules_over_kafka(
+    infra: Endpoints, tmp_path: Path
+) -> None:
+    # Issue #14 on the real pipeline: an order_timeout of two hours on hourly candles and a tiny volume share,
+    # so orders fill part by part over several candles while the strategies go on; two profiles on the same
+    # products with tight stops, take-profits and loss limits. The Kafka run writes the backtest's files, and
+    # both pass the audit (fills in their candle, protective exits within it, no look-ahead, no wash trade
+    # while an order works, shared liquidity, halts, reasons).
+    config = "tests/fixtures/audit/config.yaml"
+    demo, bt = tmp_path / "demo", tmp_path / "backtest"
+    summary = run_demo(infra, demo, "--config", config, "--hours", "120")
+    check_invariants(demo, summary, config=config)
+    run_backtest(bt, "--config", config, "--hours", "120")
+    updates = jsonl(demo / "orders.jsonl")
+    assert any(u["status"] == "partially_filled" for u in updates), "no order filled over several candles"
+    assert sum(summary["counters"]["exits_by_reason"].values()) > 0, summary["counters"]
+    for name in FILES:
+        assert (bt / name).read_bytes() == (demo / name).read_bytes(), f"{name} differs"

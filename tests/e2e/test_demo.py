@@ -18,9 +18,19 @@ from typing import Any
 import pytest
 import yaml
 
+from mpctl.audit import audit_run
 from mpctl.infra import Endpoints
+from shared.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def audit_files(out: Path, config: str | Path, data: Path | None = None) -> None:
+    """`mpctl audit` on a run's files: every rule holds (the report lists what broke)."""
+    report = audit_run(out, data or ROOT / "data" / "market", load_config(ROOT / config))
+    assert report.ok, report.text()
+
+
 DATA = ROOT / "data" / "market"
 
 
@@ -53,7 +63,14 @@ def ts(s: str) -> datetime:
     return datetime.fromisoformat(s.replace("Z", "+00:00"))
 
 
-def check_invariants(out: Path, summary: dict[str, Any]) -> None:
+def check_invariants(
+    out: Path, summary: dict[str, Any], *, config: str | Path | None = None, data: Path | None = None
+) -> None:
+    """DESIGN.md's invariants on a run's files; with `config`, also `mpctl audit` (issue #14's rules: fills in
+    their candle, protective exits within it, no look-ahead, no wash trade while an order works, shared
+    liquidity, halts, reasons) against the candle files in `data` (default: the bundled ones)."""
+    if config is not None:
+        audit_files(out, config, data)
     plans = jsonl(out / "plans.jsonl")
     orders = jsonl(out / "orders.jsonl")
     fills = jsonl(out / "fills.jsonl")
@@ -89,7 +106,8 @@ def check_invariants(out: Path, summary: dict[str, Any]) -> None:
                 gap = abs(ts(a["event_time"]) - ts(b["event_time"]))
                 # De-synced execution: different profiles' orders on a product keep the minimum gap.
                 assert gap >= min_gap, f"orders on {product} {gap} apart (< {min_gap}): {a} / {b}"
-                if a["side"] != b["side"]:
+                protective = {a.get("intent_reason"), b.get("intent_reason")} & {"stop_loss", "take_profit"}
+                if a["side"] != b["side"] and not protective:  # a protective exit is a trigger order
                     assert gap >= window, f"opposite-side orders on {product} {gap} apart: {a} / {b}"
     d = summary["desync"]
     assert d["below_min"] == 0 and d["opposite_side_pairs_within_window"] == 0, d
@@ -189,7 +207,7 @@ def check_invariants(out: Path, summary: dict[str, Any]) -> None:
 def test_demo_on_bundled_data_trades_and_keeps_invariants(infra: Endpoints, tmp_path: Path) -> None:
     out = tmp_path / "demo"
     summary = run_demo(infra, out, "--hours", "240")
-    check_invariants(out, summary)
+    check_invariants(out, summary, config=ROOT / "config" / "coinbase_profiles.yaml")
     assert set(summary["profiles"]) == {"profile_a", "profile_b"}
     assert summary["counters"]["intents"] > 0, "ten days of real candles produced no intent at all"
     assert sum(p["trades"] for p in summary["profiles"].values()) > 0

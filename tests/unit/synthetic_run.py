@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 T0 = datetime(2021, 8, 1, tzinfo=UTC)
+EXIT_REASONS = ("exit_signal", "stop_loss", "take_profit", "flatten", "halt", "manual")
 FP = {"profile_a": "a" * 64, "profile_b": "b" * 64}
 
 
@@ -18,7 +19,15 @@ def iso(t: datetime) -> str:
 
 
 def fill(
-    pid: str, product: str, side: str, size: str, price: str, fee: str, hour: int, n: int
+    pid: str,
+    product: str,
+    side: str,
+    size: str,
+    price: str,
+    fee: str,
+    hour: int,
+    n: int,
+    reason: str = "entry",
 ) -> dict[str, Any]:
     return {
         "profile": pid,
@@ -31,6 +40,8 @@ def fill(
         "client_order_id": f"c-{pid}-{n}",
         "intent_id": f"i-{pid}-{n}",
         "event_time": iso(T0 + timedelta(hours=hour)),
+        "internal": False,
+        "intent_reason": reason,
     }
 
 
@@ -39,10 +50,10 @@ def build_run(out: Path, *, hours: int = 48) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     fills = [
         fill("profile_a", "BTC/USDC", "buy", "0.01", "40000", "2.4", 5, 1),
-        fill("profile_a", "BTC/USDC", "sell", "0.01", "41000", "2.46", 12, 2),
+        fill("profile_a", "BTC/USDC", "sell", "0.01", "41000", "2.46", 12, 2, "take_profit"),
         fill("profile_a", "ETH/USDC", "buy", "0.2", "2500", "3", 20, 3),
         fill("profile_b", "SOL/USDC", "buy", "10", "30", "1.8", 6, 1),
-        fill("profile_b", "SOL/USDC", "sell", "10", "29", "1.74", 18, 2),
+        fill("profile_b", "SOL/USDC", "sell", "10", "29", "1.74", 18, 2, "exit_signal"),
     ]
     orders = []
     for f in fills:
@@ -59,6 +70,7 @@ def build_run(out: Path, *, hours: int = 48) -> dict[str, Any]:
                             "client_order_id",
                             "intent_id",
                             "event_time",
+                            "intent_reason",
                         )
                     },
                     "price": f["price"] if status == "filled" else None,
@@ -161,6 +173,9 @@ def build_run(out: Path, *, hours: int = 48) -> dict[str, Any]:
             "trades": len(mine),
         }
 
+    def exits(reason: str) -> dict[str, int]:
+        return {r: int(r == reason) for r in EXIT_REASONS}
+
     ba = books("profile_a", {"ETH/USDC": "2510"})
     bb = books("profile_b", {})
     summary = {
@@ -181,6 +196,8 @@ def build_run(out: Path, *, hours: int = 48) -> dict[str, Any]:
                 "open_positions": {k: str(v) for k, v in ba["open"].items()},
                 "mark_prices": {"ETH/USDC": "2510"},
                 "halts": [],
+                "exits_by_reason": exits("take_profit"),
+                "orders_timed_out": 0,
                 "equity_curve": curves["profile_a"],
             },
             "profile_b": {
@@ -198,7 +215,17 @@ def build_run(out: Path, *, hours: int = 48) -> dict[str, Any]:
                 "max_drawdown_pct": 0.2,
                 "open_positions": {},
                 "mark_prices": {},
-                "halts": [{"reason": "daily loss", "at": iso(T0 + timedelta(hours=30))}],
+                "halts": [
+                    {
+                        "reason": "daily loss 5.10% >= max_daily_loss_pct 5",
+                        "event_time": iso(T0 + timedelta(hours=30)),
+                        "at": iso(T0 + timedelta(hours=30)),
+                        "until": iso(T0 + timedelta(hours=48)),
+                        "kind": "daily_loss",
+                    }
+                ],
+                "exits_by_reason": exits("exit_signal"),
+                "orders_timed_out": 1,
                 "equity_curve": curves["profile_b"],
             },
         },

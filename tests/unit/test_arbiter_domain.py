@@ -150,16 +150,86 @@ def test_opposite_side_outside_window_is_approved(cfg: AppConfig) -> None:
     assert [e.profile for e in of_type(out, ExecuteOrder)] == [B]
 
 
-def test_recent_fill_counts_until_a_window_after_the_send(cfg: AppConfig) -> None:
-    # An order sent late (constant 30 s de-sync here) is live until sent, then a recent fill for the window.
+def test_recent_fill_counts_until_a_window_after_the_latest_end(cfg: AppConfig) -> None:
+    # An order sent late (constant 30 s de-sync here) is live until send + order_timeout (45 s for A), then
+    # a recent fill for the window.
     c = with_execution(
         with_arbiter(cfg, conflict_window_s=HOUR - 10), desync_min_ms=30_000, desync_max_ms=30_000
     )
     state = new_state(c)
     step(state, T0, intent(state, A, "buy"))
-    # B's sell an hour later: 3590 s after A's decision, but only 3560 s after A's fill.
+    # B's sell an hour later: 3590 s after A's decision, but only 3525 s after A's latest end.
     out = step(state, T0 + HOUR, intent(state, B, "sell", T0 + HOUR))
     assert verdicts(out)[B].rule == "opposite_side"
+
+
+def with_order_timeout(cfg: AppConfig, seconds: float, *profiles: str) -> AppConfig:
+    updated = {
+        pid: p.model_copy(
+            update={"trading_params": p.trading_params.model_copy(update={"order_timeout": seconds})}
+        )
+        for pid, p in cfg.profiles.items()
+        if not profiles or pid in profiles
+    }
+    return cfg.model_copy(update={"profiles": {**cfg.profiles, **updated}})
+
+
+def test_order_blocks_the_other_side_for_its_whole_working_life(cfg: AppConfig) -> None:
+    # A's buy is sent 30 s after its decision and may keep filling for order_timeout (3 h) after the send:
+    # another profile's sell an hour, then two hours later (after A's send, before send + timeout) is rejected.
+    c = with_order_timeout(with_execution(cfg, desync_min_ms=30_000, desync_max_ms=30_000), 3 * HOUR, A)
+    state = new_state(c)
+    assert cfg.system.arbiter.conflict_window_s < HOUR
+    buy = intent(state, A, "buy")
+    step(state, T0, buy)
+    send = buy.event_time + timedelta(seconds=30)
+    for k in (1, 2, 3):
+        t = T0 + k * HOUR
+        d = verdicts(step(state, t, intent(state, B, "sell", t)))[B]
+        assert (d.verdict, d.rule, d.conflicting_profile) == ("rejected", "opposite_side", A), k
+        (conflict,) = d.details["opposite_side"]["conflicts"]
+        assert conflict["send"] == send.isoformat()
+        assert conflict["until"] == (send + timedelta(hours=3)).isoformat()  # send + order_timeout
+
+
+def test_order_blocks_the_window_after_its_latest_end_then_no_longer(cfg: AppConfig) -> None:
+    window = cfg.system.arbiter.conflict_window_s
+    c = with_order_timeout(
+        with_execution(cfg, desync_min_ms=30_000, desync_max_ms=30_000), 2 * HOUR - 30 - window + 1, A
+    )
+    state = new_state(c)
+    step(state, T0, intent(state, A, "buy"))
+    # A's latest end + window = T0 + 2 h + 1 s: B's sell at T0 + 2 h is still blocked.
+    t = T0 + 2 * HOUR
+    assert verdicts(step(state, t, intent(state, B, "sell", t)))[B].rule == "opposite_side"
+    # Another run, one second shorter: end + window = T0 + 2 h exactly, and B's sell is approved.
+    c = with_order_timeout(
+        with_execution(cfg, desync_min_ms=30_000, desync_max_ms=30_000), 2 * HOUR - 30 - window, A
+    )
+    state = new_state(c)
+    step(state, T0, intent(state, A, "buy"))
+    assert verdicts(step(state, t, intent(state, B, "sell", t)))[B].verdict == "approved"
+
+
+def test_working_life_uses_the_order_timeout_of_the_orders_own_profile(cfg: AppConfig) -> None:
+    # B's orders time out fast, A's slowly: only A's working order holds the other side back.
+    c = with_order_timeout(with_order_timeout(cfg, 3 * HOUR, A), 10, B)
+    state = new_state(c)
+    step(state, T0, intent(state, B, "sell"))
+    t = T0 + HOUR
+    assert verdicts(step(state, t, intent(state, A, "buy", t)))[A].verdict == "approved"
+    t = T0 + 2 * HOUR
+    assert verdicts(step(state, t, intent(state, B, "sell", t)))[B].rule == "opposite_side"
+
+
+def test_execute_mode_rejects_against_an_earlier_order_still_working(cfg: AppConfig) -> None:
+    # Netting is for the intents of one step only: an order of an earlier step still working is a conflict.
+    state = new_state(with_order_timeout(with_arbiter(cfg, internal_cross="execute"), 3 * HOUR, A))
+    step(state, T0, intent(state, A, "buy"))
+    t = T0 + 2 * HOUR
+    out = step(state, t, intent(state, B, "sell", t))
+    assert verdicts(out)[B].rule == "opposite_side"
+    assert [o.executed for o in of_type(out, InternalCrossOpportunity)] == [False]
 
 
 def test_default_window_is_shorter_than_an_hourly_step(cfg: AppConfig) -> None:
@@ -735,6 +805,14 @@ def test_approved_order_carries_the_intent(cfg: AppConfig) -> None:
     assert order.size == i.size and order.reference_price == i.reference_price
     assert order.not_before == i.event_time and order.event_time == i.event_time
     assert order.step_time == i.step_time and order.internal_size == 0
+    assert order.intent_reason == i.reason
+
+
+def test_approved_order_carries_the_intents_reason(cfg: AppConfig) -> None:
+    state = new_state(cfg)
+    i = intent(state, A, "sell", reason="stop_loss")
+    (order,) = of_type(step(state, T0, i), ExecuteOrder)
+    assert order.intent_reason == "stop_loss" and order.reason == "stop_loss"
 
 
 # ------------------------------------------------------------------------------------------ finish

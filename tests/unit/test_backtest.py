@@ -218,7 +218,7 @@ def test_command_writes_the_demo_files_with_their_invariants(
         backtest.main(["--config", str(THREE), "--data", str(DATA), "--out", str(out), "--hours", "300"]) == 0
     )
     summary = orjson.loads((out / "summary.json").read_bytes())
-    check_invariants(out, summary)
+    check_invariants(out, summary, config=THREE, data=DATA)
     assert set(summary["profiles"]) == {"profile_a", "profile_b", "profile_c"}
     assert summary["counters"]["intents"] > 0
     assert len(jsonl(out / "plans.jsonl")) > 0

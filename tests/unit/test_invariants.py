@@ -23,26 +23,70 @@ def test_sound_run_passes(tmp_path: Path) -> None:
     assert r.ok and r.checked["profiles"] == 2 and r.checked["fills"] == 5
 
 
-def test_opposite_side_orders_within_the_window_break_invariant_3(tmp_path: Path) -> None:
-    build_run(tmp_path)
+def _add_sell_of_b(tmp_path: Path, *, sent: str, filled: str, first: str = "submitted", **kw: object) -> None:
+    """profile_b sells BTC (order c-x): its first order event at `sent`, its fill at `filled`."""
 
-    def edit(rows: list[dict[str, object]]) -> list[dict[str, object]]:
-        # profile_b submits a sell of BTC one minute after profile_a's BTC buy.
+    def orders(rows: list[dict[str, object]]) -> list[dict[str, object]]:
         extra = dict(
             rows[0],
             profile="profile_b",
             side="sell",
             client_order_id="c-x",
-            intent_id="i-profile_b-1",
-            event_time="2021-08-01T05:01:00Z",
+            intent_id="i-profile_b-x1",
+            event_time=sent,
+            status=first,
+            **kw,
         )
         return [*rows, extra]
 
-    _rewrite(tmp_path / "orders.jsonl", edit)
+    def fills(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        extra = dict(
+            rows[0],
+            profile="profile_b",
+            side="sell",
+            fill_id="f-x",
+            client_order_id="c-x",
+            intent_id="i-profile_b-x1",
+            event_time=filled,
+            **kw,
+        )
+        return [*rows, extra]
+
+    _rewrite(tmp_path / "orders.jsonl", orders)
+    _rewrite(tmp_path / "fills.jsonl", fills)
+
+
+def test_opposite_side_fill_inside_another_profiles_working_order_breaks_invariant_3(tmp_path: Path) -> None:
+    build_run(tmp_path)
+    # profile_b's sell of BTC fills one minute after profile_a's BTC buy filled (window 300 s).
+    _add_sell_of_b(tmp_path, sent="2021-08-01T05:01:00Z", filled="2021-08-01T05:01:00Z")
     checks = {v.check for v in check_run(tmp_path).violations}
     assert "3-opposite-side" in checks
     with pytest.raises(AssertionError, match="3-opposite-side"):
         assert_run(tmp_path)
+
+
+def test_opposite_side_orders_sent_close_but_filled_apart_are_no_wash_trade(tmp_path: Path) -> None:
+    build_run(tmp_path)
+    # Sent a minute after profile_a's buy, but filled only after its working life (last fill + 300 s) ended.
+    _add_sell_of_b(tmp_path, sent="2021-08-01T05:01:00Z", filled="2021-08-01T05:06:00Z")
+    assert "3-opposite-side" not in {v.check for v in check_run(tmp_path).violations}
+
+
+def test_protective_order_of_another_profile_is_reported_not_flagged(tmp_path: Path) -> None:
+    build_run(tmp_path)
+    # A stop loss resting at the exchange (first event `open`, no arbiter decision) fills inside profile_a's
+    # buy's working life: trigger orders take liquidity, the summary counts them apart.
+    _add_sell_of_b(
+        tmp_path,
+        sent="2021-08-01T01:00:00Z",
+        filled="2021-08-01T05:01:00Z",
+        first="open",
+        intent_reason="stop_loss",
+    )
+    r = check_run(tmp_path)
+    assert "3-opposite-side" not in {v.check for v in r.violations}
+    assert r.checked["protective opposite-side pairs"] == 1
 
 
 def test_duplicates_break_invariants_1_and_4(tmp_path: Path) -> None:

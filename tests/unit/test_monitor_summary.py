@@ -11,9 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.monitor.domain import RunData, fill_records, summarize
+from services.monitor.domain import (
+    EXIT_REASONS,
+    RunData,
+    fill_records,
+    opposite_side_pairs,
+    order_records,
+    summarize,
+    working_orders,
+)
 from shared.config import AppConfig
-from shared.messages import InternalCrossOpportunity, Message, OrderUpdated
+from shared.messages import InternalCrossOpportunity, Message, OrderFilled, OrderUpdated, ProfileHalted
 from tests.unit.builders import (
     HOUR,
     T0,
@@ -274,14 +282,114 @@ def test_desync_report_measures_gaps_between_profiles_orders_on_a_product(cfg: A
     assert d["opposite_side_pairs_within_window"] == 0
 
 
-def test_opposite_side_pairs_inside_the_window_are_counted(cfg: AppConfig) -> None:
-    window_ms = int(cfg.system.arbiter.conflict_window_s * 1000)
-    msgs: list[Message] = [
-        _submitted("profile_a", "buy", 0),
-        _submitted("profile_b", "sell", window_ms - 1),
-        _submitted("profile_b", "sell", window_ms + 5_000),  # outside a's window
+def _traded(
+    profile: str,
+    side: str,
+    at: int,
+    fills_at: list[int],
+    *,
+    product: str = "BTC/USDC",
+    internal: bool = False,
+    reason: str = "entry",
+) -> list[Message]:
+    """An arbitrated order: intent, approval, `submitted` at T0 + at, then a fill at each T0 + fills_at
+    (the parts of one order of size 1), carrying the intent's reason."""
+    iid = f"{profile}-{side}-{product}-{at}"
+    i = place_order(profile, side, product=product, intent_id=iid, reason=reason, size="1")
+    u = order_updated(i, "submitted", at=T0 + at).model_copy(update={"internal": internal})
+    fills = [
+        order_filled(
+            profile,
+            side,
+            product=product,
+            size=D(1) / len(fills_at),
+            at=T0 + t,
+            intent_id=iid,
+            fill_id=f"f-{iid}-{k}",
+        ).model_copy(update={"internal": internal, "intent_reason": reason})
+        for k, t in enumerate(fills_at)
     ]
-    assert summary(cfg, msgs)["desync"]["opposite_side_pairs_within_window"] == 1
+    return [i, decided(i, "approved", "approved"), u, *fills]
+
+
+def _desync(cfg: AppConfig, *orders: list[Message]) -> dict[str, Any]:
+    d: dict[str, Any] = summary(cfg, [m for o in orders for m in o])["desync"]
+    return d
+
+
+def test_opposite_side_fill_inside_an_orders_working_life_is_a_pair(cfg: AppConfig) -> None:
+    # A's buy is sent at 0 and fills part by part until 2 h; B's sell fills at 1.5 h. The sends are 90 min
+    # apart (far beyond the 300 s window), but B traded while A's order was still filling.
+    a = _traded("profile_a", "buy", 0, [0, 2 * HOUR])
+    b = _traded("profile_b", "sell", 90 * 60, [90 * 60])
+    d = _desync(cfg, a, b)
+    assert d["opposite_side_pairs_within_window"] == 1
+    assert d["protective_opposite_pairs_within_window"] == 0
+
+
+def test_working_life_ends_a_window_after_the_last_fill(cfg: AppConfig) -> None:
+    window = int(cfg.system.arbiter.conflict_window_s)
+    a = _traded("profile_a", "buy", 0, [0, HOUR])
+    inside = _traded("profile_b", "sell", HOUR + window - 1, [HOUR + window - 1])
+    outside = _traded("profile_b", "sell", HOUR + window, [HOUR + window])
+    assert _desync(cfg, a, inside)["opposite_side_pairs_within_window"] == 1
+    assert _desync(cfg, a, outside)["opposite_side_pairs_within_window"] == 0
+
+
+def test_a_pair_of_orders_counts_once_and_same_side_or_profile_or_product_not_at_all(cfg: AppConfig) -> None:
+    a = _traded("profile_a", "buy", 0, [0, 60, 120])
+    b = _traded("profile_b", "sell", 30, [30, 90])  # each fills inside the other's working life
+    same_side = _traded("profile_b", "buy", 40, [40])
+    other_product = _traded("profile_b", "sell", 70, [70], product="ETH/USDC")
+    assert _desync(cfg, a, b, same_side, other_product)["opposite_side_pairs_within_window"] == 1
+    same_profile = _traded("profile_a", "sell", 50, [50])
+    assert _desync(cfg, a, same_profile)["opposite_side_pairs_within_window"] == 0
+
+
+def test_internal_fills_are_exempt_from_the_opposite_side_count(cfg: AppConfig) -> None:
+    a = _traded("profile_a", "buy", 0, [0])
+    b = _traded("profile_b", "sell", 60, [60], internal=True)  # netted at the mid price: no exchange trade
+    assert _desync(cfg, a, b)["opposite_side_pairs_within_window"] == 0
+
+
+def test_an_order_without_fills_is_no_side_of_a_pair(cfg: AppConfig) -> None:
+    a = _traded("profile_a", "buy", 0, [])  # sent, never filled (e.g. rejected for funds)
+    b = _traded("profile_b", "sell", 60, [60])
+    assert _desync(cfg, a, b)["opposite_side_pairs_within_window"] == 0
+
+
+def _row(coid: str, profile: str, side: str, at: int, **kw: Any) -> dict[str, Any]:
+    return {
+        "client_order_id": coid,
+        "intent_id": f"i-{coid}",
+        "profile": profile,
+        "product": "BTC/USDC",
+        "side": side,
+        "event_time": dt(T0 + at).isoformat().replace("+00:00", "Z"),
+        "internal": False,
+        **kw,
+    }
+
+
+def test_protective_orders_are_counted_apart() -> None:
+    # A's buy works from its send at 0 until 60 s; B's stop loss rests at the exchange (first event `open`, no
+    # arbiter decision) and fills at 30 s; C's sell, arbitrated, fills at 45 s.
+    orders = [
+        _row("a", "profile_a", "buy", 0, status="submitted", intent_reason="entry"),
+        _row("b", "profile_b", "sell", -HOUR, status="open", intent_reason="stop_loss"),
+        _row("c", "profile_c", "sell", 40, status="submitted", intent_reason="exit_signal"),
+    ]
+    fills = [
+        _row("a", "profile_a", "buy", 0, intent_reason="entry"),
+        _row("a", "profile_a", "buy", 60, intent_reason="entry"),
+        _row("b", "profile_b", "sell", 30, intent_reason="stop_loss"),
+        _row("c", "profile_c", "sell", 45, intent_reason="exit_signal"),
+    ]
+    working = {o.client_order_id: o for o in working_orders(orders, fills)}
+    assert [working[k].protective for k in "abc"] == [False, True, False]
+    assert working["b"].start_us == working["b"].fills_us[0]  # a protective order's life starts at its fill
+    pairs = opposite_side_pairs(list(working.values()), 300 * 1_000_000)
+    assert {(p.client_order_id, q.client_order_id) for p, q in pairs} == {("a", "b"), ("a", "c")}
 
 
 def test_counters_of_decisions_and_internal_crosses(cfg: AppConfig) -> None:
@@ -332,3 +440,107 @@ def test_counters_of_decisions_and_internal_crosses(cfg: AppConfig) -> None:
     }
     assert counters["internal_cross_opportunities"] == 1 and counters["internal_cross_executed"] == 0
     assert counters["internal_cross_savings"] == {"fees": "0.12", "slippage": "0.035", "total": "0.155"}
+
+
+# ------------------------------------------------------------------------------------------ exits, timeouts
+def test_exits_by_reason_count_sell_orders_with_a_verified_fill(cfg: AppConfig) -> None:
+    msgs: list[Message] = [
+        *_traded(PID, "buy", 0, [0]),  # an entry: not an exit
+        *_traded(PID, "sell", 100, [100, 200], reason="exit_signal"),  # two fills, one order
+        *_traded(PID, "sell", 300, [300], reason="stop_loss"),
+        *_traded(PID, "sell", 400, [400], reason="stop_loss"),
+        *_traded(PID, "sell", 500, [500], reason="flatten", internal=True),  # internal legs count alike
+        *_traded(PID, "sell", 600, [], reason="take_profit"),  # never filled
+        *_traded("profile_b", "sell", 700, [700], reason="halt"),
+        order_filled(PID, "sell", at=T0 + 800, intent_id="forged"),  # no approving decision: not verified
+    ]
+    s = summary(cfg, msgs)
+    a, b = s["profiles"][PID]["exits_by_reason"], s["profiles"]["profile_b"]["exits_by_reason"]
+    assert list(a) == list(EXIT_REASONS)
+    assert a == {
+        "exit_signal": 1,
+        "stop_loss": 2,
+        "take_profit": 0,
+        "flatten": 1,
+        "halt": 0,
+        "manual": 0,
+    }
+    assert b == {r: int(r == "halt") for r in EXIT_REASONS}
+    assert s["counters"]["exits_by_reason"] == {**a, "halt": 1}
+
+
+def test_exit_of_an_old_message_without_a_reason_takes_its_intents_or_is_unknown(cfg: AppConfig) -> None:
+    old = [
+        m.model_copy(update={"intent_reason": None}) if isinstance(m, OrderFilled) else m
+        for m in _traded(PID, "sell", 100, [100], reason="take_profit")
+    ]
+    lost = order_filled(PID, "sell", at=T0 + 200, intent_id="no-intent")
+    s = summary(cfg, [*old, approval_of(lost), lost])["profiles"][PID]["exits_by_reason"]
+    assert s["take_profit"] == 1 and s["unknown"] == 1
+
+
+def test_orders_cancelled_at_order_timeout_are_counted(cfg: AppConfig) -> None:
+    i = place_order(PID, "buy", intent_id="i1")
+    j = place_order(PID, "buy", intent_id="i2")
+    k = place_order("profile_b", "buy", intent_id="i3")
+    timeout = order_updated(i, "cancelled").model_copy(
+        update={
+            "reason": "order_timeout 45s reached: filled 0.2 of 1 (at most 10% of a candle's volume per candle)"
+        }
+    )
+    funds = order_updated(j, "cancelled").model_copy(update={"reason": "insufficient funds for the rest"})
+    other = order_updated(k, "cancelled").model_copy(
+        update={"reason": "order_timeout 60s reached: filled 0 of 1"}
+    )
+    s = summary(cfg, [i, j, k, timeout, funds, other, timeout.model_copy(update={"id": "again"})])
+    assert s["profiles"][PID]["orders_timed_out"] == 1
+    assert s["profiles"]["profile_b"]["orders_timed_out"] == 1
+    assert s["counters"]["orders_timed_out"] == 2
+
+
+# ------------------------------------------------------------------------------------------ intent reasons
+def test_order_and_fill_records_carry_the_intent_reason(cfg: AppConfig) -> None:
+    carried = _traded(PID, "sell", 100, [100], reason="stop_loss")
+    # Old messages: no intent_reason on the events; the intent (PlaceOrder) of the run has it.
+    old = [
+        m.model_copy(update={"intent_reason": None}) if isinstance(m, OrderFilled | OrderUpdated) else m
+        for m in _traded(PID, "sell", 200, [200], reason="exit_signal")
+    ]
+    # Neither the events nor the run know it.
+    lost = order_filled(PID, "buy", at=T0 + 300, intent_id="no-intent")
+    data = RunData()
+    data.add_all([*carried, *old, approval_of(lost), lost])
+    orders = {r["intent_id"]: r for r in order_records(data)}
+    fills = {r["intent_id"]: r for r in fill_records(data)}
+    assert all("intent_reason" in r for r in [*orders.values(), *fills.values()])
+    first, second = (f"{PID}-sell-BTC/USDC-{t}" for t in (100, 200))
+    assert orders[first]["intent_reason"] == "stop_loss" and fills[first]["intent_reason"] == "stop_loss"
+    assert (
+        orders[second]["intent_reason"] == "exit_signal" and fills[second]["intent_reason"] == "exit_signal"
+    )
+    assert fills["no-intent"]["intent_reason"] is None
+
+
+def test_halts_say_when_why_until_and_which_kind(cfg: AppConfig) -> None:
+    def halt(n: int, reason: str, until: int | None) -> ProfileHalted:
+        return ProfileHalted(
+            id=f"h{n}",
+            event_time=dt(T0 + n * HOUR),
+            correlation_id="c",
+            profile=PID,
+            reason=reason,
+            until=dt(until) if until is not None else None,
+        )
+
+    msgs: list[Message] = [
+        halt(3, "execution halted: key revoked", None),
+        halt(1, "drawdown 25.10% >= max_drawdown_pct 25", None),
+        halt(2, "daily loss 5.20% >= max_daily_loss_pct 5", T0 + 24 * HOUR),
+    ]
+    halts = summary(cfg, msgs)["profiles"][PID]["halts"]
+    assert [(h["kind"], h["event_time"], h["until"]) for h in halts] == [
+        ("drawdown", "2024-03-10T01:00:00Z", None),
+        ("daily_loss", "2024-03-10T02:00:00Z", "2024-03-11T00:00:00Z"),
+        ("other", "2024-03-10T03:00:00Z", None),
+    ]
+    assert halts[0]["reason"].startswith("drawdown") and halts[0]["at"] == halts[0]["event_time"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def test_report_is_self_contained_and_has_every_section(run_dir: Path) -> None:
         "Profiles",
         "Equity and drawdown",
         "Correlation of the profiles' step returns",
+        "Exits by reason",
         "Arbiter",
         "Plans per epoch",
         "Trades",
@@ -109,3 +111,68 @@ def test_mpctl_report_on_a_folder_that_is_not_a_run(
     args = parser.parse_args(["report", "--run", str(tmp_path)])
     assert args.handler(args) == 1
     assert "summary.json not found" in capsys.readouterr().err
+
+
+def test_report_shows_exits_by_reason_and_halts(run_dir: Path) -> None:
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(json.loads(path.read_text()), sort_keys=True))  # as the collector writes it
+    page = render_report(load_run(run_dir))
+    section = page[page.index("<h2>Exits by reason</h2>") : page.index("Sell orders with at least one fill")]
+    heads = re.findall(r"<th>([^<]*)</th>", section)
+    assert heads == [
+        "profile",
+        "exit signal",
+        "stop loss",
+        "take profit",
+        "flatten",
+        "halt",
+        "manual",
+        "orders timed out",
+    ]
+    cells = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", section)]
+    assert ["profile_a", "0", "0", "1", "0", "0", "0", "0"] in cells
+    assert ["profile_b", "1", "0", "0", "0", "0", "0", "1"] in cells
+    assert "1 halt(s)" in page and "daily_loss" in page
+
+
+def test_printed_table_shows_exits_by_reason_and_the_fill_based_pairs(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mpctl.commands_demo import print_table
+
+    summary = load_run(run_dir).summary
+    summary["counters"].update(delayed=0, internal_cross_opportunities=0)
+    summary["desync"] = {
+        "gaps": {"pairs": 1, "min_ms": 600.0, "median_ms": 600.0, "p95_ms": 600.0},
+        "min_cross_profile_gap_ms": 500,
+        "below_min": 0,
+        "opposite_side_pairs_within_window": 0,
+        "protective_opposite_pairs_within_window": 2,
+    }
+    print_table(summary)
+    lines = capsys.readouterr().out.splitlines()
+    head = next(line for line in lines if line.startswith("exits by reason"))
+    assert head.split() == [
+        "exits",
+        "by",
+        "reason",
+        "exit_signal",
+        "stop_loss",
+        "take_profit",
+        "flatten",
+        "halt",
+        "manual",
+        "timed_out",
+    ]
+    exits = lines[lines.index(head) + 1 :]
+    assert next(line for line in exits if line.startswith("profile_b ")).split() == [
+        "profile_b",
+        "1",
+        "0",
+        "0",
+        "0",
+        "0",
+        "0",
+        "1",
+    ]
+    assert any("opposite-side pairs (from the fills" in line and "protective exits" in line for line in lines)
