@@ -270,6 +270,7 @@ class Run:
     max_volume_participation: Decimal = Decimal("0.1")
     conflict_window_us: int = 300 * US
     order_lines: list[dict[str, Any]] = field(default_factory=list)  # raw records, for rule 7
+    decision_lines: list[dict[str, Any]] = field(default_factory=list)
     fill_lines: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -479,7 +480,14 @@ def check_stops(run: Run, r: AuditReport) -> None:
                     )
                     r.fail("2-stop-in-candle", head + ", but no sell on that candle" + tail)
                     break
-                if hit_stop and hit_take and any(f.intent_reason == "take_profit" for f in sells):
+                # A candle that opened through the take profit (orders resting before it opened) takes it there.
+                gap_take = c.open >= take and guarded < c.open_us
+                if (
+                    hit_stop
+                    and hit_take
+                    and not gap_take
+                    and any(f.intent_reason == "take_profit" for f in sells)
+                ):
                     r.fail("2-stop-first", head + " and both levels: the take-profit acted, not the stop")
                 if hit_stop:
                     floor = min(stop, c.open) * (1 - lim.slippage_tolerance)
@@ -785,7 +793,17 @@ def check_halts(run: Run, r: AuditReport) -> None:
                     ),
                     Decimal(0),
                 )
-                if not sold and due < INF and left > EPS:
+                # A sale the arbiter refused (it would have crossed another profile's working order, rule 4) was
+                # sent all the same: the strategy tries it again at the next steps.
+                refused = any(
+                    d.get("profile") == pid
+                    and d.get("product") == product
+                    and d.get("side") == "sell"
+                    and d.get("verdict") == "rejected"
+                    and at <= _us(str(d.get("event_time"))) < due
+                    for d in run.decision_lines
+                )
+                if not sold and not refused and due < INF and left > EPS:
                     r.fail(
                         "6-halt-close",
                         f"{pid} {product}: halt '{reason}' at {_iso(at)} with close_on_halt, but no sale of the "
@@ -1033,6 +1051,7 @@ def load_run(run_dir: Path, data_dir: Path, cfg: AppConfig) -> Run:
         max_volume_participation=Decimal(str(cfg.system.execution.max_volume_participation)),
         conflict_window_us=int(Decimal(str(cfg.system.arbiter.conflict_window_s)) * US),
         order_lines=[rec for _, rec in order_recs],
+        decision_lines=[rec for _, rec in decisions],
         fill_lines=[rec for _, rec in fill_recs],
     )
 
@@ -1041,6 +1060,18 @@ def _with_equity(lim: Limits, equity: Decimal) -> Limits:
     from dataclasses import replace
 
     return replace(lim, initial_equity=equity)
+
+
+def audit_summary_line(run_dir: Path, data_dir: Path, cfg: AppConfig) -> tuple[bool, str]:
+    """(ok, one line) for the end of a demo or backtest: every run checks itself (`mpctl audit` gives detail)."""
+    try:
+        report = audit_run(run_dir, data_dir, cfg)
+    except AuditInputError as err:
+        return False, f"audit: cannot read the run: {err}"
+    if report.ok:
+        return True, f"audit: OK ({sum(report.checked.values())} checks of issue #14's rules and the books)"
+    broken = ", ".join(f"{c} {n}" for c, n in sorted(report.counts.items()))
+    return False, f"audit: VIOLATIONS {broken}; details: mpctl audit --run {run_dir}"
 
 
 def audit_run(run_dir: Path, data_dir: Path, cfg: AppConfig) -> AuditReport:

@@ -42,6 +42,7 @@ from typing import Any
 
 from aiokafka.partitioner import murmur2
 
+from mpctl.audit import audit_summary_line
 from mpctl.commands_config import load_for_command
 from mpctl.progress import Progress
 from services.arbiter import bootstrap as arbiter_bootstrap
@@ -678,7 +679,9 @@ def run_command(args: argparse.Namespace) -> int:
         f"{stats.steps} steps, {len(cfg.enabled_profiles())} profiles, {stats.evaluations} profile-candle evaluations "
         f"in {stats.seconds:.2f} s ({rate:,.0f}/s); load {t1 - t0:.2f} s, report {t3 - t2:.2f} s; outputs in {out}"
     )
-    return 0
+    ok, line = audit_summary_line(out, args.data, cfg)
+    print(line)
+    return 0 if ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 from aiokafka import AIOKafkaConsumer
 
 from mpctl import infra
+from mpctl.audit import audit_summary_line
 from mpctl.commands_config import load_for_command
 from mpctl.stack import (
     OUTPUT_FILES,
@@ -343,4 +344,6 @@ async def demo_pipeline(
         await delete_topics(endpoints.kafka_bootstrap, [s.name for s in specs])
     print_table(summary)
     print(f"outputs in {out} ({time.monotonic() - started:.1f} s)")
-    return 0
+    ok, line = audit_summary_line(out, args.data, cfg)
+    print(line)
+    return 0 if ok else 1

@@ -29,6 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
+from mpctl.audit import audit_run
 from mpctl.invariants import RunCheck, check_run
 from mpctl.progress import Progress
 from services.monitor.report_html import write_report
@@ -289,6 +290,20 @@ def _checks(
             f"{report.stat().st_size // 1024} KiB"
         )
 
+    data_dir = args.data.resolve() if args.data else Path(__file__).resolve().parents[1] / "data" / "market"
+    audit = audit_run(run_dir, data_dir, cfg)
+    s.say(
+        f"paper-truth audit: {sum(audit.checked.values())} checked; {sum(audit.counts.values())} violation(s)"
+    )
+
+    def paper_truth(e: Entry) -> None:
+        for check_name, n in sorted(audit.counts.items()):
+            e.fail(f"{check_name}: {n} ({'; '.join(audit.examples.get(check_name, [])[:2])})")
+        exits = audit.info.get("exits_by_reason", {})
+        e.details.append(
+            f"mpctl audit: fills in their candle, protective exits, no look-ahead; exits {exits}"
+        )
+
     for name, body in (
         ("profile_management", profiles),
         ("strategy_generation", strategies),
@@ -296,6 +311,7 @@ def _checks(
         ("cross_profile_arbitrage", arbitrage),
         ("mathematical_separation", separation),
         ("performance_monitoring", monitoring),
+        ("paper_truth", paper_truth),
     ):
         s.entry(name, body)
     extra = {
@@ -316,6 +332,7 @@ def _checks(
         },
         "counters": summary["counters"],
         "invariants": check.to_json(),
+        "audit": audit.to_json(),
     }
     return _finish(s, results_path, started, t0, run_dir, work, args, extra)
 

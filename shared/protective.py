@@ -28,12 +28,21 @@ def levels(avg_price: Decimal, stop_loss_pct: Decimal, take_profit_pct: Decimal)
 
 
 def reached(
-    open_: Decimal, high: Decimal, low: Decimal, stop: Decimal, take_profit: Decimal
+    open_: Decimal,
+    high: Decimal,
+    low: Decimal,
+    stop: Decimal,
+    take_profit: Decimal,
+    *,
+    resting_at_open: bool = True,
 ) -> tuple[Kind, Decimal] | None:
-    """Which protective exit this candle triggers and at what price, or None when it reaches neither."""
-    if open_ <= stop:
+    """Which protective exit this candle triggers and at what price, or None when it reaches neither.
+
+    `resting_at_open`: the orders rested before the candle opened. False on the candle in which the entry
+    completed: its open came before them, so it is no gap for them, and only the levels count."""
+    if resting_at_open and open_ <= stop:
         return "stop_loss", open_  # opened through the stop
-    if open_ >= take_profit:
+    if resting_at_open and open_ >= take_profit:
         return "take_profit", open_  # opened through the take profit
     if low <= stop:
         return "stop_loss", stop  # also when the high reached the take profit: the stop decides

@@ -116,6 +116,12 @@ def input_topics(topics: Topics) -> list[str]:
     return [topics.candles, topics.plans, topics.events, topics.commands]
 
 
+def _faust_datadir(group: str) -> str:
+    parent = os.path.join(tempfile.gettempdir(), "mp-faust")
+    os.makedirs(parent, exist_ok=True)  # faust creates the leaf only
+    return os.path.join(parent, group)
+
+
 @dataclass(frozen=True)
 class HeldRecord:
     """What the dead-letter path needs of a consumed record (faust's records are not kept in snapshots)."""
@@ -222,7 +228,7 @@ class StrategyWorker:
             producer_acks=-1,
             stream_wait_empty=False,
             # faust writes an empty "<group>-data" tree even with the memory store; keep it out of the cwd.
-            datadir=os.path.join(tempfile.gettempdir(), "mp-faust", self.group),
+            datadir=_faust_datadir(self.group),
         )
         self.app.conf.web_enabled = False  # the constructor flag alone still bound 0.0.0.0:6066
         self.out: dict[str, Any] = {}

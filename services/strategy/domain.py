@@ -263,6 +263,7 @@ class StrategyState:
     seen_through: dict[str, float] = field(default_factory=dict)  # intent -> latest exchange event time seen
     final_seen: set[str] = field(default_factory=set)  # intents whose final outcome has arrived
     applied_size: dict[str, Decimal] = field(default_factory=dict)  # intent -> size of its applied fills
+    entry_done: dict[str, float] = field(default_factory=dict)  # product -> when its last entry order ended
     queue: deque[Step] = field(default_factory=deque)
     seen_fills: set[str] = field(default_factory=set)
     emitted: set[str] = field(default_factory=set)  # every intent id this state has sent
@@ -521,14 +522,17 @@ def _apply_outcome(state: StrategyState, o: Outcome) -> None:
         _apply_fill(state, o)
     elif isinstance(o, OrderDecided):
         if o.verdict == "rejected":
-            _settle(state, o.intent_id)
+            _settle(state, o)
     elif o.status in TERMINAL_STATUSES:
-        _settle(state, o.intent_id)
+        _settle(state, o)
 
 
-def _settle(state: StrategyState, intent_id: str) -> None:
-    """The intent's final outcome is applied: it works no more."""
-    state.pending.pop(intent_id, None)
+def _settle(state: StrategyState, o: OrderDecided | OrderUpdated) -> None:
+    """The intent's final outcome is applied: it works no more (an entry's position is protected from now)."""
+    intent_id = o.intent_id
+    done = state.pending.pop(intent_id, None)
+    if done is not None and done.side == "buy":
+        state.entry_done[done.product] = o.event_time.timestamp()
     state.seen_through.pop(intent_id, None)
     state.final_seen.discard(intent_id)
     state.applied_size.pop(intent_id, None)
@@ -794,7 +798,9 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
             if c is None or product in working:
                 continue  # nothing traded, or the entry still fills (protected once it completed)
             stop, take = protective.levels(pos.avg_price, lim.stop_loss_pct, lim.take_profit_pct)
-            hit = protective.reached(c.open, c.high, c.low, stop, take)
+            # On the candle in which the entry completed, the orders did not rest at its open.
+            rested = state.entry_done.get(product, -math.inf) < step.time_s
+            hit = protective.reached(c.open, c.high, c.low, stop, take, resting_at_open=rested)
             if hit is not None:
                 triggered[product] = (hit[0], hit[1], c.open_time)
 

@@ -58,13 +58,18 @@ def test_backtest_writes_the_demos_files(infra: Endpoints, tmp_path: Path, confi
 @pytest.mark.timeout(900)
 def test_backtest_writes_the_demos_files_with_rejections_and_delays(infra: Endpoints, tmp_path: Path) -> None:
     # An hour's conflict window: profiles a and c (same products) meet on opposite sides and one is rejected;
-    # orders of different profiles on one product are spaced (delayed).
+    # orders of different profiles on one product are spaced (delayed). Low entry thresholds and a 5 % stop,
+    # so that exits by signal (which the wash rule arbitrates, unlike protective exits) meet others' entries.
     data = yaml.safe_load((ROOT / "config" / "examples" / "three_profiles.yaml").read_text())
     data.setdefault("system", {}).setdefault("arbiter", {})["conflict_window_s"] = 3600
+    for p in data["profiles"].values():
+        p["risk_management"].update(stop_loss_pct=5.0, take_profit_pct=10.0)
+        p["strategy_config"].update(signal_strength_threshold=0.05, confidence_threshold=0.05)
     config = tmp_path / "three_wide.yaml"
     config.write_text(yaml.safe_dump(data))
     demo, bt = tmp_path / "demo", tmp_path / "backtest"
     summary = run_demo(infra, demo, "--config", str(config), "--hours", "200")
+    check_invariants(demo, summary, config=config)
     run_backtest(bt, "--config", str(config), "--hours", "200")
     verdicts = {(d["verdict"], d["rule"]) for d in jsonl(demo / "decisions.jsonl")}
     assert ("rejected", "opposite_side") in verdicts, verdicts

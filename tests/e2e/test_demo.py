@@ -260,12 +260,17 @@ def test_demo_runs_on_four_hour_candles(infra: Endpoints, tmp_path: Path) -> Non
     assert len([p for p in plans if p["profile"] == "profile_a"]) == 366
 
 
-def _three_profiles(tmp: Path, **arbiter: Any) -> Path:
+def _three_profiles(tmp: Path, *, signal_exits: bool = False, **arbiter: Any) -> Path:
     """config/examples/three_profiles.yaml (the default two profiles plus profile_c on profile_a's products),
-    with some arbiter settings."""
+    with some arbiter settings. `signal_exits`: low entry thresholds and a 5 % stop, so that exits by signal
+    (which the wash rule arbitrates, unlike protective exits) meet other profiles' entries."""
     data = yaml.safe_load((ROOT / "config" / "examples" / "three_profiles.yaml").read_text())
     if arbiter:
         data["system"] = {"arbiter": arbiter}
+    if signal_exits:
+        for p in data["profiles"].values():
+            p["risk_management"].update(stop_loss_pct=5.0, take_profit_pct=10.0)
+            p["strategy_config"].update(signal_strength_threshold=0.05, confidence_threshold=0.05)
     path = tmp / "three.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -311,11 +316,9 @@ def test_three_profiles_with_an_hour_window_block_washes_and_price_the_internal_
     """With conflict_window_s = 1 h, an order of the previous step is a recent fill: opposite intents of
     profiles a and c (same products) meet, are rejected, and each is priced as an internal cross."""
     out = tmp_path / "three_wide"
-    # Ten days: the bundled data's first such pair is on 2021-08-07 (ETH/USDC, profile_c against profile_b).
-    summary = run_demo(
-        infra, out, "--config", str(_three_profiles(tmp_path, conflict_window_s=3600)), "--hours", "240"
-    )
-    check_invariants(out, summary)
+    config = _three_profiles(tmp_path, signal_exits=True, conflict_window_s=3600)
+    summary = run_demo(infra, out, "--config", str(config), "--hours", "240")
+    check_invariants(out, summary, config=config)
     print(_figures(summary))
     c = summary["counters"]
     assert c["rejected_by_rule"].get("opposite_side", 0) >= 1

@@ -28,7 +28,7 @@ async def test_selftest_passes_and_writes_results(
     results = json.loads((tmp_path / "multi_profile_test_results.json").read_text())
     log = (tmp_path / "multi_profile_test.log").read_text()
     assert code == 0, json.dumps(results["tests"], indent=1)
-    assert results["passed"] is True and results["summary"] == {"total": 8, "passed": 8, "failed": 0}
+    assert results["passed"] is True and results["summary"] == {"total": 9, "passed": 9, "failed": 0}
     assert [t["name"] for t in results["tests"]] == [
         "system_initialization",
         "integration",
@@ -38,11 +38,13 @@ async def test_selftest_passes_and_writes_results(
         "cross_profile_arbitrage",
         "mathematical_separation",
         "performance_monitoring",
+        "paper_truth",
     ]
     assert results["invariants"]["ok"] and results["counters"]["intents"] > 0
+    assert results["audit"]["ok"], results["audit"]  # mpctl audit: issue #14's rules hold on the run
     assert set(results["profiles"]) == {"profile_a", "profile_b"}
     assert "mpctl.cli demo" in log and "PASSED" in log
-    assert "selftest passed: 8/8" in capsys.readouterr().out
+    assert "selftest passed: 9/9" in capsys.readouterr().out
     # The run's topics, kept for the monitor, are gone again.
     ns = results["namespace"]
     assert not [t for t in await list_topics(infra.kafka_bootstrap) if t.startswith(ns + ".")]
