@@ -6,6 +6,7 @@ execution workers keep the credential store's environment variables (SECRET_ENV)
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from shared.codec import DecodeError, decode
 from shared.config import AppConfig
 from shared.kafka import ensure_topics
 from shared.messages import WorkerFinished
-from shared.topics import TopicSpec, declared_topics
+from shared.topics import Topics, TopicSpec, declared_topics
 
 SECRET_ENV = ("MPCTL_SECRETS_PASSPHRASE", "MPCTL_SECRETS_KEY_FILE")
 
@@ -197,6 +198,24 @@ async def wait_finished(
         return seen
     finally:
         await consumer.stop()
+
+
+async def wait_audit_drained(bootstrap: str, topics: Topics, timeout: float = 60.0) -> bool:
+    """Wait (at most `timeout` s) until the monitor has written the whole audit topic to its file: its group's
+    committed offset (committed only after the file is flushed) is at the topic's end. A monitor restarted
+    late in a run re-reads the topic from its start and may still be writing when the other services finish."""
+    from services.monitor.lag import fetch_lag  # the admin client only where a run needs it
+
+    group = topics.group("monitor")
+    deadline = time.monotonic() + timeout
+    while True:
+        report = await fetch_lag(bootstrap, None, groups=[group])
+        rows = [r for r in report.rows() if r.topic == topics.audit]
+        if rows and all(r.lag == 0 or (r.committed is None and r.end == 0) for r in rows):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.5)
 
 
 # ------------------------------------------------------------------------------------------ run directory

@@ -55,7 +55,8 @@ async def test_opposite_intents_of_one_step_settle_internally_at_the_mid(
     for k, (o, c) in enumerate([(100, 101), (101, 102), (104, 103)]):
         tk = t1 + k * HOUR
         msgs += [
-            (t.candles, candle("BTC/USDC", tk, o, o + 2, o - 2, c), "BTC/USDC", False),
+            # Volume for whole fills: each of the two profiles takes at most 5 % of a candle (10 % shared).
+            (t.candles, candle("BTC/USDC", tk, o, o + 2, o - 2, c, volume=100), "BTC/USDC", False),
             (t.candles, watermark(tk), None, True),
         ]
     msgs += [(t.intents, first, "BTC/USDC", False)]

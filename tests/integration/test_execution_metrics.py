@@ -93,13 +93,14 @@ async def test_paper_worker_metrics_count_exactly_the_fills_fees_and_statuses_it
     (port,) = free_ports(1)
     settings = ServiceSettings(kafka_bootstrap=kafka_bootstrap, namespace=namespace, profile=PID)
     svc = bootstrap(settings, overrides={"config": cfg, "metrics_port": port})
-    # Two orders: one fills whole, one is bounded by the thin candle (10 % of 10) and its rest is cancelled.
+    # Two orders: one fills whole, one is bounded by the thin candle and its rest is cancelled. The profile's
+    # part of a candle is 10 % / 2 enabled profiles = 5 % of 40 = 2 for both orders: 0.5, then 1.5 of 3.
     small = execute_order(PID, "buy", size="0.5", not_before=T0, intent_id="metrics-small")
     big = execute_order(PID, "buy", size="3", not_before=T0, intent_id="metrics-big")
     market: list[Message] = [
-        candle("BTC/USDC", T0, 100, volume=10),
+        candle("BTC/USDC", T0, 100, volume=40),
         watermark(T0),
-        candle("BTC/USDC", T0 + HOUR, 101, volume=10),
+        candle("BTC/USDC", T0 + HOUR, 101, volume=40),
         watermark(T0 + HOUR),
     ]
     pub = Publisher(kafka_bootstrap, client_id="test")
