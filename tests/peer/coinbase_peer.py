@@ -170,6 +170,7 @@ class RequestRecord:
     key_id: str | None
     profile: str | None
     status: int = 0
+    body: str = ""  # what the client sent: tests read the order configuration ccxt built
 
 
 @dataclass(frozen=True)
@@ -450,7 +451,7 @@ class CoinbasePeer:
         path = request.path
         api = "advanced" if path.startswith(("/api/v3/", "/v2/")) else "exchange"
         body = await request.text()
-        rec = RequestRecord(time.monotonic(), request.method, path, api, None, None)
+        rec = RequestRecord(time.monotonic(), request.method, path, api, None, None, body=body)
         self.requests.append(rec)
         public = self._is_public(api, path)
         acct: Account | None = None
