@@ -248,6 +248,39 @@ async def test_bracket_fills_on_one_side_and_the_other_is_gone(
     assert balances(peer) == (D("0.7"), D("100000") + D("0.3") * px - fee(D("0.3"), px))
 
 
+async def test_a_thin_print_fills_part_and_the_rest_rests_at_its_limit(
+    peer: CoinbasePeer, no_secret_in_logs: list[str]
+) -> None:
+    port = await open_port(peer, "coinbase", no_secret_in_logs)
+    try:
+        o = await port.create_protective(coid("thin"), "BTC/USDC", D("0.5"), D("57000"))
+        first = peer.trade("BTC/USDC", D("56900"), size=D("0.2"))  # only 0.2 BTC traded at this print
+        part = await port.fetch_order(o)
+        rest = peer.trade("BTC/USDC", D("56000"))  # the remainder rests at its limit 54150: reached
+        done = await port.fetch_order(o)
+        fills = await port.fetch_fills(order=o)
+    finally:
+        await port.close()
+    assert [(f.size, f.price) for f in first] == [(D("0.2"), D("56900"))]
+    assert (part.status, part.filled_size) == ("open", D("0.2"))
+    assert [(f.size, f.price) for f in rest] == [(D("0.3"), D("54150"))]
+    assert (done.status, done.filled_size) == ("filled", D("0.5"))
+    assert sorted((f.size, f.price) for f in fills) == [(D("0.2"), D("56900")), (D("0.3"), D("54150"))]
+    got = (
+        D("0.2") * D("56900") + D("0.3") * D("54150") - fee(D("0.2"), D("56900")) - fee(D("0.3"), D("54150"))
+    )
+    assert balances(peer) == (D("0.5"), D("100000") + got)
+
+
+def test_the_peer_refuses_a_print_it_cannot_be() -> None:
+    peer = CoinbasePeer()
+    with pytest.raises(ValueError, match="got '-1'"):
+        peer.trade("BTC-USDC", "-1")
+    with pytest.raises(ValueError, match="unknown product 'DOGE/USDC'"):
+        peer.price("DOGE/USDC")
+    assert peer.price("BTC/USDC") == D("60000")
+
+
 # ------------------------------------------------------------------------------------------ cancel, never twice
 @pytest.mark.parametrize("api", APIS)
 async def test_cancelled_protective_order_fills_nothing(

@@ -234,7 +234,9 @@ def _multiple(x: Decimal, inc: Decimal) -> bool:
 #   stop below the last trade and its limit at or below the stop (STOP_UP: above, and at or above), a bracket's
 #   take profit above the last trade and its stop trigger below it (a buy bracket: the reverse), and a sell of no
 #   more than the base the account holds beyond its other open protective sells (Coinbase holds the base).
-# - A protective order never fills at creation (fill_plan is for market and limit orders only).
+# - A protective order never fills at creation (fill_plan is for market and limit orders only). An Exchange API
+#   stop already crossed by the last trade is refused (what Coinbase does there is unconfirmed; refusing keeps a
+#   test from mistaking an immediate fill for a resting stop).
 # - `trade(product, price, size)` prints a trade: the last price moves, then each OPEN protective order of the
 #   product, oldest first, is checked:
 #   - untriggered, its stop crossed (STOP_DOWN: price <= stop; STOP_UP: price >= stop): it triggers and becomes a
