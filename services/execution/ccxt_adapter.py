@@ -13,6 +13,18 @@ Never twice:
 - When retries run out on an error after which the order may exist (timeout, 5xx), create raises
   UnknownOrderStateError: the caller must not send the order again until a lookup (reconciliation) settles it.
 
+Protective orders (`create_protective`: a stop loss resting at the exchange, so a crash of ours still caps the loss):
+- Advanced Trade stop: ccxt `create_order(symbol, 'limit', 'sell', size, limit, {'stopLossPrice': stop, ...})`
+  sends `stop_limit_stop_limit_gtc` {base_size, limit_price, stop_price, stop_direction STOP_DOWN}. ccxt has no
+  market stop (NotSupported) and, given stopLossPrice and takeProfitPrice together, silently drops the take profit.
+- Advanced Trade bracket: ccxt does not build `trigger_bracket_gtc` {base_size, limit_price (the take profit),
+  stop_trigger_price}; it extends its request with the params, so ours carries the whole order_configuration.
+  When the stop triggers, Coinbase places a stop-limit 5% under it (the band is Coinbase's, not settable).
+- Exchange API stop: ccxt sends `stop_price` and passes `stop: 'loss'` through; type 'limit' makes it a
+  stop-limit. The Exchange API has no bracket: a take profit there is refused before sending.
+- Read back: ccxt parses a stop-limit's trigger as `triggerPrice` but not a bracket at all (price and amount come
+  back None), so the kind, size and prices are read from `info.order_configuration` (Exchange: `info.stop`).
+
 Each HTTP request waits for the profile's token bucket (ccxt's `throttle` hook), which keeps under Coinbase's
 published limits (Advanced Trade private 30 requests/s per key; Exchange private 15/s per profile).
 """
@@ -50,6 +62,7 @@ from services.execution.ports import (
     ExchangeOrderStatus,
     KeyPermissions,
     MarketInfo,
+    OrderKind,
     Side,
 )
 
@@ -309,6 +322,54 @@ def market_from_ccxt(mk: dict[str, Any]) -> MarketInfo:
     )
 
 
+# The stop-limit's default limit under its stop: the band Coinbase itself uses when a bracket's stop triggers. Wide
+# enough that a fast market still fills the exit; the limit caps how far under the stop a thin book can take it.
+STOP_LIMIT_BAND = Decimal("0.05")
+
+
+def protective_prices(
+    m: MarketInfo,
+    stop_price: Decimal,
+    stop_limit_price: Decimal | None,
+    take_profit_price: Decimal | None,
+) -> tuple[Decimal, Decimal, Decimal | None]:
+    """(stop, stop's limit, take profit) of a protective sell, on the market's price increment, or RejectedError
+    with the reason. Each rounds toward acting sooner: the stop up (it triggers no later than asked, so the loss
+    is capped no further away), the stop's limit down (more willing to fill once triggered), the take profit
+    down (shared/protective.py rounds its level down too: reached no later than the paper books it)."""
+    inc = m.price_increment
+    if not stop_price.is_finite() or stop_price <= 0:
+        raise RejectedError(f"stop price must be positive, got {stop_price}", kind="invalid_order")
+    stop = _ceil_to(stop_price, inc).normalize()
+    asked_limit = stop_limit_price if stop_limit_price is not None else stop * (1 - STOP_LIMIT_BAND)
+    if not asked_limit.is_finite() or asked_limit <= 0:
+        raise RejectedError(f"stop limit price must be positive, got {asked_limit}", kind="invalid_order")
+    limit = _floor_to(asked_limit, inc).normalize()
+    if limit <= 0:
+        raise RejectedError(
+            f"stop limit price {_num(asked_limit)} rounds to 0 at increment {_num(inc)}", kind="invalid_order"
+        )
+    if limit > stop:
+        raise RejectedError(
+            f"stop limit price {_num(limit)} is above the stop {_num(stop)}: once triggered the sell would rest "
+            "above the market instead of exiting",
+            kind="invalid_order",
+        )
+    take: Decimal | None = None
+    if take_profit_price is not None:
+        if not take_profit_price.is_finite() or take_profit_price <= 0:
+            raise RejectedError(
+                f"take profit price must be positive, got {take_profit_price}", kind="invalid_order"
+            )
+        take = _floor_to(take_profit_price, inc).normalize()
+        if take <= stop:
+            raise RejectedError(
+                f"take profit {_num(take)} is not above the stop {_num(stop)} (after rounding to {_num(inc)})",
+                kind="invalid_order",
+            )
+    return stop, limit, take
+
+
 # ------------------------------------------------------------------------------------------ parsing
 _STATUS: dict[str, ExchangeOrderStatus] = {
     "open": "open",
@@ -328,15 +389,51 @@ def _ms_to_dt(ms: Any) -> datetime | None:
     return datetime.fromtimestamp(int(ms) / 1000, UTC) if isinstance(ms, int | float) else None
 
 
+def _shape(o: dict[str, Any]) -> tuple[OrderKind | None, Decimal | None, Decimal | None, Decimal | None]:
+    """(kind, size, limit, stop) as the exchange describes the order: Advanced Trade's order_configuration (ccxt
+    does not parse a bracket), the Exchange API's `stop`; Nones where the answer does not say."""
+    info = o.get("info")
+    info = info if isinstance(info, dict) else {}
+    cfg = info.get("order_configuration")
+    if isinstance(cfg, dict):
+        for key, c in cfg.items():
+            if not isinstance(c, dict):
+                continue
+            size = _dec(c.get("base_size"))
+            if key.startswith("trigger_bracket"):
+                return "bracket", size, _dec(c.get("limit_price")), _dec(c.get("stop_trigger_price"))
+            if key.startswith("stop_limit"):
+                return "stop", size, _dec(c.get("limit_price")), _dec(c.get("stop_price"))
+            if key.startswith("market"):
+                return "market", size, None, None
+            if "limit" in key:
+                return "limit", size, _dec(c.get("limit_price")), None
+    if info.get("stop"):
+        return "stop", None, None, _dec(info.get("stop_price"))
+    typ = o.get("type")
+    return (typ if typ in ("market", "limit") else None), None, None, None
+
+
 def order_from_ccxt(
-    o: dict[str, Any], *, product: str, side: Side, size: Decimal, client_order_id: str | None
+    o: dict[str, Any],
+    *,
+    product: str,
+    side: Side,
+    size: Decimal,
+    client_order_id: str | None,
+    kind: OrderKind | None = None,
+    limit_price: Decimal | None = None,
+    stop_price: Decimal | None = None,
 ) -> ExchangeOrder:
     """Our order from ccxt's unified order; fields an answer lacks (a create's answer is short) are filled from
-    what we sent."""
+    what we sent (`size`, `kind`, `limit_price`, `stop_price`)."""
     raw_status = o.get("status")
     status: ExchangeOrderStatus = _STATUS.get(str(raw_status), "open") if raw_status is not None else "open"
     filled = _dec(o.get("filled")) or Decimal(0)
-    amount = _dec(o.get("amount")) or size
+    shape_kind, shape_size, shape_limit, shape_stop = _shape(o)
+    amount = _dec(o.get("amount")) or shape_size or size
+    price = _dec(o.get("price")) or shape_limit or limit_price
+    the_kind: OrderKind = shape_kind or kind or ("limit" if price is not None else "market")
     if status == "filled" and filled < amount:
         status = (
             "cancelled"  # closed with a remainder: only a cancel (or expiry) closes a partly filled order
@@ -350,10 +447,12 @@ def order_from_ccxt(
         size=amount,
         filled_size=filled,
         status=status,
-        limit_price=_dec(o.get("price")),
+        limit_price=price,
         average_price=_dec(o.get("average")),
         fee=fee,
         created_at=_ms_to_dt(o.get("timestamp")),
+        kind=the_kind,
+        stop_price=_dec(o.get("triggerPrice")) or shape_stop or stop_price,
     )
 
 
@@ -508,6 +607,26 @@ class CcxtExchange:
             else {"client_oid": client_order_id}
         )
         kind = "limit" if p is not None else "market"
+
+        async def send() -> Any:
+            return await self._ex.create_order(
+                product, kind, side, float(q), float(p) if p is not None else None, dict(params)
+            )
+
+        def made(raw: dict[str, Any]) -> ExchangeOrder:
+            return order_from_ccxt(raw, product=product, side=side, size=q, client_order_id=client_order_id)
+
+        return await self._place(client_order_id, product, send, made)
+
+    async def _place(
+        self,
+        client_order_id: str,
+        product: str,
+        send: Callable[[], Awaitable[Any]],
+        made: Callable[[dict[str, Any]], ExchangeOrder],
+    ) -> ExchangeOrder:
+        """Send one order at most once for its client order id, whatever the retries (module docstring, Never
+        twice): `send` makes the ccxt call, `made` reads its answer."""
         attempt = 0
         while True:
             if self.lookup_before_send:
@@ -522,9 +641,7 @@ class CcxtExchange:
                     )
                     return existing
             try:
-                raw = await self._ex.create_order(
-                    product, kind, side, float(q), float(p) if p is not None else None, dict(params)
-                )
+                raw = await send()
             except Exception as exc:  # noqa: BLE001
                 err = translate(
                     exc, redact=self._redact, context=f"{self.profile_id} create {client_order_id}"
@@ -557,7 +674,87 @@ class CcxtExchange:
                 )
                 await self._sleep(delay)
                 continue
-            return order_from_ccxt(raw, product=product, side=side, size=q, client_order_id=client_order_id)
+            return made(raw)
+
+    async def create_protective(
+        self,
+        client_order_id: str,
+        product: str,
+        size: Decimal,
+        stop_price: Decimal,
+        *,
+        stop_limit_price: Decimal | None = None,
+        take_profit_price: Decimal | None = None,
+    ) -> ExchangeOrder:
+        """ExchangePort.create_protective: a resting stop-limit sell, or an Advanced Trade bracket when a take
+        profit is given (module docstring: what ccxt sends)."""
+        try:  # refused here, never sent
+            m = self.market(product)
+            stop, limit, take = protective_prices(m, stop_price, stop_limit_price, take_profit_price)
+            if take is not None and self.exchange == "coinbaseexchange":
+                raise RejectedError(
+                    f"take profit {_num(take)} refused: the Exchange API has no order carrying both a stop and a "
+                    "take profit; place the stop alone",
+                    kind="unsupported",
+                )
+            if take is not None and stop_limit_price is not None:
+                raise RejectedError(
+                    f"stop limit price {_num(stop_limit_price)} refused with a take profit: a bracket's stop limit "
+                    f"is Coinbase's ({_num(STOP_LIMIT_BAND * 100)}% under the stop) and cannot be set",
+                    kind="invalid_order",
+                )
+            if self.exchange == "coinbaseexchange" and not is_uuid(client_order_id):
+                raise RejectedError(
+                    f"client order id {client_order_id!r} is not a UUID, as the Exchange API requires",
+                    kind="invalid_order",
+                )
+            # The minimum notional is checked at the worst price the exit may fill at: the stop's limit.
+            q, _ = prepare_order(m, "sell", size, limit)
+        except RejectedError as refused:
+            self._noted(refused)
+            raise
+        kind: OrderKind = "bracket" if take is not None else "stop"
+        params: dict[str, Any]
+        if self.exchange == "coinbaseexchange":
+            params = {"client_oid": client_order_id, "stop": "loss", "stop_price": float(stop)}
+        elif take is not None:
+            params = {
+                "client_order_id": client_order_id,
+                "order_configuration": {
+                    "trigger_bracket_gtc": {
+                        "base_size": _num(q),
+                        "limit_price": _num(take),
+                        "stop_trigger_price": _num(stop),
+                    }
+                },
+            }
+        else:
+            # The direction is explicit although ccxt derives STOP_DOWN from stopLossPrice for a sell: its defaults
+            # differ between stopPrice (sell -> STOP_UP) and stopLossPrice, and a flipped one would rest as a
+            # take-profit trigger.
+            params = {
+                "client_order_id": client_order_id,
+                "stopLossPrice": float(stop),
+                "stop_direction": "STOP_DIRECTION_STOP_DOWN",
+            }
+        price = take if take is not None else limit
+
+        async def send() -> Any:
+            return await self._ex.create_order(product, "limit", "sell", float(q), float(price), dict(params))
+
+        def made(raw: dict[str, Any]) -> ExchangeOrder:
+            return order_from_ccxt(
+                raw,
+                product=product,
+                side="sell",
+                size=q,
+                client_order_id=client_order_id,
+                kind=kind,
+                limit_price=price,
+                stop_price=stop,
+            )
+
+        return await self._place(client_order_id, product, send, made)
 
     async def _lookup(
         self, client_order_id: str, product: str, since: datetime | None

@@ -15,6 +15,9 @@ from typing import Literal, Protocol, runtime_checkable
 Side = Literal["buy", "sell"]
 # Our reading of an exchange order's state. `open` covers "accepted, maybe partly filled".
 ExchangeOrderStatus = Literal["open", "filled", "cancelled", "rejected"]
+# What the order is at the exchange. `stop`: a stop-limit (limit_price is its limit, stop_price its trigger);
+# `bracket`: one order holding a take profit (limit_price) and a stop (stop_price, the trigger).
+OrderKind = Literal["market", "limit", "stop", "bracket"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,13 @@ class ExchangeOrder:
     fee: Decimal = Decimal(0)
     created_at: datetime | None = None
     reason: str = ""
+    kind: OrderKind = "limit"  # the adapter reads it from the exchange; "limit" is what our orders mostly are
+    stop_price: Decimal | None = None  # the trigger of a stop or a bracket
+
+    @property
+    def protective(self) -> bool:
+        """A resting stop or bracket: it fills only when the market reaches it."""
+        return self.kind in ("stop", "bracket")
 
     @property
     def terminal(self) -> bool:
@@ -109,6 +119,23 @@ class ExchangePort(Protocol):
     ) -> ExchangeOrder:
         """Place one order, at most once for this client order id, whatever the retries. Sizes and prices are
         rounded to the market's increments here; below the minimum raises RejectedError without sending."""
+        ...
+
+    async def create_protective(
+        self,
+        client_order_id: str,
+        product: str,
+        size: Decimal,
+        stop_price: Decimal,
+        *,
+        stop_limit_price: Decimal | None = None,
+        take_profit_price: Decimal | None = None,
+    ) -> ExchangeOrder:
+        """Rest a protective sell of a long position at the exchange, at most once for this client order id: a
+        stop-limit triggered at `stop_price` (limit `stop_limit_price`, by default the stop less 5%), or, with
+        `take_profit_price`, one bracket order carrying both exits where the API has one (Advanced Trade; the
+        Exchange API has none and refuses it with RejectedError). Rounded to the market's increments: the size
+        down, the stop up, the stop's limit down, the take profit down."""
         ...
 
     async def fetch_order(self, order: ExchangeOrder) -> ExchangeOrder: ...
