@@ -222,7 +222,9 @@ async def check_profile(
         balances = await port.balances()
         markets = await port.load_markets(pc.products)
     except ExecutionError as err:
-        pc.add("key" if err.kind in ("authentication", "permission") else "exchange", "FAIL", err.reason)
+        # A refused signature or timestamp is the key's (or the clock's) problem; anything else the exchange's.
+        key_kinds = ("authentication", "permission", "clock_skew")
+        pc.add("key" if err.kind in key_kinds else "exchange", "FAIL", err.reason)
         pc.rows[-1].fix = explain(err, skew)
         return pc
     finally:
@@ -406,13 +408,17 @@ async def preflight(
 ORDER = ("clock", "key", "permissions", "account", "products", "balance", "exchange")
 
 
+def _in_order(rows: list[Row]) -> list[Row]:
+    return sorted(rows, key=lambda r: ORDER.index(r.check) if r.check in ORDER else len(ORDER))
+
+
 def print_preflight(result: Preflight, out: Callable[[str], None] = print) -> None:
     """A table per profile, then every failure with what to do, then the verdict."""
     for c in result.checks:
         api = API_NAMES.get(c.exchange, c.exchange or "-")
         src = {"store": "the encrypted store", "yaml": "the YAML (plaintext)"}.get(c.source, "-")
         out(f"{c.profile}: {api}, key {c.key}, portfolio {c.portfolio or '-'}, credentials from {src}")
-        rows = sorted(c.rows, key=lambda r: ORDER.index(r.check) if r.check in ORDER else len(ORDER))
+        rows = _in_order(c.rows)
         width = max([len("check"), *(len(r.check) for r in rows)])
         out(f"  {'check'.ljust(width)}  {'result':<6}  detail")
         for r in rows:
@@ -420,7 +426,7 @@ def print_preflight(result: Preflight, out: Callable[[str], None] = print) -> No
         if c.rule:
             out(f"  balance rule: {c.rule}")
         out("")
-    problems = [(c, r) for c in result.checks for r in c.rows if r.status in ("FAIL", "warn")]
+    problems = [(c, r) for c in result.checks for r in _in_order(c.rows) if r.status in ("FAIL", "warn")]
     for c, r in problems:
         out(f"{r.status:<4} {c.profile} {r.check}: {r.detail}. What to do: {r.fix}")
     n = sum(len(c.failures) for c in result.checks)
