@@ -26,6 +26,7 @@ COMMAND_MODULES: dict[str, str] = {
     "send": "mpctl.commands_send",
     "secrets": "mpctl.commands_secrets",
     "exchange": "mpctl.commands_exchange",
+    "live": "mpctl.commands_live",
     "k8s": "mpctl.k8s",
     "backtest": "mpctl.backtest",
     "audit": "mpctl.audit",

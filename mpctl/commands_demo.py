@@ -329,6 +329,8 @@ async def demo_pipeline(
             out,
             ingest_args=replay,
             exchange_api_base=args.exchange_api_base,
+            # --exchange-api-base (a loopback test peer only, checked in run_demo) is the explicit live start.
+            live=args.exchange_api_base is not None,
         )
         _progress(f"started {len(stack.procs)} service processes; logs in {log_dir}")
         await wait_finished_with_faults(

@@ -20,6 +20,7 @@ from typing import Any
 from services.execution.ccxt_adapter import CcxtExchange, open_exchange, profile_products
 from services.execution.credentials import (
     CredentialsError,
+    CredentialStore,
     ResolvedCredentials,
     default_store_path,
     key_format_problems,
@@ -164,10 +165,9 @@ async def check(
                 rules += f", min size {_num(m.min_size)} {m.base}"
             if m.min_notional is not None:
                 rules += f", min notional {_num(m.min_notional)} {m.quote}"
-            _print(
-                "ok" if m.active else "FAIL", f"product {prod}: {rules}{'' if m.active else ' (not trading)'}"
-            )
-            failures += not m.active
+            online = m.status == "online"
+            _print("ok" if online else "FAIL", f"product {prod}: {rules}{'' if online else f' ({m.status})'}")
+            failures += not online
     except HaltError as err:
         _print("FAIL", err.reason)
         _print("why", explain(err, skew))
@@ -183,6 +183,15 @@ async def check(
     return 1 if failures else 0
 
 
+def load_store(path: Path | None) -> CredentialStore | None:
+    """The user's encrypted store (default path unless given), unlocked, or None when there is none. Raises
+    CredentialsError (wrong passphrase or key file, tampered file) with the reason."""
+    from mpctl.commands_secrets import open_store
+
+    where = path or default_store_path()
+    return open_store(where, create=False) if where.exists() else None
+
+
 def run_check(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
@@ -195,11 +204,8 @@ def run_check(args: argparse.Namespace) -> int:
             f"error: no profile {args.profile!r} in the config (have {sorted(cfg.profiles)})", file=sys.stderr
         )
         return 2
-    path = args.store or default_store_path()
     try:
-        from mpctl.commands_secrets import open_store
-
-        store = open_store(path, create=False) if path.exists() else None
+        store = load_store(args.store)
         creds = resolve_credentials(args.profile, profile, store, args.allow_plaintext_credentials)
     except CredentialsError as err:
         print(f"error: {err}", file=sys.stderr)

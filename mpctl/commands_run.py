@@ -8,8 +8,10 @@ decisions, plans, summary.json, report.html), collected from the topics, which a
 again with the same `--out` and it resumes: same namespace, the services rebuild their state from the topics and
 the ingest backfills the steps it missed. `mpctl status|lag|report|send --run DIR` work on a running run.
 
-With `system.mode: live` the execution workers trade for real (on the exchange, or `--exchange-api-base`);
-a live run on replayed candles is refused (shared.config.live_source_problem)."""
+With `system.mode: live` the execution workers trade for real (on the exchange, or `--exchange-api-base`). Going
+live is explicit: a live config starts only with `--live`, and only after the pre-flight (`mpctl live check`,
+run here in-process before anything starts) passes; the run then prints what trades with which account. A live
+run on replayed candles is refused (shared.config.live_source_problem)."""
 
 from __future__ import annotations
 
@@ -130,6 +132,12 @@ def register(sub: Any) -> None:
         default=None,
         help="system.mode: live only: send the execution workers' exchange calls to this URL instead of Coinbase's",
     )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="trade for real (system.mode: live): runs the pre-flight (`mpctl live check`) first, starts only "
+        "when it passes",
+    )
     p.set_defaults(handler=run_forward)
 
 
@@ -234,6 +242,18 @@ def check_start(args: argparse.Namespace, cfg: AppConfig, settings: RunSettings)
         raise RunError(problem)
     if args.exchange_api_base is not None and cfg.system.mode != "live":
         raise RunError("--exchange-api-base runs execution in live mode: set system.mode: live")
+    live = bool(getattr(args, "live", False))
+    if cfg.system.mode == "live" and not live:
+        # A config flag alone must not move real money: the start itself says so, after the pre-flight.
+        raise RunError(
+            "system.mode: live trades real money and starts only with `mpctl run --live`, which runs the "
+            "pre-flight (`mpctl live check`) first and starts nothing unless it passes; run `mpctl live check` "
+            "to see what it checks, then `mpctl run --live`"
+        )
+    if live and cfg.system.mode != "live":
+        raise RunError(
+            f"--live trades for real, but system.mode is {cfg.system.mode!r}: set system.mode: live"
+        )
     if settings.source == "replay" and not settings.data_dir.is_dir():
         raise RunError(f"replay data folder {settings.data_dir} is not a folder (--data)")
 
@@ -249,7 +269,29 @@ def run_forward(args: argparse.Namespace) -> int:
     except RunError as err:
         print(f"mpctl run: {err}", file=sys.stderr)
         return 1
+    if cfg.system.mode == "live" and not live_preflight(args, cfg):
+        return 1
     return asyncio.run(run_pipeline(args, cfg, settings, plan))
+
+
+def live_preflight(args: argparse.Namespace, cfg: AppConfig) -> bool:
+    """`mpctl live check` in-process, with the credentials the execution workers will read (the default store,
+    no plaintext); on success, what will trade with which account. False: print why, start nothing."""
+    from mpctl.commands_exchange import load_store
+    from mpctl.commands_live import PreflightError, preflight, print_going_live, print_preflight
+    from services.execution.credentials import CredentialsError
+
+    try:
+        result = asyncio.run(preflight(cfg, store=load_store(None), api_base=args.exchange_api_base))
+    except (PreflightError, CredentialsError) as err:
+        print(f"mpctl run: pre-flight: {err}; nothing was started", file=sys.stderr)
+        return False
+    print_preflight(result)
+    if not result.ok:
+        print("mpctl run: the pre-flight failed (above); nothing was started", file=sys.stderr)
+        return False
+    print_going_live(result, args.exchange_api_base or "Coinbase")
+    return True
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -437,6 +479,7 @@ async def run_pipeline(
             ingest_args=ingest_args(settings),
             exchange_api_base=args.exchange_api_base,
             append_logs=plan.resumed,
+            live=cfg.system.mode == "live",  # only reached with --live after the pre-flight (check_start)
         )
         _progress(f"started {len(stack.procs)} service processes; logs in {log_dir}")
         tasks.append(asyncio.create_task(watch_steps(endpoints.kafka_bootstrap, topics.candles, base, seen)))

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from services.execution.bootstrap import LIVE_ENV
 from services.execution.credentials import ENV_STORE, MOUNTED_KEY_FILE
 from shared.config import DEFAULT_CONFIG, PLACEHOLDER_PREFIX, AppConfig, ConfigError, load_config
 
@@ -85,12 +86,18 @@ SERVICE_COMMENTS: dict[str, str] = {
 }
 
 
-def _execution_comment(pid: str) -> str:
-    return (
+def _execution_comment(pid: str, live: bool = False) -> str:
+    text = (
         f"The only service that receives {pid}'s credentials (live mode reads them, paper mode does not):\n"
         f"secret coinbase_{pid} = its export of the encrypted store, at {CONTAINER_STORE};\n"
         f"secret coinbase_{pid}_key = that export's key, at {CONTAINER_KEY}."
     )
+    if live:
+        text += (
+            f"\nsystem.mode: live: it trades only when started with {LIVE_ENV}=1 in the shell "
+            f"(`mpctl live check`, then `{LIVE_ENV}=1 docker compose up -d`)."
+        )
+    return text
 
 
 class _Dumper(yaml.SafeDumper):
@@ -283,6 +290,10 @@ def compose_model(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) -> 
             depends_on=_needs_topics(),
         )
         execution["environment"] = {ENV_STORE: CONTAINER_STORE}
+        if cfg.system.mode == "live":
+            # Going live is explicit: the worker refuses live mode unless the operator starts the stack with
+            # `MPCTL_LIVE=1 docker compose up` (after `mpctl live check`); the file alone never trades.
+            execution["environment"][LIVE_ENV] = f"${{{LIVE_ENV}:-0}}"
         execution["secrets"] = [
             {"source": secret_name(pid), "target": CONTAINER_STORE},
             {"source": key_secret_name(pid), "target": CONTAINER_KEY},
@@ -381,7 +392,8 @@ def render_compose(cfg: AppConfig, *, config_path: str = str(DEFAULT_CONFIG)) ->
         model, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120, allow_unicode=False
     )
     comments = dict(SERVICE_COMMENTS)
-    comments.update({f"execution-{pid}": _execution_comment(pid) for pid in cfg.enabled_profiles()})
+    live = cfg.system.mode == "live"
+    comments.update({f"execution-{pid}": _execution_comment(pid, live) for pid in cfg.enabled_profiles()})
     return HEADER.format(config=PurePosixPath(config_path.replace(os.sep, "/"))) + _add_comments(
         body, comments
     )

@@ -2,7 +2,7 @@
 one strategy and one execution Deployment per enabled profile.
 
     python -m mpctl.k8s render [--config FILE] [--out deploy/k8s/stack.yaml]
-                               [--secrets-out deploy/k8s/secrets.example.yaml] [--image IMAGE]
+                               [--secrets-out deploy/k8s/secrets.example.yaml] [--image IMAGE] [--live]
     (also `mpctl k8s render`)
 
 `render_manifests` is pure and deterministic: the committed `deploy/k8s/stack.yaml` is its output for
@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from services.execution.bootstrap import LIVE_ENV
 from services.execution.credentials import ENV_STORE, MOUNTED_KEY_FILE
 from shared.config import DEFAULT_CONFIG, PLACEHOLDER_PREFIX, AppConfig, ConfigError, load_config
 from shared.topics import APPROVED_PREFIX, EVENTS, INTENTS, declared_topics
@@ -462,7 +463,7 @@ def ingest_objects(*, image: str, replay: bool) -> list[dict[str, Any]]:
 
 
 def workload_objects(
-    cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool = False
+    cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool = False, live: bool = False
 ) -> list[dict[str, Any]]:
     ready = {"readinessProbe": {**_kafka_reachable_probe(), "initialDelaySeconds": 5}}
     objs: list[dict[str, Any]] = []
@@ -518,6 +519,11 @@ def workload_objects(
             recreate=False,
         )
     )
+    execution_env: list[dict[str, Any]] = [{"name": ENV_STORE, "value": CONTAINER_STORE}]
+    if cfg.system.mode == "live":
+        # Going live is explicit: the worker refuses live mode unless this is "1", which only `render --live`
+        # writes (after `mpctl live check`); `kubectl set env` can switch it on a running stack.
+        execution_env.append({"name": LIVE_ENV, "value": "1" if live else "0"})
     for pid in cfg.enabled_profiles():
         d = dns_name(pid)
         objs.append(
@@ -554,7 +560,7 @@ def workload_objects(
                     image,
                     ["services.execution", *_common_args(pid)],
                     _resources("50m", "192Mi", "500m", "384Mi"),
-                    env=[{"name": ENV_STORE, "value": CONTAINER_STORE}],
+                    env=execution_env,
                     mounts=[
                         _config_mount(),
                         {"name": "coinbase", "mountPath": SECRET_MOUNT, "readOnly": True},
@@ -602,13 +608,13 @@ def workload_objects(
 
 
 def manifest_objects(
-    cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool = False
+    cfg: AppConfig, *, image: str = DEFAULT_IMAGE, replay: bool = False, live: bool = False
 ) -> list[dict[str, Any]]:
     return [
         *kafka_objects(cfg),
         *redis_objects(),
         config_map(cfg),
-        *workload_objects(cfg, image=image, replay=replay),
+        *workload_objects(cfg, image=image, replay=replay, live=live),
     ]
 
 
@@ -623,10 +629,12 @@ def render_manifests(
     image: str = DEFAULT_IMAGE,
     config_path: str = str(DEFAULT_CONFIG),
     replay: bool = False,
+    live: bool = False,
 ) -> str:
-    """Every object of the stack as one multi-document YAML file (the live ingest, or with `replay` a replay)."""
+    """Every object of the stack as one multi-document YAML file (the live ingest, or with `replay` a replay).
+    `live`: a live config's execution workers may trade (MPCTL_LIVE=1); without it they refuse to start."""
     return HEADER.format(config=Path(config_path).as_posix()) + _dump_all(
-        manifest_objects(cfg, image=image, replay=replay)
+        manifest_objects(cfg, image=image, replay=replay, live=live)
     )
 
 
@@ -661,7 +669,22 @@ def cmd_render(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"INVALID: {err}", file=sys.stderr)
         return 1
-    text = render_manifests(cfg, image=args.image, config_path=config_path, replay=args.replay)
+    if args.live and cfg.system.mode != "live":
+        print(
+            f"--live renders live trading, but system.mode is {cfg.system.mode!r} in {config_path}",
+            file=sys.stderr,
+        )
+        return 1
+    if cfg.system.mode == "live" and not args.live:
+        print(
+            f"note: system.mode: live, rendered with {LIVE_ENV}=0: the execution workers refuse to trade; run "
+            "`mpctl live check`, then render with --live (or `kubectl set env deployment/execution-... "
+            f"{LIVE_ENV}=1`)",
+            file=sys.stderr,
+        )
+    text = render_manifests(
+        cfg, image=args.image, config_path=config_path, replay=args.replay, live=args.live
+    )
     if str(args.out) == "-":
         sys.stdout.write(text)
         return 0
@@ -695,6 +718,11 @@ def _add_subcommands(ksub: Any) -> None:
         action="store_true",
         help=f"ingest replays the candle files of the PersistentVolumeClaim {REPLAY_DATA_CLAIM!r} instead of the "
         "live market (the default)",
+    )
+    r.add_argument(
+        "--live",
+        action="store_true",
+        help=f"system.mode: live: let the execution workers trade ({LIVE_ENV}=1); run `mpctl live check` first",
     )
     r.set_defaults(handler=cmd_render)
 

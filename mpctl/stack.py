@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer
 
 from mpctl import infra
 from mpctl.progress import Progress
+from services.execution.bootstrap import LIVE_ENV
 from services.monitor.collect import collect_run
 from services.monitor.report_html import write_report
 from shared.codec import DecodeError, decode
@@ -57,6 +58,7 @@ class Proc:
     log: Path
     fh: IO[bytes]
     args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # set for this service only (kept on a restart)
     restarts: int = 0
     stopped: bool = False  # stopped on purpose (Stack.stop_one): its exit code is no crash
 
@@ -65,18 +67,29 @@ class Proc:
 class Stack:
     procs: list[Proc] = field(default_factory=list)
 
-    def start(self, name: str, args: list[str], log_dir: Path, *, append: bool = False) -> Proc:
-        """Start `python -m <args>` as service `name`; `append` continues its log (a resumed run)."""
-        return self._spawn(name, args, log_dir / f"{name}.log", "ab" if append else "wb")
+    def start(
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        *,
+        append: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        """Start `python -m <args>` as service `name` (`env` added to its environment); `append` continues its
+        log (a resumed run)."""
+        return self._spawn(name, args, log_dir / f"{name}.log", "ab" if append else "wb", env or {})
 
-    def _spawn(self, name: str, args: list[str], log: Path, mode: str) -> Proc:
+    def _spawn(self, name: str, args: list[str], log: Path, mode: str, extra: dict[str, str]) -> Proc:
         fh = log.open(mode)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if not name.startswith("execution."):
             for k in SECRET_ENV:  # only execution workers open the credentials store
                 env.pop(k, None)
+        env.pop(LIVE_ENV, None)  # live only when this start says so, never inherited from the shell
+        env.update(extra)
         popen = subprocess.Popen([sys.executable, "-m", *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
-        proc = Proc(name, popen, log, fh, list(args))
+        proc = Proc(name, popen, log, fh, list(args), dict(extra))
         self.procs.append(proc)
         return proc
 
@@ -97,7 +110,7 @@ class Stack:
         old.fh.write(f"\n--- SIGKILLed by fault injection (restart {old.restarts + 1}) ---\n".encode())
         old.fh.close()
         self.procs.remove(old)
-        new = self._spawn(name, old.args, old.log, "ab")
+        new = self._spawn(name, old.args, old.log, "ab", old.env)
         new.restarts = old.restarts + 1
         return new
 
@@ -271,8 +284,10 @@ def start_services(
     ingest_args: Sequence[str],
     exchange_api_base: str | None = None,
     append_logs: bool = False,
+    live: bool = False,
 ) -> Path:
-    """Start every service of the run, the ingest last (its candles find every consumer ready); the log folder."""
+    """Start every service of the run, the ingest last (its candles find every consumer ready); the log folder.
+    `live`: the execution workers may trade for real (MPCTL_LIVE=1); the caller has made the start explicit."""
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     c = list(common)
@@ -280,12 +295,13 @@ def start_services(
     stack.start("registry", ["services.registry", *c, "--clock", "auto"], log_dir, append=append_logs)
     stack.start("arbiter", ["services.arbiter", *c], log_dir, append=append_logs)
     for pid in cfg.enabled_profiles():
-        live = ["--exchange-api-base", exchange_api_base] if exchange_api_base else []
+        api = ["--exchange-api-base", exchange_api_base] if exchange_api_base else []
         stack.start(
             f"execution.{pid}",
-            ["services.execution", *c, "--profile", pid, *live],
+            ["services.execution", *c, "--profile", pid, *api],
             log_dir,
             append=append_logs,
+            env={LIVE_ENV: "1"} if live else None,
         )
         stack.start(
             f"strategy.{pid}", ["services.strategy", *c, "--profile", pid], log_dir, append=append_logs

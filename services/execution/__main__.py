@@ -1,11 +1,14 @@
 """python -m services.execution --profile ID --config FILE --bootstrap HOST:PORT [--metrics-port P] [--metrics-addr A]
-[--exchange-api-base URL] [--allow-plaintext-credentials]"""
+[--exchange-api-base URL] [--allow-plaintext-credentials]
+
+With system.mode: live it starts only when MPCTL_LIVE=1 is in its environment (bootstrap.live_consent_problem)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
-from services.execution.bootstrap import bootstrap
+from services.execution.bootstrap import bootstrap, live_consent_problem
 from shared.runtime import (
     add_metrics_args,
     base_parser,
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         exchange_api_base=args.exchange_api_base,
     )
     svc = bootstrap(settings)
-    problem = svc.live_problem()
+    problem = live_consent_problem(svc.cfg, os.environ) or svc.live_problem()
     if problem is not None:
         print(f"execution: {problem}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import ConsumerRecord
@@ -31,6 +32,26 @@ if TYPE_CHECKING:
 
 class LiveSourceRefused(RuntimeError):
     """Live mode on a replayed market (shared.config.live_source_problem)."""
+
+
+# Going live is explicit (issue 13): a live config alone starts no live worker. `mpctl run --live` sets this after
+# its pre-flight; compose and Kubernetes set it in the execution service's environment (mpctl/compose.py, k8s.py).
+LIVE_ENV = "MPCTL_LIVE"
+
+
+def live_consent_problem(cfg: AppConfig, env: Mapping[str, str]) -> str | None:
+    """Why a live worker must not start without the explicit go-live setting, or None (paper, or set to 1)."""
+    if cfg.system.mode != "live":
+        return None
+    value = env.get(LIVE_ENV, "")
+    if value.strip() == "1":
+        return None
+    got = f"it is {value!r}" if value else "it is not set"
+    return (
+        f"system.mode: live trades real money and this worker starts live only with {LIVE_ENV}=1 ({got}). "
+        f"Run `mpctl live check` (the pre-flight), then start with `mpctl run --live`; with compose "
+        f"`{LIVE_ENV}=1 docker compose up -d`; on Kubernetes render with `mpctl k8s render --live`"
+    )
 
 
 class ExecutionService:

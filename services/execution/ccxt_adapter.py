@@ -288,6 +288,24 @@ def prepare_order(
     return q, p
 
 
+def _flag(v: Any) -> bool:
+    return v is True or str(v).strip().lower() == "true"
+
+
+def trading_status(info: dict[str, Any]) -> str:
+    """The product's trading status from the exchange's own fields, which ccxt passes through in `info`
+    (Advanced Trade and Exchange API products both carry status, trading_disabled, cancel_only, limit_only,
+    post_only). ccxt's `active` reads only part of them (Advanced: trading_disabled; Exchange: status), and the
+    Exchange API reports a cancel-only product as status "online" with cancel_only true: the flags come first."""
+    raw = str(info.get("status") or "").strip().lower()
+    if _flag(info.get("trading_disabled")) or _flag(info.get("is_disabled")) or raw == "disabled":
+        return "disabled"
+    for key in ("cancel_only", "limit_only", "post_only"):
+        if _flag(info.get(key)):
+            return key.replace("_", "-")
+    return "online" if raw in ("", "online") else raw
+
+
 def market_from_ccxt(mk: dict[str, Any]) -> MarketInfo:
     """Our market rules from a ccxt market; the raw strings of `info` are preferred over ccxt's floats."""
     info = mk.get("info") or {}
@@ -308,6 +326,8 @@ def market_from_ccxt(mk: dict[str, Any]) -> MarketInfo:
         or _dec((limits.get("cost") or {}).get("min"))
     )
     max_size = _dec(info.get("base_max_size")) or _dec((limits.get("amount") or {}).get("max"))
+    status = trading_status(info)
+    price = _dec(info.get("price"))
     return MarketInfo(
         product=str(mk["symbol"]),
         exchange_id=str(mk["id"]),
@@ -318,7 +338,10 @@ def market_from_ccxt(mk: dict[str, Any]) -> MarketInfo:
         min_size=min_size if min_size and min_size > 0 else None,
         min_notional=min_notional if min_notional and min_notional > 0 else None,
         max_size=max_size if max_size and max_size > 0 else None,
-        active=mk.get("active") is not False,
+        # A cancel-only or disabled product takes no new order; limit- and post-only ones take some.
+        active=mk.get("active") is not False and status not in ("disabled", "cancel-only"),
+        status=status,
+        price=price if price and price > 0 else None,
     )
 
 
@@ -884,10 +907,16 @@ class CcxtExchange:
 
     async def key_permissions(self) -> KeyPermissions:
         if self.exchange == "coinbaseexchange":
+            # No permissions endpoint; the profile (portfolio) the key belongs to is on each of its accounts.
+            accounts = await self._retrying("list accounts", lambda: self._ex.privateGetAccounts())
+            profiles = sorted(
+                {str(a["profile_id"]) for a in accounts or [] if isinstance(a, dict) and a.get("profile_id")}
+            )
             return KeyPermissions(
                 None,
                 None,
                 None,
+                portfolio=",".join(profiles) or None,
                 note="the Exchange API does not report a key's permissions; a 403 on the first order means no 'trade'",
             )
         raw = await self._retrying("key permissions", lambda: self._ex.v3PrivateGetBrokerageKeyPermissions())

@@ -33,7 +33,13 @@ class MarketInfo:
     min_size: Decimal | None  # in base units
     min_notional: Decimal | None  # in quote units (size * price)
     max_size: Decimal | None = None
-    active: bool = True
+    active: bool = True  # orders may be sent: false when disabled or cancel-only
+    # The exchange's trading status: online, cancel-only, post-only, limit-only, disabled (or its own word for
+    # another state, e.g. offline). Anything but online restricts what may be sent.
+    status: str = "online"
+    # The last price the exchange lists with the product (Advanced Trade does, the Exchange API does not): a
+    # reference for the pre-flight's sizes, never an order's price.
+    price: Decimal | None = None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import SecretStr
 
+from services.execution.bootstrap import LIVE_ENV
 from services.execution.credentials import (
     ENV_KEY_FILE,
     ENV_PASSPHRASE,
@@ -107,7 +108,8 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
         await pub.stop()
 
     # Only what the container has: the two mounted files, the store's path, no passphrase, no user store.
-    container_env = {**base_env, ENV_STORE: str(enc), ENV_KEY_FILE: str(key)}
+    # MPCTL_LIVE=1: the explicit go-live setting a live config's container gets (`MPCTL_LIVE=1 docker compose up`).
+    container_env = {**base_env, ENV_STORE: str(enc), ENV_KEY_FILE: str(key), LIVE_ENV: "1"}
     worker = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -18,6 +18,8 @@ clock is off: signatures outside the window are refused), partial fills (`fill_p
 Protective orders (stop-limit and bracket on Advanced Trade, stop on the Exchange API) rest without filling and
 act when the market trades through them: `trade(product, price)` is a market trade print (tests and the
 market-data peer call it), `price(product)` the last one. See PROTECTIVE ORDERS below for the facts and rules.
+For the pre-flight: `set_status` (a product's trading status, as both products endpoints report it), keys with
+the transfer permission, and several keys on one portfolio (`portfolio=`: they share its balances).
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class Account:
     secret_b64: str = ""
     passphrase: str = ""
     can_trade: bool = True
+    can_transfer: bool = False
+    portfolio: str = (
+        ""  # the portfolio (Advanced) or profile (Exchange API) the key trades; default per profile
+    )
     balances: dict[str, Decimal] = field(
         default_factory=lambda: {"USDC": D("100000"), "BTC": D("1"), "ETH": D("10"), "SOL": D("100")}
     )
@@ -269,6 +275,7 @@ class CoinbasePeer:
         self.taker_fee = taker_fee
         self.clock_offset_s = 0.0
         self.accounts: dict[str, Account] = {}  # key id -> account
+        self.product_status: dict[str, str] = {}  # product id -> set_status(); absent: online
         self.orders: list[PeerOrder] = []
         self.requests: list[RequestRecord] = []
         self.faults: list[Fault] = []
@@ -285,7 +292,39 @@ class CoinbasePeer:
         self.base_url = ""
 
     # -------------------------------------------------------------------------- set-up
-    def add_advanced_profile(self, profile: str) -> AdvancedKeyMaterial:
+    def _account(self, profile: str, api: str, key_id: str, portfolio: str | None, **kw: Any) -> Account:
+        """A key's account; keys registered on one portfolio share its balances (one account's money)."""
+        acct = Account(profile, api, key_id, portfolio=portfolio or f"portfolio-{profile}", **kw)
+        same = next((a for a in self.accounts.values() if a.portfolio == acct.portfolio), None)
+        if same is not None:
+            acct.balances = same.balances
+        self.accounts[key_id] = acct
+        return acct
+
+    def set_status(self, product: str, status: str) -> None:
+        """Coinbase switches a product's trading: online, cancel_only, post_only, limit_only or disabled."""
+        pid = product.replace("/", "-")
+        if pid not in self.products:
+            raise KeyError(f"no product {product!r} at the peer")
+        if status not in ("online", "cancel_only", "post_only", "limit_only", "disabled"):
+            raise ValueError(f"unknown trading status {status!r}")
+        self.product_status[pid] = status
+
+    def _status_fields(self, product_id: str) -> dict[str, Any]:
+        """The status fields both products endpoints carry. Coinbase keeps status "online" for the *_only
+        modes and says so in the flags; a disabled product is offline with trading_disabled."""
+        st = self.product_status.get(product_id, "online")
+        return {
+            "status": "offline" if st == "disabled" else "online",
+            "trading_disabled": st == "disabled",
+            "cancel_only": st == "cancel_only",
+            "limit_only": st == "limit_only",
+            "post_only": st == "post_only",
+        }
+
+    def add_advanced_profile(
+        self, profile: str, *, portfolio: str | None = None, can_transfer: bool = False
+    ) -> AdvancedKeyMaterial:
         key = ec.generate_private_key(ec.SECP256R1())
         name = f"organizations/{uuid.uuid4()}/apiKeys/{uuid.uuid4()}"
         pem = key.private_bytes(
@@ -293,15 +332,25 @@ class CoinbasePeer:
             serialization.PrivateFormat.TraditionalOpenSSL,
             serialization.NoEncryption(),
         ).decode()
-        self.accounts[name] = Account(profile, "advanced", name, public_key=key.public_key())
+        self._account(
+            profile, "advanced", name, portfolio, public_key=key.public_key(), can_transfer=can_transfer
+        )
         return AdvancedKeyMaterial(name, pem)
 
-    def add_exchange_profile(self, profile: str) -> ExchangeKeyMaterial:
+    def add_exchange_profile(
+        self, profile: str, *, portfolio: str | None = None, can_transfer: bool = False
+    ) -> ExchangeKeyMaterial:
         api_key = secrets.token_hex(16)
         secret = base64.b64encode(secrets.token_bytes(64)).decode()
         passphrase = secrets.token_urlsafe(12)
-        self.accounts[api_key] = Account(
-            profile, "exchange", api_key, secret_b64=secret, passphrase=passphrase
+        self._account(
+            profile,
+            "exchange",
+            api_key,
+            portfolio,
+            secret_b64=secret,
+            passphrase=passphrase,
+            can_transfer=can_transfer,
         )
         return ExchangeKeyMaterial(api_key, secret, passphrase)
 
@@ -710,12 +759,8 @@ class CoinbasePeer:
                     "base_max_size": "10000",
                     "base_name": p.base,
                     "quote_name": p.quote,
-                    "status": "online",
-                    "trading_disabled": False,
+                    **self._status_fields(p.id),
                     "is_disabled": False,
-                    "cancel_only": False,
-                    "limit_only": False,
-                    "post_only": False,
                     "product_type": "SPOT",
                     "base_currency_id": p.base,
                     "quote_currency_id": p.quote,
@@ -738,8 +783,8 @@ class CoinbasePeer:
                 {
                     "can_view": True,
                     "can_trade": acct.can_trade,
-                    "can_transfer": False,
-                    "portfolio_uuid": f"portfolio-{acct.profile}",
+                    "can_transfer": acct.can_transfer,
+                    "portfolio_uuid": acct.portfolio,
                     "portfolio_type": "DEFAULT",
                 }
             )
@@ -1095,12 +1140,8 @@ class CoinbasePeer:
                         "display_name": p.id,
                         "min_market_funds": p.quote_min_size,
                         "margin_enabled": False,
-                        "post_only": False,
-                        "limit_only": False,
-                        "cancel_only": False,
-                        "status": "online",
+                        **self._status_fields(p.id),
                         "status_message": "",
-                        "trading_disabled": False,
                     }
                     for p in self.products.values()
                 ]
@@ -1115,7 +1156,7 @@ class CoinbasePeer:
                         "balance": str(v),
                         "hold": "0",
                         "available": str(v),
-                        "profile_id": f"profile-{acct.profile}",
+                        "profile_id": acct.portfolio,
                         "trading_enabled": True,
                     }
                     for c, v in sorted(acct.balances.items())

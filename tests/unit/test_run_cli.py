@@ -157,9 +157,19 @@ def test_live_mode_with_a_replay_is_refused_and_says_why() -> None:
         check_start(
             parse(), live(config(source="replay")), resolve_settings(parse(), live(config(source="replay")))
         )
-    # The live market in live mode: allowed (real trading), with any exchange URL.
-    a = parse("--exchange-api-base", "https://api.example.invalid")
+    # The live market in live mode: allowed (real trading) with --live, with any exchange URL.
+    a = parse("--live", "--exchange-api-base", "https://api.example.invalid")
     check_start(a, cfg, resolve_settings(a, cfg))
+
+
+def test_going_live_is_explicit() -> None:
+    cfg = live(config())
+    a = parse()
+    with pytest.raises(RunError, match=r"starts only with `mpctl run --live`.*mpctl live check"):
+        check_start(a, cfg, resolve_settings(a, cfg))
+    a = parse("--live")
+    with pytest.raises(RunError, match="system.mode is 'paper'"):
+        check_start(a, config(), resolve_settings(a, config()))
 
 
 def test_an_exchange_url_needs_live_mode_and_a_replay_needs_its_folder(tmp_path: Path) -> None:
