@@ -46,7 +46,8 @@ Live mode (`new_state(..., live=True)`, `system.mode: live`): cash, positions, e
 mark and the daily-loss day start come from the account snapshots (`AccountSnapshotted`, published by the
 execution worker) and the fills, not from `paper.initial_quote_balance`. A snapshot is an outcome like the others:
 applied when the first step closing after its event time is evaluated, in event-time order with the fills.
-- The first snapshot seeds the books: cash is the quote asset's total; a base asset held beyond the books'
+- The first snapshot seeds the books as soon as it is read (the account before the profile trades): cash is the
+  quote asset's total; a base asset held beyond the books'
   positions is a holding the system did not trade, kept apart (`untracked`, valued at the step's mark, which is
   also its cost basis). Equity, the high-water mark and the day start are taken afresh at that step. Entries
   wait for it.
@@ -481,7 +482,11 @@ def decide(
             if msg.action == "acknowledge" and state.live:
                 _acknowledge(state, msg)
     elif isinstance(msg, AccountSnapshotted) and msg.profile == state.profile_id:
-        if state.live:  # paper: the paper exchange's snapshots equal the books by construction
+        if state.live and not state.account_seeded and not (state.pending or state.held or state.awaiting):
+            # The account before any trading of this profile: the books start from it at once (the worker's
+            # start snapshot is stamped with the exchange's time, which a replay's steps may never reach).
+            _apply_account(state, msg)
+        elif state.live:  # paper: the paper exchange's snapshots equal the books by construction
             state.defer_seq += 1
             heapq.heappush(state.deferred, (msg.event_time.timestamp(), state.defer_seq, msg))
     elif isinstance(msg, OrderDecided | OrderUpdated | OrderFilled) and msg.profile == state.profile_id:

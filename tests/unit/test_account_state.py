@@ -118,12 +118,12 @@ def steps(prices: Sequence[Any], start: int = T0, product: str = "BTC/USDC") -> 
 
 
 def seeded(p: Profile, amounts: Mapping[str, Any], price: Any = 100) -> StrategyState:
-    """A live state whose first snapshot (just after T0) was applied at the step opening at T0."""
+    """A live state seeded by its first snapshot (just after T0), its holdings priced at the step opening at T0."""
     state = live(p)
     feed(state, [*plans(p, 48), snapshot(T0 + 10, amounts)])
-    assert state.cash == 0 and not state.account_seeded  # nothing known before a step closes after it
+    assert state.cash == D(amounts["USDC"]) and state.account_seeded  # the account before any trading
+    assert all(pos.avg_price == 0 for pos in state.untracked.values())  # priced at the next step's mark
     feed(state, steps([price]))
-    assert state.account_seeded
     return state
 
 
