@@ -307,7 +307,13 @@ class Backtest:
         self.exchanges = {
             pid: _Exchange(
                 execution.new_state(
-                    pid, p, cfg.system.execution, parts, profiles_sharing=len(cfg.enabled_profiles())
+                    pid,
+                    p,
+                    cfg.system.execution,
+                    parts,
+                    profiles_sharing=len(cfg.enabled_profiles()),
+                    quote=cfg.system.quote_asset,
+                    account_snapshots=True,
                 )
             )
             for pid, p in cfg.enabled_profiles().items()

@@ -1,4 +1,7 @@
-"""`mpctl send pause|resume|flatten|kill|rotate PROFILE|all`: a signed command on the commands topic."""
+"""`mpctl send pause|resume|flatten|kill|rotate|acknowledge PROFILE|all`: a signed command on the commands topic.
+
+`acknowledge`: a live profile whose books and exchange account differ beyond dust (AccountMismatchDetected)
+takes the exchange's amounts as its books and resumes entries."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from shared.config import ConfigError, load_config
 from shared.kafka import Publisher
 from shared.topics import Topics
 
-ACTIONS = ("pause", "resume", "flatten", "kill", "rotate")
+ACTIONS = ("pause", "resume", "flatten", "kill", "rotate", "acknowledge")
 
 
 def register(sub: Any) -> None:

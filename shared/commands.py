@@ -1,4 +1,4 @@
-"""Signed operator commands (pause, resume, flatten, kill, rotate) and their verification.
+"""Signed operator commands (pause, resume, flatten, kill, rotate, acknowledge) and their verification.
 
 A command is signed with HMAC-SHA256 over a canonical byte string of its fields, with a key shared by the
 operator and the services (env `MPCTL_COMMAND_KEY`, or a file named by `MPCTL_COMMAND_KEY_FILE`, e.g. a

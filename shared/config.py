@@ -141,6 +141,9 @@ class RiskManagement(Strict):
     # A drawdown or daily-loss halt also sells the profile's positions (reason "halt"), so the loss stops at the
     # limit; false keeps them (only new entries stop).
     close_on_halt: bool = True
+    # Live mode: a holding the system did not trade (found in the account, e.g. a manual buy on the website) is
+    # shown and reported but never sold by the system; true lets exits (stops, signal, flatten, halt) sell it.
+    sell_untracked: bool = False
 
 
 class ProfileHash(Strict):
@@ -256,6 +259,9 @@ class ExecutionSettings(Strict):
     max_volume_participation: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 0.1
     desync_min_ms: Annotated[int, Field(ge=0, le=600_000)] = 50
     desync_max_ms: Annotated[int, Field(ge=0, le=600_000)] = 1500
+    # Live mode: seconds between two account snapshots (AccountSnapshotted) of each profile; one is also
+    # published at start and after each order reaches a final state.
+    account_snapshot_interval_s: Annotated[float, Field(ge=5.0, le=86_400.0, allow_inf_nan=False)] = 60.0
 
     @model_validator(mode="after")
     def _desync_ordered(self) -> ExecutionSettings:

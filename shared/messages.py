@@ -371,6 +371,47 @@ class CorrelationAlert(Message):
     step_time: UtcDatetime
 
 
+# ------------------------------------------------------------------------------------------ account
+class AssetBalance(BaseModel):
+    """One asset of an account: amounts only (never a key, key id, account id or anything credential-like)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    free: Size
+    used: Size
+    total: Size
+    # The exchange's size increment of the asset's product against the quote (None: unknown, or the quote).
+    size_increment: Annotated[Decimal, AfterValidator(_finite), Field(gt=0)] | None = None
+
+
+class AccountSnapshotted(Message):
+    """What one profile's account holds (topic orders.events, keyed by profile): the quote asset and every base
+    asset the profile trades. `event_time` is the exchange's time when the balances were read (live: the
+    exchange clock the worker follows; paper: the event time of the paper exchange's books). Published by the
+    execution worker at start, every `system.execution.account_snapshot_interval_s` (live) and after each
+    order reaches a final state."""
+
+    type: Literal["AccountSnapshotted"] = "AccountSnapshotted"
+    profile: str
+    source: Literal["exchange", "paper"]
+    trigger: Literal["start", "periodic", "order_final"]
+    quote: str
+    balances: dict[str, AssetBalance]
+
+
+class AccountMismatchDetected(Message):
+    """The books of a live profile and its account snapshot differ beyond dust (`state: mismatch`: entries of
+    the profile halt), or agree again / were acknowledged by an operator (`state: resolved`)."""
+
+    type: Literal["AccountMismatchDetected"] = "AccountMismatchDetected"
+    profile: str
+    state: Literal["mismatch", "resolved"]
+    reason: str = Field(max_length=2000)
+    snapshot_id: str | None = None
+    # asset -> {"books": ..., "exchange": ..., "dust": ...} (decimal strings) of the assets that differ
+    differences: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+
 # ------------------------------------------------------------------------------------------ operations
 class WorkerFinished(Message):
     """A service instance processed the end of the replay (used by the demo to know the run is complete)."""
@@ -385,7 +426,8 @@ class ControlCommand(Message):
     """An operator's command on the commands topic, signed with HMAC-SHA256 (shared/commands.py)."""
 
     type: Literal["ControlCommand"] = "ControlCommand"
-    action: Literal["pause", "resume", "flatten", "kill", "rotate"]
+    # acknowledge: the operator accepts the exchange's balances as the profile's books (an account mismatch)
+    action: Literal["pause", "resume", "flatten", "kill", "rotate", "acknowledge"]
     target: str = Field(min_length=1, max_length=64)  # a profile id or "all"
     issued_at: UtcDatetime
     nonce: str = Field(min_length=16, max_length=64)
@@ -455,6 +497,8 @@ AnyMessage = Annotated[
     | OrderFilled
     | InternalCrossOpportunity
     | CorrelationAlert
+    | AccountSnapshotted
+    | AccountMismatchDetected
     | WorkerFinished
     | ControlCommand
     | CommandHandled
@@ -483,6 +527,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         OrderFilled,
         InternalCrossOpportunity,
         CorrelationAlert,
+        AccountSnapshotted,
+        AccountMismatchDetected,
         WorkerFinished,
         ControlCommand,
         CommandHandled,

@@ -21,7 +21,15 @@ from shared.clock_feed import ServiceClock, service_clock
 from shared.commands import gate_for
 from shared.config import AppConfig, live_source_problem
 from shared.kafka import HandlingError, Route, StateMachineService
-from shared.messages import ExecuteOrder, Message, OrderFilled, OrderUpdated, ProfileHalted, WorkerFinished
+from shared.messages import (
+    AccountSnapshotted,
+    ExecuteOrder,
+    Message,
+    OrderFilled,
+    OrderUpdated,
+    ProfileHalted,
+    WorkerFinished,
+)
 from shared.runtime import ServiceSettings
 from shared.snapshots import Durable, dataclass_dump, dataclass_restore, fingerprint
 from shared.topics import Topics
@@ -87,6 +95,8 @@ class ExecutionService:
             cfg.system.execution,
             frozenset(range(cfg.system.kafka.candle_partitions)),
             profiles_sharing=len(cfg.enabled_profiles()),
+            quote=cfg.system.quote_asset,
+            account_snapshots=True,
         )
         self.runner = StateMachineService(
             name=f"execution.{self.profile_id}",
@@ -161,6 +171,9 @@ class ExecutionService:
         t = self.topics
         if isinstance(msg, OrderUpdated | OrderFilled | ProfileHalted):
             return [(t.events, msg.profile, False), (t.audit, msg.profile, False)]
+        if isinstance(msg, AccountSnapshotted):
+            # Amounts only; not an action, so not audited (the audit trail and the run's files stay as they were).
+            return [(t.events, msg.profile, False)]
         if isinstance(msg, WorkerFinished):
             return [(t.status, f"execution.{self.profile_id}", False)]
         return [(t.audit, None, False)]
@@ -228,10 +241,16 @@ class ExecutionService:
         for m in missing:  # published before the consume loop: reconciled fills count too
             self.metrics.observe(m)
         wal = await WriteAhead.started(self.settings.kafka_bootstrap, self.route, f"execution.{pid}.wal")
-        self.live_handler = LiveHandler(live, write_ahead=wal)
+        self.live_handler = LiveHandler(
+            live, write_ahead=wal, account_every_s=self.cfg.system.execution.account_snapshot_interval_s
+        )
+        account = asyncio.create_task(self.live_handler.account_loop(stop, wal))
         try:
             return await self.runner.run(stop)
         finally:
+            account.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await account
             await self.live_handler.close()
 
 

@@ -20,6 +20,11 @@
 - Never twice: an order is known by its client order id; a redelivered or retried ExecuteOrder for a known id
   produces nothing new.
 - Balances are checked: a buy beyond the cash, or a sell beyond the position, is rejected with the reason.
+- Account snapshots (`account_snapshots`, on in the workers and the backtest): an `AccountSnapshotted` of the
+  paper books (cash in the quote asset, the position of every base asset the profile trades) at the first market
+  step, and after the calls in which an order reached a final state, stamped with the latest event time of that
+  call's outputs: the same event a live worker publishes from the exchange, and equal to the books by
+  construction (free = total, used = 0: the paper exchange holds no funds for open orders).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from shared.aligner import Aligner, Step
 from shared.clock import derived_id, from_epoch_s
 from shared.config import ExecutionSettings, Profile
 from shared.messages import (
+    TERMINAL_STATUSES,
+    AccountSnapshotted,
+    AssetBalance,
     CandleClosed,
     ControlCommand,
     ExecuteOrder,
@@ -103,14 +111,34 @@ class PaperState:
     market_time_s: int | None = None  # the latest complete market step seen (its open time)
     finished: bool = False
     killed: str | None = None  # set by an operator's `kill`: waiting orders cancelled, new ones refused
+    quote: str = "USDC"
+    assets: tuple[str, ...] = ()  # every base asset the profile trades (the account snapshot's assets)
+    account_snapshots: bool = False  # publish AccountSnapshotted (module docstring)
+    account_started: bool = False  # the start snapshot went out
 
 
 # Durable state (shared/snapshots.py): the version of PaperState's snapshot form (raise it when a field changes
 # meaning), and the fields new_state sets from the configuration, which a snapshot leaves out.
-SNAPSHOT_SCHEMA = 1
+SNAPSHOT_SCHEMA = 2
 CONFIG_FIELDS = frozenset(
-    {"profile_id", "seed", "settings", "slippage_tolerance", "order_timeout", "liquidity_share"}
+    {
+        "profile_id",
+        "seed",
+        "settings",
+        "slippage_tolerance",
+        "order_timeout",
+        "liquidity_share",
+        "quote",
+        "assets",
+        "account_snapshots",
+    }
 )
+
+
+def traded_base_assets(profile: Profile, quote: str) -> tuple[str, ...]:
+    """Every base asset a profile may trade (its pairs' bases and its assets), sorted; never the quote."""
+    bases = {pair.split("/", 1)[0] for pair in profile.trading_pairs} | set(profile.traded_assets())
+    return tuple(sorted(bases - {quote}))
 
 
 def new_state(
@@ -120,6 +148,8 @@ def new_state(
     partitions: frozenset[int],
     *,
     profiles_sharing: int = 1,
+    quote: str = "USDC",
+    account_snapshots: bool = False,
 ) -> PaperState:
     """`profiles_sharing`: how many profiles' workers trade on the same candles (every enabled profile): each
     takes at most its equal part of max_volume_participation, so together they never exceed it."""
@@ -137,10 +167,63 @@ def new_state(
         aligner=Aligner(partitions),
         cash=Decimal(str(profile.paper.initial_quote_balance)),
         order_timeout=timedelta(seconds=profile.trading_params.order_timeout),
+        quote=quote,
+        assets=traded_base_assets(profile, quote),
+        account_snapshots=account_snapshots,
     )
 
 
 def decide(state: PaperState, msg: Message, partition: int = 0) -> list[Message]:
+    out = _decide(state, msg, partition)
+    if state.account_snapshots:
+        snaps = _account_events(state, out)
+        if snaps:
+            # Before a WorkerFinished: whoever waits for the end finds the last snapshot published.
+            done: list[Message] = [m for m in out if isinstance(m, WorkerFinished)]
+            out = [m for m in out if not isinstance(m, WorkerFinished)] + snaps + done
+    return out
+
+
+def account_snapshot(
+    state: PaperState, t: datetime, trigger: Literal["start", "periodic", "order_final"], key: str
+) -> AccountSnapshotted:
+    """The paper books as the exchange's account would show them: the quote and every traded base asset."""
+    held: dict[str, Decimal] = {}
+    for product, size in state.positions.items():
+        base = product.split("/", 1)[0]
+        held[base] = held.get(base, Decimal(0)) + size
+    balances = {state.quote: AssetBalance(free=state.cash, used=Decimal(0), total=state.cash)}
+    for asset in sorted(set(state.assets) | set(held)):
+        amount = held.get(asset, Decimal(0))
+        balances[asset] = AssetBalance(free=amount, used=Decimal(0), total=amount)
+    return AccountSnapshotted(
+        id=derived_id("account", state.profile_id, trigger, key),
+        event_time=t,
+        correlation_id=f"account:{state.profile_id}",
+        profile=state.profile_id,
+        source="paper",
+        trigger=trigger,
+        quote=state.quote,
+        balances=balances,
+    )
+
+
+def _account_events(state: PaperState, out: list[Message]) -> list[Message]:
+    snaps: list[Message] = []
+    if not state.account_started and state.market_time_s is not None:
+        state.account_started = True
+        t = from_epoch_s(state.market_time_s)
+        snaps.append(account_snapshot(state, t, "start", str(state.market_time_s)))
+    final = [m for m in out if isinstance(m, OrderUpdated) and m.status in TERMINAL_STATUSES]
+    if final:
+        # After every output of this call: the books then include each of them (and nothing later, since
+        # what still works trades on candles that have not arrived yet).
+        t = max(m.event_time for m in out if not isinstance(m, WorkerFinished))
+        snaps.append(account_snapshot(state, t, "order_final", ",".join(m.client_order_id for m in final)))
+    return snaps
+
+
+def _decide(state: PaperState, msg: Message, partition: int = 0) -> list[Message]:
     out: list[Message] = []
     if isinstance(msg, CandleClosed | WatermarkAdvanced | ReplayFinished):
         for step in state.aligner.add(partition, msg):

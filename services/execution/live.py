@@ -14,6 +14,10 @@ ProfileHalted out. The paper exchange (domain.py) stays the default; this runs w
   de-sync delay (domain.desync_delay_ms, the same seed and bounds as the paper exchange), waited for on the
   injected clock; an order whose send time has passed (a replay, a redelivery) goes at once.
 - `reconcile()` (on start, then periodically) looks up every unfinished known order and emits what is missing.
+- `account_snapshot()` reads the account's balances (the quote and every base asset the profile trades) and
+  returns an `AccountSnapshotted`: amounts and the products' size increments only, stamped with the exchange
+  time of the worker's clock. Published at start (after reconciliation), every
+  `system.execution.account_snapshot_interval_s` and after each order reaches a final state (live_wiring.py).
 
 The known state is rebuilt from this worker's own events (`apply` each of them, e.g. read back from
 `orders.events` on start), so it survives a restart exactly as far as the events were published.
@@ -26,14 +30,23 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Literal
 
-from services.execution.domain import desync_delay_ms
+from services.execution.domain import desync_delay_ms, traded_base_assets
 from services.execution.errors import HaltError, RejectedError, RetryableError
 from services.execution.ports import ExchangeFill, ExchangeOrder, ExchangePort
 from services.execution.reconcile import KnownOrder, Reconciliation, apply_event, order_update, reconcile
 from shared.clock import Clock, derived_id
 from shared.config import Profile
-from shared.messages import ExecuteOrder, Message, ProfileHalted
+from shared.messages import (
+    TERMINAL_STATUSES,
+    AccountSnapshotted,
+    AssetBalance,
+    ExecuteOrder,
+    Message,
+    OrderUpdated,
+    ProfileHalted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +63,11 @@ class LiveExecution:
         clock_sleep: Callable[[float], Awaitable[None]] | None = None,
         poll_interval_s: float = 1.0,
         desync_ms: tuple[int, int] = (0, 0),
+        quote: str = "USDC",
     ) -> None:
         self.profile_id = profile_id
+        self.quote = quote
+        self.assets = traded_base_assets(profile, quote)
         self.desync_ms = desync_ms
         self.seed = profile.profile_hash.base_hash
         self.port = port
@@ -210,6 +226,55 @@ class LiveExecution:
             reason=order.reason or "exchange",
         )
         return self._emit(rec.events)
+
+    # -------------------------------------------------------------------------- account
+    async def account_snapshot(self, trigger: Literal["start", "periodic", "order_final"]) -> list[Message]:
+        """The account's balances as one AccountSnapshotted (none when the exchange does not answer: the next
+        one will). Assets the account does not list are reported as zero."""
+        try:
+            raw = await self.port.balances()
+        except (RetryableError, RejectedError, HaltError) as err:
+            log.warning(
+                "%s: balances not read (%s): no account snapshot this time", self.profile_id, err.reason
+            )
+            return []
+        now = self.clock()
+        balances: dict[str, AssetBalance] = {}
+        for asset in (self.quote, *self.assets):
+            b = raw.get(asset)
+            increment: Decimal | None = None
+            if asset != self.quote:
+                try:
+                    increment = self.port.market(f"{asset}/{self.quote}").size_increment
+                except Exception:  # a product the exchange does not list: no increment known
+                    increment = None
+            if b is None:
+                balances[asset] = AssetBalance(
+                    free=Decimal(0), used=Decimal(0), total=Decimal(0), size_increment=increment
+                )
+            else:
+                balances[asset] = AssetBalance(
+                    free=max(b.free, Decimal(0)),
+                    used=max(b.used, Decimal(0)),
+                    total=max(b.total, Decimal(0)),
+                    size_increment=increment if increment is not None and increment > 0 else None,
+                )
+        snap = AccountSnapshotted(
+            id=derived_id("account", self.profile_id, trigger, now.isoformat()),
+            event_time=now,
+            correlation_id=f"account:{self.profile_id}",
+            profile=self.profile_id,
+            source="exchange",
+            trigger=trigger,
+            quote=self.quote,
+            balances=balances,
+        )
+        return [snap]
+
+    @staticmethod
+    def has_final(msgs: Iterable[Message]) -> bool:
+        """An order reached a final state among these events (an account snapshot follows)."""
+        return any(isinstance(m, OrderUpdated) and m.status in TERMINAL_STATUSES for m in msgs)
 
     # -------------------------------------------------------------------------- reconciliation
     async def reconcile(self) -> list[Message]:

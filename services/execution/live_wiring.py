@@ -13,6 +13,9 @@ export (`mpctl secrets export`): MPCTL_CREDENTIALS_STORE=/run/secrets/credential
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,6 +36,8 @@ from shared.config import AppConfig
 from shared.kafka import Publisher, Route
 from shared.messages import Message
 from shared.topics import Topics
+
+log = logging.getLogger(__name__)
 
 
 async def open_live_execution(
@@ -77,6 +82,7 @@ async def open_live_execution(
         clock_sleep=clock_sleep,
         poll_interval_s=poll_interval_s,
         desync_ms=(ex.desync_min_ms, ex.desync_max_ms),
+        quote=cfg.system.quote_asset,
     )
 
 
@@ -89,10 +95,12 @@ async def start_live(
     client_id: str,
 ) -> list[Message]:
     """Before consuming: fold this profile's past events from orders.events into the executor, reconcile with the
-    exchange, and publish what was missing (acknowledged before the consume loop starts)."""
+    exchange, and publish what was missing and the account's snapshot (acknowledged before the consume loop
+    starts)."""
     past, _ = await read_topics(bootstrap, [topics.events])
     live.apply_all(past)  # apply() keeps only this profile's order events
     missing = await live.reconcile()
+    missing += await live.account_snapshot("start")
     if missing:
         pub = Publisher(bootstrap, client_id=client_id)
         await pub.start()
@@ -134,7 +142,9 @@ class WriteAhead:
 class LiveHandler:
     """`handle(message, partition)` for StateMachineService in live mode: ExecuteOrder goes to the exchange, and
     every `reconcile_every_s` the next message (a candle arrives each interval) also triggers a reconciliation,
-    whose events are published with that message's outputs."""
+    whose events are published with that message's outputs. An order reaching a final state is followed by an
+    account snapshot; `account_loop` publishes one every `account_every_s` besides (through the write-ahead
+    publisher, so it needs no message to arrive)."""
 
     def __init__(
         self,
@@ -142,12 +152,14 @@ class LiveHandler:
         *,
         write_ahead: WriteAhead | None = None,
         reconcile_every_s: float = 60.0,
+        account_every_s: float = 60.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.live = live
         self._write_ahead = write_ahead
         live.write_ahead = write_ahead
         self.every = reconcile_every_s
+        self.account_every_s = account_every_s
         self._mono = monotonic
         self._last = monotonic()
 
@@ -156,7 +168,25 @@ class LiveHandler:
         if self._mono() - self._last >= self.every:
             self._last = self._mono()
             out += await self.live.reconcile()
+        if self.live.has_final(out):
+            out += await self.live.account_snapshot("order_final")
         return out
+
+    async def account_loop(
+        self, stop: asyncio.Event, publish: Callable[[list[Message]], Awaitable[None]]
+    ) -> None:
+        """Until `stop`: an account snapshot every `account_every_s`, handed to `publish`."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.account_every_s)
+            if stop.is_set():
+                return
+            try:
+                msgs = await self.live.account_snapshot("periodic")
+                if msgs:
+                    await publish(msgs)
+            except Exception as err:  # the broker restarting: the next period tries again
+                log.warning("account snapshot not published: %s: %s", type(err).__name__, err)
 
     async def close(self) -> None:
         if self._write_ahead is not None:

@@ -1,7 +1,7 @@
 """Alerts: what deserves a human's attention, raised to the log and to configurable webhooks.
 
 Kinds (`KINDS`): collision, duplication_prevented, halt, wash_trade_rejection, correlation_breach,
-lag_above_threshold, internal_cross_opportunity, dead_letter, feed_stale, missing_bucket.
+lag_above_threshold, internal_cross_opportunity, dead_letter, feed_stale, missing_bucket, account_mismatch.
 
 `alerts_from_message` maps one message to its alerts, purely:
 
@@ -15,6 +15,7 @@ lag_above_threshold, internal_cross_opportunity, dead_letter, feed_stale, missin
 | DeadLettered | dead_letter |
 | FeedStateChanged stale (the live feed: no websocket frame, or the last step too old) | feed_stale |
 | WatermarkAdvanced with `missing` products (a bucket still missing at the deadline) | missing_bucket |
+| AccountMismatchDetected mismatch (a live profile's books and exchange account differ beyond dust) | account_mismatch |
 
 Lag and correlation alerts come from measurements (`lag_alerts`, `correlation_alerts`) and fire once when a
 value crosses its threshold, again only after it went back below (`AlertGate`).
@@ -42,6 +43,7 @@ import orjson
 
 from shared.clock import derived_id
 from shared.messages import (
+    AccountMismatchDetected,
     CorrelationAlert,
     DeadLettered,
     FeedStateChanged,
@@ -68,6 +70,7 @@ KINDS: tuple[str, ...] = (
     "dead_letter",
     "feed_stale",
     "missing_bucket",
+    "account_mismatch",
 )
 WASH_TRADE_RULES = frozenset({"opposite_side"})
 
@@ -282,6 +285,20 @@ def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Aler
                 f"step {msg.step_time.isoformat()} went out without {', '.join(msg.missing)}: no final candle by the deadline",
                 key=msg.id,
                 details={"step_time": msg.step_time.isoformat(), "missing": list(msg.missing)},
+                **base,
+            )
+        ]
+    if isinstance(msg, AccountMismatchDetected):
+        if msg.state != "mismatch":
+            return []
+        return [
+            Alert(
+                "account_mismatch",
+                "critical",
+                f"{msg.profile}: {msg.reason}",
+                key=msg.id,
+                profile=msg.profile,
+                details={"snapshot_id": msg.snapshot_id, "differences": dict(msg.differences)},
                 **base,
             )
         ]

@@ -46,6 +46,7 @@ from typing import Any
 
 from shared.config import AppConfig
 from shared.messages import (
+    AccountSnapshotted,
     CandleClosed,
     CorrelationAlert,
     InternalCrossOpportunity,
@@ -70,6 +71,7 @@ _KEPT = (
     ProfileHalted,
     InternalCrossOpportunity,
     CorrelationAlert,
+    AccountSnapshotted,
 )
 
 
@@ -92,6 +94,7 @@ class RunData:
     halts: list[ProfileHalted] = field(default_factory=list)
     opportunities: list[InternalCrossOpportunity] = field(default_factory=list)
     correlation_alerts: list[CorrelationAlert] = field(default_factory=list)
+    accounts: list[AccountSnapshotted] = field(default_factory=list)
     _seen: set[str] = field(default_factory=set)
 
     def add_all(self, msgs: Iterable[Message]) -> None:
@@ -123,6 +126,8 @@ class RunData:
             self.opportunities.append(m)
         elif isinstance(m, CorrelationAlert):
             self.correlation_alerts.append(m)
+        elif isinstance(m, AccountSnapshotted):
+            self.accounts.append(m)
 
 
 # The reasons an exit (a sell) can have, each a key of summary.json's exits_by_reason (docs/monitoring.md).
@@ -424,6 +429,29 @@ def _mark(
     return series[i][1] if i >= 0 else fallback
 
 
+def untracked_holdings(
+    snapshot: AccountSnapshotted | None, positions: Mapping[str, Decimal], quote: str
+) -> dict[str, str]:
+    """What the account holds beyond the books' open positions (from the verified fills), by base asset: the
+    holdings the system did not trade (a manual buy on the website), as of the profile's latest account
+    snapshot. Beyond dust only (the larger of the size increment, 1e-8 and 0.01 % of the holding); a paper
+    account never has any (its snapshots are its books)."""
+    if snapshot is None:
+        return {}
+    books: dict[str, Decimal] = defaultdict(Decimal)
+    for product, size in positions.items():
+        books[product.split("/", 1)[0]] += size
+    out: dict[str, str] = {}
+    for asset, b in sorted(snapshot.balances.items()):
+        if asset == quote:
+            continue
+        extra = b.total - books.get(asset, _ZERO)
+        dust = max(b.size_increment or _ZERO, Decimal("0.00000001"), Decimal("0.0001") * b.total)
+        if extra > dust:
+            out[asset] = _num(extra)
+    return out
+
+
 def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
     closes: dict[str, list[tuple[float, Decimal]]] = defaultdict(list)
     step_times: set[float] = set()
@@ -441,6 +469,9 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
     iso_times = {t: _iso_ts(t) for t in times}  # every profile's equity curve has a point at each step
     exits, timed_out = exits_by_reason(cfg, data, counted), orders_timed_out(data)
 
+    latest_account: dict[str, AccountSnapshotted] = {}
+    for acc in sorted(data.accounts, key=lambda a: (a.event_time, a.id)):
+        latest_account[acc.profile] = acc
     profiles: dict[str, Any] = {}
     for pid, p in cfg.enabled_profiles().items():
         initial = Decimal(str(p.paper.initial_quote_balance))
@@ -525,6 +556,9 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             "max_drawdown_pct": float(round(max_dd, 4)),
             "open_positions": {k: _num(v) for k, v in open_positions.items()},
             "mark_prices": {k: _num(v) for k, v in marks.items()},
+            "untracked_holdings": untracked_holdings(
+                latest_account.get(pid), open_positions, cfg.system.quote_asset
+            ),
             "halts": [_halt_record(h) for h in sorted(data.halts, key=_halt_order) if h.profile == pid],
             "exits_by_reason": exits[pid],
             "orders_timed_out": timed_out.get(pid, 0),

@@ -42,6 +42,7 @@ from shared.commands import gate_for
 from shared.config import AppConfig
 from shared.kafka import dead_letter_for, partitions_of
 from shared.messages import (
+    AccountMismatchDetected,
     ControlCommand,
     Message,
     OrderFilled,
@@ -103,7 +104,7 @@ def routes(msg: Message, out: Outputs) -> Sequence[Destination]:
     if isinstance(msg, PlaceOrder):
         # Keyed by product: one arbiter partition sees every intent of a product, in order.
         return [(out.intents, msg.product.encode(), None), (out.audit, msg.profile.encode(), None)]
-    if isinstance(msg, ProfileHalted):
+    if isinstance(msg, ProfileHalted | AccountMismatchDetected):
         return [(out.events, msg.profile.encode(), None), (out.audit, msg.profile.encode(), None)]
     if isinstance(msg, WorkerFinished):
         return [(out.status, f"strategy.{out.profile}".encode(), None)]
@@ -201,6 +202,7 @@ class StrategyWorker:
             on_rotation=cfg.system.registry.on_rotation,
             decision_wait_steps=cfg.system.strategy.decision_wait_steps,
             max_publish_lag_s=max_publish_lag_s(cfg),
+            live=cfg.system.mode == "live",
         )
         self.outputs = Outputs.of(self.t, k.intent_partitions, self.profile_id)
         self.group = self.t.group("strategy", self.profile_id)
@@ -253,6 +255,7 @@ class StrategyWorker:
                 cfg.system.registry.on_rotation,
                 cfg.system.strategy.decision_wait_steps,
                 max_publish_lag_s(cfg),
+                cfg.system.mode,
             ),
             dump=self._dump,
             restore=self._restore,

@@ -42,6 +42,26 @@ fills it on that candle at that price (slippage and fee included), not at a late
 thresholds and the market's volatility between `entropy_threshold` (per candle) and `volatility_threshold`
 (annualised).
 
+Live mode (`new_state(..., live=True)`, `system.mode: live`): cash, positions, equity, the drawdown's high-water
+mark and the daily-loss day start come from the account snapshots (`AccountSnapshotted`, published by the
+execution worker) and the fills, not from `paper.initial_quote_balance`. A snapshot is an outcome like the others:
+applied when the first step closing after its event time is evaluated, in event-time order with the fills.
+- The first snapshot seeds the books as soon as it is read (the account before the profile trades): cash is the
+  quote asset's total; a base asset held beyond the books'
+  positions is a holding the system did not trade, kept apart (`untracked`, valued at the step's mark, which is
+  also its cost basis). Equity, the high-water mark and the day start are taken afresh at that step. Entries
+  wait for it.
+- Each later snapshot is compared with the books, unless an order of the profile is working or an outcome not
+  ours is still being judged (the exchange may then be ahead of the books): a difference beyond dust (quote:
+  0.01; an asset: the larger of its product's size increment, 1e-8 and 0.01 % of the holding) emits
+  `AccountMismatchDetected` (state mismatch) and halts the profile's entries (exits still act). A later snapshot
+  that agrees again, or an operator's signed `acknowledge` command issued after the mismatching snapshot (the
+  books then take the exchange's amounts: the difference goes to cash, to the untracked holdings or out of the
+  positions), lifts it (state resolved).
+- Untracked holdings are never sold unless `risk_management.sell_untracked` (then they are positions like the
+  others from the first snapshot on: stops, signal exits, flatten and halts sell them).
+In paper mode snapshots are ignored: the paper exchange's agree with the books by construction.
+
 Indicators live in a `MarketSignals` (one `ProductSignals` per product). Each worker has its own; the
 backtest shares one across all profiles, because indicators depend only on the product and the structural
 parameters, which every profile shares (mpctl/backtest.py).
@@ -67,6 +87,8 @@ from shared.clock import ID_NAMESPACE, from_epoch_s
 from shared.config import Profile, StrategySettings
 from shared.messages import (
     TERMINAL_STATUSES,
+    AccountMismatchDetected,
+    AccountSnapshotted,
     CandleClosed,
     ControlCommand,
     FeedStateChanged,
@@ -93,6 +115,10 @@ Reason = IntentReason
 RESERVE = Decimal("1.02")  # a working buy may still spend its unfilled size at the reference price, plus this
 RotationPolicy = Literal["keep", "close"]
 Outcome = OrderDecided | OrderUpdated | OrderFilled
+Deferred = Outcome | AccountSnapshotted
+QUOTE_DUST = Decimal("0.01")  # a difference in the quote asset up to this is dust
+ASSET_DUST_MIN = Decimal("0.00000001")
+ASSET_DUST_RATE = Decimal("0.0001")  # 0.01 % of the holding
 DEFAULT_DECISION_WAIT_STEPS = StrategySettings().decision_wait_steps
 _ID_PREFIX = ID_NAMESPACE.bytes
 
@@ -258,7 +284,7 @@ class StrategyState:
     pending: dict[str, PlaceOrder] = field(default_factory=dict)
     # Outcomes of our intents as they arrive, applied when a step whose close is after their event time is
     # evaluated: (event time, arrival number, outcome).
-    deferred: list[tuple[float, int, Outcome]] = field(default_factory=list)
+    deferred: list[tuple[float, int, Deferred]] = field(default_factory=list)
     defer_seq: int = 0
     seen_through: dict[str, float] = field(default_factory=dict)  # intent -> latest exchange event time seen
     final_seen: set[str] = field(default_factory=set)  # intents whose final outcome has arrived
@@ -315,6 +341,21 @@ class StrategyState:
     wins: int = 0  # sell fills whose gain at average cost exceeds both legs' fees (as summary.json counts)
     entry_fees: dict[str, Decimal] = field(default_factory=dict)  # buy fees of the open position, by product
     halt_counts: dict[str, int] = field(default_factory=dict)  # risk halts emitted, by kind
+    # Live mode: account state from the exchange (module docstring).
+    live: bool = False
+    sell_untracked: bool = False
+    account_seeded: bool = False  # the first snapshot was applied
+    untracked: dict[str, Position] = field(
+        default_factory=dict
+    )  # product -> holding the system did not trade
+    unpriced: set[str] = field(default_factory=set)  # untracked products whose cost basis awaits a mark
+    reset_risk_marks: bool = False  # take equity, high-water mark and day start afresh at the next step
+    account_mismatch: str | None = None  # entries halted: books and exchange differ beyond dust
+    # The mismatching snapshot: (its id, event time, asset -> exchange minus books), what an acknowledge adopts.
+    mismatch_diff: tuple[str, float, dict[str, Decimal]] | None = None
+    acknowledged_through: float = -math.inf  # issue time of the latest acknowledge command
+    account_events: list[Message] = field(default_factory=list)  # to publish with the next outputs
+    last_account: AccountSnapshotted | None = None  # the latest applied snapshot
     _tunable: tuple[str, dict[str, float]] | None = None  # (plan id, the selected strategy's tunables)
     # on_step(..., lazy_marker=True): the last evaluated step's marker, left out of the outputs, as
     # (step time, step close, intents): the caller builds it with step_marker when it needs it.
@@ -322,18 +363,30 @@ class StrategyState:
     _lazy_marker: bool = False
 
     def equity(self) -> Decimal:
-        if not self.positions:
+        if not self.positions and not self.untracked:
             return self.cash  # the common case, every step
-        return self.cash + sum(
-            (p.size * self.marks.get(prod, p.avg_price) for prod, p in self.positions.items()), Decimal(0)
+        marks = self.marks
+        eq = self.cash + sum(
+            (p.size * marks.get(prod, p.avg_price) for prod, p in self.positions.items()), Decimal(0)
         )
+        if self.untracked:
+            eq += sum(
+                (p.size * marks.get(prod, p.avg_price) for prod, p in self.untracked.items()), Decimal(0)
+            )
+        return eq
+
+    def untracked_holdings(self) -> dict[str, Decimal]:
+        """Holdings the system did not trade, by asset (live mode; shown by status and the report)."""
+        return {prod.split("/", 1)[0]: p.size for prod, p in sorted(self.untracked.items())}
 
 
 # Durable state (shared/snapshots.py): the version of StrategyState's snapshot form (raise it when a field
 # changes meaning), and the fields new_state sets from the configuration, which a snapshot leaves out.
-SNAPSHOT_SCHEMA = 2
+SNAPSHOT_SCHEMA = 3
 CONFIG_FIELDS = frozenset(
     {
+        "live",
+        "sell_untracked",
         "close_on_halt",
         "profile_id",
         "profile",
@@ -357,11 +410,14 @@ def new_state(
     market: MarketSignals | None = None,
     decision_wait_steps: int = DEFAULT_DECISION_WAIT_STEPS,
     max_publish_lag_s: float | None = None,
+    live: bool = False,
 ) -> StrategyState:
     """`market`: the backtest passes one instance shared by every profile; a worker leaves it None.
     `decision_wait_steps`: how many steps a foreign outcome waits for its decision (module docstring).
-    `max_publish_lag_s`: a live step published later than this after its close opens nothing."""
-    cash = Decimal(str(profile.paper.initial_quote_balance))
+    `max_publish_lag_s`: a live step published later than this after its close opens nothing.
+    `live`: `system.mode: live`: the books come from the account snapshots (module docstring), not from
+    `paper.initial_quote_balance` (cash 0 until the first snapshot)."""
+    cash = Decimal(0) if live else Decimal(str(profile.paper.initial_quote_balance))
     return StrategyState(
         profile_id=profile_id,
         profile=profile,
@@ -377,6 +433,8 @@ def new_state(
         decision_wait_steps=decision_wait_steps,
         max_publish_lag_s=max_publish_lag_s,
         close_on_halt=profile.risk_management.close_on_halt,
+        live=live,
+        sell_untracked=profile.risk_management.sell_untracked,
     )
 
 
@@ -421,6 +479,16 @@ def decide(
                 state.halted = None  # a drawdown halt lasts until a resume command
             if msg.action == "rotate" and published_ms is not None and msg.id not in state.rotations_answered:
                 state.rotations_waiting[msg.id] = published_ms
+            if msg.action == "acknowledge" and state.live:
+                _acknowledge(state, msg)
+    elif isinstance(msg, AccountSnapshotted) and msg.profile == state.profile_id:
+        if state.live and not state.account_seeded and not (state.pending or state.held or state.awaiting):
+            # The account before any trading of this profile: the books start from it at once (the worker's
+            # start snapshot is stamped with the exchange's time, which a replay's steps may never reach).
+            _apply_account(state, msg)
+        elif state.live:  # paper: the paper exchange's snapshots equal the books by construction
+            state.defer_seq += 1
+            heapq.heappush(state.deferred, (msg.event_time.timestamp(), state.defer_seq, msg))
     elif isinstance(msg, OrderDecided | OrderUpdated | OrderFilled) and msg.profile == state.profile_id:
         if msg.intent_id in state.emitted:
             reason = _contradicts_own(state, msg) if isinstance(msg, OrderFilled) else None
@@ -517,8 +585,10 @@ def _hold(state: StrategyState, o: Outcome) -> None:
     held.append(o)
 
 
-def _apply_outcome(state: StrategyState, o: Outcome) -> None:
-    if isinstance(o, OrderFilled):
+def _apply_outcome(state: StrategyState, o: Deferred) -> None:
+    if isinstance(o, AccountSnapshotted):
+        _apply_account(state, o)
+    elif isinstance(o, OrderFilled):
         _apply_fill(state, o)
     elif isinstance(o, OrderDecided):
         if o.verdict == "rejected":
@@ -659,6 +729,194 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
                 state.halt_close.discard(f.product)
 
 
+# ------------------------------------------------------------------------------------------ account (live)
+def _take_account_events(state: StrategyState) -> list[Message]:
+    out, state.account_events = state.account_events, []
+    return out
+
+
+def _price_untracked(state: StrategyState) -> None:
+    """Untracked holdings get the step's mark as cost basis (the first mark known after they were found)."""
+    for product in list(state.unpriced):
+        mark = state.marks.get(product)
+        if mark is None:
+            continue
+        state.unpriced.discard(product)
+        for book in (state.untracked, state.positions):
+            pos = book.get(product)
+            if pos is not None and pos.avg_price <= 0:
+                pos.avg_price = mark
+
+
+def _asset_of(state: StrategyState, product: str) -> str:
+    return product.split("/", 1)[0]
+
+
+def _held_by_asset(state: StrategyState) -> dict[str, Decimal]:
+    held: dict[str, Decimal] = {}
+    for book in (state.positions, state.untracked):
+        for product, pos in book.items():
+            a = _asset_of(state, product)
+            held[a] = held.get(a, Decimal(0)) + pos.size
+    return held
+
+
+def account_differences(
+    state: StrategyState, snap: AccountSnapshotted
+) -> dict[str, tuple[Decimal, Decimal, Decimal]]:
+    """asset -> (books, exchange, dust) for each asset of the snapshot whose amounts differ beyond dust: quote
+    0.01; a base asset the larger of its product's size increment (when known), 1e-8 and 0.01 % of the holding."""
+    out: dict[str, tuple[Decimal, Decimal, Decimal]] = {}
+    held = _held_by_asset(state)
+    for asset, b in snap.balances.items():
+        if asset == state.quote:
+            books, dust = state.cash, QUOTE_DUST
+        else:
+            books = held.get(asset, Decimal(0))
+            dust = max(b.size_increment or Decimal(0), ASSET_DUST_MIN, ASSET_DUST_RATE * max(books, b.total))
+        if abs(b.total - books) > dust:
+            out[asset] = (books, b.total, dust)
+    return out
+
+
+def _adopt(state: StrategyState, diffs: Mapping[str, Decimal]) -> None:
+    """The books take the exchange's amounts: asset -> exchange minus books. Quote: to cash; a base asset held
+    beyond the books: an untracked holding (priced at the next mark); held short of the books: out of the
+    untracked holding first, then out of the position."""
+    for asset, d in sorted(diffs.items()):
+        if asset == state.quote:
+            state.cash += d
+            continue
+        product = f"{asset}/{state.quote}"
+        if d > 0:
+            book = state.positions if state.sell_untracked else state.untracked
+            pos = book.get(product)
+            mark = state.marks.get(product)
+            if pos is None:
+                book[product] = Position(d, mark if mark is not None else Decimal(0))
+                if mark is None:
+                    state.unpriced.add(product)
+            else:
+                basis = mark if mark is not None else pos.avg_price
+                pos.avg_price = (pos.avg_price * pos.size + basis * d) / (pos.size + d)
+                pos.size += d
+            continue
+        left = -d
+        for book in (state.untracked, state.positions):
+            if left <= 0:
+                break
+            for prod in [p for p in book if _asset_of(state, p) == asset]:
+                pos = book[prod]
+                take = min(pos.size, left)
+                pos.size -= take
+                left -= take
+                if pos.size <= 0:
+                    del book[prod]
+                    if book is state.positions:
+                        state.entry_fees.pop(prod, None)
+                        state.flatten.discard(prod)
+                        state.halt_close.discard(prod)
+
+
+def _account_event(
+    state: StrategyState,
+    snap_id: str,
+    when: datetime,
+    kind: Literal["mismatch", "resolved"],
+    reason: str,
+    diffs: Mapping[str, tuple[Decimal, Decimal, Decimal]] | None = None,
+    *,
+    key: str = "",
+) -> None:
+    state.account_events.append(
+        AccountMismatchDetected(
+            id=derived_id("account-mismatch", state.profile_id, snap_id, kind, key),
+            event_time=when,
+            correlation_id=f"account:{state.profile_id}",
+            causation_id=snap_id,
+            profile=state.profile_id,
+            state=kind,
+            reason=reason[:2000],
+            snapshot_id=snap_id,
+            differences={
+                a: {"books": str(b), "exchange": str(e), "dust": str(d)}
+                for a, (b, e, d) in (diffs or {}).items()
+            },
+        )
+    )
+
+
+def _describe(diffs: Mapping[str, tuple[Decimal, Decimal, Decimal]]) -> str:
+    return "; ".join(f"{a}: books {b}, exchange {e} (dust {d})" for a, (b, e, d) in sorted(diffs.items()))
+
+
+def _apply_account(state: StrategyState, snap: AccountSnapshotted) -> None:
+    """One account snapshot, in event-time order with the fills (module docstring, live mode)."""
+    if state.pending or state.held or state.awaiting:
+        return  # an order works or an outcome is still judged: the exchange may be ahead of the books
+    state.last_account = snap
+    diffs = account_differences(state, snap)
+    t = snap.event_time.timestamp()
+    if not state.account_seeded:
+        state.account_seeded = True
+        state.reset_risk_marks = True
+        # Cash is the exchange's; what the account holds beyond the books was not traded by the system.
+        seed = {a: e - b for a, (b, e, _) in diffs.items() if a == state.quote or e > b}
+        _adopt(state, seed)
+        rest = {a: v for a, v in diffs.items() if a not in seed}
+        if not rest:
+            return
+        diffs = rest
+    if not diffs:
+        if state.account_mismatch is not None:
+            state.account_mismatch = None
+            state.mismatch_diff = None
+            _account_event(
+                state, snap.id, snap.event_time, "resolved", "the account snapshot agrees with the books"
+            )
+        return
+    exch_minus_books = {a: e - b for a, (b, e, _) in diffs.items()}
+    if t <= state.acknowledged_through:
+        _adopt(state, exch_minus_books)  # an operator already accepted the exchange's amounts of this time
+        return
+    first = state.account_mismatch is None
+    state.account_mismatch = f"account mismatch: {_describe(diffs)}"
+    state.mismatch_diff = (snap.id, t, exch_minus_books)
+    if first:
+        state.halt_counts["account_mismatch"] = state.halt_counts.get("account_mismatch", 0) + 1
+        _account_event(
+            state,
+            snap.id,
+            snap.event_time,
+            "mismatch",
+            f"{state.account_mismatch}; entries halted until a snapshot agrees or `mpctl send acknowledge "
+            f"{state.profile_id}`",
+            diffs,
+        )
+
+
+def _acknowledge(state: StrategyState, cmd: ControlCommand) -> None:
+    """An operator accepts the exchange's amounts as of the command's issue time: a mismatch found at a
+    snapshot not later than that is adopted into the books, and entries resume."""
+    t = cmd.issued_at.timestamp()
+    state.acknowledged_through = max(state.acknowledged_through, t)
+    found = state.mismatch_diff
+    if state.account_mismatch is None or found is None or found[1] > t:
+        return
+    snap_id, _, diff = found
+    _adopt(state, diff)
+    state.account_mismatch = None
+    state.mismatch_diff = None
+    _account_event(
+        state,
+        snap_id,
+        max(cmd.issued_at, from_epoch_s(int(found[1]))),
+        "resolved",
+        f"acknowledged by operator command {cmd.id}: the books take the exchange's amounts",
+        key=cmd.id,
+    )
+
+
 def _plan_for(state: StrategyState, step: Step) -> PlanPublished | None:
     """The latest plan of the step's epoch that starts at or before it; None while it is not known yet, or
     while a rotation due at this step waits for its plan."""
@@ -680,11 +938,13 @@ def ready(state: StrategyState, step: Step) -> bool:
 
 
 def _drain(state: StrategyState) -> list[Message]:
-    out: list[Message] = []
+    out: list[Message] = _take_account_events(state) if state.account_events else []
     while state.queue and _known(state, state.queue[0]):
         step = state.queue[0]
         if state.deferred:
             _apply_due(state, step.close_s)
+            if state.account_events:
+                out.extend(_take_account_events(state))
         plan = _plan_for(state, step)
         if plan is None:
             if not _unplanned_history(state, step):
@@ -700,6 +960,7 @@ def _drain(state: StrategyState) -> list[Message]:
         out.extend(_evaluate_step(state, step, plan))
     if state.market_done and not state.queue and state.deferred:
         _apply_due(state, math.inf)  # no step follows: every outcome is in the past
+        out.extend(_take_account_events(state))
     if state.market_done and not state.queue and not state.pending and not state.finished:
         state.finished = True
         t = from_epoch_s(state.last_step_s or 0)
@@ -739,6 +1000,8 @@ def _unplanned_history(state: StrategyState, step: Step) -> bool:
 def _warm_up(state: StrategyState, step: Step) -> list[Message]:
     state.market.update(step)
     state.marks.update(state.market.closes)
+    if state.unpriced:
+        _price_untracked(state)
     state.steps_done += 1
     state.history_steps += 1
     state.last_step_s = step.time_s
@@ -774,6 +1037,8 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     present = market.closes
     marks = state.marks
     marks.update(present)
+    if state.unpriced:
+        _price_untracked(state)
     state.steps_done += 1
     state.last_step_s = step.time_s
     corr = f"step:{step.time_s}"
@@ -805,9 +1070,14 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
                 triggered[product] = (hit[0], hit[1], c.open_time)
 
     equity = state.equity()
+    day = step.close_s // 86400
+    if state.reset_risk_marks:
+        # The first account snapshot of a live profile: its equity is where the risk limits start from.
+        state.reset_risk_marks = False
+        state.initial_equity = state.high_water = state.day_start_equity = equity
+        state.day = day
     if equity > state.high_water:
         state.high_water = equity
-    day = step.close_s // 86400
     if state.day != day:
         state.day = day
         state.day_start_equity = equity
@@ -834,6 +1104,8 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
         for product in sorted(state.positions):
             if product in working:
                 continue  # its order is still working: its outcome decides
+            if state.unpriced and product in state.unpriced:
+                continue  # an adopted holding (sell_untracked) with no price known yet
             pos = state.positions[product]
             flat = product in state.flatten
             halt = product in state.halt_close
@@ -878,6 +1150,8 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     if not _is_current(state, step):
         state.history_steps += 1
         slots = 0  # history or a stale feed: the models learn from it, nothing is opened on it
+    if state.live and (state.account_mismatch is not None or not state.account_seeded):
+        slots = 0  # no account known yet, or books and exchange differ: exits only
     if state.halted is None and state.paused is None and state.entries_paused_day != day and slots > 0:
         candidates: list[tuple[float, str, Signal]] = []
         low, high = sc.entropy_threshold, p.risk_management.volatility_threshold

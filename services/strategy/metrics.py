@@ -74,8 +74,14 @@ class StrategyMetrics(MetricsEndpoint):
         )
         self.halted = Gauge(
             "mp_strategy_halted",
-            "1 while the profile opens no new position, by kind (drawdown, daily_loss, operator)",
+            "1 while the profile opens no new position, by kind (drawdown, daily_loss, operator, account_mismatch)",
             ["profile", "kind"],
+            registry=r,
+        )
+        self.untracked = Gauge(
+            "mp_strategy_untracked_holding",
+            "Live mode: a holding of the account the system did not trade, by asset (never sold unless sell_untracked)",
+            ["profile", "asset"],
             registry=r,
         )
         self.intents = Gauge("mp_strategy_intents", "Order intents emitted", p, registry=r)
@@ -144,6 +150,9 @@ class StrategyMetrics(MetricsEndpoint):
             1 if state.day is not None and state.entries_paused_day == state.day else 0
         )
         self.halted.labels(pid, "operator").set(1 if state.paused else 0)
+        self.halted.labels(pid, "account_mismatch").set(1 if state.account_mismatch else 0)
+        for asset, size in state.untracked_holdings().items():
+            self.untracked.labels(pid, asset).set(float(size))
         self.intents.labels(pid).set(state.intents_sent)
         self.steps.labels(pid).set(state.steps_done)
         if state.last_plan is not None:
