@@ -252,7 +252,13 @@ def prepare_order(
     """
     if not m.active:
         raise RejectedError(
-            f"{m.product} is not trading at the exchange (disabled or cancel-only)", kind="market_closed"
+            f"{m.product} is {m.status} at the exchange, not online: no order is sent", kind="market_closed"
+        )
+    if m.status in ("post_only", "post-only"):
+        # Our orders are marketable limits (they take liquidity): a post-only book refuses them.
+        raise RejectedError(
+            f"{m.product} accepts post-only orders only at the exchange: a marketable order is not sent",
+            kind="market_closed",
         )
     if size <= 0:
         raise RejectedError(f"size must be positive, got {size}", kind="invalid_order")
@@ -570,9 +576,12 @@ class CcxtExchange:
             self.on_error(err)
 
     # -------------------------------------------------------------------------- markets
-    async def load_markets(self, products: list[str] | None = None) -> dict[str, MarketInfo]:
-        if not self._markets:
-            raw = await self._retrying("load markets", lambda: self._ex.load_markets())
+    async def load_markets(
+        self, products: list[str] | None = None, *, refresh: bool = False
+    ) -> dict[str, MarketInfo]:
+        if not self._markets or refresh:
+            # ccxt caches its markets too: a refresh asks the exchange again (a product switched to cancel-only).
+            raw = await self._retrying("load markets", lambda: self._ex.load_markets(reload=refresh))
             out: dict[str, MarketInfo] = {}
             for symbol, mk in raw.items():
                 if mk.get("spot") and (products is None or symbol in products):

@@ -14,6 +14,15 @@ ProfileHalted out. The paper exchange (domain.py) stays the default; this runs w
   de-sync delay (domain.desync_delay_ms, the same seed and bounds as the paper exchange), waited for on the
   injected clock; an order whose send time has passed (a replay, a redelivery) goes at once.
 - `reconcile()` (on start, then periodically) looks up every unfinished known order and emits what is missing.
+- Protective orders rest at the exchange (issue #13): when an entry (a buy) ends with a fill, a stop loss at the
+  profile's `stop_loss_pct` below its average price (with the take profit in the same bracket order where the
+  API has one) is placed at the exchange under a client order id derived from the entry's, so a crash, a network
+  cut or a deploy of this system still caps the loss. Any sale of the product (the strategy's exit of any
+  reason) first cancels it; what it had already sold at the exchange is booked as that sale's fills (the same
+  exchange fill ids: a redelivery counts them once), and the sale is then complete, or the rest is left to the
+  strategy's next exit.
+- `kill` (a verified operator command) cancels every open order of the profile at the exchange, protective
+  ones included, and refuses later entries until `resume`; the strategy sells the positions on `flatten`.
 - `account_snapshot()` reads the account's balances (the quote and every base asset the profile trades) and
   returns an `AccountSnapshotted`: amounts and the products' size increments only, stamped with the exchange
   time of the worker's clock. Published at start (after reconciliation), every
@@ -28,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
@@ -36,12 +46,14 @@ from services.execution.domain import desync_delay_ms, traded_base_assets
 from services.execution.errors import HaltError, RejectedError, RetryableError
 from services.execution.ports import ExchangeFill, ExchangeOrder, ExchangePort
 from services.execution.reconcile import KnownOrder, Reconciliation, apply_event, order_update, reconcile
+from shared import protective
 from shared.clock import Clock, derived_id
 from shared.config import Profile
 from shared.messages import (
     TERMINAL_STATUSES,
     AccountSnapshotted,
     AssetBalance,
+    ControlCommand,
     ExecuteOrder,
     Message,
     OrderUpdated,
@@ -49,6 +61,12 @@ from shared.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def protective_client_id(entry_client_order_id: str) -> str:
+    """The client order id of the protective order of the position an entry opened (a UUID, as Coinbase wants)."""
+    h = derived_id("protective", entry_client_order_id)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
 class LiveExecution:
@@ -77,6 +95,10 @@ class LiveExecution:
         self._clock_sleep = clock_sleep or sleep
         self.poll_interval_s = poll_interval_s
         self.order_timeout = timedelta(seconds=profile.trading_params.order_timeout)
+        rm = profile.risk_management
+        self.stop_loss_pct = Decimal(str(rm.stop_loss_pct))
+        self.take_profit_pct = Decimal(str(rm.take_profit_pct))
+        self.killed: str | None = None  # an operator's kill: open orders cancelled, new entries refused
         self.slippage = Decimal(str(profile.trading_params.slippage_tolerance))
         self.known: dict[str, KnownOrder] = {}
         self.exchange_ids: dict[
@@ -120,6 +142,9 @@ class LiveExecution:
 
     # -------------------------------------------------------------------------- orders
     async def handle(self, msg: Message, partition: int = 0) -> list[Message]:
+        if isinstance(msg, ControlCommand):
+            await self._command(msg)  # only verified commands reach here (shared/commands.py)
+            return []
         if not isinstance(msg, ExecuteOrder) or msg.profile != self.profile_id:
             return []  # candles and markers drive the paper exchange only
         k = self.known.get(msg.client_order_id)
@@ -136,11 +161,26 @@ class LiveExecution:
             return out + self._emit(
                 [order_update(k, "rejected", now, reason=f"profile halted: {self.halted}")]
             )
+        if self.killed is not None and msg.side == "buy":
+            # After a kill only sales go out (the strategy's flatten); entries wait for a resume.
+            return out + self._emit([order_update(k, "rejected", now, reason=self.killed)])
         if getattr(msg, "internal_size", 0) > 0:
             # Netting two profiles as an internal transfer exists in paper mode only: between two real accounts
             # it would need a transfer, so a netted order reaching live execution is a configuration error.
             reason = "internal crosses are executed in paper mode only (system.arbiter.internal_cross: report in live)"
             return out + self._emit([order_update(k, "rejected", now, reason=reason)])
+        if msg.side == "sell":
+            try:
+                sold, done = await self._unprotect(k)
+            except HaltError as err:
+                return out + self._halt(k, err)
+            except (RetryableError, RejectedError) as err:
+                # The protective order's state is unknown: selling now could sell the position twice.
+                reason = f"the resting protective order could not be cancelled first: {err.reason}"
+                return out + self._emit([order_update(k, "cancelled", self.clock(), reason=reason)])
+            out += sold
+            if done:
+                return out
         send_at = self.send_time(msg)
         wait_s = (send_at - self.clock()).total_seconds()
         if wait_s > 0:
@@ -204,6 +244,9 @@ class LiveExecution:
                     )
             self.exchange_ids[coid] = order
             out += await self._settle(coid, order)
+            k = self.known[coid]
+            if k.side == "buy" and order.filled_size > 0:
+                await self._protect(k, order)
         except HaltError as err:
             out += self._halt(self.known[coid], err)
         except (RetryableError, RejectedError) as err:
@@ -214,6 +257,139 @@ class LiveExecution:
                 err.reason,
             )
         return out
+
+    async def refresh_markets(self) -> None:
+        """The exchange's product rules and trading status again (each reconciliation period)."""
+        try:
+            await self.port.load_markets(refresh=True)
+        except (RetryableError, RejectedError, HaltError) as err:
+            log.warning(
+                "%s: product rules not refreshed (%s): the last ones stay", self.profile_id, err.reason
+            )
+
+    # -------------------------------------------------------------------------- protective orders
+    async def _protect(self, entry: KnownOrder, order: ExchangeOrder) -> None:
+        """Rest the position's stop loss (and take profit, in one bracket where the API has one) at the exchange."""
+        avg = order.average_price
+        if (avg is None or avg <= 0) and entry.filled_size > 0:
+            avg = entry.notional / entry.filled_size
+        if avg is None or avg <= 0:
+            log.error(
+                "%s: entry %s has no fill price: no protective order", self.profile_id, entry.client_order_id
+            )
+            return
+        stop, take = protective.levels(avg, self.stop_loss_pct, self.take_profit_pct)
+        pcoid = protective_client_id(entry.client_order_id)
+        try:
+            try:
+                placed = await self.port.create_protective(
+                    pcoid, entry.product, order.filled_size, stop, take_profit_price=take
+                )
+            except RejectedError as err:
+                if err.kind != "unsupported":
+                    raise
+                # The Exchange API has no bracket: the stop alone rests there, the take profit stays ours.
+                placed = await self.port.create_protective(pcoid, entry.product, order.filled_size, stop)
+        except (RetryableError, RejectedError, HaltError) as err:
+            log.error(
+                "%s: the protective order of %s (stop %s) was not placed: %s; only the strategy's exits protect "
+                "the position",
+                self.profile_id,
+                entry.client_order_id,
+                stop,
+                err.reason,
+            )
+            return
+        log.info(
+            "%s: protective %s order %s rests at the exchange for %s %s: stop %s%s",
+            self.profile_id,
+            placed.kind,
+            pcoid,
+            placed.size,
+            entry.product,
+            placed.stop_price or stop,
+            f", take profit {take}" if placed.kind == "bracket" else "",
+        )
+
+    def _entry_of_position(self, product: str, sale: str) -> KnownOrder | None:
+        """The entry that opened the product's current position: the last filled buy after the last sale."""
+        entry: KnownOrder | None = None
+        for k in self.known.values():
+            if k.product != product or k.profile != self.profile_id or k.client_order_id == sale:
+                continue
+            if k.side == "sell" and k.terminal:
+                entry = None
+            elif k.side == "buy" and k.terminal and k.filled_size > 0:
+                entry = k
+        return entry
+
+    async def _unprotect(self, sale: KnownOrder) -> tuple[list[Message], bool]:
+        """Cancel the position's resting protective order before a sale. What it already sold at the exchange is
+        booked as the sale's fills; returns those events and whether the sale is done with them."""
+        entry = self._entry_of_position(sale.product, sale.client_order_id)
+        if entry is None:
+            return [], False
+        pcoid = protective_client_id(entry.client_order_id)
+        prot = await self.port.fetch_order_by_client_id(pcoid, sale.product)
+        if prot is None:
+            return [], False
+        if not prot.terminal:
+            prot = await self.port.cancel(prot)
+            if not prot.terminal:
+                prot = await self.port.fetch_order(prot)
+        if prot.filled_size <= 0:
+            return [], False
+        # Booked as the sale's: the same exchange fills (their ids keep a redelivery from counting them twice).
+        fills = [
+            replace(f, client_order_id=sale.client_order_id) for f in await self.port.fetch_fills(order=prot)
+        ]
+        complete = prot.filled_size >= sale.size
+        reason = (
+            f"sold {prot.filled_size} by the resting protective {prot.kind} order {pcoid} at the exchange"
+            + ("" if complete else f"; the rest of {sale.size} is left to the strategy's next exit")
+        )
+        state = replace(prot, status="filled" if complete else "cancelled", reason=reason)
+        rec = reconcile(
+            self.profile_id,
+            {sale.client_order_id: sale},
+            {sale.client_order_id: state},
+            fills,
+            self.clock(),
+            reason=reason,
+        )
+        return self._emit(rec.events), True
+
+    async def _command(self, cmd: ControlCommand) -> None:
+        if cmd.target not in (self.profile_id, "all"):
+            return
+        if cmd.action == "resume":
+            self.killed = None
+            return
+        if cmd.action != "kill":
+            return
+        self.killed = f"killed by operator command {cmd.id}"
+        try:
+            open_orders = await self.port.fetch_open_orders()
+        except (RetryableError, RejectedError, HaltError) as err:
+            log.error(
+                "%s: kill: open orders not listed (%s): cancel them at Coinbase", self.profile_id, err.reason
+            )
+            return
+        cancelled = 0
+        for o in open_orders:
+            try:
+                await self.port.cancel(o)
+                cancelled += 1
+            except (RetryableError, RejectedError, HaltError) as err:
+                log.error(
+                    "%s: kill: order %s not cancelled: %s", self.profile_id, o.exchange_order_id, err.reason
+                )
+        log.warning(
+            "%s: kill: cancelled %d of %d open order(s) at the exchange, protective ones included",
+            self.profile_id,
+            cancelled,
+            len(open_orders),
+        )
 
     async def _settle(self, coid: str, order: ExchangeOrder) -> list[Message]:
         fills: list[ExchangeFill] = await self.port.fetch_fills(order=order) if order.filled_size > 0 else []
@@ -321,6 +497,4 @@ class LiveExecution:
 
 
 def _with_reason(o: ExchangeOrder, reason: str) -> ExchangeOrder:
-    from dataclasses import replace
-
     return replace(o, reason=reason)

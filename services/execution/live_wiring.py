@@ -168,6 +168,7 @@ class LiveHandler:
         if self._mono() - self._last >= self.every:
             self._last = self._mono()
             out += await self.live.reconcile()
+            await self.live.refresh_markets()
         if self.live.has_final(out):
             out += await self.live.account_snapshot("order_final")
         return out

@@ -108,8 +108,11 @@ class ExchangePort(Protocol):
     @property
     def name(self) -> str: ...
 
-    async def load_markets(self, products: list[str] | None = None) -> dict[str, MarketInfo]:
-        """Market metadata, keyed by product (only `products` when given). Cached after the first call."""
+    async def load_markets(
+        self, products: list[str] | None = None, *, refresh: bool = False
+    ) -> dict[str, MarketInfo]:
+        """Market metadata, keyed by product (only `products` when given). Cached after the first call;
+        `refresh` asks the exchange again (trading status and rules change: a product goes cancel-only)."""
         ...
 
     def market(self, product: str) -> MarketInfo: ...
