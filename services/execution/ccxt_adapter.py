@@ -252,7 +252,8 @@ def prepare_order(
     """
     if not m.active:
         raise RejectedError(
-            f"{m.product} is {m.status} at the exchange, not online: no order is sent", kind="market_closed"
+            f"{m.product} is not trading at the exchange (status {m.status}): no order is sent",
+            kind="market_closed",
         )
     if m.status in ("post_only", "post-only"):
         # Our orders are marketable limits (they take liquidity): a post-only book refuses them.

@@ -82,7 +82,10 @@ class LiveExecution:
         poll_interval_s: float = 1.0,
         desync_ms: tuple[int, int] = (0, 0),
         quote: str = "USDC",
+        protect: bool = True,
     ) -> None:
+        """`protect`: rest each position's stop at the exchange (what live trading does; tests of other rules
+        may leave it out to count only the orders they send)."""
         self.profile_id = profile_id
         self.quote = quote
         self.assets = traded_base_assets(profile, quote)
@@ -99,6 +102,7 @@ class LiveExecution:
         self.stop_loss_pct = Decimal(str(rm.stop_loss_pct))
         self.take_profit_pct = Decimal(str(rm.take_profit_pct))
         self.killed: str | None = None  # an operator's kill: open orders cancelled, new entries refused
+        self.protect = protect
         self.slippage = Decimal(str(profile.trading_params.slippage_tolerance))
         self.known: dict[str, KnownOrder] = {}
         self.exchange_ids: dict[
@@ -245,7 +249,7 @@ class LiveExecution:
             self.exchange_ids[coid] = order
             out += await self._settle(coid, order)
             k = self.known[coid]
-            if k.side == "buy" and order.filled_size > 0:
+            if self.protect and k.side == "buy" and order.filled_size > 0:
                 await self._protect(k, order)
         except HaltError as err:
             out += self._halt(self.known[coid], err)

@@ -148,8 +148,15 @@ def posts(peer: CoinbasePeer) -> int:
 
 def live(profile: str, port: CcxtExchange, cfg: AppConfig | None = None) -> LiveExecution:
     c = cfg or app_config()
+    # Without resting protective orders: these tests count the orders they send (tests/integration/
+    # test_live_protective.py covers those).
     return LiveExecution(
-        profile, c.profiles[profile], port, clock=lambda: datetime.now(UTC), poll_interval_s=0.05
+        profile,
+        c.profiles[profile],
+        port,
+        clock=lambda: datetime.now(UTC),
+        poll_interval_s=0.05,
+        protect=False,
     )
 
 
@@ -498,7 +505,12 @@ async def test_no_order_is_signed_with_another_profiles_key(
 
         async def run(p: str) -> None:
             ex = LiveExecution(
-                p, cfg.profiles[p], ports[p], clock=lambda: datetime.now(UTC), poll_interval_s=0.05
+                p,
+                cfg.profiles[p],
+                ports[p],
+                clock=lambda: datetime.now(UTC),
+                poll_interval_s=0.05,
+                protect=False,
             )
             for i in range(4):
                 msg = execute(p, f"iso{i}", size="0.001")

@@ -30,7 +30,9 @@ async def main(args: argparse.Namespace) -> int:
     port = await open_exchange(
         creds, retry_attempts=0, products=["BTC/USDC"], api_base=args.api_base, timeout_s=60.0
     )
-    live = LiveExecution(args.profile, profile, port, clock=lambda: datetime.now(UTC), poll_interval_s=0.05)
+    live = LiveExecution(
+        args.profile, profile, port, clock=lambda: datetime.now(UTC), poll_interval_s=0.05, protect=False
+    )
     order = decode(Path(args.order).read_bytes())
     print("sending", flush=True)
     events = await live.handle(order)
