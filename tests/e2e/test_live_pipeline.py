@@ -20,6 +20,7 @@ import yaml
 from aiokafka import AIOKafkaConsumer
 
 from mpctl.infra import Endpoints
+from services.execution.live import protective_client_id
 from shared.kafka import partitions_of
 from tests.peer.coinbase_peer import CoinbasePeer
 
@@ -147,6 +148,16 @@ async def test_live_pipeline_signs_each_profiles_orders_with_its_own_key_once_an
     profile_of = {o["client_order_id"]: o["profile"] for o in orders}
     key_of = {"profile_a": adv.key_name, "profile_b": exc.api_key}
     assert {o.profile for o in peer.orders} == {"profile_a", "profile_b"}, [o.profile for o in peer.orders]
+    # Each filled entry left its stop resting at the exchange (issue #13), under an id derived from the entry's.
+    entries = {o["client_order_id"] for o in orders if o["side"] == "buy" and o["status"] == "filled"}
+    protective_of = {protective_client_id(c): c for c in entries}
+    resting = [o for o in peer.orders if o.order_type in ("stop_limit", "bracket")]
+    assert resting, "no protective order rested at the exchange"
+    for o in resting:
+        assert o.client_id in protective_of, (
+            f"protective order {o.client_id} at the peer has no entry in the run"
+        )
+        profile_of[o.client_id] = profile_of[protective_of[o.client_id]]
     for o in peer.orders:
         assert o.client_id in profile_of, f"order {o.client_id} at the peer is not in the run's output"
         assert o.profile == profile_of[o.client_id] and o.signed_by == key_of[o.profile]
@@ -155,7 +166,11 @@ async def test_live_pipeline_signs_each_profiles_orders_with_its_own_key_once_an
     assert {o["client_order_id"] for o in orders if o["status"] == "filled"} <= {
         o.client_id for o in peer.orders
     }
-    assert {o.client_id for o in peer.orders} <= sent
+    assert {o.client_id for o in peer.orders if o not in resting} <= sent
+    # No market moved through a stop here: each protective order was cancelled by its position's sale, or rests.
+    assert all(not o.fills for o in resting), [
+        (o.client_id, o.order_type, o.status, o.fills, o.stop_price) for o in resting if o.fills
+    ]
 
     # Each fill at the peer is in the output once, with its size.
     assert all(n == 1 for n in Counter(f["fill_id"] for f in fills).values())
@@ -178,9 +193,8 @@ async def test_live_pipeline_signs_each_profiles_orders_with_its_own_key_once_an
     blobs, n_topics = await topic_bytes(infra.kafka_bootstrap, namespace)
     assert n_topics >= 10 and len(blobs) > 1000
     texts["topics"] = b"\n".join(blobs)
-    assert all(
-        o.client_id.encode() in texts["topics"] for o in peer.orders
-    )  # the scan reads the run's messages
+    # The scan reads the run's messages (a protective order's id is derived from its entry's, never published).
+    assert all(o.client_id.encode() in texts["topics"] for o in peer.orders if o not in resting)
     print(
         f"peer orders {len(peer.orders)}, fills {peer_fills}, topics {n_topics}, records {len(blobs) // 2}, files {len(files)}"
     )
