@@ -53,6 +53,7 @@ from shared.messages import (
     TERMINAL_STATUSES,
     AccountSnapshotted,
     AssetBalance,
+    CommandHandled,
     ControlCommand,
     ExecuteOrder,
     Message,
@@ -147,8 +148,7 @@ class LiveExecution:
     # -------------------------------------------------------------------------- orders
     async def handle(self, msg: Message, partition: int = 0) -> list[Message]:
         if isinstance(msg, ControlCommand):
-            await self._command(msg)  # only verified commands reach here (shared/commands.py)
-            return []
+            return await self._command(msg)  # only verified commands reach here (shared/commands.py)
         if not isinstance(msg, ExecuteOrder) or msg.profile != self.profile_id:
             return []  # candles and markers drive the paper exchange only
         k = self.known.get(msg.client_order_id)
@@ -173,6 +173,7 @@ class LiveExecution:
             # it would need a transfer, so a netted order reaching live execution is a configuration error.
             reason = "internal crosses are executed in paper mode only (system.arbiter.internal_cross: report in live)"
             return out + self._emit([order_update(k, "rejected", now, reason=reason)])
+        size = msg.size
         if msg.side == "sell":
             try:
                 sold, done = await self._unprotect(k)
@@ -185,13 +186,17 @@ class LiveExecution:
             out += sold
             if done:
                 return out
+            size = await self._held_at_most(msg, size)
+            if size <= 0:
+                reason = f"nothing of {msg.product.split('/')[0]} is free at the exchange: no sale is sent"
+                return out + self._emit([order_update(k, "rejected", self.clock(), reason=reason)])
         send_at = self.send_time(msg)
         wait_s = (send_at - self.clock()).total_seconds()
         if wait_s > 0:
             await self._clock_sleep(wait_s)  # no lock-step with another profile's order on this product
         try:
             order = await self.port.create_order(
-                msg.client_order_id, msg.product, msg.side, msg.size, limit_price=self.limit_price(msg)
+                msg.client_order_id, msg.product, msg.side, size, limit_price=self.limit_price(msg)
             )
         except RejectedError as err:
             return out + self._emit([order_update(k, "rejected", self.clock(), reason=err.reason)])
@@ -261,6 +266,25 @@ class LiveExecution:
                 err.reason,
             )
         return out
+
+    async def _held_at_most(self, msg: ExecuteOrder, size: Decimal) -> Decimal:
+        """A sale never asks for more than the account holds free at the exchange (a fee taken in the coin, a
+        manual sale on the website): the whole position, rounded down by the port to the increment."""
+        base = msg.product.split("/")[0]
+        try:
+            held = (await self.port.balances()).get(base)
+        except (RetryableError, RejectedError, HaltError) as err:
+            log.warning(
+                "%s: balances not read before a sale (%s): selling %s", self.profile_id, err.reason, size
+            )
+            return size
+        free = held.free if held is not None else Decimal(0)
+        if free < size:
+            log.warning(
+                "%s: sale of %s %s reduced to the %s free at the exchange", self.profile_id, size, base, free
+            )
+            return max(free, Decimal(0))
+        return size
 
     async def refresh_markets(self) -> None:
         """The exchange's product rules and trading status again (each reconciliation period)."""
@@ -363,37 +387,51 @@ class LiveExecution:
         )
         return self._emit(rec.events), True
 
-    async def _command(self, cmd: ControlCommand) -> None:
+    async def _command(self, cmd: ControlCommand) -> list[Message]:
+        """`kill`: every open order of the profile at the exchange cancelled (what was done is reported in a
+        CommandHandled of this worker's exchange side, audited); `resume` accepts entries again."""
         if cmd.target not in (self.profile_id, "all"):
-            return
+            return []
         if cmd.action == "resume":
             self.killed = None
-            return
+            return []
         if cmd.action != "kill":
-            return
+            return []
         self.killed = f"killed by operator command {cmd.id}"
+        done: list[str] = []
+        failed: list[str] = []
         try:
             open_orders = await self.port.fetch_open_orders()
         except (RetryableError, RejectedError, HaltError) as err:
-            log.error(
-                "%s: kill: open orders not listed (%s): cancel them at Coinbase", self.profile_id, err.reason
-            )
-            return
-        cancelled = 0
+            open_orders = []
+            failed.append(f"open orders not listed ({err.reason}): cancel them on Coinbase's website")
         for o in open_orders:
+            what = f"{o.kind} {o.side} {o.size} {o.product} ({o.client_order_id or o.exchange_order_id})"
             try:
                 await self.port.cancel(o)
-                cancelled += 1
+                done.append(what)
             except (RetryableError, RejectedError, HaltError) as err:
-                log.error(
-                    "%s: kill: order %s not cancelled: %s", self.profile_id, o.exchange_order_id, err.reason
-                )
-        log.warning(
-            "%s: kill: cancelled %d of %d open order(s) at the exchange, protective ones included",
-            self.profile_id,
-            cancelled,
-            len(open_orders),
+                failed.append(f"{what}: {err.reason}")
+        report = f"kill: cancelled {len(done)} of {len(open_orders)} open order(s) at the exchange" + (
+            f": {'; '.join(done)}" if done else ""
         )
+        if failed:
+            report += f"; NOT cancelled: {'; '.join(failed)}"
+        (log.error if failed else log.warning)("%s: %s", self.profile_id, report)
+        return [
+            CommandHandled(
+                id=derived_id("command-done", cmd.id, self.profile_id),
+                event_time=self.clock(),
+                correlation_id=cmd.correlation_id,
+                causation_id=cmd.id,
+                command_id=cmd.id,
+                action=cmd.action,
+                target=cmd.target,
+                service=f"execution.{self.profile_id}.exchange",
+                accepted=not failed,
+                reason=report[:2000],
+            )
+        ]
 
     async def _settle(self, coid: str, order: ExchangeOrder) -> list[Message]:
         fills: list[ExchangeFill] = await self.port.fetch_fills(order=order) if order.filled_size > 0 else []

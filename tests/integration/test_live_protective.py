@@ -15,7 +15,7 @@ from services.execution.ccxt_adapter import CcxtExchange
 from services.execution.live import LiveExecution, protective_client_id
 from shared import protective
 from shared.clock import derived_id
-from shared.messages import ControlCommand, ExecuteOrder, Message, OrderFilled, OrderUpdated
+from shared.messages import CommandHandled, ControlCommand, ExecuteOrder, Message, OrderFilled, OrderUpdated
 from tests.integration import test_exchange_adapters as adapters
 from tests.integration.test_exchange_adapters import adapter, app_config, creds_for, execute, posts
 from tests.peer.coinbase_peer import CoinbasePeer
@@ -127,7 +127,9 @@ async def test_kill_cancels_every_resting_order_at_the_exchange_and_refuses_entr
             issued_at=now,
             nonce="0123456789abcdef",
         )
-        assert await ex.handle(kill) == []
+        (handled,) = await ex.handle(kill)
+        assert isinstance(handled, CommandHandled) and handled.accepted
+        assert "cancelled 1 of 1 open order(s)" in handled.reason and "bracket sell" in handled.reason
         assert await port.fetch_open_orders() == []
         sent = posts(peer)
         refused = await ex.handle(execute(PID, "after-kill", size="0.01", price="60000"))
@@ -155,5 +157,20 @@ async def test_a_product_switched_to_cancel_only_gets_no_new_order(
         (rejected,) = [m for m in out if isinstance(m, OrderUpdated) and m.status == "rejected"]
         assert "cancel" in rejected.reason and "no order is sent" in rejected.reason, rejected.reason
         assert posts(peer) == sent
+    finally:
+        await port.close()
+
+
+async def test_a_sale_never_asks_for_more_than_the_account_holds(
+    peer: CoinbasePeer, no_secret_in_logs: list[str]
+) -> None:
+    port = await adapter(peer, creds_for(peer, "coinbase", PID, no_secret_in_logs))
+    try:
+        ex = live(PID, port)
+        held = peer.account_of(PID).balances["BTC"]
+        out = await ex.handle(sale("too-much", held + D("0.5"), reason="exit_signal"))
+        assert updates(out)[-1] == "filled"
+        assert sum((f.size for f in fills(out)), D(0)) == held  # the whole holding, not a refusal
+        assert peer.account_of(PID).balances["BTC"] == 0
     finally:
         await port.close()

@@ -12,6 +12,7 @@ from typing import Any
 from services.execution.domain import desync_delay_ms
 from services.execution.errors import RejectedError
 from services.execution.live import LiveExecution
+from services.execution.ports import Balance
 from tests.unit.builders import T0, config, dt, execute_order
 
 
@@ -36,6 +37,13 @@ class RecordingPort:
     async def create_order(self, client_order_id: str, *args: Any, **kwargs: Any) -> Any:
         self.sent.append((client_order_id, self.time.now))
         raise RejectedError("stand-in port: refused after recording the send time")
+
+    async def balances(self) -> dict[str, Balance]:
+        # What a sale checks first (never more than the account holds): enough BTC.
+        return {"BTC": Balance("BTC", Decimal(10), Decimal(0), Decimal(10))}
+
+    async def fetch_order_by_client_id(self, *args: Any, **kwargs: Any) -> None:
+        return None  # no resting protective order to cancel before a sale
 
 
 def _live(
