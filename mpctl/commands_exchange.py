@@ -39,6 +39,12 @@ def register(sub: Any) -> None:
     ss = p.add_subparsers(dest="exchange_command", required=True)
     c = ss.add_parser("check", help="authenticate, list balances and the profile's products; place nothing")
     c.add_argument("profile")
+    add_access_args(c)
+    c.set_defaults(handler=run_check)
+
+
+def add_access_args(c: argparse.ArgumentParser) -> None:
+    """What a command that talks to the exchange with the profiles' keys takes (exchange check, live check)."""
     c.add_argument(
         "--config", type=Path, default=None, help="profiles file (default: local file, else template)"
     )
@@ -53,7 +59,6 @@ def register(sub: Any) -> None:
     c.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     # Tests point the check at a local Coinbase peer; not for users.
     c.add_argument("--api-base", default=None, help=argparse.SUPPRESS)
-    c.set_defaults(handler=run_check)
 
 
 def _num(d: Decimal) -> str:

@@ -21,16 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_UP, Decimal
-from pathlib import Path
 from typing import Any, Literal
 
-from mpctl.commands_exchange import _num, explain, load_store
+from mpctl.commands_exchange import _num, add_access_args, explain, load_store
 from services.execution.ccxt_adapter import CcxtExchange, open_exchange, profile_products
 from services.execution.credentials import (
     CredentialsError,
     CredentialStore,
     ResolvedCredentials,
-    default_store_path,
     key_format_problems,
     resolve_credentials,
 )
@@ -58,12 +56,7 @@ def register(sub: Any) -> None:
         "check",
         help="pre-flight of a system.mode: live config: keys, permissions, accounts, products, balances, clock",
     )
-    c.add_argument(
-        "--config", type=Path, default=None, help="profiles file (default: local file, else template)"
-    )
-    c.add_argument(
-        "--store", type=Path, default=None, help=f"credentials store (default: {default_store_path()})"
-    )
+    add_access_args(c)
     c.add_argument(
         "--profile",
         action="append",
@@ -72,20 +65,12 @@ def register(sub: Any) -> None:
         help="check only this enabled profile (repeatable; default: every enabled profile)",
     )
     c.add_argument(
-        "--allow-plaintext-credentials",
-        action="store_true",
-        help="accept real credentials written in the YAML",
-    )
-    c.add_argument(
         "--max-clock-skew",
         type=float,
         default=DEFAULT_MAX_SKEW_S,
         metavar="S",
         help=f"largest accepted difference between the local and the exchange's clock (default {DEFAULT_MAX_SKEW_S:g} s)",
     )
-    c.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
-    # Tests point the check at a local Coinbase peer; not for users.
-    c.add_argument("--api-base", default=None, help=argparse.SUPPRESS)
     c.set_defaults(handler=run_live_check)
 
 

@@ -12,15 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 
-from services.execution.credentials import (
-    ENV_KEY_FILE,
-    CredentialStore,
-    KeySource,
-    StoredCredentials,
-    new_key_file,
-)
 from services.execution.domain import traded_base_assets
 from services.execution.live_wiring import LiveHandler, WriteAhead, open_live_execution, start_live
 from services.monitor.collect import read_topics
@@ -30,7 +22,7 @@ from shared.kafka import ensure_topics
 from shared.messages import AccountSnapshotted, OrderFilled, OrderUpdated
 from shared.topics import Topics, declared_topics
 from tests.integration.test_exchange_adapters import app_config, execute
-from tests.integration.test_live_wiring import route_for
+from tests.integration.test_live_wiring import route_for, secret_pieces, store_profile_a
 from tests.peer.coinbase_peer import CoinbasePeer
 
 D = Decimal
@@ -48,18 +40,7 @@ async def test_live_worker_publishes_account_snapshots_with_the_peers_balances_a
     cfg: AppConfig = app_config(order_timeout=30.0)
     t = Topics(namespace)
     await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
-    if api == "coinbase":
-        a = peer.add_advanced_profile("profile_a")
-        stored = StoredCredentials(SecretStr(a.key_name), SecretStr(a.private_pem))
-    else:
-        e = peer.add_exchange_profile("profile_a")
-        stored = StoredCredentials(SecretStr(e.api_key), SecretStr(e.secret_b64), SecretStr(e.passphrase))
-    kf = tmp_path / "key"
-    new_key_file(kf)
-    store = CredentialStore.create(tmp_path / "c.enc", KeySource.from_key_file(kf))
-    store.put("profile_a", stored)
-    store.save()
-    monkeypatch.setenv(ENV_KEY_FILE, str(kf))
+    stored = store_profile_a(peer, api, tmp_path, monkeypatch)
     acct = peer.account_of("profile_a")
     acct.balances = {"USDC": D("12345.67"), "BTC": D("0.75"), "LINK": D("2.5"), "DOGE": D("99")}
 
@@ -116,11 +97,7 @@ async def test_live_worker_publishes_account_snapshots_with_the_peers_balances_a
     periodic = [s for s in snaps if s.trigger == "periodic"]
     assert periodic and all(s.balances == after.balances for s in periodic)
     # No credential, and no account id of the exchange, in any message on the topics.
-    values = [stored.api_key.get_secret_value(), stored.secret.get_secret_value()]
-    values += [stored.passphrase.get_secret_value()] if stored.passphrase else []
-    pieces = values + [
-        line for v in values for line in v.splitlines() if len(line) > 20 and "-----" not in line
-    ]
+    pieces = secret_pieces(stored)
     pieces += [str(uuid.uuid5(uuid.NAMESPACE_DNS, acct.key_id + c)) for c in acct.balances]
     for s in snaps:
         blob = encode(s).decode()

@@ -33,6 +33,35 @@ from tests.peer.coinbase_peer import CoinbasePeer
 D = Decimal
 
 
+def store_profile_a(
+    peer: CoinbasePeer, api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> StoredCredentials:
+    """profile_a's key at the peer, in an encrypted store (tmp_path/c.enc) opened with a key file, as a deployed
+    worker has it; the key file is in the environment. Returns what was stored."""
+    if api == "coinbase":
+        a = peer.add_advanced_profile("profile_a")
+        stored = StoredCredentials(SecretStr(a.key_name), SecretStr(a.private_pem))
+    else:
+        e = peer.add_exchange_profile("profile_a")
+        stored = StoredCredentials(SecretStr(e.api_key), SecretStr(e.secret_b64), SecretStr(e.passphrase))
+    kf = tmp_path / "key"
+    new_key_file(kf)
+    store = CredentialStore.create(tmp_path / "c.enc", KeySource.from_key_file(kf))
+    store.put("profile_a", stored)
+    store.save()
+    monkeypatch.setenv(ENV_KEY_FILE, str(kf))
+    return stored
+
+
+def secret_pieces(stored: StoredCredentials) -> list[str]:
+    """Every secret value and every long line of one (a PEM's body lines): none may appear in any output."""
+    values = [stored.api_key.get_secret_value(), stored.secret.get_secret_value()]
+    values += [stored.passphrase.get_secret_value()] if stored.passphrase else []
+    return values + [
+        line for v in values for line in v.splitlines() if len(line) > 20 and "-----" not in line
+    ]
+
+
 def route_for(t: Topics) -> Callable[[Message], list[Route]]:
     def route(msg: Message) -> list[Route]:
         return [
@@ -55,19 +84,7 @@ async def test_restart_rebuilds_from_events_and_counts_a_fill_once(
     cfg: AppConfig = app_config(order_timeout=30.0)
     t = Topics(namespace)
     await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
-    # Credentials in an encrypted store opened with a key file, as a deployed worker does.
-    if api == "coinbase":
-        a = peer.add_advanced_profile("profile_a")
-        stored = StoredCredentials(SecretStr(a.key_name), SecretStr(a.private_pem))
-    else:
-        e = peer.add_exchange_profile("profile_a")
-        stored = StoredCredentials(SecretStr(e.api_key), SecretStr(e.secret_b64), SecretStr(e.passphrase))
-    kf = tmp_path / "key"
-    new_key_file(kf)
-    store = CredentialStore.create(tmp_path / "c.enc", KeySource.from_key_file(kf))
-    store.put("profile_a", stored)
-    store.save()
-    monkeypatch.setenv(ENV_KEY_FILE, str(kf))
+    stored = store_profile_a(peer, api, tmp_path, monkeypatch)
 
     # Before the "crash": the worker published `submitted` and sent the order; the answer never came back.
     peer.fill_plan = []
@@ -118,10 +135,6 @@ async def test_restart_rebuilds_from_events_and_counts_a_fill_once(
     assert len(peer.orders) == 1
     # No credential in any message the run put on the topics.
     published, _ = await read_topics(kafka_bootstrap, [t.events, t.audit])
-    values = [stored.api_key.get_secret_value(), stored.secret.get_secret_value()]
-    values += [stored.passphrase.get_secret_value()] if stored.passphrase else []
-    pieces = values + [
-        line for v in values for line in v.splitlines() if len(line) > 20 and "-----" not in line
-    ]
+    pieces = secret_pieces(stored)
     blob = b"\n".join(encode(m) for m in published).decode()
     assert published and not [p for p in pieces if p in blob]
