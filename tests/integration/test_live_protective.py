@@ -6,12 +6,13 @@ resting order of the profile at the exchange."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 
-from services.execution.ccxt_adapter import CcxtExchange
 from services.execution.live import LiveExecution, protective_client_id
 from shared import protective
 from shared.clock import derived_id
@@ -27,10 +28,16 @@ APIS = ["coinbase", "coinbaseexchange"]
 PID = "profile_a"
 
 
-def live(profile: str, port: CcxtExchange) -> LiveExecution:
-    return LiveExecution(
-        profile, app_config().profiles[profile], port, clock=lambda: datetime.now(UTC), poll_interval_s=0.05
-    )
+@contextlib.asynccontextmanager
+async def live_on(peer: CoinbasePeer, api: str, secrets_used: list[str]) -> AsyncIterator[LiveExecution]:
+    """profile_a's live execution (protective orders on, as in production) on the peer through real ccxt."""
+    port = await adapter(peer, creds_for(peer, api, PID, secrets_used))
+    try:
+        yield LiveExecution(
+            PID, app_config().profiles[PID], port, clock=lambda: datetime.now(UTC), poll_interval_s=0.05
+        )
+    finally:
+        await port.close()
 
 
 def updates(msgs: list[Message]) -> list[str]:
@@ -60,13 +67,11 @@ async def enter(ex: LiveExecution, peer: CoinbasePeer) -> tuple[Decimal, Decimal
 async def test_the_stop_rests_at_the_exchange_fills_there_and_is_booked_once_by_the_exit(
     peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
 ) -> None:
-    port = await adapter(peer, creds_for(peer, api, PID, no_secret_in_logs))
-    try:
-        ex = live(PID, port)
+    async with live_on(peer, api, no_secret_in_logs) as ex:
         btc0 = peer.account_of(PID).balances["BTC"]
         size, stop, take = await enter(ex, peer)
         entry_coid = execute(PID, "entry").client_order_id
-        (resting,) = [o for o in await port.fetch_open_orders("BTC/USDC")]
+        (resting,) = [o for o in await ex.port.fetch_open_orders("BTC/USDC")]
         assert resting.client_order_id == protective_client_id(entry_coid)
         assert resting.kind == ("bracket" if api == "coinbase" else "stop")
         assert resting.stop_price == stop and resting.size == size
@@ -86,36 +91,28 @@ async def test_the_stop_rests_at_the_exchange_fills_there_and_is_booked_once_by_
         again = await ex.handle(sale("stop", size))  # a redelivery produces nothing
         assert again == []
         assert peer.account_of(PID).balances["BTC"] == btc0
-    finally:
-        await port.close()
 
 
 @pytest.mark.parametrize("api", APIS)
 async def test_an_exit_cancels_the_resting_protective_order_before_it_sells(
     peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
 ) -> None:
-    port = await adapter(peer, creds_for(peer, api, PID, no_secret_in_logs))
-    try:
-        ex = live(PID, port)
+    async with live_on(peer, api, no_secret_in_logs) as ex:
         btc0 = peer.account_of(PID).balances["BTC"]
         size, stop, _ = await enter(ex, peer)
         out = await ex.handle(sale("signal", size, reason="exit_signal"))
         assert updates(out)[-1] == "filled" and sum((f.size for f in fills(out)), D(0)) == size
-        assert await port.fetch_open_orders("BTC/USDC") == []  # the protective order went first
+        assert await ex.port.fetch_open_orders("BTC/USDC") == []  # the protective order went first
         assert peer.trade("BTC-USDC", stop - D("10")) == []  # and cannot sell a second time
         assert peer.account_of(PID).balances["BTC"] == btc0
-    finally:
-        await port.close()
 
 
 async def test_kill_cancels_every_resting_order_at_the_exchange_and_refuses_entries(
     peer: CoinbasePeer, no_secret_in_logs: list[str]
 ) -> None:
-    port = await adapter(peer, creds_for(peer, "coinbase", PID, no_secret_in_logs))
-    try:
-        ex = live(PID, port)
+    async with live_on(peer, "coinbase", no_secret_in_logs) as ex:
         await enter(ex, peer)
-        assert len(await port.fetch_open_orders()) == 1
+        assert len(await ex.port.fetch_open_orders()) == 1
         now = datetime.now(UTC)
         # What reaches the worker after the command gate verified its signature (shared/commands.py).
         kill = ControlCommand(
@@ -130,7 +127,7 @@ async def test_kill_cancels_every_resting_order_at_the_exchange_and_refuses_entr
         (handled,) = await ex.handle(kill)
         assert isinstance(handled, CommandHandled) and handled.accepted
         assert "cancelled 1 of 1 open order(s)" in handled.reason and "bracket sell" in handled.reason
-        assert await port.fetch_open_orders() == []
+        assert await ex.port.fetch_open_orders() == []
         sent = posts(peer)
         refused = await ex.handle(execute(PID, "after-kill", size="0.01", price="60000"))
         assert updates(refused) == ["submitted", "rejected"] and posts(peer) == sent
@@ -138,17 +135,13 @@ async def test_kill_cancels_every_resting_order_at_the_exchange_and_refuses_entr
         await ex.handle(resume)
         ok = await ex.handle(execute(PID, "after-resume", size="0.01", price="60000"))
         assert updates(ok)[-1] == "filled"
-    finally:
-        await port.close()
 
 
 @pytest.mark.parametrize("api", APIS)
 async def test_a_product_switched_to_cancel_only_gets_no_new_order(
     peer: CoinbasePeer, api: str, no_secret_in_logs: list[str]
 ) -> None:
-    port = await adapter(peer, creds_for(peer, api, PID, no_secret_in_logs))
-    try:
-        ex = live(PID, port)
+    async with live_on(peer, api, no_secret_in_logs) as ex:
         await enter(ex, peer)  # markets loaded while BTC-USDC is online
         peer.set_status("BTC-USDC", "cancel_only")
         await ex.refresh_markets()  # what each reconciliation period does
@@ -157,20 +150,14 @@ async def test_a_product_switched_to_cancel_only_gets_no_new_order(
         (rejected,) = [m for m in out if isinstance(m, OrderUpdated) and m.status == "rejected"]
         assert "cancel" in rejected.reason and "no order is sent" in rejected.reason, rejected.reason
         assert posts(peer) == sent
-    finally:
-        await port.close()
 
 
 async def test_a_sale_never_asks_for_more_than_the_account_holds(
     peer: CoinbasePeer, no_secret_in_logs: list[str]
 ) -> None:
-    port = await adapter(peer, creds_for(peer, "coinbase", PID, no_secret_in_logs))
-    try:
-        ex = live(PID, port)
+    async with live_on(peer, "coinbase", no_secret_in_logs) as ex:
         held = peer.account_of(PID).balances["BTC"]
         out = await ex.handle(sale("too-much", held + D("0.5"), reason="exit_signal"))
         assert updates(out)[-1] == "filled"
         assert sum((f.size for f in fills(out)), D(0)) == held  # the whole holding, not a refusal
         assert peer.account_of(PID).balances["BTC"] == 0
-    finally:
-        await port.close()
