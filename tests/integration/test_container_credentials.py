@@ -150,7 +150,9 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
 
     # It authenticated as profile_a, and its order is signed with profile_a's key.
     assert peer.orders, f"no order reached the peer; worker output:\n{worker_out}"
-    (placed,) = peer.orders
+    # The order the worker was given; once filled, its position's stop rests at the peer too (issue #13).
+    (placed,) = [o for o in peer.orders if not o.protective]
+    assert all(o.profile == placed.profile and o.side == "sell" for o in peer.orders if o.protective)
     assert (placed.client_id, placed.profile, placed.signed_by) == (order.client_order_id, PID, a.key_name)
     signed = [r for r in peer.requests if r.key_id is not None]
     assert signed and {(r.profile, r.key_id) for r in signed} == {(PID, a.key_name)}

@@ -200,7 +200,9 @@ async def test_live_worker_metrics_count_retries_latency_and_fills_against_the_p
     await sender
     events = await events_of(kafka_bootstrap, t)
     fills = [m for m in events if isinstance(m, OrderFilled)]
-    assert len(peer.orders_of(PID)) == 2 and len(fills) == sum(len(o.fills) for o in peer.orders_of(PID))
+    # The two orders sent (the protective stops their fills left resting at the peer are not among them).
+    sent = [o for o in peer.orders_of(PID) if not o.protective]
+    assert len(sent) == 2 and len(fills) == sum(len(o.fills) for o in sent)
     assert total(samples, "mp_execution_fills_total", profile=PID) == len(fills)
     assert total(samples, "mp_execution_fees_total") == pytest.approx(float(sum(f.fee for f in fills)))
     assert total(samples, "mp_execution_errors_total", outcome="retry") == 1  # the injected 500, retried once
