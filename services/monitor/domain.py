@@ -470,11 +470,21 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
     exits, timed_out = exits_by_reason(cfg, data, counted), orders_timed_out(data)
 
     latest_account: dict[str, AccountSnapshotted] = {}
+    first_account: dict[str, AccountSnapshotted] = {}
     for acc in sorted(data.accounts, key=lambda a: (a.event_time, a.id)):
         latest_account[acc.profile] = acc
+        if acc.source == "exchange":
+            first_account.setdefault(acc.profile, acc)
+    live = cfg.system.mode == "live"
     profiles: dict[str, Any] = {}
     for pid, p in cfg.enabled_profiles().items():
+        # Live: the books start from the account's quote balance at the first snapshot (what the strategy's
+        # books start from too); holdings it did not trade stay apart (`untracked_holdings`), not in the return.
+        first = first_account.get(pid) if live else None
         initial = Decimal(str(p.paper.initial_quote_balance))
+        if first is not None:
+            quote_balance = first.balances.get(first.quote)
+            initial = quote_balance.total if quote_balance is not None else Decimal(0)
         fills = sorted(fills_by_profile.get(pid, []), key=lambda f: (f.event_time, f.fill_id))
         cash = initial
         pos: dict[str, Decimal] = defaultdict(Decimal)
@@ -551,8 +561,11 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             "buy_costs": _num(buys),
             "sell_proceeds": _num(sells),
             "initial_equity": _num(initial),
+            "initial_equity_source": (
+                "exchange account" if first is not None else "paper.initial_quote_balance"
+            ),
             "final_equity": _num(final.quantize(Decimal("0.00000001"))),
-            "return_pct": float(round((final / initial - 1) * 100, 4)),
+            "return_pct": float(round((final / initial - 1) * 100, 4)) if initial > 0 else 0.0,
             "max_drawdown_pct": float(round(max_dd, 4)),
             "open_positions": {k: _num(v) for k, v in open_positions.items()},
             "mark_prices": {k: _num(v) for k, v in marks.items()},

@@ -429,3 +429,17 @@ def test_commands_accept_acknowledge() -> None:
 
     assert "acknowledge" in ACTIONS
     assert acknowledge(T0).action == "acknowledge"
+
+
+def test_live_report_starts_from_the_exchange_account_not_the_paper_balance(cfg: AppConfig) -> None:
+    live = cfg.model_copy(update={"system": cfg.system.model_copy(update={"mode": "live"})})
+    data = RunData()
+    data.add_all([snapshot(T0, {"USDC": "2500", "BTC": "0.3"}), snapshot(T0 + HOUR, {"USDC": "9999"})])
+    got = summarize(live, data)["profiles"][PID]
+    assert (got["initial_equity"], got["initial_equity_source"]) == ("2500", "exchange account")
+    assert (
+        got["final_equity"] == "2500" and got["return_pct"] == 0.0
+    )  # no trade: the untracked BTC stays apart
+    paper = summarize(cfg, data)["profiles"][PID]  # paper: the configured balance, whatever snapshots say
+    assert paper["initial_equity_source"] == "paper.initial_quote_balance"
+    assert D(paper["initial_equity"]) == D(str(cfg.profiles[PID].paper.initial_quote_balance))
