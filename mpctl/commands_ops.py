@@ -214,6 +214,8 @@ def _profiles_from_files(run_dir: Path) -> dict[str, Any]:
             "equity": p["final_equity"],
             "max_drawdown_pct": p["max_drawdown_pct"],
             "open_positions": p["open_positions"],
+            # Live: what the account holds that the system did not trade (never sold by it unless configured).
+            "untracked_holdings": p.get("untracked_holdings", {}),
             "halts": len(p.get("halts", [])),
             "last_halt": p["halts"][-1]["reason"] if p.get("halts") else None,
             "plan": None
@@ -238,6 +240,12 @@ def _columns(head: list[str], rows: list[list[str]]) -> str:
     )
 
 
+def _positions_cell(p: dict[str, Any]) -> str:
+    held = [f"{k}={v}" for k, v in p.get("open_positions", {}).items()]
+    held += [f"{k}={v} (untracked)" for k, v in p.get("untracked_holdings", {}).items()]
+    return " ".join(held) or "-"
+
+
 def format_status(st: dict[str, Any]) -> str:
     lines = [f"namespace {st['namespace']} on {st['bootstrap']}", "", "SERVICES"]
     health = [ServiceHealth(**{**h, "clients": tuple(h["clients"])}) for h in st["services"]]
@@ -256,7 +264,7 @@ def format_status(st: dict[str, Any]) -> str:
                 str(p["trades"]),
                 f"{float(p['equity']):,.2f}",
                 f"{float(p['realized_pnl']):,.2f}",
-                " ".join(f"{k}={v}" for k, v in p.get("open_positions", {}).items()) or "-",
+                _positions_cell(p),
                 f"{p['halts']}" + (f" ({p['last_halt']})" if p.get("last_halt") else ""),
             ]
         )
