@@ -36,18 +36,31 @@ class ExchangeClock:
         self._samples: deque[tuple[float, float]] = deque(
             maxlen=window
         )  # (local monotonic, exchange epoch s)
+        # Per sample, how far its local time may be off (half a REST request's duration; None: a receipt time).
+        self._spread: deque[float | None] = deque(maxlen=window)
         self._min_span_s = min_span_s
         self._rate = 1.0
         self._given_rate: float | None = None
         self._last_out = float("-inf")
 
     # ------------------------------------------------------------------------------------ feeding
-    def observe(self, exchange_time: datetime, *, at: float | None = None, rate: float | None = None) -> None:
+    def observe(
+        self,
+        exchange_time: datetime,
+        *,
+        at: float | None = None,
+        rate: float | None = None,
+        spread: float | None = None,
+    ) -> None:
         """One observation: the exchange's time was `exchange_time` at local monotonic `at` (default: now).
         `rate`, when the observer already knows it (md.clock carries the ingest's estimate), is used as is;
-        otherwise it is estimated from the recent observations (least squares)."""
+        otherwise it is estimated from the recent observations (least squares). `spread`: the answer was made
+        within `at` +- `spread` (half a request's round trip); while every observation in the window has one,
+        the rate is the lowest the brackets allow, so a slow request can only make the clock late, never early
+        (early would finalise a bucket before the exchange has closed it)."""
         local = self._mono() if at is None else at
         self._samples.append((local, exchange_time.timestamp()))
+        self._spread.append(spread)
         if rate is not None:
             self._given_rate = min(MAX_RATE, max(MIN_RATE, rate))
         self._rate = self._given_rate if self._given_rate is not None else self._estimate()
@@ -55,6 +68,12 @@ class ExchangeClock:
     def _estimate(self) -> float:
         if len(self._samples) < 3 or self._samples[-1][0] - self._samples[0][0] < self._min_span_s:
             return self._rate
+        first_w, last_w = self._spread[0], self._spread[-1]
+        if first_w is not None and last_w is not None and all(w is not None for w in self._spread):
+            (l0, e0), (l1, e1) = self._samples[0], self._samples[-1]
+            widest = (l1 + last_w) - (l0 - first_w)
+            if widest > 0 and e1 > e0:
+                return min(MAX_RATE, max(MIN_RATE, (e1 - e0) / widest))
         n = len(self._samples)
         mx = sum(s[0] for s in self._samples) / n
         my = sum(s[1] for s in self._samples) / n
@@ -80,6 +99,8 @@ class ExchangeClock:
                 "the exchange's time has not been observed yet (no heartbeat or server time)"
             )
         local, ex = self._samples[-1]
+        # A bracketed answer was made at the latest at its receipt: extrapolate from there.
+        local += self._spread[-1] or 0.0
         now = ex + (self._mono() - local) * self._rate
         # Never backwards: a late observation or a lower rate estimate holds the clock until it catches up.
         self._last_out = max(self._last_out, now)

@@ -68,7 +68,7 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 30.0
 WS_CONNECT_TIMEOUT_S = 10.0
 # REST server times taken on start, this far apart (real s): enough span for the clock's rate estimate
 # (bootstrap builds the ExchangeClock with min_span_s below the warm-up's span).
-CLOCK_WARMUP_SAMPLES, CLOCK_WARMUP_SPACING_S = 5, 0.2
+CLOCK_WARMUP_SAMPLES, CLOCK_WARMUP_SPACING_S = 6, 0.25
 CLOCK_MIN_SPAN_S = 0.6  # a connect that hangs (a black-holed route) is retried like a refused one
 # Heartbeats come once a second: a longer pause between frames may have lost trades (a stalled stream keeps
 # its sequence numbers), so websocket coverage ends there.
@@ -347,7 +347,8 @@ class LiveIngest:
             raise
         self._rest_answered()
         # The answer was made somewhere during the request: its middle is the best local time for it.
-        self.clock.observe(from_epoch_s(t), at=(t0 + self.mono()) / 2)
+        t1 = self.mono()
+        self.clock.observe(from_epoch_s(t), at=(t0 + t1) / 2, spread=(t1 - t0) / 2)
         self.clock_origin = "rest"
 
     # ------------------------------------------------------------------------------------ finaliser

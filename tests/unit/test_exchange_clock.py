@@ -86,3 +86,41 @@ def test_the_source_alone_chooses_the_clock() -> None:
     replay = service_clock(cfg, source="replay")
     assert live.live and isinstance(live.clock, ExchangeClock)
     assert not replay.live and isinstance(replay.clock(), datetime)
+
+
+@given(
+    latencies=st.lists(st.floats(min_value=0.001, max_value=0.2), min_size=6, max_size=6),
+    made_at=st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=6, max_size=6),
+)
+def test_server_times_taken_on_warm_up_never_make_the_clock_early(
+    latencies: list[float], made_at: list[float]
+) -> None:
+    """Six REST server times 0.25 s apart from a 60x peer, each request slow by up to 200 ms and answered at
+    any point within it: the rate is at most the true one, so extrapolating a long busy second later the clock
+    is not ahead of the peer (the ingest would finalise a bucket before the peer closed it)."""
+    mono = FakeMonotonic()
+    clock = ExchangeClock(monotonic=mono, min_span_s=0.6)
+    true_rate, origin = 60.0, mono.t
+    for lat, frac in zip(latencies, made_at, strict=True):
+        sent = mono.t
+        answered = sent + lat * frac
+        clock.observe(
+            T + timedelta(seconds=(answered - origin) * true_rate), at=sent + lat / 2, spread=lat / 2
+        )
+        mono.t = sent + lat + 0.25
+    assert clock.rate <= true_rate * (1 + 1e-6)
+    assert clock.rate >= true_rate * 0.5
+    mono.t += 2.0
+    assert clock.epoch_s() <= T.timestamp() + (mono.t - origin) * true_rate + 1e-6
+
+
+def test_a_heartbeat_after_warm_up_switches_the_rate_back_to_least_squares() -> None:
+    mono = FakeMonotonic()
+    clock = ExchangeClock(monotonic=mono, min_span_s=0.6)
+    for i in range(4):
+        clock.observe(T + timedelta(seconds=15 * i), at=mono.t, spread=0.01)
+        mono.t += 0.25
+    bracketed = clock.rate
+    assert bracketed < 60.0
+    clock.observe(T + timedelta(seconds=60.0), at=mono.t - 0.25 + 1.0)  # a heartbeat receipt, no spread
+    assert clock.rate != bracketed
