@@ -262,6 +262,9 @@ class ExecutionSettings(Strict):
     # Live mode: seconds between two account snapshots (AccountSnapshotted) of each profile; one is also
     # published at start and after each order reaches a final state.
     account_snapshot_interval_s: Annotated[float, Field(ge=5.0, le=86_400.0, allow_inf_nan=False)] = 60.0
+    # Live mode: seconds between two reconciliations of each profile's orders with the exchange, which also reload
+    # the product rules (a product switched to cancel-only gets no order after the next one).
+    reconcile_interval_s: Annotated[float, Field(ge=1.0, le=3_600.0, allow_inf_nan=False)] = 60.0
 
     @model_validator(mode="after")
     def _desync_ordered(self) -> ExecutionSettings:

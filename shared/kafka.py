@@ -25,7 +25,7 @@ from aiokafka import (
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
-from shared.clock import Clock, IdFactory
+from shared.clock import Clock, IdFactory, system_clock
 from shared.codec import DecodeError, decode, encode, implausible_time
 from shared.commands import CommandGate
 from shared.messages import CommandHandled, ControlCommand, DeadLettered, Message
@@ -370,7 +370,8 @@ class ConsumeLoop:
                     except DecodeError as err:
                         await self._dead_letter(rec, str(err))
                     else:
-                        bad_time = implausible_time(msg, self._clock())
+                        # Ahead of both clocks: the exchange's (live) and the machine's, which stamps commands.
+                        bad_time = implausible_time(msg, max(self._clock(), system_clock()))
                         if bad_time is not None:
                             await self._dead_letter(rec, f"{type(msg).__name__}: {bad_time}")
                             self.processed += 1

@@ -263,7 +263,7 @@ class ArbiterService:
             else:
                 log.warning("undecodable record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, err)
             return
-        bad_time = implausible_time(msg, self.clock())
+        bad_time = implausible_time(msg, max(self.clock(), system_clock()))
         if bad_time is not None:
             # Far-future times would move the arbiter's event time past every real message.
             if intents:

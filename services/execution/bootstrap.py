@@ -241,8 +241,12 @@ class ExecutionService:
         for m in missing:  # published before the consume loop: reconciled fills count too
             self.metrics.observe(m)
         wal = await WriteAhead.started(self.settings.kafka_bootstrap, self.route, f"execution.{pid}.wal")
+        ex = self.cfg.system.execution
         self.live_handler = LiveHandler(
-            live, write_ahead=wal, account_every_s=self.cfg.system.execution.account_snapshot_interval_s
+            live,
+            write_ahead=wal,
+            reconcile_every_s=ex.reconcile_interval_s,
+            account_every_s=ex.account_snapshot_interval_s,
         )
         account = asyncio.create_task(self.live_handler.account_loop(stop, wal))
         try:

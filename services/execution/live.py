@@ -531,6 +531,9 @@ class LiveExecution:
         except HaltError as err:
             log.error("%s: open orders not listed: %s", self.profile_id, err.reason)
             open_orders = []
+        # The positions' resting protective orders are ours (ids derived from their entries'), not strangers.
+        ours = {protective_client_id(c) for c, k in self.known.items() if k.side == "buy"}
+        open_orders = [o for o in open_orders if o.client_order_id not in ours]
         rec = reconcile(self.profile_id, self.known, observed, fills, now, open_orders=open_orders)
         for note in rec.notes:
             log.warning("%s: %s", self.profile_id, note)

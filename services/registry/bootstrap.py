@@ -236,7 +236,7 @@ class RegistryService:
                     except DecodeError as err:
                         await self._dead_letter(publisher, rec, str(err))
                         continue
-                    bad_time = implausible_time(msg, self.clock())
+                    bad_time = implausible_time(msg, max(self.clock(), system_clock()))
                     if bad_time is not None:
                         await self._dead_letter(publisher, rec, f"{type(msg).__name__}: {bad_time}")
                         continue

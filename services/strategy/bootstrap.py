@@ -316,6 +316,8 @@ class StrategyWorker:
     async def _agent(self, stream: Any) -> None:
         async for event in stream.events():
             rec = event.message
+            # faust gives the Kafka timestamp in seconds (a float); everything here counts milliseconds.
+            published_ms = round(rec.timestamp * 1000) if rec.timestamp is not None else None
             self.metrics.consumed(rec.topic, rec.partition, rec.offset, self._short.get(rec.topic, rec.topic))
             try:
                 msg = decode(event.value)
@@ -330,7 +332,12 @@ class StrategyWorker:
                 continue
             if isinstance(msg, ControlCommand):
                 # Judged against the broker's append time, so a rebuild re-reads the same verdicts.
-                verdict = self.commands.check(msg, datetime.fromtimestamp(rec.timestamp / 1000, UTC))
+                appended = (
+                    datetime.fromtimestamp(published_ms / 1000, UTC)
+                    if published_ms is not None
+                    else system_clock()
+                )
+                verdict = self.commands.check(msg, appended)
                 await self._publish(verdict)
                 if not verdict.accepted:
                     log.warning("refused command %s %s: %s", msg.action, msg.target, verdict.reason)
@@ -344,10 +351,12 @@ class StrategyWorker:
                     and msg.intent_id not in self.state.emitted
                 ):
                     # Held by the domain, maybe refused later: keep the record to dead-letter it then.
-                    held = HeldRecord(rec.topic, rec.partition, rec.offset, rec.key, rec.value, rec.timestamp)
+                    held = HeldRecord(
+                        rec.topic, rec.partition, rec.offset, rec.key, rec.value, published_ms or 0
+                    )
                     self.held_records.setdefault(msg.id, (msg.intent_id, deque()))[1].append(held)
                 # The record's Kafka time places a rotate command among the steps (domain.py).
-                outs = domain.decide(self.state, msg, rec.partition, rec.timestamp)
+                outs = domain.decide(self.state, msg, rec.partition, published_ms)
                 for out in outs:
                     await self._publish(out)
                 for refusal in domain.take_refused(self.state):

@@ -76,6 +76,8 @@ async def test_the_stop_rests_at_the_exchange_fills_there_and_is_booked_once_by_
         assert resting.kind == ("bracket" if api == "coinbase" else "stop")
         assert resting.stop_price == stop and resting.size == size
         assert peer.account_of(PID).balances["BTC"] == btc0 + size
+        await ex.reconcile()  # the resting protective order is known as ours, not reported as a stranger's
+        assert ex.last_reconciliation is not None and ex.last_reconciliation.unknown_orders == []
 
         # The market falls through the stop while our system does nothing: the exchange sells.
         sent = posts(peer)

@@ -35,7 +35,8 @@ Simplified (document for whoever reads a failing test):
 Faults (methods, and `POST /_peer/fault {"kind": <name>, ...args}` for a peer in a subprocess): `close(code)`,
 `abort()`, `silence(seconds)`, `stop_heartbeats(seconds)`, `sequence_jump(k)`, `outage(seconds)`,
 `set_speed(speed)`, `rest_429(n, retry_after_s)`, `late_bucket(product, bucket_start_s, delay_s)`,
-`set_rest_lag(seconds)`, `set_rate_limit(per_s)`. `GET /_peer/stats` returns the counters.
+`set_rest_lag(seconds)`, `set_rate_limit(per_s)`, `shock(product, price, buckets)` (from the next bucket on, the
+product trades at that one price: a crash through a stop). `GET /_peer/stats` returns the counters.
 
 CLI: `python -m tests.peer.coinbase_md_peer --port P --speed X --start ISO --granularity 60 --products BTC-USD,...
 [--data data/market] [--quiet-every PRODUCT=N]...` prints `ready http://127.0.0.1:P ws://127.0.0.1:P/ws` and runs
@@ -55,7 +56,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -267,6 +268,7 @@ class MarketTape:
         self.empty = {(canonical(p), s) for p, s in empty}
         self.quiet_every = {canonical(p): n for p, n in (quiet_every or {}).items()}
         self._cache: dict[tuple[str, int], tuple[Trade, ...]] = {}
+        self.flat: dict[tuple[str, int], Decimal] = {}  # (product, bucket k) -> the one price it trades at
 
     @property
     def products(self) -> list[str]:
@@ -274,7 +276,25 @@ class MarketTape:
 
     def row(self, product: str, k: int) -> CandleRow:
         rows = self.rows[product]
-        return rows[(k - self.k0) % len(rows)]
+        r = rows[(k - self.k0) % len(rows)]
+        flat = self.flat.get((product, k))
+        if flat is None:
+            return r
+        return replace(r, open=flat, high=flat, low=flat, close=flat)
+
+    def shock(self, product: str, price: Decimal, from_k: int, buckets: int) -> None:
+        """Buckets from_k .. from_k + buckets - 1 of `product` trade at `price` only (a crash or a spike), on
+        the websocket and in REST alike. Only buckets not served yet may be changed: the caller picks from_k."""
+        if not price.is_finite() or price <= 0:
+            raise ValueError(f"shock price must be positive, got {price}")
+        if buckets < 1:
+            raise ValueError(f"shock buckets must be at least 1, got {buckets}")
+        p = canonical(product)
+        if p not in self.rows:
+            raise ValueError(f"unknown product {product!r}; the peer has {self.products}")
+        for k in range(from_k, from_k + buckets):
+            self.flat[(p, k)] = price
+            self._cache.pop((p, k), None)
 
     def is_empty(self, product: str, k: int) -> bool:
         n = self.quiet_every.get(product)
@@ -577,6 +597,13 @@ class CoinbaseMdPeer:
     def set_rest_lag(self, seconds: float) -> None:
         self.rest_lag_s = seconds
 
+    def shock(self, product: str, price: str, buckets: int = 1) -> int:
+        """From the next bucket on, `buckets` buckets of `product` trade at `price` only (see MarketTape.shock);
+        returns the first shocked bucket's start (peer epoch s)."""
+        first = int(self.clock.now_s() // self.g) + 1
+        self.tape.shock(product, Decimal(str(price)), first, int(buckets))
+        return first * self.g
+
     def outage(self, seconds: float) -> None:
         self._outage_until = self._mono() + seconds
         for c in list(self._conns):
@@ -625,6 +652,7 @@ class CoinbaseMdPeer:
             "late_bucket": self.late_bucket,
             "rest_lag": self.set_rest_lag,
             "rate_limit": self.set_rate_limit,
+            "shock": self.shock,
         }
         if kind not in table:
             raise ValueError(f"unknown fault {kind!r}; known: {sorted(table)}")

@@ -184,3 +184,23 @@ def test_final_candles_ground_truth_matches_rows() -> None:
     assert Decimal(five[0]["volume"]) == sum(
         Decimal(c["volume"]) for c in got if int(c["start"]) < START_S + 300
     )
+
+
+def test_a_shock_makes_its_buckets_trade_at_one_price_in_trades_and_candles_alike() -> None:
+    tape = _tape()
+    k = START_S // G + 7
+    before = tape.bucket_trades("BTC-USD", k)  # cached: the shock must replace it
+    assert len({t.price for t in before}) > 1
+    tape.shock("BTC-USDC", Decimal("12345.67"), k, 2)
+    for kk in (k, k + 1):
+        trades = tape.bucket_trades("BTC-USD", kk)
+        assert {t.price for t in trades} == {Decimal("12345.67")}
+        c = tape.final_candle("BTC-USD", kk)
+        assert c is not None and (c.open, c.high, c.low, c.close) == (Decimal("12345.67"),) * 4
+        assert c.volume == sum((t.size for t in trades), Decimal(0))
+    assert tape.row("BTC-USD", k + 2) == tape.rows["BTC-USD"][9]  # after it, the data again
+    assert tape.row("ETH-USD", k) == tape.rows["ETH-USD"][7]  # other products untouched
+    with pytest.raises(ValueError, match="positive"):
+        tape.shock("BTC-USD", Decimal("0"), k, 1)
+    with pytest.raises(ValueError, match="unknown product"):
+        tape.shock("DOGE-USD", Decimal("1"), k, 1)

@@ -1,0 +1,425 @@
+"""WORK IN PROGRESS, not collected by pytest (the name has no test_ prefix): it fails today on a real bug, see
+"Fails today" at the end of this docstring and the notes on issue #13. Run it by hand with
+`pytest tests/e2e/live_forward_wip.py` (the file names its test like a test, so pytest runs it when named).
+
+Live trading end to end against both local peers (issue #13): `mpctl run --live` of two profiles, each service its
+own process, on the market-data peer's live candles (tests/peer/coinbase_md_peer.py, 60x clock, a subprocess)
+with orders signed by real ccxt and sent to the order peer (tests/peer/coinbase_peer.py, in this process):
+profile_a on Advanced Trade (brackets rest at the exchange), profile_b on the Exchange API (stop orders). A bridge
+here prints every market-data trade at the order peer, so resting protective orders trigger on the same market
+the candles come from.
+
+1. A forward run until a protective order rests at the peer (its entry's fill published); then SIGKILL of every
+   service (the whole process group): the stop keeps resting at the exchange while nothing of ours runs.
+2. The same command again resumes; a product switched to cancel-only gets no new order; `mpctl send kill all`
+   cancels everything resting and the strategies flatten.
+3. At the end: nothing rests and no position is left at the peer (the holdings the accounts had before, which the
+   system did not trade, are untouched); the books in summary.json equal the peer's balances to the last
+   increment (cash from the fills, positions none); every fill at the peer is in fills.jsonl once; the stop that
+   rested through the outage was cancelled, not filled; every order respects the product's increments and
+   minimums; no account mismatch is left unresolved; no credential leaked.
+
+Not yet here (issue #13): the market reaching a resting stop, during the outage or not. With the md peer's `shock`
+fault the exchange sold through the stop during the outage, but the strategy, rebuilt from its inputs on restart,
+did not book that sale as its stop-loss exit, so books and account differed (the account check then halts the
+profile's entries). Until that is found, this test sets the levels wide and pauses the prints during the outage,
+so every sale is the strategy's own.
+
+Fails today: the first run is SIGKILLed before the live strategy wrote its first state snapshot; on restart it
+rebuilds "from the inputs' beginning", and the rebuilt state has no position (it re-enters the product it holds,
+does not exit it, and the kill's flatten sells nothing), so the books keep a position the flatten never closes.
+The same cause explains the shock case above. Fix the live strategy's rebuild (its fills must find their intents
+again, or a snapshot must exist before its first order goes out), then rename this file test_live_forward.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from mpctl.infra import Endpoints
+from shared.codec import DecodeError, decode
+from shared.messages import AccountMismatchDetected
+from tests.e2e.test_live_pipeline import topic_bytes
+from tests.e2e.test_run import HISTORY, PEER_START, ROOT, data_assets, low_threshold_config
+from tests.peer.coinbase_peer import CoinbasePeer, PeerOrder
+
+PROFILES = ("profile_a", "profile_b")
+RECONCILE_S = 2.0  # real seconds: the product rules reload this often, so cancel-only is seen at once
+
+
+async def start_md_peer() -> tuple[asyncio.subprocess.Process, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.peer.coinbase_md_peer",
+        "--port",
+        "0",
+        "--speed",
+        "60",
+        "--start",
+        PEER_START,
+        "--granularity",
+        "60",
+        "--products",
+        ",".join(f"{a}-USDC" for a in sorted(data_assets())),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    ready = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()
+    assert ready[:1] == ["ready"], ready
+    return proc, ready[1], ready[2]
+
+
+async def bridge(
+    ws_url: str, peer: CoinbasePeer, stop: asyncio.Event, printed: Counter[str], paused: asyncio.Event
+) -> None:
+    """Every market-data trade, oldest first and once (re-subscribes repeat the snapshot), printed at the order
+    peer: its last price moves and its resting protective orders react as Coinbase's do."""
+    seen: dict[str, int] = {}
+    products = [f"{a}-USD" for a in sorted(data_assets())]
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            with contextlib.suppress(aiohttp.ClientError, ConnectionError):
+                async with session.ws_connect(ws_url, heartbeat=None) as ws:
+                    await ws.send_json(
+                        {"type": "subscribe", "channel": "market_trades", "product_ids": products}
+                    )
+                    async for msg in ws:
+                        if stop.is_set() or msg.type != aiohttp.WSMsgType.TEXT:
+                            break
+                        doc = json.loads(msg.data)
+                        if doc.get("channel") != "market_trades":
+                            continue
+                        for ev in doc["events"]:
+                            for t in reversed(ev["trades"]):  # newest first on the wire
+                                pid = t["product_id"].replace("-USD", "-USDC")
+                                tid = int(t["trade_id"])
+                                if tid <= seen.get(pid, -1):
+                                    continue
+                                seen[pid] = tid
+                                if paused.is_set():
+                                    continue
+                                peer.trade(pid, Decimal(t["price"]))
+                                printed[pid] += 1
+            await asyncio.sleep(0.2)
+
+
+def live_config(tmp_path: Path, rest_url: str, ws_url: str) -> Path:
+    path = low_threshold_config(tmp_path, rest_url, ws_url)
+    doc = yaml.safe_load(path.read_text())
+    doc["system"]["mode"] = "live"
+    ex = doc["system"].setdefault("execution", {})
+    ex["reconcile_interval_s"] = RECONCILE_S
+    ex["account_snapshot_interval_s"] = 5.0
+    for pid, api in (("profile_a", "coinbase"), ("profile_b", "coinbaseexchange")):
+        doc["profiles"][pid]["api_credentials"].update(source="store", exchange=api, sandbox=False)
+        # The peer replays hourly candles as minutes (moves of a few % a bucket): levels this wide keep the market
+        # from reaching them within the test, so every sale is the strategy's and the books can be compared.
+        doc["profiles"][pid]["risk_management"].update(stop_loss_pct=20.0, take_profit_pct=60.0)
+    for pid in list(doc["profiles"]):
+        if pid not in PROFILES:
+            doc["profiles"][pid]["enabled"] = False
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+async def mpctl(env: dict[str, str], *argv: str, stdin: bytes | None = None, timeout: float = 120) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mpctl.cli",
+        *argv,
+        cwd=ROOT,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    return text
+
+
+async def start_run(env: dict[str, str], *argv: str) -> asyncio.subprocess.Process:
+    """`mpctl run` in its own process group: SIGKILL of the group kills it and every service it started."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mpctl.cli",
+        "run",
+        *argv,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+async def until(cond: Any, timeout: float, what: str, proc: asyncio.subprocess.Process | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if proc is not None and proc.returncode is not None:
+            out = (await proc.stdout.read()).decode(errors="replace") if proc.stdout else ""
+            raise AssertionError(f"the run ended ({proc.returncode}) before {what}:\n{out[-4000:]}")
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def resting_protective(peer: CoinbasePeer) -> list[PeerOrder]:
+    return [o for o in peer.orders if o.protective and o.status == "OPEN" and not o.triggered]
+
+
+def held(peer: CoinbasePeer, initial: dict[str, dict[str, Decimal]]) -> dict[str, dict[str, Decimal]]:
+    """What each profile holds at the peer beyond its holdings before the run (its positions), by base asset."""
+    out: dict[str, dict[str, Decimal]] = {}
+    quote = "USDC"
+    for pid in PROFILES:
+        bal = peer.account_of(pid).balances
+        extra = {a: b - initial[pid].get(a, Decimal(0)) for a, b in bal.items() if a != quote}
+        out[pid] = {a: d for a, d in extra.items() if d != 0}
+    return out
+
+
+def on_increment(x: Decimal, inc: str) -> bool:
+    q = x / Decimal(inc)
+    return q == q.to_integral_value()
+
+
+async def test_live_forward_run_survives_sigkill_of_everything_and_kill_all_leaves_nothing_resting(
+    infra: Endpoints, peer: CoinbasePeer, tmp_path: Path
+) -> None:
+    md, rest_url, ws_url = await start_md_peer()
+    stop_bridge = asyncio.Event()
+    printed: Counter[str] = Counter()
+    paused = asyncio.Event()
+    bridge_task = asyncio.create_task(bridge(ws_url, peer, stop_bridge, printed, paused))
+    runs: list[asyncio.subprocess.Process] = []
+    outputs: list[str] = []
+    try:
+        adv = peer.add_advanced_profile("profile_a")
+        exc = peer.add_exchange_profile("profile_b")
+        # profile_b's account holds only the quote; profile_a's also holds BTC, ETH and SOL it never traded (they
+        # must never be sold). The peer's prices wrap from the data's end to its start when its clock starts, so
+        # holdings valued across that jump would halt profile_b at once on a daily loss that no market made.
+        peer.account_of("profile_b").balances.clear()
+        peer.account_of("profile_b").balances["USDC"] = Decimal("100000")
+        initial = {pid: dict(peer.account_of(pid).balances) for pid in PROFILES}
+        await until(lambda: len(printed) == len(data_assets()), 30, "the bridge's first prints")
+
+        cfg = live_config(tmp_path, rest_url, ws_url)
+        store_pass = "live forward store passphrase 2c9e"
+        command_key = "live-forward-command-key-41d7a0"
+        env = dict(
+            os.environ,
+            KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap,
+            REDIS_URL=infra.redis_url,
+            CI="true",
+            MPCTL_CREDENTIALS_STORE=str(tmp_path / "secrets" / "credentials.enc"),
+            MPCTL_SECRETS_PASSPHRASE=store_pass,
+            MPCTL_COMMAND_KEY=command_key,
+        )
+        for k in ("MPCTL_SECRETS_KEY_FILE", "MPCTL_COMMAND_KEY_FILE"):
+            env.pop(k, None)
+        for pid, values, api in (
+            ("profile_a", {"api_key": adv.key_name, "secret": adv.private_pem}, "coinbase"),
+            (
+                "profile_b",
+                {"api_key": exc.api_key, "secret": exc.secret_b64, "passphrase": exc.passphrase},
+                "coinbaseexchange",
+            ),
+        ):
+            outputs.append(
+                await mpctl(env, "secrets", "set", pid, "--exchange", api, stdin=json.dumps(values).encode())
+            )
+        out = tmp_path / "run"
+        common = ("--config", str(cfg), "--out", str(out), "--live", "--exchange-api-base", peer.base_url)
+
+        # 1. Forward until a protective order rests at the peer, then SIGKILL of everything.
+        first = await start_run(env, *common, "--max-steps", str(HISTORY + 400), "--timeout", "400")
+        runs.append(first)
+        await until(
+            lambda: bool(resting_protective(peer)), 240, "a protective order resting at the peer", first
+        )
+        os.killpg(first.pid, signal.SIGKILL)
+        paused.set()  # no prints reach the order peer while nothing of ours runs (see the module docstring)
+        assert first.stdout is not None
+        outputs.append((await asyncio.wait_for(first.stdout.read(), 30)).decode(errors="replace"))
+        await first.wait()
+        victim = resting_protective(peer)[0]
+        assert victim.stop_price is not None and victim.status == "OPEN"
+        # While nothing of ours runs, the stop keeps resting at the exchange: the position stays capped.
+        await asyncio.sleep(2)
+        assert victim.status == "OPEN" and not victim.fills
+
+        paused.clear()
+        # 2. The same command resumes.
+        restarted = time.monotonic()
+        second = await start_run(env, *common, "--max-steps", "70", "--timeout", "300")
+        runs.append(second)
+        await until(
+            lambda: {r.profile for r in peer.requests if r.t >= restarted} >= set(PROFILES),
+            90,
+            "both execution workers at the peer again",
+            second,
+        )
+        # The stop-loss exit books the protective fill: both profiles' positions in the product agree again.
+        await asyncio.sleep(8)
+
+        # A product no one holds or works on goes cancel-only: no order for it from then on.
+        positions = held(peer, initial)
+        busy = {o.product.id for o in peer.orders if o.status == "OPEN"} | {
+            f"{a}-USDC" for h in positions.values() for a in h
+        }
+        traded = Counter(o.product.id for o in peer.orders)
+        candidates = [p for p, _ in traded.most_common() if p not in busy] + sorted(
+            f"{a}-USDC" for a in data_assets() if f"{a}-USDC" not in busy
+        )
+        halted = candidates[0]
+        peer.set_status(halted, "cancel_only")
+        effective = datetime.now(UTC) + timedelta(seconds=RECONCILE_S + 2.0)  # the next reconciliation
+        await asyncio.sleep(RECONCILE_S + 12.0)
+        late = [o for o in peer.orders if o.product.id == halted and o.created > effective]
+        assert late == [], [(o.client_id, o.side, o.created) for o in late]
+        peer.set_status(halted, "online")
+
+        # `kill all`: every resting order cancelled at the exchange; the strategies flatten.
+        outputs.append(
+            await mpctl(
+                env,
+                "send",
+                "kill",
+                "all",
+                "--run",
+                str(out),
+                "--config",
+                str(cfg),
+                "--reason",
+                "end of the forward test",
+            )
+        )
+        await until(
+            lambda: (
+                not [o for o in peer.orders if o.status == "OPEN"] and not any(held(peer, initial).values())
+            ),
+            90,
+            "nothing resting and no position at the peer after kill all",
+            second,
+        )
+        assert second.stdout is not None
+        text = (await asyncio.wait_for(second.stdout.read(), 300)).decode(errors="replace")
+        outputs.append(text)
+        assert await second.wait() == 0, text[-4000:]
+        assert "Traceback" not in text, text[-4000:]
+    finally:
+        for proc in runs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        stop_bridge.set()
+        bridge_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await bridge_task
+        md.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(md.wait(), 10)
+        except TimeoutError:
+            md.kill()
+
+    # 3. Nothing rests, no position, the untraded holdings untouched.
+    assert [o.client_id for o in peer.orders if o.status == "OPEN"] == []
+    for pid in PROFILES:
+        bal = peer.account_of(pid).balances
+        for asset, before in initial[pid].items():
+            if asset != "USDC":
+                assert bal.get(asset, Decimal(0)) == before, (pid, asset, bal.get(asset), before)
+    # Every fill at the peer once in the run's output, by profile, product and side, to the last increment.
+    fills = [json.loads(ln) for ln in (out / "fills.jsonl").read_text().splitlines() if ln.strip()]
+    assert all(n == 1 for n in Counter(f["fill_id"] for f in fills).values())
+    ours: dict[tuple[str, str, str], list[tuple[Decimal, Decimal]]] = defaultdict(list)
+    for f in fills:
+        key = (f["profile"], f["product"].replace("/", "-"), f["side"])
+        ours[key].append((Decimal(str(f["size"])), Decimal(str(f["price"]))))
+    theirs: dict[tuple[str, str, str], list[tuple[Decimal, Decimal]]] = defaultdict(list)
+    for o in peer.orders:
+        for pf in o.fills:
+            theirs[(o.profile, o.product.id, o.side)].append((pf.size, pf.price))
+    differ = {
+        k: (sorted(ours[k]), sorted(theirs[k]))
+        for k in set(ours) | set(theirs)
+        if sorted(ours[k]) != sorted(theirs[k])
+    }
+    assert differ == {}, differ
+    assert len(fills) == sum(len(o.fills) for o in peer.orders)
+    # The books equal the exchange to the last increment.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["mode"] == "live"
+    for pid in PROFILES:
+        p = summary["profiles"][pid]
+        assert p["initial_equity_source"] == "exchange account", p["initial_equity_source"]
+        assert Decimal(p["initial_equity"]) == initial[pid]["USDC"]
+        cash = (
+            Decimal(p["initial_equity"])
+            + Decimal(p["sell_proceeds"])
+            - Decimal(p["buy_costs"])
+            - Decimal(p["fees"])
+        )
+        assert cash == peer.account_of(pid).balances["USDC"], (
+            pid,
+            cash,
+            peer.account_of(pid).balances["USDC"],
+        )
+        assert p["open_positions"] == {}, p["open_positions"]
+    # The stop that rested through the outage was cancelled (kill, or the flatten's sale), never filled twice.
+    assert victim.status == "CANCELLED" and not victim.fills, (victim.status, victim.fills)
+    # Every order on the product's increments and minimums.
+    for o in peer.orders:
+        pr = o.product
+        assert on_increment(o.size, pr.base_increment) and o.size >= Decimal(pr.base_min_size), (
+            o.client_id,
+            o.size,
+        )
+        for px in (o.limit_price, o.stop_price):
+            assert px is None or on_increment(px, pr.quote_increment), (o.client_id, px)
+    # Any mismatch between books and account (the outage's sale) was resolved.
+    blobs, _ = await topic_bytes(
+        infra.kafka_bootstrap, json.loads((out / "run.json").read_text())["namespace"]
+    )
+    last: dict[str, str] = {}
+    for b in blobs:
+        with contextlib.suppress(DecodeError, ValueError):
+            m = decode(b)
+            if isinstance(m, AccountMismatchDetected):
+                last[m.profile] = m.state
+    assert all(s == "resolved" for s in last.values()), last
+    # No credential anywhere.
+    secrets_ = [adv.private_pem, exc.secret_b64, exc.passphrase, store_pass, command_key]
+    secrets_ += [ln for ln in adv.private_pem.splitlines() if ln and "-----" not in ln]
+    texts = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    texts |= {f"command output {i}": t.encode() for i, t in enumerate(outputs)}
+    texts["topics"] = b"\n".join(blobs)
+    leaks = sorted({w for w, data in texts.items() for s in secrets_ if s.encode() in data})
+    assert leaks == [], f"credentials found in: {leaks}"
+    print(
+        f"peer orders {len(peer.orders)}, fills {len(fills)}, protective at the peer "
+        f"{sum(1 for o in peer.orders if o.protective)}, cancel-only {halted}, prints {sum(printed.values())}"
+    )
