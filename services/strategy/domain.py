@@ -49,8 +49,9 @@ applied when the first step closing after its event time is evaluated, in event-
 - The first snapshot seeds the books as soon as it is read (the account before the profile trades): cash is the
   quote asset's total; a base asset held beyond the books'
   positions is a holding the system did not trade, kept apart (`untracked`, valued at the step's mark, which is
-  also its cost basis). Equity, the high-water mark and the day start are taken afresh at that step. Entries
-  wait for it.
+  also its cost basis). Equity, the high-water mark and the day start are taken afresh at that step. No step
+  with a plan is evaluated before it (warm-up history is), so a rebuild from the inputs evaluates the same steps
+  with the same books whatever order it reads its topics in.
 - Each later snapshot is compared with the books, unless an order of the profile is working or an outcome not
   ours is still being judged (the exchange may then be ahead of the books): a difference beyond dust (quote:
   0.01; an asset: the larger of its product's size increment, 1e-8 and 0.01 % of the holding) emits
@@ -482,9 +483,11 @@ def decide(
             if msg.action == "acknowledge" and state.live:
                 _acknowledge(state, msg)
     elif isinstance(msg, AccountSnapshotted) and msg.profile == state.profile_id:
-        if state.live and not state.account_seeded and not (state.pending or state.held or state.awaiting):
+        if state.live and not state.account_seeded:
             # The account before any trading of this profile: the books start from it at once (the worker's
-            # start snapshot is stamped with the exchange's time, which a replay's steps may never reach).
+            # start snapshot is stamped with the exchange's time, which a replay's steps may never reach). No
+            # step was evaluated before it (_drain), so no order of ours can be ahead of it; outcomes a rebuild
+            # read before it (held until their intents are re-emitted) came after it.
             _apply_account(state, msg)
         elif state.live:  # paper: the paper exchange's snapshots equal the books by construction
             state.defer_seq += 1
@@ -852,7 +855,7 @@ def _describe(diffs: Mapping[str, tuple[Decimal, Decimal, Decimal]]) -> str:
 
 def _apply_account(state: StrategyState, snap: AccountSnapshotted) -> None:
     """One account snapshot, in event-time order with the fills (module docstring, live mode)."""
-    if state.pending or state.held or state.awaiting:
+    if state.account_seeded and (state.pending or state.held or state.awaiting):
         return  # an order works or an outcome is still judged: the exchange may be ahead of the books
     state.last_account = snap
     diffs = account_differences(state, snap)
@@ -955,6 +958,11 @@ def _drain(state: StrategyState) -> list[Message]:
             state.step_published.pop(step.time_s, None)
             out.extend(_warm_up(state, step))
             continue
+        if state.live and not state.account_seeded:
+            # Live: no step acts before the books are seeded from the account. Steps evaluated before the first
+            # snapshot is read would depend on when it was read, and a rebuild from the inputs (which reads the
+            # topics in another interleaving) would then decide otherwise and lose its own fills.
+            break
         state.queue.popleft()
         state.step_published.pop(step.time_s, None)
         out.extend(_evaluate_step(state, step, plan))

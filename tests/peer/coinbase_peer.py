@@ -35,6 +35,7 @@ import secrets
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
@@ -274,6 +275,10 @@ class CoinbasePeer:
         self.rate_limit_per_s = rate_limit_per_s
         self.taker_fee = taker_fee
         self.clock_offset_s = 0.0
+        # The time the peer's order book runs on (order creation, fills); None: its clock, `now()`. A test that
+        # drives the market from the market-data peer passes that peer's (fast) clock, so fills happen at the
+        # market's time; signatures and the server-time endpoints stay on `now()`, the machine's time.
+        self.market_clock: Callable[[], datetime] | None = None
         self.accounts: dict[str, Account] = {}  # key id -> account
         self.product_status: dict[str, str] = {}  # product id -> set_status(); absent: online
         self.orders: list[PeerOrder] = []
@@ -396,7 +401,7 @@ class CoinbasePeer:
             size=qty,
             price=px,
             fee=(qty * px * self.taker_fee).quantize(D("0.00000001")),
-            time=self.now(),
+            time=self.market_time(),
         )
         order.fills.append(f)
         if order.filled >= order.size:
@@ -420,6 +425,10 @@ class CoinbasePeer:
 
     def now(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self.clock_offset_s)
+
+    def market_time(self) -> datetime:
+        """When an order is created or fills (see `market_clock`)."""
+        return self.market_clock() if self.market_clock is not None else self.now()
 
     # -------------------------------------------------------------------------- market prints
     def product(self, product_id_or_symbol: str) -> Product:
@@ -1042,7 +1051,16 @@ class CoinbasePeer:
         direction: str = "",
     ) -> PeerOrder:
         o = PeerOrder(
-            str(uuid.uuid4()), coid, api, acct.profile, acct.key_id, prod, side, size, price, self.now()
+            str(uuid.uuid4()),
+            coid,
+            api,
+            acct.profile,
+            acct.key_id,
+            prod,
+            side,
+            size,
+            price,
+            self.market_time(),
         )
         o.order_type = kind or ("limit" if price is not None else "market")
         o.stop_price, o.stop_direction = stop, direction

@@ -443,3 +443,24 @@ def test_live_report_starts_from_the_exchange_account_not_the_paper_balance(cfg:
     paper = summarize(cfg, data)["profiles"][PID]  # paper: the configured balance, whatever snapshots say
     assert paper["initial_equity_source"] == "paper.initial_quote_balance"
     assert D(paper["initial_equity"]) == D(str(cfg.profiles[PID].paper.initial_quote_balance))
+
+
+def test_a_live_rebuild_decides_the_same_whatever_order_it_reads_its_topics_in(profile: Profile) -> None:
+    """A live strategy rebuilt from its inputs after a crash (no state snapshot yet) reads the candles faster than
+    the account snapshot that seeded it the first time: it must still decide the same intents, or the fills of
+    the first run find no intent and the position is lost from the books."""
+    p = tune(profile, strategy_config={"signal_strength_threshold": 0.05, "confidence_threshold": 0.05})
+    n = 70
+    market = steps(zigzag(n))
+    snap = snapshot(T0 + 10, {"USDC": "5000"})
+    first_run = of_type(feed(live(p), [*plans(p, n), snap, *market], respond=True), PlaceOrder)
+    assert first_run
+    # The rebuild reads the market past the first run's first intent before it reads the snapshot.
+    after = first_run[0].step_time.timestamp() + 3 * HOUR
+    split = next(i for i, m in enumerate(market) if m.event_time.timestamp() > after)
+    rebuilt = of_type(
+        feed(live(p), [*plans(p, n), *market[:split], snap, *market[split:]], respond=True), PlaceOrder
+    )
+    assert [(i.intent_id, i.side, i.size) for i in rebuilt] == [
+        (i.intent_id, i.side, i.size) for i in first_run
+    ]
