@@ -66,7 +66,8 @@ class FaultCase:
     needs: str | None = None  # "kafka" / "redis": a server this session started itself
     # The ingest runs ahead of the pipeline (on a loaded machine by more than the whole replay), so its fault
     # follows the replay's own progress, the candle records, not the order events that trail it. So does the
-    # paper execution worker's: it follows the candles too and finishes with the replay, while the strategies'
+    # paper execution worker's and the registry's: they follow the candles too and finish with the replay (a CI
+    # run once killed the registry after its WorkerFinished, at 20 % of the order events), while the strategies'
     # order events may still trail far behind.
     on: str = "events"
 
@@ -84,7 +85,7 @@ SERVICE_FAULTS = [
     FaultCase("kill-execution", 0.60, "execution.profile_a", on="candles"),
     FaultCase("kill-strategy", 0.35, "strategy.profile_c"),
     FaultCase("kill-arbiter", 0.45, "arbiter"),
-    FaultCase("kill-registry", 0.20, "registry"),
+    FaultCase("kill-registry", 0.20, "registry", on="candles"),
     FaultCase("kill-ingest", 0.30, "ingest", on="candles"),
     FaultCase("kill-monitor", 0.50, "monitor"),
 ]

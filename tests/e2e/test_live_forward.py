@@ -45,8 +45,8 @@ from mpctl.infra import Endpoints
 from services.execution.live import protective_client_id
 from shared.codec import DecodeError, decode
 from shared.messages import AccountMismatchDetected, OrderFilled
-from tests.e2e.test_live_pipeline import topic_bytes
-from tests.e2e.test_run import HISTORY, PEER_START, ROOT, data_assets, low_threshold_config
+from tests.e2e.test_live_pipeline import run, topic_bytes
+from tests.e2e.test_run import HISTORY, ROOT, data_assets, low_threshold_config, md_peer_command
 from tests.peer.coinbase_peer import CoinbasePeer, PeerOrder
 
 PROFILES = ("profile_a", "profile_b")
@@ -55,23 +55,9 @@ RECONCILE_S = 2.0  # real seconds: the product rules reload this often, so cance
 
 
 async def start_md_peer() -> tuple[asyncio.subprocess.Process, str, str]:
+    cmd = md_peer_command(SPEED)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.peer.coinbase_md_peer",
-        "--port",
-        "0",
-        "--speed",
-        str(SPEED),
-        "--start",
-        PEER_START,
-        "--granularity",
-        "60",
-        "--products",
-        ",".join(f"{a}-USDC" for a in sorted(data_assets())),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        *cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     assert proc.stdout is not None
     ready = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()
@@ -145,20 +131,8 @@ def live_config(tmp_path: Path, rest_url: str, ws_url: str) -> Path:
 
 
 async def mpctl(env: dict[str, str], *argv: str, stdin: bytes | None = None, timeout: float = 120) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mpctl.cli",
-        *argv,
-        cwd=ROOT,
-        env=env,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text
+    code, text = await run([sys.executable, "-m", "mpctl.cli", *argv], env, stdin=stdin, timeout=timeout)
+    assert code == 0, text
     return text
 
 

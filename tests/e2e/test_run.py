@@ -214,6 +214,27 @@ def test_run_replay_stops_by_itself_and_resumes_without_a_gap(infra: Endpoints, 
 
 
 # ------------------------------------------------------------------------------------------ (b) live
+def md_peer_command(speed: float = 60.0) -> list[str]:
+    """The market-data peer of the live runs, every data asset against USDC, 1 m buckets at `speed`."""
+    return [
+        sys.executable,
+        "-m",
+        "tests.peer.coinbase_md_peer",
+        "--port",
+        "0",
+        "--speed",
+        f"{speed:g}",
+        # A fixed start: the epochs, so the profiles' plans (strategy, assets), and the data rows the peer serves
+        # are the same in every run, and so is what the strategies trade (not the wall clock's luck).
+        "--start",
+        PEER_START,
+        "--granularity",
+        "60",
+        "--products",
+        ",".join(f"{a}-USDC" for a in sorted(data_assets())),
+    ]
+
+
 def low_threshold_config(tmp_path: Path, rest_url: str, ws_url: str) -> Path:
     """Two profiles on 1 m live candles, thresholds low enough that a few dozen candles produce intents."""
     doc = yaml.safe_load((ROOT / "config" / "coinbase_profiles.yaml").read_text())
@@ -274,23 +295,7 @@ def test_run_on_the_live_peer_trades_on_paper_and_leaks_no_credential(
     infra: Endpoints, tmp_path: Path
 ) -> None:
     peer = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.peer.coinbase_md_peer",
-            "--port",
-            "0",
-            "--speed",
-            "60",
-            # A fixed start: the epochs, so the profiles' plans (strategy, assets), and the data rows the peer
-            # serves are the same in every run, and so is what the strategies trade (not the wall clock's luck).
-            "--start",
-            PEER_START,
-            "--granularity",
-            "60",
-            "--products",
-            ",".join(f"{a}-USDC" for a in sorted(data_assets())),
-        ],
+        md_peer_command(),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
