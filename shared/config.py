@@ -265,6 +265,10 @@ class ExecutionSettings(Strict):
     # Live mode: seconds between two reconciliations of each profile's orders with the exchange, which also reload
     # the product rules (a product switched to cancel-only gets no order after the next one).
     reconcile_interval_s: Annotated[float, Field(ge=1.0, le=3_600.0, allow_inf_nan=False)] = 60.0
+    # Live mode: the execution worker refuses a buy whose limit is more than this % above the latest close of its
+    # product on md.candles, and a sell more than this % below it (a forged or corrupt approval; slippage is far
+    # smaller). Limits on the safe side (a buy below, a sell above) are never refused: they only may not fill.
+    max_price_deviation_pct: Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)] = 10.0
 
     @model_validator(mode="after")
     def _desync_ordered(self) -> ExecutionSettings:

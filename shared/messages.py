@@ -293,6 +293,11 @@ class ExecuteOrder(Message):
         return self
 
 
+# The start of an OrderUpdated reason when the execution worker refused an order priced beyond the band around
+# the latest market price (system.execution.max_price_deviation_pct); the monitor alerts on it.
+PRICE_BAND_REASON = "price band"
+
+
 class OrderUpdated(Message):
     """An order's state changed at the exchange (paper or live)."""
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import ConsumerRecord
@@ -212,6 +213,12 @@ class ExecutionService:
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
 
+    async def _latest_close(self, product: str) -> Decimal | None:
+        """The price band's reference for a product no candle of was read since start: md.candles' tail."""
+        from services.execution.live_wiring import latest_closes
+
+        return (await latest_closes(self.settings.kafka_bootstrap, self.topics.candles)).get(product)
+
     async def _run_live(self, stop: asyncio.Event, api_base: str | None) -> int:
         # Live: the only place this profile's credentials are read (its own store entry only). ccxt is
         # imported here, not at module level: paper workers and the backtest never load it (half a second).
@@ -226,6 +233,7 @@ class ExecutionService:
             clock_sleep=self.service_clock.sleep,
             allow_plaintext=self.settings.extra.get("allow_plaintext_credentials") == "1",
             api_base=api_base,
+            reference_lookup=self._latest_close,
         )
         self.metrics.exchange = live.port.name
         live.on_ack = lambda coid: self.metrics.acknowledged(coid, self.clock().timestamp())

@@ -50,9 +50,11 @@ from shared import protective
 from shared.clock import Clock, derived_id
 from shared.config import Profile
 from shared.messages import (
+    PRICE_BAND_REASON,
     TERMINAL_STATUSES,
     AccountSnapshotted,
     AssetBalance,
+    CandleClosed,
     CommandHandled,
     ControlCommand,
     ExecuteOrder,
@@ -84,9 +86,14 @@ class LiveExecution:
         desync_ms: tuple[int, int] = (0, 0),
         quote: str = "USDC",
         protect: bool = True,
+        price_band_pct: Decimal | None = None,
+        reference_lookup: Callable[[str], Awaitable[Decimal | None]] | None = None,
     ) -> None:
         """`protect`: rest each position's stop at the exchange (what live trading does; tests of other rules
-        may leave it out to count only the orders they send)."""
+        may leave it out to count only the orders they send). `price_band_pct`: refuse a buy limit that far above
+        the latest close of its product, a sell that far below (None: no band); the close comes from the
+        candles this worker reads, else from `reference_lookup` (the tail of md.candles), else the order is
+        refused: an approval for a product no candle was seen of is not sent."""
         self.profile_id = profile_id
         self.quote = quote
         self.assets = traded_base_assets(profile, quote)
@@ -104,6 +111,9 @@ class LiveExecution:
         self.take_profit_pct = Decimal(str(rm.take_profit_pct))
         self.killed: str | None = None  # an operator's kill: open orders cancelled, new entries refused
         self.protect = protect
+        self.price_band = price_band_pct / 100 if price_band_pct is not None else None
+        self.reference_lookup = reference_lookup
+        self.references: dict[str, Decimal] = {}  # product -> the latest candle close seen
         self.slippage = Decimal(str(profile.trading_params.slippage_tolerance))
         self.known: dict[str, KnownOrder] = {}
         self.exchange_ids: dict[
@@ -145,12 +155,37 @@ class LiveExecution:
         factor = (1 + self.slippage) if o.side == "buy" else (1 - self.slippage)
         return o.reference_price * factor
 
+    async def _outside_band(self, o: ExecuteOrder) -> str | None:
+        """Why `o` is refused by the price band (defence in depth behind the bus's ACLs), or None."""
+        if self.price_band is None:
+            return None
+        ref = self.references.get(o.product)
+        if ref is None and self.reference_lookup is not None:
+            ref = await self.reference_lookup(o.product)
+            if ref is not None:
+                self.references.setdefault(o.product, ref)
+        if ref is None or ref <= 0:
+            return f"{PRICE_BAND_REASON}: no market price of {o.product} known yet (no candle of it read): not sent"
+        limit = self.limit_price(o)
+        deviation = limit / ref - 1
+        buy = o.side == "buy"
+        if (deviation if buy else -deviation) <= self.price_band:
+            return None
+        return (
+            f"{PRICE_BAND_REASON}: {o.side} limit {limit.normalize():f} is {abs(deviation) * 100:.2f}% "
+            f"{'above' if buy else 'below'} the latest {o.product} close {ref.normalize():f}, beyond "
+            f"system.execution.max_price_deviation_pct {self.price_band * 100:g}: not sent"
+        )
+
     # -------------------------------------------------------------------------- orders
     async def handle(self, msg: Message, partition: int = 0) -> list[Message]:
         if isinstance(msg, ControlCommand):
             return await self._command(msg)  # only verified commands reach here (shared/commands.py)
+        if isinstance(msg, CandleClosed):
+            self.references[msg.product] = msg.close  # the price band's reference
+            return []
         if not isinstance(msg, ExecuteOrder) or msg.profile != self.profile_id:
-            return []  # candles and markers drive the paper exchange only
+            return []  # markers drive the paper exchange only
         k = self.known.get(msg.client_order_id)
         if k is not None and k.terminal:
             return []  # never twice: this intent already has its final outcome
@@ -173,6 +208,10 @@ class LiveExecution:
             # it would need a transfer, so a netted order reaching live execution is a configuration error.
             reason = "internal crosses are executed in paper mode only (system.arbiter.internal_cross: report in live)"
             return out + self._emit([order_update(k, "rejected", now, reason=reason)])
+        refused = await self._outside_band(msg)
+        if refused is not None:
+            log.error("%s: order %s refused: %s", self.profile_id, k.client_order_id, refused)
+            return out + self._emit([order_update(k, "rejected", now, reason=refused)])
         size = msg.size
         if msg.side == "sell":
             try:

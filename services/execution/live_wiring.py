@@ -18,6 +18,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 
 from services.execution.ccxt_adapter import open_exchange, profile_products
@@ -31,10 +33,10 @@ from services.execution.credentials import (
 )
 from services.execution.live import LiveExecution
 from services.monitor.collect import read_topics
-from shared.clock import Clock
+from shared.clock import Clock, system_clock
 from shared.config import AppConfig
-from shared.kafka import Publisher, Route
-from shared.messages import Message
+from shared.kafka import Publisher, Route, read_tail
+from shared.messages import CandleClosed, Message
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ async def open_live_execution(
     store_path: Path | None = None,
     api_base: str | None = None,
     poll_interval_s: float = 1.0,
+    reference_lookup: Callable[[str], Awaitable[Decimal | None]] | None = None,
 ) -> LiveExecution:
     """Resolve the profile's credentials (store first; plaintext YAML only when allowed), open its ccxt adapter
     with markets loaded, and return the executor. Raises CredentialsError / HaltError with a clear reason."""
@@ -83,7 +86,19 @@ async def open_live_execution(
         poll_interval_s=poll_interval_s,
         desync_ms=(ex.desync_min_ms, ex.desync_max_ms),
         quote=cfg.system.quote_asset,
+        price_band_pct=Decimal(str(ex.max_price_deviation_pct)),
+        reference_lookup=reference_lookup,
     )
+
+
+async def latest_closes(bootstrap: str, topic: str, *, records: int = 2000) -> dict[str, Decimal]:
+    """The latest close of each product among the last `records` records of each partition of md.candles: the
+    price band's reference on start (later, the candles the worker reads keep it current)."""
+    out: dict[str, tuple[datetime, Decimal]] = {}
+    for _, m in await read_tail(bootstrap, topic, records=records, now=system_clock):
+        if isinstance(m, CandleClosed) and (m.product not in out or m.open_time >= out[m.product][0]):
+            out[m.product] = (m.open_time, m.close)
+    return {p: close for p, (_, close) in out.items()}
 
 
 async def start_live(
@@ -99,6 +114,8 @@ async def start_live(
     starts)."""
     past, _ = await read_topics(bootstrap, [topics.events])
     live.apply_all(past)  # apply() keeps only this profile's order events
+    if live.price_band is not None:
+        live.references.update(await latest_closes(bootstrap, topics.candles))
     missing = await live.reconcile()
     missing += await live.account_snapshot("start")
     if missing:

@@ -1,7 +1,8 @@
 """Alerts: what deserves a human's attention, raised to the log and to configurable webhooks.
 
 Kinds (`KINDS`): collision, duplication_prevented, halt, wash_trade_rejection, correlation_breach,
-lag_above_threshold, internal_cross_opportunity, dead_letter, feed_stale, missing_bucket, account_mismatch.
+lag_above_threshold, internal_cross_opportunity, dead_letter, feed_stale, missing_bucket, account_mismatch,
+price_band.
 
 `alerts_from_message` maps one message to its alerts, purely:
 
@@ -16,6 +17,7 @@ lag_above_threshold, internal_cross_opportunity, dead_letter, feed_stale, missin
 | FeedStateChanged stale (the live feed: no websocket frame, or the last step too old) | feed_stale |
 | WatermarkAdvanced with `missing` products (a bucket still missing at the deadline) | missing_bucket |
 | AccountMismatchDetected mismatch (a live profile's books and exchange account differ beyond dust) | account_mismatch |
+| OrderUpdated rejected with a reason starting `price band` (a live order priced far from the market) | price_band |
 
 Lag and correlation alerts come from measurements (`lag_alerts`, `correlation_alerts`) and fire once when a
 value crosses its threshold, again only after it went back below (`AlertGate`).
@@ -43,6 +45,7 @@ import orjson
 
 from shared.clock import derived_id
 from shared.messages import (
+    PRICE_BAND_REASON,
     AccountMismatchDetected,
     CorrelationAlert,
     DeadLettered,
@@ -71,6 +74,7 @@ KINDS: tuple[str, ...] = (
     "feed_stale",
     "missing_bucket",
     "account_mismatch",
+    "price_band",
 )
 WASH_TRADE_RULES = frozenset({"opposite_side"})
 
@@ -192,6 +196,19 @@ def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Aler
                 )
             )
         return out
+    if isinstance(msg, OrderUpdated) and msg.status == "rejected" and msg.reason.startswith(PRICE_BAND_REASON):
+        return [
+            Alert(
+                "price_band",
+                "critical",
+                f"{msg.profile} {msg.side} {msg.product} not sent: {msg.reason}",
+                key=msg.id,
+                profile=msg.profile,
+                product=msg.product,
+                details={"client_order_id": msg.client_order_id, "reason": msg.reason},
+                **base,
+            )
+        ]
     if isinstance(msg, OrderFilled | OrderUpdated):
         if msg.internal and (isinstance(msg, OrderFilled) or msg.status == "filled"):
             return [
