@@ -196,7 +196,11 @@ def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Aler
                 )
             )
         return out
-    if isinstance(msg, OrderUpdated) and msg.status == "rejected" and msg.reason.startswith(PRICE_BAND_REASON):
+    if (
+        isinstance(msg, OrderUpdated)
+        and msg.status == "rejected"
+        and msg.reason.startswith(PRICE_BAND_REASON)
+    ):
         return [
             Alert(
                 "price_band",
