@@ -7,6 +7,7 @@ execution workers keep the credential store's environment variables (SECRET_ENV)
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import subprocess
@@ -88,7 +89,13 @@ class Stack:
                 env.pop(k, None)
         env.pop(LIVE_ENV, None)  # live only when this start says so, never inherited from the shell
         env.update(extra)
-        popen = subprocess.Popen([sys.executable, "-m", *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - only prctl and getppid run in the child
+        )
         proc = Proc(name, popen, log, fh, list(args), dict(extra))
         self.procs.append(proc)
         return proc
@@ -115,7 +122,15 @@ class Stack:
         return new
 
     def dead(self) -> list[Proc]:
-        return [p for p in self.procs if p.popen.poll() not in (None, 0) and not p.stopped]
+        """Services that exited while nobody stopped them. Only the ingest may end by itself (exit 0 at the end
+        of a replay); any other exit, 0 included (a SIGTERM from outside stops a service cleanly), is noticed."""
+        out = []
+        for p in self.procs:
+            rc = p.popen.poll()
+            if rc is None or p.stopped or (rc == 0 and p.name == "ingest"):
+                continue
+            out.append(p)
+        return out
 
     def stop_one(self, name: str, grace: float = 10.0) -> int | None:
         """SIGTERM the service `name` and wait for it (SIGKILL after `grace`); its exit code."""
@@ -144,6 +159,26 @@ class Stack:
                 p.popen.kill()
                 p.popen.wait()
             p.fh.close()
+
+
+def _die_with(parent: int) -> Callable[[], None] | None:
+    """A service process ends with the command that started it, even when that one is SIGKILLed: Linux sends the
+    child SIGTERM when its parent dies (PR_SET_PDEATHSIG), and a child whose parent already died is stopped at
+    once. Elsewhere None (no such call): the command's own signal handling still stops its services."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child between fork and exec only calls
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def tail(path: Path, n: int = 15) -> str:

@@ -112,13 +112,20 @@ def setup_logging(service: str, level: str) -> None:
 
 
 def run_service(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
-    """Run `main(stop_event)` until it returns; SIGTERM/SIGINT set the event so it can stop cleanly."""
+    """Run `main(stop_event)` until it returns; SIGTERM/SIGINT/SIGHUP set the event so it can stop cleanly (and
+    say so in the log)."""
 
     async def runner() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+
+        def on_signal(sig: signal.Signals) -> None:
+            if not stop.is_set():
+                logging.getLogger("service").info("%s received: stopping", sig.name)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, on_signal, sig)
         return await main(stop)
 
     return asyncio.run(runner())
