@@ -44,8 +44,9 @@ Status = Literal["ok", "warn", "FAIL"]
 API_NAMES = {"coinbase": "Advanced Trade", "coinbaseexchange": "Exchange API"}
 BALANCE_RULE = (
     "the free {quote} must cover the largest entry, equity x max_position_size_pct / 100 / "
-    "risk_adjustment_factor (the strategy's size at full confidence; equity = {quote} plus the traded holdings "
-    "at the exchange's listed price), and the largest minimum order of the profile's products"
+    "risk_adjustment_factor (the strategy's size at full confidence; equity = the {quote} balance, plus the traded "
+    "holdings at the exchange's listed price only with risk_management.sell_untracked: holdings the system did "
+    "not trade are not its equity), and the largest minimum order of the profile's products"
 )
 
 
@@ -260,8 +261,8 @@ def _check_balance(
     unpriced: list[str] = []
     for asset, b in balances.items():
         m = markets.get(f"{asset}/{quote}")
-        if asset == quote or m is None or b.total == 0:
-            continue
+        if asset == quote or m is None or b.total == 0 or not profile.risk_management.sell_untracked:
+            continue  # the strategy's equity leaves holdings it did not trade out (services/strategy/domain.py)
         if m.price is None:
             unpriced.append(asset)
         else:

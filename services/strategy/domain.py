@@ -48,8 +48,8 @@ execution worker) and the fills, not from `paper.initial_quote_balance`. A snaps
 applied when the first step closing after its event time is evaluated, in event-time order with the fills.
 - The first snapshot seeds the books as soon as it is read (the account before the profile trades): cash is the
   quote asset's total; a base asset held beyond the books'
-  positions is a holding the system did not trade, kept apart (`untracked`, valued at the step's mark, which is
-  also its cost basis). Equity, the high-water mark and the day start are taken afresh at that step. No step
+  positions is a holding the system did not trade, kept apart (`untracked`: shown and reported, out of the
+  equity, so neither sizing nor the drawdown and daily-loss limits move with its price). Equity, the high-water mark and the day start are taken afresh at that step. No step
   with a plan is evaluated before it (warm-up history is), so a rebuild from the inputs evaluates the same steps
   with the same books whatever order it reads its topics in.
 - Each later snapshot is compared with the books, unless an order of the profile is working or an outcome not
@@ -364,17 +364,15 @@ class StrategyState:
     _lazy_marker: bool = False
 
     def equity(self) -> Decimal:
-        if not self.positions and not self.untracked:
+        """Cash plus the positions at the step's marks: what the system trades. Untracked holdings (live: bought
+        outside the system) are left out, so their price moves neither size entries nor halt the profile, and
+        the halts agree with the report, whose return leaves them out too."""
+        if not self.positions:
             return self.cash  # the common case, every step
         marks = self.marks
-        eq = self.cash + sum(
+        return self.cash + sum(
             (p.size * marks.get(prod, p.avg_price) for prod, p in self.positions.items()), Decimal(0)
         )
-        if self.untracked:
-            eq += sum(
-                (p.size * marks.get(prod, p.avg_price) for prod, p in self.untracked.items()), Decimal(0)
-            )
-        return eq
 
     def untracked_holdings(self) -> dict[str, Decimal]:
         """Holdings the system did not trade, by asset (live mode; shown by status and the report)."""

@@ -251,13 +251,15 @@ async def test_a_cancel_only_product_is_refused(peer: CoinbasePeer, tmp_path: Pa
 
 async def test_a_quote_balance_too_small_is_refused(peer: CoinbasePeer, tmp_path: Path) -> None:
     s = setup(peer, tmp_path, "coinbase")
-    peer.account_of("profile_b").balances["USDC"] = D("50")
+    peer.account_of("profile_b").balances["USDC"] = D("0.5")
     code, text = await live_check(peer, s)
     assert code == 1, text
     (line,) = failure_lines(text)
-    # profile_b: equity 50 + 1 BTC x 60000 + 10 ETH x 3000 + 100 SOL x 150 = 105050; 6% / 1.5 of it = 4202.
-    assert line.startswith("FAIL profile_b balance: USDC free 50 < ")
-    assert "largest entry" in line and "equity 105050" in line
+    # profile_b: equity 0.5, the USDC alone: the 1 BTC, 10 ETH and 100 SOL the account holds were not traded by
+    # the system (risk_management.sell_untracked is off), so they are not its equity and do not size its entries.
+    # Its largest minimum order (LTC/USDC: 0.1 x 80 = 8 USDC) is more than it has.
+    assert line.startswith("FAIL profile_b balance: USDC free 0.5 < 8 needed"), line
+    assert "equity 0.5 x" in line and "largest minimum order 8 (LTC/USDC)" in line
     assert "add at least" in line and "lower strategy_config.max_position_size_pct" in line
 
 

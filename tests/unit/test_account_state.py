@@ -135,9 +135,10 @@ def test_first_snapshot_seeds_cash_and_untracked_holdings_priced_at_the_steps_ma
     assert set(state.untracked) == {"BTC/USDC"}
     assert (state.untracked["BTC/USDC"].size, state.untracked["BTC/USDC"].avg_price) == (D("0.5"), D(100))
     assert state.untracked_holdings() == {"BTC": D("0.5")}
-    # Equity, the drawdown's high-water mark and the day start come from the account, not the paper balance.
-    assert state.equity() == D(5050)
-    assert state.initial_equity == state.high_water == state.day_start_equity == D(5050)
+    # Equity, the drawdown's high-water mark and the day start come from the account, not the paper balance; the
+    # holding the system did not trade stays out of them (the report leaves it out of the return too).
+    assert state.equity() == D(5000)
+    assert state.initial_equity == state.high_water == state.day_start_equity == D(5000)
     assert state.account_mismatch is None
 
 
@@ -306,7 +307,8 @@ def test_untracked_holding_is_never_sold_by_exits(profile: Profile) -> None:
     out += feed(state, [flatten, *steps([80], T0 + 3 * HOUR)])
     assert of_type(out, PlaceOrder) == []
     assert state.untracked["BTC/USDC"].size == D(10)
-    assert state.equity() == D(5000) + 10 * D(80)  # valued at the mark all along
+    assert state.equity() == D(5000)  # its fall from 100 to 80 is no loss of the profile's
+    assert state.halted is None
 
 
 def test_untracked_holding_is_sold_when_sell_untracked(profile: Profile) -> None:
@@ -464,3 +466,12 @@ def test_a_live_rebuild_decides_the_same_whatever_order_it_reads_its_topics_in(p
     assert [(i.intent_id, i.side, i.size) for i in rebuilt] == [
         (i.intent_id, i.side, i.size) for i in first_run
     ]
+
+
+def test_an_untracked_holding_falling_halts_nothing(profile: Profile) -> None:
+    """A manual holding worth twice the profile's cash falls 30 %: no daily-loss or drawdown halt, since the
+    system's risk limits apply to what it trades (and the report's return leaves the holding out as well)."""
+    state = seeded(profile, {"USDC": "5000", "BTC": "100"}, price=100)
+    out = feed(state, steps([90, 80, 70], T0 + HOUR))
+    assert [m for m in out if type(m).__name__ == "ProfileHalted"] == []
+    assert state.halted is None and state.equity() == D(5000)
