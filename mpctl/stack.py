@@ -168,7 +168,9 @@ def _die_with(parent: int) -> Callable[[], None] | None:
     if not sys.platform.startswith("linux"):
         return None
 
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child between fork and exec only calls
+    prctl = ctypes.CDLL(
+        None, use_errno=True
+    ).prctl  # resolved here: the child between fork and exec only calls
 
     def arm() -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
