@@ -197,11 +197,8 @@ async def test_live_forward_run_survives_sigkill_of_everything_and_kill_all_leav
     try:
         adv = peer.add_advanced_profile("profile_a")
         exc = peer.add_exchange_profile("profile_b")
-        # profile_b's account holds only the quote; profile_a's also holds BTC, ETH and SOL it never traded (they
-        # must never be sold). The peer's prices wrap from the data's end to its start when its clock starts, so
-        # holdings valued across that jump would halt profile_b at once on a daily loss that no market made.
-        peer.account_of("profile_b").balances.clear()
-        peer.account_of("profile_b").balances["USDC"] = Decimal("100000")
+        # Both accounts also hold BTC, ETH and SOL the system never traded: never sold, and out of the equity (the
+        # peer's prices jump where its data wraps at its start: counted, they would halt a profile at once).
         initial = {pid: dict(peer.account_of(pid).balances) for pid in PROFILES}
         await until(lambda: len(printed) == len(data_assets()), 30, "the bridge's first prints")
 

@@ -32,6 +32,7 @@ from shared.kafka import Publisher, ensure_topics
 from shared.topics import Topics, declared_topics
 from tests.integration.test_exchange_adapters import execute
 from tests.peer.coinbase_peer import CoinbasePeer
+from tests.unit.builders import candle
 
 ROOT = Path(__file__).resolve().parents[2]
 PID = "profile_a"
@@ -102,6 +103,10 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
     pub = Publisher(kafka_bootstrap, client_id="test")
     await pub.start()
     try:
+        # The market as the ingest reports it: the worker's price band needs the product's latest close.
+        hour = int(order.event_time.timestamp()) // 3600 * 3600 - 3600
+        close = order.reference_price
+        await pub.send(t.candles, candle(order.product, hour, close, close=close), key=order.product)
         await pub.send(t.approved(PID), order, key=order.product)
         await pub.flush()
     finally:
