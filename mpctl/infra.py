@@ -31,6 +31,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "KAFKA_VERSION",
@@ -847,21 +848,46 @@ class LocalInfra:
 # --------------------------------------------------------------------------- environment override
 
 
+def shown_url(url: str) -> str:
+    """A server address for a message: a password in it (``redis://:pw@host``) is masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port is not None else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def given_servers(env: Mapping[str, str] | None = None) -> list[str]:
+    """What the environment points at, one line each (password masked); empty when nothing is set."""
+    environ = os.environ if env is None else env
+    kafka_env = environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    redis_env = environ.get("REDIS_URL", "").strip()
+    lines = []
+    if kafka_env:
+        lines.append(f"using KAFKA_BOOTSTRAP_SERVERS={kafka_env}; not starting a local broker")
+    if redis_env:
+        lines.append(f"using REDIS_URL={shown_url(redis_env)}; not starting a local redis")
+    return lines
+
+
 def resolve_endpoints(
     infra: LocalInfra | None = None,
     progress: Progress | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    announce: Progress | None = None,
 ) -> Endpoints:
     """Endpoints to use: ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` when set (nothing is started for
-    that component), otherwise the local servers, started if needed."""
+    that component), otherwise the local servers, started if needed. Which servers the environment gave is
+    told to `announce` (default: `progress`)."""
     say = progress or _noop
     environ = os.environ if env is None else env
     kafka_env = environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
     redis_env = environ.get("REDIS_URL", "").strip()
-    if kafka_env:
-        say(f"using KAFKA_BOOTSTRAP_SERVERS={kafka_env}; not starting a local broker")
-    if redis_env:
-        say(f"using REDIS_URL={redis_env}; not starting a local redis")
+    for line in given_servers(environ):
+        (announce or say)(line)
     local = Endpoints("", "")
     if not (kafka_env and redis_env):
         local = (infra or LocalInfra()).up(progress, kafka=not kafka_env, redis=not redis_env)
@@ -895,9 +921,16 @@ def _infra_from_args(args: argparse.Namespace) -> LocalInfra:
 def _cmd_up(args: argparse.Namespace) -> int:
     infra = _infra_from_args(args)
     progress = _cli_progress()
-    progress(f"state and logs: {infra.state_dir}")
+    env = dict(os.environ)
+    if not (env.get("KAFKA_BOOTSTRAP_SERVERS", "").strip() and env.get("REDIS_URL", "").strip()):
+        progress(f"state and logs: {infra.state_dir}")
+
+    def announce(line: str) -> None:
+        # Always on stderr, not through the terminal-only progress: a command that starts nothing must say so.
+        print(f"mpctl infra up: {line}", file=sys.stderr)
+
     try:
-        endpoints = resolve_endpoints(infra, progress)
+        endpoints = resolve_endpoints(infra, progress, env, announce=announce)
     except InfraError as exc:
         print(f"mpctl infra up: {exc}", file=sys.stderr)
         return 1

@@ -45,7 +45,15 @@ Asset = Annotated[str, Field(pattern=r"^[A-Z0-9]{2,10}$")]
 ProfileId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Percent = Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)]
-PositiveFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+# Every duration and count has an upper bound: a value no run needs (order_timeout: 1e308) would validate and then
+# overflow deep in a service (a timedelta, an int conversion). Durations stop at 30 days unless a key says otherwise.
+MAX_DURATION_S = 30 * 86_400.0
+Duration = Annotated[float, Field(gt=0.0, le=MAX_DURATION_S, allow_inf_nan=False)]
+# Money (quote units): a trillion is more than any account; notional caps may be larger (the sum of all profiles).
+MAX_BALANCE = 1e12
+MAX_NOTIONAL = 1e15
+MAX_PROFILES = 100
+MAX_ASSETS = 500  # per list (base assets, pool, pairs): Coinbase lists a few hundred products per quote
 _PAIR = re.compile(r"^([A-Z0-9]{2,10})/([A-Z0-9]{2,10})$")
 
 
@@ -78,14 +86,16 @@ class ApiCredentials(Strict):
 
 
 class StrategyConfig(Strict):
-    base_assets: list[Asset] = Field(min_length=1)
-    random_asset_pool: list[Asset] = Field(default_factory=list)
+    base_assets: list[Asset] = Field(min_length=1, max_length=MAX_ASSETS)
+    random_asset_pool: list[Asset] = Field(default_factory=list, max_length=MAX_ASSETS)
     strategy_weights: dict[StrategyName, Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]]
     confidence_threshold: Fraction
     signal_strength_threshold: Fraction
     max_position_size_pct: Percent
-    risk_adjustment_factor: PositiveFloat
-    entropy_threshold: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    # Divides every position budget: below 0.01 a budget would be over 100 times the configured size.
+    risk_adjustment_factor: Annotated[float, Field(ge=0.01, le=100.0, allow_inf_nan=False)]
+    # Per-candle stdev of log returns: 10 (1000 % per candle) is already beyond any market.
+    entropy_threshold: Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)]
     hash_trajectory_weight: Fraction
     drift_delta_range: tuple[Fraction, Fraction]
 
@@ -116,9 +126,9 @@ class StrategyConfig(Strict):
 
 
 class TradingParams(Strict):
-    trading_pairs: list[str] = Field(min_length=1)
+    trading_pairs: list[str] = Field(min_length=1, max_length=MAX_ASSETS)
     max_open_positions: Annotated[int, Field(ge=1, le=1000)]
-    order_timeout: PositiveFloat
+    order_timeout: Duration
     retry_attempts: Annotated[int, Field(ge=0, le=20)]
     slippage_tolerance: Annotated[float, Field(ge=0.0, le=0.1, allow_inf_nan=False)]
 
@@ -137,7 +147,7 @@ class RiskManagement(Strict):
     max_daily_loss_pct: Percent
     max_drawdown_pct: Percent
     # Annualised realised volatility above which no new entries are opened (0.75 = 75 %/year).
-    volatility_threshold: PositiveFloat
+    volatility_threshold: Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)]
     # A drawdown or daily-loss halt also sells the profile's positions (reason "halt"), so the loss stops at the
     # limit; false keeps them (only new entries stop).
     close_on_halt: bool = True
@@ -157,7 +167,7 @@ class ProfileHash(Strict):
 
 
 class PaperAccount(Strict):
-    initial_quote_balance: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 10_000.0
+    initial_quote_balance: Annotated[float, Field(gt=0.0, le=MAX_BALANCE, allow_inf_nan=False)] = 10_000.0
 
 
 class Profile(Strict):
@@ -221,11 +231,11 @@ class ArbiterSettings(Strict):
     min_cross_profile_gap_ms: Annotated[int, Field(ge=0, le=600_000)] = 500
     # Exposure: notional (size x last close) of the positions of all profiles, per product and in all;
     # null means no cap. The excess of a buy is trimmed or the buy rejected, as `exposure_action` says.
-    max_product_notional: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
-    max_total_notional: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    max_product_notional: Annotated[float, Field(gt=0.0, le=MAX_NOTIONAL, allow_inf_nan=False)] | None = None
+    max_total_notional: Annotated[float, Field(gt=0.0, le=MAX_NOTIONAL, allow_inf_nan=False)] | None = None
     exposure_action: Literal["trim", "reject"] = "trim"
     # An order trimmed or scaled below this notional (quote) is rejected instead.
-    min_order_notional: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1.0
+    min_order_notional: Annotated[float, Field(ge=0.0, le=MAX_BALANCE, allow_inf_nan=False)] = 1.0
     # Correlation guard: Pearson correlation of two profiles' per-step returns over the last
     # `correlation_window_steps` steps (at least `correlation_min_steps`); above the threshold the newer
     # profile's buys are scaled by `correlation_size_scale`.
@@ -311,7 +321,7 @@ class StateSettings(Strict):
     snapshots: bool = True
     snapshot_interval_s: Annotated[float, Field(gt=0.0, le=86_400.0, allow_inf_nan=False)] = 30.0
     # ... and at the latest after this many input messages, whatever the interval.
-    snapshot_every_messages: Annotated[int, Field(ge=1)] = 200_000
+    snapshot_every_messages: Annotated[int, Field(ge=1, le=100_000_000)] = 200_000
 
 
 # Candle intervals Coinbase serves (Advanced Trade REST granularities), in seconds.
@@ -393,7 +403,7 @@ class SystemSettings(Strict):
 
 class AppConfig(Strict):
     system: SystemSettings = SystemSettings()
-    profiles: dict[ProfileId, Profile] = Field(min_length=1)
+    profiles: dict[ProfileId, Profile] = Field(min_length=1, max_length=MAX_PROFILES)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> AppConfig:
@@ -478,6 +488,9 @@ def _format_error(err: ValidationError) -> str:
 
 def _yaml_error_text(err: yaml.YAMLError) -> str:
     """Where and what, without PyYAML's snippet of the offending line (which may hold a credential)."""
+    if isinstance(err, yaml.reader.ReaderError):
+        # A control character (a binary file that happens to decode): its position, not the character.
+        return f"character {err.position + 1}: a control character, YAML is text (binary file?)"
     if isinstance(err, yaml.MarkedYAMLError):
         mark = err.problem_mark or err.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -495,20 +508,36 @@ def parse_config(data: Any, *, source: str = "<config>") -> AppConfig:
     try:
         return AppConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: invalid configuration\n{_format_error(err)}") from None
+        problems = _format_error(err)
+        # One problem: one line naming the file and it. Several: the file, then one line per problem.
+        if err.error_count() == 1:
+            raise ConfigError(f"{source}: invalid configuration: {problems}") from None
+        raise ConfigError(
+            f"{source}: invalid configuration ({err.error_count()} problems)\n{problems}"
+        ) from None
 
 
 def load_config(path: str | Path | None = None) -> AppConfig:
     """Load a profiles file. Without a path, the local file is used when present, else the template."""
     p = Path(path) if path is not None else (LOCAL_CONFIG if LOCAL_CONFIG.exists() else DEFAULT_CONFIG)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except OSError as err:
         raise ConfigError(f"{p}: cannot read configuration: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{p}: not a YAML text file: byte 0x{raw[err.start]:02x} at offset {err.start} is not UTF-8 "
+            "(binary file?)"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {_yaml_error_text(err)}") from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively: thousands of '[' exhaust the stack.
+        raise ConfigError(f"{p}: not valid YAML: nested too deeply") from None
     return parse_config(data, source=str(p))
 
 

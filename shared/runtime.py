@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.config import AppConfig, load_config
+from shared.config import AppConfig, ConfigError, load_config
 
 
 class ServiceSettings(BaseModel):
@@ -137,6 +137,11 @@ def main_entry(
     args = parser.parse_args(argv)
     if isinstance(getattr(args, "metrics_port", None), int):
         check_metrics_args(parser, args)  # before anything starts (the heartbeat below)
+    try:
+        load_config(args.config)
+    except ConfigError as err:
+        # Refused before anything starts, with the file and the problem and no traceback (every service loads it).
+        raise SystemExit(f"{service}: {err}") from None
     setup_logging(service, args.log_level)
     _heartbeat(service, args)
     return args

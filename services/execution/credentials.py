@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -133,6 +133,51 @@ class ScryptParams:
     p: int = 1
 
 
+# What a store's header may ask of scrypt. The header is read before anything authenticates it, so an edited one
+# (n = 2^40) would otherwise make the derivation allocate terabytes; the defaults sit well inside these bounds.
+SCRYPT_MAX_N = 2**20
+SCRYPT_MAX_R = 32
+SCRYPT_MAX_P = 16
+SCRYPT_MAX_MEMORY = 2**30  # bytes, 128 * n * r: 1 GiB (n = 2^20 with r = 8)
+SCRYPT_SALT_BYTES = (8, 64)
+
+
+def _is_int(v: Any) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def scrypt_params(kdf: Mapping[str, Any]) -> tuple[bytes, int, int, int]:
+    """(salt, n, r, p) of a scrypt header, or TamperedError naming the value out of bounds (no secret is in it)."""
+    n, r, p = kdf.get("n"), kdf.get("r"), kdf.get("p")
+    if not _is_int(n) or not 2 <= n <= SCRYPT_MAX_N or n & (n - 1):
+        raise TamperedError(
+            f"scrypt n = {n!r} is out of bounds: a power of two from 2 to 2^20 ({SCRYPT_MAX_N}) is accepted"
+        )
+    if not _is_int(r) or not 1 <= r <= SCRYPT_MAX_R:
+        raise TamperedError(
+            f"scrypt r = {r!r} is out of bounds: an integer from 1 to {SCRYPT_MAX_R} is accepted"
+        )
+    if not _is_int(p) or not 1 <= p <= SCRYPT_MAX_P:
+        raise TamperedError(
+            f"scrypt p = {p!r} is out of bounds: an integer from 1 to {SCRYPT_MAX_P} is accepted"
+        )
+    if 128 * n * r > SCRYPT_MAX_MEMORY:
+        raise TamperedError(
+            f"scrypt n = {n} with r = {r} needs {128 * n * r // 2**20} MiB: more than the "
+            f"{SCRYPT_MAX_MEMORY // 2**20} MiB accepted"
+        )
+    salt = kdf.get("salt")
+    try:
+        raw = base64.b64decode(salt, validate=True) if isinstance(salt, str) else None
+    except (binascii.Error, ValueError):
+        raw = None
+    lo, hi = SCRYPT_SALT_BYTES
+    if raw is None or not lo <= len(raw) <= hi:
+        got = "not base64 text" if raw is None else f"{len(raw)} bytes"
+        raise TamperedError(f"the scrypt salt is {got}: base64 of {lo} to {hi} bytes is accepted")
+    return raw, n, r, p
+
+
 class KeySource:
     """Where the master key comes from: a passphrase (scrypt) or a key file (32 bytes: raw, hex or base64)."""
 
@@ -166,13 +211,7 @@ class KeySource:
             assert self.path is not None
             return read_key_file(self.path)
         assert self._passphrase is not None
-        try:
-            salt = base64.b64decode(kdf["salt"], validate=True)
-            n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
-        except (KeyError, ValueError, TypeError, binascii.Error):
-            raise TamperedError(
-                "the store's scrypt parameters are unreadable (file modified or corrupted)"
-            ) from None
+        salt, n, r, p = scrypt_params(kdf)  # bounded: never a derivation that exhausts the machine
         return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(
             self._passphrase.get_secret_value().encode()
         )
@@ -267,7 +306,7 @@ class CredentialStore:
     def load(cls, path: str | Path) -> CredentialStore:
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
+            raw = p.read_bytes()
         except FileNotFoundError:
             raise CredentialsError(
                 f"no credentials store at {p}: create it with `mpctl secrets set PROFILE`"
@@ -275,8 +314,15 @@ class CredentialStore:
         except OSError as err:
             raise CredentialsError(f"cannot read the credentials store {p}: {err.strerror}") from None
         try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise TamperedError(
+                f"{p} is not a credentials store: byte 0x{raw[err.start]:02x} at offset {err.start} is not UTF-8 "
+                "(file modified or corrupted)"
+            ) from None
+        try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise TamperedError(f"{p} is not a credentials store (not JSON)") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise TamperedError(f"{p} is not a credentials store (format is not {FORMAT!r})")
@@ -286,7 +332,13 @@ class CredentialStore:
             )
         if not isinstance(data.get("entries"), dict) or not isinstance(data.get("kdf"), dict):
             raise TamperedError(f"{p}: the store's structure is damaged")
-        return cls(p, data)
+        store = cls(p, data)
+        if store.kdf_name == "scrypt":
+            try:
+                scrypt_params(data["kdf"])
+            except TamperedError as err:
+                raise TamperedError(f"{p}: {err} (file modified or corrupted)") from None
+        return store
 
     @classmethod
     def create(
@@ -338,7 +390,9 @@ class CredentialStore:
                 f"but a {'passphrase' if source.kind == 'scrypt' else 'key file'} was given"
             )
         master = source.master_key(self._data["kdf"])
-        check = self._data.get("check") or {}
+        check = self._data.get("check")
+        if not isinstance(check, dict):
+            raise TamperedError(f"{self.path}: the store's key check is missing or damaged")
         nonce = _unb64(check.get("nonce", ""), "the key check")
         ct = _unb64(check.get("ciphertext", ""), "the key check")
         try:

@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import tempfile
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,10 +119,16 @@ def input_topics(topics: Topics) -> list[str]:
     return [topics.candles, topics.plans, topics.events, topics.commands]
 
 
-def _faust_datadir(group: str) -> str:
-    parent = os.path.join(tempfile.gettempdir(), "mp-faust")
-    os.makedirs(parent, exist_ok=True)  # faust creates the leaf only
-    return os.path.join(parent, group)
+def faust_datadir(owner: object, group: str) -> str:
+    """A private folder for faust's data directory, removed when `owner` is collected or the process exits.
+
+    faust creates "<datadir>/v1/tables" even with the memory store, and its default datadir is "<app id>-data" in
+    the working directory (a demo left one per profile there). The memory store keeps nothing on disk, so the
+    folder is temporary: nothing in the working directory, nothing left in the temporary one either.
+    """
+    parent = tempfile.mkdtemp(prefix=f"mp-faust-{group}-")
+    weakref.finalize(owner, shutil.rmtree, parent, ignore_errors=True)
+    return os.path.join(parent, "data")  # faust creates the leaf only
 
 
 @dataclass(frozen=True)
@@ -229,8 +237,7 @@ class StrategyWorker:
             broker_session_timeout=SESSION_TIMEOUT_S,
             producer_acks=-1,
             stream_wait_empty=False,
-            # faust writes an empty "<group>-data" tree even with the memory store; keep it out of the cwd.
-            datadir=_faust_datadir(self.group),
+            datadir=faust_datadir(self, self.group),
         )
         self.app.conf.web_enabled = False  # the constructor flag alone still bound 0.0.0.0:6066
         self.out: dict[str, Any] = {}

@@ -218,6 +218,41 @@ def test_demo_on_bundled_data_trades_and_keeps_invariants(infra: Endpoints, tmp_
     assert len({p["epoch"] for p in plans if p["profile"] == "profile_b"}) == 60  # 4-hourly rotation
 
 
+@pytest.mark.timeout(600)
+def test_demo_leaves_nothing_in_the_working_directory_nor_in_the_temporary_one(
+    infra: Endpoints, tmp_path: Path
+) -> None:
+    """Issue #19, item 7: faust's default data folder is "<app id>-data" in the working directory, one per
+    strategy worker ("<namespace>.strategy.<profile>-data"); the workers keep theirs in a private temporary
+    folder that goes with them."""
+    cwd, tmp, out = tmp_path / "cwd", tmp_path / "tmp", tmp_path / "out"
+    cwd.mkdir()
+    tmp.mkdir()
+    env = dict(
+        os.environ,
+        KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap,
+        REDIS_URL=infra.redis_url,
+        CI="true",
+        PYTHONPATH=str(ROOT),
+        TMPDIR=str(tmp),  # the run's own temporary folder, to see what is left in it
+    )
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "mpctl.cli", "demo", "--out", str(out), "--hours", "24",
+            "--config", str(ROOT / "config" / "coinbase_profiles.yaml"), "--data", str(DATA),
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert (out / "summary.json").exists()
+    assert sorted(p.name for p in cwd.iterdir()) == []
+    assert sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")) == []
+
+
 @pytest.mark.timeout(900)
 def test_demo_resolves_collision_when_profiles_share_hash_settings(infra: Endpoints, tmp_path: Path) -> None:
     out = tmp_path / "shared"

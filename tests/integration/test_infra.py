@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from mpctl import infra as infra_mod
 from mpctl.infra import Endpoints, LocalInfra, _port_open, resolve_endpoints
 from tests.conftest import free_ports
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_kafka_produce_consume_round_trip(kafka_bootstrap: str, namespace: str) -> None:
@@ -122,6 +126,59 @@ def test_env_override_is_per_component(monkeypatch: pytest.MonkeyPatch, tmp_path
     spy = Spy(tmp_path, 1, 2, 3)
     assert resolve_endpoints(spy) == Endpoints("broker.example:9092", "redis://127.0.0.1:3/0")
     assert calls == [(False, True)]
+
+
+def test_cli_up_with_servers_in_the_environment_says_which_it_uses_and_starts_nothing(
+    tmp_path: Path, infra: Endpoints
+) -> None:
+    kafka_port, controller_port, redis_port = free_ports(3)
+    state = tmp_path / "unused"
+    # A password in REDIS_URL is masked on stderr; nothing connects to this URL (nothing is started either).
+    redis_with_password = "redis://:hunter2-not-shown@127.0.0.1:1/0"
+    env = dict(
+        os.environ,
+        KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap,
+        REDIS_URL=redis_with_password,
+        CI="true",  # a pipe and CI: the terminal-only progress says nothing, so this is not progress
+        PYTHONPATH=str(ROOT),
+    )
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "mpctl.cli", "infra", "up", "--state-dir", str(state),
+            "--kafka-port", str(kafka_port), "--controller-port", str(controller_port),
+            "--redis-port", str(redis_port),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"mpctl infra up: using KAFKA_BOOTSTRAP_SERVERS={infra.kafka_bootstrap}; not starting a local broker",
+        "mpctl infra up: using REDIS_URL=redis://:***@127.0.0.1:1/0; not starting a local redis",
+    ]
+    # stdout keeps its contract: the exports, for `eval "$(mpctl infra up)"`.
+    assert proc.stdout.splitlines() == [
+        f"KAFKA_BOOTSTRAP_SERVERS={infra.kafka_bootstrap}",
+        f"REDIS_URL={redis_with_password}",
+    ]
+    assert not state.exists()
+    assert not any(_port_open("127.0.0.1", p) for p in (kafka_port, controller_port, redis_port))
+
+
+def test_only_the_servers_given_are_announced(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    class Spy(LocalInfra):
+        def up(
+            self, progress: infra_mod.Progress | None = None, *, kafka: bool = True, redis: bool = True
+        ) -> Endpoints:
+            return self.endpoints
+
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker.example:9092")
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    said: list[str] = []
+    resolve_endpoints(Spy(tmp_path, 1, 2, 3), announce=said.append)
+    assert said == ["using KAFKA_BOOTSTRAP_SERVERS=broker.example:9092; not starting a local broker"]
 
 
 def test_up_is_idempotent_and_down_stops_both(tmp_path: Path) -> None:

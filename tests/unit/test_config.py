@@ -469,6 +469,99 @@ def test_wrong_type_is_refused_naming_key() -> None:
     refused(data, "profiles.profile_a.trading_params.max_open_positions", "'four'")
 
 
+# --------------------------------------------------------------------------------------------- upper bounds
+# Every duration, count and amount has a ceiling, so an absurd value is refused here instead of overflowing in a
+# service (order_timeout: 1e308 validated, then made the backtest's timedelta overflow). The one unbounded number
+# is entropy_seed: any finite float is a hash input, never arithmetic.
+UNBOUNDED_NUMBERS = {"ProfileHash.entropy_seed"}
+
+
+def _schema_numbers_and_lists() -> list[Any]:
+    """(Model.key, the key's JSON schema) of every number, integer, list and mapping in the config model."""
+    found: list[Any] = []
+    schema = AppConfig.model_json_schema()
+    models = {"AppConfig": schema, **schema["$defs"]}
+    for model, definition in models.items():
+        for key, prop in definition.get("properties", {}).items():
+            for variant in prop.get("anyOf", [prop]):
+                where = f"{model}.{key}"
+                kinds = ("number", "integer", "array", "object")
+                if variant.get("type") in kinds and "$ref" not in variant and where not in UNBOUNDED_NUMBERS:
+                    found.append(pytest.param(where, variant, id=where))
+    return found
+
+
+@pytest.mark.parametrize(("where", "prop"), _schema_numbers_and_lists())
+def test_every_number_and_list_of_the_config_has_an_upper_bound(where: str, prop: dict[str, Any]) -> None:
+    kind = prop["type"]
+    if kind in ("number", "integer"):
+        assert "maximum" in prop or "exclusiveMaximum" in prop, f"{where} has no upper bound"
+    elif kind == "array":
+        assert "maxItems" in prop, f"{where} has no most items"
+    elif "propertyNames" not in prop:  # a mapping with a closed set of keys is bounded by it
+        assert "maxProperties" in prop, f"{where} has no most entries"
+
+
+def _set(data: dict[str, Any], path: str, value: Any) -> None:
+    *parents, key = path.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[key] = value
+
+
+P = "profiles.profile_u"
+UPPER_BOUNDS = [
+    # (key, highest accepted value, a refused value, how the refused value is shown)
+    (f"{P}.trading_params.order_timeout", 30 * 86_400, 1e308, "1e+308"),
+    (f"{P}.trading_params.order_timeout", 30 * 86_400, 30 * 86_400 + 1, "2592001"),
+    (f"{P}.strategy_config.risk_adjustment_factor", 100, 1e9, "1000000000.0"),
+    (f"{P}.strategy_config.entropy_threshold", 10, 11, "11"),
+    (f"{P}.risk_management.volatility_threshold", 100, 1e300, "1e+300"),
+    (f"{P}.paper.initial_quote_balance", 1e12, 1e13, "10000000000000.0"),
+    ("system.arbiter.max_product_notional", 1e15, 1e16, "1e+16"),
+    ("system.arbiter.max_total_notional", 1e15, 1e308, "1e+308"),
+    ("system.arbiter.min_order_notional", 1e12, 1e13, "10000000000000.0"),
+    ("system.state.snapshot_every_messages", 100_000_000, 10**12, "1000000000000"),
+]
+
+
+@pytest.mark.parametrize(("key", "highest", "bad", "shown"), UPPER_BOUNDS)
+def test_a_value_above_its_bound_is_refused_in_one_line_naming_key_and_value(
+    key: str, highest: float, bad: float, shown: str
+) -> None:
+    data = one_profile("profile_u")
+    _set(data, key, highest)
+    parse_config(data)  # the bound itself is accepted
+    _set(data, key, bad)
+    message = refused(data, key, f"(got {shown})", "less than or equal to")
+    assert message.startswith("test.yaml: invalid configuration: ") and "\n" not in message
+
+
+def test_a_value_below_the_lowest_risk_adjustment_factor_is_refused() -> None:
+    data = one_profile("profile_u")
+    _set(data, f"{P}.strategy_config.risk_adjustment_factor", 0.001)
+    refused(data, f"{P}.strategy_config.risk_adjustment_factor", "(got 0.001)")
+
+
+@pytest.mark.parametrize("key", ["base_assets", "random_asset_pool"])
+def test_more_than_500_assets_in_a_list_are_refused(key: str) -> None:
+    data = one_profile("profile_u")
+    data["profiles"]["profile_u"]["strategy_config"][key] = [f"A{i:03d}" for i in range(501)]
+    refused(data, f"{P}.strategy_config.{key}", "at most 500")
+
+
+def test_more_than_500_trading_pairs_are_refused() -> None:
+    data = one_profile("profile_u")
+    data["profiles"]["profile_u"]["trading_params"]["trading_pairs"] = [f"A{i:03d}/USDC" for i in range(501)]
+    refused(data, f"{P}.trading_params.trading_pairs", "at most 500")
+
+
+def test_more_than_100_profiles_are_refused() -> None:
+    data = {"profiles": {f"p{i}": copy.deepcopy(SEED_PROFILE_A) for i in range(101)}}
+    refused(data, "profiles", "at most 100")
+
+
 # --------------------------------------------------------------------------------------------- assets, pairs
 def test_empty_base_assets_are_refused() -> None:
     data = one_profile("profile_e")
@@ -653,6 +746,53 @@ def test_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
+def test_a_binary_file_is_refused_naming_the_file_and_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "photo.yaml"
+    head = b"profiles:\n  "
+    path.write_bytes(head + b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: not a YAML text file: byte 0x89 at offset {len(head)} is not UTF-8 (binary file?)"
+    )
+
+
+def test_a_file_with_a_control_character_is_refused_naming_its_position(tmp_path: Path) -> None:
+    path = tmp_path / "ctl.yaml"
+    path.write_bytes(b"profiles: \x01\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (
+        str(info.value)
+        == f"{path}: not valid YAML: character 11: a control character, YAML is text (binary file?)"
+    )
+
+
+def test_a_file_nested_too_deeply_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("profiles: " + "[" * 50_000 + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML: nested too deeply") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_folder_given_as_the_config_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read configuration") as info:
+        load_config(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_one_problem_is_one_line_naming_file_key_and_value() -> None:
+    data = one_profile()
+    data["profiles"]["profile_a"]["trading_params"]["order_timeout"] = 1e308
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="my/file.yaml")
+    assert str(info.value) == (
+        "my/file.yaml: invalid configuration: profiles.profile_a.trading_params.order_timeout: "
+        "Input should be less than or equal to 2592000 (got 1e+308)"
+    )
+
+
 def test_error_message_names_the_file() -> None:
     data = one_profile()
     data["profiles"]["profile_a"]["enabeld"] = True
@@ -665,7 +805,8 @@ def test_several_problems_are_all_reported() -> None:
     p = data["profiles"]["profile_a"]
     p["risk_management"]["stop_loss_pct"] = -1
     p["strategy_config"]["confidence_threshold"] = 2
-    refused(data, "stop_loss_pct", "confidence_threshold")
+    message = refused(data, "stop_loss_pct", "confidence_threshold")
+    assert message.splitlines()[0] == "test.yaml: invalid configuration (2 problems)"
 
 
 # --------------------------------------------------------------------------------------------- local file rule

@@ -245,6 +245,82 @@ def test_not_a_store(tmp_path: Path) -> None:
         CredentialStore.load(tmp_path / "missing")
 
 
+def test_a_store_with_a_byte_that_is_not_utf8_is_refused_naming_file_and_offset(store_path: Path) -> None:
+    raw = bytearray(store_path.read_bytes())
+    at = raw.index(b"mpctl-credentials")
+    raw[at] = 0xFF
+    store_path.write_bytes(bytes(raw))
+    with pytest.raises(TamperedError) as ei:
+        CredentialStore.load(store_path)
+    message = str(ei.value)
+    assert str(store_path) in message and f"byte 0xff at offset {at}" in message and "\n" not in message
+
+
+def _with_kdf(path: Path, **kdf: Any) -> None:
+    data = json.loads(path.read_text())
+    data["kdf"].update(kdf)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("kdf", "named"),
+    [
+        ({"n": 2**40}, "scrypt n = 1099511627776"),  # would ask for 128 TiB
+        ({"n": 2**21}, "scrypt n = 2097152"),
+        ({"n": 3000}, "scrypt n = 3000"),  # not a power of two
+        ({"n": 1}, "scrypt n = 1"),
+        ({"n": 32768.0}, "scrypt n = 32768.0"),
+        ({"n": True}, "scrypt n = True"),
+        ({"n": "32768"}, "scrypt n = '32768'"),
+        ({"r": 33}, "scrypt r = 33"),
+        ({"r": 0}, "scrypt r = 0"),
+        ({"p": 17}, "scrypt p = 17"),
+        ({"p": 2**31}, "scrypt p = 2147483648"),
+        ({"n": 2**20, "r": 16}, "needs 2048 MiB"),
+        ({"salt": ""}, "salt is 0 bytes"),
+        ({"salt": base64.b64encode(b"s" * 65).decode()}, "salt is 65 bytes"),
+        ({"salt": "not base64!"}, "salt is not base64"),
+        ({"salt": 7}, "salt is not base64"),
+    ],
+)
+def test_kdf_parameters_out_of_bounds_are_refused_when_the_store_is_read(
+    store_path: Path, kdf: dict[str, Any], named: str
+) -> None:
+    _with_kdf(store_path, **kdf)
+    with pytest.raises(TamperedError) as ei:
+        CredentialStore.load(store_path)  # before any derivation: listing refuses it too
+    message = str(ei.value)
+    assert str(store_path) in message and named in message, message
+    assert "\n" not in message
+    # A KeySource given such a header (not through `load`) refuses it as well, before deriving anything.
+    with pytest.raises(TamperedError, match=re.escape(named)):
+        KeySource.from_passphrase(PASS).master_key(json.loads(store_path.read_text())["kdf"])
+
+
+@pytest.mark.parametrize(("n", "r", "p"), [(2, 1, 1), (2**20, 8, 1), (2**10, 32, 16)])
+def test_kdf_parameters_within_bounds_are_accepted(tmp_path: Path, n: int, r: int, p: int) -> None:
+    path = tmp_path / "c.enc"
+    CredentialStore.create(path, KeySource.from_passphrase(PASS), scrypt=ScryptParams(n=2**10)).save()
+    _with_kdf(path, n=n, r=r, p=p)
+    assert CredentialStore.load(path).kdf_name == "scrypt"
+    assert credmod.scrypt_params(json.loads(path.read_text())["kdf"])[1:] == (n, r, p)
+
+
+def test_creating_a_store_with_parameters_out_of_bounds_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.enc"
+    with pytest.raises(TamperedError, match="scrypt r = 64"):
+        CredentialStore.create(path, KeySource.from_passphrase(PASS), scrypt=ScryptParams(n=2**10, r=64))
+    assert not path.exists()
+
+
+def test_a_damaged_key_check_is_refused_as_damage(store_path: Path) -> None:
+    data = json.loads(store_path.read_text())
+    data["check"] = "a string, not the nonce and ciphertext"
+    store_path.write_text(json.dumps(data))
+    with pytest.raises(TamperedError, match="key check is missing or damaged"):
+        reopen(store_path)
+
+
 # ------------------------------------------------------------------------------------------ export for a container
 def test_export_holds_only_that_profiles_entry_under_a_new_key(store_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "secrets"
