@@ -24,6 +24,7 @@ from shared.topics import Topics, declared_topics
 from tests.integration.test_exchange_adapters import app_config, execute
 from tests.integration.test_live_wiring import route_for, secret_pieces, store_profile_a
 from tests.peer.coinbase_peer import CoinbasePeer
+from tests.unit.builders import candle
 
 D = Decimal
 
@@ -60,7 +61,9 @@ async def test_live_worker_publishes_account_snapshots_with_the_peers_balances_a
             live, bootstrap=kafka_bootstrap, topics=t, route=route, client_id="execution.profile_a"
         )
         (start,) = [m for m in started if isinstance(m, AccountSnapshotted)]
-        # An order fills at the peer: its final state is followed by a snapshot with the new balances.
+        # An order fills at the peer: its final state is followed by a snapshot with the new balances. (The
+        # market's close first, as md.candles gives it: the worker's price band needs it.)
+        await handler.handle(candle("BTC/USDC", 1_767_225_600, 60000, close=60000))
         out = await handler.handle(execute("profile_a", f"snap-{api}", size="0.01", price="60000"))
         assert [u.status for u in out if isinstance(u, OrderUpdated)][-1] == "filled"
         (after,) = [m for m in out if isinstance(m, AccountSnapshotted)]

@@ -189,6 +189,8 @@ async def test_live_worker_metrics_count_retries_latency_and_fills_against_the_p
         pub = Publisher(kafka_bootstrap, client_id="test")
         await pub.start()
         try:
+            # The market's close first, as the ingest publishes it: the worker's price band needs it.
+            await pub.send(t.candles, candle("BTC/USDC", T0, 60000, close=60000), key="BTC/USDC")
             for o in orders:
                 await pub.send(t.approved(PID), o, key=o.product)
             await pub.flush()
