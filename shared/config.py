@@ -147,7 +147,7 @@ class RiskManagement(Strict):
     max_daily_loss_pct: Percent
     max_drawdown_pct: Percent
     # Annualised realised volatility above which no new entries are opened (0.75 = 75 %/year).
-    volatility_threshold: Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)]
+    volatility_threshold: Annotated[float, Field(gt=0.0, le=10_000.0, allow_inf_nan=False)]
     # A drawdown or daily-loss halt also sells the profile's positions (reason "halt"), so the loss stops at the
     # limit; false keeps them (only new entries stop).
     close_on_halt: bool = True

@@ -517,7 +517,7 @@ UPPER_BOUNDS = [
     (f"{P}.trading_params.order_timeout", 30 * 86_400, 30 * 86_400 + 1, "2592001"),
     (f"{P}.strategy_config.risk_adjustment_factor", 100, 1e9, "1000000000.0"),
     (f"{P}.strategy_config.entropy_threshold", 10, 11, "11"),
-    (f"{P}.risk_management.volatility_threshold", 100, 1e300, "1e+300"),
+    (f"{P}.risk_management.volatility_threshold", 10_000, 1e300, "1e+300"),
     (f"{P}.paper.initial_quote_balance", 1e12, 1e13, "10000000000000.0"),
     ("system.arbiter.max_product_notional", 1e15, 1e16, "1e+16"),
     ("system.arbiter.max_total_notional", 1e15, 1e308, "1e+308"),
