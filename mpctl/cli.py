@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+
+from shared.broker_noise import install_broker_noise_filter
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -50,8 +53,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def setup_cli_logging() -> None:
+    """The commands set up no logging: Python prints WARNING and up on stderr (`logging.lastResort`). That
+    handler gets the filter that collapses a broker outage's connection errors (shared/broker_noise.py), which
+    the commands' own Kafka clients (a demo's progress readers) would otherwise print by the thousand."""
+    if logging.lastResort is not None:
+        install_broker_noise_filter(logging.lastResort)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    setup_cli_logging()
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     handler: Handler = args.handler

@@ -505,9 +505,10 @@ class LocalInfra:
                 shutil.rmtree(self.kafka_dir, ignore_errors=True)
                 shutil.rmtree(self.redis_dir, ignore_errors=True)
 
-    def restart_kafka(self, progress: Progress | None = None) -> None:
-        """Stop the running broker (SIGTERM: a controlled shutdown) and start it again on the same ports with
-        the same data dir, waiting until it answers (the fault suite's broker restart).
+    def restart_kafka(self, progress: Progress | None = None, *, down_s: float = 0.0) -> None:
+        """Stop the running broker (SIGTERM: a controlled shutdown), wait `down_s` seconds, and start it again on
+        the same ports with the same data dir, waiting until it answers (the fault suite's broker restart; an
+        outage of a chosen length).
 
         With ``detach=False``, call the restarts from a thread that lives as long as the servers should: the
         parent-death signal is sent when the *thread* that started a child ends (Linux prctl semantics)."""
@@ -517,6 +518,7 @@ class LocalInfra:
             if pid is None:
                 raise InfraError(f"kafka is not running from {self.state_dir}: nothing to restart")
             self._stop_server("kafka", pid, self.kafka_pid_file, say)
+            time.sleep(down_s)
             self._kafka_up(say)
 
     def restart_redis(

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +24,12 @@ from aiokafka import (
     TopicPartition,
 )
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
 
 from shared.clock import Clock, IdFactory, system_clock
 from shared.codec import DecodeError, decode, encode, implausible_time
@@ -36,6 +42,24 @@ log = logging.getLogger(__name__)
 
 # How long a producer keeps a message while its partition has no leader (a broker restarting) before failing.
 PRODUCER_REQUEST_TIMEOUT_MS = 300_000
+
+# What a group member's commit (or seek) raises once a rebalance took its partitions: the process was paused
+# (SIGSTOP, a VM or GC pause) longer than its session, went longer than max_poll_interval_ms between polls, or
+# another member joined meanwhile. aiokafka raises CommitFailedError for a rebalance in progress, a stale
+# generation or an unknown member id, IllegalStateError for a partition no longer assigned. The member rejoins
+# on its next poll; the partitions' next owner reads from the last commit (at least once).
+LOST_PARTITIONS = (CommitFailedError, IllegalStateError)
+
+
+def lost_partitions_line(group: str, partitions: Iterable[TopicPartition], err: Exception | None) -> str:
+    """The one warning a member logs when a rebalance took partitions before it committed them."""
+    names = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"
+    why = type(err).__name__ if err is not None else "no longer assigned"
+    return (
+        f"group {group}: partitions {names} were lost to another member or a rebalance before this member "
+        f"committed them ({why}; was the process paused longer than its session?): their next owner reads "
+        "them from the last commit; rejoining the group"
+    )
 
 
 class HandlingError(ValueError):
@@ -235,32 +259,44 @@ class Outbox:
 Handler = Callable[[Message, ConsumerRecord[bytes, bytes], Outbox], Awaitable[None]]
 
 
-class _Rewind(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Reads every assigned partition from the position its restored snapshot covers, or from its beginning
-    without one: the service rebuilds its state from its snapshot and its input log (shared/snapshots.py).
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Tells the loop which partitions a rebalance took (it stops handling their records of the batch in hand),
+    and with `rebuild` reads every assigned partition from where this process's state is.
 
-    Its handlers are deterministic and their outputs carry ids derived from the inputs, so what is
-    re-published after a restart repeats ids every consumer already de-duplicates. Committed offsets then
-    serve lag monitoring only.
+    Rebuild: the service rebuilds its state from its snapshot and its input log (shared/snapshots.py). A
+    partition is read from the position this process already applied (a partition that comes back after a
+    rebalance: its records are in the state once, never twice), else from the position its restored snapshot
+    covers, else from its beginning. Its handlers are deterministic and their outputs carry ids derived from the
+    inputs, so what is re-published after a restart repeats ids every consumer already de-duplicates. Committed
+    offsets then serve lag monitoring only.
     """
 
-    def __init__(self, consumer: AIOKafkaConsumer, positions: Positions | None = None) -> None:
-        self._consumer = consumer
+    def __init__(self, loop: ConsumeLoop, positions: Positions | None, *, rebuild: bool) -> None:
+        self._loop = loop
         self._positions = positions or {}
+        self._rebuild = rebuild
 
-    async def on_partitions_revoked(self, revoked: object) -> None:
-        return None
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self._loop.revoked.update(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         parts = list(assigned)
-        if not parts:
+        if not self._rebuild or not parts:
+            return
+        consumer = self._loop.consumer
+        applied = self._loop.applied
+        for tp in parts:
+            if tp in applied:
+                consumer.seek(tp, applied[tp])
+        fresh = [tp for tp in parts if tp not in applied]
+        if not fresh:
             return
         if not self._positions:
-            await self._consumer.seek_to_beginning(*parts)
+            await consumer.seek_to_beginning(*fresh)
             return
-        begins = await self._consumer.beginning_offsets(parts)
+        begins = await consumer.beginning_offsets(fresh)
         for tp, offset in clamp_positions(self._positions, begins).items():
-            self._consumer.seek(tp, offset)
+            consumer.seek(tp, offset)
 
 
 def dead_letter_for(rec: Any, error: str, *, service: str, msg_id: str, now: datetime) -> DeadLettered:
@@ -285,6 +321,13 @@ class ConsumeLoop:
 
     Undecodable bytes and messages a handler refuses with HandlingError go to the dead-letter topic with the
     error text; any other exception stops the loop without committing (the batch is redelivered on restart).
+
+    A rebalance that takes a partition while a batch is handled ends the handling of that partition's records
+    in the batch: they are not ours to act on any more, and its next owner (maybe this member again) reads them
+    from the last commit. A member that finds its partitions gone at commit time (it was paused: see
+    LOST_PARTITIONS) logs one warning and goes on: aiokafka rejoins the group on the next poll. Going on rather
+    than exiting, because nothing in hand is lost (the uncommitted records are read again by their next owner)
+    and an exit would take the whole run (a demo, a compose stack) down for a pause it has recovered from.
     """
 
     def __init__(
@@ -301,8 +344,12 @@ class ConsumeLoop:
         from_beginning: bool = True,
         rebuild_on_start: bool = False,
         keeper: StateKeeper | None = None,
+        session_timeout_ms: int = 10_000,
+        max_poll_interval_ms: int = 300_000,
     ) -> None:
         self._topics = list(topics)
+        self._group = group_id
+        self._session_s = session_timeout_ms / 1000
         self._rebuild = rebuild_on_start
         self.keeper = keeper  # snapshots of the service's state (only with rebuild_on_start)
         self._consumer = AIOKafkaConsumer(
@@ -311,8 +358,9 @@ class ConsumeLoop:
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
             isolation_level="read_committed",
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=1_000,
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=min(1_000, session_timeout_ms // 3),
+            max_poll_interval_ms=max_poll_interval_ms,
             max_poll_records=500,
         )
         self._publisher = publisher
@@ -323,6 +371,10 @@ class ConsumeLoop:
         self._stop = asyncio.Event()
         self.processed = 0
         self.dead_lettered = 0
+        self.lost = 0  # times the group took partitions before this member committed them
+        self.revoked: set[TopicPartition] = set()  # by a rebalance since the batch in hand was fetched
+        # The next offset of each partition, after what this process handled (with rebuild: what its state holds).
+        self.applied: dict[TopicPartition, int] = {}
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
@@ -331,8 +383,7 @@ class ConsumeLoop:
     async def start(self) -> None:
         positions = await self.keeper.load() if self.keeper is not None and self._rebuild else None
         await self._consumer.start()
-        listener = _Rewind(self._consumer, positions) if self._rebuild else None
-        self._consumer.subscribe(self._topics, listener=listener)
+        self._consumer.subscribe(self._topics, listener=_Listener(self, positions, rebuild=self._rebuild))
 
     async def final_snapshot(self) -> None:
         """On a clean stop: the outputs acknowledged, a snapshot of everything handled."""
@@ -354,49 +405,94 @@ class ConsumeLoop:
         dl = dead_letter_for(rec, error, service=self._service, msg_id=self._ids(), now=self._clock())
         await self._publisher.send(self._dlq, dl, key=rec.topic)
 
+    async def _handle(self, handler: Handler, rec: ConsumerRecord[bytes, bytes]) -> None:
+        outbox = Outbox()
+        try:
+            msg = decode(rec.value)
+        except DecodeError as err:
+            await self._dead_letter(rec, str(err))
+        else:
+            # Ahead of both clocks: the exchange's (live) and the machine's, which stamps commands.
+            bad_time = implausible_time(msg, max(self._clock(), system_clock()))
+            if bad_time is not None:
+                await self._dead_letter(rec, f"{type(msg).__name__}: {bad_time}")
+            else:
+                try:
+                    await handler(msg, rec, outbox)
+                except HandlingError as err:
+                    await self._dead_letter(rec, f"{type(msg).__name__}: {err}")
+                    outbox = Outbox()
+        for topic, out, key, broadcast in outbox.items:
+            if broadcast:
+                await self._publisher.send_to_all_partitions(topic, out)
+            else:
+                await self._publisher.send(topic, out, key=key)
+        self.processed += 1
+        self.applied[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+        if self.keeper is not None:
+            self.keeper.advance(rec.topic, rec.partition, rec.offset + 1)
+
     async def run(self, handler: Handler, *, idle: Callable[[], Awaitable[None]] | None = None) -> None:
         while not self._stop.is_set():
             batches = await self._consumer.getmany(timeout_ms=200)
+            fetched = time.monotonic()
+            # What getmany returns belongs to the partitions assigned now; a rebalance from here on may take some.
+            self.revoked.clear()
             if not batches:
                 if idle is not None:
                     await idle()
                 continue
             offsets: dict[TopicPartition, int] = {}
+            left: dict[TopicPartition, int] = {}  # records not handled: see _leave
             for tp, records in batches.items():
-                for rec in records:
-                    outbox = Outbox()
-                    try:
-                        msg = decode(rec.value)
-                    except DecodeError as err:
-                        await self._dead_letter(rec, str(err))
-                    else:
-                        # Ahead of both clocks: the exchange's (live) and the machine's, which stamps commands.
-                        bad_time = implausible_time(msg, max(self._clock(), system_clock()))
-                        if bad_time is not None:
-                            await self._dead_letter(rec, f"{type(msg).__name__}: {bad_time}")
-                            self.processed += 1
-                            offsets[tp] = rec.offset + 1
-                            if self.keeper is not None:
-                                self.keeper.advance(rec.topic, rec.partition, rec.offset + 1)
-                            continue
-                        try:
-                            await handler(msg, rec, outbox)
-                        except HandlingError as err:
-                            await self._dead_letter(rec, f"{type(msg).__name__}: {err}")
-                            outbox = Outbox()
-                    for topic, out, key, broadcast in outbox.items:
-                        if broadcast:
-                            await self._publisher.send_to_all_partitions(topic, out)
-                        else:
-                            await self._publisher.send(topic, out, key=key)
-                    self.processed += 1
+                for i, rec in enumerate(records):
+                    if tp in self.revoked or time.monotonic() - fetched > self._session_s:
+                        self._leave(tp, rec.offset)
+                        left[tp] = len(records) - i
+                        break
+                    await self._handle(handler, rec)
                     offsets[tp] = rec.offset + 1
-                    if self.keeper is not None:
-                        self.keeper.advance(rec.topic, rec.partition, rec.offset + 1)
             await self._publisher.flush()
-            await self._consumer.commit(offsets)
+            await self._commit(offsets, left)
             if self.keeper is not None and self._rebuild and self.keeper.due():
                 await self.keeper.save()  # the outputs of every handled input are acknowledged
+
+    def _leave(self, tp: TopicPartition, offset: int) -> None:
+        """Stop handling the batch's records of `tp` from `offset` on. Taken by a rebalance: the rebalance set
+        the partition's position back (to the last commit, or with rebuild to what this process applied), and
+        whoever holds it now reads them again. Or the batch has been in hand longer than the session (the
+        process was paused, or its handlers are slow): the group may have given the partition to another member
+        without this one knowing yet, so it acts on nothing more before its next poll tells; it reads them
+        again from `offset` if the partition is still its own."""
+        if tp in self.revoked:
+            return
+        # IllegalStateError: no longer assigned, its next owner reads from the last commit.
+        with contextlib.suppress(IllegalStateError):
+            self._consumer.seek(tp, offset)
+
+    async def _commit(self, offsets: dict[TopicPartition, int], left: dict[TopicPartition, int]) -> None:
+        assigned = self._consumer.assignment()
+        mine = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+        lost = {tp for tp in [*offsets, *left] if tp not in assigned}
+        error: Exception | None = None
+        try:
+            if mine:
+                await self._consumer.commit(mine)
+        except LOST_PARTITIONS as err:
+            error = err
+            lost.update(mine)
+        if lost:
+            self.lost += 1
+            log.warning("%s", lost_partitions_line(self._group, lost, error))
+        elif left:
+            log.info(
+                "group %s: %d record(s) of %s left to be read again (a rebalance, or a batch in hand longer "
+                "than the %.0f s session)",
+                self._group,
+                sum(left.values()),
+                ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(left)),
+                self._session_s,
+            )
 
 
 Route = tuple[str, str | None, bool]  # topic, key, broadcast to every partition

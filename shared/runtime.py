@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.broker_noise import LIBRARY_LOGGERS, install_broker_noise_filter
 from shared.config import AppConfig, ConfigError, load_config
 
 
@@ -101,13 +102,16 @@ def settings_from_args(args: argparse.Namespace, **extra: str | None) -> Service
 
 
 def setup_logging(service: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # A broker outage: one line when it goes, a summary a minute, one when it is back (shared/broker_noise.py).
+    install_broker_noise_filter(handler)
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
     # Libraries log connection chatter at INFO; keep the service's own lines readable.
-    for noisy in ("aiokafka", "kafka", "faust", "mode"):
+    for noisy in LIBRARY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -38,7 +38,14 @@ from services.arbiter.metrics import ArbiterMetrics
 from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
 from shared.codec import DecodeError, decode, implausible_time
 from shared.config import AppConfig
-from shared.kafka import Publisher, Route, dead_letter_for, partitions_of
+from shared.kafka import (
+    LOST_PARTITIONS,
+    Publisher,
+    Route,
+    dead_letter_for,
+    lost_partitions_line,
+    partitions_of,
+)
 from shared.messages import (
     CorrelationAlert,
     ExecuteOrder,
@@ -77,6 +84,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.svc.assigned.update(tp.partition for tp in assigned)
+        self.svc.lost_told = False
 
 
 class ArbiterService:
@@ -112,6 +120,7 @@ class ArbiterService:
         self.next_offset: dict[int, int] = {}
         self.last_offset: dict[int, int] = {}
         self.committed: dict[int, int] = {}
+        self.lost_told = False  # the warning that a rebalance took partitions before their commit
         self.publisher: Publisher | None = None
         self.keeper: StateKeeper | None = None
         st = cfg.system.state
@@ -362,8 +371,16 @@ class ArbiterService:
             return
         try:
             await member.commit(offsets)
+        except LOST_PARTITIONS as err:
+            # A rebalance took them (this process paused longer than its session, or another arbiter joined):
+            # their next owner publishes from the last commit; this one stops at the revocation and rejoins.
+            # Said once until the next assignment: the loop tries again every batch meanwhile.
+            if not self.lost_told:
+                self.lost_told = True
+                log.warning("%s", lost_partitions_line(self.group, offsets, err))
+            return
         except (KafkaError, AssertionError) as err:
-            # A rebalance in progress: ownership is settled again shortly, the next batch commits.
+            # Another failure (the coordinator unreachable while the broker restarts): the next batch commits.
             log.info("commit of %s deferred: %r", sorted(tp.partition for tp in offsets), err)
             return
         for tp, off in offsets.items():

@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import IllegalStateError
 
 from services.monitor.alerts import (
     Alert,
@@ -47,7 +48,7 @@ from services.monitor.metrics import MonitorMetrics, PerformanceTracker
 from shared.clock import derived_id, system_clock
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
-from shared.kafka import Publisher, dead_letter_for
+from shared.kafka import LOST_PARTITIONS, Publisher, dead_letter_for, lost_partitions_line
 from shared.messages import DeadLettered
 from shared.runtime import ServiceSettings
 from shared.snapshots import Durable, Positions, StateKeeper, clamp_positions, fingerprint
@@ -119,6 +120,7 @@ class MonitorService:
         self.corr_gate = AlertGate()
         self.progress = _Progress()
         self.consumer: AIOKafkaConsumer | None = None
+        self.lost_told = False  # the warning that a rebalance took partitions before their commit
         self.metrics_bound: int | None = None
         self.undecodable = 0
         self.dead_letters: list[DeadLettered] = []  # to publish before the next commit
@@ -162,6 +164,7 @@ class MonitorService:
         return [t.audit, t.events, t.plans, t.candles, t.dead_letter]
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.lost_told = False
         c = self.consumer
         if c is None or not assigned:
             return
@@ -190,8 +193,16 @@ class MonitorService:
             if self.audit is not None:
                 self.audit.flush()
             offsets, self.progress.to_commit = self.progress.to_commit, {}
-            with contextlib.suppress(Exception):  # a rebalance in progress: the next batch commits again
+            try:
                 await self.consumer.commit(offsets)
+            except LOST_PARTITIONS as err:
+                # A rebalance took them (this process paused longer than its session, or another monitor
+                # joined): their next owner reads from the last commit. Said once until the next assignment.
+                if not self.lost_told:
+                    self.lost_told = True
+                    log.warning("%s", lost_partitions_line(self.topics.group("monitor"), offsets, err))
+            except Exception as err:  # the coordinator unreachable: the next batch commits again
+                log.debug("commit deferred: %r", err)
         if self.keeper is not None and self.keeper.due():
             await self.keeper.save()  # the audit file flushed, the dead letters acknowledged
 
@@ -299,8 +310,11 @@ class MonitorService:
         c = self.consumer
         assert c is not None
         for tp, end in ends.items():
-            if tp in c.assignment() and await c.position(tp) < end:
-                return False
+            try:
+                if tp in c.assignment() and await c.position(tp) < end:
+                    return False
+            except IllegalStateError:
+                continue  # taken by a rebalance while asked: its new owner reads it
         return True
 
     async def _consume_until(self, ends: dict[TopicPartition, int], deadline: float) -> None:

@@ -415,7 +415,11 @@ class StrategyWorker:
         )
         if self.metrics_port:
             self.metrics_bound = self.metrics.serve(self.metrics_port, self.metrics_addr)
-        worker = faust.Worker(self.app, loglevel="warn", quiet=True, redirect_stdouts=False)
+        # The logging set up by shared.runtime.main_entry stays (faust's would replace it): the same format as
+        # every service, and the filter that collapses a broker outage's connection errors.
+        worker = faust.Worker(
+            self.app, loglevel="warn", quiet=True, redirect_stdouts=False, override_logging=False
+        )
         try:
             worker.execute_from_commandline()
         finally:

@@ -38,6 +38,7 @@ from mpctl.commands_demo import Fault, Stack, demo_pipeline, sigkill_and_restart
 from mpctl.infra import Endpoints, LocalInfra
 from mpctl.invariants import check_run
 from services.monitor.collect import read_topics
+from shared.broker_noise import LIBRARY_LOGGERS, is_connection_noise
 from shared.config import load_config
 from shared.kafka import delete_topics
 from shared.messages import Message, OrderFilled, OrderUpdated
@@ -54,6 +55,12 @@ RUN_TIMEOUT_S = 180.0
 PARALLEL = 2
 REDIS_DOWN_S = 3.0
 COMPARED = ("orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json")
+# What a service may log about the broker across its restart: the outage told in a few lines
+# (shared/broker_noise.py) and the Kafka libraries' other news (a coordinator marked dead, a rejoin); unfiltered,
+# each service would log several failed attempts a second for as long as the broker is away.
+BROKER_LINES_MAX = 25
+# A service log line: "<date> <time> <LEVEL> <service> <logger>: <message>" (shared.runtime.setup_logging).
+LOG_LINE = re.compile(r"^\S+ \S+ [A-Z]+ \S+ ([\w.]+): (.*)$")
 
 pytestmark = pytest.mark.timeout(900)  # the first test builds every run (module fixture); about 4 min idle
 
@@ -197,6 +204,20 @@ def _after_fault(r: RunResult, service: str) -> str:
         return fh.read().decode(errors="replace")
 
 
+def _broker_lines(r: RunResult) -> dict[str, list[tuple[str, str]]]:
+    """Per service, (logger, message) of what it logged after the fault from the Kafka libraries' loggers or
+    about a broker outage (shared.broker_noise)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for name in r.marks:
+        found = (LOG_LINE.match(line) for line in _after_fault(r, name).splitlines())
+        out[name] = [
+            (m[1], m[2])
+            for m in found
+            if m is not None and (m[1].split(".")[0] in LIBRARY_LOGGERS or m[1] == "shared.broker_noise")
+        ]
+    return out
+
+
 def _skip_reason(case: FaultCase, session: InfraSession) -> str | None:
     if case.needs == "kafka" and os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         return "KAFKA_BOOTSTRAP_SERVERS points at an external broker: this suite restarts only a broker it started"
@@ -336,6 +357,13 @@ def test_fault_lands_mid_run_and_the_run_completes(runs: Runs, label: str) -> No
         # The registry noticed the empty Redis and rebuilt its claims from the plans topic, plans included.
         rebuilt = re.findall(r"rebuilt the claim set from (\d+) plan", _after_fault(r, "registry"))
         assert rebuilt and int(rebuilt[-1]) > 0, _after_fault(r, "registry")[-3000:]
+    if label == "restart-kafka":
+        for name, lines in _broker_lines(r).items():
+            noise = [line for logger, line in lines if is_connection_noise(logger, line)]
+            assert not noise, f"{name} logged connection errors one by one: {noise[:5]}"
+            assert len(lines) <= BROKER_LINES_MAX, (
+                f"{name}: {len(lines)} lines about the broker: {lines[:40]}"
+            )
     # No service met an error it did not survive (a crash would also have failed the run).
     for name in r.marks:
         assert "Traceback" not in _after_fault(r, name), f"{name}:\n{_after_fault(r, name)[-3000:]}"
@@ -416,6 +444,7 @@ def test_fault_figures_for_the_report(runs: Runs) -> None:
             "orders_submitted": sum(1 for o in orders if o["status"] == "submitted"),
             "fills": len({m.fill_id for m in r.events if isinstance(m, OrderFilled)}),
             "files_equal_to_baseline": len(same),
+            "broker_lines_after_fault": {k: len(v) for k, v in _broker_lines(r).items() if v},
             "fault": None
             if r.fault is None
             else {

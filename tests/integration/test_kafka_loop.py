@@ -1,15 +1,21 @@
 """The consume loop against a real broker: dead letters for bad bytes, commit only after effects, redelivery
-after a failed handler, and strict topic declaration."""
+after a failed handler, strict topic declaration, and a member that loses its partitions while paused."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
 
 from mpctl.infra import Endpoints
 from services.monitor.collect import read_topics
@@ -221,3 +227,259 @@ async def test_rebuild_on_start_rereads_the_whole_log_despite_committed_offsets(
             await loop.close()
     await pub.stop()
     assert seen == ["c0", "c1", "c2", "c0", "c1", "c2"]
+
+
+# ------------------------------------------------------------------------------ a member that loses its partitions
+SESSION_MS = 6_000  # the broker's least (group.min.session.timeout.ms): the group notices a pause soonest
+
+
+class _Member:
+    """A ConsumeLoop in its own thread and event loop, as a second process would be: the test can stop that
+    loop dead (a blocking wait: what SIGSTOP does to a process) or only its handler (an await)."""
+
+    def __init__(self, name: str, bootstrap: str, src: str, out: str, dlq: str, group: str) -> None:
+        self.name, self.bootstrap, self.src, self.out, self.dlq, self.group = (
+            name,
+            bootstrap,
+            src,
+            out,
+            dlq,
+            group,
+        )
+        self.handled: list[tuple[int, int]] = []  # (partition, offset), in order
+        self.error: BaseException | None = None
+        self.loop: ConsumeLoop | None = None
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+        self.stall: Callable[[tuple[int, int]], Awaitable[None]] | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        assert self.ready.wait(30), f"{self.name} did not start"
+
+    def assignment(self) -> set[int]:
+        assert self.loop is not None
+        return {tp.partition for tp in self.loop.consumer.assignment()}
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._thread.join(60)
+        assert not self._thread.is_alive(), f"{self.name} did not stop"
+
+    async def _main(self) -> None:
+        pub = Publisher(self.bootstrap, client_id=self.name)
+        await pub.start()
+        loop = self.loop = ConsumeLoop(
+            bootstrap=self.bootstrap,
+            topics=[self.src],
+            group_id=self.group,
+            publisher=pub,
+            dead_letter_topic=self.dlq,
+            service=self.name,
+            clock=system_clock,
+            ids=random_ids,
+            session_timeout_ms=SESSION_MS,
+            max_poll_interval_ms=SESSION_MS,
+        )
+        await loop.start()
+
+        async def handler(msg: Message, rec: ConsumerRecord[bytes, bytes], box: Outbox) -> None:
+            key = (rec.partition, rec.offset)
+            self.handled.append(key)
+            stall, self.stall = self.stall, None
+            if stall is not None:
+                await stall(key)
+            box.add(self.out, msg, key=f"{rec.partition}:{rec.offset}")
+
+        async def watch() -> None:
+            while not self.stopping.is_set():
+                await asyncio.sleep(0.05)
+            loop.stop()
+
+        watcher = asyncio.create_task(watch())
+        self.ready.set()
+        try:
+            await loop.run(handler)
+        except BaseException as err:
+            self.error = err
+        finally:
+            watcher.cancel()
+            await loop.close()
+            await pub.stop()
+
+
+async def _wait(what: str, cond: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def _committed(bootstrap: str, group: str) -> dict[int, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items()}
+
+
+async def _produce_to(bootstrap: str, topic: str, per_partition: dict[int, int], first: int) -> None:
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await p.start()
+    try:
+        for part, n in per_partition.items():
+            for i in range(n):
+                c = candle(0).model_copy(update={"id": f"p{part}-{first + i}"})
+                await p.send_and_wait(topic, encode(c), partition=part)
+    finally:
+        await p.stop()
+
+
+@pytest.mark.parametrize("pause", ["stopped", "slow"])
+async def test_member_that_loses_its_partitions_warns_once_and_rejoins(
+    infra: Endpoints, namespace: str, caplog: pytest.LogCaptureFixture, pause: str
+) -> None:
+    """A member stops in the middle of a batch longer than the group allows: its whole process stopped
+    ("stopped": no heartbeat, the session expires, as SIGSTOP does) or only its handler ("slow": heartbeats go
+    on, the poll interval expires). The other member takes its partition over and reads it from the last commit;
+    when the first resumes, its commit is refused: one warning, no exception, no record of the lost partition
+    handled after the pause, and it rejoins and shares the next records."""
+    b = infra.kafka_bootstrap
+    src, out, dlq = f"{namespace}.in", f"{namespace}.out", f"{namespace}.dlq"
+    await ensure_topics(b, [TopicSpec(src, 2), TopicSpec(out, 1), TopicSpec(dlq, 1)])
+    group = f"{namespace}.g"
+    victim = _Member("victim", b, src, out, dlq, group)
+    survivor = _Member("survivor", b, src, out, dlq, group)
+    caplog.set_level(logging.INFO, logger="shared.kafka")
+    victim.start()
+    survivor.start()
+    try:
+        await _wait(
+            "one partition each",
+            lambda: (
+                len(victim.assignment()) == len(survivor.assignment()) == 1
+                and victim.assignment() != survivor.assignment()
+            ),
+        )
+        [mine] = victim.assignment()
+        release = threading.Event()
+
+        async def stall(key: tuple[int, int]) -> None:
+            # Until the survivor has taken the partition over and committed it: longer than the group allows.
+            deadline = time.monotonic() + 90
+            while not release.is_set() and time.monotonic() < deadline:
+                if pause == "stopped":
+                    time.sleep(0.1)  # the victim's event loop stops dead, its heartbeats with it
+                else:
+                    await asyncio.sleep(0.1)
+
+        victim.stall = stall
+        await _produce_to(b, src, {0: 10, 1: 10}, first=0)
+        first = {(p, o) for p in (0, 1) for o in range(10)}
+        await _wait("the survivor to take over", lambda: set(survivor.handled) >= first, timeout=90)
+        deadline = time.monotonic() + 30
+        while await _committed(b, group) != {0: 10, 1: 10}:
+            assert time.monotonic() < deadline, await _committed(b, group)
+            await asyncio.sleep(0.2)
+        release.set()
+        await _wait(
+            "the victim's warning",
+            lambda: victim.error is not None or (victim.loop is not None and victim.loop.lost >= 1),
+        )
+        assert victim.error is None, f"the victim's loop crashed: {victim.error!r}"
+        # The victim rejoins: the partitions are shared again, and new records go to both.
+        await _wait("the victim back in the group", lambda: len(victim.assignment()) == 1)
+        await _wait("the survivor down to one partition", lambda: len(survivor.assignment()) == 1)
+        await _produce_to(b, src, {0: 5, 1: 5}, first=10)
+        everything = {(p, o) for p in (0, 1) for o in range(15)}
+        await _wait("the second records", lambda: set(victim.handled) | set(survivor.handled) >= everything)
+        await asyncio.sleep(1)  # any stray second handling would show now
+    finally:
+        victim.stop()
+        survivor.stop()
+    assert victim.error is None and survivor.error is None, (victim.error, survivor.error)
+    paused = (mine, 0)
+    first_wave = [k for k in victim.handled if k[1] < 10]
+    assert first_wave == [paused], f"the victim acted on records after its pause: {first_wave}"
+    # The survivor handled every record once; the only record handled twice is the one the victim held.
+    assert sorted(survivor.handled) == sorted(set(survivor.handled)), survivor.handled
+    both = set(victim.handled) & set(survivor.handled)
+    assert both == {paused}, both
+    assert set(victim.handled) | set(survivor.handled) == everything
+    assert any(k[1] >= 10 for k in victim.handled), (
+        f"the victim handled nothing after rejoining: {victim.handled}"
+    )
+    lost = [r for r in caplog.records if "were lost to another member" in r.getMessage()]
+    assert len(lost) == 1 and lost[0].levelno == logging.WARNING, [r.getMessage() for r in lost]
+    assert f"{src}[{mine}]" in lost[0].getMessage()
+    assert victim.loop is not None and victim.loop.lost == 1
+    # Outputs: one per record, the held record's twice (the same input: consumers de-duplicate it).
+    forwarded, _ = await read_topics(b, [out])
+    ids = Counter(m.id for m in forwarded)
+    assert {i for i, n in ids.items() if n > 1} == {f"p{mine}-0"}, ids
+    assert len(ids) == 30
+
+
+async def test_rebuild_resumes_a_partition_given_back_by_a_rebalance_where_its_state_is(
+    infra: Endpoints, namespace: str
+) -> None:
+    """A rebalance revokes every partition and assigns them again (eager protocol); with rebuild_on_start the
+    loop reads a partition it already applied from where it stopped: nothing enters its state twice."""
+    b = infra.kafka_bootstrap
+    src, _out, dlq = await _setup(b, namespace)
+    other = f"{namespace}.other"
+    await ensure_topics(b, [TopicSpec(other, 1)])
+    await _produce(b, src, [encode(candle(i)) for i in range(3)])
+    group = f"{namespace}.g"
+    pub = Publisher(b, client_id="t")
+    await pub.start()
+    seen: list[str] = []
+    assignments = 0
+
+    async def recording(msg: Message, rec: object, box: Outbox) -> None:
+        seen.append(msg.id)
+
+    loop = ConsumeLoop(
+        bootstrap=b,
+        topics=[src],
+        group_id=group,
+        publisher=pub,
+        dead_letter_topic=dlq,
+        service="t",
+        clock=system_clock,
+        ids=random_ids,
+        rebuild_on_start=True,
+    )
+    await loop.start()
+    running = asyncio.create_task(loop.run(recording))
+    joiner = AIOKafkaConsumer(bootstrap_servers=b, group_id=group, enable_auto_commit=False)
+
+    class Count(ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: object) -> None:
+            return None
+
+        async def on_partitions_assigned(self, assigned: object) -> None:
+            nonlocal assignments
+            assignments += 1
+
+    try:
+        await _wait("the first records", lambda: seen == ["c0", "c1", "c2"])
+        # Another member of the group (on another topic): the group rebalances, the loop keeps its partition.
+        await joiner.start()
+        joiner.subscribe([other], listener=Count())
+        await asyncio.wait_for(joiner.getmany(timeout_ms=100), 30)
+        while assignments == 0:
+            await joiner.getmany(timeout_ms=100)
+        await _produce(b, src, [encode(candle(3))])
+        await _wait("the next record", lambda: len(seen) >= 4)
+        await asyncio.sleep(1)  # a re-read from the beginning would show now
+    finally:
+        await joiner.stop()
+        loop.stop()
+        await asyncio.wait_for(running, 30)
+        await loop.close()
+        await pub.stop()
+    assert seen == ["c0", "c1", "c2", "c3"]
