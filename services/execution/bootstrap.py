@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -213,7 +214,7 @@ class ExecutionService:
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
 
-    async def _latest_close(self, product: str) -> Decimal | None:
+    async def _latest_close(self, product: str) -> tuple[datetime, Decimal] | None:
         """The price band's reference for a product no candle of was read since start: md.candles' tail."""
         from services.execution.live_wiring import latest_closes
 

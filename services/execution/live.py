@@ -87,7 +87,7 @@ class LiveExecution:
         quote: str = "USDC",
         protect: bool = True,
         price_band_pct: Decimal | None = None,
-        reference_lookup: Callable[[str], Awaitable[Decimal | None]] | None = None,
+        reference_lookup: Callable[[str], Awaitable[tuple[datetime, Decimal] | None]] | None = None,
     ) -> None:
         """`protect`: rest each position's stop at the exchange (what live trading does; tests of other rules
         may leave it out to count only the orders they send). `price_band_pct`: refuse a buy limit that far above
@@ -113,7 +113,8 @@ class LiveExecution:
         self.protect = protect
         self.price_band = price_band_pct / 100 if price_band_pct is not None else None
         self.reference_lookup = reference_lookup
-        self.references: dict[str, Decimal] = {}  # product -> the latest candle close seen
+        # product -> (open time, close) of the latest candle seen: the price band's reference
+        self.references: dict[str, tuple[datetime, Decimal]] = {}
         self.slippage = Decimal(str(profile.trading_params.slippage_tolerance))
         self.known: dict[str, KnownOrder] = {}
         self.exchange_ids: dict[
@@ -159,11 +160,16 @@ class LiveExecution:
         """Why `o` is refused by the price band (defence in depth behind the bus's ACLs), or None."""
         if self.price_band is None:
             return None
-        ref = self.references.get(o.product)
-        if ref is None and self.reference_lookup is not None:
-            ref = await self.reference_lookup(o.product)
-            if ref is not None:
-                self.references.setdefault(o.product, ref)
+        seen = self.references.get(o.product)
+        # The order was decided on the candles up to its step (a protective exit: on its trigger candle), which
+        # may not have reached this worker yet (another topic): then md.candles' tail has them. Judged against
+        # an older close, a stop's sale after a crash would look like a dump and be refused.
+        decided_on = o.trigger_candle or o.step_time
+        if (seen is None or seen[0] < decided_on) and self.reference_lookup is not None:
+            found = await self.reference_lookup(o.product)
+            if found is not None and (seen is None or found[0] >= seen[0]):
+                seen = self.references[o.product] = found
+        ref = seen[1] if seen is not None else None
         if ref is None or ref <= 0:
             return f"{PRICE_BAND_REASON}: no market price of {o.product} known yet (no candle of it read): not sent"
         limit = self.limit_price(o)
@@ -182,7 +188,9 @@ class LiveExecution:
         if isinstance(msg, ControlCommand):
             return await self._command(msg)  # only verified commands reach here (shared/commands.py)
         if isinstance(msg, CandleClosed):
-            self.references[msg.product] = msg.close  # the price band's reference
+            seen = self.references.get(msg.product)
+            if seen is None or msg.open_time >= seen[0]:
+                self.references[msg.product] = (msg.open_time, msg.close)  # the price band's reference
             return []
         if not isinstance(msg, ExecuteOrder) or msg.profile != self.profile_id:
             return []  # markers drive the paper exchange only
@@ -384,8 +392,10 @@ class LiveExecution:
         for k in self.known.values():
             if k.product != product or k.profile != self.profile_id or k.client_order_id == sale:
                 continue
-            if k.side == "sell" and k.terminal:
-                entry = None
+            if k.side == "sell" and k.terminal and k.filled_size > 0:
+                entry = (
+                    None  # a sale that sold nothing (refused, cancelled unfilled) left the position as it was
+                )
             elif k.side == "buy" and k.terminal and k.filled_size > 0:
                 entry = k
         return entry

@@ -52,7 +52,7 @@ async def open_live_execution(
     store_path: Path | None = None,
     api_base: str | None = None,
     poll_interval_s: float = 1.0,
-    reference_lookup: Callable[[str], Awaitable[Decimal | None]] | None = None,
+    reference_lookup: Callable[[str], Awaitable[tuple[datetime, Decimal] | None]] | None = None,
 ) -> LiveExecution:
     """Resolve the profile's credentials (store first; plaintext YAML only when allowed), open its ccxt adapter
     with markets loaded, and return the executor. Raises CredentialsError / HaltError with a clear reason."""
@@ -91,14 +91,16 @@ async def open_live_execution(
     )
 
 
-async def latest_closes(bootstrap: str, topic: str, *, records: int = 2000) -> dict[str, Decimal]:
-    """The latest close of each product among the last `records` records of each partition of md.candles: the
-    price band's reference on start (later, the candles the worker reads keep it current)."""
+async def latest_closes(
+    bootstrap: str, topic: str, *, records: int = 2000
+) -> dict[str, tuple[datetime, Decimal]]:
+    """The latest candle of each product, (open time, close), among the last `records` records of each partition
+    of md.candles: the price band's reference on start (later, the candles the worker reads keep it current)."""
     out: dict[str, tuple[datetime, Decimal]] = {}
     for _, m in await read_tail(bootstrap, topic, records=records, now=system_clock):
         if isinstance(m, CandleClosed) and (m.product not in out or m.open_time >= out[m.product][0]):
             out[m.product] = (m.open_time, m.close)
-    return {p: close for p, (_, close) in out.items()}
+    return out
 
 
 async def start_live(

@@ -341,7 +341,33 @@ async def test_live_forward_run_survives_sigkill_of_everything_and_kill_all_leav
         )
         assert [o.status for o in resting_at_kill] == ["CANCELLED"] * len(resting_at_kill)
         # A clean stop (what Ctrl-C does): the services stop, the run's outputs are collected from the topics.
-        await asyncio.sleep(3)  # the flatten's last events reach the topics
+        # Every fill at the peer is on the topics (a worker publishes a sale's fill after its next poll of the
+        # order) before the run is stopped and collects them.
+        at_peer = sum(len(o.fills) for o in peer.orders)
+        deadline = time.monotonic() + 60
+        published_fills: set[str] = set()
+        while len(published_fills) < at_peer and time.monotonic() < deadline:
+            for b in (await topic_bytes(infra.kafka_bootstrap, ns))[0]:
+                with contextlib.suppress(DecodeError, ValueError):
+                    m = decode(b)
+                    if isinstance(m, OrderFilled):
+                        published_fills.add(m.fill_id)
+            await asyncio.sleep(0.5)
+        if len(published_fills) != at_peer:
+            logs = out / "logs"
+            raise AssertionError(
+                f"{len(published_fills)} fills on the topics, {at_peer} at the peer: "
+                + "; ".join(
+                    f"{o.profile} {o.order_type} {o.side} {o.product.id} {o.client_id} {o.status} "
+                    f"fills {[(f.size, f.price) for f in o.fills]}"
+                    for o in peer.orders
+                    if o.fills
+                )
+                + "\n"
+                + "\n".join(
+                    f"{p.name}: {p.read_text()[-3000:]}" for p in sorted(logs.glob("execution.*.log"))
+                )
+            )
         second.send_signal(signal.SIGTERM)
         assert second.stdout is not None
         text = (await asyncio.wait_for(second.stdout.read(), 120)).decode(errors="replace")

@@ -20,6 +20,7 @@ from shared.messages import CommandHandled, ControlCommand, ExecuteOrder, Messag
 from tests.integration import test_exchange_adapters as adapters
 from tests.integration.test_exchange_adapters import adapter, app_config, creds_for, execute, posts
 from tests.peer.coinbase_peer import CoinbasePeer
+from tests.unit.builders import candle
 
 no_secret_in_logs = adapters.no_secret_in_logs
 
@@ -163,3 +164,35 @@ async def test_a_sale_never_asks_for_more_than_the_account_holds(
         assert updates(out)[-1] == "filled"
         assert sum((f.size for f in fills(out)), D(0)) == held  # the whole holding, not a refusal
         assert peer.account_of(PID).balances["BTC"] == 0
+
+
+async def test_a_refused_sale_does_not_end_the_position_so_the_next_one_books_the_stops_fills(
+    peer: CoinbasePeer, no_secret_in_logs: list[str]
+) -> None:
+    """A sale refused before it reached the exchange (here by the price band) sold nothing: the position and its
+    protective order are still the entry's, so the next sale books what the stop sold, and sends nothing."""
+    port = await adapter(peer, creds_for(peer, "coinbase", PID, no_secret_in_logs))
+    try:
+        ex = LiveExecution(
+            PID,
+            app_config().profiles[PID],
+            port,
+            clock=lambda: datetime.now(UTC),
+            poll_interval_s=0.05,
+            price_band_pct=D(10),
+        )
+        await ex.handle(candle("BTC/USDC", 1_767_225_600, 60000, close=60000))
+        btc0 = peer.account_of(PID).balances["BTC"]
+        size, stop, _ = await enter(ex, peer)
+        made = peer.trade("BTC-USDC", stop - D("10"))  # the stop sells at the exchange
+        assert sum((f.size for f in made), D(0)) == size
+        refused = await ex.handle(sale("dump", size).model_copy(update={"reference_price": D(1)}))
+        assert updates(refused)[-1] == "rejected" and "price band" in refused[-1].reason  # type: ignore[attr-defined]
+        sent = posts(peer)
+        out = await ex.handle(sale("stop", size))
+        assert updates(out) == ["submitted", "filled"], out
+        assert sum((f.size for f in fills(out)), D(0)) == size
+        assert posts(peer) == sent  # nothing sent: the stop had sold it
+        assert peer.account_of(PID).balances["BTC"] == btc0  # the account's own BTC untouched
+    finally:
+        await port.close()

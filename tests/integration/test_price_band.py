@@ -36,7 +36,7 @@ async def banded(
     peer: CoinbasePeer,
     api: str,
     secrets_used: list[str],
-    lookup: Callable[[str], Awaitable[Decimal | None]] | None = None,
+    lookup: Callable[[str], Awaitable[tuple[datetime, Decimal] | None]] | None = None,
 ) -> AsyncIterator[LiveExecution]:
     port = await adapter(peer, creds_for(peer, api, PID, secrets_used))
     try:
@@ -112,12 +112,49 @@ async def test_the_reference_comes_from_md_candles_tail_on_a_real_broker(
     finally:
         await pub.stop()
     closes = await latest_closes(kafka_bootstrap, topics.candles)
-    assert closes == {"BTC/USDC": D(60000), "ETH/USDC": D(3000)}
+    assert {p: c for p, (_, c) in closes.items()} == {"BTC/USDC": D(60000), "ETH/USDC": D(3000)}
 
-    async def lookup(product: str) -> Decimal | None:
+    async def lookup(product: str) -> tuple[datetime, Decimal] | None:
         return (await latest_closes(kafka_bootstrap, topics.candles)).get(product)
 
     async with banded(peer, "coinbase", no_secret_in_logs, lookup) as ex:
         refused = outcome(await ex.handle(execute(PID, "far", price="100000")))
         assert refused.status == "rejected" and "close 60000" in refused.reason, refused.reason
         assert outcome(await ex.handle(execute(PID, "near", price="60500"))).status == "filled"
+
+
+async def test_a_stops_sale_after_a_crash_is_judged_on_the_crash_candle_not_an_older_close(
+    peer: CoinbasePeer, no_secret_in_logs: list[str], kafka_bootstrap: str, namespace: str
+) -> None:
+    """The strategy sells on a crash candle this worker has not read yet (another topic): the band takes the
+    close from md.candles' tail, newer than its own, instead of refusing the sale as a dump of 25 %."""
+    topics = Topics(namespace)
+    await ensure_topics(kafka_bootstrap, [TopicSpec(topics.candles, 3)])
+    crash_open = T + 3600
+    pub = Publisher(kafka_bootstrap, client_id="test-band-crash")
+    await pub.start()
+    try:
+        await pub.send(
+            topics.candles, candle("BTC/USDC", crash_open, 60000, low=45000, close=45000), key="BTC/USDC"
+        )
+        await pub.flush()
+    finally:
+        await pub.stop()
+
+    async def lookup(product: str) -> tuple[datetime, Decimal] | None:
+        return (await latest_closes(kafka_bootstrap, topics.candles)).get(product)
+
+    async with banded(peer, "coinbase", no_secret_in_logs, lookup) as ex:
+        await ex.handle(candle("BTC/USDC", T, 60000, close=60000))  # all this worker has read itself
+        step = datetime.fromtimestamp(crash_open, UTC)
+        stop_sale = execute(PID, "stop-after-crash", side="sell", size="0.01", price="45000").model_copy(
+            update={
+                "step_time": step,
+                "trigger_price": D(45000),
+                "trigger_candle": step,
+                "intent_reason": "stop_loss",
+            }
+        )
+        done = outcome(await ex.handle(stop_sale))
+        assert not done.reason.startswith("price band"), done.reason
+        assert ex.references["BTC/USDC"] == (step, D(45000))
