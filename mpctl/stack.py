@@ -168,9 +168,8 @@ def _die_with(parent: int) -> Callable[[], None] | None:
     if not sys.platform.startswith("linux"):
         return None
 
-    prctl = ctypes.CDLL(
-        None, use_errno=True
-    ).prctl  # resolved here: the child between fork and exec only calls
+    # Resolved here, in the parent: between fork and exec the child only calls it.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def arm() -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -156,6 +156,12 @@ class LiveExecution:
         factor = (1 + self.slippage) if o.side == "buy" else (1 - self.slippage)
         return o.reference_price * factor
 
+    def note_close(self, product: str, open_time: datetime, close: Decimal) -> None:
+        """A candle's close, the price band's reference, unless a newer one of the product is known."""
+        seen = self.references.get(product)
+        if seen is None or open_time >= seen[0]:
+            self.references[product] = (open_time, close)
+
     async def _outside_band(self, o: ExecuteOrder) -> str | None:
         """Why `o` is refused by the price band (defence in depth behind the bus's ACLs), or None."""
         if self.price_band is None:
@@ -167,8 +173,9 @@ class LiveExecution:
         decided_on = o.trigger_candle or o.step_time
         if (seen is None or seen[0] < decided_on) and self.reference_lookup is not None:
             found = await self.reference_lookup(o.product)
-            if found is not None and (seen is None or found[0] >= seen[0]):
-                seen = self.references[o.product] = found
+            if found is not None:
+                self.note_close(o.product, *found)
+                seen = self.references[o.product]
         ref = seen[1] if seen is not None else None
         if ref is None or ref <= 0:
             return f"{PRICE_BAND_REASON}: no market price of {o.product} known yet (no candle of it read): not sent"
@@ -188,9 +195,7 @@ class LiveExecution:
         if isinstance(msg, ControlCommand):
             return await self._command(msg)  # only verified commands reach here (shared/commands.py)
         if isinstance(msg, CandleClosed):
-            seen = self.references.get(msg.product)
-            if seen is None or msg.open_time >= seen[0]:
-                self.references[msg.product] = (msg.open_time, msg.close)  # the price band's reference
+            self.note_close(msg.product, msg.open_time, msg.close)
             return []
         if not isinstance(msg, ExecuteOrder) or msg.profile != self.profile_id:
             return []  # markers drive the paper exchange only
@@ -393,9 +398,8 @@ class LiveExecution:
             if k.product != product or k.profile != self.profile_id or k.client_order_id == sale:
                 continue
             if k.side == "sell" and k.terminal and k.filled_size > 0:
-                entry = (
-                    None  # a sale that sold nothing (refused, cancelled unfilled) left the position as it was
-                )
+                # Only a sale that sold something ends the position (a refused one left it as it was).
+                entry = None
             elif k.side == "buy" and k.terminal and k.filled_size > 0:
                 entry = k
         return entry

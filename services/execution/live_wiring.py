@@ -117,7 +117,8 @@ async def start_live(
     past, _ = await read_topics(bootstrap, [topics.events])
     live.apply_all(past)  # apply() keeps only this profile's order events
     if live.price_band is not None:
-        live.references.update(await latest_closes(bootstrap, topics.candles))
+        for product, (at, close) in (await latest_closes(bootstrap, topics.candles)).items():
+            live.note_close(product, at, close)
     missing = await live.reconcile()
     missing += await live.account_snapshot("start")
     if missing:
