@@ -45,6 +45,10 @@ def utc(dt: datetime) -> datetime:
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(utc)]
+# One trade of a bucket's path: (exchange time in epoch milliseconds, price).
+PathPoint = tuple[int, Price]
+# Successive new lows and highs of a random walk are few (about 2 ln n for n trades); the bound refuses a forgery.
+MAX_PATH_POINTS = 5000
 
 
 class Message(BaseModel):
@@ -83,6 +87,10 @@ class CandleClosed(Message):
     source: str = ""
     # A bucket without trades (REST leaves it out): flat at the previous close, volume 0 (docs/ingest.md).
     synthetic: bool = False
+    # The live ingest's record of every trade of the bucket, when the websocket showed all of them: its successive
+    # new lows and new highs in time order (at one time, lows first), so a protective order acts where the trades
+    # reached its level (shared/protective.py). None: unknown (a replay, or a gap in the feed).
+    trade_path: tuple[PathPoint, ...] | None = Field(default=None, max_length=MAX_PATH_POINTS)
 
     @model_validator(mode="after")
     def _ohlc_consistent(self) -> CandleClosed:
@@ -94,6 +102,23 @@ class CandleClosed(Message):
             raise ValueError(
                 f"high/low do not bound open/close: open {self.open}, high {self.high}, low {self.low}, close {self.close}"
             )
+        path = self.trade_path
+        if path is not None:
+            start = int(self.open_time.timestamp() * 1000)
+            end = start + self.interval_s * 1000
+            times = [t for t, _ in path]
+            prices = [p for _, p in path]
+            if not path or times != sorted(times) or times[0] < start or times[-1] >= end:
+                raise ValueError(
+                    f"trade_path of {self.product} at {self.open_time.isoformat()}: empty, out of time order or "
+                    f"outside the bucket [{start}, {end}) ms: {times[:3]}...{times[-3:]}"
+                )
+            if min(prices) != self.low or max(prices) != self.high:
+                # Reaching a level must read the same from the path as from the candle.
+                raise ValueError(
+                    f"trade_path of {self.product} at {self.open_time.isoformat()} spans "
+                    f"[{min(prices)}, {max(prices)}], the candle [{self.low}, {self.high}]"
+                )
         return self
 
 

@@ -435,6 +435,7 @@ class LiveIngest:
                 volume=b.volume,
                 source="coinbase",
                 synthetic=c.synthetic,
+                trade_path=c.path,
             )
             await self.publisher.send(self.topics.candles, msg, key=c.product)
             self.metrics.candles.labels(str(c.synthetic).lower()).inc()
@@ -673,7 +674,7 @@ class LiveIngest:
             seen[t.trade_id] = None
             if len(seen) > TRADE_IDS_KEPT:
                 seen.popitem(last=False)
-            if not book.on_trade(product, t.time_s) and not frame.snapshot:
+            if not book.on_trade(product, t.time_s, t.price) and not frame.snapshot:
                 log.warning(
                     "trade %s of %s at %s came after its bucket was published", t.trade_id, product, t.time_s
                 )

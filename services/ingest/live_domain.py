@@ -11,10 +11,15 @@ exchange time >= s+I+grace covers it:
 - otherwise (a late bucket, or no way to tell) it is asked again every poll interval; once an answer obtained
   at or after s+I+deadline still leaves it undecided, it is *missing* and its step goes out without it.
 Steps go out in order, each once every product's bucket of it is final or missing.
+
+A final bucket from REST carries its trades' path (`TradePath`: the successive new lows and new highs) when the
+websocket was connected without a gap for the whole bucket and the trades' extremes are the candle's low and
+high; otherwise none (shared/protective.py then reads the candle's range).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -82,12 +87,51 @@ class Fetch:
     end_s: int
 
 
+@dataclass
+class TradePath:
+    """One bucket's trades reduced to its new lows and new highs in time order: the first trade at or below any
+    level is a new low (every earlier one was above it), so these answer where a resting stop or take profit was
+    reached, in a few points instead of every trade. Trades may come out of order (a snapshot after a
+    reconnect); a trade that is no new low never becomes one by later inserts, so the lists stay exact.
+
+    At one millisecond the worse trade for a stop (the lower) and for a take profit (the higher) is taken to
+    have come first: the conservative reading."""
+
+    lows: list[tuple[int, Decimal]] = field(default_factory=list)  # (t_ms, price), prices strictly falling
+    neg_highs: list[tuple[int, Decimal]] = field(default_factory=list)  # (t_ms, -price): the highs as lows
+
+    def add(self, t_ms: int, price: Decimal) -> None:
+        _insert_low(self.lows, (t_ms, price))
+        _insert_low(self.neg_highs, (t_ms, -price))
+
+    def points(self) -> tuple[tuple[int, Decimal], ...]:
+        """Lows and highs merged in time order, lows first at one time (the stop decides a tie)."""
+        merged = sorted({(t, 0, p) for t, p in self.lows} | {(t, 1, -n) for t, n in self.neg_highs})
+        out: list[tuple[int, Decimal]] = []
+        for t, _, p in merged:
+            if not out or out[-1] != (t, p):
+                out.append((t, p))
+        return tuple(out)
+
+
+def _insert_low(records: list[tuple[int, Decimal]], point: tuple[int, Decimal]) -> None:
+    """Insert `point` into records ordered by (time, price), each lower than every earlier trade, if it is one."""
+    i = bisect.bisect_left(records, point)
+    if i > 0 and records[i - 1][1] <= point[1]:
+        return  # an earlier trade was as low: this one reached nothing new
+    j = i
+    while j < len(records) and records[j][1] >= point[1]:
+        j += 1  # later records are no longer new lows: this trade came first
+    records[i:j] = [point]
+
+
 @dataclass(frozen=True)
 class Final:
     product: str
     bar: Bar
     synthetic: bool
     publish: bool = True  # False: already on the topic (read back after a restart); counted, not sent again
+    path: tuple[tuple[int, Decimal], ...] | None = None  # the bucket's TradePath.points() when complete
 
 
 @dataclass(frozen=True)
@@ -138,6 +182,7 @@ class ProductBook:
     covered: set[int] = field(default_factory=set)  # covered by an answer obtained after end + grace
     asked_past_deadline: set[int] = field(default_factory=set)  # ... obtained after end + deadline
     trades: set[int] = field(default_factory=set)  # buckets in which the websocket showed a trade
+    paths: dict[int, TradePath] = field(default_factory=dict)  # bucket start -> its trades' path
     latest_row: int | None = None  # the newest bucket start REST ever returned
     last_close: Decimal | None = None
     seeded: bool = False  # last_close is known, or REST was asked for the buckets before the first step
@@ -221,7 +266,7 @@ class LiveBook:
         b.asked_to = f.end_s
         b.asked_edge = to_the_edge
 
-    def on_trade(self, product: str, t: float) -> bool:
+    def on_trade(self, product: str, t: float, price: Decimal | None = None) -> bool:
         """A websocket trade of `product` at exchange time `t`; False when its bucket was already decided."""
         b = self.books.get(product)
         if b is None:
@@ -230,7 +275,23 @@ class LiveBook:
         if s < self.next_step:
             return False
         b.trades.add(s)
+        if price is not None:
+            # Via whole microseconds (the feed's precision), so float noise never moves a trade across a millisecond.
+            t_ms = min(round(t * 1_000_000) // 1000, (s + self.interval_s) * 1000 - 1)
+            b.paths.setdefault(s, TradePath()).add(t_ms, price)
         return True
+
+    def _path(self, b: ProductBook, s: int, bar: Bar) -> tuple[tuple[int, Decimal], ...] | None:
+        """The bucket's trade path when it is whole: the websocket saw the whole bucket and its trades reach
+        exactly the candle's low and high (REST and the trades tell the same story)."""
+        path = b.paths.get(s)
+        if path is None or not self.coverage.covers(s, s + self.interval_s):
+            return None
+        points = path.points()
+        prices = [p for _, p in points]
+        if min(prices) != bar.low or max(prices) != bar.high:
+            return None
+        return points
 
     def ws_up(self, t: float) -> None:
         self.coverage.up(t)
@@ -255,7 +316,7 @@ class LiveBook:
         if s in b.covered:
             row = b.rows.get(s)
             if row is not None and row[1] >= s + iv + self.grace_s:
-                return Final(product, row[0], synthetic=False)
+                return Final(product, row[0], synthetic=False, path=self._path(b, s, row[0]))
             no_trade = s not in b.trades
             later = b.latest_row is not None and b.latest_row > s
             if no_trade and b.last_close is not None and (later or self.coverage.covers(s, s + iv)):
@@ -296,6 +357,7 @@ class LiveBook:
             b.covered = {s for s in b.covered if s >= self.next_step}
             b.asked_past_deadline = {s for s in b.asked_past_deadline if s >= self.next_step}
             b.trades = {s for s in b.trades if s >= self.next_step}
+            b.paths = {s: p for s, p in b.paths.items() if s >= self.next_step}
         self.coverage.prune(self.next_step)
 
     def fetches(self, now: float) -> list[Fetch]:

@@ -37,7 +37,9 @@ rotated plan, so a rebuild switches plans at the same step as the first run.
 Long-only spot: a buy opens a position, a sell closes it. Exits come before entries. Stop loss and take profit
 are protective orders resting at the exchange once the entry completed (shared/protective.py): the first
 candle whose range reaches a level sends the exit with its trigger price and candle, and the paper exchange
-fills it on that candle at that price (slippage and fee included), not at a later close. Then a halt's close
+fills it on that candle at that price (slippage and fee included), not at a later close. A live candle that
+carries its trades' path is read from the trades: which level came first, and the stop at the first trade
+through it. Then a halt's close
 (reason "halt"), an operator's or a rotation's flatten, and signal reversal; entries need the blended signal and confidence above the profile's
 thresholds and the market's volatility between `entropy_threshold` (per candle) and `volatility_threshold`
 (annualised).
@@ -1071,7 +1073,12 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
             stop, take = protective.levels(pos.avg_price, lim.stop_loss_pct, lim.take_profit_pct)
             # On the candle in which the entry completed, the orders did not rest at its open.
             rested = state.entry_done.get(product, -math.inf) < step.time_s
-            hit = protective.reached(c.open, c.high, c.low, stop, take, resting_at_open=rested)
+            if rested and c.trade_path is not None:
+                # A live candle whose every trade was seen: the trades say which level came first, and at
+                # what price the stop sold (the path starts before the entry completed: the range then decides).
+                hit = protective.reached_on_path(c.trade_path, stop, take)
+            else:
+                hit = protective.reached(c.open, c.high, c.low, stop, take, resting_at_open=rested)
             if hit is not None:
                 triggered[product] = (hit[0], hit[1], c.open_time)
 

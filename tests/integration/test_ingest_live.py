@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer
 
 from services.ingest.bootstrap import bootstrap_live
 from services.ingest.live import LiveIngest
+from services.ingest.live_domain import TradePath
 from shared.clock import derived_id, from_epoch_s
 from shared.codec import decode
 from shared.config import AppConfig
@@ -162,6 +163,18 @@ def check_candles(
                     c,
                 )
             prev = c.close
+    # Trade paths: where a candle carries one, it is the peer's own trades of the bucket reduced to their new
+    # lows and highs (a stop in a forward test acts where these trades reached it).
+    for c in candles:
+        if c.trade_path is None:
+            continue
+        t = int(c.open_time.timestamp())
+        truth_path = TradePath()
+        for tr in peer.trades(c.product.replace("/", "-"), t, t + IV):
+            truth_path.add(tr.time_us // 1000, tr.price)
+        assert c.trade_path == truth_path.points(), (
+            f"{c.product} {t}: {c.trade_path} != {truth_path.points()}"
+        )
     return steps0, candles
 
 
@@ -258,6 +271,10 @@ async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, 
         steps, candles = check_candles(records, peer)
         assert len(steps) >= LONG_HISTORY + 10
         assert any(c.synthetic for c in candles), "the quiet product's empty buckets"
+        # Every bucket the websocket saw whole carries its path: most live steps between the faults.
+        with_path = [c for c in candles if c.trade_path is not None]
+        print(f"candles with a trade path: {len(with_path)} of {len(candles)}")
+        assert len(with_path) >= 5, len(with_path)
         states = [m.state for p, m in records if p == 0 and isinstance(m, FeedStateChanged)]
         assert "stale" in states and states[-1] == "fresh"
         m = svc.metrics.registry.get_sample_value

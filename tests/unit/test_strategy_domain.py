@@ -420,6 +420,44 @@ def test_stop_loss_exit_sells_the_whole_position_once_the_loss_reaches_the_limit
     assert intent.event_time.timestamp() == T0 + 3 * HOUR  # decided at the close of the step
 
 
+def _with_path(c: CandleClosed, points: list[tuple[int, Any]]) -> CandleClosed:
+    """The candle as the live ingest publishes it when the websocket showed every trade of its bucket."""
+    ms = int(c.open_time.timestamp()) * 1000
+    return CandleClosed.model_validate(
+        {**c.model_dump(), "trade_path": [(ms + dt_ms, D(p)) for dt_ms, p in points]}
+    )
+
+
+def test_on_a_live_candle_the_trades_decide_which_level_came_first_and_the_stops_price(
+    profile: Profile,
+) -> None:
+    p = tune(profile, risk_management={"stop_loss_pct": 5.0, "take_profit_pct": 5.0})
+    stop, take = D(190), D(210)
+    both = candle("BTC/USDC", T0 + 2 * HOUR, 200, high=211, low=185, close=200)  # reaches both levels
+
+    def exit_on(c: CandleClosed) -> PlaceOrder:
+        state = fresh(p)
+        feed(state, [*plans_for(p, T0, 3), *hold("BTC/USDC", "1.5", 200)])
+        assert of_type(feed(state, step_messages(path_candles("BTC/USDC", [200, 200]))), PlaceOrder) == []
+        (intent,) = of_type(feed(state, step_messages([c])), PlaceOrder)
+        return intent
+
+    # The range alone: the stop decides (which came first is unknown), at its level.
+    by_range = exit_on(both)
+    assert (by_range.reason, by_range.trigger_price) == ("stop_loss", stop)
+    # The trades went up through the take profit first: it sold there, at its level.
+    up_first = exit_on(_with_path(both, [(0, 200), (10, 211), (20, 185)]))
+    assert (up_first.reason, up_first.trigger_price) == ("take_profit", take)
+    # Down first, jumping from 195 to 185: the stop sold at the first trade through it, not at its level.
+    down_first = exit_on(_with_path(both, [(0, 200), (5, 195), (10, 185), (20, 211)]))
+    assert (down_first.reason, down_first.trigger_price, down_first.reference_price) == (
+        "stop_loss",
+        D(185),
+        D(185),
+    )
+    assert down_first.trigger_candle == both.open_time
+
+
 def test_take_profit_exit_sells_once_the_gain_reaches_the_target(profile: Profile) -> None:
     tp = profile.risk_management.take_profit_pct
     state = fresh(profile)
