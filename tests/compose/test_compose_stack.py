@@ -1,0 +1,378 @@
+"""The compose stack, run for real (issue #17): `docker compose up` of the rendered docker-compose.yml on a Docker
+engine, with the project's image built from its own Dockerfile (tests/compose/images.py), stand-ins built
+locally for the public images it names, and Compose v2 itself.
+
+(a) Live: the live ingest against the market-data peer (a container of the project's image running
+    tests/peer/coinbase_md_peer.py), paper execution. Every service becomes healthy; the forward test produces
+    plans, orders and fills; `mpctl status` and `mpctl lag` on the host see every service; Prometheus scrapes
+    every `/metrics`; each execution container holds only its own profile's credential files, readable by the
+    container's user; `docker compose down` then `up` resumes (the candles go on, none twice).
+(b) Replay: `--profile replay` with the live ingest scaled to 0; `docker kill` of a strategy and an execution
+    container mid-run, then `docker compose up -d`: the run's files equal the backtest's on the same candles,
+    byte for byte (the books of an uninterrupted run; tests/e2e/test_backtest_parity.py shows the demo's equal
+    them too).
+
+Run by `make test-compose` (and `.ci/run` after `make test`), not by `make test`."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mpctl.stack import collect, expected_finishers
+from services.monitor.collect import read_topics
+from shared.config import load_config
+from shared.messages import CandleClosed, WorkerFinished
+from shared.topics import Topics
+from tests.compose.images import Images, ensure_images, image_size_mb
+from tests.compose.stack import PEER_PORT, ComposeStack
+from tests.e2e.test_run import DATA, PEER_START, data_assets, lower
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+APP_UID = 10001  # the image's user (Dockerfile)
+FILES = ("orders.jsonl", "fills.jsonl", "decisions.jsonl", "plans.jsonl", "summary.json")
+REPLAY_HOURS = 300
+
+
+@pytest.fixture(scope="module")
+def images() -> Images:
+    built = ensure_images()
+    size = image_size_mb(built.project)
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in built.seconds.items())
+    print(f"\nimages: {times}; {built.project} {size:.0f} MB")
+    return built
+
+
+@pytest.fixture
+def stack(images: Images, tmp_path: Path) -> Iterator[ComposeStack]:
+    s = ComposeStack(tmp_path / "stack", images)
+    try:
+        yield s
+    finally:
+        print("\n".join(["compose calls:", *s.log]))
+        s.destroy()
+
+
+def profiles_file(tmp_path: Path, market_data: dict[str, Any]) -> Path:
+    """The template with both profiles enabled, low entry thresholds (trades within minutes) and `market_data`."""
+    doc = yaml.safe_load((ROOT / "config" / "coinbase_profiles.yaml").read_text())
+    doc.setdefault("system", {})["mode"] = "paper"
+    doc["system"]["market_data"] = market_data
+    have = data_assets()
+    for p in doc["profiles"].values():
+        p["enabled"] = True
+        sc = p["strategy_config"]
+        sc["random_asset_pool"] = [a for a in sc["random_asset_pool"] if a in have]
+        lower(p)
+    path = tmp_path / "profiles.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    load_config(path)
+    return path
+
+
+def mpctl(*argv: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    proc = subprocess.run(
+        [PYTHON, "-m", "mpctl.cli", *argv],
+        cwd=cwd,
+        env={**os.environ, "CI": "true", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"mpctl {' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    )
+    return proc.stdout
+
+
+def write_secrets(stack: ComposeStack, tmp_path: Path, profiles: list[str]) -> dict[str, str]:
+    """The first-run step of deploy/README.md: each profile's credentials into the encrypted store, then
+    `mpctl compose init-secrets` (its export per profile), owned by the containers' user. Returns the secrets."""
+    store = tmp_path / "store" / "credentials.enc"
+    env = {"MPCTL_CREDENTIALS_STORE": str(store), "MPCTL_SECRETS_PASSPHRASE": "compose test passphrase 7f3a"}
+    secrets = {pid: f"compose-secret-{pid}-51be0c" for pid in profiles}
+    for pid, secret in secrets.items():
+        proc = subprocess.run(
+            [PYTHON, "-m", "mpctl.cli", "secrets", "set", pid, "--exchange", "coinbase", "--force"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            input=json.dumps({"api_key": f"key-{pid}", "secret": secret}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+    mpctl(
+        "compose",
+        "init-secrets",
+        "--config",
+        "config/profiles.yaml",
+        "--dir",
+        "secrets",
+        "--store",
+        str(store),
+        cwd=stack.dir,
+        env=env,
+    )
+    if os.geteuid() == 0:  # as a user does with sudo (deploy/README.md, File ownership)
+        for f in (stack.dir / "secrets").iterdir():
+            os.chown(f, APP_UID, APP_UID)
+    return secrets
+
+
+def run_files(stack: ComposeStack, cfg_path: Path, out: Path) -> dict[str, Any]:
+    """The run's files from the stack's topics, as `mpctl demo` writes them."""
+    cfg = load_config(cfg_path)
+    return asyncio.run(collect(cfg, stack.bootstrap, out))
+
+
+def candles(stack: ComposeStack, namespace: str) -> list[CandleClosed]:
+    msgs, _ = asyncio.run(read_topics(stack.bootstrap, [Topics(namespace).candles]))
+    return [m for m in msgs if isinstance(m, CandleClosed)]
+
+
+def until(cond: Any, timeout: float, what: str, stack: ComposeStack) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{stack.logs()}")
+
+
+def jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def app_services(doc: dict[str, Any], *, without: set[str]) -> list[str]:
+    return [s for s in doc["services"] if s not in without]
+
+
+@pytest.mark.timeout(1200)
+def test_live_stack_trades_on_the_peer_is_seen_from_the_host_and_resumes_after_down_and_up(
+    stack: ComposeStack, tmp_path: Path
+) -> None:
+    peer_url = f"http://md-peer:{PEER_PORT}"
+    cfg_path = profiles_file(
+        tmp_path,
+        {
+            "source": "coinbase",
+            "interval": "1m",
+            "rest_url": peer_url,
+            "ws_url": f"ws://md-peer:{PEER_PORT}/ws",
+            "history_steps": 250,
+            "max_requests_per_s": 40.0,
+        },
+    )
+    products = ",".join(f"{a}-USDC" for a in sorted(data_assets()))
+    peer_args = [
+        "--speed",
+        "60",
+        "--start",
+        PEER_START,
+        "--granularity",
+        "60",
+        "--products",
+        products,
+        "--data",
+        "/app/data/market",
+    ]
+    doc = stack.render(cfg_path, peer_args)
+    cfg = load_config(stack.dir / "config" / "profiles.yaml")
+    profiles = sorted(cfg.enabled_profiles())
+    assert len(profiles) >= 2
+    secrets = write_secrets(stack, tmp_path, profiles)
+    # Grafana is the one public image with no Debian package to stand in for it: not started here.
+    services = [*app_services(doc, without={"grafana", "ingest-replay"}), "md-peer"]
+
+    t0 = time.monotonic()
+    stack.compose("up", "-d", *services)
+    healthy_s = stack.wait_healthy(services, {"topics"}, timeout=300)
+    print(f"\nup to every service healthy: {time.monotonic() - t0:.1f} s")
+
+    # The forward test: plans, orders and paper fills on the peer's live candles.
+    out = tmp_path / "run"
+    seen: dict[str, int] = {}
+
+    def traded() -> bool:
+        run_files(stack, cfg_path, out)
+        seen.update({n: len(jsonl(out / n)) for n in ("plans.jsonl", "orders.jsonl", "fills.jsonl")})
+        return all(seen.values())
+
+    until(traded, 300, "plans, orders and fills", stack)
+    print(f"forward test: {seen} at {time.monotonic() - t0:.0f} s")
+
+    # The host sees every service: heartbeats and consumer groups over the published Kafka port.
+    host = ["--bootstrap", stack.bootstrap, "--config", str(stack.dir / "config" / "profiles.yaml"), "--json"]
+    status = json.loads(mpctl("status", *host, cwd=ROOT))
+    states = {s["name"]: s["state"] for s in status["services"]}
+    expected = {
+        "ingest",
+        "registry",
+        "arbiter",
+        "monitor",
+        *(f"{k}.{p}" for p in profiles for k in ("strategy", "execution")),
+    }
+    assert set(states) == expected and set(states.values()) == {"up"}, json.dumps(
+        status["services"], indent=1
+    )
+    lag = json.loads(mpctl("lag", *host, cwd=ROOT))
+    groups = {g["group"]: g for g in lag["groups"]}
+    for p in profiles:
+        for kind in ("strategy", "execution"):
+            g = Topics(cfg.system.kafka.namespace).group(kind, p)
+            assert g in groups and groups[g]["members"] >= 1, (g, sorted(groups))
+
+    # Prometheus scrapes every /metrics of the rendered scrape config.
+    prom = f"http://127.0.0.1:{stack.prometheus_port}/api/v1/targets"
+    jobs: dict[str, str] = {}
+
+    def scraped() -> bool:
+        with urllib.request.urlopen(prom, timeout=5) as r:
+            body = json.loads(r.read())
+        jobs.clear()
+        for t in body["data"]["activeTargets"]:
+            jobs[t["labels"]["instance"]] = t["health"]
+        return bool(jobs) and set(jobs.values()) == {"up"}
+
+    until(scraped, 120, "every Prometheus target up", stack)
+    want_targets = {
+        f"{s}:9100" for s in services if s not in ("topics", "kafka", "redis", "prometheus", "md-peer")
+    }
+    assert want_targets <= set(jobs), (sorted(want_targets - set(jobs)), jobs)
+
+    # Each execution container holds its own profile's credential files and nothing of another's; no other
+    # container holds any. The container's user can read them (the live worker would).
+    for svc in services:
+        mounts = [m for m in stack.inspect(svc)["Mounts"] if m["Destination"].startswith("/run/secrets")]
+        if svc.startswith("execution-"):
+            pid = svc.removeprefix("execution-")
+            assert {(Path(m["Source"]).name, m["Destination"]) for m in mounts} == {
+                (f"{pid}.enc", "/run/secrets/credentials.enc"),
+                (f"{pid}.key", "/run/secrets/mpctl_secrets_key"),
+            }, mounts
+            got = stack.compose(
+                "exec", "-T", svc, "sha256sum", "/run/secrets/credentials.enc"
+            ).stdout.split()[0]
+            assert got == hashlib.sha256((stack.dir / "secrets" / f"{pid}.enc").read_bytes()).hexdigest()
+        else:
+            assert mounts == [], (svc, mounts)
+    # No credential in any container's log, nor in the topics the host reads.
+    logs = stack.compose("logs", "--no-color", *services).stdout
+    topics_text = "\n".join((out / n).read_text() for n in FILES)
+    for pid, secret in secrets.items():
+        assert secret not in logs and secret not in topics_text, f"{pid}'s secret leaked"
+
+    # `docker compose down` keeps the volumes; `up` resumes: the ingest goes on from the last step it published.
+    before = candles(stack, cfg.system.kafka.namespace)
+    last = max(c.open_time for c in before)
+    stack.compose("down", "-t", "20")
+    assert stack.ps() == {}
+    t1 = time.monotonic()
+    stack.compose("up", "-d", *services)
+    stack.wait_healthy(services, {"topics"}, timeout=300)
+    print(f"down, then up to healthy again: {time.monotonic() - t1:.1f} s (first start: {healthy_s:.1f} s)")
+    until(
+        lambda: max(c.open_time for c in candles(stack, cfg.system.kafka.namespace)) > last,
+        180,
+        "candles after the restart",
+        stack,
+    )
+    after = candles(stack, cfg.system.kafka.namespace)
+    twice = [k for k, n in Counter((c.product, c.open_time) for c in after).items() if n > 1]
+    assert twice == [], twice[:5]
+    assert len(after) > len(before)
+    status = json.loads(mpctl("status", *host, cwd=ROOT))
+    assert {s["name"]: s["state"] for s in status["services"]} == dict.fromkeys(expected, "up")
+
+
+def trimmed_data(folder: Path, hours: int) -> Path:
+    """The first `hours` candles of every bundled file (a short replay), in the same format."""
+    folder.mkdir(parents=True)
+    for f in sorted(DATA.glob("*_1h.csv.gz")):
+        lines = gzip.decompress(f.read_bytes()).decode().splitlines(keepends=True)
+        head = lines[0] if not lines[0][0].isdigit() else ""
+        rows = [ln for ln in lines if ln[:1].isdigit()][:hours]
+        (folder / f.name).write_bytes(gzip.compress((head + "".join(rows)).encode(), mtime=0))
+    return folder
+
+
+@pytest.mark.timeout(1200)
+def test_replay_stack_with_a_strategy_and_an_execution_container_killed_books_as_the_backtest(
+    stack: ComposeStack, tmp_path: Path
+) -> None:
+    cfg_path = profiles_file(tmp_path, {"source": "replay"})
+    stack.dir.mkdir(parents=True)
+    data = trimmed_data(stack.dir / "data" / "market", REPLAY_HOURS)
+    doc = stack.render(cfg_path, [])
+    cfg = load_config(stack.dir / "config" / "profiles.yaml")
+    profiles = sorted(cfg.enabled_profiles())
+    write_secrets(stack, tmp_path, profiles)
+    services = app_services(doc, without={"grafana", "ingest"})
+    topics = Topics(cfg.system.kafka.namespace)
+
+    stack.compose("--profile", "replay", "up", "-d", *services)
+
+    def fills() -> int:
+        msgs, _ = asyncio.run(read_topics(stack.bootstrap, [topics.events]))
+        return sum(1 for m in msgs if type(m).__name__ == "OrderFilled")
+
+    def finished() -> set[str]:
+        msgs, _ = asyncio.run(read_topics(stack.bootstrap, [topics.status]))
+        return {f"{m.service}:{m.instance}" for m in msgs if isinstance(m, WorkerFinished)}
+
+    until(lambda: fills() > 0, 300, "the first fill", stack)
+    victims = (f"strategy-{profiles[0]}", f"execution-{profiles[1]}")
+    stack.kill(*victims)
+    done_at_kill = finished()
+    print(f"\nkilled {victims} after {fills()} fill(s); finished by then: {sorted(done_at_kill)}")
+    assert not expected_finishers(cfg) <= done_at_kill, (
+        "the replay was over before the kill: nothing was tested"
+    )
+    assert {stack.ps()[v]["State"] for v in victims} == {"exited"}
+    stack.compose("--profile", "replay", "up", "-d", *services)
+    until(lambda: expected_finishers(cfg) <= finished(), 600, "the end of the replay", stack)
+
+    out, bt = tmp_path / "compose-run", tmp_path / "backtest"
+    # What reaches the topics after the strategies finished (the last orders' fills) settles first.
+    previous: dict[str, bytes] = {}
+
+    def settled() -> bool:
+        run_files(stack, cfg_path, out)
+        now = {n: (out / n).read_bytes() for n in FILES}
+        same = now == previous
+        previous.clear()
+        previous.update(now)
+        return same
+
+    until(settled, 120, "the run's files to settle", stack)
+    proc = subprocess.run(
+        [PYTHON, "-m", "mpctl.backtest", "--config", str(cfg_path), "--data", str(data), "--out", str(bt)],
+        cwd=ROOT,
+        env={**os.environ, "CI": "true"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert jsonl(bt / "fills.jsonl"), "the backtest made no fill: the comparison would say little"
+    for name in FILES:
+        assert (out / name).read_bytes() == (bt / name).read_bytes(), f"{name} differs from the backtest's"
