@@ -21,12 +21,14 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from services.execution.live import protective_client_id
+from services.execution.reconcile import KnownOrder, order_update
 from services.monitor.alerts import alerts_from_message
 from services.monitor.collect import read_topics
 from shared.kafka import Publisher, ensure_topics
@@ -38,12 +40,14 @@ from shared.messages import (
     OrderUpdated,
 )
 from shared.topics import Topics, declared_topics
-from tests.integration.test_exchange_adapters import execute
+from tests.integration import test_exchange_adapters as adapters
+from tests.integration.test_exchange_adapters import adapter, creds_for, execute, live, of
 from tests.integration.test_live_wiring import store_profile_a
 from tests.integration.zombie_worker import PID, zombie_config
 from tests.peer.coinbase_peer import CoinbasePeer, PeerOrder
 from tests.unit.builders import T0, candle
 
+no_secret_in_logs = adapters.no_secret_in_logs
 D = Decimal
 REPO = Path(__file__).resolve().parents[2]
 
@@ -217,3 +221,45 @@ async def test_a_paused_worker_never_leaves_a_second_order_unbooked(
     acct = peer.account_of(PID).balances
     for asset in ("BTC", "USDC"):
         assert have[asset] == acct[asset], (asset, have[asset], acct[asset])
+
+
+@pytest.mark.parametrize("second_fills", [True, False], ids=["filled", "open"])
+async def test_reconciliation_on_start_finds_a_second_order_under_a_known_client_id(
+    peer: CoinbasePeer, second_fills: bool, no_secret_in_logs: list[str]
+) -> None:
+    """Exchange API, a worker restarted after two sends of one client id (the zombie died before it looked): the
+    first order is the intent's; the second is cancelled if still open, its fills booked, and reported."""
+    port = await adapter(peer, creds_for(peer, "coinbaseexchange", PID, no_secret_in_logs))
+    msg = execute(PID, f"restart-{second_fills}", price=str(peer.price("BTC-USDC")))
+    try:
+        port.lookup_before_send = False  # stands for two workers that both looked before either sent
+        first = await port.create_order(
+            msg.client_order_id, msg.product, msg.side, msg.size, limit_price=msg.reference_price * D("1.001")
+        )
+        peer.fill_plan = [D(1)] if second_fills else []
+        await asyncio.sleep(0.01)  # created after the first: the exchange's order of creation decides
+        second = await port.create_order(
+            msg.client_order_id, msg.product, msg.side, msg.size, limit_price=msg.reference_price * D("1.001")
+        )
+        port.lookup_before_send = True
+        restarted = live(PID, port)
+        restarted.apply(order_update(KnownOrder.from_execute(msg), "submitted", datetime.now(UTC)))
+        events = await restarted.reconcile()
+        again = await restarted.reconcile()  # nothing new the second time
+    finally:
+        await port.close()
+    (report,) = of(events, DuplicateOrderDetected)
+    assert (report.original, report.duplicate) == (first.exchange_order_id, second.exchange_order_id)
+    dup_fills = [f for f in of(events, OrderFilled) if f.duplicate_of is not None]
+    own_fills = [f for f in of(events, OrderFilled) if f.duplicate_of is None]
+    peer_second = next(o for o in peer.orders if o.order_id == second.exchange_order_id)
+    assert sum((f.size for f in own_fills), D(0)) == msg.size  # the intent's order, once
+    assert [u.status for u in of(events, OrderUpdated)] == ["filled"]
+    if second_fills:
+        assert sum((f.size for f in dup_fills), D(0)) == peer_second.filled == msg.size
+        assert {f.duplicate_of for f in dup_fills} == {first.exchange_order_id}
+        assert not report.cancelled
+    else:
+        assert dup_fills == [] and report.cancelled and peer_second.status == "CANCELLED"
+    assert [o for o in peer.orders if o.client_id == msg.client_order_id and o.status == "OPEN"] == []
+    assert again == []
