@@ -182,8 +182,9 @@ async def test_a_paused_worker_never_leaves_a_second_order_unbooked(
             protected = any(o.client_id == protective_client_id(coid) for o in peer.orders_of(PID))
             log = (tmp_path / f"worker{[p.pid for p in procs].index(zombie)}.log").read_text()
             after = log.partition("RESUMED after the pause")[2]
-            # The resumed worker has finished the batch it held: its commit, or the records it left unhandled.
-            done = "were lost to another member" in after or "left to be read again" in after
+            # The resumed worker's last act on the order: its send refused, or (sent) its protective order
+            # refused, found or placed.
+            done = "not sent:" in after if stage == "after_lookup" else "protective" in after
             return filled and protected and done
 
         await wait_for("the order to settle and the resumed worker to finish with it", settled)
