@@ -27,6 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
+    KafkaError,
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
 )
@@ -328,6 +329,10 @@ class ConsumeLoop:
     LOST_PARTITIONS) logs one warning and goes on: aiokafka rejoins the group on the next poll. Going on rather
     than exiting, because nothing in hand is lost (the uncommitted records are read again by their next owner)
     and an exit would take the whole run (a demo, a compose stack) down for a pause it has recovered from.
+
+    A handler about to act outside Kafka (an exchange order) asks `holds(tp, within_s)` first: the group's
+    coordinator confirms that this member still holds the partition in the current generation. When it does
+    not, the record in hand is not committed and is left to be read again by the partition's owner.
     """
 
     def __init__(
@@ -350,6 +355,8 @@ class ConsumeLoop:
         self._topics = list(topics)
         self._group = group_id
         self._session_s = session_timeout_ms / 1000
+        heartbeat_ms = min(1_000, session_timeout_ms // 3)
+        self._heartbeat_s = heartbeat_ms / 1000
         self._rebuild = rebuild_on_start
         self.keeper = keeper  # snapshots of the service's state (only with rebuild_on_start)
         self._consumer = AIOKafkaConsumer(
@@ -359,7 +366,7 @@ class ConsumeLoop:
             auto_offset_reset="earliest" if from_beginning else "latest",
             isolation_level="read_committed",
             session_timeout_ms=session_timeout_ms,
-            heartbeat_interval_ms=min(1_000, session_timeout_ms // 3),
+            heartbeat_interval_ms=heartbeat_ms,
             max_poll_interval_ms=max_poll_interval_ms,
             max_poll_records=500,
         )
@@ -375,6 +382,12 @@ class ConsumeLoop:
         self.revoked: set[TopicPartition] = set()  # by a rebalance since the batch in hand was fetched
         # The next offset of each partition, after what this process handled (with rebuild: what its state holds).
         self.applied: dict[TopicPartition, int] = {}
+        # The offset of each partition's first record in the batch in hand: everything before it was handled and
+        # its outputs acknowledged, so committing it moves nothing past unfinished work (`holds`).
+        self.batch_start: dict[TopicPartition, int] = {}
+        # Partitions `holds` found lost (or could not confirm) during the batch in hand: the record being handled
+        # and the rest of the batch's records of them are left to be read again.
+        self.disowned: set[TopicPartition] = set()
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
@@ -398,6 +411,51 @@ class ConsumeLoop:
         await self._consumer.stop()
         if self.keeper is not None:
             await self.keeper.close()
+
+    async def holds(self, tp: TopicPartition, within_s: float) -> str | None:
+        """None when this member still holds `tp` in the group's current generation, confirmed by the group's
+        coordinator, with at least `within_s` seconds of its session surely left after the answer; else why not
+        (and `tp` is disowned for the batch in hand).
+
+        The confirmation is a synchronous commit of the batch's start offset of `tp` (it moves nothing: all
+        before it is done): the coordinator refuses it from a member a rebalance has removed (CommitFailedError:
+        unknown member, stale generation, rebalance in progress). No rebalance since the batch was fetched
+        (`revoked`) and an accepted commit mean the member held `tp` without a break up to the coordinator's
+        answer. The coordinator can then remove it no earlier than one session after its last heartbeat, which
+        was at most one heartbeat interval before the check began; so the check's own time counts against what
+        is left: session - heartbeat interval - the check's duration must be at least `within_s`."""
+        budget = self._session_s - self._heartbeat_s - within_s
+        if budget <= 0:
+            raise ValueError(
+                f"group {self._group}: a session of {self._session_s:g} s leaves no time for a request of "
+                f"{within_s:g} s after a heartbeat interval of {self._heartbeat_s:g} s: raise session_timeout_ms"
+            )
+        name = f"{tp.topic}[{tp.partition}]"
+        if tp in self.revoked or tp not in self._consumer.assignment():
+            self.disowned.add(tp)
+            return f"{name} is no longer assigned to this member of group {self._group}"
+        offset = self.batch_start.get(tp)
+        if offset is None:
+            committed = await self._consumer.committed(tp)
+            offset = committed if committed is not None else 0
+        started = time.monotonic()
+        why: str | None = None
+        try:
+            await asyncio.wait_for(self._consumer.commit({tp: offset}), timeout=budget)
+        except LOST_PARTITIONS as err:
+            why = f"group {self._group} took {name} from this member ({type(err).__name__}): it was paused longer than its session, or a rebalance is under way"
+        except (KafkaError, TimeoutError) as err:
+            why = f"the group's coordinator did not confirm that this member holds {name} within {budget:.1f} s ({type(err).__name__})"
+        else:
+            if tp in self.revoked:
+                why = f"a rebalance took {name} from this member while it was being confirmed"
+            else:
+                left = self._session_s - self._heartbeat_s - (time.monotonic() - started)
+                if left < within_s:
+                    why = f"{name} confirmed with {left:.1f} s of session surely left, less than the {within_s:g} s a request may take"
+        if why is not None:
+            self.disowned.add(tp)
+        return why
 
     async def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
         self.dead_lettered += 1
@@ -438,6 +496,8 @@ class ConsumeLoop:
             fetched = time.monotonic()
             # What getmany returns belongs to the partitions assigned now; a rebalance from here on may take some.
             self.revoked.clear()
+            self.disowned.clear()
+            self.batch_start = {tp: records[0].offset for tp, records in batches.items() if records}
             if not batches:
                 if idle is not None:
                     await idle()
@@ -451,6 +511,13 @@ class ConsumeLoop:
                         left[tp] = len(records) - i
                         break
                     await self._handle(handler, rec)
+                    if tp in self.disowned:
+                        # Its handler found the partition is not (surely) this member's: this record is read again
+                        # by its owner, maybe this member after its next poll; its outputs are facts with derived
+                        # ids, published anyway.
+                        self._leave(tp, rec.offset)
+                        left[tp] = len(records) - i
+                        break
                     offsets[tp] = rec.offset + 1
             await self._publisher.flush()
             await self._commit(offsets, left)
@@ -523,6 +590,7 @@ class StateMachineService:
         commands: CommandGate | None = None,
         observe: Callable[[Message, ConsumerRecord[bytes, bytes]], None] | None = None,
         durable: Durable | None = None,
+        session_timeout_ms: int = 10_000,
     ) -> None:
         self.name = name
         self._durable = durable  # snapshots of the state, with rebuild_on_start (shared/snapshots.py)
@@ -538,6 +606,7 @@ class StateMachineService:
             "clock": clock,
             "ids": ids,
             "rebuild_on_start": rebuild_on_start,
+            "session_timeout_ms": session_timeout_ms,
         }
         self.loop: ConsumeLoop | None = None
         self._handle = handle

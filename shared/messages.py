@@ -361,6 +361,30 @@ class OrderFilled(Message):
     # Paper fills: the open time of the candle whose range priced the fill (a protective exit is priced on the
     # candle that reached its level, and booked when that is known, at the candle's close).
     candle_open: UtcDatetime | None = None
+    # Live, an exchange without client id de-duplication (Coinbase Exchange): this fill belongs to a second order
+    # the exchange took under the same client order id (two workers of the profile both sent it), and this is the
+    # exchange id of the first one. A real position change outside the intent's size: booked, never counted
+    # toward the intent (DuplicateOrderDetected tells the story).
+    duplicate_of: str | None = None
+
+
+class DuplicateOrderDetected(Message):
+    """The exchange holds a second order under one client order id (live, Exchange API: a paused worker sent it
+    after another worker had). `duplicate` was cancelled if it was still open; whatever it filled is booked as
+    OrderFilled events with `duplicate_of` = `original`. The monitor alerts on it (duplicate_order)."""
+
+    type: Literal["DuplicateOrderDetected"] = "DuplicateOrderDetected"
+    profile: str
+    intent_id: str
+    client_order_id: str
+    product: str
+    side: Side
+    original: str  # exchange id of the first order under the client order id: the intent's order
+    duplicate: str  # exchange id of the second one
+    status: Literal["open", "filled", "cancelled", "rejected"]  # the duplicate's state after the worker acted
+    filled_size: Size = Decimal(0)
+    cancelled: bool = False  # the worker cancelled it (it was open when found)
+    reason: str = Field(default="", max_length=2000)
 
 
 class InternalCrossOpportunity(Message):
@@ -529,6 +553,7 @@ AnyMessage = Annotated[
     | CorrelationAlert
     | AccountSnapshotted
     | AccountMismatchDetected
+    | DuplicateOrderDetected
     | WorkerFinished
     | ControlCommand
     | CommandHandled
@@ -559,6 +584,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         CorrelationAlert,
         AccountSnapshotted,
         AccountMismatchDetected,
+        DuplicateOrderDetected,
         WorkerFinished,
         ControlCommand,
         CommandHandled,

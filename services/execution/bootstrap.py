@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 
 from services.execution import domain
 from services.execution.metrics import ExecutionMetrics
@@ -25,6 +25,7 @@ from shared.config import AppConfig, live_source_problem
 from shared.kafka import HandlingError, Route, StateMachineService
 from shared.messages import (
     AccountSnapshotted,
+    DuplicateOrderDetected,
     ExecuteOrder,
     Message,
     OrderFilled,
@@ -37,12 +38,19 @@ from shared.snapshots import Durable, dataclass_dump, dataclass_restore, fingerp
 from shared.topics import Topics
 
 if TYPE_CHECKING:
+    from services.execution.live import PauseStage
     from services.execution.live_wiring import LiveHandler
 
 
 class LiveSourceRefused(RuntimeError):
     """Live mode on a replayed market (shared.config.live_source_problem)."""
 
+
+# The live worker's group session (docs/live.md, "Never twice with two workers"): before each send the worker
+# checks that it still holds its partition with more of its session left than the send's request timeout (10 s),
+# one heartbeat interval (1 s) and the check's own time. 10 s (the default of the other services) leaves nothing;
+# 30 s leaves the check up to 19 s. The cost: a worker that dies without leaving the group is replaced after 30 s.
+LIVE_SESSION_TIMEOUT_MS = 30_000
 
 # Going live is explicit (issue 13): a live config alone starts no live worker. `mpctl run --live` sets this after
 # its pre-flight; compose and Kubernetes set it in the execution service's environment (mpctl/compose.py, k8s.py).
@@ -74,7 +82,13 @@ class ExecutionService:
         ids: IdFactory,
         metrics_port: int = 0,
         service_clock: ServiceClock | None = None,
+        session_timeout_ms: int | None = None,
+        exchange_timeout_s: float = 10.0,
+        pause_before_send: Callable[[str, PauseStage], Awaitable[None]] | None = None,
     ) -> None:
+        """`session_timeout_ms`: the group session (live default LIVE_SESSION_TIMEOUT_MS, paper 10 s);
+        `exchange_timeout_s`: one exchange request's timeout; `pause_before_send`: tests only
+        (LiveExecution.pause_before_send)."""
         if settings.profile not in cfg.profiles:
             raise ValueError(
                 f"--profile {settings.profile!r} is not in the config (have {sorted(cfg.profiles)})"
@@ -87,6 +101,10 @@ class ExecutionService:
         self.live_handler: LiveHandler | None = None
         self.metrics_port = metrics_port
         self.metrics_bound: int | None = None
+        self.exchange_timeout_s = exchange_timeout_s
+        self.pause_before_send = pause_before_send
+        live = cfg.system.mode == "live"
+        session_ms = session_timeout_ms or (LIVE_SESSION_TIMEOUT_MS if live else 10_000)
         # The exchange label is set once live mode has opened its adapter.
         self.metrics = ExecutionMetrics(self.profile_id, "paper", started_at=time.time())
         self.topics = Topics(cfg.system.kafka.namespace)
@@ -115,6 +133,7 @@ class ExecutionService:
             commands=gate_for(f"execution.{self.profile_id}", cfg.system.commands.max_age_s),
             observe=self._received,
             durable=self._durable(cfg, profile) if cfg.system.mode == "paper" else None,
+            session_timeout_ms=session_ms,
         )
 
     def _durable(self, cfg: AppConfig, profile: Any) -> Durable:
@@ -144,6 +163,13 @@ class ExecutionService:
         """Why this worker must not start (live orders on a replayed market), or None."""
         return live_source_problem(self.cfg, exchange_url=self.settings.extra.get("exchange_api_base"))
 
+    async def _holds(self, partition: int, within_s: float) -> str | None:
+        """LiveExecution.fence: this member still holds the order's partition of orders.approved.<profile>."""
+        loop = self.runner.loop
+        if loop is None:
+            return "the consume loop is not running"
+        return await loop.holds(TopicPartition(self.topics.approved(self.profile_id), partition), within_s)
+
     def _received(self, msg: Message, rec: ConsumerRecord[bytes, bytes]) -> None:
         self.metrics.received(msg, rec.topic, rec.timestamp)
 
@@ -171,7 +197,7 @@ class ExecutionService:
 
     def route(self, msg: Message) -> list[Route]:
         t = self.topics
-        if isinstance(msg, OrderUpdated | OrderFilled | ProfileHalted):
+        if isinstance(msg, OrderUpdated | OrderFilled | ProfileHalted | DuplicateOrderDetected):
             return [(t.events, msg.profile, False), (t.audit, msg.profile, False)]
         if isinstance(msg, AccountSnapshotted):
             # Amounts only; not an action, so not audited (the audit trail and the run's files stay as they were).
@@ -235,7 +261,10 @@ class ExecutionService:
             allow_plaintext=self.settings.extra.get("allow_plaintext_credentials") == "1",
             api_base=api_base,
             reference_lookup=self._latest_close,
+            timeout_s=self.exchange_timeout_s,
         )
+        live.fence = self._holds
+        live.pause_before_send = self.pause_before_send
         self.metrics.exchange = live.port.name
         live.on_ack = lambda coid: self.metrics.acknowledged(coid, self.clock().timestamp())
         if isinstance(live.port, CcxtExchange):
@@ -283,4 +312,7 @@ def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = N
         clock=o.get("clock", sclock.clock),
         ids=o.get("ids", random_ids),
         metrics_port=int(o.get("metrics_port", settings.extra.get("metrics_port", "0"))),
+        session_timeout_ms=o.get("session_timeout_ms"),
+        exchange_timeout_s=float(o.get("exchange_timeout_s", 10.0)),
+        pause_before_send=o.get("pause_before_send"),
     )

@@ -63,6 +63,7 @@ from services.execution.ports import (
     KeyPermissions,
     MarketInfo,
     OrderKind,
+    SendGuard,
     Side,
 )
 
@@ -544,6 +545,8 @@ class CcxtExchange:
         self._markets: dict[str, MarketInfo] = {}
         # The Exchange API does not de-duplicate client_oid: look the id up before every send.
         self.lookup_before_send = exchange == "coinbaseexchange"
+        # ccxt's timeout of one request (build_client): how long a send may take before the client gives up.
+        self.request_timeout_s = 10.0
         self.retries = 0  # a metric: how many retries this adapter made
         # Told every error the table translates, retried or not (the worker's error metric).
         self.on_error: Callable[[ExecutionError], None] | None = None
@@ -554,6 +557,10 @@ class CcxtExchange:
     @property
     def name(self) -> str:
         return self.exchange
+
+    @property
+    def dedups_client_ids(self) -> bool:
+        return self.exchange == "coinbase"
 
     # -------------------------------------------------------------------------- retry
     async def _retrying(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -617,6 +624,7 @@ class CcxtExchange:
         size: Decimal,
         *,
         limit_price: Decimal | None = None,
+        guard: SendGuard | None = None,
     ) -> ExchangeOrder:
         try:  # refused here, never sent: counted with the exchange's refusals
             m = self.market(product)
@@ -649,7 +657,7 @@ class CcxtExchange:
         def made(raw: dict[str, Any]) -> ExchangeOrder:
             return order_from_ccxt(raw, product=product, side=side, size=q, client_order_id=client_order_id)
 
-        return await self._place(client_order_id, product, send, made)
+        return await self._place(client_order_id, product, send, made, guard)
 
     async def _place(
         self,
@@ -657,6 +665,7 @@ class CcxtExchange:
         product: str,
         send: Callable[[], Awaitable[Any]],
         made: Callable[[dict[str, Any]], ExchangeOrder],
+        guard: SendGuard | None = None,
     ) -> ExchangeOrder:
         """Send one order at most once for its client order id, whatever the retries (module docstring, Never
         twice): `send` makes the ccxt call, `made` reads its answer."""
@@ -673,6 +682,8 @@ class CcxtExchange:
                         client_order_id,
                     )
                     return existing
+            if guard is not None:
+                await guard()  # outside the table: a refusal propagates as it is, and nothing is sent
             try:
                 raw = await send()
             except Exception as exc:  # noqa: BLE001
@@ -718,6 +729,7 @@ class CcxtExchange:
         *,
         stop_limit_price: Decimal | None = None,
         take_profit_price: Decimal | None = None,
+        guard: SendGuard | None = None,
     ) -> ExchangeOrder:
         """ExchangePort.create_protective: a resting stop-limit sell, or an Advanced Trade bracket when a take
         profit is given (module docstring: what ccxt sends)."""
@@ -787,7 +799,7 @@ class CcxtExchange:
                 stop_price=stop,
             )
 
-        return await self._place(client_order_id, product, send, made)
+        return await self._place(client_order_id, product, send, made, guard)
 
     async def _lookup(
         self, client_order_id: str, product: str, since: datetime | None
@@ -822,6 +834,59 @@ class CcxtExchange:
         return await self._retrying(
             f"lookup {client_order_id}", lambda: self._lookup(client_order_id, product, since)
         )
+
+    async def fetch_orders_since(self, product: str, since: datetime) -> list[ExchangeOrder]:
+        """ExchangePort.fetch_orders_since. Exchange API: `GET /orders?status=all&product_id=&start_date=` (newest
+        first, at most 1000 a page; older pages by `end_date` = the oldest seen). Advanced Trade: the historical
+        batch endpoint, by cursor."""
+        since_ms = int(since.timestamp() * 1000)
+        seen: dict[str, dict[str, Any]] = {}
+        if self.exchange == "coinbaseexchange":
+            until: int | None = None
+            for _ in range(
+                100
+            ):  # 100 pages of 1000: far beyond one profile's orders of a product in the window
+                params: dict[str, Any] = {"until": until} if until is not None else {}
+
+                async def page_of(p: dict[str, Any] = params) -> list[dict[str, Any]]:
+                    return cast(list[dict[str, Any]], await self._ex.fetch_orders(product, since_ms, 1000, p))
+
+                page = await self._retrying(f"list orders of {product}", page_of)
+                new = [o for o in page if str(o.get("id")) not in seen]
+                seen.update((str(o.get("id")), o) for o in new)
+                stamps = [int(o["timestamp"]) for o in page if isinstance(o.get("timestamp"), int | float)]
+                if len(page) < 1000 or not new or not stamps:
+                    break
+                until = min(stamps)
+        else:
+            cursor: str | None = None
+            for _ in range(100):
+                params = {"cursor": cursor} if cursor else {}
+
+                async def adv_page(p: dict[str, Any] = params) -> list[dict[str, Any]]:
+                    return cast(list[dict[str, Any]], await self._ex.fetch_orders(product, since_ms, 250, p))
+
+                page = await self._retrying(f"list orders of {product}", adv_page)
+                seen.update((str(o.get("id")), o) for o in page)
+                cursor = ((page[0].get("info") or {}).get("cursor") if page else None) or None
+                if not cursor:
+                    break
+        out = [
+            order_from_ccxt(
+                o, product=product, side=_side(o.get("side")), size=Decimal(0), client_order_id=None
+            )
+            for o in seen.values()
+        ]
+        epoch = datetime.min.replace(tzinfo=UTC)
+        return sorted(out, key=lambda o: (o.created_at or epoch, o.exchange_order_id))
+
+    async def fetch_orders_by_client_id(
+        self, client_order_id: str, product: str, *, since: datetime
+    ) -> list[ExchangeOrder]:
+        # Neither API filters a listing by client id (GET /orders/client:<id> answers one order only): list, match.
+        return [
+            o for o in await self.fetch_orders_since(product, since) if o.client_order_id == client_order_id
+        ]
 
     async def fetch_order(self, order: ExchangeOrder) -> ExchangeOrder:
         async def get() -> ExchangeOrder:
@@ -983,6 +1048,7 @@ async def open_exchange(
         redact=redactor(creds.values()),
         sleep=sleep,
     )
+    port.request_timeout_s = timeout_s
     if load:
         try:
             await port.load_markets(products)

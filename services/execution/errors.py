@@ -62,6 +62,16 @@ class UnknownOrderStateError(RetryableError):
     """Retries ran out while the exchange may hold the order: nothing may be resent until a lookup settles it."""
 
 
+class NotOwnerError(Exception):
+    """Raised by a send guard: this worker no longer holds the order's partition of its consumer group (a paused
+    worker another member took over from), so nothing was sent and the order is its new owner's. Not an
+    ExecutionError: no table translates it and no order event follows from it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 _CLASS: dict[Outcome, type[ExecutionError]] = {
     "retry": RetryableError,
     "reject": RejectedError,

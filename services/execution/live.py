@@ -14,6 +14,15 @@ ProfileHalted out. The paper exchange (domain.py) stays the default; this runs w
   de-sync delay (domain.desync_delay_ms, the same seed and bounds as the paper exchange), waited for on the
   injected clock; an order whose send time has passed (a replay, a redelivery) goes at once.
 - `reconcile()` (on start, then periodically) looks up every unfinished known order and emits what is missing.
+- Never twice with two workers (issue #19; docs/live.md): every send is guarded. After the look-up of its client
+  order id and immediately before each send (a retry's too), `fence(partition)` must confirm that this worker
+  still holds the order's partition of its consumer group, with more of its session left than a request may
+  take (ConsumeLoop.holds); otherwise nothing is sent, no event follows, and the order is left to the
+  partition's owner. Where the exchange does not de-duplicate client ids (Exchange API) a pause between that
+  check and the send can still make a second order, so after every send the worker lists the orders under the
+  client id: the first the exchange took is the intent's; a later one is cancelled if open and its fills are
+  booked (OrderFilled.duplicate_of), with a DuplicateOrderDetected the monitor alerts on. Reconciliation does
+  the same for the known client ids of the last DUPLICATE_LOOKBACK.
 - Protective orders rest at the exchange (issue #13): when an entry (a buy) ends with a fill, a stop loss at the
   profile's `stop_loss_pct` below its average price (with the take profit in the same bracket order where the
   API has one) is placed at the exchange under a client order id derived from the entry's, so a crash, a network
@@ -43,9 +52,17 @@ from decimal import Decimal
 from typing import Literal
 
 from services.execution.domain import desync_delay_ms, traded_base_assets
-from services.execution.errors import HaltError, RejectedError, RetryableError
-from services.execution.ports import ExchangeFill, ExchangeOrder, ExchangePort
-from services.execution.reconcile import KnownOrder, Reconciliation, apply_event, order_update, reconcile
+from services.execution.errors import HaltError, NotOwnerError, RejectedError, RetryableError
+from services.execution.ports import ExchangeFill, ExchangeOrder, ExchangePort, SendGuard
+from services.execution.reconcile import (
+    KnownOrder,
+    Reconciliation,
+    apply_event,
+    duplicate_events,
+    order_update,
+    reconcile,
+    split_duplicates,
+)
 from shared import protective
 from shared.clock import Clock, derived_id
 from shared.config import Profile
@@ -59,11 +76,20 @@ from shared.messages import (
     ControlCommand,
     ExecuteOrder,
     Message,
+    OrderFilled,
     OrderUpdated,
     ProfileHalted,
 )
 
 log = logging.getLogger(__name__)
+
+# How far back reconciliation lists the exchange's orders for a second order under a known client order id.
+DUPLICATE_LOOKBACK = timedelta(days=1)
+# The listing after a send starts this long before the order's send time: another worker's send of the same id
+# cannot be earlier than that time, and the exchange's clock may differ a little from the one we follow.
+DETECT_SLACK = timedelta(minutes=5)
+# Where a test may pause a worker (`pause_before_send`): after the look-up, or after the ownership check.
+PauseStage = Literal["after_lookup", "after_fence"]
 
 
 def protective_client_id(entry_client_order_id: str) -> str:
@@ -88,6 +114,7 @@ class LiveExecution:
         protect: bool = True,
         price_band_pct: Decimal | None = None,
         reference_lookup: Callable[[str], Awaitable[tuple[datetime, Decimal] | None]] | None = None,
+        request_timeout_s: float = 10.0,
     ) -> None:
         """`protect`: rest each position's stop at the exchange (what live trading does; tests of other rules
         may leave it out to count only the orders they send). `price_band_pct`: refuse a buy limit that far above
@@ -128,6 +155,15 @@ class LiveExecution:
         self.write_ahead: Callable[[list[Message]], Awaitable[None]] | None = None
         # Called with the client order id when the exchange accepts a create request (the latency metric).
         self.on_ack: Callable[[str], None] | None = None
+        # fence(partition of orders.approved, seconds a request may take) -> None while this worker holds that
+        # partition of its group with at least that much of its session left, else why not (the wiring gives
+        # ConsumeLoop.holds). None: no group (tests of one worker), every send goes.
+        self.fence: Callable[[int, float], Awaitable[str | None]] | None = None
+        self.request_timeout_s = request_timeout_s
+        # Tests only: awaited with (client order id, stage) around the ownership check, to pause a worker there.
+        self.pause_before_send: Callable[[str, PauseStage], Awaitable[None]] | None = None
+        # Entries whose protective order a failed ownership check kept back: placed when the order comes again.
+        self.unprotected: set[str] = set()
 
     # -------------------------------------------------------------------------- state
     def apply(self, msg: Message) -> None:
@@ -201,6 +237,8 @@ class LiveExecution:
             return []  # markers drive the paper exchange only
         k = self.known.get(msg.client_order_id)
         if k is not None and k.terminal:
+            if k.client_order_id in self.unprotected:
+                await self._protect_again(k, partition)
             return []  # never twice: this intent already has its final outcome
         now = self.clock()
         out: list[Message] = []
@@ -248,8 +286,21 @@ class LiveExecution:
             await self._clock_sleep(wait_s)  # no lock-step with another profile's order on this product
         try:
             order = await self.port.create_order(
-                msg.client_order_id, msg.product, msg.side, size, limit_price=self.limit_price(msg)
+                msg.client_order_id,
+                msg.product,
+                msg.side,
+                size,
+                limit_price=self.limit_price(msg),
+                guard=self._guard(msg.client_order_id, partition),
             )
+        except NotOwnerError as err:
+            log.warning(
+                "%s: order %s not sent: %s; the partition's owner handles it",
+                self.profile_id,
+                k.client_order_id,
+                err.reason,
+            )
+            return out
         except RejectedError as err:
             return out + self._emit([order_update(k, "rejected", self.clock(), reason=err.reason)])
         except HaltError as err:
@@ -264,9 +315,80 @@ class LiveExecution:
             return out
         if self.on_ack is not None:
             self.on_ack(msg.client_order_id)
+        if not self.port.dedups_client_ids:
+            order, dups = await self._duplicates(k, order, since=send_at - DETECT_SLACK)
+            out += dups
         self.exchange_ids[k.client_order_id] = order
         # A redelivered order found at the exchange keeps its original clock: order_timeout counts from creation.
-        return out + await self._track(k.client_order_id, order, sent=order.created_at or now)
+        return out + await self._track(
+            k.client_order_id, order, sent=order.created_at or now, partition=partition
+        )
+
+    def _guard(self, client_order_id: str, partition: int) -> SendGuard:
+        """The check the port awaits immediately before each send of `client_order_id` (module docstring)."""
+
+        async def guard() -> None:
+            if self.pause_before_send is not None:
+                await self.pause_before_send(client_order_id, "after_lookup")
+            if self.fence is not None:
+                why = await self.fence(partition, self.request_timeout_s)
+                if why is not None:
+                    raise NotOwnerError(why)
+            if self.pause_before_send is not None:
+                await self.pause_before_send(client_order_id, "after_fence")
+
+        return guard
+
+    async def _duplicates(
+        self, k: KnownOrder, mine: ExchangeOrder, *, since: datetime
+    ) -> tuple[ExchangeOrder, list[Message]]:
+        """After a send on an exchange that does not de-duplicate client ids: every order under the client id;
+        the first is the intent's (returned, to be followed), a later one is cancelled if open and booked."""
+        try:
+            found = await self.port.fetch_orders_by_client_id(k.client_order_id, k.product, since=since)
+        except (RetryableError, RejectedError, HaltError) as err:
+            log.warning(
+                "%s: orders under %s not listed (%s): reconciliation looks for a second one",
+                self.profile_id,
+                k.client_order_id,
+                err.reason,
+            )
+            found = []
+        others = [o for o in found if o.exchange_order_id != mine.exchange_order_id]
+        original, dups = split_duplicates([mine, *others])  # the create's answer: the fresher state of ours
+        assert original is not None  # `mine` is in the list
+        return original, await self._settle_duplicates(k, original, dups)
+
+    async def _settle_duplicates(
+        self, k: KnownOrder, original: ExchangeOrder, dups: list[ExchangeOrder]
+    ) -> list[Message]:
+        out: list[Message] = []
+        for d in dups:
+            cancelled = False
+            try:
+                if not d.terminal:
+                    d = await self.port.cancel(d)
+                    cancelled = True
+                fills = await self.port.fetch_fills(order=d) if d.filled_size > 0 else []
+            except (RetryableError, RejectedError, HaltError) as err:
+                log.error(
+                    "%s: second order %s under %s (first %s) not settled (%s): reconciliation tries again",
+                    self.profile_id,
+                    d.exchange_order_id,
+                    k.client_order_id,
+                    original.exchange_order_id,
+                    err.reason,
+                )
+                continue
+            events = duplicate_events(
+                self.profile_id, k, original, d, fills, self.clock(), cancelled=cancelled
+            )
+            for e in events:
+                if not isinstance(e, OrderFilled):
+                    log.error("%s", getattr(e, "reason", e))
+            out += self._emit(events)
+            k = self.known.get(k.client_order_id, k)
+        return out
 
     def _halt(self, k: KnownOrder, err: HaltError) -> list[Message]:
         now = self.clock()
@@ -282,7 +404,9 @@ class LiveExecution:
         )
         return self._emit([order_update(k, "rejected", now, reason=f"profile halted: {err.reason}"), halted])
 
-    async def _track(self, coid: str, order: ExchangeOrder, *, sent: datetime) -> list[Message]:
+    async def _track(
+        self, coid: str, order: ExchangeOrder, *, sent: datetime, partition: int = 0
+    ) -> list[Message]:
         """Follow the order until it is final or `order_timeout` passes (then cancel), and emit its events."""
         out: list[Message] = []
         try:
@@ -307,7 +431,7 @@ class LiveExecution:
             out += await self._settle(coid, order)
             k = self.known[coid]
             if self.protect and k.side == "buy" and order.filled_size > 0:
-                await self._protect(k, order)
+                await self._protect(k, order, partition)
         except HaltError as err:
             out += self._halt(self.known[coid], err)
         except (RetryableError, RejectedError) as err:
@@ -348,7 +472,19 @@ class LiveExecution:
             )
 
     # -------------------------------------------------------------------------- protective orders
-    async def _protect(self, entry: KnownOrder, order: ExchangeOrder) -> None:
+    async def _protect_again(self, entry: KnownOrder, partition: int) -> None:
+        """The protective order an ownership check kept back, once this worker holds the entry's order again."""
+        try:
+            order = await self.port.fetch_order_by_client_id(entry.client_order_id, entry.product)
+        except (RetryableError, RejectedError, HaltError) as err:
+            log.warning("%s: entry %s not looked up (%s)", self.profile_id, entry.client_order_id, err.reason)
+            return
+        if order is None or order.filled_size <= 0:
+            self.unprotected.discard(entry.client_order_id)
+            return
+        await self._protect(entry, order, partition)
+
+    async def _protect(self, entry: KnownOrder, order: ExchangeOrder, partition: int = 0) -> None:
         """Rest the position's stop loss (and take profit, in one bracket where the API has one) at the exchange."""
         avg = order.average_price
         if (avg is None or avg <= 0) and entry.filled_size > 0:
@@ -360,16 +496,28 @@ class LiveExecution:
             return
         stop, take = protective.levels(avg, self.stop_loss_pct, self.take_profit_pct)
         pcoid = protective_client_id(entry.client_order_id)
+        guard = self._guard(pcoid, partition)
         try:
             try:
                 placed = await self.port.create_protective(
-                    pcoid, entry.product, order.filled_size, stop, take_profit_price=take
+                    pcoid, entry.product, order.filled_size, stop, take_profit_price=take, guard=guard
                 )
             except RejectedError as err:
                 if err.kind != "unsupported":
                     raise
                 # The Exchange API has no bracket: the stop alone rests there, the take profit stays ours.
-                placed = await self.port.create_protective(pcoid, entry.product, order.filled_size, stop)
+                placed = await self.port.create_protective(
+                    pcoid, entry.product, order.filled_size, stop, guard=guard
+                )
+        except NotOwnerError as err:
+            self.unprotected.add(entry.client_order_id)
+            log.warning(
+                "%s: the protective order of %s was not placed: %s; placed when the entry's order comes again",
+                self.profile_id,
+                entry.client_order_id,
+                err.reason,
+            )
+            return
         except (RetryableError, RejectedError, HaltError) as err:
             log.error(
                 "%s: the protective order of %s (stop %s) was not placed: %s; only the strategy's exits protect "
@@ -380,6 +528,9 @@ class LiveExecution:
                 err.reason,
             )
             return
+        self.unprotected.discard(entry.client_order_id)
+        if not self.port.dedups_client_ids:
+            await self._protective_duplicates(entry, pcoid)
         log.info(
             "%s: protective %s order %s rests at the exchange for %s %s: stop %s%s",
             self.profile_id,
@@ -390,6 +541,30 @@ class LiveExecution:
             placed.stop_price or stop,
             f", take profit {take}" if placed.kind == "bracket" else "",
         )
+
+    async def _protective_duplicates(self, entry: KnownOrder, pcoid: str) -> None:
+        """A second protective order under the entry's derived id (two workers) would sell the position twice:
+        every later one is cancelled. One that already sold is logged as an error (the account snapshot then
+        shows the difference: account_mismatch)."""
+        since = self.clock() - self.order_timeout - DETECT_SLACK
+        try:
+            found = await self.port.fetch_orders_by_client_id(pcoid, entry.product, since=since)
+            original, dups = split_duplicates(found)
+            for d in dups:
+                if not d.terminal:
+                    d = await self.port.cancel(d)
+                log.error(
+                    "%s: a second protective order %s under %s (first %s), the entry %s's: %s, %s filled",
+                    self.profile_id,
+                    d.exchange_order_id,
+                    pcoid,
+                    original.exchange_order_id if original else None,
+                    entry.client_order_id,
+                    "cancelled" if d.filled_size <= 0 else d.status,
+                    d.filled_size,
+                )
+        except (RetryableError, RejectedError, HaltError) as err:
+            log.warning("%s: protective orders under %s not listed: %s", self.profile_id, pcoid, err.reason)
 
     def _entry_of_position(self, product: str, sale: str) -> KnownOrder | None:
         """The entry that opened the product's current position: the last filled buy after the last sale."""
@@ -548,17 +723,54 @@ class LiveExecution:
         return any(isinstance(m, OrderUpdated) and m.status in TERMINAL_STATUSES for m in msgs)
 
     # -------------------------------------------------------------------------- reconciliation
+    async def _known_duplicates(self, now: datetime) -> tuple[dict[str, ExchangeOrder], list[Message]]:
+        """Every order of the products of the known orders of the last DUPLICATE_LOOKBACK, one listing per
+        product: client order id -> the intent's order (the first one) where the exchange holds any, and the
+        events of the second ones (cancelled if open, fills booked)."""
+        since = now - DUPLICATE_LOOKBACK
+        products = sorted({k.product for k in self.known.values() if k.profile == self.profile_id})
+        originals: dict[str, ExchangeOrder] = {}
+        out: list[Message] = []
+        for product in products:
+            try:
+                listed = await self.port.fetch_orders_since(product, since)
+            except (RetryableError, RejectedError, HaltError) as err:
+                log.warning("%s: orders of %s not listed: %s", self.profile_id, product, err.reason)
+                continue
+            by_coid: dict[str, list[ExchangeOrder]] = {}
+            for o in listed:
+                if o.client_order_id in self.known:
+                    by_coid.setdefault(o.client_order_id, []).append(o)
+            for coid, orders in sorted(by_coid.items()):
+                original, dups = split_duplicates(orders)
+                if original is None:
+                    continue
+                originals[coid] = original
+                if dups:
+                    out += await self._settle_duplicates(self.known[coid], original, dups)
+        return originals, out
+
     async def reconcile(self) -> list[Message]:
         """Look up every unfinished known order; emit missing fills and state changes; cancel overdue ones."""
         now = self.clock()
         observed: dict[str, ExchangeOrder | None] = {}
         fills: list[ExchangeFill] = []
         out: list[Message] = []
+        originals: dict[str, ExchangeOrder] = {}
+        if not self.port.dedups_client_ids:
+            originals, dup_events = await self._known_duplicates(now)
+            out += dup_events
         for coid, k in sorted(self.known.items()):
             if k.terminal:
                 continue
             try:
-                o = await self.port.fetch_order_by_client_id(coid, k.product)
+                # With two orders under the id, a look-up by client id may answer either: the first is the intent's.
+                first = originals.get(coid)
+                o = (
+                    await self.port.fetch_order(first)
+                    if first is not None
+                    else await self.port.fetch_order_by_client_id(coid, k.product)
+                )
                 if (
                     o is not None
                     and not o.terminal

@@ -53,6 +53,7 @@ async def open_live_execution(
     api_base: str | None = None,
     poll_interval_s: float = 1.0,
     reference_lookup: Callable[[str], Awaitable[tuple[datetime, Decimal] | None]] | None = None,
+    timeout_s: float = 10.0,
 ) -> LiveExecution:
     """Resolve the profile's credentials (store first; plaintext YAML only when allowed), open its ccxt adapter
     with markets loaded, and return the executor. Raises CredentialsError / HaltError with a clear reason."""
@@ -75,6 +76,7 @@ async def open_live_execution(
         retry_attempts=profile.trading_params.retry_attempts,
         products=profile_products(profile, cfg.system.quote_asset),
         api_base=api_base,
+        timeout_s=timeout_s,
     )
     ex = cfg.system.execution
     return LiveExecution(
@@ -88,6 +90,7 @@ async def open_live_execution(
         quote=cfg.system.quote_asset,
         price_band_pct=Decimal(str(ex.max_price_deviation_pct)),
         reference_lookup=reference_lookup,
+        request_timeout_s=port.request_timeout_s,
     )
 
 

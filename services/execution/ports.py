@@ -7,6 +7,7 @@ already retried up to `retry_attempts`), RejectedError, HaltError.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -18,6 +19,9 @@ ExchangeOrderStatus = Literal["open", "filled", "cancelled", "rejected"]
 # What the order is at the exchange. `stop`: a stop-limit (limit_price is its limit, stop_price its trigger);
 # `bracket`: one order holding a take profit (limit_price) and a stop (stop_price, the trigger).
 OrderKind = Literal["market", "limit", "stop", "bracket"]
+# Awaited after the look-up of a client order id and immediately before each send of it (a retry's too); it raises
+# (errors.NotOwnerError) to refuse the send. The worker checks there that it still owns the order (live.py).
+SendGuard = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,12 @@ class ExchangePort(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def dedups_client_ids(self) -> bool:
+        """The exchange refuses or returns the existing order for a repeated client order id (Advanced Trade);
+        False where two sends of one id make two orders (the Exchange API)."""
+        ...
+
     async def load_markets(
         self, products: list[str] | None = None, *, refresh: bool = False
     ) -> dict[str, MarketInfo]:
@@ -125,9 +135,11 @@ class ExchangePort(Protocol):
         size: Decimal,
         *,
         limit_price: Decimal | None = None,
+        guard: SendGuard | None = None,
     ) -> ExchangeOrder:
         """Place one order, at most once for this client order id, whatever the retries. Sizes and prices are
-        rounded to the market's increments here; below the minimum raises RejectedError without sending."""
+        rounded to the market's increments here; below the minimum raises RejectedError without sending.
+        `guard` (SendGuard) is awaited before each send; what it raises propagates and nothing is sent."""
         ...
 
     async def create_protective(
@@ -139,6 +151,7 @@ class ExchangePort(Protocol):
         *,
         stop_limit_price: Decimal | None = None,
         take_profit_price: Decimal | None = None,
+        guard: SendGuard | None = None,
     ) -> ExchangeOrder:
         """Rest a protective sell of a long position at the exchange, at most once for this client order id: a
         stop-limit triggered at `stop_price` (limit `stop_limit_price`, by default the stop less 5%), or, with
@@ -153,6 +166,17 @@ class ExchangePort(Protocol):
         self, client_order_id: str, product: str, *, since: datetime | None = None
     ) -> ExchangeOrder | None:
         """The order with this client order id, or None when the exchange definitely has none."""
+        ...
+
+    async def fetch_orders_by_client_id(
+        self, client_order_id: str, product: str, *, since: datetime
+    ) -> list[ExchangeOrder]:
+        """Every order of the product created since `since` under this client order id, in any status, oldest
+        first: more than one only where the exchange does not de-duplicate client ids (`dedups_client_ids`)."""
+        ...
+
+    async def fetch_orders_since(self, product: str, since: datetime) -> list[ExchangeOrder]:
+        """Every order of the product created since `since`, in any status, oldest first."""
         ...
 
     async def cancel(self, order: ExchangeOrder) -> ExchangeOrder:

@@ -16,18 +16,30 @@ Rules:
   forgot it: that API answers 404 for an order cancelled before any fill). No fill is lost either way.
 - An order at the exchange with a client id we do not know (placed by hand, or by another system on this key)
   is reported, never adopted: there is no intent to attach it to.
+- A second order under a known client order id (an exchange that does not de-duplicate client ids, two workers
+  of the profile: docs/live.md, "Never twice with two workers"): the first one the exchange took is the intent's
+  order (`split_duplicates`); the others' fills are booked as OrderFilled with `duplicate_of` (outside the
+  intent's size), and each is reported once per state in a DuplicateOrderDetected (`duplicate_events`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from services.execution.ports import ExchangeFill, ExchangeOrder
 from shared.clock import derived_id
-from shared.messages import TERMINAL_STATUSES, ExecuteOrder, Message, OrderFilled, OrderStatus, OrderUpdated
+from shared.messages import (
+    TERMINAL_STATUSES,
+    DuplicateOrderDetected,
+    ExecuteOrder,
+    Message,
+    OrderFilled,
+    OrderStatus,
+    OrderUpdated,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,10 @@ class KnownOrder:
     filled_from_fills: Decimal = Decimal(0)
     fees: Decimal = Decimal(0)
     notional: Decimal = Decimal(0)
+    # Fills of a second order under this client id (OrderFilled.duplicate_of): booked apart from the intent's.
+    duplicate_fill_ids: frozenset[str] = frozenset()
+    # Ids of the DuplicateOrderDetected events published for this client id.
+    duplicates_reported: frozenset[str] = frozenset()
 
     @property
     def terminal(self) -> bool:
@@ -93,6 +109,10 @@ def apply_event(known: dict[str, KnownOrder], msg: Message, profile: str) -> Non
         known[msg.client_order_id] = replace(
             k, status=msg.status, filled_size=max(k.filled_size, msg.filled_size)
         )
+    elif isinstance(msg, DuplicateOrderDetected) and msg.profile == profile:
+        k = known.get(msg.client_order_id)
+        if k is not None:
+            known[msg.client_order_id] = replace(k, duplicates_reported=k.duplicates_reported | {msg.id})
     elif isinstance(msg, OrderFilled) and msg.profile == profile:
         k = known.get(msg.client_order_id)
         if k is None:
@@ -106,6 +126,10 @@ def apply_event(known: dict[str, KnownOrder], msg: Message, profile: str) -> Non
                 correlation_id=msg.correlation_id,
                 causation_id=msg.causation_id,
             )
+        if msg.duplicate_of is not None:
+            # Not the intent's order: its fills never add to what the intent's order filled.
+            known[msg.client_order_id] = replace(k, duplicate_fill_ids=k.duplicate_fill_ids | {msg.fill_id})
+            return
         if msg.fill_id in k.fill_ids:
             return
         known[msg.client_order_id] = replace(
@@ -229,6 +253,101 @@ def reconcile(
             f"exchange order {u.exchange_order_id} ({u.product} {u.side} {u.size}, client id {u.client_order_id}) "
             "is not one of this worker's orders: left alone"
         )
+    return out
+
+
+def split_duplicates(orders: Sequence[ExchangeOrder]) -> tuple[ExchangeOrder | None, list[ExchangeOrder]]:
+    """The orders the exchange holds under one client order id as (the intent's order, the duplicates): the first
+    one it took (created first; the smaller exchange id on a tie) is the intent's, whoever sent it, so every
+    worker that looks picks the same one. An order without a creation time counts as the newest."""
+    latest = datetime.max.replace(tzinfo=UTC)
+    by_id = {o.exchange_order_id: o for o in orders}
+    ordered = sorted(by_id.values(), key=lambda o: (o.created_at or latest, o.exchange_order_id))
+    if not ordered:
+        return None, []
+    return ordered[0], ordered[1:]
+
+
+def duplicate_report_id(client_order_id: str, duplicate: ExchangeOrder) -> str:
+    return derived_id(
+        "duplicate-order",
+        client_order_id,
+        duplicate.exchange_order_id,
+        duplicate.status,
+        duplicate.filled_size.normalize(),
+    )
+
+
+def duplicate_events(
+    profile: str,
+    k: KnownOrder,
+    original: ExchangeOrder,
+    duplicate: ExchangeOrder,
+    fills: Iterable[ExchangeFill],
+    now: datetime,
+    *,
+    cancelled: bool = False,
+) -> list[Message]:
+    """What is missing about one duplicate of a known order: its fills not yet booked (OrderFilled with
+    `duplicate_of`, ids derived from the exchange's fill ids as for any fill), then a DuplicateOrderDetected for
+    its present state if none was published for that state."""
+    out: list[Message] = []
+    seen = set(k.duplicate_fill_ids)
+    mine = [f for f in fills if f.exchange_order_id == duplicate.exchange_order_id and f.size > 0]
+    for f in sorted(mine, key=lambda x: (x.time, x.fill_id)):
+        fid = fill_event_id(profile, f)
+        if fid in seen:
+            continue
+        seen.add(fid)
+        out.append(
+            OrderFilled(
+                id=fid,
+                event_time=f.time,
+                correlation_id=k.correlation_id,
+                causation_id=k.causation_id,
+                fill_id=fid,
+                intent_id=k.intent_id,
+                client_order_id=k.client_order_id,
+                profile=profile,
+                product=k.product,
+                side="sell" if k.side == "sell" else "buy",
+                size=f.size,
+                price=f.price,
+                fee=f.fee,
+                liquidity=f.liquidity,
+                duplicate_of=original.exchange_order_id,
+            )
+        )
+    rid = duplicate_report_id(k.client_order_id, duplicate)
+    if rid in k.duplicates_reported:
+        return out
+    filled = duplicate.filled_size
+    done = "cancelled it" if cancelled else ("it was " + duplicate.status)
+    booked = f"; its fills of {filled} are booked outside the intent" if filled > 0 else ""
+    reason = (
+        f"{profile}: the exchange holds two orders under client order id {k.client_order_id} ({k.side} "
+        f"{k.product}): {original.exchange_order_id} (the intent's) and {duplicate.exchange_order_id} (a second "
+        f"send, by another worker of the profile); {done}{booked}"
+    )
+    out.append(
+        DuplicateOrderDetected(
+            id=rid,
+            event_time=now,
+            correlation_id=k.correlation_id,
+            causation_id=k.causation_id,
+            profile=profile,
+            intent_id=k.intent_id,
+            client_order_id=k.client_order_id,
+            product=k.product,
+            side="sell" if k.side == "sell" else "buy",
+            original=original.exchange_order_id,
+            duplicate=duplicate.exchange_order_id,
+            status=duplicate.status,
+            filled_size=filled,
+            cancelled=cancelled,
+            reason=reason[:2000],
+        )
+    )
     return out
 
 

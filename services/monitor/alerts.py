@@ -2,7 +2,7 @@
 
 Kinds (`KINDS`): collision, duplication_prevented, halt, wash_trade_rejection, correlation_breach,
 lag_above_threshold, internal_cross_opportunity, dead_letter, feed_stale, missing_bucket, account_mismatch,
-price_band.
+price_band, duplicate_order.
 
 `alerts_from_message` maps one message to its alerts, purely:
 
@@ -18,6 +18,7 @@ price_band.
 | WatermarkAdvanced with `missing` products (a bucket still missing at the deadline) | missing_bucket |
 | AccountMismatchDetected mismatch (a live profile's books and exchange account differ beyond dust) | account_mismatch |
 | OrderUpdated rejected with a reason starting `price band` (a live order priced far from the market) | price_band |
+| DuplicateOrderDetected (a second order under one client order id at the exchange: both exchange ids) | duplicate_order |
 
 Lag and correlation alerts come from measurements (`lag_alerts`, `correlation_alerts`) and fire once when a
 value crosses its threshold, again only after it went back below (`AlertGate`).
@@ -49,6 +50,7 @@ from shared.messages import (
     AccountMismatchDetected,
     CorrelationAlert,
     DeadLettered,
+    DuplicateOrderDetected,
     FeedStateChanged,
     Message,
     OrderDecided,
@@ -75,6 +77,7 @@ KINDS: tuple[str, ...] = (
     "missing_bucket",
     "account_mismatch",
     "price_band",
+    "duplicate_order",
 )
 WASH_TRADE_RULES = frozenset({"opposite_side"})
 
@@ -306,6 +309,29 @@ def alerts_from_message(msg: Message, namespace: str | None = None) -> list[Aler
                 f"step {msg.step_time.isoformat()} went out without {', '.join(msg.missing)}: no final candle by the deadline",
                 key=msg.id,
                 details={"step_time": msg.step_time.isoformat(), "missing": list(msg.missing)},
+                **base,
+            )
+        ]
+    if isinstance(msg, DuplicateOrderDetected):
+        return [
+            Alert(
+                "duplicate_order",
+                "critical",
+                f"{msg.profile} {msg.side} {msg.product}: two orders at the exchange under client order id "
+                f"{msg.client_order_id}: {msg.original} and {msg.duplicate} (the second {msg.status}, "
+                f"{msg.filled_size.normalize():f} filled{', cancelled by the worker' if msg.cancelled else ''})",
+                key=msg.id,
+                profile=msg.profile,
+                product=msg.product,
+                details={
+                    "client_order_id": msg.client_order_id,
+                    "original": msg.original,
+                    "duplicate": msg.duplicate,
+                    "status": msg.status,
+                    "filled_size": str(msg.filled_size),
+                    "cancelled": msg.cancelled,
+                    "reason": msg.reason,
+                },
                 **base,
             )
         ]

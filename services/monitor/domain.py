@@ -10,8 +10,10 @@ Accounting (per profile, quote currency):
 
 Only fills the arbiter approved count (as the strategy workers apply them, services/strategy/domain.py): a
 fill needs an approving `OrderDecided` for its intent of the same profile, product and side, and an intent's
-fills never exceed the decided size in total. Any other fill (a forged record on orders.events) moves no
-books and is counted in `counters.unverified_fills`. The report reads the whole run, so no wait is needed.
+fills never exceed the decided size in total, except the fills of a second order the exchange took under the
+intent's client id (`duplicate_of`, live Exchange API: two workers of a profile both sent it), which are real and
+booked beyond the intent's size. Any other fill (a forged record on orders.events) moves no books and is counted
+in `counters.unverified_fills`. The report reads the whole run, so no wait is needed.
 
 Why each order exists: every order and fill record carries `intent_reason` (entry, exit_signal, stop_loss,
 take_profit, manual, flatten, halt), from its event, else from its intent (`PlaceOrder.reason`), else from
@@ -203,6 +205,8 @@ def verified_fills(data: RunData) -> tuple[list[OrderFilled], list[tuple[OrderFi
             refused.append((f, f"no approving decision of {f.profile} for intent {f.intent_id}"))
         elif (d.product, d.side) != (f.product, f.side):
             refused.append((f, f"{f.side} {f.product} does not match the approved {d.side} {d.product}"))
+        elif f.duplicate_of is not None:
+            ok.append(f)  # a second order under the intent's client id: real, outside the intent's size
         elif filled[f.intent_id] + f.size > d.size:
             refused.append((f, f"fills of intent {f.intent_id} would exceed the approved size {d.size}"))
         else:
@@ -228,6 +232,8 @@ def fill_records(data: RunData) -> list[dict[str, Any]]:
             "internal": f.internal,
             "intent_reason": reasons.of(f),
             "candle_open": _iso(f.candle_open) if f.candle_open is not None else None,
+            # Only on a duplicate order's fill: every other record keeps the fields it always had.
+            **({"duplicate_of": f.duplicate_of} if f.duplicate_of is not None else {}),
         }
         for f in sorted(verified_fills(data)[0], key=lambda f: (f.event_time, f.profile, f.fill_id))
     ]

@@ -661,7 +661,9 @@ def _judge_foreign(state: StrategyState, o: Outcome, decision: OrderDecided | No
     else:
         # A fill adds to what the intent has filled; an order event states its filled size as a whole.
         if isinstance(o, OrderFilled):
-            total = state.decided_filled.get(o.intent_id, Decimal(0)) + o.size
+            # A duplicate order's fill (OrderFilled.duplicate_of) is outside the intent's size.
+            extra = o.size if o.duplicate_of is None else Decimal(0)
+            total = state.decided_filled.get(o.intent_id, Decimal(0)) + extra
         else:
             total = o.filled_size
         if total > decision.size:
@@ -686,6 +688,10 @@ def _contradicts_own(state: StrategyState, f: OrderFilled) -> str | None:
     what = f"OrderFilled {f.id} ({f.side} {f.size} {f.product}) of {f.profile} for its intent {f.intent_id}"
     if (f.product, f.side) != (product, side):
         return f"{what} refused: the intent was {side} {product}"
+    if f.duplicate_of is not None:
+        # A second order the exchange took under the intent's client id (two workers): real, booked as a
+        # position change outside the intent, so it neither fills the intent nor is refused by its size.
+        return None
     total = state.own_filled.get(f.intent_id, Decimal(0)) + f.size
     if total > size:
         return f"{what} refused: fills of {total} would exceed the intent's size {size}"
@@ -699,7 +705,7 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
     state.seen_fills.add(f.fill_id)
     state.fills += 1
     state.fees += f.fee
-    if f.intent_id in state.pending:
+    if f.intent_id in state.pending and f.duplicate_of is None:
         state.applied_size[f.intent_id] = state.applied_size.get(f.intent_id, Decimal(0)) + f.size
     notional = f.size * f.price
     pos = state.positions.get(f.product)

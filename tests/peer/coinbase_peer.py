@@ -1184,7 +1184,7 @@ class CoinbasePeer:
             return await self._ex_create(acct, json.loads(body or "{}"))
         if path == "/orders" and m == "GET":
             status = q.getall("status", ["open", "pending", "active"])
-            mine = [o for o in self.orders if o.signed_by == acct.key_id]
+            mine = [o for o in self.orders if o.signed_by == acct.key_id and not self._forgotten(o)]
             if "all" not in status:
                 want_open = bool({"open", "pending", "active"} & set(status))
                 want_done = "done" in status
@@ -1195,21 +1195,30 @@ class CoinbasePeer:
                 ]
             if "product_id" in q:
                 mine = [o for o in mine if o.product.id == q["product_id"]]
-            return web.json_response(
-                [self._ex_order(o) for o in sorted(mine, key=lambda o: o.created, reverse=True)]
-            )
+            # As Coinbase Exchange: start_date / end_date bound created_at, newest first, `limit` (default 100,
+            # at most 1000) orders a page. There is no client_oid filter on this listing.
+            try:
+                if "start_date" in q:
+                    start = _parse_iso(q["start_date"])
+                    mine = [o for o in mine if o.created >= start]
+                if "end_date" in q:
+                    end = _parse_iso(q["end_date"])
+                    mine = [o for o in mine if o.created <= end]
+                limit = int(q.get("limit", "100"))
+            except ValueError:
+                raise _Http(
+                    400, {"message": f"Invalid start_date, end_date or limit in {dict(q)!r}"}
+                ) from None
+            if not 1 <= limit <= 1000:
+                raise _Http(400, {"message": f"limit must be between 1 and 1000, got {limit}"})
+            newest = sorted(mine, key=lambda o: o.created, reverse=True)[:limit]
+            return web.json_response([self._ex_order(o) for o in newest])
         mo = re.fullmatch(r"/orders/(client:)?([^/]+)", path)
         if mo:
             by_client, ident = mo.group(1) is not None, mo.group(2)
             mine = [o for o in self.orders if o.signed_by == acct.key_id]
             o = next((x for x in mine if (x.client_id if by_client else x.order_id) == ident), None)
-            forgotten = (
-                o is not None
-                and self.exchange_forgets_unfilled_cancels
-                and o.status == "CANCELLED"
-                and not o.fills
-            )
-            if o is None or forgotten:
+            if o is None or self._forgotten(o):
                 raise _Http(404, {"message": "NotFound"})
             if m == "GET":
                 return web.json_response(self._ex_order(o))
@@ -1232,6 +1241,10 @@ class CoinbasePeer:
                 raise _Http(400, {"message": "product_id or order_id is required"})
             return web.json_response(out)
         raise _Http(404, {"message": "NotFound"})
+
+    def _forgotten(self, o: PeerOrder) -> bool:
+        """An Exchange order cancelled before any fill, when the peer forgets those: gone from every answer."""
+        return self.exchange_forgets_unfilled_cancels and o.status == "CANCELLED" and not o.fills
 
     async def _ex_create(self, acct: Account, req: dict[str, Any]) -> web.StreamResponse:
         if not acct.can_trade:
