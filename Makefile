@@ -6,11 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install sysdeps infra-up infra-down demo test lint unit integration e2e bench clean
+.PHONY: install sysdeps infra-up infra-down demo test test-compose lint unit integration e2e bench lock clean
 
-$(STAMP): pyproject.toml
+# Every dependency, transitive ones included, at the versions and hashes of requirements-dev.lock (the image
+# installs requirements.lock, its runtime part); then the project itself without resolving anything again.
+$(STAMP): pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,7 +46,16 @@ e2e: install sysdeps
 	$(BIN)/pytest tests/e2e -q $(PYTEST_ARGS)
 
 test: install sysdeps lint
-	$(BIN)/pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/pytest tests -q -p no:cacheprovider --ignore=tests/compose $(PYTEST_ARGS)
+
+# The compose stack for real on a Docker engine (installed and started when none answers; images built locally,
+# cached between runs): tests/compose. CI runs it after `make test`.
+test-compose: install sysdeps
+	$(BIN)/pytest tests/compose -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Rewrite both lock files from pyproject.toml (scripts/lock.sh); commit them with the pyproject change.
+lock:
+	bash scripts/lock.sh
 
 # Benchmarks print JSON and keep it in reports/bench/ (local Kafka and Redis are started if needed).
 bench: install sysdeps

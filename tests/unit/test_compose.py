@@ -384,13 +384,17 @@ def test_topics_command_fails_cleanly_without_a_broker() -> None:
 
 def test_dockerfile_and_dockerignore() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
-    assert "FROM python:3.11-slim" in dockerfile
+    # The public base by default; tests/compose builds on a local Debian base through the same argument.
+    assert "ARG BASE_IMAGE=python:3.11-slim" in dockerfile and "FROM ${BASE_IMAGE}" in dockerfile
+    # Every dependency from the lock file, hash-checked.
+    assert "--require-hashes -r /src/requirements.lock" in dockerfile
     assert 'ENTRYPOINT ["python", "-m"]' in dockerfile
     users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     ignore = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
     for entry in (".venv/", "reports/", "secrets/", "config/*_local.yaml", ".pytest_cache/", ".mypy_cache/"):
         assert entry in ignore
+    assert "!requirements.lock" in ignore
 
 
 # ------------------------------------------------------------------------------------------ the real binary
