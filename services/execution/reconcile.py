@@ -85,6 +85,31 @@ def fill_event_id(profile: str, fill: ExchangeFill) -> str:
     return derived_id("live-fill", profile, fill.fill_id)
 
 
+def exchange_fill(
+    profile: str, k: KnownOrder, f: ExchangeFill, *, duplicate_of: str | None = None
+) -> OrderFilled:
+    """The OrderFilled of one exchange fill of a known order (of a second order under its client id, when
+    `duplicate_of` names the first)."""
+    fid = fill_event_id(profile, f)
+    return OrderFilled(
+        id=fid,
+        event_time=f.time,
+        correlation_id=k.correlation_id,
+        causation_id=k.causation_id,
+        fill_id=fid,
+        intent_id=k.intent_id,
+        client_order_id=k.client_order_id,
+        profile=profile,
+        product=k.product,
+        side="sell" if k.side == "sell" else "buy",
+        size=f.size,
+        price=f.price,
+        fee=f.fee,
+        liquidity=f.liquidity,
+        duplicate_of=duplicate_of,
+    )
+
+
 def update_event_id(client_order_id: str, status: str, filled: Decimal) -> str:
     return derived_id("order-update", client_order_id, status, filled.normalize())
 
@@ -205,24 +230,7 @@ def reconcile(
             if fid in seen or f.size <= 0:
                 continue
             seen.add(fid)
-            new_fills.append(
-                OrderFilled(
-                    id=fid,
-                    event_time=f.time,
-                    correlation_id=k.correlation_id,
-                    causation_id=k.causation_id,
-                    fill_id=fid,
-                    intent_id=k.intent_id,
-                    client_order_id=coid,
-                    profile=profile,
-                    product=k.product,
-                    side="sell" if k.side == "sell" else "buy",
-                    size=f.size,
-                    price=f.price,
-                    fee=f.fee,
-                    liquidity=f.liquidity,
-                )
-            )
+            new_fills.append(exchange_fill(profile, k, f))
         out.events.extend(new_fills)
         counted = k.filled_from_fills + sum((x.size for x in new_fills), Decimal(0))
         fees = k.fees + sum((x.fee for x in new_fills), Decimal(0))
@@ -299,25 +307,7 @@ def duplicate_events(
         if fid in seen:
             continue
         seen.add(fid)
-        out.append(
-            OrderFilled(
-                id=fid,
-                event_time=f.time,
-                correlation_id=k.correlation_id,
-                causation_id=k.causation_id,
-                fill_id=fid,
-                intent_id=k.intent_id,
-                client_order_id=k.client_order_id,
-                profile=profile,
-                product=k.product,
-                side="sell" if k.side == "sell" else "buy",
-                size=f.size,
-                price=f.price,
-                fee=f.fee,
-                liquidity=f.liquidity,
-                duplicate_of=original.exchange_order_id,
-            )
-        )
+        out.append(exchange_fill(profile, k, f, duplicate_of=original.exchange_order_id))
     rid = duplicate_report_id(k.client_order_id, duplicate)
     if rid in k.duplicates_reported:
         return out
