@@ -1,5 +1,5 @@
 """The exchange port over ccxt's async `coinbase` (Advanced Trade, CDP keys) and `coinbaseexchange` (Exchange API,
-key + secret + passphrase). ccxt is imported here and in errors.py, nowhere else.
+key + secret + passphrase). ccxt is imported here and in ccxt_errors.py, nowhere else.
 
 One adapter per profile: it holds that profile's credentials, its own ccxt client, rate limiter and markets.
 
@@ -46,6 +46,7 @@ from typing import Any, TypeVar, cast
 import ccxt.async_support as ccxt_async
 from ccxt.base import errors as cx
 
+from services.execution.ccxt_errors import translate
 from services.execution.credentials import ExchangeId, ResolvedCredentials, redactor
 from services.execution.errors import (
     ExecutionError,
@@ -53,7 +54,6 @@ from services.execution.errors import (
     RejectedError,
     RetryableError,
     UnknownOrderStateError,
-    translate,
 )
 from services.execution.ports import (
     Balance,

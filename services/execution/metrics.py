@@ -8,7 +8,7 @@
   Orders published before this process started (a rebuild after a restart) are not observed.
 - `mp_execution_orders{profile,status}`: order events by status, each event id once.
 - `mp_execution_fills{profile,liquidity}`, `mp_execution_fees{profile}`: fills (each fill id once) and their fees.
-- `mp_execution_errors{profile,outcome,kind}`: exchange errors through the table of errors.py (live), each retry
+- `mp_execution_errors{profile,outcome,kind}`: exchange errors through the table of ccxt_errors.py (live), each retry
   counted; outcome is retry, reject or halt.
 - `mp_execution_events_processed{profile,topic}`: input messages handled, by topic.
 
@@ -18,15 +18,11 @@ describe the whole log again (ids are counted once per process).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from prometheus_client import Counter, Histogram
 
+from services.execution.errors import ExecutionError
 from shared.messages import ExecuteOrder, Message, OrderFilled, OrderUpdated
 from shared.metrics import MetricsEndpoint
-
-if TYPE_CHECKING:  # errors.py imports ccxt, which paper workers and the backtest never need to load
-    from services.execution.errors import ExecutionError
 
 __all__ = ["ExecutionMetrics", "LATENCY_BUCKETS"]
 

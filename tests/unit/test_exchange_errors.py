@@ -1,19 +1,13 @@
-"""The error table (services/execution/errors.py): every ccxt class and HTTP status maps to retry, reject or halt."""
+"""The error table (services/execution/ccxt_errors.py): every ccxt class and HTTP status maps to retry, reject or
+halt; our hierarchy (services/execution/errors.py) imports no exchange library."""
 
 from __future__ import annotations
 
 import pytest
 from ccxt.base import errors as cx
 
-from services.execution.errors import (
-    CLASS_RULES,
-    HaltError,
-    RejectedError,
-    RetryableError,
-    rule_for,
-    table_rows,
-    translate,
-)
+from services.execution.ccxt_errors import CLASS_RULES, rule_for, table_rows, translate
+from services.execution.errors import HaltError, RejectedError, RetryableError
 
 
 def tagged(exc: BaseException, status: int | None) -> BaseException:
@@ -147,3 +141,15 @@ def test_docs_list_every_row_of_the_table() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "execution.md").read_text()
     for name, outcome, _ in table_rows():
         assert f"| {name} | {outcome} |" in doc, f"docs/execution.md lacks the row {name} -> {outcome}"
+
+
+def test_the_error_hierarchy_loads_without_ccxt() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import services.execution.errors, services.execution.ports; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ccxt'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
