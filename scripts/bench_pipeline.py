@@ -254,6 +254,15 @@ def proc_memory_kib(pid: int) -> tuple[int, int] | None:
     return rss, pss
 
 
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of one process so far (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class MemorySampler:
     """The stack's total RSS and PSS (every service process, not the broker), sampled every `every_s`: the
     peak of the sums and the last sample (steady state, before the stack stops)."""
@@ -263,6 +272,8 @@ class MemorySampler:
         self.every_s = every_s
         self.peak_rss = self.peak_pss = 0
         self.last: tuple[int, int, int] = (0, 0, 0)
+        self.cpu_s: dict[str, float] = {}  # per service process: CPU seconds at its last sample
+        self.cpu_at_start: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     def sample(self) -> None:
@@ -271,6 +282,10 @@ class MemorySampler:
             got = proc_memory_kib(p.popen.pid) if p.popen.poll() is None else None
             if got is not None:
                 rss, pss, n = rss + got[0], pss + got[1], n + 1
+        for p in self.stack.procs:
+            cpu = proc_cpu_s(p.popen.pid) if p.popen.poll() is None else None
+            if cpu is not None:
+                self.cpu_s[p.name] = cpu
         if n:
             self.last = (rss, pss, n)
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
@@ -281,6 +296,9 @@ class MemorySampler:
             await asyncio.sleep(self.every_s)
 
     def start(self) -> None:
+        """From now on (the services up, the replay about to start): CPU is counted from here."""
+        self.sample()
+        self.cpu_at_start = dict(self.cpu_s)
         self._task = asyncio.create_task(self._run())
 
     def stop(self) -> dict[str, Any]:
@@ -294,6 +312,18 @@ class MemorySampler:
             "pss_mib": round(pss / mib, 1),
             "peak_rss_mib": round(self.peak_rss / mib, 1),
             "peak_pss_mib": round(self.peak_pss / mib, 1),
+            # CPU seconds each kind of service used during the replay (ingest: the whole of it).
+            "cpu_s": {
+                kind: round(
+                    sum(
+                        cpu - self.cpu_at_start.get(name, 0.0)
+                        for name, cpu in self.cpu_s.items()
+                        if name.split(".")[0] == kind
+                    ),
+                    2,
+                )
+                for kind in sorted({name.split(".")[0] for name in self.cpu_s})
+            },
         }
 
 

@@ -43,6 +43,22 @@ log = logging.getLogger(__name__)
 # How long a producer keeps a message while its partition has no leader (a broker restarting) before failing.
 PRODUCER_REQUEST_TIMEOUT_MS = 300_000
 
+# How long the broker may hold a fetch of a service's input consumer when there is nothing to return. A
+# consumer's client sends its other requests to the broker (offsets, metadata) on the connection its fetch
+# uses, and the broker answers a connection's requests in order: behind aiokafka's default long poll (500 ms;
+# faust's worker: 1,500 ms) such a request waits for the poll to expire. New data ends a poll at once whatever
+# this is; the value bounds what can queue behind an idle one. Every consumer on a step's way from candle to
+# order is built with it (`input_consumer`; the strategy's faust consumer in services/strategy/bootstrap.py),
+# and none of them sends a request per batch besides its fetch (docs/benchmarks.md, "Latency, hop by hop").
+FETCH_MAX_WAIT_MS = 20
+
+
+def input_consumer(bootstrap: str, **options: Any) -> AIOKafkaConsumer:
+    """The consumer of a service's inputs: `options` as AIOKafkaConsumer's, the fetch wait FETCH_MAX_WAIT_MS."""
+    options.setdefault("fetch_max_wait_ms", FETCH_MAX_WAIT_MS)
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap, **options)
+
+
 # What a group member's commit (or seek) raises once a rebalance took its partitions: the process was paused
 # (SIGSTOP, a VM or GC pause) longer than its session, went longer than max_poll_interval_ms between polls, or
 # another member joined meanwhile. aiokafka raises CommitFailedError for a rebalance in progress, a stale
@@ -352,8 +368,8 @@ class ConsumeLoop:
         self._session_s = session_timeout_ms / 1000
         self._rebuild = rebuild_on_start
         self.keeper = keeper  # snapshots of the service's state (only with rebuild_on_start)
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+        self._consumer = input_consumer(
+            bootstrap,
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
@@ -566,11 +582,15 @@ class StateMachineService:
                 else:
                     outbox.add(topic, out, key)
 
+    def consume_loop(self, publisher: Publisher, keeper: StateKeeper | None) -> ConsumeLoop:
+        """The loop over the service's inputs (built in run(): Kafka clients need a running event loop)."""
+        return ConsumeLoop(publisher=publisher, keeper=keeper, **self._client_args)  # type: ignore[arg-type]
+
     async def run(self, stop: asyncio.Event, *, exit_when_done: bool = False) -> int:
         a = self._client_args
         publisher = Publisher(str(a["bootstrap"]), client_id=str(a["group_id"]))
         keeper = await self._durable.keeper(str(a["bootstrap"])) if self._durable is not None else None
-        loop = self.loop = ConsumeLoop(publisher=publisher, keeper=keeper, **a)  # type: ignore[arg-type]
+        loop = self.loop = self.consume_loop(publisher, keeper)
         await publisher.start()
         await loop.start()
         try:
