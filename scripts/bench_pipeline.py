@@ -672,6 +672,7 @@ def markdown(result: dict[str, Any], json_path: str) -> str:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     endpoints = await asyncio.to_thread(infra.resolve_endpoints, None, lambda m: print(m, file=sys.stderr))
     counts = [int(x) for x in args.profiles.split(",") if x.strip()]
+    pace = dict(zip(counts, [float(x) for x in args.latency_speed.split(",") if x.strip()], strict=False))
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
@@ -692,9 +693,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             log_root=log_root,
             timeout=args.timeout,
         )
-        # Half the reached step rate, as a replay speed factor (steps are one candle interval apart).
+        # Half the reached step rate, as a replay speed factor (steps are one candle interval apart); or the
+        # speed given for this profile count (to offer the same load as an earlier run).
         interval_s = 3600.0
-        speed = max(1.0, 0.5 * tput["steps_per_s"] * interval_s)
+        speed = pace.get(n) or max(1.0, 0.5 * tput["steps_per_s"] * interval_s)
         print(
             f"[bench] {n} profiles: {tput['market_events_per_s']} events/s; latency run at speed {speed:.0f}",
             file=sys.stderr,
@@ -843,6 +845,11 @@ def main(argv: list[str] | None = None) -> int:
         "--markdown-from", default=None, help="only write --markdown from this earlier JSON result"
     )
     p.add_argument("--before", default=None, help="an earlier JSON result to show next to this one")
+    p.add_argument(
+        "--latency-speed",
+        default="",
+        help="replay speeds of the latency runs, one per profile count (default: half the throughput run's rate)",
+    )
     args = p.parse_args(argv)
     if args.markdown_from:
         text = markdown(json.loads(Path(args.markdown_from).read_text()), args.markdown_from)

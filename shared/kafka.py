@@ -44,13 +44,15 @@ log = logging.getLogger(__name__)
 PRODUCER_REQUEST_TIMEOUT_MS = 300_000
 
 # How long the broker may hold a fetch of a service's input consumer when there is nothing to return. A
-# consumer's client sends its other requests to the broker (offsets, metadata) on the connection its fetch
-# uses, and the broker answers a connection's requests in order: behind aiokafka's default long poll (500 ms;
-# faust's worker: 1,500 ms) such a request waits for the poll to expire. New data ends a poll at once whatever
-# this is; the value bounds what can queue behind an idle one. Every consumer on a step's way from candle to
-# order is built with it (`input_consumer`; the strategy's faust consumer in services/strategy/bootstrap.py),
-# and none of them sends a request per batch besides its fetch (docs/benchmarks.md, "Latency, hop by hop").
-FETCH_MAX_WAIT_MS = 20
+# consumer's client sends its other requests (offsets, metadata) on the connection its fetch uses, and the
+# broker answers a connection's requests in order: behind aiokafka's default long poll (500 ms; faust's worker:
+# 1,500 ms) such a request waited for the poll to expire (the registry's offsets request per batch did, 1.2 s
+# per step). No consumer on a step's way from candle to order sends such a request per batch any more; new data
+# ends a poll at once whatever this is, so the value only bounds what a rare request (a metadata refresh, a
+# seek) can wait. Each empty poll costs CPU: an idle 8-profile stack used 0.12 cores with the defaults, 0.16
+# with 100 ms, 0.23 with 50 ms, 0.41 with 20 ms (docs/benchmarks.md). Every input consumer on the hot path is
+# built with it: `input_consumer`, and the strategy's faust consumer (services/strategy/bootstrap.py).
+FETCH_MAX_WAIT_MS = 50
 
 
 def input_consumer(bootstrap: str, **options: Any) -> AIOKafkaConsumer:

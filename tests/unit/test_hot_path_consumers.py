@@ -48,7 +48,7 @@ async def hot_path_consumers() -> dict[str, AIOKafkaConsumer]:
 
 async def test_no_consumer_on_the_hot_path_keeps_the_default_long_poll() -> None:
     assert DEFAULT_WAIT_MS == 500  # aiokafka's; faust's worker consumer: 1,500
-    assert 0 < FETCH_MAX_WAIT_MS <= 20
+    assert 0 < FETCH_MAX_WAIT_MS <= 50
     built = await hot_path_consumers()
     try:
         waits = {name: fetch_wait_ms(c) for name, c in built.items()}
