@@ -4,6 +4,7 @@ broker.
 
     .venv/bin/python scripts/bench_pipeline.py [--profiles 2,8,32] [--hours 200] [--data data/market]
         [--json reports/bench/pipeline.json] [--markdown docs/benchmarks.md] [--latency-hours 200]
+        [--before EARLIER.json] [--latency-speed S2,S8,...]
 
 For each profile count N (configs generated from the template: N profiles alternating profile_a's and
 profile_b's settings, each with its own hash settings and priority):
@@ -19,10 +20,21 @@ profile_b's settings, each with its own hash settings and priority):
    acknowledgement) - CreateTime of the candle that caused the intent (the candle of the order's product at
    the step named by the correlation id "step:<open_time>").
 
+   Each order's latency is also cut at every hop (`hop_breakdown`): candle > plan > intent > barrier (the
+   step's last StepCompleted marker) > decision > approved > submitted, each point the CreateTime of the record
+   that ends the hop, p50/p99/max per hop; the deliberate delays (the arbiter's not_before, the worker's de-sync)
+   are event time and reported apart. `--latency-speed` fixes the replay speed of the latency runs (one per
+   profile count) to offer the same load as an earlier run. During the latency run the stack's memory (RSS and
+   PSS of every service process, /proc/<pid>/smaps_rollup) is sampled every 0.5 s, with each service's CPU
+   seconds.
+
 Raw baseline, on the same broker in the same run: an aiokafka producer (acks=all, idempotent, linger 2 ms, as
 the services' Publisher) sends as many messages as the largest run had candles, of the candles' mean encoded
 size, to a one-partition topic, and one consumer reads them: messages/s from first send to last receipt.
-Raw latency: one message at a time, CreateTime to receipt. Ratios = pipeline / raw.
+Raw latency: one message at a time, CreateTime to receipt; and four round trips one after the other (each
+message sent when the previous one was received), the fewest a candle's way to an order takes: the latency
+target is a p99 of at most 3x theirs with 2 profiles, and under 100 ms with 8. Ratios = pipeline / raw.
+`--before` shows an earlier result's figures next to this run's. The tables are printed (stderr) after the JSON.
 
 Prints one JSON document, writes it to `--json`, and writes `--markdown` with the machine described.
 Topics of the runs are deleted at the end; service logs stay in reports/bench/logs/.
@@ -384,6 +396,7 @@ async def run_pipeline(
     ]
     stack = Stack()
     memory = MemorySampler(stack)
+    load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.monotonic()
     try:
         stack.start("registry", ["services.registry", *common], log_dir)
@@ -473,6 +486,8 @@ async def run_pipeline(
         },
         "breakdown_ms": hop_breakdown(candle_ts, plans, intents, events, approved),
         "memory": mem,
+        # The machine is shared: its load average (1, 5, 15 min) when the run started and when it ended.
+        "load_avg": {"start": load_before, "end": [round(x, 2) for x in os.getloadavg()]},
     }
 
 
@@ -576,6 +591,7 @@ def machine() -> dict[str, Any]:
 def markdown(result: dict[str, Any], json_path: str) -> str:
     m = result["machine"]
     raw = result["raw_baseline"]
+    biggest = max(r["profiles"] for r in result["runs"])
     lines = [
         "# Benchmarks",
         "",
@@ -587,7 +603,7 @@ def markdown(result: dict[str, Any], json_path: str) -> str:
         f"- {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB memory, {m['os']}",
         f"- Python {m['python']}; {m['kafka']}",
         f"- Load average when the run started: {m['load_avg_at_start']}. A shared machine: other work ran too, and "
-        "the 32-profile runs alone put 67 processes on the two cores.",
+        f"the {biggest}-profile runs alone put {2 * biggest + 3} processes on the two cores.",
         "",
         "## End-to-end pipeline",
         "",
@@ -745,12 +761,16 @@ def before_summary(old: dict[str, Any]) -> dict[str, Any]:
                 "latency_ms": r["latency"]["latency_ms"],
                 "breakdown_ms": r["latency"].get("breakdown_ms"),
                 "memory": r["latency"].get("memory"),
-                "startup_s": r["throughput"]["startup_s"],
+                "startup_s": r["latency"]["startup_s"],
                 "market_events_per_s": r["throughput"]["market_events_per_s"],
             }
             for r in old["runs"]
         },
     }
+
+
+def _load(load: dict[str, list[float]] | None) -> str:
+    return f"{load['start'][0]} / {load['end'][0]}" if load else "-"
 
 
 def _f(v: Any) -> str:
@@ -780,8 +800,8 @@ def latency_tables(result: dict[str, Any]) -> list[str]:
             )
     lines += [
         "",
-        "| profiles | orders | p99 ms | raw: 4 round trips p99 ms | ratio | target | met |",
-        "|---:|---:|---:|---:|---:|---|---|",
+        "| profiles | orders | p99 ms | raw: 4 round trips p99 ms | ratio | target | met | load avg (start / end) |",
+        "|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in result["runs"]:
         p99 = r["latency"]["latency_ms"]["p99"]
@@ -795,7 +815,8 @@ def latency_tables(result: dict[str, Any]) -> list[str]:
         met = "yes" if p99 is not None and p99 <= limit else "no"
         lines.append(
             f"| {r['profiles']} | {r['latency']['latency_ms']['orders']} | {_f(p99)} | {_f(chain.get('p99'))} "
-            f"| {_f(r.get('ratio_p99_to_four_round_trips_p99'))} | {target} | {met} |"
+            f"| {_f(r.get('ratio_p99_to_four_round_trips_p99'))} | {target} | {met} "
+            f"| {_load(r['latency'].get('load_avg'))} |"
         )
     lines += [
         "",
@@ -810,7 +831,7 @@ def latency_tables(result: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "| profiles | processes | startup s | RSS MiB | PSS MiB | peak RSS MiB | peak PSS MiB | before: startup s, PSS MiB |",
+        "| profiles | processes | startup s | RSS MiB | PSS MiB | peak RSS MiB | peak PSS MiB | before: startup s, peak PSS MiB |",
         "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["runs"]:
@@ -820,7 +841,7 @@ def latency_tables(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['profiles']} | {_f(m.get('processes'))} | {_f(r['latency']['startup_s'])} | {_f(m.get('rss_mib'))} "
             f"| {_f(m.get('pss_mib'))} | {_f(m.get('peak_rss_mib'))} | {_f(m.get('peak_pss_mib'))} "
-            f"| {_f(old.get('startup_s'))}, {_f(om.get('pss_mib'))} |"
+            f"| {_f(old.get('startup_s'))}, {_f(om.get('peak_pss_mib'))} |"
         )
     return lines
 
