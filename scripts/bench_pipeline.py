@@ -624,8 +624,15 @@ def markdown(result: dict[str, Any], json_path: str) -> str:
     lines += [
         "",
         "Latency runs replay "
-        f"{result['latency_hours']} hours paced at half the step rate of the throughput run (so the figure is "
-        "not queueing behind a backlog); it is from the candle's publication to the execution worker's "
+        f"{result['latency_hours']} hours paced at "
+        + (
+            "the replay speeds given (`--latency-speed`: "
+            + ", ".join(f"{r['latency']['speed']:g}x ({r['profiles']} profiles)" for r in result["runs"])
+            + ", to offer the load of an earlier run)"
+            if result.get("latency_speed_given")
+            else "half the step rate of the throughput run"
+        )
+        + " (so the figure is not queueing behind a backlog); it is from the candle's publication to the execution worker's "
         "acknowledgement ('submitted'), Kafka CreateTime to CreateTime, and includes the arbiter waiting for every "
         "profile to finish the step. In the throughput runs the same measure is mostly queueing behind the "
         "replayed backlog: p50 "
@@ -654,6 +661,13 @@ def markdown(result: dict[str, Any], json_path: str) -> str:
         ),
         "",
         *latency_tables(result),
+        "",
+        "How to read it: the first table says where an order's time goes, hop by hop (a hop that grows with the "
+        "profile count is waiting for CPU: every strategy and execution worker wakes on the same candles); the "
+        "second compares the whole way's p99 with four raw round trips on the same broker in the same run (the "
+        "fewest an order takes) and says whether the target is met, with the machine's load average when the run "
+        "started and ended (a shared machine: a load above the two cores shows as p99 outliers in any hop). "
+        "p99 over fewer than 100 orders is the slowest order or close to it.",
         "",
         "The deliberate delays (the arbiter's `not_before`, the worker's seeded de-sync) are event time: in a "
         "replay they move the order's times, not its records, so they are not in the hops above. Memory: every "
@@ -694,6 +708,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "hours": args.hours,
         "latency_hours": args.latency_hours,
+        "latency_speed_given": bool(pace),
         "runs": [],
     }
     log_root = Path(args.logs)
