@@ -4,6 +4,7 @@ broker.
 
     .venv/bin/python scripts/bench_pipeline.py [--profiles 2,8,32] [--hours 200] [--data data/market]
         [--json reports/bench/pipeline.json] [--markdown docs/benchmarks.md] [--latency-hours 200]
+        [--before EARLIER.json] [--latency-speed S2,S8,...]
 
 For each profile count N (configs generated from the template: N profiles alternating profile_a's and
 profile_b's settings, each with its own hash settings and priority):
@@ -19,10 +20,21 @@ profile_b's settings, each with its own hash settings and priority):
    acknowledgement) - CreateTime of the candle that caused the intent (the candle of the order's product at
    the step named by the correlation id "step:<open_time>").
 
+   Each order's latency is also cut at every hop (`hop_breakdown`): candle > plan > intent > barrier (the
+   step's last StepCompleted marker) > decision > approved > submitted, each point the CreateTime of the record
+   that ends the hop, p50/p99/max per hop; the deliberate delays (the arbiter's not_before, the worker's de-sync)
+   are event time and reported apart. `--latency-speed` fixes the replay speed of the latency runs (one per
+   profile count) to offer the same load as an earlier run. During the latency run the stack's memory (RSS and
+   PSS of every service process, /proc/<pid>/smaps_rollup) is sampled every 0.5 s, with each service's CPU
+   seconds.
+
 Raw baseline, on the same broker in the same run: an aiokafka producer (acks=all, idempotent, linger 2 ms, as
 the services' Publisher) sends as many messages as the largest run had candles, of the candles' mean encoded
 size, to a one-partition topic, and one consumer reads them: messages/s from first send to last receipt.
-Raw latency: one message at a time, CreateTime to receipt. Ratios = pipeline / raw.
+Raw latency: one message at a time, CreateTime to receipt; and four round trips one after the other (each
+message sent when the previous one was received), the fewest a candle's way to an order takes: the latency
+target is a p99 of at most 3x theirs with 2 profiles, and under 100 ms with 8. Ratios = pipeline / raw.
+`--before` shows an earlier result's figures next to this run's. The tables are printed (stderr) after the JSON.
 
 Prints one JSON document, writes it to `--json`, and writes `--markdown` with the machine described.
 Topics of the runs are deleted at the end; service logs stay in reports/bench/logs/.
@@ -58,7 +70,16 @@ from services.monitor.health import fetch_health  # noqa: E402
 from shared.codec import DecodeError, decode  # noqa: E402
 from shared.config import AppConfig, parse_config  # noqa: E402
 from shared.kafka import delete_topics, ensure_topics  # noqa: E402
-from shared.messages import CandleClosed, OrderDecided, OrderFilled, OrderUpdated, PlaceOrder  # noqa: E402
+from shared.messages import (  # noqa: E402
+    CandleClosed,
+    ExecuteOrder,
+    OrderDecided,
+    OrderFilled,
+    OrderUpdated,
+    PlaceOrder,
+    PlanPublished,
+    StepCompleted,
+)
 from shared.topics import Topics, TopicSpec, declared_topics  # noqa: E402
 
 TEMPLATE = ROOT / "config" / "coinbase_profiles.yaml"
@@ -127,6 +148,197 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[k]
 
 
+def spread(values: list[float]) -> dict[str, Any]:
+    """p50 / p99 / max of a list of milliseconds (None when empty)."""
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else None,
+    }
+
+
+# The hops of one order, in the order the pipeline takes them (see hop_breakdown).
+HOPS = (
+    "candle>plan",
+    "plan>intent",
+    "intent>barrier",
+    "barrier>decision",
+    "decision>approved",
+    "approved>submitted",
+)
+
+
+def _ms(t: datetime) -> int:
+    return round(t.timestamp() * 1000)
+
+
+def hop_breakdown(
+    candle_ts: dict[tuple[str, int], int],
+    plans: list[ConsumerRecord[bytes, bytes]],
+    intents: list[ConsumerRecord[bytes, bytes]],
+    events: list[ConsumerRecord[bytes, bytes]],
+    approved: list[ConsumerRecord[bytes, bytes]],
+) -> dict[str, Any]:
+    """Each order's way from its candle to 'submitted', cut at every hop (Kafka CreateTime of each record):
+
+    candle>plan: the plan the step needs (its profile's latest plan starting at or before the step) published
+      after the candle; 0 when it was there before (the hop starts at the later of the two);
+    plan>intent: the strategy's PlaceOrder;
+    intent>barrier: the step's last StepCompleted marker of any profile (the arbiter's barrier), 0 if before;
+    barrier>decision: the arbiter's OrderDecided; decision>approved: its ExecuteOrder (orders.approved.<p>);
+    approved>submitted: the execution worker's OrderUpdated 'submitted'.
+
+    The hops add up to the total. The deliberate delays (the arbiter's not_before, the worker's de-sync) are in
+    event time and do not hold the records back in a replay: they are reported apart, in event-time ms."""
+    plan_times: dict[str, list[tuple[int, int]]] = {}  # profile -> (epoch start s, CreateTime)
+    for rec in plans:
+        msg = decode(rec.value)
+        if isinstance(msg, PlanPublished):
+            plan_times.setdefault(msg.profile, []).append((int(msg.epoch_start.timestamp()), rec.timestamp))
+    for v in plan_times.values():
+        v.sort()
+    intent_at: dict[str, tuple[int, PlaceOrder]] = {}
+    barrier: dict[int, int] = {}  # step (s) -> CreateTime of its last marker
+    for rec in intents:
+        msg = decode(rec.value)
+        if isinstance(msg, PlaceOrder):
+            intent_at.setdefault(msg.intent_id, (rec.timestamp, msg))
+        elif isinstance(msg, StepCompleted):
+            t = int(msg.step_time.timestamp())
+            barrier[t] = max(barrier.get(t, 0), rec.timestamp)
+    decided: dict[str, tuple[int, OrderDecided]] = {}
+    submitted: dict[str, tuple[int, OrderUpdated]] = {}
+    for rec in events:
+        msg = decode(rec.value)
+        if isinstance(msg, OrderDecided):
+            decided.setdefault(msg.intent_id, (rec.timestamp, msg))
+        elif isinstance(msg, OrderUpdated) and msg.status == "submitted":
+            submitted.setdefault(msg.intent_id, (rec.timestamp, msg))
+    sent: dict[str, tuple[int, ExecuteOrder]] = {}
+    for rec in approved:
+        msg = decode(rec.value)
+        if isinstance(msg, ExecuteOrder):
+            sent.setdefault(msg.intent_id, (rec.timestamp, msg))
+    cuts: dict[str, list[float]] = {h: [] for h in HOPS}
+    total: list[float] = []
+    not_before: list[float] = []
+    desync: list[float] = []
+    for intent_id, (sub_ts, sub) in submitted.items():
+        if intent_id not in intent_at or intent_id not in decided or intent_id not in sent:
+            continue
+        int_ts, intent = intent_at[intent_id]
+        t = int(intent.step_time.timestamp())
+        cause = candle_ts.get((intent.product, t))
+        if cause is None:
+            continue
+        starts = [ts for start, ts in plan_times.get(intent.profile, []) if start <= t]
+        plan_ready = max(cause, starts[-1]) if starts else cause
+        bar_ready = max(int_ts, barrier.get(t, int_ts))
+        dec_ts, dec = decided[intent_id]
+        app_ts, order = sent[intent_id]
+        points = [cause, plan_ready, int_ts, bar_ready, dec_ts, app_ts, sub_ts]
+        for name, a, b in zip(HOPS, points, points[1:], strict=False):
+            cuts[name].append(float(b - a))
+        total.append(float(sub_ts - cause))
+        not_before.append(float(_ms(order.not_before) - _ms(dec.event_time)))
+        desync.append(float(_ms(sub.event_time) - _ms(order.not_before)))
+    return {
+        "orders": len(total),
+        "total": spread(total),
+        "hops": {h: spread(v) for h, v in cuts.items()},
+        "deliberate_event_ms": {"not_before": spread(not_before), "desync": spread(desync)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def proc_memory_kib(pid: int) -> tuple[int, int] | None:
+    """(RSS, PSS) of one process in KiB, from /proc/<pid>/smaps_rollup (None once it is gone)."""
+    rss = pss = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return rss, pss
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of one process so far (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class MemorySampler:
+    """The stack's total RSS and PSS (every service process, not the broker), sampled every `every_s`: the
+    peak of the sums and the last sample (steady state, before the stack stops)."""
+
+    def __init__(self, stack: Stack, every_s: float = 0.5) -> None:
+        self.stack = stack
+        self.every_s = every_s
+        self.peak_rss = self.peak_pss = 0
+        self.last: tuple[int, int, int] = (0, 0, 0)
+        self.cpu_s: dict[str, float] = {}  # per service process: CPU seconds at its last sample
+        self.cpu_at_start: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        rss = pss = n = 0
+        for p in self.stack.procs:
+            got = proc_memory_kib(p.popen.pid) if p.popen.poll() is None else None
+            if got is not None:
+                rss, pss, n = rss + got[0], pss + got[1], n + 1
+        for p in self.stack.procs:
+            cpu = proc_cpu_s(p.popen.pid) if p.popen.poll() is None else None
+            if cpu is not None:
+                self.cpu_s[p.name] = cpu
+        if n:
+            self.last = (rss, pss, n)
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.every_s)
+
+    def start(self) -> None:
+        """From now on (the services up, the replay about to start): CPU is counted from here."""
+        self.sample()
+        self.cpu_at_start = dict(self.cpu_s)
+        self._task = asyncio.create_task(self._run())
+
+    def stop(self) -> dict[str, Any]:
+        if self._task is not None:
+            self._task.cancel()
+        rss, pss, n = self.last
+        mib = 1024
+        return {
+            "processes": n,
+            "rss_mib": round(rss / mib, 1),
+            "pss_mib": round(pss / mib, 1),
+            "peak_rss_mib": round(self.peak_rss / mib, 1),
+            "peak_pss_mib": round(self.peak_pss / mib, 1),
+            # CPU seconds each kind of service used during the replay (ingest: the whole of it).
+            "cpu_s": {
+                kind: round(
+                    sum(
+                        cpu - self.cpu_at_start.get(name, 0.0)
+                        for name, cpu in self.cpu_s.items()
+                        if name.split(".")[0] == kind
+                    ),
+                    2,
+                )
+                for kind in sorted({name.split(".")[0] for name in self.cpu_s})
+            },
+        }
+
+
 # ---------------------------------------------------------------------------------------------- one run
 async def wait_groups_up(bootstrap: str, cfg: AppConfig, ns: str, stack: Stack, timeout: float) -> float:
     """Until the arbiter's and every worker's consumer group has a member (the monitor's health view)."""
@@ -183,6 +395,8 @@ async def run_pipeline(
         "WARNING",
     ]
     stack = Stack()
+    memory = MemorySampler(stack)
+    load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.monotonic()
     try:
         stack.start("registry", ["services.registry", *common], log_dir)
@@ -191,6 +405,7 @@ async def run_pipeline(
             stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid], log_dir)
             stack.start(f"strategy.{pid}", ["services.strategy", *common, "--profile", pid], log_dir)
         startup_s = await wait_groups_up(bootstrap, cfg, ns, stack, timeout)
+        memory.start()
         stack.start(
             "ingest",
             ["services.ingest", *common, "--data", str(data), "--hours", str(hours), "--speed", str(speed)],
@@ -198,13 +413,19 @@ async def run_pipeline(
         )
         expected = expected_finishers(cfg) | {f"execution:{pid}" for pid in cfg.enabled_profiles()}
         await wait_finished(bootstrap, topics.status, expected, stack, timeout, time.monotonic())
+        memory.sample()
     finally:
+        mem = memory.stop()
         stack.stop()
     try:
         candles = await read_all(bootstrap, topics.candles)
         events = await read_all(bootstrap, topics.events)
         intents = await read_all(bootstrap, topics.intents)
         status = await read_all(bootstrap, topics.status)
+        plans = await read_all(bootstrap, topics.plans)
+        approved = [
+            rec for pid in cfg.enabled_profiles() for rec in await read_all(bootstrap, topics.approved(pid))
+        ]
         records = await total_records(bootstrap, specs)
     finally:
         await delete_topics(bootstrap, [s.name for s in specs])
@@ -263,6 +484,10 @@ async def run_pipeline(
             "p99": percentile(acks, 99),
             "max": max(acks) if acks else None,
         },
+        "breakdown_ms": hop_breakdown(candle_ts, plans, intents, events, approved),
+        "memory": mem,
+        # The machine is shared: its load average (1, 5, 15 min) when the run started and when it ended.
+        "load_avg": {"start": load_before, "end": [round(x, 2) for x in os.getloadavg()]},
     }
 
 
@@ -304,6 +529,19 @@ async def raw_baseline(bootstrap: str, count: int, size: int, latency_samples: i
                 if recs and recs[-1].offset >= md.offset:
                     lat.append(time.time() * 1000 - recs[-1].timestamp)
                     break
+        # Four round trips one after the other (each sent once the previous one was received): the fewest a
+        # candle's way to an order takes (candle -> strategy -> arbiter -> execution -> acknowledgement).
+        chains: list[float] = []
+        for _ in range(max(1, latency_samples // 4)):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                md = await producer.send_and_wait(topic, payload, key=b"BTC/USDC")
+                while True:
+                    batch = await consumer.getmany(tp, timeout_ms=1000)
+                    recs = batch.get(tp, [])
+                    if recs and recs[-1].offset >= md.offset:
+                        break
+            chains.append((time.perf_counter() - t0) * 1000)
         return {
             "messages": count,
             "bytes": len(payload),
@@ -312,6 +550,11 @@ async def raw_baseline(bootstrap: str, count: int, size: int, latency_samples: i
                 "samples": len(lat),
                 "p50": round(percentile(lat, 50) or 0, 2),
                 "p99": round(percentile(lat, 99) or 0, 2),
+            },
+            "four_round_trips_ms": {
+                "samples": len(chains),
+                "p50": round(percentile(chains, 50) or 0, 2),
+                "p99": round(percentile(chains, 99) or 0, 2),
             },
         }
     finally:
@@ -348,6 +591,7 @@ def machine() -> dict[str, Any]:
 def markdown(result: dict[str, Any], json_path: str) -> str:
     m = result["machine"]
     raw = result["raw_baseline"]
+    biggest = max(r["profiles"] for r in result["runs"])
     lines = [
         "# Benchmarks",
         "",
@@ -359,7 +603,7 @@ def markdown(result: dict[str, Any], json_path: str) -> str:
         f"- {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB memory, {m['os']}",
         f"- Python {m['python']}; {m['kafka']}",
         f"- Load average when the run started: {m['load_avg_at_start']}. A shared machine: other work ran too, and "
-        "the 32-profile runs alone put 67 processes on the two cores.",
+        f"the {biggest}-profile runs alone put {2 * biggest + 3} processes on the two cores.",
         "",
         "## End-to-end pipeline",
         "",
@@ -380,8 +624,15 @@ def markdown(result: dict[str, Any], json_path: str) -> str:
     lines += [
         "",
         "Latency runs replay "
-        f"{result['latency_hours']} hours paced at half the step rate of the throughput run (so the figure is "
-        "not queueing behind a backlog); it is from the candle's publication to the execution worker's "
+        f"{result['latency_hours']} hours paced at "
+        + (
+            "the replay speeds given (`--latency-speed`: "
+            + ", ".join(f"{r['latency']['speed']:g}x ({r['profiles']} profiles)" for r in result["runs"])
+            + ", to offer the load of an earlier run)"
+            if result.get("latency_speed_given")
+            else "half the step rate of the throughput run"
+        )
+        + " (so the figure is not queueing behind a backlog); it is from the candle's publication to the execution worker's "
         "acknowledgement ('submitted'), Kafka CreateTime to CreateTime, and includes the arbiter waiting for every "
         "profile to finish the step. In the throughput runs the same measure is mostly queueing behind the "
         "replayed backlog: p50 "
@@ -394,12 +645,44 @@ def markdown(result: dict[str, Any], json_path: str) -> str:
         + ", ".join(f"{r['throughput']['startup_s']} s ({r['profiles']} profiles)" for r in result["runs"])
         + ".",
         "",
+        "## Latency, hop by hop",
+        "",
+        "From the latency runs: every order's way from its candle's publication to the execution worker's "
+        "'submitted', cut at each hop by the Kafka CreateTime of the record that ends it (scripts/"
+        "bench_pipeline.py, `hop_breakdown`). candle>plan: the plan of the step's epoch published after the "
+        "candle (0 when it was out before); plan>intent: the strategy evaluates the step and sends its intent; "
+        "intent>barrier: the step's last StepCompleted marker of any profile (the arbiter's barrier); "
+        "barrier>decision, decision>approved, approved>submitted: arbiter and execution worker. The hops add up "
+        "to candle>submitted. 'before': "
+        + (
+            f"the run of {result['before']['date']} (load average {result['before']['load_avg_at_start']})."
+            if result.get("before")
+            else "no earlier run given (`--before`)."
+        ),
+        "",
+        *latency_tables(result),
+        "",
+        "How to read it: the first table says where an order's time goes, hop by hop (a hop that grows with the "
+        "profile count is waiting for CPU: every strategy and execution worker wakes on the same candles); the "
+        "second compares the whole way's p99 with four raw round trips on the same broker in the same run (the "
+        "fewest an order takes) and says whether the target is met, with the machine's load average when the run "
+        "started and ended (a shared machine: a load above the two cores shows as p99 outliers in any hop). "
+        "p99 over fewer than 100 orders is the slowest order or close to it.",
+        "",
+        "The deliberate delays (the arbiter's `not_before`, the worker's seeded de-sync) are event time: in a "
+        "replay they move the order's times, not its records, so they are not in the hops above. Memory: every "
+        "service process of the stack (not the broker), RSS and PSS summed from /proc/<pid>/smaps_rollup at the "
+        "end of the latency run, and the peak of the sums sampled every 0.5 s. Startup: until every worker's "
+        "consumer group has joined.",
+        "",
         "## Raw aiokafka baseline (same broker, same run)",
         "",
         f"- {raw['messages']} messages of {raw['bytes']} bytes (the candles' mean size), one partition, acks=all, "
         f"idempotent producer: {raw['produce_consume_per_s']} messages/s produced and consumed",
         f"- one message at a time, produce to receipt: p50 {raw['latency_ms']['p50']} ms, "
         f"p99 {raw['latency_ms']['p99']} ms",
+        "- four round trips one after the other (each message sent once the previous one was received): "
+        f"p50 {raw.get('four_round_trips_ms', {}).get('p50')} ms, p99 {raw.get('four_round_trips_ms', {}).get('p99')} ms",
         "",
         "The ratio column is the pipeline's market events/s over the raw messages/s. Each market event costs the "
         "pipeline many messages (watermarks, plans, intents, step markers, decisions, order events, audit) and a "
@@ -419,11 +702,13 @@ def markdown(result: dict[str, Any], json_path: str) -> str:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     endpoints = await asyncio.to_thread(infra.resolve_endpoints, None, lambda m: print(m, file=sys.stderr))
     counts = [int(x) for x in args.profiles.split(",") if x.strip()]
+    pace = dict(zip(counts, [float(x) for x in args.latency_speed.split(",") if x.strip()], strict=False))
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "hours": args.hours,
         "latency_hours": args.latency_hours,
+        "latency_speed_given": bool(pace),
         "runs": [],
     }
     log_root = Path(args.logs)
@@ -439,9 +724,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             log_root=log_root,
             timeout=args.timeout,
         )
-        # Half the reached step rate, as a replay speed factor (steps are one candle interval apart).
+        # Half the reached step rate, as a replay speed factor (steps are one candle interval apart); or the
+        # speed given for this profile count (to offer the same load as an earlier run).
         interval_s = 3600.0
-        speed = max(1.0, 0.5 * tput["steps_per_s"] * interval_s)
+        speed = pace.get(n) or max(1.0, 0.5 * tput["steps_per_s"] * interval_s)
         print(
             f"[bench] {n} profiles: {tput['market_events_per_s']} events/s; latency run at speed {speed:.0f}",
             file=sys.stderr,
@@ -471,7 +757,108 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         r["ratio_to_raw_latency_p50"] = (
             round(p50 / raw["latency_ms"]["p50"], 1) if p50 and raw["latency_ms"]["p50"] else None
         )
+        p99 = r["latency"]["latency_ms"]["p99"]
+        chain = raw["four_round_trips_ms"]["p99"]
+        r["ratio_p99_to_four_round_trips_p99"] = round(p99 / chain, 2) if p99 and chain else None
+    if args.before:
+        result["before"] = before_summary(json.loads(Path(args.before).read_text(encoding="utf-8")))
     return result
+
+
+def before_summary(old: dict[str, Any]) -> dict[str, Any]:
+    """What a table needs of an earlier result (`--before`): its date, load and latency figures per run."""
+    return {
+        "date": old["date"],
+        "load_avg_at_start": old["machine"]["load_avg_at_start"],
+        "raw_baseline": old["raw_baseline"],
+        "runs": {
+            str(r["profiles"]): {
+                "latency_ms": r["latency"]["latency_ms"],
+                "breakdown_ms": r["latency"].get("breakdown_ms"),
+                "memory": r["latency"].get("memory"),
+                "startup_s": r["latency"]["startup_s"],
+                "market_events_per_s": r["throughput"]["market_events_per_s"],
+            }
+            for r in old["runs"]
+        },
+    }
+
+
+def _load(load: dict[str, list[float]] | None) -> str:
+    return f"{load['start'][0]} / {load['end'][0]}" if load else "-"
+
+
+def _f(v: Any) -> str:
+    return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def latency_tables(result: dict[str, Any]) -> list[str]:
+    """The hop-by-hop latency, deliberate delays, startup and memory tables (markdown; also printed)."""
+    raw = result["raw_baseline"]
+    chain = raw.get("four_round_trips_ms", {})
+    before = result.get("before", {}).get("runs", {})
+    lines = [
+        "| profiles | hop | p50 ms | p99 ms | max ms | before p50 ms | before p99 ms |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["runs"]:
+        n = str(r["profiles"])
+        bd = r["latency"].get("breakdown_ms") or {}
+        old = (before.get(n) or {}).get("breakdown_ms") or {}
+        rows = [(h, (bd.get("hops") or {}).get(h), (old.get("hops") or {}).get(h)) for h in HOPS]
+        rows.append(("**candle>submitted**", bd.get("total"), old.get("total")))
+        for name, now, was in rows:
+            now, was = now or {}, was or {}
+            lines.append(
+                f"| {n} | {name} | {_f(now.get('p50'))} | {_f(now.get('p99'))} | {_f(now.get('max'))} "
+                f"| {_f(was.get('p50'))} | {_f(was.get('p99'))} |"
+            )
+    lines += [
+        "",
+        "| profiles | orders | p99 ms | raw: 4 round trips p99 ms | ratio | target | met | load avg (start / end) |",
+        "|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in result["runs"]:
+        p99 = r["latency"]["latency_ms"]["p99"]
+        if r["profiles"] <= 2:
+            target, limit = (
+                f"<= 3 x {chain.get('p99')} = {round(3 * chain.get('p99', 0), 1)} ms",
+                3 * chain.get("p99", 0),
+            )
+        else:
+            target, limit = "< 100 ms", 100.0
+        met = "yes" if p99 is not None and p99 <= limit else "no"
+        lines.append(
+            f"| {r['profiles']} | {r['latency']['latency_ms']['orders']} | {_f(p99)} | {_f(chain.get('p99'))} "
+            f"| {_f(r.get('ratio_p99_to_four_round_trips_p99'))} | {target} | {met} "
+            f"| {_load(r['latency'].get('load_avg'))} |"
+        )
+    lines += [
+        "",
+        "| profiles | not_before p50 / p99 ms (event time) | de-sync p50 / p99 ms (event time) |",
+        "|---:|---:|---:|",
+    ]
+    for r in result["runs"]:
+        d = (r["latency"].get("breakdown_ms") or {}).get("deliberate_event_ms") or {}
+        nb, ds = d.get("not_before") or {}, d.get("desync") or {}
+        lines.append(
+            f"| {r['profiles']} | {_f(nb.get('p50'))} / {_f(nb.get('p99'))} | {_f(ds.get('p50'))} / {_f(ds.get('p99'))} |"
+        )
+    lines += [
+        "",
+        "| profiles | processes | startup s | RSS MiB | PSS MiB | peak RSS MiB | peak PSS MiB | before: startup s, peak PSS MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["runs"]:
+        m = r["latency"].get("memory") or {}
+        old = before.get(str(r["profiles"])) or {}
+        om = old.get("memory") or {}
+        lines.append(
+            f"| {r['profiles']} | {_f(m.get('processes'))} | {_f(r['latency']['startup_s'])} | {_f(m.get('rss_mib'))} "
+            f"| {_f(m.get('pss_mib'))} | {_f(m.get('peak_rss_mib'))} | {_f(m.get('peak_pss_mib'))} "
+            f"| {_f(old.get('startup_s'))}, {_f(om.get('peak_pss_mib'))} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,6 +880,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--markdown-from", default=None, help="only write --markdown from this earlier JSON result"
     )
+    p.add_argument("--before", default=None, help="an earlier JSON result to show next to this one")
+    p.add_argument(
+        "--latency-speed",
+        default="",
+        help="replay speeds of the latency runs, one per profile count (default: half the throughput run's rate)",
+    )
     args = p.parse_args(argv)
     if args.markdown_from:
         text = markdown(json.loads(Path(args.markdown_from).read_text()), args.markdown_from)
@@ -502,6 +895,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(main_async(args))
     text = json.dumps(result, indent=2)
     print(text)
+    print("\n".join(latency_tables(result)), file=sys.stderr)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n", encoding="utf-8")

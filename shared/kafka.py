@@ -44,6 +44,24 @@ log = logging.getLogger(__name__)
 # How long a producer keeps a message while its partition has no leader (a broker restarting) before failing.
 PRODUCER_REQUEST_TIMEOUT_MS = 300_000
 
+# How long the broker may hold a fetch of a service's input consumer when there is nothing to return. A
+# consumer's client sends its other requests (offsets, metadata) on the connection its fetch uses, and the
+# broker answers a connection's requests in order: behind aiokafka's default long poll (500 ms; faust's worker:
+# 1,500 ms) such a request waited for the poll to expire (the registry's offsets request per batch did, 1.2 s
+# per step). No consumer on a step's way from candle to order sends such a request per batch any more; new data
+# ends a poll at once whatever this is, so the value only bounds what a rare request (a metadata refresh, a
+# seek) can wait. Each empty poll costs CPU: an idle 8-profile stack used 0.12 cores with the defaults, 0.16
+# with 100 ms, 0.23 with 50 ms, 0.41 with 20 ms (docs/benchmarks.md). Every input consumer on the hot path is
+# built with it: `input_consumer`, and the strategy's faust consumer (services/strategy/bootstrap.py).
+FETCH_MAX_WAIT_MS = 50
+
+
+def input_consumer(bootstrap: str, **options: Any) -> AIOKafkaConsumer:
+    """The consumer of a service's inputs: `options` as AIOKafkaConsumer's, the fetch wait FETCH_MAX_WAIT_MS."""
+    options.setdefault("fetch_max_wait_ms", FETCH_MAX_WAIT_MS)
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap, **options)
+
+
 # What a group member's commit (or seek) raises once a rebalance took its partitions: the process was paused
 # (SIGSTOP, a VM or GC pause) longer than its session, went longer than max_poll_interval_ms between polls, or
 # another member joined meanwhile. aiokafka raises CommitFailedError for a rebalance in progress, a stale
@@ -359,8 +377,8 @@ class ConsumeLoop:
         self._heartbeat_s = heartbeat_ms / 1000
         self._rebuild = rebuild_on_start
         self.keeper = keeper  # snapshots of the service's state (only with rebuild_on_start)
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+        self._consumer = input_consumer(
+            bootstrap,
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
@@ -635,11 +653,15 @@ class StateMachineService:
                 else:
                     outbox.add(topic, out, key)
 
+    def consume_loop(self, publisher: Publisher, keeper: StateKeeper | None) -> ConsumeLoop:
+        """The loop over the service's inputs (built in run(): Kafka clients need a running event loop)."""
+        return ConsumeLoop(publisher=publisher, keeper=keeper, **self._client_args)  # type: ignore[arg-type]
+
     async def run(self, stop: asyncio.Event, *, exit_when_done: bool = False) -> int:
         a = self._client_args
         publisher = Publisher(str(a["bootstrap"]), client_id=str(a["group_id"]))
         keeper = await self._durable.keeper(str(a["bootstrap"])) if self._durable is not None else None
-        loop = self.loop = ConsumeLoop(publisher=publisher, keeper=keeper, **a)  # type: ignore[arg-type]
+        loop = self.loop = self.consume_loop(publisher, keeper)
         await publisher.start()
         await loop.start()
         try:

@@ -43,6 +43,7 @@ from shared.kafka import (
     Publisher,
     Route,
     dead_letter_for,
+    input_consumer,
     lost_partitions_line,
     partitions_of,
 )
@@ -187,19 +188,19 @@ class ArbiterService:
         return [(t.audit, None, False)]
 
     # ------------------------------------------------------------------------------------ process
-    async def run(self, stop: asyncio.Event) -> int:
+    def consumers(self) -> tuple[AIOKafkaConsumer, AIOKafkaConsumer]:
+        """The observer (every partition of the inputs, no group) and the member of the group on the intents
+        topic (says which partitions' outputs this process publishes; its partitions stay paused)."""
         bootstrap = self.settings.kafka_bootstrap
-        t = self.topics
-        publisher = self.publisher = Publisher(bootstrap, client_id=f"{self.group}.{self.settings.instance}")
-        observer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+        observer = input_consumer(
+            bootstrap,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_poll_records=2000,
         )
-        member = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+        member = input_consumer(
+            bootstrap,
             group_id=self.group,
             client_id=f"{self.group}.{self.settings.instance}",
             enable_auto_commit=False,
@@ -207,6 +208,13 @@ class ArbiterService:
             session_timeout_ms=SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=1_000,
         )
+        return observer, member
+
+    async def run(self, stop: asyncio.Event) -> int:
+        bootstrap = self.settings.kafka_bootstrap
+        t = self.topics
+        publisher = self.publisher = Publisher(bootstrap, client_id=f"{self.group}.{self.settings.instance}")
+        observer, member = self.consumers()
         keeper = self.keeper = await self.durable.keeper(bootstrap)
         positions = await keeper.load() if keeper is not None else None
         await publisher.start()

@@ -7,9 +7,12 @@ uninterrupted run has it), after reading the plans topic (what is published is n
 re-claiming the plans whose epoch is not over, before it claims anything new.
 
 It also reads the commands topic from the beginning (signed ``rotate`` commands, judged against the broker's
-append time). Before each batch of candles is handled, the commands are read up to the topic's end as of that
-moment: every command appended before those candles is then known, so the step a rotation applies at (the
-first step whose candles were published after the command) is the same in every replica and every restart.
+append time), in the same consumer as the candles: one fetch asks for both topics, and its response carries,
+with the candles, the commands partition's end at that moment (its last stable offset). Before a batch of
+candles is handled, the commands are read up to that end: every command appended before those candles is then
+known, so the step a rotation applies at (the first step whose candles were published after the command) is
+the same in every replica and every restart. No request besides the fetch is needed per batch (an offsets
+request per batch used to wait behind the idle consumer's long poll: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -38,7 +42,7 @@ from shared.clock_feed import ServiceClock, service_clock
 from shared.codec import DecodeError, decode, implausible_time
 from shared.commands import gate_for
 from shared.config import AppConfig
-from shared.kafka import Publisher, Route, dead_letter_for
+from shared.kafka import Publisher, Route, dead_letter_for, input_consumer
 from shared.messages import (
     CommandHandled,
     ControlCommand,
@@ -59,6 +63,19 @@ LIVE_PLAN_DELAY_S = 5
 HOUSEKEEPING_S = 1.0
 TOUCH_READY_S = 60.0
 REDIS_RETRIES = 30
+
+
+def registry_consumer(bootstrap: str) -> AIOKafkaConsumer:
+    """The registry's one consumer: md.candles and the commands topic, read together (see the module's
+    docstring), without a group (every start reads from the beginning)."""
+    return input_consumer(
+        bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        max_poll_records=500,
+    )
 
 
 class RegistryService:
@@ -138,23 +155,9 @@ class RegistryService:
             publisher = Publisher(
                 self.settings.kafka_bootstrap, client_id=f"{self.topics.ns}.registry.{self.instance}"
             )
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.kafka_bootstrap,
-                enable_auto_commit=False,
-                group_id=None,
-                isolation_level="read_committed",
-                auto_offset_reset="earliest",
-                max_poll_records=500,
-            )
-            commands = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.kafka_bootstrap,
-                enable_auto_commit=False,
-                group_id=None,
-                auto_offset_reset="earliest",
-            )
+            consumer = registry_consumer(self.settings.kafka_bootstrap)
             await publisher.start()
             await consumer.start()
-            await commands.start()
             try:
                 t0 = time.monotonic()
                 await self._check_server()
@@ -175,9 +178,6 @@ class RegistryService:
                     raise RuntimeError(
                         f"topic {self.topics.candles!r} does not exist; create the topics first"
                     )
-                consumer.assign(tps)
-                await seek_to_start(consumer, tps)
-                ends = await consumer.end_offsets(tps)
                 ctps = await topic_partitions(
                     self.settings.kafka_bootstrap, self.topics.commands, wait_s=30.0
                 )
@@ -185,8 +185,9 @@ class RegistryService:
                     raise RuntimeError(
                         f"topic {self.topics.commands!r} does not exist; create the topics first"
                     )
-                commands.assign(ctps)
-                await seek_to_start(commands, ctps)
+                consumer.assign([*tps, *ctps])
+                await seek_to_start(consumer, [*tps, *ctps])
+                ends = await consumer.end_offsets(tps)
                 # Live: epochs turn on the exchange's clock, followed from md.clock (the ingest reports it).
                 follower = asyncio.create_task(
                     self.service_clock.run(self.settings.kafka_bootstrap, self.topics, stop)
@@ -199,13 +200,12 @@ class RegistryService:
                             f"no exchange time on {self.topics.clock!r} within {CLOCK_SYNC_TIMEOUT_S:.0f} s: "
                             "is the live ingest running?"
                         )
-                    await self._loop(consumer, publisher, stop, ends, commands)
+                    await self._loop(consumer, publisher, stop, ends, ctps)
                 finally:
                     follower.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await follower
             finally:
-                await commands.stop()
                 await consumer.stop()
                 await publisher.stop()
             return 0
@@ -219,16 +219,14 @@ class RegistryService:
         publisher: Publisher,
         stop: asyncio.Event,
         start_ends: dict[TopicPartition, int],
-        commands: AIOKafkaConsumer,
+        commands: list[TopicPartition],
     ) -> None:
         # In wall-clock mode, steps only feed the lookback; the clock plans epochs once the history is read.
         self.state.plan_on_steps = self.clock_mode == "event"
         caught_up = False
         last_housekeeping = last_touch = 0.0
         while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=200)
-            if batches:
-                await self._read_commands(commands, publisher)
+            batches = await self._next_candles(consumer, commands, publisher)
             for records in batches.values():
                 for rec in records:
                     try:
@@ -270,17 +268,54 @@ class RegistryService:
                     plan.profile, int(plan.epoch_start.timestamp()), plan.id, plan.rotation
                 )
 
-    async def _read_commands(self, commands: AIOKafkaConsumer, publisher: Publisher) -> None:
-        """Read the commands topic up to its end as of now (see the module's docstring)."""
-        tps = list(commands.assignment())
-        ends = await commands.end_offsets(tps)
-        todo = {tp for tp in tps if await commands.position(tp) < ends[tp]}
-        while todo:
-            batch = await commands.getmany(*todo, timeout_ms=500)
-            for recs in batch.values():
-                for rec in recs:
-                    await self._on_command(rec, publisher)
-            todo = {tp for tp in todo if await commands.position(tp) < ends[tp]}
+    async def _next_candles(
+        self, consumer: AIOKafkaConsumer, commands: list[TopicPartition], publisher: Publisher
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """The next records of md.candles, once every command appended before them is handled.
+
+        One fetch asks for every assigned partition of a broker, and its response gives each partition's end
+        at that moment with its records (aiokafka: `last_stable_offset`, `last_poll_timestamp`). The client
+        fetches again only when everything buffered is consumed, so the latest response is the one the candles
+        in hand came in: the commands partition's end it gave was taken after those candles were appended, and
+        the commands below it came in the same response (buffered: reading them asks the broker nothing).
+        Where that does not hold (no response with the commands yet, or their partition led by another broker
+        than the candles' in a cluster, whose responses come apart), the end is asked for, as before.
+
+        Candles read while the commands catch up are kept, in order, for this batch."""
+        candles: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+        batches = await consumer.getmany(timeout_ms=200)
+        while True:
+            for tp, recs in batches.items():
+                if tp in commands:
+                    for rec in recs:
+                        await self._on_command(rec, publisher)
+                else:
+                    candles.setdefault(tp, []).extend(recs)
+            if not candles:
+                return candles
+            ends = self._commands_ends(consumer, commands, candles) or dict(
+                await consumer.end_offsets(commands)
+            )
+            if all([await consumer.position(tp) >= ends[tp] for tp in commands]):
+                return candles
+            batches = await consumer.getmany(timeout_ms=200)
+
+    @staticmethod
+    def _commands_ends(
+        consumer: AIOKafkaConsumer, commands: list[TopicPartition], candles: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, int] | None:
+        """The commands partitions' ends as the response of the candles in hand gave them (read_committed: the
+        last stable offset; nothing past it is returned), or None when that response did not carry them."""
+        cluster = consumer._client.cluster  # noqa: SLF001 - the leaders the client knows (no request)
+        newest = max(consumer.last_poll_timestamp(tp) or 0 for tp in candles)
+        leaders = {cluster.leader_for_partition(tp) for tp in [*commands, *candles]}
+        ends: dict[TopicPartition, int] = {}
+        for tp in commands:
+            end, polled = consumer.last_stable_offset(tp), consumer.last_poll_timestamp(tp)
+            if end is None or end < 0 or polled is None or polled < newest or len(leaders) != 1:
+                return None
+            ends[tp] = end
+        return ends
 
     async def _on_command(self, rec: ConsumerRecord[bytes, bytes], publisher: Publisher) -> None:
         try:

@@ -35,6 +35,7 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from services.strategy import domain
 from services.strategy.metrics import StrategyMetrics
@@ -42,7 +43,7 @@ from shared.clock import random_ids, system_clock
 from shared.codec import DecodeError, decode, encode, implausible_time
 from shared.commands import gate_for
 from shared.config import AppConfig
-from shared.kafka import dead_letter_for, partitions_of
+from shared.kafka import FETCH_MAX_WAIT_MS, dead_letter_for, partitions_of
 from shared.messages import (
     AccountMismatchDetected,
     ControlCommand,
@@ -191,6 +192,25 @@ def max_publish_lag_s(cfg: AppConfig) -> float:
     return md.grace_s + md.deadline_s + md.poll_interval_s
 
 
+class _InputConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> AIOKafkaConsumer:
+        consumer: AIOKafkaConsumer = super()._create_worker_consumer(transport)
+        # faust hard-codes a 1,500 ms long poll; the inputs of every service wait FETCH_MAX_WAIT_MS (shared/kafka.py).
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # noqa: SLF001 - read by start(), which comes later
+        return consumer
+
+
+class _InputConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> _InputConsumerThread:
+        return _InputConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class InputTransport(faust_aiokafka.Transport):
+    """faust's Kafka transport whose worker consumer waits at most FETCH_MAX_WAIT_MS in a fetch."""
+
+    Consumer = _InputConsumer
+
+
 class StrategyWorker:
     def __init__(self, cfg: AppConfig, settings: ServiceSettings) -> None:
         if settings.profile not in cfg.profiles:
@@ -240,6 +260,7 @@ class StrategyWorker:
             datadir=faust_datadir(self, self.group),
         )
         self.app.conf.web_enabled = False  # the constructor flag alone still bound 0.0.0.0:6066
+        self.app.transport = InputTransport(self.app.conf.broker_consumer, self.app)
         self.out: dict[str, Any] = {}
         # Records of outcomes for intents this worker did not send, by message id, until the domain judges them.
         self.held_records: dict[str, tuple[str, deque[HeldRecord]]] = {}
