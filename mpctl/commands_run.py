@@ -498,6 +498,13 @@ async def run_pipeline(
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         stack.stop()
+    if seen.last_step is None and await candle_end_offset(endpoints.kafka_bootstrap, topics.candles) == 0:
+        # Stopped before the market's first step reached the topic: no candle, so no run to report yet.
+        print(
+            f"{outcome} before the first step: nothing to report yet; topics of namespace {ns} kept: "
+            f"`mpctl run --out {out}` resumes ({time.monotonic() - started:.1f} s)"
+        )
+        return 0
     _progress(f"{outcome}; collecting the run")
     summary = await collect(cfg, endpoints.kafka_bootstrap, out)
     print_table(summary)

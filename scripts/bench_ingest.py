@@ -35,7 +35,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.ingest.bootstrap import bootstrap_live  # noqa: E402
+from services.ingest.bootstrap import LiveSourceOptions, bootstrap_live  # noqa: E402
 from services.ingest.live import LiveIngest  # noqa: E402
 from shared.config import AppConfig  # noqa: E402
 from shared.kafka import ensure_topics  # noqa: E402
@@ -87,13 +87,10 @@ async def start(
     ns = "benchingest" + uuid.uuid4().hex[:8]
     cfg = config(tmp / f"{ns}.yaml", ns, history)
     await ensure_topics(bootstrap, declared_topics(cfg, ns))
-    settings = ServiceSettings(
-        config_path=tmp / f"{ns}.yaml",
-        kafka_bootstrap=bootstrap,
-        namespace=ns,
-        extra={"rest_url": peer.base_url, "ws_url": peer.ws_url},
+    settings = ServiceSettings(config_path=tmp / f"{ns}.yaml", kafka_bootstrap=bootstrap, namespace=ns)
+    svc = bootstrap_live(
+        settings, LiveSourceOptions(rest_url=peer.base_url, ws_url=peer.ws_url), overrides={"config": cfg}
     )
-    svc = bootstrap_live(settings, overrides={"config": cfg})
     stop = asyncio.Event()
     return svc, asyncio.create_task(svc.run(stop)), stop
 

@@ -30,7 +30,10 @@ class ServiceSettings(BaseModel):
     profile: str | None = None
     instance: str = "0"
     log_level: str = "INFO"
-    extra: dict[str, str] = Field(default_factory=dict)
+    # Prometheus metrics on metrics_addr:metrics_port (0: off); every service has them. What only one service
+    # takes is its own typed options model, given to its bootstrap (e.g. services.registry.bootstrap.RegistryOptions).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_addr: str = Field(default="127.0.0.1", min_length=1)
 
     def load(self) -> AppConfig:
         cfg = load_config(self.config_path)
@@ -87,7 +90,8 @@ def check_metrics_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         p.error(f"--metrics-port must be 0..65535, got {args.metrics_port}")
 
 
-def settings_from_args(args: argparse.Namespace, **extra: str | None) -> ServiceSettings:
+def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
+    """The settings every service shares, from `base_parser` (+ `add_metrics_args` where the service has them)."""
     return ServiceSettings(
         config_path=args.config,
         kafka_bootstrap=args.bootstrap,
@@ -97,7 +101,9 @@ def settings_from_args(args: argparse.Namespace, **extra: str | None) -> Service
         profile=getattr(args, "profile", None),
         instance=args.instance,
         log_level=args.log_level,
-        extra={k: str(v) for k, v in extra.items() if v is not None},
+        # A service whose parser has no metrics options (or leaves them unset) serves none through these.
+        metrics_port=getattr(args, "metrics_port", None) or 0,
+        metrics_addr=getattr(args, "metrics_addr", None) or "127.0.0.1",
     )
 
 

@@ -20,8 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser("arbiter")
     add_metrics_args(p, "0: off, so several arbiters never clash")
     args = main_entry(argv, "arbiter", p)
-    settings = settings_from_args(args, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr)
-    return run_service(bootstrap(settings).run)
+    return run_service(bootstrap(settings_from_args(args)).run)
 
 
 if __name__ == "__main__":

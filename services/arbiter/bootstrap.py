@@ -230,9 +230,7 @@ class ArbiterService:
             member.subscribe([t.intents], listener=_Listener(self))
             await member.start()
             if self.metrics_port:
-                self.metrics_bound = self.metrics.serve(
-                    self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1")
-                )
+                self.metrics_bound = self.metrics.serve(self.metrics_port, self.settings.metrics_addr)
             last_prune = time.monotonic()
             try:
                 while not stop.is_set():
@@ -419,5 +417,5 @@ def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = N
         settings,
         clock=o.get("clock", system_clock),
         ids=o.get("ids", random_ids),
-        metrics_port=int(o.get("metrics_port", settings.extra.get("metrics_port", "0"))),
+        metrics_port=int(o.get("metrics_port", settings.metrics_port)),
     )

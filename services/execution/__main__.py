@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from services.execution.bootstrap import bootstrap, live_consent_problem
+from services.execution.bootstrap import ExecutionOptions, bootstrap, live_consent_problem
 from shared.runtime import (
     add_metrics_args,
     base_parser,
@@ -32,15 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         help="live mode: send the exchange's REST calls to this base URL instead of Coinbase's (a test peer)",
     )
     args = main_entry(argv, "execution", p)
-    flag = "1" if args.allow_plaintext_credentials else None
-    settings = settings_from_args(
-        args,
-        allow_plaintext_credentials=flag,
-        metrics_port=str(args.metrics_port),
-        metrics_addr=args.metrics_addr,
-        exchange_api_base=args.exchange_api_base,
+    options = ExecutionOptions(
+        exchange_api_base=args.exchange_api_base, allow_plaintext_credentials=args.allow_plaintext_credentials
     )
-    svc = bootstrap(settings)
+    svc = bootstrap(settings_from_args(args), options)
     problem = live_consent_problem(svc.cfg, os.environ) or svc.live_problem()
     if problem is not None:
         print(f"execution: {problem}", file=sys.stderr)

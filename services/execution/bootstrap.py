@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import ConsumerRecord, TopicPartition
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.execution import domain
 from services.execution.metrics import ExecutionMetrics
@@ -72,11 +73,23 @@ def live_consent_problem(cfg: AppConfig, env: Mapping[str, str]) -> str | None:
     )
 
 
+class ExecutionOptions(BaseModel):
+    """The execution worker's own command-line options (`python -m services.execution --help`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Live mode: send the exchange's REST calls to this base URL instead of Coinbase's (a test peer).
+    exchange_api_base: str | None = Field(default=None, min_length=1)
+    # Live mode: accept credentials written in the YAML (refused by default; `mpctl secrets set`).
+    allow_plaintext_credentials: bool = False
+
+
 class ExecutionService:
     def __init__(
         self,
         cfg: AppConfig,
         settings: ServiceSettings,
+        options: ExecutionOptions | None = None,
         *,
         clock: Clock,
         ids: IdFactory,
@@ -96,6 +109,7 @@ class ExecutionService:
         self.profile_id: str = settings.profile
         self.cfg = cfg
         self.settings = settings
+        self.options = options or ExecutionOptions()
         self.clock = clock
         self.service_clock = service_clock or ServiceClock(clock)
         self.live_handler: LiveHandler | None = None
@@ -161,7 +175,7 @@ class ExecutionService:
 
     def live_problem(self) -> str | None:
         """Why this worker must not start (live orders on a replayed market), or None."""
-        return live_source_problem(self.cfg, exchange_url=self.settings.extra.get("exchange_api_base"))
+        return live_source_problem(self.cfg, exchange_url=self.options.exchange_api_base)
 
     async def _holds(self, partition: int, within_s: float) -> str | None:
         """LiveExecution.fence: this member still holds the order's partition of orders.approved.<profile>."""
@@ -208,9 +222,7 @@ class ExecutionService:
 
     async def run(self, stop: asyncio.Event) -> int:
         if self.metrics_port:
-            self.metrics_bound = self.metrics.serve(
-                self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1")
-            )
+            self.metrics_bound = self.metrics.serve(self.metrics_port, self.settings.metrics_addr)
         try:
             return await self._run(stop)
         finally:
@@ -219,7 +231,7 @@ class ExecutionService:
     async def _run(self, stop: asyncio.Event) -> int:
         if self.cfg.system.mode != "live":
             return await self.runner.run(stop)
-        api_base = self.settings.extra.get("exchange_api_base")
+        api_base = self.options.exchange_api_base
         problem = self.live_problem()
         if problem is not None:
             raise LiveSourceRefused(problem)
@@ -258,7 +270,7 @@ class ExecutionService:
             self.cfg,
             clock=self.clock,
             clock_sleep=self.service_clock.sleep,
-            allow_plaintext=self.settings.extra.get("allow_plaintext_credentials") == "1",
+            allow_plaintext=self.options.allow_plaintext_credentials,
             api_base=api_base,
             reference_lookup=self._latest_close,
             timeout_s=self.exchange_timeout_s,
@@ -296,7 +308,12 @@ class ExecutionService:
             await self.live_handler.close()
 
 
-def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> ExecutionService:
+def bootstrap(
+    settings: ServiceSettings,
+    options: ExecutionOptions | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+) -> ExecutionService:
     o = overrides or {}
     cfg: AppConfig = o.get("config") or settings.load()
     # Live orders wait on the exchange's clock when the market is live; paper execution runs on event time.
@@ -308,10 +325,11 @@ def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = N
     return ExecutionService(
         cfg,
         settings,
+        options,
         service_clock=sclock,
         clock=o.get("clock", sclock.clock),
         ids=o.get("ids", random_ids),
-        metrics_port=int(o.get("metrics_port", settings.extra.get("metrics_port", "0"))),
+        metrics_port=int(o.get("metrics_port", settings.metrics_port)),
         session_timeout_ms=o.get("session_timeout_ms"),
         exchange_timeout_s=float(o.get("exchange_timeout_s", 10.0)),
         pause_before_send=o.get("pause_before_send"),

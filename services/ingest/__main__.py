@@ -5,13 +5,40 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
+from datetime import datetime
+from pathlib import Path
 
-from services.ingest.bootstrap import bootstrap, bootstrap_live
+from services.ingest.bootstrap import LiveSourceOptions, ReplayOptions, bootstrap, bootstrap_live
 from services.ingest.live_domain import IngestError
 from shared.candles import CandleFileError
 from shared.config import INTERVAL_SECONDS
 from shared.runtime import add_metrics_args, base_parser, main_entry, run_service, settings_from_args
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(v) and 0 < v <= 1_000_000):
+        raise argparse.ArgumentTypeError(f"must be a number above 0 and at most 1,000,000, got {text!r}")
+    return v
+
+
+def _speed(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _positive(text)
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO time (e.g. 2021-08-01T00:00:00+00:00): {text!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data", default=None, help="replay: folder of candle files (default: system.market_data.data_dir)"
     )
-    p.add_argument("--hours", default=None)
-    p.add_argument("--start", default=None)
-    p.add_argument("--end", default=None)
-    p.add_argument("--speed", default="0")
+    p.add_argument("--hours", type=_positive, default=None, help="replay: the first N hours of the data")
+    p.add_argument("--start", type=_iso_time, default=None, help="replay: ISO time of the first candle")
+    p.add_argument("--end", type=_iso_time, default=None, help="replay: ISO time before which candles go out")
+    p.add_argument(
+        "--speed", type=_speed, default=0.0, help="replay: N times real time (0: as fast as possible)"
+    )
     p.add_argument(
         "--rest-url", default=None, help="coinbase: REST base URL (default: system.market_data.rest_url)"
     )
@@ -34,19 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_metrics_args(p)
     args = main_entry(argv, "ingest", p)
-    settings = settings_from_args(
-        args,
-        data=args.data,
-        hours=args.hours,
-        start=args.start,
-        end=args.end,
-        speed=args.speed,
-        rest_url=args.rest_url,
-        ws_url=args.ws_url,
-        interval=args.interval,
-        metrics_port=str(args.metrics_port),
-        metrics_addr=args.metrics_addr,
-    )
+    settings = settings_from_args(args)
     try:
         cfg = settings.load()
     except ValueError as err:
@@ -55,16 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     source = args.source or ("replay" if args.data is not None else cfg.system.market_data.source)
     if source == "coinbase":
         try:
-            live = bootstrap_live(settings, overrides={"config": cfg})
+            cli = LiveSourceOptions(interval=args.interval, rest_url=args.rest_url, ws_url=args.ws_url)
+            live = bootstrap_live(settings, cli, overrides={"config": cfg})
             return run_service(live.run)
         except IngestError as err:
             print(f"ingest: {err}", file=sys.stderr)
             return 2
-    if args.data is None:
-        settings = settings.model_copy(
-            update={"extra": settings.extra | {"data": str(cfg.system.market_data.data_dir)}}
-        )
-    svc = bootstrap(settings, overrides={"config": cfg})
+    options = ReplayOptions(
+        data_dir=Path(args.data if args.data is not None else cfg.system.market_data.data_dir),
+        start=args.start,
+        end=args.end,
+        hours=args.hours,
+        speed=args.speed,
+    )
+    svc = bootstrap(settings, options, overrides={"config": cfg})
     try:
         svc.load()
     except (CandleFileError, ValueError) as err:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from pydantic import BaseModel, ConfigDict
 
 from services.ingest.domain import ReplayStep, build_schedule, finished_message, resume_point
 from services.ingest.live import CLOCK_MIN_SPAN_S, LiveIngest, LiveOptions
@@ -30,11 +31,24 @@ log = logging.getLogger("ingest")
 
 @dataclass
 class ReplayOptions:
+    """The replay's own command-line options (`python -m services.ingest --source replay --help`)."""
+
     data_dir: Path
     start: datetime | None = None
     end: datetime | None = None
     hours: float | None = None
     speed: float = 0.0  # 0: as fast as the broker takes it; N: N times real time
+
+
+class LiveSourceOptions(BaseModel):
+    """The live source's command-line overrides of `system.market_data` (validated as the config's values are,
+    by LiveOptions.from_config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    interval: str | None = None
+    rest_url: str | None = None
+    ws_url: str | None = None
 
 
 async def last_progress(bootstrap: str, topic: str) -> tuple[int | None, bool]:
@@ -115,40 +129,43 @@ class IngestService:
             await self.publisher.stop()
 
 
-def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> IngestService:
+def bootstrap(
+    settings: ServiceSettings,
+    options: ReplayOptions | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+) -> IngestService:
+    """The replay. `options` default: every candle of `system.market_data.data_dir`, as fast as the broker takes."""
     o = overrides or {}
     cfg: AppConfig = o.get("config") or settings.load()
-    ex = settings.extra
-    options = o.get("options") or ReplayOptions(
-        data_dir=Path(ex.get("data", "data/market")),
-        start=datetime.fromisoformat(ex["start"]) if "start" in ex else None,
-        end=datetime.fromisoformat(ex["end"]) if "end" in ex else None,
-        hours=float(ex["hours"]) if "hours" in ex else None,
-        speed=float(ex.get("speed", "0")),
-    )
-    return IngestService(cfg, settings, options, clock=o.get("clock", system_clock))
+    opts = options or ReplayOptions(data_dir=Path(cfg.system.market_data.data_dir))
+    return IngestService(cfg, settings, opts, clock=o.get("clock", system_clock))
 
 
-def bootstrap_live(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> LiveIngest:
+def bootstrap_live(
+    settings: ServiceSettings,
+    options: LiveSourceOptions | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+) -> LiveIngest:
     """The live ingest. Overrides (tests): config, monotonic, wall (the machine's clock), session_factory,
-    metrics; the command line's interval/rest_url/ws_url come in `settings.extra`. Raises IngestConfigError
-    for settings it cannot run with."""
+    metrics. Raises IngestConfigError for settings it cannot run with."""
     o = overrides or {}
     cfg: AppConfig = o.get("config") or settings.load()
-    ex = settings.extra
-    options = LiveOptions.from_config(
-        cfg, interval=ex.get("interval"), rest_url=ex.get("rest_url"), ws_url=ex.get("ws_url")
+    cli = options or LiveSourceOptions()
+    live_options = LiveOptions.from_config(
+        cfg, interval=cli.interval, rest_url=cli.rest_url, ws_url=cli.ws_url
     )
     monotonic = o.get("monotonic", time.monotonic)
     return LiveIngest(
         cfg,
         settings,
-        options,
+        live_options,
         wall=o.get("wall", system_clock),
         clock=o.get("exchange_clock") or ExchangeClock(monotonic=monotonic, min_span_s=CLOCK_MIN_SPAN_S),
         monotonic=monotonic,
         session_factory=o.get("session_factory", aiohttp.ClientSession),
         metrics=o.get("metrics") or IngestMetrics(),
-        metrics_port=int(ex.get("metrics_port", "0")),
-        metrics_addr=ex.get("metrics_addr", "127.0.0.1"),
+        metrics_port=settings.metrics_port,
+        metrics_addr=settings.metrics_addr,
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sys
 
-from services.registry.bootstrap import bootstrap
+from pydantic import ValidationError
+
+from services.registry.bootstrap import RegistryOptions, bootstrap
 from shared.runtime import (
     add_metrics_args,
     base_parser,
@@ -31,14 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         help="epochs follow the candles' event time (replay) or wall time (live); auto: wall in live mode",
     )
     args = main_entry(argv, "registry", p)
-    settings = settings_from_args(
-        args,
-        metrics_port=args.metrics_port,
-        metrics_addr=args.metrics_addr,
-        publish_lease_s=args.publish_lease_s,
-        clock=args.clock,
-    )
-    return run_service(bootstrap(settings).run)
+    try:
+        options = RegistryOptions(publish_lease_s=args.publish_lease_s, clock=args.clock)
+    except ValidationError as err:
+        p.error(f"--publish-lease-s: {err.errors()[0]['msg']}, got {args.publish_lease_s}")
+    return run_service(bootstrap(settings_from_args(args), options).run)
 
 
 if __name__ == "__main__":

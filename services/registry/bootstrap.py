@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -149,9 +150,7 @@ class RegistryService:
                 if not p.enabled:
                     await self.claims.release(pid)
             if self.metrics_port:
-                self.metrics_bound = self.metrics.serve(
-                    self.metrics_port, self.settings.extra.get("metrics_addr", "127.0.0.1")
-                )
+                self.metrics_bound = self.metrics.serve(self.metrics_port, self.settings.metrics_addr)
             publisher = Publisher(
                 self.settings.kafka_bootstrap, client_id=f"{self.topics.ns}.registry.{self.instance}"
             )
@@ -363,21 +362,35 @@ class RegistryService:
         await publisher.send(self.topics.dead_letter, dl, key=rec.topic)
 
 
-def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = None) -> RegistryService:
+class RegistryOptions(BaseModel):
+    """The registry's own command-line options (`python -m services.registry --help`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Seconds a decided plan may stay unpublished by its owner before another replica publishes it.
+    publish_lease_s: float = Field(default=10.0, gt=0, le=3600)
+    # Epochs follow the candles' event time (replay) or the wall/exchange clock (live); auto: by the source.
+    clock: Literal["auto", "event", "wall"] = "auto"
+
+
+def bootstrap(
+    settings: ServiceSettings,
+    options: RegistryOptions | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+) -> RegistryService:
     o = overrides or {}
+    opts = options or RegistryOptions()
     cfg: AppConfig = o.get("config") or settings.load()
     # A Redis restart must not stop the registry: commands wait and retry (about 25 s) while it is away.
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), REDIS_RETRIES)
     redis = o.get("redis") or aioredis.Redis.from_url(
         settings.redis_url, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError]
     )
-    ex = settings.extra
-    mode = ex.get("clock", "auto")
-    if mode == "auto":
-        # Live market: epochs turn on the exchange's clock; a replay: on the candles' event time.
-        mode = "wall" if cfg.system.market_data.live else "event"
-    if mode not in ("event", "wall"):
-        raise ValueError(f"--clock must be auto, event or wall, got {mode!r}")
+    # Live market: epochs turn on the exchange's clock; a replay: on the candles' event time.
+    mode: ClockMode = (
+        ("wall" if cfg.system.market_data.live else "event") if opts.clock == "auto" else opts.clock
+    )
     sclock = o.get("service_clock") or (
         service_clock(cfg)
         if mode == "wall" and "clock" not in o
@@ -390,7 +403,7 @@ def bootstrap(settings: ServiceSettings, *, overrides: dict[str, Any] | None = N
         clock=o.get("clock", sclock.clock),
         service_clock=sclock,
         ids=o.get("ids", random_ids),
-        metrics_port=int(ex.get("metrics_port", "0")),
-        lease_s=float(ex.get("publish_lease_s", "10")),
-        clock_mode="wall" if mode == "wall" else "event",
+        metrics_port=settings.metrics_port,
+        lease_s=opts.publish_lease_s,
+        clock_mode=mode,
     )

@@ -12,17 +12,13 @@ from shared.runtime import add_metrics_args, base_parser, main_entry, settings_f
 
 def main(argv: list[str] | None = None) -> int:
     p = base_parser("strategy", needs_profile=True)
-    p.add_argument("--web-port", default="0")
     add_metrics_args(
         p,
         "0: off, the default; env MPCTL_STRATEGY_METRICS_PORT",
         default_port=int(os.environ.get("MPCTL_STRATEGY_METRICS_PORT", "0")),
     )
     args = main_entry(argv, "strategy", p)
-    settings = settings_from_args(
-        args, web_port=args.web_port, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr
-    )
-    return bootstrap(settings).run()
+    return bootstrap(settings_from_args(args)).run()
 
 
 if __name__ == "__main__":

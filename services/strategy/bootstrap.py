@@ -238,18 +238,16 @@ class StrategyWorker:
         self.lock = asyncio.Lock()
         self.commands = gate_for(f"strategy.{self.profile_id}", cfg.system.commands.max_age_s)
         self.metrics = StrategyMetrics(self.profile_id)
-        self.metrics_port = int(settings.extra.get("metrics_port", "0"))
-        self.metrics_addr = settings.extra.get("metrics_addr", "127.0.0.1")
+        self.metrics_port = settings.metrics_port
+        self.metrics_addr = settings.metrics_addr
         self.metrics_bound: int | None = None
         self._short = {name: name[len(self.t.ns) + 1 :] for name in self.inputs}
         self.app = faust.App(
             self.group,
             broker=f"kafka://{settings.kafka_bootstrap}",
             store="memory://",
+            # No faust web server: metrics are served by StrategyMetrics, and a port per worker would only clash.
             web_enabled=False,
-            web_host="127.0.0.1",
-            web_bind="127.0.0.1",
-            web_port=int(settings.extra.get("web_port", "0")) or 6066,
             topic_disable_leader=True,
             topic_allow_declare=False,
             consumer_auto_offset_reset="earliest",

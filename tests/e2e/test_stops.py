@@ -5,6 +5,8 @@ outside, fails the demo at once (not at its timeout), and the service's log says
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from mpctl.commands_run import candle_end_offset
 from mpctl.infra import Endpoints
+from shared.topics import Topics
 from tests.e2e.test_run import DATA, ROOT, env_for
 
 SERVICES = 8  # ingest, registry, arbiter, monitor, a strategy and an execution worker per default profile
@@ -69,6 +73,14 @@ def start(command: str, infra: Endpoints, out: Path) -> tuple[subprocess.Popen[s
         len(list(logs.glob("*.log"))) >= SERVICES and all(p.stat().st_size > 0 for p in logs.glob("*.log"))
     ):
         time.sleep(0.2)
+    if command == "run":
+        # A run stopped before its first candle has nothing to collect (it says so); this test wants a run with
+        # steps, so it waits for the first candle on the topic (seen once: SIGTERM won that race under load).
+        ns = json.loads((out / "run.json").read_text())["namespace"]
+        while time.monotonic() < deadline and not asyncio.run(
+            candle_end_offset(infra.kafka_bootstrap, Topics(ns).candles)
+        ):
+            time.sleep(0.2)
     return proc, children(proc.pid)
 
 

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from services.execution.bootstrap import ExecutionService, bootstrap
+from services.execution.bootstrap import ExecutionOptions, ExecutionService, bootstrap
 from services.execution.credentials import (
     ENV_KEY_FILE,
     CredentialStore,
@@ -166,13 +166,12 @@ async def test_live_worker_metrics_count_retries_latency_and_fills_against_the_p
     )
 
     (port,) = free_ports(1)
-    settings = ServiceSettings(
-        kafka_bootstrap=kafka_bootstrap,
-        namespace=namespace,
-        profile=PID,
-        extra={"exchange_api_base": peer.base_url},
+    settings = ServiceSettings(kafka_bootstrap=kafka_bootstrap, namespace=namespace, profile=PID)
+    svc = bootstrap(
+        settings,
+        ExecutionOptions(exchange_api_base=peer.base_url),
+        overrides={"config": cfg, "metrics_port": port},
     )
-    svc = bootstrap(settings, overrides={"config": cfg, "metrics_port": port})
     orders = [execute(PID, f"metrics-{i}") for i in range(2)]
 
     async def publish_then_wait() -> bool:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 
-from services.ingest.bootstrap import bootstrap_live
+from services.ingest.bootstrap import LiveSourceOptions, bootstrap_live
 from services.ingest.live import LiveIngest
 from services.ingest.live_domain import TradePath
 from shared.clock import derived_id, from_epoch_s
@@ -75,13 +75,13 @@ def write_config(path: Path, namespace: str, history: int = HISTORY) -> AppConfi
     return cfg
 
 
-def settings(kafka_bootstrap: str, namespace: str, cfg_path: Path, peer: CoinbaseMdPeer) -> ServiceSettings:
-    return ServiceSettings(
-        config_path=cfg_path,
-        kafka_bootstrap=kafka_bootstrap,
-        namespace=namespace,
-        extra={"rest_url": peer.base_url, "ws_url": peer.ws_url},
-    )
+def settings(kafka_bootstrap: str, namespace: str, cfg_path: Path) -> ServiceSettings:
+    return ServiceSettings(config_path=cfg_path, kafka_bootstrap=kafka_bootstrap, namespace=namespace)
+
+
+def at_peer(peer: CoinbaseMdPeer) -> LiveSourceOptions:
+    """The command line's --rest-url / --ws-url pointing at the peer."""
+    return LiveSourceOptions(rest_url=peer.base_url, ws_url=peer.ws_url)
 
 
 async def read_all(bootstrap: str, topic: str) -> list[tuple[int, Message]]:
@@ -195,7 +195,9 @@ async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, 
         ("BTC-USD", "ETH-USD", "SOL-USD"), speed=SPEED, granularity_s=IV, quiet_every={"SOL-USD": 4}
     ) as peer:
         svc: LiveIngest = bootstrap_live(
-            settings(kafka_bootstrap, namespace, tmp_path / "cfg.yaml", peer), overrides={"config": cfg}
+            settings(kafka_bootstrap, namespace, tmp_path / "cfg.yaml"),
+            at_peer(peer),
+            overrides={"config": cfg},
         )
         stop = asyncio.Event()
         task = asyncio.create_task(svc.run(stop))
@@ -363,10 +365,10 @@ async def test_restart_after_a_step_whose_watermark_never_went_out(
     await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
     topic = Topics(namespace).candles
     async with CoinbaseMdPeer(("BTC-USD", "ETH-USD", "SOL-USD"), speed=SPEED, granularity_s=IV) as peer:
-        st = settings(kafka_bootstrap, namespace, tmp_path / "cfg.yaml", peer)
+        st = settings(kafka_bootstrap, namespace, tmp_path / "cfg.yaml")
 
         async def run(steps: int) -> None:
-            svc = bootstrap_live(st, overrides={"config": cfg})
+            svc = bootstrap_live(st, at_peer(peer), overrides={"config": cfg})
             stop = asyncio.Event()
             task = asyncio.create_task(svc.run(stop))
             try:

@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from services.execution.bootstrap import bootstrap
+from services.execution.bootstrap import ExecutionOptions, bootstrap
 from services.execution.live import PauseStage
 from shared.config import AppConfig
 from shared.runtime import ServiceSettings
@@ -55,11 +55,10 @@ async def main(namespace: str, bootstrap_: str, api_base: str, marker_dir: str, 
         logging.getLogger("zombie").warning("RESUMED after the pause at %s of %s", at, client_order_id)
         (markers / "resumed").write_text(str(os.getpid()))
 
-    settings = ServiceSettings(
-        kafka_bootstrap=bootstrap_, namespace=namespace, profile=PID, extra={"exchange_api_base": api_base}
-    )
+    settings = ServiceSettings(kafka_bootstrap=bootstrap_, namespace=namespace, profile=PID)
     svc = bootstrap(
         settings,
+        ExecutionOptions(exchange_api_base=api_base),
         overrides={
             "config": zombie_config(namespace),
             "pause_before_send": pause,
