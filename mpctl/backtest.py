@@ -49,7 +49,7 @@ from services.arbiter import bootstrap as arbiter_bootstrap
 from services.arbiter import domain as arbiter
 from services.execution import bootstrap as execution_bootstrap
 from services.execution import domain as execution
-from services.ingest.domain import ReplayStep, build_schedule, finished_message
+from services.ingest.domain import build_schedule, finished_message
 from services.monitor.collect import write_outputs
 from services.monitor.domain import RunData
 from services.registry import handlers as registry
@@ -64,6 +64,7 @@ from shared.candles import CandleFile, load_products
 from shared.config import AppConfig
 from shared.kafka import Route
 from shared.messages import (
+    TERMINAL_STATUSES,
     ExecuteOrder,
     Message,
     OrderDecided,
@@ -90,7 +91,6 @@ __all__ = [
     "write_report",
 ]
 
-_TERMINAL = frozenset({"filled", "cancelled", "rejected"})
 _FINAL_VERDICTS = frozenset({"approved", "rejected"})
 
 
@@ -234,7 +234,7 @@ def load_schedule(
     start: datetime | None = None,
     end: datetime | None = None,
     hours: float | None = None,
-) -> list[ReplayStep]:
+) -> list[Step]:
     with _gc_paused(freeze=True):
         files = load_products(data, cfg.all_products())
         return build_schedule(_trim(files, start, end, hours), start=start, end=end, hours=hours)
@@ -277,7 +277,7 @@ def subscriptions(topics: Topics, profiles: Sequence[str]) -> dict[str, list[tup
 class Backtest:
     """One run. `exact=True` delivers every step marker and every candle, as the services receive them."""
 
-    def __init__(self, cfg: AppConfig, steps: list[ReplayStep], *, exact: bool = False) -> None:
+    def __init__(self, cfg: AppConfig, steps: list[Step], *, exact: bool = False) -> None:
         if not steps:
             raise ValueError("nothing to replay: the schedule has no step")
         self.cfg = cfg
@@ -434,7 +434,7 @@ class Backtest:
         ex = self.exchanges[pid]
         for msg in msgs:
             if isinstance(msg, OrderUpdated):
-                if msg.status in _TERMINAL:
+                if msg.status in TERMINAL_STATUSES:
                     ex.open_orders.discard(msg.client_order_id)
                 else:
                     ex.open_orders.add(msg.client_order_id)
@@ -482,7 +482,7 @@ class Backtest:
         msgs = self._step_messages.get(step.time_s)
         if msgs is None:
             msgs = [(self._key_partition(c.product.encode(), self.n_candles), c) for c in step.candles]
-            wm = ReplayStep(step.time_s, step.interval_s, step.candles).watermark()
+            wm = step.watermark()
             msgs += [(p, wm) for p in range(self.n_candles)]
             if len(self._step_messages) >= 256:
                 del self._step_messages[next(iter(self._step_messages))]  # the oldest: a bounded memo
@@ -600,7 +600,7 @@ class Backtest:
         self._pump()
 
 
-def run_backtest(cfg: AppConfig, steps: list[ReplayStep], *, exact: bool = False) -> tuple[RunData, Stats]:
+def run_backtest(cfg: AppConfig, steps: list[Step], *, exact: bool = False) -> tuple[RunData, Stats]:
     bt = Backtest(cfg, steps, exact=exact)
     asyncio.run(bt.run())
     return bt.data, bt.stats
