@@ -35,6 +35,7 @@ lint: install
 	$(BIN)/ruff check shared services mpctl tests scripts
 	$(BIN)/ruff format --check shared services mpctl tests scripts
 	$(BIN)/mypy
+	$(BIN)/pytest tests/unit/test_import_rules.py -q -p no:cacheprovider  # services side by side (#18 item 3)
 
 unit: install
 	$(BIN)/pytest tests/unit -q $(PYTEST_ARGS)

@@ -49,14 +49,11 @@ from services.arbiter import bootstrap as arbiter_bootstrap
 from services.arbiter import domain as arbiter
 from services.execution import bootstrap as execution_bootstrap
 from services.execution import domain as execution
-from services.ingest.domain import ReplayStep, build_schedule, finished_message
+from services.ingest.domain import build_schedule, finished_message
 from services.monitor.collect import write_outputs
 from services.monitor.domain import RunData
 from services.registry import handlers as registry
-from services.registry.claims import KeyKind
-from services.registry.domain import ClaimOutcome, ClaimResult, PlanCandidate
-from services.registry.handlers import Held
-from services.registry.ledger import Decision, TakeoverOutcome
+from services.registry.memory import MemoryRegistry
 from services.strategy import bootstrap as strategy_bootstrap
 from services.strategy import domain as strategy
 from shared.aligner import Step
@@ -64,6 +61,7 @@ from shared.candles import CandleFile, load_products
 from shared.config import AppConfig
 from shared.kafka import Route
 from shared.messages import (
+    TERMINAL_STATUSES,
     ExecuteOrder,
     Message,
     OrderDecided,
@@ -90,89 +88,7 @@ __all__ = [
     "write_report",
 ]
 
-_TERMINAL = frozenset({"filled", "cancelled", "rejected"})
 _FINAL_VERDICTS = frozenset({"approved", "rejected"})
-
-
-# ------------------------------------------------------------------------------------------ registry store
-class MemoryRegistry:
-    """What Redis holds for the registry, in memory: claims and decision records.
-
-    Claims have the semantics of the Redis script (services/registry/claims.py): keys checked in the order
-    hash, fingerprint, asset; a member of another profile whose event-time interval overlaps answers the first
-    conflict with its holder; the profile's own members never conflict (re-entrant); members that ended more
-    than `grace_s` before the claim's start are pruned; otherwise every key gets the member, atomically
-    (one process, no await in between). One registry instance: every decision is won by the caller.
-    """
-
-    def __init__(self, grace_s: int) -> None:
-        self.grace_s = grace_s
-        self.holds: dict[tuple[KeyKind, str], dict[tuple[str, int, int], None]] = {}
-        self.records: dict[tuple[str, int], Decision] = {}
-
-    async def claim(self, candidate: PlanCandidate, fingerprint: str, asset: str | None) -> ClaimResult:
-        return self.claim_interval(
-            candidate.profile,
-            candidate.epoch_start_s,
-            candidate.epoch_end_s,
-            candidate.hash,
-            fingerprint,
-            asset,
-        )
-
-    def claim_interval(
-        self, profile: str, start: int, end: int, hash_hex: str, fingerprint: str, asset: str | None
-    ) -> ClaimResult:
-        keys: list[tuple[KeyKind, str]] = [("hash", hash_hex), ("fp", fingerprint)]
-        if asset is not None:
-            keys.append(("asset", asset))
-        taken = (ClaimOutcome.HASH_TAKEN, ClaimOutcome.FP_TAKEN, ClaimOutcome.ASSET_TAKEN)
-        for i, key in enumerate(keys):
-            members = self.holds.get(key)
-            if not members:
-                continue
-            # The script's order: ZRANGEBYSCORE, by start then by the member's text.
-            for m in sorted(members, key=lambda m: (m[1], f"{m[0]}|{m[1]}|{m[2]}")):
-                p, s2, e2 = m
-                if s2 >= end:
-                    continue  # the script reads members scored below the claim's end only
-                if e2 + self.grace_s < start:
-                    del members[m]
-                elif p != profile and s2 < end and start < e2:
-                    return ClaimResult(taken[i], holder=p, holder_start_s=s2, holder_end_s=e2)
-        for key in keys:
-            self.holds.setdefault(key, {})[(profile, start, end)] = None
-        return ClaimResult(ClaimOutcome.OK)
-
-    async def lookup(self, profile: str, start_s: int, rotation: int = 0) -> Decision | None:
-        return self.records.get((profile, start_s))  # a backtest has no operator, so no rotation
-
-    async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision:
-        key = (plan.profile, int(plan.epoch_start.timestamp()))
-        rec = self.records.get(key)
-        if rec is not None:
-            return dataclasses.replace(rec, won=False)
-        rec = Decision(plan=plan, owner="0", published=True, asset_claimed=asset_claimed)
-        self.records[key] = rec
-        return dataclasses.replace(rec, won=True)
-
-    async def unclaim(self, profile: str, start_s: int, end_s: int, keys: list[tuple[KeyKind, str]]) -> int:
-        removed = 0
-        member = (profile, start_s, end_s)
-        for key in keys:
-            members = self.holds.get(key, {})
-            if member in members:
-                del members[member]
-                removed += 1
-        return removed
-
-    async def recover(self, known: Sequence[Held]) -> str:
-        return "memory"  # nothing is ever lost in memory
-
-    async def takeover(
-        self, profile: str, start_s: int, rotation: int = 0
-    ) -> tuple[TakeoverOutcome, PlanPublished | None]:
-        return "PUBLISHED", None
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -234,7 +150,7 @@ def load_schedule(
     start: datetime | None = None,
     end: datetime | None = None,
     hours: float | None = None,
-) -> list[ReplayStep]:
+) -> list[Step]:
     with _gc_paused(freeze=True):
         files = load_products(data, cfg.all_products())
         return build_schedule(_trim(files, start, end, hours), start=start, end=end, hours=hours)
@@ -277,7 +193,7 @@ def subscriptions(topics: Topics, profiles: Sequence[str]) -> dict[str, list[tup
 class Backtest:
     """One run. `exact=True` delivers every step marker and every candle, as the services receive them."""
 
-    def __init__(self, cfg: AppConfig, steps: list[ReplayStep], *, exact: bool = False) -> None:
+    def __init__(self, cfg: AppConfig, steps: list[Step], *, exact: bool = False) -> None:
         if not steps:
             raise ValueError("nothing to replay: the schedule has no step")
         self.cfg = cfg
@@ -434,7 +350,7 @@ class Backtest:
         ex = self.exchanges[pid]
         for msg in msgs:
             if isinstance(msg, OrderUpdated):
-                if msg.status in _TERMINAL:
+                if msg.status in TERMINAL_STATUSES:
                     ex.open_orders.discard(msg.client_order_id)
                 else:
                     ex.open_orders.add(msg.client_order_id)
@@ -482,7 +398,7 @@ class Backtest:
         msgs = self._step_messages.get(step.time_s)
         if msgs is None:
             msgs = [(self._key_partition(c.product.encode(), self.n_candles), c) for c in step.candles]
-            wm = ReplayStep(step.time_s, step.interval_s, step.candles).watermark()
+            wm = step.watermark()
             msgs += [(p, wm) for p in range(self.n_candles)]
             if len(self._step_messages) >= 256:
                 del self._step_messages[next(iter(self._step_messages))]  # the oldest: a bounded memo
@@ -600,7 +516,7 @@ class Backtest:
         self._pump()
 
 
-def run_backtest(cfg: AppConfig, steps: list[ReplayStep], *, exact: bool = False) -> tuple[RunData, Stats]:
+def run_backtest(cfg: AppConfig, steps: list[Step], *, exact: bool = False) -> tuple[RunData, Stats]:
     bt = Backtest(cfg, steps, exact=exact)
     asyncio.run(bt.run())
     return bt.data, bt.stats

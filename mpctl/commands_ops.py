@@ -20,13 +20,12 @@ from typing import Any
 import orjson
 
 from mpctl.progress import Progress
-from services.monitor.collect import read_topics
 from services.monitor.health import HEALTH_HEADER, ServiceHealth, fetch_health, health_rows
 from services.monitor.lag import LagReport, fetch_lag, format_table, summary_line, to_json
 from services.monitor.metrics import PerformanceTracker
 from services.monitor.report_html import write_report
 from shared.config import AppConfig, ConfigError, load_config
-from shared.kafka import list_topics
+from shared.kafka import list_topics, read_topics
 from shared.topics import Topics
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:19092"

@@ -50,7 +50,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mpctl.backtest import load_schedule, run_backtest, write_report  # noqa: E402
-from services.ingest.domain import ReplayStep  # noqa: E402
+from shared.aligner import Step  # noqa: E402
 from shared.candles import FILE_RE  # noqa: E402
 from shared.config import AppConfig, parse_config  # noqa: E402
 
@@ -103,7 +103,7 @@ def pick_source(data: Path, source: str | None) -> Path:
     return tmp
 
 
-def plain_loop(steps: list[ReplayStep], repeat: int) -> tuple[float, int]:
+def plain_loop(steps: list[Step], repeat: int) -> tuple[float, int]:
     """A 12/48 SMA crossover over every product's closes, step by step (what a minimal backtest loop does)."""
     closes: list[list[float]] = [[float(c.close) for c in s.candles] for s in steps]
     products: list[list[str]] = [[c.product for c in s.candles] for s in steps]
@@ -137,7 +137,7 @@ def plain_loop(steps: list[ReplayStep], repeat: int) -> tuple[float, int]:
     return best, n
 
 
-def measure(cfg: AppConfig, steps: list[ReplayStep], out_dir: Path | None) -> dict[str, Any]:
+def measure(cfg: AppConfig, steps: list[Step], out_dir: Path | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     data, stats = run_backtest(cfg, steps)
     t1 = time.perf_counter()

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.clock import derived_id, from_epoch_s
 from shared.messages import CandleClosed, ReplayFinished, WatermarkAdvanced
 
 
 @dataclass(frozen=True)
 class Step:
+    """One event-time step of market data: every candle opening at `time_s`. What the aligner releases to a
+    consumer, and what a replay schedule is made of (services/ingest/domain.py builds them from recorded
+    candles; the ingest publishes each one's candles, then its `watermark()`)."""
+
     time_s: int
     interval_s: int
     candles: tuple[CandleClosed, ...]  # sorted by product
@@ -26,6 +31,18 @@ class Step:
     @property
     def close_s(self) -> int:
         return self.time_s + self.interval_s
+
+    def watermark(self) -> WatermarkAdvanced:
+        """The replay's watermark of this step: the same id and fields for the same step on every run and every
+        partition (no `published_at`, no `missing`: those are the live feed's)."""
+        t = from_epoch_s(self.time_s)
+        return WatermarkAdvanced(
+            id=derived_id("wm", self.time_s),
+            event_time=from_epoch_s(self.time_s + self.interval_s),
+            correlation_id=f"step:{self.time_s}",
+            step_time=t,
+            interval_s=self.interval_s,
+        )
 
 
 @dataclass

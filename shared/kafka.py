@@ -154,24 +154,70 @@ async def list_topics(bootstrap: str) -> list[str]:
 
 
 async def partitions_of(
-    consumer: AIOKafkaConsumer, topics: Sequence[str], bootstrap: str
+    consumer: AIOKafkaConsumer, topics: Sequence[str], bootstrap: str, *, attempts: int = 100
 ) -> list[TopicPartition]:
-    """Every partition of `topics`, asking for metadata until a fresh client knows them (bounded)."""
+    """Every partition of `topics`, in topic then partition order, asking for metadata until a fresh client
+    knows them: at most `attempts` metadata refreshes per topic, 0.1 s apart. A topic still unknown raises
+    RuntimeError naming it."""
     tps: list[TopicPartition] = []
     for topic in topics:
-        parts: set[int] | None = None
-        for _ in range(100):
-            parts = consumer.partitions_for_topic(topic)
+        parts = consumer.partitions_for_topic(topic)
+        for _ in range(attempts):
             if parts:
                 break
             consumer.subscribe([topic])  # a fresh client may not have the topic's metadata yet
             await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh in aiokafka
             consumer.unsubscribe()
-            await asyncio.sleep(0.1)
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                await asyncio.sleep(0.1)
         if not parts:
             raise RuntimeError(f"topic {topic!r} not found on {bootstrap}; create the topics first")
         tps += [TopicPartition(topic, p) for p in sorted(parts)]
     return tps
+
+
+async def read_topics(bootstrap: str, topics: Sequence[str]) -> tuple[list[Message], int]:
+    """All decodable messages of `topics` up to their end offsets at the time of the call, in topic, partition
+    and offset order per partition (partitions interleave as the broker delivers them); returns them and the
+    number of undecodable records skipped. Reads with no group (nothing committed) and no isolation filter.
+    A topic unknown to the cluster after about 5 s raises RuntimeError."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_poll_records=5000,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    out: list[Message] = []
+    bad = 0
+    try:
+        tps = await partitions_of(consumer, topics, bootstrap, attempts=50)
+        if not tps:
+            return out, bad
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        begins = await consumer.beginning_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, begins[tp])
+        remaining = {tp for tp in tps if ends[tp] > begins[tp]}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, recs in batch.items():
+                for rec in recs:
+                    if rec.offset >= ends[tp]:
+                        continue
+                    try:
+                        out.append(decode(rec.value))
+                    except DecodeError:
+                        bad += 1
+            for tp in list(remaining):
+                # The position, not the last record: transaction markers can sit at the end of a partition.
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return out, bad
+    finally:
+        await consumer.stop()
 
 
 async def read_tail(

@@ -152,7 +152,7 @@ class TradeObserved(Message):
     trade_id: str = Field(min_length=1, max_length=64)
     price: Price
     size: Size
-    side: Literal["buy", "sell"] | None = None  # the taker's side, as the exchange reports it
+    side: Side | None = None  # the taker's side, as the exchange reports it
 
 
 class FeedStateChanged(Message):

@@ -31,7 +31,8 @@ Rules, applied to each intent in that order (each one below is a pure function o
    `internal_cross: execute` two intents of one step are netted instead, as an internal transfer.
 5. `crowding`: different profiles' orders on one product are sent at least `min_cross_profile_gap_ms` apart.
    The arbiter predicts each order's send time (not_before + the execution worker's seeded de-sync delay,
-   the same function) and delays an order whose send would fall too close (verdict `delayed`, `not_before`).
+   the same function: shared.orders.desync_delay_ms) and delays an order whose send would fall too close
+   (verdict `delayed`, `not_before`).
 
 A redelivered intent (same intent id) gets the decision it got the first time, re-published unchanged.
 """
@@ -46,7 +47,6 @@ from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 from typing import Any, Literal
 
-from services.execution.domain import desync_delay_ms
 from shared.aligner import Aligner, Step
 from shared.clock import derived_id, from_epoch_s
 from shared.config import AppConfig, ArbiterSettings, ExecutionSettings
@@ -64,20 +64,12 @@ from shared.messages import (
     WatermarkAdvanced,
     WorkerFinished,
 )
+from shared.orders import client_order_id, desync_delay_ms
 
 SIZE_STEP = Decimal("0.00000001")
 MONEY_STEP = Decimal("0.00000001")
 ZERO = Decimal(0)
 _INF = 1 << 62
-
-
-def client_order_id(intent_id: str) -> str:
-    """A UUID derived from the intent id: the same intent always maps to the same exchange order."""
-    return str(_uuid(derived_id("client-order", intent_id)))
-
-
-def _uuid(hex32: str) -> str:
-    return f"{hex32[:8]}-{hex32[8:12]}-{hex32[12:16]}-{hex32[16:20]}-{hex32[20:32]}"
 
 
 def _ms(dt: datetime) -> int:

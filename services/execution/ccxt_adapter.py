@@ -64,8 +64,8 @@ from services.execution.ports import (
     MarketInfo,
     OrderKind,
     SendGuard,
-    Side,
 )
+from shared.messages import Side
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

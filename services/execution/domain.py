@@ -30,7 +30,6 @@
 from __future__ import annotations
 
 import bisect
-import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
@@ -53,20 +52,13 @@ from shared.messages import (
     WatermarkAdvanced,
     WorkerFinished,
 )
+from shared.orders import desync_delay_ms
 
 # Candles kept per product. The market-data stream runs ahead of orders (a replay publishes everything at
 # once), so an order decided at T must still find the candle opening at T when it arrives: a year of hourly
 # candles in replay; in live trading orders arrive within seconds of their candle.
 HISTORY_CANDLES = 10_000
 EIGHT = Decimal("0.00000001")
-
-
-def desync_delay_ms(seed: str, intent_id: str, lo: int, hi: int) -> int:
-    """Seeded, bounded delay: the same profile and intent always wait the same time (replay is reproducible)."""
-    if hi <= lo:
-        return lo
-    u = int.from_bytes(hashlib.sha256(f"{seed}|desync|{intent_id}".encode()).digest()[:8], "big") / 2**64
-    return lo + int(u * (hi - lo + 1))
 
 
 @dataclass

@@ -11,8 +11,8 @@ ProfileHalted out. The paper exchange (domain.py) stays the default; this runs w
   emitted and every later order of the profile is rejected without contacting the exchange; retries exhausted ->
   the order stays `submitted` and reconciliation settles it.
 - Sent at `not_before` (the arbiter's spacing of different profiles' orders on a product) plus the profile's
-  de-sync delay (domain.desync_delay_ms, the same seed and bounds as the paper exchange), waited for on the
-  injected clock; an order whose send time has passed (a replay, a redelivery) goes at once.
+  de-sync delay (shared.orders.desync_delay_ms, the same seed and bounds as the paper exchange), waited for on
+  the injected clock; an order whose send time has passed (a replay, a redelivery) goes at once.
 - `reconcile()` (on start, then periodically) looks up every unfinished known order and emits what is missing.
 - Never twice with two workers (issue #19; docs/live.md): every send is guarded. After the look-up of its client
   order id and immediately before each send (a retry's too), `fence(partition)` must confirm that this worker
@@ -51,7 +51,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
-from services.execution.domain import desync_delay_ms, traded_base_assets
+from services.execution.domain import traded_base_assets
 from services.execution.errors import HaltError, NotOwnerError, RejectedError, RetryableError
 from services.execution.ports import ExchangeFill, ExchangeOrder, ExchangePort, SendGuard
 from services.execution.reconcile import (
@@ -80,6 +80,7 @@ from shared.messages import (
     OrderUpdated,
     ProfileHalted,
 )
+from shared.orders import desync_delay_ms
 
 log = logging.getLogger(__name__)
 

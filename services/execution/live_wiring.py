@@ -32,10 +32,9 @@ from services.execution.credentials import (
     resolve_credentials,
 )
 from services.execution.live import LiveExecution
-from services.monitor.collect import read_topics
 from shared.clock import Clock, system_clock
 from shared.config import AppConfig
-from shared.kafka import Publisher, Route, read_tail
+from shared.kafka import Publisher, Route, read_tail, read_topics
 from shared.messages import CandleClosed, Message
 from shared.topics import Topics
 

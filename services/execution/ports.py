@@ -13,7 +13,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Literal, Protocol, runtime_checkable
 
-Side = Literal["buy", "sell"]
+from shared.messages import Side
+
 # Our reading of an exchange order's state. `open` covers "accepted, maybe partly filled".
 ExchangeOrderStatus = Literal["open", "filled", "cancelled", "rejected"]
 # What the order is at the exchange. `stop`: a stop-limit (limit_price is its limit, stop_price its trigger);

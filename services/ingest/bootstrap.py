@@ -14,9 +14,10 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, ConfigDict
 
-from services.ingest.domain import ReplayStep, build_schedule, finished_message, resume_point
+from services.ingest.domain import build_schedule, finished_message, resume_point
 from services.ingest.live import CLOCK_MIN_SPAN_S, LiveIngest, LiveOptions
 from services.ingest.metrics import IngestMetrics
+from shared.aligner import Step as ReplayStep  # one type with the aligner's Step (#18 item 3)
 from shared.candles import load_products
 from shared.clock import Clock, system_clock
 from shared.config import AppConfig

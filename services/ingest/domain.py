@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from shared.aligner import Step
 from shared.candles import CandleFile
 from shared.clock import derived_id, from_epoch_s
-from shared.messages import CandleClosed, ReplayFinished, WatermarkAdvanced
-
-
-@dataclass(frozen=True)
-class ReplayStep:
-    time_s: int
-    interval_s: int
-    candles: tuple[CandleClosed, ...]
-
-    def watermark(self) -> WatermarkAdvanced:
-        t = from_epoch_s(self.time_s)
-        return WatermarkAdvanced(
-            id=derived_id("wm", self.time_s),
-            event_time=from_epoch_s(self.time_s + self.interval_s),
-            correlation_id=f"step:{self.time_s}",
-            step_time=t,
-            interval_s=self.interval_s,
-        )
+from shared.messages import CandleClosed, ReplayFinished
 
 
 def _utc_s(dt: datetime) -> int:
@@ -39,7 +22,7 @@ def build_schedule(
     start: datetime | None = None,
     end: datetime | None = None,
     hours: float | None = None,
-) -> list[ReplayStep]:
+) -> list[Step]:
     """Steps in time order. `start`/`end` bound open times ([start, end)); `hours` keeps the first N hours."""
     if not files:
         raise ValueError(
@@ -85,7 +68,7 @@ def build_schedule(
         if not hours > 0 or hours == float("inf"):  # also refuses NaN
             raise ValueError(f"--hours must be positive, got {hours!r}")
         hi = min(hi, lo + int(hours * 3600))
-    steps = [ReplayStep(t, interval, tuple(by_time[t])) for t in times if lo <= t < hi]
+    steps = [Step(t, interval, tuple(by_time[t])) for t in times if lo <= t < hi]
     if not steps:
         raise ValueError(
             f"no candles between {from_epoch_s(lo).isoformat()} and {from_epoch_s(hi).isoformat()}; "
@@ -94,7 +77,7 @@ def build_schedule(
     return steps
 
 
-def finished_message(steps: list[ReplayStep]) -> ReplayFinished:
+def finished_message(steps: list[Step]) -> ReplayFinished:
     last = steps[-1] if steps else None
     return ReplayFinished(
         id=derived_id("replay-finished", last.time_s if last else 0, len(steps)),
@@ -105,7 +88,7 @@ def finished_message(steps: list[ReplayStep]) -> ReplayFinished:
     )
 
 
-def resume_point(steps: list[ReplayStep], last_watermark_s: int | None) -> int:
+def resume_point(steps: list[Step], last_watermark_s: int | None) -> int:
     """Index of the first step still to publish after a restart (steps up to the last watermark are complete)."""
     if last_watermark_s is None:
         return 0

@@ -4,14 +4,11 @@ internal_crosses.jsonl."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.monitor.domain import (
     RunData,
@@ -23,67 +20,11 @@ from services.monitor.domain import (
     summarize,
     verified_fills,
 )
-from shared.codec import DecodeError, decode
 from shared.config import AppConfig
-from shared.messages import Message
+from shared.kafka import read_topics
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
-
-
-async def read_topics(bootstrap: str, topics: Sequence[str]) -> tuple[list[Message], int]:
-    """All decodable messages of the topics up to their current end; returns them and the undecodable count."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        max_poll_records=5000,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    out: list[Message] = []
-    bad = 0
-    try:
-        tps = []
-        for t in topics:
-            parts = consumer.partitions_for_topic(t)
-            for _ in range(50):
-                if parts:
-                    break
-                # A fresh consumer may not have the topic in its metadata yet; ask until it does.
-                consumer.subscribe([t])
-                await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh in aiokafka
-                consumer.unsubscribe()
-                parts = consumer.partitions_for_topic(t)
-                if not parts:
-                    await asyncio.sleep(0.1)
-            if not parts:
-                raise RuntimeError(f"topic {t!r} not found on {bootstrap}")
-            tps += [TopicPartition(t, p) for p in sorted(parts)]
-        if not tps:
-            return out, bad
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        begins = await consumer.beginning_offsets(tps)
-        for tp in tps:
-            consumer.seek(tp, begins[tp])
-        remaining = {tp for tp in tps if ends[tp] > begins[tp]}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000)
-            for tp, recs in batch.items():
-                for rec in recs:
-                    if rec.offset >= ends[tp]:
-                        continue
-                    try:
-                        out.append(decode(rec.value))
-                    except DecodeError:
-                        bad += 1
-            for tp in list(remaining):
-                # The position, not the last record: transaction markers can sit at the end of a partition.
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-        return out, bad
-    finally:
-        await consumer.stop()
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

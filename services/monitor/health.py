@@ -26,6 +26,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from shared.clock import system_clock
 from shared.config import AppConfig
 from shared.heartbeat import heartbeat_state
+from shared.kafka import read_topics
 from shared.messages import ServiceHeartbeat
 from shared.topics import Topics
 
@@ -189,10 +190,6 @@ HEALTH_HEADER = ["SERVICE", "STATE", "LAST BEAT", "MEMBERS", "GROUP STATE", "DET
 
 async def read_heartbeats(bootstrap: str, topic: str) -> dict[str, dict[str, ServiceHeartbeat]]:
     """The latest beat of every (service, instance) on the heartbeat topic."""
-    from services.monitor.collect import (
-        read_topics,  # collect imports this module's neighbours: no cycle at import
-    )
-
     msgs, _bad = await read_topics(bootstrap, [topic])
     out: dict[str, dict[str, ServiceHeartbeat]] = {}
     for m in msgs:

@@ -72,7 +72,6 @@ parameters, which every profile shares (mpctl/backtest.py).
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import logging
 import math
@@ -86,7 +85,7 @@ from typing import Literal
 from services.strategy.signals import SECONDS_PER_YEAR, Bar, ProductSignals, Signal, blend_with
 from shared import protective
 from shared.aligner import Aligner, Step
-from shared.clock import ID_NAMESPACE, from_epoch_s
+from shared.clock import derived_id, from_epoch_s
 from shared.config import Profile, StrategySettings
 from shared.messages import (
     TERMINAL_STATUSES,
@@ -104,6 +103,7 @@ from shared.messages import (
     PlanPublished,
     ProfileHalted,
     ReplayFinished,
+    Side,
     StepCompleted,
     WatermarkAdvanced,
     WorkerFinished,
@@ -123,18 +123,6 @@ QUOTE_DUST = Decimal("0.01")  # a difference in the quote asset up to this is du
 ASSET_DUST_MIN = Decimal("0.00000001")
 ASSET_DUST_RATE = Decimal("0.0001")  # 0.01 % of the holding
 DEFAULT_DECISION_WAIT_STEPS = StrategySettings().decision_wait_steps
-_ID_PREFIX = ID_NAMESPACE.bytes
-
-
-def derived_id(*parts: object) -> str:
-    """Exactly `shared.clock.derived_id` (a UUID 5 in hex), without building `uuid.UUID` objects: it runs for
-    every step of every profile, and this is 3x faster (tests/unit/test_backtest.py checks the equality)."""
-    h = bytearray(hashlib.sha1(_ID_PREFIX + "|".join(map(str, parts)).encode()).digest()[:16])
-    h[6] = (h[6] & 0x0F) | 0x50  # version 5
-    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
-    return h.hex()
-
-
 _ANY_STRATEGY = next(iter(CATALOG))  # ProductSignals.evaluate validates a name; every model runs regardless
 
 
@@ -1262,7 +1250,7 @@ def _intent(
     plan: PlanPublished,
     step: Step,
     product: str,
-    side: Literal["buy", "sell"],
+    side: Side,
     size: Decimal,
     price: Decimal,
     reason: Reason,

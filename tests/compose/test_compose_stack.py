@@ -34,8 +34,8 @@ import pytest
 import yaml
 
 from mpctl.stack import collect, expected_finishers
-from services.monitor.collect import read_topics
 from shared.config import load_config
+from shared.kafka import read_topics
 from shared.messages import CandleClosed, WorkerFinished
 from shared.topics import Topics
 from tests.compose.images import Images, ensure_images, image_size_mb

@@ -37,10 +37,9 @@ from mpctl import commands_demo
 from mpctl.commands_demo import Fault, Stack, demo_pipeline, sigkill_and_restart
 from mpctl.infra import Endpoints, LocalInfra
 from mpctl.invariants import check_run
-from services.monitor.collect import read_topics
 from shared.broker_noise import LIBRARY_LOGGERS, is_connection_noise
 from shared.config import load_config
-from shared.kafka import delete_topics
+from shared.kafka import delete_topics, read_topics
 from shared.messages import Message, OrderFilled, OrderUpdated
 from shared.topics import Topics, declared_topics
 from tests.conftest import InfraSession

@@ -15,10 +15,9 @@ import pytest
 
 from services.execution.domain import traded_base_assets
 from services.execution.live_wiring import LiveHandler, WriteAhead, open_live_execution, start_live
-from services.monitor.collect import read_topics
 from shared.codec import encode
 from shared.config import AppConfig
-from shared.kafka import ensure_topics
+from shared.kafka import ensure_topics, read_topics
 from shared.messages import AccountSnapshotted, OrderFilled, OrderUpdated
 from shared.topics import Topics, declared_topics
 from tests.integration.test_exchange_adapters import app_config, execute

@@ -11,9 +11,8 @@ from decimal import Decimal
 from mpctl.infra import Endpoints
 from services.arbiter.bootstrap import bootstrap as arbiter_bootstrap
 from services.execution.bootstrap import bootstrap as execution_bootstrap
-from services.monitor.collect import read_topics
 from services.monitor.domain import RunData, summarize
-from shared.kafka import Publisher, ensure_topics
+from shared.kafka import Publisher, ensure_topics, read_topics
 from shared.messages import InternalCrossOpportunity, Message, OrderDecided, OrderFilled, OrderUpdated
 from shared.runtime import ServiceSettings
 from shared.topics import Topics, declared_topics

@@ -25,12 +25,12 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from mpctl.commands_demo import Stack, expected_finishers, wait_finished
 from mpctl.infra import Endpoints
-from services.monitor.collect import read_topics, write_outputs
+from services.monitor.collect import write_outputs
 from services.monitor.domain import RunData
 from services.strategy.bootstrap import input_topics
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
-from shared.kafka import delete_topics, ensure_topics
+from shared.kafka import delete_topics, ensure_topics, read_topics
 from shared.messages import Message, OrderFilled, StepCompleted
 from shared.topics import Topics, declared_topics
 from tests.integration.test_strategy_restart import CONFIG, DATA, _config

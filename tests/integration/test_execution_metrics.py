@@ -22,9 +22,8 @@ from services.execution.credentials import (
     StoredCredentials,
     new_key_file,
 )
-from services.monitor.collect import read_topics
 from shared.config import AppConfig
-from shared.kafka import Publisher, ensure_topics
+from shared.kafka import Publisher, ensure_topics, read_topics
 from shared.messages import Message, OrderFilled, OrderUpdated
 from shared.runtime import ServiceSettings
 from shared.topics import Topics, declared_topics

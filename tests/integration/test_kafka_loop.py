@@ -18,10 +18,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient
 
 from mpctl.infra import Endpoints
-from services.monitor.collect import read_topics
 from shared.clock import random_ids, system_clock
 from shared.codec import encode
-from shared.kafka import ConsumeLoop, HandlingError, Outbox, Publisher, ensure_topics
+from shared.kafka import ConsumeLoop, HandlingError, Outbox, Publisher, ensure_topics, read_topics
 from shared.messages import CandleClosed, DeadLettered, Message
 from shared.topics import TopicSpec
 

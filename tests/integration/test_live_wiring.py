@@ -21,10 +21,9 @@ from services.execution.credentials import (
 )
 from services.execution.live_wiring import LiveHandler, open_live_execution, start_live
 from services.execution.reconcile import KnownOrder, order_update
-from services.monitor.collect import read_topics
 from shared.codec import encode
 from shared.config import AppConfig
-from shared.kafka import Publisher, Route, ensure_topics
+from shared.kafka import Publisher, Route, ensure_topics, read_topics
 from shared.messages import Message, OrderFilled, OrderUpdated
 from shared.topics import Topics, declared_topics
 from tests.integration.test_exchange_adapters import app_config, execute

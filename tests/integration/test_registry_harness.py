@@ -24,8 +24,9 @@ import yaml
 from aiokafka import AIOKafkaConsumer
 
 from mpctl.infra import Endpoints
-from services.ingest.domain import ReplayStep, build_schedule, finished_message
+from services.ingest.domain import build_schedule, finished_message
 from services.registry.recovery import read_plans
+from shared.aligner import Step
 from shared.candles import load_products
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig, load_config
@@ -101,7 +102,7 @@ def write_config(path: Path, specs: dict[str, ProfileSpec], *, score_top_k: int 
     return path
 
 
-def schedule(cfg: AppConfig, hours: int) -> list[ReplayStep]:
+def schedule(cfg: AppConfig, hours: int) -> list[Step]:
     return build_schedule(load_products(DATA, cfg.all_products()), hours=hours)
 
 
@@ -187,9 +188,7 @@ class Run:
             rc = proc.poll()
             assert rc is None, f"registry {inst} exited with {rc}:\n{self.logs()}"
 
-    async def publish(
-        self, steps: Sequence[ReplayStep], *, finish_with: list[ReplayStep] | None = None
-    ) -> None:
+    async def publish(self, steps: Sequence[Step], *, finish_with: list[Step] | None = None) -> None:
         assert self.publisher is not None
         for step in steps:
             for c in step.candles:

@@ -22,8 +22,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from mpctl.infra import Endpoints
-from services.ingest.domain import ReplayStep
 from services.registry.claims import RedisClaims
+from shared.aligner import Step
 from shared.messages import PlanPublished
 from tests.integration.test_registry_harness import Check, ProfileSpec, Run, outcome, schedule, write_config
 
@@ -72,13 +72,13 @@ async def redis_client(infra: Endpoints) -> AsyncIterator[aioredis.Redis]:
     await r.aclose()
 
 
-def latest_step_plans(plans: list[PlanPublished], step: ReplayStep) -> bool:
+def latest_step_plans(plans: list[PlanPublished], step: Step) -> bool:
     """Every profile has the plan of the epoch containing ``step``."""
     have = {(p.profile, p.epoch) for p in plans}
     return all((pid, step.time_s // s.interval) in have for pid, s in SPECS.items())
 
 
-async def assert_long_plans_claimed(run: Run, redis: aioredis.Redis, at: ReplayStep) -> None:
+async def assert_long_plans_claimed(run: Run, redis: aioredis.Redis, at: Step) -> None:
     """The 2- and 4-hour profiles' plans of the epoch containing ``at`` hold their keys in Redis."""
     claims = RedisClaims(redis, run.ns)
     plans = await run.plans()

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from mpctl.infra import Endpoints
-from services.monitor.collect import read_topics
 from shared.clock import system_clock
 from shared.commands import KEY_ENV, new_command
+from shared.kafka import read_topics
 from shared.messages import CommandHandled, PlanPublished
 from tests.integration.test_registry_harness import ProfileSpec, Run, schedule, write_config
 

@@ -7,10 +7,9 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 from mpctl.infra import Endpoints
-from services.monitor.collect import read_topics
 from shared.clock import random_ids, system_clock
 from shared.commands import CommandGate, CommandVerifier, new_command, sign
-from shared.kafka import Publisher, StateMachineService, ensure_topics
+from shared.kafka import Publisher, StateMachineService, ensure_topics, read_topics
 from shared.messages import CommandHandled, ControlCommand, Message
 from shared.topics import TopicSpec
 

@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mpctl.commands_demo import Stack, expected_finishers, wait_finished
 from mpctl.infra import Endpoints
-from services.monitor.collect import collect_run, read_topics
+from services.monitor.collect import collect_run
 from shared.config import AppConfig, load_config
-from shared.kafka import delete_topics, ensure_topics
+from shared.kafka import delete_topics, ensure_topics, read_topics
 from shared.messages import PlaceOrder
 from shared.topics import Topics, declared_topics
 

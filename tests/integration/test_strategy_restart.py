@@ -21,10 +21,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from mpctl.commands_demo import Stack, expected_finishers, wait_finished
 from mpctl.infra import Endpoints
-from services.monitor.collect import collect_run, read_topics
+from services.monitor.collect import collect_run
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig, load_config
-from shared.kafka import delete_topics, ensure_topics
+from shared.kafka import delete_topics, ensure_topics, read_topics
 from shared.messages import OrderUpdated, PlaceOrder, StepCompleted
 from shared.topics import Topics, declared_topics
 

@@ -30,8 +30,7 @@ import pytest
 from services.execution.live import protective_client_id
 from services.execution.reconcile import KnownOrder, order_update
 from services.monitor.alerts import alerts_from_message
-from services.monitor.collect import read_topics
-from shared.kafka import Publisher, ensure_topics
+from shared.kafka import Publisher, ensure_topics, read_topics
 from shared.messages import (
     AccountSnapshotted,
     DuplicateOrderDetected,

@@ -15,8 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.arbiter.bootstrap import bootstrap
-from services.arbiter.domain import ArbiterState, client_order_id, decide, new_state, pearson
-from services.execution.domain import desync_delay_ms
+from services.arbiter.domain import ArbiterState, decide, new_state, pearson
 from shared.config import AppConfig
 from shared.messages import (
     CorrelationAlert,
@@ -27,6 +26,7 @@ from shared.messages import (
     PlaceOrder,
     WorkerFinished,
 )
+from shared.orders import client_order_id, desync_delay_ms
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
 from tests.unit.builders import (

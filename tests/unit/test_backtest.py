@@ -23,9 +23,7 @@ from services.ingest.domain import build_schedule
 from services.monitor.domain import decision_records, fill_records, order_records, plan_records
 from services.registry.domain import ClaimOutcome
 from services.strategy import bootstrap as strategy_bootstrap
-from services.strategy.domain import derived_id as fast_derived_id
 from shared.candles import load_products
-from shared.clock import derived_id
 from shared.config import AppConfig, load_config, parse_config
 from shared.messages import PlaceOrder, StepCompleted
 from shared.runtime import ServiceSettings
@@ -201,15 +199,7 @@ def test_memory_claims_refuse_whatever_overlaps_in_random_sequences() -> None:
         assert r.ok == (conflict is None), (p, s, e, keys, r, conflict)
 
 
-# ------------------------------------------------------------------------------------------ ids and command
-def test_strategy_domain_derived_id_equals_shared_derived_id() -> None:
-    rnd = random.Random(1)
-    for _ in range(5000):
-        parts = ("step", f"profile_{rnd.randrange(100)}", rnd.randrange(2**40), rnd.random(), "é")
-        assert fast_derived_id(*parts) == derived_id(*parts)
-    assert fast_derived_id() == derived_id()
-
-
+# ------------------------------------------------------------------------------------------ command
 def test_command_writes_the_demo_files_with_their_invariants(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.execution.domain import PaperState, decide, desync_delay_ms, new_state
+from services.execution.domain import PaperState, decide, new_state
 from shared.config import AppConfig, ExecutionSettings, Profile
 from shared.messages import CandleClosed, Message, OrderFilled, OrderUpdated, WorkerFinished
+from shared.orders import desync_delay_ms
 from tests.unit import builders
 from tests.unit.builders import (
     HOUR,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.ingest.domain import ReplayStep, build_schedule, finished_message, resume_point
+from services.ingest.domain import build_schedule, finished_message, resume_point
+from shared.aligner import Step
 from shared.candles import CandleFile, load_products, read_candle_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ def aggregate_to_4h(source: Path, target_dir: Path) -> Path:
     return path
 
 
-def ids(steps: list[ReplayStep]) -> list[str]:
+def ids(steps: list[Step]) -> list[str]:
     return [c.id for s in steps for c in s.candles] + [s.watermark().id for s in steps]
 
 

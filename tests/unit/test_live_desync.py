@@ -9,10 +9,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from services.execution.domain import desync_delay_ms
 from services.execution.errors import RejectedError
 from services.execution.live import LiveExecution
 from services.execution.ports import Balance
+from shared.orders import desync_delay_ms
 from tests.unit.builders import T0, config, dt, execute_order
 
 
