@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from services.ingest.domain import build_schedule, finished_message, resume_point
 from services.ingest.live import CLOCK_MIN_SPAN_S, LiveIngest, LiveOptions
 from services.ingest.metrics import IngestMetrics
-from shared.aligner import Step as ReplayStep  # one type with the aligner's Step (#18 item 3)
+from shared.aligner import Step
 from shared.candles import load_products
 from shared.clock import Clock, system_clock
 from shared.config import AppConfig
@@ -73,7 +73,7 @@ class IngestService:
         self.options = options
         self.clock = clock
         self.topics = Topics(cfg.system.kafka.namespace)
-        self.steps: list[ReplayStep] = []
+        self.steps: list[Step] = []
 
     def load(self) -> None:
         files = load_products(self.options.data_dir, self.cfg.all_products())
