@@ -479,16 +479,22 @@ class Backtest:
 
     def _evaluate_ready(self) -> None:
         states = self.strategies
+        lazy = not self.exact
+        stats = self.stats
+        queue = self._queue
         while self._backlog and all(strategy.ready(s, self._backlog[0]) for s in states.values()):
             step = self._backlog.popleft()
             n = len(step.candles)
             for pid, st in states.items():
-                self.stats.evaluations += n
-                self._from_strategy(pid, strategy.on_step(st, step, lazy_marker=not self.exact))
+                stats.evaluations += n
+                msgs = strategy.on_step(st, step, lazy_marker=lazy)
+                if msgs:
+                    self._from_strategy(pid, msgs)
                 if st.marker is not None:
                     marker, st.marker = st.marker, None
                     self._from_lazy_marker(pid, marker)
-                self._pump()
+                if queue:
+                    self._pump()
 
     async def _finish(self) -> None:
         done: ReplayFinished = finished_message(self.steps)

@@ -16,13 +16,17 @@ Closing figures (two years of hourly candles of the eleven Binance assets, not c
 - `backtest_s` is the wall time of the backtest proper (registry plans, strategies, arbiter, paper exchanges,
   from the built schedule to the collected messages); `load_s` (reading the files and building the schedule)
   and `report_s` (writing the output files) are given apart, `command_s` is their sum.
+- `backtest_cpu_s` and `evaluations_per_cpu_s`: the same in CPU time (time.process_time), steadier than the
+  wall time when other processes share the cores.
 - Baseline: a plain Python loop over the same candles (float closes of every product, step by step, a 12/48
   simple moving average crossover per product with running sums, the number of crossings counted), best of
   --repeat; `ratio` = backtest evaluations/s over loop candles/s.
 - With several files for one asset in --data (e.g. Coinbase and Binance), --source picks the files to use
   (links in a temporary folder), as `mpctl backtest` needs one file per asset.
 
-Prints one JSON document (and writes it to --out when given).
+Prints one JSON document (and writes it to --out when given), with every figure next to its baseline:
+`ratio_vs_plain_loop` (the plain loop of the same run) and `vs_previous` (the ratio of the code before issue 16
+item 5 on the same data, profiles and rotation, from PREVIOUS below; `speedup` = this ratio / that one).
 
 Latest figures (2026-11-24 12:28-12:30 UTC, 2 vCPUs, Python 3.11.7, machine nearly idle: the plain loop at
 2.11-2.15 million candles/s, about 9 % below a fully idle machine's 2.35 million), two years of Binance
@@ -56,6 +60,36 @@ from shared.config import AppConfig, parse_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ["BTC", "ETH", "SOL", "XRP", "ADA", "DOT", "LINK", "MATIC", "AVAX", "ATOM", "LTC"]
+
+
+# The previous figures (the code before issue 16 item 5), keyed by what was run: (steps, candles, profiles,
+# rotation_s). Each is the backtest's ratio to the plain loop of its own run (evaluations/s over loop
+# candles/s, 8 profiles and 1), the machine-independent form of the figure: printed next to this run's as
+# `vs_previous`, with the previous evaluations/s scaled to this run's plain loop. Measured 2026-12-06 by
+# running the code before and after alternately (docs/benchmarks.md, Backtest).
+PREVIOUS: dict[tuple[int, int, int, int], dict[str, float]] = {
+    # two years of Binance candles, 2020-09-22 .. 2022-09-22 (the closing figures)
+    (17501, 192505, 8, 86400): {"8_profiles": 0.070, "1_profile": 0.020},
+    # the bundled 61 days (`make bench`)
+    (1458, 16038, 8, 86400): {"8_profiles": 0.059, "1_profile": 0.018},
+}
+
+
+def vs_previous(key: tuple[int, int, int, int], ratios: dict[str, float], loop_rate: float) -> dict[str, Any]:
+    """This run's ratios to the plain loop against the previous code's on the same data (None: not measured)."""
+    prev = PREVIOUS.get(key)
+    if prev is None:
+        return {"previous": None, "note": "no previous figure for this data, profiles and rotation"}
+    out: dict[str, Any] = {}
+    for name, ratio in ratios.items():
+        before = prev[name]
+        out[name] = {
+            "previous_ratio_vs_plain_loop": before,
+            "ratio_vs_plain_loop": ratio,
+            "previous_evaluations_per_s_at_this_loop_rate": round(before * loop_rate),
+            "speedup": round(ratio / before, 3) if before else None,
+        }
+    return out
 
 
 def bench_config(n: int, rotation_s: int) -> AppConfig:
@@ -138,9 +172,11 @@ def plain_loop(steps: list[Step], repeat: int) -> tuple[float, int]:
 
 
 def measure(cfg: AppConfig, steps: list[Step], out_dir: Path | None) -> dict[str, Any]:
+    c0 = time.process_time()
     t0 = time.perf_counter()
     data, stats = run_backtest(cfg, steps)
     t1 = time.perf_counter()
+    cpu_s = time.process_time() - c0
     report_s = 0.0
     if out_dir is not None:
         write_report(cfg, data, out_dir)  # as `mpctl backtest` writes them
@@ -150,6 +186,9 @@ def measure(cfg: AppConfig, steps: list[Step], out_dir: Path | None) -> dict[str
         "evaluations": stats.evaluations,
         "backtest_s": round(t1 - t0, 3),
         "evaluations_per_s": round(stats.evaluations / (t1 - t0)),
+        # CPU time of the backtest proper: on a shared machine it moves much less than the wall time.
+        "backtest_cpu_s": round(cpu_s, 3),
+        "evaluations_per_cpu_s": round(stats.evaluations / cpu_s) if cpu_s > 0 else None,
         "report_s": round(report_s, 3),
         "intents": len(data.intents),
         "fills": len(data.fills),
@@ -190,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     loop_s, loop_n = plain_loop(steps, args.repeat)
     loop_rate = loop_n / loop_s
     many["command_s"] = round(load_s + many["backtest_s"] + many["report_s"], 3)
+    ratios = {
+        f"{many['profiles']}_profiles": round(many["evaluations_per_s"] / loop_rate, 4),
+        "1_profile": round(one["evaluations_per_s"] / loop_rate, 4),
+    }
     result = {
         "data": {
             "folder": str(args.data),
@@ -204,10 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         f"backtest_{many['profiles']}_profiles": many,
         "backtest_1_profile": one,
         "plain_loop": {"candles": loop_n, "seconds": round(loop_s, 4), "candles_per_s": round(loop_rate)},
-        "ratio_vs_plain_loop": {
-            f"{many['profiles']}_profiles": round(many["evaluations_per_s"] / loop_rate, 4),
-            "1_profile": round(one["evaluations_per_s"] / loop_rate, 4),
-        },
+        "ratio_vs_plain_loop": ratios,
+        "vs_previous": vs_previous(
+            (len(steps), candles, many["profiles"], args.rotation_s), ratios, loop_rate
+        ),
         "machine": {
             "python": platform.python_version(),
             "cpus": os.cpu_count(),

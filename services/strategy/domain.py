@@ -82,7 +82,7 @@ from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
 from typing import Literal
 
-from services.strategy.signals import SECONDS_PER_YEAR, Bar, ProductSignals, Signal, blend_with
+from services.strategy.signals import Bar, ProductSignals, Signal, SignalModel, blend_with
 from shared import protective
 from shared.aligner import Aligner, Step
 from shared.clock import derived_id, from_epoch_s
@@ -136,8 +136,8 @@ class _Snapshot:
         vol = ps.volatility
         pc = self.per_candle = vol.per_candle()
         # VolatilityTracker.annualised(), without computing per_candle() a second time.
-        self.annualised = None if pc is None else pc * math.sqrt(SECONDS_PER_YEAR / vol.interval_s)
-        self.models = ps.models
+        self.annualised = None if pc is None else pc * vol._annualise
+        self.models: Mapping[str, SignalModel] = ps._models  # read only (ps.models without its proxy)
         self._ps = ps
         self._defaults: dict[str, Signal] | None = None
 
@@ -210,9 +210,9 @@ class MarketSignals:
         model = snap.models.get(strategy)
         if model is None:
             raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(CATALOG)}")
-        own = model.evaluate(tunable)
-        if own is None:
-            return None
+        if model._bars < model._warmup:
+            return None  # SignalModel.evaluate's None before warm-up, without its frame
+        own = model._evaluate(tunable)
         # The others' default signals, in catalog order (blend_with skips the selected one's default).
         return blend_with(strategy, own, snap.defaults(), weights, w)
 
@@ -525,6 +525,8 @@ def _apply_due(state: StrategyState, before_s: float) -> None:
 
 def _known(state: StrategyState, step: Step) -> bool:
     """What each working order did before the step's close is known (module docstring)."""
+    if not state.pending:
+        return True  # the common case: no order working
     close = step.close_s
     seen = state.seen_through
     return all(iid in state.final_seen or seen.get(iid, -math.inf) >= close for iid in state.pending)
@@ -1152,8 +1154,12 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
                     _intent(state, plan, step, product, "sell", pos.size, price, reason_, exit_sig)
                 )
 
-    held_or_buying = set(state.positions) | {i.product for i in state.pending.values() if i.side == "buy"}
-    slots = p.trading_params.max_open_positions - len(held_or_buying)
+    positions = state.positions
+    if state.pending:
+        held_or_buying = len(set(positions) | {i.product for i in state.pending.values() if i.side == "buy"})
+    else:
+        held_or_buying = len(positions)  # the common case: no order working
+    slots = p.trading_params.max_open_positions - held_or_buying
     if not _is_current(state, step):
         state.history_steps += 1
         slots = 0  # history or a stale feed: the models learn from it, nothing is opened on it
@@ -1162,13 +1168,17 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     if state.halted is None and state.paused is None and state.entries_paused_day != day and slots > 0:
         candidates: list[tuple[float, str, Signal]] = []
         low, high = sc.entropy_threshold, p.risk_management.volatility_threshold
+        snaps = market._snaps  # the step's snapshots (market.snapshot without its frame when one is there)
         for product in plan.products:
-            if product in state.positions or product in working:
+            if product in positions or product in working:
                 continue
-            snap = market.snapshot(product)
-            if snap is None or snap.per_candle is None or snap.annualised is None:
-                continue  # absent from this step, or not enough history
-            if snap.per_candle < low or snap.annualised > high:
+            snap = snaps.get(product) or market.snapshot(product)
+            if snap is None:
+                continue  # absent from this step
+            per_candle, annualised = snap.per_candle, snap.annualised
+            if per_candle is None or annualised is None:
+                continue  # not enough history
+            if per_candle < low or annualised > high:
                 continue  # a flat market has nothing to trade; a wild one is outside the profile's risk
             sig = market.blended(product, strategy, tunable, weights, w)
             if sig is None:

@@ -93,9 +93,16 @@ def _signal(value: float, confidence: float) -> Signal:
     # min(1.0, max(-1.0, value)) and min(1.0, max(0.0, confidence)), written out (they run for every signal).
     value = value if value > -1.0 else -1.0
     confidence = confidence if confidence > 0.0 else 0.0
-    return Signal(value if value < 1.0 else 1.0, confidence if confidence < 1.0 else 1.0)
+    # Signal(value, confidence) without its __init__ and __post_init__ frames: the checks there hold by
+    # construction (no NaN, both clamped), and this runs for every model evaluation (the same object).
+    sig = _new_signal(Signal)
+    _set_slot(sig, "value", value if value < 1.0 else 1.0)
+    _set_slot(sig, "confidence", confidence if confidence < 1.0 else 1.0)
+    return sig
 
 
+_new_signal = object.__new__
+_set_slot = object.__setattr__
 _FLAT = Signal(0.0, 0.0)
 
 
@@ -202,10 +209,12 @@ class _RollingMoments:
             self._bn, self._bmean, self._bm2 = 0, 0.0, 0.0
             front.pop()
         self._back.append(x)
-        self._bn += 1
-        d = x - self._bmean
-        self._bmean += d / self._bn
-        self._bm2 += d * (x - self._bmean)
+        # Welford's update with the aggregates in locals (the same operations, fewer attribute accesses).
+        n = self._bn = self._bn + 1
+        mean = self._bmean
+        d = x - mean
+        mean = self._bmean = mean + d / n
+        self._bm2 += d * (x - mean)
 
     def count(self) -> int:
         return len(self._front) + len(self._back)
@@ -763,16 +772,22 @@ class ProductSignals:
                 f"bar open_time {bar.open_time} is not after the previous {self._last_time}; "
                 "feed each closed bar once, in order"
             )
-        self._last_time = bar.open_time
-        t = bar.open_time
+        t = self._last_time = bar.open_time
         self._log.push(bar.close)
         for model in self._models.values():
-            # SignalModel.update without its own order check: the one above covers every model, and this
-            # loop runs for every product of every step (a fifth of a backtest's time).
-            if model._last_time is not None and t <= model._last_time:
+            # SignalModel.update without its own order check (the one above covers every model) and with
+            # _advance written out: this loop runs for every product of every step (a fifth of a backtest).
+            last = model._last_time
+            if last is not None and t <= last:
                 model.update(bar)  # fed apart from this ProductSignals: let it raise its own error
-            model._advance(bar)
-        self.volatility.update(bar)
+            model._last_time = t
+            model._bars += 1
+            model._push(bar)
+        vol = self.volatility
+        last = vol._last_time
+        if last is not None and t <= last:
+            vol.update(bar)  # fed apart: its own error
+        vol._last_time = t  # VolatilityTracker.update: its log returns are ours, pushed above
 
     def evaluate(
         self, strategy: str, tunable_by_strategy: Mapping[str, Mapping[str, float]]
@@ -783,9 +798,8 @@ class ProductSignals:
             raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(self._models)}")
         out: dict[str, Signal] = {}
         for name, model in self._models.items():
-            sig = model.evaluate(tunable_by_strategy.get(name, _EMPTY))
-            if sig is not None:
-                out[name] = sig
+            if model._bars >= model._warmup:  # SignalModel.evaluate, without its frame
+                out[name] = model._evaluate(tunable_by_strategy.get(name, _EMPTY))
         return out
 
 
