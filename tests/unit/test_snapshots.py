@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from pydantic import BaseModel
 
 from mpctl.backtest import Backtest, load_schedule
@@ -295,3 +296,33 @@ async def test_keeper_ignores_a_forged_snapshot(caplog: pytest.LogCaptureFixture
     box: dict[str, Any] = {"cash": Decimal("10")}
     assert await keeper(store, box).load() is None
     assert box == {"cash": Decimal("10")} and "bad signature" in caplog.text
+
+
+class FlakyStore(MemoryStore):
+    """The broker is away for the first `down` writes (a restart at snapshot time)."""
+
+    def __init__(self, down: int) -> None:
+        super().__init__()
+        self.down = down
+
+    async def write(self, data: bytes) -> None:
+        if self.down > 0:
+            self.down -= 1
+            raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 1)]")
+        await super().write(data)
+
+
+async def test_a_snapshot_the_broker_cannot_take_is_skipped_and_the_next_one_is_written() -> None:
+    store, box = FlakyStore(down=1), {"cash": Decimal("10")}
+    k = keeper(store, box, interval_s=3600, every_messages=1)  # type: ignore[arg-type]
+    k.advance("in", 0, 5)
+    await k.save()  # the broker is away: no exception, nothing written, counted
+    assert (k.written, k.failed, store.records) == (0, 1, [])
+    box["cash"] = Decimal("12")
+    k.advance("in", 0, 9)
+    await k.save()
+    assert (k.written, k.failed, len(store.records)) == (1, 1, 1)
+    restored: dict[str, Any] = {}
+    k2 = keeper(store, restored)
+    assert await k2.load() == {("in", 0): 9}
+    assert restored == {"cash": Decimal("12")}
