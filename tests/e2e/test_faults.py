@@ -98,7 +98,9 @@ SERVICE_FAULTS = [
 CASES = [
     *SERVICE_FAULTS,
     FaultCase("restart-kafka", 0.40, None, needs="kafka"),
-    FaultCase("flush-and-restart-redis", 0.40, None, needs="redis"),
+    # Redis serves the registry alone, which follows the candles: a flush timed on order events could land after
+    # the registry's last claim (a CI run: the claims were all made, and nothing noticed the empty Redis).
+    FaultCase("flush-and-restart-redis", 0.40, None, needs="redis", on="candles"),
 ]
 
 
