@@ -57,6 +57,7 @@ from services.registry.memory import MemoryRegistry
 from services.strategy import bootstrap as strategy_bootstrap
 from services.strategy import domain as strategy
 from shared.aligner import Step
+from shared.bus import KafkaAccess
 from shared.candles import CandleFile, load_products
 from shared.config import AppConfig
 from shared.kafka import Route
@@ -238,7 +239,7 @@ class Backtest:
         self.registry = registry.new_state(cfg)
         self.claims = MemoryRegistry(cfg.system.registry.claim_grace_s)
         # The services' own routing, so the backtest follows it (constructing them opens no connection).
-        settings = ServiceSettings(kafka_bootstrap="backtest:0")
+        settings = ServiceSettings(kafka=KafkaAccess(servers="backtest:0"))
         self._arbiter_route = arbiter_bootstrap.bootstrap(settings, overrides={"config": cfg}).route
         self._execution_route = {
             pid: execution_bootstrap.bootstrap(

@@ -42,6 +42,7 @@ from mpctl.stack import (
     write_run_json,
 )
 from services.monitor.domain import exit_reason_order
+from shared.bus import KafkaAccess
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
 from shared.kafka import delete_topics
@@ -121,7 +122,7 @@ def sigkill_and_restart(service: str) -> FaultAction:
 
 
 async def inject_faults(
-    bootstrap: str, topics: Topics, faults: Sequence[Fault], stack: Stack, started: float
+    bootstrap: KafkaAccess, topics: Topics, faults: Sequence[Fault], stack: Stack, started: float
 ) -> None:
     """Fire each fault once its progress point is reached (returns when all fired)."""
     pending = list(faults)
@@ -129,7 +130,7 @@ async def inject_faults(
         topics.events,
         topics.status,
         topics.candles,
-        bootstrap_servers=bootstrap,
+        **bootstrap.client_options(),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
@@ -162,7 +163,7 @@ async def inject_faults(
 
 
 async def wait_finished_with_faults(
-    bootstrap: str,
+    bootstrap: KafkaAccess,
     topics: Topics,
     expected: set[str],
     stack: Stack,
@@ -310,12 +311,10 @@ async def demo_pipeline(
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for stale in OUTPUT_FILES:
         (out / stale).unlink(missing_ok=True)
-    specs = await create_topics(endpoints.kafka_bootstrap, cfg, ns)
+    specs = await create_topics(endpoints, cfg, ns)
     write_run_json(out, ns, endpoints, args.config)
-    _progress(
-        f"namespace {ns}: {len(specs)} topics on {endpoints.kafka_bootstrap}, Redis {endpoints.redis_url}"
-    )
-    stack = Stack()
+    _progress(f"namespace {ns}: {len(specs)} topics on {endpoints.kafka}, Redis {endpoints.redis_url}")
+    stack = Stack(bus=endpoints.bus)
     try:
         replay = ["--data", str(args.data), "--speed", str(args.speed)]
         for flag in ("hours", "start", "end"):
@@ -334,9 +333,9 @@ async def demo_pipeline(
         )
         _progress(f"started {len(stack.procs)} service processes; logs in {log_dir}")
         await wait_finished_with_faults(
-            endpoints.kafka_bootstrap, topics, expected_finishers(cfg), stack, args.timeout, started, faults
+            endpoints.kafka, topics, expected_finishers(cfg), stack, args.timeout, started, faults
         )
-        if not await wait_audit_drained(endpoints.kafka_bootstrap, topics):
+        if not await wait_audit_drained(endpoints.kafka, topics):
             _progress(
                 "the monitor had not written the whole audit topic within 60 s; audit.jsonl may be short"
             )
@@ -346,9 +345,9 @@ async def demo_pipeline(
     finally:
         stack.stop()
     _progress("replay fully processed; collecting the run")
-    summary = await collect(cfg, endpoints.kafka_bootstrap, out)
+    summary = await collect(cfg, endpoints.kafka, out)
     if not args.keep_topics:
-        await delete_topics(endpoints.kafka_bootstrap, [s.name for s in specs])
+        await delete_topics(endpoints.kafka, [s.name for s in specs])
     print_table(summary)
     print(f"outputs in {out} ({time.monotonic() - started:.1f} s)")
     if args.exchange_api_base is not None:

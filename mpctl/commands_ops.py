@@ -19,11 +19,13 @@ from typing import Any
 
 import orjson
 
+from mpctl.infra import operator_access
 from mpctl.progress import Progress
 from services.monitor.health import HEALTH_HEADER, ServiceHealth, fetch_health, health_rows
 from services.monitor.lag import LagReport, fetch_lag, format_table, summary_line, to_json
 from services.monitor.metrics import PerformanceTracker
 from services.monitor.report_html import write_report
+from shared.bus import KafkaAccess
 from shared.config import AppConfig, ConfigError, load_config
 from shared.kafka import list_topics, read_topics
 from shared.topics import Topics
@@ -36,7 +38,7 @@ progress = Progress("status")  # terminal only, quiet in CI and pipes (mpctl/pro
 
 @dataclass(frozen=True)
 class Target:
-    bootstrap: str
+    bootstrap: KafkaAccess
     namespace: str
     run_dir: Path | None
     config_path: Path | None
@@ -63,7 +65,8 @@ def resolve_target(args: argparse.Namespace) -> Target:
             namespace = load_config(config_path).system.kafka.namespace
         except ConfigError:
             namespace = "mp"
-    return Target(str(bootstrap), str(namespace), run_dir, config_path)
+    access = operator_access(str(bootstrap), str(namespace), bus_dir=info.get("bus_dir"))
+    return Target(access, str(namespace), run_dir, config_path)
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:

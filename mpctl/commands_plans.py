@@ -18,7 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mpctl.infra import operator_access
 from services.registry.recovery import read_plans
+from shared.bus import KafkaAccess
 from shared.codec import to_jsonable
 from shared.strategy_catalog import CATALOG
 from shared.topics import Topics
@@ -127,7 +129,7 @@ def plans_table(rows: list[dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ sources
-async def topic_rows(namespace: str, bootstrap: str) -> list[dict[str, Any]] | None:
+async def topic_rows(namespace: str, bootstrap: KafkaAccess) -> list[dict[str, Any]] | None:
     """Rows of every plan on the namespace's plans topic; None when the topic does not exist."""
     plans = await read_plans(bootstrap, Topics(namespace).plans)
     if plans is None:
@@ -135,7 +137,7 @@ async def topic_rows(namespace: str, bootstrap: str) -> list[dict[str, Any]] | N
     return [plan_row(to_jsonable(p)) for p in plans]
 
 
-async def current_plans(*, namespace: str, bootstrap: str) -> list[dict[str, Any]]:
+async def current_plans(*, namespace: str, bootstrap: KafkaAccess) -> list[dict[str, Any]]:
     rows = await topic_rows(namespace, bootstrap)
     if rows is None:
         raise LookupError(f"no plans topic {Topics(namespace).plans!r} on {bootstrap}")
@@ -149,7 +151,8 @@ def jsonl_rows(path: Path) -> list[dict[str, Any]]:
 async def _load(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     if args.namespace:
         try:
-            rows = await asyncio.wait_for(topic_rows(args.namespace, args.bootstrap), args.timeout)
+            access = operator_access(args.bootstrap, args.namespace)
+            rows = await asyncio.wait_for(topic_rows(args.namespace, access), args.timeout)
         except (TimeoutError, OSError) as err:
             raise LookupError(f"Kafka at {args.bootstrap} did not answer ({err or 'timeout'})") from None
         if rows is None:
@@ -161,8 +164,9 @@ async def _load(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         ns, bootstrap = str(meta["namespace"]), str(meta["kafka_bootstrap"])
+        access = operator_access(bootstrap, ns, bus_dir=meta.get("bus_dir"))
         try:
-            rows = await asyncio.wait_for(topic_rows(ns, bootstrap), args.timeout)
+            rows = await asyncio.wait_for(topic_rows(ns, access), args.timeout)
         except (TimeoutError, OSError) as err:
             rows, why = None, f"Kafka at {bootstrap} did not answer ({err or 'timeout'})"
         else:

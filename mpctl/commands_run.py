@@ -47,6 +47,7 @@ from mpctl.stack import (
 )
 from services.monitor.lag import fetch_lag
 from services.monitor.metrics import PerformanceTracker
+from shared.bus import KafkaAccess
 from shared.codec import DecodeError, decode
 from shared.config import (
     AppConfig,
@@ -306,8 +307,8 @@ class RunView:
     equity: dict[str, Decimal] = field(default_factory=dict)
 
 
-async def candle_end_offset(bootstrap: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+async def candle_end_offset(bootstrap: KafkaAccess, topic: str) -> int:
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False)
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)
@@ -316,9 +317,9 @@ async def candle_end_offset(bootstrap: str, topic: str) -> int:
         await consumer.stop()
 
 
-async def watch_steps(bootstrap: str, topic: str, start_offset: int, seen: RunView) -> None:
+async def watch_steps(bootstrap: KafkaAccess, topic: str, start_offset: int, seen: RunView) -> None:
     """Watermarks and feed states on partition 0 of the candles topic after `start_offset` (this start's)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False)
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)
@@ -340,7 +341,7 @@ async def watch_steps(bootstrap: str, topic: str, start_offset: int, seen: RunVi
         await consumer.stop()
 
 
-async def watch_equity(bootstrap: str, cfg: AppConfig, seen: RunView) -> None:
+async def watch_equity(bootstrap: KafkaAccess, cfg: AppConfig, seen: RunView) -> None:
     """Each profile's equity, from the candles and order events since the run began (for the status line)."""
     t = Topics(cfg.system.kafka.namespace)
     tracker = PerformanceTracker(
@@ -349,7 +350,7 @@ async def watch_equity(bootstrap: str, cfg: AppConfig, seen: RunView) -> None:
     consumer = AIOKafkaConsumer(
         t.candles,
         t.events,
-        bootstrap_servers=bootstrap,
+        **bootstrap.client_options(),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
@@ -393,7 +394,7 @@ async def show_status(seen: RunView, started: float, source: str, stream: IO[str
         stream.flush()
 
 
-async def candles_drained(bootstrap: str, cfg: AppConfig) -> tuple[bool, str]:
+async def candles_drained(bootstrap: KafkaAccess, cfg: AppConfig) -> tuple[bool, str]:
     """Whether every consumer group of the namespace has processed md.candles to its end (lag 0 on every
     partition), the strategy group of every enabled profile among them; what is behind."""
     ns = cfg.system.kafka.namespace
@@ -426,10 +427,10 @@ async def run_pipeline(
     started = time.monotonic()
     if endpoints is None:
         endpoints = await asyncio.to_thread(infra.resolve_endpoints, None, _progress)
-    if plan.previous and plan.previous.get("kafka_bootstrap") not in (None, endpoints.kafka_bootstrap):
+    if plan.previous and plan.previous.get("kafka_bootstrap") not in (None, endpoints.kafka.servers):
         print(
             f"mpctl run: {args.out} ran on Kafka {plan.previous['kafka_bootstrap']}, this start would use "
-            f"{endpoints.kafka_bootstrap}; set KAFKA_BOOTSTRAP_SERVERS to the run's broker",
+            f"{endpoints.kafka.servers}; set KAFKA_BOOTSTRAP_SERVERS to the run's broker",
             file=sys.stderr,
         )
         return 1
@@ -438,8 +439,8 @@ async def run_pipeline(
     topics = Topics(ns)
     out: Path = args.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    specs = await create_topics(endpoints.kafka_bootstrap, cfg, ns)
-    base = await candle_end_offset(endpoints.kafka_bootstrap, topics.candles)
+    specs = await create_topics(endpoints, cfg, ns)
+    base = await candle_end_offset(endpoints.kafka, topics.candles)
     starts = list((plan.previous or {}).get("starts", []))
     starts.append(datetime.now(UTC).isoformat(timespec="seconds"))
     extra = {
@@ -453,9 +454,7 @@ async def run_pipeline(
         extra.update(rest_url=settings.rest_url, ws_url=settings.ws_url)
     write_run_json(out, ns, endpoints, args.config, extra)
     say = "resuming" if plan.resumed else "new run"
-    _progress(
-        f"{say}: namespace {ns}, {len(specs)} topics on {endpoints.kafka_bootstrap}, Redis {endpoints.redis_url}"
-    )
+    _progress(f"{say}: namespace {ns}, {len(specs)} topics on {endpoints.kafka}, Redis {endpoints.redis_url}")
     if cfg.system.mode == "live":
         print(
             f"system.mode: live: the execution workers send real orders to {args.exchange_api_base or 'Coinbase'}"
@@ -467,7 +466,7 @@ async def run_pipeline(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     seen = RunView()
-    stack = Stack()
+    stack = Stack(bus=endpoints.bus)
     tasks: list[asyncio.Task[None]] = []
     outcome = "stopped"
     try:
@@ -482,11 +481,11 @@ async def run_pipeline(
             live=cfg.system.mode == "live",  # only reached with --live after the pre-flight (check_start)
         )
         _progress(f"started {len(stack.procs)} service processes; logs in {log_dir}")
-        tasks.append(asyncio.create_task(watch_steps(endpoints.kafka_bootstrap, topics.candles, base, seen)))
+        tasks.append(asyncio.create_task(watch_steps(endpoints.kafka, topics.candles, base, seen)))
         if progress_enabled():
-            tasks.append(asyncio.create_task(watch_equity(endpoints.kafka_bootstrap, cfg, seen)))
+            tasks.append(asyncio.create_task(watch_equity(endpoints.kafka, cfg, seen)))
             tasks.append(asyncio.create_task(show_status(seen, started, settings.source, sys.stderr)))
-        outcome = await supervise(args, cfg, endpoints.kafka_bootstrap, stack, seen, stop, started)
+        outcome = await supervise(args, cfg, endpoints.kafka, stack, seen, stop, started)
     except (RuntimeError, TimeoutError) as err:
         print(f"run failed: {err}", file=sys.stderr)
         return 1
@@ -498,7 +497,7 @@ async def run_pipeline(
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         stack.stop()
-    if seen.last_step is None and await candle_end_offset(endpoints.kafka_bootstrap, topics.candles) == 0:
+    if seen.last_step is None and await candle_end_offset(endpoints.kafka, topics.candles) == 0:
         # Stopped before the market's first step reached the topic: no candle, so no run to report yet.
         print(
             f"{outcome} before the first step: nothing to report yet; topics of namespace {ns} kept: "
@@ -506,7 +505,7 @@ async def run_pipeline(
         )
         return 0
     _progress(f"{outcome}; collecting the run")
-    summary = await collect(cfg, endpoints.kafka_bootstrap, out)
+    summary = await collect(cfg, endpoints.kafka, out)
     print_table(summary)
     print(
         f"{outcome}: {len(seen.new_steps)} new step(s) this start, last {seen.last_step.isoformat() if seen.last_step else '-'}; "
@@ -519,7 +518,7 @@ async def run_pipeline(
 async def supervise(
     args: argparse.Namespace,
     cfg: AppConfig,
-    bootstrap: str,
+    bootstrap: KafkaAccess,
     stack: Stack,
     seen: RunView,
     stop: asyncio.Event,

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from mpctl.infra import operator_access
 from shared.clock import system_clock
 from shared.commands import CommandKeyError, load_command_key, new_command
 from shared.config import ConfigError, load_config
@@ -40,7 +41,7 @@ def register(sub: Any) -> None:
 
 
 def send(args: argparse.Namespace) -> int:
-    ns, bootstrap = args.namespace, args.bootstrap
+    ns, bootstrap, bus_dir = args.namespace, args.bootstrap, None
     if args.run is not None:
         try:
             run = orjson.loads((args.run / "run.json").read_bytes())
@@ -48,6 +49,7 @@ def send(args: argparse.Namespace) -> int:
             print(f"cannot read {args.run / 'run.json'}: {err}", file=sys.stderr)
             return 1
         ns, bootstrap = ns or run["namespace"], bootstrap or run["kafka_bootstrap"]
+        bus_dir = run.get("bus_dir")
     try:
         cfg = load_config(args.config)
     except ConfigError as err:
@@ -63,10 +65,11 @@ def send(args: argparse.Namespace) -> int:
         return 1
     ns = ns or cfg.system.kafka.namespace
     bootstrap = bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
+    access = operator_access(bootstrap, ns, bus_dir=bus_dir)  # commands are the operator's alone
     cmd = new_command(args.action, args.target, key=key, now=system_clock(), reason=args.reason)
 
     async def publish() -> None:
-        pub = Publisher(bootstrap, client_id="mpctl-send")
+        pub = Publisher(access, client_id="mpctl-send")
         await pub.start()
         try:
             await pub.send(Topics(ns).commands, cmd, key=args.target)

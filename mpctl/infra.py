@@ -33,6 +33,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from mpctl.bus import CONTROLLER, BusSecrets, admin_access, write_private
+from shared.bus import (
+    ENV_CA_FILE,
+    ENV_PASSWORD_FILE,
+    ENV_USER,
+    SASL_MECHANISM,
+    KafkaAccess,
+    read_password_file,
+)
+from shared.principals import ADMIN, OPERATOR, principal
+
 __all__ = [
     "KAFKA_VERSION",
     "Endpoints",
@@ -46,6 +57,8 @@ __all__ = [
     "register",
     "resolve_endpoints",
 ]
+
+ENV_BUS_DIR = "MPCTL_BUS_DIR"
 
 KAFKA_VERSION = "4.1.1"
 DEFAULT_HOST = "127.0.0.1"
@@ -85,8 +98,20 @@ class InfraError(RuntimeError):
 
 @dataclass(frozen=True)
 class Endpoints:
-    kafka_bootstrap: str
+    """Where the servers are. `kafka`: the broker as its admin principal (topics, users, ACLs) when `bus` holds
+    the broker's secrets (a broker `mpctl infra up` runs), else as the environment says (KAFKA_USERNAME, ...).
+    A service is given `principal(...)`, never the admin."""
+
+    kafka: KafkaAccess
     redis_url: str
+    bus: BusSecrets | None = None
+
+    def principal(self, name: str) -> KafkaAccess:
+        """The broker as principal `name` (shared/principals.py); without the broker's secrets, the one access
+        the environment gave (a broker this project does not run has its own principals)."""
+        if self.bus is None:
+            return self.kafka
+        return self.bus.access(self.kafka.servers, name)
 
 
 def _noop(_: str) -> None:
@@ -364,11 +389,11 @@ def ensure_redis_server(progress: Progress | None = None) -> str:
 # --------------------------------------------------------------------------- Kafka readiness probe
 
 
-async def _kafka_metadata(bootstrap: str, timeout_s: float) -> dict[str, Any]:
+async def _kafka_metadata(bootstrap: KafkaAccess, timeout_s: float) -> dict[str, Any]:
     from aiokafka.admin import AIOKafkaAdminClient
 
     client = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), retry_backoff_ms=200
+        **bootstrap.client_options(), request_timeout_ms=int(timeout_s * 1000), retry_backoff_ms=200
     )
     try:
         await asyncio.wait_for(client.start(), timeout_s)
@@ -463,10 +488,20 @@ class LocalInfra:
         return self.redis_dir / "redis.log"
 
     @property
+    def bus_dir(self) -> Path:
+        return self.kafka_dir / "bus"
+
+    @property
+    def bus(self) -> BusSecrets:
+        return BusSecrets(self.bus_dir)
+
+    @property
     def endpoints(self) -> Endpoints:
+        servers = f"{self.host}:{self.kafka_port}"
         return Endpoints(
-            kafka_bootstrap=f"{self.host}:{self.kafka_port}",
+            kafka=admin_access(servers, self.bus),
             redis_url=f"redis://{self.host}:{self.redis_port}/0",
+            bus=self.bus,
         )
 
     # ---- public API
@@ -562,7 +597,7 @@ class LocalInfra:
                 "pid": kafka_pid,
                 "port": self.kafka_port,
                 "controller_port": self.controller_port,
-                "bootstrap": self.endpoints.kafka_bootstrap,
+                "bootstrap": self.endpoints.kafka.servers,
                 "log": str(self.kafka_log),
                 "data": str(self.kafka_data_dir),
             },
@@ -708,16 +743,47 @@ class LocalInfra:
 
     def _server_properties(self) -> str:
         h, p, c = self.host, self.kafka_port, self.controller_port
+        bus = self.bus
+        admin_pw = bus.password(ADMIN).get_secret_value()
+        controller_pw = bus.password(CONTROLLER).get_secret_value()
+        tls = {
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(bus.broker_pem),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(bus.ca_file),
+        }
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             # --standalone format refuses controller.quorum.voters; bootstrap.servers is the KRaft-4 way.
             "controller.quorum.bootstrap.servers": f"{h}:{c}",
-            "listeners": f"PLAINTEXT://{h}:{p},CONTROLLER://{h}:{c}",
-            "advertised.listeners": f"PLAINTEXT://{h}:{p},CONTROLLER://{h}:{c}",
-            "inter.broker.listener.name": "PLAINTEXT",
+            # Clients and the broker itself: SCRAM over TLS (docs/operations.md, "The bus"). The controller
+            # listener is on loopback and authenticates the controller alone (PLAIN: KRaft controllers cannot
+            # check SCRAM, whose verifiers live in the metadata they serve).
+            "listeners": f"BUS://{h}:{p},CONTROLLER://{h}:{c}",
+            "advertised.listeners": f"BUS://{h}:{p},CONTROLLER://{h}:{c}",
+            "inter.broker.listener.name": "BUS",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:SASL_PLAINTEXT,BUS:SASL_SSL",
+            "sasl.enabled.mechanisms": SASL_MECHANISM,
+            "sasl.mechanism.inter.broker.protocol": SASL_MECHANISM,
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": (
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="{CONTROLLER}" password="{controller_pw}" user_{CONTROLLER}="{controller_pw}";'
+            ),
+            "listener.name.bus.scram-sha-512.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                f'username="{ADMIN}" password="{admin_pw}";'
+            ),
+            **tls,
+            **{f"listener.name.bus.{k}": v for k, v in tls.items()},
+            # Nothing is allowed that no ACL allows (shared/principals.py); the admin and the controller are
+            # the only super users, and no service is given either.
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{ADMIN};User:{CONTROLLER}",
+            "allow.everyone.if.no.acl.found": "false",
             "log.dirs": str(self.kafka_data_dir),
             "num.partitions": "1",
             "default.replication.factor": "1",
@@ -772,8 +838,16 @@ class LocalInfra:
         libs = ensure_kafka_jars(say, self.cache_dir)
         java = _find_java()
         self.kafka_dir.mkdir(parents=True, exist_ok=True)
-        self.kafka_config.write_text(self._server_properties())
-        if not (self.kafka_data_dir / "meta.properties").is_file():
+        formatted = (self.kafka_data_dir / "meta.properties").is_file()
+        if formatted and not self.bus.exists():
+            raise InfraError(
+                f"the broker's data in {self.kafka_data_dir} was created without authentication (an older "
+                f"mpctl): delete it with `mpctl infra down --purge` (state dir {self.state_dir}) and start again"
+            )
+        self.bus.ensure([self.host])
+        # The admin's and the controller's passwords are in it: readable by this user only.
+        write_private(self.kafka_config, self._server_properties().encode())
+        if not formatted:
             self._format_storage(java, libs, say)
         started = time.monotonic()
         if self.verbose:
@@ -786,6 +860,7 @@ class LocalInfra:
         self._wait_kafka_ready(proc.pid, started, say)
 
     def _format_storage(self, java: str, libs: Path, say: Progress) -> None:
+        admin_pw = self.bus.password(ADMIN).get_secret_value()
         if self.verbose:
             say(f"formatting KRaft storage in {self.kafka_data_dir} (first start)...")
         tool = "kafka.tools.StorageTool"
@@ -804,6 +879,8 @@ class LocalInfra:
             self._java_cmd(
                 java, libs, TOOL_JVM_OPTS, tool,
                 "format", "--standalone", "-t", cluster_id, "-c", str(self.kafka_config),
+                # The admin's SCRAM verifier, there before the broker first starts (it authenticates as it).
+                "--add-scram", f"{SASL_MECHANISM}=[name={ADMIN},password={admin_pw}]",
             ),
             capture_output=True,
             text=True,
@@ -812,11 +889,11 @@ class LocalInfra:
         if fmt.returncode != 0:
             raise InfraError(
                 f"StorageTool format failed for {self.kafka_data_dir} (exit {fmt.returncode}): "
-                f"{fmt.stdout}{fmt.stderr}"
+                + f"{fmt.stdout}{fmt.stderr}".replace(admin_pw, "***")
             )
 
     def _wait_kafka_ready(self, pid: int, started: float, say: Progress) -> None:
-        bootstrap = self.endpoints.kafka_bootstrap
+        bootstrap = self.endpoints.kafka
         deadline = started + self.kafka_ready_timeout
         last_error = "client port never opened"
         while time.monotonic() < deadline:
@@ -890,13 +967,64 @@ def resolve_endpoints(
     redis_env = environ.get("REDIS_URL", "").strip()
     for line in given_servers(environ):
         (announce or say)(line)
-    local = Endpoints("", "")
-    if not (kafka_env and redis_env):
-        local = (infra or LocalInfra()).up(progress, kafka=not kafka_env, redis=not redis_env)
+    if kafka_env and redis_env:
+        return Endpoints(
+            kafka=_given_access(kafka_env, environ), redis_url=redis_env, bus=_given_bus(environ)
+        )
+    local = (infra or LocalInfra()).up(progress, kafka=not kafka_env, redis=not redis_env)
+    if not kafka_env:
+        return Endpoints(kafka=local.kafka, redis_url=redis_env or local.redis_url, bus=local.bus)
     return Endpoints(
-        kafka_bootstrap=kafka_env or local.kafka_bootstrap,
-        redis_url=redis_env or local.redis_url,
+        kafka=_given_access(kafka_env, environ), redis_url=local.redis_url, bus=_given_bus(environ)
     )
+
+
+def operator_access(
+    servers: str, namespace: str, *, bus_dir: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> KafkaAccess:
+    """How an `mpctl` command (status, lag, send, reports) reaches the broker at `servers`: as the namespace's
+    operator principal, with the broker's secrets from `bus_dir` (a run's run.json records it), MPCTL_BUS_DIR, or
+    the default local broker's state; else as the environment says (KAFKA_USERNAME, ...)."""
+    environ = os.environ if env is None else env
+    candidates = [Path(bus_dir)] if bus_dir else []
+    if environ.get(ENV_BUS_DIR, "").strip():
+        candidates.append(Path(environ[ENV_BUS_DIR].strip()).expanduser())
+    local = LocalInfra(verbose=False)
+    if servers == f"{local.host}:{local.kafka_port}":
+        candidates.append(local.bus_dir)
+    for folder in candidates:
+        bus = BusSecrets(folder)
+        if bus.exists():
+            return bus.access(servers, principal(namespace, OPERATOR))
+    return _given_access(servers, {k: v for k, v in environ.items() if k != ENV_BUS_DIR})
+
+
+def _given_bus(environ: Mapping[str, str]) -> BusSecrets | None:
+    folder = environ.get(ENV_BUS_DIR, "").strip()
+    if not folder:
+        return None
+    bus = BusSecrets(Path(folder).expanduser())
+    if not bus.exists():
+        raise InfraError(f"{ENV_BUS_DIR}={folder} holds no bus secrets (master.key, ca.crt, broker.pem)")
+    return bus
+
+
+def _given_access(servers: str, environ: Mapping[str, str]) -> KafkaAccess:
+    """The broker the environment names: as its admin when MPCTL_BUS_DIR holds its secrets (`mpctl infra up`
+    prints both), else with KAFKA_USERNAME / KAFKA_PASSWORD_FILE / KAFKA_CA_FILE, or unauthenticated."""
+    bus = _given_bus(environ)
+    if bus is not None:
+        return admin_access(servers, bus)
+    user = environ.get(ENV_USER, "").strip() or None
+    pw_file = environ.get(ENV_PASSWORD_FILE, "").strip()
+    ca = environ.get(ENV_CA_FILE, "").strip()
+    try:
+        password = read_password_file(pw_file) if user and pw_file else None
+        return KafkaAccess(
+            servers=servers, username=user, password=password, ca_file=Path(ca) if ca else None
+        )
+    except ValueError as err:  # BusAccessError included
+        raise InfraError(f"bus access from the environment: {err}") from None
 
 
 # --------------------------------------------------------------------------- CLI
@@ -936,7 +1064,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except InfraError as exc:
         print(f"mpctl infra up: {exc}", file=sys.stderr)
         return 1
-    print(f"KAFKA_BOOTSTRAP_SERVERS={endpoints.kafka_bootstrap}")
+    print(f"KAFKA_BOOTSTRAP_SERVERS={endpoints.kafka.servers}")
+    if endpoints.bus is not None:
+        # Not a secret: the folder (mode 0700) is what holds them; a later `mpctl` command derives its access.
+        print(f"{ENV_BUS_DIR}={endpoints.bus.folder}")
     print(f"REDIS_URL={endpoints.redis_url}")
     return 0
 

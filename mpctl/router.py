@@ -41,8 +41,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from mpctl.infra import operator_access
 from services.monitor.health import ServiceHealth, fetch_health
 from services.monitor.metrics import PerformanceTracker
+from shared.bus import KafkaAccess
 from shared.clock import derived_id
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig, load_config
@@ -80,7 +82,7 @@ class ProfileRouter:
         self,
         config_path: str | Path | None = None,
         *,
-        bootstrap: str | None = None,
+        bootstrap: KafkaAccess | None = None,
         namespace: str | None = None,
         decision_timeout_s: float = 30.0,
         fill_timeout_s: float = 60.0,
@@ -92,7 +94,7 @@ class ProfileRouter:
         self.fill_timeout_s = fill_timeout_s
         self.cfg: AppConfig | None = None
         self.topics: Topics | None = None
-        self.bootstrap = ""
+        self.bootstrap: KafkaAccess | None = None
         self.tracker: PerformanceTracker | None = None
         self.health: list[ServiceHealth] = []
         self.halted: dict[str, ProfileHalted] = {}
@@ -114,8 +116,8 @@ class ProfileRouter:
         cfg = load_config(self.config_path)
         ns = self._namespace or cfg.system.kafka.namespace
         t = Topics(ns)
-        self.bootstrap = (
-            self._bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip() or DEFAULT_BOOTSTRAP
+        self.bootstrap = self._bootstrap or operator_access(
+            os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip() or DEFAULT_BOOTSTRAP, ns
         )
         existing = set(await list_topics(self.bootstrap))
         followed = [t.plans, t.events, t.candles, t.intents, t.audit]
@@ -132,7 +134,7 @@ class ProfileRouter:
         self._publisher = Publisher(self.bootstrap, client_id=f"{ns}.router.{uuid.uuid4().hex[:8]}")
         await self._publisher.start()
         self._consumer = c = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            **self.bootstrap.client_options(),
             enable_auto_commit=False,
             group_id=None,
             auto_offset_reset="earliest",
@@ -151,6 +153,11 @@ class ProfileRouter:
         self._follower = asyncio.create_task(self._follow(), name="router-follower")
         await self._wait(lambda: self._caught_up(ends), 60.0, "reading the namespace's topics")
         self.health = await fetch_health(self.bootstrap, cfg, ns)
+
+    def _access(self) -> KafkaAccess:
+        if self.bootstrap is None:
+            raise RuntimeError("the router is not initialized: use `async with ProfileRouter(...)`")
+        return self.bootstrap
 
     async def close(self) -> None:
         if self._follower is not None:
@@ -234,7 +241,7 @@ class ProfileRouter:
         The services trade on their own once running; this does not start processes (compose, Kubernetes or
         `mpctl demo` do). Resuming paused profiles goes through signed commands (`mpctl send resume`)."""
         cfg, t = self._need()
-        self.health = await fetch_health(self.bootstrap, cfg, t.ns)
+        self.health = await fetch_health(self._access(), cfg, t.ns)
         needed = {"arbiter"} | {
             f"{kind}.{pid}" for pid in cfg.enabled_profiles() for kind in ("strategy", "execution")
         }
@@ -272,7 +279,7 @@ class ProfileRouter:
             "profile_router": {
                 "active_profiles": len(enabled),
                 "namespace": t.ns,
-                "bootstrap": self.bootstrap,
+                "bootstrap": self._access().servers,
                 "trading_started": self.trading_started,
                 "services_up": sorted(n for n, s in services.items() if s == "up"),
                 "services_down": sorted(n for n, s in services.items() if s in ("down", "never-ran")),
@@ -283,7 +290,7 @@ class ProfileRouter:
 
     async def refresh_status(self) -> dict[str, Any]:
         cfg, t = self._need()
-        self.health = await fetch_health(self.bootstrap, cfg, t.ns)
+        self.health = await fetch_health(self._access(), cfg, t.ns)
         return self.get_profile_status()
 
     async def execute_unified_trade(self, order: Mapping[str, Any]) -> dict[str, Any]:

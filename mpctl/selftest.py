@@ -33,6 +33,7 @@ from mpctl.audit import audit_run
 from mpctl.invariants import RunCheck, check_run
 from mpctl.progress import Progress
 from services.monitor.report_html import write_report
+from shared.bus import KafkaAccess
 from shared.config import DEFAULT_CONFIG, LOCAL_CONFIG, config_warnings, load_config
 
 # 240 hours, not fewer: the signal models need their look-back windows filled before the first entry, and
@@ -337,7 +338,7 @@ def _checks(
     return _finish(s, results_path, started, t0, run_dir, work, args, extra)
 
 
-def _delete_topics(bootstrap: str, namespace: str, cfg: Any) -> None:
+def _delete_topics(bootstrap: KafkaAccess, namespace: str, cfg: Any) -> None:
     import asyncio
 
     from shared.kafka import delete_topics

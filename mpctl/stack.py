@@ -7,6 +7,7 @@ execution workers keep the credential store's environment variables (SECRET_ENV)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -22,14 +23,17 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from mpctl import infra
+from mpctl.bus import BusSecrets, apply_bus
 from mpctl.progress import Progress
 from services.execution.bootstrap import LIVE_ENV
 from services.monitor.collect import collect_run
 from services.monitor.report_html import write_report
+from shared.bus import ENV_PASSWORD_FILE, ENV_USER, KafkaAccess
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
 from shared.kafka import ensure_topics
 from shared.messages import WorkerFinished
+from shared.principals import PROFILE_SERVICES, principal
 from shared.topics import Topics, TopicSpec, declared_topics
 
 SECRET_ENV = ("MPCTL_SECRETS_PASSPHRASE", "MPCTL_SECRETS_KEY_FILE")
@@ -66,7 +70,12 @@ class Proc:
 
 @dataclass
 class Stack:
+    """The service processes of one run. With `bus` (the secrets of a broker mpctl runs), each process connects
+    as its own principal (shared/principals.py): its user name and CA on the command line, its password on
+    standard input, read once at start (never in its arguments, environment, or a file)."""
+
     procs: list[Proc] = field(default_factory=list)
+    bus: BusSecrets | None = None
 
     def start(
         self,
@@ -89,16 +98,33 @@ class Stack:
                 env.pop(k, None)
         env.pop(LIVE_ENV, None)  # live only when this start says so, never inherited from the shell
         env.update(extra)
+        for k in (ENV_USER, ENV_PASSWORD_FILE):
+            env.pop(k, None)  # a process connects as its own principal, never as the shell's
+        argv, password = self._bus_args(args)
         popen = subprocess.Popen(
-            [sys.executable, "-m", *args],
+            [sys.executable, "-m", *argv],
+            stdin=subprocess.PIPE if password is not None else subprocess.DEVNULL,
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=env,
             preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - only prctl and getppid run in the child
         )
+        if popen.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):  # died at once: its exit is noticed like any other
+                popen.stdin.write(password.encode() if password is not None else b"")
+            with contextlib.suppress(BrokenPipeError):
+                popen.stdin.close()
         proc = Proc(name, popen, log, fh, list(args), dict(extra))
         self.procs.append(proc)
         return proc
+
+    def _bus_args(self, args: list[str]) -> tuple[list[str], str | None]:
+        """`args` with the principal's user name and CA added, and its password (None: no bus secrets)."""
+        if self.bus is None or "--bootstrap" not in args:
+            return list(args), None
+        who = process_principal(args)
+        extra = ["--kafka-user", who, "--kafka-password-file", "-", "--kafka-ca-file", str(self.bus.ca_file)]
+        return [*args, *extra], self.bus.password(who).get_secret_value()
 
     def get(self, name: str) -> Proc | None:
         return next((p for p in self.procs if p.name == name), None)
@@ -161,6 +187,22 @@ class Stack:
             p.fh.close()
 
 
+def process_principal(args: Sequence[str]) -> str:
+    """The principal of a service started with `args` (`services.<name> ... --namespace NS [--profile P]`)."""
+    module = args[0] if args else ""
+    service = module.removeprefix("services.")
+    if not module.startswith("services.") or "." in service:
+        raise ValueError(f"not a service module: {module!r}")
+
+    def value(flag: str) -> str | None:
+        return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else None
+
+    ns = value("--namespace")
+    if ns is None:
+        raise ValueError(f"{module} started without --namespace: its principal is unknown")
+    return principal(ns, service, value("--profile") if service in PROFILE_SERVICES else None)
+
+
 def _die_with(parent: int) -> Callable[[], None] | None:
     """A service process ends with the command that started it, even when that one is SIGKILLed: Linux sends the
     child SIGTERM when its parent dies (PR_SET_PDEATHSIG), and a child whose parent already died is stopped at
@@ -207,7 +249,7 @@ def expected_finishers(cfg: AppConfig) -> set[str]:
 
 
 async def wait_finished(
-    bootstrap: str,
+    bootstrap: KafkaAccess,
     topic: str,
     expected: set[str],
     stack: Stack,
@@ -219,7 +261,7 @@ async def wait_finished(
     """Wait until every `expected` service:instance announced WorkerFinished on `topic` (the end of a replay)."""
     say = say or _progress
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+        topic, **bootstrap.client_options(), auto_offset_reset="earliest", enable_auto_commit=False
     )
     await consumer.start()
     seen: set[str] = set()
@@ -249,7 +291,7 @@ async def wait_finished(
         await consumer.stop()
 
 
-async def wait_audit_drained(bootstrap: str, topics: Topics, timeout: float = 60.0) -> bool:
+async def wait_audit_drained(bootstrap: KafkaAccess, topics: Topics, timeout: float = 60.0) -> bool:
     """Wait (at most `timeout` s) until the monitor has written the whole audit topic to its file: its group's
     committed offset (committed only after the file is flushed) is at the topic's end. A monitor restarted
     late in a run re-reads the topic from its start and may still be writing when the other services finish."""
@@ -288,24 +330,30 @@ def write_run_json(
     """What `mpctl status|lag|report|send --run DIR` read: the namespace, the broker, Redis, the profiles file."""
     doc: dict[str, Any] = {
         "namespace": ns,
-        "kafka_bootstrap": endpoints.kafka_bootstrap,
+        "kafka_bootstrap": endpoints.kafka.servers,
         "redis_url": endpoints.redis_url,
+        # Where the broker's secrets are (not a secret itself): `mpctl status|lag|send --run` connect as the
+        # namespace's operator with them.
+        "bus_dir": str(endpoints.bus.folder) if endpoints.bus is not None else None,
         "config": str(config) if config else None,
     }
     doc.update(extra or {})
     (out / "run.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
 
 
-async def create_topics(bootstrap: str, cfg: AppConfig, ns: str) -> list[TopicSpec]:
+async def create_topics(endpoints: infra.Endpoints, cfg: AppConfig, ns: str) -> list[TopicSpec]:
+    """The namespace's topics, and on a broker mpctl runs its principals and ACLs (mpctl/bus.py)."""
     specs = declared_topics(cfg, ns)
-    await ensure_topics(bootstrap, specs, replication_factor=cfg.system.kafka.replication_factor)
+    await ensure_topics(endpoints.kafka, specs, replication_factor=cfg.system.kafka.replication_factor)
+    if endpoints.bus is not None:
+        await asyncio.to_thread(apply_bus, endpoints.kafka, endpoints.bus, cfg, ns)
     return specs
 
 
 def common_args(endpoints: infra.Endpoints, ns: str, config: Path | None, source: str) -> list[str]:
     """Flags every service of a run takes. `--source` chooses each service's clock: the exchange's (coinbase)
     or the candles' event time (replay)."""
-    args = ["--bootstrap", endpoints.kafka_bootstrap, "--redis-url", endpoints.redis_url, "--namespace", ns]
+    args = ["--bootstrap", endpoints.kafka.servers, "--redis-url", endpoints.redis_url, "--namespace", ns]
     if config:
         args += ["--config", str(config)]
     return [*args, "--source", source]
@@ -359,7 +407,7 @@ def start_services(
     return log_dir
 
 
-async def collect(cfg: AppConfig, bootstrap: str, out: Path) -> dict[str, Any]:
+async def collect(cfg: AppConfig, bootstrap: KafkaAccess, out: Path) -> dict[str, Any]:
     """The run's files from its topics (orders, fills, decisions, plans, summary), then report.html."""
     summary = await collect_run(cfg, bootstrap, out)
     write_report(out)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.ingest.bootstrap import LiveSourceOptions, bootstrap_live  # noqa: E402
 from services.ingest.live import LiveIngest  # noqa: E402
+from shared.bus import KafkaAccess  # noqa: E402
 from shared.config import AppConfig  # noqa: E402
 from shared.kafka import ensure_topics  # noqa: E402
 from shared.runtime import ServiceSettings  # noqa: E402
@@ -82,12 +83,12 @@ async def wait_for(cond: Any, timeout: float, what: str) -> None:
 
 
 async def start(
-    bootstrap: str, peer: CoinbaseMdPeer, tmp: Path, history: int
+    bootstrap: KafkaAccess, peer: CoinbaseMdPeer, tmp: Path, history: int
 ) -> tuple[LiveIngest, asyncio.Task[int], asyncio.Event]:
     ns = "benchingest" + uuid.uuid4().hex[:8]
     cfg = config(tmp / f"{ns}.yaml", ns, history)
     await ensure_topics(bootstrap, declared_topics(cfg, ns))
-    settings = ServiceSettings(config_path=tmp / f"{ns}.yaml", kafka_bootstrap=bootstrap, namespace=ns)
+    settings = ServiceSettings(config_path=tmp / f"{ns}.yaml", kafka=bootstrap, namespace=ns)
     svc = bootstrap_live(
         settings, LiveSourceOptions(rest_url=peer.base_url, ws_url=peer.ws_url), overrides={"config": cfg}
     )
@@ -110,7 +111,7 @@ async def rest_round_trip(peer: CoinbaseMdPeer, n: int = 50) -> float:
     return statistics.median(times)
 
 
-async def bench_lag(bootstrap: str, tmp: Path, speed: float, steps: int) -> dict[str, Any]:
+async def bench_lag(bootstrap: KafkaAccess, tmp: Path, speed: float, steps: int) -> dict[str, Any]:
     history = 10
     async with CoinbaseMdPeer(("BTC-USD", "ETH-USD", "SOL-USD"), speed=speed, granularity_s=IV) as peer:
         rtt = await rest_round_trip(peer)
@@ -140,7 +141,7 @@ async def bench_lag(bootstrap: str, tmp: Path, speed: float, steps: int) -> dict
     }
 
 
-async def bench_outage(bootstrap: str, tmp: Path, outage_s: float) -> dict[str, Any]:
+async def bench_outage(bootstrap: KafkaAccess, tmp: Path, outage_s: float) -> dict[str, Any]:
     async with CoinbaseMdPeer(("BTC-USD", "ETH-USD", "SOL-USD"), speed=1.0, granularity_s=IV) as peer:
         svc, task, stop = await start(bootstrap, peer, tmp, 5)
         try:

@@ -67,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 from mpctl import infra  # noqa: E402
 from mpctl.commands_demo import Stack, expected_finishers, tail, wait_finished  # noqa: E402
 from services.monitor.health import fetch_health  # noqa: E402
+from shared.bus import KafkaAccess  # noqa: E402
 from shared.codec import DecodeError, decode  # noqa: E402
 from shared.config import AppConfig, parse_config  # noqa: E402
 from shared.kafka import delete_topics, ensure_topics  # noqa: E402
@@ -102,9 +103,9 @@ def bench_config(n: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-async def read_all(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+async def read_all(bootstrap: KafkaAccess, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of a topic, from the beginning to the end offsets at the time of the call."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000)
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False, max_poll_records=5000)
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic)
@@ -128,8 +129,8 @@ async def read_all(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, byt
         await consumer.stop()
 
 
-async def total_records(bootstrap: str, specs: list[TopicSpec]) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+async def total_records(bootstrap: KafkaAccess, specs: list[TopicSpec]) -> int:
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False)
     await consumer.start()
     try:
         tps = [TopicPartition(s.name, p) for s in specs for p in range(s.partitions)]
@@ -340,7 +341,9 @@ class MemorySampler:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-async def wait_groups_up(bootstrap: str, cfg: AppConfig, ns: str, stack: Stack, timeout: float) -> float:
+async def wait_groups_up(
+    bootstrap: KafkaAccess, cfg: AppConfig, ns: str, stack: Stack, timeout: float
+) -> float:
     """Until the arbiter's and every worker's consumer group has a member (the monitor's health view)."""
     t0 = time.monotonic()
     wanted = {"arbiter"} | {f"{k}.{pid}" for pid in cfg.enabled_profiles() for k in ("strategy", "execution")}
@@ -378,7 +381,7 @@ async def run_pipeline(
     cfg_file.write_text(yaml.safe_dump(raw_cfg, sort_keys=False), encoding="utf-8")
     topics = Topics(ns)
     specs = declared_topics(cfg, ns)
-    bootstrap = endpoints.kafka_bootstrap
+    bootstrap = endpoints.kafka
     await ensure_topics(bootstrap, specs, replication_factor=1)
     common = [
         "--bootstrap",
@@ -492,11 +495,13 @@ async def run_pipeline(
 
 
 # ---------------------------------------------------------------------------------------------- baseline
-async def raw_baseline(bootstrap: str, count: int, size: int, latency_samples: int) -> dict[str, Any]:
+async def raw_baseline(bootstrap: KafkaAccess, count: int, size: int, latency_samples: int) -> dict[str, Any]:
     topic = f"benchraw{uuid.uuid4().hex[:8]}"
     await ensure_topics(bootstrap, [TopicSpec(topic, 1)], replication_factor=1)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=2)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000)
+    producer = AIOKafkaProducer(
+        **bootstrap.client_options(), acks="all", enable_idempotence=True, linger_ms=2
+    )
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False, max_poll_records=5000)
     await producer.start()
     await consumer.start()
     tp = TopicPartition(topic, 0)
@@ -745,7 +750,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         result["runs"].append({"profiles": n, "throughput": tput, "latency": lat})
     biggest = max(r["throughput"]["candles"] for r in result["runs"])
     size = round(statistics.fmean(r["throughput"]["candle_bytes_mean"] for r in result["runs"]))
-    raw = await raw_baseline(endpoints.kafka_bootstrap, biggest, size, args.latency_samples)
+    raw = await raw_baseline(endpoints.kafka, biggest, size, args.latency_samples)
     result["raw_baseline"] = raw
     first = result["runs"][0]["throughput"]
     result["products"] = first["candles"] // max(1, first["steps"])  # products with data in the slice

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from shared.bus import KafkaAccess
 from shared.clock import Clock, system_clock
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
@@ -25,11 +26,11 @@ from shared.topics import Topics
 log = logging.getLogger("clock")
 
 
-async def follow_clock(bootstrap: str, topic: str, clock: ExchangeClock, stop: asyncio.Event) -> None:
+async def follow_clock(bootstrap: KafkaAccess, topic: str, clock: ExchangeClock, stop: asyncio.Event) -> None:
     """Feed `clock` from `topic` (partition 0), starting at its newest record, until `stop` is set. No consumer
     group: every process reads the latest observation for itself."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="latest"
+        **bootstrap.client_options(), enable_auto_commit=False, auto_offset_reset="latest"
     )
     await consumer.start()
     try:
@@ -68,7 +69,7 @@ class ServiceClock:
             self.exchange.sleep(seconds) if self.exchange is not None else asyncio.sleep(max(0.0, seconds))
         )
 
-    async def run(self, bootstrap: str, topics: Topics, stop: asyncio.Event) -> None:
+    async def run(self, bootstrap: KafkaAccess, topics: Topics, stop: asyncio.Event) -> None:
         """Follow md.clock until `stop` (nothing to do in a replay); restarts the follower after an error."""
         if self.exchange is None:
             return

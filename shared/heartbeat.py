@@ -26,6 +26,7 @@ from datetime import datetime
 
 from aiokafka import AIOKafkaProducer
 
+from shared.bus import KafkaAccess
 from shared.clock import derived_id, system_clock
 from shared.codec import encode
 from shared.messages import ServiceHeartbeat
@@ -79,7 +80,9 @@ def heartbeat_state(beat: ServiceHeartbeat, now: datetime, threshold_s: float | 
 
 
 class HeartbeatThread(threading.Thread):
-    def __init__(self, bootstrap: str, topic: str, service: str, instance: str, interval_s: float) -> None:
+    def __init__(
+        self, bootstrap: KafkaAccess, topic: str, service: str, instance: str, interval_s: float
+    ) -> None:
         super().__init__(name=f"heartbeat-{service}", daemon=True)
         self.bootstrap = bootstrap
         self.topic = topic
@@ -111,7 +114,7 @@ class HeartbeatThread(threading.Thread):
         asyncio.run(self._main())
 
     async def _main(self) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks=1, request_timeout_ms=10_000)
+        producer = AIOKafkaProducer(**self.bootstrap.client_options(), acks=1, request_timeout_ms=10_000)
         failing = False
         started = False
         try:
@@ -152,7 +155,7 @@ class HeartbeatThread(threading.Thread):
 
 
 def start_heartbeat(
-    bootstrap: str, topic: str, service: str, instance: str, *, interval_s: float | None = None
+    bootstrap: KafkaAccess, topic: str, service: str, instance: str, *, interval_s: float | None = None
 ) -> HeartbeatThread | None:
     """Start beating (None when beats are off); the last beat is sent at interpreter exit."""
     interval = heartbeat_interval() if interval_s is None else interval_s

@@ -32,6 +32,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
+from shared.bus import KafkaAccess
 from shared.clock import Clock, IdFactory, system_clock
 from shared.codec import DecodeError, decode, encode, implausible_time
 from shared.commands import CommandGate
@@ -56,10 +57,10 @@ PRODUCER_REQUEST_TIMEOUT_MS = 300_000
 FETCH_MAX_WAIT_MS = 50
 
 
-def input_consumer(bootstrap: str, **options: Any) -> AIOKafkaConsumer:
+def input_consumer(bootstrap: KafkaAccess, **options: Any) -> AIOKafkaConsumer:
     """The consumer of a service's inputs: `options` as AIOKafkaConsumer's, the fetch wait FETCH_MAX_WAIT_MS."""
     options.setdefault("fetch_max_wait_ms", FETCH_MAX_WAIT_MS)
-    return AIOKafkaConsumer(bootstrap_servers=bootstrap, **options)
+    return AIOKafkaConsumer(**bootstrap.client_options(), **options)
 
 
 # What a group member's commit (or seek) raises once a rebalance took its partitions: the process was paused
@@ -85,9 +86,11 @@ class HandlingError(ValueError):
     """A well-formed message a handler refuses (bad values); it goes to the dead-letter topic with the reason."""
 
 
-async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], *, replication_factor: int = 1) -> None:
+async def ensure_topics(
+    bootstrap: KafkaAccess, specs: Sequence[TopicSpec], *, replication_factor: int = 1
+) -> None:
     """Create the declared topics; existing ones are checked for their partition count."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    admin = AIOKafkaAdminClient(**bootstrap.client_options(), request_timeout_ms=30_000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -130,8 +133,8 @@ async def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], *, replicati
         await admin.close()
 
 
-async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def delete_topics(bootstrap: KafkaAccess, names: Iterable[str]) -> None:
+    admin = AIOKafkaAdminClient(**bootstrap.client_options())
     await admin.start()
     try:
         wanted = list(names)
@@ -144,8 +147,8 @@ async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
         await admin.close()
 
 
-async def list_topics(bootstrap: str) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def list_topics(bootstrap: KafkaAccess) -> list[str]:
+    admin = AIOKafkaAdminClient(**bootstrap.client_options())
     await admin.start()
     try:
         return sorted(await admin.list_topics())
@@ -154,7 +157,7 @@ async def list_topics(bootstrap: str) -> list[str]:
 
 
 async def partitions_of(
-    consumer: AIOKafkaConsumer, topics: Sequence[str], bootstrap: str, *, attempts: int = 100
+    consumer: AIOKafkaConsumer, topics: Sequence[str], bootstrap: KafkaAccess, *, attempts: int = 100
 ) -> list[TopicPartition]:
     """Every partition of `topics`, in topic then partition order, asking for metadata until a fresh client
     knows them: at most `attempts` metadata refreshes per topic, 0.1 s apart. A topic still unknown raises
@@ -177,13 +180,13 @@ async def partitions_of(
     return tps
 
 
-async def read_topics(bootstrap: str, topics: Sequence[str]) -> tuple[list[Message], int]:
+async def read_topics(bootstrap: KafkaAccess, topics: Sequence[str]) -> tuple[list[Message], int]:
     """All decodable messages of `topics` up to their end offsets at the time of the call, in topic, partition
     and offset order per partition (partitions interleave as the broker delivers them); returns them and the
     number of undecodable records skipped. Reads with no group (nothing committed) and no isolation filter.
     A topic unknown to the cluster after about 5 s raises RuntimeError."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **bootstrap.client_options(),
         enable_auto_commit=False,
         max_poll_records=5000,
         auto_offset_reset="earliest",
@@ -221,13 +224,13 @@ async def read_topics(bootstrap: str, topics: Sequence[str]) -> tuple[list[Messa
 
 
 async def read_tail(
-    bootstrap: str, topic: str, *, records: int, now: Clock, partitions: Sequence[int] | None = None
+    bootstrap: KafkaAccess, topic: str, *, records: int, now: Clock, partitions: Sequence[int] | None = None
 ) -> list[tuple[int, Message]]:
     """The last `records` records of each partition of `topic` (or of `partitions`), decoded, as (partition,
     message) in offset order: what a producer reads back to resume. Undecodable records are skipped, and so are
     records timed implausibly far ahead of `now`: a forged far-future record must not make a producer skip
     real work."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False)
     await consumer.start()
     out: list[tuple[int, Message]] = []
     try:
@@ -260,9 +263,9 @@ async def read_tail(
 class Publisher:
     """Idempotent producer (acks=all). `send` queues; `flush` waits until everything queued is acknowledged."""
 
-    def __init__(self, bootstrap: str, *, client_id: str) -> None:
+    def __init__(self, bootstrap: KafkaAccess, *, client_id: str) -> None:
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
+            **bootstrap.client_options(),
             client_id=client_id,
             acks="all",
             enable_idempotence=True,
@@ -402,7 +405,7 @@ class ConsumeLoop:
     def __init__(
         self,
         *,
-        bootstrap: str,
+        bootstrap: KafkaAccess,
         topics: Sequence[str],
         group_id: str,
         publisher: Publisher,
@@ -641,7 +644,7 @@ class StateMachineService:
         self,
         *,
         name: str,
-        bootstrap: str,
+        bootstrap: KafkaAccess,
         topics: Sequence[str],
         group_id: str,
         dead_letter_topic: str,
@@ -661,6 +664,7 @@ class StateMachineService:
         self._commands = commands
         self._observe = observe  # sees every decoded input with its record (topic, Kafka timestamp): metrics
         # Kafka clients need a running event loop: they are built in run(), never at construction.
+        self._bootstrap = bootstrap
         self._client_args = {
             "bootstrap": bootstrap,
             "topics": topics,
@@ -705,8 +709,8 @@ class StateMachineService:
 
     async def run(self, stop: asyncio.Event, *, exit_when_done: bool = False) -> int:
         a = self._client_args
-        publisher = Publisher(str(a["bootstrap"]), client_id=str(a["group_id"]))
-        keeper = await self._durable.keeper(str(a["bootstrap"])) if self._durable is not None else None
+        publisher = Publisher(self._bootstrap, client_id=str(a["group_id"]))
+        keeper = await self._durable.keeper(self._bootstrap) if self._durable is not None else None
         loop = self.loop = self.consume_loop(publisher, keeper)
         await publisher.start()
         await loop.start()

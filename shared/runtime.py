@@ -15,6 +15,15 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.broker_noise import LIBRARY_LOGGERS, install_broker_noise_filter
+from shared.bus import (
+    ENV_CA_FILE,
+    ENV_PASSWORD_FILE,
+    ENV_SERVERS,
+    ENV_USER,
+    BusAccessError,
+    KafkaAccess,
+    read_password_file,
+)
 from shared.config import AppConfig, ConfigError, load_config
 
 
@@ -22,7 +31,8 @@ class ServiceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     config_path: Path | None = None
-    kafka_bootstrap: str = Field(min_length=1)
+    # The broker and this process's principal on it (shared/bus.py).
+    kafka: KafkaAccess
     redis_url: str = "redis://127.0.0.1:16379/0"
     namespace: str | None = None
     # The market-data source (coinbase | replay); None: the profiles file's system.market_data.source.
@@ -53,7 +63,7 @@ def base_parser(service: str, *, needs_profile: bool = False) -> argparse.Argume
     p.add_argument(
         "--config", type=Path, default=None, help="profiles file (default: local file, else template)"
     )
-    p.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"))
+    add_bus_args(p)
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:16379/0"))
     p.add_argument(
         "--namespace", default=None, help="topic/group namespace (default: system.kafka.namespace)"
@@ -70,6 +80,57 @@ def base_parser(service: str, *, needs_profile: bool = False) -> argparse.Argume
     if needs_profile:
         p.add_argument("--profile", required=True)
     return p
+
+
+def add_bus_args(p: argparse.ArgumentParser) -> None:
+    """The broker and the principal a process connects as; the password never on the command line (shared/bus.py)."""
+    env = os.environ
+    p.add_argument(
+        "--bootstrap", default=env.get(ENV_SERVERS, "127.0.0.1:19092"), help="the broker's servers"
+    )
+    p.add_argument("--kafka-user", default=env.get(ENV_USER) or None, help="the principal (SCRAM user name)")
+    p.add_argument(
+        "--kafka-password-file",
+        default=env.get(ENV_PASSWORD_FILE) or None,
+        help="file holding the principal's password (a mounted secret); '-': read it from standard input",
+    )
+    p.add_argument(
+        "--kafka-ca-file",
+        type=Path,
+        default=Path(env[ENV_CA_FILE]) if env.get(ENV_CA_FILE) else None,
+        help="CA certificate of the broker's TLS listener (default: the system's trust store)",
+    )
+
+
+def bus_access_from_args(args: argparse.Namespace) -> KafkaAccess:
+    """The KafkaAccess of `add_bus_args`' options, read once per process (a password from standard input can
+    be read only once). A missing or unreadable password exits with one line naming the option."""
+    cached = getattr(args, "_bus_access", None)
+    if isinstance(cached, KafkaAccess):
+        return cached
+    password = None
+    if args.kafka_user:
+        if not args.kafka_password_file:
+            raise SystemExit(
+                f"--kafka-user {args.kafka_user} needs --kafka-password-file (or ${ENV_PASSWORD_FILE})"
+            )
+        try:
+            password = read_password_file(args.kafka_password_file)
+        except BusAccessError as err:
+            raise SystemExit(f"--kafka-password-file: {err}") from None
+    elif args.kafka_password_file:
+        raise SystemExit(f"--kafka-password-file given without --kafka-user (or ${ENV_USER})")
+    try:
+        access = KafkaAccess(
+            servers=args.bootstrap,
+            username=args.kafka_user or None,
+            password=password,
+            ca_file=args.kafka_ca_file,
+        )
+    except ValueError as err:
+        raise SystemExit(f"bus access: {err}") from None
+    args._bus_access = access
+    return access
 
 
 def add_metrics_args(p: argparse.ArgumentParser, why_off: str = "0: off", *, default_port: int = 0) -> None:
@@ -94,7 +155,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     """The settings every service shares, from `base_parser` (+ `add_metrics_args` where the service has them)."""
     return ServiceSettings(
         config_path=args.config,
-        kafka_bootstrap=args.bootstrap,
+        kafka=bus_access_from_args(args),
         redis_url=args.redis_url,
         namespace=args.namespace,
         source=getattr(args, "source", None),
@@ -177,5 +238,9 @@ def _heartbeat(service: str, args: argparse.Namespace) -> None:
     profile = getattr(args, "profile", None)
     name = f"{service}.{profile}" if profile else service
     start_heartbeat(
-        args.bootstrap, Topics(namespace).heartbeats, name, str(args.instance), interval_s=interval
+        bus_access_from_args(args),
+        Topics(namespace).heartbeats,
+        name,
+        str(args.instance),
+        interval_s=interval,
     )

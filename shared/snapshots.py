@@ -53,6 +53,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
+from shared.bus import KafkaAccess
 from shared.topics import STATE_MAX_MESSAGE_BYTES
 
 log = logging.getLogger("snapshots")
@@ -294,14 +295,14 @@ def decode_snapshot(data: bytes, key: bytes, *, service: str, schema: int, finge
 class SnapshotStore:
     """The state topic of one service instance: one partition, the newest snapshot is its last record."""
 
-    def __init__(self, bootstrap: str, topic: str, *, client_id: str = "snapshots") -> None:
+    def __init__(self, bootstrap: KafkaAccess, topic: str, *, client_id: str = "snapshots") -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.client_id = client_id
         self._producer: AIOKafkaProducer | None = None
 
     async def exists(self, wait_s: float = 3.0) -> bool:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(**self.bootstrap.client_options(), enable_auto_commit=False)
         await consumer.start()
         try:
             deadline = time.monotonic() + wait_s
@@ -317,7 +318,7 @@ class SnapshotStore:
 
     async def latest(self, timeout_s: float = 30.0) -> bytes | None:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            **self.bootstrap.client_options(),
             enable_auto_commit=False,
             max_partition_fetch_bytes=STATE_MAX_MESSAGE_BYTES,
             fetch_max_bytes=STATE_MAX_MESSAGE_BYTES,
@@ -347,7 +348,7 @@ class SnapshotStore:
     async def write(self, data: bytes) -> None:
         if self._producer is None:
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap,
+                **self.bootstrap.client_options(),
                 client_id=self.client_id,
                 acks="all",
                 enable_idempotence=True,
@@ -525,7 +526,7 @@ class Durable:
     every_messages: int = 200_000
     enabled: bool = True
 
-    async def keeper(self, bootstrap: str) -> StateKeeper | None:
+    async def keeper(self, bootstrap: KafkaAccess) -> StateKeeper | None:
         return await keeper_for(
             bootstrap=bootstrap,
             topic=self.topic,
@@ -544,7 +545,7 @@ class Durable:
 
 async def keeper_for(
     *,
-    bootstrap: str,
+    bootstrap: KafkaAccess,
     topic: str,
     namespace: str,
     redis_url: str | None,

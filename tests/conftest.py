@@ -1,10 +1,13 @@
 """Shared fixtures: real Kafka and Redis for integration and e2e tests, started only when requested.
 
 Where the servers come from, in order:
-1. ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` in the environment (a component left unset is started locally);
-2. testcontainers, when a Docker engine answers;
-3. :class:`mpctl.infra.LocalInfra` (real Apache Kafka from Maven Central + Debian's redis-server) in a
+1. ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` in the environment (a component left unset is started locally),
+   with ``MPCTL_BUS_DIR`` the broker's secrets (`mpctl infra up` prints all three);
+2. :class:`mpctl.infra.LocalInfra` (real Apache Kafka from Maven Central + Debian's redis-server) in a
    temporary state dir on free ports, stopped at the end of the session.
+
+The broker authenticates every client and authorizes with ACLs (docs/operations.md, "The bus"): the fixtures
+give the admin's access; a service a test starts connects as its own principal (tests/bus.py).
 
 Unit tests never request these fixtures, so they never start anything.
 """
@@ -22,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from mpctl.infra import Endpoints, LocalInfra, resolve_endpoints
+from mpctl.infra import ENV_BUS_DIR, Endpoints, LocalInfra, resolve_endpoints
+from shared.bus import KafkaAccess
 from tests.peer.coinbase_peer import CoinbasePeer
 
 _TESTS_DIR = Path(__file__).resolve().parent
@@ -54,31 +58,6 @@ def _progress(message: str) -> None:
         print(f"\n[infra] {message}", file=stream, flush=True)
 
 
-def _docker_available() -> bool:
-    try:
-        import docker  # type: ignore[import-not-found,import-untyped,unused-ignore]
-    except ImportError:
-        return False
-    try:
-        docker.from_env(timeout=2).ping()
-    except Exception:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _containers() -> Iterator[Endpoints]:
-    from testcontainers.kafka import KafkaContainer  # type: ignore[import-not-found,unused-ignore]
-    from testcontainers.redis import RedisContainer  # type: ignore[import-not-found,unused-ignore]
-
-    image = os.environ.get("MPCTL_TEST_KAFKA_IMAGE", "confluentinc/cp-kafka:7.6.0")
-    kafka = KafkaContainer(image).with_kraft().with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")
-    with kafka, RedisContainer("redis:7.0") as redis_c:
-        host = redis_c.get_container_host_ip()
-        port = redis_c.get_exposed_port(6379)
-        yield Endpoints(kafka_bootstrap=kafka.get_bootstrap_server(), redis_url=f"redis://{host}:{port}/0")
-
-
 @dataclass(frozen=True)
 class InfraSession:
     endpoints: Endpoints
@@ -87,6 +66,30 @@ class InfraSession:
 
 @pytest.fixture(scope="session")
 def infra_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfraSession]:
+    with _bus_dir_in_env(tmp_path_factory) as session:
+        yield session
+
+
+@contextlib.contextmanager
+def _bus_dir_in_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfraSession]:
+    """The session's servers, with MPCTL_BUS_DIR set for the session so that every `mpctl` command a test runs
+    (in process or not) finds the broker's secrets as a user's shell would after `mpctl infra up`."""
+    with _servers(tmp_path_factory) as session:
+        bus = session.endpoints.bus
+        old = os.environ.get(ENV_BUS_DIR)
+        if bus is not None:
+            os.environ[ENV_BUS_DIR] = str(bus.folder)
+        try:
+            yield session
+        finally:
+            if old is None:
+                os.environ.pop(ENV_BUS_DIR, None)
+            else:
+                os.environ[ENV_BUS_DIR] = old
+
+
+@contextlib.contextmanager
+def _servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfraSession]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get("REDIS_URL"):
         local: LocalInfra | None = None
         if not (os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("REDIS_URL")):
@@ -96,10 +99,6 @@ def infra_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfraSes
         finally:
             if local is not None:
                 local.down()
-        return
-    if _docker_available():
-        with _containers() as endpoints:
-            yield InfraSession(endpoints, None)
         return
     local = _new_local_infra(tmp_path_factory)
     try:
@@ -133,8 +132,9 @@ def local_infra(infra_session: InfraSession) -> LocalInfra:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(infra: Endpoints) -> str:
-    return infra.kafka_bootstrap
+def kafka_bootstrap(infra: Endpoints) -> KafkaAccess:
+    """The broker as its admin (a super user): what a test itself reads, writes and sets up with."""
+    return infra.kafka
 
 
 @pytest.fixture(scope="session")

@@ -191,7 +191,7 @@ class ArbiterService:
     def consumers(self) -> tuple[AIOKafkaConsumer, AIOKafkaConsumer]:
         """The observer (every partition of the inputs, no group) and the member of the group on the intents
         topic (says which partitions' outputs this process publishes; its partitions stay paused)."""
-        bootstrap = self.settings.kafka_bootstrap
+        bootstrap = self.settings.kafka
         observer = input_consumer(
             bootstrap,
             enable_auto_commit=False,
@@ -211,7 +211,7 @@ class ArbiterService:
         return observer, member
 
     async def run(self, stop: asyncio.Event) -> int:
-        bootstrap = self.settings.kafka_bootstrap
+        bootstrap = self.settings.kafka
         t = self.topics
         publisher = self.publisher = Publisher(bootstrap, client_id=f"{self.group}.{self.settings.instance}")
         observer, member = self.consumers()

@@ -134,7 +134,7 @@ class ExecutionService:
         )
         self.runner = StateMachineService(
             name=f"execution.{self.profile_id}",
-            bootstrap=settings.kafka_bootstrap,
+            bootstrap=settings.kafka,
             topics=[self.topics.candles, self.topics.approved(self.profile_id), self.topics.commands],
             group_id=self.topics.group("execution", self.profile_id),
             dead_letter_topic=self.topics.dead_letter,
@@ -235,9 +235,7 @@ class ExecutionService:
         problem = self.live_problem()
         if problem is not None:
             raise LiveSourceRefused(problem)
-        follower = asyncio.create_task(
-            self.service_clock.run(self.settings.kafka_bootstrap, self.topics, stop)
-        )
+        follower = asyncio.create_task(self.service_clock.run(self.settings.kafka, self.topics, stop))
         try:
             # Live market: send times and order timeouts are exchange time, read from md.clock.
             if not await self.service_clock.wait_synced(stop, timeout_s=300.0):
@@ -256,7 +254,7 @@ class ExecutionService:
         """The price band's reference for a product no candle of was read since start: md.candles' tail."""
         from services.execution.live_wiring import latest_closes
 
-        return (await latest_closes(self.settings.kafka_bootstrap, self.topics.candles)).get(product)
+        return (await latest_closes(self.settings.kafka, self.topics.candles)).get(product)
 
     async def _run_live(self, stop: asyncio.Event, api_base: str | None) -> int:
         # Live: the only place this profile's credentials are read (its own store entry only). ccxt is
@@ -283,14 +281,14 @@ class ExecutionService:
             live.port.on_error = self.metrics.error
         missing = await start_live(
             live,
-            bootstrap=self.settings.kafka_bootstrap,
+            bootstrap=self.settings.kafka,
             topics=self.topics,
             route=self.route,
             client_id=f"execution.{pid}.start",
         )
         for m in missing:  # published before the consume loop: reconciled fills count too
             self.metrics.observe(m)
-        wal = await WriteAhead.started(self.settings.kafka_bootstrap, self.route, f"execution.{pid}.wal")
+        wal = await WriteAhead.started(self.settings.kafka, self.route, f"execution.{pid}.wal")
         ex = self.cfg.system.execution
         self.live_handler = LiveHandler(
             live,

@@ -32,6 +32,7 @@ from services.execution.credentials import (
     resolve_credentials,
 )
 from services.execution.live import LiveExecution
+from shared.bus import KafkaAccess
 from shared.clock import Clock, system_clock
 from shared.config import AppConfig
 from shared.kafka import Publisher, Route, read_tail, read_topics
@@ -94,7 +95,7 @@ async def open_live_execution(
 
 
 async def latest_closes(
-    bootstrap: str, topic: str, *, records: int = 2000
+    bootstrap: KafkaAccess, topic: str, *, records: int = 2000
 ) -> dict[str, tuple[datetime, Decimal]]:
     """The latest candle of each product, (open time, close), among the last `records` records of each partition
     of md.candles: the price band's reference on start (later, the candles the worker reads keep it current)."""
@@ -108,7 +109,7 @@ async def latest_closes(
 async def start_live(
     live: LiveExecution,
     *,
-    bootstrap: str,
+    bootstrap: KafkaAccess,
     topics: Topics,
     route: Callable[[Message], list[Route]],
     client_id: str,
@@ -139,13 +140,15 @@ async def start_live(
 class WriteAhead:
     """Publishes an order's `submitted` event, acknowledged, before the order is sent (LiveExecution.write_ahead)."""
 
-    def __init__(self, bootstrap: str, route: Callable[[Message], list[Route]], client_id: str) -> None:
+    def __init__(
+        self, bootstrap: KafkaAccess, route: Callable[[Message], list[Route]], client_id: str
+    ) -> None:
         self._pub = Publisher(bootstrap, client_id=client_id)
         self._route = route
 
     @classmethod
     async def started(
-        cls, bootstrap: str, route: Callable[[Message], list[Route]], client_id: str
+        cls, bootstrap: KafkaAccess, route: Callable[[Message], list[Route]], client_id: str
     ) -> WriteAhead:
         wa = cls(bootstrap, route, client_id)
         await wa._pub.start()

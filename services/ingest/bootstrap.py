@@ -18,6 +18,7 @@ from services.ingest.domain import build_schedule, finished_message, resume_poin
 from services.ingest.live import CLOCK_MIN_SPAN_S, LiveIngest, LiveOptions
 from services.ingest.metrics import IngestMetrics
 from shared.aligner import Step
+from shared.bus import KafkaAccess
 from shared.candles import load_products
 from shared.clock import Clock, system_clock
 from shared.config import AppConfig
@@ -52,7 +53,7 @@ class LiveSourceOptions(BaseModel):
     ws_url: str | None = None
 
 
-async def last_progress(bootstrap: str, topic: str) -> tuple[int | None, bool]:
+async def last_progress(bootstrap: KafkaAccess, topic: str) -> tuple[int | None, bool]:
     """The last watermark (epoch s) on partition 0 and whether the replay already finished: resume after a crash."""
     last: int | None = None
     done = False
@@ -91,10 +92,10 @@ class IngestService:
     async def run(self, stop: asyncio.Event) -> int:
         if not self.steps:
             self.load()
-        self.publisher = Publisher(self.settings.kafka_bootstrap, client_id=f"{self.topics.ns}.ingest")
+        self.publisher = Publisher(self.settings.kafka, client_id=f"{self.topics.ns}.ingest")
         await self.publisher.start()
         try:
-            last, done = await last_progress(self.settings.kafka_bootstrap, self.topics.candles)
+            last, done = await last_progress(self.settings.kafka, self.topics.candles)
             if done:
                 log.info("replay already finished on %s; nothing to publish", self.topics.candles)
                 return 0

@@ -46,6 +46,7 @@ from services.ingest.live_domain import (
     stale_reason,
 )
 from services.ingest.metrics import IngestMetrics
+from shared.bus import KafkaAccess
 from shared.clock import Clock, derived_id, from_epoch_s
 from shared.config import INTERVAL_SECONDS, AppConfig
 from shared.exchange_clock import ExchangeClock
@@ -149,7 +150,7 @@ def _bar(c: CandleClosed) -> Bar:
     return Bar(int(c.open_time.timestamp()), c.open, c.high, c.low, c.close, c.volume)
 
 
-async def read_progress(bootstrap: str, topic: str, now: Clock) -> Progress:
+async def read_progress(bootstrap: KafkaAccess, topic: str, now: Clock) -> Progress:
     """The tail of every partition of md.candles: the last watermark, the candles after it (a step whose
     watermark a crash prevented), each product's last close and the last feed state."""
     candles: dict[tuple[str, int], CandleClosed] = {}
@@ -244,7 +245,7 @@ class LiveIngest:
 
     async def _run(self, stop: asyncio.Event) -> int:
         self.started_mono = self.mono()
-        self.publisher = Publisher(self.settings.kafka_bootstrap, client_id=f"{self.topics.ns}.ingest")
+        self.publisher = Publisher(self.settings.kafka, client_id=f"{self.topics.ns}.ingest")
         await self.publisher.start()
         session = self.session_factory()
         self.rest = CoinbaseRest(
@@ -260,7 +261,7 @@ class LiveIngest:
         try:
             if not await self._sync_clock(stop):
                 return 1
-            progress = await read_progress(self.settings.kafka_bootstrap, self.topics.candles, self.clock)
+            progress = await read_progress(self.settings.kafka, self.topics.candles, self.clock)
             self.book = self._book_from(progress)
             # Buckets whose deadline passed before this start are a backfill, not an overdue bucket: no alert.
             self.started_s = self.clock.epoch_s()

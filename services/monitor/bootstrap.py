@@ -273,7 +273,7 @@ class MonitorService:
             )
 
     async def poll_once(self) -> None:
-        bootstrap = self.settings.kafka_bootstrap
+        bootstrap = self.settings.kafka
         report = await fetch_lag(bootstrap, self.ns)
         self.metrics.update_lag(report)
         self.metrics.update_health(await fetch_health(bootstrap, self.cfg, self.ns))
@@ -343,7 +343,7 @@ class MonitorService:
             self.metrics_bound = self.metrics.serve(self.opts.metrics_port, self.opts.metrics_addr)
         self.dispatcher.start()
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
+            bootstrap_servers=self.settings.kafka,
             group_id=self.topics.group("monitor"),
             client_id=f"{self.topics.group('monitor')}.{self.settings.instance}",
             enable_auto_commit=False,
@@ -354,11 +354,9 @@ class MonitorService:
             max_poll_records=2000,
         )
         poller: asyncio.Task[None] | None = None
-        self.publisher = Publisher(
-            self.settings.kafka_bootstrap, client_id=f"{self.topics.group('monitor')}.dlq"
-        )
+        self.publisher = Publisher(self.settings.kafka, client_id=f"{self.topics.group('monitor')}.dlq")
         try:
-            self.keeper = await self.durable.keeper(self.settings.kafka_bootstrap)
+            self.keeper = await self.durable.keeper(self.settings.kafka)
             if self.keeper is not None:
                 self.restored = await self.keeper.load() or {}
             await self.publisher.start()

@@ -20,6 +20,7 @@ from services.monitor.domain import (
     summarize,
     verified_fills,
 )
+from shared.bus import KafkaAccess
 from shared.config import AppConfig
 from shared.kafka import read_topics
 from shared.topics import Topics
@@ -33,7 +34,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             fh.write(orjson.dumps(r) + b"\n")
 
 
-async def collect_run(cfg: AppConfig, bootstrap: str, out_dir: Path) -> dict[str, Any]:
+async def collect_run(cfg: AppConfig, bootstrap: KafkaAccess, out_dir: Path) -> dict[str, Any]:
     t = Topics(cfg.system.kafka.namespace)
     msgs, bad = await read_topics(bootstrap, [t.candles, t.audit, t.intents, t.events])
     data = RunData()

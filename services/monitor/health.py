@@ -23,6 +23,7 @@ from typing import Any, Literal
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
+from shared.bus import KafkaAccess
 from shared.clock import system_clock
 from shared.config import AppConfig
 from shared.heartbeat import heartbeat_state
@@ -188,7 +189,7 @@ def health_rows(health: Iterable[ServiceHealth]) -> list[list[str]]:
 HEALTH_HEADER = ["SERVICE", "STATE", "LAST BEAT", "MEMBERS", "GROUP STATE", "DETAIL"]
 
 
-async def read_heartbeats(bootstrap: str, topic: str) -> dict[str, dict[str, ServiceHeartbeat]]:
+async def read_heartbeats(bootstrap: KafkaAccess, topic: str) -> dict[str, dict[str, ServiceHeartbeat]]:
     """The latest beat of every (service, instance) on the heartbeat topic."""
     msgs, _bad = await read_topics(bootstrap, [topic])
     out: dict[str, dict[str, ServiceHeartbeat]] = {}
@@ -245,10 +246,10 @@ async def list_namespace_groups(admin: AIOKafkaAdminClient, namespace: str | Non
 
 
 async def fetch_health(
-    bootstrap: str, cfg: AppConfig, namespace: str | None = None, *, threshold_s: float | None = None
+    bootstrap: KafkaAccess, cfg: AppConfig, namespace: str | None = None, *, threshold_s: float | None = None
 ) -> list[ServiceHealth]:
     ns = namespace or cfg.system.kafka.namespace
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    admin = AIOKafkaAdminClient(**bootstrap.client_options(), request_timeout_ms=15_000)
     await admin.start()
     try:
         present = set(await list_namespace_groups(admin, ns))

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.monitor.health import GroupInfo, describe_groups, list_namespace_groups
+from shared.bus import KafkaAccess
 
 TP = tuple[str, int]
 
@@ -53,7 +54,7 @@ class GroupLag:
 @dataclass(frozen=True)
 class LagReport:
     namespace: str | None
-    bootstrap: str
+    bootstrap: KafkaAccess
     taken_at: float
     groups: tuple[GroupLag, ...]
     missing_topics: tuple[str, ...] = field(default=())
@@ -89,7 +90,7 @@ def compute_lag(
 def build_report(
     *,
     namespace: str | None,
-    bootstrap: str,
+    bootstrap: KafkaAccess,
     committed: Mapping[str, Mapping[TP, int]],
     ends: Mapping[TP, int],
     infos: Mapping[str, GroupInfo],
@@ -195,10 +196,10 @@ def summary_line(report: LagReport) -> str:
 
 
 async def fetch_lag(
-    bootstrap: str, namespace: str | None, *, groups: Iterable[str] | None = None
+    bootstrap: KafkaAccess, namespace: str | None, *, groups: Iterable[str] | None = None
 ) -> LagReport:
     """Lag of every consumer group of the namespace (or of the groups given) at this moment."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    admin = AIOKafkaAdminClient(**bootstrap.client_options(), request_timeout_ms=15_000)
     await admin.start()
     try:
         ids = sorted(groups) if groups is not None else await list_namespace_groups(admin, namespace)
@@ -216,7 +217,7 @@ async def fetch_lag(
     tps = [TopicPartition(t, p) for t, p in sorted(wanted) if t in existing]
     ends: dict[TP, int] = {}
     if tps:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+        consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False, group_id=None)
         await consumer.start()
         try:
             for tp, end in (await consumer.end_offsets(tps)).items():

@@ -38,6 +38,7 @@ from services.registry.claims import RedisClaims
 from services.registry.ledger import PlanLedger
 from services.registry.metrics import RegistryMetrics
 from services.registry.recovery import RegistryBackend, read_plans, seek_to_start, topic_partitions
+from shared.bus import KafkaAccess
 from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
 from shared.clock_feed import ServiceClock, service_clock
 from shared.codec import DecodeError, decode, implausible_time
@@ -66,7 +67,7 @@ TOUCH_READY_S = 60.0
 REDIS_RETRIES = 30
 
 
-def registry_consumer(bootstrap: str) -> AIOKafkaConsumer:
+def registry_consumer(bootstrap: KafkaAccess) -> AIOKafkaConsumer:
     """The registry's one consumer: md.candles and the commands topic, read together (see the module's
     docstring), without a group (every start reads from the beginning)."""
     return input_consumer(
@@ -124,10 +125,10 @@ class RegistryService:
         self.commands = gate_for("registry", cfg.system.commands.max_age_s)
 
     async def _read_plans(self) -> list[PlanPublished]:
-        plans = await read_plans(self.settings.kafka_bootstrap, self.topics.plans, wait_s=30.0)
+        plans = await read_plans(self.settings.kafka, self.topics.plans, wait_s=30.0)
         if plans is None:
             raise RuntimeError(
-                f"topic {self.topics.plans!r} does not exist on {self.settings.kafka_bootstrap}; "
+                f"topic {self.topics.plans!r} does not exist on {self.settings.kafka}; "
                 "create the topics first (`mpctl demo` does, or shared.kafka.ensure_topics)"
             )
         return plans
@@ -151,10 +152,8 @@ class RegistryService:
                     await self.claims.release(pid)
             if self.metrics_port:
                 self.metrics_bound = self.metrics.serve(self.metrics_port, self.settings.metrics_addr)
-            publisher = Publisher(
-                self.settings.kafka_bootstrap, client_id=f"{self.topics.ns}.registry.{self.instance}"
-            )
-            consumer = registry_consumer(self.settings.kafka_bootstrap)
+            publisher = Publisher(self.settings.kafka, client_id=f"{self.topics.ns}.registry.{self.instance}")
+            consumer = registry_consumer(self.settings.kafka)
             await publisher.start()
             await consumer.start()
             try:
@@ -172,14 +171,12 @@ class RegistryService:
                     kind,
                     time.monotonic() - t0,
                 )
-                tps = await topic_partitions(self.settings.kafka_bootstrap, self.topics.candles, wait_s=30.0)
+                tps = await topic_partitions(self.settings.kafka, self.topics.candles, wait_s=30.0)
                 if tps is None:
                     raise RuntimeError(
                         f"topic {self.topics.candles!r} does not exist; create the topics first"
                     )
-                ctps = await topic_partitions(
-                    self.settings.kafka_bootstrap, self.topics.commands, wait_s=30.0
-                )
+                ctps = await topic_partitions(self.settings.kafka, self.topics.commands, wait_s=30.0)
                 if ctps is None:
                     raise RuntimeError(
                         f"topic {self.topics.commands!r} does not exist; create the topics first"
@@ -188,9 +185,7 @@ class RegistryService:
                 await seek_to_start(consumer, [*tps, *ctps])
                 ends = await consumer.end_offsets(tps)
                 # Live: epochs turn on the exchange's clock, followed from md.clock (the ingest reports it).
-                follower = asyncio.create_task(
-                    self.service_clock.run(self.settings.kafka_bootstrap, self.topics, stop)
-                )
+                follower = asyncio.create_task(self.service_clock.run(self.settings.kafka, self.topics, stop))
                 try:
                     if not await self.service_clock.wait_synced(stop, timeout_s=CLOCK_SYNC_TIMEOUT_S):
                         if stop.is_set():

@@ -21,6 +21,7 @@ from services.registry.domain import ClaimOutcome, ClaimResult, PlanCandidate
 from services.registry.handlers import Held
 from services.registry.ledger import Decision, PlanLedger, TakeoverOutcome
 from services.registry.metrics import RegistryMetrics
+from shared.bus import KafkaAccess
 from shared.clock import system_clock
 from shared.codec import DecodeError, decode, implausible_time
 from shared.messages import PlanPublished
@@ -30,10 +31,12 @@ log = logging.getLogger("registry.recovery")
 __all__ = ["RegistryBackend", "latest_per_profile", "read_plans", "topic_partitions", "unique_plans"]
 
 
-async def topic_partitions(bootstrap: str, topic: str, *, wait_s: float = 0.0) -> list[TopicPartition] | None:
+async def topic_partitions(
+    bootstrap: KafkaAccess, topic: str, *, wait_s: float = 0.0
+) -> list[TopicPartition] | None:
     """The topic's partitions, asked of the cluster (not of a client's cached metadata); None when the topic
     does not exist after ``wait_s`` seconds."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    admin = AIOKafkaAdminClient(**bootstrap.client_options(), request_timeout_ms=15_000)
     await admin.start()
     try:
         deadline = time.monotonic() + wait_s
@@ -50,14 +53,16 @@ async def topic_partitions(bootstrap: str, topic: str, *, wait_s: float = 0.0) -
         await admin.close()
 
 
-async def read_plans(bootstrap: str, topic: str, *, wait_s: float = 0.0) -> list[PlanPublished] | None:
+async def read_plans(
+    bootstrap: KafkaAccess, topic: str, *, wait_s: float = 0.0
+) -> list[PlanPublished] | None:
     """Every PlanPublished on ``topic`` up to its end at the time of the call, in topic order (None when the
     topic does not exist after ``wait_s`` seconds). Other message types and undecodable records are skipped."""
     tps = await topic_partitions(bootstrap, topic, wait_s=wait_s)
     if tps is None:
         return None
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
+        **bootstrap.client_options(), enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
     )
     await consumer.start()
     try:

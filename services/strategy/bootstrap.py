@@ -39,6 +39,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from services.strategy import domain
 from services.strategy.metrics import StrategyMetrics
+from shared.bus import KafkaAccess
 from shared.clock import random_ids, system_clock
 from shared.codec import DecodeError, decode, encode, implausible_time
 from shared.commands import gate_for
@@ -145,7 +146,12 @@ class HeldRecord:
 
 
 async def reset_group_to_beginning(
-    bootstrap: str, group: str, topics: list[str], *, wait_s: float, positions: Positions | None = None
+    bootstrap: KafkaAccess,
+    group: str,
+    topics: list[str],
+    *,
+    wait_s: float,
+    positions: Positions | None = None,
 ) -> dict[tuple[str, int], int]:
     """Commit the beginning offset of every partition of `topics` for `group` (or, for the partitions a
     restored snapshot covers, its position), so the next consumer of the group reads from there. Kafka accepts
@@ -154,7 +160,7 @@ async def reset_group_to_beginning(
 
     Returns the offsets the group had committed before (what the previous process had consumed), per
     (topic, partition): the metrics count only records from there on."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
         tps = await partitions_of(consumer, topics, bootstrap)
@@ -244,7 +250,7 @@ class StrategyWorker:
         self._short = {name: name[len(self.t.ns) + 1 :] for name in self.inputs}
         self.app = faust.App(
             self.group,
-            broker=f"kafka://{settings.kafka_bootstrap}",
+            broker=f"kafka://{settings.kafka}",
             store="memory://",
             # No faust web server: metrics are served by StrategyMetrics, and a port per worker would only clash.
             web_enabled=False,
@@ -422,7 +428,7 @@ class StrategyWorker:
         # On the loop faust then runs on (asyncio.run would leave no current loop behind for it).
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        bootstrap = self.settings.kafka_bootstrap
+        bootstrap = self.settings.kafka
         self.keeper = loop.run_until_complete(self.durable.keeper(bootstrap))
         positions = loop.run_until_complete(self.keeper.load()) if self.keeper is not None else None
         if positions is not None:

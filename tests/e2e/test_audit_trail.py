@@ -39,7 +39,7 @@ def secret_config(path: Path) -> list[str]:
 
 async def raw_records(bootstrap: str, prefix: str) -> list[bytes]:
     topics = [t for t in await list_topics(bootstrap) if t.startswith(prefix + ".")]
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    c = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False, group_id=None)
     await c.start()
     out: list[bytes] = []
     try:
@@ -64,7 +64,7 @@ def test_audit_file_follows_trades_and_holds_no_secret(infra: Endpoints, tmp_pat
     secret_values = secret_config(cfg_path)
     out = tmp_path / "run"
     env = dict(
-        os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap, REDIS_URL=infra.redis_url, CI="true"
+        os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka, REDIS_URL=infra.redis_url, CI="true"
     )
     demo = subprocess.run(
         [
@@ -97,7 +97,7 @@ def test_audit_file_follows_trades_and_holds_no_secret(infra: Endpoints, tmp_pat
                 "--config",
                 str(cfg_path),
                 "--bootstrap",
-                infra.kafka_bootstrap,
+                infra.kafka,
                 "--namespace",
                 ns,
                 "--drain",
@@ -115,12 +115,12 @@ def test_audit_file_follows_trades_and_holds_no_secret(infra: Endpoints, tmp_pat
             timeout=300,
         )
         assert monitor.returncode == 0, monitor.stderr
-        records = asyncio.run(raw_records(infra.kafka_bootstrap, ns))
+        records = asyncio.run(raw_records(infra.kafka, ns))
     finally:
         asyncio.run(
             delete_topics(
-                infra.kafka_bootstrap,
-                [t for t in asyncio.run(list_topics(infra.kafka_bootstrap)) if t.startswith(ns + ".")],
+                infra.kafka,
+                [t for t in asyncio.run(list_topics(infra.kafka)) if t.startswith(ns + ".")],
             )
         )
     write_report(out)

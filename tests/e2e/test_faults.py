@@ -163,11 +163,11 @@ async def _run(
     )
     t = Topics(ns)
     try:
-        result.events, _ = await read_topics(endpoints.kafka_bootstrap, [t.events])
-        candles, _ = await read_topics(endpoints.kafka_bootstrap, [t.candles])
+        result.events, _ = await read_topics(endpoints.kafka, [t.events])
+        candles, _ = await read_topics(endpoints.kafka, [t.candles])
         result.candle_records = len(candles)
     finally:
-        await delete_topics(endpoints.kafka_bootstrap, [s.name for s in declared_topics(cfg, ns)])
+        await delete_topics(endpoints.kafka, [s.name for s in declared_topics(cfg, ns)])
     result.records = len(result.events)
     return result
 

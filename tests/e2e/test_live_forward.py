@@ -207,7 +207,7 @@ async def test_live_forward_run_survives_sigkill_of_everything_and_kill_all_leav
         command_key = "live-forward-command-key-41d7a0"
         env = dict(
             os.environ,
-            KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap,
+            KAFKA_BOOTSTRAP_SERVERS=infra.kafka,
             REDIS_URL=infra.redis_url,
             CI="true",
             MPCTL_CREDENTIALS_STORE=str(tmp_path / "secrets" / "credentials.enc"),
@@ -253,7 +253,7 @@ async def test_live_forward_run_survives_sigkill_of_everything_and_kill_all_leav
                 assert time.monotonic() < deadline, "no protected entry's fill was published"
                 ns = ns or json.loads((out / "run.json").read_text())["namespace"]
                 watched = {o.client_id for o in resting_protective(peer)}
-                for b in (await topic_bytes(infra.kafka_bootstrap, ns))[0]:
+                for b in (await topic_bytes(infra.kafka, ns))[0]:
                     with contextlib.suppress(DecodeError, ValueError):
                         m = decode(b)
                         if isinstance(m, OrderFilled) and protective_client_id(m.client_order_id) in watched:
@@ -355,7 +355,7 @@ async def test_live_forward_run_survives_sigkill_of_everything_and_kill_all_leav
         deadline = time.monotonic() + 60
         published_fills: set[str] = set()
         while len(published_fills) < at_peer and time.monotonic() < deadline:
-            for b in (await topic_bytes(infra.kafka_bootstrap, ns))[0]:
+            for b in (await topic_bytes(infra.kafka, ns))[0]:
                 with contextlib.suppress(DecodeError, ValueError):
                     m = decode(b)
                     if isinstance(m, OrderFilled):
@@ -465,7 +465,7 @@ async def test_live_forward_run_survives_sigkill_of_everything_and_kill_all_leav
             assert px is None or on_increment(px, pr.quote_increment), (o.client_id, px)
     # Any mismatch between books and account (the outage's sale) was resolved.
     blobs, _ = await topic_bytes(
-        infra.kafka_bootstrap, json.loads((out / "run.json").read_text())["namespace"]
+        infra.kafka, json.loads((out / "run.json").read_text())["namespace"]
     )
     last: dict[str, str] = {}
     for b in blobs:

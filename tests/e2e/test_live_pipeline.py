@@ -48,7 +48,7 @@ async def run(
 
 async def topic_bytes(bootstrap: str, namespace: str) -> tuple[list[bytes], int]:
     """Every record (key and value, raw bytes) of every topic of the namespace, and how many topics."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False)
     await consumer.start()
     blobs: list[bytes] = []
     try:
@@ -82,7 +82,7 @@ async def test_live_pipeline_signs_each_profiles_orders_with_its_own_key_once_an
     store = tmp_path / "secrets" / "credentials.enc"
     env = dict(
         os.environ,
-        KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap,
+        KAFKA_BOOTSTRAP_SERVERS=infra.kafka,
         REDIS_URL=infra.redis_url,
         CI="true",
         MPCTL_CREDENTIALS_STORE=str(store),
@@ -190,7 +190,7 @@ async def test_live_pipeline_signs_each_profiles_orders_with_its_own_key_once_an
     assert any(p.suffix == ".log" for p in files) and (out / "fills.jsonl") in files
     texts = {str(p): p.read_bytes() for p in files}
     texts |= {f"command output {i}": t.encode() for i, t in enumerate(outputs)}
-    blobs, n_topics = await topic_bytes(infra.kafka_bootstrap, namespace)
+    blobs, n_topics = await topic_bytes(infra.kafka, namespace)
     assert n_topics >= 10 and len(blobs) > 1000
     texts["topics"] = b"\n".join(blobs)
     # The scan reads the run's messages (a protective order's id is derived from its entry's, never published).

@@ -66,7 +66,7 @@ def test_report_renders_in_headless_chromium(infra: Endpoints, tmp_path: Path) -
     binary = chromium()
     out = tmp_path / "demo"
     env = dict(
-        os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap, REDIS_URL=infra.redis_url, CI="true"
+        os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka, REDIS_URL=infra.redis_url, CI="true"
     )
     demo = subprocess.run(
         [sys.executable, "-m", "mpctl.cli", "demo", "--out", str(out), "--hours", "480"],

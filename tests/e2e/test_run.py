@@ -46,7 +46,7 @@ PEER_START = "2026-03-02T13:00:00Z"
 def env_for(infra: Endpoints, **extra: str) -> dict[str, str]:
     return dict(
         os.environ,
-        KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap,
+        KAFKA_BOOTSTRAP_SERVERS=infra.kafka,
         REDIS_URL=infra.redis_url,
         CI="true",
         **extra,
@@ -84,7 +84,7 @@ async def candle_topic(
     bootstrap: str, topic: str
 ) -> tuple[dict[int, list[datetime]], list[tuple[str, datetime]]]:
     """Watermark step times per partition, in offset order, and every candle's (product, open time)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False)
     await consumer.start()
     steps: dict[int, list[datetime]] = defaultdict(list)
     candles: list[tuple[str, datetime]] = []
@@ -137,7 +137,7 @@ def test_run_replay_stops_by_itself_and_resumes_without_a_gap(infra: Endpoints, 
     assert_clean(first)
     info = run_json(out)
     ns = info["namespace"]
-    assert info["kafka_bootstrap"] == infra.kafka_bootstrap and info["redis_url"] == infra.redis_url
+    assert info["kafka_bootstrap"] == infra.kafka and info["redis_url"] == infra.redis_url
     assert (info["source"], info["interval"], len(info["starts"])) == ("replay", "1h", 1)
     for name in (
         "orders.jsonl",
@@ -156,7 +156,7 @@ def test_run_replay_stops_by_itself_and_resumes_without_a_gap(infra: Endpoints, 
     }
     result = check_run(out)
     assert result.ok, result.violations
-    steps, candles = asyncio.run(candle_topic(infra.kafka_bootstrap, f"{ns}.md.candles"))
+    steps, candles = asyncio.run(candle_topic(infra.kafka, f"{ns}.md.candles"))
     after_first = assert_every_step_once(steps, candles, 3600)
     assert after_first >= 20
 
@@ -172,7 +172,7 @@ def test_run_replay_stops_by_itself_and_resumes_without_a_gap(infra: Endpoints, 
     second = mpctl(*common, "--max-steps", "15", "--timeout", "90", env=env)
     assert_clean(second)
     assert run_json(out)["namespace"] == ns and len(run_json(out)["starts"]) == 2
-    steps, candles = asyncio.run(candle_topic(infra.kafka_bootstrap, f"{ns}.md.candles"))
+    steps, candles = asyncio.run(candle_topic(infra.kafka, f"{ns}.md.candles"))
     after_second = assert_every_step_once(steps, candles, 3600)
     assert after_second >= after_first + 15
 
@@ -199,13 +199,13 @@ def test_run_replay_stops_by_itself_and_resumes_without_a_gap(infra: Endpoints, 
             proc.kill()
     assert_clean(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     assert "interrupted" in stdout and (out / "summary.json").is_file()
-    steps, candles = asyncio.run(candle_topic(infra.kafka_bootstrap, f"{ns}.md.candles"))
+    steps, candles = asyncio.run(candle_topic(infra.kafka, f"{ns}.md.candles"))
     after_term = assert_every_step_once(steps, candles, 3600)
     assert after_term > after_second
 
     fourth = mpctl(*common, "--max-steps", "10", "--timeout", "90", env=env)
     assert_clean(fourth)
-    steps, candles = asyncio.run(candle_topic(infra.kafka_bootstrap, f"{ns}.md.candles"))
+    steps, candles = asyncio.run(candle_topic(infra.kafka, f"{ns}.md.candles"))
     assert assert_every_step_once(steps, candles, 3600) >= after_term + 10
     result = check_run(out)
     assert result.ok, result.violations
@@ -358,7 +358,7 @@ def test_run_on_the_live_peer_trades_on_paper_and_leaks_no_credential(
         assert result.ok, result.violations
         texts = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
         texts["command output"] = (run.stdout + run.stderr).encode()
-        texts["topics"] = b"\n".join(asyncio.run(topic_bytes(infra.kafka_bootstrap, ns))[0])
+        texts["topics"] = b"\n".join(asyncio.run(topic_bytes(infra.kafka, ns))[0])
         leaks = [
             w for w, data in texts.items() for s in [*secrets_.values(), passphrase] if s.encode() in data
         ]

@@ -18,7 +18,7 @@ from shared.kafka import list_topics
 async def test_selftest_passes_and_writes_results(
     infra: Endpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka_bootstrap)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka)
     monkeypatch.setenv("REDIS_URL", infra.redis_url)
     monkeypatch.setenv("CI", "true")
     parser = argparse.ArgumentParser()
@@ -47,7 +47,7 @@ async def test_selftest_passes_and_writes_results(
     assert "selftest passed: 9/9" in capsys.readouterr().out
     # The run's topics, kept for the monitor, are gone again.
     ns = results["namespace"]
-    assert not [t for t in await list_topics(infra.kafka_bootstrap) if t.startswith(ns + ".")]
+    assert not [t for t in await list_topics(infra.kafka) if t.startswith(ns + ".")]
 
 
 def test_selftest_reports_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -78,7 +78,7 @@ def start(command: str, infra: Endpoints, out: Path) -> tuple[subprocess.Popen[s
         # steps, so it waits for the first candle on the topic (seen once: SIGTERM won that race under load).
         ns = json.loads((out / "run.json").read_text())["namespace"]
         while time.monotonic() < deadline and not asyncio.run(
-            candle_end_offset(infra.kafka_bootstrap, Topics(ns).candles)
+            candle_end_offset(infra.kafka, Topics(ns).candles)
         ):
             time.sleep(0.2)
     return proc, children(proc.pid)

@@ -50,7 +50,7 @@ async def publish(
 async def running(
     bootstrap: str, namespace: str, *, executions: tuple[str, ...] = ("profile_a",)
 ) -> AsyncIterator[Topics]:
-    settings = ServiceSettings(config_path=TEMPLATE, kafka_bootstrap=bootstrap, namespace=namespace)
+    settings = ServiceSettings(config_path=TEMPLATE, kafka=bootstrap, namespace=namespace)
     cfg = ns_config(namespace)
     stop = asyncio.Event()
     mains: list[Callable[[asyncio.Event], Awaitable[int]]] = [

@@ -214,7 +214,7 @@ def start_arbiter(name: str, config: Path, endpoints: Endpoints, namespace: str,
             "--config",
             str(config),
             "--bootstrap",
-            endpoints.kafka_bootstrap,
+            endpoints.kafka,
             "--namespace",
             namespace,
             "--instance",
@@ -254,7 +254,7 @@ class Outputs:
     """Everything the arbiters publish, read as it comes."""
 
     def __init__(self, bootstrap: str, topics: list[str]) -> None:
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self.consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False)
         self.topics = topics
         self.copies: dict[str, list[Message]] = defaultdict(list)
         self.task: asyncio.Task[None] | None = None
@@ -319,7 +319,7 @@ async def test_two_arbiters_one_killed_and_restarted_decide_exactly_as_one_pure_
 ) -> None:
     config, cfg = write_config(tmp_path, namespace, ARBITER)
     t = Topics(namespace)
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     await ensure_topics(b, declared_topics(cfg))
     script = build_script(cfg)
     expected = expected_outputs(script)

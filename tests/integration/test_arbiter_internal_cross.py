@@ -28,10 +28,10 @@ async def test_opposite_intents_of_one_step_settle_internally_at_the_mid(
     cfg = ns_config(namespace)
     arbiter = cfg.system.arbiter.model_copy(update={"internal_cross": "execute"})
     cfg = cfg.model_copy(update={"system": cfg.system.model_copy(update={"arbiter": arbiter})})
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     t = Topics(namespace)
     await ensure_topics(b, declared_topics(cfg))
-    settings = ServiceSettings(config_path=TEMPLATE, kafka_bootstrap=b, namespace=namespace)
+    settings = ServiceSettings(config_path=TEMPLATE, kafka=b, namespace=namespace)
     stop = asyncio.Event()
     mains = [arbiter_bootstrap(settings, overrides={"config": cfg}).run]
     mains += [

@@ -504,7 +504,7 @@ def _topic_names(t: Topics, topic: str) -> list[tuple[str, int | None]]:
 
 
 async def _inject(bootstrap: str, t: Topics, cases: list[tuple[Any, str, bytes | None]], run: Run) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = AIOKafkaProducer(**bootstrap.client_options(), acks="all")
     await producer.start()
     try:
         for case, topic, value in cases:
@@ -516,7 +516,7 @@ async def _inject(bootstrap: str, t: Topics, cases: list[tuple[Any, str, bytes |
 
 
 async def _read(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000)
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False, max_poll_records=5000)
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic)
@@ -620,7 +620,7 @@ async def _run_pipeline(
     )
     t = Topics(ns)
     specs = declared_topics(cfg, ns)
-    bootstrap = endpoints.kafka_bootstrap
+    bootstrap = endpoints.kafka
     await ensure_topics(bootstrap, specs, replication_factor=1)
     log_dir = tmp / ns
     log_dir.mkdir(parents=True)
@@ -1059,7 +1059,7 @@ def _ingest(infra: Endpoints, data: Path) -> subprocess.CompletedProcess[str]:
             "--config",
             str(TEMPLATE),
             "--bootstrap",
-            infra.kafka_bootstrap,
+            infra.kafka,
             "--namespace",
             f"badfile{uuid.uuid4().hex[:6]}",
             "--data",

@@ -211,7 +211,7 @@ def test_bad_input_gives_one_line_naming_file_and_problem_and_writes_nothing(
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MPCTL_")},
         "PYTHONPATH": str(ROOT),
-        "KAFKA_BOOTSTRAP_SERVERS": infra.kafka_bootstrap,
+        "KAFKA_BOOTSTRAP_SERVERS": infra.kafka,
         "REDIS_URL": infra.redis_url,
         "CI": "true",
         "HOME": str(home),  # no default store or config of the user's is read
@@ -243,5 +243,5 @@ def test_bad_input_gives_one_line_naming_file_and_problem_and_writes_nothing(
     assert not any(cwd.iterdir()), sorted(_listing(cwd))
     assert _listing(inputs) == before  # the bad file itself is untouched, and nothing was added beside it
     if command.uses_broker:
-        topics = asyncio.run(list_topics(infra.kafka_bootstrap))
+        topics = asyncio.run(list_topics(infra.kafka))
         assert not [t for t in topics if t.startswith(ns)]

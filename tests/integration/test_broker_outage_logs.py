@@ -52,7 +52,7 @@ def own_broker(tmp_path: Path) -> Iterator[LocalInfra]:
 async def test_a_ten_second_outage_is_a_few_lines_where_unfiltered_it_is_hundreds(
     own_broker: LocalInfra, namespace: str
 ) -> None:
-    b = own_broker.endpoints.kafka_bootstrap
+    b = own_broker.endpoints.kafka
     src, out, dlq, beats = f"{namespace}.in", f"{namespace}.out", f"{namespace}.dlq", f"{namespace}.beats"
     await ensure_topics(b, [TopicSpec(src, 2), TopicSpec(out, 1), TopicSpec(dlq, 1), TopicSpec(beats, 1)])
     heartbeat = start_heartbeat(b, beats, "test", "0", interval_s=1.0)

@@ -57,7 +57,7 @@ def _config_file(out: Path) -> Path:
 def _common(endpoints: Endpoints, ns: str, config: Path) -> list[str]:
     return [
         "--bootstrap",
-        endpoints.kafka_bootstrap,
+        endpoints.kafka,
         "--redis-url",
         endpoints.redis_url,
         "--source",
@@ -81,7 +81,7 @@ async def _wait_progress(bootstrap: str, cfg: AppConfig, steps: int, fills: int)
     """Until every profile has completed `steps` steps (markers on intents partition 0) and `fills` fills are
     out: the books the restart must keep are not empty."""
     t = Topics(cfg.system.kafka.namespace)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False)
     await consumer.start()
     try:
         tps = [TopicPartition(t.intents, 0), TopicPartition(t.events, 0)]
@@ -109,7 +109,7 @@ async def _wait_progress(bootstrap: str, cfg: AppConfig, steps: int, fills: int)
 async def _snapshot_headers(bootstrap: str, topics: list[str]) -> dict[str, dict[str, Any]]:
     """The header of the last snapshot on each state topic (JSON after the MAC: readable without the key)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **bootstrap.client_options(),
         enable_auto_commit=False,
         max_partition_fetch_bytes=64 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
@@ -146,7 +146,7 @@ async def _delete_covered(
             key = (topic, part)
             covered[key] = min(covered.get(key, offset), offset)
     targets = {TopicPartition(t, p): off for (t, p), off in covered.items() if t not in compacted and off > 0}
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**bootstrap.client_options())
     await admin.start()
     try:
         await admin.delete_records({tp: RecordsToDelete(off) for tp, off in targets.items()})
@@ -156,7 +156,7 @@ async def _delete_covered(
 
 
 async def _begins(bootstrap: str, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False)
     await consumer.start()
     try:
         return dict(await consumer.beginning_offsets(tps))
@@ -168,7 +168,7 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, interrupt: bool) -> 
     cfg = _config(ns)
     t = Topics(ns)
     specs = declared_topics(cfg, ns)
-    await ensure_topics(endpoints.kafka_bootstrap, specs)
+    await ensure_topics(endpoints.kafka, specs)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True)
     common = _common(endpoints, ns, _config_file(out))
@@ -184,7 +184,7 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, interrupt: bool) -> 
             stack.start(name, args, log_dir)
         stack.start("ingest", ["services.ingest", *common, *replay], log_dir)
         if interrupt:
-            await _wait_progress(endpoints.kafka_bootstrap, cfg, STOP_AFTER_STEPS, STOP_AFTER_FILLS)
+            await _wait_progress(endpoints.kafka, cfg, STOP_AFTER_STEPS, STOP_AFTER_FILLS)
             names = {name for name, _ in _stateful(cfg, common)}
             victims = [p for p in stack.procs if p.name in names]
             for p in victims:
@@ -195,31 +195,31 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, interrupt: bool) -> 
                 p.fh.close()
                 stack.procs.remove(p)
             # What the stopped services wrote, before it is deleted: the report is built from all of it.
-            before, _ = await read_topics(endpoints.kafka_bootstrap, collected)
+            before, _ = await read_topics(endpoints.kafka, collected)
             state_topics = [t.state("arbiter")] + [
                 t.state(s, pid) for pid in cfg.enabled_profiles() for s in ("strategy", "execution")
             ]
-            headers = await _snapshot_headers(endpoints.kafka_bootstrap, state_topics)
+            headers = await _snapshot_headers(endpoints.kafka, state_topics)
             info["snapshot_bytes"] = {k: h["bytes"] for k, h in headers.items()}
             info["positions"] = {k: h["positions"] for k, h in headers.items()}
-            info["deleted"] = await _delete_covered(endpoints.kafka_bootstrap, cfg, headers)
+            info["deleted"] = await _delete_covered(endpoints.kafka, cfg, headers)
             probe = [TopicPartition(tp, 0) for tp in (t.candles, t.events)]
             info["begins"] = {
-                tp.topic: off for tp, off in (await _begins(endpoints.kafka_bootstrap, probe)).items()
+                tp.topic: off for tp, off in (await _begins(endpoints.kafka, probe)).items()
             }
             for name, args in _stateful(cfg, common):
                 stack.start(f"{name}.restarted", args, log_dir)
-        await wait_finished(endpoints.kafka_bootstrap, t.status, expected_finishers(cfg), stack, 240, started)
+        await wait_finished(endpoints.kafka, t.status, expected_finishers(cfg), stack, 240, started)
     finally:
         stack.stop()
-    after, _ = await read_topics(endpoints.kafka_bootstrap, collected)
+    after, _ = await read_topics(endpoints.kafka, collected)
     data = RunData()
     data.add_all(before + after)
     write_outputs(cfg, data, out)
     info["restored"] = [
         p.name for p in log_dir.glob("*.restarted.log") if b"restored the snapshot" in p.read_bytes()
     ]
-    await delete_topics(endpoints.kafka_bootstrap, [s.name for s in specs])
+    await delete_topics(endpoints.kafka, [s.name for s in specs])
     info["seconds"] = time.monotonic() - started
     return info
 
@@ -262,7 +262,7 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
     from tests.unit.builders import HOUR, T0, candle, order_filled
 
     monkeypatch.setenv("MPCTL_STATE_KEY", "durable-state-test-key-0123456789")
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     cfg = ns_config(namespace)
     await create_topics(b, cfg)
     t = Topics(namespace)
@@ -278,7 +278,7 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
 
     async def run_monitor() -> dict[str, Any]:
         settings = ServiceSettings(
-            config_path=TEMPLATE, kafka_bootstrap=b, namespace=namespace, redis_url=infra.redis_url
+            config_path=TEMPLATE, kafka=b, namespace=namespace, redis_url=infra.redis_url
         )
         svc = MonitorService(cfg, settings, MonitorOptions(audit_file=tmp_path / "audit.jsonl", drain=True))
         assert await asyncio.wait_for(svc.run(asyncio.Event()), 60) == 0
@@ -288,7 +288,7 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
     assert first["trades"] == 2, first
     # Retention deletes everything the monitor read; a restart keeps the numbers.
     targets = {TopicPartition(tp, 0): 2 for tp in (t.events, t.candles)}
-    admin = AIOKafkaAdminClient(bootstrap_servers=b)
+    admin = AIOKafkaAdminClient(**b.client_options())
     await admin.start()
     try:
         await admin.delete_records({tp: RecordsToDelete(off) for tp, off in targets.items()})

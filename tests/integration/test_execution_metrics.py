@@ -90,7 +90,7 @@ async def test_paper_worker_metrics_count_exactly_the_fills_fees_and_statuses_it
     t = Topics(namespace)
     await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
     (port,) = free_ports(1)
-    settings = ServiceSettings(kafka_bootstrap=kafka_bootstrap, namespace=namespace, profile=PID)
+    settings = ServiceSettings(kafka=kafka_bootstrap, namespace=namespace, profile=PID)
     svc = bootstrap(settings, overrides={"config": cfg, "metrics_port": port})
     # Two orders: one fills whole, one is bounded by the thin candle and its rest is cancelled. The profile's
     # part of a candle is 10 % / 2 enabled profiles = 5 % of 40 = 2 for both orders: 0.5, then 1.5 of 3.
@@ -165,7 +165,7 @@ async def test_live_worker_metrics_count_retries_latency_and_fills_against_the_p
     )
 
     (port,) = free_ports(1)
-    settings = ServiceSettings(kafka_bootstrap=kafka_bootstrap, namespace=namespace, profile=PID)
+    settings = ServiceSettings(kafka=kafka_bootstrap, namespace=namespace, profile=PID)
     svc = bootstrap(
         settings,
         ExecutionOptions(exchange_api_base=peer.base_url),

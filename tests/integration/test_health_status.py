@@ -31,7 +31,7 @@ async def _states(bootstrap: str, namespace: str) -> dict[str, str]:
 async def test_services_up_then_down(
     infra: Endpoints, namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     cfg = ns_config(namespace)
     await create_topics(b, cfg)
     assert set((await _states(b, namespace)).values()) == {"never-ran", "not-observable"}
@@ -97,7 +97,7 @@ async def test_status_from_run_files_when_topics_are_gone(
     run = tmp_path / "run"
     build_run(run)
     (run / "run.json").write_text(
-        json.dumps({"namespace": namespace, "kafka_bootstrap": infra.kafka_bootstrap})
+        json.dumps({"namespace": namespace, "kafka_bootstrap": infra.kafka})
     )
     args = _cli("status", "--run", str(run), "--config", str(TEMPLATE))
     assert await asyncio.to_thread(args.handler, args) == 0

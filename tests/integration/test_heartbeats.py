@@ -47,7 +47,7 @@ async def _health(b: str, ns: str, threshold_s: float) -> dict[str, ServiceHealt
 async def test_registry_and_arbiter_up_by_heartbeat_then_down_when_killed_or_stopped(
     infra: Endpoints, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     await create_topics(b, ns_config(namespace))
     common = [
         "--bootstrap",

@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 async def test_kafka_produce_consume_round_trip(kafka_bootstrap: str, namespace: str) -> None:
     topic = f"{namespace}.roundtrip"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_bootstrap.client_options())
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
     finally:
         await admin.close()
 
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(**kafka_bootstrap.client_options(), acks="all", enable_idempotence=True)
     await producer.start()
     try:
         sent = [f"m{i}".encode() for i in range(10)]
@@ -42,7 +42,7 @@ async def test_kafka_produce_consume_round_trip(kafka_bootstrap: str, namespace:
 
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=kafka_bootstrap,
+        **kafka_bootstrap.client_options(),
         group_id=f"{namespace}.g",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
@@ -84,7 +84,7 @@ def test_status_reports_running(local_infra: LocalInfra) -> None:
 
 
 async def test_local_broker_settings(local_infra: LocalInfra) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=local_infra.endpoints.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**local_infra.endpoints.kafka.client_options())
     await admin.start()
     try:
         [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, "1")])
@@ -99,7 +99,7 @@ async def test_local_broker_settings(local_infra: LocalInfra) -> None:
 def test_env_override_starts_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, infra: Endpoints
 ) -> None:
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka_bootstrap)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka)
     monkeypatch.setenv("REDIS_URL", infra.redis_url)
     kafka_port, controller_port, redis_port = free_ports(3)
     state = tmp_path / "unused"
@@ -137,7 +137,7 @@ def test_cli_up_with_servers_in_the_environment_says_which_it_uses_and_starts_no
     redis_with_password = "redis://:hunter2-not-shown@127.0.0.1:1/0"
     env = dict(
         os.environ,
-        KAFKA_BOOTSTRAP_SERVERS=infra.kafka_bootstrap,
+        KAFKA_BOOTSTRAP_SERVERS=infra.kafka,
         REDIS_URL=redis_with_password,
         CI="true",  # a pipe and CI: the terminal-only progress says nothing, so this is not progress
         PYTHONPATH=str(ROOT),
@@ -155,12 +155,12 @@ def test_cli_up_with_servers_in_the_environment_says_which_it_uses_and_starts_no
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == [
-        f"mpctl infra up: using KAFKA_BOOTSTRAP_SERVERS={infra.kafka_bootstrap}; not starting a local broker",
+        f"mpctl infra up: using KAFKA_BOOTSTRAP_SERVERS={infra.kafka}; not starting a local broker",
         "mpctl infra up: using REDIS_URL=redis://:***@127.0.0.1:1/0; not starting a local redis",
     ]
     # stdout keeps its contract: the exports, for `eval "$(mpctl infra up)"`.
     assert proc.stdout.splitlines() == [
-        f"KAFKA_BOOTSTRAP_SERVERS={infra.kafka_bootstrap}",
+        f"KAFKA_BOOTSTRAP_SERVERS={infra.kafka}",
         f"REDIS_URL={redis_with_password}",
     ]
     assert not state.exists()

@@ -76,7 +76,7 @@ def write_config(path: Path, namespace: str, history: int = HISTORY) -> AppConfi
 
 
 def settings(kafka_bootstrap: str, namespace: str, cfg_path: Path) -> ServiceSettings:
-    return ServiceSettings(config_path=cfg_path, kafka_bootstrap=kafka_bootstrap, namespace=namespace)
+    return ServiceSettings(config_path=cfg_path, kafka=kafka_bootstrap, namespace=namespace)
 
 
 def at_peer(peer: CoinbaseMdPeer) -> LiveSourceOptions:
@@ -86,7 +86,7 @@ def at_peer(peer: CoinbaseMdPeer) -> LiveSourceOptions:
 
 async def read_all(bootstrap: str, topic: str) -> list[tuple[int, Message]]:
     """Every record of `topic` now, as (partition, message), in offset order per partition."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**bootstrap.client_options(), enable_auto_commit=False)
     await consumer.start()
     out: list[tuple[int, Message]] = []
     try:

@@ -49,7 +49,7 @@ async def _setup(bootstrap: str, ns: str) -> tuple[str, str, str]:
 
 
 async def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    p = AIOKafkaProducer(**bootstrap.client_options())
     await p.start()
     try:
         for v in values:
@@ -87,7 +87,7 @@ def _loop(bootstrap: str, topics: list[str], group: str, pub: Publisher, dlq: st
 async def test_malformed_bytes_go_to_dead_letter_and_valid_messages_all_arrive(
     infra: Endpoints, namespace: str
 ) -> None:
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     src, out, dlq = await _setup(b, namespace)
     bad_schema = b'{"type": "CandleClosed", "id": "x"}'
     await _produce(
@@ -121,7 +121,7 @@ async def test_malformed_bytes_go_to_dead_letter_and_valid_messages_all_arrive(
 
 
 async def test_refused_message_is_dead_lettered_with_reason(infra: Endpoints, namespace: str) -> None:
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     src, _out, dlq = await _setup(b, namespace)
     await _produce(b, src, [encode(candle(0)), encode(candle(1))])
     pub = Publisher(b, client_id="t")
@@ -146,7 +146,7 @@ async def test_refused_message_is_dead_lettered_with_reason(infra: Endpoints, na
 async def test_failed_handler_commits_nothing_and_batch_is_redelivered(
     infra: Endpoints, namespace: str
 ) -> None:
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     src, _out, dlq = await _setup(b, namespace)
     await _produce(b, src, [encode(candle(i)) for i in range(3)])
     group = f"{namespace}.g"
@@ -181,7 +181,7 @@ async def test_failed_handler_commits_nothing_and_batch_is_redelivered(
 
 
 async def test_declared_topic_with_other_partition_count_is_refused(infra: Endpoints, namespace: str) -> None:
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     await ensure_topics(b, [TopicSpec(f"{namespace}.x", 2)])
     await ensure_topics(b, [TopicSpec(f"{namespace}.x", 2)])  # idempotent
     with pytest.raises(RuntimeError, match=r"has 2 partitions but 3 are declared"):
@@ -191,7 +191,7 @@ async def test_declared_topic_with_other_partition_count_is_refused(infra: Endpo
 async def test_rebuild_on_start_rereads_the_whole_log_despite_committed_offsets(
     infra: Endpoints, namespace: str
 ) -> None:
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     src, _out, dlq = await _setup(b, namespace)
     await _produce(b, src, [encode(candle(i)) for i in range(3)])
     group = f"{namespace}.g"
@@ -316,7 +316,7 @@ async def _wait(what: str, cond: Callable[[], bool], timeout: float = 60.0) -> N
 
 
 async def _committed(bootstrap: str, group: str) -> dict[int, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**bootstrap.client_options())
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(group)
@@ -326,7 +326,7 @@ async def _committed(bootstrap: str, group: str) -> dict[int, int]:
 
 
 async def _produce_to(bootstrap: str, topic: str, per_partition: dict[int, int], first: int) -> None:
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    p = AIOKafkaProducer(**bootstrap.client_options())
     await p.start()
     try:
         for part, n in per_partition.items():
@@ -346,7 +346,7 @@ async def test_member_that_loses_its_partitions_warns_once_and_rejoins(
     on, the poll interval expires). The other member takes its partition over and reads it from the last commit;
     when the first resumes, its commit is refused: one warning, no exception, no record of the lost partition
     handled after the pause, and it rejoins and shares the next records."""
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     src, out, dlq = f"{namespace}.in", f"{namespace}.out", f"{namespace}.dlq"
     await ensure_topics(b, [TopicSpec(src, 2), TopicSpec(out, 1), TopicSpec(dlq, 1)])
     group = f"{namespace}.g"
@@ -427,7 +427,7 @@ async def test_rebuild_resumes_a_partition_given_back_by_a_rebalance_where_its_s
 ) -> None:
     """A rebalance revokes every partition and assigns them again (eager protocol); with rebuild_on_start the
     loop reads a partition it already applied from where it stopped: nothing enters its state twice."""
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     src, _out, dlq = await _setup(b, namespace)
     other = f"{namespace}.other"
     await ensure_topics(b, [TopicSpec(other, 1)])
@@ -454,7 +454,7 @@ async def test_rebuild_resumes_a_partition_given_back_by_a_rebalance_where_its_s
     )
     await loop.start()
     running = asyncio.create_task(loop.run(recording))
-    joiner = AIOKafkaConsumer(bootstrap_servers=b, group_id=group, enable_auto_commit=False)
+    joiner = AIOKafkaConsumer(**b.client_options(), group_id=group, enable_auto_commit=False)
 
     class Count(ConsumerRebalanceListener):  # type: ignore[misc]
         async def on_partitions_revoked(self, revoked: object) -> None:

@@ -21,7 +21,7 @@ COMMITTED = {0: 4, 1: 7}  # what the consumer commits before pausing
 
 
 async def _topic(bootstrap: str, name: str, partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**bootstrap.client_options())
     await admin.start()
     try:
         await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
@@ -30,7 +30,7 @@ async def _topic(bootstrap: str, name: str, partitions: int) -> None:
 
 
 async def _delete(bootstrap: str, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**bootstrap.client_options())
     await admin.start()
     try:
         await admin.delete_topics(names)
@@ -41,8 +41,8 @@ async def _delete(bootstrap: str, names: list[str]) -> None:
 @pytest.fixture
 async def paused_group(infra: Endpoints, namespace: str) -> AsyncIterator[tuple[str, str]]:
     topic, group = f"{namespace}.lagtest", f"{namespace}.lagger"
-    await _topic(infra.kafka_bootstrap, topic, 3)
-    producer = AIOKafkaProducer(bootstrap_servers=infra.kafka_bootstrap, acks="all")
+    await _topic(infra.kafka, topic, 3)
+    producer = AIOKafkaProducer(**infra.kafka.client_options(), acks="all")
     await producer.start()
     try:
         for p, n in PRODUCED.items():
@@ -52,7 +52,7 @@ async def paused_group(infra: Endpoints, namespace: str) -> AsyncIterator[tuple[
         await producer.stop()
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=infra.kafka_bootstrap,
+        **infra.kafka.client_options(),
         group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -71,14 +71,14 @@ async def paused_group(infra: Endpoints, namespace: str) -> AsyncIterator[tuple[
         yield topic, group
     finally:
         await consumer.stop()
-        await _delete(infra.kafka_bootstrap, [topic])
+        await _delete(infra.kafka, [topic])
 
 
 async def test_lag_is_exactly_end_minus_committed(
     infra: Endpoints, namespace: str, paused_group: tuple[str, str]
 ) -> None:
     topic, group = paused_group
-    report = await fetch_lag(infra.kafka_bootstrap, namespace)
+    report = await fetch_lag(infra.kafka, namespace)
     [g] = report.groups
     assert (g.group, g.members, g.state) == (group, 1, "Stable")
     rows = {p.partition: p for p in g.partitions}
@@ -116,7 +116,7 @@ def _cli(*argv: str) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 async def test_mpctl_lag_json_and_table(
     infra: Endpoints, namespace: str, paused_group: tuple[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, args = _cli("lag", "--namespace", namespace, "--bootstrap", infra.kafka_bootstrap, "--json")
+    _, args = _cli("lag", "--namespace", namespace, "--bootstrap", infra.kafka, "--json")
     # The command runs its own event loop (asyncio.run), so it goes to a thread here.
     assert await asyncio.to_thread(args.handler, args) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -124,12 +124,12 @@ async def test_mpctl_lag_json_and_table(
     parts = {p["partition"]: p["lag"] for p in doc["groups"][0]["partitions"]}
     assert parts == {0: 6, 1: 0, 2: None}
 
-    _, args = _cli("lag", "--namespace", namespace, "--bootstrap", infra.kafka_bootstrap, "--fail-above", "5")
+    _, args = _cli("lag", "--namespace", namespace, "--bootstrap", infra.kafka, "--fail-above", "5")
     assert await asyncio.to_thread(args.handler, args) == 3
     out = capsys.readouterr().out
     assert "lagger" in out and "total lag 6" in out
 
 
 async def test_lag_of_an_empty_namespace(infra: Endpoints, namespace: str) -> None:
-    report = await fetch_lag(infra.kafka_bootstrap, namespace)
+    report = await fetch_lag(infra.kafka, namespace)
     assert report.groups == () and "no consumer group in this namespace" in format_table(report)

@@ -43,7 +43,7 @@ async def hook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
 
 
 def _service(b: str, namespace: str, tmp: Path, url: str) -> MonitorService:
-    settings = ServiceSettings(config_path=TEMPLATE, kafka_bootstrap=b, namespace=namespace)
+    settings = ServiceSettings(config_path=TEMPLATE, kafka=b, namespace=namespace)
     opts = MonitorOptions(
         audit_file=tmp / "audit.jsonl",
         alerts_file=tmp / "alerts.jsonl",
@@ -68,7 +68,7 @@ def _halt(i: int) -> ProfileHalted:
 async def test_monitor_audits_alerts_and_exports(
     infra: Endpoints, namespace: str, tmp_path: Path, hook: tuple[str, list[dict[str, Any]]]
 ) -> None:
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     url, got = hook
     cfg = ns_config(namespace)
     await create_topics(b, cfg)

@@ -27,7 +27,7 @@ async def test_registry_command_check_sends_no_request_per_batch(
 ) -> None:
     t = Topics(namespace)
     await ensure_topics(kafka_bootstrap, [TopicSpec(t.candles, 1), TopicSpec(t.commands, 1)])
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True)
+    producer = AIOKafkaProducer(**kafka_bootstrap.client_options(), acks="all", enable_idempotence=True)
     consumer = registry_consumer(kafka_bootstrap)
     await producer.start()
     await consumer.start()

@@ -125,14 +125,14 @@ class Run:
     async def setup(self) -> None:
         for attempt in range(5):
             try:
-                await ensure_topics(self.endpoints.kafka_bootstrap, declared_topics(self.cfg, self.ns))
+                await ensure_topics(self.endpoints.kafka, declared_topics(self.cfg, self.ns))
                 break
             except RuntimeError:
                 # Right after creation the broker may describe a topic with 0 partitions; ask again.
                 if attempt == 4:
                     raise
                 await asyncio.sleep(0.5)
-        self.publisher = Publisher(self.endpoints.kafka_bootstrap, client_id=f"{self.ns}.test-ingest")
+        self.publisher = Publisher(self.endpoints.kafka, client_id=f"{self.ns}.test-ingest")
         await self.publisher.start()
 
     def start_registry(self, instance: str, *extra: str) -> subprocess.Popen[bytes]:
@@ -144,7 +144,7 @@ class Run:
             "-m",
             "services.registry",
             "--bootstrap",
-            self.endpoints.kafka_bootstrap,
+            self.endpoints.kafka,
             "--redis-url",
             self.endpoints.redis_url,
             "--namespace",
@@ -199,7 +199,7 @@ class Run:
         await self.publisher.flush()
 
     async def plans(self) -> list[PlanPublished]:
-        plans = await read_plans(self.endpoints.kafka_bootstrap, self.topics.plans)
+        plans = await read_plans(self.endpoints.kafka, self.topics.plans)
         assert plans is not None
         return plans
 
@@ -221,7 +221,7 @@ class Run:
     ) -> dict[str, WorkerFinished]:
         want = set(instances)
         consumer = AIOKafkaConsumer(
-            self.topics.status, bootstrap_servers=self.endpoints.kafka_bootstrap, auto_offset_reset="earliest"
+            self.topics.status, **self.endpoints.kafka.client_options(), auto_offset_reset="earliest"
         )
         await consumer.start()
         seen: dict[str, WorkerFinished] = {}
@@ -262,7 +262,7 @@ class Run:
         if self.publisher is not None:
             await self.publisher.stop()
         await delete_topics(
-            self.endpoints.kafka_bootstrap, [s.name for s in declared_topics(self.cfg, self.ns)]
+            self.endpoints.kafka, [s.name for s in declared_topics(self.cfg, self.ns)]
         )
         await self.flush_redis()
 

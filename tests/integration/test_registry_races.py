@@ -97,7 +97,7 @@ async def test_four_replicas_race_to_one_plan_per_profile_and_epoch(infra: Endpo
             }
             if n == 1:
                 # `mpctl plans` on a running namespace: the current plan of every profile
-                rows = await current_plans(namespace=ns, bootstrap=infra.kafka_bootstrap)
+                rows = await current_plans(namespace=ns, bootstrap=infra.kafka)
                 assert [r["profile"] for r in rows] == sorted(SPECS)
                 text = plans_table(rows)
                 assert "alpha" in text and "fingerprint" in text

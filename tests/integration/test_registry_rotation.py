@@ -97,7 +97,7 @@ async def test_rotate_command_gives_one_new_plan_per_target_and_a_restart_reache
         assert sum(int(f.detail["plans"]) for f in finished.values()) == len(plans)
 
         # Every registry judged the commands and audited its verdicts.
-        audit, _ = await read_topics(infra.kafka_bootstrap, [run.topics.audit])
+        audit, _ = await read_topics(infra.kafka, [run.topics.audit])
         verdicts = {
             (v.command_id, v.accepted)
             for v in audit

@@ -85,7 +85,7 @@ async def test_metrics_and_mpctl_plans(
         run_dir.mkdir()
         (run_dir / "run.json").write_text(
             json.dumps(
-                {"namespace": run.ns, "kafka_bootstrap": infra.kafka_bootstrap, "redis_url": infra.redis_url}
+                {"namespace": run.ns, "kafka_bootstrap": infra.kafka, "redis_url": infra.redis_url}
             )
         )
         assert (
@@ -110,7 +110,7 @@ async def test_metrics_and_mpctl_plans(
         assert (
             await asyncio.to_thread(
                 commands_plans.run_plans,
-                parse_plans_args("--namespace", run.ns, "--bootstrap", infra.kafka_bootstrap),
+                parse_plans_args("--namespace", run.ns, "--bootstrap", infra.kafka),
             )
             == 0
         )

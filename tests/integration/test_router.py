@@ -15,7 +15,7 @@ from tests.unit.builders import HOUR, T0, candle, step_completed, watermark
 
 
 async def test_manual_trade_through_arbiter_and_execution(infra: Endpoints, namespace: str) -> None:
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     await create_topics(b, ns_config(namespace))
     async with running(b, namespace, executions=("profile_a",)) as t:
         await publish(
@@ -98,7 +98,7 @@ async def test_manual_trade_through_arbiter_and_execution(infra: Endpoints, name
 
 
 async def test_router_without_topics_says_what_to_do(infra: Endpoints, namespace: str) -> None:
-    router = ProfileRouter(TEMPLATE, bootstrap=infra.kafka_bootstrap, namespace=namespace)
+    router = ProfileRouter(TEMPLATE, bootstrap=infra.kafka, namespace=namespace)
     with pytest.raises(RuntimeError, match="start the stack first"):
         await router.initialize()
     with pytest.raises(RuntimeError, match="initialize"):

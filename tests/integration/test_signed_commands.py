@@ -19,7 +19,7 @@ KEY = b"integration-command-key-0123456789"
 async def test_service_applies_valid_command_and_audits_each_refusal(
     infra: Endpoints, namespace: str
 ) -> None:
-    b = infra.kafka_bootstrap
+    b = infra.kafka
     commands, audit, dlq = f"{namespace}.control.commands", f"{namespace}.audit", f"{namespace}.dlq"
     await ensure_topics(
         b, [TopicSpec(commands, 1, log_append_time=True), TopicSpec(audit, 1), TopicSpec(dlq, 1)]

@@ -55,12 +55,12 @@ async def test_strategy_metrics_equal_the_runs_output(
     cfg = _config(namespace)
     t = Topics(namespace)
     specs = declared_topics(cfg, namespace)
-    await ensure_topics(infra.kafka_bootstrap, specs)
+    await ensure_topics(infra.kafka, specs)
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     common = [
         "--bootstrap",
-        infra.kafka_bootstrap,
+        infra.kafka,
         "--redis-url",
         infra.redis_url,
         "--source",
@@ -83,13 +83,13 @@ async def test_strategy_metrics_equal_the_runs_output(
         stack.start(
             "ingest", ["services.ingest", *common, "--data", str(DATA), "--hours", str(HOURS)], log_dir
         )
-        await wait_finished(infra.kafka_bootstrap, t.status, expected_finishers(cfg), stack, 240, started)
+        await wait_finished(infra.kafka, t.status, expected_finishers(cfg), stack, 240, started)
         got = scrape(port)  # the worker still runs: finished means every step and every fill was applied
     finally:
         stack.stop()
-    summary = await collect_run(cfg, infra.kafka_bootstrap, tmp_path / "run")
-    raw, _ = await read_topics(infra.kafka_bootstrap, [t.intents, t.candles])
-    await delete_topics(infra.kafka_bootstrap, [s.name for s in specs])
+    summary = await collect_run(cfg, infra.kafka, tmp_path / "run")
+    raw, _ = await read_topics(infra.kafka, [t.intents, t.candles])
+    await delete_topics(infra.kafka, [s.name for s in specs])
 
     def g(name: str, **labels: str) -> float:
         return got[(name, tuple(sorted({"profile": PID, **labels}.items())))]

@@ -49,7 +49,7 @@ async def _kill_mid_replay(
     """SIGKILL the victim's strategy worker once it completed KILL_AFTER_STEPS steps (with an intent among
     them), start it again; returns how many steps it had completed."""
     t = Topics(cfg.system.kafka.namespace)
-    consumer = AIOKafkaConsumer(bootstrap_servers=endpoints.kafka_bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**endpoints.kafka.client_options(), enable_auto_commit=False)
     await consumer.start()
     try:
         tp = TopicPartition(t.intents, 0)  # step markers go to every partition; intents to theirs
@@ -88,12 +88,12 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, kill: bool) -> dict[
     cfg = _config(ns)
     t = Topics(ns)
     specs = declared_topics(cfg, ns)
-    await ensure_topics(endpoints.kafka_bootstrap, specs)
+    await ensure_topics(endpoints.kafka, specs)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True)
     common = [
         "--bootstrap",
-        endpoints.kafka_bootstrap,
+        endpoints.kafka,
         "--redis-url",
         endpoints.redis_url,
         "--source",
@@ -116,12 +116,12 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, kill: bool) -> dict[
         stack.start("ingest", ["services.ingest", *common, *replay], log_dir)
         if kill:
             killed_at = await _kill_mid_replay(endpoints, cfg, stack, log_dir, common)
-        await wait_finished(endpoints.kafka_bootstrap, t.status, expected_finishers(cfg), stack, 240, started)
+        await wait_finished(endpoints.kafka, t.status, expected_finishers(cfg), stack, 240, started)
     finally:
         stack.stop()
-    await collect_run(cfg, endpoints.kafka_bootstrap, out)
-    raw, _ = await read_topics(endpoints.kafka_bootstrap, [t.intents, t.events])
-    await delete_topics(endpoints.kafka_bootstrap, [s.name for s in specs])
+    await collect_run(cfg, endpoints.kafka, out)
+    raw, _ = await read_topics(endpoints.kafka, [t.intents, t.events])
+    await delete_topics(endpoints.kafka, [s.name for s in specs])
     return {"raw": raw, "killed_at": killed_at, "seconds": time.monotonic() - started}
 
 

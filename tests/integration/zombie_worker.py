@@ -55,7 +55,7 @@ async def main(namespace: str, bootstrap_: str, api_base: str, marker_dir: str, 
         logging.getLogger("zombie").warning("RESUMED after the pause at %s of %s", at, client_order_id)
         (markers / "resumed").write_text(str(os.getpid()))
 
-    settings = ServiceSettings(kafka_bootstrap=bootstrap_, namespace=namespace, profile=PID)
+    settings = ServiceSettings(kafka=bootstrap_, namespace=namespace, profile=PID)
     svc = bootstrap(
         settings,
         ExecutionOptions(exchange_api_base=api_base),

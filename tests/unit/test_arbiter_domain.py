@@ -870,7 +870,7 @@ def test_event_time_of_a_delayed_order_is_unchanged(cfg: AppConfig) -> None:
 # ------------------------------------------------------------------------------------------ wiring
 def test_service_routes_every_output_and_counts_what_it_publishes(cfg: AppConfig) -> None:
     svc = bootstrap(
-        ServiceSettings(kafka_bootstrap="unused:0"), overrides={"config": cfg}
+        ServiceSettings(kafka="unused:0"), overrides={"config": cfg}
     )  # connects nothing
     t = Topics(cfg.system.kafka.namespace)
     assert svc.inputs == [t.intents, t.plans, t.candles]

@@ -100,7 +100,7 @@ def test_subscriptions_cover_what_the_services_read(three: AppConfig) -> None:
     t = Topics(three.system.kafka.namespace)
     subs = subscriptions(t, list(three.enabled_profiles()))
     readers: dict[str, set[tuple[str, str]]] = {topic: set(r) for topic, r in subs.items()}
-    settings = ServiceSettings(kafka_bootstrap="unused:0")
+    settings = ServiceSettings(kafka="unused:0")
     # The arbiter reads intents, plans and candles (services/arbiter/bootstrap.py); a service built on
     # StateMachineService says what it reads itself.
     arbiter = arbiter_bootstrap.bootstrap(settings, overrides={"config": three})

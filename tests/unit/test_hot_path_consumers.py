@@ -23,7 +23,7 @@ DEFAULT_WAIT_MS = inspect.signature(AIOKafkaConsumer).parameters["fetch_max_wait
 
 
 def settings(**extra: str) -> ServiceSettings:
-    return ServiceSettings(config_path=TEMPLATE, kafka_bootstrap=UNUSED, **extra)  # type: ignore[arg-type]
+    return ServiceSettings(config_path=TEMPLATE, kafka=UNUSED, **extra)  # type: ignore[arg-type]
 
 
 def fetch_wait_ms(consumer: AIOKafkaConsumer) -> int:

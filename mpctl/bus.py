@@ -1,0 +1,334 @@
+"""The secrets and the administration of a bus this project runs (`mpctl infra up`, the demo, `mpctl run`).
+
+`BusSecrets` is one folder (mode 0700, every file 0600):
+
+- `master.key`: 32 random bytes, created on the first start. Every principal's password is derived from it
+  (HKDF-SHA256 with the principal's name and generation), so no password is stored anywhere: the broker keeps
+  only salted SCRAM verifiers, and `mpctl` derives a password when it starts a service and hands it over on
+  the service's standard input. Rotating a principal bumps its generation (`generations.json`, not secret): the
+  next `apply_bus` gives the broker the new verifier and the old password stops working.
+- `ca.crt`, `ca.key`, `broker.pem`: a private CA and the broker's TLS key and certificate for its host names.
+  Clients trust `ca.crt` only.
+
+`apply_bus` gives the broker a namespace's principals (SCRAM users) and their ACLs (shared/principals.py),
+through the admin principal, a super user that no service ever gets. Nothing here logs or raises a password.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import secrets as pysecrets
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydantic import SecretStr
+
+from shared.bus import KafkaAccess
+from shared.config import AppConfig
+from shared.principals import ADMIN, Acl, acls, principals
+
+# The broker's controller listener authenticates the controller itself (PLAIN, loopback only).
+CONTROLLER = "controller"
+SCRAM_ITERATIONS = 8192
+CERT_DAYS = 3650
+_PASSWORD_INFO = "mpctl-bus/v1/password"
+
+
+class BusError(RuntimeError):
+    """A bus set-up problem, said without any secret."""
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Atomic write, mode 0600 from the first byte."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class BusSecrets:
+    """The secrets folder of one broker (see the module docstring)."""
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+
+    def __repr__(self) -> str:
+        return f"BusSecrets({str(self.folder)!r})"
+
+    @property
+    def master_file(self) -> Path:
+        return self.folder / "master.key"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.folder / "ca.crt"
+
+    @property
+    def ca_key_file(self) -> Path:
+        return self.folder / "ca.key"
+
+    @property
+    def broker_pem(self) -> Path:
+        return self.folder / "broker.pem"
+
+    @property
+    def generations_file(self) -> Path:
+        return self.folder / "generations.json"
+
+    def exists(self) -> bool:
+        return self.master_file.is_file() and self.ca_file.is_file() and self.broker_pem.is_file()
+
+    def ensure(self, hosts: Sequence[str]) -> None:
+        """Create what is missing: the master key, the CA, the broker's certificate for `hosts`."""
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.folder, 0o700)
+        if not self.master_file.is_file():
+            write_private(self.master_file, base64.b64encode(pysecrets.token_bytes(32)) + b"\n")
+        if not (self.ca_file.is_file() and self.ca_key_file.is_file()):
+            self._new_ca()
+        if not self.broker_pem.is_file() or not self._covers(hosts):
+            self._new_broker_cert(hosts)
+
+    def _master(self) -> bytes:
+        try:
+            raw = self.master_file.read_bytes()
+        except OSError as err:
+            raise BusError(f"cannot read the bus master key {self.master_file}: {err.strerror}") from None
+        try:
+            key = base64.b64decode(raw.strip(), validate=True)
+        except ValueError:
+            raise BusError(f"{self.master_file} is not a bus master key (base64 of 32 bytes)") from None
+        if len(key) != 32:
+            raise BusError(f"{self.master_file} holds {len(key)} bytes, not 32")
+        return key
+
+    def generation(self, principal: str) -> int:
+        return self._generations().get(principal, 0)
+
+    def _generations(self) -> dict[str, int]:
+        if not self.generations_file.is_file():
+            return {}
+        try:
+            data = json.loads(self.generations_file.read_text())
+        except (OSError, ValueError) as err:
+            raise BusError(f"cannot read {self.generations_file}: {err}") from None
+        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+            raise BusError(f"{self.generations_file} is not a map of principal to generation")
+        return {str(k): int(v) for k, v in data.items()}
+
+    def rotate(self, principal: str) -> int:
+        """The principal's next generation (its password changes); `apply_bus` then gives it to the broker."""
+        gens = self._generations()
+        gens[principal] = gens.get(principal, 0) + 1
+        write_private(self.generations_file, json.dumps(gens, indent=1, sort_keys=True).encode() + b"\n")
+        return gens[principal]
+
+    def password(self, principal: str) -> SecretStr:
+        info = f"{_PASSWORD_INFO}/{principal}/{self.generation(principal)}".encode()
+        raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._master())
+        return SecretStr(base64.urlsafe_b64encode(raw).decode().rstrip("="))
+
+    def access(self, servers: str, principal: str) -> KafkaAccess:
+        """How `principal` reaches the broker at `servers`."""
+        return KafkaAccess(
+            servers=servers, username=principal, password=self.password(principal), ca_file=self.ca_file
+        )
+
+    # ---- TLS
+
+    def _new_ca(self) -> None:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mpctl bus CA")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        write_private(self.ca_key_file, _pkcs8(key))
+        write_private(self.ca_file, cert.public_bytes(serialization.Encoding.PEM))
+        self.broker_pem.unlink(missing_ok=True)  # signed by the old CA, if any
+
+    def _covers(self, hosts: Sequence[str]) -> bool:
+        try:
+            cert = x509.load_pem_x509_certificate(self.broker_pem.read_bytes())
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except (OSError, ValueError, x509.ExtensionNotFound):
+            return False
+        names = {str(n) for n in san.get_values_for_type(x509.DNSName)}
+        names |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+        return set(hosts) <= names
+
+    def _new_broker_cert(self, hosts: Sequence[str]) -> None:
+        ca_key = serialization.load_pem_private_key(self.ca_key_file.read_bytes(), password=None)
+        if not isinstance(ca_key, rsa.RSAPrivateKey):
+            raise BusError(f"{self.ca_key_file} is not the bus CA's RSA key")
+        ca = x509.load_pem_x509_certificate(self.ca_file.read_bytes())
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        sans: list[x509.GeneralName] = []
+        for h in dict.fromkeys(["localhost", "127.0.0.1", *hosts]):
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mpctl bus broker")]))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        # Kafka's PEM key store: the unencrypted PKCS#8 key, then the certificate chain, in one file.
+        write_private(self.broker_pem, _pkcs8(key) + cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _pkcs8(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+# ------------------------------------------------------------------------------------------ administration
+
+
+@dataclass(frozen=True)
+class Applied:
+    users: int
+    acls: int
+
+
+def apply_bus(admin: KafkaAccess, secrets: BusSecrets, cfg: AppConfig, namespace: str) -> Applied:
+    """Give the broker every principal of `namespace` (its current password's SCRAM verifier) and the
+    namespace's ACL set. Idempotent: what exists already is set again. Blocking (librdkafka's admin client)."""
+    names = principals(cfg, namespace)
+    set_users(admin, secrets, names)
+    rules = acls(cfg, namespace)
+    create_acls(admin, rules)
+    return Applied(users=len(names), acls=len(rules))
+
+
+def _admin_client(admin: KafkaAccess) -> object:
+    from confluent_kafka.admin import AdminClient
+
+    # librdkafka logs to stderr by itself; its lines name brokers and errors, never the SASL password.
+    return AdminClient({**admin.librdkafka_options(), "log_level": 3})
+
+
+def set_users(admin: KafkaAccess, secrets: BusSecrets, names: Iterable[str]) -> None:
+    from confluent_kafka.admin import (
+        AdminClient,
+        ScramCredentialInfo,
+        ScramMechanism,
+        UserScramCredentialUpsertion,
+    )
+
+    client = _admin_client(admin)
+    assert isinstance(client, AdminClient)
+    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS)
+    todo = [
+        UserScramCredentialUpsertion(n, info, secrets.password(n).get_secret_value().encode()) for n in names
+    ]
+    if not todo:
+        return
+    futures = client.alter_user_scram_credentials(todo, request_timeout=30)
+    _wait(futures, "setting the SCRAM credentials of")
+
+
+def create_acls(admin: KafkaAccess, rules: Sequence[Acl]) -> None:
+    from confluent_kafka.admin import (
+        AclBinding,
+        AclOperation,
+        AclPermissionType,
+        AdminClient,
+        ResourcePatternType,
+        ResourceType,
+    )
+
+    client = _admin_client(admin)
+    assert isinstance(client, AdminClient)
+    kinds = {"topic": ResourceType.TOPIC, "group": ResourceType.GROUP}
+    ops = {"read": AclOperation.READ, "write": AclOperation.WRITE, "describe": AclOperation.DESCRIBE}
+    bindings = [
+        AclBinding(
+            kinds[r.resource],
+            r.name,
+            ResourcePatternType.LITERAL,
+            f"User:{r.principal}",
+            "*",
+            ops[r.operation],
+            AclPermissionType.ALLOW,
+        )
+        for r in rules
+    ]
+    if bindings:
+        _wait(client.create_acls(bindings, request_timeout=30), "creating the ACL")
+
+
+def _wait(futures: dict[object, object], what: str) -> None:
+    from concurrent.futures import Future
+
+    from confluent_kafka import KafkaException
+
+    failed: list[str] = []
+    for key, fut in futures.items():
+        assert isinstance(fut, Future)
+        try:
+            fut.result(timeout=60)
+        except KafkaException as err:
+            failed.append(f"{key}: {err.args[0].str() if err.args else err}")
+        except TimeoutError:
+            failed.append(f"{key}: no answer within 60 s")
+    if failed:
+        more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
+        raise BusError(f"{what} {'; '.join(failed[:3])}{more}")
+
+
+def admin_access(servers: str, secrets: BusSecrets) -> KafkaAccess:
+    return secrets.access(servers, ADMIN)

@@ -1,0 +1,144 @@
+"""Who may do what on the bus: one principal per service instance kind, and the ACLs each one gets.
+
+Generated here, in one place, from the profiles file and the namespace; `mpctl infra up`/`demo`/`run` (through
+mpctl/bus.py), the compose topic job and the k8s render apply this same set. The broker's standard authorizer
+denies everything no ACL allows (`allow.everyone.if.no.acl.found=false`), so this table is the whole of what each
+service can do:
+
+- `orders.approved.<profile>` is written only by the arbiter and read only by that profile's execution worker:
+  nobody else can hand the worker an order to send with the profile's key.
+- order events and fills are written only by the execution workers (and the arbiter's decisions, which share the
+  topic today); plans only by the registry; candles, trades and the exchange clock only by the ingest; commands
+  only by the operator (`mpctl`).
+- each consumer group is used only by its owner; each state topic is read and written only by its owner.
+
+Pure: names and rules, no client. A principal's name starts with the namespace, so two namespaces on one broker
+(a demo beside a live system, two test runs) get disjoint rights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from shared.config import AppConfig
+from shared.topics import Topics
+
+Resource = Literal["topic", "group"]
+Operation = Literal["read", "write", "describe"]
+
+# Services with one instance kind for the whole system, and those with one per profile.
+SYSTEM_SERVICES = ("ingest", "registry", "arbiter", "monitor")
+PROFILE_SERVICES = ("strategy", "execution")
+OPERATOR = "operator"
+# The broker's own super user (topics, SCRAM users, ACLs); never a service's principal.
+ADMIN = "admin"
+
+
+@dataclass(frozen=True, order=True)
+class Acl:
+    """ALLOW `operation` on one resource (a literal name) to one principal (a SCRAM user name)."""
+
+    principal: str
+    resource: Resource
+    name: str
+    operation: Operation
+
+
+def principal(namespace: str, service: str, profile: str | None = None) -> str:
+    """The SCRAM user name of a service instance kind: `<ns>.<service>` or `<ns>.<service>.<profile>`."""
+    return f"{namespace}.{service}.{profile}" if profile else f"{namespace}.{service}"
+
+
+def principals(cfg: AppConfig, namespace: str) -> list[str]:
+    """Every principal of a namespace: the system services, the per-profile workers, and the operator."""
+    out = [principal(namespace, s) for s in SYSTEM_SERVICES]
+    out += [principal(namespace, s, p) for s in PROFILE_SERVICES for p in cfg.profiles]
+    out.append(principal(namespace, OPERATOR))
+    return out
+
+
+def service_principal(namespace: str, name: str) -> str:
+    """The principal of a process named as `mpctl`'s stack names it: `strategy-<profile>`, `execution-<profile>`,
+    `arbiter-1` (a second arbiter replica) or a service name."""
+    for svc in PROFILE_SERVICES:
+        if name.startswith(f"{svc}-"):
+            return principal(namespace, svc, name[len(svc) + 1 :])
+    base = name.split("-", 1)[0]
+    if base not in SYSTEM_SERVICES:
+        raise ValueError(f"no principal for a process named {name!r}")
+    return principal(namespace, base)
+
+
+def acls(cfg: AppConfig, namespace: str) -> list[Acl]:
+    """The whole ACL set of a namespace, sorted and without duplicates."""
+    t = Topics(namespace)
+    profiles = list(cfg.profiles)
+    out: set[Acl] = set()
+
+    def allow(
+        who: str, ops: Iterable[Operation], topics: Iterable[str], resource: Resource = "topic"
+    ) -> None:
+        for name in topics:
+            for op in ops:
+                out.add(Acl(who, resource, name, op))
+
+    # What every service does: report itself and what it refused.
+    shared_writes = [t.audit, t.status, t.dead_letter, t.heartbeats]
+    for who in [principal(namespace, s) for s in SYSTEM_SERVICES] + [
+        principal(namespace, s, p) for s in PROFILE_SERVICES for p in profiles
+    ]:
+        allow(who, ["write"], shared_writes)
+
+    ingest = principal(namespace, "ingest")
+    # The ingest reads its own candles back to resume where it stopped (services/ingest/live.py).
+    allow(ingest, ["read", "write"], [t.candles, t.trades, t.clock])
+
+    registry = principal(namespace, "registry")
+    allow(registry, ["read"], [t.candles, t.commands, t.clock])
+    allow(registry, ["read", "write"], [t.plans])  # reads its own plans back on start
+
+    arbiter = principal(namespace, "arbiter")
+    allow(arbiter, ["read"], [t.intents, t.plans, t.candles, t.events])
+    allow(arbiter, ["write"], [t.events] + [t.approved(p) for p in profiles])
+    allow(arbiter, ["read"], [t.group("arbiter")], "group")
+    allow(arbiter, ["read", "write"], [t.state("arbiter")])
+
+    for p in profiles:
+        strategy = principal(namespace, "strategy", p)
+        allow(strategy, ["read"], [t.candles, t.plans, t.events, t.commands, t.intents])
+        allow(strategy, ["write"], [t.intents])
+        allow(strategy, ["read"], [t.group("strategy", p)], "group")
+        allow(strategy, ["read", "write"], [t.state("strategy", p)])
+
+        execution = principal(namespace, "execution", p)
+        allow(execution, ["read"], [t.approved(p), t.candles, t.commands, t.clock, t.events])
+        allow(execution, ["write"], [t.events])
+        allow(execution, ["read"], [t.group("execution", p)], "group")
+        allow(execution, ["read", "write"], [t.state("execution", p)])
+
+    monitor = principal(namespace, "monitor")
+    watched = [t.candles, t.plans, t.intents, t.events, t.audit, t.status, t.dead_letter, t.heartbeats]
+    allow(monitor, ["read"], watched + [t.commands])
+    allow(monitor, ["read"], [t.group("monitor")], "group")
+    allow(monitor, ["read", "write"], [t.state("monitor")])
+    groups = group_names(cfg, namespace)
+    allow(monitor, ["describe"], groups, "group")  # consumer lag
+
+    operator = principal(namespace, OPERATOR)
+    # Commands are the operator's alone; a manual signal through the router (mpctl/router.py) is an intent like
+    # a strategy's, which the arbiter judges like any other.
+    allow(operator, ["write"], [t.commands, t.intents])
+    # Reports, status and lag read what the monitor reads; never an approval or a state snapshot.
+    allow(operator, ["read"], watched + [t.commands, t.trades, t.clock])
+    allow(operator, ["describe"], groups, "group")
+    return sorted(out)
+
+
+def group_names(cfg: AppConfig, namespace: str) -> list[str]:
+    """Every consumer group of a namespace."""
+    t = Topics(namespace)
+    return [t.group("arbiter"), t.group("monitor")] + [
+        t.group(s, p) for s in PROFILE_SERVICES for p in cfg.profiles
+    ]
