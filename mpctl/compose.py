@@ -551,6 +551,7 @@ def _add_topics_args(p: argparse.ArgumentParser) -> None:
 def cmd_topics(args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
 
+    from mpctl.infra import InfraError, access_from_env
     from shared.kafka import ensure_topics
     from shared.topics import declared_topics
 
@@ -561,9 +562,14 @@ def cmd_topics(args: argparse.Namespace) -> int:
         return 1
     specs = declared_topics(cfg)
     rf = cfg.system.kafka.replication_factor
+    try:
+        access = access_from_env(args.bootstrap, os.environ)
+    except InfraError as err:
+        print(f"topics: {err}", file=sys.stderr)
+        return 1
     for attempt in range(1, max(1, args.attempts) + 1):
         try:
-            asyncio.run(ensure_topics(args.bootstrap, specs, replication_factor=rf))
+            asyncio.run(ensure_topics(access, specs, replication_factor=rf))
         except (KafkaError, OSError) as err:  # KafkaError is a RuntimeError: caught first
             if attempt >= args.attempts:
                 print(

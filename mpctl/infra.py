@@ -969,13 +969,13 @@ def resolve_endpoints(
         (announce or say)(line)
     if kafka_env and redis_env:
         return Endpoints(
-            kafka=_given_access(kafka_env, environ), redis_url=redis_env, bus=_given_bus(environ)
+            kafka=access_from_env(kafka_env, environ), redis_url=redis_env, bus=_given_bus(environ)
         )
     local = (infra or LocalInfra()).up(progress, kafka=not kafka_env, redis=not redis_env)
     if not kafka_env:
         return Endpoints(kafka=local.kafka, redis_url=redis_env or local.redis_url, bus=local.bus)
     return Endpoints(
-        kafka=_given_access(kafka_env, environ), redis_url=local.redis_url, bus=_given_bus(environ)
+        kafka=access_from_env(kafka_env, environ), redis_url=local.redis_url, bus=_given_bus(environ)
     )
 
 
@@ -996,7 +996,7 @@ def operator_access(
         bus = BusSecrets(folder)
         if bus.exists():
             return bus.access(servers, principal(namespace, OPERATOR))
-    return _given_access(servers, {k: v for k, v in environ.items() if k != ENV_BUS_DIR})
+    return access_from_env(servers, {k: v for k, v in environ.items() if k != ENV_BUS_DIR})
 
 
 def _given_bus(environ: Mapping[str, str]) -> BusSecrets | None:
@@ -1009,7 +1009,7 @@ def _given_bus(environ: Mapping[str, str]) -> BusSecrets | None:
     return bus
 
 
-def _given_access(servers: str, environ: Mapping[str, str]) -> KafkaAccess:
+def access_from_env(servers: str, environ: Mapping[str, str]) -> KafkaAccess:
     """The broker the environment names: as its admin when MPCTL_BUS_DIR holds its secrets (`mpctl infra up`
     prints both), else with KAFKA_USERNAME / KAFKA_PASSWORD_FILE / KAFKA_CA_FILE, or unauthenticated."""
     bus = _given_bus(environ)

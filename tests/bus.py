@@ -8,17 +8,22 @@ at exit): the form a container gets its password in (a mounted secret file).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpctl.bus import write_private
-from mpctl.infra import Endpoints
+from mpctl.bus import BusSecrets, apply_bus, write_private
+from mpctl.infra import ENV_BUS_DIR, Endpoints
 from mpctl.stack import process_principal
-from shared.bus import ENV_CA_FILE, ENV_PASSWORD_FILE, ENV_USER
+from shared.bus import ENV_CA_FILE, ENV_PASSWORD_FILE, ENV_USER, KafkaAccess
+from shared.config import AppConfig
+from shared.kafka import ensure_topics
+from shared.topics import declared_topics
 
 
 @functools.cache
@@ -28,17 +33,38 @@ def _folder() -> Path:
     return folder
 
 
-def principal_env(endpoints: Endpoints, who: str) -> dict[str, str]:
-    """The environment that makes a service connect as principal `who` (nothing without the broker's secrets)."""
-    if endpoints.bus is None:
+def _bus(where: Endpoints | KafkaAccess) -> BusSecrets | None:
+    if isinstance(where, Endpoints):
+        return where.bus
+    folder = os.environ.get(ENV_BUS_DIR)
+    return BusSecrets(folder) if folder else None
+
+
+def principal_env(where: Endpoints | KafkaAccess, who: str) -> dict[str, str]:
+    """The environment that makes a service connect as principal `who` to the session's broker (`where`: its
+    endpoints, or the admin's access; nothing without the broker's secrets)."""
+    bus = _bus(where)
+    if bus is None:
         return {}
-    access = endpoints.principal(who)
-    assert access.password is not None
     pw_file = _folder() / f"{who}.password"
-    write_private(pw_file, access.password.get_secret_value().encode())
-    return {ENV_USER: who, ENV_PASSWORD_FILE: str(pw_file), ENV_CA_FILE: str(endpoints.bus.ca_file)}
+    write_private(pw_file, bus.password(who).get_secret_value().encode())
+    return {ENV_USER: who, ENV_PASSWORD_FILE: str(pw_file), ENV_CA_FILE: str(bus.ca_file)}
 
 
-def service_env(endpoints: Endpoints, argv: Sequence[str]) -> dict[str, str]:
-    """`principal_env` for the service started with `argv` (`services.<name> ... --namespace NS [--profile P]`)."""
-    return principal_env(endpoints, process_principal(list(argv)))
+def service_env(where: Endpoints | KafkaAccess, argv: Sequence[str]) -> dict[str, str]:
+    """`principal_env` for the service started with `argv` (`[python, -m,] services.<name> ... --namespace NS
+    [--profile P]`)."""
+    args = list(argv)
+    while args and not args[0].startswith("services."):
+        args.pop(0)
+    return principal_env(where, process_principal(args))
+
+
+async def create_namespace(admin: KafkaAccess, cfg: AppConfig, namespace: str | None = None) -> None:
+    """A namespace's topics, and its principals and ACLs (as `mpctl demo` sets them up, mpctl/stack.py), on the
+    session's broker (MPCTL_BUS_DIR, set by tests/conftest.py)."""
+    ns = namespace or cfg.system.kafka.namespace
+    await ensure_topics(admin, declared_topics(cfg, ns), replication_factor=1)
+    folder = os.environ.get(ENV_BUS_DIR)
+    if folder:
+        await asyncio.to_thread(apply_bus, admin, BusSecrets(folder), cfg, ns)

@@ -39,7 +39,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from services.strategy import domain
 from services.strategy.metrics import StrategyMetrics
-from shared.bus import KafkaAccess
+from shared.bus import SASL_MECHANISM, KafkaAccess
 from shared.clock import random_ids, system_clock
 from shared.codec import DecodeError, decode, encode, implausible_time
 from shared.commands import gate_for
@@ -119,6 +119,18 @@ def input_topics(topics: Topics) -> list[str]:
     """What the worker reads: market data, plans, order outcomes (the backtest routes the same to it), and
     operator commands (none in a backtest)."""
     return [topics.candles, topics.plans, topics.events, topics.commands]
+
+
+def faust_credentials(access: KafkaAccess) -> faust.SASLCredentials | None:
+    """The worker's principal in faust's terms (SCRAM over TLS); None on an unauthenticated broker."""
+    if access.username is None or access.password is None:
+        return None
+    return faust.SASLCredentials(
+        username=access.username,
+        password=access.password.get_secret_value(),
+        ssl_context=access.ssl_context(),
+        mechanism=SASL_MECHANISM,
+    )
 
 
 def faust_datadir(owner: object, group: str) -> str:
@@ -250,7 +262,8 @@ class StrategyWorker:
         self._short = {name: name[len(self.t.ns) + 1 :] for name in self.inputs}
         self.app = faust.App(
             self.group,
-            broker=f"kafka://{settings.kafka}",
+            broker=f"kafka://{settings.kafka.servers}",
+            broker_credentials=faust_credentials(settings.kafka),
             store="memory://",
             # No faust web server: metrics are served by StrategyMetrics, and a port per worker would only clash.
             web_enabled=False,

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from mpctl.infra import Endpoints
 from services.monitor.report_html import write_report
 from shared.kafka import delete_topics, list_topics
+from tests.bus import service_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,9 +64,7 @@ def test_audit_file_follows_trades_and_holds_no_secret(infra: Endpoints, tmp_pat
     cfg_path = tmp_path / "profiles.yaml"
     secret_values = secret_config(cfg_path)
     out = tmp_path / "run"
-    env = dict(
-        os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka, REDIS_URL=infra.redis_url, CI="true"
-    )
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka.servers, REDIS_URL=infra.redis_url, CI="true")
     demo = subprocess.run(
         [
             sys.executable,
@@ -97,7 +96,7 @@ def test_audit_file_follows_trades_and_holds_no_secret(infra: Endpoints, tmp_pat
                 "--config",
                 str(cfg_path),
                 "--bootstrap",
-                infra.kafka,
+                infra.kafka.servers,
                 "--namespace",
                 ns,
                 "--drain",
@@ -109,7 +108,7 @@ def test_audit_file_follows_trades_and_holds_no_secret(infra: Endpoints, tmp_pat
                 str(out / "monitor.json"),
             ],
             cwd=ROOT,
-            env=env,
+            env=dict(env, **service_env(infra, ["services.monitor", "--namespace", ns])),
             capture_output=True,
             text=True,
             timeout=300,

@@ -37,7 +37,7 @@ DATA = ROOT / "data" / "market"
 def run_demo(endpoints: Endpoints, out: Path, *args: str, timeout: float = 600) -> dict[str, Any]:
     env = dict(
         os.environ,
-        KAFKA_BOOTSTRAP_SERVERS=endpoints.kafka,
+        KAFKA_BOOTSTRAP_SERVERS=endpoints.kafka.servers,
         REDIS_URL=endpoints.redis_url,
         CI="true",
     )
@@ -230,7 +230,7 @@ def test_demo_leaves_nothing_in_the_working_directory_nor_in_the_temporary_one(
     tmp.mkdir()
     env = dict(
         os.environ,
-        KAFKA_BOOTSTRAP_SERVERS=infra.kafka,
+        KAFKA_BOOTSTRAP_SERVERS=infra.kafka.servers,
         REDIS_URL=infra.redis_url,
         CI="true",
         PYTHONPATH=str(ROOT),

@@ -207,7 +207,7 @@ async def test_live_forward_run_survives_sigkill_of_everything_and_kill_all_leav
         command_key = "live-forward-command-key-41d7a0"
         env = dict(
             os.environ,
-            KAFKA_BOOTSTRAP_SERVERS=infra.kafka,
+            KAFKA_BOOTSTRAP_SERVERS=infra.kafka.servers,
             REDIS_URL=infra.redis_url,
             CI="true",
             MPCTL_CREDENTIALS_STORE=str(tmp_path / "secrets" / "credentials.enc"),
@@ -464,9 +464,7 @@ async def test_live_forward_run_survives_sigkill_of_everything_and_kill_all_leav
         for px in (o.limit_price, o.stop_price):
             assert px is None or on_increment(px, pr.quote_increment), (o.client_id, px)
     # Any mismatch between books and account (the outage's sale) was resolved.
-    blobs, _ = await topic_bytes(
-        infra.kafka, json.loads((out / "run.json").read_text())["namespace"]
-    )
+    blobs, _ = await topic_bytes(infra.kafka, json.loads((out / "run.json").read_text())["namespace"])
     last: dict[str, str] = {}
     for b in blobs:
         with contextlib.suppress(DecodeError, ValueError):

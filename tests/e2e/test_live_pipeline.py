@@ -82,7 +82,7 @@ async def test_live_pipeline_signs_each_profiles_orders_with_its_own_key_once_an
     store = tmp_path / "secrets" / "credentials.enc"
     env = dict(
         os.environ,
-        KAFKA_BOOTSTRAP_SERVERS=infra.kafka,
+        KAFKA_BOOTSTRAP_SERVERS=infra.kafka.servers,
         REDIS_URL=infra.redis_url,
         CI="true",
         MPCTL_CREDENTIALS_STORE=str(store),

@@ -65,9 +65,7 @@ def console_lines(stderr: str) -> list[str]:
 def test_report_renders_in_headless_chromium(infra: Endpoints, tmp_path: Path) -> None:
     binary = chromium()
     out = tmp_path / "demo"
-    env = dict(
-        os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka, REDIS_URL=infra.redis_url, CI="true"
-    )
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=infra.kafka.servers, REDIS_URL=infra.redis_url, CI="true")
     demo = subprocess.run(
         [sys.executable, "-m", "mpctl.cli", "demo", "--out", str(out), "--hours", "480"],
         cwd=ROOT,

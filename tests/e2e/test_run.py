@@ -46,7 +46,7 @@ PEER_START = "2026-03-02T13:00:00Z"
 def env_for(infra: Endpoints, **extra: str) -> dict[str, str]:
     return dict(
         os.environ,
-        KAFKA_BOOTSTRAP_SERVERS=infra.kafka,
+        KAFKA_BOOTSTRAP_SERVERS=infra.kafka.servers,
         REDIS_URL=infra.redis_url,
         CI="true",
         **extra,

@@ -18,7 +18,7 @@ from shared.kafka import list_topics
 async def test_selftest_passes_and_writes_results(
     infra: Endpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka.servers)
     monkeypatch.setenv("REDIS_URL", infra.redis_url)
     monkeypatch.setenv("CI", "true")
     parser = argparse.ArgumentParser()

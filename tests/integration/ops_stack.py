@@ -11,10 +11,11 @@ from pathlib import Path
 from services.arbiter.bootstrap import bootstrap as arbiter_bootstrap
 from services.execution.bootstrap import bootstrap as execution_bootstrap
 from shared.config import AppConfig, load_config
-from shared.kafka import Publisher, ensure_topics
+from shared.kafka import Publisher
 from shared.messages import Message
 from shared.runtime import ServiceSettings
-from shared.topics import Topics, declared_topics
+from shared.topics import Topics
+from tests.bus import create_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "config" / "coinbase_profiles.yaml"
@@ -27,7 +28,7 @@ def ns_config(namespace: str) -> AppConfig:
 
 
 async def create_topics(bootstrap: str, cfg: AppConfig) -> None:
-    await ensure_topics(bootstrap, declared_topics(cfg))
+    await create_namespace(bootstrap, cfg)
 
 
 async def publish(

@@ -17,9 +17,10 @@ from services.execution.domain import traded_base_assets
 from services.execution.live_wiring import LiveHandler, WriteAhead, open_live_execution, start_live
 from shared.codec import encode
 from shared.config import AppConfig
-from shared.kafka import ensure_topics, read_topics
+from shared.kafka import read_topics
 from shared.messages import AccountSnapshotted, OrderFilled, OrderUpdated
-from shared.topics import Topics, declared_topics
+from shared.topics import Topics
+from tests.bus import create_namespace
 from tests.integration.test_exchange_adapters import app_config, execute
 from tests.integration.test_live_wiring import route_for, secret_pieces, store_profile_a
 from tests.peer.coinbase_peer import CoinbasePeer
@@ -39,7 +40,7 @@ async def test_live_worker_publishes_account_snapshots_with_the_peers_balances_a
 ) -> None:
     cfg: AppConfig = app_config(order_timeout=30.0)
     t = Topics(namespace)
-    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
+    await create_namespace(kafka_bootstrap, cfg, namespace)
     stored = store_profile_a(peer, api, tmp_path, monkeypatch)
     acct = peer.account_of("profile_a")
     acct.balances = {"USDC": D("12345.67"), "BTC": D("0.75"), "LINK": D("2.5"), "DOGE": D("99")}

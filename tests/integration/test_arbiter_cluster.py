@@ -30,7 +30,7 @@ from services.arbiter import domain
 from shared.clock import derived_id
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig, load_config
-from shared.kafka import Publisher, ensure_topics
+from shared.kafka import Publisher
 from shared.messages import (
     CorrelationAlert,
     ExecuteOrder,
@@ -41,7 +41,8 @@ from shared.messages import (
     WatermarkAdvanced,
     WorkerFinished,
 )
-from shared.topics import Topics, declared_topics
+from shared.topics import Topics
+from tests.bus import create_namespace, service_env
 from tests.conftest import free_ports
 from tests.unit.builders import HOUR, T0, candle, place_order, plan, step_completed, watermark
 
@@ -206,26 +207,25 @@ def start_arbiter(name: str, config: Path, endpoints: Endpoints, namespace: str,
     (port,) = free_ports(1)
     log = tmp / f"{name}.log"
     fh = log.open("ab")
+    argv = [
+        "services.arbiter",
+        "--config",
+        str(config),
+        "--bootstrap",
+        endpoints.kafka.servers,
+        "--namespace",
+        namespace,
+        "--instance",
+        name,
+        "--metrics-port",
+        str(port),
+    ]
     popen = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.arbiter",
-            "--config",
-            str(config),
-            "--bootstrap",
-            endpoints.kafka,
-            "--namespace",
-            namespace,
-            "--instance",
-            name,
-            "--metrics-port",
-            str(port),
-        ],
+        [sys.executable, "-m", *argv],
         cwd=ROOT,
         stdout=fh,
         stderr=subprocess.STDOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **service_env(endpoints, argv)),
     )
     fh.close()
     return Arbiter(name, popen, port, log)
@@ -320,7 +320,7 @@ async def test_two_arbiters_one_killed_and_restarted_decide_exactly_as_one_pure_
     config, cfg = write_config(tmp_path, namespace, ARBITER)
     t = Topics(namespace)
     b = infra.kafka
-    await ensure_topics(b, declared_topics(cfg))
+    await create_namespace(b, cfg)
     script = build_script(cfg)
     expected = expected_outputs(script)
     decisions = [m for m in expected.values() if isinstance(m, OrderDecided)]

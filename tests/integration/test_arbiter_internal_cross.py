@@ -12,10 +12,11 @@ from mpctl.infra import Endpoints
 from services.arbiter.bootstrap import bootstrap as arbiter_bootstrap
 from services.execution.bootstrap import bootstrap as execution_bootstrap
 from services.monitor.domain import RunData, summarize
-from shared.kafka import Publisher, ensure_topics, read_topics
+from shared.kafka import Publisher, read_topics
 from shared.messages import InternalCrossOpportunity, Message, OrderDecided, OrderFilled, OrderUpdated
 from shared.runtime import ServiceSettings
-from shared.topics import Topics, declared_topics
+from shared.topics import Topics
+from tests.bus import create_namespace
 from tests.integration.ops_stack import TEMPLATE, eventually, ns_config
 from tests.unit.builders import HOUR, T0, candle, place_order, plan, step_completed, watermark
 
@@ -30,7 +31,7 @@ async def test_opposite_intents_of_one_step_settle_internally_at_the_mid(
     cfg = cfg.model_copy(update={"system": cfg.system.model_copy(update={"arbiter": arbiter})})
     b = infra.kafka
     t = Topics(namespace)
-    await ensure_topics(b, declared_topics(cfg))
+    await create_namespace(b, cfg)
     settings = ServiceSettings(config_path=TEMPLATE, kafka=b, namespace=namespace)
     stop = asyncio.Event()
     mains = [arbiter_bootstrap(settings, overrides={"config": cfg}).run]

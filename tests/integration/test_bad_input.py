@@ -47,7 +47,7 @@ from mpctl.infra import Endpoints
 from shared.candles import CandleFileError, load_products
 from shared.codec import DecodeError, decode
 from shared.config import load_config
-from shared.kafka import delete_topics, ensure_topics
+from shared.kafka import delete_topics
 from shared.messages import (
     MESSAGE_TYPES,
     SCHEMA_VERSION,
@@ -58,6 +58,7 @@ from shared.messages import (
     PlanPublished,
 )
 from shared.topics import Topics, declared_topics
+from tests.bus import create_namespace, principal_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "config" / "coinbase_profiles.yaml"
@@ -621,12 +622,12 @@ async def _run_pipeline(
     t = Topics(ns)
     specs = declared_topics(cfg, ns)
     bootstrap = endpoints.kafka
-    await ensure_topics(bootstrap, specs, replication_factor=1)
+    await create_namespace(bootstrap, cfg, ns)
     log_dir = tmp / ns
     log_dir.mkdir(parents=True)
     common = [
         "--bootstrap",
-        bootstrap,
+        bootstrap.servers,
         "--redis-url",
         endpoints.redis_url,
         "--source",
@@ -638,7 +639,7 @@ async def _run_pipeline(
         "--log-level",
         "WARNING",
     ]
-    run = Run(ns, Stack())
+    run = Run(ns, Stack(bus=endpoints.bus))
     started = time.monotonic()
     try:
         await _inject(bootstrap, t, before, run)
@@ -1059,7 +1060,7 @@ def _ingest(infra: Endpoints, data: Path) -> subprocess.CompletedProcess[str]:
             "--config",
             str(TEMPLATE),
             "--bootstrap",
-            infra.kafka,
+            infra.kafka.servers,
             "--namespace",
             f"badfile{uuid.uuid4().hex[:6]}",
             "--data",
@@ -1071,7 +1072,7 @@ def _ingest(infra: Endpoints, data: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=120,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **principal_env(infra, "badfile.ingest")),
     )
 
 

@@ -211,7 +211,7 @@ def test_bad_input_gives_one_line_naming_file_and_problem_and_writes_nothing(
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MPCTL_")},
         "PYTHONPATH": str(ROOT),
-        "KAFKA_BOOTSTRAP_SERVERS": infra.kafka,
+        "KAFKA_BOOTSTRAP_SERVERS": infra.kafka.servers,
         "REDIS_URL": infra.redis_url,
         "CI": "true",
         "HOME": str(home),  # no default store or config of the user's is read

@@ -27,9 +27,11 @@ from services.execution.credentials import (
     ScryptParams,
     StoredCredentials,
 )
+from shared.bus import ENV_PASSWORD_FILE
 from shared.config import parse_config
-from shared.kafka import Publisher, ensure_topics
-from shared.topics import Topics, declared_topics
+from shared.kafka import Publisher
+from shared.topics import Topics
+from tests.bus import create_namespace, service_env
 from tests.integration.test_exchange_adapters import execute
 from tests.peer.coinbase_peer import CoinbasePeer
 from tests.unit.builders import candle
@@ -98,7 +100,7 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
     cfg_path = live_config(tmp_path / "profiles.yaml")
     cfg = parse_config(yaml.safe_load(cfg_path.read_text()))
     t = Topics(namespace)
-    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))  # the `topics` service's job
+    await create_namespace(kafka_bootstrap, cfg, namespace)  # the `topics` service's job
     order = execute(PID, "container-credentials")
     pub = Publisher(kafka_bootstrap, client_id="test")
     await pub.start()
@@ -114,7 +116,9 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
 
     # Only what the container has: the two mounted files, the store's path, no passphrase, no user store.
     # MPCTL_LIVE=1: the explicit go-live setting a live config's container gets (`MPCTL_LIVE=1 docker compose up`).
-    container_env = {**base_env, ENV_STORE: str(enc), ENV_KEY_FILE: str(key), LIVE_ENV: "1"}
+    # Its bus principal as a container gets it: a mounted password file (tests/bus.py).
+    bus_env = service_env(kafka_bootstrap, ["services.execution", "--namespace", namespace, "--profile", PID])
+    container_env = {**base_env, **bus_env, ENV_STORE: str(enc), ENV_KEY_FILE: str(key), LIVE_ENV: "1"}
     worker = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -126,7 +130,7 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
         "--source",
         "replay",
         "--bootstrap",
-        kafka_bootstrap,
+        kafka_bootstrap.servers,
         "--namespace",
         namespace,
         "--exchange-api-base",
@@ -175,6 +179,9 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
         b.passphrase,
         passphrase,
         key.read_text().strip(),
+        # The worker's bus password, and the broker admin's (which it never has).
+        *(Path(bus_env[ENV_PASSWORD_FILE]).read_text().strip() for _ in [0] if bus_env),
+        *([kafka_bootstrap.password.get_secret_value()] if kafka_bootstrap.password else []),
     ]
     for where, text in (("export", export_out), ("worker", worker_out)):
         assert [v[:8] for v in secrets_ if v in text] == [], f"secret values in the {where} output"

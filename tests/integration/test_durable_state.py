@@ -30,9 +30,10 @@ from services.monitor.domain import RunData
 from services.strategy.bootstrap import input_topics
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
-from shared.kafka import delete_topics, ensure_topics, read_topics
+from shared.kafka import delete_topics, read_topics
 from shared.messages import Message, OrderFilled, StepCompleted
 from shared.topics import Topics, declared_topics
+from tests.bus import create_namespace
 from tests.integration.test_strategy_restart import CONFIG, DATA, _config
 
 HOURS = 360
@@ -57,7 +58,7 @@ def _config_file(out: Path) -> Path:
 def _common(endpoints: Endpoints, ns: str, config: Path) -> list[str]:
     return [
         "--bootstrap",
-        endpoints.kafka,
+        endpoints.kafka.servers,
         "--redis-url",
         endpoints.redis_url,
         "--source",
@@ -168,12 +169,12 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, interrupt: bool) -> 
     cfg = _config(ns)
     t = Topics(ns)
     specs = declared_topics(cfg, ns)
-    await ensure_topics(endpoints.kafka, specs)
+    await create_namespace(endpoints.kafka, cfg, ns)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True)
     common = _common(endpoints, ns, _config_file(out))
     replay = ["--data", str(DATA), "--hours", str(HOURS), "--speed", str(SPEED if interrupt else 0.0)]
-    stack = Stack()
+    stack = Stack(bus=endpoints.bus)
     started = time.monotonic()
     info: dict[str, Any] = {}
     collected = [t.candles, t.audit, t.intents, t.events]
@@ -204,9 +205,7 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, interrupt: bool) -> 
             info["positions"] = {k: h["positions"] for k, h in headers.items()}
             info["deleted"] = await _delete_covered(endpoints.kafka, cfg, headers)
             probe = [TopicPartition(tp, 0) for tp in (t.candles, t.events)]
-            info["begins"] = {
-                tp.topic: off for tp, off in (await _begins(endpoints.kafka, probe)).items()
-            }
+            info["begins"] = {tp.topic: off for tp, off in (await _begins(endpoints.kafka, probe)).items()}
             for name, args in _stateful(cfg, common):
                 stack.start(f"{name}.restarted", args, log_dir)
         await wait_finished(endpoints.kafka, t.status, expected_finishers(cfg), stack, 240, started)

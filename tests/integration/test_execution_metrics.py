@@ -23,10 +23,11 @@ from services.execution.credentials import (
     new_key_file,
 )
 from shared.config import AppConfig
-from shared.kafka import Publisher, ensure_topics, read_topics
+from shared.kafka import Publisher, read_topics
 from shared.messages import Message, OrderFilled, OrderUpdated
 from shared.runtime import ServiceSettings
-from shared.topics import Topics, declared_topics
+from shared.topics import Topics
+from tests.bus import create_namespace
 from tests.conftest import free_ports
 from tests.integration.test_exchange_adapters import app_config, execute
 from tests.peer.coinbase_peer import CoinbasePeer
@@ -88,7 +89,7 @@ async def test_paper_worker_metrics_count_exactly_the_fills_fees_and_statuses_it
 ) -> None:
     cfg = in_namespace(config(), namespace)
     t = Topics(namespace)
-    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
+    await create_namespace(kafka_bootstrap, cfg, namespace)
     (port,) = free_ports(1)
     settings = ServiceSettings(kafka=kafka_bootstrap, namespace=namespace, profile=PID)
     svc = bootstrap(settings, overrides={"config": cfg, "metrics_port": port})
@@ -151,7 +152,7 @@ async def test_live_worker_metrics_count_retries_latency_and_fills_against_the_p
     replay = base.system.market_data.model_copy(update={"source": "replay"})
     cfg = in_namespace(base, namespace, mode="live", market_data=replay)
     t = Topics(namespace)
-    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
+    await create_namespace(kafka_bootstrap, cfg, namespace)
     a = peer.add_advanced_profile(PID)
     kf = tmp_path / "key"
     new_key_file(kf)

@@ -67,7 +67,9 @@ async def test_services_up_then_down(
                 ),
             ],
         )
-        args = _cli("status", "--namespace", namespace, "--bootstrap", b, "--config", str(TEMPLATE), "--json")
+        args = _cli(
+            "status", "--namespace", namespace, "--bootstrap", b.servers, "--config", str(TEMPLATE), "--json"
+        )
         assert await asyncio.to_thread(args.handler, args) == 0
         st = json.loads(capsys.readouterr().out)
         assert st["source"] == "topics"
@@ -83,7 +85,7 @@ async def test_services_up_then_down(
         return s["arbiter"] == "down" and s["execution.profile_a"] == "down"
 
     await eventually(down, what="services down after stopping")
-    args = _cli("status", "--namespace", namespace, "--bootstrap", b, "--config", str(TEMPLATE))
+    args = _cli("status", "--namespace", namespace, "--bootstrap", b.servers, "--config", str(TEMPLATE))
     assert await asyncio.to_thread(args.handler, args) == 0
     out = capsys.readouterr().out
     assert [ln.split()[:2] for ln in out.splitlines() if ln.startswith("arbiter")] == [["arbiter", "down"]]
@@ -96,9 +98,7 @@ async def test_status_from_run_files_when_topics_are_gone(
 ) -> None:
     run = tmp_path / "run"
     build_run(run)
-    (run / "run.json").write_text(
-        json.dumps({"namespace": namespace, "kafka_bootstrap": infra.kafka})
-    )
+    (run / "run.json").write_text(json.dumps({"namespace": namespace, "kafka_bootstrap": infra.kafka}))
     args = _cli("status", "--run", str(run), "--config", str(TEMPLATE))
     assert await asyncio.to_thread(args.handler, args) == 0
     out = capsys.readouterr().out

@@ -17,7 +17,9 @@ import pytest
 from mpctl import commands_ops
 from mpctl.infra import Endpoints
 from services.monitor.health import ServiceHealth, fetch_health
+from shared.bus import KafkaAccess
 from shared.heartbeat import INTERVAL_ENV
+from tests.bus import service_env
 from tests.integration.ops_stack import TEMPLATE, create_topics, eventually, ns_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +31,8 @@ DOWN_THRESHOLD_S = 2.0
 
 
 def _start(module: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{INTERVAL_ENV: str(BEAT_S)})
+    bus = service_env(KafkaAccess(servers=args[args.index("--bootstrap") + 1]), [module, *args])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{INTERVAL_ENV: str(BEAT_S)}, **bus)
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,
@@ -51,7 +54,7 @@ async def test_registry_and_arbiter_up_by_heartbeat_then_down_when_killed_or_sto
     await create_topics(b, ns_config(namespace))
     common = [
         "--bootstrap",
-        b,
+        b.servers,
         "--redis-url",
         infra.redis_url,
         "--namespace",
@@ -82,7 +85,7 @@ async def test_registry_and_arbiter_up_by_heartbeat_then_down_when_killed_or_sto
                 "--namespace",
                 namespace,
                 "--bootstrap",
-                b,
+                b.servers,
                 "--config",
                 str(TEMPLATE),
                 "--heartbeat-timeout",

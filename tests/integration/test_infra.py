@@ -99,7 +99,7 @@ async def test_local_broker_settings(local_infra: LocalInfra) -> None:
 def test_env_override_starts_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, infra: Endpoints
 ) -> None:
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", infra.kafka.servers)
     monkeypatch.setenv("REDIS_URL", infra.redis_url)
     kafka_port, controller_port, redis_port = free_ports(3)
     state = tmp_path / "unused"
@@ -137,7 +137,7 @@ def test_cli_up_with_servers_in_the_environment_says_which_it_uses_and_starts_no
     redis_with_password = "redis://:hunter2-not-shown@127.0.0.1:1/0"
     env = dict(
         os.environ,
-        KAFKA_BOOTSTRAP_SERVERS=infra.kafka,
+        KAFKA_BOOTSTRAP_SERVERS=infra.kafka.servers,
         REDIS_URL=redis_with_password,
         CI="true",  # a pipe and CI: the terminal-only progress says nothing, so this is not progress
         PYTHONPATH=str(ROOT),
@@ -155,12 +155,12 @@ def test_cli_up_with_servers_in_the_environment_says_which_it_uses_and_starts_no
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == [
-        f"mpctl infra up: using KAFKA_BOOTSTRAP_SERVERS={infra.kafka}; not starting a local broker",
+        f"mpctl infra up: using KAFKA_BOOTSTRAP_SERVERS={infra.kafka.servers}; not starting a local broker",
         "mpctl infra up: using REDIS_URL=redis://:***@127.0.0.1:1/0; not starting a local redis",
     ]
     # stdout keeps its contract: the exports, for `eval "$(mpctl infra up)"`.
     assert proc.stdout.splitlines() == [
-        f"KAFKA_BOOTSTRAP_SERVERS={infra.kafka}",
+        f"KAFKA_BOOTSTRAP_SERVERS={infra.kafka.servers}",
         f"REDIS_URL={redis_with_password}",
     ]
     assert not state.exists()

@@ -7,6 +7,7 @@ grace; the feed goes stale and fresh again; md.clock follows the peer's fast clo
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -27,10 +28,11 @@ from services.ingest.live_domain import TradePath
 from shared.clock import derived_id, from_epoch_s
 from shared.codec import decode
 from shared.config import AppConfig
-from shared.kafka import Publisher, ensure_topics, partitions_of
+from shared.kafka import Publisher, partitions_of
 from shared.messages import CandleClosed, ExchangeTimeObserved, FeedStateChanged, Message, WatermarkAdvanced
 from shared.runtime import ServiceSettings
-from shared.topics import Topics, declared_topics
+from shared.topics import Topics
+from tests.bus import create_namespace, service_env
 from tests.conftest import free_ports
 from tests.peer.coinbase_md_peer import CoinbaseMdPeer
 
@@ -189,7 +191,7 @@ async def wait_for(cond: Any, timeout: float, what: str) -> None:
 
 async def test_live_ingest_through_faults(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "cfg.yaml", namespace, history=LONG_HISTORY)
-    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
+    await create_namespace(kafka_bootstrap, cfg, namespace)
     topics = Topics(namespace)
     async with CoinbaseMdPeer(
         ("BTC-USD", "ETH-USD", "SOL-USD"), speed=SPEED, granularity_s=IV, quiet_every={"SOL-USD": 4}
@@ -304,7 +306,7 @@ async def test_sigkill_and_restart_publish_every_bucket_once(
     the steps it missed are backfilled, none is published twice."""
     cfg_path = tmp_path / "cfg.yaml"
     cfg = write_config(cfg_path, namespace)
-    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
+    await create_namespace(kafka_bootstrap, cfg, namespace)
     topic = Topics(namespace).candles
     # Twice as fast as the other tests: the ingest follows whatever speed the exchange's clock runs at.
     async with CoinbaseMdPeer(
@@ -312,13 +314,19 @@ async def test_sigkill_and_restart_publish_every_bucket_once(
     ) as peer:
         cmd = [
             sys.executable, "-m", "services.ingest", "--source", "coinbase", "--config", str(cfg_path),
-            "--bootstrap", kafka_bootstrap, "--namespace", namespace, "--rest-url", peer.base_url,
+            "--bootstrap", kafka_bootstrap.servers, "--namespace", namespace, "--rest-url", peer.base_url,
             "--ws-url", peer.ws_url, "--interval", "1m",
         ]  # fmt: skip
         log = (tmp_path / "ingest.log").open("w")
 
         async def run_until(n_steps: int, timeout: float, *extra: str) -> subprocess.Popen[bytes]:
-            proc = subprocess.Popen([*cmd, *extra], cwd=ROOT, stdout=log, stderr=log)
+            proc = subprocess.Popen(
+                [*cmd, *extra],
+                cwd=ROOT,
+                stdout=log,
+                stderr=log,
+                env=dict(os.environ, **service_env(kafka_bootstrap, cmd)),
+            )
             deadline = time.monotonic() + timeout
             while _watermarks(await read_all(kafka_bootstrap, topic)) < n_steps:
                 assert proc.poll() is None, f"ingest exited {proc.returncode}; see {tmp_path / 'ingest.log'}"
@@ -362,7 +370,7 @@ async def test_restart_after_a_step_whose_watermark_never_went_out(
     """A crash between a step's candles and its watermark: the restart sends the watermark and the other
     products' candles, never those candles again."""
     cfg = write_config(tmp_path / "cfg.yaml", namespace)
-    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
+    await create_namespace(kafka_bootstrap, cfg, namespace)
     topic = Topics(namespace).candles
     async with CoinbaseMdPeer(("BTC-USD", "ETH-USD", "SOL-USD"), speed=SPEED, granularity_s=IV) as peer:
         st = settings(kafka_bootstrap, namespace, tmp_path / "cfg.yaml")

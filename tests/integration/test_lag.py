@@ -116,7 +116,7 @@ def _cli(*argv: str) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 async def test_mpctl_lag_json_and_table(
     infra: Endpoints, namespace: str, paused_group: tuple[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, args = _cli("lag", "--namespace", namespace, "--bootstrap", infra.kafka, "--json")
+    _, args = _cli("lag", "--namespace", namespace, "--bootstrap", infra.kafka.servers, "--json")
     # The command runs its own event loop (asyncio.run), so it goes to a thread here.
     assert await asyncio.to_thread(args.handler, args) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -124,7 +124,7 @@ async def test_mpctl_lag_json_and_table(
     parts = {p["partition"]: p["lag"] for p in doc["groups"][0]["partitions"]}
     assert parts == {0: 6, 1: 0, 2: None}
 
-    _, args = _cli("lag", "--namespace", namespace, "--bootstrap", infra.kafka, "--fail-above", "5")
+    _, args = _cli("lag", "--namespace", namespace, "--bootstrap", infra.kafka.servers, "--fail-above", "5")
     assert await asyncio.to_thread(args.handler, args) == 3
     out = capsys.readouterr().out
     assert "lagger" in out and "total lag 6" in out

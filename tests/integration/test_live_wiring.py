@@ -23,9 +23,10 @@ from services.execution.live_wiring import LiveHandler, open_live_execution, sta
 from services.execution.reconcile import KnownOrder, order_update
 from shared.codec import encode
 from shared.config import AppConfig
-from shared.kafka import Publisher, Route, ensure_topics, read_topics
+from shared.kafka import Publisher, Route, read_topics
 from shared.messages import Message, OrderFilled, OrderUpdated
-from shared.topics import Topics, declared_topics
+from shared.topics import Topics
+from tests.bus import create_namespace
 from tests.integration.test_exchange_adapters import app_config, execute
 from tests.peer.coinbase_peer import CoinbasePeer
 
@@ -82,7 +83,7 @@ async def test_restart_rebuilds_from_events_and_counts_a_fill_once(
 ) -> None:
     cfg: AppConfig = app_config(order_timeout=30.0)
     t = Topics(namespace)
-    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
+    await create_namespace(kafka_bootstrap, cfg, namespace)
     stored = store_profile_a(peer, api, tmp_path, monkeypatch)
 
     # Before the "crash": the worker published `submitted` and sent the order; the answer never came back.

@@ -30,9 +30,10 @@ from shared.aligner import Step
 from shared.candles import load_products
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig, load_config
-from shared.kafka import Publisher, delete_topics, ensure_topics
+from shared.kafka import Publisher, delete_topics
 from shared.messages import PlanPublished, WorkerFinished
 from shared.topics import Topics, declared_topics
+from tests.bus import create_namespace, service_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "market"
@@ -125,7 +126,7 @@ class Run:
     async def setup(self) -> None:
         for attempt in range(5):
             try:
-                await ensure_topics(self.endpoints.kafka, declared_topics(self.cfg, self.ns))
+                await create_namespace(self.endpoints.kafka, self.cfg, self.ns)
                 break
             except RuntimeError:
                 # Right after creation the broker may describe a topic with 0 partitions; ask again.
@@ -144,7 +145,7 @@ class Run:
             "-m",
             "services.registry",
             "--bootstrap",
-            self.endpoints.kafka,
+            self.endpoints.kafka.servers,
             "--redis-url",
             self.endpoints.redis_url,
             "--namespace",
@@ -157,7 +158,7 @@ class Run:
             "replay",
             *extra,
         ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **service_env(self.endpoints, cmd))
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.procs[instance] = proc
         return proc
@@ -261,9 +262,7 @@ class Run:
             log.close()
         if self.publisher is not None:
             await self.publisher.stop()
-        await delete_topics(
-            self.endpoints.kafka, [s.name for s in declared_topics(self.cfg, self.ns)]
-        )
+        await delete_topics(self.endpoints.kafka, [s.name for s in declared_topics(self.cfg, self.ns)])
         await self.flush_redis()
 
 

@@ -84,9 +84,7 @@ async def test_metrics_and_mpctl_plans(
         run_dir = tmp_path / "demo"
         run_dir.mkdir()
         (run_dir / "run.json").write_text(
-            json.dumps(
-                {"namespace": run.ns, "kafka_bootstrap": infra.kafka, "redis_url": infra.redis_url}
-            )
+            json.dumps({"namespace": run.ns, "kafka_bootstrap": infra.kafka, "redis_url": infra.redis_url})
         )
         assert (
             await asyncio.to_thread(
@@ -110,7 +108,7 @@ async def test_metrics_and_mpctl_plans(
         assert (
             await asyncio.to_thread(
                 commands_plans.run_plans,
-                parse_plans_args("--namespace", run.ns, "--bootstrap", infra.kafka),
+                parse_plans_args("--namespace", run.ns, "--bootstrap", infra.kafka.servers),
             )
             == 0
         )

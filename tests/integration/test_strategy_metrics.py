@@ -15,9 +15,10 @@ from mpctl.commands_demo import Stack, expected_finishers, wait_finished
 from mpctl.infra import Endpoints
 from services.monitor.collect import collect_run
 from shared.config import AppConfig, load_config
-from shared.kafka import delete_topics, ensure_topics, read_topics
+from shared.kafka import delete_topics, read_topics
 from shared.messages import PlaceOrder
 from shared.topics import Topics, declared_topics
+from tests.bus import create_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "config" / "examples" / "three_profiles.yaml"
@@ -55,12 +56,12 @@ async def test_strategy_metrics_equal_the_runs_output(
     cfg = _config(namespace)
     t = Topics(namespace)
     specs = declared_topics(cfg, namespace)
-    await ensure_topics(infra.kafka, specs)
+    await create_namespace(infra.kafka, cfg, namespace)
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     common = [
         "--bootstrap",
-        infra.kafka,
+        infra.kafka.servers,
         "--redis-url",
         infra.redis_url,
         "--source",
@@ -71,7 +72,7 @@ async def test_strategy_metrics_equal_the_runs_output(
         str(CONFIG),
     ]
     port = _free_port()
-    stack = Stack()
+    stack = Stack(bus=infra.bus)
     started = time.monotonic()
     try:
         stack.start("registry", ["services.registry", *common], log_dir)

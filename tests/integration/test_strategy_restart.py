@@ -24,9 +24,10 @@ from mpctl.infra import Endpoints
 from services.monitor.collect import collect_run
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig, load_config
-from shared.kafka import delete_topics, ensure_topics, read_topics
+from shared.kafka import delete_topics, read_topics
 from shared.messages import OrderUpdated, PlaceOrder, StepCompleted
 from shared.topics import Topics, declared_topics
+from tests.bus import create_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "config" / "examples" / "three_profiles.yaml"
@@ -88,12 +89,12 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, kill: bool) -> dict[
     cfg = _config(ns)
     t = Topics(ns)
     specs = declared_topics(cfg, ns)
-    await ensure_topics(endpoints.kafka, specs)
+    await create_namespace(endpoints.kafka, cfg, ns)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True)
     common = [
         "--bootstrap",
-        endpoints.kafka,
+        endpoints.kafka.servers,
         "--redis-url",
         endpoints.redis_url,
         "--source",
@@ -104,7 +105,7 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, kill: bool) -> dict[
         str(CONFIG),
     ]
     replay = ["--data", str(DATA), "--hours", str(HOURS), "--speed", str(SPEED if kill else 0.0)]
-    stack = Stack()
+    stack = Stack(bus=endpoints.bus)
     started = time.monotonic()
     killed_at = None
     try:

@@ -30,7 +30,7 @@ import pytest
 from services.execution.live import protective_client_id
 from services.execution.reconcile import KnownOrder, order_update
 from services.monitor.alerts import alerts_from_message
-from shared.kafka import Publisher, ensure_topics, read_topics
+from shared.kafka import Publisher, read_topics
 from shared.messages import (
     AccountSnapshotted,
     DuplicateOrderDetected,
@@ -38,7 +38,8 @@ from shared.messages import (
     OrderFilled,
     OrderUpdated,
 )
-from shared.topics import Topics, declared_topics
+from shared.topics import Topics
+from tests.bus import create_namespace
 from tests.integration import test_exchange_adapters as adapters
 from tests.integration.test_exchange_adapters import adapter, creds_for, execute, live, of
 from tests.integration.test_live_wiring import store_profile_a
@@ -118,7 +119,7 @@ async def test_a_paused_worker_never_leaves_a_second_order_unbooked(
 ) -> None:
     cfg = zombie_config(namespace)
     t = Topics(namespace)
-    await ensure_topics(kafka_bootstrap, declared_topics(cfg, namespace))
+    await create_namespace(kafka_bootstrap, cfg, namespace)
     store_profile_a(peer, api, tmp_path, monkeypatch)
     env = {
         **os.environ,

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from services.arbiter.bootstrap import bootstrap
 from services.arbiter.domain import ArbiterState, decide, new_state, pearson
+from shared.bus import KafkaAccess
 from shared.config import AppConfig
 from shared.messages import (
     CorrelationAlert,
@@ -870,7 +871,7 @@ def test_event_time_of_a_delayed_order_is_unchanged(cfg: AppConfig) -> None:
 # ------------------------------------------------------------------------------------------ wiring
 def test_service_routes_every_output_and_counts_what_it_publishes(cfg: AppConfig) -> None:
     svc = bootstrap(
-        ServiceSettings(kafka="unused:0"), overrides={"config": cfg}
+        ServiceSettings(kafka=KafkaAccess(servers="unused:0")), overrides={"config": cfg}
     )  # connects nothing
     t = Topics(cfg.system.kafka.namespace)
     assert svc.inputs == [t.intents, t.plans, t.candles]

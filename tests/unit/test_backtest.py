@@ -23,6 +23,7 @@ from services.ingest.domain import build_schedule
 from services.monitor.domain import decision_records, fill_records, order_records, plan_records
 from services.registry.domain import ClaimOutcome
 from services.strategy import bootstrap as strategy_bootstrap
+from shared.bus import KafkaAccess
 from shared.candles import load_products
 from shared.config import AppConfig, load_config, parse_config
 from shared.messages import PlaceOrder, StepCompleted
@@ -100,7 +101,7 @@ def test_subscriptions_cover_what_the_services_read(three: AppConfig) -> None:
     t = Topics(three.system.kafka.namespace)
     subs = subscriptions(t, list(three.enabled_profiles()))
     readers: dict[str, set[tuple[str, str]]] = {topic: set(r) for topic, r in subs.items()}
-    settings = ServiceSettings(kafka="unused:0")
+    settings = ServiceSettings(kafka=KafkaAccess(servers="unused:0"))
     # The arbiter reads intents, plans and candles (services/arbiter/bootstrap.py); a service built on
     # StateMachineService says what it reads itself.
     arbiter = arbiter_bootstrap.bootstrap(settings, overrides={"config": three})

@@ -27,6 +27,7 @@ from services.execution.reconcile import (
 from services.monitor.alerts import alerts_from_message
 from services.monitor.domain import RunData, fill_records, verified_fills
 from services.strategy.domain import take_refused
+from shared.bus import KafkaAccess
 from shared.kafka import ConsumeLoop, Publisher
 from shared.messages import DuplicateOrderDetected, ExecuteOrder, OrderFilled, OrderUpdated
 from tests.unit.builders import T0, approval_of, config, execute_order, fill_for, order_filled
@@ -235,9 +236,9 @@ def test_not_owner_error_carries_the_reason() -> None:
 
 
 async def test_the_fence_refuses_a_session_too_short_for_a_request() -> None:
-    pub = Publisher("127.0.0.1:1", client_id="t")
+    pub = Publisher(KafkaAccess(servers="127.0.0.1:1"), client_id="t")
     loop = ConsumeLoop(
-        bootstrap="127.0.0.1:1",
+        bootstrap=KafkaAccess(servers="127.0.0.1:1"),
         topics=["t"],
         group_id="g",
         publisher=pub,

@@ -14,11 +14,12 @@ from services.execution.bootstrap import bootstrap as execution_bootstrap
 from services.registry.bootstrap import registry_consumer
 from services.strategy.bootstrap import InputTransport
 from services.strategy.bootstrap import bootstrap as strategy_bootstrap
+from shared.bus import KafkaAccess
 from shared.kafka import FETCH_MAX_WAIT_MS, Publisher
 from shared.runtime import ServiceSettings
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "coinbase_profiles.yaml"
-UNUSED = "127.0.0.1:1"  # nothing connects: the consumers are built, never started
+UNUSED = KafkaAccess(servers="127.0.0.1:1")  # nothing connects: the consumers are built, never started
 DEFAULT_WAIT_MS = inspect.signature(AIOKafkaConsumer).parameters["fetch_max_wait_ms"].default
 
 

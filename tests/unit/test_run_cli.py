@@ -22,6 +22,7 @@ from mpctl.commands_run import (
     resolve_settings,
 )
 from mpctl.stack import common_args
+from shared.bus import KafkaAccess
 from shared.config import AppConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +133,7 @@ def test_a_replay_flag_over_a_live_config_reaches_every_service() -> None:
         and args[args.index("--speed") + 1] == "100"
     )
     # Every service gets the run's source: it picks their clock (event time here, not the exchange's).
-    endpoints = infra.Endpoints("127.0.0.1:9092", "redis://127.0.0.1:6379/0")
+    endpoints = infra.Endpoints(KafkaAccess(servers="127.0.0.1:9092"), "redis://127.0.0.1:6379/0")
     common = common_args(endpoints, "ns", None, s.source)
     assert common[common.index("--source") + 1] == "replay"
     live = resolve_settings(parse("--source", "coinbase"), config(source="replay"))

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from services.execution.bootstrap import ExecutionOptions
 from services.ingest.bootstrap import LiveSourceOptions
 from services.registry.bootstrap import RegistryOptions
+from shared.bus import KafkaAccess
 from shared.runtime import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_settings_and_options_refuse_unknown_keys_and_bad_values() -> None:
     with pytest.raises(ValidationError, match="extra"):
-        ServiceSettings(kafka="b:1", extra={"metrics_port": "1"})  # type: ignore[call-arg]
+        ServiceSettings(kafka=KafkaAccess(servers="b:1"), extra={"metrics_port": "1"})  # type: ignore[call-arg]
     with pytest.raises(ValidationError, match="less than or equal to 65535"):
-        ServiceSettings(kafka="b:1", metrics_port=70000)
+        ServiceSettings(kafka=KafkaAccess(servers="b:1"), metrics_port=70000)
     with pytest.raises(ValidationError, match="publish_lease_s"):
         RegistryOptions(publish_lease_s=0)
     with pytest.raises(ValidationError, match="clock"):
