@@ -67,14 +67,15 @@ def write_private(path: Path, data: bytes) -> None:
         raise
 
 
+@dataclass(frozen=True)
 class BusSecrets:
-    """The secrets folder of one broker (see the module docstring)."""
+    """The secrets folder of one broker (see the module docstring). Holds the path only: every secret is read
+    from the folder when needed."""
 
-    def __init__(self, folder: Path | str) -> None:
-        self.folder = Path(folder)
+    folder: Path
 
-    def __repr__(self) -> str:
-        return f"BusSecrets({str(self.folder)!r})"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))
 
     @property
     def master_file(self) -> Path:

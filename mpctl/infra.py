@@ -498,11 +498,11 @@ class LocalInfra:
     @property
     def endpoints(self) -> Endpoints:
         servers = f"{self.host}:{self.kafka_port}"
-        return Endpoints(
-            kafka=admin_access(servers, self.bus),
-            redis_url=f"redis://{self.host}:{self.redis_port}/0",
-            bus=self.bus,
-        )
+        redis_url = f"redis://{self.host}:{self.redis_port}/0"
+        bus = self.bus
+        if not bus.exists():  # never started: nothing to connect with yet
+            return Endpoints(kafka=KafkaAccess(servers=servers), redis_url=redis_url)
+        return Endpoints(kafka=admin_access(servers, bus), redis_url=redis_url, bus=bus)
 
     # ---- public API
 

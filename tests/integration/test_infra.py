@@ -16,7 +16,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from mpctl import infra as infra_mod
-from mpctl.infra import Endpoints, LocalInfra, _port_open, resolve_endpoints
+from mpctl.bus import BusSecrets
+from mpctl.infra import ENV_BUS_DIR, Endpoints, LocalInfra, _port_open, resolve_endpoints
+from shared.bus import KafkaAccess
 from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,8 +125,10 @@ def test_env_override_is_per_component(monkeypatch: pytest.MonkeyPatch, tmp_path
 
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker.example:9092")
     monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv(ENV_BUS_DIR, raising=False)  # a broker mpctl does not run: its access from the env
     spy = Spy(tmp_path, 1, 2, 3)
-    assert resolve_endpoints(spy) == Endpoints("broker.example:9092", "redis://127.0.0.1:3/0")
+    expected = Endpoints(KafkaAccess(servers="broker.example:9092"), "redis://127.0.0.1:3/0")
+    assert resolve_endpoints(spy) == expected
     assert calls == [(False, True)]
 
 
@@ -159,8 +163,10 @@ def test_cli_up_with_servers_in_the_environment_says_which_it_uses_and_starts_no
         "mpctl infra up: using REDIS_URL=redis://:***@127.0.0.1:1/0; not starting a local redis",
     ]
     # stdout keeps its contract: the exports, for `eval "$(mpctl infra up)"`.
+    assert infra.bus is not None
     assert proc.stdout.splitlines() == [
         f"KAFKA_BOOTSTRAP_SERVERS={infra.kafka.servers}",
+        f"{ENV_BUS_DIR}={infra.bus.folder}",  # the broker's secrets, as the environment gave them
         f"REDIS_URL={redis_with_password}",
     ]
     assert not state.exists()
@@ -187,7 +193,12 @@ def test_up_is_idempotent_and_down_stops_both(tmp_path: Path) -> None:
     first = LocalInfra(state, kafka_port, controller_port, redis_port, detach=False)
     try:
         endpoints = first.up()
-        assert endpoints == Endpoints(f"127.0.0.1:{kafka_port}", f"redis://127.0.0.1:{redis_port}/0")
+        assert (endpoints.kafka.servers, endpoints.kafka.username, endpoints.redis_url) == (
+            f"127.0.0.1:{kafka_port}",
+            "admin",
+            f"redis://127.0.0.1:{redis_port}/0",
+        )
+        assert endpoints.bus == BusSecrets(state / "kafka" / "bus")
         status = first.status()
         pids = {name: status[name]["pid"] for name in ("kafka", "redis")}
         assert all(isinstance(pid, int) for pid in pids.values())
