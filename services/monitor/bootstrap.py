@@ -343,7 +343,7 @@ class MonitorService:
             self.metrics_bound = self.metrics.serve(self.opts.metrics_port, self.opts.metrics_addr)
         self.dispatcher.start()
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka,
+            **self.settings.kafka.client_options(),
             group_id=self.topics.group("monitor"),
             client_id=f"{self.topics.group('monitor')}.{self.settings.instance}",
             enable_auto_commit=False,
