@@ -34,6 +34,7 @@ COMMAND_MODULES: dict[str, str] = {
     "k8s": "mpctl.k8s",
     "backtest": "mpctl.backtest",
     "audit": "mpctl.audit",
+    "bus": "mpctl.commands_bus",
 }
 
 

@@ -54,7 +54,7 @@ class GroupLag:
 @dataclass(frozen=True)
 class LagReport:
     namespace: str | None
-    bootstrap: KafkaAccess
+    bootstrap: str  # the servers (shown and written in reports; never a credential)
     taken_at: float
     groups: tuple[GroupLag, ...]
     missing_topics: tuple[str, ...] = field(default=())
@@ -90,7 +90,7 @@ def compute_lag(
 def build_report(
     *,
     namespace: str | None,
-    bootstrap: KafkaAccess,
+    bootstrap: str,
     committed: Mapping[str, Mapping[TP, int]],
     ends: Mapping[TP, int],
     infos: Mapping[str, GroupInfo],
@@ -226,7 +226,7 @@ async def fetch_lag(
             await consumer.stop()
     return build_report(
         namespace=namespace,
-        bootstrap=bootstrap,
+        bootstrap=bootstrap.servers,
         committed=committed,
         ends=ends,
         infos=infos,

@@ -21,6 +21,7 @@ from aiokafka.errors import (
 )
 from pydantic import SecretStr
 
+from mpctl.cli import build_parser
 from mpctl.infra import Endpoints, LocalInfra
 from mpctl.stack import create_topics
 from shared.bus import KafkaAccess
@@ -37,8 +38,10 @@ REFUSED_WRITES: list[tuple[str, str | None, Callable[[Topics], str]]] = [
     ("execution", B, lambda t: t.approved(A)),
     ("monitor", None, lambda t: t.approved(A)),
     ("operator", None, lambda t: t.approved(A)),
-    ("strategy", A, lambda t: t.events),  # a forged fill or decision
-    ("registry", None, lambda t: t.events),
+    ("registry", None, lambda t: t.events),  # a forged fill or decision
+    ("monitor", None, lambda t: t.events),
+    ("operator", None, lambda t: t.events),
+    ("ingest", None, lambda t: t.events),
     ("arbiter", None, lambda t: t.plans),  # plans are the registry's alone
     ("strategy", A, lambda t: t.plans),
     ("registry", None, lambda t: t.commands),  # commands are the operator's alone
@@ -144,7 +147,8 @@ def test_the_acl_set_covers_every_principal_and_grants_approvals_to_their_owners
     assert {r.principal for r in rules if r.name == t.plans and r.operation == "write"} == {"ns.registry"}
     assert {r.principal for r in rules if r.name == t.candles and r.operation == "write"} == {"ns.ingest"}
     writers = {r.principal for r in rules if r.name == t.events and r.operation == "write"}
-    assert writers == {"ns.arbiter"} | {f"ns.execution.{p}" for p in cfg.profiles}
+    workers = {f"ns.{s}.{p}" for s in ("execution", "strategy") for p in cfg.profiles}
+    assert writers == {"ns.arbiter"} | workers  # the strategies for their halts (see shared/principals.py)
 
 
 @pytest.mark.parametrize("case", REFUSED_WRITES, ids=case_id)
@@ -258,3 +262,34 @@ async def test_the_broker_logs_each_denial_without_a_secret(
     assert acc.password is not None and endpoints.kafka.password is not None
     for secret in (acc.password, endpoints.kafka.password):
         assert secret.get_secret_value() not in log
+
+
+async def test_rotating_a_principal_retires_its_old_password(
+    bus: tuple[Endpoints, AppConfig, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoints, _cfg, ns = bus
+    t = Topics(ns)
+    who = principal(ns, "operator")
+    old = endpoints.principal(who)
+    await write(old, t.commands, b"{}")
+    args = build_parser("bus").parse_args(
+        ["bus", "rotate", who, "--config", str(TEMPLATE), "--namespace", ns, "--bootstrap", old.servers]
+    )
+    assert await asyncio.to_thread(args.handler, args) == 0
+    out = capsys.readouterr().out
+    new = endpoints.principal(who)
+    assert new.password != old.password and "generation 1" in out
+    assert old.password is not None and new.password is not None
+    assert old.password.get_secret_value() not in out and new.password.get_secret_value() not in out
+    await write(new, t.commands, b"{}")
+    p = AIOKafkaProducer(**old.client_options(), request_timeout_ms=5_000)
+    with pytest.raises(KafkaConnectionError):
+        await asyncio.wait_for(p.start(), 30)
+    await p.stop()
+
+
+def test_unknown_principal_is_refused_naming_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser("bus").parse_args(["bus", "rotate", "mp.strategy.nobody", "--config", str(TEMPLATE)])
+    assert args.handler(args) == 2
+    err = capsys.readouterr().err
+    assert "unknown principal 'mp.strategy.nobody'" in err and "mp.strategy.profile_a" in err

@@ -39,7 +39,7 @@ from shared.messages import (
     OrderUpdated,
 )
 from shared.topics import Topics
-from tests.bus import create_namespace
+from tests.bus import create_namespace, service_env
 from tests.integration import test_exchange_adapters as adapters
 from tests.integration.test_exchange_adapters import adapter, creds_for, execute, live, of
 from tests.integration.test_live_wiring import store_profile_a
@@ -125,6 +125,8 @@ async def test_a_paused_worker_never_leaves_a_second_order_unbooked(
         **os.environ,
         "MPCTL_CREDENTIALS_STORE": str(tmp_path / "c.enc"),
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        # The worker connects as profile_a's execution principal (tests/bus.py), as mpctl would start it.
+        **service_env(kafka_bootstrap, ["services.execution", "--namespace", namespace, "--profile", PID]),
     }
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -141,7 +143,7 @@ async def test_a_paused_worker_never_leaves_a_second_order_unbooked(
     def sent() -> list[PeerOrder]:
         return sorted((o for o in peer.orders_of(PID) if o.client_id == coid), key=lambda o: o.created)
 
-    args = [namespace, kafka_bootstrap, peer.base_url, str(markers), stage]
+    args = [namespace, kafka_bootstrap.servers, peer.base_url, str(markers), stage]
     async with workers(2, args, env, tmp_path) as procs:
 
         async def both_started() -> bool:

@@ -18,6 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
+from mpctl.infra import access_from_env
 from services.execution.bootstrap import ExecutionOptions, bootstrap
 from services.execution.live import PauseStage
 from shared.config import AppConfig
@@ -55,7 +56,10 @@ async def main(namespace: str, bootstrap_: str, api_base: str, marker_dir: str, 
         logging.getLogger("zombie").warning("RESUMED after the pause at %s of %s", at, client_order_id)
         (markers / "resumed").write_text(str(os.getpid()))
 
-    settings = ServiceSettings(kafka=bootstrap_, namespace=namespace, profile=PID)
+    # Its principal from the environment, as a container gets it (KAFKA_USERNAME, KAFKA_PASSWORD_FILE, ...).
+    settings = ServiceSettings(
+        kafka=access_from_env(bootstrap_, os.environ), namespace=namespace, profile=PID
+    )
     svc = bootstrap(
         settings,
         ExecutionOptions(exchange_api_base=api_base),
