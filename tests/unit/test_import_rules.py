@@ -31,6 +31,7 @@ PURE = (
     "services/execution/ports.py",
     "services/execution/errors.py",
     "services/registry/memory.py",
+    "services/registry/ports.py",
     "shared/aligner.py",
     "shared/clock.py",
     "shared/orders.py",
