@@ -45,6 +45,7 @@ __all__ = [
     "NonceExhaustedError",
     "PlanCandidate",
     "ResolvedPlan",
+    "TakeoverOutcome",
     "candidate_assets",
     "choose_strategy",
     "derive_candidate",
@@ -61,7 +62,6 @@ __all__ = [
     "resolve_plan_async",
     "score_asset",
     "strategy_fraction",
-    "TakeoverOutcome",
 ]
 
 ENTROPY_BINS = 10
