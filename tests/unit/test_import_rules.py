@@ -32,6 +32,7 @@ PURE = (
     "services/execution/errors.py",
     "services/registry/memory.py",
     "shared/aligner.py",
+    "shared/book.py",
     "shared/clock.py",
     "shared/orders.py",
 )
