@@ -3,8 +3,10 @@
 `PerformanceTracker` follows a run message by message (candles for mark prices, fills, halts, plans,
 decisions) with the books of shared/book.py, as the run report and the strategy workers keep them: average-cost
 positions, realised PnL on sells, a win when a sell's gain exceeds the fees of both legs, equity = cash +
-positions at the last close, drawdown from the running peak of the equity at each step close. Read completely,
-a run gives the numbers of its summary.json.
+positions at the last close, drawdown from the running peak of the equity at each step close. Only verified
+fills count (shared/book.py's rule: an approving decision of the fill's profile, product and side, within the
+approved size): a forged fill moves neither the dashboards nor the router's risk checks, and a fill read before
+its decision counts once the decision is read. Read completely, a run gives the numbers of its summary.json.
 
 `MonitorMetrics` is one CollectorRegistry (not the library's global one) served on 127.0.0.1. Values the tracker
 recomputes (trades, PnL, equity, ...) are gauges, so a monitor that rebuilds its state after a restart exports
@@ -55,10 +57,10 @@ class ProfileBook(book.Book):
 class PerformanceTracker:
     """Per-profile performance, arbiter statistics and return correlations from a stream of messages.
 
-    Messages are de-duplicated by (type, id), so a redelivered copy counts once. Counts, PnL and positions are
-    updated as fills arrive. The equity curve (drawdown, correlations) is recomputed in event time from the
-    kept candle closes and fills, as the run report does, so it does not depend on the order in which the
-    topics were read.
+    Messages are de-duplicated by (type, id), so a redelivered copy counts once. Counts, PnL, positions and the
+    equity curve (drawdown, correlations) are recomputed from the verified fills (module docstring) when next
+    read, in event time from the kept candle closes, as the run report does, so they do not depend on the order
+    in which the topics were read.
     """
 
     def __init__(
@@ -82,6 +84,9 @@ class PerformanceTracker:
         self._fills: dict[str, list[tuple[float, str, OrderFilled]]] = {pid: [] for pid in self._books}
         self._curves: dict[str, list[tuple[float, Decimal]]] | None = None
         self._seen: set[str] = set()
+        # The first decision read per intent: what makes a fill count (shared/book.py).
+        self._decisions: dict[str, OrderDecided] = {}
+        self._unverified: dict[str, list[tuple[OrderFilled, str]]] = {}
 
     @property
     def step_time(self) -> float | None:
@@ -96,6 +101,12 @@ class PerformanceTracker:
         """Each profile's accounting, with its fills applied in event time (recomputed after new messages)."""
         self.curves()
         return self._books
+
+    @property
+    def unverified(self) -> dict[str, list[tuple[OrderFilled, str]]]:
+        """Each profile's fills that move no books (as yet: a fill whose decision is not read yet), with why."""
+        self.curves()
+        return self._unverified
 
     def _book(self, pid: str) -> ProfileBook:
         if pid not in self._books:
@@ -154,6 +165,9 @@ class PerformanceTracker:
         if isinstance(m, OrderDecided):
             self._seen.add(key)
             self.decisions[(m.verdict, m.rule)] += 1
+            if m.intent_id not in self._decisions:
+                self._decisions[m.intent_id] = m
+                self._curves = None  # a fill read before its decision may count now
             return True
         return False
 
@@ -170,7 +184,10 @@ class PerformanceTracker:
             return self._curves
         out: dict[str, list[tuple[float, Decimal]]] = {}
         for pid, all_fills in self._fills.items():
-            fills = [(t, f) for t, _, f in all_fills]
+            # Already in (event time, fill id) order: the rule's caps apply in that order, as the report's do.
+            counted, refused = book.verified_fills((f for _, _, f in all_fills), self._decisions)
+            self._unverified[pid] = refused
+            fills = [(f.event_time.timestamp(), f) for f in counted]
             old = self._books[pid]
             pb = ProfileBook(
                 initial=self.initial[pid],

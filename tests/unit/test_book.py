@@ -181,10 +181,12 @@ def test_the_report_the_tracker_and_a_strategy_worker_book_the_same_fills_alike(
             )
         )
     fills = fills_of(legs)
+    forged = order_filled("profile_a", "buy", size="3", price="1", at=T0 + 5 * HOUR, fill_id="forged")
     msgs = [
         *(candle("BTC/USDC", T0 + i * HOUR, open=100, close=100 + i % 3) for i in range(len(legs) + 1)),
         *(approval_of(f) for f in fills),
         *fills,
+        forged,
     ]
     cfg = config()
     data = RunData()
@@ -196,7 +198,7 @@ def test_the_report_the_tracker_and_a_strategy_worker_book_the_same_fills_alike(
     tracker.add_all(msgs)
     view = tracker.profile_view("profile_a")
     state = strategy.new_state("profile_a", cfg.profiles["profile_a"], "USDC", frozenset({0}))
-    for f in fills:
+    for f in fills:  # the worker refuses the forged fill before it books (test_strategy_domain)
         strategy._apply_fill(state, f)
     assert report["trades"] == view["trades"] == state.fills == len(fills)
     assert report["closed_trades"] == view["closed_trades"] == state.closed_trades
@@ -206,3 +208,4 @@ def test_the_report_the_tracker_and_a_strategy_worker_book_the_same_fills_alike(
     assert {p: pos.size for p, pos in state.positions.items()} == {
         p: D(s) for p, s in report["open_positions"].items()
     }
+    assert len(tracker.unverified["profile_a"]) == 1
