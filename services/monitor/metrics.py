@@ -34,6 +34,10 @@ from shared.messages import CandleClosed, Message, OrderDecided, OrderFilled, Pl
 from shared.metrics import MetricsEndpoint
 
 ZERO = Decimal(0)
+# The monitor's durable state pickles the whole tracker (services/monitor/bootstrap.py): raise this when its
+# fields change, so an older snapshot is ignored and the tracker rebuilt from the topics. 2: the books of
+# shared/book.py (holdings) and the decisions the verified-fill rule needs.
+SNAPSHOT_SCHEMA = 2
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
