@@ -147,9 +147,12 @@ class PerformanceTracker:
             return True
         if isinstance(m, OrderFilled):
             self._seen.add(key)
-            self._book(m.profile)
+            # No book yet: a profile absent from the config gets one only with a verified fill (curves), so a
+            # forged fill of an invented profile adds no series to the dashboards.
             bisect.insort(
-                self._fills[m.profile], (m.event_time.timestamp(), m.fill_id, m), key=lambda x: x[:2]
+                self._fills.setdefault(m.profile, []),
+                (m.event_time.timestamp(), m.fill_id, m),
+                key=lambda x: x[:2],
             )
             self._curves = None
             return True
@@ -192,7 +195,9 @@ class PerformanceTracker:
             counted, refused = book.verified_fills((f for _, _, f in all_fills), self._decisions)
             self._unverified[pid] = refused
             fills = [(f.event_time.timestamp(), f) for f in counted]
-            old = self._books[pid]
+            if pid not in self._books and not fills:
+                continue
+            old = self._book(pid)
             pb = ProfileBook(
                 initial=self.initial[pid],
                 cash=self.initial[pid],

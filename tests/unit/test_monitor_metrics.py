@@ -233,6 +233,8 @@ def test_unverified_fills_move_neither_the_tracker_nor_prometheus() -> None:
             fill_id="other",
             intent_id=real.intent_id,
         ),
+        # A profile no config has: no books, no series.
+        order_filled("mallory", "buy", size="1", price="1", at=T0 + 11 * HOUR, fill_id="mallory"),
     ]
     base = tracker_for(honest)
     before = {pid: base.profile_view(pid) for pid in ("profile_a", "profile_b")}
@@ -245,6 +247,7 @@ def test_unverified_fills_move_neither_the_tracker_nor_prometheus() -> None:
     m.update_performance(t)
     text = generate_latest(m.registry).decode()
     assert 'mp_profile_trades{profile="profile_a"} 3.0' in text
+    assert "mallory" not in text and "mallory" not in t.books
 
     # The real fill read before its decision counts once the decision is read (the forged ones still do not).
     t.add(real)
