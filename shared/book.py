@@ -12,7 +12,9 @@ Accounting, per product, long-only spot, quote currency:
   a "win"     a sell whose gain exceeds the fees of both its legs (its share of the entry fees and its own fee)
   closed      every sell counts as a closed trade, even one that finds nothing booked (a holding the books do
               not know, e.g. bought outside the system): the report has always counted sells this way
-A holding sold to zero is removed: the next buy starts afresh at its own price.
+A holding sold to zero stays in the book at size 0 (the report has always kept it, and the Decimal exponents of
+its next sizes follow from it: summary.json prints them as they are); the strategy drops it, so its next buy
+starts afresh at the fill's own size and price. The values are the same either way.
 
 Which fills count (the verified-fill rule): a fill is real only when it belongs to an order the arbiter
 approved, i.e. an `OrderDecided` (the first one read for the intent) of the fill's profile, not rejected, with
@@ -54,7 +56,7 @@ class Holding:
 class Booked:
     """What one fill did to one product's holding."""
 
-    holding: Holding | None  # after the fill; None when nothing is held
+    holding: Holding | None  # after the fill (size 0 once sold out); None when a sell found nothing held
     cash: Decimal  # the change of cash: - (size * price + fee) for a buy, size * price - fee for a sell
     notional: Decimal  # size * price
     sold: Decimal  # of a sell, the size taken out of the holding (0 for a buy)
@@ -81,8 +83,7 @@ def book_fill(before: Holding | None, side: str, size: Decimal, price: Decimal, 
     sold = min(held, size)
     gain = (price - before.avg_price) * sold
     share = before.entry_fees * (sold / held) if held else ZERO
-    left = held - sold
-    rest = Holding(left, before.avg_price, before.entry_fees - share) if left > 0 else None
+    rest = Holding(held - sold, before.avg_price, before.entry_fees - share)
     return Booked(rest, notional - fee, notional, sold, gain, gain - share - fee > 0)
 
 
@@ -125,7 +126,7 @@ class Book:
 
     @property
     def positions(self) -> dict[str, Decimal]:
-        """Open position size by product."""
+        """Size held by product (0 for a product sold out: `open_positions` leaves those out)."""
         return {p: h.size for p, h in self.holdings.items()}
 
     def avg_price(self, product: str) -> Decimal:

@@ -707,7 +707,7 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
         state.closed_trades += 1
         state.wins += 1 if b.win else 0
     after = b.holding
-    if after is not None:
+    if after is not None and after.size > 0:
         if pos is None:
             state.positions[f.product] = Position(after.size, after.avg_price)
         else:

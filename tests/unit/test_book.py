@@ -75,7 +75,7 @@ def test_book_fill_wins_charge_both_legs_fees_and_a_flat_sell_moves_cash_only() 
     assert (half.gain, half.sold, half.win) == (D("1.2"), D(1), True)
     assert half.holding == book.Holding(D(1), D(100), D("0.5"))
     rest = book.book_fill(half.holding, "sell", D(3), D("100.9"), D("0.5"))
-    assert (rest.sold, rest.holding, rest.win) == (D(1), None, False)  # 0.9 < 0.5 + 0.5
+    assert (rest.sold, rest.holding, rest.win) == (D(1), book.Holding(D(0), D(100), D(0)), False)  # 0.9 < 1
     flat = book.book_fill(None, "sell", D(1), D(50), D("0.1"))
     assert (flat.holding, flat.cash, flat.gain, flat.win) == (None, D("49.9"), D(0), False)
     with pytest.raises(ValueError, match="'short'"):
