@@ -37,6 +37,7 @@ PURE = (
     "services/registry/memory.py",
     "services/registry/ports.py",
     "shared/aligner.py",
+    "shared/book.py",
     "shared/clock.py",
     "shared/orders.py",
 )
