@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from services.strategy.bootstrap import bootstrap
+from shared.config import ConfigError, load_config
 from shared.forkhost import argv_for, profile_arg, profiles_of, serve_forked
 from shared.runtime import add_metrics_args, base_parser, main_entry, settings_from_args
 
@@ -40,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     profiles = profiles_of(profile_arg(args_in) or "")
     if len(profiles) > 1:
         host = p.parse_args(args_in)  # a bad command line is refused once, before any fork
+        try:
+            load_config(host.config)  # parsed once: the workers find it parsed (shared.config.load_config)
+        except ConfigError as err:
+            raise SystemExit(f"strategy: {err}") from None
         return serve_forked(
             profiles,
             lambda pid: main(argv_for(args_in, pid, profiles, host.metrics_port)),
