@@ -2,7 +2,7 @@
 [--metrics-addr A] [--exchange-api-base URL] [--allow-plaintext-credentials]
 
 With system.mode: live it starts only when MPCTL_LIVE=1 is in its environment (bootstrap.live_consent_problem).
-Several profiles (`--profile a,b,c`, system.processes.profiles_per_process): one process imports the worker's code
+Several profiles (`--profile a,b,c`, MPCTL_PROFILES_PER_PROCESS): one process imports the worker's code
 once and forks one worker process per profile (shared/forkhost.py), each the only holder of its own credentials."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """python -m services.strategy --profile ID[,ID...] --config FILE --bootstrap HOST:PORT [--metrics-port P]
 [--metrics-addr ADDR]
 
-Several profiles (`--profile a,b,c`, system.processes.profiles_per_process): one process imports the worker's code
+Several profiles (`--profile a,b,c`, MPCTL_PROFILES_PER_PROCESS): one process imports the worker's code
 once and forks one worker process per profile (shared/forkhost.py); each is the worker `--profile a` would start."""
 
 from __future__ import annotations
