@@ -169,3 +169,16 @@ def test_forked_host_refuses_a_profile_named_twice() -> None:
     )
     assert done.returncode != 0
     assert "named twice" in done.stderr
+
+
+def test_a_profiles_file_is_parsed_again_only_when_it_changed(tmp_path: Path) -> None:
+    from shared.config import load_config
+
+    f = tmp_path / "profiles.yaml"
+    f.write_bytes(TEMPLATE.read_bytes())
+    first = load_config(f)
+    assert load_config(f) is first  # the same content: the parse is reused
+    f.write_text(TEMPLATE.read_text().replace("profile_a:", "profile_z:", 1))
+    changed = load_config(f)
+    assert changed is not first
+    assert "profile_z" in changed.profiles and "profile_a" not in changed.profiles
