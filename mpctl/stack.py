@@ -302,6 +302,30 @@ async def create_topics(bootstrap: str, cfg: AppConfig, ns: str) -> list[TopicSp
     return specs
 
 
+PROFILES_PER_PROCESS_ENV = "MPCTL_PROFILES_PER_PROCESS"
+
+
+def profiles_per_process(env: dict[str, str] | None = None) -> int:
+    """How many profiles' strategy (and execution) workers one started process hosts: MPCTL_PROFILES_PER_PROCESS,
+    default 1 (a process per worker). Above 1, that many profiles share a host that forks a process per profile
+    (shared/forkhost.py): each keeps its own consumer group, state and failure domain, and shares the host's
+    loaded code (docs/scaling.md)."""
+    raw = (os.environ if env is None else env).get(PROFILES_PER_PROCESS_ENV, "").strip() or "1"
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"{PROFILES_PER_PROCESS_ENV} must be a whole number, got {raw!r}") from None
+    if n < 1:
+        raise ValueError(f"{PROFILES_PER_PROCESS_ENV} must be at least 1, got {n}")
+    return n
+
+
+def profile_groups(profiles: Sequence[str], per_process: int) -> list[list[str]]:
+    """The profiles in order, `per_process` to a group (the last may be shorter)."""
+    ps = list(profiles)
+    return [ps[i : i + per_process] for i in range(0, len(ps), per_process)]
+
+
 def common_args(endpoints: infra.Endpoints, ns: str, config: Path | None, source: str) -> list[str]:
     """Flags every service of a run takes. `--source` chooses each service's clock: the exchange's (coinbase)
     or the candles' event time (replay)."""
@@ -330,17 +354,20 @@ def start_services(
     # --clock auto: epochs on the exchange's clock (coinbase) or on event time (replay), from --source.
     stack.start("registry", ["services.registry", *c, "--clock", "auto"], log_dir, append=append_logs)
     stack.start("arbiter", ["services.arbiter", *c], log_dir, append=append_logs)
-    for pid in cfg.enabled_profiles():
-        api = ["--exchange-api-base", exchange_api_base] if exchange_api_base else []
+    api = ["--exchange-api-base", exchange_api_base] if exchange_api_base else []
+    for group in profile_groups(list(cfg.enabled_profiles()), profiles_per_process()):
+        # One profile: its own process, named after it; several: a host forking one process per profile.
+        label = group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}"
+        profiles = ",".join(group)
         stack.start(
-            f"execution.{pid}",
-            ["services.execution", *c, "--profile", pid, *api],
+            f"execution.{label}",
+            ["services.execution", *c, "--profile", profiles, *api],
             log_dir,
             append=append_logs,
             env={LIVE_ENV: "1"} if live else None,
         )
         stack.start(
-            f"strategy.{pid}", ["services.strategy", *c, "--profile", pid], log_dir, append=append_logs
+            f"strategy.{label}", ["services.strategy", *c, "--profile", profiles], log_dir, append=append_logs
         )
     stack.start(
         "monitor",
