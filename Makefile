@@ -65,6 +65,7 @@ bench: install sysdeps
 	$(BIN)/python scripts/bench_registry.py | tee reports/bench/registry.json; \
 	$(BIN)/python scripts/bench_backtest.py $(BENCH_BACKTEST_ARGS) | tee reports/bench/backtest.json; \
 	$(BIN)/python scripts/bench_ingest.py | tee reports/bench/ingest.json; \
+	$(BIN)/python scripts/bench_footprint.py --json reports/bench/footprint.json; \
 	$(BIN)/python scripts/bench_pipeline.py --json reports/bench/pipeline.json --markdown docs/benchmarks.md
 
 clean:

@@ -3,8 +3,8 @@
 The services' pure cores are driven directly: ingest's `build_schedule`, the registry's handler (claims in an
 in-memory store with the Redis script's semantics), each profile's strategy state machine, the arbiter's
 `decide`, each profile's paper exchange. Messages travel between them where the services would publish them:
-the strategy's `routes`, the arbiter's and the execution's `route` (their Kafka topics mapped to the cores
-that consume them), intents to the arbiter partition that aiokafka's default partitioner (murmur2 of the
+the services' own pure routing functions (services/*/routing.py; their Kafka topics mapped to the cores that
+consume them), intents to the arbiter partition that aiokafka's default partitioner (murmur2 of the
 product key) gives them. The output files are written by the monitor's `write_outputs`, as in the demo.
 
 Order semantics (docs/backtest.md): per market step, the registry, the arbiter and the paper exchanges get the
@@ -45,22 +45,23 @@ from aiokafka.partitioner import murmur2
 from mpctl.audit import audit_summary_line
 from mpctl.commands_config import load_for_command
 from mpctl.progress import Progress
-from services.arbiter import bootstrap as arbiter_bootstrap
 from services.arbiter import domain as arbiter
-from services.execution import bootstrap as execution_bootstrap
+from services.arbiter.routing import route as arbiter_route
 from services.execution import domain as execution
+from services.execution.routing import route as execution_route
 from services.ingest.domain import build_schedule, finished_message
 from services.monitor.collect import write_outputs
 from services.monitor.domain import RunData
 from services.registry import handlers as registry
 from services.registry.memory import MemoryRegistry
-from services.strategy import bootstrap as strategy_bootstrap
+from services.registry.ports import Backend
+from services.registry.routing import route as registry_route
 from services.strategy import domain as strategy
+from services.strategy.routing import Outputs
+from services.strategy.routing import routes as strategy_routes
 from shared.aligner import Step
-from shared.bus import KafkaAccess
 from shared.candles import CandleFile, load_products
 from shared.config import AppConfig
-from shared.kafka import Route
 from shared.messages import (
     TERMINAL_STATUSES,
     ExecuteOrder,
@@ -68,13 +69,10 @@ from shared.messages import (
     OrderDecided,
     OrderUpdated,
     PlaceOrder,
-    PlanPublished,
     ReplayFinished,
     StepCompleted,
-    WorkerFinished,
 )
-from shared.runtime import ServiceSettings
-from shared.topics import Topics
+from shared.topics import Route, Topics
 
 __all__ = [
     "Backtest",
@@ -237,17 +235,10 @@ class Backtest:
         }
         self.arbiter = arbiter.new_state(cfg)
         self.registry = registry.new_state(cfg)
-        self.claims = MemoryRegistry(cfg.system.registry.claim_grace_s)
-        # The services' own routing, so the backtest follows it (constructing them opens no connection).
-        settings = ServiceSettings(kafka=KafkaAccess(servers="backtest:0"))
-        self._arbiter_route = arbiter_bootstrap.bootstrap(settings, overrides={"config": cfg}).route
-        self._execution_route = {
-            pid: execution_bootstrap.bootstrap(
-                settings.model_copy(update={"profile": pid}), overrides={"config": cfg}
-            ).route
-            for pid in self.profiles
-        }
-        self._outputs = {pid: strategy_bootstrap.Outputs.of(t, self.n_intents, pid) for pid in self.profiles}
+        # The registry's store port, in memory (the services use the Redis one).
+        self.claims: Backend = MemoryRegistry(cfg.system.registry.claim_grace_s)
+        # The services' own routing functions (services/*/routing.py), so the backtest follows them.
+        self._outputs = {pid: Outputs.of(t, self.n_intents, pid) for pid in self.profiles}
         self._intents_topic = t.intents
         self._subs = subscriptions(t, self.profiles)
         self._market_subs = {kind for kind, _ in self._subs[t.candles]}
@@ -309,7 +300,7 @@ class Backtest:
     def _from_strategy(self, pid: str, msgs: list[Message]) -> None:
         out = self._outputs[pid]
         for msg in msgs:
-            dests = strategy_bootstrap.routes(msg, out)
+            dests = strategy_routes(msg, out)
             if dests is out.markers and not self.exact and not self._undecided:
                 # The common case, one step marker per profile and step: what _publish would do, inline.
                 assert isinstance(msg, StepCompleted)
@@ -341,11 +332,7 @@ class Backtest:
     def _from_registry(self, msgs: list[Message]) -> None:
         t = self.topics
         for msg in msgs:
-            # As RegistryService.route: plans to the plans topic and the audit log; finish markers to status.
-            if isinstance(msg, PlanPublished):
-                self._publish_routes(msg, [(t.plans, msg.profile, False), (t.audit, msg.profile, False)])
-            elif not isinstance(msg, WorkerFinished):
-                self._publish_routes(msg, [(t.audit, None, False)])
+            self._publish_routes(msg, registry_route(msg, t))
 
     def _from_execution(self, pid: str, msgs: list[Message]) -> None:
         ex = self.exchanges[pid]
@@ -355,13 +342,13 @@ class Backtest:
                     ex.open_orders.discard(msg.client_order_id)
                 else:
                     ex.open_orders.add(msg.client_order_id)
-            self._publish_routes(msg, self._execution_route[pid](msg))
+            self._publish_routes(msg, execution_route(msg, self.topics, pid))
 
     def _from_arbiter(self, msgs: list[Message]) -> None:
         for m in msgs:
             if isinstance(m, OrderDecided):
                 self._undecided.discard(m.intent_id)
-            self._publish_routes(m, self._arbiter_route(m))
+            self._publish_routes(m, arbiter_route(m, self.topics))
 
     def _flush_markers(self) -> None:
         if self._held_markers:

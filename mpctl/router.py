@@ -17,6 +17,11 @@ The router holds no credentials and never talks to an exchange. A trade goes the
    approved order to the profile's execution worker, which alone holds the profile's credentials;
 4. the router waits for the decision and the order's final state on orders.events and returns them.
 
+The router's books (the positions and equity its risk checks use, `get_profile_status`) and the fills it returns
+count only verified fills, by the rule of the strategy workers and the report (shared/book.py): a fill needs the
+approving decision of its profile, product and side, within the approved size. A forged record on orders.events
+moves nothing here.
+
 Which profile trades: `order["profile"]` when given, otherwise the enabled profile of highest priority
 (lowest number) that trades the symbol.
 
@@ -44,6 +49,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from mpctl.infra import operator_access
 from services.monitor.health import ServiceHealth, fetch_health
 from services.monitor.metrics import PerformanceTracker
+from shared.book import verified_fills
 from shared.bus import KafkaAccess
 from shared.clock import derived_id
 from shared.codec import DecodeError, decode
@@ -210,7 +216,9 @@ class ProfileRouter:
         elif isinstance(m, ProfileHalted):
             self.halted[m.profile] = m
         elif isinstance(m, OrderDecided):
-            self.decisions[m.intent_id] = m
+            self.decisions.setdefault(
+                m.intent_id, m
+            )  # the first, as the strategy workers and the report keep
         elif isinstance(m, OrderUpdated):
             ups = self.order_updates.setdefault(m.intent_id, [])
             if all(u.id != m.id for u in ups):
@@ -364,7 +372,7 @@ class ProfileRouter:
                 "fee": str(f.fee),
                 "time": f.event_time.isoformat(),
             }
-            for f in self.fills.get(iid, [])
+            for f in self.verified_fills_of(iid)
         ]
         if done:
             result["status"] = result["order_status"]
@@ -373,6 +381,14 @@ class ProfileRouter:
                 f"no final order state within {self.fill_timeout_s:.0f} s (is execution.{pid} running?)"
             )
         return result
+
+    def verified_fills_of(self, intent_id: str) -> list[OrderFilled]:
+        """The intent's fills its (first) decision approves, by shared/book.py's rule; the others are logged."""
+        d = self.decisions.get(intent_id)
+        counted, refused = verified_fills(self.fills.get(intent_id, []), {intent_id: d} if d else {})
+        for f, why in refused:
+            log.warning("fill %s of intent %s left out: %s", f.fill_id, intent_id, why)
+        return counted
 
     # ------------------------------------------------------------------ building the intent
     def _need(self) -> tuple[AppConfig, Topics]:

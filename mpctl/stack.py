@@ -122,9 +122,12 @@ class Stack:
         """`args` with the principal's user name and CA added, and its password (None: no bus secrets)."""
         if self.bus is None or "--bootstrap" not in args:
             return list(args), None
-        who = process_principal(args)
-        extra = ["--kafka-user", who, "--kafka-password-file", "-", "--kafka-ca-file", str(self.bus.ca_file)]
-        return [*args, *extra], self.bus.password(who).get_secret_value()
+        # A host of several profiles' workers (`--profile a,b`): each worker's principal, in the profiles' order,
+        # a password per line; the host hands each forked worker its own (shared/runtime.py).
+        who = process_principals(args)
+        extra = ["--kafka-user", ",".join(who), "--kafka-password-file", "-"]
+        extra += ["--kafka-ca-file", str(self.bus.ca_file)]
+        return [*args, *extra], "\n".join(self.bus.password(w).get_secret_value() for w in who)
 
     def get(self, name: str) -> Proc | None:
         return next((p for p in self.procs if p.name == name), None)
@@ -185,6 +188,15 @@ class Stack:
                 p.popen.kill()
                 p.popen.wait()
             p.fh.close()
+
+
+def process_principals(args: Sequence[str]) -> list[str]:
+    """The principal of each worker a process started with `args` runs (`--profile a,b`: a host of two)."""
+    if "--profile" not in args:
+        return [process_principal(args)]
+    i = list(args).index("--profile") + 1
+    profiles = [p for p in (args[i] if i < len(args) else "").split(",") if p]
+    return [process_principal([*args[:i], p, *args[i + 1 :]]) for p in profiles]
 
 
 def process_principal(args: Sequence[str]) -> str:
@@ -350,6 +362,30 @@ async def create_topics(endpoints: infra.Endpoints, cfg: AppConfig, ns: str) -> 
     return specs
 
 
+PROFILES_PER_PROCESS_ENV = "MPCTL_PROFILES_PER_PROCESS"
+
+
+def profiles_per_process(env: dict[str, str] | None = None) -> int:
+    """How many profiles' strategy (and execution) workers one started process hosts: MPCTL_PROFILES_PER_PROCESS,
+    default 1 (a process per worker). Above 1, that many profiles share a host that forks a process per profile
+    (shared/forkhost.py): each keeps its own consumer group, state and failure domain, and shares the host's
+    loaded code (docs/scaling.md)."""
+    raw = (os.environ if env is None else env).get(PROFILES_PER_PROCESS_ENV, "").strip() or "1"
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"{PROFILES_PER_PROCESS_ENV} must be a whole number, got {raw!r}") from None
+    if n < 1:
+        raise ValueError(f"{PROFILES_PER_PROCESS_ENV} must be at least 1, got {n}")
+    return n
+
+
+def profile_groups(profiles: Sequence[str], per_process: int) -> list[list[str]]:
+    """The profiles in order, `per_process` to a group (the last may be shorter)."""
+    ps = list(profiles)
+    return [ps[i : i + per_process] for i in range(0, len(ps), per_process)]
+
+
 def common_args(endpoints: infra.Endpoints, ns: str, config: Path | None, source: str) -> list[str]:
     """Flags every service of a run takes. `--source` chooses each service's clock: the exchange's (coinbase)
     or the candles' event time (replay)."""
@@ -378,17 +414,20 @@ def start_services(
     # --clock auto: epochs on the exchange's clock (coinbase) or on event time (replay), from --source.
     stack.start("registry", ["services.registry", *c, "--clock", "auto"], log_dir, append=append_logs)
     stack.start("arbiter", ["services.arbiter", *c], log_dir, append=append_logs)
-    for pid in cfg.enabled_profiles():
-        api = ["--exchange-api-base", exchange_api_base] if exchange_api_base else []
+    api = ["--exchange-api-base", exchange_api_base] if exchange_api_base else []
+    for group in profile_groups(list(cfg.enabled_profiles()), profiles_per_process()):
+        # One profile: its own process, named after it; several: a host forking one process per profile.
+        label = group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}"
+        profiles = ",".join(group)
         stack.start(
-            f"execution.{pid}",
-            ["services.execution", *c, "--profile", pid, *api],
+            f"execution.{label}",
+            ["services.execution", *c, "--profile", profiles, *api],
             log_dir,
             append=append_logs,
             env={LIVE_ENV: "1"} if live else None,
         )
         stack.start(
-            f"strategy.{pid}", ["services.strategy", *c, "--profile", pid], log_dir, append=append_logs
+            f"strategy.{label}", ["services.strategy", *c, "--profile", profiles], log_dir, append=append_logs
         )
     stack.start(
         "monitor",

@@ -66,6 +66,11 @@ sys.path.insert(0, str(ROOT))
 
 from mpctl import infra  # noqa: E402
 from mpctl.commands_demo import Stack, expected_finishers, tail, wait_finished  # noqa: E402
+from mpctl.stack import (  # noqa: E402
+    create_topics,  # noqa: E402
+    profile_groups,
+    profiles_per_process,
+)
 from services.monitor.health import fetch_health  # noqa: E402
 from shared.bus import KafkaAccess  # noqa: E402
 from shared.codec import DecodeError, decode  # noqa: E402
@@ -267,6 +272,35 @@ def proc_memory_kib(pid: int) -> tuple[int, int] | None:
     return rss, pss
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (the workers a forked host started, MPCTL_PROFILES_PER_PROCESS)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo += [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def tree_memory_kib(pid: int) -> tuple[int, int, int] | None:
+    """(RSS, PSS, processes) of a process and its descendants, in KiB (None once it is gone)."""
+    rss = pss = n = 0
+    for p in descendants(pid):
+        got = proc_memory_kib(p)
+        if got is not None:
+            rss, pss, n = rss + got[0], pss + got[1], n + 1
+    return (rss, pss, n) if n else None
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of a process and its live descendants."""
+    got = [c for c in (proc_cpu_s(p) for p in descendants(pid)) if c is not None]
+    return sum(got) if got else None
+
+
 def proc_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of one process so far (None once it is gone)."""
     try:
@@ -292,11 +326,11 @@ class MemorySampler:
     def sample(self) -> None:
         rss = pss = n = 0
         for p in self.stack.procs:
-            got = proc_memory_kib(p.popen.pid) if p.popen.poll() is None else None
+            got = tree_memory_kib(p.popen.pid) if p.popen.poll() is None else None
             if got is not None:
-                rss, pss, n = rss + got[0], pss + got[1], n + 1
+                rss, pss, n = rss + got[0], pss + got[1], n + got[2]
         for p in self.stack.procs:
-            cpu = proc_cpu_s(p.popen.pid) if p.popen.poll() is None else None
+            cpu = tree_cpu_s(p.popen.pid) if p.popen.poll() is None else None
             if cpu is not None:
                 self.cpu_s[p.name] = cpu
         if n:
@@ -382,10 +416,10 @@ async def run_pipeline(
     topics = Topics(ns)
     specs = declared_topics(cfg, ns)
     bootstrap = endpoints.kafka
-    await ensure_topics(bootstrap, specs, replication_factor=1)
+    await create_topics(endpoints, cfg, ns)  # with the namespace's principals and ACLs
     common = [
         "--bootstrap",
-        bootstrap,
+        bootstrap.servers,
         "--redis-url",
         endpoints.redis_url,
         "--source",
@@ -397,16 +431,18 @@ async def run_pipeline(
         "--log-level",
         "WARNING",
     ]
-    stack = Stack()
+    stack = Stack(bus=endpoints.bus)
     memory = MemorySampler(stack)
     load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.monotonic()
     try:
         stack.start("registry", ["services.registry", *common], log_dir)
         stack.start("arbiter", ["services.arbiter", *common], log_dir)
-        for pid in cfg.enabled_profiles():
-            stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid], log_dir)
-            stack.start(f"strategy.{pid}", ["services.strategy", *common, "--profile", pid], log_dir)
+        # MPCTL_PROFILES_PER_PROCESS > 1: forked hosts, as `mpctl demo` starts them (mpctl/stack.py).
+        for group in profile_groups(list(cfg.enabled_profiles()), profiles_per_process()):
+            label, profiles = (group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}"), ",".join(group)
+            stack.start(f"execution.{label}", ["services.execution", *common, "--profile", profiles], log_dir)
+            stack.start(f"strategy.{label}", ["services.strategy", *common, "--profile", profiles], log_dir)
         startup_s = await wait_groups_up(bootstrap, cfg, ns, stack, timeout)
         memory.start()
         stack.start(

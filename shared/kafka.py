@@ -38,6 +38,7 @@ from shared.codec import DecodeError, decode, encode, implausible_time
 from shared.commands import CommandGate
 from shared.messages import CommandHandled, ControlCommand, DeadLettered, Message
 from shared.snapshots import Durable, Positions, StateKeeper, clamp_positions
+from shared.topics import Route as Route  # re-exported: the bootstraps name it here
 from shared.topics import TopicSpec
 
 log = logging.getLogger(__name__)
@@ -627,9 +628,6 @@ class ConsumeLoop:
                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(left)),
                 self._session_s,
             )
-
-
-Route = tuple[str, str | None, bool]  # topic, key, broadcast to every partition
 
 
 class StateMachineService:

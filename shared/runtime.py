@@ -12,7 +12,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from shared.broker_noise import LIBRARY_LOGGERS, install_broker_noise_filter
 from shared.bus import (
@@ -20,6 +20,7 @@ from shared.bus import (
     ENV_PASSWORD_FILE,
     ENV_SERVERS,
     ENV_USER,
+    MAX_PASSWORD_BYTES,
     BusAccessError,
     KafkaAccess,
     read_password_file,
@@ -102,6 +103,24 @@ def add_bus_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# Passwords a host of several profiles' workers was handed on standard input (one per principal of its
+# comma-separated --kafka-user, in order), for the workers it forks (shared/forkhost.py). A worker takes its own
+# and forgets the others'.
+_HANDED: dict[str, SecretStr] = {}
+
+
+def take_bus_passwords(args: argparse.Namespace) -> None:
+    """In a host started with `--kafka-user a,b,c --kafka-password-file -`: read the principals' passwords, one
+    line each in that order, before forking its workers."""
+    users = [u for u in (args.kafka_user or "").split(",") if u]
+    if len(users) < 2 or args.kafka_password_file != "-":
+        return
+    lines = [ln.strip() for ln in sys.stdin.read(MAX_PASSWORD_BYTES * len(users)).splitlines() if ln.strip()]
+    if len(lines) != len(users):
+        raise SystemExit(f"--kafka-password-file -: {len(lines)} passwords for {len(users)} principals")
+    _HANDED.update({u: SecretStr(pw) for u, pw in zip(users, lines, strict=True)})
+
+
 def bus_access_from_args(args: argparse.Namespace) -> KafkaAccess:
     """The KafkaAccess of `add_bus_args`' options, read once per process (a password from standard input can
     be read only once). A missing or unreadable password exits with one line naming the option."""
@@ -114,10 +133,14 @@ def bus_access_from_args(args: argparse.Namespace) -> KafkaAccess:
             raise SystemExit(
                 f"--kafka-user {args.kafka_user} needs --kafka-password-file (or ${ENV_PASSWORD_FILE})"
             )
-        try:
-            password = read_password_file(args.kafka_password_file)
-        except BusAccessError as err:
-            raise SystemExit(f"--kafka-password-file: {err}") from None
+        if args.kafka_password_file == "-" and args.kafka_user in _HANDED:
+            password = _HANDED[args.kafka_user]  # a forked worker's own, handed to its host
+            _HANDED.clear()
+        else:
+            try:
+                password = read_password_file(args.kafka_password_file)
+            except BusAccessError as err:
+                raise SystemExit(f"--kafka-password-file: {err}") from None
     elif args.kafka_password_file:
         raise SystemExit(f"--kafka-password-file given without --kafka-user (or ${ENV_USER})")
     try:

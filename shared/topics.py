@@ -24,6 +24,10 @@ DEAD_LETTER = "dead.letter"
 HEARTBEATS = "services.heartbeats"
 STATE_PREFIX = "state."
 
+# Where one output goes: topic, key (None: no key), broadcast to every partition. The services' pure `route`
+# functions answer these (services/*/routing.py); shared/kafka.py publishes them.
+Route = tuple[str, str | None, bool]
+
 WEEK_MS = 7 * 24 * 3600 * 1000
 DAY_MS = 24 * 3600 * 1000
 # A state snapshot is one record (shared/snapshots.py): the topic accepts records this large.

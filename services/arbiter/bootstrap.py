@@ -33,7 +33,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from services.arbiter import domain
+from services.arbiter import domain, routing
 from services.arbiter.metrics import ArbiterMetrics
 from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
 from shared.codec import DecodeError, decode, implausible_time
@@ -48,11 +48,7 @@ from shared.kafka import (
     partitions_of,
 )
 from shared.messages import (
-    CorrelationAlert,
-    ExecuteOrder,
-    InternalCrossOpportunity,
     Message,
-    OrderDecided,
     PlaceOrder,
     WorkerFinished,
 )
@@ -176,16 +172,7 @@ class ArbiterService:
         return out
 
     def route(self, msg: Message) -> list[Route]:
-        t = self.topics
-        if isinstance(msg, OrderDecided):
-            return [(t.events, msg.profile, False), (t.audit, msg.profile, False)]
-        if isinstance(msg, ExecuteOrder):
-            return [(t.approved(msg.profile), msg.product, False)]
-        if isinstance(msg, InternalCrossOpportunity | CorrelationAlert):
-            return [(t.audit, msg.profile, False)]
-        if isinstance(msg, WorkerFinished):
-            return [(t.status, "arbiter", False)]
-        return [(t.audit, None, False)]
+        return routing.route(msg, self.topics)
 
     # ------------------------------------------------------------------------------------ process
     def consumers(self) -> tuple[AIOKafkaConsumer, AIOKafkaConsumer]:

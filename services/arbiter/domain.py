@@ -39,7 +39,6 @@ A redelivered intent (same intent id) gets the decision it got the first time, r
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 from typing import Any, Literal
 
+from shared import book as shared_book
 from shared.aligner import Aligner, Step
 from shared.clock import derived_id, from_epoch_s
 from shared.config import AppConfig, ArbiterSettings, ExecutionSettings
@@ -85,27 +85,11 @@ def _num(d: Decimal) -> str:
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Pearson correlation of two equally long series; None when either is constant or too short."""
-    n = len(xs)
-    if n < 3 or len(ys) != n:
+    """Pearson correlation of two equally long step-return series (shared/book.py) with the arbiter's floor;
+    None when the lengths differ, either is constant or too short."""
+    if len(xs) != len(ys):
         return None
-    return _pearson_centered(_centered(xs), _centered(ys))
-
-
-def _centered(xs: Sequence[float]) -> tuple[list[float], float]:
-    """A series' deviations from its mean and their sum of squares: what `pearson` needs of each series,
-    computed once per profile when every pair of profiles is correlated."""
-    mx = math.fsum(xs) / len(xs)
-    dx = [x - mx for x in xs]
-    return dx, math.fsum(d**2 for d in dx)
-
-
-def _pearson_centered(a: tuple[list[float], float], b: tuple[list[float], float]) -> float | None:
-    (dx, sxx), (dy, syy) = a, b
-    if sxx <= 1e-24 or syy <= 1e-24:
-        return None
-    sxy = math.fsum(x * y for x, y in zip(dx, dy, strict=True))
-    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+    return shared_book.pearson(xs, ys, floor=shared_book.STEP_PNL_FLOOR)
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -461,14 +445,18 @@ def _correlation_step(state: ArbiterState, t: int, first: PlaceOrder) -> list[Me
     pids = list(state.rank)
     # pearson(xs, ys) of every pair, with each profile's series centred once (the same arithmetic).
     centred = {
-        pid: _centered(r) if len(r) >= max(3, s.correlation_min_steps) else None
+        pid: shared_book.centred(r) if len(r) >= max(3, s.correlation_min_steps) else None
         for pid, r in state.returns.items()
     }
     for i, older in enumerate(pids):
         for newer in pids[i + 1 :]:
             xs, ys = state.returns[older], state.returns[newer]
             a, b = centred[older], centred[newer]
-            c = _pearson_centered(a, b) if a is not None and b is not None and len(xs) == len(ys) else None
+            c = (
+                shared_book.pearson_centred(a, b, floor=shared_book.STEP_PNL_FLOOR)
+                if a is not None and b is not None and len(xs) == len(ys)
+                else None
+            )
             pair = (older, newer)
             state.correlations[pair] = c
             breach = c is not None and c > s.correlation_threshold

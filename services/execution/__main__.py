@@ -1,24 +1,35 @@
-"""python -m services.execution --profile ID --config FILE --bootstrap HOST:PORT [--metrics-port P] [--metrics-addr A]
-[--exchange-api-base URL] [--allow-plaintext-credentials]
+"""python -m services.execution --profile ID[,ID...] --config FILE --bootstrap HOST:PORT [--metrics-port P]
+[--metrics-addr A] [--exchange-api-base URL] [--allow-plaintext-credentials]
 
-With system.mode: live it starts only when MPCTL_LIVE=1 is in its environment (bootstrap.live_consent_problem)."""
+With system.mode: live it starts only when MPCTL_LIVE=1 is in its environment (bootstrap.live_consent_problem).
+Several profiles (`--profile a,b,c`, MPCTL_PROFILES_PER_PROCESS): one process imports the worker's code
+once and forks one worker process per profile (shared/forkhost.py), each the only holder of its own credentials."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 
 from services.execution.bootstrap import ExecutionOptions, bootstrap, live_consent_problem
+from shared.config import ConfigError, load_config
+from shared.forkhost import argv_for, profile_arg, profiles_of, serve_forked
 from shared.runtime import (
     add_metrics_args,
     base_parser,
     main_entry,
     run_service,
     settings_from_args,
+    take_bus_passwords,
 )
 
+# What a worker imports once it runs (the snapshots' Redis client, the heartbeat): loaded by a host before it
+# forks, so its workers share them.
+PRELOAD = ("redis.asyncio", "shared.heartbeat", "concurrent.futures.thread", "queue")
 
-def main(argv: list[str] | None = None) -> int:
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
     p = base_parser("execution", needs_profile=True)
     p.add_argument(
         "--allow-plaintext-credentials",
@@ -31,7 +42,21 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="live mode: send the exchange's REST calls to this base URL instead of Coinbase's (a test peer)",
     )
-    args = main_entry(argv, "execution", p)
+    profiles = profiles_of(profile_arg(args_in) or "")
+    if len(profiles) > 1:
+        host = p.parse_args(args_in)  # a bad command line is refused once, before any fork
+        take_bus_passwords(host)  # each worker's own bus password, handed on standard input
+        try:
+            load_config(host.config)  # parsed once: the workers find it parsed (shared.config.load_config)
+        except ConfigError as err:
+            raise SystemExit(f"execution: {err}") from None
+        return serve_forked(
+            profiles,
+            lambda pid: main(argv_for(args_in, pid, profiles, host.metrics_port)),
+            name="execution",
+            preload=PRELOAD,
+        )
+    args = main_entry(args_in, "execution", p)
     options = ExecutionOptions(
         exchange_api_base=args.exchange_api_base, allow_plaintext_credentials=args.allow_plaintext_credentials
     )

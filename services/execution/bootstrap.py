@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import ConsumerRecord, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.execution import domain
+from services.execution import domain, routing
 from services.execution.metrics import ExecutionMetrics
 from shared.clock import Clock, IdFactory, random_ids, system_clock
 from shared.clock_feed import ServiceClock, service_clock
@@ -25,14 +25,9 @@ from shared.commands import gate_for
 from shared.config import AppConfig, live_source_problem
 from shared.kafka import HandlingError, Route, StateMachineService
 from shared.messages import (
-    AccountSnapshotted,
-    DuplicateOrderDetected,
     ExecuteOrder,
     Message,
-    OrderFilled,
     OrderUpdated,
-    ProfileHalted,
-    WorkerFinished,
 )
 from shared.runtime import ServiceSettings
 from shared.snapshots import Durable, dataclass_dump, dataclass_restore, fingerprint
@@ -210,15 +205,7 @@ class ExecutionService:
         return out
 
     def route(self, msg: Message) -> list[Route]:
-        t = self.topics
-        if isinstance(msg, OrderUpdated | OrderFilled | ProfileHalted | DuplicateOrderDetected):
-            return [(t.events, msg.profile, False), (t.audit, msg.profile, False)]
-        if isinstance(msg, AccountSnapshotted):
-            # Amounts only; not an action, so not audited (the audit trail and the run's files stay as they were).
-            return [(t.events, msg.profile, False)]
-        if isinstance(msg, WorkerFinished):
-            return [(t.status, f"execution.{self.profile_id}", False)]
-        return [(t.audit, None, False)]
+        return routing.route(msg, self.topics, self.profile_id)
 
     async def run(self, stop: asyncio.Event) -> int:
         if self.metrics_port:

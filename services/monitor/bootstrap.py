@@ -44,7 +44,7 @@ from services.monitor.alerts import (
 from services.monitor.audit_sink import AuditFileSink
 from services.monitor.health import fetch_health
 from services.monitor.lag import fetch_lag
-from services.monitor.metrics import MonitorMetrics, PerformanceTracker
+from services.monitor.metrics import SNAPSHOT_SCHEMA, MonitorMetrics, PerformanceTracker
 from shared.clock import derived_id, system_clock
 from shared.codec import DecodeError, decode
 from shared.config import AppConfig
@@ -135,7 +135,7 @@ class MonitorService:
             namespace=self.ns,
             redis_url=settings.redis_url,
             service="monitor",
-            schema=1,
+            schema=SNAPSHOT_SCHEMA,
             fingerprint=fingerprint("monitor", self.tracker.initial, options.correlation_window),
             dump=self._dump,
             restore=self._restore,

@@ -1,17 +1,17 @@
 """Run report, pure: from the messages of a run (candles, plans, intents, decisions, order events, fills, halts)
 to the output records and summary. Messages are de-duplicated by id, so redelivered copies count once.
 
-Accounting (per profile, quote currency):
+Accounting (per profile, quote currency; shared/book.py, the books of the strategy workers and the dashboards):
   cash        = initial + sell proceeds - buy costs - fees
   equity      = cash + sum(open position size * mark price)
   realised    = sum over sells of (sell price - average entry price) * size   (fees reported apart)
   a "win"     = a sell whose (price - average entry price) * size exceeds the fees of both its legs
   drawdown    = max over step closes of (running peak equity - equity) / running peak equity
 
-Only fills the arbiter approved count (as the strategy workers apply them, services/strategy/domain.py): a
-fill needs an approving `OrderDecided` for its intent of the same profile, product and side, and an intent's
-fills never exceed the decided size in total, except the fills of a second order the exchange took under the
-intent's client id (`duplicate_of`, live Exchange API: two workers of a profile both sent it), which are real and
+Only fills the arbiter approved count (shared/book.py's rule, as the strategy workers and the live dashboards
+apply it): a fill needs an approving `OrderDecided` for its intent of the same profile, product and side, and
+an intent's fills never exceed the decided size in total, except the fills of a second order the exchange took
+under the intent's client id (`duplicate_of`, live Exchange API: two workers of a profile both sent it), which are real and
 booked beyond the intent's size. Any other fill (a forged record on orders.events) moves no books and is counted
 in `counters.unverified_fills`. The report reads the whole run, so no wait is needed.
 
@@ -46,6 +46,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from shared import book
 from shared.config import AppConfig
 from shared.messages import (
     AccountSnapshotted,
@@ -192,27 +193,9 @@ def order_records(data: RunData) -> list[dict[str, Any]]:
 
 
 def verified_fills(data: RunData) -> tuple[list[OrderFilled], list[tuple[OrderFilled, str]]]:
-    """The fills an approving decision covers, in (event time, fill id) order, and the others with why."""
-    decisions: dict[str, OrderDecided] = {}
-    for decision in data.decisions:
-        decisions.setdefault(decision.intent_id, decision)  # the first, as the strategy workers keep
-    filled: dict[str, Decimal] = defaultdict(Decimal)
-    ok: list[OrderFilled] = []
-    refused: list[tuple[OrderFilled, str]] = []
-    for f in sorted(data.fills, key=lambda f: (f.event_time, f.fill_id)):
-        d = decisions.get(f.intent_id)
-        if d is None or d.verdict == "rejected" or d.profile != f.profile:
-            refused.append((f, f"no approving decision of {f.profile} for intent {f.intent_id}"))
-        elif (d.product, d.side) != (f.product, f.side):
-            refused.append((f, f"{f.side} {f.product} does not match the approved {d.side} {d.product}"))
-        elif f.duplicate_of is not None:
-            ok.append(f)  # a second order under the intent's client id: real, outside the intent's size
-        elif filled[f.intent_id] + f.size > d.size:
-            refused.append((f, f"fills of intent {f.intent_id} would exceed the approved size {d.size}"))
-        else:
-            filled[f.intent_id] += f.size
-            ok.append(f)
-    return ok, refused
+    """The fills an approving decision covers, in (event time, fill id) order, and the others with why (the rule
+    is shared/book.py's, as the strategy workers and the live dashboards apply it)."""
+    return book.verified_fills(data.fills, book.first_decisions(data.decisions))
 
 
 def fill_records(data: RunData) -> list[dict[str, Any]]:
@@ -492,12 +475,7 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             quote_balance = first.balances.get(first.quote)
             initial = quote_balance.total if quote_balance is not None else Decimal(0)
         fills = sorted(fills_by_profile.get(pid, []), key=lambda f: (f.event_time, f.fill_id))
-        cash = initial
-        pos: dict[str, Decimal] = defaultdict(Decimal)
-        avg: dict[str, Decimal] = defaultdict(Decimal)
-        entry_fee: dict[str, Decimal] = defaultdict(Decimal)
-        realized = fees = buys = sells = Decimal(0)
-        wins = closed = 0
+        books = book.Book.starting(initial)
         curve: list[tuple[float, Decimal]] = []
         fi = 0
 
@@ -506,34 +484,17 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             if fi < len(fills) and fills[fi].event_time.timestamp() <= t:
                 held = []  # positions change below
             while fi < len(fills) and fills[fi].event_time.timestamp() <= t:
-                f = fills[fi]
+                books.apply(fills[fi])
                 fi += 1
-                notional = f.size * f.price
-                fees += f.fee
-                if f.side == "buy":
-                    new_size = pos[f.product] + f.size
-                    avg[f.product] = (avg[f.product] * pos[f.product] + notional) / new_size
-                    pos[f.product] = new_size
-                    entry_fee[f.product] += f.fee
-                    cash -= notional + f.fee
-                    buys += notional
-                else:
-                    sold = min(f.size, pos[f.product])
-                    gain = (f.price - avg[f.product]) * sold
-                    share = entry_fee[f.product] * (sold / pos[f.product]) if pos[f.product] else Decimal(0)
-                    realized += gain
-                    closed += 1
-                    if gain - share - f.fee > 0:
-                        wins += 1
-                    entry_fee[f.product] -= share
-                    pos[f.product] -= sold
-                    cash += notional - f.fee
-                    sells += notional
             if t != float("inf"):
                 if not held:
-                    held = [(prod, s) for prod, s in pos.items() if s]
+                    held = [(prod, s) for prod, s in books.positions.items() if s]
                 curve.append(
-                    (t, cash + sum((s * _mark(closes, prod, t, avg[prod]) for prod, s in held), _ZERO))
+                    (
+                        t,
+                        books.cash
+                        + sum((s * _mark(closes, prod, t, books.avg_price(prod)) for prod, s in held), _ZERO),
+                    )
                 )
         peak = initial
         max_dd = Decimal(0)
@@ -542,13 +503,13 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             if peak > 0:
                 max_dd = max(max_dd, (peak - eq) / peak * 100)
         last_t = max(step_times) if step_times else 0.0
-        open_positions = {prod: size for prod, size in sorted(pos.items()) if size}
-        marks = {prod: _mark(closes, prod, last_t, avg[prod]) for prod in open_positions}
+        open_positions = books.open_positions()
+        marks = {prod: _mark(closes, prod, last_t, books.avg_price(prod)) for prod in open_positions}
         final = (
             initial
-            + sells
-            - buys
-            - fees
+            + books.sells
+            - books.buys
+            - books.fees
             + sum((s * marks[prod] for prod, s in open_positions.items()), Decimal(0))
         )
         plans = [pl for pl in data.plans if pl.profile == pid]
@@ -559,13 +520,13 @@ def summarize(cfg: AppConfig, data: RunData) -> dict[str, Any]:
             "strategies_by_epoch": dict(sorted(strategies.items())),
             "epochs": len(plans),
             "trades": len(fills),
-            "closed_trades": closed,
-            "wins": wins,
-            "win_rate": round(wins / closed, 4) if closed else 0.0,
-            "realized_pnl": _num(realized.quantize(Decimal("0.00000001"))),
-            "fees": _num(fees),
-            "buy_costs": _num(buys),
-            "sell_proceeds": _num(sells),
+            "closed_trades": books.closed,
+            "wins": books.wins,
+            "win_rate": round(books.wins / books.closed, 4) if books.closed else 0.0,
+            "realized_pnl": _num(books.realized.quantize(Decimal("0.00000001"))),
+            "fees": _num(books.fees),
+            "buy_costs": _num(books.buys),
+            "sell_proceeds": _num(books.sells),
             "initial_equity": _num(initial),
             "initial_equity_source": (
                 "exchange account" if first is not None else "paper.initial_quote_balance"

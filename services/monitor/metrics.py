@@ -1,10 +1,12 @@
 """The monitor's Prometheus metrics, computed from the run's messages, and the pure tracker behind them.
 
 `PerformanceTracker` follows a run message by message (candles for mark prices, fills, halts, plans,
-decisions) with the accounting of services/monitor/domain.py: average-cost positions, realised PnL on sells,
-a win when a sell's gain exceeds the fees of both legs, equity = cash + positions at the last close, drawdown
-from the running peak of the equity at each step close. Read completely, a run gives the numbers of its
-summary.json.
+decisions) with the books of shared/book.py, as the run report and the strategy workers keep them: average-cost
+positions, realised PnL on sells, a win when a sell's gain exceeds the fees of both legs, equity = cash +
+positions at the last close, drawdown from the running peak of the equity at each step close. Only verified
+fills count (shared/book.py's rule: an approving decision of the fill's profile, product and side, within the
+approved size): a forged fill moves neither the dashboards nor the router's risk checks, and a fill read before
+its decision counts once the decision is read. Read completely, a run gives the numbers of its summary.json.
 
 `MonitorMetrics` is one CollectorRegistry (not the library's global one) served on 127.0.0.1. Values the tracker
 recomputes (trades, PnL, equity, ...) are gauges, so a monitor that rebuilds its state after a restart exports
@@ -15,10 +17,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -27,44 +28,28 @@ from prometheus_client import Gauge
 
 from services.monitor.health import ServiceHealth
 from services.monitor.lag import LagReport
+from shared import book
+from shared.book import simple_returns
 from shared.messages import CandleClosed, Message, OrderDecided, OrderFilled, PlanPublished, ProfileHalted
 from shared.metrics import MetricsEndpoint
 
 ZERO = Decimal(0)
+# The monitor's durable state pickles the whole tracker (services/monitor/bootstrap.py): raise this when its
+# fields change, so an older snapshot is ignored and the tracker rebuilt from the topics. 2: the books of
+# shared/book.py (holdings) and the decisions the verified-fill rule needs.
+SNAPSHOT_SCHEMA = 2
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Pearson correlation; None with fewer than 3 points or when either series is constant."""
-    n = min(len(xs), len(ys))
-    if n < 3:
-        return None
-    xs, ys = xs[-n:], ys[-n:]
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    if sxx <= 1e-18 or syy <= 1e-18:
-        return None
-    r = sxy / math.sqrt(sxx * syy)
-    return max(-1.0, min(1.0, r))
-
-
-def simple_returns(equity: Sequence[float]) -> list[float]:
-    return [(b / a - 1.0) if a else 0.0 for a, b in itertools.pairwise(equity)]
+    """Pearson correlation of two equity-return series (shared/book.py), with the monitor's floor: None with
+    fewer than 3 points or when either profile's equity never really moved (the report shows "n/a")."""
+    return book.pearson(xs, ys, floor=book.EQUITY_RETURN_FLOOR)
 
 
 @dataclass
-class ProfileBook:
-    initial: Decimal
-    cash: Decimal
-    positions: dict[str, Decimal] = field(default_factory=dict)
-    avg_price: dict[str, Decimal] = field(default_factory=dict)
-    entry_fees: dict[str, Decimal] = field(default_factory=dict)
-    realized: Decimal = ZERO
-    fees: Decimal = ZERO
-    trades: int = 0
-    closed: int = 0
-    wins: int = 0
+class ProfileBook(book.Book):
+    """A profile's books (shared/book.py) and what the dashboards show beside them."""
+
     halts: int = 0
     last_halt: str | None = None
     collisions: int = 0
@@ -72,55 +57,14 @@ class ProfileBook:
     max_drawdown_pct: float = 0.0
     drawdown_pct: float = 0.0
 
-    def apply(self, f: OrderFilled) -> None:
-        notional = f.size * f.price
-        self.fees += f.fee
-        self.trades += 1
-        held = self.positions.get(f.product, ZERO)
-        if f.side == "buy":
-            new = held + f.size
-            self.avg_price[f.product] = (self.avg_price.get(f.product, ZERO) * held + notional) / new
-            self.positions[f.product] = new
-            self.entry_fees[f.product] = self.entry_fees.get(f.product, ZERO) + f.fee
-            self.cash -= notional + f.fee
-        else:
-            sold = min(f.size, held)
-            avg = self.avg_price.get(f.product, ZERO)
-            gain = (f.price - avg) * sold
-            share = self.entry_fees.get(f.product, ZERO) * (sold / held) if held else ZERO
-            self.realized += gain
-            self.closed += 1
-            if gain - share - f.fee > 0:
-                self.wins += 1
-            self.entry_fees[f.product] = self.entry_fees.get(f.product, ZERO) - share
-            self.positions[f.product] = held - sold
-            self.cash += notional - f.fee
-
-    def open_positions(self) -> dict[str, Decimal]:
-        return {p: s for p, s in sorted(self.positions.items()) if s}
-
-    def equity(self, marks: Mapping[str, Decimal]) -> Decimal:
-        return self.cash + sum(
-            (s * marks.get(p, self.avg_price.get(p, ZERO)) for p, s in self.open_positions().items()), ZERO
-        )
-
-    def unrealized(self, marks: Mapping[str, Decimal]) -> Decimal:
-        return sum(
-            (
-                (marks.get(p, self.avg_price.get(p, ZERO)) - self.avg_price.get(p, ZERO)) * s
-                for p, s in self.open_positions().items()
-            ),
-            ZERO,
-        )
-
 
 class PerformanceTracker:
     """Per-profile performance, arbiter statistics and return correlations from a stream of messages.
 
-    Messages are de-duplicated by (type, id), so a redelivered copy counts once. Counts, PnL and positions are
-    updated as fills arrive. The equity curve (drawdown, correlations) is recomputed in event time from the
-    kept candle closes and fills, as the run report does, so it does not depend on the order in which the
-    topics were read.
+    Messages are de-duplicated by (type, id), so a redelivered copy counts once. Counts, PnL, positions and the
+    equity curve (drawdown, correlations) are recomputed from the verified fills (module docstring) when next
+    read, in event time from the kept candle closes, as the run report does, so they do not depend on the order
+    in which the topics were read.
     """
 
     def __init__(
@@ -144,6 +88,9 @@ class PerformanceTracker:
         self._fills: dict[str, list[tuple[float, str, OrderFilled]]] = {pid: [] for pid in self._books}
         self._curves: dict[str, list[tuple[float, Decimal]]] | None = None
         self._seen: set[str] = set()
+        # The first decision read per intent: what makes a fill count (shared/book.py).
+        self._decisions: dict[str, OrderDecided] = {}
+        self._unverified: dict[str, list[tuple[OrderFilled, str]]] = {}
 
     @property
     def step_time(self) -> float | None:
@@ -158,6 +105,12 @@ class PerformanceTracker:
         """Each profile's accounting, with its fills applied in event time (recomputed after new messages)."""
         self.curves()
         return self._books
+
+    @property
+    def unverified(self) -> dict[str, list[tuple[OrderFilled, str]]]:
+        """Each profile's fills that move no books (as yet: a fill whose decision is not read yet), with why."""
+        self.curves()
+        return self._unverified
 
     def _book(self, pid: str) -> ProfileBook:
         if pid not in self._books:
@@ -194,9 +147,12 @@ class PerformanceTracker:
             return True
         if isinstance(m, OrderFilled):
             self._seen.add(key)
-            self._book(m.profile)
+            # No book yet: a profile absent from the config gets one only with a verified fill (curves), so a
+            # forged fill of an invented profile adds no series to the dashboards.
             bisect.insort(
-                self._fills[m.profile], (m.event_time.timestamp(), m.fill_id, m), key=lambda x: x[:2]
+                self._fills.setdefault(m.profile, []),
+                (m.event_time.timestamp(), m.fill_id, m),
+                key=lambda x: x[:2],
             )
             self._curves = None
             return True
@@ -216,6 +172,9 @@ class PerformanceTracker:
         if isinstance(m, OrderDecided):
             self._seen.add(key)
             self.decisions[(m.verdict, m.rule)] += 1
+            if m.intent_id not in self._decisions:
+                self._decisions[m.intent_id] = m
+                self._curves = None  # a fill read before its decision may count now
             return True
         return False
 
@@ -231,9 +190,15 @@ class PerformanceTracker:
         if self._curves is not None:
             return self._curves
         out: dict[str, list[tuple[float, Decimal]]] = {}
-        for pid, fills in self._fills.items():
-            old = self._books[pid]
-            book = ProfileBook(
+        for pid, all_fills in self._fills.items():
+            # Already in (event time, fill id) order: the rule's caps apply in that order, as the report's do.
+            counted, refused = book.verified_fills((f for _, _, f in all_fills), self._decisions)
+            self._unverified[pid] = refused
+            fills = [(f.event_time.timestamp(), f) for f in counted]
+            if pid not in self._books and not fills:
+                continue
+            old = self._book(pid)
+            pb = ProfileBook(
                 initial=self.initial[pid],
                 cash=self.initial[pid],
                 halts=old.halts,
@@ -244,20 +209,20 @@ class PerformanceTracker:
             fi = 0
             for t in self.step_times:
                 while fi < len(fills) and fills[fi][0] <= t:
-                    book.apply(fills[fi][2])
+                    pb.apply(fills[fi][1])
                     fi += 1
-                marks = {p: self._mark_at(p, t, book.avg_price.get(p, ZERO)) for p in book.open_positions()}
-                curve.append((t, book.equity(marks)))
-            for _, _, f in fills[fi:]:  # fills after the last known close count too (the report's "inf" step)
-                book.apply(f)
-            peak = book.initial
+                marks = {p: self._mark_at(p, t, pb.avg_price(p)) for p in pb.open_positions()}
+                curve.append((t, pb.equity(marks)))
+            for _, f in fills[fi:]:  # fills after the last known close count too (the report's "inf" step)
+                pb.apply(f)
+            peak = pb.initial
             dd = max_dd = 0.0
             for _, eq in curve:
                 peak = max(peak, eq)
                 dd = float((peak - eq) / peak * 100) if peak > 0 else 0.0
                 max_dd = max(max_dd, dd)
-            book.peak, book.drawdown_pct, book.max_drawdown_pct = peak, dd, max_dd
-            self._books[pid] = book
+            pb.peak, pb.drawdown_pct, pb.max_drawdown_pct = peak, dd, max_dd
+            self._books[pid] = pb
             out[pid] = curve
         self._curves = out
         return out

@@ -24,7 +24,8 @@ from typing import Any
 import orjson
 
 from services.monitor.domain import exit_reason_order
-from services.monitor.metrics import pearson, simple_returns
+from services.monitor.metrics import pearson
+from shared.book import simple_returns
 
 PALETTE = [
     "#1f77b4",

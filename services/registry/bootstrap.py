@@ -33,7 +33,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.registry import handlers
+from services.registry import handlers, routing
 from services.registry.claims import RedisClaims
 from services.registry.ledger import PlanLedger
 from services.registry.metrics import RegistryMetrics
@@ -46,11 +46,9 @@ from shared.commands import gate_for
 from shared.config import AppConfig
 from shared.kafka import Publisher, Route, dead_letter_for, input_consumer
 from shared.messages import (
-    CommandHandled,
     ControlCommand,
     Message,
     PlanPublished,
-    WorkerFinished,
 )
 from shared.runtime import ServiceSettings
 from shared.topics import Topics
@@ -134,14 +132,7 @@ class RegistryService:
         return plans
 
     def route(self, msg: Message) -> list[Route]:
-        t = self.topics
-        if isinstance(msg, PlanPublished):
-            return [(t.plans, msg.profile, False), (t.audit, msg.profile, False)]
-        if isinstance(msg, WorkerFinished):
-            return [(t.status, "registry", False)]
-        if isinstance(msg, CommandHandled):
-            return [(t.audit, msg.target, False)]
-        return [(t.audit, None, False)]
+        return routing.route(msg, self.topics)
 
     async def run(self, stop: asyncio.Event) -> int:
         try:

@@ -33,16 +33,23 @@ Cluster put the namespace in braces (``{mp}``) so that all registry keys share o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from services.registry.domain import ClaimOutcome, ClaimResult, PlanCandidate
+from services.registry.domain import (
+    ClaimOutcome,
+    ClaimResult,
+    ClaimsLostError,
+    Holding,
+    KeyKind,
+    PlanCandidate,
+)
 
+# ClaimsLostError, Holding and KeyKind are the registry's domain types (domain.py), named here too for the
+# callers that know them from this module.
 __all__ = ["CLAIM_LUA", "RELEASE_LUA", "ClaimsLostError", "Holding", "KeyKind", "RedisClaims"]
 
-KeyKind = Literal["hash", "fp", "asset"]
 _KIND_PREFIX: Mapping[str, str] = {"hash": "h", "fp": "fp", "asset": "asset"}
 _PREFIX_KIND: Mapping[str, KeyKind] = {"h": "hash", "fp": "fp", "asset": "asset"}
 
@@ -120,41 +127,6 @@ if remaining == 0 then
 end
 return removed
 """
-
-
-class ClaimsLostError(RuntimeError):
-    """A guarded claim found that Redis no longer holds the state this registry built on.
-
-    ``reason`` is ``NOT_READY`` (the ready key is gone: Redis was flushed, restarted without persistence or
-    evicted keys; nobody has rebuilt yet) or ``STALE`` (another replica rebuilt: ``generation`` is the new
-    one). Nothing was written. The registry recovers (docs/registry.md section 12) and claims again.
-    """
-
-    def __init__(self, reason: str, generation: str | None = None) -> None:
-        super().__init__(
-            f"registry claims lost ({reason}"
-            + (f", live generation {generation}" if generation else "")
-            + "): rebuild from the plans topic before claiming"
-        )
-        self.reason = reason
-        self.generation = generation
-
-
-@dataclass(frozen=True)
-class Holding:
-    """One claim member: ``profile`` holds the key over ``[start_s, end_s)`` of event time."""
-
-    profile: str
-    start_s: int
-    end_s: int
-
-    @staticmethod
-    def parse(member: str) -> Holding:
-        profile, start, end = member.rsplit("|", 2)
-        return Holding(profile, int(start), int(end))
-
-    def sort_key(self) -> tuple[int, int, str]:
-        return (self.start_s, self.end_s, self.profile)
 
 
 def _text(v: Any) -> str:

@@ -26,19 +26,26 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Literal, cast
 
 from shared.config import STRATEGY_NAMES, Profile, RegistrySettings, StrategyName
+from shared.messages import PlanPublished
 from shared.strategy_catalog import CATALOG
 
 __all__ = [
     "ENTROPY_BINS",
     "ClaimOutcome",
     "ClaimResult",
+    "ClaimsLostError",
     "Conflict",
+    "Decision",
+    "Held",
+    "Holding",
+    "KeyKind",
     "NonceExhaustedError",
     "PlanCandidate",
     "ResolvedPlan",
+    "TakeoverOutcome",
     "candidate_assets",
     "choose_strategy",
     "derive_candidate",
@@ -467,6 +474,69 @@ class ResolvedPlan:
 
 class NonceExhaustedError(RuntimeError):
     """No unique plan within nonces 0..max_nonce."""
+
+
+# ------------------------------------------------------------------------------------------ the store's types
+# What the claims and decision records hold, whichever store keeps them (Redis: claims.py and ledger.py; memory:
+# memory.py); the store's interface is services/registry/ports.py.
+
+KeyKind = Literal["hash", "fp", "asset"]
+TakeoverOutcome = Literal["OK", "PUBLISHED", "GONE", "WAIT"]
+
+
+class ClaimsLostError(RuntimeError):
+    """A guarded claim found that Redis no longer holds the state this registry built on.
+
+    ``reason`` is ``NOT_READY`` (the ready key is gone: Redis was flushed, restarted without persistence or
+    evicted keys; nobody has rebuilt yet) or ``STALE`` (another replica rebuilt: ``generation`` is the new
+    one). Nothing was written. The registry recovers (docs/registry.md section 12) and claims again.
+    """
+
+    def __init__(self, reason: str, generation: str | None = None) -> None:
+        super().__init__(
+            f"registry claims lost ({reason}"
+            + (f", live generation {generation}" if generation else "")
+            + "): rebuild from the plans topic before claiming"
+        )
+        self.reason = reason
+        self.generation = generation
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One claim member: ``profile`` holds the key over ``[start_s, end_s)`` of event time."""
+
+    profile: str
+    start_s: int
+    end_s: int
+
+    @staticmethod
+    def parse(member: str) -> Holding:
+        profile, start, end = member.rsplit("|", 2)
+        return Holding(profile, int(start), int(end))
+
+    def sort_key(self) -> tuple[int, int, str]:
+        return (self.start_s, self.end_s, self.profile)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The recorded plan of one (profile, epoch). ``won``: this call created the record."""
+
+    plan: PlanPublished
+    owner: str
+    published: bool
+    asset_claimed: bool | None
+    won: bool = False
+
+
+@dataclass(frozen=True)
+class Held:
+    """A profile's current plan as this process knows it (for recoveries)."""
+
+    plan: PlanPublished
+    owner: str
+    asset_claimed: bool | None  # None: unknown (read back from the topic)
 
 
 @dataclass(frozen=True)

@@ -32,19 +32,18 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from services.registry.claims import ClaimsLostError, KeyKind
 from services.registry.domain import (
-    ClaimResult,
-    PlanCandidate,
+    ClaimsLostError,
+    Held,
+    KeyKind,
     ResolvedPlan,
     epoch_of,
     resolve_plan_async,
     score_asset,
 )
-from services.registry.ledger import Decision, TakeoverOutcome
 from services.registry.metrics import RegistryMetrics
+from services.registry.ports import Backend
 from shared.aligner import Aligner, Step
 from shared.clock import derived_id, from_epoch_s
 from shared.config import AppConfig, Profile
@@ -61,35 +60,6 @@ from shared.messages import (
 log = logging.getLogger("registry")
 
 MAX_RECOVERIES_PER_EPOCH = 5
-
-
-@dataclass(frozen=True)
-class Held:
-    """A profile's current plan as this process knows it (for recoveries)."""
-
-    plan: PlanPublished
-    owner: str
-    asset_claimed: bool | None  # None: unknown (read back from the topic)
-
-
-class Backend(Protocol):
-    """What the handler needs from Redis (services/registry/backend.py; a fake in the unit tests)."""
-
-    async def claim(self, candidate: PlanCandidate, fingerprint: str, asset: str | None) -> ClaimResult: ...
-
-    async def lookup(self, profile: str, start_s: int, rotation: int = 0) -> Decision | None: ...
-
-    async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision: ...
-
-    async def unclaim(
-        self, profile: str, start_s: int, end_s: int, keys: list[tuple[KeyKind, str]]
-    ) -> int: ...
-
-    async def recover(self, known: Sequence[Held]) -> str: ...
-
-    async def takeover(
-        self, profile: str, start_s: int, rotation: int = 0
-    ) -> tuple[TakeoverOutcome, PlanPublished | None]: ...
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from services.registry.claims import ClaimsLostError
+from services.registry.domain import ClaimsLostError, Decision, TakeoverOutcome
 from shared.codec import DecodeError, decode, encode
 from shared.messages import PlanPublished
 
+# Decision and TakeoverOutcome are domain types (domain.py), named here too for the callers that know them here.
 __all__ = ["DECIDE_LUA", "MIN_DECISION_TTL_S", "READY_TTL_S", "Decision", "PlanLedger", "TakeoverOutcome"]
 
 # Decisions outlive their epoch by hours (claims only by the grace): a replica that lags behind must still
@@ -118,8 +118,6 @@ end
 return 0
 """
 
-TakeoverOutcome = Literal["OK", "PUBLISHED", "GONE", "WAIT"]
-
 
 def _text(v: Any) -> str:
     return v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v)
@@ -137,17 +135,6 @@ def _plan(raw: Any) -> PlanPublished:
     if not isinstance(msg, PlanPublished):
         raise RuntimeError(f"registry decision record holds a {type(msg).__name__}, not a PlanPublished")
     return msg
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The recorded plan of one (profile, epoch). ``won``: this call created the record."""
-
-    plan: PlanPublished
-    owner: str
-    published: bool
-    asset_claimed: bool | None
-    won: bool = False
 
 
 class PlanLedger:

@@ -1,6 +1,6 @@
 """The registry's store in memory, for one process without Redis (`mpctl backtest`, tests): claims and decision
 records with the semantics of the Redis script and ledger (services/registry/claims.py, ledger.py), behind the
-same `Backend` protocol the handlers use (services/registry/handlers.py).
+same port as the Redis store (services/registry/ports.py `Backend`).
 
 Pure and single-threaded: no I/O, nothing awaited inside a method, so every claim and decision is atomic.
 """
@@ -10,10 +10,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from services.registry.claims import KeyKind
-from services.registry.domain import ClaimOutcome, ClaimResult, PlanCandidate
-from services.registry.handlers import Held
-from services.registry.ledger import Decision, TakeoverOutcome
+from services.registry.domain import (
+    ClaimOutcome,
+    ClaimResult,
+    Decision,
+    Held,
+    KeyKind,
+    PlanCandidate,
+    TakeoverOutcome,
+)
+from services.registry.ports import Backend
 from shared.messages import PlanPublished
 
 __all__ = ["MemoryRegistry"]
@@ -32,7 +38,7 @@ class MemoryRegistry:
     def __init__(self, grace_s: int) -> None:
         self.grace_s = grace_s
         self.holds: dict[tuple[KeyKind, str], dict[tuple[str, int, int], None]] = {}
-        self.records: dict[tuple[str, int], Decision] = {}
+        self.records: dict[tuple[str, int, int], Decision] = {}  # by (profile, epoch start, rotation)
 
     async def claim(self, candidate: PlanCandidate, fingerprint: str, asset: str | None) -> ClaimResult:
         return self.claim_interval(
@@ -69,10 +75,10 @@ class MemoryRegistry:
         return ClaimResult(ClaimOutcome.OK)
 
     async def lookup(self, profile: str, start_s: int, rotation: int = 0) -> Decision | None:
-        return self.records.get((profile, start_s))  # a backtest has no operator, so no rotation
+        return self.records.get((profile, start_s, rotation))
 
     async def decide(self, plan: PlanPublished, *, asset_claimed: bool | None) -> Decision:
-        key = (plan.profile, int(plan.epoch_start.timestamp()))
+        key = (plan.profile, int(plan.epoch_start.timestamp()), plan.rotation)
         rec = self.records.get(key)
         if rec is not None:
             return dataclasses.replace(rec, won=False)
@@ -96,4 +102,9 @@ class MemoryRegistry:
     async def takeover(
         self, profile: str, start_s: int, rotation: int = 0
     ) -> tuple[TakeoverOutcome, PlanPublished | None]:
-        return "PUBLISHED", None
+        # One process publishes every plan it decides: nothing is ever left to take over.
+        return ("PUBLISHED" if (profile, start_s, rotation) in self.records else "GONE"), None
+
+
+# mypy checks the port here, not only where a caller passes the class in.
+_PORT: type[Backend] = MemoryRegistry

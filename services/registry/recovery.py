@@ -16,11 +16,20 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.registry.claims import ClaimsLostError, KeyKind, RedisClaims
-from services.registry.domain import ClaimOutcome, ClaimResult, PlanCandidate
-from services.registry.handlers import Held
-from services.registry.ledger import Decision, PlanLedger, TakeoverOutcome
+from services.registry.claims import RedisClaims
+from services.registry.domain import (
+    ClaimOutcome,
+    ClaimResult,
+    ClaimsLostError,
+    Decision,
+    Held,
+    KeyKind,
+    PlanCandidate,
+    TakeoverOutcome,
+)
+from services.registry.ledger import PlanLedger
 from services.registry.metrics import RegistryMetrics
+from services.registry.ports import Backend
 from shared.bus import KafkaAccess
 from shared.clock import system_clock
 from shared.codec import DecodeError, decode, implausible_time
@@ -119,7 +128,7 @@ def latest_per_profile(plans: Iterable[PlanPublished]) -> dict[str, PlanPublishe
 
 
 class RegistryBackend:
-    """The handler's view of Redis (see handlers.Backend), with recoveries from the plans topic."""
+    """The store port (ports.Backend) in Redis, with recoveries from the plans topic."""
 
     def __init__(
         self,
@@ -276,3 +285,7 @@ class RegistryBackend:
 
     def _order(self, p: PlanPublished) -> tuple[float, int, int, str]:
         return (p.epoch_start.timestamp(), p.rotation, self._priorities.get(p.profile, 1 << 30), p.profile)
+
+
+# mypy checks the port here, not only where a caller passes the class in.
+_PORT: type[Backend] = RegistryBackend

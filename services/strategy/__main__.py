@@ -1,23 +1,58 @@
-"""python -m services.strategy --profile ID --config FILE --bootstrap HOST:PORT [--metrics-port P]
-[--metrics-addr ADDR]"""
+"""python -m services.strategy --profile ID[,ID...] --config FILE --bootstrap HOST:PORT [--metrics-port P]
+[--metrics-addr ADDR]
+
+Several profiles (`--profile a,b,c`, MPCTL_PROFILES_PER_PROCESS): one process imports the worker's code
+once and forks one worker process per profile (shared/forkhost.py); each is the worker `--profile a` would start."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 
 from services.strategy.bootstrap import bootstrap
-from shared.runtime import add_metrics_args, base_parser, main_entry, settings_from_args
+from shared.config import ConfigError, load_config
+from shared.forkhost import argv_for, profile_arg, profiles_of, serve_forked
+from shared.runtime import add_metrics_args, base_parser, main_entry, settings_from_args, take_bus_passwords
+
+# What a worker imports once it runs (faust's app, agents, tables and worker; the snapshots' Redis client; the
+# heartbeat): loaded by a host before it forks, so its workers share them.
+PRELOAD = (
+    "faust.app.base",
+    "faust.agents",
+    "faust.tables",
+    "faust.worker",
+    "mode.worker",
+    "redis.asyncio",
+    "shared.heartbeat",
+    "concurrent.futures.thread",
+    "statistics",
+)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
     p = base_parser("strategy", needs_profile=True)
     add_metrics_args(
         p,
         "0: off, the default; env MPCTL_STRATEGY_METRICS_PORT",
         default_port=int(os.environ.get("MPCTL_STRATEGY_METRICS_PORT", "0")),
     )
-    args = main_entry(argv, "strategy", p)
+    profiles = profiles_of(profile_arg(args_in) or "")
+    if len(profiles) > 1:
+        host = p.parse_args(args_in)  # a bad command line is refused once, before any fork
+        take_bus_passwords(host)  # each worker's own bus password, handed on standard input
+        try:
+            load_config(host.config)  # parsed once: the workers find it parsed (shared.config.load_config)
+        except ConfigError as err:
+            raise SystemExit(f"strategy: {err}") from None
+        return serve_forked(
+            profiles,
+            lambda pid: main(argv_for(args_in, pid, profiles, host.metrics_port)),
+            name="strategy",
+            preload=PRELOAD,
+        )
+    args = main_entry(args_in, "strategy", p)
     return bootstrap(settings_from_args(args)).run()
 
 

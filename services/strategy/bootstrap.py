@@ -27,7 +27,6 @@ import tempfile
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +38,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from services.strategy import domain
 from services.strategy.metrics import StrategyMetrics
+from services.strategy.routing import Outputs, routes
 from shared.bus import SASL_MECHANISM, KafkaAccess
 from shared.clock import random_ids, system_clock
 from shared.codec import DecodeError, decode, encode, implausible_time
@@ -46,15 +46,10 @@ from shared.commands import gate_for
 from shared.config import AppConfig
 from shared.kafka import FETCH_MAX_WAIT_MS, dead_letter_for, partitions_of
 from shared.messages import (
-    AccountMismatchDetected,
     ControlCommand,
     Message,
     OrderFilled,
     OrderUpdated,
-    PlaceOrder,
-    ProfileHalted,
-    StepCompleted,
-    WorkerFinished,
 )
 from shared.runtime import ServiceSettings
 from shared.snapshots import (
@@ -71,48 +66,6 @@ from shared.topics import Topics
 log = logging.getLogger("strategy")
 
 SESSION_TIMEOUT_S = 10.0
-# One destination of an output: topic, key (None: no key) and partition (None: the key's partition).
-Destination = tuple[str, bytes | None, int | None]
-
-
-@dataclass(frozen=True)
-class Outputs:
-    """The topics a strategy worker publishes to (names computed once: routing runs per message)."""
-
-    intents: str
-    events: str
-    audit: str
-    status: str
-    intent_partitions: int
-    profile: str
-    markers: tuple[Destination, ...]
-
-    @staticmethod
-    def of(topics: Topics, intent_partitions: int, profile: str) -> Outputs:
-        return Outputs(
-            topics.intents,
-            topics.events,
-            topics.audit,
-            topics.status,
-            intent_partitions,
-            profile,
-            tuple((topics.intents, None, p) for p in range(intent_partitions)),
-        )
-
-
-def routes(msg: Message, out: Outputs) -> Sequence[Destination]:
-    """Where the worker publishes one output (the backtest routes with the same function)."""
-    if isinstance(msg, StepCompleted):
-        # Every partition: the arbiter releases a step only once every profile marked it on each of them.
-        return out.markers
-    if isinstance(msg, PlaceOrder):
-        # Keyed by product: one arbiter partition sees every intent of a product, in order.
-        return [(out.intents, msg.product.encode(), None), (out.audit, msg.profile.encode(), None)]
-    if isinstance(msg, ProfileHalted | AccountMismatchDetected):
-        return [(out.events, msg.profile.encode(), None), (out.audit, msg.profile.encode(), None)]
-    if isinstance(msg, WorkerFinished):
-        return [(out.status, f"strategy.{out.profile}".encode(), None)]
-    return [(out.audit, None, None)]
 
 
 def input_topics(topics: Topics) -> list[str]:

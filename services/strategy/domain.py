@@ -85,6 +85,7 @@ from typing import Literal
 from services.strategy.signals import Bar, ProductSignals, Signal, SignalModel, blend_with
 from shared import protective
 from shared.aligner import Aligner, Step
+from shared.book import Holding, Order, book_fill, check_fill
 from shared.clock import derived_id, from_epoch_s
 from shared.config import Profile, StrategySettings
 from shared.messages import (
@@ -648,18 +649,17 @@ def _judge_foreign(state: StrategyState, o: Outcome, decision: OrderDecided | No
         reason = f"{what} refused: the arbiter rejected that intent ({decision.rule}: {decision.reason})"
     elif (o.product, o.side) != (decision.product, decision.side):
         reason = f"{what} refused: {o.side} {o.product} does not match the approved {decision.side} {decision.product}"
-    else:
-        # A fill adds to what the intent has filled; an order event states its filled size as a whole.
-        if isinstance(o, OrderFilled):
-            # A duplicate order's fill (OrderFilled.duplicate_of) is outside the intent's size.
-            extra = o.size if o.duplicate_of is None else Decimal(0)
-            total = state.decided_filled.get(o.intent_id, Decimal(0)) + extra
-        else:
-            total = o.filled_size
-        if total > decision.size:
+    elif isinstance(o, OrderFilled):
+        # shared/book.py's rule (the report's): a fill adds to what the intent has filled, except a duplicate
+        # order's fill (OrderFilled.duplicate_of), which is outside the intent's size.
+        approved = Order(decision.product, decision.side, decision.size)
+        verdict, total = check_fill(o, approved, state.decided_filled.get(o.intent_id, Decimal(0)))
+        if verdict == "over_size":
             reason = f"{what} refused: fills of {total} would exceed the approved size {decision.size}"
-        elif isinstance(o, OrderFilled):
+        else:
             state.decided_filled[o.intent_id] = total
+    elif o.filled_size > decision.size:  # an order event states its filled size as a whole
+        reason = f"{what} refused: fills of {o.filled_size} would exceed the approved size {decision.size}"
     if reason is None:
         _apply_outcome(state, o)
     else:
@@ -676,16 +676,14 @@ def _contradicts_own(state: StrategyState, f: OrderFilled) -> str | None:
         return None  # every emitted intent is recorded; nothing to compare against otherwise
     product, side, size = asked
     what = f"OrderFilled {f.id} ({f.side} {f.size} {f.product}) of {f.profile} for its intent {f.intent_id}"
-    if (f.product, f.side) != (product, side):
+    # shared/book.py's rule, against what we asked (a duplicate order's fill is real, outside the intent's size).
+    verdict, total = check_fill(f, Order(product, side, size), state.own_filled.get(f.intent_id, Decimal(0)))
+    if verdict == "mismatch":
         return f"{what} refused: the intent was {side} {product}"
-    if f.duplicate_of is not None:
-        # A second order the exchange took under the intent's client id (two workers): real, booked as a
-        # position change outside the intent, so it neither fills the intent nor is refused by its size.
-        return None
-    total = state.own_filled.get(f.intent_id, Decimal(0)) + f.size
-    if total > size:
+    if verdict == "over_size":
         return f"{what} refused: fills of {total} would exceed the intent's size {size}"
-    state.own_filled[f.intent_id] = total
+    if verdict == "counted":
+        state.own_filled[f.intent_id] = total
     return None
 
 
@@ -697,35 +695,29 @@ def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
     state.fees += f.fee
     if f.intent_id in state.pending and f.duplicate_of is None:
         state.applied_size[f.intent_id] = state.applied_size.get(f.intent_id, Decimal(0)) + f.size
-    notional = f.size * f.price
+    # The accounting is shared/book.py's (the report's and the dashboards'); the state keeps its own fields.
     pos = state.positions.get(f.product)
-    if f.side == "buy":
-        state.entry_fees[f.product] = state.entry_fees.get(f.product, Decimal(0)) + f.fee
-        state.cash -= notional + f.fee
+    before = (
+        None if pos is None else Holding(pos.size, pos.avg_price, state.entry_fees.get(f.product, Decimal(0)))
+    )
+    b = book_fill(before, f.side, f.size, f.price, f.fee)
+    state.cash += b.cash
+    if f.side == "sell":
+        state.realized_pnl += b.gain
+        state.closed_trades += 1
+        state.wins += 1 if b.win else 0
+    after = b.holding
+    if after is not None and after.size > 0:
         if pos is None:
-            state.positions[f.product] = Position(f.size, f.price)
+            state.positions[f.product] = Position(after.size, after.avg_price)
         else:
-            total = pos.size + f.size
-            pos.avg_price = (pos.avg_price * pos.size + notional) / total
-            pos.size = total
-    else:
-        state.cash += notional - f.fee
-        if pos is not None:
-            sold = min(pos.size, f.size)
-            gain = (f.price - pos.avg_price) * sold
-            share = (
-                state.entry_fees.get(f.product, Decimal(0)) * (sold / pos.size) if pos.size else Decimal(0)
-            )
-            state.entry_fees[f.product] = state.entry_fees.get(f.product, Decimal(0)) - share
-            state.realized_pnl += gain
-            state.closed_trades += 1
-            state.wins += 1 if gain - share - f.fee > 0 else 0
-            pos.size -= sold
-            if pos.size <= 0:
-                del state.positions[f.product]
-                state.entry_fees.pop(f.product, None)
-                state.flatten.discard(f.product)
-                state.halt_close.discard(f.product)
+            pos.size, pos.avg_price = after.size, after.avg_price
+        state.entry_fees[f.product] = after.entry_fees
+    elif pos is not None:
+        del state.positions[f.product]
+        state.entry_fees.pop(f.product, None)
+        state.flatten.discard(f.product)
+        state.halt_close.discard(f.product)
 
 
 # ------------------------------------------------------------------------------------------ account (live)

@@ -258,7 +258,7 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
     from services.monitor.bootstrap import MonitorOptions, MonitorService
     from shared.runtime import ServiceSettings
     from tests.integration.ops_stack import TEMPLATE, create_topics, eventually, ns_config, publish
-    from tests.unit.builders import HOUR, T0, candle, order_filled
+    from tests.unit.builders import HOUR, T0, approval_of, candle, order_filled
 
     monkeypatch.setenv("MPCTL_STATE_KEY", "durable-state-test-key-0123456789")
     b = infra.kafka
@@ -271,7 +271,8 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
     ]
     await publish(
         b,
-        [(t.events, f, "profile_a") for f in fills]
+        # Approved by the arbiter: the monitor books only verified fills (shared/book.py).
+        [(t.events, m, "profile_a") for f in fills for m in (approval_of(f), f)]
         + [(t.candles, candle("BTC/USDC", T0 + i * HOUR, open=100, close=105 + i), None) for i in range(2)],
     )
 
@@ -286,7 +287,7 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
     first = await run_monitor()
     assert first["trades"] == 2, first
     # Retention deletes everything the monitor read; a restart keeps the numbers.
-    targets = {TopicPartition(tp, 0): 2 for tp in (t.events, t.candles)}
+    targets = {TopicPartition(t.events, 0): 4, TopicPartition(t.candles, 0): 2}
     admin = AIOKafkaAdminClient(**b.client_options())
     await admin.start()
     try:
@@ -295,7 +296,7 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
         await admin.close()
 
     async def deleted() -> bool:
-        return all(v == 2 for v in (await _begins(b, list(targets))).values())
+        return await _begins(b, list(targets)) == targets
 
     await eventually(deleted, what="records deleted")
     assert await run_monitor() == first

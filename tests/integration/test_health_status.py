@@ -14,7 +14,7 @@ from mpctl import commands_ops
 from mpctl.infra import Endpoints
 from services.monitor.health import fetch_health
 from tests.integration.ops_stack import TEMPLATE, create_topics, eventually, ns_config, publish, running
-from tests.unit.builders import HOUR, T0, candle, order_filled, plan
+from tests.unit.builders import HOUR, T0, approval_of, candle, order_filled, plan
 from tests.unit.synthetic_run import build_run
 
 
@@ -54,17 +54,15 @@ async def test_services_up_then_down(
             "execution.profile_b": "never-ran",
             "monitor": "never-ran",
         }
+        fill = order_filled("profile_a", "buy", size="2", price="100", fee="0.1", at=T0 + 60)
         await publish(
             b,
             [
                 (topics.plans, t_plan, "profile_a"),
                 (topics.audit, t_plan, "profile_a"),
                 (topics.candles, candle("BTC/USDC", T0, open=100, close=110), "BTC/USDC"),
-                (
-                    topics.events,
-                    order_filled("profile_a", "buy", size="2", price="100", fee="0.1", at=T0 + 60),
-                    "profile_a",
-                ),
+                # Approved by the arbiter: status books only verified fills (shared/book.py).
+                *((topics.events, m, "profile_a") for m in (approval_of(fill), fill)),
             ],
         )
         args = _cli(

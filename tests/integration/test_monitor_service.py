@@ -18,7 +18,7 @@ from services.monitor.bootstrap import MonitorOptions, MonitorService
 from shared.messages import ProfileHalted
 from shared.runtime import ServiceSettings
 from tests.integration.ops_stack import TEMPLATE, create_topics, eventually, ns_config, publish
-from tests.unit.builders import HOUR, T0, candle, decided, dt, order_filled, place_order, plan
+from tests.unit.builders import HOUR, T0, approval_of, candle, decided, dt, order_filled, place_order, plan
 
 
 @pytest.fixture
@@ -79,13 +79,15 @@ async def test_monitor_audits_alerts_and_exports(
     buy = place_order("profile_b", "buy")
     wash = decided(buy, "rejected", "opposite_side").model_copy(update={"conflicting_profile": "profile_a"})
     fill = order_filled("profile_a", "buy", size="1", price="100", fee="0.6", at=T0 + 60)
-    audit_msgs = [collided, buy, wash, fill, _halt(1)]
+    approved = approval_of(fill)  # the dashboards book only the fills the arbiter approved (shared/book.py)
+    audit_msgs = [collided, buy, wash, approved, fill, _halt(1)]
     await publish(b, [(t.audit, m, None) for m in audit_msgs + audit_msgs[:2]])  # with two redelivered copies
     await publish(
         b,
         [
             (t.plans, collided, "profile_a"),
             (t.events, wash, "profile_b"),
+            (t.events, approved, "profile_a"),
             (t.events, fill, "profile_a"),
             (t.events, _halt(1), "profile_b"),
             (t.candles, candle("BTC/USDC", T0, open=100, close=105), None),

@@ -193,3 +193,68 @@ def test_health_states() -> None:
         "registry": "not-observable",
         "ingest": "not-observable",
     }
+
+
+def test_unverified_fills_move_neither_the_tracker_nor_prometheus() -> None:
+    """Issue #15 item 5: the dashboards book only the fills the arbiter approved (shared/book.py's rule)."""
+    honest = run_messages()
+    real = order_filled(
+        "profile_a", "buy", size="2", price="100", fee="0.1", at=T0 + 10 * HOUR, fill_id="real"
+    )
+    forged = [
+        # No decision: an order the execution worker never submitted.
+        order_filled("profile_a", "buy", size="7", price="1", at=T0 + 10 * HOUR, fill_id="nodecision"),
+        # Beyond the approved size of a real intent, or on the other side of it.
+        order_filled(
+            "profile_a",
+            "buy",
+            size="1",
+            price="1",
+            at=T0 + 11 * HOUR,
+            fill_id="over",
+            intent_id=real.intent_id,
+        ),
+        order_filled(
+            "profile_a",
+            "sell",
+            size="1",
+            price="900",
+            at=T0 + 11 * HOUR,
+            fill_id="side",
+            intent_id=real.intent_id,
+        ),
+        # Another profile's fill under an intent approved for profile_a.
+        order_filled(
+            "profile_b",
+            "buy",
+            size="1",
+            price="1",
+            at=T0 + 11 * HOUR,
+            fill_id="other",
+            intent_id=real.intent_id,
+        ),
+        # A profile no config has: no books, no series.
+        order_filled("mallory", "buy", size="1", price="1", at=T0 + 11 * HOUR, fill_id="mallory"),
+    ]
+    base = tracker_for(honest)
+    before = {pid: base.profile_view(pid) for pid in ("profile_a", "profile_b")}
+    t = tracker_for([*honest, *forged])
+    assert {pid: t.profile_view(pid) for pid in ("profile_a", "profile_b")} == before
+    assert sorted(f.fill_id for fs in t.unverified.values() for f, _ in fs) == sorted(
+        f.fill_id for f in forged
+    )
+    m = MonitorMetrics("ns1")
+    m.update_performance(t)
+    text = generate_latest(m.registry).decode()
+    assert 'mp_profile_trades{profile="profile_a"} 3.0' in text
+    assert "mallory" not in text and "mallory" not in t.books
+
+    # The real fill read before its decision counts once the decision is read (the forged ones still do not).
+    t.add(real)
+    assert t.profile_view("profile_a") == before["profile_a"]
+    t.add(approval_of(real))
+    view = t.profile_view("profile_a")
+    assert view["trades"] == 4 and view["open_positions"] == {"BTC/USDC": "2"}
+    m.update_performance(t)
+    assert 'mp_profile_trades{profile="profile_a"} 4.0' in generate_latest(m.registry).decode()
+    assert t.profile_view("profile_b") == before["profile_b"]

@@ -1,0 +1,148 @@
+"""Bus access without a broker: the access type, password files, the principals' secrets and who starts as whom."""
+
+from __future__ import annotations
+
+import argparse
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from pydantic import SecretStr, ValidationError
+
+from mpctl.bus import BusSecrets
+from mpctl.stack import process_principal, process_principals
+from shared.bus import BusAccessError, KafkaAccess, read_password_file
+from shared.forkhost import argv_for
+from shared.runtime import add_bus_args, bus_access_from_args
+
+SECRET = "s3cret-value-never-shown"
+
+
+def test_access_hides_its_password_and_gives_scram_over_tls(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    bus = BusSecrets(tmp_path / "bus")
+    bus.ensure(["127.0.0.1"])
+    ca = bus.ca_file
+    acc = KafkaAccess(servers="h:1", username="ns.arbiter", password=SecretStr(SECRET), ca_file=ca)
+    assert SECRET not in repr(acc) and SECRET not in str(acc) and str(acc) == "h:1 as ns.arbiter"
+    opts = acc.client_options()
+    assert (opts["security_protocol"], opts["sasl_mechanism"]) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert opts["sasl_plain_username"] == "ns.arbiter" and opts["ssl_context"] is not None
+    assert KafkaAccess(servers="h:1").client_options() == {"bootstrap_servers": "h:1"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"username": "u"}, "a user name without the other"),
+        ({"password": SecretStr("p")}, "a password without the other"),
+        ({"username": "u", "password": SecretStr("")}, "the password is empty"),
+    ],
+)
+def test_half_given_credentials_are_refused(fields: dict[str, object], says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        KafkaAccess(servers="h:1", **fields)  # type: ignore[arg-type]
+
+
+def test_password_files_are_read_strictly_without_showing_the_value(tmp_path: Path) -> None:
+    good = tmp_path / "pw"
+    good.write_text(f"  {SECRET}\n")
+    assert read_password_file(good).get_secret_value() == SECRET
+    for name, content, says in [
+        ("empty", b"\n", "is empty"),
+        ("long", b"x" * 2000, "longer than 1024 bytes"),
+        ("binary", b"\xff\xfe", "not UTF-8"),
+    ]:
+        f = tmp_path / name
+        f.write_bytes(content)
+        with pytest.raises(BusAccessError, match=says) as err:
+            read_password_file(f)
+        assert str(f) in str(err.value)
+    with pytest.raises(BusAccessError, match="cannot read the bus password file .*missing"):
+        read_password_file(tmp_path / "missing")
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_bus_args(p)
+    return p.parse_args(list(argv))
+
+
+def test_a_user_without_a_password_file_or_the_reverse_exits_naming_the_option(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for env in ("KAFKA_USERNAME", "KAFKA_PASSWORD_FILE", "KAFKA_CA_FILE"):
+        monkeypatch.delenv(env, raising=False)
+    with pytest.raises(SystemExit, match="--kafka-user ns.registry needs --kafka-password-file"):
+        bus_access_from_args(parse("--kafka-user", "ns.registry"))
+    with pytest.raises(SystemExit, match="--kafka-password-file given without --kafka-user"):
+        bus_access_from_args(parse("--kafka-password-file", str(tmp_path / "pw")))
+    with pytest.raises(SystemExit, match="--kafka-password-file: .* is empty"):
+        (tmp_path / "pw").write_text("")
+        bus_access_from_args(parse("--kafka-user", "u", "--kafka-password-file", str(tmp_path / "pw")))
+    (tmp_path / "pw").write_text(SECRET)
+    args = parse("--bootstrap", "h:9", "--kafka-user", "u", "--kafka-password-file", str(tmp_path / "pw"))
+    acc = bus_access_from_args(args)
+    assert (acc.servers, acc.username, acc.password) == ("h:9", "u", SecretStr(SECRET))
+    assert bus_access_from_args(args) is acc  # read once per process
+
+
+def test_each_principal_has_its_own_password_and_rotation_changes_only_its_own(tmp_path: Path) -> None:
+    bus = BusSecrets(tmp_path / "bus")
+    bus.ensure(["127.0.0.1"])
+    a, b = bus.password("ns.strategy.profile_a"), bus.password("ns.strategy.profile_b")
+    assert a != b and len(a.get_secret_value()) >= 40
+    assert BusSecrets(tmp_path / "bus").password("ns.strategy.profile_a") == a  # derived, not stored
+    assert bus.rotate("ns.strategy.profile_a") == 1
+    assert bus.password("ns.strategy.profile_a") != a and bus.password("ns.strategy.profile_b") == b
+    assert stat.S_IMODE((tmp_path / "bus").stat().st_mode) == 0o700
+    for f in (tmp_path / "bus").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        assert a.get_secret_value() not in f.read_text(errors="replace")
+
+
+def test_the_broker_certificate_is_signed_by_the_ca_for_its_hosts(tmp_path: Path) -> None:
+    bus = BusSecrets(tmp_path / "bus")
+    bus.ensure(["kafka"])
+    ca = x509.load_pem_x509_certificate(bus.ca_file.read_bytes())
+    pem = bus.broker_pem.read_bytes()
+    assert b"PRIVATE KEY" in pem
+    cert = x509.load_pem_x509_certificate(pem[pem.index(b"-----BEGIN CERTIFICATE") :])
+    key = ca.public_key()
+    assert isinstance(key, rsa.RSAPublicKey) and cert.signature_hash_algorithm is not None
+    key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), cert.signature_hash_algorithm)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"kafka", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
+    before = bus.broker_pem.read_bytes()
+    bus.ensure(["kafka"])
+    assert bus.broker_pem.read_bytes() == before  # kept while it covers the hosts
+    bus.ensure(["kafka", "broker.internal"])
+    assert bus.broker_pem.read_bytes() != before  # a new host: a new certificate
+
+
+def test_each_process_connects_as_the_principal_of_its_role() -> None:
+    common = ["--bootstrap", "h:1", "--namespace", "ns"]
+    assert process_principal(["services.registry", *common]) == "ns.registry"
+    assert process_principal(["services.execution", *common, "--profile", "p1"]) == "ns.execution.p1"
+    host = ["services.strategy", *common, "--profile", "p1,p2"]
+    assert process_principals(host) == ["ns.strategy.p1", "ns.strategy.p2"]
+    with pytest.raises(ValueError, match="without --namespace"):
+        process_principal(["services.arbiter", "--bootstrap", "h:1"])
+    with pytest.raises(ValueError, match="not a service module"):
+        process_principal(["mpctl.cli"])
+
+
+def test_a_hosted_worker_gets_its_own_principal() -> None:
+    argv = [
+        "--profile",
+        "p1,p2",
+        "--kafka-user",
+        "ns.strategy.p1,ns.strategy.p2",
+        "--kafka-password-file",
+        "-",
+    ]
+    out = argv_for(argv, "p2", ["p1", "p2"])
+    assert out[out.index("--profile") + 1] == "p2"
+    assert out[out.index("--kafka-user") + 1] == "ns.strategy.p2"
