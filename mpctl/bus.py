@@ -300,7 +300,7 @@ def create_acls(admin: KafkaAccess, rules: Sequence[Acl]) -> None:
         AclBinding(
             kinds[r.resource],
             r.name,
-            ResourcePatternType.LITERAL,
+            ResourcePatternType.PREFIXED if r.pattern == "prefixed" else ResourcePatternType.LITERAL,
             f"User:{r.principal}",
             "*",
             ops[r.operation],

@@ -184,7 +184,7 @@ async def gather_status(
     lag: LagReport = await fetch_lag(target.bootstrap, target.namespace)
     return {
         "namespace": target.namespace,
-        "bootstrap": target.bootstrap,
+        "bootstrap": target.bootstrap.servers,
         "source": source,
         "services": [h.to_json() for h in health],
         "profiles": profiles,

@@ -287,7 +287,7 @@ class ProfileRouter:
             "profile_router": {
                 "active_profiles": len(enabled),
                 "namespace": t.ns,
-                "bootstrap": self._access().servers,
+                "bootstrap": self.bootstrap.servers if self.bootstrap is not None else "",
                 "trading_started": self.trading_started,
                 "services_up": sorted(n for n, s in services.items() if s == "up"),
                 "services_down": sorted(n for n, s in services.items() if s in ("down", "never-ran")),

@@ -27,6 +27,7 @@ from shared.topics import Topics
 
 Resource = Literal["topic", "group"]
 Operation = Literal["read", "write", "describe"]
+Pattern = Literal["literal", "prefixed"]
 
 # Services with one instance kind for the whole system, and those with one per profile.
 SYSTEM_SERVICES = ("ingest", "registry", "arbiter", "monitor")
@@ -38,12 +39,14 @@ ADMIN = "admin"
 
 @dataclass(frozen=True, order=True)
 class Acl:
-    """ALLOW `operation` on one resource (a literal name) to one principal (a SCRAM user name)."""
+    """ALLOW `operation` on a resource (its name, or every name starting with it when `pattern` is "prefixed") to
+    one principal (a SCRAM user name)."""
 
     principal: str
     resource: Resource
     name: str
     operation: Operation
+    pattern: Pattern = "literal"
 
 
 def principal(namespace: str, service: str, profile: str | None = None) -> str:
@@ -125,13 +128,14 @@ def acls(cfg: AppConfig, namespace: str) -> list[Acl]:
     allow(monitor, ["read"], watched + [t.commands])
     allow(monitor, ["read"], [t.group("monitor")], "group")
     allow(monitor, ["read", "write"], [t.state("monitor")])
-    groups = group_names(cfg, namespace)
-    # Consumer lag and health: every group, and the end offsets of what only its owner reads (Describe lists
-    # offsets and metadata; it reads no record).
-    private = [t.approved(p) for p in profiles] + [t.state("arbiter"), t.state("monitor")]
-    private += [t.state(s, p) for s in PROFILE_SERVICES for p in profiles]
-    allow(monitor, ["describe"], groups, "group")
-    allow(monitor, ["describe"], private)
+    # Consumer lag and health: every group and topic of the namespace, described (offsets, members and
+    # metadata; Describe reads no record).
+    watch_all = [
+        Acl(who, kind, f"{namespace}.", "describe", "prefixed")
+        for who in (monitor, principal(namespace, OPERATOR))
+        for kind in ("topic", "group")
+    ]
+    out.update(watch_all)
 
     operator = principal(namespace, OPERATOR)
     # Commands are the operator's alone; a manual signal through the router (mpctl/router.py) is an intent like
@@ -139,8 +143,6 @@ def acls(cfg: AppConfig, namespace: str) -> list[Acl]:
     allow(operator, ["write"], [t.commands, t.intents, t.audit])
     # Reports, status and lag read what the monitor reads; never an approval or a state snapshot.
     allow(operator, ["read"], watched + [t.commands, t.trades, t.clock])
-    allow(operator, ["describe"], groups, "group")
-    allow(operator, ["describe"], private)
     return sorted(out)
 
 

@@ -121,6 +121,36 @@ def take_bus_passwords(args: argparse.Namespace) -> None:
     _HANDED.update({u: SecretStr(pw) for u, pw in zip(users, lines, strict=True)})
 
 
+def serve_hosted(
+    service: str,
+    parser: argparse.ArgumentParser,
+    argv: list[str],
+    main: Callable[[list[str]], int],
+    preload: Sequence[str],
+) -> int | None:
+    """A start naming several profiles (`--profile a,b`, MPCTL_PROFILES_PER_PROCESS): run a host forking each
+    profile's worker as `main(its own command line)` (shared/forkhost.py) and return its exit code; None for one
+    profile (the caller runs the worker itself). A bad command line or profiles file is refused once, before any
+    fork; each worker's bus password is read here and handed to that worker alone."""
+    from shared.forkhost import argv_for, profile_arg, profiles_of, serve_forked
+
+    profiles = profiles_of(profile_arg(argv) or "")
+    if len(profiles) < 2:
+        return None
+    host = parser.parse_args(argv)
+    take_bus_passwords(host)
+    try:
+        load_config(host.config)  # parsed once: the workers find it parsed (shared.config.load_config)
+    except ConfigError as err:
+        raise SystemExit(f"{service}: {err}") from None
+    return serve_forked(
+        profiles,
+        lambda pid: main(argv_for(argv, pid, profiles, host.metrics_port)),
+        name=service,
+        preload=preload,
+    )
+
+
 def bus_access_from_args(args: argparse.Namespace) -> KafkaAccess:
     """The KafkaAccess of `add_bus_args`' options, read once per process (a password from standard input can
     be read only once). A missing or unreadable password exits with one line naming the option."""

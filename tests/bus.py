@@ -65,6 +65,11 @@ async def create_namespace(admin: KafkaAccess, cfg: AppConfig, namespace: str | 
     session's broker (MPCTL_BUS_DIR, set by tests/conftest.py)."""
     ns = namespace or cfg.system.kafka.namespace
     await ensure_topics(admin, declared_topics(cfg, ns), replication_factor=1)
+    await create_principals(admin, cfg, ns)
+
+
+async def create_principals(admin: KafkaAccess, cfg: AppConfig, namespace: str) -> None:
+    """A namespace's principals and ACLs alone (they outlive its topics, which a demo deletes at its end)."""
     folder = os.environ.get(ENV_BUS_DIR)
     if folder:
-        await asyncio.to_thread(apply_bus, admin, BusSecrets(folder), cfg, ns)
+        await asyncio.to_thread(apply_bus, admin, BusSecrets(folder), cfg, namespace)

@@ -12,15 +12,13 @@ import sys
 from collections.abc import Sequence
 
 from services.execution.bootstrap import ExecutionOptions, bootstrap, live_consent_problem
-from shared.config import ConfigError, load_config
-from shared.forkhost import argv_for, profile_arg, profiles_of, serve_forked
 from shared.runtime import (
     add_metrics_args,
     base_parser,
     main_entry,
     run_service,
+    serve_hosted,
     settings_from_args,
-    take_bus_passwords,
 )
 
 # What a worker imports once it runs (the snapshots' Redis client, the heartbeat): loaded by a host before it
@@ -42,20 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="live mode: send the exchange's REST calls to this base URL instead of Coinbase's (a test peer)",
     )
-    profiles = profiles_of(profile_arg(args_in) or "")
-    if len(profiles) > 1:
-        host = p.parse_args(args_in)  # a bad command line is refused once, before any fork
-        take_bus_passwords(host)  # each worker's own bus password, handed on standard input
-        try:
-            load_config(host.config)  # parsed once: the workers find it parsed (shared.config.load_config)
-        except ConfigError as err:
-            raise SystemExit(f"execution: {err}") from None
-        return serve_forked(
-            profiles,
-            lambda pid: main(argv_for(args_in, pid, profiles, host.metrics_port)),
-            name="execution",
-            preload=PRELOAD,
-        )
+    hosted = serve_hosted("execution", p, args_in, main, PRELOAD)
+    if hosted is not None:
+        return hosted
     args = main_entry(args_in, "execution", p)
     options = ExecutionOptions(
         exchange_api_base=args.exchange_api_base, allow_plaintext_credentials=args.allow_plaintext_credentials

@@ -11,9 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from services.strategy.bootstrap import bootstrap
-from shared.config import ConfigError, load_config
-from shared.forkhost import argv_for, profile_arg, profiles_of, serve_forked
-from shared.runtime import add_metrics_args, base_parser, main_entry, settings_from_args, take_bus_passwords
+from shared.runtime import add_metrics_args, base_parser, main_entry, serve_hosted, settings_from_args
 
 # What a worker imports once it runs (faust's app, agents, tables and worker; the snapshots' Redis client; the
 # heartbeat): loaded by a host before it forks, so its workers share them.
@@ -38,20 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "0: off, the default; env MPCTL_STRATEGY_METRICS_PORT",
         default_port=int(os.environ.get("MPCTL_STRATEGY_METRICS_PORT", "0")),
     )
-    profiles = profiles_of(profile_arg(args_in) or "")
-    if len(profiles) > 1:
-        host = p.parse_args(args_in)  # a bad command line is refused once, before any fork
-        take_bus_passwords(host)  # each worker's own bus password, handed on standard input
-        try:
-            load_config(host.config)  # parsed once: the workers find it parsed (shared.config.load_config)
-        except ConfigError as err:
-            raise SystemExit(f"strategy: {err}") from None
-        return serve_forked(
-            profiles,
-            lambda pid: main(argv_for(args_in, pid, profiles, host.metrics_port)),
-            name="strategy",
-            preload=PRELOAD,
-        )
+    hosted = serve_hosted("strategy", p, args_in, main, PRELOAD)
+    if hosted is not None:
+        return hosted
     args = main_entry(args_in, "strategy", p)
     return bootstrap(settings_from_args(args)).run()
 

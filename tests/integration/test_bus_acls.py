@@ -143,6 +143,9 @@ def test_the_acl_set_covers_every_principal_and_grants_approvals_to_their_owners
             ("ns.arbiter", "write"),
             (f"ns.execution.{pid}", "read"),
         }
+    prefixed = {(r.principal, r.resource, r.name) for r in rules if r.pattern == "prefixed"}
+    assert all(r.operation == "describe" for r in rules if r.pattern == "prefixed")  # offsets, never a record
+    assert prefixed == {(w, k, "ns.") for w in ("ns.monitor", "ns.operator") for k in ("topic", "group")}
     assert {r.principal for r in rules if r.name == t.commands and r.operation == "write"} == {"ns.operator"}
     assert {r.principal for r in rules if r.name == t.plans and r.operation == "write"} == {"ns.registry"}
     assert {r.principal for r in rules if r.name == t.candles and r.operation == "write"} == {"ns.ingest"}
@@ -182,9 +185,13 @@ async def test_a_read_outside_the_role_gets_nothing(
     assert marker in await read(endpoints.kafka, topic)  # it is there for a reader allowed to see it
     acc = access(endpoints, ns, who, profile)
     with caplog.at_level(logging.DEBUG):
-        got = await read(acc, topic)
-    assert got == []
-    assert f"Topic {topic} is not authorized" in caplog.text
+        try:
+            got = await read(acc, topic)
+        except TopicAuthorizationFailedError:
+            got = None  # a principal that may see the topic's offsets (Describe) is refused the fetch itself
+    if got is not None:  # one that may not even see the topic gets nothing, and the client says why
+        assert got == []
+        assert f"Topic {topic} is not authorized" in caplog.text
     assert_logged_without_secret(caplog, acc.password, endpoints.kafka.password)
 
 

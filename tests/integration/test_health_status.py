@@ -13,6 +13,7 @@ import pytest
 from mpctl import commands_ops
 from mpctl.infra import Endpoints
 from services.monitor.health import fetch_health
+from tests.bus import create_principals
 from tests.integration.ops_stack import TEMPLATE, create_topics, eventually, ns_config, publish, running
 from tests.unit.builders import HOUR, T0, approval_of, candle, order_filled, plan
 from tests.unit.synthetic_run import build_run
@@ -96,7 +97,10 @@ async def test_status_from_run_files_when_topics_are_gone(
 ) -> None:
     run = tmp_path / "run"
     build_run(run)
-    (run / "run.json").write_text(json.dumps({"namespace": namespace, "kafka_bootstrap": infra.kafka}))
+    await create_principals(infra.kafka, ns_config(namespace), namespace)  # as the run's demo left them
+    (run / "run.json").write_text(
+        json.dumps({"namespace": namespace, "kafka_bootstrap": infra.kafka.servers})
+    )
     args = _cli("status", "--run", str(run), "--config", str(TEMPLATE))
     assert await asyncio.to_thread(args.handler, args) == 0
     out = capsys.readouterr().out

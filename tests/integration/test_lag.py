@@ -15,6 +15,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from mpctl import commands_ops
 from mpctl.infra import Endpoints
 from services.monitor.lag import fetch_lag, format_table, to_json
+from tests.bus import create_namespace
+from tests.integration.ops_stack import ns_config
 
 PRODUCED = {0: 10, 1: 7, 2: 0}  # messages per partition (partition 2 stays empty)
 COMMITTED = {0: 4, 1: 7}  # what the consumer commits before pausing
@@ -41,6 +43,7 @@ async def _delete(bootstrap: str, names: list[str]) -> None:
 @pytest.fixture
 async def paused_group(infra: Endpoints, namespace: str) -> AsyncIterator[tuple[str, str]]:
     topic, group = f"{namespace}.lagtest", f"{namespace}.lagger"
+    await create_namespace(infra.kafka, ns_config(namespace), namespace)  # its operator, for `mpctl lag`
     await _topic(infra.kafka, topic, 3)
     producer = AIOKafkaProducer(**infra.kafka.client_options(), acks="all")
     await producer.start()

@@ -84,7 +84,9 @@ async def test_metrics_and_mpctl_plans(
         run_dir = tmp_path / "demo"
         run_dir.mkdir()
         (run_dir / "run.json").write_text(
-            json.dumps({"namespace": run.ns, "kafka_bootstrap": infra.kafka, "redis_url": infra.redis_url})
+            json.dumps(
+                {"namespace": run.ns, "kafka_bootstrap": infra.kafka.servers, "redis_url": infra.redis_url}
+            )
         )
         assert (
             await asyncio.to_thread(

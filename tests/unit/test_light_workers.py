@@ -45,7 +45,7 @@ def settings_code(service: str) -> str:
     return f"""
         from shared.runtime import ServiceSettings
         settings = ServiceSettings(
-            kafka_bootstrap="127.0.0.1:1", config_path={str(TEMPLATE)!r}, profile="profile_a", namespace="imports"
+            kafka={{"servers": "127.0.0.1:1"}}, config_path={str(TEMPLATE)!r}, profile="profile_a", namespace="imports"
         )
         import services.{service}.__main__ as entry
         for name in entry.PRELOAD:
