@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mpctl.audit import audit_run
+from mpctl.bus import BusSecrets, admin_access
+from mpctl.infra import access_from_env
 from mpctl.invariants import RunCheck, check_run
 from mpctl.progress import Progress
+from mpctl.stack import bus_args
 from services.monitor.report_html import write_report
-from shared.bus import KafkaAccess
 from shared.config import DEFAULT_CONFIG, LOCAL_CONFIG, config_warnings, load_config
 
 # 240 hours, not fewer: the signal models need their look-back windows filled before the first entry, and
@@ -102,10 +104,12 @@ class Session:
         return e
 
 
-def _run(cmd: list[str], session: Session, timeout: float) -> subprocess.CompletedProcess[str]:
-    session.say("$ " + " ".join(cmd))
+def _run(
+    cmd: list[str], session: Session, timeout: float, *, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    session.say("$ " + " ".join(cmd))  # a password is never in it: it goes to standard input
     proc = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ), input=stdin
     )
     for stream, text in (("stdout", proc.stdout), ("stderr", proc.stderr)):
         if text.strip():
@@ -189,7 +193,7 @@ def run_selftest(args: argparse.Namespace) -> int:
         finally:
             if "run" in state:
                 # The run's topics were kept for the monitor; they are of no use after the self-test.
-                _delete_topics(state["run"]["kafka_bootstrap"], state["run"]["namespace"], cfg)
+                _delete_topics(state["run"], cfg)
 
 
 def _checks(
@@ -256,8 +260,6 @@ def _checks(
         ns = state["run"]["namespace"]
         bootstrap = state["run"]["kafka_bootstrap"]
         cmd = [
-            sys.executable,
-            "-m",
             "services.monitor",
             "--bootstrap",
             bootstrap,
@@ -273,7 +275,9 @@ def _checks(
         ]
         if args.config:
             cmd += ["--config", str(args.config.resolve())]
-        proc = _run(cmd, s, 300)
+        # As the run's stack started its monitor: connected as the namespace's monitor principal.
+        argv, password = bus_args(_run_bus(state["run"]), cmd)
+        proc = _run([sys.executable, "-m", *argv], s, 300, stdin=password)
         if proc.returncode != 0:
             e.fail(f"monitor exited {proc.returncode}")
             return
@@ -338,13 +342,20 @@ def _checks(
     return _finish(s, results_path, started, t0, run_dir, work, args, extra)
 
 
-def _delete_topics(bootstrap: KafkaAccess, namespace: str, cfg: Any) -> None:
+def _run_bus(run: dict[str, Any]) -> BusSecrets | None:
+    """The broker's secrets the run recorded (run.json `bus_dir`), if any."""
+    return BusSecrets(Path(run["bus_dir"])) if run.get("bus_dir") else None
+
+
+def _delete_topics(run: dict[str, Any], cfg: Any) -> None:
     import asyncio
 
     from shared.kafka import delete_topics
     from shared.topics import declared_topics
 
-    asyncio.run(delete_topics(bootstrap, [t.name for t in declared_topics(cfg, namespace)]))
+    bus, servers = _run_bus(run), str(run["kafka_bootstrap"])
+    admin = admin_access(servers, bus) if bus is not None else access_from_env(servers, os.environ)
+    asyncio.run(delete_topics(admin, [t.name for t in declared_topics(cfg, run["namespace"])]))
 
 
 def _finish(

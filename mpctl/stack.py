@@ -100,7 +100,7 @@ class Stack:
         env.update(extra)
         for k in (ENV_USER, ENV_PASSWORD_FILE):
             env.pop(k, None)  # a process connects as its own principal, never as the shell's
-        argv, password = self._bus_args(args)
+        argv, password = bus_args(self.bus, args)
         popen = subprocess.Popen(
             [sys.executable, "-m", *argv],
             stdin=subprocess.PIPE if password is not None else subprocess.DEVNULL,
@@ -117,17 +117,6 @@ class Stack:
         proc = Proc(name, popen, log, fh, list(args), dict(extra))
         self.procs.append(proc)
         return proc
-
-    def _bus_args(self, args: list[str]) -> tuple[list[str], str | None]:
-        """`args` with the principal's user name and CA added, and its password (None: no bus secrets)."""
-        if self.bus is None or "--bootstrap" not in args:
-            return list(args), None
-        # A host of several profiles' workers (`--profile a,b`): each worker's principal, in the profiles' order,
-        # a password per line; the host hands each forked worker its own (shared/runtime.py).
-        who = process_principals(args)
-        extra = ["--kafka-user", ",".join(who), "--kafka-password-file", "-"]
-        extra += ["--kafka-ca-file", str(self.bus.ca_file)]
-        return [*args, *extra], "\n".join(self.bus.password(w).get_secret_value() for w in who)
 
     def get(self, name: str) -> Proc | None:
         return next((p for p in self.procs if p.name == name), None)
@@ -188,6 +177,19 @@ class Stack:
                 p.popen.kill()
                 p.popen.wait()
             p.fh.close()
+
+
+def bus_args(bus: BusSecrets | None, args: list[str]) -> tuple[list[str], str | None]:
+    """A service's `args` with its principal's user name and CA added, and the password to write to its standard
+    input (None: no bus secrets, the access its environment gives)."""
+    if bus is None or "--bootstrap" not in args:
+        return list(args), None
+    # A host of several profiles' workers (`--profile a,b`): each worker's principal, in the profiles' order,
+    # a password per line; the host hands each forked worker its own (shared/runtime.py).
+    who = process_principals(args)
+    extra = ["--kafka-user", ",".join(who), "--kafka-password-file", "-"]
+    extra += ["--kafka-ca-file", str(bus.ca_file)]
+    return [*args, *extra], "\n".join(bus.password(w).get_secret_value() for w in who)
 
 
 def process_principals(args: Sequence[str]) -> list[str]:

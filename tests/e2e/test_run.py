@@ -137,7 +137,7 @@ def test_run_replay_stops_by_itself_and_resumes_without_a_gap(infra: Endpoints, 
     assert_clean(first)
     info = run_json(out)
     ns = info["namespace"]
-    assert info["kafka_bootstrap"] == infra.kafka and info["redis_url"] == infra.redis_url
+    assert info["kafka_bootstrap"] == infra.kafka.servers and info["redis_url"] == infra.redis_url
     assert (info["source"], info["interval"], len(info["starts"])) == ("replay", "1h", 1)
     for name in (
         "orders.jsonl",
