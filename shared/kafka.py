@@ -169,9 +169,11 @@ async def partitions_of(
         for _ in range(attempts):
             if parts:
                 break
-            consumer.subscribe([topic])  # a fresh client may not have the topic's metadata yet
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh in aiokafka
-            consumer.unsubscribe()
+            # A fresh client may not have the topic's metadata yet: track it and refresh. Not by subscribing, which
+            # a consumer with a group_id answers by joining the group, and a later assign() then breaks aiokafka's
+            # coordinator ("Should not be called", seen when an authenticated client's first metadata came late).
+            await consumer._client.add_topic(topic)  # noqa: SLF001 - no public refresh in aiokafka
+            await consumer._client.force_metadata_update()  # noqa: SLF001
             parts = consumer.partitions_for_topic(topic)
             if not parts:
                 await asyncio.sleep(0.1)
