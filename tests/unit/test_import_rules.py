@@ -30,6 +30,7 @@ PURE = (
     "services/registry/routing.py",
     "services/strategy/routing.py",
     "services/strategy/signals.py",
+    "services/strategy/indicators.py",
     "services/ingest/live_domain.py",
     "services/execution/reconcile.py",
     "services/execution/ports.py",
