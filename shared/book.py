@@ -22,7 +22,7 @@ the fill's product and side, and the intent's fills never exceed the approved si
 order the exchange took under the intent's client id (`OrderFilled.duplicate_of`: two workers of a profile both
 sent it) is real and booked beyond the intent's size. Anything else (a forged record on orders.events) moves no
 books. The strategy applies the same check to its own intents against what it asked (`Order`), and to foreign
-ones (manual orders) against the decision, after waiting a bounded time for it (services/strategy/domain.py).
+ones (manual orders) against the decision, after waiting a bounded time for it (services/strategy/trust.py).
 
 Correlation: `pearson` of two return series, with the sums taken by `math.fsum`.
 """

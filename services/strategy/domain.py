@@ -18,15 +18,9 @@ rebuild it after a crash by reading its inputs from the beginning (docs/backtest
 the intent it answers (a restarted worker reads the order events topic faster than it re-evaluates the
 candles) is held until the state re-emits that intent, then applied, exactly where the first run applied it.
 
-Outcomes of intents this state never sends (manual orders: `mpctl.router` sends a `PlaceOrder` with reason
-`manual` through the arbiter) are trusted only when the arbiter approved them: an `OrderDecided` of this
-profile approving the intent, with the same product and side, and fills never exceeding its size in total.
-Such an outcome is judged before the first step closing after its event time (an outcome of our own intents
-is never older than the close of the step that sent them, so by then it cannot be ours): applied if approved;
-dead-lettered (`StrategyState.refused`, drained by the worker) if inconsistent with the decision; held while no
-decision is known, and dead-lettered once `decision_wait_steps` further steps closed without one. The
-decision normally precedes its fills on orders.events (the arbiter writes it before it hands the order to
-execution); the wait covers a decision whose write was delayed (broker retry, arbiter fail-over).
+Which order events reach the books is services/strategy/trust.py's: a fill contradicting our own intent is
+refused; outcomes of intents this state never sends (manual orders) are booked only when the arbiter approved
+them, judged before the first step closing after their event time, after a bounded wait for the decision.
 
 Early rotations (an operator's `rotate`): the registry publishes a second plan for the epoch, valid from the
 rotation step (`PlanPublished.rotation` > 0). A step uses the latest plan of its epoch starting at or before it.
@@ -65,27 +59,37 @@ applied when the first step closing after its event time is evaluated, in event-
   others from the first snapshot on: stops, signal exits, flatten and halts sell them).
 In paper mode snapshots are ignored: the paper exchange's agree with the books by construction.
 
-Indicators live in a `MarketSignals` (one `ProductSignals` per product). Each worker has its own; the
-backtest shares one across all profiles, because indicators depend only on the product and the structural
-parameters, which every profile shares (mpctl/backtest.py).
+The indicators are services/strategy/indicators.py's `MarketSignals`, one per worker (the backtest shares one
+across its profiles).
 """
 
 from __future__ import annotations
 
 import heapq
-import logging
 import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
+from functools import partial
 from typing import Literal
 
-from services.strategy.signals import Bar, ProductSignals, Signal, SignalModel, blend_with
+# Re-exported: callers name MarketSignals from here, and a snapshot written before the split names both classes
+# as services.strategy.domain's (pickle finds a class by its module and name).
+from services.strategy.indicators import MarketSignals as MarketSignals
+from services.strategy.indicators import _Snapshot as _Snapshot
+from services.strategy.signals import Signal
+from services.strategy.trust import Outcome, contradicts_own, hold, refuse, release_foreign
+
+# Re-exported: the worker (bootstrap.py) reaches the refusals and held outcomes through this module, and a
+# snapshot holding a refusal written before the split names Refusal as services.strategy.domain's.
+from services.strategy.trust import Refusal as Refusal
+from services.strategy.trust import awaits as awaits
+from services.strategy.trust import take_refused as take_refused
 from shared import protective
 from shared.aligner import Aligner, Step
-from shared.book import Holding, Order, book_fill, check_fill
+from shared.book import Holding, book_fill
 from shared.clock import derived_id, from_epoch_s
 from shared.config import Profile, StrategySettings
 from shared.messages import (
@@ -111,111 +115,16 @@ from shared.messages import (
 )
 from shared.strategy_catalog import CATALOG
 
-log = logging.getLogger(__name__)
-
 SIZE_STEP = Decimal("0.00000001")
 MIN_NOTIONAL = Decimal("1")
 Reason = IntentReason
 RESERVE = Decimal("1.02")  # a working buy may still spend its unfilled size at the reference price, plus this
 RotationPolicy = Literal["keep", "close"]
-Outcome = OrderDecided | OrderUpdated | OrderFilled
 Deferred = Outcome | AccountSnapshotted
 QUOTE_DUST = Decimal("0.01")  # a difference in the quote asset up to this is dust
 ASSET_DUST_MIN = Decimal("0.00000001")
 ASSET_DUST_RATE = Decimal("0.0001")  # 0.01 % of the holding
 DEFAULT_DECISION_WAIT_STEPS = StrategySettings().decision_wait_steps
-_ANY_STRATEGY = next(iter(CATALOG))  # ProductSignals.evaluate validates a name; every model runs regardless
-
-
-class _Snapshot:
-    """What every profile reads of one product at its last bar: volatility, and the catalog-default signals
-    of the ready models (computed on first use: only a product some profile blends needs them)."""
-
-    __slots__ = ("per_candle", "annualised", "models", "_ps", "_defaults")
-
-    def __init__(self, ps: ProductSignals) -> None:
-        vol = ps.volatility
-        pc = self.per_candle = vol.per_candle()
-        # VolatilityTracker.annualised(), without computing per_candle() a second time.
-        self.annualised = None if pc is None else pc * vol._annualise
-        self.models: Mapping[str, SignalModel] = ps._models  # read only (ps.models without its proxy)
-        self._ps = ps
-        self._defaults: dict[str, Signal] | None = None
-
-    def defaults(self) -> dict[str, Signal]:
-        if self._defaults is None:
-            self._defaults = self._ps.evaluate(_ANY_STRATEGY, {})
-        return self._defaults
-
-
-class MarketSignals:
-    """The indicators of every product, fed once per step.
-
-    Sharing one instance across profiles (the backtest) is exact only if every profile evaluates a step
-    before any profile is fed the next one; `update` refuses a step older than what it has seen (that would
-    be look-ahead for the lagging profile), so a violation fails loudly instead of skewing results.
-    """
-
-    def __init__(self) -> None:
-        self.products: dict[str, ProductSignals] = {}
-        self.closes: dict[str, Decimal] = {}  # of the last step: product -> close
-        self._snaps: dict[str, _Snapshot] = {}
-        self._last_step: int | None = None
-
-    def update(self, step: Step) -> None:
-        if self._last_step is not None and step.time_s <= self._last_step:
-            if step.time_s < self._last_step:
-                raise RuntimeError(
-                    f"market signals are at step {self._last_step}, asked to evaluate the older step {step.time_s}: "
-                    "a shared MarketSignals needs every profile in lockstep"
-                )
-            return  # a profile sharing this instance already fed the step
-        self._last_step = step.time_s
-        products = self.products
-        closes: dict[str, Decimal] = {}
-        for c in step.candles:
-            ps = products.get(c.product)
-            if ps is None:
-                ps = products[c.product] = ProductSignals(step.interval_s)
-            ps.update(
-                Bar(step.time_s, float(c.open), float(c.high), float(c.low), float(c.close), float(c.volume))
-            )
-            closes[c.product] = c.close
-        self.closes = closes
-        self._snaps = {}
-
-    def snapshot(self, product: str) -> _Snapshot | None:
-        """The product at its last bar; None for a product never seen or absent from the last step."""
-        snap = self._snaps.get(product)
-        if snap is None:
-            if product not in self.closes:
-                return None
-            # Computed once per product and step, however many profiles read it.
-            snap = self._snaps[product] = _Snapshot(self.products[product])
-        return snap
-
-    def blended(
-        self,
-        product: str,
-        strategy: str,
-        tunable: Mapping[str, float],
-        weights: Mapping[str, float],
-        w: float,
-    ) -> Signal | None:
-        """`blend` of the selected strategy (with the plan's drifted tunables) and the others (catalog
-        defaults): the same signal as `blend(strategy, ProductSignals.evaluate(...), ...)`, with only the
-        selected model evaluated per profile. None for a product absent from the last step."""
-        snap = self.snapshot(product)
-        if snap is None:
-            return None
-        model = snap.models.get(strategy)
-        if model is None:
-            raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(CATALOG)}")
-        if model._bars < model._warmup:
-            return None  # SignalModel.evaluate's None before warm-up, without its frame
-        own = model._evaluate(tunable)
-        # The others' default signals, in catalog order (blend_with skips the selected one's default).
-        return blend_with(strategy, own, snap.defaults(), weights, w)
 
 
 @dataclass(frozen=True)
@@ -236,14 +145,6 @@ class _Limits:
             Decimal(str(rm.max_drawdown_pct)),
             Decimal(str(rm.max_daily_loss_pct)),
         )
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """An outcome the state refused (it moves no books): the worker dead-letters the record it came in."""
-
-    outcome: Outcome
-    reason: str
 
 
 @dataclass
@@ -285,6 +186,7 @@ class StrategyState:
     queue: deque[Step] = field(default_factory=deque)
     seen_fills: set[str] = field(default_factory=set)
     emitted: set[str] = field(default_factory=set)  # every intent id this state has sent
+    # From here to `refused`: what services/strategy/trust.py's rules keep (its TrustState).
     # What each of our intents asked (product, side, size) and how much of it has filled: a fill of our own
     # intent that contradicts it (another product or side, more than the intent's size) is refused.
     own_orders: dict[str, tuple[str, str, Decimal]] = field(default_factory=dict)
@@ -483,23 +385,14 @@ def decide(
             heapq.heappush(state.deferred, (msg.event_time.timestamp(), state.defer_seq, msg))
     elif isinstance(msg, OrderDecided | OrderUpdated | OrderFilled) and msg.profile == state.profile_id:
         if msg.intent_id in state.emitted:
-            reason = _contradicts_own(state, msg) if isinstance(msg, OrderFilled) else None
+            reason = contradicts_own(state, msg) if isinstance(msg, OrderFilled) else None
             if reason is None:
                 _receive_own(state, msg)
             else:
-                log.warning("%s", reason)
-                state.refused.append(Refusal(msg, reason))
+                refuse(state, msg, reason)
         else:
-            if isinstance(msg, OrderDecided):
-                state.decisions.setdefault(msg.intent_id, msg)
-            _hold(state, msg)  # a decision too: in a rebuild it may answer an intent not re-emitted yet
+            hold(state, msg)  # judged at the first step closing after it, unless the state sends its intent
     return _drain(state)
-
-
-def take_refused(state: StrategyState) -> list[Refusal]:
-    """The outcomes refused since the last call (the worker dead-letters them)."""
-    out, state.refused = state.refused, []
-    return out
 
 
 def _receive_own(state: StrategyState, o: Outcome) -> None:
@@ -531,11 +424,6 @@ def _known(state: StrategyState, step: Step) -> bool:
     close = step.close_s
     seen = state.seen_through
     return all(iid in state.final_seen or seen.get(iid, -math.inf) >= close for iid in state.pending)
-
-
-def awaits(state: StrategyState, intent_id: str) -> bool:
-    """Outcomes of this intent are still held (not yet applied or refused)."""
-    return intent_id in state.held or intent_id in state.awaiting
 
 
 def on_step(state: StrategyState, step: Step, *, lazy_marker: bool = False) -> list[Message]:
@@ -570,15 +458,6 @@ def on_market_end(state: StrategyState) -> list[Message]:
     return _drain(state)
 
 
-def _hold(state: StrategyState, o: Outcome) -> None:
-    held = state.held.get(o.intent_id)
-    if held is None:
-        held = state.held[o.intent_id] = []
-        state.held_seq += 1
-        heapq.heappush(state.held_times, (o.event_time.timestamp(), state.held_seq, o.intent_id))
-    held.append(o)
-
-
 def _apply_outcome(state: StrategyState, o: Deferred) -> None:
     if isinstance(o, AccountSnapshotted):
         _apply_account(state, o)
@@ -600,91 +479,6 @@ def _settle(state: StrategyState, o: OrderDecided | OrderUpdated) -> None:
     state.seen_through.pop(intent_id, None)
     state.final_seen.discard(intent_id)
     state.applied_size.pop(intent_id, None)
-
-
-def _release_foreign(state: StrategyState, step: Step) -> None:
-    """Judge held outcomes older than the step's close: an outcome of one of our intents is never older than
-    the close of the step that sent it, so these answer no intent of ours (e.g. a manual order)."""
-    before_s = step.close_s
-    times = state.held_times
-    while times and times[0][0] < before_s:
-        _, _, intent_id = heapq.heappop(times)
-        outcomes = state.held.pop(intent_id, [])
-        waiting = state.awaiting.get(intent_id)
-        if waiting is not None:
-            waiting[1].extend(outcomes)
-        else:
-            # The wait counts whole steps from the first one that could judge it.
-            deadline = before_s + state.decision_wait_steps * step.interval_s
-            state.awaiting[intent_id] = (deadline, outcomes)
-    if state.awaiting:
-        for intent_id in list(state.awaiting):
-            deadline, outcomes = state.awaiting[intent_id]
-            decision = state.decisions.get(intent_id)
-            if decision is None and before_s < deadline:
-                continue  # the decision may still come
-            del state.awaiting[intent_id]
-            for o in outcomes:
-                _judge_foreign(state, o, decision)
-
-
-def _judge_foreign(state: StrategyState, o: Outcome, decision: OrderDecided | None) -> None:
-    """Apply an outcome of an intent this state did not send if the arbiter approved it, else refuse it."""
-    if isinstance(o, OrderDecided):
-        _apply_outcome(state, o)  # a decision moves no books
-        return
-    if isinstance(o, OrderFilled) and o.fill_id in state.seen_fills:
-        return  # a redelivered copy of an applied fill: counted once, as for our own
-    what = (
-        f"{type(o).__name__} {o.id} ({o.side} {o.size} {o.product}) of {o.profile} for intent {o.intent_id}"
-    )
-    reason: str | None = None
-    if decision is None:
-        reason = (
-            f"{what} refused: it is not an intent of this worker and no OrderDecided of {state.profile_id} for it "
-            f"was seen within {state.decision_wait_steps} steps after its event time {o.event_time.isoformat()} "
-            "(a manual order is decided by the arbiter before it is executed)"
-        )
-    elif decision.verdict == "rejected":
-        reason = f"{what} refused: the arbiter rejected that intent ({decision.rule}: {decision.reason})"
-    elif (o.product, o.side) != (decision.product, decision.side):
-        reason = f"{what} refused: {o.side} {o.product} does not match the approved {decision.side} {decision.product}"
-    elif isinstance(o, OrderFilled):
-        # shared/book.py's rule (the report's): a fill adds to what the intent has filled, except a duplicate
-        # order's fill (OrderFilled.duplicate_of), which is outside the intent's size.
-        approved = Order(decision.product, decision.side, decision.size)
-        verdict, total = check_fill(o, approved, state.decided_filled.get(o.intent_id, Decimal(0)))
-        if verdict == "over_size":
-            reason = f"{what} refused: fills of {total} would exceed the approved size {decision.size}"
-        else:
-            state.decided_filled[o.intent_id] = total
-    elif o.filled_size > decision.size:  # an order event states its filled size as a whole
-        reason = f"{what} refused: fills of {o.filled_size} would exceed the approved size {decision.size}"
-    if reason is None:
-        _apply_outcome(state, o)
-    else:
-        log.warning("%s", reason)
-        state.refused.append(Refusal(o, reason))
-
-
-def _contradicts_own(state: StrategyState, f: OrderFilled) -> str | None:
-    """Why a fill of one of our intents cannot be real (None when it is consistent), counting it if it is."""
-    if f.fill_id in state.seen_fills:
-        return None  # a redelivered copy: _apply_fill counts it once
-    asked = state.own_orders.get(f.intent_id)
-    if asked is None:
-        return None  # every emitted intent is recorded; nothing to compare against otherwise
-    product, side, size = asked
-    what = f"OrderFilled {f.id} ({f.side} {f.size} {f.product}) of {f.profile} for its intent {f.intent_id}"
-    # shared/book.py's rule, against what we asked (a duplicate order's fill is real, outside the intent's size).
-    verdict, total = check_fill(f, Order(product, side, size), state.own_filled.get(f.intent_id, Decimal(0)))
-    if verdict == "mismatch":
-        return f"{what} refused: the intent was {side} {product}"
-    if verdict == "over_size":
-        return f"{what} refused: fills of {total} would exceed the intent's size {size}"
-    if verdict == "counted":
-        state.own_filled[f.intent_id] = total
-    return None
 
 
 def _apply_fill(state: StrategyState, f: OrderFilled) -> None:
@@ -1027,7 +821,7 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     sc = p.strategy_config
     lim = state.limits
     if state.held_times or state.awaiting:
-        _release_foreign(state, step)
+        release_foreign(state, step, partial(_apply_outcome, state))
     market = state.market
     market.update(step)
     present = market.closes

@@ -30,6 +30,8 @@ PURE = (
     "services/registry/routing.py",
     "services/strategy/routing.py",
     "services/strategy/signals.py",
+    "services/strategy/indicators.py",
+    "services/strategy/trust.py",
     "services/ingest/live_domain.py",
     "services/execution/reconcile.py",
     "services/execution/ports.py",
