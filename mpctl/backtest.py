@@ -181,6 +181,7 @@ def subscriptions(topics: Topics, profiles: Sequence[str]) -> dict[str, list[tup
         t.plans: [("arbiter", ""), *(("strategy", p) for p in profiles)],
         t.intents: [("arbiter", "")],
         t.events: [("strategy", p) for p in profiles],
+        t.decisions: [("strategy", p) for p in profiles],
         # Operators' signed commands: none is published in a backtest; listed for completeness.
         t.commands: [("execution", p) for p in profiles],
     }
@@ -242,7 +243,13 @@ class Backtest:
         self._intents_topic = t.intents
         self._subs = subscriptions(t, self.profiles)
         self._market_subs = {kind for kind, _ in self._subs[t.candles]}
-        self._collected = {t.candles, t.audit, t.intents, t.events}  # what the demo's collector reads
+        self._collected = {
+            t.candles,
+            t.audit,
+            t.intents,
+            t.events,
+            t.decisions,
+        }  # what the demo's collector reads
         self._partition: dict[tuple[bytes, int], int] = {}
         self._queue: deque[tuple[str, str, int, Message]] = deque()
         # Held step markers, per intents partition and profile: a message, or what strategy.step_marker builds

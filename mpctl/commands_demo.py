@@ -95,15 +95,15 @@ FaultAction = Callable[[Stack], Awaitable[str]]  # does the harm, returns what i
 
 @dataclass
 class Fault:
-    """Harm done once to a running demo, when `after_order_events` records are on orders.events (decisions,
-    order updates, fills: the run's progress) and `after_candles` on the candles topic (the replay's own progress,
+    """Harm done once to a running demo, when `after_order_events` records are on orders.decisions and
+    orders.events together (decisions, order updates, fills: the run's progress) and `after_candles` on the candles topic (the replay's own progress,
     for harm to the ingest, which runs ahead of the pipeline). The demo fails if the run completes before it fired."""
 
     label: str
     after_order_events: int
     action: FaultAction
     after_candles: int = 0
-    fired_after: int | None = None  # records on orders.events when it fired
+    fired_after: int | None = None  # records on orders.decisions and orders.events when it fired
     fired_after_candles: int | None = None  # records on the candles topic when it fired
     fired_at_s: float | None = None  # seconds into the run
     finished_before: list[str] = field(default_factory=list)  # services whose WorkerFinished was out by then
@@ -128,6 +128,7 @@ async def inject_faults(
     pending = list(faults)
     consumer = AIOKafkaConsumer(
         topics.events,
+        topics.decisions,
         topics.status,
         topics.candles,
         **bootstrap.client_options(),
@@ -140,7 +141,7 @@ async def inject_faults(
     try:
         while pending:
             for tp, recs in (await consumer.getmany(timeout_ms=200)).items():
-                if tp.topic == topics.events:
+                if tp.topic in (topics.events, topics.decisions):
                     seen += len(recs)
                     continue
                 if tp.topic == topics.candles:

@@ -162,7 +162,7 @@ async def gather_status(
 ) -> dict[str, Any]:
     t = Topics(target.namespace)
     existing = set(await list_topics(target.bootstrap))
-    wanted = [t.candles, t.audit, t.events, t.plans]
+    wanted = [t.candles, t.audit, t.events, t.decisions, t.plans]
     source = "topics"
     profiles: dict[str, Any] = {}
     if all(name in existing for name in wanted):

@@ -350,6 +350,7 @@ async def watch_equity(bootstrap: KafkaAccess, cfg: AppConfig, seen: RunView) ->
     consumer = AIOKafkaConsumer(
         t.candles,
         t.events,
+        t.decisions,
         **bootstrap.client_options(),
         auto_offset_reset="earliest",
         enable_auto_commit=False,

@@ -28,7 +28,7 @@ import yaml
 from services.execution.bootstrap import LIVE_ENV
 from services.execution.credentials import ENV_STORE, MOUNTED_KEY_FILE
 from shared.config import DEFAULT_CONFIG, PLACEHOLDER_PREFIX, AppConfig, ConfigError, load_config
-from shared.topics import APPROVED_PREFIX, EVENTS, INTENTS, declared_topics
+from shared.topics import APPROVED_PREFIX, DECISIONS, EVENTS, INTENTS, declared_topics
 
 # ---------------------------------------------------------------------------------------------- constants
 PART_OF = "multiprofile-coinbase"
@@ -123,7 +123,7 @@ def _resources(cpu_req: str, mem_req: str, cpu_lim: str, mem_lim: str) -> dict[s
 # ---------------------------------------------------------------------------------------------- Strimzi
 def _is_order_topic(name: str, ns: str) -> bool:
     base = name[len(ns) + 1 :]
-    return base in (INTENTS, EVENTS) or base.startswith(APPROVED_PREFIX)
+    return base in (INTENTS, EVENTS, DECISIONS) or base.startswith(APPROVED_PREFIX)
 
 
 def kafka_objects(cfg: AppConfig) -> list[dict[str, Any]]:

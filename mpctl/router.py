@@ -15,7 +15,8 @@ The router holds no credentials and never talks to an exchange. A trade goes the
 2. a `PlaceOrder` intent (reason `manual`) on the intents topic, keyed by product, and a copy on the audit topic;
 3. the arbiter decides it like any intent (wash-trade rule against the other profiles' orders) and sends an
    approved order to the profile's execution worker, which alone holds the profile's credentials;
-4. the router waits for the decision and the order's final state on orders.events and returns them.
+4. the router waits for the decision (orders.decisions) and the order's final state (orders.events) and returns
+   them.
 
 The router's books (the positions and equity its risk checks use, `get_profile_status`) and the fills it returns
 count only verified fills, by the rule of the strategy workers and the report (shared/book.py): a fill needs the
@@ -126,7 +127,7 @@ class ProfileRouter:
             os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip() or DEFAULT_BOOTSTRAP, ns
         )
         existing = set(await list_topics(self.bootstrap))
-        followed = [t.plans, t.events, t.candles, t.intents, t.audit]
+        followed = [t.plans, t.events, t.decisions, t.candles, t.intents, t.audit]
         missing = [n for n in followed if n not in existing]
         if missing:
             raise RuntimeError(

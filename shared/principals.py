@@ -7,9 +7,10 @@ service can do:
 
 - `orders.approved.<profile>` is written only by the arbiter and read only by that profile's execution worker:
   nobody else can hand the worker an order to send with the profile's key.
-- order events and fills are written by the execution workers, the arbiter's decisions and the strategies'
-  halts share that topic today (no other principal writes it); plans only by the registry; candles, trades and the exchange clock only by the ingest; commands
-  only by the operator (`mpctl`).
+- the arbiter's decisions (`orders.decisions`) are written only by the arbiter: a forged decision is refused by
+  the broker. Order events and fills are written by the execution workers, and the strategies' halts share that
+  topic today (no other principal writes it); plans only by the registry; candles, trades and the exchange clock
+  only by the ingest; commands only by the operator (`mpctl`).
 - each consumer group is used only by its owner; each state topic is read and written only by its owner.
 
 Pure: names and rules, no client. A principal's name starts with the namespace, so two namespaces on one broker
@@ -103,16 +104,17 @@ def acls(cfg: AppConfig, namespace: str) -> list[Acl]:
     allow(registry, ["read", "write"], [t.plans])  # reads its own plans back on start
 
     arbiter = principal(namespace, "arbiter")
-    allow(arbiter, ["read"], [t.intents, t.plans, t.candles, t.events])
-    allow(arbiter, ["write"], [t.events] + [t.approved(p) for p in profiles])
+    allow(arbiter, ["read"], [t.intents, t.plans, t.candles, t.decisions])
+    # Decisions are the only thing it writes besides approvals: it has no right on orders.events.
+    allow(arbiter, ["write"], [t.decisions] + [t.approved(p) for p in profiles])
     allow(arbiter, ["read"], [t.group("arbiter")], "group")
     allow(arbiter, ["read", "write"], [t.state("arbiter")])
 
     for p in profiles:
         strategy = principal(namespace, "strategy", p)
-        allow(strategy, ["read"], [t.candles, t.plans, t.events, t.commands, t.intents])
-        # Its halts and account mismatches go on orders.events today: until they move to a topic of their own
-        # (issue #15, with orders.decisions), a strategy principal can write that topic.
+        allow(strategy, ["read"], [t.candles, t.plans, t.events, t.decisions, t.commands, t.intents])
+        # Its halts and account mismatches go on orders.events today: until they move to a topic of their own,
+        # a strategy principal can write that topic (never orders.decisions).
         allow(strategy, ["write"], [t.intents, t.events])
         allow(strategy, ["read"], [t.group("strategy", p)], "group")
         allow(strategy, ["read", "write"], [t.state("strategy", p)])
@@ -124,7 +126,17 @@ def acls(cfg: AppConfig, namespace: str) -> list[Acl]:
         allow(execution, ["read", "write"], [t.state("execution", p)])
 
     monitor = principal(namespace, "monitor")
-    watched = [t.candles, t.plans, t.intents, t.events, t.audit, t.status, t.dead_letter, t.heartbeats]
+    watched = [
+        t.candles,
+        t.plans,
+        t.intents,
+        t.events,
+        t.decisions,
+        t.audit,
+        t.status,
+        t.dead_letter,
+        t.heartbeats,
+    ]
     allow(monitor, ["read"], watched + [t.commands])
     allow(monitor, ["read"], [t.group("monitor")], "group")
     allow(monitor, ["read", "write"], [t.state("monitor")])

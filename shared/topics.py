@@ -17,6 +17,8 @@ PLANS = "registry.plans"
 INTENTS = "orders.intents"
 APPROVED_PREFIX = "orders.approved."
 EVENTS = "orders.events"
+# The arbiter's decisions, on a topic only the arbiter may write (shared/principals.py).
+DECISIONS = "orders.decisions"
 COMMANDS = "control.commands"
 AUDIT = "audit.log"
 STATUS = "services.status"
@@ -96,6 +98,10 @@ class Topics:
         return self._n(EVENTS)
 
     @property
+    def decisions(self) -> str:
+        return self._n(DECISIONS)
+
+    @property
     def commands(self) -> str:
         return self._n(COMMANDS)
 
@@ -138,6 +144,7 @@ def declared_topics(cfg: AppConfig, namespace: str | None = None) -> list[TopicS
         TopicSpec(t.plans, 1, compacted=True),
         TopicSpec(t.intents, k.intent_partitions),
         TopicSpec(t.events, 1),
+        TopicSpec(t.decisions, 1),
         TopicSpec(t.commands, 1, log_append_time=True),
         TopicSpec(t.audit, 1),
         TopicSpec(t.status, 1),

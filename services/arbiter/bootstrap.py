@@ -1,4 +1,4 @@
-"""Wiring of the arbiter: orders.intents + registry.plans + md.candles -> decisions (orders.events, audit.log),
+"""Wiring of the arbiter: orders.intents + registry.plans + md.candles -> decisions (orders.decisions, audit.log),
 approved orders (orders.approved.<profile>), internal-cross and correlation records (audit.log).
 
 Several arbiter processes may run (docs/arbiter.md, "Two arbiters"):

@@ -16,11 +16,12 @@ __all__ = ["route"]
 
 
 def route(msg: Message, topics: Topics) -> list[Route]:
-    """Decisions to the order events (the strategies read them) and the audit log; approved orders to their
+    """Decisions to their own topic (only the arbiter may write it; the strategies and the reports read it) and
+    the audit log; approved orders to their
     profile's execution topic, keyed by product (one partition keeps a product's orders in order)."""
     t = topics
     if isinstance(msg, OrderDecided):
-        return [(t.events, msg.profile, False), (t.audit, msg.profile, False)]
+        return [(t.decisions, msg.profile, False), (t.audit, msg.profile, False)]
     if isinstance(msg, ExecuteOrder):
         return [(t.approved(msg.profile), msg.product, False)]
     if isinstance(msg, InternalCrossOpportunity | CorrelationAlert):

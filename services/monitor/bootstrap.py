@@ -161,7 +161,7 @@ class MonitorService:
     @property
     def watched_topics(self) -> list[str]:
         t = self.topics
-        return [t.audit, t.events, t.plans, t.candles, t.dead_letter]
+        return [t.audit, t.events, t.decisions, t.plans, t.candles, t.dead_letter]
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
         self.lost_told = False

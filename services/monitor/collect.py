@@ -36,7 +36,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 async def collect_run(cfg: AppConfig, bootstrap: KafkaAccess, out_dir: Path) -> dict[str, Any]:
     t = Topics(cfg.system.kafka.namespace)
-    msgs, bad = await read_topics(bootstrap, [t.candles, t.audit, t.intents, t.events])
+    msgs, bad = await read_topics(bootstrap, [t.candles, t.audit, t.intents, t.events, t.decisions])
     data = RunData()
     data.add_all(msgs)
     if not data.candles:

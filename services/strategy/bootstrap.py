@@ -6,7 +6,7 @@ A lock serialises decide-and-send, so one step's intents always precede its Step
 intents partition.
 
 State after a crash: the state is a deterministic function of the worker's input logs (md.candles,
-registry.plans, orders.events), whatever their interleaving. The worker writes a signed snapshot of it, with
+registry.plans, orders.events, orders.decisions), whatever their interleaving. The worker writes a signed snapshot of it, with
 the next offset of every input partition it covers, to its compacted state topic every few seconds and on a
 clean stop (shared/snapshots.py), after the producer has flushed the outputs of those inputs. Every start
 restores the newest snapshot and resumes each input there; with none, it reads the inputs from the
@@ -69,9 +69,9 @@ SESSION_TIMEOUT_S = 10.0
 
 
 def input_topics(topics: Topics) -> list[str]:
-    """What the worker reads: market data, plans, order outcomes (the backtest routes the same to it), and
-    operator commands (none in a backtest)."""
-    return [topics.candles, topics.plans, topics.events, topics.commands]
+    """What the worker reads: market data, plans, order outcomes (the arbiter's decisions and the execution
+    workers' order events: the backtest routes the same to it), and operator commands (none in a backtest)."""
+    return [topics.candles, topics.plans, topics.events, topics.decisions, topics.commands]
 
 
 def faust_credentials(access: KafkaAccess) -> faust.SASLCredentials | None:

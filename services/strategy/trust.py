@@ -12,8 +12,10 @@ Such an outcome is judged before the first step closing after its event time (an
 is never older than the close of the step that sent them, so by then it cannot be ours): applied if approved;
 dead-lettered (`StrategyState.refused`, drained by the worker) if inconsistent with the decision; held while no
 decision is known, and dead-lettered once `decision_wait_steps` further steps closed without one. The
-decision normally precedes its fills on orders.events (the arbiter writes it before it hands the order to
-execution); the wait covers a decision whose write was delayed (broker retry, arbiter fail-over).
+decision is written before its fills (the arbiter writes it before it hands the order to execution), but it
+travels on orders.decisions, only the arbiter can write, and the fills on orders.events: a worker may read
+either first. A decision read first is kept (`hold`) until the fill comes; a fill read first waits for it; the
+wait also covers a decision whose write was delayed (broker retry, arbiter fail-over).
 
 The rules read and write only the fields of the strategy's state that `TrustState` names (the state is
 snapshotted as one dataclass, so they stay there); booking an accepted outcome is the caller's `apply`, called

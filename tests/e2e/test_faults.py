@@ -111,7 +111,8 @@ class RunResult:
     stderr: str
     seconds: float
     stack_logs: Path
-    events: list[Message] = field(default_factory=list)  # orders.events as published, copies included
+    # orders.decisions and orders.events as published, copies included
+    events: list[Message] = field(default_factory=list)
     records: int = 0
     candle_records: int = 0  # on the candles topic (candles and watermarks)
     fault: Fault | None = None
@@ -163,7 +164,7 @@ async def _run(
     )
     t = Topics(ns)
     try:
-        result.events, _ = await read_topics(endpoints.kafka, [t.events])
+        result.events, _ = await read_topics(endpoints.kafka, [t.decisions, t.events])
         candles, _ = await read_topics(endpoints.kafka, [t.candles])
         result.candle_records = len(candles)
     finally:

@@ -369,7 +369,7 @@ async def test_two_arbiters_one_killed_and_restarted_decide_exactly_as_one_pure_
     sent_plans: set[tuple[str, int]] = set()
     try:
         async with (
-            Outputs(b, [t.events, t.audit, *(t.approved(p) for p in (A, B, C)), t.status]) as out,
+            Outputs(b, [t.decisions, t.audit, *(t.approved(p) for p in (A, B, C)), t.status]) as out,
             publisher(b) as pub,
         ):
             first, second = (start_arbiter(x, config, infra, namespace, tmp_path) for x in ("one", "two"))

@@ -83,7 +83,7 @@ async def test_opposite_intents_of_one_step_settle_internally_at_the_mid(
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
 
-    events, _ = await read_topics(b, [t.events, t.audit, t.candles, t.intents])
+    events, _ = await read_topics(b, [t.events, t.decisions, t.audit, t.candles, t.intents])
     decisions = {
         m.profile: m
         for m in events

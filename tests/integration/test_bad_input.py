@@ -178,6 +178,22 @@ def order_updated(**over: Any) -> dict[str, Any]:
     return d
 
 
+def decision(**over: Any) -> dict[str, Any]:
+    d = _env(
+        "OrderDecided",
+        intent_id=f"forged-{uuid.uuid4().hex[:8]}",
+        profile="profile_a",
+        product="BTC/USDC",
+        side="buy",
+        size="0.01",
+        verdict="approved",
+        rule="r",
+        reason="r",
+    )
+    d.update(over)
+    return d
+
+
 def order_filled(**over: Any) -> dict[str, Any]:
     d = _env(
         "OrderFilled",
@@ -201,6 +217,7 @@ TEMPLATES = {
     "intents": intent,
     "approved": execute,
     "events": order_updated,
+    "decisions": decision,
 }
 
 
@@ -288,24 +305,9 @@ HAND_WRITTEN: list[Bad] = [
     Bad("events:unknown-status", "events", _j(order_updated(status="teleported")), "status"),
     Bad("events:fill-nan-price", "events", _j(order_filled(price="NaN")), "finite"),
     Bad("events:fill-negative-size", "events", _j(order_filled(size="-1")), "size"),
-    Bad(
-        "events:decision-unknown-verdict",
-        "events",
-        _j(
-            _env(
-                "OrderDecided",
-                intent_id="x",
-                profile="profile_a",
-                product="BTC/USDC",
-                side="buy",
-                size="1",
-                verdict="maybe",
-                rule="r",
-                reason="r",
-            )
-        ),
-        "verdict",
-    ),
+    # Decisions
+    Bad("decisions:unknown-verdict", "decisions", _j(decision(verdict="maybe")), "verdict"),
+    Bad("decisions:negative-size", "decisions", _j(decision(size="-1")), "size"),
 ]
 
 
@@ -497,6 +499,8 @@ def _topic_names(t: Topics, topic: str) -> list[tuple[str, int | None]]:
         return [(t.approved("profile_a"), None)]
     if topic == "events":
         return [(t.events, None)]
+    if topic == "decisions":
+        return [(t.decisions, None)]
     if topic == "audit":
         return [(t.audit, None)]
     if topic == "commands":
@@ -572,7 +576,7 @@ def _output_key(msg: Any) -> tuple[Any, ...] | None:
 
 async def _collect(bootstrap: str, t: Topics, run: Run) -> None:
     outputs: dict[str, set[tuple[Any, ...]]] = defaultdict(set)
-    for topic in (t.events, t.plans):
+    for topic in (t.events, t.decisions, t.plans):
         for rec in await _read(bootstrap, topic):
             if (rec.topic, rec.partition, rec.offset) in run.injected:
                 continue
@@ -747,6 +751,7 @@ DEAD_LETTERERS = {
     "plans": {f"strategy.{p}" for p in PROFILES},
     "intents": {"arbiter"},
     "events": {f"strategy.{p}" for p in PROFILES},
+    "decisions": {f"strategy.{p}" for p in PROFILES},
     "audit": {"monitor"},
     "commands": {*(f"strategy.{p}" for p in PROFILES), *(f"execution.{p}" for p in PROFILES)},
 }
@@ -762,6 +767,7 @@ def _expected_services(topic_name: str, ns: str) -> set[str]:
         "registry.plans": "plans",
         "orders.intents": "intents",
         "orders.events": "events",
+        "orders.decisions": "decisions",
         "audit.log": "audit",
         "control.commands": "commands",
     }[base]

@@ -38,7 +38,14 @@ REFUSED_WRITES: list[tuple[str, str | None, Callable[[Topics], str]]] = [
     ("execution", B, lambda t: t.approved(A)),
     ("monitor", None, lambda t: t.approved(A)),
     ("operator", None, lambda t: t.approved(A)),
-    ("registry", None, lambda t: t.events),  # a forged fill or decision
+    ("execution", A, lambda t: t.decisions),  # a forged decision, to have a forged fill trusted
+    ("execution", B, lambda t: t.decisions),
+    ("strategy", A, lambda t: t.decisions),
+    ("strategy", B, lambda t: t.decisions),
+    ("monitor", None, lambda t: t.decisions),
+    ("operator", None, lambda t: t.decisions),
+    ("arbiter", None, lambda t: t.events),  # fills are the execution workers'
+    ("registry", None, lambda t: t.events),  # a forged fill
     ("monitor", None, lambda t: t.events),
     ("operator", None, lambda t: t.events),
     ("ingest", None, lambda t: t.events),
@@ -59,6 +66,11 @@ REFUSED_READS: list[tuple[str, str | None, Callable[[Topics], str]]] = [
     ("execution", A, lambda t: t.approved(B)),
     ("strategy", A, lambda t: t.approved(A)),
     ("operator", None, lambda t: t.approved(A)),
+    (
+        "execution",
+        A,
+        lambda t: t.decisions,
+    ),  # the worker sends what it is handed: decisions are not its input
     ("monitor", None, lambda t: t.state("execution", A)),
     ("strategy", B, lambda t: t.state("strategy", A)),
 ]
@@ -151,7 +163,13 @@ def test_the_acl_set_covers_every_principal_and_grants_approvals_to_their_owners
     assert {r.principal for r in rules if r.name == t.candles and r.operation == "write"} == {"ns.ingest"}
     writers = {r.principal for r in rules if r.name == t.events and r.operation == "write"}
     workers = {f"ns.{s}.{p}" for s in ("execution", "strategy") for p in cfg.profiles}
-    assert writers == {"ns.arbiter"} | workers  # the strategies for their halts (see shared/principals.py)
+    assert writers == workers  # the strategies for their halts (see shared/principals.py)
+    # Decisions: written by the arbiter alone, read by every strategy worker and the reports.
+    on_decisions = {(r.principal, r.operation) for r in rules if r.name == t.decisions}
+    assert {w for w, op in on_decisions if op == "write"} == {"ns.arbiter"}
+    readers = {w for w, op in on_decisions if op == "read"}
+    assert readers >= {f"ns.strategy.{p}" for p in cfg.profiles} | {"ns.monitor", "ns.operator"}
+    assert not any(w.startswith("ns.execution.") for w in readers)
 
 
 @pytest.mark.parametrize("case", REFUSED_WRITES, ids=case_id)
@@ -223,6 +241,9 @@ async def test_what_each_role_needs_is_allowed(bus: tuple[Endpoints, AppConfig, 
     await write(access(endpoints, ns, "operator", None), t.commands, b"{}")
     await write(access(endpoints, ns, "registry", None), t.plans, b"{}")
     await write(access(endpoints, ns, "execution", A), t.events, b"{}")
+    decision = f"decision-{uuid.uuid4().hex}".encode()
+    await write(access(endpoints, ns, "arbiter", None), t.decisions, decision)
+    assert decision in await read(access(endpoints, ns, "strategy", A), t.decisions)
 
 
 async def test_another_namespaces_principal_is_refused(bus: tuple[Endpoints, AppConfig, str]) -> None:

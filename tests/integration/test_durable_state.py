@@ -177,7 +177,7 @@ async def _run(endpoints: Endpoints, out: Path, ns: str, *, interrupt: bool) -> 
     stack = Stack(bus=endpoints.bus)
     started = time.monotonic()
     info: dict[str, Any] = {}
-    collected = [t.candles, t.audit, t.intents, t.events]
+    collected = [t.candles, t.audit, t.intents, t.events, t.decisions]
     before: list[Message] = []
     try:
         stack.start("registry", ["services.registry", *common], log_dir)
@@ -272,7 +272,8 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
     await publish(
         b,
         # Approved by the arbiter: the monitor books only verified fills (shared/book.py).
-        [(t.events, m, "profile_a") for f in fills for m in (approval_of(f), f)]
+        [(t.decisions, approval_of(f), "profile_a") for f in fills]
+        + [(t.events, f, "profile_a") for f in fills]
         + [(t.candles, candle("BTC/USDC", T0 + i * HOUR, open=100, close=105 + i), None) for i in range(2)],
     )
 
@@ -287,7 +288,11 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
     first = await run_monitor()
     assert first["trades"] == 2, first
     # Retention deletes everything the monitor read; a restart keeps the numbers.
-    targets = {TopicPartition(t.events, 0): 4, TopicPartition(t.candles, 0): 2}
+    targets = {
+        TopicPartition(t.events, 0): 2,
+        TopicPartition(t.decisions, 0): 2,
+        TopicPartition(t.candles, 0): 2,
+    }
     admin = AIOKafkaAdminClient(**b.client_options())
     await admin.start()
     try:

@@ -86,8 +86,8 @@ async def test_monitor_audits_alerts_and_exports(
         b,
         [
             (t.plans, collided, "profile_a"),
-            (t.events, wash, "profile_b"),
-            (t.events, approved, "profile_a"),
+            (t.decisions, wash, "profile_b"),
+            (t.decisions, approved, "profile_a"),
             (t.events, fill, "profile_a"),
             (t.events, _halt(1), "profile_b"),
             (t.candles, candle("BTC/USDC", T0, open=100, close=105), None),

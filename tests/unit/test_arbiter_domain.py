@@ -878,7 +878,7 @@ def test_service_routes_every_output_and_counts_what_it_publishes(cfg: AppConfig
     state = svc.state
     out = step(state, T0, intent(state, A, "buy"), intent(state, B, "sell"))
     routes = {type(m).__name__: svc.route(m) for m in out}
-    assert routes["OrderDecided"] == [(t.events, B, False), (t.audit, B, False)]
+    assert routes["OrderDecided"] == [(t.decisions, B, False), (t.audit, B, False)]
     assert routes["ExecuteOrder"] == [(t.approved(A), "BTC/USDC", False)]
     assert routes["InternalCrossOpportunity"] == [(t.audit, B, False)]
     for m in out:

@@ -268,7 +268,7 @@ def test_kafka_cluster_has_three_brokers_and_replicated_topics() -> None:
     declared = {s.name: s for s in declared_topics(cfg)}
     assert set(topics) == set(declared)
     ns = cfg.system.kafka.namespace
-    order_topics = {f"{ns}.orders.intents", f"{ns}.orders.events"} | {
+    order_topics = {f"{ns}.orders.intents", f"{ns}.orders.events", f"{ns}.orders.decisions"} | {
         f"{ns}.orders.approved.{pid}" for pid in cfg.profiles
     }
     for name, t in topics.items():
