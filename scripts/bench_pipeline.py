@@ -458,7 +458,8 @@ async def run_pipeline(
         stack.stop()
     try:
         candles = await read_all(bootstrap, topics.candles)
-        events = await read_all(bootstrap, topics.events)
+        # The arbiter's decisions and the execution workers' order events (two topics, one list here).
+        events = await read_all(bootstrap, topics.decisions) + await read_all(bootstrap, topics.events)
         intents = await read_all(bootstrap, topics.intents)
         status = await read_all(bootstrap, topics.status)
         plans = await read_all(bootstrap, topics.plans)
