@@ -835,10 +835,11 @@ def test_rotation_close_retries_a_sale_that_did_not_happen() -> None:
 
 # ------------------------------------------------------------------------------------------ rebuild after a crash
 def _recorded_run(
-    p: Profile, n: int = 90, manual: Sequence[Message] = ()
+    p: Profile, n: int = 90, manual: Sequence[Message] = (), *, approve: bool = False
 ) -> tuple[list[Message], list[Message], list[Message], list[Message]]:
-    """An uninterrupted run, and its three input logs as a worker reads them: plans, market, order events
-    (`manual`: order events of a manual order, first on the events log)."""
+    """An uninterrupted run, and its three input logs as a worker reads them: plans, market, order outcomes
+    (`manual`: order events of a manual order, first on the events log; `approve`: a filled intent's approving
+    decision comes before its fill, as the arbiter writes it)."""
     plans = list(plans_for(p, T0, n, products=("BTC/USDC", "ETH/USDC")))
     market = step_messages(
         [*path_candles("BTC/USDC", zigzag(n)), *path_candles("ETH/USDC", zigzag(n, 50.0, 1.004, 0.997))]
@@ -849,7 +850,10 @@ def _recorded_run(
     def respond(i: PlaceOrder) -> list[Message]:
         nonlocal k
         k += 1
-        out = reject(i) if k % 3 == 0 else fill_for(i, fee="0.5")
+        if k % 3 == 0:
+            out = reject(i)
+        else:
+            out = [*([decided(i, "approved")] if approve else []), *fill_for(i, fee="0.5")]
         events.extend(out)
         return out
 
@@ -880,6 +884,23 @@ def test_rebuild_from_the_input_logs_in_any_order_reproduces_the_run(data: st.Da
     state = fresh(p)
     again = feed(state, msgs)  # no responder: every outcome is already in the events log
     assert again == first  # same intents (ids and content), markers and halts, in the same order
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_rebuild_with_decisions_on_their_own_topic_in_any_order_reproduces_the_run(
+    data: st.DataObject,
+) -> None:
+    # Decisions travel on orders.decisions, the fills and order events on orders.events: a worker reads the
+    # two logs at their own pace, so a decision may come before or after the outcomes of its intent.
+    p = open_thresholds(config().profiles[PID], 0.05, 0.05)
+    first, plans, market, outcomes = _recorded_run(p, approve=True)
+    decisions = [m for m in outcomes if isinstance(m, OrderDecided)]
+    events = [m for m in outcomes if not isinstance(m, OrderDecided)]
+    assert {d.verdict for d in decisions} == {"approved", "rejected"} and len(events) >= 6
+    state = fresh(p)
+    assert feed(state, data.draw(_interleavings(plans, market, decisions, events))) == first
+    assert not state.held and not state.awaiting and take_refused(state) == []
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
