@@ -243,13 +243,8 @@ class Backtest:
         self._intents_topic = t.intents
         self._subs = subscriptions(t, self.profiles)
         self._market_subs = {kind for kind, _ in self._subs[t.candles]}
-        self._collected = {
-            t.candles,
-            t.audit,
-            t.intents,
-            t.events,
-            t.decisions,
-        }  # what the demo's collector reads
+        # What the demo's collector reads (services/monitor/collect.py).
+        self._collected = {t.candles, t.audit, t.intents, t.events, t.decisions}
         self._partition: dict[tuple[bytes, int], int] = {}
         self._queue: deque[tuple[str, str, int, Message]] = deque()
         # Held step markers, per intents partition and profile: a message, or what strategy.step_marker builds

@@ -96,8 +96,9 @@ FaultAction = Callable[[Stack], Awaitable[str]]  # does the harm, returns what i
 @dataclass
 class Fault:
     """Harm done once to a running demo, when `after_order_events` records are on orders.decisions and
-    orders.events together (decisions, order updates, fills: the run's progress) and `after_candles` on the candles topic (the replay's own progress,
-    for harm to the ingest, which runs ahead of the pipeline). The demo fails if the run completes before it fired."""
+    orders.events together (decisions, order updates, fills: the run's progress) and `after_candles` on the
+    candles topic (the replay's own progress, for harm to the ingest, which runs ahead of the pipeline). The demo
+    fails if the run completes before it fired."""
 
     label: str
     after_order_events: int

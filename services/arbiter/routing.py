@@ -17,8 +17,8 @@ __all__ = ["route"]
 
 def route(msg: Message, topics: Topics) -> list[Route]:
     """Decisions to their own topic (only the arbiter may write it; the strategies and the reports read it) and
-    the audit log; approved orders to their
-    profile's execution topic, keyed by product (one partition keeps a product's orders in order)."""
+    the audit log; approved orders to their profile's execution topic, keyed by product (one partition keeps a
+    product's orders in order)."""
     t = topics
     if isinstance(msg, OrderDecided):
         return [(t.decisions, msg.profile, False), (t.audit, msg.profile, False)]

@@ -6,9 +6,10 @@ A lock serialises decide-and-send, so one step's intents always precede its Step
 intents partition.
 
 State after a crash: the state is a deterministic function of the worker's input logs (md.candles,
-registry.plans, orders.events, orders.decisions), whatever their interleaving. The worker writes a signed snapshot of it, with
-the next offset of every input partition it covers, to its compacted state topic every few seconds and on a
-clean stop (shared/snapshots.py), after the producer has flushed the outputs of those inputs. Every start
+registry.plans, orders.events, orders.decisions), whatever their interleaving. The worker writes a signed
+snapshot of it, with the next offset of every input partition it covers, to its compacted state topic every
+few seconds and on a clean stop (shared/snapshots.py), after the producer has flushed the outputs of those
+inputs. Every start
 restores the newest snapshot and resumes each input there; with none, it reads the inputs from the
 beginning. Either way, before faust starts, the group's committed offsets are set to those positions (faust's
 own start seeks to the committed offsets, so a seek of ours would be overridden). Faust still commits while
