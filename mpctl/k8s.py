@@ -27,7 +27,9 @@ import yaml
 
 from services.execution.bootstrap import LIVE_ENV
 from services.execution.credentials import ENV_STORE, MOUNTED_KEY_FILE
+from shared.bus import ENV_CA_FILE, ENV_PASSWORD_FILE, ENV_USER
 from shared.config import DEFAULT_CONFIG, PLACEHOLDER_PREFIX, AppConfig, ConfigError, load_config
+from shared.principals import acls, principal, principals
 from shared.topics import APPROVED_PREFIX, DECISIONS, EVENTS, INTENTS, declared_topics
 
 # ---------------------------------------------------------------------------------------------- constants
@@ -35,8 +37,14 @@ PART_OF = "multiprofile-coinbase"
 DEFAULT_IMAGE = "multiprofile-coinbase:0.1.0"
 KAFKA_CLUSTER = "mp-kafka"
 KAFKA_VERSION = "4.1.1"  # the version the project runs locally and in compose
-# Strimzi names the bootstrap Service `<cluster>-kafka-bootstrap`; port 9092 is the `plain` listener below.
-KAFKA_BOOTSTRAP = f"{KAFKA_CLUSTER}-kafka-bootstrap:9092"
+# Strimzi names the bootstrap Service `<cluster>-kafka-bootstrap`; port 9093 is the `tls` listener below (SCRAM
+# over TLS, the only listener: docs/operations.md, "The bus").
+KAFKA_BOOTSTRAP = f"{KAFKA_CLUSTER}-kafka-bootstrap:9093"
+# What Strimzi's operators create: a Secret per KafkaUser (its name; key `password`), and the cluster CA's
+# certificate (Secret `<cluster>-cluster-ca-cert`, key `ca.crt`). A workload mounts its own user's and the CA.
+USER_SECRET_MOUNT = "/run/kafka-user"
+CA_SECRET = f"{KAFKA_CLUSTER}-cluster-ca-cert"
+CA_MOUNT = "/run/kafka-ca"
 REDIS_IMAGE = "redis:7.0"
 REDIS_URL = "redis://redis:6379/0"
 BROKERS = 3
@@ -175,7 +183,18 @@ def kafka_objects(cfg: AppConfig) -> list[dict[str, Any]]:
         "spec": {
             "kafka": {
                 "version": KAFKA_VERSION,
-                "listeners": [{"name": "plain", "port": 9092, "type": "internal", "tls": False}],
+                # Every client authenticates (SCRAM-SHA-512 over TLS); no plain listener.
+                "listeners": [
+                    {
+                        "name": "tls",
+                        "port": 9093,
+                        "type": "internal",
+                        "tls": True,
+                        "authentication": {"type": "scram-sha-512"},
+                    }
+                ],
+                # Nothing is allowed that no KafkaUser's ACLs allow (shared/principals.py).
+                "authorization": {"type": "simple"},
                 "config": {
                     "default.replication.factor": REPLICATION_FACTOR,
                     "min.insync.replicas": ORDER_MIN_ISR,
@@ -186,8 +205,9 @@ def kafka_objects(cfg: AppConfig) -> list[dict[str, Any]]:
                     "auto.create.topics.enable": False,
                 },
             },
-            # The topic operator turns the KafkaTopic resources below into topics.
-            "entityOperator": {"topicOperator": {}},
+            # The topic operator turns the KafkaTopic resources below into topics, the user operator the
+            # KafkaUser resources into SCRAM users with their ACLs (and a Secret with each one's password).
+            "entityOperator": {"topicOperator": {}, "userOperator": {}},
         },
     }
     ns = cfg.system.kafka.namespace
@@ -210,7 +230,93 @@ def kafka_objects(cfg: AppConfig) -> list[dict[str, Any]]:
                 },
             }
         )
-    return [*pools, kafka, *topics]
+    return [*pools, kafka, *topics, *user_objects(cfg)]
+
+
+_OPERATIONS = {"read": "Read", "write": "Write", "describe": "Describe"}
+
+
+def kafka_user(principal_name: str) -> str:
+    """The KafkaUser (and SCRAM user) name of a principal: a DNS-1123 name ('_' of profile ids -> '-')."""
+    return dns_name(principal_name)
+
+
+def user_objects(cfg: AppConfig) -> list[dict[str, Any]]:
+    """One KafkaUser per principal of the namespace, with exactly the ACLs shared/principals.py gives it."""
+    ns = cfg.system.kafka.namespace
+    by_user: dict[str, dict[tuple[str, str, str], set[str]]] = {}
+    for who in principals(cfg, ns):
+        by_user.setdefault(who, {})
+    for rule in acls(cfg, ns):
+        key = (rule.resource, rule.name, "prefix" if rule.pattern == "prefixed" else "literal")
+        by_user[rule.principal].setdefault(key, set()).add(_OPERATIONS[rule.operation])
+    names = [kafka_user(who) for who in by_user]
+    if len(set(names)) != len(names):
+        raise ValueError(f"principals of namespace {ns!r} collide as Kubernetes names: {sorted(names)}")
+    out = []
+    for who, rules in by_user.items():
+        out.append(
+            {
+                "apiVersion": "kafka.strimzi.io/v1",
+                "kind": "KafkaUser",
+                "metadata": {"name": kafka_user(who), "labels": {"strimzi.io/cluster": KAFKA_CLUSTER}},
+                "spec": {
+                    "authentication": {"type": "scram-sha-512"},
+                    "authorization": {
+                        "type": "simple",
+                        "acls": [
+                            {
+                                "resource": {"type": kind, "name": name, "patternType": pattern},
+                                "operations": sorted(ops),
+                                "host": "*",
+                            }
+                            for (kind, name, pattern), ops in sorted(rules.items())
+                        ],
+                    },
+                },
+            }
+        )
+    return out
+
+
+def with_principal(deployment: dict[str, Any], principal_name: str) -> dict[str, Any]:
+    """The Deployment's container connects as `principal_name`: its KafkaUser's Secret (the password, a file) and
+    the cluster CA mounted read-only, named by the environment the services read (shared/bus.py)."""
+    user = kafka_user(principal_name)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # New lists: the others may be shared between Deployments (the execution workers' env).
+    container["env"] = [
+        *container.get("env", []),
+        {"name": ENV_USER, "value": user},
+        {"name": ENV_PASSWORD_FILE, "value": f"{USER_SECRET_MOUNT}/password"},
+        {"name": ENV_CA_FILE, "value": f"{CA_MOUNT}/ca.crt"},
+    ]
+    container["volumeMounts"] = [
+        *container["volumeMounts"],
+        {"name": "kafka-user", "mountPath": USER_SECRET_MOUNT, "readOnly": True},
+        {"name": "kafka-ca", "mountPath": CA_MOUNT, "readOnly": True},
+    ]
+    pod["volumes"] = [
+        *pod["volumes"],
+        {
+            "name": "kafka-user",
+            "secret": {
+                "secretName": user,
+                "defaultMode": 0o400,
+                "items": [{"key": "password", "path": "password"}],
+            },
+        },
+        {
+            "name": "kafka-ca",
+            "secret": {
+                "secretName": CA_SECRET,
+                "defaultMode": 0o444,
+                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+            },
+        },
+    ]
+    return deployment
 
 
 # ---------------------------------------------------------------------------------------------- Redis
@@ -604,6 +710,12 @@ def workload_objects(
     monitor_svc["spec"]["ports"][0]["name"] = "metrics"
     objs.append(monitor_svc)
     objs += ingest_objects(image=image, replay=replay)
+    ns = cfg.system.kafka.namespace
+    for o in objs:
+        if o["kind"] == "Deployment":  # each connects as the principal of its role
+            labels = o["metadata"]["labels"]
+            component = labels["app.kubernetes.io/component"]
+            with_principal(o, principal(ns, component, labels.get("multiprofile.coinbase/profile")))
     return objs
 
 

@@ -34,8 +34,9 @@ import yaml
 from mpctl import k8s
 from services.execution import credentials
 from shared.config import AppConfig, load_config, parse_config
+from shared.principals import acls, principal, principals
 from shared.runtime import base_parser
-from shared.topics import declared_topics
+from shared.topics import Topics, declared_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_REL = "config/coinbase_profiles.yaml"
@@ -191,6 +192,12 @@ def test_each_profile_secret_is_mounted_only_into_its_execution_deployment(which
                 if "secretRef" in ef:
                     referenced.setdefault(ef["secretRef"]["name"], []).append(d["metadata"]["name"])
     enabled = list(cfg.enabled_profiles())
+    # The bus: every workload mounts the cluster CA and its own KafkaUser's Secret, nothing else of it.
+    deployments = [d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"]
+    assert sorted(referenced.pop(k8s.CA_SECRET)) == sorted(deployments)
+    users = {u["metadata"]["name"] for u in _by_kind(docs, "KafkaUser")}
+    for user in users & set(referenced):
+        assert len(referenced.pop(user)) == 1  # one workload per principal (its replicas share it)
     assert referenced == {
         f"coinbase-{pid.replace('_', '-')}": [f"execution-{pid.replace('_', '-')}"] for pid in enabled
     }
@@ -212,7 +219,7 @@ def test_execution_pod_finds_the_export_and_its_key_where_the_worker_looks(which
             if x["kind"] == "Deployment" and x["metadata"]["name"] == f"execution-{pid.replace('_', '-')}"
         )
         pod = _pod_spec(d)
-        (vol,) = [v for v in pod["volumes"] if "secret" in v]
+        (vol,) = [v for v in pod["volumes"] if v["name"] == "coinbase"]
         assert vol["secret"]["items"] == [
             {"key": "credentials.enc", "path": "credentials.enc"},
             {"key": "mpctl_secrets_key", "path": "mpctl_secrets_key"},
@@ -221,7 +228,8 @@ def test_execution_pod_finds_the_export_and_its_key_where_the_worker_looks(which
         (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
         assert mount["mountPath"] == "/run/secrets" and mount["readOnly"] is True
         assert f"{mount['mountPath']}/mpctl_secrets_key" == str(credentials.MOUNTED_KEY_FILE)
-        assert c["env"] == [{"name": credentials.ENV_STORE, "value": "/run/secrets/credentials.enc"}]
+        assert c["env"][0] == {"name": credentials.ENV_STORE, "value": "/run/secrets/credentials.enc"}
+        assert [e["name"] for e in c["env"][1:]] == ["KAFKA_USERNAME", "KAFKA_PASSWORD_FILE", "KAFKA_CA_FILE"]
     # No other workload is told where a store is.
     told = [
         x["metadata"]["name"]
@@ -390,7 +398,7 @@ def test_core_objects_validate_against_the_kubernetes_schemas() -> None:
             path = ".".join(str(p) for p in err.path)
             pytest.fail(f"{d['kind']}/{d['metadata']['name']}: {path}: {err.message}")
     # Everything else is a Strimzi resource, validated below; nothing escapes both validators.
-    assert {d["kind"] for d in docs} - CORE_KINDS == {"Kafka", "KafkaNodePool", "KafkaTopic"}
+    assert {d["kind"] for d in docs} - CORE_KINDS == {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser"}
 
 
 def _first(kind: str, name: str | None = None) -> dict[str, Any]:
@@ -497,7 +505,7 @@ def test_strimzi_resources_validate_against_strimzi_crd_schemas(strimzi_validato
     results = _run_strimzi(strimzi_validator, docs)
     bad = [r for r in results if not r["ok"]]
     assert not bad, bad
-    assert {r["kind"] for r in results} == {"Kafka", "KafkaNodePool", "KafkaTopic"}
+    assert {r["kind"] for r in results} == {"Kafka", "KafkaNodePool", "KafkaTopic", "KafkaUser"}
 
 
 def _break_strimzi(case: str) -> dict[str, Any]:
@@ -568,6 +576,58 @@ _META = {
     },
 }
 STRIMZI_STRICT: dict[str, dict[str, Any]] = {
+    "KafkaUser": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "kafka.strimzi.io/v1"},
+            "kind": {"const": "KafkaUser"},
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "authentication": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"type": {"enum": ["scram-sha-512", "tls", "tls-external"]}},
+                    },
+                    "authorization": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "type": {"const": "simple"},
+                            "acls": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["resource", "operations"],
+                                    "properties": {
+                                        "resource": {
+                                            "type": "object",
+                                            "additionalProperties": False,
+                                            "properties": {
+                                                "type": {"enum": ["topic", "group"]},
+                                                "name": {"type": "string"},
+                                                "patternType": {"enum": ["literal", "prefix"]},
+                                            },
+                                        },
+                                        "operations": {
+                                            "type": "array",
+                                            "items": {"enum": ["Read", "Write", "Describe"]},
+                                        },
+                                        "host": {"const": "*"},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
     "KafkaTopic": {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -713,3 +773,45 @@ def test_misspelt_strimzi_key_passes_the_crd_schema_but_not_the_strict_one(strim
     assert result["ok"], "the CRD schema now refuses unknown fields: the strict schema may be redundant"
     with pytest.raises(jsonschema.ValidationError, match="replica"):
         jsonschema.validate(d, STRIMZI_STRICT["KafkaTopic"])
+
+
+@pytest.mark.parametrize("which", ["template", "three_profiles"])
+def test_every_workload_connects_as_its_own_principal_with_exactly_its_acls(which: str) -> None:
+    cfg = _config(which)
+    docs = _docs(k8s.render_manifests(cfg))
+    ns = cfg.system.kafka.namespace
+    (kafka,) = _by_kind(docs, "Kafka")
+    (listener,) = kafka["spec"]["kafka"]["listeners"]  # one listener: no anonymous way in
+    assert listener["tls"] is True and listener["authentication"] == {"type": "scram-sha-512"}
+    assert kafka["spec"]["kafka"]["authorization"] == {"type": "simple"}
+    users = {u["metadata"]["name"]: u for u in _by_kind(docs, "KafkaUser")}
+    assert set(users) == {k8s.kafka_user(p) for p in principals(cfg, ns)}
+    # The KafkaUsers' ACLs are shared/principals.py's set, rule for rule.
+    rendered = {
+        (name, a["resource"]["type"], a["resource"]["name"], a["resource"]["patternType"], op)
+        for name, u in users.items()
+        for a in u["spec"]["authorization"]["acls"]
+        for op in a["operations"]
+    }
+    expected = {
+        (k8s.kafka_user(r.principal), r.resource, r.name, "prefix" if r.pattern == "prefixed" else "literal",
+         r.operation.capitalize())
+        for r in acls(cfg, ns)
+    }  # fmt: skip
+    assert rendered == expected
+    t = Topics(ns)
+    for pid in cfg.profiles:
+        writers = {n for n, _k, topic, _p, op in rendered if topic == t.approved(pid) and op == "Write"}
+        readers = {n for n, _k, topic, _p, op in rendered if topic == t.approved(pid) and op == "Read"}
+        assert writers == {f"{ns}.arbiter"} and readers == {k8s.kafka_user(f"{ns}.execution.{pid}")}
+    for d in _by_kind(docs, "Deployment"):
+        labels = d["metadata"]["labels"]
+        who = k8s.kafka_user(
+            principal(ns, labels["app.kubernetes.io/component"], labels.get("multiprofile.coinbase/profile"))
+        )
+        (c,) = _pod_spec(d)["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["KAFKA_USERNAME"] == who and env["KAFKA_PASSWORD_FILE"] == "/run/kafka-user/password"
+        assert c["args"][c["args"].index("--bootstrap") + 1] == k8s.KAFKA_BOOTSTRAP
+        (vol,) = [v for v in _pod_spec(d)["volumes"] if v["name"] == "kafka-user"]
+        assert vol["secret"]["secretName"] == who  # its own user's password, no other
