@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from shared.bus import KafkaAccess
 from tests.compose.images import ImageError, Images, compose_binary
 from tests.conftest import free_ports
 
@@ -80,6 +81,11 @@ class ComposeStack:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def kafka(self) -> KafkaAccess:
+        """The stack's broker from the host. The compose stack has no principals yet (issue #15): unauthenticated."""
+        return KafkaAccess(servers=self.bootstrap)
 
     def render(self, config: Path, peer_args: list[str]) -> dict[str, Any]:
         """The user's way: `mpctl compose render` of the profiles file into the project folder (the compose file

@@ -140,11 +140,11 @@ def write_secrets(stack: ComposeStack, tmp_path: Path, profiles: list[str]) -> d
 def run_files(stack: ComposeStack, cfg_path: Path, out: Path) -> dict[str, Any]:
     """The run's files from the stack's topics, as `mpctl demo` writes them."""
     cfg = load_config(cfg_path)
-    return asyncio.run(collect(cfg, stack.bootstrap, out))
+    return asyncio.run(collect(cfg, stack.kafka, out))
 
 
 def candles(stack: ComposeStack, namespace: str) -> list[CandleClosed]:
-    msgs, _ = asyncio.run(read_topics(stack.bootstrap, [Topics(namespace).candles]))
+    msgs, _ = asyncio.run(read_topics(stack.kafka, [Topics(namespace).candles]))
     return [m for m in msgs if isinstance(m, CandleClosed)]
 
 
@@ -331,11 +331,11 @@ def test_replay_stack_with_a_strategy_and_an_execution_container_killed_books_as
     stack.compose("--profile", "replay", "up", "-d", *services)
 
     def fills() -> int:
-        msgs, _ = asyncio.run(read_topics(stack.bootstrap, [topics.events]))
+        msgs, _ = asyncio.run(read_topics(stack.kafka, [topics.events]))
         return sum(1 for m in msgs if type(m).__name__ == "OrderFilled")
 
     def finished() -> set[str]:
-        msgs, _ = asyncio.run(read_topics(stack.bootstrap, [topics.status]))
+        msgs, _ = asyncio.run(read_topics(stack.kafka, [topics.status]))
         return {f"{m.service}:{m.instance}" for m in msgs if isinstance(m, WorkerFinished)}
 
     until(lambda: fills() > 0, 300, "the first fill", stack)
