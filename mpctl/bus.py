@@ -12,6 +12,12 @@
 
 `apply_bus` gives the broker a namespace's principals (SCRAM users) and their ACLs (shared/principals.py),
 through the admin principal, a super user that no service ever gets. Nothing here logs or raises a password.
+
+The Redis `mpctl infra up` runs belongs to the same folder (`redis.json`: where it listens, not secret): its
+`default` user is off, its `admin` user has the broker admin's password, and `apply_bus` also gives it the
+namespace's Redis users (`shared.principals.redis_users`), each with its principal's bus password: a service
+authenticates to Redis exactly as to the broker, with the one password `mpctl` hands it. Redis keeps only
+SHA-256 digests of these passwords (`#<hex>` rules), in its ACL file.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import os
@@ -37,7 +44,7 @@ from pydantic import SecretStr
 
 from shared.bus import KafkaAccess
 from shared.config import AppConfig
-from shared.principals import ADMIN, Acl, acls, principals
+from shared.principals import ADMIN, Acl, acls, principals, redis_users
 
 # The broker's controller listener authenticates the controller itself (PLAIN, loopback only).
 CONTROLLER = "controller"
@@ -96,6 +103,35 @@ class BusSecrets:
     @property
     def generations_file(self) -> Path:
         return self.folder / "generations.json"
+
+    @property
+    def redis_file(self) -> Path:
+        return self.folder / "redis.json"
+
+    def record_redis(self, host: str, port: int) -> None:
+        """The Redis whose users this folder's passwords are (`mpctl infra up`'s)."""
+        write_private(self.redis_file, json.dumps({"host": host, "port": port}).encode() + b"\n")
+
+    def redis_address(self) -> tuple[str, int] | None:
+        """(host, port) of the Redis this folder secures; None: none."""
+        try:
+            data = json.loads(self.redis_file.read_text())
+            return str(data["host"]), int(data["port"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def owns_redis(self, url: str) -> bool:
+        """Whether `url` is this folder's Redis (its clients then authenticate as their principal)."""
+        from urllib.parse import urlsplit
+
+        address = self.redis_address()
+        if address is None:
+            return False
+        try:
+            parts = urlsplit(url)
+            return (parts.hostname, parts.port or 6379) == address
+        except ValueError:
+            return False
 
     def exists(self) -> bool:
         return self.master_file.is_file() and self.ca_file.is_file() and self.broker_pem.is_file()
@@ -252,7 +288,69 @@ def apply_bus(admin: KafkaAccess, secrets: BusSecrets, cfg: AppConfig, namespace
     set_users(admin, secrets, names)
     rules = acls(cfg, namespace)
     create_acls(admin, rules)
+    if secrets.redis_address() is not None:
+        apply_redis(secrets, cfg, namespace)
     return Applied(users=len(names), acls=len(rules))
+
+
+def redis_password_rule(password: SecretStr) -> str:
+    """An ACL rule giving a Redis user `password` by its SHA-256 digest (the plain text never reaches Redis)."""
+    return "#" + hashlib.sha256(password.get_secret_value().encode()).hexdigest()
+
+
+def redis_acl_file(secrets: BusSecrets, existing: str = "") -> str:
+    """The ACL file a Redis of this folder starts with: `default` off, `admin` with the admin's password, and
+    the users `existing` (the file as Redis last saved it) holds besides those two."""
+    keep = [
+        ln
+        for ln in existing.splitlines()
+        if ln.strip() and not ln.startswith(("user default ", f"user {ADMIN} "))
+    ]
+    admin = f"user {ADMIN} on {redis_password_rule(secrets.password(ADMIN))} ~* &* +@all"
+    return "\n".join(["user default off resetchannels -@all", admin, *keep]) + "\n"
+
+
+def redis_admin(secrets: BusSecrets, *, timeout: float = 10.0) -> object:
+    """A (blocking) redis-py client to this folder's Redis as its admin."""
+    import redis
+
+    address = secrets.redis_address()
+    if address is None:
+        raise BusError(f"no Redis recorded in {secrets.folder}")
+    return redis.Redis(
+        host=address[0],
+        port=address[1],
+        username=ADMIN,
+        password=secrets.password(ADMIN).get_secret_value(),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
+
+
+def apply_redis(
+    secrets: BusSecrets, cfg: AppConfig, namespace: str, only: Iterable[str] | None = None
+) -> int:
+    """Give the folder's Redis the namespace's users (their current passwords; `only`: those of these
+    principals), then save its ACL file so that a restart keeps them. Idempotent. Returns how many users."""
+    import redis
+
+    client = redis_admin(secrets)
+    assert isinstance(client, redis.Redis)
+    wanted = None if only is None else set(only)
+    users = [u for u in redis_users(cfg, namespace) if wanted is None or u.name in wanted]
+    if not users:
+        client.close()
+        return 0
+    try:
+        for u in users:
+            rules = [*u.rules(), "on", redis_password_rule(secrets.password(u.name))]
+            client.execute_command("ACL", "SETUSER", u.name, *rules)  # type: ignore[no-untyped-call]
+        client.acl_save()
+    except redis.RedisError as err:
+        raise BusError(f"setting the Redis users of {namespace}: {type(err).__name__}: {err}") from None
+    finally:
+        client.close()
+    return len(users)
 
 
 def _admin_client(admin: KafkaAccess) -> object:

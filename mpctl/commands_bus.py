@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from mpctl.bus import BusError, BusSecrets, admin_access, apply_bus, set_users
+from mpctl.bus import BusError, BusSecrets, admin_access, apply_bus, apply_redis, set_users
 from mpctl.infra import ENV_BUS_DIR, LocalInfra
 from shared.config import ConfigError, load_config
 from shared.principals import acls, principals
@@ -70,6 +70,8 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
     bus, servers = _bus(args)
     generation = bus.rotate(args.principal)
     set_users(admin_access(servers, bus), bus, [args.principal])
+    if bus.redis_address() is not None:  # its Redis user (if it has one) authenticates with the same password
+        apply_redis(bus, cfg, ns, only=[args.principal])
     print(
         f"{args.principal}: new password (generation {generation}) given to the broker on {servers}; "
         "the old one no longer authenticates: restart the service"

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from mpctl.bus import CONTROLLER, BusSecrets, admin_access, write_private
+from mpctl.bus import CONTROLLER, BusSecrets, admin_access, redis_acl_file, write_private
 from shared.bus import (
     ENV_CA_FILE,
     ENV_PASSWORD_FILE,
@@ -112,6 +112,19 @@ class Endpoints:
         if self.bus is None:
             return self.kafka
         return self.bus.access(self.kafka.servers, name)
+
+    @property
+    def redis_secured(self) -> bool:
+        """Whether Redis is the bus's own (`mpctl infra up`'s): its clients authenticate as their principal. A
+        Redis the environment gave (REDIS_URL) is used as given."""
+        return self.bus is not None and self.bus.owns_redis(self.redis_url)
+
+    def redis_credentials(self, name: str = ADMIN) -> dict[str, Any]:
+        """redis-py's `username`/`password` for principal `name` (default: the admin; tests and `mpctl` only);
+        empty for a Redis used as given."""
+        if self.bus is None or not self.redis_secured:
+            return {}
+        return {"username": name, "password": self.bus.password(name).get_secret_value()}
 
 
 def _noop(_: str) -> None:
@@ -488,6 +501,16 @@ class LocalInfra:
         return self.redis_dir / "redis.log"
 
     @property
+    def redis_acl_file(self) -> Path:
+        return self.redis_dir / "users.acl"
+
+    def _redis_admin(self) -> dict[str, Any]:
+        """redis-py's credentials of this Redis's admin (none before the bus secrets exist)."""
+        if not self.bus.exists():
+            return {}
+        return {"username": ADMIN, "password": self.bus.password(ADMIN).get_secret_value()}
+
+    @property
     def bus_dir(self) -> Path:
         return self.kafka_dir / "bus"
 
@@ -560,7 +583,8 @@ class LocalInfra:
         self, progress: Progress | None = None, *, flush: bool = False, down_s: float = 0.0
     ) -> None:
         """Stop the running Redis (after FLUSHALL when `flush`), wait `down_s` seconds, start it again on the
-        same port. It keeps nothing on disk (`--save ""`), so it comes back empty either way."""
+        same port. It keeps no data on disk (`--save ""`), so it comes back empty either way; its users (the ACL
+        file, `apply_redis`) stay, and the flush is the admin's."""
         import redis
 
         say = progress or _noop
@@ -569,7 +593,9 @@ class LocalInfra:
             if pid is None:
                 raise InfraError(f"redis is not running from {self.state_dir}: nothing to restart")
             if flush:
-                client = redis.Redis(host=self.host, port=self.redis_port, socket_timeout=5.0)
+                client = redis.Redis(
+                    host=self.host, port=self.redis_port, socket_timeout=5.0, **self._redis_admin()
+                )
                 try:
                     client.flushall()
                 finally:
@@ -676,6 +702,12 @@ class LocalInfra:
         server = ensure_redis_server(say)
         data = self.redis_dir / "data"
         data.mkdir(parents=True, exist_ok=True)
+        # Nobody gets in without a user: `default` is off, the admin has the bus admin's password, and each
+        # namespace's users (mpctl/bus.py apply_redis) are kept in this file across restarts (ACL SAVE).
+        self.bus.ensure([self.host])
+        self.bus.record_redis(self.host, self.redis_port)
+        existing = self.redis_acl_file.read_text() if self.redis_acl_file.is_file() else ""
+        write_private(self.redis_acl_file, redis_acl_file(self.bus, existing).encode())
         started = time.monotonic()
         if self.verbose:
             say(f"starting redis on {self.host}:{self.redis_port}...")
@@ -689,6 +721,7 @@ class LocalInfra:
             "--pidfile", str(self.redis_pid_file),
             "--logfile", str(self.redis_log),
             "--dir", str(data),
+            "--aclfile", str(self.redis_acl_file),
         ]  # fmt: skip
         if self.detach:
             # Redis forks itself into the background; the process we start exits at once.
@@ -730,7 +763,11 @@ class LocalInfra:
         import redis
 
         client = redis.Redis(
-            host=self.host, port=self.redis_port, socket_timeout=timeout, socket_connect_timeout=timeout
+            host=self.host,
+            port=self.redis_port,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            **self._redis_admin(),
         )
         try:
             return bool(client.ping())
@@ -977,6 +1014,17 @@ def resolve_endpoints(
     return Endpoints(
         kafka=access_from_env(kafka_env, environ), redis_url=local.redis_url, bus=_given_bus(environ)
     )
+
+
+def redis_admin_credentials(redis_url: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """redis-py's credentials of the admin of the Redis at `redis_url` when it is the bus's own (MPCTL_BUS_DIR,
+    else the default local infrastructure's bus); empty for a Redis used as given (a script's own client)."""
+    environ = os.environ if env is None else env
+    folder = environ.get(ENV_BUS_DIR, "").strip()
+    bus = BusSecrets(Path(folder)) if folder else LocalInfra().bus
+    if not (bus.exists() and bus.owns_redis(redis_url)):
+        return {}
+    return {"username": ADMIN, "password": bus.password(ADMIN).get_secret_value()}
 
 
 def operator_access(

@@ -189,6 +189,10 @@ def bus_args(bus: BusSecrets | None, args: list[str]) -> tuple[list[str], str | 
     who = process_principals(args)
     extra = ["--kafka-user", ",".join(who), "--kafka-password-file", "-"]
     extra += ["--kafka-ca-file", str(bus.ca_file)]
+    if "--redis-url" in args and "--redis-auth" not in args:
+        url = args[args.index("--redis-url") + 1] if args.index("--redis-url") + 1 < len(args) else ""
+        if bus.owns_redis(url):
+            extra.append("--redis-auth")  # the bus's own Redis: as the same principal, with the same password
     return [*args, *extra], "\n".join(bus.password(w).get_secret_value() for w in who)
 
 

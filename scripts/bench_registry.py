@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mpctl.infra import redis_admin_credentials  # noqa: E402
 from services.registry.claims import RedisClaims  # noqa: E402
 from services.registry.domain import (  # noqa: E402
     ClaimResult,
@@ -79,7 +80,9 @@ def bench_profiles(n: int) -> dict[str, Profile]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    redis = aioredis.Redis.from_url(args.redis_url, max_connections=max(args.concurrency) + 4)
+    # The bus's own Redis takes its admin only (it measures the registry's commands on its own prefix).
+    creds = redis_admin_credentials(args.redis_url)
+    redis = aioredis.Redis.from_url(args.redis_url, max_connections=max(args.concurrency) + 4, **creds)
     ns = f"bench{uuid.uuid4().hex[:8]}"
     info = await redis.info("server")
     out: dict[str, Any] = {

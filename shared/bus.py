@@ -103,6 +103,14 @@ class KafkaAccess(BaseModel):
         return conf
 
 
+def redis_credentials(access: KafkaAccess, redis_auth: bool) -> dict[str, Any]:
+    """redis-py's `username`/`password` of the principal `access` names, when Redis authenticates its clients
+    (the same password as on the bus); empty otherwise."""
+    if not redis_auth or access.username is None or access.password is None:
+        return {}
+    return {"username": access.username, "password": access.password.get_secret_value()}
+
+
 @functools.lru_cache(maxsize=16)
 def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
     # One context per CA in a process: building one reads the CA file and the system store.

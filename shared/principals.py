@@ -164,3 +164,65 @@ def group_names(cfg: AppConfig, namespace: str) -> list[str]:
     return [t.group("arbiter"), t.group("monitor")] + [
         t.group(s, p) for s in PROFILE_SERVICES for p in cfg.profiles
     ]
+
+
+# ------------------------------------------------------------------------------------------------ Redis
+
+# What the registry runs on Redis (services/registry/claims.py, ledger.py, recovery.py): its commands, the ones
+# its Lua scripts call (Redis checks a script's calls against the caller's rights too), and loading those
+# scripts. INFO (the server's run id: a restart that lost every key) and SCAN (only its own prefix is asked for;
+# a key name is not a value) are the two without a key.
+REGISTRY_REDIS_COMMANDS = (
+    "ping", "info", "scan", "evalsha", "eval", "script|load", "script|exists",
+    "get", "set", "del", "expire", "pexpire", "pttl",
+    "hget", "hmget", "hset",
+    "sadd", "srem", "smembers",
+    "zadd", "zrem", "zrange", "zrangebyscore",
+)  # fmt: skip
+# A stateful service's only Redis use: the namespace's snapshot key, stored once (SET NX) and read back
+# (shared/snapshots.py load_state_key).
+STATE_REDIS_COMMANDS = ("ping", "get", "set")
+# Services that keep snapshots (their state topics above).
+STATEFUL_SERVICES = ("arbiter", "monitor")
+
+
+@dataclass(frozen=True)
+class RedisUser:
+    """A Redis ACL user: the principal's name (and password), the commands and key patterns it may use."""
+
+    name: str
+    commands: tuple[str, ...]
+    keys: tuple[str, ...]
+
+    def rules(self) -> list[str]:
+        """`ACL SETUSER name <rules>` without the password: everything it had before is reset."""
+        # Not CLIENT SETINFO (what redis-py says about itself on connecting, Redis 7.2+): it ignores a refusal.
+        cmds = [f"+{c}" for c in self.commands]
+        return ["reset", "resetchannels", *[f"~{k}" for k in self.keys], "-@all", *cmds]
+
+
+def registry_key_prefix(namespace: str) -> str:
+    """Every key the registry keeps in Redis starts with this."""
+    return f"{namespace}:reg:"
+
+
+def state_secret_key(namespace: str) -> str:
+    """The namespace's snapshot key in Redis (shared/snapshots.py)."""
+    return f"{namespace}:state:secret"
+
+
+def redis_users(cfg: AppConfig, namespace: str) -> list[RedisUser]:
+    """Who may use Redis, and for what: the registry its own prefix; the stateful services the one snapshot
+    key; nobody else (the ingest, the operator: no user at all)."""
+    prefix = _redis_glob_escape(registry_key_prefix(namespace))
+    out = [RedisUser(principal(namespace, "registry"), REGISTRY_REDIS_COMMANDS, (f"{prefix}*",))]
+    state = (_redis_glob_escape(state_secret_key(namespace)),)
+    stateful = [principal(namespace, s) for s in STATEFUL_SERVICES] + [
+        principal(namespace, s, p) for s in PROFILE_SERVICES for p in cfg.profiles
+    ]
+    out += [RedisUser(who, STATE_REDIS_COMMANDS, state) for who in stateful]
+    return out
+
+
+def _redis_glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)

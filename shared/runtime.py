@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -24,8 +25,12 @@ from shared.bus import (
     BusAccessError,
     KafkaAccess,
     read_password_file,
+    redis_credentials,
 )
 from shared.config import AppConfig, ConfigError, load_config
+
+# "1": the process authenticates to Redis as its principal (what `--redis-auth` says; compose/k8s/tests set it).
+ENV_REDIS_AUTH = "REDIS_AUTH"
 
 
 class ServiceSettings(BaseModel):
@@ -35,6 +40,9 @@ class ServiceSettings(BaseModel):
     # The broker and this process's principal on it (shared/bus.py).
     kafka: KafkaAccess
     redis_url: str = "redis://127.0.0.1:16379/0"
+    # Redis authenticates its clients (the bus's own Redis, `mpctl infra up`): connect as this process's
+    # principal, with its bus password (mpctl/bus.py). False: a Redis the environment gave, used as given.
+    redis_auth: bool = False
     namespace: str | None = None
     # The market-data source (coinbase | replay); None: the profiles file's system.market_data.source.
     source: str | None = None
@@ -45,6 +53,10 @@ class ServiceSettings(BaseModel):
     # takes is its own typed options model, given to its bootstrap (e.g. services.registry.bootstrap.RegistryOptions).
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_addr: str = Field(default="127.0.0.1", min_length=1)
+
+    def redis_credentials(self) -> dict[str, Any]:
+        """redis-py's `username`/`password` (never in the URL): the principal's, when Redis authenticates."""
+        return redis_credentials(self.kafka, self.redis_auth)
 
     def load(self) -> AppConfig:
         cfg = load_config(self.config_path)
@@ -66,6 +78,12 @@ def base_parser(service: str, *, needs_profile: bool = False) -> argparse.Argume
     )
     add_bus_args(p)
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:16379/0"))
+    p.add_argument(
+        "--redis-auth",
+        action="store_true",
+        default=os.environ.get(ENV_REDIS_AUTH, "") == "1",
+        help="authenticate to Redis as the bus principal, with its password (the bus's own Redis)",
+    )
     p.add_argument(
         "--namespace", default=None, help="topic/group namespace (default: system.kafka.namespace)"
     )
@@ -210,6 +228,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         config_path=args.config,
         kafka=bus_access_from_args(args),
         redis_url=args.redis_url,
+        redis_auth=bool(getattr(args, "redis_auth", False)),
         namespace=args.namespace,
         source=getattr(args, "source", None),
         profile=getattr(args, "profile", None),

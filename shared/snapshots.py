@@ -53,7 +53,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
-from shared.bus import KafkaAccess
+from shared.bus import KafkaAccess, redis_credentials
 from shared.topics import STATE_MAX_MESSAGE_BYTES
 
 log = logging.getLogger("snapshots")
@@ -90,7 +90,11 @@ def secret_from_env(env: Mapping[str, str] | None = None) -> bytes | None:
 
 
 async def load_state_key(
-    namespace: str, redis_url: str | None, env: Mapping[str, str] | None = None
+    namespace: str,
+    redis_url: str | None,
+    env: Mapping[str, str] | None = None,
+    *,
+    credentials: Mapping[str, Any] | None = None,
 ) -> bytes | None:
     """The namespace's snapshot key: from the environment, else from (or first stored in) Redis. None when
     neither answers: the service then keeps no snapshots (it rebuilds from its inputs, as before)."""
@@ -98,7 +102,10 @@ async def load_state_key(
     if secret is None and redis_url:
         import redis.asyncio as aioredis
 
-        client = aioredis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        # As the service's principal when Redis authenticates (its user may touch this one key: GET, SET).
+        client = aioredis.Redis.from_url(
+            redis_url, socket_timeout=5.0, socket_connect_timeout=5.0, **dict(credentials or {})
+        )
         try:
             name = f"{namespace}:state:secret"
             await client.set(name, secrets.token_hex(32), nx=True)
@@ -525,6 +532,8 @@ class Durable:
     interval_s: float = 30.0
     every_messages: int = 200_000
     enabled: bool = True
+    # Redis authenticates its clients: connect as the keeper's bus principal (shared/runtime.py).
+    redis_auth: bool = False
 
     async def keeper(self, bootstrap: KafkaAccess) -> StateKeeper | None:
         return await keeper_for(
@@ -532,6 +541,7 @@ class Durable:
             topic=self.topic,
             namespace=self.namespace,
             redis_url=self.redis_url,
+            redis_auth=self.redis_auth,
             service=self.service,
             schema=self.schema,
             fingerprint=self.fingerprint,
@@ -549,6 +559,7 @@ async def keeper_for(
     topic: str,
     namespace: str,
     redis_url: str | None,
+    redis_auth: bool = False,
     service: str,
     schema: int,
     fingerprint: str,
@@ -561,7 +572,7 @@ async def keeper_for(
     """A keeper for the service, or None (snapshots off, no key, or no state topic: rebuild as before)."""
     if not enabled:
         return None
-    key = await load_state_key(namespace, redis_url)
+    key = await load_state_key(namespace, redis_url, credentials=redis_credentials(bootstrap, redis_auth))
     if key is None:
         return None
     store = SnapshotStore(bootstrap, topic, client_id=f"{service}.state")

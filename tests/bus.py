@@ -23,6 +23,7 @@ from mpctl.stack import process_principal
 from shared.bus import ENV_CA_FILE, ENV_PASSWORD_FILE, ENV_USER, KafkaAccess
 from shared.config import AppConfig
 from shared.kafka import ensure_topics
+from shared.runtime import ENV_REDIS_AUTH
 from shared.topics import declared_topics
 
 
@@ -48,7 +49,10 @@ def principal_env(where: Endpoints | KafkaAccess, who: str) -> dict[str, str]:
         return {}
     pw_file = _folder() / f"{who}.password"
     write_private(pw_file, bus.password(who).get_secret_value().encode())
-    return {ENV_USER: who, ENV_PASSWORD_FILE: str(pw_file), ENV_CA_FILE: str(bus.ca_file)}
+    env = {ENV_USER: who, ENV_PASSWORD_FILE: str(pw_file), ENV_CA_FILE: str(bus.ca_file)}
+    if bus.redis_address() is not None:
+        env[ENV_REDIS_AUTH] = "1"  # the bus's own Redis: as the principal there too
+    return env
 
 
 def service_env(where: Endpoints | KafkaAccess, argv: Sequence[str]) -> dict[str, str]:

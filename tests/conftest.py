@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,6 +141,13 @@ def kafka_bootstrap(infra: Endpoints) -> KafkaAccess:
 @pytest.fixture(scope="session")
 def redis_url(infra: Endpoints) -> str:
     return infra.redis_url
+
+
+@pytest.fixture(scope="session")
+def redis_admin(infra: Endpoints) -> dict[str, Any]:
+    """redis-py's credentials of the session Redis's admin (a test's own client: any key, any command); empty
+    for a Redis the environment gave as it is."""
+    return infra.redis_credentials()
 
 
 @pytest.fixture

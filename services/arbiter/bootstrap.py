@@ -126,6 +126,7 @@ class ArbiterService:
             topic=self.topics.state("arbiter"),
             namespace=self.topics.ns,
             redis_url=settings.redis_url,
+            redis_auth=settings.redis_auth,
             service="arbiter",
             schema=domain.SNAPSHOT_SCHEMA,
             fingerprint=fingerprint(

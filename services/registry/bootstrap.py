@@ -371,7 +371,10 @@ def bootstrap(
     # A Redis restart must not stop the registry: commands wait and retry (about 25 s) while it is away.
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), REDIS_RETRIES)
     redis = o.get("redis") or aioredis.Redis.from_url(
-        settings.redis_url, retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError]
+        settings.redis_url,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        **settings.redis_credentials(),  # as its principal: its own key prefix and commands only
     )
     # Live market: epochs turn on the exchange's clock; a replay: on the candles' event time.
     mode: ClockMode = (

@@ -17,9 +17,12 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from mpctl.bus import redis_password_rule
 from mpctl.infra import Endpoints
 from services.monitor.report_html import write_report
+from shared.config import load_config
 from shared.kafka import delete_topics, list_topics
+from shared.principals import ADMIN, principals
 from tests.bus import service_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,6 +163,13 @@ def test_audit_file_follows_trades_and_holds_no_secret(infra: Endpoints, tmp_pat
         haystacks[name] = text.encode()
     assert {"audit.jsonl", "report.html", "summary.json", "alerts.jsonl"} <= set(haystacks)
     assert any(k.startswith("logs/") for k in haystacks)
+    # The bus's and Redis's credentials too: every principal's password of the run (the same one on the broker
+    # and on Redis), the admin's, and the digests Redis keeps of them.
+    if infra.bus is not None:
+        run_cfg = load_config(cfg_path)
+        passwords = [infra.bus.password(p) for p in [*principals(run_cfg, ns), ADMIN]]
+        secret_values += [pw.get_secret_value() for pw in passwords]
+        secret_values += [redis_password_rule(pw)[1:] for pw in passwords]
     for v in secret_values:
         leaks = [name for name, data in haystacks.items() if v.encode() in data]
         assert not leaks, f"a configured credential appears in {leaks}"

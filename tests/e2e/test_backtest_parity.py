@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -79,10 +80,10 @@ def test_backtest_writes_the_demos_files_with_rejections_and_delays(infra: Endpo
 
 
 @pytest.mark.timeout(120)
-async def test_memory_claims_answer_as_the_redis_script(redis_url: str) -> None:
+async def test_memory_claims_answer_as_the_redis_script(redis_url: str, redis_admin: dict[str, Any]) -> None:
     # Claims in any time order (a replica lagging behind, a restart), with pruning: same outcome and holder.
     rnd = random.Random(11)
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(redis_url, **redis_admin)
     ns = f"t{uuid.uuid4().hex[:8]}"
     redis_claims = RedisClaims(client, ns, grace_s=600)
     memory = MemoryRegistry(grace_s=600)

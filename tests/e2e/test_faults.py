@@ -285,7 +285,9 @@ def test_restarted_servers_still_run_after_the_fault_runs(runs: Runs, infra_sess
         pytest.skip("no server was restarted in this session")
     status = infra_session.local.status()
     assert all(status[name]["state"] == "running" for name in restarted), status
-    client = redis.Redis.from_url(infra_session.endpoints.redis_url, socket_timeout=5)
+    client = redis.Redis.from_url(
+        infra_session.endpoints.redis_url, socket_timeout=5, **infra_session.endpoints.redis_credentials()
+    )
     try:
         assert client.ping()
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import SecretStr
 
+from mpctl.bus import redis_password_rule
 from services.execution.bootstrap import LIVE_ENV
 from services.execution.credentials import (
     ENV_KEY_FILE,
@@ -179,9 +180,15 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
         b.passphrase,
         passphrase,
         key.read_text().strip(),
-        # The worker's bus password, and the broker admin's (which it never has).
-        *(Path(bus_env[ENV_PASSWORD_FILE]).read_text().strip() for _ in [0] if bus_env),
-        *([kafka_bootstrap.password.get_secret_value()] if kafka_bootstrap.password else []),
+        # The worker's bus password (its Redis password too), and the broker admin's (which it never has),
+        # and the digests Redis keeps of them.
+        *(bus_password := [Path(bus_env[ENV_PASSWORD_FILE]).read_text().strip()] if bus_env else []),
+        *(
+            admin_password := [kafka_bootstrap.password.get_secret_value()]
+            if kafka_bootstrap.password
+            else []
+        ),
+        *(redis_password_rule(SecretStr(v))[1:] for v in [*bus_password, *admin_password]),
     ]
     for where, text in (("export", export_out), ("worker", worker_out)):
         assert [v[:8] for v in secrets_ if v in text] == [], f"secret values in the {where} output"

@@ -279,7 +279,11 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
 
     async def run_monitor() -> dict[str, Any]:
         settings = ServiceSettings(
-            config_path=TEMPLATE, kafka=b, namespace=namespace, redis_url=infra.redis_url
+            config_path=TEMPLATE,
+            kafka=b,
+            namespace=namespace,
+            redis_url=infra.redis_url,
+            redis_auth=infra.redis_secured,
         )
         svc = MonitorService(cfg, settings, MonitorOptions(audit_file=tmp_path / "audit.jsonl", drain=True))
         assert await asyncio.wait_for(svc.run(asyncio.Event()), 60) == 0

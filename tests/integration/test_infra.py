@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -63,8 +64,8 @@ async def test_kafka_produce_consume_round_trip(kafka_bootstrap: str, namespace:
     assert received == sent
 
 
-def test_redis_set_get(redis_url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(redis_url)
+def test_redis_set_get(redis_url: str, redis_admin: dict[str, Any], namespace: str) -> None:
+    client = redis.Redis.from_url(redis_url, **redis_admin)
     try:
         assert client.set(f"{namespace}:k", b"v", ex=60)
         assert client.get(f"{namespace}:k") == b"v"

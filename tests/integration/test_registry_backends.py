@@ -31,7 +31,9 @@ async def store(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator
         yield MemoryRegistry(GRACE_S)
         return
     # Only the Redis case asks for the harness's infrastructure.
-    client = aioredis.Redis.from_url(request.getfixturevalue("redis_url"))
+    client = aioredis.Redis.from_url(
+        request.getfixturevalue("redis_url"), **request.getfixturevalue("redis_admin")
+    )
     metrics = RegistryMetrics("r1")
 
     async def no_plans() -> list[PlanPublished]:

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,8 +22,8 @@ HOUR = 3600
 
 
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.Redis.from_url(redis_url, decode_responses=False)
+async def client(redis_url: str, redis_admin: dict[str, Any]) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.Redis.from_url(redis_url, decode_responses=False, **redis_admin)
     yield r
     await r.aclose()
 
@@ -99,10 +100,10 @@ async def test_reclaim_is_idempotent(claims: RedisClaims, client: aioredis.Redis
 
 
 async def test_concurrent_claims_of_one_fingerprint_have_one_winner(
-    redis_url: str, claims: RedisClaims
+    redis_url: str, redis_admin: dict[str, Any], claims: RedisClaims
 ) -> None:
     # 50 claims race, over separate connections and separate adapters (like registry replicas)
-    clients = [aioredis.Redis.from_url(redis_url) for _ in range(5)]
+    clients = [aioredis.Redis.from_url(redis_url, **redis_admin) for _ in range(5)]
     try:
         adapters = [RedisClaims(c, claims.namespace, grace_s=300) for c in clients]
         results = await asyncio.gather(
@@ -187,7 +188,9 @@ async def test_claim_rejects_bad_input(claims: RedisClaims) -> None:
         await claims.claim_interval("pa", HOUR, HOUR, hash_hex=H1, fingerprint=F1, asset=None)
 
 
-async def test_resolution_over_redis(redis_url: str, claims: RedisClaims) -> None:
+async def test_resolution_over_redis(
+    redis_url: str, redis_admin: dict[str, Any], claims: RedisClaims
+) -> None:
     """Two registry replicas race to resolve six profiles (three pairs sharing hash settings) for 24 hours:
     fingerprints and random assets stay unique, the second of each pair bumps its nonce."""
     cfg = load_config(CONFIG_PATH)
@@ -197,7 +200,7 @@ async def test_resolution_over_redis(redis_url: str, claims: RedisClaims) -> Non
     reg = RegistrySettings()
     pools = {*a.strategy_config.random_asset_pool, *b.strategy_config.random_asset_pool}
     scores: dict[str, float | None] = {x: float(len(x)) for x in pools}
-    other_client = aioredis.Redis.from_url(redis_url)
+    other_client = aioredis.Redis.from_url(redis_url, **redis_admin)
     replica = RedisClaims(other_client, claims.namespace, grace_s=300)
     try:
         for hour in range(24):

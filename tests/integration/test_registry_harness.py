@@ -246,7 +246,7 @@ class Run:
 
     async def flush_redis(self) -> int:
         """FLUSHDB restricted to this namespace (the test Redis is shared with other tests)."""
-        r = aioredis.Redis.from_url(self.endpoints.redis_url)
+        r = aioredis.Redis.from_url(self.endpoints.redis_url, **self.endpoints.redis_credentials())
         try:
             keys = [k async for k in r.scan_iter(match=f"{self.ns}:*", count=1000)]
             if keys:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -54,8 +55,10 @@ NS: dict[int, str] = {}
 
 
 @pytest.fixture
-async def client(redis_url: str, namespace: str) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.Redis.from_url(redis_url)
+async def client(
+    redis_url: str, redis_admin: dict[str, Any], namespace: str
+) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.Redis.from_url(redis_url, **redis_admin)
     NS[id(r)] = namespace
     yield r
     keys = [k async for k in r.scan_iter(match=f"{namespace}:*")]

@@ -67,7 +67,7 @@ async def reference(infra: Endpoints, config: Path, tmp_path_factory: pytest.Tem
 
 @pytest.fixture
 async def redis_client(infra: Endpoints) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.Redis.from_url(infra.redis_url)
+    r = aioredis.Redis.from_url(infra.redis_url, **infra.redis_credentials())
     yield r
     await r.aclose()
 

@@ -11,13 +11,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydantic import SecretStr, ValidationError
 
-from mpctl.bus import BusSecrets
-from mpctl.stack import process_principal, process_principals
-from shared.bus import BusAccessError, KafkaAccess, read_password_file
+from mpctl.bus import BusSecrets, redis_acl_file, redis_password_rule
+from mpctl.stack import bus_args, process_principal, process_principals
+from shared.bus import BusAccessError, KafkaAccess, read_password_file, redis_credentials
+from shared.config import load_config
 from shared.forkhost import argv_for
+from shared.principals import redis_users
 from shared.runtime import add_bus_args, bus_access_from_args
 
 SECRET = "s3cret-value-never-shown"
+TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "coinbase_profiles.yaml"
 
 
 def test_access_hides_its_password_and_gives_scram_over_tls(tmp_path: Path) -> None:
@@ -146,3 +149,57 @@ def test_a_hosted_worker_gets_its_own_principal() -> None:
     out = argv_for(argv, "p2", ["p1", "p2"])
     assert out[out.index("--profile") + 1] == "p2"
     assert out[out.index("--kafka-user") + 1] == "ns.strategy.p2"
+
+
+def test_redis_users_give_the_registry_its_prefix_and_the_keepers_one_key() -> None:
+    cfg = load_config(TEMPLATE)
+    users = {u.name: u for u in redis_users(cfg, "ns")}
+    reg = users["ns.registry"].rules()
+    assert reg[:2] == ["reset", "resetchannels"] and "-@all" in reg
+    assert [r for r in reg if r.startswith("~")] == ["~ns:reg:*"]
+    for forbidden in ("+flushall", "+flushdb", "+config", "+keys", "+acl", "+@all", "allkeys", "~*"):
+        assert forbidden not in reg
+    assert {"+evalsha", "+script|load", "+zadd", "+info"} <= set(reg)
+    keeper = users["ns.strategy.profile_a"].rules()
+    assert [r for r in keeper if r.startswith(("~", "+"))] == ["~ns:state:secret", "+ping", "+get", "+set"]
+    assert "ns.ingest" not in users and "ns.operator" not in users
+    assert set(users) == {
+        "ns.registry",
+        "ns.arbiter",
+        "ns.monitor",
+        *(f"ns.{s}.{p}" for s in ("strategy", "execution") for p in cfg.profiles),
+    }
+
+
+def test_the_bus_redis_acl_file_keeps_saved_users_and_no_password(tmp_path: Path) -> None:
+    bus = BusSecrets(tmp_path / "bus")
+    bus.ensure(["127.0.0.1"])
+    saved = "user default on nopass ~* +@all\nuser admin on #00 ~* +@all\nuser ns.registry on #ab ~ns:reg:* +get\n"
+    text = redis_acl_file(bus, saved)
+    lines = text.splitlines()
+    assert lines[0].startswith("user default off") and lines[1].startswith("user admin on #")
+    assert lines[2:] == ["user ns.registry on #ab ~ns:reg:* +get"]
+    assert bus.password("admin").get_secret_value() not in text
+    assert redis_password_rule(bus.password("admin")) in lines[1]
+
+
+def test_a_service_authenticates_to_the_bus_redis_only(tmp_path: Path) -> None:
+    bus = BusSecrets(tmp_path / "bus")
+    bus.ensure(["127.0.0.1"])
+    args = [
+        "services.registry",
+        "--namespace",
+        "ns",
+        "--bootstrap",
+        "h:1",
+        "--redis-url",
+        "redis://127.0.0.1:6390/0",
+    ]
+    assert "--redis-auth" not in bus_args(bus, args)[0]  # no Redis of the bus's: used as given
+    bus.record_redis("127.0.0.1", 6390)
+    assert bus_args(bus, args)[0][-1] == "--redis-auth"
+    other = [*args[:-1], "redis://10.0.0.9:6390/0"]
+    assert "--redis-auth" not in bus_args(bus, other)[0]
+    acc = KafkaAccess(servers="h:1", username="ns.registry", password=SecretStr(SECRET))
+    assert redis_credentials(acc, True) == {"username": "ns.registry", "password": SECRET}
+    assert redis_credentials(acc, False) == {} and redis_credentials(KafkaAccess(servers="h:1"), True) == {}
