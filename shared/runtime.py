@@ -9,6 +9,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -286,8 +288,38 @@ def main_entry(
         # Refused before anything starts, with the file and the problem and no traceback (every service loads it).
         raise SystemExit(f"{service}: {err}") from None
     setup_logging(service, args.log_level)
+    start_orphan_watchdog()
     _heartbeat(service, args)
     return args
+
+
+# How long a service whose parent died (mpctl killed: its PR_SET_PDEATHSIG SIGTERM is on the way) may take to stop
+# cleanly before it exits anyway. A clean stop takes a second or two (the final snapshot); a stop can hang, e.g.
+# faust's worker after CPython 3.11's asyncio SSL write race ("Fatal error on SSL protocol") during its shutdown.
+ORPHAN_GRACE_S = 10.0
+
+
+def start_orphan_watchdog(grace_s: float = ORPHAN_GRACE_S) -> threading.Thread | None:
+    """A daemon thread that ends the process `grace_s` after its parent is gone, if it has not stopped by then: a
+    service started by `mpctl` never outlives the run (a process whose parent is init or a container's PID 1
+    from the start is left alone)."""
+    parent = os.getppid()
+    if parent <= 1:
+        return None
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        time.sleep(grace_s)
+        logging.getLogger("service").error(
+            "parent process %d gone %.0f s ago and this one has not stopped: exiting", parent, grace_s
+        )
+        logging.shutdown()
+        os._exit(70)
+
+    thread = threading.Thread(target=watch, name="orphan-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 def _heartbeat(service: str, args: argparse.Namespace) -> None:

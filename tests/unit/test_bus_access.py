@@ -203,3 +203,43 @@ def test_a_service_authenticates_to_the_bus_redis_only(tmp_path: Path) -> None:
     acc = KafkaAccess(servers="h:1", username="ns.registry", password=SecretStr(SECRET))
     assert redis_credentials(acc, True) == {"username": "ns.registry", "password": SECRET}
     assert redis_credentials(acc, False) == {} and redis_credentials(KafkaAccess(servers="h:1"), True) == {}
+
+
+def test_a_service_whose_parent_died_and_does_not_stop_exits_after_the_grace(tmp_path: Path) -> None:
+    """The orphan watchdog (shared/runtime.py): a child that ignores SIGTERM is gone soon after its parent is."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = (
+        "import os, signal, sys, time\n"
+        "from shared.runtime import start_orphan_watchdog\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "start_orphan_watchdog(1.0)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    parent = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pid = int(pid_file.read_text())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the orphan outlived its grace")
+    finally:
+        proc.kill()
