@@ -222,7 +222,9 @@ def test_a_service_whose_parent_died_and_does_not_stop_exits_after_the_grace(tmp
         f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
         "time.sleep(60)\n"
     )
-    parent = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(60)\n"
+    parent = (
+        f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(60)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", parent])
     try:
         deadline = time.monotonic() + 30
