@@ -63,18 +63,6 @@ def principals(cfg: AppConfig, namespace: str) -> list[str]:
     return out
 
 
-def service_principal(namespace: str, name: str) -> str:
-    """The principal of a process named as `mpctl`'s stack names it: `strategy-<profile>`, `execution-<profile>`,
-    `arbiter-1` (a second arbiter replica) or a service name."""
-    for svc in PROFILE_SERVICES:
-        if name.startswith(f"{svc}-"):
-            return principal(namespace, svc, name[len(svc) + 1 :])
-    base = name.split("-", 1)[0]
-    if base not in SYSTEM_SERVICES:
-        raise ValueError(f"no principal for a process named {name!r}")
-    return principal(namespace, base)
-
-
 def acls(cfg: AppConfig, namespace: str) -> list[Acl]:
     """The whole ACL set of a namespace, sorted and without duplicates."""
     t = Topics(namespace)
@@ -156,14 +144,6 @@ def acls(cfg: AppConfig, namespace: str) -> list[Acl]:
     # Reports, status and lag read what the monitor reads; never an approval or a state snapshot.
     allow(operator, ["read"], watched + [t.commands, t.trades, t.clock])
     return sorted(out)
-
-
-def group_names(cfg: AppConfig, namespace: str) -> list[str]:
-    """Every consumer group of a namespace."""
-    t = Topics(namespace)
-    return [t.group("arbiter"), t.group("monitor")] + [
-        t.group(s, p) for s in PROFILE_SERVICES for p in cfg.profiles
-    ]
 
 
 # ------------------------------------------------------------------------------------------------ Redis

@@ -24,7 +24,6 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "coinbase_profiles.y
 
 
 def test_access_hides_its_password_and_gives_scram_over_tls(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.crt"
     bus = BusSecrets(tmp_path / "bus")
     bus.ensure(["127.0.0.1"])
     ca = bus.ca_file
