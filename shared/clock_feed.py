@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from shared.admit import Refused, admit
 from shared.bus import KafkaAccess
 from shared.clock import Clock, system_clock
-from shared.codec import DecodeError, decode
 from shared.config import AppConfig
 from shared.exchange_clock import ExchangeClock
 from shared.messages import ExchangeTimeObserved
@@ -41,13 +41,12 @@ async def follow_clock(bootstrap: KafkaAccess, topic: str, clock: ExchangeClock,
         while not stop.is_set():
             batch = await consumer.getmany(tp, timeout_ms=500)
             for rec in batch.get(tp, []):
-                try:
-                    msg = decode(rec.value)
-                except DecodeError as err:
-                    log.warning("%s offset %d: %s", topic, rec.offset, err)
-                    continue
-                if isinstance(msg, ExchangeTimeObserved):
-                    clock.observe(msg.event_time, rate=msg.rate)
+                # A far-future observation would move the exchange clock past every real message.
+                admitted = admit(rec, now=system_clock())
+                if isinstance(admitted, Refused):
+                    log.warning("%s offset %d: %s", topic, rec.offset, admitted.reason)
+                elif isinstance(admitted.msg, ExchangeTimeObserved):
+                    clock.observe(admitted.msg.event_time, rate=admitted.msg.rate)
     finally:
         await consumer.stop()
 

@@ -7,13 +7,11 @@ Nothing connects at import time; every object is built by a service's `bootstrap
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import (
@@ -32,11 +30,12 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
+from shared.admit import Admission, Admitted, Refused, admit
 from shared.bus import KafkaAccess
-from shared.clock import Clock, IdFactory, system_clock
-from shared.codec import DecodeError, decode, encode, implausible_time
+from shared.clock import Clock
+from shared.codec import DecodeError, decode, encode
 from shared.commands import CommandGate
-from shared.messages import CommandHandled, ControlCommand, DeadLettered, Message
+from shared.messages import ControlCommand, Message
 from shared.snapshots import Durable, Positions, StateKeeper, clamp_positions
 from shared.topics import Route as Route  # re-exported: the bootstraps name it here
 from shared.topics import TopicSpec
@@ -251,12 +250,9 @@ async def read_tail(
                 if not recs:
                     break
                 for rec in recs:
-                    try:
-                        msg = decode(rec.value)
-                    except DecodeError:
-                        continue
-                    if implausible_time(msg, now()) is None:
-                        out.append((tp.partition, msg))
+                    admitted = admit(rec, now=now())
+                    if isinstance(admitted, Admitted):
+                        out.append((tp.partition, admitted.msg))
                 pos = recs[-1].offset + 1
     finally:
         await consumer.stop()
@@ -327,7 +323,9 @@ class Outbox:
         self.items.append((topic, msg, None, True))
 
 
-Handler = Callable[[Message, ConsumerRecord[bytes, bytes], Outbox], Awaitable[None]]
+# A service's decisions on an admitted record (shared/admit.py): outputs go in the outbox, published before the
+# record's offset is committed.
+Handler = Callable[[Admitted, ConsumerRecord[bytes, bytes], Outbox], Awaitable[None]]
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -370,28 +368,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             consumer.seek(tp, offset)
 
 
-def dead_letter_for(rec: Any, error: str, *, service: str, msg_id: str, now: datetime) -> DeadLettered:
-    """The dead-letter event for a consumed record: where it came from, its raw bytes, and why (cut to 2,000
-    characters). Every service that dead-letters builds it here, so the topic reads the same whoever wrote it."""
-    return DeadLettered(
-        id=msg_id,
-        event_time=now,
-        correlation_id=f"{rec.topic}:{rec.partition}:{rec.offset}",
-        source_topic=rec.topic,
-        partition=rec.partition,
-        offset=rec.offset,
-        key=rec.key.decode("utf-8", "replace") if rec.key is not None else None,
-        payload_b64=base64.b64encode(rec.value or b"").decode(),
-        error=error[:2000],
-        service=service,
-    )
-
-
 class ConsumeLoop:
     """At-least-once consumption: a batch is handled, its outputs flushed, and only then its offsets committed.
 
-    Undecodable bytes and messages a handler refuses with HandlingError go to the dead-letter topic with the
-    error text; any other exception stops the loop without committing (the batch is redelivered on restart).
+    Every record passes the admit step first (shared/admit.py: decode, time, the command gate); what it refuses
+    and messages a handler refuses with HandlingError go to the dead-letter topic with the error text; any other exception stops the loop without committing (the batch is redelivered on restart).
 
     A rebalance that takes a partition while a batch is handled ends the handling of that partition's records
     in the batch: they are not ours to act on any more, and its next owner (maybe this member again) reads them
@@ -415,7 +396,7 @@ class ConsumeLoop:
         dead_letter_topic: str,
         service: str,
         clock: Clock,
-        ids: IdFactory,
+        commands: CommandGate | None = None,
         from_beginning: bool = True,
         rebuild_on_start: bool = False,
         keeper: StateKeeper | None = None,
@@ -442,9 +423,7 @@ class ConsumeLoop:
         )
         self._publisher = publisher
         self._dlq = dead_letter_topic
-        self._service = service
-        self._clock = clock
-        self._ids = ids
+        self.admission = Admission(service, clock, commands)
         self._stop = asyncio.Event()
         self.processed = 0
         self.dead_lettered = 0
@@ -529,27 +508,19 @@ class ConsumeLoop:
 
     async def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
         self.dead_lettered += 1
-        log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
-        dl = dead_letter_for(rec, error, service=self._service, msg_id=self._ids(), now=self._clock())
-        await self._publisher.send(self._dlq, dl, key=rec.topic)
+        await self._publisher.send(self._dlq, self.admission.dead_letter(rec, error), key=rec.topic)
 
     async def _handle(self, handler: Handler, rec: ConsumerRecord[bytes, bytes]) -> None:
         outbox = Outbox()
-        try:
-            msg = decode(rec.value)
-        except DecodeError as err:
-            await self._dead_letter(rec, str(err))
+        admitted = self.admission.admit(rec)
+        if isinstance(admitted, Refused):
+            await self._dead_letter(rec, admitted.reason)
         else:
-            # Ahead of both clocks: the exchange's (live) and the machine's, which stamps commands.
-            bad_time = implausible_time(msg, max(self._clock(), system_clock()))
-            if bad_time is not None:
-                await self._dead_letter(rec, f"{type(msg).__name__}: {bad_time}")
-            else:
-                try:
-                    await handler(msg, rec, outbox)
-                except HandlingError as err:
-                    await self._dead_letter(rec, f"{type(msg).__name__}: {err}")
-                    outbox = Outbox()
+            try:
+                await handler(admitted, rec, outbox)
+            except HandlingError as err:
+                await self._dead_letter(rec, f"{type(admitted.msg).__name__}: {err}")
+                outbox = Outbox()
         for topic, out, key, broadcast in outbox.items:
             if broadcast:
                 await self._publisher.send_to_all_partitions(topic, out)
@@ -651,7 +622,6 @@ class StateMachineService:
         handle: Callable[[Message, int], Awaitable[list[Message]]],
         route: Callable[[Message], list[Route]],
         clock: Clock,
-        ids: IdFactory,
         done: Callable[[], bool] = lambda: False,
         rebuild_on_start: bool = False,
         commands: CommandGate | None = None,
@@ -661,7 +631,6 @@ class StateMachineService:
     ) -> None:
         self.name = name
         self._durable = durable  # snapshots of the state, with rebuild_on_start (shared/snapshots.py)
-        self._commands = commands
         self._observe = observe  # sees every decoded input with its record (topic, Kafka timestamp): metrics
         # Kafka clients need a running event loop: they are built in run(), never at construction.
         self._bootstrap = bootstrap
@@ -672,7 +641,7 @@ class StateMachineService:
             "dead_letter_topic": dead_letter_topic,
             "service": name,
             "clock": clock,
-            "ids": ids,
+            "commands": commands,
             "rebuild_on_start": rebuild_on_start,
             "session_timeout_ms": session_timeout_ms,
         }
@@ -681,20 +650,16 @@ class StateMachineService:
         self._route = route
         self._done = done
 
-    async def _on_message(self, msg: Message, rec: ConsumerRecord[bytes, bytes], outbox: Outbox) -> None:
-        outputs: list[Message] = []
+    async def _on_message(
+        self, admitted: Admitted, rec: ConsumerRecord[bytes, bytes], outbox: Outbox
+    ) -> None:
+        msg = admitted.msg
         if self._observe is not None:
             self._observe(msg, rec)
-        if isinstance(msg, ControlCommand):
-            if self._commands is None:
-                return
-            # Judged against the broker's append time (LogAppendTime on the commands topic): unforgeable, and
-            # the same verdict when the log is re-read after a restart.
-            verdict = self._commands.check(msg, datetime.fromtimestamp(rec.timestamp / 1000, UTC))
-            outputs.append(verdict)
-            if not verdict.accepted:
-                log.warning("%s refused command %s %s: %s", self.name, msg.action, msg.target, verdict.reason)
-        if not outputs or (isinstance(outputs[0], CommandHandled) and outputs[0].accepted):
+        if isinstance(msg, ControlCommand) and admitted.verdict is None:
+            return  # a service without a command gate acts on no command
+        outputs: list[Message] = [admitted.verdict] if admitted.verdict is not None else []
+        if admitted.act:
             outputs += await self._handle(msg, rec.partition)
         for out in outputs:
             for topic, key, broadcast in self._route(out):

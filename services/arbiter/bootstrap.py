@@ -35,14 +35,13 @@ from aiokafka.errors import KafkaError
 
 from services.arbiter import domain, routing
 from services.arbiter.metrics import ArbiterMetrics
-from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
-from shared.codec import DecodeError, decode, implausible_time
+from shared.admit import Admission, Refused
+from shared.clock import Clock, IdFactory, random_ids, system_clock
 from shared.config import AppConfig
 from shared.kafka import (
     LOST_PARTITIONS,
     Publisher,
     Route,
-    dead_letter_for,
     input_consumer,
     lost_partitions_line,
     partitions_of,
@@ -97,6 +96,7 @@ class ArbiterService:
         self.cfg = cfg
         self.settings = settings
         self.clock = clock
+        self.admission = Admission("arbiter", clock)
         self.ids = ids
         self.topics = Topics(cfg.system.kafka.namespace)
         self.group = self.topics.group("arbiter")
@@ -258,22 +258,16 @@ class ArbiterService:
         if intents:
             self.last_offset[rec.partition] = rec.offset
             self.next_offset[rec.partition] = rec.offset + 1
-        try:
-            msg = decode(rec.value)
-        except DecodeError as err:
+        admitted = self.admission.admit(rec)
+        if isinstance(admitted, Refused):
+            # Dead-lettered by the intents' consumer (this service); other topics' records by their own consumers.
+            # A far-future time would move the arbiter's event time past every real message.
             if intents:
-                await self._dead_letter(rec, str(err))
+                await self._dead_letter(rec, admitted.reason)
             else:
-                log.warning("undecodable record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, err)
+                log.warning("ignored %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, admitted.reason)
             return
-        bad_time = implausible_time(msg, max(self.clock(), system_clock()))
-        if bad_time is not None:
-            # Far-future times would move the arbiter's event time past every real message.
-            if intents:
-                await self._dead_letter(rec, f"{type(msg).__name__}: {bad_time}")
-            else:
-                log.warning("ignored %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, bad_time)
-            return
+        msg = admitted.msg
         if intents and isinstance(msg, PlaceOrder):
             self.origin.setdefault(msg.intent_id, (rec.partition, rec.offset))
         for out in await self.handle(msg, rec.partition):
@@ -310,15 +304,9 @@ class ArbiterService:
         if floor is None or rec.offset < floor:
             return  # the owner of the partition dead-letters it
         assert self.publisher is not None
-        dl = dead_letter_for(
-            rec,
-            error,
-            service="arbiter",
-            msg_id=derived_id("dead-letter", rec.topic, rec.partition, rec.offset),
-            now=self.clock(),
+        await self.publisher.send(
+            self.topics.dead_letter, self.admission.dead_letter(rec, error), key=rec.topic
         )
-        log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
-        await self.publisher.send(self.topics.dead_letter, dl, key=rec.topic)
 
     async def _take_over(self, member: AIOKafkaConsumer) -> None:
         """Partitions newly assigned: publish what this process decided for them since their last commit."""

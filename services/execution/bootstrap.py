@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.execution import domain, routing
 from services.execution.metrics import ExecutionMetrics
-from shared.clock import Clock, IdFactory, random_ids, system_clock
+from shared.clock import Clock, system_clock
 from shared.clock_feed import ServiceClock, service_clock
 from shared.commands import gate_for
 from shared.config import AppConfig, live_source_problem
@@ -87,7 +87,6 @@ class ExecutionService:
         options: ExecutionOptions | None = None,
         *,
         clock: Clock,
-        ids: IdFactory,
         metrics_port: int = 0,
         service_clock: ServiceClock | None = None,
         session_timeout_ms: int | None = None,
@@ -136,7 +135,6 @@ class ExecutionService:
             handle=self.handle,
             route=self.route,
             clock=clock,
-            ids=ids,
             # Paper state (balances, known client order ids) is rebuilt from the whole input log on start.
             rebuild_on_start=cfg.system.mode == "paper",
             commands=gate_for(f"execution.{self.profile_id}", cfg.system.commands.max_age_s),
@@ -314,7 +312,6 @@ def bootstrap(
         options,
         service_clock=sclock,
         clock=o.get("clock", sclock.clock),
-        ids=o.get("ids", random_ids),
         metrics_port=int(o.get("metrics_port", settings.metrics_port)),
         session_timeout_ms=o.get("session_timeout_ms"),
         exchange_timeout_s=float(o.get("exchange_timeout_s", 10.0)),

@@ -10,9 +10,10 @@ the group's committed offset were already handled by an earlier run: they rebuil
 again (and the audit file de-duplicates them). Offsets are committed after the audit file is flushed, so the group's lag in
 `mpctl lag` is how far the monitor is behind.
 
-The monitor is the only consumer of the audit topic, so it dead-letters what it cannot decode there (with an
-id derived from the record, once: records an earlier run handled are not dead-lettered again); undecodable
-records of the other topics it only counts, their own consumers dead-letter them.
+Every record passes the admit step (shared/admit.py: decode, plausible time). The monitor is the only
+consumer of the audit topic, so it dead-letters what the step refuses there (once: records an earlier run
+handled are not dead-lettered again); refused records of the other topics it only counts, their own consumers
+dead-letter them.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ from services.monitor.audit_sink import AuditFileSink
 from services.monitor.health import fetch_health
 from services.monitor.lag import fetch_lag
 from services.monitor.metrics import SNAPSHOT_SCHEMA, MonitorMetrics, PerformanceTracker
-from shared.clock import derived_id, system_clock
-from shared.codec import DecodeError, decode
+from shared.admit import Admission, Refused
+from shared.clock import system_clock
 from shared.config import AppConfig
-from shared.kafka import LOST_PARTITIONS, Publisher, dead_letter_for, lost_partitions_line
+from shared.kafka import LOST_PARTITIONS, Publisher, lost_partitions_line
 from shared.messages import DeadLettered
 from shared.runtime import ServiceSettings
 from shared.snapshots import Durable, Positions, StateKeeper, clamp_positions, fingerprint
@@ -122,7 +123,8 @@ class MonitorService:
         self.consumer: AIOKafkaConsumer | None = None
         self.lost_told = False  # the warning that a rebalance took partitions before their commit
         self.metrics_bound: int | None = None
-        self.undecodable = 0
+        self.undecodable = 0  # records the admit step refused (undecodable or implausibly timed)
+        self.admission = Admission("monitor", system_clock)
         self.dead_letters: list[DeadLettered] = []  # to publish before the next commit
         self.publisher: Publisher | None = None
         self.alerts_raised = 0
@@ -216,14 +218,14 @@ class MonitorService:
     def handle(self, rec: ConsumerRecord[bytes, bytes]) -> None:
         tp = TopicPartition(rec.topic, rec.partition)
         self.metrics.messages.labels(topic=rec.topic).inc()
-        try:
-            msg = decode(rec.value)
-        except DecodeError as err:
+        admitted = self.admission.admit(rec)
+        if isinstance(admitted, Refused):
             self.undecodable += 1
             # Other topics' consumers dead-letter their records; audit.log is only ours.
             if rec.topic == self.topics.audit and rec.offset >= self.progress.boundary.get(tp, 0):
-                self.dead_letters.append(self._dead_letter(rec, str(err)))
+                self.dead_letters.append(self.admission.dead_letter(rec, admitted.reason))
         else:
+            msg = admitted.msg
             self.tracker.add(msg)
             if self.audit is not None and rec.topic == self.topics.audit:
                 self.audit.write(msg)
@@ -235,16 +237,6 @@ class MonitorService:
             self.progress.to_commit[tp] = rec.offset + 1
         if self.keeper is not None:
             self.keeper.advance(rec.topic, rec.partition, rec.offset + 1)
-
-    def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> DeadLettered:
-        log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
-        return dead_letter_for(
-            rec,
-            error,
-            service="monitor",
-            msg_id=derived_id("dead-letter", "monitor", rec.topic, rec.partition, rec.offset),
-            now=system_clock(),
-        )
 
     def after_batch(self) -> None:
         self.metrics.update_performance(self.tracker)

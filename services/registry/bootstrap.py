@@ -22,7 +22,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -38,15 +37,14 @@ from services.registry.claims import RedisClaims
 from services.registry.ledger import PlanLedger
 from services.registry.metrics import RegistryMetrics
 from services.registry.recovery import RegistryBackend, read_plans, seek_to_start, topic_partitions
+from shared.admit import Admission, Refused
 from shared.bus import KafkaAccess
-from shared.clock import Clock, IdFactory, derived_id, random_ids, system_clock
+from shared.clock import Clock, IdFactory, random_ids, system_clock
 from shared.clock_feed import ServiceClock, service_clock
-from shared.codec import DecodeError, decode, implausible_time
 from shared.commands import gate_for
 from shared.config import AppConfig
-from shared.kafka import Publisher, Route, dead_letter_for, input_consumer
+from shared.kafka import Publisher, Route, input_consumer
 from shared.messages import (
-    ControlCommand,
     Message,
     PlanPublished,
 )
@@ -121,6 +119,9 @@ class RegistryService:
         self.metrics_bound: int | None = None
         self._run_id = ""
         self.commands = gate_for("registry", cfg.system.commands.max_age_s)
+        self.admission = Admission(
+            "registry", clock, self.commands, judges=lambda cmd: cmd.action == "rotate"
+        )
 
     async def _read_plans(self) -> list[PlanPublished]:
         plans = await read_plans(self.settings.kafka, self.topics.plans, wait_s=30.0)
@@ -214,17 +215,12 @@ class RegistryService:
             batches = await self._next_candles(consumer, commands, publisher)
             for records in batches.values():
                 for rec in records:
-                    try:
-                        msg = decode(rec.value)
-                    except DecodeError as err:
-                        await self._dead_letter(publisher, rec, str(err))
-                        continue
-                    bad_time = implausible_time(msg, max(self.clock(), system_clock()))
-                    if bad_time is not None:
-                        await self._dead_letter(publisher, rec, f"{type(msg).__name__}: {bad_time}")
+                    admitted = self.admission.admit(rec)
+                    if isinstance(admitted, Refused):
+                        await self._dead_letter(publisher, rec, admitted.reason)
                         continue
                     out = await handlers.handle(
-                        self.state, msg, rec.partition, self.backend, published_ms=rec.timestamp
+                        self.state, admitted.msg, rec.partition, self.backend, published_ms=rec.timestamp
                     )
                     await self._send(publisher, out)
             now = time.monotonic()
@@ -303,22 +299,20 @@ class RegistryService:
         return ends
 
     async def _on_command(self, rec: ConsumerRecord[bytes, bytes], publisher: Publisher) -> None:
-        try:
-            msg = decode(rec.value)
-        except DecodeError as err:
-            await self._dead_letter(publisher, rec, str(err))
+        admitted = self.admission.admit(rec)
+        if isinstance(admitted, Refused):
+            await self._dead_letter(publisher, rec, admitted.reason)
             return
-        if not isinstance(msg, ControlCommand) or msg.action != "rotate":
+        if admitted.verdict is None:
             return  # the registry acts on rotate only; the other services judge and audit the rest
-        verdict = self.commands.check(msg, datetime.fromtimestamp(rec.timestamp / 1000, UTC))
-        await self._send(publisher, [verdict])
-        if not verdict.accepted:
-            log.warning("refused command %s %s: %s", msg.action, msg.target, verdict.reason)
-            return
-        await self._send(
-            publisher,
-            await handlers.handle(self.state, msg, rec.partition, self.backend, published_ms=rec.timestamp),
-        )
+        await self._send(publisher, [admitted.verdict])
+        if admitted.act:
+            await self._send(
+                publisher,
+                await handlers.handle(
+                    self.state, admitted.msg, rec.partition, self.backend, published_ms=rec.timestamp
+                ),
+            )
 
     async def _check_server(self) -> None:
         run_id = await self.ledger.server_run_id()
@@ -336,16 +330,8 @@ class RegistryService:
                     await publisher.send(topic, m, key=key)
 
     async def _dead_letter(self, publisher: Publisher, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
-        log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, error)
-        # Derived id: every registry start re-reads the topic, and a record is dead-lettered once per instance.
-        dl = dead_letter_for(
-            rec,
-            error,
-            service="registry",
-            msg_id=derived_id("dead", "registry", self.instance, rec.topic, rec.partition, rec.offset),
-            now=self.clock(),
-        )
-        await publisher.send(self.topics.dead_letter, dl, key=rec.topic)
+        # Every registry start re-reads its topics: a record is dead-lettered again under the same id.
+        await publisher.send(self.topics.dead_letter, self.admission.dead_letter(rec, error), key=rec.topic)
 
 
 class RegistryOptions(BaseModel):

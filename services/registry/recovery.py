@@ -30,9 +30,9 @@ from services.registry.domain import (
 from services.registry.ledger import PlanLedger
 from services.registry.metrics import RegistryMetrics
 from services.registry.ports import Backend
+from shared.admit import Admitted, admit
 from shared.bus import KafkaAccess
 from shared.clock import system_clock
-from shared.codec import DecodeError, decode, implausible_time
 from shared.messages import PlanPublished
 
 log = logging.getLogger("registry.recovery")
@@ -91,13 +91,10 @@ async def read_plans(
                 for rec in recs:
                     if rec.offset >= ends[tp]:
                         continue
-                    try:
-                        msg = decode(rec.value)
-                    except DecodeError:
-                        continue
                     # A plan dated far in the future is forged or corrupt: trusting it would skip every epoch.
-                    if isinstance(msg, PlanPublished) and implausible_time(msg, system_clock()) is None:
-                        out.append(msg)
+                    admitted = admit(rec, now=system_clock())
+                    if isinstance(admitted, Admitted) and isinstance(admitted.msg, PlanPublished):
+                        out.append(admitted.msg)
         return out
     finally:
         await consumer.stop()

@@ -29,7 +29,6 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -40,12 +39,13 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from services.strategy import domain
 from services.strategy.metrics import StrategyMetrics
 from services.strategy.routing import Outputs, routes
+from shared.admit import Admission, Refused
 from shared.bus import SASL_MECHANISM, KafkaAccess
-from shared.clock import random_ids, system_clock
-from shared.codec import DecodeError, decode, encode, implausible_time
+from shared.clock import system_clock
+from shared.codec import encode
 from shared.commands import gate_for
 from shared.config import AppConfig
-from shared.kafka import FETCH_MAX_WAIT_MS, dead_letter_for, partitions_of
+from shared.kafka import FETCH_MAX_WAIT_MS, partitions_of
 from shared.messages import (
     ControlCommand,
     Message,
@@ -99,9 +99,10 @@ def faust_datadir(owner: object, group: str) -> str:
     return os.path.join(parent, "data")  # faust creates the leaf only
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HeldRecord:
-    """What the dead-letter path needs of a consumed record (faust's records are not kept in snapshots)."""
+    """A consumed record as the admit step and the dead-letter path read it (shared/admit.py Record): faust's
+    own records give the time in seconds, and are not kept while an outcome waits to be judged."""
 
     topic: str
     partition: int
@@ -209,6 +210,7 @@ class StrategyWorker:
         self.inputs = input_topics(self.t)
         self.lock = asyncio.Lock()
         self.commands = gate_for(f"strategy.{self.profile_id}", cfg.system.commands.max_age_s)
+        self.admission = Admission(f"strategy.{self.profile_id}", system_clock, self.commands)
         self.metrics = StrategyMetrics(self.profile_id)
         self.metrics_port = settings.metrics_port
         self.metrics_addr = settings.metrics_addr
@@ -319,28 +321,24 @@ class StrategyWorker:
             # faust gives the Kafka timestamp in seconds (a float); everything here counts milliseconds.
             published_ms = round(rec.timestamp * 1000) if rec.timestamp is not None else None
             self.metrics.consumed(rec.topic, rec.partition, rec.offset, self._short.get(rec.topic, rec.topic))
-            try:
-                msg = decode(event.value)
-            except DecodeError as err:
-                await self._dead_letter(rec, str(err))
+            # faust's record, with the bytes our codec decodes (raw serializer) and the time in milliseconds.
+            record = HeldRecord(
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                rec.key,
+                event.value,
+                published_ms if published_ms is not None else round(system_clock().timestamp() * 1000),
+            )
+            admitted = self.admission.admit(record)
+            if isinstance(admitted, Refused):
+                await self._dead_letter(record, admitted.reason)
                 self._advance(rec)
                 continue
-            bad_time = implausible_time(msg, system_clock())
-            if bad_time is not None:
-                await self._dead_letter(rec, f"{type(msg).__name__}: {bad_time}")
-                self._advance(rec)
-                continue
-            if isinstance(msg, ControlCommand):
-                # Judged against the broker's append time, so a rebuild re-reads the same verdicts.
-                appended = (
-                    datetime.fromtimestamp(published_ms / 1000, UTC)
-                    if published_ms is not None
-                    else system_clock()
-                )
-                verdict = self.commands.check(msg, appended)
-                await self._publish(verdict)
-                if not verdict.accepted:
-                    log.warning("refused command %s %s: %s", msg.action, msg.target, verdict.reason)
+            msg = admitted.msg
+            if admitted.verdict is not None:
+                await self._publish(admitted.verdict)
+                if not admitted.act:
                     self.metrics.error("command_refused", rec.topic, rec.partition, rec.offset)
                     self._advance(rec)
                     continue
@@ -351,10 +349,7 @@ class StrategyWorker:
                     and msg.intent_id not in self.state.emitted
                 ):
                     # Held by the domain, maybe refused later: keep the record to dead-letter it then.
-                    held = HeldRecord(
-                        rec.topic, rec.partition, rec.offset, rec.key, rec.value, published_ms or 0
-                    )
-                    self.held_records.setdefault(msg.id, (msg.intent_id, deque()))[1].append(held)
+                    self.held_records.setdefault(msg.id, (msg.intent_id, deque()))[1].append(record)
                 # The record's Kafka time places a rotate command among the steps (domain.py).
                 outs = domain.decide(self.state, msg, rec.partition, published_ms)
                 for out in outs:
@@ -378,12 +373,9 @@ class StrategyWorker:
             return
         await self._dead_letter(recs[1].popleft(), refusal.reason)
 
-    async def _dead_letter(self, rec: Any, error: str) -> None:
+    async def _dead_letter(self, rec: HeldRecord, error: str) -> None:
         self.metrics.error("dead_lettered", rec.topic, rec.partition, rec.offset)
-        log.warning("dead-lettered %s[%s]@%s: %s", rec.topic, rec.partition, rec.offset, error)
-        dl = dead_letter_for(
-            rec, error, service=f"strategy.{self.profile_id}", msg_id=random_ids(), now=system_clock()
-        )
+        dl = self.admission.dead_letter(rec, error)
         await self._topic(self.t.dead_letter).send(key=rec.topic.encode(), value=encode(dl))
 
     async def _publish(self, msg: Message) -> None:

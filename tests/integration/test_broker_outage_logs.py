@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from mpctl.infra import LocalInfra
+from shared.admit import Admitted
 from shared.broker_noise import install_broker_noise_filter, is_connection_noise
-from shared.clock import random_ids, system_clock
+from shared.clock import system_clock
 from shared.codec import encode
 from shared.heartbeat import start_heartbeat
 from shared.kafka import ConsumeLoop, Outbox, Publisher, ensure_topics
-from shared.messages import Message
 from shared.topics import TopicSpec
 from tests.conftest import free_ports
 from tests.integration.test_kafka_loop import _produce, candle
@@ -66,12 +66,12 @@ async def test_a_ten_second_outage_is_a_few_lines_where_unfiltered_it_is_hundred
         dead_letter_topic=dlq,
         service="outage",
         clock=system_clock,
-        ids=random_ids,
     )
     await loop.start()
     seen: list[str] = []
 
-    async def handler(msg: Message, rec: object, box: Outbox) -> None:
+    async def handler(admitted: Admitted, rec: object, box: Outbox) -> None:
+        msg = admitted.msg
         seen.append(msg.id)
         box.add(out, msg, key="k")
 

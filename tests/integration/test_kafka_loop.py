@@ -18,10 +18,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient
 
 from mpctl.infra import Endpoints
-from shared.clock import random_ids, system_clock
+from shared.admit import Admitted
+from shared.clock import system_clock
 from shared.codec import encode
 from shared.kafka import ConsumeLoop, HandlingError, Outbox, Publisher, ensure_topics, read_topics
-from shared.messages import CandleClosed, DeadLettered, Message
+from shared.messages import CandleClosed, DeadLettered
 from shared.topics import TopicSpec
 
 
@@ -80,7 +81,6 @@ def _loop(bootstrap: str, topics: list[str], group: str, pub: Publisher, dlq: st
         dead_letter_topic=dlq,
         service="test",
         clock=system_clock,
-        ids=random_ids,
     )
 
 
@@ -97,7 +97,8 @@ async def test_malformed_bytes_go_to_dead_letter_and_valid_messages_all_arrive(
     await pub.start()
     seen: list[str] = []
 
-    async def handler(msg: Message, rec: object, box: Outbox) -> None:
+    async def handler(admitted: Admitted, rec: object, box: Outbox) -> None:
+        msg = admitted.msg
         seen.append(msg.id)
         box.add(out, msg, key="k")
 
@@ -127,7 +128,8 @@ async def test_refused_message_is_dead_lettered_with_reason(infra: Endpoints, na
     pub = Publisher(b, client_id="t")
     await pub.start()
 
-    async def handler(msg: Message, rec: object, box: Outbox) -> None:
+    async def handler(admitted: Admitted, rec: object, box: Outbox) -> None:
+        msg = admitted.msg
         if msg.id == "c1":
             raise HandlingError("close 101 is not allowed here")
 
@@ -154,7 +156,8 @@ async def test_failed_handler_commits_nothing_and_batch_is_redelivered(
     pub = Publisher(b, client_id="t")
     await pub.start()
 
-    async def crashing(msg: Message, rec: object, box: Outbox) -> None:
+    async def crashing(admitted: Admitted, rec: object, box: Outbox) -> None:
+        msg = admitted.msg
         if msg.id == "c2":
             raise RuntimeError("simulated crash before the effect")
 
@@ -166,7 +169,8 @@ async def test_failed_handler_commits_nothing_and_batch_is_redelivered(
 
     second: list[str] = []
 
-    async def recording(msg: Message, rec: object, box: Outbox) -> None:
+    async def recording(admitted: Admitted, rec: object, box: Outbox) -> None:
+        msg = admitted.msg
         second.append(msg.id)
 
     loop2 = _loop(b, [src], group, pub, dlq)
@@ -199,7 +203,8 @@ async def test_rebuild_on_start_rereads_the_whole_log_despite_committed_offsets(
     await pub.start()
     seen: list[str] = []
 
-    async def recording(msg: Message, rec: object, box: Outbox) -> None:
+    async def recording(admitted: Admitted, rec: object, box: Outbox) -> None:
+        msg = admitted.msg
         seen.append(msg.id)
 
     for rebuild in (False, False, True):
@@ -211,7 +216,6 @@ async def test_rebuild_on_start_rereads_the_whole_log_despite_committed_offsets(
             dead_letter_topic=dlq,
             service="t",
             clock=system_clock,
-            ids=random_ids,
             rebuild_on_start=rebuild,
         )
         await loop.start()
@@ -277,13 +281,13 @@ class _Member:
             dead_letter_topic=self.dlq,
             service=self.name,
             clock=system_clock,
-            ids=random_ids,
             session_timeout_ms=SESSION_MS,
             max_poll_interval_ms=SESSION_MS,
         )
         await loop.start()
 
-        async def handler(msg: Message, rec: ConsumerRecord[bytes, bytes], box: Outbox) -> None:
+        async def handler(admitted: Admitted, rec: ConsumerRecord[bytes, bytes], box: Outbox) -> None:
+            msg = admitted.msg
             key = (rec.partition, rec.offset)
             self.handled.append(key)
             stall, self.stall = self.stall, None
@@ -438,7 +442,8 @@ async def test_rebuild_resumes_a_partition_given_back_by_a_rebalance_where_its_s
     seen: list[str] = []
     assignments = 0
 
-    async def recording(msg: Message, rec: object, box: Outbox) -> None:
+    async def recording(admitted: Admitted, rec: object, box: Outbox) -> None:
+        msg = admitted.msg
         seen.append(msg.id)
 
     loop = ConsumeLoop(
@@ -449,7 +454,6 @@ async def test_rebuild_resumes_a_partition_given_back_by_a_rebalance_where_its_s
         dead_letter_topic=dlq,
         service="t",
         clock=system_clock,
-        ids=random_ids,
         rebuild_on_start=True,
     )
     await loop.start()

@@ -7,7 +7,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 from mpctl.infra import Endpoints
-from shared.clock import random_ids, system_clock
+from shared.clock import system_clock
 from shared.commands import CommandGate, CommandVerifier, new_command, sign
 from shared.kafka import Publisher, StateMachineService, ensure_topics, read_topics
 from shared.messages import CommandHandled, ControlCommand, Message
@@ -52,7 +52,6 @@ async def test_service_applies_valid_command_and_audits_each_refusal(
         handle=handle,
         route=lambda m: [(audit, None, False)],
         clock=system_clock,
-        ids=random_ids,
         commands=CommandGate(CommandVerifier(KEY, timedelta(seconds=120)), "svc"),
     )
     stop = asyncio.Event()

@@ -52,7 +52,7 @@ NOT_NOISE = [
     ),
     ("aiokafka.cluster", "Topic t is not authorized for this client"),
     ("heartbeat", "heartbeat to ns.heartbeats failed (NodeNotReadyError: ...); retrying"),
-    ("shared.kafka", "dead-lettered t[0]@3: Unable connect to the moon"),
+    ("shared.admit", "execution.a dead-lettered t[0]@3: Unable connect to the moon"),
     ("kafkaesque", "Unable connect to node with id 1"),
 ]
 

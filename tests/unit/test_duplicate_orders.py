@@ -245,7 +245,6 @@ async def test_the_fence_refuses_a_session_too_short_for_a_request() -> None:
         dead_letter_topic="dlq",
         service="s",
         clock=lambda: NOW,
-        ids=lambda: "id",
         session_timeout_ms=10_000,
     )
     with pytest.raises(ValueError, match="session of 10 s leaves no time for a request of 9 s"):
