@@ -114,43 +114,37 @@ def update_event_id(client_order_id: str, status: str, filled: Decimal) -> str:
     return derived_id("order-update", client_order_id, status, filled.normalize())
 
 
+def _first_known(msg: OrderUpdated | OrderFilled) -> KnownOrder:
+    """An order first seen through one of its events (an update or a fill may come first)."""
+    return KnownOrder(
+        client_order_id=msg.client_order_id,
+        intent_id=msg.intent_id,
+        profile=msg.profile,
+        product=msg.product,
+        side=msg.side,
+        size=msg.size,
+        correlation_id=msg.correlation_id,
+        causation_id=msg.causation_id,
+    )
+
+
 def apply_event(known: dict[str, KnownOrder], msg: Message, profile: str) -> None:
     """Fold one of our own events into the known state (used both live and when rebuilding from the topic)."""
     if isinstance(msg, OrderUpdated) and msg.profile == profile:
-        k = known.get(msg.client_order_id)
-        if k is None:
-            k = KnownOrder(
-                client_order_id=msg.client_order_id,
-                intent_id=msg.intent_id,
-                profile=msg.profile,
-                product=msg.product,
-                side=msg.side,
-                size=msg.size,
-                correlation_id=msg.correlation_id,
-                causation_id=msg.causation_id,
-            )
+        k = known.get(msg.client_order_id) or _first_known(msg)
         if k.terminal and msg.status not in TERMINAL_STATUSES:
             return  # a late, older update never reopens a finished order
         known[msg.client_order_id] = replace(
             k, status=msg.status, filled_size=max(k.filled_size, msg.filled_size)
         )
     elif isinstance(msg, DuplicateOrderDetected) and msg.profile == profile:
-        k = known.get(msg.client_order_id)
-        if k is not None:
-            known[msg.client_order_id] = replace(k, duplicates_reported=k.duplicates_reported | {msg.id})
-    elif isinstance(msg, OrderFilled) and msg.profile == profile:
-        k = known.get(msg.client_order_id)
-        if k is None:
-            k = KnownOrder(
-                client_order_id=msg.client_order_id,
-                intent_id=msg.intent_id,
-                profile=msg.profile,
-                product=msg.product,
-                side=msg.side,
-                size=msg.size,
-                correlation_id=msg.correlation_id,
-                causation_id=msg.causation_id,
+        seen = known.get(msg.client_order_id)
+        if seen is not None:
+            known[msg.client_order_id] = replace(
+                seen, duplicates_reported=seen.duplicates_reported | {msg.id}
             )
+    elif isinstance(msg, OrderFilled) and msg.profile == profile:
+        k = known.get(msg.client_order_id) or _first_known(msg)
         if msg.duplicate_of is not None:
             # Not the intent's order: its fills never add to what the intent's order filled.
             known[msg.client_order_id] = replace(k, duplicate_fill_ids=k.duplicate_fill_ids | {msg.fill_id})

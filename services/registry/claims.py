@@ -53,22 +53,31 @@ __all__ = ["CLAIM_LUA", "RELEASE_LUA", "ClaimsLostError", "Holding", "KeyKind", 
 _KIND_PREFIX: Mapping[str, str] = {"hash": "h", "fp": "fp", "asset": "asset"}
 _PREFIX_KIND: Mapping[str, KeyKind] = {"h": "hash", "fp": "fp", "asset": "asset"}
 
+
+def generation_guard(argv: int) -> str:
+    """The opening of every registry script that writes: with a generation in ARGV[argv] ('' = unguarded), it
+    answers NOT_READY or STALE (and writes nothing) unless the namespace's ready key (KEYS[2]) still holds it.
+    The claims and decisions are only trusted while the generation the caller rebuilt from is the live one: a
+    missing ready key means Redis lost its state (flush, restart without persistence, eviction)."""
+    return f"""
+local gen = ARGV[{argv}]
+if gen ~= '' then
+  local g = redis.call('GET', KEYS[2])
+  if not g then
+    return {{'NOT_READY'}}
+  end
+  if g ~= gen then
+    return {{'STALE', g}}
+  end
+end"""
+
+
 # KEYS[1] = held set of the profile; KEYS[2] = the namespace's ready key (generation);
 # KEYS[3..] = hash key, fingerprint key, [asset key] (checked in that order)
 # ARGV = profile, start_s, end_s, grace_s, ttl_ms, generation ('' = unguarded)
-CLAIM_LUA = """
-local gen = ARGV[6]
-if gen ~= '' then
-  -- The claims are only trusted while the generation the caller rebuilt from is still the live one:
-  -- a missing ready key means Redis lost its state (flush, restart without persistence, eviction).
-  local g = redis.call('GET', KEYS[2])
-  if not g then
-    return {'NOT_READY'}
-  end
-  if g ~= gen then
-    return {'STALE', g}
-  end
-end
+CLAIM_LUA = (
+    generation_guard(6)
+    + """
 local profile = ARGV[1]
 local s = tonumber(ARGV[2])
 local e = tonumber(ARGV[3])
@@ -103,6 +112,7 @@ if redis.call('PTTL', KEYS[1]) < ttl then
 end
 return {'OK'}
 """
+)
 
 # KEYS[1] = a claim key, KEYS[2] = the profile's held set; ARGV = profile, start_s or '' (every interval)
 # Removes the profile's members from the key; forgets the key in the held set when none of them remains.

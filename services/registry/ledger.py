@@ -32,6 +32,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from services.registry.claims import generation_guard
 from services.registry.domain import ClaimsLostError, Decision, TakeoverOutcome
 from shared.codec import DecodeError, decode, encode
 from shared.messages import PlanPublished
@@ -48,17 +49,9 @@ READY_TTL_S = 7 * 24 * 3600
 
 # KEYS[1] = decision key, KEYS[2] = ready key
 # ARGV = plan json, plan id, owner, now_ms, ttl_ms, asset_claimed ('1'/'0'/''), generation ('' = unguarded), state
-DECIDE_LUA = """
-local gen = ARGV[7]
-if gen ~= '' then
-  local g = redis.call('GET', KEYS[2])
-  if not g then
-    return {'NOT_READY'}
-  end
-  if g ~= gen then
-    return {'STALE', g}
-  end
-end
+DECIDE_LUA = (
+    generation_guard(7)
+    + """
 local cur = redis.call('HMGET', KEYS[1], 'plan', 'owner', 'state', 'asset_claimed')
 if cur[1] then
   return {'EXISTS', cur[1], cur[2] or '', cur[3] or '', cur[4] or ''}
@@ -68,6 +61,7 @@ redis.call('HSET', KEYS[1], 'plan', ARGV[1], 'id', ARGV[2], 'owner', ARGV[3], 's
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {'OK'}
 """
+)
 
 # KEYS[1] = decision key; ARGV = plan id. Marks the record published only if it still records that plan.
 MARK_LUA = """
