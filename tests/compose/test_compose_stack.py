@@ -14,7 +14,7 @@ locally for the public images it names, and Compose v2 itself.
     them too).
 (c) The bus (issue #15): the stack's broker refuses a client without credentials or with a wrong password on the
     published port, a strategy principal cannot write its profile's approvals, and Redis refuses its default user
-    and keeps each principal to its own keys.
+    and keeps each principal to its own keys; `mpctl compose rotate` retires a principal's old password.
 
 Every test runs on the authenticated stack: the host reaches the broker as the admin or the operator with the
 secrets `mpctl compose init-bus` wrote (tests/compose/stack.py).
@@ -486,10 +486,34 @@ def test_the_stacks_broker_and_redis_refuse_whoever_has_no_right_and_never_show_
     with pytest.raises(redis.AuthenticationError):  # no Redis user at all
         client(username=ingest, password=stack.bus.password(ingest).get_secret_value()).ping()
 
+    # A rotation as deploy/README.md says it: the old password is refused once the topics job has run again.
+    strategy = principal(ns, "strategy", pid)
+    old = stack.principal(strategy)
+    out = mpctl(
+        "compose", "rotate", strategy, "--config", "config/profiles.yaml", "--dir", "secrets", cwd=stack.dir
+    )
+    assert "generation 1" in out
+    new = stack.principal(strategy)
+    assert new.password != old.password
+    assert (stack.dir / "secrets" / "app" / f"{strategy}.password").stat().st_uid == APP_UID
+    stack.compose("up", "-d", "topics")
+    stack.wait_healthy(servers, {"topics"}, timeout=120)
+
+    async def rotated() -> None:
+        await write(new, t.intents, b"{}")  # the new password: in, with the strategy's own rights
+        p = AIOKafkaProducer(**old.client_options(), request_timeout_ms=5_000)
+        with pytest.raises(KafkaConnectionError):
+            await asyncio.wait_for(p.start(), 30)
+        await p.stop()
+
+    asyncio.run(rotated())
+
     # Nothing of it shows a password: the servers' and the topics job's logs, and this test's output.
     logs = stack.compose("logs", "--no-color", *servers).stdout
     shown = capsys.readouterr()
     for name, password in bus_passwords(stack).items():
-        for text in (logs, shown.out, shown.err):
+        for text in (logs, shown.out, shown.err, out):
             assert password not in text, f"{name}'s bus password leaked"
+    assert old.password is not None
+    assert old.password.get_secret_value() not in logs + shown.out + shown.err + out
     assert wrong.get_secret_value() not in logs
