@@ -269,6 +269,8 @@ def test_init_bus_writes_each_containers_files_from_one_master_key_and_never_a_p
     out = capsys.readouterr()
     secrets = [state.password(w).get_secret_value() for w in [*compose.compose_principals(cfg), "admin"]]
     assert not any(s in out.out or s in out.err for s in secrets)
+    rendered = compose.render_compose(cfg)  # the compose file names the files, never what is in them
+    assert not any(s in rendered for s in [*secrets, state.master_file.read_text().strip()])
     # A second run keeps every file; a rotation changes one principal's password and the generations only.
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert compose.cmd_init_bus(args) == 0
