@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from mpctl.bus import BusSecrets
-from mpctl.compose import ComposeBus
+from mpctl.compose import REPLAY_PROFILE, ComposeBus
 from shared.bus import KafkaAccess
 from shared.principals import ADMIN
 from tests.compose.images import ImageError, Images, compose_binary
@@ -232,5 +232,8 @@ class ComposeStack:
             subprocess.run(["docker", "kill", self.container(s)], capture_output=True, check=True)
 
     def destroy(self) -> None:
-        """Down with the volumes: nothing of the project is left on the engine."""
-        self.compose("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300)
+        """Down with the volumes: nothing of the project is left on the engine. With the replay's compose profile:
+        `down` leaves the containers of a profile it is not given (the replay test's ingest-replay)."""
+        self.compose(
+            "--profile", REPLAY_PROFILE, "down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300
+        )
