@@ -279,18 +279,29 @@ def _pkcs8(key: rsa.RSAPrivateKey) -> bytes:
 class Applied:
     users: int
     acls: int
+    redis_users: int = 0
 
 
-def apply_bus(admin: KafkaAccess, secrets: BusSecrets, cfg: AppConfig, namespace: str) -> Applied:
+def apply_bus(
+    admin: KafkaAccess,
+    secrets: BusSecrets,
+    cfg: AppConfig,
+    namespace: str,
+    *,
+    redis_address: tuple[str, int] | None = None,
+) -> Applied:
     """Give the broker every principal of `namespace` (its current password's SCRAM verifier) and the
-    namespace's ACL set. Idempotent: what exists already is set again. Blocking (librdkafka's admin client)."""
+    namespace's ACL set, and the Redis of the folder (or at `redis_address`: the compose stack's, which its
+    secrets folder does not record) the namespace's Redis users. Idempotent: what exists already is set again.
+    Blocking (librdkafka's admin client)."""
     names = principals(cfg, namespace)
     set_users(admin, secrets, names)
     rules = acls(cfg, namespace)
     create_acls(admin, rules)
-    if secrets.redis_address() is not None:
-        apply_redis(secrets, cfg, namespace)
-    return Applied(users=len(names), acls=len(rules))
+    redis_users_set = 0
+    if redis_address is not None or secrets.redis_address() is not None:
+        redis_users_set = apply_redis(secrets, cfg, namespace, address=redis_address)
+    return Applied(users=len(names), acls=len(rules), redis_users=redis_users_set)
 
 
 def redis_password_rule(password: SecretStr) -> str:
@@ -310,11 +321,13 @@ def redis_acl_file(secrets: BusSecrets, existing: str = "") -> str:
     return "\n".join(["user default off resetchannels -@all", admin, *keep]) + "\n"
 
 
-def redis_admin(secrets: BusSecrets, *, timeout: float = 10.0) -> object:
-    """A (blocking) redis-py client to this folder's Redis as its admin."""
+def redis_admin(
+    secrets: BusSecrets, *, timeout: float = 10.0, address: tuple[str, int] | None = None
+) -> object:
+    """A (blocking) redis-py client to this folder's Redis (or the one at `address`) as its admin."""
     import redis
 
-    address = secrets.redis_address()
+    address = address or secrets.redis_address()
     if address is None:
         raise BusError(f"no Redis recorded in {secrets.folder}")
     return redis.Redis(
@@ -328,13 +341,19 @@ def redis_admin(secrets: BusSecrets, *, timeout: float = 10.0) -> object:
 
 
 def apply_redis(
-    secrets: BusSecrets, cfg: AppConfig, namespace: str, only: Iterable[str] | None = None
+    secrets: BusSecrets,
+    cfg: AppConfig,
+    namespace: str,
+    only: Iterable[str] | None = None,
+    *,
+    address: tuple[str, int] | None = None,
 ) -> int:
-    """Give the folder's Redis the namespace's users (their current passwords; `only`: those of these
-    principals), then save its ACL file so that a restart keeps them. Idempotent. Returns how many users."""
+    """Give the folder's Redis (or the one at `address`) the namespace's users (their current passwords;
+    `only`: those of these principals), then save its ACL file so that a restart keeps them. Idempotent.
+    Returns how many users."""
     import redis
 
-    client = redis_admin(secrets)
+    client = redis_admin(secrets, address=address)
     assert isinstance(client, redis.Redis)
     wanted = None if only is None else set(only)
     users = [u for u in redis_users(cfg, namespace) if wanted is None or u.name in wanted]

@@ -15,7 +15,10 @@ from typing import Any
 
 import yaml
 
+from mpctl.bus import BusSecrets
+from mpctl.compose import REPLAY_PROFILE, ComposeBus
 from shared.bus import KafkaAccess
+from shared.principals import ADMIN
 from tests.compose.images import ImageError, Images, compose_binary
 from tests.conftest import free_ports
 
@@ -38,7 +41,7 @@ services:
   kafka:
     image: {images.kafka}
     environment:
-      KAFKA_ADVERTISED_LISTENERS: PLAINTEXT://kafka:9092,HOST://127.0.0.1:{kafka_port}
+      KAFKA_ADVERTISED_LISTENERS: BUS://kafka:9092,HOST://127.0.0.1:{kafka_port}
     ports: !override
       - 127.0.0.1:{kafka_port}:19092
   redis:
@@ -83,9 +86,18 @@ class ComposeStack:
         return f"127.0.0.1:{self.kafka_port}"
 
     @property
+    def bus(self) -> BusSecrets:
+        """The stack's bus secrets (`mpctl compose init-bus` in the project folder): every principal's password."""
+        return ComposeBus(self.dir / "secrets").state
+
+    @property
     def kafka(self) -> KafkaAccess:
-        """The stack's broker from the host. The compose stack has no principals yet (issue #15): unauthenticated."""
-        return KafkaAccess(servers=self.bootstrap)
+        """The stack's broker from the host, as its admin (SCRAM over TLS, the stack's CA)."""
+        return self.principal(ADMIN)
+
+    def principal(self, who: str) -> KafkaAccess:
+        """The stack's broker from the host as principal `who`."""
+        return self.bus.access(self.bootstrap, who)
 
     def render(self, config: Path, peer_args: list[str]) -> dict[str, Any]:
         """The user's way: `mpctl compose render` of the profiles file into the project folder (the compose file
@@ -97,6 +109,8 @@ class ComposeStack:
         shutil.copy(ROOT / "deploy" / "prometheus-rules.yml", deploy / "prometheus-rules.yml")
         if not (deploy / "grafana").exists():
             shutil.copytree(ROOT / "deploy" / "grafana", deploy / "grafana")
+        if not (deploy / "compose").exists():  # the servers' start scripts
+            shutil.copytree(ROOT / "deploy" / "compose", deploy / "compose")
         proc = subprocess.run(
             [
                 sys.executable,
@@ -218,5 +232,8 @@ class ComposeStack:
             subprocess.run(["docker", "kill", self.container(s)], capture_output=True, check=True)
 
     def destroy(self) -> None:
-        """Down with the volumes: nothing of the project is left on the engine."""
-        self.compose("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300)
+        """Down with the volumes: nothing of the project is left on the engine. With the replay's compose profile:
+        `down` leaves the containers of a profile it is not given (the replay test's ingest-replay)."""
+        self.compose(
+            "--profile", REPLAY_PROFILE, "down", "-v", "--remove-orphans", "-t", "5", check=False, timeout=300
+        )

@@ -6,11 +6,18 @@ locally for the public images it names, and Compose v2 itself.
     tests/peer/coinbase_md_peer.py), paper execution. Every service becomes healthy; the forward test produces
     plans, orders and fills; `mpctl status` and `mpctl lag` on the host see every service; Prometheus scrapes
     every `/metrics`; each execution container holds only its own profile's credential files, readable by the
-    container's user; `docker compose down` then `up` resumes (the candles go on, none twice).
+    container's user, and each service only its own bus principal's password; no password of the bus is in a log;
+    `docker compose down` then `up` resumes (the candles go on, none twice).
 (b) Replay: `--profile replay` with the live ingest scaled to 0; `docker kill` of a strategy and an execution
     container mid-run, then `docker compose up -d`: the run's files equal the backtest's on the same candles,
     byte for byte (the books of an uninterrupted run; tests/e2e/test_backtest_parity.py shows the demo's equal
     them too).
+(c) The bus (issue #15): the stack's broker refuses a client without credentials or with a wrong password on the
+    published port, a strategy principal cannot write its profile's approvals, and Redis refuses its default user
+    and keeps each principal to its own keys; `mpctl compose rotate` retires a principal's old password.
+
+Every test runs on the authenticated stack: the host reaches the broker as the admin or the operator with the
+secrets `mpctl compose init-bus` wrote (tests/compose/stack.py).
 
 Run by `make test-compose` (and `.ci/run` after `make test`), not by `make test`."""
 
@@ -31,16 +38,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
+from pydantic import SecretStr
 
+from mpctl.bus import CONTROLLER
+from mpctl.compose import compose_principals
 from mpctl.stack import collect, expected_finishers
+from shared.bus import KafkaAccess
 from shared.config import load_config
 from shared.kafka import read_topics
 from shared.messages import CandleClosed, WorkerFinished
+from shared.principals import principal, registry_key_prefix
 from shared.topics import Topics
 from tests.compose.images import Images, ensure_images, image_size_mb
 from tests.compose.stack import PEER_PORT, ComposeStack
 from tests.e2e.test_run import DATA, PEER_START, data_assets, lower
+from tests.integration.test_bus_acls import end_offset, write
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -101,9 +117,18 @@ def mpctl(*argv: str, cwd: Path, env: dict[str, str] | None = None, timeout: flo
     return proc.stdout
 
 
+def init_bus(stack: ComposeStack) -> None:
+    """`mpctl compose init-bus`: the bus secrets (as root, it gives each file to its container's user)."""
+    out = mpctl("compose", "init-bus", "--config", "config/profiles.yaml", "--dir", "secrets", cwd=stack.dir)
+    assert "file(s) written" in out
+    for who in (*compose_principals(load_config(stack.dir / "config" / "profiles.yaml")), "admin"):
+        assert stack.bus.password(who).get_secret_value() not in out
+
+
 def write_secrets(stack: ComposeStack, tmp_path: Path, profiles: list[str]) -> dict[str, str]:
-    """The first-run step of deploy/README.md: each profile's credentials into the encrypted store, then
-    `mpctl compose init-secrets` (its export per profile), owned by the containers' user. Returns the secrets."""
+    """The first-run steps of deploy/README.md: each profile's credentials into the encrypted store, then
+    `mpctl compose init-secrets` (its export per profile), owned by the containers' user, and
+    `mpctl compose init-bus`. Returns the secrets."""
     store = tmp_path / "store" / "credentials.enc"
     env = {"MPCTL_CREDENTIALS_STORE": str(store), "MPCTL_SECRETS_PASSPHRASE": "compose test passphrase 7f3a"}
     secrets = {pid: f"compose-secret-{pid}-51be0c" for pid in profiles}
@@ -133,8 +158,17 @@ def write_secrets(stack: ComposeStack, tmp_path: Path, profiles: list[str]) -> d
     )
     if os.geteuid() == 0:  # as a user does with sudo (deploy/README.md, File ownership)
         for f in (stack.dir / "secrets").iterdir():
-            os.chown(f, APP_UID, APP_UID)
+            if f.suffix in (".enc", ".key"):
+                os.chown(f, APP_UID, APP_UID)
+    init_bus(stack)
     return secrets
+
+
+def bus_passwords(stack: ComposeStack) -> dict[str, str]:
+    """Every password of the stack's bus: the services', the admin's and the controller's."""
+    cfg = load_config(stack.dir / "config" / "profiles.yaml")
+    names = [*compose_principals(cfg), "admin", CONTROLLER]
+    return {w: stack.bus.password(w).get_secret_value() for w in names}
 
 
 def run_files(stack: ComposeStack, cfg_path: Path, out: Path) -> dict[str, Any]:
@@ -221,7 +255,8 @@ def test_live_stack_trades_on_the_peer_is_seen_from_the_host_and_resumes_after_d
 
     # The host sees every service: heartbeats and consumer groups over the published Kafka port.
     host = ["--bootstrap", stack.bootstrap, "--config", str(stack.dir / "config" / "profiles.yaml"), "--json"]
-    status = json.loads(mpctl("status", *host, cwd=ROOT))
+    as_operator = {"MPCTL_BUS_DIR": str(stack.bus.folder)}  # the operator principal (deploy/README.md)
+    status = json.loads(mpctl("status", *host, cwd=ROOT, env=as_operator))
     states = {s["name"]: s["state"] for s in status["services"]}
     expected = {
         "ingest",
@@ -233,7 +268,7 @@ def test_live_stack_trades_on_the_peer_is_seen_from_the_host_and_resumes_after_d
     assert set(states) == expected and set(states.values()) == {"up"}, json.dumps(
         status["services"], indent=1
     )
-    lag = json.loads(mpctl("lag", *host, cwd=ROOT))
+    lag = json.loads(mpctl("lag", *host, cwd=ROOT, env=as_operator))
     groups = {g["group"]: g for g in lag["groups"]}
     for p in profiles:
         for kind in ("strategy", "execution"):
@@ -259,12 +294,20 @@ def test_live_stack_trades_on_the_peer_is_seen_from_the_host_and_resumes_after_d
     assert want_targets <= set(jobs), (sorted(want_targets - set(jobs)), jobs)
 
     # Each execution container holds its own profile's credential files and nothing of another's; no other
-    # container holds any. The container's user can read them (the live worker would).
+    # container holds any. The container's user can read them (the live worker would). Each service holds its own
+    # principal's bus password and the CA, nothing of another principal's.
+    ns = cfg.system.kafka.namespace
+    creds = {"/run/secrets/credentials.enc", "/run/secrets/mpctl_secrets_key"}
     for svc in services:
-        mounts = [m for m in stack.inspect(svc)["Mounts"] if m["Destination"].startswith("/run/secrets")]
+        mounts = {
+            (Path(m["Source"]).name, m["Destination"])
+            for m in stack.inspect(svc)["Mounts"]
+            if m["Destination"].startswith("/run/secrets")
+        }
+        held = {m for m in mounts if m[1] in creds}
         if svc.startswith("execution-"):
             pid = svc.removeprefix("execution-")
-            assert {(Path(m["Source"]).name, m["Destination"]) for m in mounts} == {
+            assert held == {
                 (f"{pid}.enc", "/run/secrets/credentials.enc"),
                 (f"{pid}.key", "/run/secrets/mpctl_secrets_key"),
             }, mounts
@@ -273,12 +316,23 @@ def test_live_stack_trades_on_the_peer_is_seen_from_the_host_and_resumes_after_d
             ).stdout.split()[0]
             assert got == hashlib.sha256((stack.dir / "secrets" / f"{pid}.enc").read_bytes()).hexdigest()
         else:
-            assert mounts == [], (svc, mounts)
-    # No credential in any container's log, nor in the topics the host reads.
+            assert held == set(), (svc, mounts)
+        kind, _, pid = svc.partition("-")
+        if kind in ("ingest", "registry", "arbiter", "monitor", "strategy", "execution"):
+            who = f"{ns}.{kind}.{pid}" if pid else f"{ns}.{kind}"
+            assert mounts - held == {
+                (f"{who}.password", "/run/secrets/bus_password"),
+                ("bus-ca.crt", "/run/secrets/bus_ca.crt"),
+            }, (svc, mounts)
+        elif svc in ("prometheus", "md-peer"):
+            assert mounts == set(), (svc, mounts)
+    # No credential nor bus password in any container's log, nor in the topics the host reads.
     logs = stack.compose("logs", "--no-color", *services).stdout
     topics_text = "\n".join((out / n).read_text() for n in FILES)
     for pid, secret in secrets.items():
         assert secret not in logs and secret not in topics_text, f"{pid}'s secret leaked"
+    for who, password in bus_passwords(stack).items():
+        assert password not in logs and password not in topics_text, f"{who}'s bus password leaked"
 
     # `docker compose down` keeps the volumes; `up` resumes: the ingest goes on from the last step it published.
     before = candles(stack, cfg.system.kafka.namespace)
@@ -299,7 +353,7 @@ def test_live_stack_trades_on_the_peer_is_seen_from_the_host_and_resumes_after_d
     twice = [k for k, n in Counter((c.product, c.open_time) for c in after).items() if n > 1]
     assert twice == [], twice[:5]
     assert len(after) > len(before)
-    status = json.loads(mpctl("status", *host, cwd=ROOT))
+    status = json.loads(mpctl("status", *host, cwd=ROOT, env=as_operator))
     assert {s["name"]: s["state"] for s in status["services"]} == dict.fromkeys(expected, "up")
 
 
@@ -376,3 +430,90 @@ def test_replay_stack_with_a_strategy_and_an_execution_container_killed_books_as
     assert jsonl(bt / "fills.jsonl"), "the backtest made no fill: the comparison would say little"
     for name in FILES:
         assert (out / name).read_bytes() == (bt / name).read_bytes(), f"{name} differs from the backtest's"
+
+
+@pytest.mark.timeout(600)
+def test_the_stacks_broker_and_redis_refuse_whoever_has_no_right_and_never_show_a_password(
+    stack: ComposeStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg_path = profiles_file(tmp_path, {"source": "replay"})
+    stack.render(cfg_path, [])
+    cfg = load_config(stack.dir / "config" / "profiles.yaml")
+    init_bus(stack)
+    servers = ["kafka", "redis", "topics"]
+    stack.compose("up", "-d", *servers)
+    stack.wait_healthy(servers, {"topics"}, timeout=300)
+    ns = cfg.system.kafka.namespace
+    t = Topics(ns)
+    pid = sorted(cfg.enabled_profiles())[0]
+    approvals = t.approved(pid)
+    wrong = SecretStr(f"wrong-{os.urandom(8).hex()}")
+
+    async def broker() -> None:
+        before = await end_offset(stack.kafka, approvals)
+        # No credentials (a plain client on the TLS port), a wrong password, an unknown user: not even connected.
+        for acc in (
+            KafkaAccess(servers=stack.bootstrap),
+            stack.principal(principal(ns, "arbiter")).as_principal(principal(ns, "arbiter"), wrong),
+            stack.kafka.as_principal(f"{ns}.nobody", wrong),
+        ):
+            p = AIOKafkaProducer(**acc.client_options(), request_timeout_ms=5_000)
+            with pytest.raises(KafkaConnectionError):
+                await asyncio.wait_for(p.start(), 30)
+            await p.stop()
+        # Authenticated, but not allowed: a strategy cannot hand its execution worker an order.
+        with pytest.raises(TopicAuthorizationFailedError):
+            await write(stack.principal(principal(ns, "strategy", pid)), approvals, b'{"forged": true}')
+        # The control: the arbiter can, so the refusal above is the ACL.
+        await write(stack.principal(principal(ns, "arbiter")), approvals, b"{}")
+        assert await end_offset(stack.kafka, approvals) == before + 1
+
+    asyncio.run(broker())
+
+    def client(**kw: Any) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=stack.redis_port, socket_timeout=10, **kw)
+
+    with pytest.raises(redis.AuthenticationError):
+        client().set("x", "1")  # the default user is off
+    with pytest.raises(redis.AuthenticationError):
+        client(username=principal(ns, "registry"), password=wrong.get_secret_value()).ping()
+    who = principal(ns, "registry")
+    registry = client(username=who, password=stack.bus.password(who).get_secret_value())
+    assert registry.set(f"{registry_key_prefix(ns)}probe", "1")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        registry.get("elsewhere")  # its own prefix only
+    ingest = principal(ns, "ingest")
+    with pytest.raises(redis.AuthenticationError):  # no Redis user at all
+        client(username=ingest, password=stack.bus.password(ingest).get_secret_value()).ping()
+
+    # A rotation as deploy/README.md says it: the old password is refused once the topics job has run again.
+    strategy = principal(ns, "strategy", pid)
+    old = stack.principal(strategy)
+    out = mpctl(
+        "compose", "rotate", strategy, "--config", "config/profiles.yaml", "--dir", "secrets", cwd=stack.dir
+    )
+    assert "generation 1" in out
+    new = stack.principal(strategy)
+    assert new.password != old.password
+    assert (stack.dir / "secrets" / "app" / f"{strategy}.password").stat().st_uid == APP_UID
+    stack.compose("up", "-d", "topics")
+    stack.wait_healthy(servers, {"topics"}, timeout=120)
+
+    async def rotated() -> None:
+        await write(new, t.intents, b"{}")  # the new password: in, with the strategy's own rights
+        p = AIOKafkaProducer(**old.client_options(), request_timeout_ms=5_000)
+        with pytest.raises(KafkaConnectionError):
+            await asyncio.wait_for(p.start(), 30)
+        await p.stop()
+
+    asyncio.run(rotated())
+
+    # Nothing of it shows a password: the servers' and the topics job's logs, and this test's output.
+    logs = stack.compose("logs", "--no-color", *servers).stdout
+    shown = capsys.readouterr()
+    for name, password in bus_passwords(stack).items():
+        for text in (logs, shown.out, shown.err, out):
+            assert password not in text, f"{name}'s bus password leaked"
+    assert old.password is not None
+    assert old.password.get_secret_value() not in logs + shown.out + shown.err + out
+    assert wrong.get_secret_value() not in logs

@@ -28,6 +28,7 @@ from pydantic import SecretStr
 
 from mpctl import compose
 from services.execution import credentials
+from shared import principals
 from shared.config import AppConfig, load_config, parse_config
 from shared.runtime import base_parser
 
@@ -142,25 +143,180 @@ def test_each_profile_export_and_its_key_are_mounted_only_into_its_execution_ser
     for pid in enabled:
         expected[f"coinbase_{pid}"] = {"file": f"./secrets/{pid}.enc"}
         expected[f"coinbase_{pid}_key"] = {"file": f"./secrets/{pid}.key"}
-    assert model["secrets"] == expected
+    assert {k: v for k, v in model["secrets"].items() if k.startswith("coinbase_")} == expected
     mounted: dict[str, list[str]] = {}
     for name, svc in model["services"].items():
         for s in svc.get("secrets", []):
             source = s["source"] if isinstance(s, dict) else s
             mounted.setdefault(source, []).append(name)
-    assert mounted == {
+    assert {k: v for k, v in mounted.items() if k.startswith("coinbase_")} == {
         name: [f"execution-{name.removeprefix('coinbase_').removesuffix('_key')}"] for name in expected
     }
     for pid in enabled:
         svc = model["services"][f"execution-{pid}"]
         # Where the worker looks: the store named by MPCTL_CREDENTIALS_STORE, the key at its mounted default.
-        assert svc["secrets"] == [
+        assert svc["secrets"][:2] == [
             {"source": f"coinbase_{pid}", "target": "/run/secrets/credentials.enc"},
             {"source": f"coinbase_{pid}_key", "target": str(credentials.MOUNTED_KEY_FILE)},
         ]
-        assert svc["environment"] == {credentials.ENV_STORE: "/run/secrets/credentials.enc"}
+        assert svc["environment"][credentials.ENV_STORE] == "/run/secrets/credentials.enc"
     told = {name for name, svc in model["services"].items() if credentials.ENV_STORE in json.dumps(svc)}
     assert told == {f"execution-{pid}" for pid in enabled}
+
+
+# ------------------------------------------------------------------------------------------------ the bus
+SERVICE_KINDS = ("ingest", "registry", "arbiter", "monitor", "strategy", "execution")
+
+
+def _principal_of(name: str, ns: str) -> str | None:
+    """The principal a compose service runs as (`strategy-profile_a` -> `mp.strategy.profile_a`)."""
+    kind, _, pid = name.removesuffix("-replay").partition("-")
+    if kind not in SERVICE_KINDS:
+        return None
+    return f"{ns}.{kind}.{pid}" if pid else f"{ns}.{kind}"
+
+
+@pytest.mark.parametrize("which", ["template", "three_profiles"])
+def test_every_service_has_exactly_its_own_principals_password_and_the_ca(which: str) -> None:
+    cfg = load_config(TEMPLATE) if which == "template" else _three_profiles()[0]
+    ns = cfg.system.kafka.namespace
+    model = yaml.safe_load(compose.render_compose(cfg))
+    files = model["secrets"]
+    redis_users = {u.name for u in principals.redis_users(cfg, ns)}
+    runs_as = {}
+    for name, svc in model["services"].items():
+        who = _principal_of(name, ns)
+        passwords = [s for s in svc.get("secrets", []) if files[s["source"]]["file"].endswith(".password")]
+        if who is None:
+            continue
+        runs_as[name] = who
+        # One password, its own, where KAFKA_PASSWORD_FILE says; the CA where KAFKA_CA_FILE says.
+        assert [files[s["source"]]["file"] for s in passwords] == [f"./secrets/app/{who}.password"], name
+        assert passwords[0]["target"] == svc["environment"]["KAFKA_PASSWORD_FILE"]
+        assert svc["environment"]["KAFKA_USERNAME"] == who
+        ca = [s for s in svc["secrets"] if s["source"] == "bus_ca"]
+        assert ca == [{"source": "bus_ca", "target": svc["environment"]["KAFKA_CA_FILE"]}]
+        # Redis as the same principal exactly when it has a Redis user (the ingest has none).
+        assert (svc["environment"].get("REDIS_AUTH") == "1") == (who in redis_users), name
+    expected = {f"{k}-{p}" for p in cfg.enabled_profiles() for k in ("strategy", "execution")}
+    expected |= {"ingest", "ingest-replay", "registry", "arbiter", "monitor"}
+    assert set(runs_as) == expected
+    # Every service principal is a principal of the ACL set, and no two kinds share one.
+    assert set(runs_as.values()) <= set(principals.principals(cfg, ns))
+    assert len(set(runs_as.values())) == len(expected) - 1  # the replay is the ingest
+    # The admin's password and the master key reach the topics job alone; no service is the admin.
+    holders = {
+        s["source"]: n for n, svc in model["services"].items() for s in svc.get("secrets", [])
+        if s["source"] in ("bus_admin", "bus_master", "bus_generations")
+    }  # fmt: skip
+    assert set(holders.values()) == {"topics"}
+    assert model["services"]["topics"]["environment"]["KAFKA_USERNAME"] == "admin"
+    assert "KAFKA_PASSWORD" not in json.dumps(model).replace("KAFKA_PASSWORD_FILE", "")
+
+
+def test_no_plaintext_client_listener_and_the_authorizer_denies_by_default() -> None:
+    services = _services(COMMITTED.read_text(encoding="utf-8"))
+    env = services["kafka"]["environment"]
+    protocols = dict(kv.split(":") for kv in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    listeners = {ln.split("://")[0]: ln.split("://")[1] for ln in env["KAFKA_LISTENERS"].split(",")}
+    assert set(protocols) == set(listeners)
+    for name, address in listeners.items():
+        if name == env["KAFKA_CONTROLLER_LISTENER_NAMES"]:
+            # The controller's: the container's loopback, authenticated (PLAIN, the controller's own user).
+            assert address.startswith("localhost:") and protocols[name] == "SASL_PLAINTEXT"
+        else:
+            assert protocols[name] == "SASL_SSL", name
+    assert "PLAINTEXT" not in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert env["KAFKA_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
+    assert env["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert env["KAFKA_SUPER_USERS"] == "User:admin;User:controller"
+    assert "java.security.auth.login.config=/run/secrets/kafka_jaas.conf" in env["KAFKA_OPTS"]
+    # Redis: its ACL file (no default user), a health check that logs in as the admin.
+    redis = services["redis"]
+    assert redis["command"][-2:] == ["--aclfile", "/data/users.acl"]
+    assert "--user admin" in " ".join(redis["healthcheck"]["test"])
+    for script in (compose.KAFKA_INIT, compose.REDIS_INIT):
+        assert (ROOT / script).is_file()
+
+
+def test_init_bus_writes_each_containers_files_from_one_master_key_and_never_a_password_to_stdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "secrets"
+    args = argparse.Namespace(config=TEMPLATE, dir=folder, force=False)
+    assert compose.cmd_init_bus(args) == 0
+    cfg = load_config(TEMPLATE)
+    bus = compose.ComposeBus(folder)
+    state = bus.state
+    model = yaml.safe_load(compose.render_compose(cfg))
+    # Every file the compose file names exists (relative to the project folder), private but the CA.
+    for name, spec in model["secrets"].items():
+        if name.startswith("bus_") or name.startswith(("kafka_", "redis_")):
+            path = tmp_path / spec["file"]
+            assert path.is_file(), name
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode == (0o644 if name == "bus_ca" else 0o600), (name, oct(mode))
+    for who in compose.compose_principals(cfg):
+        assert bus.password_file(who).read_text() == state.password(who).get_secret_value()
+    admin = state.password("admin").get_secret_value()
+    assert (bus.kafka_dir / "admin.password").read_text() == admin
+    assert f'password="{admin}"' in (bus.kafka_dir / "jaas.conf").read_text()
+    assert f'password="{admin}"' in (bus.kafka_dir / "client.properties").read_text()
+    acl = (bus.redis_dir / "users.acl").read_text()
+    assert acl.startswith("user default off") and admin not in acl  # Redis gets its SHA-256 only
+    assert (bus.app_dir / "bus-master.key").read_bytes() == state.master_file.read_bytes()
+    out = capsys.readouterr()
+    secrets = [state.password(w).get_secret_value() for w in [*compose.compose_principals(cfg), "admin"]]
+    assert not any(s in out.out or s in out.err for s in secrets)
+    rendered = compose.render_compose(cfg)  # the compose file names the files, never what is in them
+    assert not any(s in rendered for s in [*secrets, state.master_file.read_text().strip()])
+    # A second run keeps every file; a rotation changes one principal's password and the generations only.
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert compose.cmd_init_bus(args) == 0
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    who = "mp.strategy.profile_a"
+    rot = argparse.Namespace(config=TEMPLATE, dir=folder, principal=who)
+    assert compose.cmd_rotate(rot) == 0
+    after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    changed = {p.relative_to(folder).as_posix() for p in after if after[p] != before.get(p)}
+    assert changed == {f"app/{who}.password", "app/bus-generations.json", "bus/generations.json"}
+    assert bus.password_file(who).read_text() == state.password(who).get_secret_value()
+    out = capsys.readouterr().out
+    assert "generation 1" in out and "docker compose restart strategy-profile_a" in out
+    assert state.password(who).get_secret_value() not in out
+    assert compose.cmd_rotate(argparse.Namespace(config=TEMPLATE, dir=folder, principal="mp.nobody")) == 2
+
+
+def test_topics_job_with_the_bus_applies_principals_acls_and_redis_users(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the topics job does after the topics, as the admin (the compose test runs it for real)."""
+    from mpctl import bus as mbus
+    from shared import kafka as skafka
+
+    calls: dict[str, Any] = {}
+
+    async def topics(access: Any, specs: Any, replication_factor: int) -> None:
+        calls["topics"] = access
+
+    def apply(access: Any, secrets: Any, cfg: Any, ns: str, *, redis_address: Any) -> Any:
+        calls["apply"] = (access.username, secrets.folder, ns, redis_address)
+        return mbus.Applied(users=9, acls=125, redis_users=7)
+
+    monkeypatch.setattr(skafka, "ensure_topics", topics)
+    monkeypatch.setattr(mbus, "apply_bus", apply)
+    pw = tmp_path / "admin.password"
+    pw.write_text("not-a-real-admin-password-31\n")
+    monkeypatch.setenv("KAFKA_USERNAME", "admin")
+    monkeypatch.setenv("KAFKA_PASSWORD_FILE", str(pw))
+    monkeypatch.delenv("MPCTL_BUS_DIR", raising=False)
+    argv = ["--config", str(TEMPLATE), "--bootstrap", "kafka:9092", "--bus-dir", str(tmp_path / "bus")]
+    assert compose.create_topics_main(argv) == 0
+    assert calls["topics"].username == "admin"
+    assert calls["apply"] == ("admin", tmp_path / "bus", "mp", ("redis", 6379))
+    out = capsys.readouterr().out
+    assert "bus mp: 9 principal(s), 125 ACL(s)" in out and "not-a-real-admin-password" not in out
 
 
 def test_no_credential_value_reaches_the_compose_file() -> None:
@@ -239,8 +395,11 @@ def test_dependencies_and_restart_policies() -> None:
     assert services["kafka"]["image"] == "apache/kafka:4.1.1"
     assert "kafka-broker-api-versions.sh" in " ".join(services["kafka"]["healthcheck"]["test"])
     assert services["redis"]["image"] == "redis:7.0"
-    assert services["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
-    assert services["topics"]["depends_on"] == {"kafka": {"condition": "service_healthy"}}
+    assert "redis-cli --user admin ping" in services["redis"]["healthcheck"]["test"][-1]
+    assert services["topics"]["depends_on"] == {
+        "kafka": {"condition": "service_healthy"},
+        "redis": {"condition": "service_healthy"},  # the topics job gives Redis its users
+    }
     assert services["topics"]["restart"] == "no"
     for name, svc in services.items():
         if svc.get("image") == compose.APP_IMAGE and name != "topics":
@@ -427,6 +586,13 @@ def project_copy(tmp_path: Path) -> Path:
     for pid in load_config(TEMPLATE).enabled_profiles():
         for ext in ("enc", "key"):
             (tmp_path / "secrets" / f"{pid}.{ext}").write_text("DUMMY\n", encoding="utf-8")
+    for spec in compose.bus_secret_files(load_config(TEMPLATE)).values():
+        dst = tmp_path / spec["file"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text("DUMMY\n", encoding="utf-8")
+    for script in (compose.KAFKA_INIT, compose.REDIS_INIT):
+        (tmp_path / script).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / script, tmp_path / script)
     return tmp_path
 
 
@@ -447,9 +613,14 @@ def test_real_compose_validates_the_committed_file(compose_bin: Path, project_co
     assert model["name"] == "multiprofile-coinbase"
     holders = {name: [s["source"] for s in svc.get("secrets", [])] for name, svc in model["services"].items()}
     enabled = list(load_config(TEMPLATE).enabled_profiles())
-    assert {n: s for n, s in holders.items() if s} == {
+    credentials_held = {n: [x for x in s if x.startswith("coinbase_")] for n, s in holders.items()}
+    assert {n: s for n, s in credentials_held.items() if s} == {
         f"execution-{pid}": [f"coinbase_{pid}", f"coinbase_{pid}_key"] for pid in enabled
     }
+    for name in ("registry", *(f"{k}-{pid}" for pid in enabled for k in ("strategy", "execution"))):
+        own = "bus_" + name.replace("-", "_")
+        assert [x for x in holders[name] if x.startswith("bus_")] == [own, "bus_ca"], name
+        assert model["secrets"][own]["file"].startswith(str(project_copy / "secrets" / "app"))
     for pid in enabled:
         assert model["secrets"][f"coinbase_{pid}"]["file"] == str(project_copy / "secrets" / f"{pid}.enc")
         assert model["secrets"][f"coinbase_{pid}_key"]["file"] == str(project_copy / "secrets" / f"{pid}.key")

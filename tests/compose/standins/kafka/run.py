@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Stand-in for apache/kafka's /etc/kafka/docker/run: every KAFKA_* environment variable becomes a line of
 server.properties as the public image maps it (KAFKA_ dropped, lower case, `___` -> `-`, `__` -> `_`, `_` -> `.`),
-the first log directory is formatted once with CLUSTER_ID, then the broker runs in the foreground."""
+the first log directory is formatted with CLUSTER_ID unless it is already (the image tolerates "already
+formatted"), then the broker runs in the foreground, with KAFKA_OPTS on the JVM's command line as the image's
+kafka-run-class.sh puts it (e.g. -Djava.security.auth.login.config=...)."""
 
 import os
 import subprocess
@@ -35,6 +37,7 @@ def main() -> None:
     java = [
         "java",
         *heap,
+        *os.environ.get("KAFKA_OPTS", "").split(),
         "-Dlog4j2.configurationFile=/opt/kafka/config/log4j2.xml",
         "-cp",
         "/opt/kafka/libs/*",
