@@ -15,9 +15,11 @@ through the admin principal, a super user that no service ever gets. Nothing her
 
 The Redis `mpctl infra up` runs belongs to the same folder (`redis.json`: where it listens, not secret): its
 `default` user is off, its `admin` user has the broker admin's password, and `apply_bus` also gives it the
-namespace's Redis users (`shared.principals.redis_users`), each with its principal's bus password: a service
-authenticates to Redis exactly as to the broker, with the one password `mpctl` hands it. Redis keeps only
-SHA-256 digests of these passwords (`#<hex>` rules), in its ACL file.
+namespace's Redis user (`shared.principals.redis_users`: the registry's, the only service that uses Redis), with
+its principal's bus password: it authenticates to Redis exactly as to the broker, with the one password `mpctl`
+hands it. Redis keeps only SHA-256 digests of these passwords (`#<hex>` rules), in its ACL file.
+
+- `state/<namespace>.key`: the namespace's snapshot key (`state_key_file`), derived from the master key.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ CONTROLLER = "controller"
 SCRAM_ITERATIONS = 8192
 CERT_DAYS = 3650
 _PASSWORD_INFO = "mpctl-bus/v1/password"
+_STATE_KEY_INFO = "mpctl-bus/v1/state-key"
 
 
 class BusError(RuntimeError):
@@ -185,6 +188,18 @@ class BusSecrets:
         info = f"{_PASSWORD_INFO}/{principal}/{self.generation(principal)}".encode()
         raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._master())
         return SecretStr(base64.urlsafe_b64encode(raw).decode().rstrip("="))
+
+    def state_key_file(self, namespace: str) -> Path:
+        """The file of a namespace's snapshot key (shared/snapshots.py, MPCTL_STATE_KEY_FILE), derived from the
+        master key (so the same on every start: a restart verifies the snapshots it wrote before), written
+        0600 in this folder. Services that keep state are given its path, never the key itself."""
+        path = self.folder / "state" / f"{namespace}.key"
+        info = f"{_STATE_KEY_INFO}/{namespace}".encode()
+        raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._master())
+        key = raw.hex().encode()
+        if not path.exists() or path.read_bytes() != key:
+            write_private(path, key)
+        return path
 
     def access(self, servers: str, principal: str) -> KafkaAccess:
         """How `principal` reaches the broker at `servers`."""
@@ -364,6 +379,13 @@ def apply_redis(
         for u in users:
             rules = [*u.rules(), "on", redis_password_rule(secrets.password(u.name))]
             client.execute_command("ACL", "SETUSER", u.name, *rules)  # type: ignore[no-untyped-call]
+        if only is None:
+            # Users of the namespace it no longer has (the snapshot keepers' of an earlier version): gone.
+            keep = {u.name for u in users}
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in client.acl_users()]
+            stale = [n for n in names if n.startswith(f"{namespace}.") and n not in keep]
+            if stale:
+                client.acl_deluser(*stale)
         client.acl_save()
     except redis.RedisError as err:
         raise BusError(f"setting the Redis users of {namespace}: {type(err).__name__}: {err}") from None

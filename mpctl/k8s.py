@@ -29,7 +29,9 @@ from services.execution.bootstrap import LIVE_ENV
 from services.execution.credentials import ENV_STORE, MOUNTED_KEY_FILE
 from shared.bus import ENV_CA_FILE, ENV_PASSWORD_FILE, ENV_USER
 from shared.config import DEFAULT_CONFIG, PLACEHOLDER_PREFIX, AppConfig, ConfigError, load_config
-from shared.principals import acls, principal, principals
+from shared.principals import acls, principal, principals, redis_users
+from shared.runtime import ENV_REDIS_AUTH
+from shared.snapshots import KEY_FILE_ENV as STATE_KEY_FILE_ENV
 from shared.topics import APPROVED_PREFIX, DECISIONS, EVENTS, INTENTS, declared_topics
 
 # ---------------------------------------------------------------------------------------------- constants
@@ -47,6 +49,20 @@ CA_SECRET = f"{KAFKA_CLUSTER}-cluster-ca-cert"
 CA_MOUNT = "/run/kafka-ca"
 REDIS_IMAGE = "redis:7.0"
 REDIS_URL = "redis://redis:6379/0"
+# Redis authenticates every client (docs/operations.md, "The bus"): its ACL file is written at each start by an
+# init container from two Secrets: the registry's KafkaUser Secret (the registry authenticates to Redis with its
+# bus password) and `redis-admin` (key `password`, made by the operator: the probes and the replica's link).
+# The file holds SHA-256 digests only. No other workload has a Redis user.
+REDIS_ADMIN_SECRET = "redis-admin"
+REDIS_ADMIN_MOUNT = "/run/redis-admin"
+REDIS_REGISTRY_MOUNT = "/run/redis-registry"
+REDIS_ACL_DIR = "/run/redis-acl"
+# The namespace's snapshot key (shared/snapshots.py), one Secret made by the operator, mounted into the
+# services that keep state only.
+STATE_SECRET = "mpctl-state-key"
+STATE_SECRET_ITEM = "state.key"
+STATE_MOUNT = "/run/mpctl-state"
+STATEFUL_COMPONENTS = ("arbiter", "monitor", "strategy", "execution")
 BROKERS = 3
 CONTROLLERS = 3
 REPLICATION_FACTOR = 3
@@ -76,7 +92,8 @@ HEADER = """\
 #
 # Needs the Strimzi operator (0.49 or newer: the kafka.strimzi.io/v1 API) watching this namespace.
 # Credentials are not in this file: each enabled profile's execution Deployment mounts the Secret
-# coinbase-<profile>, which you create from `mpctl secrets export` (deploy/k8s/secrets.example.yaml shows its shape).
+# coinbase-<profile>, which you create from `mpctl secrets export`; the stateful services mount mpctl-state-key
+# and Redis redis-admin, which you create once (deploy/k8s/secrets.example.yaml shows their shapes).
 """
 
 SECRETS_HEADER = """\
@@ -86,6 +103,9 @@ SECRETS_HEADER = """\
 #   mpctl secrets export profile_a --out secrets
 #   kubectl create secret generic coinbase-profile-a \\
 #     --from-file=credentials.enc=secrets/profile_a.enc --from-file=mpctl_secrets_key=secrets/profile_a.key
+# The snapshot key of the stateful services and the Redis admin's password: random, made once, e.g.
+#   kubectl create secret generic mpctl-state-key --from-literal=state.key="$(openssl rand -hex 32)"
+#   kubectl create secret generic redis-admin --from-literal=password="$(openssl rand -hex 32)"
 """
 
 
@@ -319,11 +339,71 @@ def with_principal(deployment: dict[str, Any], principal_name: str) -> dict[str,
     return deployment
 
 
+def with_state_key(deployment: dict[str, Any]) -> dict[str, Any]:
+    """The Deployment's container keeps snapshots: the namespace's state key mounted read-only, named by
+    MPCTL_STATE_KEY_FILE (shared/snapshots.py)."""
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    container["env"] = [
+        *container.get("env", []),
+        {"name": STATE_KEY_FILE_ENV, "value": f"{STATE_MOUNT}/{STATE_SECRET_ITEM}"},
+    ]
+    container["volumeMounts"] = [
+        *container["volumeMounts"],
+        {"name": "state-key", "mountPath": STATE_MOUNT, "readOnly": True},
+    ]
+    pod["volumes"] = [
+        *pod["volumes"],
+        {
+            "name": "state-key",
+            "secret": {
+                "secretName": STATE_SECRET,
+                "defaultMode": 0o400,
+                "items": [{"key": STATE_SECRET_ITEM, "path": STATE_SECRET_ITEM}],
+            },
+        },
+    ]
+    return deployment
+
+
 # ---------------------------------------------------------------------------------------------- Redis
-def _redis_statefulset(role: str, extra_args: list[str]) -> dict[str, Any]:
+def redis_acl_script(cfg: AppConfig) -> str:
+    """The init container's shell: the ACL file Redis starts with (`default` off, `admin`, the registry's user
+    with exactly shared/principals.py's rules), passwords as SHA-256 digests read from the mounted Secrets, and
+    the replica's link to the primary (as admin). Never echoes a password."""
+    ns = cfg.system.kafka.namespace
+    (registry,) = redis_users(cfg, ns)
+    rules = " ".join(r for r in registry.rules() if r != "reset")
+    return "\n".join(
+        [
+            "set -eu",
+            "umask 077",
+            'digest() { printf %s "$(cat "$1")" | sha256sum | cut -d" " -f1; }',
+            f'admin="$(digest {REDIS_ADMIN_MOUNT}/password)"',
+            f'registry="$(digest {REDIS_REGISTRY_MOUNT}/password)"',
+            f"{{ echo 'user default off'; "
+            f'echo "user admin on #$admin ~* &* +@all"; '
+            f'echo "user {registry.name} on #$registry {rules}"; }} > {REDIS_ACL_DIR}/users.acl',
+            f'{{ echo "masteruser admin"; echo "masterauth $(cat {REDIS_ADMIN_MOUNT}/password)"; }} '
+            f"> {REDIS_ACL_DIR}/replica.conf",
+        ]
+    )
+
+
+def _redis_statefulset(cfg: AppConfig, role: str, extra_args: list[str]) -> dict[str, Any]:
     labels = {**_labels("redis"), "multiprofile.coinbase/redis-role": role}
     selector = {"app.kubernetes.io/name": "redis", "multiprofile.coinbase/redis-role": role}
-    probe = {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 10, "timeoutSeconds": 3}
+    # As admin: the password from the mounted Secret through the environment of the probe's shell only.
+    ping = (
+        f'REDISCLI_AUTH="$(cat {REDIS_ADMIN_MOUNT}/password)" redis-cli --user admin --no-auth-warning ping'
+    )
+    probe = {"exec": {"command": ["sh", "-c", ping]}, "periodSeconds": 10, "timeoutSeconds": 3}
+    registry_user = kafka_user(principal(cfg.system.kafka.namespace, "registry"))
+    secured = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    mounts = [
+        {"name": "acl", "mountPath": REDIS_ACL_DIR},
+        {"name": "redis-admin", "mountPath": REDIS_ADMIN_MOUNT, "readOnly": True},
+    ]
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -336,6 +416,22 @@ def _redis_statefulset(role: str, extra_args: list[str]) -> dict[str, Any]:
                 "metadata": {"labels": labels},
                 "spec": {
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 999, "fsGroup": 999},
+                    "initContainers": [
+                        {
+                            "name": "acl",
+                            "image": REDIS_IMAGE,
+                            "command": ["sh", "-c", redis_acl_script(cfg)],
+                            "securityContext": secured,
+                            "volumeMounts": [
+                                *mounts,
+                                {
+                                    "name": "registry-user",
+                                    "mountPath": REDIS_REGISTRY_MOUNT,
+                                    "readOnly": True,
+                                },
+                            ],
+                        }
+                    ],
                     "containers": [
                         {
                             "name": "redis",
@@ -347,18 +443,36 @@ def _redis_statefulset(role: str, extra_args: list[str]) -> dict[str, Any]:
                                 "yes",
                                 "--appendfsync",
                                 "everysec",
+                                "--aclfile",
+                                f"{REDIS_ACL_DIR}/users.acl",
                                 *extra_args,
                             ],
                             "ports": [{"name": "redis", "containerPort": 6379}],
                             "readinessProbe": {**probe, "initialDelaySeconds": 2},
                             "livenessProbe": {**probe, "initialDelaySeconds": 15, "failureThreshold": 6},
                             "resources": _resources("100m", "256Mi", "1", "1Gi"),
-                            "securityContext": {
-                                "allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]},
-                            },
-                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                            "securityContext": secured,
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}, *mounts],
                         }
+                    ],
+                    "volumes": [
+                        {"name": "acl", "emptyDir": {"medium": "Memory"}},
+                        {
+                            "name": "redis-admin",
+                            "secret": {
+                                "secretName": REDIS_ADMIN_SECRET,
+                                "defaultMode": 0o400,
+                                "items": [{"key": "password", "path": "password"}],
+                            },
+                        },
+                        {
+                            "name": "registry-user",
+                            "secret": {
+                                "secretName": registry_user,
+                                "defaultMode": 0o400,
+                                "items": [{"key": "password", "path": "password"}],
+                            },
+                        },
                     ],
                 },
             },
@@ -389,7 +503,7 @@ def _service(
     }
 
 
-def redis_objects() -> list[dict[str, Any]]:
+def redis_objects(cfg: AppConfig) -> list[dict[str, Any]]:
     """A primary and one replica (asynchronous replication); clients use the `redis` Service (primary only)."""
     primary = {"app.kubernetes.io/name": "redis", "multiprofile.coinbase/redis-role": "primary"}
     replica = {"app.kubernetes.io/name": "redis", "multiprofile.coinbase/redis-role": "replica"}
@@ -397,9 +511,19 @@ def redis_objects() -> list[dict[str, Any]]:
         _service("redis-primary", primary, 6379, headless=True, component="redis"),
         _service("redis-replica", replica, 6379, headless=True, component="redis"),
         _service("redis", primary, 6379, headless=False, component="redis"),
-        _redis_statefulset("primary", []),
+        _redis_statefulset(cfg, "primary", []),
         _redis_statefulset(
-            "replica", ["--replicaof", "redis-primary-0.redis-primary", "6379", "--replica-read-only", "yes"]
+            cfg,
+            "replica",
+            [
+                "--replicaof",
+                "redis-primary-0.redis-primary",
+                "6379",
+                "--replica-read-only",
+                "yes",
+                "--include",
+                f"{REDIS_ACL_DIR}/replica.conf",
+            ],
         ),
     ]
 
@@ -593,7 +717,11 @@ def workload_objects(
                 ],
                 _resources("100m", "256Mi", "1", "512Mi"),
                 mounts=[_config_mount()],
-                env=[{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                env=[
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    # Redis as its bus principal, with the password its KafkaUser Secret gives it.
+                    {"name": ENV_REDIS_AUTH, "value": "1"},
+                ],
                 probes={
                     "readinessProbe": {**registry_probe, "initialDelaySeconds": 10},
                     "livenessProbe": {**registry_probe, "initialDelaySeconds": 30, "failureThreshold": 6},
@@ -716,6 +844,8 @@ def workload_objects(
             labels = o["metadata"]["labels"]
             component = labels["app.kubernetes.io/component"]
             with_principal(o, principal(ns, component, labels.get("multiprofile.coinbase/profile")))
+            if component in STATEFUL_COMPONENTS:
+                with_state_key(o)
     return objs
 
 
@@ -724,7 +854,7 @@ def manifest_objects(
 ) -> list[dict[str, Any]]:
     return [
         *kafka_objects(cfg),
-        *redis_objects(),
+        *redis_objects(cfg),
         config_map(cfg),
         *workload_objects(cfg, image=image, replay=replay, live=live),
     ]
@@ -769,8 +899,30 @@ def secret_templates(cfg: AppConfig) -> list[dict[str, Any]]:
     return out
 
 
+def shared_secret_templates() -> list[dict[str, Any]]:
+    """The two Secrets made once per stack: the snapshot key and the Redis admin's password (placeholders)."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": STATE_SECRET, "labels": _labels("state")},
+            "type": "Opaque",
+            "stringData": {STATE_SECRET_ITEM: f"{PLACEHOLDER_PREFIX}STATE_KEY (64 random hex characters)"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": REDIS_ADMIN_SECRET, "labels": _labels("redis")},
+            "type": "Opaque",
+            "stringData": {
+                "password": f"{PLACEHOLDER_PREFIX}REDIS_ADMIN_PASSWORD (64 random hex characters)"
+            },
+        },
+    ]
+
+
 def render_secret_templates(cfg: AppConfig) -> str:
-    return SECRETS_HEADER + _dump_all(secret_templates(cfg))
+    return SECRETS_HEADER + _dump_all([*secret_templates(cfg), *shared_secret_templates()])
 
 
 # ---------------------------------------------------------------------------------------------- commands

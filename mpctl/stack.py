@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -34,6 +34,8 @@ from shared.config import AppConfig
 from shared.kafka import ensure_topics
 from shared.messages import WorkerFinished
 from shared.principals import PROFILE_SERVICES, principal
+from shared.snapshots import KEY_ENV as STATE_KEY_ENV
+from shared.snapshots import KEY_FILE_ENV as STATE_KEY_FILE_ENV
 from shared.topics import Topics, TopicSpec, declared_topics
 
 SECRET_ENV = ("MPCTL_SECRETS_PASSPHRASE", "MPCTL_SECRETS_KEY_FILE")
@@ -100,6 +102,7 @@ class Stack:
         env.update(extra)
         for k in (ENV_USER, ENV_PASSWORD_FILE):
             env.pop(k, None)  # a process connects as its own principal, never as the shell's
+        env.update(state_key_env(self.bus, args, env))
         argv, password = bus_args(self.bus, args)
         popen = subprocess.Popen(
             [sys.executable, "-m", *argv],
@@ -189,11 +192,30 @@ def bus_args(bus: BusSecrets | None, args: list[str]) -> tuple[list[str], str | 
     who = process_principals(args)
     extra = ["--kafka-user", ",".join(who), "--kafka-password-file", "-"]
     extra += ["--kafka-ca-file", str(bus.ca_file)]
-    if "--redis-url" in args and "--redis-auth" not in args:
+    if args[0] == "services.registry" and "--redis-url" in args and "--redis-auth" not in args:
         url = args[args.index("--redis-url") + 1] if args.index("--redis-url") + 1 < len(args) else ""
         if bus.owns_redis(url):
             extra.append("--redis-auth")  # the bus's own Redis: as the same principal, with the same password
     return [*args, *extra], "\n".join(bus.password(w).get_secret_value() for w in who)
+
+
+# The services that keep snapshots of their state (shared/snapshots.py): only they are given the state key.
+STATEFUL_MODULES = frozenset(
+    {"services.arbiter", "services.monitor", "services.strategy", "services.execution"}
+)
+
+
+def state_key_env(bus: BusSecrets | None, args: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
+    """Where a stateful service finds its namespace's snapshot key (the file mpctl derives from the bus's
+    master key, mpctl/bus.py state_key_file), unless the environment already names one (the operator's own)."""
+    if bus is None or not args or args[0] not in STATEFUL_MODULES or "--namespace" not in args:
+        return {}
+    if env.get(STATE_KEY_FILE_ENV) or env.get(STATE_KEY_ENV):
+        return {}
+    i = list(args).index("--namespace") + 1
+    if i >= len(args):
+        return {}
+    return {STATE_KEY_FILE_ENV: str(bus.state_key_file(args[i]))}
 
 
 def process_principals(args: Sequence[str]) -> list[str]:

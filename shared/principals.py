@@ -159,11 +159,6 @@ REGISTRY_REDIS_COMMANDS = (
     "sadd", "srem", "smembers",
     "zadd", "zrem", "zrange", "zrangebyscore",
 )  # fmt: skip
-# A stateful service's only Redis use: the namespace's snapshot key, stored once (SET NX) and read back
-# (shared/snapshots.py load_state_key).
-STATE_REDIS_COMMANDS = ("ping", "get", "set")
-# Services that keep snapshots (their state topics above).
-STATEFUL_SERVICES = ("arbiter", "monitor")
 
 
 @dataclass(frozen=True)
@@ -186,22 +181,12 @@ def registry_key_prefix(namespace: str) -> str:
     return f"{namespace}:reg:"
 
 
-def state_secret_key(namespace: str) -> str:
-    """The namespace's snapshot key in Redis (shared/snapshots.py)."""
-    return f"{namespace}:state:secret"
-
-
 def redis_users(cfg: AppConfig, namespace: str) -> list[RedisUser]:
-    """Who may use Redis, and for what: the registry its own prefix; the stateful services the one snapshot
-    key; nobody else (the ingest, the operator: no user at all)."""
+    """Who may use Redis, and for what: the registry its own prefix, nobody else (the other services keep no
+    state in Redis: their snapshot key is given to them, shared/snapshots.py). The set does not depend on the
+    profiles in `cfg`."""
     prefix = _redis_glob_escape(registry_key_prefix(namespace))
-    out = [RedisUser(principal(namespace, "registry"), REGISTRY_REDIS_COMMANDS, (f"{prefix}*",))]
-    state = (_redis_glob_escape(state_secret_key(namespace)),)
-    stateful = [principal(namespace, s) for s in STATEFUL_SERVICES] + [
-        principal(namespace, s, p) for s in PROFILE_SERVICES for p in cfg.profiles
-    ]
-    out += [RedisUser(who, STATE_REDIS_COMMANDS, state) for who in stateful]
-    return out
+    return [RedisUser(principal(namespace, "registry"), REGISTRY_REDIS_COMMANDS, (f"{prefix}*",))]
 
 
 def _redis_glob_escape(text: str) -> str:

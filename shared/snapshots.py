@@ -19,10 +19,10 @@ service, of an older state schema or of another configuration is ignored with a 
 rebuilds from what its inputs still hold). The unpickler also refuses every class outside this code base's
 modules and a few standard containers (defence in depth: the MAC is what makes the bytes trusted).
 
-The key is per namespace: HMAC-SHA256(secret, "mpctl-state|" + namespace), the secret from env
-`MPCTL_STATE_KEY` (or the file named by `MPCTL_STATE_KEY_FILE`), else a random secret the first service of the
-namespace stores in Redis (`<ns>:state:secret`, SET NX). docs/architecture.md, "Durable state", has the threat
-model.
+The key is per namespace: HMAC-SHA256(secret, "mpctl-state|" + namespace), the secret from the file named by
+`MPCTL_STATE_KEY_FILE` (a mounted secret; `mpctl` derives one per namespace from its bus master key,
+mpctl/bus.py state_key_file) or env `MPCTL_STATE_KEY`. Without one a service keeps no snapshots and says so.
+docs/architecture.md, "Durable state", has the threat model.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import io
 import logging
 import os
 import pickle
-import secrets
 import struct
 import time
 import zlib
@@ -53,7 +52,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 
-from shared.bus import KafkaAccess, redis_credentials
+from shared.bus import KafkaAccess
 from shared.topics import STATE_MAX_MESSAGE_BYTES
 
 log = logging.getLogger("snapshots")
@@ -77,49 +76,34 @@ def derive_key(secret: bytes, namespace: str) -> bytes:
 
 
 def secret_from_env(env: Mapping[str, str] | None = None) -> bytes | None:
+    """The state secret the environment names (the file first), None when it names none. A file that cannot be
+    read, or a secret shorter than MIN_SECRET_BYTES, is an error naming the variable (never the secret)."""
     e = os.environ if env is None else env
     if e.get(KEY_FILE_ENV):
-        secret = Path(e[KEY_FILE_ENV]).read_bytes().strip()
+        try:
+            secret = Path(e[KEY_FILE_ENV]).read_bytes().strip()
+        except OSError as err:
+            raise ValueError(
+                f"{KEY_FILE_ENV}={e[KEY_FILE_ENV]}: cannot read the state key: {err.strerror}"
+            ) from None
+        where = KEY_FILE_ENV
     elif e.get(KEY_ENV):
-        secret = e[KEY_ENV].encode()
+        secret, where = e[KEY_ENV].encode(), KEY_ENV
     else:
         return None
     if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"the state key is too short ({len(secret)} bytes); use at least {MIN_SECRET_BYTES}")
+        raise ValueError(
+            f"the state key in {where} is too short ({len(secret)} bytes); use at least {MIN_SECRET_BYTES}"
+        )
     return secret
 
 
-async def load_state_key(
-    namespace: str,
-    redis_url: str | None,
-    env: Mapping[str, str] | None = None,
-    *,
-    credentials: Mapping[str, Any] | None = None,
-) -> bytes | None:
-    """The namespace's snapshot key: from the environment, else from (or first stored in) Redis. None when
-    neither answers: the service then keeps no snapshots (it rebuilds from its inputs, as before)."""
+def load_state_key(namespace: str, env: Mapping[str, str] | None = None) -> bytes | None:
+    """The namespace's snapshot key, from the environment. None when it gives none: the service then keeps no
+    snapshots (it rebuilds from its inputs, as before), and says so."""
     secret = secret_from_env(env)
-    if secret is None and redis_url:
-        import redis.asyncio as aioredis
-
-        # As the service's principal when Redis authenticates (its user may touch this one key: GET, SET).
-        client = aioredis.Redis.from_url(
-            redis_url, socket_timeout=5.0, socket_connect_timeout=5.0, **dict(credentials or {})
-        )
-        try:
-            name = f"{namespace}:state:secret"
-            await client.set(name, secrets.token_hex(32), nx=True)
-            stored = await client.get(name)
-            secret = (stored.encode() if isinstance(stored, str) else bytes(stored)) if stored else None
-        except Exception as err:  # an unreachable Redis must not stop the service: it only loses snapshots
-            log.warning(
-                "no state key (%s, Redis: %s: %s): snapshots disabled", KEY_ENV, type(err).__name__, err
-            )
-            return None
-        finally:
-            await client.aclose()
     if secret is None:
-        log.warning("no state key (%s, %s or Redis): snapshots disabled", KEY_ENV, KEY_FILE_ENV)
+        log.warning("no state key (%s or %s): snapshots disabled", KEY_FILE_ENV, KEY_ENV)
         return None
     return derive_key(secret, namespace)
 
@@ -523,7 +507,6 @@ class Durable:
 
     topic: str
     namespace: str
-    redis_url: str | None
     service: str
     schema: int
     fingerprint: str
@@ -532,16 +515,12 @@ class Durable:
     interval_s: float = 30.0
     every_messages: int = 200_000
     enabled: bool = True
-    # Redis authenticates its clients: connect as the keeper's bus principal (shared/runtime.py).
-    redis_auth: bool = False
 
     async def keeper(self, bootstrap: KafkaAccess) -> StateKeeper | None:
         return await keeper_for(
             bootstrap=bootstrap,
             topic=self.topic,
             namespace=self.namespace,
-            redis_url=self.redis_url,
-            redis_auth=self.redis_auth,
             service=self.service,
             schema=self.schema,
             fingerprint=self.fingerprint,
@@ -558,8 +537,6 @@ async def keeper_for(
     bootstrap: KafkaAccess,
     topic: str,
     namespace: str,
-    redis_url: str | None,
-    redis_auth: bool = False,
     service: str,
     schema: int,
     fingerprint: str,
@@ -572,7 +549,7 @@ async def keeper_for(
     """A keeper for the service, or None (snapshots off, no key, or no state topic: rebuild as before)."""
     if not enabled:
         return None
-    key = await load_state_key(namespace, redis_url, credentials=redis_credentials(bootstrap, redis_auth))
+    key = load_state_key(namespace)
     if key is None:
         return None
     store = SnapshotStore(bootstrap, topic, client_id=f"{service}.state")

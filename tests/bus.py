@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mpctl.bus import BusSecrets, apply_bus, write_private
 from mpctl.infra import ENV_BUS_DIR, Endpoints
-from mpctl.stack import process_principal
+from mpctl.stack import process_principal, state_key_env
 from shared.bus import ENV_CA_FILE, ENV_PASSWORD_FILE, ENV_USER, KafkaAccess
 from shared.config import AppConfig
 from shared.kafka import ensure_topics
@@ -50,8 +50,11 @@ def principal_env(where: Endpoints | KafkaAccess, who: str) -> dict[str, str]:
     pw_file = _folder() / f"{who}.password"
     write_private(pw_file, bus.password(who).get_secret_value().encode())
     env = {ENV_USER: who, ENV_PASSWORD_FILE: str(pw_file), ENV_CA_FILE: str(bus.ca_file)}
-    if bus.redis_address() is not None:
+    ns, service = (who.split(".") + [""])[:2]
+    if service == "registry" and bus.redis_address() is not None:
         env[ENV_REDIS_AUTH] = "1"  # the bus's own Redis: as the principal there too
+    # The namespace's snapshot key, as mpctl gives it to a stateful service (mpctl/stack.py state_key_env).
+    env.update(state_key_env(bus, [f"services.{service}", "--namespace", ns], os.environ))
     return env
 
 

@@ -125,8 +125,6 @@ class ArbiterService:
         self.durable = Durable(
             topic=self.topics.state("arbiter"),
             namespace=self.topics.ns,
-            redis_url=settings.redis_url,
-            redis_auth=settings.redis_auth,
             service="arbiter",
             schema=domain.SNAPSHOT_SCHEMA,
             fingerprint=fingerprint(

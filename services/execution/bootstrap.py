@@ -149,8 +149,6 @@ class ExecutionService:
         return Durable(
             topic=self.topics.state("execution", self.profile_id),
             namespace=self.topics.ns,
-            redis_url=self.settings.redis_url,
-            redis_auth=self.settings.redis_auth,
             service=f"execution.{self.profile_id}",
             schema=domain.SNAPSHOT_SCHEMA,
             fingerprint=fingerprint(

@@ -135,8 +135,6 @@ class MonitorService:
         self.durable = Durable(
             topic=self.topics.state("monitor"),
             namespace=self.ns,
-            redis_url=settings.redis_url,
-            redis_auth=settings.redis_auth,
             service="monitor",
             schema=SNAPSHOT_SCHEMA,
             fingerprint=fingerprint("monitor", self.tracker.initial, options.correlation_window),

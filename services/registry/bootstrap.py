@@ -23,13 +23,17 @@ import logging
 import time
 from collections.abc import Iterable
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError as RedisNoPermissionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.registry import handlers, routing
@@ -89,9 +93,13 @@ class RegistryService:
         lease_s: float = 10.0,
         clock_mode: ClockMode = "event",
         service_clock: ServiceClock | None = None,
+        probe_url: str | None = None,
     ) -> None:
+        """`probe_url`: the Redis to check once, without retries, before the first command (the URL `redis` was
+        made from; None for a client given by a test)."""
         self.cfg = cfg
         self.settings = settings
+        self._probe_url = probe_url
         ns = cfg.system.kafka.namespace
         self.topics = Topics(ns)
         self.redis = redis
@@ -135,9 +143,39 @@ class RegistryService:
     def route(self, msg: Message) -> list[Route]:
         return routing.route(msg, self.topics)
 
+    async def _first_ping(self) -> None:
+        """Reach Redis once before anything else. A Redis that refuses the registry's credentials (or wants some
+        and got none) stops the start at once with one line saying what to change, never with the password;
+        the client's retries are for a Redis that is away, so this check is made by a client without them."""
+        if self._probe_url is not None:
+            creds = self.settings.redis_credentials()
+            probe = aioredis.Redis.from_url(
+                self._probe_url, socket_connect_timeout=5.0, socket_timeout=5.0, **creds
+            )
+            try:
+                await probe.ping()
+            except (RedisAuthenticationError, RedisNoPermissionError) as err:
+                where = redis_address(self._probe_url)
+                user = creds.get("username")
+                if user is None:
+                    raise SystemExit(
+                        f"Redis at {where} requires authentication and the registry gave none "
+                        f"({type(err).__name__}): start it with --redis-auth (REDIS_AUTH=1) to sign in as its "
+                        "bus principal, or give a REDIS_URL of a Redis it may use"
+                    ) from None
+                raise SystemExit(
+                    f"Redis at {where} refused the registry's user {user} ({type(err).__name__}): give that user "
+                    "its password and rights there (`mpctl bus apply` for the bus's own Redis)"
+                ) from None
+            except RedisError:
+                pass  # away for now: the client below waits for it
+            finally:
+                await probe.aclose()
+        await self.redis.ping()
+
     async def run(self, stop: asyncio.Event) -> int:
         try:
-            await self.redis.ping()
+            await self._first_ping()
             # A disabled profile holds nothing: its claims from earlier runs would block the others.
             for pid, p in self.cfg.profiles.items():
                 if not p.enabled:
@@ -345,6 +383,12 @@ class RegistryOptions(BaseModel):
     clock: Literal["auto", "event", "wall"] = "auto"
 
 
+def redis_address(url: str) -> str:
+    """host:port of a Redis URL, without what it may carry in its user part (a password)."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or '?'}:{parts.port or 6379}"
+
+
 def bootstrap(
     settings: ServiceSettings,
     options: RegistryOptions | None = None,
@@ -381,4 +425,5 @@ def bootstrap(
         metrics_port=settings.metrics_port,
         lease_s=opts.publish_lease_s,
         clock_mode=mode,
+        probe_url=None if o.get("redis") else settings.redis_url,
     )

@@ -245,8 +245,6 @@ class StrategyWorker:
         self.durable = Durable(
             topic=self.t.state("strategy", self.profile_id),
             namespace=self.t.ns,
-            redis_url=settings.redis_url,
-            redis_auth=settings.redis_auth,
             service=f"strategy.{self.profile_id}",
             schema=domain.SNAPSHOT_SCHEMA,
             fingerprint=fingerprint(

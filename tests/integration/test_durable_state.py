@@ -283,7 +283,6 @@ async def test_monitor_keeps_its_numbers_after_retention_deleted_its_inputs(
             kafka=b,
             namespace=namespace,
             redis_url=infra.redis_url,
-            redis_auth=infra.redis_secured,
         )
         svc = MonitorService(cfg, settings, MonitorOptions(audit_file=tmp_path / "audit.jsonl", drain=True))
         assert await asyncio.wait_for(svc.run(asyncio.Event()), 60) == 0

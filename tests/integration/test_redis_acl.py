@@ -1,7 +1,7 @@
-"""Redis lets in only the registry and the snapshot keepers (issue #15): the bus's own Redis (`mpctl infra up`)
-has no `default` user; each namespace's Redis users (shared/principals.py `redis_users`) authenticate with
-their bus principal's password, and each may use only its commands and keys. The registry its own prefix
-(`<ns>:reg:`), the stateful services the namespace's snapshot key; the ingest and the operator nothing."""
+"""Redis lets in only the registry (issue #15): the bus's own Redis (`mpctl infra up`) has no `default` user; a
+namespace's one Redis user (shared/principals.py `redis_users`), the registry, authenticates with its bus
+principal's password and may use only its commands and its own prefix (`<ns>:reg:`). No other service has a
+Redis user: the snapshot keepers get their key from mpctl (shared/snapshots.py), not from Redis."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from mpctl.cli import build_parser
 from mpctl.infra import Endpoints, LocalInfra
 from services.registry.claims import RedisClaims
 from shared.config import AppConfig, load_config
-from shared.principals import principal, redis_users, registry_key_prefix, state_secret_key
-from shared.snapshots import load_state_key
+from shared.principals import principal, redis_users, registry_key_prefix
 from tests.bus import create_principals
 from tests.integration.ops_stack import TEMPLATE
 
@@ -64,9 +63,18 @@ async def test_a_client_without_the_credentials_is_refused(secured: Endpoints, n
         {"username": registry, "password": "not-the-password"},
         # another principal's password, as the registry
         {"username": registry, "password": secured.redis_credentials(principal(ns, "arbiter"))["password"]},
-        # principals with no Redis user at all
-        secured.redis_credentials(principal(ns, "ingest")),
-        secured.redis_credentials(principal(ns, "operator")),
+        # principals with no Redis user at all: every service but the registry
+        *(
+            secured.redis_credentials(principal(ns, *who))
+            for who in (
+                ("ingest",),
+                ("operator",),
+                ("arbiter",),
+                ("monitor",),
+                ("strategy", A),
+                ("execution", A),
+            )
+        ),
         {"password": secured.redis_credentials()["password"]},  # the admin's password for `default`
     ]
     for creds in tries:
@@ -102,14 +110,14 @@ async def test_the_registry_uses_its_prefix_and_commands_only(
     refused = [
         as_registry.get(f"{registry_key_prefix(other)}ready"),  # another namespace's registry keys
         as_registry.set(f"{registry_key_prefix(other)}ready", "x"),
-        as_registry.get(state_secret_key(ns)),  # the snapshot key is not the registry's
+        as_registry.get(f"{ns}:state:secret"),  # outside its prefix
         as_registry.get("unrelated"),
         as_registry.flushall(),
         as_registry.flushdb(),
         as_registry.config_get("*"),
         as_registry.keys("*"),
         as_registry.execute_command("ACL", "LIST"),
-        as_registry.eval("return redis.call('GET', KEYS[1])", 1, state_secret_key(ns)),
+        as_registry.eval("return redis.call('GET', KEYS[1])", 1, f"{ns}:state:secret"),
     ]
     for call in refused:
         with pytest.raises(NoPermissionError):
@@ -121,31 +129,27 @@ async def test_the_registry_uses_its_prefix_and_commands_only(
         await admin.aclose()
 
 
-async def test_a_stateful_service_reads_the_snapshot_key_and_nothing_else(
+async def test_the_namespace_has_one_redis_user_and_stale_ones_are_removed(
     secured: Endpoints, ns: str, cfg: AppConfig
 ) -> None:
-    who = principal(ns, "strategy", A)
-    creds = secured.redis_credentials(who)
-    key = await load_state_key(ns, secured.redis_url, {}, credentials=creds)
-    assert key is not None
-    # Another keeper of the namespace gets the same key (the first one stored it).
-    other = secured.redis_credentials(principal(ns, "arbiter"))
-    assert await load_state_key(ns, secured.redis_url, {}, credentials=other) == key
-    client = connect(secured, **creds)
+    """The registry is the namespace's only Redis user; a user left by an earlier version (a snapshot keeper's)
+    is deleted when the namespace's users are applied again."""
+    assert [u.name for u in redis_users(cfg, ns)] == [principal(ns, "registry")]
+    stale = principal(ns, "strategy", A)
+    admin = connect(secured, **secured.redis_credentials())
     try:
-        for call in (
-            client.get(f"{registry_key_prefix(ns)}ready"),
-            client.delete(state_secret_key(ns)),
-            client.get(state_secret_key(f"t{uuid.uuid4().hex[:8]}")),
-            client.keys("*"),
-        ):
-            with pytest.raises(NoPermissionError):
-                await call
+        await admin.execute_command("ACL", "SETUSER", stale, "on", ">some-old-password", "~x", "+get")
+        assert bus_users(await admin.acl_users(), ns) == {principal(ns, "registry"), stale}
+        await create_principals(secured.kafka, cfg, ns)
+        assert bus_users(await admin.acl_users(), ns) == {principal(ns, "registry")}
     finally:
-        await client.aclose()
-    # The users are exactly the table's.
-    names = {u.name for u in redis_users(cfg, ns)}
-    assert principal(ns, "registry") in names and principal(ns, "ingest") not in names
+        await admin.aclose()
+
+
+def bus_users(names: list[Any], ns: str) -> set[str]:
+    """The namespace's users among Redis's (`ACL USERS`)."""
+    text = (n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    return {n for n in text if n.startswith(f"{ns}.")}
 
 
 def test_the_users_survive_a_redis_restart(local_infra: LocalInfra, secured: Endpoints, ns: str) -> None:
@@ -194,3 +198,40 @@ async def test_rotating_the_registry_retires_its_old_redis_password(
                     await client.get(f"{registry_key_prefix(ns)}rotated")
         finally:
             await client.aclose()
+
+
+@pytest.mark.parametrize("signed_in", [False, True])
+async def test_a_registry_refused_by_redis_stops_at_once_saying_what_to_change(
+    secured: Endpoints, ns: str, signed_in: bool
+) -> None:
+    """A broker of one's own with the bus's Redis (REDIS_URL without MPCTL_BUS_DIR): the registry is not given
+    the Redis sign-in, or its user there is wrong. It stops at its first Redis call, with one line, no
+    traceback of retries and no password."""
+    from pydantic import SecretStr
+
+    from services.registry.bootstrap import bootstrap as registry_bootstrap
+    from shared.bus import KafkaAccess
+    from shared.runtime import ServiceSettings
+
+    who = principal(ns, "registry")
+    kafka = (
+        KafkaAccess(servers=secured.kafka.servers, username=who, password=SecretStr("not-its-password"))
+        if signed_in
+        else KafkaAccess(servers=secured.kafka.servers)
+    )
+    settings = ServiceSettings(
+        config_path=TEMPLATE, kafka=kafka, namespace=ns, redis_url=secured.redis_url, redis_auth=signed_in
+    )
+    svc = registry_bootstrap(settings)
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(SystemExit) as stopped:
+        await svc.run(asyncio.Event())
+    assert asyncio.get_running_loop().time() - t0 < 10  # not after the client's retries (about 25 s)
+    text = str(stopped.value)
+    if signed_in:
+        assert f"refused the registry's user {who}" in text and "mpctl bus apply" in text
+        assert "not-its-password" not in text
+    else:
+        assert "requires authentication and the registry gave none" in text and "--redis-auth" in text
+    host = secured.redis_url.split("//")[1].split("/")[0]
+    assert host in text

@@ -12,12 +12,14 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydantic import SecretStr, ValidationError
 
 from mpctl.bus import BusSecrets, redis_acl_file, redis_password_rule
-from mpctl.stack import bus_args, process_principal, process_principals
+from mpctl.stack import bus_args, process_principal, process_principals, state_key_env
 from shared.bus import BusAccessError, KafkaAccess, read_password_file, redis_credentials
 from shared.config import load_config
 from shared.forkhost import argv_for
 from shared.principals import redis_users
 from shared.runtime import add_bus_args, bus_access_from_args
+from shared.snapshots import KEY_FILE_ENV as STATE_KEY_FILE_ENV
+from shared.snapshots import secret_from_env
 
 SECRET = "s3cret-value-never-shown"
 TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "coinbase_profiles.yaml"
@@ -150,7 +152,7 @@ def test_a_hosted_worker_gets_its_own_principal() -> None:
     assert out[out.index("--kafka-user") + 1] == "ns.strategy.p2"
 
 
-def test_redis_users_give_the_registry_its_prefix_and_the_keepers_one_key() -> None:
+def test_redis_users_give_the_registry_its_prefix_and_nobody_else_a_user() -> None:
     cfg = load_config(TEMPLATE)
     users = {u.name: u for u in redis_users(cfg, "ns")}
     reg = users["ns.registry"].rules()
@@ -159,15 +161,7 @@ def test_redis_users_give_the_registry_its_prefix_and_the_keepers_one_key() -> N
     for forbidden in ("+flushall", "+flushdb", "+config", "+keys", "+acl", "+@all", "allkeys", "~*"):
         assert forbidden not in reg
     assert {"+evalsha", "+script|load", "+zadd", "+info"} <= set(reg)
-    keeper = users["ns.strategy.profile_a"].rules()
-    assert [r for r in keeper if r.startswith(("~", "+"))] == ["~ns:state:secret", "+ping", "+get", "+set"]
-    assert "ns.ingest" not in users and "ns.operator" not in users
-    assert set(users) == {
-        "ns.registry",
-        "ns.arbiter",
-        "ns.monitor",
-        *(f"ns.{s}.{p}" for s in ("strategy", "execution") for p in cfg.profiles),
-    }
+    assert set(users) == {"ns.registry"}
 
 
 def test_the_bus_redis_acl_file_keeps_saved_users_and_no_password(tmp_path: Path) -> None:
@@ -199,6 +193,9 @@ def test_a_service_authenticates_to_the_bus_redis_only(tmp_path: Path) -> None:
     assert bus_args(bus, args)[0][-1] == "--redis-auth"
     other = [*args[:-1], "redis://10.0.0.9:6390/0"]
     assert "--redis-auth" not in bus_args(bus, other)[0]
+    # Only the registry uses Redis: the other services get no Redis credentials even with the same URL.
+    keeper = ["services.arbiter", *args[1:]]
+    assert "--redis-auth" not in bus_args(bus, keeper)[0]
     acc = KafkaAccess(servers="h:1", username="ns.registry", password=SecretStr(SECRET))
     assert redis_credentials(acc, True) == {"username": "ns.registry", "password": SECRET}
     assert redis_credentials(acc, False) == {} and redis_credentials(KafkaAccess(servers="h:1"), True) == {}
@@ -244,3 +241,37 @@ def test_a_service_whose_parent_died_and_does_not_stop_exits_after_the_grace(tmp
             raise AssertionError("the orphan outlived its grace")
     finally:
         proc.kill()
+
+
+def test_stateful_services_get_their_namespaces_snapshot_key_file_and_no_one_else(tmp_path: Path) -> None:
+    bus = BusSecrets(tmp_path / "bus")
+    bus.ensure(["127.0.0.1"])
+    base = ["--namespace", "ns", "--bootstrap", "h:1"]
+    got = state_key_env(bus, ["services.strategy", *base, "--profile", "a"], {})
+    path = Path(got[STATE_KEY_FILE_ENV])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(path.read_bytes()) == 64
+    # The same key on every start (a restart verifies its snapshots) and for every keeper of the namespace.
+    key = path.read_bytes()
+    for module in ("services.arbiter", "services.monitor", "services.execution"):
+        again = state_key_env(bus, [module, *base], {})
+        assert Path(again[STATE_KEY_FILE_ENV]).read_bytes() == key
+    other = state_key_env(bus, ["services.arbiter", "--namespace", "ns2", "--bootstrap", "h:1"], {})
+    assert Path(other[STATE_KEY_FILE_ENV]).read_bytes() != key
+    # Services that keep no state get none; an operator's own key is kept; no bus, nothing to give.
+    assert state_key_env(bus, ["services.ingest", *base], {}) == {}
+    assert state_key_env(bus, ["services.registry", *base], {}) == {}
+    assert state_key_env(bus, ["services.arbiter", *base], {"MPCTL_STATE_KEY": "x" * 16}) == {}
+    assert state_key_env(None, ["services.arbiter", *base], {}) == {}
+    assert bus.password("admin").get_secret_value().encode() not in key
+
+
+def test_an_unreadable_or_short_state_key_is_refused_naming_the_variable(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.key"
+    with pytest.raises(ValueError, match=r"MPCTL_STATE_KEY_FILE=.*nope.key: cannot read the state key"):
+        secret_from_env({STATE_KEY_FILE_ENV: str(missing)})
+    short = tmp_path / "short.key"
+    short.write_bytes(b"tooshort")
+    with pytest.raises(ValueError, match=r"in MPCTL_STATE_KEY_FILE is too short \(8 bytes\)") as err:
+        secret_from_env({STATE_KEY_FILE_ENV: str(short)})
+    assert "tooshort" not in str(err.value)
+    assert secret_from_env({}) is None

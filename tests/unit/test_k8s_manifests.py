@@ -195,16 +195,31 @@ def test_each_profile_secret_is_mounted_only_into_its_execution_deployment(which
     # The bus: every workload mounts the cluster CA and its own KafkaUser's Secret, nothing else of it.
     deployments = [d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"]
     assert sorted(referenced.pop(k8s.CA_SECRET)) == sorted(deployments)
+    # Redis: both StatefulSets mount the registry's KafkaUser Secret too (its Redis password is its bus
+    # password) and the admin's Secret; the snapshot key reaches exactly the services that keep state.
+    redis_sets = ["redis-primary", "redis-replica"]
+    registry_user = f"{cfg.system.kafka.namespace}.registry"
+    assert sorted(referenced.pop(registry_user)) == [*redis_sets, "registry"]
+    assert sorted(referenced.pop(k8s.REDIS_ADMIN_SECRET)) == redis_sets
     users = {u["metadata"]["name"] for u in _by_kind(docs, "KafkaUser")}
     for user in users & set(referenced):
         assert len(referenced.pop(user)) == 1  # one workload per principal (its replicas share it)
+    stateful = ["arbiter", "monitor"] + [
+        f"{s}-{pid.replace('_', '-')}" for s in ("strategy", "execution") for pid in enabled
+    ]
+    assert sorted(referenced.pop(k8s.STATE_SECRET)) == sorted(stateful)
     assert referenced == {
         f"coinbase-{pid.replace('_', '-')}": [f"execution-{pid.replace('_', '-')}"] for pid in enabled
     }
     templates = _docs(k8s.render_secret_templates(cfg))
-    assert [t["metadata"]["name"] for t in templates] == [f"coinbase-{p.replace('_', '-')}" for p in enabled]
-    for t in templates:
+    names = [t["metadata"]["name"] for t in templates]
+    assert names == [f"coinbase-{p.replace('_', '-')}" for p in enabled] + [
+        k8s.STATE_SECRET,
+        k8s.REDIS_ADMIN_SECRET,
+    ]
+    for t in templates[: len(enabled)]:
         assert sorted(t["stringData"]) == ["credentials.enc", "mpctl_secrets_key"]
+    for t in templates:
         assert all(v.startswith("YOUR_") for v in t["stringData"].values())
 
 
@@ -229,7 +244,12 @@ def test_execution_pod_finds_the_export_and_its_key_where_the_worker_looks(which
         assert mount["mountPath"] == "/run/secrets" and mount["readOnly"] is True
         assert f"{mount['mountPath']}/mpctl_secrets_key" == str(credentials.MOUNTED_KEY_FILE)
         assert c["env"][0] == {"name": credentials.ENV_STORE, "value": "/run/secrets/credentials.enc"}
-        assert [e["name"] for e in c["env"][1:]] == ["KAFKA_USERNAME", "KAFKA_PASSWORD_FILE", "KAFKA_CA_FILE"]
+        assert [e["name"] for e in c["env"][1:]] == [
+            "KAFKA_USERNAME",
+            "KAFKA_PASSWORD_FILE",
+            "KAFKA_CA_FILE",
+            "MPCTL_STATE_KEY_FILE",
+        ]
     # No other workload is told where a store is.
     told = [
         x["metadata"]["name"]
