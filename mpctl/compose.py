@@ -40,6 +40,7 @@ from shared.bus import ENV_CA_FILE, ENV_PASSWORD_FILE, ENV_USER, SASL_MECHANISM
 from shared.config import DEFAULT_CONFIG, PLACEHOLDER_PREFIX, AppConfig, ConfigError, load_config
 from shared.principals import ADMIN, PROFILE_SERVICES, principal, redis_users
 from shared.runtime import ENV_REDIS_AUTH
+from shared.snapshots import KEY_FILE_ENV as STATE_KEY_FILE_ENV
 
 # ---------------------------------------------------------------------------------------------- constants
 PROJECT_NAME = "multiprofile-coinbase"
@@ -79,6 +80,10 @@ APP_UID = 10001
 KAFKA_UID = 1000
 CONTAINER_BUS_CA = "/run/secrets/bus_ca.crt"
 CONTAINER_BUS_PASSWORD = "/run/secrets/bus_password"
+# The namespace's snapshot key (shared/snapshots.py), mounted into the services that keep state only.
+CONTAINER_STATE_KEY = "/run/secrets/state.key"
+STATE_KEY_SECRET = "state_key"
+STATEFUL_SERVICES = ("arbiter", "monitor", "strategy", "execution")
 # The topics job's master key and generations, laid out as a BusSecrets folder (mpctl/bus.py) that derives
 # every principal's password.
 CONTAINER_BUS_DIR = "/run/secrets/bus"
@@ -314,6 +319,7 @@ def bus_secret_files(cfg: AppConfig) -> dict[str, dict[str, str]]:
         ADMIN_SECRET: f"{d}/app/{ADMIN}.password",
         "bus_master": f"{d}/app/bus-master.key",
         "bus_generations": f"{d}/app/bus-generations.json",
+        STATE_KEY_SECRET: f"{d}/app/state.key",
     }
     files.update({bus_secret_name(cfg, w): f"{d}/app/{w}.password" for w in compose_principals(cfg)})
     return {name: {"file": path} for name, path in files.items()}
@@ -340,6 +346,9 @@ def _with_principal(
         {"source": bus_secret_name(cfg, who), "target": CONTAINER_BUS_PASSWORD},
         {"source": BUS_CA_SECRET, "target": CONTAINER_BUS_CA},
     ]
+    if service in STATEFUL_SERVICES:
+        svc["environment"][STATE_KEY_FILE_ENV] = CONTAINER_STATE_KEY
+        svc["secrets"].append({"source": STATE_KEY_SECRET, "target": CONTAINER_STATE_KEY})
     return svc
 
 
@@ -788,6 +797,8 @@ class ComposeBus:
             self.app_dir / f"{ADMIN}.password": lambda: pw(ADMIN),
             self.app_dir / "bus-master.key": bus.master_file.read_bytes,
             self.app_dir / "bus-generations.json": self._generations,
+            # The stateful services' snapshot key, derived like the local stack's (mpctl/bus.py).
+            self.app_dir / "state.key": lambda: bus.state_key_file(cfg.system.kafka.namespace).read_bytes(),
         }
         for who in compose_principals(cfg):
             files[self.password_file(who)] = functools.partial(pw, who)

@@ -211,6 +211,20 @@ def test_every_service_has_exactly_its_own_principals_password_and_the_ca(which:
     }  # fmt: skip
     assert set(holders.values()) == {"topics"}
     assert model["services"]["topics"]["environment"]["KAFKA_USERNAME"] == "admin"
+    # The snapshot key reaches exactly the services that keep state, where MPCTL_STATE_KEY_FILE says.
+    keepers = {
+        n
+        for n, svc in model["services"].items()
+        for s in svc.get("secrets", [])
+        if s["source"] == "state_key"
+    }
+    assert keepers == {"arbiter", "monitor"} | {
+        e for e in expected if e.startswith(("strategy-", "execution-"))
+    }
+    for name in keepers:
+        env, mounted = model["services"][name]["environment"], model["services"][name]["secrets"]
+        assert {"source": "state_key", "target": env["MPCTL_STATE_KEY_FILE"]} in mounted
+    assert files["state_key"]["file"] == "./secrets/app/state.key"
     assert "KAFKA_PASSWORD" not in json.dumps(model).replace("KAFKA_PASSWORD_FILE", "")
 
 
