@@ -299,6 +299,14 @@ def user_objects(cfg: AppConfig) -> list[dict[str, Any]]:
     return out
 
 
+def _secret_volume(name: str, secret: str, key: str, mode: int = 0o400) -> dict[str, Any]:
+    """A pod volume of one key of a Secret, as a file of that name, readable by the pod's user only."""
+    return {
+        "name": name,
+        "secret": {"secretName": secret, "defaultMode": mode, "items": [{"key": key, "path": key}]},
+    }
+
+
 def with_principal(deployment: dict[str, Any], principal_name: str) -> dict[str, Any]:
     """The Deployment's container connects as `principal_name`: its KafkaUser's Secret (the password, a file) and
     the cluster CA mounted read-only, named by the environment the services read (shared/bus.py)."""
@@ -319,22 +327,8 @@ def with_principal(deployment: dict[str, Any], principal_name: str) -> dict[str,
     ]
     pod["volumes"] = [
         *pod["volumes"],
-        {
-            "name": "kafka-user",
-            "secret": {
-                "secretName": user,
-                "defaultMode": 0o400,
-                "items": [{"key": "password", "path": "password"}],
-            },
-        },
-        {
-            "name": "kafka-ca",
-            "secret": {
-                "secretName": CA_SECRET,
-                "defaultMode": 0o444,
-                "items": [{"key": "ca.crt", "path": "ca.crt"}],
-            },
-        },
+        _secret_volume("kafka-user", user, "password"),
+        _secret_volume("kafka-ca", CA_SECRET, "ca.crt", mode=0o444),
     ]
     return deployment
 
@@ -354,14 +348,7 @@ def with_state_key(deployment: dict[str, Any]) -> dict[str, Any]:
     ]
     pod["volumes"] = [
         *pod["volumes"],
-        {
-            "name": "state-key",
-            "secret": {
-                "secretName": STATE_SECRET,
-                "defaultMode": 0o400,
-                "items": [{"key": STATE_SECRET_ITEM, "path": STATE_SECRET_ITEM}],
-            },
-        },
+        _secret_volume("state-key", STATE_SECRET, STATE_SECRET_ITEM),
     ]
     return deployment
 
@@ -457,22 +444,8 @@ def _redis_statefulset(cfg: AppConfig, role: str, extra_args: list[str]) -> dict
                     ],
                     "volumes": [
                         {"name": "acl", "emptyDir": {"medium": "Memory"}},
-                        {
-                            "name": "redis-admin",
-                            "secret": {
-                                "secretName": REDIS_ADMIN_SECRET,
-                                "defaultMode": 0o400,
-                                "items": [{"key": "password", "path": "password"}],
-                            },
-                        },
-                        {
-                            "name": "registry-user",
-                            "secret": {
-                                "secretName": registry_user,
-                                "defaultMode": 0o400,
-                                "items": [{"key": "password", "path": "password"}],
-                            },
-                        },
+                        _secret_volume("redis-admin", REDIS_ADMIN_SECRET, "password"),
+                        _secret_volume("registry-user", registry_user, "password"),
                     ],
                 },
             },

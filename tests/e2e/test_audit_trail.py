@@ -164,12 +164,14 @@ def test_audit_file_follows_trades_and_holds_no_secret(infra: Endpoints, tmp_pat
     assert {"audit.jsonl", "report.html", "summary.json", "alerts.jsonl"} <= set(haystacks)
     assert any(k.startswith("logs/") for k in haystacks)
     # The bus's and Redis's credentials too: every principal's password of the run (the same one on the broker
-    # and on Redis), the admin's, and the digests Redis keeps of them.
+    # and on Redis), the admin's, the digests Redis keeps of them, and the snapshot key.
     if infra.bus is not None:
         run_cfg = load_config(cfg_path)
         passwords = [infra.bus.password(p) for p in [*principals(run_cfg, ns), ADMIN]]
         secret_values += [pw.get_secret_value() for pw in passwords]
         secret_values += [redis_password_rule(pw)[1:] for pw in passwords]
+        # The namespace's snapshot key the stateful services were given (as a file's path, never its value).
+        secret_values.append(infra.bus.state_key_file(ns).read_text())
     for v in secret_values:
         leaks = [name for name, data in haystacks.items() if v.encode() in data]
         assert not leaks, f"a configured credential appears in {leaks}"

@@ -31,6 +31,7 @@ from services.execution.credentials import (
 from shared.bus import ENV_PASSWORD_FILE
 from shared.config import parse_config
 from shared.kafka import Publisher
+from shared.snapshots import KEY_FILE_ENV as STATE_KEY_FILE_ENV
 from shared.topics import Topics
 from tests.bus import create_namespace, service_env
 from tests.integration.test_exchange_adapters import execute
@@ -189,6 +190,8 @@ async def test_worker_given_only_its_containers_secrets_trades_as_its_profile_an
             else []
         ),
         *(redis_password_rule(SecretStr(v))[1:] for v in [*bus_password, *admin_password]),
+        # The snapshot key the worker was given as a file (tests/bus.py, as mpctl gives it).
+        *([Path(bus_env[STATE_KEY_FILE_ENV]).read_text().strip()] if STATE_KEY_FILE_ENV in bus_env else []),
     ]
     for where, text in (("export", export_out), ("worker", worker_out)):
         assert [v[:8] for v in secrets_ if v in text] == [], f"secret values in the {where} output"
