@@ -45,7 +45,7 @@ from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 from pydantic import SecretStr
 
 from mpctl.bus import CONTROLLER
-from mpctl.compose import compose_principals
+from mpctl.compose import STATEFUL_SERVICES, compose_principals
 from mpctl.stack import collect, expected_finishers
 from shared.bus import KafkaAccess
 from shared.config import load_config
@@ -320,9 +320,12 @@ def test_live_stack_trades_on_the_peer_is_seen_from_the_host_and_resumes_after_d
         kind, _, pid = svc.partition("-")
         if kind in ("ingest", "registry", "arbiter", "monitor", "strategy", "execution"):
             who = f"{ns}.{kind}.{pid}" if pid else f"{ns}.{kind}"
+            # The snapshot key: the services that keep state only (arbiter, monitor, strategy, execution).
+            state = {("state.key", "/run/secrets/state.key")} if kind in STATEFUL_SERVICES else set()
             assert mounts - held == {
                 (f"{who}.password", "/run/secrets/bus_password"),
                 ("bus-ca.crt", "/run/secrets/bus_ca.crt"),
+                *state,
             }, (svc, mounts)
         elif svc in ("prometheus", "md-peer"):
             assert mounts == set(), (svc, mounts)
@@ -333,6 +336,10 @@ def test_live_stack_trades_on_the_peer_is_seen_from_the_host_and_resumes_after_d
         assert secret not in logs and secret not in topics_text, f"{pid}'s secret leaked"
     for who, password in bus_passwords(stack).items():
         assert password not in logs and password not in topics_text, f"{who}'s bus password leaked"
+    state_key = (stack.dir / "secrets" / "app" / "state.key").read_text().strip()
+    assert state_key not in logs and state_key not in topics_text, "the snapshot key leaked"
+    # Every stateful service found its snapshot key (none runs without snapshots).
+    assert "snapshots disabled" not in logs, [ln for ln in logs.splitlines() if "snapshots disabled" in ln]
 
     # `docker compose down` keeps the volumes; `up` resumes: the ingest goes on from the last step it published.
     before = candles(stack, cfg.system.kafka.namespace)
