@@ -58,15 +58,18 @@ test-compose: install sysdeps
 lock:
 	bash scripts/lock.sh
 
-# Benchmarks print JSON and keep it in reports/bench/ (local Kafka and Redis are started if needed).
+# Benchmarks print JSON and keep it in reports/bench/ (local Kafka and Redis are started if needed). MPCTL_BUS_DIR
+# holds the bus's secrets: without it the scripts would reach the authenticated broker as nobody.
+# BENCH_SCALE_ARGS: scripts/bench_scale.py's (default 100 profiles, 25 per forked host; about 10 minutes here).
 bench: install sysdeps
 	mkdir -p reports/bench
-	eval "$$($(BIN)/mpctl infra up 2>/dev/null)"; export KAFKA_BOOTSTRAP_SERVERS REDIS_URL; \
+	eval "$$($(BIN)/mpctl infra up 2>/dev/null)"; export KAFKA_BOOTSTRAP_SERVERS REDIS_URL MPCTL_BUS_DIR; \
 	$(BIN)/python scripts/bench_registry.py | tee reports/bench/registry.json; \
 	$(BIN)/python scripts/bench_backtest.py $(BENCH_BACKTEST_ARGS) | tee reports/bench/backtest.json; \
 	$(BIN)/python scripts/bench_ingest.py | tee reports/bench/ingest.json; \
 	$(BIN)/python scripts/bench_footprint.py --json reports/bench/footprint.json; \
-	$(BIN)/python scripts/bench_pipeline.py --json reports/bench/pipeline.json --markdown docs/benchmarks.md
+	$(BIN)/python scripts/bench_pipeline.py --json reports/bench/pipeline.json --markdown docs/benchmarks.md; \
+	$(BIN)/python scripts/bench_scale.py $(BENCH_SCALE_ARGS) | tee reports/bench/scale.json
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache

@@ -35,6 +35,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mpctl import infra  # noqa: E402
 from services.ingest.bootstrap import LiveSourceOptions, bootstrap_live  # noqa: E402
 from services.ingest.live import LiveIngest  # noqa: E402
 from shared.bus import KafkaAccess  # noqa: E402
@@ -173,15 +174,27 @@ async def bench_outage(bootstrap: KafkaAccess, tmp: Path, outage_s: float) -> di
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"))
+    ap.add_argument(
+        "--bootstrap",
+        default=None,
+        help="HOST:PORT, reached with the environment's credentials (MPCTL_BUS_DIR as `mpctl infra up` prints it, "
+        "or KAFKA_USERNAME...); default: KAFKA_BOOTSTRAP_SERVERS, else the local broker (started if needed)",
+    )
     ap.add_argument("--speed", type=float, default=10.0)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--outage-s", type=float, default=60.0)
     args = ap.parse_args()
+    # The bus authenticates every client: as its admin (MPCTL_BUS_DIR or the local broker's state), not by name.
+    if args.bootstrap:
+        bootstrap = infra.access_from_env(args.bootstrap, os.environ)
+    else:
+        bootstrap = (
+            await asyncio.to_thread(infra.resolve_endpoints, None, lambda m: print(m, file=sys.stderr))
+        ).kafka
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        lag = await bench_lag(args.bootstrap, tmp, args.speed, args.steps)
-        outage = await bench_outage(args.bootstrap, tmp, args.outage_s)
+        lag = await bench_lag(bootstrap, tmp, args.speed, args.steps)
+        outage = await bench_outage(bootstrap, tmp, args.outage_s)
     print(
         json.dumps(
             {
