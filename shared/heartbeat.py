@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -93,6 +92,9 @@ class HeartbeatThread(threading.Thread):
         self.beats = 0
         # Not `_stop`: threading.Thread.join() calls its own `_stop()` method, which that name would shadow.
         self._stopping = threading.Event()
+        # The thread's loop and what wakes it from its wait between beats (set by stop(), thread-safely).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
         self._key = f"{service}|{instance}".encode()
 
     def _beat(self, *, stopping: bool = False) -> ServiceHeartbeat:
@@ -114,6 +116,8 @@ class HeartbeatThread(threading.Thread):
         asyncio.run(self._main())
 
     async def _main(self) -> None:
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()  # after _wake: stop() reads _loop first
         producer = AIOKafkaProducer(**self.bootstrap.client_options(), acks=1, request_timeout_ms=10_000)
         failing = False
         started = False
@@ -134,10 +138,10 @@ class HeartbeatThread(threading.Thread):
                             "heartbeat to %s failed (%s: %s); retrying", self.topic, type(err).__name__, err
                         )
                     failing = True
-                # Polled, not an executor wait: at interpreter exit no executor takes new work.
-                deadline = time.monotonic() + self.interval_s
-                while not self._stopping.is_set() and time.monotonic() < deadline:
-                    await asyncio.sleep(min(0.05, self.interval_s))
+                # Woken by stop(), not polled (a 50 ms poll was 20 wake-ups a second in every process: 0.2 cores
+                # at 100 profiles), nor an executor wait (at interpreter exit no executor takes new work).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.interval_s)
             if started:
                 # Best effort: without it, status sees the service down a few beats later.
                 with contextlib.suppress(Exception):
@@ -151,6 +155,11 @@ class HeartbeatThread(threading.Thread):
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
+        # A loop that started after the set sees _stopping before it waits; one already waiting is woken.
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has closed: the thread is ending anyway
+                loop.call_soon_threadsafe(wake.set)
         self.join(timeout)
 
 

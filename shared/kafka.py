@@ -56,6 +56,14 @@ PRODUCER_REQUEST_TIMEOUT_MS = 300_000
 # built with it: `input_consumer`, and the strategy's faust consumer (services/strategy/bootstrap.py).
 FETCH_MAX_WAIT_MS = 50
 
+# The same for the per-profile workers' input consumers (the execution worker's ConsumeLoop, the strategy's faust
+# consumer): 2P of them, so their empty polls are what an idle stack spends (100 profiles at 50 ms: about 2.5
+# cores of clients and 1 of the broker, more than this machine's two; docs/scaling.md). They send nothing besides
+# their fetch per batch on the fetch connection (commits and heartbeats go to the coordinator's own connection),
+# so a longer wait costs no step latency (docs/benchmarks.md, "A hundred profiles"); it bounds only what a seek
+# after a rebalance waits.
+WORKER_FETCH_MAX_WAIT_MS = 500
+
 
 def input_consumer(bootstrap: KafkaAccess, **options: Any) -> AIOKafkaConsumer:
     """The consumer of a service's inputs: `options` as AIOKafkaConsumer's, the fetch wait FETCH_MAX_WAIT_MS."""
@@ -412,6 +420,7 @@ class ConsumeLoop:
         self.keeper = keeper  # snapshots of the service's state (only with rebuild_on_start)
         self._consumer = input_consumer(
             bootstrap,
+            fetch_max_wait_ms=WORKER_FETCH_MAX_WAIT_MS,  # the loop of the per-profile execution workers
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",

@@ -45,7 +45,7 @@ from shared.clock import system_clock
 from shared.codec import encode
 from shared.commands import gate_for
 from shared.config import AppConfig
-from shared.kafka import FETCH_MAX_WAIT_MS, partitions_of
+from shared.kafka import WORKER_FETCH_MAX_WAIT_MS, partitions_of
 from shared.messages import (
     ControlCommand,
     Message,
@@ -168,8 +168,8 @@ def max_publish_lag_s(cfg: AppConfig) -> float:
 class _InputConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> AIOKafkaConsumer:
         consumer: AIOKafkaConsumer = super()._create_worker_consumer(transport)
-        # faust hard-codes a 1,500 ms long poll; the inputs of every service wait FETCH_MAX_WAIT_MS (shared/kafka.py).
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # noqa: SLF001 - read by start(), which comes later
+        # faust hard-codes a 1,500 ms long poll; a per-profile worker's inputs wait WORKER_FETCH_MAX_WAIT_MS (shared/kafka.py).
+        consumer._fetch_max_wait_ms = WORKER_FETCH_MAX_WAIT_MS  # noqa: SLF001 - read by start(), which comes later
         return consumer
 
 
@@ -179,7 +179,7 @@ class _InputConsumer(faust_aiokafka.Consumer):
 
 
 class InputTransport(faust_aiokafka.Transport):
-    """faust's Kafka transport whose worker consumer waits at most FETCH_MAX_WAIT_MS in a fetch."""
+    """faust's Kafka transport whose worker consumer waits at most WORKER_FETCH_MAX_WAIT_MS in a fetch."""
 
     Consumer = _InputConsumer
 

@@ -1,6 +1,8 @@
-"""No consumer on a step's way from candle to order keeps a long poll (issue 16): the consumers the services
-build (not timed) wait at most shared.kafka.FETCH_MAX_WAIT_MS in a fetch. A request the client sends to the
-broker besides its fetch waits behind an idle fetch on the same connection, so a long poll there delays it."""
+"""No consumer on a step's way from candle to order keeps a default long poll (issue 16): the consumers the
+services build (not timed) wait at most shared.kafka.FETCH_MAX_WAIT_MS in a fetch (the registry and the arbiter,
+once each), or WORKER_FETCH_MAX_WAIT_MS (the per-profile workers, 2P of them: a shorter wait is CPU times 2P). A
+request the client sends to the broker besides its fetch waits behind an idle fetch on the same connection, so a
+long poll there delays it; the workers send none per batch there."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from services.registry.bootstrap import registry_consumer
 from services.strategy.bootstrap import InputTransport
 from services.strategy.bootstrap import bootstrap as strategy_bootstrap
 from shared.bus import KafkaAccess
-from shared.kafka import FETCH_MAX_WAIT_MS, Publisher
+from shared.kafka import FETCH_MAX_WAIT_MS, WORKER_FETCH_MAX_WAIT_MS, Publisher
 from shared.runtime import ServiceSettings
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "coinbase_profiles.yaml"
@@ -50,10 +52,12 @@ async def hot_path_consumers() -> dict[str, AIOKafkaConsumer]:
 async def test_no_consumer_on_the_hot_path_keeps_the_default_long_poll() -> None:
     assert DEFAULT_WAIT_MS == 500  # aiokafka's; faust's worker consumer: 1,500
     assert 0 < FETCH_MAX_WAIT_MS <= 50
+    assert FETCH_MAX_WAIT_MS <= WORKER_FETCH_MAX_WAIT_MS <= 500
     built = await hot_path_consumers()
     try:
         waits = {name: fetch_wait_ms(c) for name, c in built.items()}
-        assert waits == dict.fromkeys(built, FETCH_MAX_WAIT_MS)
+        workers = {"execution", "strategy (faust)"}
+        assert waits == {n: WORKER_FETCH_MAX_WAIT_MS if n in workers else FETCH_MAX_WAIT_MS for n in built}
     finally:
         for c in built.values():
             await c.stop()  # never started: releases the client
