@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -49,6 +50,15 @@ MAX_FUTURE = timedelta(days=1)
 _TIME_FIELDS = ("event_time", "open_time", "step_time", "epoch_start", "not_before", "issued_at")
 
 
+@functools.cache
+def _time_fields(cls: type) -> tuple[str, ...]:
+    """The time fields a message class has. Asking a pydantic model for an attribute it lacks raises and catches
+    an AttributeError: that was a tenth of a strategy worker's CPU at 100 profiles (every message it reads)."""
+    return tuple(
+        name for name in _TIME_FIELDS if hasattr(cls, name) or name in getattr(cls, "model_fields", {})
+    )
+
+
 def implausible_time(msg: Message, now: datetime, max_future: timedelta = MAX_FUTURE) -> str | None:
     """Why a message's timestamps cannot be true (far in the future of the wall clock), or None.
 
@@ -56,8 +66,8 @@ def implausible_time(msg: Message, now: datetime, max_future: timedelta = MAX_FU
     corrupt message, and accepting it would move event time (watermarks, epochs) past every real message.
     """
     limit = now + max_future
-    for name in _TIME_FIELDS:
-        value = getattr(msg, name, None)
+    for name in _time_fields(type(msg)):
+        value = getattr(msg, name)
         if isinstance(value, datetime) and value > limit:
             return (
                 f"{name} {value.isoformat()} is more than {max_future} ahead of the clock ({now.isoformat()})"

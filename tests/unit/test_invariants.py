@@ -115,3 +115,47 @@ def test_unbalanced_books_and_counters(tmp_path: Path) -> None:
 
 def test_missing_summary(tmp_path: Path) -> None:
     assert [v.check for v in check_run(tmp_path).violations] == ["files"]
+
+
+def _share_ada(tmp_path: Path, pool: list[str], *, with_config: bool = True) -> None:
+    """profile_b's plans draw ADA (profile_a's random asset in every epoch); both profiles' pools are `pool`."""
+    _rewrite(tmp_path / "plans.jsonl", lambda rows: [dict(r, random_asset="ADA") for r in rows])
+    if not with_config:
+        return
+    profile = {"strategy_config": {"base_assets": ["BTC", "ETH"], "random_asset_pool": pool}}
+    config = tmp_path / "profiles.yaml"
+    config.write_text(json.dumps({"profiles": {"profile_a": profile, "profile_b": profile}}))
+    (tmp_path / "run.json").write_text(json.dumps({"config": str(config)}))
+
+
+def test_a_random_asset_shared_while_the_pool_allowed_another_breaks_invariant_2(tmp_path: Path) -> None:
+    build_run(tmp_path)
+    _share_ada(tmp_path, ["ADA", "DOT"])  # DOT was drawn in the run before and nobody holds it now
+    _rewrite(
+        tmp_path / "plans.jsonl",
+        lambda rows: [
+            *rows,
+            dict(
+                rows[-1],
+                profile="profile_c",
+                random_asset="DOT",
+                epoch_start="2001-01-01T00:00:00Z",
+                epoch_end="2001-01-01T01:00:00Z",
+            ),
+        ],
+    )
+    assert "2-random-asset" in {v.check for v in check_run(tmp_path).violations}
+
+
+def test_a_random_asset_shared_because_the_pool_is_exhausted_holds_invariant_2(tmp_path: Path) -> None:
+    build_run(tmp_path)
+    _share_ada(tmp_path, ["ADA", "BTC", "USDC"])  # base assets and the quote are no candidates: ADA only
+    r = check_run(tmp_path)
+    assert "2-random-asset" not in {v.check for v in r.violations}
+    assert r.checked["random assets shared, the pool exhausted"] > 0
+
+
+def test_without_the_profiles_file_every_shared_random_asset_counts(tmp_path: Path) -> None:
+    build_run(tmp_path)
+    _share_ada(tmp_path, [], with_config=False)
+    assert "2-random-asset" in {v.check for v in check_run(tmp_path).violations}
