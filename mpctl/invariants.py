@@ -93,42 +93,15 @@ def random_asset_pools(out: Path, quote: str | None = None) -> dict[str, set[str
         return None
 
 
-def unexplained_shares(
-    plans: list[dict[str, Any]],
-    shared: list[tuple[dict[str, Any], dict[str, Any]]],
-    pools: dict[str, set[str]] | None,
-) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """The pairs of overlapping plans sharing a random asset that the pool did not force (invariant 2 holds
-    "while the pool allows": the registry shares an asset only when every candidate is held by another profile
-    over an overlapping epoch, docs/registry.md section 8). A pair is unexplained when each of its two plans had
-    a candidate no other profile held over its epoch: whichever claimed second could have taken it. Candidates
-    are the profile's pool restricted to the assets some plan of the run drew (an asset without candles is no
-    candidate, and the files do not say which have them). Without the pools every shared pair counts."""
-    if pools is None or not shared:
-        return shared
-    drawn = {p["random_asset"] for p in plans if p.get("random_asset")}
-    # Who holds which asset over each distinct epoch interval (few: the rotation intervals' epochs).
-    spans = sorted({(p["epoch_start"], p["epoch_end"]) for p in plans})
-    by_span: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for p in plans:
-        if p.get("random_asset"):
-            by_span[(p["epoch_start"], p["epoch_end"])].append(p)
-    holders: dict[tuple[str, str], dict[str, set[str]]] = {}
-    for span in spans:
-        start, end = _ts(span[0]), _ts(span[1])
-        held: dict[str, set[str]] = defaultdict(set)
-        for other, ps in by_span.items():
-            if _ts(other[0]) < end and start < _ts(other[1]):
-                for p in ps:
-                    held[p["random_asset"]].add(p["profile"])
-        holders[span] = held
-
-    def had_a_free_candidate(p: dict[str, Any]) -> bool:
-        held = holders[(p["epoch_start"], p["epoch_end"])]
-        taken = {asset for asset, profiles in held.items() if profiles - {p["profile"]}}
-        return bool((pools.get(p["profile"], set()) & drawn) - taken)
-
-    return [(a, b) for a, b in shared if had_a_free_candidate(a) and had_a_free_candidate(b)]
+def pool_allows(plans: list[dict[str, Any]], pools: dict[str, set[str]] | None) -> bool:
+    """Whether invariant 2 applies to the run: "random assets differ between profiles while the pool has at
+    least as many assets as profiles" (DESIGN.md section 5), i.e. every profile of the run has at least as many
+    random-asset candidates as the run has profiles, so that a free one is always left for it. Without the
+    pools (no profiles file) it applies: every shared asset counts."""
+    if pools is None:
+        return True
+    profiles = {p["profile"] for p in plans}
+    return all(len(pools.get(pid, set())) >= len(profiles) for pid in profiles)
 
 
 def check_run(out: Path, summary: dict[str, Any] | None = None) -> RunCheck:
@@ -164,14 +137,16 @@ def check_run(out: Path, summary: dict[str, Any] | None = None) -> RunCheck:
             r.fail("1-hash", f"{a['profile']} and {b['profile']} hold hash {a['hash'][:12]}")
         if a.get("random_asset") and a.get("random_asset") == b.get("random_asset"):
             shared.append((a, b))
-    unexplained = unexplained_shares(plans, shared, pools)
-    for a, b in unexplained:
-        r.fail(
-            "2-random-asset",
-            f"{a['profile']} and {b['profile']} share random asset {a['random_asset']} "
-            f"in epochs starting {a['epoch_start']} / {b['epoch_start']}",
-        )
-    r.checked["random assets shared, the pool exhausted"] += len(shared) - len(unexplained)
+    if pool_allows(plans, pools):
+        for a, b in shared:
+            r.fail(
+                "2-random-asset",
+                f"{a['profile']} and {b['profile']} share random asset {a['random_asset']} "
+                f"in epochs starting {a['epoch_start']} / {b['epoch_start']}",
+            )
+    else:
+        # More profiles than candidates (scripts/bench_scale.py's 100 over a pool of 8): sharing is by design.
+        r.checked["random assets shared, the pool smaller than the profiles"] += len(shared)
     for (pid, epoch), n in Counter((p["profile"], p["epoch"]) for p in plans).items():
         if n != 1:
             r.fail("1-one-plan-per-epoch", f"{pid} has {n} plans for epoch {epoch}")
