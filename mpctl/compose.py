@@ -38,7 +38,7 @@ from services.execution.bootstrap import LIVE_ENV
 from services.execution.credentials import ENV_STORE, MOUNTED_KEY_FILE
 from shared.bus import ENV_CA_FILE, ENV_PASSWORD_FILE, ENV_USER, SASL_MECHANISM
 from shared.config import DEFAULT_CONFIG, PLACEHOLDER_PREFIX, AppConfig, ConfigError, load_config
-from shared.principals import ADMIN, PROFILE_SERVICES, principal, redis_users
+from shared.principals import ADMIN, PROFILE_SERVICES, STATEFUL_SERVICES, principal, redis_users
 from shared.runtime import ENV_REDIS_AUTH
 from shared.snapshots import KEY_FILE_ENV as STATE_KEY_FILE_ENV
 
@@ -83,7 +83,6 @@ CONTAINER_BUS_PASSWORD = "/run/secrets/bus_password"
 # The namespace's snapshot key (shared/snapshots.py), mounted into the services that keep state only.
 CONTAINER_STATE_KEY = "/run/secrets/state.key"
 STATE_KEY_SECRET = "state_key"
-STATEFUL_SERVICES = ("arbiter", "monitor", "strategy", "execution")
 # The topics job's master key and generations, laid out as a BusSecrets folder (mpctl/bus.py) that derives
 # every principal's password.
 CONTAINER_BUS_DIR = "/run/secrets/bus"

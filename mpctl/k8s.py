@@ -29,7 +29,7 @@ from services.execution.bootstrap import LIVE_ENV
 from services.execution.credentials import ENV_STORE, MOUNTED_KEY_FILE
 from shared.bus import ENV_CA_FILE, ENV_PASSWORD_FILE, ENV_USER
 from shared.config import DEFAULT_CONFIG, PLACEHOLDER_PREFIX, AppConfig, ConfigError, load_config
-from shared.principals import acls, principal, principals, redis_users
+from shared.principals import STATEFUL_SERVICES, acls, principal, principals, redis_users
 from shared.runtime import ENV_REDIS_AUTH
 from shared.snapshots import KEY_FILE_ENV as STATE_KEY_FILE_ENV
 from shared.topics import APPROVED_PREFIX, DECISIONS, EVENTS, INTENTS, declared_topics
@@ -62,7 +62,6 @@ REDIS_ACL_DIR = "/run/redis-acl"
 STATE_SECRET = "mpctl-state-key"
 STATE_SECRET_ITEM = "state.key"
 STATE_MOUNT = "/run/mpctl-state"
-STATEFUL_COMPONENTS = ("arbiter", "monitor", "strategy", "execution")
 BROKERS = 3
 CONTROLLERS = 3
 REPLICATION_FACTOR = 3
@@ -817,7 +816,7 @@ def workload_objects(
             labels = o["metadata"]["labels"]
             component = labels["app.kubernetes.io/component"]
             with_principal(o, principal(ns, component, labels.get("multiprofile.coinbase/profile")))
-            if component in STATEFUL_COMPONENTS:
+            if component in STATEFUL_SERVICES:
                 with_state_key(o)
     return objs
 

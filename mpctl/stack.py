@@ -33,7 +33,7 @@ from shared.codec import DecodeError, decode
 from shared.config import AppConfig
 from shared.kafka import ensure_topics
 from shared.messages import WorkerFinished
-from shared.principals import PROFILE_SERVICES, principal
+from shared.principals import PROFILE_SERVICES, STATEFUL_SERVICES, principal
 from shared.snapshots import KEY_ENV as STATE_KEY_ENV
 from shared.snapshots import KEY_FILE_ENV as STATE_KEY_FILE_ENV
 from shared.topics import Topics, TopicSpec, declared_topics
@@ -199,16 +199,11 @@ def bus_args(bus: BusSecrets | None, args: list[str]) -> tuple[list[str], str | 
     return [*args, *extra], "\n".join(bus.password(w).get_secret_value() for w in who)
 
 
-# The services that keep snapshots of their state (shared/snapshots.py): only they are given the state key.
-STATEFUL_MODULES = frozenset(
-    {"services.arbiter", "services.monitor", "services.strategy", "services.execution"}
-)
-
-
 def state_key_env(bus: BusSecrets | None, args: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
     """Where a stateful service finds its namespace's snapshot key (the file mpctl derives from the bus's
     master key, mpctl/bus.py state_key_file), unless the environment already names one (the operator's own)."""
-    if bus is None or not args or args[0] not in STATEFUL_MODULES or "--namespace" not in args:
+    stateful = bool(args) and args[0] in {f"services.{s}" for s in STATEFUL_SERVICES}
+    if bus is None or not stateful or "--namespace" not in args:
         return {}
     if env.get(STATE_KEY_FILE_ENV) or env.get(STATE_KEY_ENV):
         return {}

@@ -33,6 +33,8 @@ Pattern = Literal["literal", "prefixed"]
 # Services with one instance kind for the whole system, and those with one per profile.
 SYSTEM_SERVICES = ("ingest", "registry", "arbiter", "monitor")
 PROFILE_SERVICES = ("strategy", "execution")
+# The services that keep signed snapshots of their state (shared/snapshots.py): only they get the state key.
+STATEFUL_SERVICES = ("arbiter", "monitor", "strategy", "execution")
 OPERATOR = "operator"
 # The broker's own super user (topics, SCRAM users, ACLs); never a service's principal.
 ADMIN = "admin"

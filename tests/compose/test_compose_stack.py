@@ -45,13 +45,13 @@ from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 from pydantic import SecretStr
 
 from mpctl.bus import CONTROLLER
-from mpctl.compose import STATEFUL_SERVICES, compose_principals
+from mpctl.compose import compose_principals
 from mpctl.stack import collect, expected_finishers
 from shared.bus import KafkaAccess
 from shared.config import load_config
 from shared.kafka import read_topics
 from shared.messages import CandleClosed, WorkerFinished
-from shared.principals import principal, registry_key_prefix
+from shared.principals import STATEFUL_SERVICES, principal, registry_key_prefix
 from shared.topics import Topics
 from tests.compose.images import Images, ensure_images, image_size_mb
 from tests.compose.stack import PEER_PORT, ComposeStack
