@@ -14,6 +14,13 @@ Several replicas may run this over the same candles (docs/registry.md section 11
 3. else resolved (claims) and recorded; the replica whose record wins publishes, the others adopt the
    winner's plan and, if theirs differed, give back the keys the winner's plan does not use.
 
+Planned ahead (event time): once a step's candles join the lookback, a profile whose next epoch starts at the
+next step has that epoch's plan resolved and claimed at once (``Prepared``): its scores read only candles before
+the epoch's start, which are all in. It is recorded and published when the next step's first candle arrives
+(before that step is complete), so the claims' Redis round trips are off the way from candle to order. The
+claims are made in the same order as when planning at the step, so the plans are the same; a prepared plan whose
+epoch or lookback no longer matches (a gap in the candles, the end of the replay) gives its keys back unused.
+
 Early rotations (an operator's signed ``rotate`` command, docs/registry.md section 13): a command appended to
 the commands topic at broker time T applies at the first step whose candles were published at or after T
 (``published_ms``, the candle records' Kafka timestamps: the same for every replica and every re-read of the
@@ -103,6 +110,18 @@ class Stats:
         }
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An epoch's scheduled plan, resolved and claimed ahead of its first step, not yet recorded or published."""
+
+    epoch: int
+    resolved: ResolvedPlan
+    asset_claimed: bool
+    steps_done: (
+        int  # RegistryState.steps_done when resolved: valid only while no step joined the lookback since
+    )
+
+
 @dataclass
 class RegistryState:
     cfg: AppConfig
@@ -134,6 +153,10 @@ class RegistryState:
     rotation_of: dict[str, tuple[int, int]] = field(
         default_factory=dict
     )  # profile -> (epoch, last rotation k)
+    plan_ahead: bool = True  # resolve the next epoch's plans when the step before it is in (module docstring)
+    prepared: dict[str, Prepared] = field(default_factory=dict)  # profile -> its next epoch's plan
+    steps_done: int = 0  # steps whose candles joined the lookback
+    last_step_s: int | None = None
 
 
 def new_state(
@@ -200,7 +223,7 @@ def plan_message(r: ResolvedPlan, *, correlation: str, commands: Sequence[str] =
     )
 
 
-def plan_keys(plan: PlanPublished, asset_claimed: bool | None) -> set[tuple[KeyKind, str]]:
+def plan_keys(plan: PlanPublished | ResolvedPlan, asset_claimed: bool | None) -> set[tuple[KeyKind, str]]:
     keys: set[tuple[KeyKind, str]] = {("hash", plan.hash), ("fp", plan.fingerprint)}
     if plan.random_asset is not None and asset_claimed is not False:
         keys.add(("asset", plan.random_asset))
@@ -218,14 +241,25 @@ async def handle(
         return []
     if not isinstance(msg, CandleClosed | WatermarkAdvanced | ReplayFinished):
         return []
-    if isinstance(msg, CandleClosed) and published_ms is not None:
-        t = int(msg.open_time.timestamp())
-        state.step_published[t] = max(published_ms, state.step_published.get(t, published_ms))
     out: list[Message] = []
+    if isinstance(msg, CandleClosed):
+        t = int(msg.open_time.timestamp())
+        if published_ms is not None:
+            state.step_published[t] = max(published_ms, state.step_published.get(t, published_ms))
+        if (
+            state.prepared
+            and state.last_step_s is not None
+            and t == state.last_step_s + state.cfg.system.market_data.interval_s
+        ):
+            # The first candle of the step right after the last one: every candle before it is in the lookback,
+            # so this step's plans are what the complete step would give; publish them now, not after its
+            # last candle.
+            out.extend(await _plan_profiles(state, t, backend, correlation=f"step:{t}"))
     for step in state.aligner.add(partition, msg):
         out.extend(await _on_step(state, step, backend))
     if state.aligner.finished and not state.finished:
         state.finished = True
+        await _give_back_all(state, backend)
         out.append(
             WorkerFinished(
                 id=derived_id("finished", "registry", state.instance),
@@ -272,7 +306,60 @@ async def _on_step(state: RegistryState, step: Step, backend: Backend) -> list[M
         if buf is None:
             buf = lookback[asset] = deque(maxlen=keep)
         buf.append((step.time_s, float(c.close), float(c.volume)))
+    state.steps_done += 1
+    state.last_step_s = step.time_s
+    if state.plan_on_steps and state.plan_ahead:
+        await _prepare_next(state, step.time_s, backend)
     return out
+
+
+async def _prepare_next(state: RegistryState, t_s: int, backend: Backend) -> None:
+    """Resolve and claim the plans of the epochs that start at the step after ``t_s``, in priority order (the
+    order ``_plan_profiles`` claims in at that step); ``_decide_epoch`` records and publishes them."""
+    cfg = state.cfg
+    nxt = t_s + cfg.system.market_data.interval_s
+    for pid, profile in cfg.enabled_profiles().items():
+        interval = profile.profile_hash.hash_rotation_interval
+        e = epoch_of(nxt, interval)
+        current = state.current_epoch.get(pid)
+        if e == epoch_of(t_s, interval) or (current is not None and e <= current) or pid in state.prepared:
+            continue
+        start_s = e * interval
+        mark = (start_s, 0)
+        if (pid, *mark) in state.on_topic or mark < state.last_on_topic.get(pid, mark):
+            continue  # published before this process started: taken from the topic at the step
+        try:
+            if await backend.lookup(pid, start_s) is not None:
+                continue  # recorded already (a replica, or this instance before a restart): adopted at the step
+            resolved = await resolve_plan_async(
+                pid,
+                profile,
+                e,
+                scores_before(state, start_s),
+                cfg.system.registry,
+                cfg.system.quote_asset,
+                backend.claim,
+            )
+        except ClaimsLostError as err:
+            # The step's own planning meets the same loss and recovers; nothing is prepared meanwhile.
+            log.warning("profile %s epoch %d: not planned ahead: %s", pid, e, err)
+            await _give_back_all(state, backend)
+            return
+        claimed = resolved.random_asset is not None and not resolved.asset_shared
+        state.prepared[pid] = Prepared(e, resolved, claimed, state.steps_done)
+
+
+async def _give_back(backend: Backend, prepared: Prepared) -> None:
+    r = prepared.resolved
+    keys = plan_keys(r, prepared.asset_claimed)
+    await backend.unclaim(r.profile, r.epoch_start_s, r.epoch_end_s, sorted(keys))
+
+
+async def _give_back_all(state: RegistryState, backend: Backend) -> None:
+    """Unclaim every prepared plan that will not be recorded (the replay ended, or Redis lost the claims)."""
+    prepared, state.prepared = state.prepared, {}
+    for p in prepared.values():
+        await _give_back(backend, p)
 
 
 async def _plan_profiles(
@@ -369,6 +456,7 @@ async def _plan_epoch(
             )
         except ClaimsLostError as err:
             log.warning("profile %s epoch %d: %s", pid, epoch, err)
+            await _give_back_all(state, backend)  # resolved against the claim set that was lost
             kind = await backend.recover(list(state.latest.values()))
             state.stats.recoveries[kind] += 1
             state.metrics.recoveries.labels(kind=kind).inc()
@@ -391,19 +479,34 @@ async def _decide_epoch(
     commands: Sequence[str],
 ) -> list[Message]:
     cfg = state.cfg
+    prepared = state.prepared.pop(pid, None) if rotation == 0 else None
+    if prepared is not None and (prepared.epoch, prepared.steps_done) != (epoch, state.steps_done):
+        await _give_back(backend, prepared)  # resolved for another epoch or lookback: not this plan
+        prepared = None
     # The scheduled plan keeps the backend's original call (backtest and test backends key by start only).
     rec = await (backend.lookup(pid, start_s, rotation) if rotation else backend.lookup(pid, start_s))
+    if rec is not None and prepared is not None:
+        # Recorded meanwhile (by a replica): give back the keys that plan does not use, as a replica that
+        # lost the decision does.
+        extra = plan_keys(prepared.resolved, prepared.asset_claimed) - plan_keys(rec.plan, rec.asset_claimed)
+        if extra:
+            r = prepared.resolved
+            await backend.unclaim(pid, r.epoch_start_s, r.epoch_end_s, sorted(extra))
     if rec is None:
-        resolved = await resolve_plan_async(
-            pid,
-            profile,
-            epoch,
-            scores_before(state, start_s),
-            cfg.system.registry,
-            cfg.system.quote_asset,
-            backend.claim,
-            rotation=rotation,
-            start_s=start_s if rotation else None,
+        resolved = (
+            prepared.resolved
+            if prepared is not None
+            else await resolve_plan_async(
+                pid,
+                profile,
+                epoch,
+                scores_before(state, start_s),
+                cfg.system.registry,
+                cfg.system.quote_asset,
+                backend.claim,
+                rotation=rotation,
+                start_s=start_s if rotation else None,
+            )
         )
         for c in resolved.conflicts:
             state.stats.refused[c.outcome.name] += 1

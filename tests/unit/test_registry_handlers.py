@@ -15,8 +15,9 @@ from services.registry.claims import ClaimsLostError, KeyKind
 from services.registry.domain import ClaimOutcome, ClaimResult, PlanCandidate
 from services.registry.handlers import Held, RegistryState
 from services.registry.ledger import Decision, TakeoverOutcome
+from services.registry.memory import MemoryRegistry
 from shared.config import AppConfig
-from shared.messages import Message, PlanPublished, WorkerFinished
+from shared.messages import CandleClosed, Message, PlanPublished, WorkerFinished
 from tests.unit.builders import HOUR, T0, candle, config, replay_finished, step_messages
 
 TAKEN = (ClaimOutcome.HASH_TAKEN, ClaimOutcome.FP_TAKEN, ClaimOutcome.ASSET_TAKEN)
@@ -42,9 +43,15 @@ class FakeBackend:
         self.unclaimed: list[tuple[str, int, int, list[tuple[KeyKind, str]]]] = []
         self.takeovers: dict[tuple[str, int], TakeoverOutcome] = {}
         self.claims = 0
+        self.claimed_starts: list[int] = []
+
+    def claims_before(self, end_s: int) -> int:
+        """Claims for epochs starting before ``end_s`` (the last step plans the next epoch ahead)."""
+        return sum(1 for s in self.claimed_starts if s < end_s)
 
     async def claim(self, c: PlanCandidate, fingerprint: str, asset: str | None) -> ClaimResult:
         self.claims += 1
+        self.claimed_starts.append(c.epoch_start_s)
         if self.lose:
             raise self.lose.pop(0)
         keys = [("hash", c.hash), ("fp", fingerprint)] + ([("asset", asset)] if asset else [])
@@ -146,7 +153,10 @@ async def test_second_replica_adopts_and_publishes_nothing(cfg: AppConfig) -> No
         store.records[rec] = dataclasses.replace(store.records[rec], published=True)
     out2 = await feed(s2, second, market(6))
     assert plans_of(out2) == []
-    assert second.claims == 0  # every epoch was already decided: no derivation at all
+    # Every epoch with a step was already decided: no derivation at all (the epoch after the last step is
+    # planned ahead and given back at the end).
+    assert second.claims_before(T0 + 6 * HOUR) == 0
+    assert [u[1] for u in second.unclaimed] == sorted(set(second.claimed_starts)) == [T0 + 6 * HOUR]
     assert s2.stats.adopted == len(p1) and not s2.watches
     assert {h.plan.id for h in s2.latest.values()} == {h.plan.id for h in s1.latest.values()}
 
@@ -173,7 +183,7 @@ async def test_own_unpublished_decision_is_published_after_a_restart(cfg: AppCon
     again = handlers.new_state(cfg, instance="r1")  # same instance, fresh process, nothing on the topic
     b = FakeBackend(store, "r1")
     out = plans_of(await feed(again, b, market(2)))
-    assert out == before and b.claims == 0
+    assert out == before and b.claims_before(T0 + 2 * HOUR) == 0
 
 
 async def test_plans_on_the_topic_are_never_derived_again(cfg: AppConfig) -> None:
@@ -360,7 +370,7 @@ async def test_rotation_is_the_same_in_a_replay_and_is_not_derived_again_after_a
     handlers.load_published(restarted, first)
     backend = FakeBackend(Store())
     assert plans_of(await feed_timed(restarted, backend, market(8), cmds)) == []
-    assert backend.claims == 0
+    assert backend.claims_before(T0 + 8 * HOUR) == 0
     last_b = [p for p in first if p.profile == "profile_b"][-1]
     # The second command falls in profile_b's next epoch (hours 4-7): its first rotation there, from hour 5.
     assert (last_b.rotation, last_b.epoch_start.timestamp()) == (1, T0 + 5 * HOUR)
@@ -374,3 +384,92 @@ async def test_rotate_command_after_the_last_step_rotates_nothing(cfg: AppConfig
     out += await handlers.handle(state, rotate("all"), 0, backend, published_ms=10_000)
     assert [p for p in plans_of(out) if p.rotation] == [] and state.stats.rotations == 0
     assert len(state.rotation_requests) == 1  # waits for a step published after it
+
+
+# ------------------------------------------------------------------------------------------ planned ahead
+def live_holds(reg: MemoryRegistry, after_s: int) -> dict[tuple[KeyKind, str], list[tuple[str, int, int]]]:
+    """The claim set without empty keys and members a later claim would prune anyway."""
+    out = {k: sorted(m for m in ms if m[2] + reg.grace_s >= after_s) for k, ms in reg.holds.items()}
+    return {k: v for k, v in out.items() if v}
+
+
+def market_with_gap(hours: int, missing: set[int]) -> list[Message]:
+    cfg = config()
+    cs = [
+        candle(p, T0 + h * HOUR, 100 + h + i, close=101 + h + (h % 5) + i)
+        for h in range(hours)
+        if h not in missing
+        for i, p in enumerate(cfg.all_products())
+    ]
+    return [*step_messages(cs), replay_finished(T0 + (hours - 1) * HOUR, hours - len(missing))]
+
+
+async def run_registry(
+    cfg: AppConfig, msgs: Sequence[Message], *, ahead: bool
+) -> tuple[list[Message], RegistryState, MemoryRegistry]:
+    state = handlers.new_state(cfg)
+    state.plan_ahead = ahead
+    reg = MemoryRegistry(cfg.system.registry.claim_grace_s)
+    out: list[Message] = []
+    for m in msgs:
+        out.extend(await handlers.handle(state, m, 0, reg))
+    return out, state, reg
+
+
+@pytest.mark.parametrize(
+    ("hours", "missing"),
+    [(12, set()), (12, {4, 5, 6, 7}), (12, {3}), (9, {8 - 1})],
+    ids=["complete", "an-epoch-missing", "first-step-of-an-epoch-missing", "last-step-missing"],
+)
+async def test_planning_ahead_publishes_the_same_plans_and_leaves_the_same_claims(
+    cfg: AppConfig, hours: int, missing: set[int]
+) -> None:
+    msgs = market_with_gap(hours, missing)
+    at_step, s0, r0 = await run_registry(cfg, msgs, ahead=False)
+    ahead, s1, r1 = await run_registry(cfg, msgs, ahead=True)
+    assert plans_of(ahead) == plans_of(at_step) and len(plans_of(ahead)) >= 3
+    assert [m for m in ahead if not isinstance(m, PlanPublished)] == [
+        m for m in at_step if not isinstance(m, PlanPublished)
+    ]  # the WorkerFinished with its counts too
+    assert s1.stats == s0.stats and not s1.prepared
+    # A claim after the run would start at the next step at the earliest: members it prunes do not count.
+    after = T0 + hours * HOUR
+    assert live_holds(r1, after) == live_holds(r0, after)
+    assert r1.records == r0.records
+
+
+async def test_a_step_s_plans_go_out_with_its_first_candle_not_its_last(cfg: AppConfig) -> None:
+    msgs = market(6)
+    state = handlers.new_state(cfg)
+    reg = MemoryRegistry(cfg.system.registry.claim_grace_s)
+    seen_at: dict[str, int] = {}  # plan id -> index of the message whose handling published it
+    first_candle: dict[int, int] = {}
+    for i, m in enumerate(msgs):
+        if isinstance(m, CandleClosed):
+            first_candle.setdefault(int(m.open_time.timestamp()), i)
+        for p in plans_of(await handlers.handle(state, m, 0, reg)):
+            seen_at[p.id] = i
+    later = [p for p in reg.records.values() if p.plan.epoch_start.timestamp() > T0]
+    assert later, "the test needs epochs after the first"
+    for rec in later:
+        # Planned when the step before was complete, published on the new step's first candle.
+        assert seen_at[rec.plan.id] == first_candle[int(rec.plan.epoch_start.timestamp())]
+
+
+async def test_a_claim_set_lost_while_planning_ahead_leaves_nothing_prepared_and_the_step_plans(
+    cfg: AppConfig,
+) -> None:
+    msgs = market(4)
+    reference = plans_of(await feed(handlers.new_state(cfg), FakeBackend(Store()), msgs))
+    b = FakeBackend(Store())
+    state = handlers.new_state(cfg)
+    # Up to hour 1's first candle: hour 0 is complete, hour 1's plans were prepared and are out now.
+    cut = next(
+        i for i, m in enumerate(msgs) if isinstance(m, CandleClosed) and m.open_time.timestamp() == T0 + HOUR
+    )
+    out = await feed(state, b, msgs[: cut + 1])
+    assert {p.epoch_start.timestamp() for p in plans_of(out)} == {T0, T0 + HOUR}
+    b.lose = [ClaimsLostError("flushed")]  # the next claim: planning hour 2 ahead, once hour 1 is complete
+    out += await feed(state, b, msgs[cut + 1 :])
+    assert not b.lose and not state.prepared
+    assert plans_of(out) == reference  # hour 2 planned at its step instead
