@@ -38,7 +38,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from services.strategy import domain
 from services.strategy.metrics import StrategyMetrics
-from services.strategy.routing import Outputs, routes
+from services.strategy.routing import ForeignKeys, Outputs, routes
 from shared.admit import Admission, Refused
 from shared.bus import SASL_MECHANISM, KafkaAccess
 from shared.clock import system_clock
@@ -206,6 +206,7 @@ class StrategyWorker:
             live=cfg.system.mode == "live",
         )
         self.outputs = Outputs.of(self.t, k.intent_partitions, self.profile_id)
+        self.foreign = ForeignKeys.of(self.t, cfg.profiles, self.profile_id)
         self.group = self.t.group("strategy", self.profile_id)
         self.inputs = input_topics(self.t)
         self.lock = asyncio.Lock()
@@ -319,6 +320,12 @@ class StrategyWorker:
             # faust gives the Kafka timestamp in seconds (a float); everything here counts milliseconds.
             published_ms = round(rec.timestamp * 1000) if rec.timestamp is not None else None
             self.metrics.consumed(rec.topic, rec.partition, rec.offset, self._short.get(rec.topic, rec.topic))
+            if self.foreign.skips(rec.topic, rec.key):
+                async with (
+                    self.lock
+                ):  # nothing for this profile: only its position moves (routing.ForeignKeys)
+                    self._advance(rec)
+                continue
             # faust's record, with the bytes our codec decodes (raw serializer) and the time in milliseconds.
             record = HeldRecord(
                 rec.topic,

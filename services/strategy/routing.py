@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from shared.messages import (
@@ -15,10 +15,34 @@ from shared.messages import (
 )
 from shared.topics import Topics
 
-__all__ = ["Destination", "Outputs", "routes"]
+__all__ = ["Destination", "ForeignKeys", "Outputs", "routes"]
 
 # One destination of an output: topic, key (None: no key) and partition (None: the key's partition).
 Destination = tuple[str, bytes | None, int | None]
+
+
+@dataclass(frozen=True)
+class ForeignKeys:
+    """The input records of another profile: on the plans, order events and decisions topics, keyed by that
+    profile's id (the registry, the execution workers, the strategies and the arbiter all key them so). A worker's
+    domain acts only on its own profile's plans and outcomes there, so it need not decode another's: each
+    worker then does per record of another profile a set lookup instead of a decode and a judgement (the part
+    of its work that grew with the profile count). A record without a key, or keyed by no other profile, is
+    decoded as before, so a malformed record is dead-lettered by the worker of the profile it names, or by
+    every worker when it names none."""
+
+    topics: frozenset[str]
+    keys: frozenset[bytes]
+
+    @staticmethod
+    def of(topics: Topics, profiles: Iterable[str], own: str) -> ForeignKeys:
+        return ForeignKeys(
+            frozenset({topics.plans, topics.events, topics.decisions}),
+            frozenset(p.encode() for p in profiles if p != own),
+        )
+
+    def skips(self, topic: str, key: bytes | None) -> bool:
+        return key is not None and key in self.keys and topic in self.topics
 
 
 @dataclass(frozen=True)

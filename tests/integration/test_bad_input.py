@@ -241,6 +241,9 @@ class Bad:
     topic: str  # a key of TEMPLATES (plus "audit", "commands")
     value: bytes | None
     expect: str  # a piece of the dead-letter reason that names the problem
+    key: bytes = (
+        b"zz-bad-input"  # a profile's id: only that profile's strategy decodes it (plans, events, decisions)
+    )
 
 
 def _generic(topic: str) -> list[Bad]:
@@ -274,6 +277,12 @@ HAND_WRITTEN: list[Bad] = [
     Bad("candles:missing-close", "candles", _j(_without(candle(), "close")), "close: Field required"),
     Bad("candles:price-is-text", "candles", _j(candle(low="cheap")), "low"),
     Bad("candles:bad-date", "candles", _j(candle(open_time="yesterday")), "open_time"),
+    # Keyed by a profile, as every writer of these topics keys them: that profile's worker dead-letters it, the
+    # others skip it undecoded (services/strategy/routing.py ForeignKeys).
+    *(
+        Bad(f"{topic}:binary-keyed-profile_b", topic, b"\x00\xff garbage", "not JSON", b"profile_b")
+        for topic in ("plans", "events", "decisions")
+    ),
     # Plans
     Bad("plans:hash-not-hex", "plans", _j(plan(hash="z" * 64)), "hash"),
     Bad("plans:negative-nonce", "plans", _j(plan(nonce=-1)), "nonce"),
@@ -514,7 +523,8 @@ async def _inject(bootstrap: str, t: Topics, cases: list[tuple[Any, str, bytes |
     try:
         for case, topic, value in cases:
             for name, partition in _topic_names(t, topic):
-                md = await producer.send_and_wait(name, value, key=b"zz-bad-input", partition=partition)
+                key = case.key if isinstance(case, Bad) else b"zz-bad-input"
+                md = await producer.send_and_wait(name, value, key=key, partition=partition)
                 run.injected[(name, md.partition, md.offset)] = case
     finally:
         await producer.stop()
@@ -757,9 +767,11 @@ DEAD_LETTERERS = {
 }
 
 
-def _expected_services(topic_name: str, ns: str) -> set[str]:
-    """The services that must dead-letter a bad record of this topic."""
+def _expected_services(topic_name: str, ns: str, key: bytes = b"") -> set[str]:
+    """The services that must dead-letter a bad record of this topic (and key)."""
     base = topic_name[len(ns) + 1 :]
+    if base in ("registry.plans", "orders.events", "orders.decisions") and key.decode() in PROFILES:
+        return {f"strategy.{key.decode()}"}
     if base.startswith("orders.approved."):
         return {f"execution.{base.rsplit('.', 1)[1]}"}
     kind = {
@@ -806,7 +818,12 @@ def _dead_letter_problems(g: Run, wanted: Callable[[Any], bool]) -> tuple[list[s
         if not wanted(case):
             continue
         got = g.dead_letters.get((topic, partition, offset), {})
-        for service in sorted(_expected_services(topic, g.namespace)):
+        expected = _expected_services(topic, g.namespace, case.key if isinstance(case, Bad) else b"")
+        if isinstance(case, Bad) and case.key.decode() in PROFILES:
+            checked += 1
+            if set(got) - expected:
+                problems.append(f"{case.label}: also dead-lettered by {sorted(set(got) - expected)}")
+        for service in sorted(expected):
             checked += 1
             reason = got.get(service)
             if reason is None:
