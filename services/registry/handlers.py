@@ -117,9 +117,8 @@ class Prepared:
     epoch: int
     resolved: ResolvedPlan
     asset_claimed: bool
-    steps_done: (
-        int  # RegistryState.steps_done when resolved: valid only while no step joined the lookback since
-    )
+    # RegistryState.steps_done when resolved: valid only while no step joined the lookback since.
+    steps_done: int
 
 
 @dataclass
