@@ -34,6 +34,7 @@ claimed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter, deque
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 
 from services.registry.domain import (
     ClaimsLostError,
+    Decision,
     Held,
     KeyKind,
     ResolvedPlan,
@@ -365,13 +367,44 @@ async def _plan_profiles(
     state: RegistryState, t_s: int, backend: Backend, *, correlation: str
 ) -> list[Message]:
     out: list[Message] = []
+    due: dict[str, tuple[Profile, int]] = {}
     for pid, profile in state.cfg.enabled_profiles().items():
         e = epoch_of(t_s, profile.profile_hash.hash_rotation_interval)
         current = state.current_epoch.get(pid)
-        if current is not None and e <= current:
-            continue  # epochs only move forward (a late step in live mode never re-plans a past epoch)
-        out.extend(await _plan_epoch(state, pid, profile, e, backend, correlation))
+        if current is None or e > current:  # epochs only move forward (live: a late step never re-plans)
+            due[pid] = (profile, e)
+    decided = await _decide_prepared(state, {pid: e for pid, (_, e) in due.items()}, backend, correlation)
+    for pid, (profile, e) in due.items():
+        out.extend(await _plan_epoch(state, pid, profile, e, backend, correlation, decided=decided.get(pid)))
     return out
+
+
+async def _decide_prepared(
+    state: RegistryState, due: dict[str, int], backend: Backend, correlation: str
+) -> dict[str, Decision]:
+    """Record the prepared plans of the due epochs all at once: one profile's record never depends on another's,
+    so the round trips overlap instead of queueing (a profile whose call failed is decided again in turn)."""
+    ready = [
+        (pid, p)
+        for pid, p in state.prepared.items()
+        if (p.epoch, p.steps_done) == (due.get(pid), state.steps_done)
+    ]
+    if not ready:
+        return {}
+    results = await asyncio.gather(
+        *(
+            backend.decide(plan_message(p.resolved, correlation=correlation), asset_claimed=p.asset_claimed)
+            for _, p in ready
+        ),
+        return_exceptions=True,
+    )
+    decided: dict[str, Decision] = {}
+    for (pid, _), r in zip(ready, results, strict=True):
+        if isinstance(r, Decision):
+            decided[pid] = r
+        elif not isinstance(r, ClaimsLostError):
+            raise r
+    return decided
 
 
 async def _rotate_profiles(
@@ -424,6 +457,7 @@ async def _plan_epoch(
     rotation: int = 0,
     start_s: int | None = None,
     commands: Sequence[str] = (),
+    decided: Decision | None = None,
 ) -> list[Message]:
     if start_s is None:
         start_s = epoch * profile.profile_hash.hash_rotation_interval
@@ -452,6 +486,7 @@ async def _plan_epoch(
                 rotation=rotation,
                 start_s=start_s,
                 commands=commands,
+                decided=decided,
             )
         except ClaimsLostError as err:
             log.warning("profile %s epoch %d: %s", pid, epoch, err)
@@ -476,14 +511,23 @@ async def _decide_epoch(
     rotation: int,
     start_s: int,
     commands: Sequence[str],
+    decided: Decision | None,
 ) -> list[Message]:
+    """``decided``: the record ``_decide_prepared`` made or found for this profile's prepared plan."""
     cfg = state.cfg
     prepared = state.prepared.pop(pid, None) if rotation == 0 else None
     if prepared is not None and (prepared.epoch, prepared.steps_done) != (epoch, state.steps_done):
         await _give_back(backend, prepared)  # resolved for another epoch or lookback: not this plan
         prepared = None
+    if prepared is None:
+        decided = None
     # The scheduled plan keeps the backend's original call (backtest and test backends key by start only).
-    rec = await (backend.lookup(pid, start_s, rotation) if rotation else backend.lookup(pid, start_s))
+    # A prepared plan was looked up when it was prepared; ``decided`` says if another record came first.
+    rec = (
+        None
+        if decided is not None
+        else await (backend.lookup(pid, start_s, rotation) if rotation else backend.lookup(pid, start_s))
+    )
     if rec is not None and prepared is not None:
         # Recorded meanwhile (by a replica): give back the keys that plan does not use, as a replica that
         # lost the decision does.
@@ -512,7 +556,7 @@ async def _decide_epoch(
             state.metrics.refused.labels(profile=pid, outcome=c.outcome.name).inc()
         mine = plan_message(resolved, correlation=correlation, commands=commands)
         asset_claimed = resolved.random_asset is not None and not resolved.asset_shared
-        rec = await backend.decide(mine, asset_claimed=asset_claimed)
+        rec = decided if decided is not None else await backend.decide(mine, asset_claimed=asset_claimed)
         if rec.won:
             state.stats.decided += 1
             state.stats.refused_decided.update(c.outcome.name for c in resolved.conflicts)

@@ -167,18 +167,24 @@ async def test_sigkill_mid_replay_continues_where_it_left_off(
         run.start_registry("0")
         steps = schedule(run.cfg, HOURS)
 
+        killed = asyncio.Event()
+
         async def trickle() -> None:
-            # Steps keep arriving while the registry dies and restarts, as from a live ingest.
+            # Steps keep arriving while the registry dies and restarts, as from a live ingest: the second half
+            # only once it was killed (a registry that starts slowly must not see the whole feed before).
             for i, step in enumerate(steps):
+                if i == len(steps) // 2:
+                    await killed.wait()
                 await run.publish([step], finish_with=steps if i == len(steps) - 1 else None)
                 await asyncio.sleep(0.04)
 
         feeder = asyncio.create_task(trickle())
         await run.wait_plans(lambda ps: len(ps) >= 40)
         run.kill("0")
+        killed.set()
         killed_at = time.monotonic()
         before = await run.plans()
-        assert not feeder.done(), "the replay ended before the kill: make the feed slower"
+        assert not feeder.done()
         run.start_registry("0")
         await feeder
         finished = await run.wait_finished(["0"])
