@@ -77,7 +77,9 @@ ASSETS = ["BTC", "ETH", "SOL", "XRP", "ADA", "DOT", "LINK", "MATIC", "AVAX", "AT
 # rotation_s). Each is the backtest's ratio to the plain loop of its own run (evaluations/s over loop
 # candles/s, 8 profiles and 1), the machine-independent form of the figure: printed next to this run's as
 # `vs_previous`, with the previous evaluations/s scaled to this run's plain loop. Measured 2026-12-06 by
-# running the code before and after alternately (docs/benchmarks.md, Backtest).
+# running the code before and after alternately (docs/benchmarks.md, Backtest). The plain loop's rate moves by
+# a quarter between runs on a shared machine: the gain of the compiled modules is read from --compare-interpreted
+# (`vs_interpreted`, CPU times of the same run), not from this.
 PREVIOUS: dict[tuple[int, int, int, int], dict[str, float]] = {
     # two years of Binance candles, 2020-09-22 .. 2022-09-22 (the closing figures)
     (17501, 192505, 8, 86400): {"8_profiles": 0.070, "1_profile": 0.020},
