@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements-dev.lock
 	touch $(STAMP)
 
 # The backtest's hot pure modules, compiled with mypyc next to their .py (scripts/build_native.py, issue 16
-# item 5; about a minute on two cores). Rebuilt whenever one of them, the list or the script changes: Python
+# item 5; about 30 s on two cores). Rebuilt whenever one of them, the list or the script changes: Python
 # imports an extension before the .py beside it, so a stale one must never stay. Without it the .py run.
 NATIVE_SRC := $(shell grep -v -e '^\#' -e '^$$' scripts/native_modules.txt)
 NATIVE_STAMP := build/native/stamp.json

@@ -42,11 +42,6 @@ from typing import Any
 
 from aiokafka.partitioner import murmur2
 
-# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
-# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
-# allowed too.
-from mypy_extensions import mypyc_attr
-
 from mpctl.audit import audit_summary_line
 from mpctl.commands_config import load_for_command
 from mpctl.progress import Progress
@@ -161,7 +156,6 @@ def load_schedule(
 
 
 # ------------------------------------------------------------------------------------------ engine
-@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class Stats:
     steps: int = 0
@@ -170,7 +164,6 @@ class Stats:
     seconds: float = 0.0
 
 
-@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class _Exchange:
     state: execution.PaperState
@@ -197,7 +190,6 @@ def subscriptions(topics: Topics, profiles: Sequence[str]) -> dict[str, list[tup
     return subs
 
 
-@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class Backtest:
     """One run. `exact=True` delivers every step marker and every candle, as the services receive them."""
 
