@@ -23,7 +23,9 @@ RUN python3 -m venv /opt/venv \
  && pip install --no-compile --require-hashes -r /src/requirements.lock \
  && rm /src/requirements.lock
 
-# 2) The project itself (shared, services, mpctl), without resolving dependencies again.
+# 2) The project itself (shared, services, mpctl), without resolving dependencies again. Interpreted: the slim
+#    base has no C compiler, so the modules scripts/build_native.py compiles for the backtest (mypyc) are not
+#    built here (.dockerignore keeps any host-built extension out); the services run the .py, same results.
 COPY pyproject.toml /src/pyproject.toml
 COPY shared /src/shared
 COPY services /src/services

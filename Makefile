@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install sysdeps infra-up infra-down demo test test-compose lint unit integration e2e bench lock clean
+.PHONY: install native sysdeps infra-up infra-down demo test test-compose lint unit integration e2e bench lock clean
 
 # Every dependency, transitive ones included, at the versions and hashes of requirements-dev.lock (the image
 # installs requirements.lock, its runtime part); then the project itself without resolving anything again.
@@ -16,7 +16,18 @@ $(STAMP): pyproject.toml requirements-dev.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+# The backtest's hot pure modules, compiled with mypyc next to their .py (scripts/build_native.py, issue 16
+# item 5; about 30 s on two cores). Rebuilt whenever one of them, the list or the script changes: Python
+# imports an extension before the .py beside it, so a stale one must never stay. Without it the .py run.
+NATIVE_SRC := $(shell grep -v -e '^\#' -e '^$$' scripts/native_modules.txt)
+NATIVE_STAMP := build/native/stamp.json
+
+$(NATIVE_STAMP): $(STAMP) scripts/native_modules.txt scripts/build_native.py $(NATIVE_SRC)
+	$(BIN)/python scripts/build_native.py
+
+native: $(NATIVE_STAMP)
+
+install: $(STAMP) $(NATIVE_STAMP)
 
 sysdeps:
 	bash scripts/ensure-system-deps.sh
@@ -72,4 +83,5 @@ bench: install sysdeps
 	$(BIN)/python scripts/bench_scale.py $(BENCH_SCALE_ARGS) | tee reports/bench/scale.json
 
 clean:
-	rm -rf $(VENV) reports .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) reports build .pytest_cache .mypy_cache .ruff_cache
+	find shared services mpctl -name '*.so' -delete

@@ -3,6 +3,7 @@ plain Python loop over the same candles measured in the same run.
 
     .venv/bin/python scripts/bench_backtest.py [--data DIR] [--source binance] [--start ISO --end ISO | --hours N]
                                                [--profiles 8] [--rotation-s 86400] [--repeat 1] [--out FILE]
+                                               [--compare-interpreted | --interpreted]
 
 Closing figures (two years of hourly candles of the eleven Binance assets, not copied into the repository):
 
@@ -21,6 +22,10 @@ Closing figures (two years of hourly candles of the eleven Binance assets, not c
 - Baseline: a plain Python loop over the same candles (float closes of every product, step by step, a 12/48
   simple moving average crossover per product with running sums, the number of crossings counted), best of
   --repeat; `ratio` = backtest evaluations/s over loop candles/s.
+- Compiled modules (scripts/build_native.py, mypyc): `compiled_modules` counts the ones this run imported
+  compiled. --interpreted runs their .py instead; --compare-interpreted runs the same again in a subprocess
+  with --interpreted and prints `vs_interpreted`: both CPU times, their ratio (`cpu_speedup`) and whether
+  both did the same work (`same_counts`). CPU time, because a shared machine moves wall times by up to 2x.
 - With several files for one asset in --data (e.g. Coinbase and Binance), --source picks the files to use
   (links in a temporary folder), as `mpctl backtest` needs one file per asset.
 
@@ -42,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +58,11 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import build_native  # noqa: E402 (scripts/, beside this file)
+
+if "--interpreted" in sys.argv[1:]:
+    build_native.force_interpreted()  # before the project's modules are imported below
 
 from mpctl.backtest import load_schedule, run_backtest, write_report  # noqa: E402
 from shared.aligner import Step  # noqa: E402
@@ -66,7 +77,9 @@ ASSETS = ["BTC", "ETH", "SOL", "XRP", "ADA", "DOT", "LINK", "MATIC", "AVAX", "AT
 # rotation_s). Each is the backtest's ratio to the plain loop of its own run (evaluations/s over loop
 # candles/s, 8 profiles and 1), the machine-independent form of the figure: printed next to this run's as
 # `vs_previous`, with the previous evaluations/s scaled to this run's plain loop. Measured 2026-12-06 by
-# running the code before and after alternately (docs/benchmarks.md, Backtest).
+# running the code before and after alternately (docs/benchmarks.md, Backtest). The plain loop's rate moves by
+# a quarter between runs on a shared machine: the gain of the compiled modules is read from --compare-interpreted
+# (`vs_interpreted`, CPU times of the same run), not from this.
 PREVIOUS: dict[tuple[int, int, int, int], dict[str, float]] = {
     # two years of Binance candles, 2020-09-22 .. 2022-09-22 (the closing figures)
     (17501, 192505, 8, 86400): {"8_profiles": 0.070, "1_profile": 0.020},
@@ -88,6 +101,36 @@ def vs_previous(key: tuple[int, int, int, int], ratios: dict[str, float], loop_r
             "ratio_vs_plain_loop": ratio,
             "previous_evaluations_per_s_at_this_loop_rate": round(before * loop_rate),
             "speedup": round(ratio / before, 3) if before else None,
+        }
+    return out
+
+
+def vs_interpreted(argv: list[str], compiled: dict[str, Any]) -> dict[str, Any]:
+    """The same run in a subprocess with every module interpreted, and the CPU-time ratios of the two."""
+    rest = [a for a in argv if a not in ("--compare-interpreted", "--report")]
+    if "--out" in rest:
+        i = rest.index("--out")
+        del rest[i : i + 2]
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *rest, "--interpreted", "--repeat", "1"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    interpreted = json.loads(run.stdout)
+    out: dict[str, Any] = {"compiled_modules": interpreted["compiled_modules"]}
+    for key in (k for k in compiled if k.startswith("backtest_")):
+        a, b = interpreted[key], compiled[key]
+        out[key.removeprefix("backtest_")] = {
+            "interpreted_cpu_s": a["backtest_cpu_s"],
+            "compiled_cpu_s": b["backtest_cpu_s"],
+            "interpreted_evaluations_per_cpu_s": a["evaluations_per_cpu_s"],
+            "compiled_evaluations_per_cpu_s": b["evaluations_per_cpu_s"],
+            "cpu_speedup": round(a["backtest_cpu_s"] / b["backtest_cpu_s"], 3)
+            if b["backtest_cpu_s"]
+            else None,
+            # The same work both ways: a difference here would be a bug, not noise.
+            "same_counts": all(a[n] == b[n] for n in ("evaluations", "intents", "fills", "plans")),
         }
     return out
 
@@ -210,6 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="plain-loop repetitions (best kept)")
     ap.add_argument("--report", action="store_true", help="also write the output files (timed as report_s)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument(
+        "--interpreted",
+        action="store_true",
+        help="run the .py of the modules scripts/build_native.py compiles, even where they are built",
+    )
+    ap.add_argument(
+        "--compare-interpreted",
+        action="store_true",
+        help="then run the same in a subprocess with --interpreted and report the ratio (vs_interpreted)",
+    )
     args = ap.parse_args(argv)
 
     data = pick_source(args.data, args.source)
@@ -251,12 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         "vs_previous": vs_previous(
             (len(steps), candles, many["profiles"], args.rotation_s), ratios, loop_rate
         ),
+        # The modules that ran compiled (scripts/build_native.py); none: every module ran interpreted.
+        "compiled_modules": len(build_native.compiled_modules()),
         "machine": {
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
         },
     }
+    if args.compare_interpreted:
+        result["vs_interpreted"] = vs_interpreted(argv if argv is not None else sys.argv[1:], result)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

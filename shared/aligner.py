@@ -10,11 +10,19 @@ Duplicated candles (redelivery) are dropped by (product, open_time).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
 
 from shared.clock import derived_id, from_epoch_s
 from shared.messages import CandleClosed, ReplayFinished, WatermarkAdvanced
+from shared.native import reduce_frozen
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class Step:
     """One event-time step of market data: every candle opening at `time_s`. What the aligner releases to a
@@ -44,7 +52,12 @@ class Step:
             interval_s=self.interval_s,
         )
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class Aligner:
     partitions: frozenset[int]

@@ -35,14 +35,21 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
+
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
 
 from shared.messages import OrderDecided, OrderFilled
+from shared.native import reduce_frozen
 
 ZERO = Decimal(0)
 
 
 # ------------------------------------------------------------------------------------------ accounting
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True, slots=True)
 class Holding:
     """An open position in one product: its size, average cost, and the buy fees not yet charged to a sale."""
@@ -51,7 +58,12 @@ class Holding:
     avg_price: Decimal
     entry_fees: Decimal = ZERO
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True, slots=True)
 class Booked:
     """What one fill did to one product's holding."""
@@ -62,6 +74,10 @@ class Booked:
     sold: Decimal  # of a sell, the size taken out of the holding (0 for a buy)
     gain: Decimal  # realised at average cost, fees apart (0 for a buy)
     win: bool  # a sell whose gain exceeds its share of the entry fees plus its own fee
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
 
 def book_fill(before: Holding | None, side: str, size: Decimal, price: Decimal, fee: Decimal) -> Booked:
@@ -87,6 +103,7 @@ def book_fill(before: Holding | None, side: str, size: Decimal, price: Decimal, 
     return Booked(rest, notional - fee, notional, sold, gain, gain - share - fee > 0)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class Book:
     """One profile's books from its verified fills (mutable: it accumulates; each step is `book_fill`)."""
@@ -153,6 +170,7 @@ class Book:
 
 
 # ------------------------------------------------------------------------------------------ which fills count
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True, slots=True)
 class Order:
     """What an intent's fills must match: the approved (or, for the strategy's own intents, the asked) order."""
@@ -160,6 +178,10 @@ class Order:
     product: str
     side: str
     size: Decimal
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
 
 FillCheck = Literal["counted", "duplicate", "mismatch", "over_size"]

@@ -46,6 +46,11 @@ from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 from typing import Any, Literal
 
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
+
 from shared import book as shared_book
 from shared.aligner import Aligner, Step
 from shared.clock import derived_id, from_epoch_s
@@ -93,6 +98,7 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ state
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class BookEntry:
     """A market order another intent may conflict with: live from its decision (`start`) until its latest
@@ -109,6 +115,7 @@ class BookEntry:
     send: datetime | None = None  # the predicted send time (`end` - order_timeout)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class Draft:
     """One intent's decision while its step is decided (a later intent of the step may net against it)."""
@@ -138,6 +145,7 @@ class Draft:
         return self.verdict != "rejected"
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class PartitionState:
     marks: dict[str, int] = field(default_factory=dict)  # profile -> last completed step (epoch s)
@@ -145,6 +153,7 @@ class PartitionState:
     finished: bool = False
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class ArbiterState:
     profiles: dict[str, int]  # enabled profile -> priority

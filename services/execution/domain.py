@@ -35,6 +35,11 @@ from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
 from typing import Literal
 
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
+
 from shared.aligner import Aligner, Step
 from shared.clock import derived_id, from_epoch_s
 from shared.config import ExecutionSettings, Profile
@@ -61,6 +66,7 @@ HISTORY_CANDLES = 10_000
 EIGHT = Decimal("0.00000001")
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class OrderRecord:
     order: ExecuteOrder
@@ -81,6 +87,7 @@ class OrderRecord:
         return self.order.size - self.internal_done - self.filled
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class PaperState:
     profile_id: str

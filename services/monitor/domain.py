@@ -46,6 +46,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
+
 from shared import book
 from shared.config import AppConfig
 from shared.messages import (
@@ -61,6 +66,7 @@ from shared.messages import (
     PlanPublished,
     ProfileHalted,
 )
+from shared.native import reduce_frozen
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The message types RunData keeps (add's branches below).
@@ -86,6 +92,7 @@ def _num(d: Decimal) -> str:
     return format(d.normalize(), "f") if d == d.to_integral() else format(d, "f")
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class RunData:
     candles: list[CandleClosed] = field(default_factory=list)
@@ -148,6 +155,7 @@ PROTECTIVE_REASONS = frozenset({"stop_loss", "take_profit"})
 TIMEOUT_PREFIX = "order_timeout"  # how the paper exchange's (and live worker's) timeout cancel reason starts
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class _Reasons:
     """An order event's intent reason: its own, else its intent's (PlaceOrder.reason), else that of another
     event of the same order (messages from before the field existed carry none)."""
@@ -281,6 +289,7 @@ def _us_iso(s: str) -> int:
     return _us(datetime.fromisoformat(s.replace("Z", "+00:00")))
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class WorkingOrder:
     """An order that traded at the exchange, for the wash-trade count: its non-internal fill times (sorted) and
@@ -293,6 +302,10 @@ class WorkingOrder:
     start_us: int
     fills_us: tuple[int, ...]
     protective: bool
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
 
 def working_orders(

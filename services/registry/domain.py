@@ -26,10 +26,20 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
+# The registry's errors live apart: mypyc compiles this module (scripts/native_modules.txt) and cannot compile a
+# subclass of RuntimeError; the names stay importable from here.
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
+
+from services.registry.errors import ClaimsLostError as ClaimsLostError
+from services.registry.errors import NonceExhaustedError as NonceExhaustedError
 from shared.config import STRATEGY_NAMES, Profile, RegistrySettings, StrategyName
 from shared.messages import PlanPublished
+from shared.native import reduce_frozen
 from shared.strategy_catalog import CATALOG
 
 __all__ = [
@@ -310,6 +320,7 @@ def fingerprint(strategy: str, params: Mapping[str, float], assets: Sequence[str
     return hashlib.sha256(canonical_json(strategy, params, assets).encode("utf-8")).hexdigest()
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class _Fingerprints:
     """``fingerprint(strategy, params, assets)`` for the asset sets one candidate tries in turn, with the
     parameters quantised and encoded once. The text is canonical_json's: its keys, sorted, are assets,
@@ -329,6 +340,7 @@ def _canonical(value: object) -> str:
 
 
 # ------------------------------------------------------------------------------------------ candidates
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class PlanCandidate:
     """One derivation (profile, epoch, nonce) before any claim."""
@@ -345,6 +357,10 @@ class PlanCandidate:
     base_assets: tuple[str, ...]  # traded base assets: the profile's base_assets without the quote asset
     asset_candidates: tuple[str, ...]  # random-asset candidates in the order they are tried
     rotation: int = 0  # k-th early rotation inside the epoch (0: the scheduled plan)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
 
 def derive_candidate(
@@ -421,6 +437,7 @@ class ClaimOutcome(enum.Enum):
     ASSET_TAKEN = "ASSET_TAKEN"
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class ClaimResult:
     """A claim's outcome and, when taken, which profile holds the key over which interval."""
@@ -434,7 +451,12 @@ class ClaimResult:
     def ok(self) -> bool:
         return self.outcome is ClaimOutcome.OK
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class Conflict:
     """One refused claim during resolution (for logs, audit and metrics)."""
@@ -445,7 +467,12 @@ class Conflict:
     asset: str | None
     fingerprint: str
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class ResolvedPlan:
     """A claimed plan: everything PlanPublished needs (times are Unix seconds of event time)."""
@@ -471,9 +498,9 @@ class ResolvedPlan:
     # same profile agree on the plan but may see different holders on the way.
     conflicts: tuple[Conflict, ...] = field(default=(), compare=False)
 
-
-class NonceExhaustedError(RuntimeError):
-    """No unique plan within nonces 0..max_nonce."""
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
 
 # ------------------------------------------------------------------------------------------ the store's types
@@ -484,24 +511,7 @@ KeyKind = Literal["hash", "fp", "asset"]
 TakeoverOutcome = Literal["OK", "PUBLISHED", "GONE", "WAIT"]
 
 
-class ClaimsLostError(RuntimeError):
-    """A guarded claim found that Redis no longer holds the state this registry built on.
-
-    ``reason`` is ``NOT_READY`` (the ready key is gone: Redis was flushed, restarted without persistence or
-    evicted keys; nobody has rebuilt yet) or ``STALE`` (another replica rebuilt: ``generation`` is the new
-    one). Nothing was written. The registry recovers (docs/registry.md section 12) and claims again.
-    """
-
-    def __init__(self, reason: str, generation: str | None = None) -> None:
-        super().__init__(
-            f"registry claims lost ({reason}"
-            + (f", live generation {generation}" if generation else "")
-            + "): rebuild from the plans topic before claiming"
-        )
-        self.reason = reason
-        self.generation = generation
-
-
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class Holding:
     """One claim member: ``profile`` holds the key over ``[start_s, end_s)`` of event time."""
@@ -518,7 +528,12 @@ class Holding:
     def sort_key(self) -> tuple[int, int, str]:
         return (self.start_s, self.end_s, self.profile)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class Decision:
     """The recorded plan of one (profile, epoch). ``won``: this call created the record."""
@@ -529,7 +544,12 @@ class Decision:
     asset_claimed: bool | None
     won: bool = False
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class Held:
     """A profile's current plan as this process knows it (for recoveries)."""
@@ -538,12 +558,21 @@ class Held:
     owner: str
     asset_claimed: bool | None  # None: unknown (read back from the topic)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class _ClaimRequest:
     candidate: PlanCandidate
     fingerprint: str
     asset: str | None
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
 
 def _as_result(outcome: ClaimOutcome | ClaimResult) -> ClaimResult:

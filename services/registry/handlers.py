@@ -40,6 +40,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
 
 from services.registry.domain import (
     ClaimsLostError,
@@ -65,12 +71,14 @@ from shared.messages import (
     WatermarkAdvanced,
     WorkerFinished,
 )
+from shared.native import reduce_frozen
 
 log = logging.getLogger("registry")
 
 MAX_RECOVERIES_PER_EPOCH = 5
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class RotationRequest:
     """An accepted ``rotate`` command waiting for its step (broker append time in ms)."""
@@ -79,7 +87,12 @@ class RotationRequest:
     target: str  # a profile id or "all"
     appended_ms: int
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class Stats:
     decided: int = 0  # derived and recorded first by this process
@@ -112,6 +125,7 @@ class Stats:
         }
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class Prepared:
     """An epoch's scheduled plan, resolved and claimed ahead of its first step, not yet recorded or published."""
@@ -122,7 +136,12 @@ class Prepared:
     # RegistryState.steps_done when resolved: valid only while no step joined the lookback since.
     steps_done: int
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class RegistryState:
     cfg: AppConfig

@@ -10,6 +10,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
+
 from services.registry.domain import (
     ClaimOutcome,
     ClaimResult,
@@ -25,6 +30,7 @@ from shared.messages import PlanPublished
 __all__ = ["MemoryRegistry"]
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class MemoryRegistry:
     """What Redis holds for the registry, in memory: claims and decision records.
 

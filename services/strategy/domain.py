@@ -73,10 +73,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 # Re-exported: callers name MarketSignals from here, and a snapshot written before the split names both classes
 # as services.strategy.domain's (pickle finds a class by its module and name).
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
+
 from services.strategy.indicators import MarketSignals as MarketSignals
 from services.strategy.indicators import _Snapshot as _Snapshot
 from services.strategy.signals import Signal
@@ -113,6 +118,7 @@ from shared.messages import (
     WatermarkAdvanced,
     WorkerFinished,
 )
+from shared.native import reduce_frozen
 from shared.strategy_catalog import CATALOG
 
 SIZE_STEP = Decimal("0.00000001")
@@ -127,6 +133,7 @@ ASSET_DUST_RATE = Decimal("0.0001")  # 0.01 % of the holding
 DEFAULT_DECISION_WAIT_STEPS = StrategySettings().decision_wait_steps
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class _Limits:
     """The profile's thresholds as the types the hot path compares with (converted once)."""
@@ -146,13 +153,19 @@ class _Limits:
             Decimal(str(rm.max_daily_loss_pct)),
         )
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class Position:
     size: Decimal
     avg_price: Decimal
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class StrategyState:
     profile_id: str

@@ -11,6 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import Decimal
 
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
+
 from services.strategy.signals import Bar, ProductSignals, Signal, SignalModel, blend_with
 from shared.aligner import Step
 from shared.strategy_catalog import CATALOG
@@ -18,6 +23,7 @@ from shared.strategy_catalog import CATALOG
 _ANY_STRATEGY = next(iter(CATALOG))  # ProductSignals.evaluate validates a name; every model runs regardless
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class _Snapshot:
     """What every profile reads of one product at its last bar: volatility, and the catalog-default signals
     of the ready models (computed on first use: only a product some profile blends needs them)."""
@@ -39,6 +45,7 @@ class _Snapshot:
         return self._defaults
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class MarketSignals:
     """The indicators of every product, fed once per step.
 

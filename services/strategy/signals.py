@@ -1,9 +1,9 @@
 """The five strategies' signal models, fed one closed candle at a time.
 
-Pure domain code: no I/O, no Kafka/Redis/exchange imports, standard library only. Every indicator is
-incremental (O(1) amortised per bar) and uses only bars already seen, so a replay and live trading compute
-the same numbers. The formulas are documented in docs/strategies.md; names and parameters come from
-shared/strategy_catalog.py.
+Pure domain code: no I/O, no Kafka/Redis/exchange imports, standard library only (and mypyc's class
+attribute, see scripts/build_native.py). Every indicator is incremental (O(1) amortised per bar) and uses only
+bars already seen, so a replay and live trading compute the same numbers. The formulas are documented in
+docs/strategies.md; names and parameters come from shared/strategy_catalog.py.
 
 Rolling sums and variances use a two-stack queue: values are only ever added, never subtracted, so a large
 value that has left the window leaves no rounding residue behind (a running add/subtract sum would), and a
@@ -19,8 +19,14 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import ClassVar, SupportsIndex
+from typing import Any, ClassVar, SupportsIndex
 
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
+
+from shared.native import reduce_frozen
 from shared.strategy_catalog import CATALOG
 
 __all__ = [
@@ -45,6 +51,7 @@ _SQRT1_2 = math.sqrt(0.5)
 _EMPTY: Mapping[str, float] = MappingProxyType({})
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True, slots=True)
 class Bar:
     """One closed candle. Floats, not Decimals, for speed inside the indicators."""
@@ -70,7 +77,12 @@ class Bar:
         if self.high < self.low:
             raise ValueError(f"bar at {self.open_time}: high {self.high!r} is below low {self.low!r}")
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True, slots=True)
 class Signal:
     value: float  # in [-1, 1]; > 0 bullish
@@ -83,6 +95,10 @@ class Signal:
         if not 0.0 <= self.confidence <= 1.0:
             raise ValueError(f"signal confidence {self.confidence!r} must be in [0, 1]")
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
+
 
 def _signal(value: float, confidence: float) -> Signal:
     # Last line of defence: formulas are guarded, but a NaN must never reach an order decision.
@@ -93,16 +109,10 @@ def _signal(value: float, confidence: float) -> Signal:
     # min(1.0, max(-1.0, value)) and min(1.0, max(0.0, confidence)), written out (they run for every signal).
     value = value if value > -1.0 else -1.0
     confidence = confidence if confidence > 0.0 else 0.0
-    # Signal(value, confidence) without its __init__ and __post_init__ frames: the checks there hold by
-    # construction (no NaN, both clamped), and this runs for every model evaluation (the same object).
-    sig = _new_signal(Signal)
-    _set_slot(sig, "value", value if value < 1.0 else 1.0)
-    _set_slot(sig, "confidence", confidence if confidence < 1.0 else 1.0)
-    return sig
+    # min(1.0, value) and min(1.0, confidence); Signal's checks then hold (no NaN, both clamped).
+    return Signal(value if value < 1.0 else 1.0, confidence if confidence < 1.0 else 1.0)
 
 
-_new_signal = object.__new__
-_set_slot = object.__setattr__
 _FLAT = Signal(0.0, 0.0)
 
 
@@ -111,6 +121,7 @@ _FLAT = Signal(0.0, 0.0)
 # --------------------------------------------------------------------------------------------------
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class _RollingSum:
     """Sum of the last n pushed values (two-stack queue, amortised O(1), no subtraction)."""
 
@@ -143,6 +154,7 @@ class _RollingSum:
         return (self._front[-1] if self._front else 0.0) + self._back_sum
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class _RollingSum3:
     """Three rolling sums of one window pushed together (the VWMA's price x volume, volume and close): each
     sum is exactly what its own _RollingSum gives (same additions, same order), with one bookkeeping."""
@@ -181,6 +193,7 @@ class _RollingSum3:
         return 0.0 + self._sa, 0.0 + self._sb, 0.0 + self._sc  # as _RollingSum.total: 0.0 + -0.0 is 0.0
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class _RollingMoments:
     """Sample variance of the last n pushed values: Welford aggregates per stack, merged by Chan's formula."""
 
@@ -235,6 +248,7 @@ class _RollingMoments:
         return m2 / (n - 1) if n > 1 and m2 > 0.0 else 0.0
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class _LogReturns:
     """Log returns of close, r = ln(close / previous close), with their rolling moments by window.
 
@@ -292,6 +306,7 @@ def _binary_entropy(k: int, n: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class SignalModel(ABC):
     """One strategy's indicator state for one product. Feed every closed bar once, in order."""
 
@@ -306,7 +321,9 @@ class SignalModel(ABC):
         None: the model keeps and feeds its own."""
         spec = CATALOG[self.name]
         params = dict(spec.structural)
-        for key, raw in (structural or {}).items():
+        # Read as objects: the values are checked below, and compiled code would refuse a non-int before that.
+        given: Mapping[str, object] = structural or {}
+        for key, raw in given.items():
             if key not in params:
                 raise ValueError(
                     f"{self.name}: unknown structural parameter {key!r}; valid: {', '.join(sorted(params))}"
@@ -402,6 +419,7 @@ def _window(model: str, key: str, raw: object) -> int:
     raise ValueError(f"{model}: structural parameter {key!r} must be an integer, got {raw!r}")
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class VwmaOscillatorModel(SignalModel):
     """volume_weighted_hash_oscillator: fast VWMA against slow VWMA, in units of return volatility."""
 
@@ -452,6 +470,7 @@ class VwmaOscillatorModel(SignalModel):
         return (vwma_f - vwma_s) / vwma_s / (math.sqrt(var) * self._sqrt_f)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class EntropyGatedMomentumModel(SignalModel):
     """zygot_zalgo_entropy_dual_key_gate: momentum t-statistic, passed only when return signs are ordered."""
 
@@ -509,6 +528,7 @@ class EntropyGatedMomentumModel(SignalModel):
         return None
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class MultiHorizonMomentumModel(SignalModel):
     """multi_phase_strategy_weight_tensor: weighted blend of volatility-normalised returns over 3 horizons."""
 
@@ -564,6 +584,7 @@ class MultiHorizonMomentumModel(SignalModel):
         )
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class BayesianDriftModel(SignalModel):
     """quantum_strategy_calculator: normal-normal posterior of the mean log return over a window."""
 
@@ -597,6 +618,7 @@ class BayesianDriftModel(SignalModel):
         return _signal(math.tanh(gain * z), abs(math.erf(z * _SQRT1_2)))
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class DonchianAtrBreakoutModel(SignalModel):
     """entropy_enhanced_trading_executor: close beyond the prior Donchian channel, in ATRs."""
 
@@ -698,6 +720,7 @@ def make_model(
 # --------------------------------------------------------------------------------------------------
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class VolatilityTracker:
     """Sample standard deviation of the last `window` log returns of close (the entropy_threshold measure)."""
 
@@ -733,6 +756,7 @@ class VolatilityTracker:
         return None if pc is None else pc * self._annualise
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class ProductSignals:
     """Everything one product needs: the five models and a VolatilityTracker, fed by one update()."""
 

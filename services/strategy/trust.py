@@ -29,23 +29,34 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
+
+# Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
+# restore them without __init__), which mypyc's generated __init__ honours only with interpreted subclasses
+# allowed too.
+from mypy_extensions import mypyc_attr
 
 from shared.aligner import Step
 from shared.book import Order, check_fill
 from shared.messages import OrderDecided, OrderFilled, OrderUpdated
+from shared.native import reduce_frozen
 
 log = logging.getLogger(__name__)
 
 Outcome = OrderDecided | OrderUpdated | OrderFilled
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class Refusal:
     """An outcome the state refused (it moves no books): the worker dead-letters the record it came in."""
 
     outcome: Outcome
     reason: str
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
+        return reduce_frozen(self)
 
 
 class TrustState(Protocol):

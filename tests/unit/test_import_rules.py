@@ -36,6 +36,7 @@ PURE = (
     "services/execution/reconcile.py",
     "services/execution/ports.py",
     "services/execution/errors.py",
+    "services/registry/errors.py",
     "services/registry/memory.py",
     "services/registry/ports.py",
     "shared/aligner.py",

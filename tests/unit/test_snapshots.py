@@ -72,9 +72,11 @@ def same(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, deque):
         return a.maxlen == b.maxlen and same(list(a), list(b))
-    if isinstance(a, BaseModel) or not hasattr(a, "__dict__") and not hasattr(a, "__slots__"):
+    # A class compiled by mypyc (scripts/build_native.py) lists its attributes in __mypyc_attrs__.
+    slots = (*getattr(a, "__slots__", ()), *getattr(type(a), "__mypyc_attrs__", ()))
+    if isinstance(a, BaseModel) or not hasattr(a, "__dict__") and not slots:
         return bool(a == b)
-    names = list(getattr(a, "__dict__", {})) + [n for n in getattr(a, "__slots__", ()) if hasattr(a, n)]
+    names = list(getattr(a, "__dict__", {})) + [n for n in slots if n != "__dict__" and hasattr(a, n)]
     return all(same(getattr(a, n), getattr(b, n)) for n in names)
 
 
