@@ -132,7 +132,6 @@ class Prepared:
 
     epoch: int
     resolved: ResolvedPlan
-    asset_claimed: bool
     # RegistryState.steps_done when resolved: valid only while no step joined the lookback since.
     steps_done: int
 
@@ -241,6 +240,11 @@ def plan_message(r: ResolvedPlan, *, correlation: str, commands: Sequence[str] =
         rotation=r.rotation,
         rotation_commands=list(commands),
     )
+
+
+def holds_asset(r: ResolvedPlan) -> bool:
+    """Whether the plan holds its random asset (not when every candidate was held and it shares one)."""
+    return r.random_asset is not None and not r.asset_shared
 
 
 def plan_keys(plan: PlanPublished | ResolvedPlan, asset_claimed: bool | None) -> set[tuple[KeyKind, str]]:
@@ -365,14 +369,12 @@ async def _prepare_next(state: RegistryState, t_s: int, backend: Backend) -> Non
             log.warning("profile %s epoch %d: not planned ahead: %s", pid, e, err)
             await _give_back_all(state, backend)
             return
-        claimed = resolved.random_asset is not None and not resolved.asset_shared
-        state.prepared[pid] = Prepared(e, resolved, claimed, state.steps_done)
+        state.prepared[pid] = Prepared(e, resolved, state.steps_done)
 
 
 async def _give_back(backend: Backend, prepared: Prepared) -> None:
     r = prepared.resolved
-    keys = plan_keys(r, prepared.asset_claimed)
-    await backend.unclaim(r.profile, r.epoch_start_s, r.epoch_end_s, sorted(keys))
+    await backend.unclaim(r.profile, r.epoch_start_s, r.epoch_end_s, sorted(plan_keys(r, holds_asset(r))))
 
 
 async def _give_back_all(state: RegistryState, backend: Backend) -> None:
@@ -412,7 +414,9 @@ async def _decide_prepared(
         return {}
     results = await asyncio.gather(
         *(
-            backend.decide(plan_message(p.resolved, correlation=correlation), asset_claimed=p.asset_claimed)
+            backend.decide(
+                plan_message(p.resolved, correlation=correlation), asset_claimed=holds_asset(p.resolved)
+            )
             for _, p in ready
         ),
         return_exceptions=True,
@@ -535,25 +539,20 @@ async def _decide_epoch(
     """``decided``: the record ``_decide_prepared`` made or found for this profile's prepared plan."""
     cfg = state.cfg
     prepared = state.prepared.pop(pid, None) if rotation == 0 else None
-    if prepared is not None and (prepared.epoch, prepared.steps_done) != (epoch, state.steps_done):
-        await _give_back(backend, prepared)  # resolved for another epoch or lookback: not this plan
-        prepared = None
-    if prepared is None:
-        decided = None
+    if prepared is None or decided is None:
+        if prepared is not None:
+            # Not recorded by _decide_prepared (resolved for another epoch or lookback, or Redis lost the
+            # claims): not this plan.
+            await _give_back(backend, prepared)
+        prepared = decided = None
     # The scheduled plan keeps the backend's original call (backtest and test backends key by start only).
-    # A prepared plan was looked up when it was prepared; ``decided`` says if another record came first.
+    # A prepared plan was looked up when it was prepared; ``decided`` says if another record came first (then
+    # the keys it does not use are given back below, as by a replica that lost the decision).
     rec = (
         None
         if decided is not None
         else await (backend.lookup(pid, start_s, rotation) if rotation else backend.lookup(pid, start_s))
     )
-    if rec is not None and prepared is not None:
-        # Recorded meanwhile (by a replica): give back the keys that plan does not use, as a replica that
-        # lost the decision does.
-        extra = plan_keys(prepared.resolved, prepared.asset_claimed) - plan_keys(rec.plan, rec.asset_claimed)
-        if extra:
-            r = prepared.resolved
-            await backend.unclaim(pid, r.epoch_start_s, r.epoch_end_s, sorted(extra))
     if rec is None:
         resolved = (
             prepared.resolved
@@ -574,8 +573,8 @@ async def _decide_epoch(
             state.stats.refused[c.outcome.name] += 1
             state.metrics.refused.labels(profile=pid, outcome=c.outcome.name).inc()
         mine = plan_message(resolved, correlation=correlation, commands=commands)
-        asset_claimed = resolved.random_asset is not None and not resolved.asset_shared
-        rec = decided if decided is not None else await backend.decide(mine, asset_claimed=asset_claimed)
+        claimed = holds_asset(resolved)
+        rec = decided if decided is not None else await backend.decide(mine, asset_claimed=claimed)
         if rec.won:
             state.stats.decided += 1
             state.stats.refused_decided.update(c.outcome.name for c in resolved.conflicts)
@@ -593,7 +592,7 @@ async def _decide_epoch(
         elif rec.plan.id != mine.id:
             # Lost the decision with another plan (this replica saw a different claim set): give back the
             # keys the recorded plan does not use, so they block nobody.
-            extra = plan_keys(mine, asset_claimed) - plan_keys(rec.plan, rec.asset_claimed)
+            extra = plan_keys(mine, claimed) - plan_keys(rec.plan, rec.asset_claimed)
             await backend.unclaim(pid, resolved.epoch_start_s, resolved.epoch_end_s, sorted(extra))
             state.stats.divergent += 1
             state.metrics.divergent.labels(profile=pid).inc()
