@@ -259,7 +259,7 @@ class Backtest:
 
     # -------------------------------------------------------------------------------- routing
     def _key_partition(self, key: bytes | None, n: int) -> int:
-        # aiokafka's DefaultPartitioner (murmur2, as the Java client), which faust's producer also uses.
+        # aiokafka's DefaultPartitioner (murmur2, as the Java client), which the services' producers use.
         if key is None or n == 1:
             return 0  # unkeyed outputs go to single-partition topics only
         p = self._partition.get((key, n))

@@ -6,7 +6,7 @@ service judges, after the signed-command gate's verdict (shared/commands.py). Ev
 reason, and the consumer that owns the record dead-letters it with `dead_letter`.
 
 Pure: no Kafka client here. A record is anything with the fields of a consumed Kafka record (`Record`): aiokafka's
-ConsumerRecord is one; the strategy adapts faust's. The services differ only in what they do with the verdict
+ConsumerRecord is one, and so is the strategy's HeldRecord (an outcome's record kept until judged). The services differ only in what they do with the verdict
 (which topics they dead-letter, what they act on), never in how it is reached.
 """
 

@@ -1,6 +1,6 @@
 """Broker outages in the logs: one line when the broker goes, a summary every minute, one line when it is back.
 
-aiokafka (and faust over it) logs every failed connection, metadata refresh, fetch, heartbeat and produce attempt
+aiokafka logs every failed connection, metadata refresh, fetch, heartbeat and produce attempt
 of every client, at ERROR or WARNING, several times a second per client: an 8-minute outage wrote 358,335 lines
 (46 MB) to a demo's logs (issue 19). `OutageLog` (pure, its clock injected) decides what an operator reads
 instead; `BrokerNoiseFilter` applies it to a logging handler, and `shared.runtime.setup_logging` (every service)
@@ -37,9 +37,9 @@ QUIET_S = 5.0
 TEXT_MAX = 300  # of the first error quoted in the outage line
 
 # The Kafka client libraries: only their records are judged.
-LIBRARY_LOGGERS = ("aiokafka", "kafka", "faust", "mode")
+LIBRARY_LOGGERS = ("aiokafka", "kafka")
 # A failed connection as these libraries word it (aiokafka 0.14: client.py, consumer/fetcher.py,
-# consumer/group_coordinator.py, producer/sender.py; faust and mode quote the same exceptions). Narrow on purpose:
+# consumer/group_coordinator.py, producer/sender.py). Narrow on purpose:
 # a rebalance or an expired session ("Heartbeat failed ... rebalancing", "Heartbeat session expired") or a
 # refused request is news and passes, even while the broker is away.
 _CONNECTION_ERROR = re.compile(

@@ -4,7 +4,7 @@ child process per profile (`serve_forked`).
 Each child is a whole worker of its own (its own consumer group, state, snapshots, heartbeat and metrics), started
 exactly as `python -m services.<name> --profile P` would be, so a crash stays the child's: the host starts that
 profile again (from its snapshot) and the other profiles run on. What the children share is what the host loaded
-before the fork (the interpreter, faust, aiokafka, pydantic and the project's modules): copy-on-write pages, which
+before the fork (the interpreter, aiokafka, pydantic and the project's modules): copy-on-write pages, which
 is why a profile costs a fraction of a process (PSS; RSS counts the shared pages in every process). The host holds
 no state, no connection and no credentials; a child reads its own (MPCTL_PROFILES_PER_PROCESS, docs/scaling.md).
 """

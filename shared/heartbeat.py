@@ -3,7 +3,7 @@
 join no consumer group (the ingest, the registry) and notice a killed process within a few beats.
 
 The beat runs in a daemon thread with its own event loop and producer, started by `shared.runtime.main_entry`
-for every service (asyncio services and the faust strategy worker alike): it needs nothing from the service's
+for every service: it needs nothing from the service's
 code, it stops beating when the process dies, and on a clean exit it sends a last beat with `stopping=True`.
 A failure to publish is logged (once per outage) and never stops the service.
 

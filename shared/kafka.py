@@ -47,22 +47,26 @@ PRODUCER_REQUEST_TIMEOUT_MS = 300_000
 
 # How long the broker may hold a fetch of a service's input consumer when there is nothing to return. A
 # consumer's client sends its other requests (offsets, metadata) on the connection its fetch uses, and the
-# broker answers a connection's requests in order: behind aiokafka's default long poll (500 ms; faust's worker:
-# 1,500 ms) such a request waited for the poll to expire (the registry's offsets request per batch did, 1.2 s
+# broker answers a connection's requests in order: behind aiokafka's default long poll (500 ms; faust's worker,
+# which the strategy used until issue 16: 1,500 ms) such a request waited for the poll to expire (the registry's offsets request per batch did, 1.2 s
 # per step). No consumer on a step's way from candle to order sends such a request per batch any more; new data
 # ends a poll at once whatever this is, so the value only bounds what a rare request (a metadata refresh, a
 # seek) can wait. Each empty poll costs CPU: an idle 8-profile stack used 0.12 cores with the defaults, 0.16
 # with 100 ms, 0.23 with 50 ms, 0.41 with 20 ms (docs/benchmarks.md). Every input consumer on the hot path is
-# built with it: `input_consumer`, and the strategy's faust consumer (services/strategy/bootstrap.py).
+# built with it: `input_consumer`, and the per-profile workers' ConsumeLoop (below).
 FETCH_MAX_WAIT_MS = 50
 
-# The same for the per-profile workers' input consumers (the execution worker's ConsumeLoop, the strategy's faust
-# consumer): 2P of them, so their empty polls are what an idle stack spends (100 profiles at 50 ms: about 2.5
-# cores of clients and 1 of the broker, more than this machine's two; docs/scaling.md). They send nothing besides
+# The same for the per-profile workers' input consumers (the ConsumeLoop of the execution and strategy workers):
+# 2P of them, so their empty polls are what an idle stack spends (100 profiles at 50 ms: about 2.5 cores of clients and 1 of the broker, more than this machine's two; docs/scaling.md). They send nothing besides
 # their fetch per batch on the fetch connection (commits and heartbeats go to the coordinator's own connection),
 # so a longer wait costs no step latency (docs/benchmarks.md, "A hundred profiles"); it bounds only what a seek
 # after a rebalance waits.
 WORKER_FETCH_MAX_WAIT_MS = 500
+
+# How often a consume loop that rebuilds its state on start (the strategy and paper execution workers) commits
+# what it handled. Its committed offsets serve lag monitoring only, so a commit per batch bought nothing but a
+# producer flush and a coordinator round trip between one batch and the next, on the way from candle to order.
+REBUILD_COMMIT_INTERVAL_S = 1.0
 
 
 def input_consumer(bootstrap: KafkaAccess, **options: Any) -> AIOKafkaConsumer:
@@ -291,9 +295,11 @@ class Publisher:
         await self.flush()
         await self._producer.stop()
 
-    async def send(self, topic: str, msg: Message, *, key: str | None, partition: int | None = None) -> None:
+    async def send(
+        self, topic: str, msg: Message, *, key: str | bytes | None, partition: int | None = None
+    ) -> None:
         fut = await self._producer.send(
-            topic, encode(msg), key=key.encode() if key is not None else None, partition=partition
+            topic, encode(msg), key=key.encode() if isinstance(key, str) else key, partition=partition
         )
         self._pending.append(fut)
 
@@ -320,15 +326,17 @@ class Publisher:
 
 @dataclass
 class Outbox:
-    """Messages a handler wants published; the loop sends them, flushes, then commits the inputs."""
+    """Messages a handler wants published; the loop sends them in order, flushes, then commits the inputs.
 
-    items: list[tuple[str, Message, str | None, bool]] = field(default_factory=list)
+    An item: (topic, message, key, broadcast, partition); partition None: the key's (or the producer's) choice."""
 
-    def add(self, topic: str, msg: Message, key: str | None) -> None:
-        self.items.append((topic, msg, key, False))
+    items: list[tuple[str, Message, str | bytes | None, bool, int | None]] = field(default_factory=list)
+
+    def add(self, topic: str, msg: Message, key: str | bytes | None, *, partition: int | None = None) -> None:
+        self.items.append((topic, msg, key, False, partition))
 
     def broadcast(self, topic: str, msg: Message) -> None:
-        self.items.append((topic, msg, None, True))
+        self.items.append((topic, msg, None, True, None))
 
 
 # A service's decisions on an admitted record (shared/admit.py): outputs go in the outbox, published before the
@@ -378,6 +386,8 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 class ConsumeLoop:
     """At-least-once consumption: a batch is handled, its outputs flushed, and only then its offsets committed.
+    With `rebuild_on_start` the commits (still after the flush) come at most every REBUILD_COMMIT_INTERVAL_S and
+    when idle: such a service resumes from its snapshot's positions, the committed offsets serve lag monitoring.
 
     Every record passes the admit step first (shared/admit.py: decode, time, the command gate); what it refuses
     and messages a handler refuses with HandlingError go to the dead-letter topic with the error text; any other exception stops the loop without committing (the batch is redelivered on restart).
@@ -410,8 +420,15 @@ class ConsumeLoop:
         keeper: StateKeeper | None = None,
         session_timeout_ms: int = 10_000,
         max_poll_interval_ms: int = 300_000,
+        skip: Callable[[ConsumerRecord[bytes, bytes]], bool] | None = None,
+        on_dead_letter: Callable[[ConsumerRecord[bytes, bytes], str], None] | None = None,
     ) -> None:
+        """`skip(record)`: asked of every record before it is decoded; True: the record is none of this
+        service's business (e.g. another profile's, by its key), only its position moves. `on_dead_letter(record,
+        error)`: told of every record the admit step refuses (a service's own error metrics)."""
         self._topics = list(topics)
+        self._skip = skip
+        self._on_dead_letter = on_dead_letter
         self._group = group_id
         self._session_s = session_timeout_ms / 1000
         heartbeat_ms = min(1_000, session_timeout_ms // 3)
@@ -420,7 +437,7 @@ class ConsumeLoop:
         self.keeper = keeper  # snapshots of the service's state (only with rebuild_on_start)
         self._consumer = input_consumer(
             bootstrap,
-            fetch_max_wait_ms=WORKER_FETCH_MAX_WAIT_MS,  # the loop of the per-profile execution workers
+            fetch_max_wait_ms=WORKER_FETCH_MAX_WAIT_MS,  # the loop of the per-profile workers
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
@@ -446,6 +463,9 @@ class ConsumeLoop:
         # Partitions `holds` found lost (or could not confirm) during the batch in hand: the record being handled
         # and the rest of the batch's records of them are left to be read again.
         self.disowned: set[TopicPartition] = set()
+        # Rebuild: handled offsets not committed yet, and when the last commit was (see run).
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._committed_at = time.monotonic()
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
@@ -517,9 +537,14 @@ class ConsumeLoop:
 
     async def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
         self.dead_lettered += 1
+        if self._on_dead_letter is not None:
+            self._on_dead_letter(rec, error)
         await self._publisher.send(self._dlq, self.admission.dead_letter(rec, error), key=rec.topic)
 
     async def _handle(self, handler: Handler, rec: ConsumerRecord[bytes, bytes]) -> None:
+        if self._skip is not None and self._skip(rec):
+            self._done(rec)  # not this service's: only its position moves
+            return
         outbox = Outbox()
         admitted = self.admission.admit(rec)
         if isinstance(admitted, Refused):
@@ -530,11 +555,14 @@ class ConsumeLoop:
             except HandlingError as err:
                 await self._dead_letter(rec, f"{type(admitted.msg).__name__}: {err}")
                 outbox = Outbox()
-        for topic, out, key, broadcast in outbox.items:
+        for topic, out, key, broadcast, partition in outbox.items:
             if broadcast:
                 await self._publisher.send_to_all_partitions(topic, out)
             else:
-                await self._publisher.send(topic, out, key=key)
+                await self._publisher.send(topic, out, key=key, partition=partition)
+        self._done(rec)
+
+    def _done(self, rec: ConsumerRecord[bytes, bytes]) -> None:
         self.processed += 1
         self.applied[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
         if self.keeper is not None:
@@ -549,6 +577,8 @@ class ConsumeLoop:
             self.disowned.clear()
             self.batch_start = {tp: records[0].offset for tp, records in batches.items() if records}
             if not batches:
+                if self._uncommitted:
+                    await self._commit_handled()
                 if idle is not None:
                     await idle()
                 continue
@@ -569,10 +599,34 @@ class ConsumeLoop:
                         left[tp] = len(records) - i
                         break
                     offsets[tp] = rec.offset + 1
-            await self._publisher.flush()
-            await self._commit(offsets, left)
-            if self.keeper is not None and self._rebuild and self.keeper.due():
+            if not self._rebuild:
+                await self._publisher.flush()
+                await self._commit(offsets, left)
+                continue
+            # Rebuild: the state and its positions come from the snapshot, never from the committed offsets, so
+            # those are committed at most every REBUILD_COMMIT_INTERVAL_S (and when idle): no flush and no
+            # coordinator round trip between one batch and the next on the way from candle to order.
+            self._uncommitted.update(offsets)
+            due = time.monotonic() - self._committed_at >= REBUILD_COMMIT_INTERVAL_S
+            if due:
+                await self._commit_handled()
+            await self._commit({}, left)  # only says what a rebalance took, or what is left to read again
+            if self.keeper is not None and self.keeper.due():
+                await self._publisher.flush()
                 await self.keeper.save()  # the outputs of every handled input are acknowledged
+        if self._rebuild:
+            await self._commit_handled()
+
+    async def _commit_handled(self) -> None:
+        """Rebuild: commit what was handled since the last commit, its outputs acknowledged first."""
+        self._committed_at = time.monotonic()
+        if self._uncommitted:
+            # A partition a rebalance took since is left out: its next owner reads it from where its own state is.
+            assigned = self._consumer.assignment()
+            offsets = {tp: o for tp, o in self._uncommitted.items() if tp in assigned}
+            self._uncommitted = {}
+            await self._publisher.flush()
+            await self._commit(offsets, {})
 
     def _leave(self, tp: TopicPartition, offset: int) -> None:
         """Stop handling the batch's records of `tp` from `offset` on. Taken by a rebalance: the rebalance set

@@ -295,7 +295,7 @@ def main_entry(
 
 # How long a service whose parent died (mpctl killed: its PR_SET_PDEATHSIG SIGTERM is on the way) may take to stop
 # cleanly before it exits anyway. A clean stop takes a second or two (the final snapshot); a stop can hang, e.g.
-# faust's worker after CPython 3.11's asyncio SSL write race ("Fatal error on SSL protocol") during its shutdown.
+# after CPython 3.11's asyncio SSL write race ("Fatal error on SSL protocol") during a client's shutdown.
 ORPHAN_GRACE_S = 10.0
 
 

@@ -11,21 +11,18 @@ import sys
 from collections.abc import Sequence
 
 from services.strategy.bootstrap import bootstrap
-from shared.runtime import add_metrics_args, base_parser, main_entry, serve_hosted, settings_from_args
-
-# What a worker imports once it runs (faust's app, agents, tables and worker; the snapshots' Redis client; the
-# heartbeat): loaded by a host before it forks, so its workers share them.
-PRELOAD = (
-    "faust.app.base",
-    "faust.agents",
-    "faust.tables",
-    "faust.worker",
-    "mode.worker",
-    "redis.asyncio",
-    "shared.heartbeat",
-    "concurrent.futures.thread",
-    "statistics",
+from shared.runtime import (
+    add_metrics_args,
+    base_parser,
+    main_entry,
+    run_service,
+    serve_hosted,
+    settings_from_args,
 )
+
+# What a worker imports once it runs (the snapshots' Redis client, the heartbeat): loaded by a host before it
+# forks, so its workers share them.
+PRELOAD = ("redis.asyncio", "shared.heartbeat", "concurrent.futures.thread", "queue")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hosted is not None:
         return hosted
     args = main_entry(args_in, "strategy", p)
-    return bootstrap(settings_from_args(args)).run()
+    return run_service(bootstrap(settings_from_args(args)).run)
 
 
 if __name__ == "__main__":

@@ -227,9 +227,8 @@ def test_demo_on_bundled_data_trades_and_keeps_invariants(infra: Endpoints, tmp_
 def test_demo_leaves_nothing_in_the_working_directory_nor_in_the_temporary_one(
     infra: Endpoints, tmp_path: Path
 ) -> None:
-    """Issue #19, item 7: faust's default data folder is "<app id>-data" in the working directory, one per
-    strategy worker ("<namespace>.strategy.<profile>-data"); the workers keep theirs in a private temporary
-    folder that goes with them."""
+    """Issue #19, item 7: no service leaves a file behind, in the working directory or the temporary one (the
+    strategy workers, on faust until issue 16, once left one "<namespace>.strategy.<profile>-data" folder each)."""
     cwd, tmp, out = tmp_path / "cwd", tmp_path / "tmp", tmp_path / "out"
     cwd.mkdir()
     tmp.mkdir()

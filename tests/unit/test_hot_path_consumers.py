@@ -14,7 +14,6 @@ from aiokafka import AIOKafkaConsumer
 from services.arbiter.bootstrap import bootstrap as arbiter_bootstrap
 from services.execution.bootstrap import bootstrap as execution_bootstrap
 from services.registry.bootstrap import registry_consumer
-from services.strategy.bootstrap import InputTransport
 from services.strategy.bootstrap import bootstrap as strategy_bootstrap
 from shared.bus import KafkaAccess
 from shared.kafka import FETCH_MAX_WAIT_MS, WORKER_FETCH_MAX_WAIT_MS, Publisher
@@ -43,20 +42,18 @@ async def hot_path_consumers() -> dict[str, AIOKafkaConsumer]:
     execution = execution_bootstrap(settings(profile="profile_a"))
     built["execution"] = execution.runner.consume_loop(Publisher(UNUSED, client_id="t"), None).consumer
     worker = strategy_bootstrap(settings(profile="profile_a"))
-    assert isinstance(worker.app.transport, InputTransport)
-    thread = worker.app.consumer._thread  # noqa: SLF001 - faust builds its aiokafka consumer there
-    built["strategy (faust)"] = thread._create_worker_consumer(worker.app.transport)  # noqa: SLF001
+    built["strategy"] = worker.consume_loop(Publisher(UNUSED, client_id="t"), None).consumer
     return built
 
 
 async def test_no_consumer_on_the_hot_path_keeps_the_default_long_poll() -> None:
-    assert DEFAULT_WAIT_MS == 500  # aiokafka's; faust's worker consumer: 1,500
+    assert DEFAULT_WAIT_MS == 500  # aiokafka's
     assert 0 < FETCH_MAX_WAIT_MS <= 50
     assert FETCH_MAX_WAIT_MS <= WORKER_FETCH_MAX_WAIT_MS <= 500
     built = await hot_path_consumers()
     try:
         waits = {name: fetch_wait_ms(c) for name, c in built.items()}
-        workers = {"execution", "strategy (faust)"}
+        workers = {"execution", "strategy"}
         assert waits == {n: WORKER_FETCH_MAX_WAIT_MS if n in workers else FETCH_MAX_WAIT_MS for n in built}
     finally:
         for c in built.values():
