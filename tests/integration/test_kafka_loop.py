@@ -14,7 +14,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.admin import AIOKafkaAdminClient
 
 from mpctl.infra import Endpoints
@@ -486,3 +492,124 @@ async def test_rebuild_resumes_a_partition_given_back_by_a_rebalance_where_its_s
         await loop.close()
         await pub.stop()
     assert seen == ["c0", "c1", "c2", "c3"]
+
+
+async def _produce_keyed(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    p = AIOKafkaProducer(**bootstrap.client_options())
+    await p.start()
+    try:
+        for key, value in records:
+            await p.send_and_wait(topic, value, key=key)
+    finally:
+        await p.stop()
+
+
+async def test_skipped_records_are_never_decoded_and_only_their_positions_move(
+    infra: Endpoints, namespace: str
+) -> None:
+    """`skip` (the strategy worker's: another profile's records by key): a skipped record, even malformed, is
+    neither handled nor dead-lettered, and the loop's position moves past it; a malformed record that is not
+    skipped is dead-lettered and the service is told (`on_dead_letter`)."""
+    b = infra.kafka
+    src, out, dlq = await _setup(b, namespace)
+    await _produce_keyed(
+        b,
+        src,
+        [
+            (b"mine", encode(candle(0))),
+            (b"theirs", b"\xff theirs, not json"),
+            (b"theirs", encode(candle(1))),
+            (b"mine", b"\xff mine, not json"),
+            (b"mine", encode(candle(2))),
+        ],
+    )
+    pub = Publisher(b, client_id="t")
+    await pub.start()
+    seen: list[str] = []
+    asked: list[int] = []
+    told: list[tuple[int, str]] = []
+
+    def skip(rec: ConsumerRecord[bytes, bytes]) -> bool:
+        asked.append(rec.offset)
+        return rec.key == b"theirs"
+
+    async def handler(admitted: Admitted, rec: object, box: Outbox) -> None:
+        seen.append(admitted.msg.id)
+        box.add(out, admitted.msg, key=b"bytes key")
+
+    loop = ConsumeLoop(
+        bootstrap=b,
+        topics=[src],
+        group_id=f"{namespace}.g",
+        publisher=pub,
+        dead_letter_topic=dlq,
+        service="test",
+        clock=system_clock,
+        skip=skip,
+        on_dead_letter=lambda rec, error: told.append((rec.offset, error)),
+    )
+    await loop.start()
+    try:
+        await _run_until(loop, handler, 5)
+    finally:
+        await loop.close()
+        await pub.stop()
+    assert asked == [0, 1, 2, 3, 4]
+    assert seen == ["c0", "c2"]
+    assert [(offset, "not JSON" in error) for offset, error in told] == [(3, True)]
+    dead, _ = await read_topics(b, [dlq])
+    assert [(m.offset, m.source_topic) for m in dead if isinstance(m, DeadLettered)] == [(3, src)]
+    assert {tp.partition: offset for tp, offset in loop.applied.items()} == {0: 5}
+    forwarded, _ = await read_topics(b, [out])
+    assert [m.id for m in forwarded] == ["c0", "c2"]
+
+
+async def test_a_rebuild_loop_commits_what_it_handled_once_idle_after_its_outputs(
+    infra: Endpoints, namespace: str
+) -> None:
+    """A loop that rebuilds its state on start commits at most every REBUILD_COMMIT_INTERVAL_S, and as soon as
+    nothing more comes: its committed offsets (lag monitoring) reach the end while it runs, and every output of
+    what they cover is on its topic by then."""
+    b = infra.kafka
+    src, out, dlq = await _setup(b, namespace)
+    await _produce(b, src, [encode(candle(i)) for i in range(3)])
+    group = f"{namespace}.g"
+    pub = Publisher(b, client_id="t")
+    await pub.start()
+
+    async def handler(admitted: Admitted, rec: object, box: Outbox) -> None:
+        box.add(out, admitted.msg, key="k")
+
+    loop = ConsumeLoop(
+        bootstrap=b,
+        topics=[src],
+        group_id=group,
+        publisher=pub,
+        dead_letter_topic=dlq,
+        service="test",
+        clock=system_clock,
+        rebuild_on_start=True,
+    )
+    reader = AIOKafkaConsumer(**b.client_options(), group_id=group, enable_auto_commit=False)
+    await loop.start()
+    await reader.start()
+    running = asyncio.create_task(loop.run(handler))
+    committed: int | None = None
+    try:
+        tp = TopicPartition(src, 0)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            committed = await reader.committed(tp)
+            if committed == 3:
+                break
+            await asyncio.sleep(0.1)
+        forwarded, _ = await read_topics(b, [out])
+        assert not running.done()  # committed by the running loop, not by its stop
+    finally:
+        loop.stop()
+        await asyncio.wait_for(running, 30)
+        await reader.stop()
+        await loop.close()
+        await pub.stop()
+    assert committed == 3
+    assert [m.id for m in forwarded] == ["c0", "c1", "c2"]
