@@ -10,7 +10,7 @@ Several arbiter processes may run (docs/arbiter.md, "Two arbiters"):
 - A consumer group on the intents topic only says who *publishes*: a process publishes the outputs of the
   intents of the partitions it is assigned, from the group's committed offset of the partition on, and
   commits, after its outputs are acknowledged, the offset below which every intent of the partition is
-  decided. When a process dies (or a partition moves), the new owner publishes from that offset: what the old
+  decided (every COMMIT_EVERY_S while busy, at once when idle). When a process dies (or a partition moves), the new owner publishes from that offset: what the old
   one published after its last commit is published again with the same ids, which every consumer ignores.
 
 Durable state: every few seconds and on a clean stop, after its outputs are acknowledged, a process writes a
@@ -66,6 +66,9 @@ log = logging.getLogger("arbiter")
 
 SESSION_TIMEOUT_MS = 10_000
 PRUNE_EVERY_S = 30.0
+# How often a busy arbiter commits the intents it decided (an idle one: at once). A new owner of a partition
+# publishes again, with the same ids, what was decided after the last commit: at most this much.
+COMMIT_EVERY_S = 0.5
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -217,7 +220,7 @@ class ArbiterService:
             await member.start()
             if self.metrics_port:
                 self.metrics_bound = self.metrics.serve(self.metrics_port, self.settings.metrics_addr)
-            last_prune = time.monotonic()
+            last_prune = last_commit = time.monotonic()
             try:
                 while not stop.is_set():
                     await self._take_over(member)
@@ -227,9 +230,16 @@ class ArbiterService:
                             await self._on_record(rec)
                             if keeper is not None:
                                 keeper.advance(rec.topic, rec.partition, rec.offset + 1)
-                    await publisher.flush()
-                    await self._commit(member)
+                    # The commit (after the outputs are acknowledged) bounds only what a new owner publishes
+                    # again, with the same ids: done every COMMIT_EVERY_S and when idle, not between one batch
+                    # and the next (a flush and a coordinator round trip on the way from the last marker to the
+                    # decisions).
+                    if not batch or time.monotonic() - last_commit >= COMMIT_EVERY_S:
+                        last_commit = time.monotonic()
+                        await publisher.flush()
+                        await self._commit(member)
                     if keeper is not None and keeper.due():
+                        await publisher.flush()
                         await keeper.save()  # after the outputs of the handled inputs are acknowledged
                     # Keeps the membership alive (its partitions are paused: it fetches nothing).
                     await member.getmany(timeout_ms=0)
