@@ -122,7 +122,11 @@ async def one_run(
     stack = Stack(bus=endpoints.bus)
     load = [round(x, 2) for x in os.getloadavg()]
     # "before": the baseline's code (another checkout, e.g. the main branch's), a process per worker.
-    env = {"PYTHONPATH": str(before_tree)} if mode == "before" and before_tree else None
+    # PYTHONSAFEPATH: `python -m` would otherwise put the working directory (this checkout) before PYTHONPATH, and
+    # the baseline's modules would be this code's.
+    env = (
+        {"PYTHONPATH": str(before_tree), "PYTHONSAFEPATH": "1"} if mode == "before" and before_tree else None
+    )
     try:
         if mode in ("process", "before"):
             for p in pids:

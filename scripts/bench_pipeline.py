@@ -230,6 +230,7 @@ def hop_breakdown(
     total: list[float] = []
     not_before: list[float] = []
     desync: list[float] = []
+    slowest: list[tuple[float, dict[str, Any]]] = []
     for intent_id, (sub_ts, sub) in submitted.items():
         if intent_id not in intent_at or intent_id not in decided or intent_id not in sent:
             continue
@@ -247,6 +248,9 @@ def hop_breakdown(
         for name, a, b in zip(HOPS, points, points[1:], strict=False):
             cuts[name].append(float(b - a))
         total.append(float(sub_ts - cause))
+        hops = {name: b - a for name, a, b in zip(HOPS, points, points[1:], strict=False)}
+        where = {"profile": intent.profile, "step": t, "candle_published_ms": cause}
+        slowest.append((float(sub_ts - cause), {"total": sub_ts - cause, **where, "hops": hops}))
         not_before.append(float(_ms(order.not_before) - _ms(dec.event_time)))
         desync.append(float(_ms(sub.event_time) - _ms(order.not_before)))
     return {
@@ -254,6 +258,8 @@ def hop_breakdown(
         "total": spread(total),
         "hops": {h: spread(v) for h, v in cuts.items()},
         "deliberate_event_ms": {"not_before": spread(not_before), "desync": spread(desync)},
+        # The tail, order by order: which hop a slow order spent its time in (p99 is one or two orders here).
+        "slowest": [o for _, o in sorted(slowest, key=lambda x: -x[0])[:5]],
     }
 
 

@@ -473,6 +473,8 @@ class ConsumeLoop:
 
     async def start(self) -> None:
         positions = await self.keeper.load() if self.keeper is not None and self._rebuild else None
+        if self.keeper is not None and self._rebuild:
+            self.keeper.connect_soon()
         await self._consumer.start()
         self._consumer.subscribe(self._topics, listener=_Listener(self, positions, rebuild=self._rebuild))
 
@@ -613,7 +615,7 @@ class ConsumeLoop:
             await self._commit({}, left)  # only says what a rebalance took, or what is left to read again
             if self.keeper is not None and self.keeper.due():
                 await self._publisher.flush()
-                await self.keeper.save()  # the outputs of every handled input are acknowledged
+                self.keeper.save_soon()  # the outputs of every handled input are acknowledged
         if self._rebuild:
             await self._commit_handled()
 

@@ -206,6 +206,8 @@ class ArbiterService:
         observer, member = self.consumers()
         keeper = self.keeper = await self.durable.keeper(bootstrap)
         positions = await keeper.load() if keeper is not None else None
+        if keeper is not None:
+            keeper.connect_soon()
         await publisher.start()
         await observer.start()
         try:
@@ -240,7 +242,7 @@ class ArbiterService:
                         await self._commit(member)
                     if keeper is not None and keeper.due():
                         await publisher.flush()
-                        await keeper.save()  # after the outputs of the handled inputs are acknowledged
+                        keeper.save_soon()  # after the outputs of the handled inputs are acknowledged
                     # Keeps the membership alive (its partitions are paused: it fetches nothing).
                     await member.getmany(timeout_ms=0)
                     if time.monotonic() - last_prune > PRUNE_EVERY_S:

@@ -260,7 +260,7 @@ class StrategyWorker:
             # Nothing came: a snapshot that fell due during the last batch is written now rather than at the next.
             if keeper is not None and keeper.due():
                 await publisher.flush()
-                await keeper.save()
+                keeper.save_soon()
 
         async def watch() -> None:
             await stop.wait()

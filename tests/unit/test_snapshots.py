@@ -328,3 +328,56 @@ async def test_a_snapshot_the_broker_cannot_take_is_skipped_and_the_next_one_is_
     k2 = keeper(store, restored)
     assert await k2.load() == {("in", 0): 9}
     assert restored == {"cash": Decimal("12")}
+
+
+class SlowStore(MemoryStore):
+    """A store whose writes wait until the test lets them through (a producer connecting, a slow broker)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.started = 0
+
+    async def write(self, data: bytes) -> None:
+        self.started += 1
+        await self.gate.wait()
+        await super().write(data)
+
+
+async def test_save_soon_captures_now_writes_in_order_without_blocking_and_close_waits() -> None:
+    store, box = SlowStore(), {"cash": Decimal("10")}
+    k = keeper(store, box, interval_s=3600, every_messages=1)  # type: ignore[arg-type]
+    k.advance("in", 0, 5)
+    k.save_soon()  # returns at once, the write still waiting on the store
+    box["cash"] = Decimal("11")  # changed after the capture: not in the first snapshot
+    k.advance("in", 0, 7)
+    k.save_soon()
+    await asyncio.sleep(0.01)
+    assert store.started == 1 and store.records == []  # the second waits for the first: order kept
+    assert not k.due()  # both captured
+    store.gate.set()
+    await k.close()  # waits for both
+    assert (k.written, k.failed, len(store.records)) == (2, 0, 2)
+    first: dict[str, Any] = {}
+    k1 = keeper(MemoryStore(), first)
+    k1.store.records.append(store.records[0])  # type: ignore[attr-defined]
+    assert await k1.load() == {("in", 0): 5} and first == {"cash": Decimal("10")}
+    last: dict[str, Any] = {}
+    assert await keeper(store, last).load() == {("in", 0): 7} and last == {"cash": Decimal("11")}
+
+
+async def test_a_final_save_waits_for_the_snapshots_in_flight_and_comes_last() -> None:
+    store, box = SlowStore(), {"n": 1}
+    k = keeper(store, box, interval_s=3600, every_messages=1)  # type: ignore[arg-type]
+    k.advance("in", 0, 1)
+    k.save_soon()
+    box["n"] = 2
+    k.advance("in", 0, 2)
+    final = asyncio.create_task(k.save(final=True))
+    await asyncio.sleep(0.01)
+    assert not final.done() and store.started == 1
+    store.gate.set()
+    await final
+    restored: dict[str, Any] = {}
+    assert await keeper(store, restored).load() == {("in", 0): 2} and restored == {"n": 2}
+    assert len(store.records) == 2
