@@ -57,6 +57,28 @@ class Step:
         return reduce_frozen(self)
 
 
+# float(open), float(high), float(low), float(close), float(volume) of one candle.
+CandleFloats = tuple[float, float, float, float, float]
+
+# The last candles converted (see candle_floats): the candle tuple itself (held, so its identity is not reused)
+# and their floats.
+_floats_of: tuple[tuple[CandleClosed, ...], list[CandleFloats]] | None = None
+
+
+def candle_floats(candles: tuple[CandleClosed, ...]) -> list[CandleFloats]:
+    """Each candle's prices and volume as floats (`float(Decimal)`, which CPython makes through a string), in the
+    candles' order. The result for the last tuple asked for is kept: in the backtest one step's candles (the
+    same tuple object) reach the registry and then the strategies' indicators, which convert them once between
+    them. Read only (the list is shared by its callers). Candles are frozen, so the tuple's floats never change."""
+    global _floats_of
+    memo = _floats_of
+    if memo is not None and memo[0] is candles:
+        return memo[1]
+    out = [(float(c.open), float(c.high), float(c.low), float(c.close), float(c.volume)) for c in candles]
+    _floats_of = (candles, out)
+    return out
+
+
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 @dataclass
 class Aligner:

@@ -266,7 +266,9 @@ def decide(state: ArbiterState, msg: Message, partition: int) -> list[Message]:
     elif isinstance(msg, StepCompleted):
         if msg.profile not in state.profiles:
             return []
-        ps = state.partitions.setdefault(partition, PartitionState())
+        ps = state.partitions.get(partition)
+        if ps is None:  # setdefault without building a PartitionState for every marker
+            ps = state.partitions[partition] = PartitionState()
         t = int(msg.step_time.timestamp())
         ps.marks[msg.profile] = max(t, ps.marks.get(msg.profile, t))
         if msg.final:

@@ -1022,19 +1022,19 @@ def _risk_halts(state: StrategyState, equity: Decimal, day: int, corr: str, clos
     rm = state.profile.risk_management
     lim = state.limits
     out: list[Message] = []
-    when = from_epoch_s(close_s)
     if state.halted is None and state.high_water > 0:
         dd_pct = (state.high_water - equity) / state.high_water * 100
         if dd_pct >= lim.max_drawdown_pct:
             state.halted = f"drawdown {dd_pct:.2f}% >= max_drawdown_pct {rm.max_drawdown_pct}"
-            out.append(_halt(state, state.halted, None, when, corr))
+            out.append(_halt(state, state.halted, None, from_epoch_s(close_s), corr))
             state.halt_counts["drawdown"] = state.halt_counts.get("drawdown", 0) + 1
     if state.entries_paused_day != day and state.day_start_equity > 0:
         loss_pct = (state.day_start_equity - equity) / state.day_start_equity * 100
         if loss_pct >= lim.max_daily_loss_pct:
             state.entries_paused_day = day
             reason = f"daily loss {loss_pct:.2f}% >= max_daily_loss_pct {rm.max_daily_loss_pct}"
-            out.append(_halt(state, reason, from_epoch_s((day + 1) * 86400), when, corr))
+            # The close as a datetime only when a halt is stamped with it (most steps under water halt nothing).
+            out.append(_halt(state, reason, from_epoch_s((day + 1) * 86400), from_epoch_s(close_s), corr))
             state.halt_counts["daily_loss"] = state.halt_counts.get("daily_loss", 0) + 1
     if out and state.close_on_halt:
         state.halt_close |= set(state.positions)

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
+from types import FunctionType, MappingProxyType
 from typing import Any, ClassVar, SupportsIndex
 
 # Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
@@ -51,8 +51,20 @@ _SQRT1_2 = math.sqrt(0.5)
 _EMPTY: Mapping[str, float] = MappingProxyType({})
 
 
+def _probe() -> None:
+    """Nothing: its type tells whether this module runs compiled (see _NATIVE)."""
+
+
+# Whether mypyc compiled this module (scripts/build_native.py): a compiled function is a builtin, not a Python
+# function. The frozen dataclasses' __init__ below set their fields by plain assignment when compiled (a store
+# into the object's own slot, which mypyc makes directly; `frozen` guards setattr from outside, which still
+# raises), and through object.__setattr__ when interpreted (as the dataclass's generated __init__ does, since
+# the class's __setattr__ refuses). The same fields, the same values.
+_NATIVE = not isinstance(_probe, FunctionType)
+
+
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Bar:
     """One closed candle. Floats, not Decimals, for speed inside the indicators."""
 
@@ -62,6 +74,28 @@ class Bar:
     low: float
     close: float
     volume: float
+
+    def __init__(
+        self, open_time: int, open: float, high: float, low: float, close: float, volume: float
+    ) -> None:
+        # The dataclass's own __init__ (each field set, then __post_init__), written here so that mypyc compiles
+        # it: the generated one is interpreted code, and it runs for every bar. See _NATIVE for the two ways.
+        if _NATIVE:
+            self.open_time = open_time  # type: ignore[misc]
+            self.open = open  # type: ignore[misc]
+            self.high = high  # type: ignore[misc]
+            self.low = low  # type: ignore[misc]
+            self.close = close  # type: ignore[misc]
+            self.volume = volume  # type: ignore[misc]
+        else:
+            _set = object.__setattr__
+            _set(self, "open_time", open_time)
+            _set(self, "open", open)
+            _set(self, "high", high)
+            _set(self, "low", low)
+            _set(self, "close", close)
+            _set(self, "volume", volume)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         # Checked once here so no indicator ever takes the log of a non-positive price or sums a NaN.
@@ -83,10 +117,21 @@ class Bar:
 
 
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Signal:
     value: float  # in [-1, 1]; > 0 bullish
     confidence: float  # in [0, 1]
+
+    def __init__(self, value: float, confidence: float) -> None:
+        # The dataclass's own __init__, compiled (see Bar.__init__).
+        if _NATIVE:
+            self.value = value  # type: ignore[misc]
+            self.confidence = confidence  # type: ignore[misc]
+        else:
+            _set = object.__setattr__
+            _set(self, "value", value)
+            _set(self, "confidence", confidence)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         # The comparisons are False for NaN, so NaN is refused too.
