@@ -16,8 +16,9 @@ needs), so this order gives the demo's results; tests/e2e/test_backtest_parity.p
 
 Shortcuts make it fast, each checked against the exact delivery (`--exact`, tests/unit/test_backtest.py):
 - while no intent waits for a decision, step markers only raise the arbiter's marks: the latest one per profile
-  and partition is kept and delivered before the arbiter's next input from the intents topic (and a marker
-  is built only when it is delivered: strategy.on_step(..., lazy_marker=True));
+  and partition is kept and delivered before the arbiter's next input from the intents topic (and a held
+  marker is never built: strategy.on_step(..., lazy_marker=True) gives its values, which the arbiter reads
+  through arbiter.on_step_marker as decide reads the message);
 - a paper exchange without an open order gets no candles, except those an order can still fill at: an order
   fills at the first candle opening at or after its decision, never before the close of its intent's step;
 - the registry and the arbiter get whole steps (registry.on_step, arbiter.on_market_step), as their aligners
@@ -261,8 +262,8 @@ class Backtest:
         self._collected = {t.candles, t.audit, t.intents, t.events, t.decisions}
         self._partition: dict[tuple[bytes, int], int] = {}
         self._queue: deque[tuple[str, str, int, Message]] = deque()
-        # Held step markers, per intents partition and profile: a message, or what strategy.step_marker builds
-        # one from (profile, step time, close, intents) when it is delivered (see _from_lazy_marker).
+        # Held step markers, per intents partition and profile: a message, or what strategy.step_marker would build
+        # one from (profile, step time, close, intents), delivered without a message (see _flush_markers).
         self._markers: dict[int, dict[str, StepCompleted | tuple[str, int, int, int]]] = {
             p: {} for p in range(self.n_intents)
         }
@@ -335,8 +336,8 @@ class Backtest:
 
     def _from_lazy_marker(self, pid: str, marker: tuple[int, int, int]) -> None:
         """The step marker that strategy.on_step(..., lazy_marker=True) described instead of building it (its
-        last output). Held like the others while markers are held, and built only if it is delivered (most
-        are replaced by the profile's next one first); otherwise built now and routed as usual."""
+        last output). Held like the others while markers are held, and delivered to the arbiter without a
+        message (arbiter.on_step_marker); otherwise built now and routed as usual."""
         if not self.exact and not self._undecided:
             spec = (pid, *marker)
             for held in self._markers.values():
@@ -369,14 +370,16 @@ class Backtest:
     def _flush_markers(self) -> None:
         if self._held_markers:
             self._held_markers = 0
-            built: dict[tuple[str, int, int, int], StepCompleted] = {}  # one message for every partition
             for p, held in self._markers.items():
                 if held:
                     self._markers[p] = {}
                     for m in held.values():
                         if isinstance(m, tuple):
-                            m = built[m] if m in built else built.setdefault(m, strategy.step_marker(*m))
-                        self._from_arbiter(arbiter.decide(self.arbiter, m, p))
+                            # A lazy marker (profile, step time, close, intents), never final: given to the
+                            # arbiter as decide would read its message, which is not built.
+                            self._from_arbiter(arbiter.on_step_marker(self.arbiter, m[0], m[1], p))
+                        else:
+                            self._from_arbiter(arbiter.decide(self.arbiter, m, p))
 
     def _pump(self) -> None:
         q = self._queue
@@ -434,8 +437,7 @@ class Backtest:
         return floor
 
     async def _market_step(self, step: Step) -> None:
-        for c in step.candles:
-            self.data.add(c)
+        self.data.add_all(step.candles)
         # 1. Registry: the plans of the epochs this step enters (from candles before the step).
         # 2. Arbiter: the step's market data (its market barrier, marks and returns).
         # Both get the whole step, as their aligners would release it (`--exact`: message by message).
