@@ -420,6 +420,8 @@ async def _plan_profiles(
         current = state.current_epoch.get(pid)
         if current is None or e > current:  # epochs only move forward (live: a late step never re-plans)
             due[pid] = (profile, e)
+    if not due:
+        return out  # most steps: no epoch starts (_decide_prepared would find no prepared plan due)
     decided = await _decide_prepared(state, {pid: e for pid, (_, e) in due.items()}, backend, correlation)
     for pid, (profile, e) in due.items():
         out.extend(await _plan_epoch(state, pid, profile, e, backend, correlation, decided=decided.get(pid)))

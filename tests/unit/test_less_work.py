@@ -137,3 +137,11 @@ def test_gc_thresholds_are_relaxed_during_the_run_and_restored() -> None:
     with pytest.raises(RuntimeError), _gc_relaxed(12345):
         raise RuntimeError("restored on an error too")
     assert gc.get_threshold() == before
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=8), max_size=8))
+def test_canonical_strings_is_the_canonical_json_of_a_list_of_strings(items: list[str]) -> None:
+    from services.registry.domain import _canonical, _canonical_strings
+
+    assert _canonical_strings(items) == _canonical(items)
