@@ -437,7 +437,7 @@ class Backtest:
         return floor
 
     async def _market_step(self, step: Step) -> None:
-        self.data.add_all(step.candles)
+        self.data.add_candles(step.candles)
         # 1. Registry: the plans of the epochs this step enters (from candles before the step).
         # 2. Arbiter: the step's market data (its market barrier, marks and returns).
         # Both get the whole step, as their aligners would release it (`--exact`: message by message).
@@ -489,6 +489,7 @@ class Backtest:
         lazy = not self.exact
         stats = self.stats
         queue = self._queue
+        markers = self._markers  # its dicts are replaced by each flush: read at each use
         while self._backlog and all(strategy.ready(s, self._backlog[0]) for s in states.values()):
             step = self._backlog.popleft()
             n = len(step.candles)
@@ -497,9 +498,16 @@ class Backtest:
                 msgs = strategy.on_step(st, step, lazy_marker=lazy)
                 if msgs:
                     self._from_strategy(pid, msgs)
-                if st.marker is not None:
-                    marker, st.marker = st.marker, None
-                    self._from_lazy_marker(pid, marker)
+                marker = st.marker
+                if marker is not None:
+                    st.marker = None
+                    if lazy and not self._undecided:  # what _from_lazy_marker does then, inline
+                        spec = (pid, *marker)
+                        for h in markers.values():
+                            h[pid] = spec
+                        self._held_markers += len(markers)
+                    else:
+                        self._from_lazy_marker(pid, marker)
                 if queue:
                     self._pump()
 

@@ -24,9 +24,9 @@ import enum
 import hashlib
 import json
 import math
-from json.encoder import encode_basestring_ascii
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from typing import Any, Literal, cast
 
 # The registry's errors live apart: mypyc compiles this module (scripts/native_modules.txt) and cannot compile a
