@@ -108,9 +108,10 @@ def vs_previous(key: tuple[int, int, int, int], ratios: dict[str, float], loop_r
 def vs_interpreted(argv: list[str], compiled: dict[str, Any]) -> dict[str, Any]:
     """The same run in a subprocess with every module interpreted, and the CPU-time ratios of the two."""
     rest = [a for a in argv if a not in ("--compare-interpreted", "--report")]
-    if "--out" in rest:
-        i = rest.index("--out")
-        del rest[i : i + 2]
+    for flag in ("--out", "--report-dir"):
+        if flag in rest:
+            i = rest.index(flag)
+            del rest[i : i + 2]
     run = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), *rest, "--interpreted", "--repeat", "1"],
         check=True,
@@ -254,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="also write the output files (timed as report_s)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument(
+        "--report-dir",
+        type=Path,
+        default=None,
+        help="with --report: write the N-profile run's output files here (kept; default a temporary folder), "
+        "e.g. to compare two versions' outputs byte for byte",
+    )
+    ap.add_argument(
         "--interpreted",
         action="store_true",
         help="run the .py of the modules scripts/build_native.py compiles, even where they are built",
@@ -276,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     products = len({c.product for s in steps for c in s.candles})
     candles = sum(len(s.candles) for s in steps)
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-out-")) if args.report else None
+    tmp = None
+    if args.report:
+        tmp = args.report_dir or Path(tempfile.mkdtemp(prefix="bench-out-"))
+        tmp.mkdir(parents=True, exist_ok=True)
     many = measure(cfg_n, steps, tmp)
     one = measure(cfg_1, steps, None)
     loop_s, loop_n = plain_loop(steps, args.repeat)

@@ -594,28 +594,33 @@ class MultiHorizonMomentumModel(SignalModel):
 
     def _evaluate(self, tunable: Mapping[str, float]) -> Signal:
         d = self._defaults
-        ws = (
-            _tunable(tunable, "w_short", d["w_short"]),
-            _tunable(tunable, "w_mid", d["w_mid"]),
-            _tunable(tunable, "w_long", d["w_long"]),
-        )
+        w0 = _tunable(tunable, "w_short", d["w_short"])
+        w1 = _tunable(tunable, "w_mid", d["w_mid"])
+        w2 = _tunable(tunable, "w_long", d["w_long"])
         gain = _tunable(tunable, "gain", d["gain"])
-        total = ws[0] + ws[1] + ws[2]
-        if min(ws) < 0.0 or total <= 0.0:
+        total = w0 + w1 + w2
+        # min(w0, w1, w2) < 0.0, written out (the tunables are finite).
+        if w0 < 0.0 or w1 < 0.0 or w2 < 0.0 or total <= 0.0:
+            ws = (w0, w1, w2)
             raise ValueError(f"{self.name}: horizon weights {ws} must be >= 0 with a positive sum")
         if self._at_bar():
             self._zs = self._horizon_z()
         zs = self._zs
         if zs is None:
             return _FLAT
+        z0, z1, z2 = zs
+        # The sums over the three horizons in their order, from 0.0, as the loop over zip(zs, ws) made them.
         score = 0.0
+        score += w0 * z0
+        score += w1 * z1
+        score += w2 * z2
         agree = 0.0
-        for z, w in zip(zs, ws, strict=True):
-            score += w * z
-            agree += w * ((z > 0.0) - (z < 0.0))
+        agree += w0 * ((z0 > 0.0) - (z0 < 0.0))
+        agree += w1 * ((z1 > 0.0) - (z1 < 0.0))
+        agree += w2 * ((z2 > 0.0) - (z2 < 0.0))
         return _signal(math.tanh(gain * score / total), abs(agree / total))
 
-    def _horizon_z(self) -> tuple[float, ...] | None:
+    def _horizon_z(self) -> tuple[float, float, float] | None:
         """Each horizon's log return in units of sd * sqrt(horizon); None without volatility."""
         var = self._returns.variance()
         if var <= 0.0:
@@ -623,9 +628,12 @@ class MultiHorizonMomentumModel(SignalModel):
         sd = math.sqrt(var)
         closes = self._closes
         c = closes[-1]
-        return tuple(
-            math.log(c / closes[-1 - h]) / (sd * sqrt_h)
-            for h, sqrt_h in zip(self._h, self._sqrt_h, strict=True)
+        h0, h1, h2 = self._h
+        s0, s1, s2 = self._sqrt_h
+        return (
+            math.log(c / closes[-1 - h0]) / (sd * s0),
+            math.log(c / closes[-1 - h1]) / (sd * s1),
+            math.log(c / closes[-1 - h2]) / (sd * s2),
         )
 
 
