@@ -48,7 +48,7 @@ __all__ = [
 
 SECONDS_PER_YEAR = 365 * 86400
 _SQRT1_2 = math.sqrt(0.5)
-_EMPTY: Mapping[str, float] = MappingProxyType({})
+_NO_TUNABLES: dict[str, float] = {}  # never written to
 
 
 def _probe() -> None:
@@ -876,7 +876,10 @@ class ProductSignals:
         out: dict[str, Signal] = {}
         for name, model in self._models.items():
             if model._bars >= model._warmup:  # SignalModel.evaluate, without its frame
-                out[name] = model._evaluate(tunable_by_strategy.get(name, _EMPTY))
+                tunable = tunable_by_strategy.get(name)
+                # No tunables of its own: the catalog defaults, read from an empty dict (a mapping proxy's get
+                # goes through to its dict's: twice the call, for every default signal of every step).
+                out[name] = model._evaluate(_NO_TUNABLES if tunable is None else tunable)
         return out
 
 
