@@ -3,6 +3,7 @@ plain Python loop over the same candles measured in the same run.
 
     .venv/bin/python scripts/bench_backtest.py [--data DIR] [--source binance] [--start ISO --end ISO | --hours N]
                                                [--profiles 8] [--rotation-s 86400] [--repeat 1] [--out FILE]
+                                               [--report [--report-dir DIR]]
                                                [--compare-interpreted | --interpreted]
 
 Closing figures (two years of hourly candles of the eleven Binance assets, not copied into the repository):
@@ -33,12 +34,12 @@ Prints one JSON document (and writes it to --out when given), with every figure 
 `ratio_vs_plain_loop` (the plain loop of the same run) and `vs_previous` (the ratio of the code before issue 16
 item 5 on the same data, profiles and rotation, from PREVIOUS below; `speedup` = this ratio / that one).
 
-Latest figures (2026-11-24 12:28-12:30 UTC, 2 vCPUs, Python 3.11.7, machine nearly idle: the plain loop at
-2.11-2.15 million candles/s, about 9 % below a fully idle machine's 2.35 million), two years of Binance
-candles, 8 profiles, rotation 1 day, --report: load_s 2.23-2.33, backtest_s 9.35-9.63 (160 000-164 800
-evaluations/s, ratio 0.074-0.078), report_s 0.85-0.86, command_s 12.53-12.72 (about 11.3-11.6 s scaled to the
-idle machine); 1 profile 4.02-4.21 s (ratio 0.021-0.023). The code before issue 4's speed-up, same minutes:
-load_s 3.51, backtest_s 13.41 (114 841/s), report_s 1.40, command_s 18.32. docs/benchmarks.md has the table.
+Latest figures (2026-12-06 11:58-11:59 UTC, 2 vCPUs, Python 3.11.7, load average 1.1-1.2, the 15 modules
+compiled), two years of Binance candles, 8 profiles, rotation 1 day, --report: backtest_cpu_s 4.06-4.11
+(374 000-380 000 evaluations per CPU second; main before "less work per step", run alternately: 5.41-5.52 s,
+279 000-285 000), 1 profile 1.56-1.59 s; load_s 1.86-1.88, report_s 0.63-0.64, command_s 6.56-6.62. Under load 5:
+4.59-4.71 s (327 000-335 000) against 6.08-6.26 s. The figure before issue 16 item 5 was 8.9-9.7 s (150 000-175 000).
+--compare-interpreted: 7.75 s interpreted, 4.18 s compiled (1.85). docs/benchmarks.md has the tables.
 """
 
 from __future__ import annotations
