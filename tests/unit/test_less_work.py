@@ -145,3 +145,21 @@ def test_canonical_strings_is_the_canonical_json_of_a_list_of_strings(items: lis
     from services.registry.domain import _canonical, _canonical_strings
 
     assert _canonical_strings(items) == _canonical(items)
+
+
+def test_step_init_stores_as_the_dataclass_did() -> None:
+    import shared.aligner as aligner
+    from shared.aligner import Step
+
+    assert aligner._NATIVE is (not isinstance(aligner._probe, FunctionType))
+    cs = (candle("BTC/USDC", T0, 100, close=101),)
+    s = Step(T0, HOUR, cs)
+    assert (s.time_s, s.interval_s, s.candles, s.published_s) == (T0, HOUR, cs, None)
+    assert s == Step(time_s=T0, interval_s=HOUR, candles=cs, published_s=None) != Step(T0, HOUR, cs, 1.5)
+    assert hash(s) == hash(Step(T0, HOUR, cs))
+    assert repr(s).startswith(f"Step(time_s={T0}, interval_s={HOUR}, candles=(")
+    assert dataclasses.replace(s, published_s=2.0).published_s == 2.0
+    assert pickle.loads(pickle.dumps(s)) == s
+    assert s.close_s == T0 + HOUR
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.time_s = 0  # type: ignore[misc]
