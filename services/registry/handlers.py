@@ -342,9 +342,8 @@ async def _on_step(state: RegistryState, step: Step, backend: Backend) -> list[M
     keep = state.cfg.system.registry.score_lookback_candles + 1
     lookback = state.lookback
     candles = step.candles
-    floats = candle_floats(
-        candles
-    )  # float(c.close), float(c.volume), converted once per step (shared.aligner)
+    # float(c.close) and float(c.volume) of each candle, converted once per step (shared.aligner.candle_floats).
+    floats = candle_floats(candles)
     t = step.time_s
     for i in range(len(candles)):
         product = candles[i].product
