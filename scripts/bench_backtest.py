@@ -34,12 +34,12 @@ Prints one JSON document (and writes it to --out when given), with every figure 
 `ratio_vs_plain_loop` (the plain loop of the same run) and `vs_previous` (the ratio of the code before issue 16
 item 5 on the same data, profiles and rotation, from PREVIOUS below; `speedup` = this ratio / that one).
 
-Latest figures (2026-12-06 11:58-11:59 UTC, 2 vCPUs, Python 3.11.7, load average 1.1-1.2, the 15 modules
-compiled), two years of Binance candles, 8 profiles, rotation 1 day, --report: backtest_cpu_s 4.06-4.11
-(374 000-380 000 evaluations per CPU second; main before "less work per step", run alternately: 5.41-5.52 s,
-279 000-285 000), 1 profile 1.56-1.59 s; load_s 1.86-1.88, report_s 0.63-0.64, command_s 6.56-6.62. Under load 5:
+Latest figures (2026-12-06 11:58-12:19 UTC, 2 vCPUs, Python 3.11.7, load average 1.0-2.4, the 15 modules
+compiled), two years of Binance candles, 8 profiles, rotation 1 day, --report: backtest_cpu_s 4.06-4.17
+(369 000-380 000 evaluations per CPU second; main before "less work per step", run alternately: 5.41-5.67 s,
+272 000-285 000), 1 profile 1.56-1.65 s; load_s 1.86-1.88, report_s 0.63-0.64, command_s 6.56-6.62. Under load 5:
 4.59-4.71 s (327 000-335 000) against 6.08-6.26 s. The figure before issue 16 item 5 was 8.9-9.7 s (150 000-175 000).
---compare-interpreted: 7.75 s interpreted, 4.18 s compiled (1.85). docs/benchmarks.md has the tables.
+--compare-interpreted: 7.75-7.85 s interpreted, 4.08-4.18 s compiled (1.85-1.93). docs/benchmarks.md has the tables.
 """
 
 from __future__ import annotations
