@@ -3,6 +3,7 @@ plain Python loop over the same candles measured in the same run.
 
     .venv/bin/python scripts/bench_backtest.py [--data DIR] [--source binance] [--start ISO --end ISO | --hours N]
                                                [--profiles 8] [--rotation-s 86400] [--repeat 1] [--out FILE]
+                                               [--report [--report-dir DIR]]
                                                [--compare-interpreted | --interpreted]
 
 Closing figures (two years of hourly candles of the eleven Binance assets, not copied into the repository):
@@ -33,12 +34,12 @@ Prints one JSON document (and writes it to --out when given), with every figure 
 `ratio_vs_plain_loop` (the plain loop of the same run) and `vs_previous` (the ratio of the code before issue 16
 item 5 on the same data, profiles and rotation, from PREVIOUS below; `speedup` = this ratio / that one).
 
-Latest figures (2026-11-24 12:28-12:30 UTC, 2 vCPUs, Python 3.11.7, machine nearly idle: the plain loop at
-2.11-2.15 million candles/s, about 9 % below a fully idle machine's 2.35 million), two years of Binance
-candles, 8 profiles, rotation 1 day, --report: load_s 2.23-2.33, backtest_s 9.35-9.63 (160 000-164 800
-evaluations/s, ratio 0.074-0.078), report_s 0.85-0.86, command_s 12.53-12.72 (about 11.3-11.6 s scaled to the
-idle machine); 1 profile 4.02-4.21 s (ratio 0.021-0.023). The code before issue 4's speed-up, same minutes:
-load_s 3.51, backtest_s 13.41 (114 841/s), report_s 1.40, command_s 18.32. docs/benchmarks.md has the table.
+Latest figures (2026-12-06 11:58-12:19 UTC, 2 vCPUs, Python 3.11.7, load average 1.0-2.4, the 15 modules
+compiled), two years of Binance candles, 8 profiles, rotation 1 day, --report: backtest_cpu_s 4.06-4.17
+(369 000-380 000 evaluations per CPU second; main before "less work per step", run alternately: 5.41-5.67 s,
+272 000-285 000), 1 profile 1.56-1.65 s; load_s 1.86-1.88, report_s 0.63-0.64, command_s 6.56-6.62. Under load 5:
+4.59-4.71 s (327 000-335 000) against 6.08-6.26 s. The figure before issue 16 item 5 was 8.9-9.7 s (150 000-175 000).
+--compare-interpreted: 7.75-7.85 s interpreted, 4.08-4.18 s compiled (1.85-1.93). docs/benchmarks.md has the tables.
 """
 
 from __future__ import annotations
@@ -108,9 +109,10 @@ def vs_previous(key: tuple[int, int, int, int], ratios: dict[str, float], loop_r
 def vs_interpreted(argv: list[str], compiled: dict[str, Any]) -> dict[str, Any]:
     """The same run in a subprocess with every module interpreted, and the CPU-time ratios of the two."""
     rest = [a for a in argv if a not in ("--compare-interpreted", "--report")]
-    if "--out" in rest:
-        i = rest.index("--out")
-        del rest[i : i + 2]
+    for flag in ("--out", "--report-dir"):
+        if flag in rest:
+            i = rest.index(flag)
+            del rest[i : i + 2]
     run = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), *rest, "--interpreted", "--repeat", "1"],
         check=True,
@@ -254,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="also write the output files (timed as report_s)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument(
+        "--report-dir",
+        type=Path,
+        default=None,
+        help="with --report: write the N-profile run's output files here (kept; default a temporary folder), "
+        "e.g. to compare two versions' outputs byte for byte",
+    )
+    ap.add_argument(
         "--interpreted",
         action="store_true",
         help="run the .py of the modules scripts/build_native.py compiles, even where they are built",
@@ -276,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     products = len({c.product for s in steps for c in s.candles})
     candles = sum(len(s.candles) for s in steps)
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-out-")) if args.report else None
+    tmp = None
+    if args.report:
+        tmp = args.report_dir or Path(tempfile.mkdtemp(prefix="bench-out-"))
+        tmp.mkdir(parents=True, exist_ok=True)
     many = measure(cfg_n, steps, tmp)
     one = measure(cfg_1, steps, None)
     loop_s, loop_n = plain_loop(steps, args.repeat)

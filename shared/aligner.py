@@ -10,6 +10,7 @@ Duplicated candles (redelivery) are dropped by (product, open_time).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import FunctionType
 from typing import Any
 
 # Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
@@ -22,8 +23,18 @@ from shared.messages import CandleClosed, ReplayFinished, WatermarkAdvanced
 from shared.native import reduce_frozen
 
 
+def _probe() -> None:
+    """Nothing: its type tells whether this module runs compiled (see _NATIVE)."""
+
+
+# Whether mypyc compiled this module: Step.__init__ then stores its fields directly (a compiled class's own slots;
+# `frozen` guards setattr from outside, which still raises), else through object.__setattr__ as the dataclass's
+# generated __init__ does (services/strategy/signals.py does the same for Bar and Signal).
+_NATIVE = not isinstance(_probe, FunctionType)
+
+
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Step:
     """One event-time step of market data: every candle opening at `time_s`. What the aligner releases to a
     consumer, and what a replay schedule is made of (services/ingest/domain.py builds them from recorded
@@ -35,6 +46,26 @@ class Step:
     # Live feed: the exchange's time at which the step's watermark went out (None in a replay). A step published
     # long after its close is history (a warm-up or a backfill after an outage), not the market of now.
     published_s: float | None = None
+
+    def __init__(
+        self,
+        time_s: int,
+        interval_s: int,
+        candles: tuple[CandleClosed, ...],
+        published_s: float | None = None,
+    ) -> None:
+        # The dataclass's own __init__, written here so that mypyc compiles it (a step per candle interval).
+        if _NATIVE:
+            self.time_s = time_s  # type: ignore[misc]
+            self.interval_s = interval_s  # type: ignore[misc]
+            self.candles = candles  # type: ignore[misc]
+            self.published_s = published_s  # type: ignore[misc]
+        else:
+            _set = object.__setattr__
+            _set(self, "time_s", time_s)
+            _set(self, "interval_s", interval_s)
+            _set(self, "candles", candles)
+            _set(self, "published_s", published_s)
 
     @property
     def close_s(self) -> int:
@@ -55,6 +86,28 @@ class Step:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Compiled, unpickling would assign the frozen fields through setattr: see shared/native.py.
         return reduce_frozen(self)
+
+
+# float(open), float(high), float(low), float(close), float(volume) of one candle.
+CandleFloats = tuple[float, float, float, float, float]
+
+# The last candles converted (see candle_floats): the candle tuple itself (held, so its identity is not reused)
+# and their floats.
+_floats_of: tuple[tuple[CandleClosed, ...], list[CandleFloats]] | None = None
+
+
+def candle_floats(candles: tuple[CandleClosed, ...]) -> list[CandleFloats]:
+    """Each candle's prices and volume as floats (`float(Decimal)`, which CPython makes through a string), in the
+    candles' order. The result for the last tuple asked for is kept: in the backtest one step's candles (the
+    same tuple object) reach the registry and then the strategies' indicators, which convert them once between
+    them. Read only (the list is shared by its callers). Candles are frozen, so the tuple's floats never change."""
+    global _floats_of
+    memo = _floats_of
+    if memo is not None and memo[0] is candles:
+        return memo[1]
+    out = [(float(c.open), float(c.high), float(c.low), float(c.close), float(c.volume)) for c in candles]
+    _floats_of = (candles, out)
+    return out
 
 
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)

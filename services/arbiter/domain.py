@@ -266,11 +266,7 @@ def decide(state: ArbiterState, msg: Message, partition: int) -> list[Message]:
     elif isinstance(msg, StepCompleted):
         if msg.profile not in state.profiles:
             return []
-        ps = state.partitions.setdefault(partition, PartitionState())
-        t = int(msg.step_time.timestamp())
-        ps.marks[msg.profile] = max(t, ps.marks.get(msg.profile, t))
-        if msg.final:
-            ps.final.add(msg.profile)
+        _step_marked(state, msg.profile, int(msg.step_time.timestamp()), msg.final, partition)
     elif isinstance(msg, PlanPublished):
         if msg.profile not in state.profiles:
             return []
@@ -290,6 +286,26 @@ def decide(state: ArbiterState, msg: Message, partition: int) -> list[Message]:
     else:
         return []
     return _release(state)
+
+
+def on_step_marker(state: ArbiterState, profile: str, step_time_s: int, partition: int) -> list[Message]:
+    """What `decide` does with a profile's (not final) StepCompleted of step `step_time_s` on `partition`, for a
+    caller that has the marker's values and no message (the backtest's held markers: no message is built for
+    them). The marker's other fields (id, times, intents) are not read by the arbiter."""
+    if profile not in state.profiles:
+        return []
+    _step_marked(state, profile, step_time_s, False, partition)
+    return _release(state)
+
+
+def _step_marked(state: ArbiterState, profile: str, t: int, final: bool, partition: int) -> None:
+    """A profile's marker of step `t` on `partition`: its mark raised, and finished if `final`."""
+    ps = state.partitions.get(partition)
+    if ps is None:  # setdefault without building a PartitionState for every marker
+        ps = state.partitions[partition] = PartitionState()
+    ps.marks[profile] = max(t, ps.marks.get(profile, t))
+    if final:
+        ps.final.add(profile)
 
 
 def on_market_step(state: ArbiterState, step: Step) -> list[Message]:

@@ -183,6 +183,10 @@ def decide(state: PaperState, msg: Message, partition: int = 0) -> list[Message]
     return out
 
 
+# The balance of an asset not held: AssetBalance(free=Decimal(0), used=Decimal(0), total=Decimal(0)), built once.
+_NO_BALANCE = AssetBalance(free=Decimal(0), used=Decimal(0), total=Decimal(0))
+
+
 def account_snapshot(
     state: PaperState, t: datetime, trigger: Literal["start", "periodic", "order_final"], key: str
 ) -> AccountSnapshotted:
@@ -193,8 +197,11 @@ def account_snapshot(
         held[base] = held.get(base, Decimal(0)) + size
     balances = {state.quote: AssetBalance(free=state.cash, used=Decimal(0), total=state.cash)}
     for asset in sorted(set(state.assets) | set(held)):
-        amount = held.get(asset, Decimal(0))
-        balances[asset] = AssetBalance(free=amount, used=Decimal(0), total=amount)
+        amount = held.get(asset)
+        # An asset not held: the one empty balance (a frozen message with the same values), not one more.
+        balances[asset] = (
+            _NO_BALANCE if amount is None else AssetBalance(free=amount, used=Decimal(0), total=amount)
+        )
     return AccountSnapshotted(
         id=derived_id("account", state.profile_id, trigger, key),
         event_time=t,

@@ -111,6 +111,18 @@ class RunData:
         for m in msgs:
             self.add(m)
 
+    def add_candles(self, candles: Iterable[CandleClosed]) -> None:
+        """`add` of each candle (the same key and check), without its tests of the message's type: the backtest
+        adds every candle of every step."""
+        seen = self._seen
+        kept = self.candles
+        for m in candles:
+            key = f"{type(m).__name__}:{m.id}"
+            if key in seen:
+                continue
+            seen.add(key)
+            kept.append(m)
+
     def add(self, m: Message) -> None:
         if not isinstance(m, _KEPT):
             return  # e.g. step markers: the report keeps none (a backtest adds one per profile and step)

@@ -59,7 +59,7 @@ from services.registry.domain import (
 )
 from services.registry.metrics import RegistryMetrics
 from services.registry.ports import Backend
-from shared.aligner import Aligner, Step
+from shared.aligner import Aligner, Step, candle_floats
 from shared.clock import derived_id, from_epoch_s
 from shared.config import AppConfig, Profile
 from shared.messages import (
@@ -176,6 +176,23 @@ class RegistryState:
     prepared: dict[str, Prepared] = field(default_factory=dict)  # profile -> its next epoch's plan
     steps_done: int = 0  # steps whose candles joined the lookback
     last_step_s: int | None = None
+
+
+# product -> its base asset (`product.split("/")[0]`), for the lookback of every candle.
+_asset_of: dict[str, str] = {}
+
+# The enabled profiles of the last config asked for (AppConfig is frozen): `AppConfig.enabled_profiles` sorts
+# them at every call, and a step asks twice. Read only (iterated), never changed.
+_enabled_of: tuple[AppConfig, dict[str, Profile]] | None = None
+
+
+def _enabled(cfg: AppConfig) -> dict[str, Profile]:
+    """`cfg.enabled_profiles()`, computed once per config object."""
+    global _enabled_of
+    memo = _enabled_of
+    if memo is None or memo[0] is not cfg:
+        memo = _enabled_of = (cfg, cfg.enabled_profiles())
+    return memo[1]
 
 
 def new_state(
@@ -324,12 +341,20 @@ async def _on_step(state: RegistryState, step: Step, backend: Backend) -> list[M
     state.score_cache.clear()
     keep = state.cfg.system.registry.score_lookback_candles + 1
     lookback = state.lookback
-    for c in step.candles:
-        asset = c.product.split("/")[0]
+    candles = step.candles
+    # float(c.close) and float(c.volume) of each candle, converted once per step (shared.aligner.candle_floats).
+    floats = candle_floats(candles)
+    t = step.time_s
+    for i in range(len(candles)):
+        product = candles[i].product
+        asset = _asset_of.get(product)
+        if asset is None:
+            asset = _asset_of[product] = product.split("/")[0]
+        f = floats[i]
         buf = lookback.get(asset)
         if buf is None:
             buf = lookback[asset] = deque(maxlen=keep)
-        buf.append((step.time_s, float(c.close), float(c.volume)))
+        buf.append((t, f[3], f[4]))
     state.steps_done += 1
     state.last_step_s = step.time_s
     if state.plan_on_steps and state.plan_ahead:
@@ -342,7 +367,7 @@ async def _prepare_next(state: RegistryState, t_s: int, backend: Backend) -> Non
     order ``_plan_profiles`` claims in at that step); ``_decide_epoch`` records and publishes them."""
     cfg = state.cfg
     nxt = t_s + cfg.system.market_data.interval_s
-    for pid, profile in cfg.enabled_profiles().items():
+    for pid, profile in _enabled(cfg).items():
         interval = profile.profile_hash.hash_rotation_interval
         e = epoch_of(nxt, interval)
         current = state.current_epoch.get(pid)
@@ -389,11 +414,13 @@ async def _plan_profiles(
 ) -> list[Message]:
     out: list[Message] = []
     due: dict[str, tuple[Profile, int]] = {}
-    for pid, profile in state.cfg.enabled_profiles().items():
+    for pid, profile in _enabled(state.cfg).items():
         e = epoch_of(t_s, profile.profile_hash.hash_rotation_interval)
         current = state.current_epoch.get(pid)
         if current is None or e > current:  # epochs only move forward (live: a late step never re-plans)
             due[pid] = (profile, e)
+    if not due:
+        return out  # most steps: no epoch starts (_decide_prepared would find no prepared plan due)
     decided = await _decide_prepared(state, {pid: e for pid, (_, e) in due.items()}, backend, correlation)
     for pid, (profile, e) in due.items():
         out.extend(await _plan_epoch(state, pid, profile, e, backend, correlation, decided=decided.get(pid)))
@@ -435,7 +462,7 @@ async def _rotate_profiles(
 ) -> list[Message]:
     """Early rotations due at step ``t_s``, in profile priority order (like the scheduled plans)."""
     out: list[Message] = []
-    for pid, profile in state.cfg.enabled_profiles().items():
+    for pid, profile in _enabled(state.cfg).items():
         commands = [r.command_id for r in due if r.target in (pid, "all")]
         if not commands:
             continue
@@ -572,9 +599,15 @@ async def _decide_epoch(
         for c in resolved.conflicts:
             state.stats.refused[c.outcome.name] += 1
             state.metrics.refused.labels(profile=pid, outcome=c.outcome.name).inc()
-        mine = plan_message(resolved, correlation=correlation, commands=commands)
         claimed = holds_asset(resolved)
-        rec = decided if decided is not None else await backend.decide(mine, asset_claimed=claimed)
+        # The plan's message: built here only when it is recorded here or compared below (a prepared plan's was
+        # built and recorded by _decide_prepared, with the same values).
+        mine: PlanPublished | None = None
+        if decided is None:
+            mine = plan_message(resolved, correlation=correlation, commands=commands)
+            rec = await backend.decide(mine, asset_claimed=claimed)
+        else:
+            rec = decided
         if rec.won:
             state.stats.decided += 1
             state.stats.refused_decided.update(c.outcome.name for c in resolved.conflicts)
@@ -589,16 +622,21 @@ async def _decide_epoch(
                     resolved.collisions,
                     resolved.nonce,
                 )
-        elif rec.plan.id != mine.id:
-            # Lost the decision with another plan (this replica saw a different claim set): give back the
-            # keys the recorded plan does not use, so they block nobody.
-            extra = plan_keys(mine, claimed) - plan_keys(rec.plan, rec.asset_claimed)
-            await backend.unclaim(pid, resolved.epoch_start_s, resolved.epoch_end_s, sorted(extra))
-            state.stats.divergent += 1
-            state.metrics.divergent.labels(profile=pid).inc()
-            log.warning(
-                "profile %s epoch %d: another replica decided a different plan first; adopted it", pid, epoch
-            )
+        else:
+            if mine is None:
+                mine = plan_message(resolved, correlation=correlation, commands=commands)
+            if rec.plan.id != mine.id:
+                # Lost the decision with another plan (this replica saw a different claim set): give back the
+                # keys the recorded plan does not use, so they block nobody.
+                extra = plan_keys(mine, claimed) - plan_keys(rec.plan, rec.asset_claimed)
+                await backend.unclaim(pid, resolved.epoch_start_s, resolved.epoch_end_s, sorted(extra))
+                state.stats.divergent += 1
+                state.metrics.divergent.labels(profile=pid).inc()
+                log.warning(
+                    "profile %s epoch %d: another replica decided a different plan first; adopted it",
+                    pid,
+                    epoch,
+                )
     out: list[Message] = []
     if rec.won or (rec.owner == state.instance and not rec.published):
         # The winner publishes; so does this instance for its own decision that a crash left unpublished.

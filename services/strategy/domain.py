@@ -844,7 +844,6 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
         _price_untracked(state)
     state.steps_done += 1
     state.last_step_s = step.time_s
-    corr = f"step:{step.time_s}"
     out: list[Message] = []
 
     # Orders still working at this close: no new intent in their products (module docstring).
@@ -890,7 +889,7 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
         state.day = day
         state.day_start_equity = equity
     if equity < state.high_water or equity < state.day_start_equity:  # else neither loss can be positive
-        out.extend(_risk_halts(state, equity, day, corr, step.close_s))
+        out.extend(_risk_halts(state, equity, day, step.time_s, step.close_s))
 
     # Rotation: the first step under a new epoch's plan. "close" sells every open position (reason
     # "flatten"); a sale that does not happen (rejected, cancelled) is tried again at the next steps.
@@ -1016,25 +1015,26 @@ def _evaluate_step(state: StrategyState, step: Step, plan: PlanPublished) -> lis
     return out
 
 
-def _risk_halts(state: StrategyState, equity: Decimal, day: int, corr: str, close_s: int) -> list[Message]:
+def _risk_halts(state: StrategyState, equity: Decimal, day: int, step_s: int, close_s: int) -> list[Message]:
     """Halts the step's close breached, stamped at that close (when they are known). With close_on_halt the
     profile's positions are sold too (reason "halt"), so the loss stops at the limit."""
     rm = state.profile.risk_management
     lim = state.limits
     out: list[Message] = []
-    when = from_epoch_s(close_s)
     if state.halted is None and state.high_water > 0:
         dd_pct = (state.high_water - equity) / state.high_water * 100
         if dd_pct >= lim.max_drawdown_pct:
             state.halted = f"drawdown {dd_pct:.2f}% >= max_drawdown_pct {rm.max_drawdown_pct}"
-            out.append(_halt(state, state.halted, None, when, corr))
+            out.append(_halt(state, state.halted, None, from_epoch_s(close_s), f"step:{step_s}"))
             state.halt_counts["drawdown"] = state.halt_counts.get("drawdown", 0) + 1
     if state.entries_paused_day != day and state.day_start_equity > 0:
         loss_pct = (state.day_start_equity - equity) / state.day_start_equity * 100
         if loss_pct >= lim.max_daily_loss_pct:
             state.entries_paused_day = day
             reason = f"daily loss {loss_pct:.2f}% >= max_daily_loss_pct {rm.max_daily_loss_pct}"
-            out.append(_halt(state, reason, from_epoch_s((day + 1) * 86400), when, corr))
+            # The close as a datetime only when a halt is stamped with it (most steps under water halt nothing).
+            until = from_epoch_s((day + 1) * 86400)
+            out.append(_halt(state, reason, until, from_epoch_s(close_s), f"step:{step_s}"))
             state.halt_counts["daily_loss"] = state.halt_counts.get("daily_loss", 0) + 1
     if out and state.close_on_halt:
         state.halt_close |= set(state.positions)

@@ -17,7 +17,7 @@ from decimal import Decimal
 from mypy_extensions import mypyc_attr
 
 from services.strategy.signals import Bar, ProductSignals, Signal, SignalModel, blend_with
-from shared.aligner import Step
+from shared.aligner import Step, candle_floats
 from shared.strategy_catalog import CATALOG
 
 _ANY_STRATEGY = next(iter(CATALOG))  # ProductSignals.evaluate validates a name; every model runs regardless
@@ -71,13 +71,15 @@ class MarketSignals:
         self._last_step = step.time_s
         products = self.products
         closes: dict[str, Decimal] = {}
-        for c in step.candles:
+        candles = step.candles
+        floats = candle_floats(candles)  # converted once per step, with the registry (shared.aligner)
+        for i in range(len(candles)):
+            c = candles[i]
+            o, h, lo, cl, v = floats[i]
             ps = products.get(c.product)
             if ps is None:
                 ps = products[c.product] = ProductSignals(step.interval_s)
-            ps.update(
-                Bar(step.time_s, float(c.open), float(c.high), float(c.low), float(c.close), float(c.volume))
-            )
+            ps.update(Bar(step.time_s, o, h, lo, cl, v))
             closes[c.product] = c.close
         self.closes = closes
         self._snaps = {}

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
+from types import FunctionType, MappingProxyType
 from typing import Any, ClassVar, SupportsIndex
 
 # Compiled by mypyc (scripts/build_native.py): its classes must still pickle as plain ones do (state snapshots
@@ -48,11 +48,23 @@ __all__ = [
 
 SECONDS_PER_YEAR = 365 * 86400
 _SQRT1_2 = math.sqrt(0.5)
-_EMPTY: Mapping[str, float] = MappingProxyType({})
+_NO_TUNABLES: dict[str, float] = {}  # never written to
+
+
+def _probe() -> None:
+    """Nothing: its type tells whether this module runs compiled (see _NATIVE)."""
+
+
+# Whether mypyc compiled this module (scripts/build_native.py): a compiled function is a builtin, not a Python
+# function. The frozen dataclasses' __init__ below set their fields by plain assignment when compiled (a store
+# into the object's own slot, which mypyc makes directly; `frozen` guards setattr from outside, which still
+# raises), and through object.__setattr__ when interpreted (as the dataclass's generated __init__ does, since
+# the class's __setattr__ refuses). The same fields, the same values.
+_NATIVE = not isinstance(_probe, FunctionType)
 
 
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Bar:
     """One closed candle. Floats, not Decimals, for speed inside the indicators."""
 
@@ -62,6 +74,28 @@ class Bar:
     low: float
     close: float
     volume: float
+
+    def __init__(
+        self, open_time: int, open: float, high: float, low: float, close: float, volume: float
+    ) -> None:
+        # The dataclass's own __init__ (each field set, then __post_init__), written here so that mypyc compiles
+        # it: the generated one is interpreted code, and it runs for every bar. See _NATIVE for the two ways.
+        if _NATIVE:
+            self.open_time = open_time  # type: ignore[misc]
+            self.open = open  # type: ignore[misc]
+            self.high = high  # type: ignore[misc]
+            self.low = low  # type: ignore[misc]
+            self.close = close  # type: ignore[misc]
+            self.volume = volume  # type: ignore[misc]
+        else:
+            _set = object.__setattr__
+            _set(self, "open_time", open_time)
+            _set(self, "open", open)
+            _set(self, "high", high)
+            _set(self, "low", low)
+            _set(self, "close", close)
+            _set(self, "volume", volume)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         # Checked once here so no indicator ever takes the log of a non-positive price or sums a NaN.
@@ -83,10 +117,21 @@ class Bar:
 
 
 @mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Signal:
     value: float  # in [-1, 1]; > 0 bullish
     confidence: float  # in [0, 1]
+
+    def __init__(self, value: float, confidence: float) -> None:
+        # The dataclass's own __init__, compiled (see Bar.__init__).
+        if _NATIVE:
+            self.value = value  # type: ignore[misc]
+            self.confidence = confidence  # type: ignore[misc]
+        else:
+            _set = object.__setattr__
+            _set(self, "value", value)
+            _set(self, "confidence", confidence)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         # The comparisons are False for NaN, so NaN is refused too.
@@ -549,28 +594,33 @@ class MultiHorizonMomentumModel(SignalModel):
 
     def _evaluate(self, tunable: Mapping[str, float]) -> Signal:
         d = self._defaults
-        ws = (
-            _tunable(tunable, "w_short", d["w_short"]),
-            _tunable(tunable, "w_mid", d["w_mid"]),
-            _tunable(tunable, "w_long", d["w_long"]),
-        )
+        w0 = _tunable(tunable, "w_short", d["w_short"])
+        w1 = _tunable(tunable, "w_mid", d["w_mid"])
+        w2 = _tunable(tunable, "w_long", d["w_long"])
         gain = _tunable(tunable, "gain", d["gain"])
-        total = ws[0] + ws[1] + ws[2]
-        if min(ws) < 0.0 or total <= 0.0:
+        total = w0 + w1 + w2
+        # min(w0, w1, w2) < 0.0, written out (the tunables are finite).
+        if w0 < 0.0 or w1 < 0.0 or w2 < 0.0 or total <= 0.0:
+            ws = (w0, w1, w2)
             raise ValueError(f"{self.name}: horizon weights {ws} must be >= 0 with a positive sum")
         if self._at_bar():
             self._zs = self._horizon_z()
         zs = self._zs
         if zs is None:
             return _FLAT
+        z0, z1, z2 = zs
+        # The sums over the three horizons in their order, from 0.0, as the loop over zip(zs, ws) made them.
         score = 0.0
+        score += w0 * z0
+        score += w1 * z1
+        score += w2 * z2
         agree = 0.0
-        for z, w in zip(zs, ws, strict=True):
-            score += w * z
-            agree += w * ((z > 0.0) - (z < 0.0))
+        agree += w0 * ((z0 > 0.0) - (z0 < 0.0))
+        agree += w1 * ((z1 > 0.0) - (z1 < 0.0))
+        agree += w2 * ((z2 > 0.0) - (z2 < 0.0))
         return _signal(math.tanh(gain * score / total), abs(agree / total))
 
-    def _horizon_z(self) -> tuple[float, ...] | None:
+    def _horizon_z(self) -> tuple[float, float, float] | None:
         """Each horizon's log return in units of sd * sqrt(horizon); None without volatility."""
         var = self._returns.variance()
         if var <= 0.0:
@@ -578,9 +628,12 @@ class MultiHorizonMomentumModel(SignalModel):
         sd = math.sqrt(var)
         closes = self._closes
         c = closes[-1]
-        return tuple(
-            math.log(c / closes[-1 - h]) / (sd * sqrt_h)
-            for h, sqrt_h in zip(self._h, self._sqrt_h, strict=True)
+        h0, h1, h2 = self._h
+        s0, s1, s2 = self._sqrt_h
+        return (
+            math.log(c / closes[-1 - h0]) / (sd * s0),
+            math.log(c / closes[-1 - h1]) / (sd * s1),
+            math.log(c / closes[-1 - h2]) / (sd * s2),
         )
 
 
@@ -823,7 +876,10 @@ class ProductSignals:
         out: dict[str, Signal] = {}
         for name, model in self._models.items():
             if model._bars >= model._warmup:  # SignalModel.evaluate, without its frame
-                out[name] = model._evaluate(tunable_by_strategy.get(name, _EMPTY))
+                tunable = tunable_by_strategy.get(name)
+                # No tunables of its own: the catalog defaults, read from an empty dict (a mapping proxy's get
+                # goes through to its dict's: twice the call, for every default signal of every step).
+                out[name] = model._evaluate(_NO_TUNABLES if tunable is None else tunable)
         return out
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.arbiter.bootstrap import bootstrap
-from services.arbiter.domain import ArbiterState, decide, new_state, pearson
+from services.arbiter.domain import ArbiterState, decide, new_state, on_step_marker, pearson
 from shared.bus import KafkaAccess
 from shared.config import AppConfig
 from shared.messages import (
@@ -25,6 +25,7 @@ from shared.messages import (
     Message,
     OrderDecided,
     PlaceOrder,
+    StepCompleted,
     WorkerFinished,
 )
 from shared.orders import client_order_id, desync_delay_ms
@@ -889,3 +890,33 @@ def test_service_routes_every_output_and_counts_what_it_publishes(cfg: AppConfig
     assert value("mp_arbiter_internal_cross_savings_total", {"kind": "fees"}) == pytest.approx(
         float(D("0.1") * 100 * 2 * D(cfg.system.execution.taker_fee_rate))
     )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["", "buy", "sell"]), st.sampled_from(["", "buy", "sell"])), max_size=6
+    )
+)
+def test_on_step_marker_is_decide_of_the_marker_message(sides: list[tuple[str, str]]) -> None:
+    """arbiter.on_step_marker (the backtest's held markers, no message built) gives what decide gives for the
+    profile's StepCompleted, and leaves the same state; an unknown profile's marker is ignored both ways."""
+    c = config()
+    by_msg, by_values = new_state(c), new_state(c)
+    for k, (side_a, side_b) in enumerate(sides):
+        t = T0 + k * HOUR
+        intents = [intent(by_msg, pid, side, t) for pid, side in ((A, side_a), (B, side_b)) if side]
+        inputs = [*plans_at(by_msg, t), *market(t, {"BTC/USDC": 100 + k}), *intents]
+        assert feed(by_msg, inputs) == feed(by_values, inputs)
+        for msg, part in [*markers(by_msg, t), (step_completed("nobody", t), 0)]:
+            assert isinstance(msg, StepCompleted)
+            got = on_step_marker(by_values, msg.profile, t, part)
+            assert decide(by_msg, msg, part) == got
+        assert {p: (ps.marks, ps.final) for p, ps in by_msg.partitions.items()} == {
+            p: (ps.marks, ps.final) for p, ps in by_values.partitions.items()
+        }
+        assert by_msg.buffer == by_values.buffer and by_msg.decided == by_values.decided
+        assert list(by_msg.pending_closes) == list(by_values.pending_closes)
+        assert {p: list(r) for p, r in by_msg.returns.items()} == {
+            p: list(r) for p, r in by_values.returns.items()
+        }
