@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from aiokafka import (
@@ -78,7 +79,9 @@ async def _run_until(loop: ConsumeLoop, handler: object, count: int, timeout: fl
         w.cancel()
 
 
-def _loop(bootstrap: str, topics: list[str], group: str, pub: Publisher, dlq: str) -> ConsumeLoop:
+def _loop(
+    bootstrap: str, topics: list[str], group: str, pub: Publisher, dlq: str, **options: Any
+) -> ConsumeLoop:
     return ConsumeLoop(
         bootstrap=bootstrap,
         topics=topics,
@@ -87,6 +90,7 @@ def _loop(bootstrap: str, topics: list[str], group: str, pub: Publisher, dlq: st
         dead_letter_topic=dlq,
         service="test",
         clock=system_clock,
+        **options,
     )
 
 
@@ -537,14 +541,12 @@ async def test_skipped_records_are_never_decoded_and_only_their_positions_move(
         seen.append(admitted.msg.id)
         box.add(out, admitted.msg, key=b"bytes key")
 
-    loop = ConsumeLoop(
-        bootstrap=b,
-        topics=[src],
-        group_id=f"{namespace}.g",
-        publisher=pub,
-        dead_letter_topic=dlq,
-        service="test",
-        clock=system_clock,
+    loop = _loop(
+        b,
+        [src],
+        f"{namespace}.g",
+        pub,
+        dlq,
         skip=skip,
         on_dead_letter=lambda rec, error: told.append((rec.offset, error)),
     )
@@ -580,16 +582,7 @@ async def test_a_rebuild_loop_commits_what_it_handled_once_idle_after_its_output
     async def handler(admitted: Admitted, rec: object, box: Outbox) -> None:
         box.add(out, admitted.msg, key="k")
 
-    loop = ConsumeLoop(
-        bootstrap=b,
-        topics=[src],
-        group_id=group,
-        publisher=pub,
-        dead_letter_topic=dlq,
-        service="test",
-        clock=system_clock,
-        rebuild_on_start=True,
-    )
+    loop = _loop(b, [src], group, pub, dlq, rebuild_on_start=True)
     reader = AIOKafkaConsumer(**b.client_options(), group_id=group, enable_auto_commit=False)
     await loop.start()
     await reader.start()
