@@ -1,9 +1,11 @@
 """Benchmark: what each profile costs at rest, startup time and memory of its strategy and execution workers, for
 several profile counts, one process per worker (the baseline, as `mpctl demo` starts them by default) against
 forked hosts (`--profile a,b,...`, MPCTL_PROFILES_PER_PROCESS; shared/forkhost.py), in the same run; mode
-"before" runs another checkout's code (`--before-tree`) a process per worker.
+"shared" runs the strategy workers as tasks of one process (`--shared-loop`, shared/loophost.py) and the
+execution workers in a forked host; mode "before" runs another checkout's code (`--before-tree`) a process per
+worker.
 
-    .venv/bin/python scripts/bench_footprint.py [--profiles 2,8,32] [--modes before,process,hosted]
+    .venv/bin/python scripts/bench_footprint.py [--profiles 2,8,32] [--modes before,process,hosted,shared]
         [--before-tree DIR] [--settle 5]
         [--json reports/bench/footprint.json]
 
@@ -137,7 +139,8 @@ async def one_run(
         else:
             every = ",".join(pids)
             stack.start("execution.host", ["services.execution", *common, "--profile", every], log_dir)
-            stack.start("strategy.host", ["services.strategy", *common, "--profile", every], log_dir)
+            shared = ["--shared-loop"] if mode == "shared" else []
+            stack.start("strategy.host", ["services.strategy", *common, "--profile", every, *shared], log_dir)
         startup_s = await wait_up(bootstrap, cfg, ns, stack, wanted, timeout)
         await asyncio.sleep(settle)
         mem = stack_memory(stack)
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "--modes",
         default="process,hosted",
         help="before (--before-tree's code, a process per worker), process (this code, a process per worker), "
-        "hosted (this code, one forked host per kind)",
+        "hosted (this code, one forked host per kind), shared (the strategies on one shared loop, the execution "
+        "workers in a forked host)",
     )
     p.add_argument(
         "--before-tree",
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.chdir(ROOT)
     for m in args.modes.split(","):
-        if m.strip() not in ("before", "process", "hosted"):
+        if m.strip() not in ("before", "process", "hosted", "shared"):
             p.error(f"unknown mode {m!r}")
         if m.strip() == "before" and args.before_tree is None:
             p.error("mode 'before' needs --before-tree")

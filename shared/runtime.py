@@ -277,8 +277,14 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
 
 def main_entry(
-    argv: Sequence[str] | None, service: str, parser: argparse.ArgumentParser
+    argv: Sequence[str] | None,
+    service: str,
+    parser: argparse.ArgumentParser,
+    *,
+    process_setup: bool = True,
 ) -> argparse.Namespace:
+    """Parse and check one worker's command line, set up the process (logging, the orphan watchdog; not again
+    with `process_setup=False`: a second profile of a shared loop) and start the worker's heartbeat."""
     args = parser.parse_args(argv)
     if isinstance(getattr(args, "metrics_port", None), int):
         check_metrics_args(parser, args)  # before anything starts (the heartbeat below)
@@ -287,10 +293,67 @@ def main_entry(
     except ConfigError as err:
         # Refused before anything starts, with the file and the problem and no traceback (every service loads it).
         raise SystemExit(f"{service}: {err}") from None
-    setup_logging(service, args.log_level)
-    start_orphan_watchdog()
+    if process_setup:
+        setup_logging(service, args.log_level)
+        start_orphan_watchdog()
     _heartbeat(service, args)
     return args
+
+
+def add_shared_loop_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--shared-loop",
+        action="store_true",
+        default=os.environ.get(SHARED_LOOP_ENV, "").strip() == "1",
+        help=(
+            "with several profiles (--profile a,b): run them in this one process on one event loop, each with its "
+            "own consumer group, state, principal, heartbeat and metrics, a failed one started again alone "
+            f"(shared/loophost.py), instead of a forked process each; env {SHARED_LOOP_ENV}=1"
+        ),
+    )
+
+
+# `--shared-loop` from the environment (mpctl demo / run pass it on to the strategy hosts they start).
+SHARED_LOOP_ENV = "MPCTL_SHARED_LOOP"
+
+
+def serve_shared_loop(
+    service: str,
+    parser: argparse.ArgumentParser,
+    argv: list[str],
+    build: Callable[[ServiceSettings], Callable[[asyncio.Event], Awaitable[int]]],
+) -> int | None:
+    """A start naming several profiles with `--shared-loop`: every profile's worker (`build(its settings)`, a
+    fresh one at every start) as a task of this process (shared/loophost.py), and the exit code; None otherwise
+    (the caller forks a host or runs one worker). Each profile's command line is checked and its heartbeat
+    started before any runs."""
+    from shared.forkhost import argv_for, profile_arg, profiles_of
+    from shared.loophost import run_together
+
+    profiles = profiles_of(profile_arg(argv) or "")
+    if len(profiles) < 2:
+        return None
+    host = parser.parse_args(argv)
+    if not host.shared_loop:
+        return None
+    if len(set(profiles)) != len(profiles):
+        raise SystemExit(f"{service}: --profile {','.join(profiles)}: a profile named twice")
+    take_bus_passwords(host)
+    handed = dict(_HANDED)
+    settings: dict[str, ServiceSettings] = {}
+    for i, pid in enumerate(profiles):
+        _HANDED.update(handed)  # each profile's worker takes its own principal's (and the map is cleared)
+        args = main_entry(
+            argv_for(argv, pid, profiles, host.metrics_port), service, parser, process_setup=i == 0
+        )
+        settings[pid] = settings_from_args(args)
+    _HANDED.clear()
+    handed.clear()
+
+    def starter(s: ServiceSettings) -> Callable[[asyncio.Event], Awaitable[int]]:
+        return lambda stop: build(s)(stop)
+
+    return run_service(lambda stop: run_together({pid: starter(s) for pid, s in settings.items()}, stop))
 
 
 # How long a service whose parent died (mpctl killed: its PR_SET_PDEATHSIG SIGTERM is on the way) may take to stop

@@ -50,9 +50,12 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("shared_loop", [False, True], ids=["a-process-each", "one-shared-loop"])
 async def test_strategy_metrics_equal_the_runs_output(
-    infra: Endpoints, tmp_path: Path, namespace: str
+    infra: Endpoints, tmp_path: Path, namespace: str, shared_loop: bool
 ) -> None:
+    """With `shared_loop`, the three profiles' strategy workers run as tasks of one process
+    (`--profile a,b,c --shared-loop`, shared/loophost.py): the same run, the same numbers."""
     cfg = _config(namespace)
     t = Topics(namespace)
     specs = declared_topics(cfg, namespace)
@@ -77,10 +80,19 @@ async def test_strategy_metrics_equal_the_runs_output(
     try:
         stack.start("registry", ["services.registry", *common], log_dir)
         stack.start("arbiter", ["services.arbiter", *common], log_dir)
-        for pid in cfg.enabled_profiles():
-            extra = ["--metrics-port", str(port)] if pid == PID else []
+        pids = list(cfg.enabled_profiles())
+        for pid in pids:
             stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid], log_dir)
-            stack.start(f"strategy.{pid}", ["services.strategy", *common, "--profile", pid, *extra], log_dir)
+            if not shared_loop:
+                extra = ["--metrics-port", str(port)] if pid == PID else []
+                stack.start(
+                    f"strategy.{pid}", ["services.strategy", *common, "--profile", pid, *extra], log_dir
+                )
+        if shared_loop:
+            # The i-th profile serves its metrics on port + i (shared/forkhost.py argv_for).
+            first = port - pids.index(PID)
+            every = ["--profile", ",".join(pids), "--shared-loop", "--metrics-port", str(first)]
+            stack.start("strategy.host", ["services.strategy", *common, *every], log_dir)
         stack.start(
             "ingest", ["services.ingest", *common, "--data", str(DATA), "--hours", str(HOURS)], log_dir
         )
