@@ -56,8 +56,6 @@ from shared.snapshots import (
 )
 from shared.topics import Topics
 
-log = logging.getLogger("strategy")
-
 SESSION_TIMEOUT_MS = 10_000
 
 
@@ -133,6 +131,8 @@ class StrategyWorker:
         self.group = self.t.group("strategy", self.profile_id)
         self.inputs = input_topics(self.t)
         self.service = f"strategy.{self.profile_id}"
+        # Named by the profile: several profiles' workers may share a process (--shared-loop) and its log.
+        self.log = logging.getLogger(self.service)
         self.commands = gate_for(self.service, cfg.system.commands.max_age_s)
         self.metrics = StrategyMetrics(self.profile_id)
         self.metrics_port = settings.metrics_port
@@ -221,7 +221,7 @@ class StrategyWorker:
         recs = self.held_records.get(refusal.outcome.id)
         if not recs or not recs[1] or self.loop is None:
             # Cannot happen (every foreign outcome's record is kept until judged); say so rather than lose it.
-            log.error("refused %s, but its record is unknown: %s", refusal.outcome.id, refusal.reason)
+            self.log.error("refused %s, but its record is unknown: %s", refusal.outcome.id, refusal.reason)
             return
         rec = recs[1].popleft()
         self.metrics.error("dead_lettered", rec.topic, rec.partition, rec.offset)
