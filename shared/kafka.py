@@ -376,6 +376,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         fresh = [tp for tp in parts if tp not in applied]
         if not fresh:
             return
+        for tp in fresh:
+            # What the group had consumed before this process: its metrics count only records from there on.
+            committed = await consumer.committed(tp)
+            if committed is not None:
+                self._loop.committed_before[(tp.topic, tp.partition)] = int(committed)
         if not self._positions:
             await consumer.seek_to_beginning(*fresh)
             return
@@ -463,6 +468,9 @@ class ConsumeLoop:
         # Partitions `holds` found lost (or could not confirm) during the batch in hand: the record being handled
         # and the rest of the batch's records of them are left to be read again.
         self.disowned: set[TopicPartition] = set()
+        # Rebuild: the offset the group had committed on each partition when this process was first given it
+        # (what an earlier process consumed; a service's metrics count only the records from there on).
+        self.committed_before: dict[tuple[str, int], int] = {}
         # Rebuild: handled offsets not committed yet, and when the last commit was (see run).
         self._uncommitted: dict[TopicPartition, int] = {}
         self._committed_at = time.monotonic()
@@ -473,8 +481,6 @@ class ConsumeLoop:
 
     async def start(self) -> None:
         positions = await self.keeper.load() if self.keeper is not None and self._rebuild else None
-        if self.keeper is not None and self._rebuild:
-            self.keeper.connect_soon()
         await self._consumer.start()
         self._consumer.subscribe(self._topics, listener=_Listener(self, positions, rebuild=self._rebuild))
 

@@ -29,17 +29,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import ConsumerRecord
 
 from services.strategy import domain
 from services.strategy.metrics import StrategyMetrics
 from services.strategy.routing import ForeignKeys, Outputs, routes
 from shared.admit import Admitted
-from shared.bus import KafkaAccess
 from shared.clock import Clock, system_clock
 from shared.commands import gate_for
 from shared.config import AppConfig
-from shared.kafka import ConsumeLoop, Outbox, Publisher, partitions_of
+from shared.kafka import ConsumeLoop, Outbox, Publisher
 from shared.messages import (
     ControlCommand,
     Message,
@@ -76,26 +75,6 @@ class HeldRecord:
     key: bytes | None
     value: bytes | None
     timestamp: int
-
-
-async def committed_offsets(
-    bootstrap: KafkaAccess, group: str, topics: list[str]
-) -> dict[tuple[str, int], int]:
-    """The offsets `group` had committed on every partition of `topics` (a partition without one: its beginning):
-    what the previous process had consumed. The metrics count only records from there on (the rebuild re-reads
-    the rest). Read without joining the group."""
-    consumer = AIOKafkaConsumer(**bootstrap.client_options(), group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = await partitions_of(consumer, topics, bootstrap)
-        begins = await consumer.beginning_offsets(tps)
-        before = {}
-        for tp in tps:
-            committed = await consumer.committed(tp)
-            before[(tp.topic, tp.partition)] = int(committed) if committed is not None else begins[tp]
-        return before
-    finally:
-        await consumer.stop()
 
 
 def max_publish_lag_s(cfg: AppConfig) -> float:
@@ -249,10 +228,11 @@ class StrategyWorker:
 
     async def run(self, stop: asyncio.Event) -> int:
         bootstrap = self.settings.kafka
-        self.metrics.counted_from = await committed_offsets(bootstrap, self.group, self.inputs)
         publisher = Publisher(bootstrap, client_id=self.group)
         keeper = await self.durable.keeper(bootstrap)
         loop = self.loop = self.consume_loop(publisher, keeper)
+        # Filled as the loop is given its partitions, before it reads any of their records.
+        self.metrics.counted_from = loop.committed_before
         if self.metrics_port:
             self.metrics_bound = self.metrics.serve(self.metrics_port, self.metrics_addr)
 

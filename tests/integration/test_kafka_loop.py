@@ -232,6 +232,9 @@ async def test_rebuild_on_start_rereads_the_whole_log_despite_committed_offsets(
         try:
             if rebuild or not seen:
                 await _run_until(loop, recording, 3)
+                if rebuild:
+                    # What the group had consumed before (its metrics count from there): read on assignment.
+                    assert loop.committed_before == {(src, 0): 3}
             else:
                 # Committed offsets are at the end: a plain restart sees nothing new.
                 with pytest.raises(TimeoutError):
