@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiles", default="2,8,32", help="comma-separated profile counts")
     p.add_argument(
         "--modes",
-        default="process,hosted",
+        default="process,hosted,shared",
         help="before (--before-tree's code, a process per worker), process (this code, a process per worker), "
         "hosted (this code, one forked host per kind), shared (the strategies on one shared loop, the execution "
         "workers in a forked host)",
