@@ -30,7 +30,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from shared.admit import Admission, Admitted, Refused, admit
+from shared.admit import Admission, Admitted, Record, Refused, admit
 from shared.bus import KafkaAccess
 from shared.clock import Clock
 from shared.codec import DecodeError, decode, encode
@@ -48,8 +48,8 @@ PRODUCER_REQUEST_TIMEOUT_MS = 300_000
 # How long the broker may hold a fetch of a service's input consumer when there is nothing to return. A
 # consumer's client sends its other requests (offsets, metadata) on the connection its fetch uses, and the
 # broker answers a connection's requests in order: behind aiokafka's default long poll (500 ms; faust's worker,
-# which the strategy used until issue 16: 1,500 ms) such a request waited for the poll to expire (the registry's offsets request per batch did, 1.2 s
-# per step). No consumer on a step's way from candle to order sends such a request per batch any more; new data
+# which the strategy used until issue 16: 1,500 ms) such a request waited for the poll to expire (the registry's
+# offsets request per batch did, 1.2 s per step). No consumer on a step's way from candle to order sends such a request per batch any more; new data
 # ends a poll at once whatever this is, so the value only bounds what a rare request (a metadata refresh, a
 # seek) can wait. Each empty poll costs CPU: an idle 8-profile stack used 0.12 cores with the defaults, 0.16
 # with 100 ms, 0.23 with 50 ms, 0.41 with 20 ms (docs/benchmarks.md). Every input consumer on the hot path is
@@ -57,7 +57,8 @@ PRODUCER_REQUEST_TIMEOUT_MS = 300_000
 FETCH_MAX_WAIT_MS = 50
 
 # The same for the per-profile workers' input consumers (the ConsumeLoop of the execution and strategy workers):
-# 2P of them, so their empty polls are what an idle stack spends (100 profiles at 50 ms: about 2.5 cores of clients and 1 of the broker, more than this machine's two; docs/scaling.md). They send nothing besides
+# 2P of them, so their empty polls are what an idle stack spends (100 profiles at 50 ms: about 2.5 cores of
+# clients and 1 of the broker, more than this machine's two; docs/scaling.md). They send nothing besides
 # their fetch per batch on the fetch connection (commits and heartbeats go to the coordinator's own connection),
 # so a longer wait costs no step latency (docs/benchmarks.md, "A hundred profiles"); it bounds only what a seek
 # after a rebalance waits.
@@ -376,11 +377,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         fresh = [tp for tp in parts if tp not in applied]
         if not fresh:
             return
-        for tp in fresh:
-            # What the group had consumed before this process: its metrics count only records from there on.
-            committed = await consumer.committed(tp)
-            if committed is not None:
-                self._loop.committed_before[(tp.topic, tp.partition)] = int(committed)
+        # What the group had consumed before this process: its metrics count only records from there on.
+        committed = await asyncio.gather(*(consumer.committed(tp) for tp in fresh))
+        for tp, offset in zip(fresh, committed, strict=True):
+            if offset is not None:
+                self._loop.committed_before[(tp.topic, tp.partition)] = int(offset)
         if not self._positions:
             await consumer.seek_to_beginning(*fresh)
             return
@@ -426,7 +427,7 @@ class ConsumeLoop:
         session_timeout_ms: int = 10_000,
         max_poll_interval_ms: int = 300_000,
         skip: Callable[[ConsumerRecord[bytes, bytes]], bool] | None = None,
-        on_dead_letter: Callable[[ConsumerRecord[bytes, bytes], str], None] | None = None,
+        on_dead_letter: Callable[[Record, str], None] | None = None,
     ) -> None:
         """`skip(record)`: asked of every record before it is decoded; True: the record is none of this
         service's business (e.g. another profile's, by its key), only its position moves. `on_dead_letter(record,
@@ -543,7 +544,9 @@ class ConsumeLoop:
             self.disowned.add(tp)
         return why
 
-    async def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
+    async def dead_letter(self, rec: Record, error: str) -> None:
+        """Send `rec` to the dead-letter topic with `error` (the admit step's refusals, HandlingError, and a
+        service's own later refusals of a record it kept)."""
         self.dead_lettered += 1
         if self._on_dead_letter is not None:
             self._on_dead_letter(rec, error)
@@ -556,12 +559,12 @@ class ConsumeLoop:
         outbox = Outbox()
         admitted = self.admission.admit(rec)
         if isinstance(admitted, Refused):
-            await self._dead_letter(rec, admitted.reason)
+            await self.dead_letter(rec, admitted.reason)
         else:
             try:
                 await handler(admitted, rec, outbox)
             except HandlingError as err:
-                await self._dead_letter(rec, f"{type(admitted.msg).__name__}: {err}")
+                await self.dead_letter(rec, f"{type(admitted.msg).__name__}: {err}")
                 outbox = Outbox()
         for topic, out, key, broadcast, partition in outbox.items:
             if broadcast:
@@ -587,6 +590,7 @@ class ConsumeLoop:
             if not batches:
                 if self._uncommitted:
                     await self._commit_handled()
+                await self._snapshot_if_due()  # one that fell due in the last batch, not at the next
                 if idle is not None:
                     await idle()
                 continue
@@ -619,11 +623,14 @@ class ConsumeLoop:
             if due:
                 await self._commit_handled()
             await self._commit({}, left)  # only says what a rebalance took, or what is left to read again
-            if self.keeper is not None and self.keeper.due():
-                await self._publisher.flush()
-                self.keeper.save_soon()  # the outputs of every handled input are acknowledged
+            await self._snapshot_if_due()
         if self._rebuild:
             await self._commit_handled()
+
+    async def _snapshot_if_due(self) -> None:
+        if self.keeper is not None and self._rebuild and self.keeper.due():
+            await self._publisher.flush()
+            self.keeper.save_soon()  # the outputs of every handled input are acknowledged
 
     async def _commit_handled(self) -> None:
         """Rebuild: commit what was handled since the last commit, its outputs acknowledged first."""

@@ -292,7 +292,6 @@ class SnapshotStore:
         self.topic = topic
         self.client_id = client_id
         self._producer: AIOKafkaProducer | None = None
-        self._connecting = asyncio.Lock()
 
     async def exists(self, wait_s: float = 3.0) -> bool:
         consumer = AIOKafkaConsumer(**self.bootstrap.client_options(), enable_auto_commit=False)
@@ -343,26 +342,26 @@ class SnapshotStore:
         await producer.send_and_wait(self.topic, data, key=b"snapshot")
 
     async def connect(self) -> AIOKafkaProducer:
-        """The store's producer, started on first use (a TLS and SCRAM handshake, tens of ms of CPU)."""
-        async with self._connecting:
-            if self._producer is not None:
-                return self._producer
-            producer = AIOKafkaProducer(
-                **self.bootstrap.client_options(),
-                client_id=self.client_id,
-                acks="all",
-                enable_idempotence=True,
-                max_request_size=STATE_MAX_MESSAGE_BYTES,
-            )
-            try:
-                await producer.start()
-            except BaseException:
-                # A broker that is away: the next write starts a new producer rather than a half-started one.
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                raise
-            self._producer = producer
-            return producer
+        """The store's producer, started on first use (a TLS and SCRAM handshake, tens of ms of CPU); writes
+        come one at a time (`StateKeeper.save_soon` chains them), so never two starts at once."""
+        if self._producer is not None:
+            return self._producer
+        producer = AIOKafkaProducer(
+            **self.bootstrap.client_options(),
+            client_id=self.client_id,
+            acks="all",
+            enable_idempotence=True,
+            max_request_size=STATE_MAX_MESSAGE_BYTES,
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            # A broker that is away: the next write starts a new producer rather than a half-started one.
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        self._producer = producer
+        return producer
 
     async def close(self) -> None:
         if self._producer is not None:
@@ -399,24 +398,11 @@ class StateKeeper:
     failed: int = 0  # snapshots the store did not take (a broker outage): skipped, not fatal
     _last_save: float = field(default_factory=time.monotonic)
     _writing: asyncio.Task[None] | None = None  # the snapshot `save_soon` is writing
-    _connecting: asyncio.Task[None] | None = None  # `connect_soon`
 
     def __post_init__(self) -> None:
         # The first snapshot comes after half to all of the interval: services a stack started together would
         # otherwise all capture and write theirs at the same moment (17 at once held a step back by 100 ms).
         self._last_save = time.monotonic() - random.random() * self.interval_s / 2
-
-    def connect_soon(self) -> None:
-        """Connect the store's producer in the background now, so the first snapshot does not pay for it while
-        a consume loop waits. A failure is left to the first write, which tries again."""
-
-        async def connect() -> None:
-            try:
-                await self.store.connect()
-            except (KafkaError, OSError) as err:
-                log.info("%s: snapshot store not connected yet (%s)", self.service, type(err).__name__)
-
-        self._connecting = asyncio.create_task(connect(), name=f"{self.service} snapshot store")
 
     async def load(self) -> Positions | None:
         """Restore the newest usable snapshot; returns its positions (None: read the inputs from the start)."""
@@ -560,8 +546,6 @@ class StateKeeper:
             await asyncio.wait([task])
 
     async def close(self) -> None:
-        if self._connecting is not None:
-            await asyncio.wait([self._connecting])
         await self.written_all()
         await self.store.close()
 

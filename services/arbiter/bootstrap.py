@@ -206,8 +206,6 @@ class ArbiterService:
         observer, member = self.consumers()
         keeper = self.keeper = await self.durable.keeper(bootstrap)
         positions = await keeper.load() if keeper is not None else None
-        if keeper is not None:
-            keeper.connect_soon()
         await publisher.start()
         await observer.start()
         try:

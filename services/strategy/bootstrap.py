@@ -34,7 +34,7 @@ from aiokafka import ConsumerRecord
 from services.strategy import domain
 from services.strategy.metrics import StrategyMetrics
 from services.strategy.routing import ForeignKeys, Outputs, routes
-from shared.admit import Admitted
+from shared.admit import Admitted, Record
 from shared.clock import Clock, system_clock
 from shared.commands import gate_for
 from shared.config import AppConfig
@@ -159,7 +159,7 @@ class StrategyWorker:
         self.metrics.consumed(rec.topic, rec.partition, rec.offset, self._short.get(rec.topic, rec.topic))
         return self.foreign.skips(rec.topic, rec.key)
 
-    def _dead_lettered(self, rec: ConsumerRecord[bytes, bytes], error: str) -> None:
+    def _dead_lettered(self, rec: Record, error: str) -> None:
         self.metrics.error("dead_lettered", rec.topic, rec.partition, rec.offset)
 
     async def handle(self, admitted: Admitted, rec: ConsumerRecord[bytes, bytes], outbox: Outbox) -> None:
@@ -183,7 +183,7 @@ class StrategyWorker:
         for out in outs:
             self._emit(out, outbox)
         for refusal in domain.take_refused(self.state):
-            self._refuse(refusal, outbox)
+            await self._refuse(refusal)
         if self.held_records and outs:
             # Outcomes judged at a step and applied: their records are no longer needed.
             for mid, (intent_id, _) in list(self.held_records.items()):
@@ -196,16 +196,13 @@ class StrategyWorker:
         for topic, key, partition in routes(msg, self.outputs):
             outbox.add(topic, msg, key, partition=partition)
 
-    def _refuse(self, refusal: domain.Refusal, outbox: Outbox) -> None:
+    async def _refuse(self, refusal: domain.Refusal) -> None:
         recs = self.held_records.get(refusal.outcome.id)
         if not recs or not recs[1] or self.loop is None:
             # Cannot happen (every foreign outcome's record is kept until judged); say so rather than lose it.
             self.log.error("refused %s, but its record is unknown: %s", refusal.outcome.id, refusal.reason)
             return
-        rec = recs[1].popleft()
-        self.metrics.error("dead_lettered", rec.topic, rec.partition, rec.offset)
-        self.loop.dead_lettered += 1
-        outbox.add(self.t.dead_letter, self.loop.admission.dead_letter(rec, refusal.reason), rec.topic)
+        await self.loop.dead_letter(recs[1].popleft(), refusal.reason)
 
     # ------------------------------------------------------------------------------------ running
     def consume_loop(self, publisher: Publisher, keeper: StateKeeper | None) -> ConsumeLoop:
@@ -236,25 +233,18 @@ class StrategyWorker:
         if self.metrics_port:
             self.metrics_bound = self.metrics.serve(self.metrics_port, self.metrics_addr)
 
-        async def idle() -> None:
-            # Nothing came: a snapshot that fell due during the last batch is written now rather than at the next.
-            if keeper is not None and keeper.due():
-                await publisher.flush()
-                keeper.save_soon()
-
         async def watch() -> None:
             await stop.wait()
             loop.stop()
 
         try:
             await publisher.start()
-            await (
-                loop.start()
-            )  # restores the newest snapshot (or none: the state is rebuilt from the beginning)
+            # Restores the newest snapshot (or none: the state is rebuilt from the beginning).
+            await loop.start()
             self.metrics.update(self.state)
             watcher = asyncio.create_task(watch())
             try:
-                await loop.run(self.handle, idle=idle)
+                await loop.run(self.handle)
             finally:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
