@@ -26,10 +26,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from services.execution.live import protective_client_id
 from services.execution.reconcile import KnownOrder, order_update
 from services.monitor.alerts import alerts_from_message
+from services.monitor.health import GroupInfo, describe_groups
+from shared.bus import KafkaAccess
 from shared.kafka import Publisher, read_topics
 from shared.messages import (
     AccountSnapshotted,
@@ -94,6 +97,15 @@ async def workers(
                 await p.wait()
 
 
+async def describe_group(access: KafkaAccess, group: str) -> dict[str, GroupInfo]:
+    admin = AIOKafkaAdminClient(**access.client_options(), request_timeout_ms=15_000)
+    await admin.start()
+    try:
+        return await describe_groups(admin, [group])
+    finally:
+        await admin.close()
+
+
 def books(start: AccountSnapshotted, events: list[Message]) -> dict[str, Decimal]:
     """The account at start plus every fill of the profile on orders.events (each fill id once)."""
     held = {a: b.total for a, b in start.balances.items()}
@@ -112,7 +124,7 @@ async def test_a_paused_worker_never_leaves_a_second_order_unbooked(
     peer: CoinbasePeer,
     api: str,
     stage: str,
-    kafka_bootstrap: str,
+    kafka_bootstrap: KafkaAccess,
     namespace: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -151,6 +163,16 @@ async def test_a_paused_worker_never_leaves_a_second_order_unbooked(
             return len(await starts()) >= 2
 
         await wait_for("both workers' start snapshots", both_started)
+        group = t.group("execution", PID)
+
+        async def group_settled() -> bool:
+            # Both members in and the partitions assigned. An order published during the second join's
+            # rebalance can reach the other worker while the first is paused, at once rather than after a
+            # session: correct (its ownership check is the one that holds), but not the case set up here.
+            info = (await describe_group(kafka_bootstrap, group)).get(group)
+            return info is not None and info.state == "Stable" and len(info.members) == 2
+
+        await wait_for("the execution group to settle with both workers", group_settled)
         pub = Publisher(kafka_bootstrap, client_id="test")
         await pub.start()
         try:  # the market's close first (the price band's reference), then the approved order
