@@ -43,8 +43,8 @@ demo: install sysdeps
 	$(BIN)/mpctl demo $(DEMO_ARGS)
 
 lint: install
-	$(BIN)/ruff check shared services mpctl tests scripts
-	$(BIN)/ruff format --check shared services mpctl tests scripts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .  # the docs' Python blocks too
 	$(BIN)/mypy
 	$(BIN)/pytest tests/unit/test_import_rules.py -q -p no:cacheprovider  # services side by side (#18 item 3)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import sys
 import uuid
@@ -43,13 +44,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.e2e)
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports that were free a moment ago (all held open together so they differ)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_ports(count: int, *, consecutive: bool = False) -> list[int]:
+    """Distinct loopback ports that were free a moment ago (all held open together so they differ).
+
+    Taken below the kernel's ephemeral range: a port the kernel hands out (bind to 0) is one the next outgoing
+    connection of any client on the machine may take as its local port before the server under test binds it.
+    `consecutive`: first, first + 1, ... (a shared-loop host serves profile i's metrics on first + i)."""
+    floor = _ephemeral_floor()
+    rng = random.Random()
+    for _ in range(200):
+        if consecutive:
+            first = rng.randrange(10_000, floor - count)
+            ports = list(range(first, first + count))
+        else:
+            ports = rng.sample(range(10_000, floor), count)
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in ports:
+                    stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)).bind(
+                        ("127.0.0.1", port)
+                    )
+            except OSError:
+                continue
+        return ports
+    raise RuntimeError(f"no {count} free loopback ports found below {floor}")
 
 
 def _progress(message: str) -> None:

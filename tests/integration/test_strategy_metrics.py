@@ -3,7 +3,6 @@ own process, real Kafka and Redis): its numbers equal the run's output (summary.
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +18,7 @@ from shared.kafka import delete_topics, read_topics
 from shared.messages import PlaceOrder
 from shared.topics import Topics, declared_topics
 from tests.bus import create_namespace
+from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "config" / "examples" / "three_profiles.yaml"
@@ -31,12 +31,6 @@ def _config(ns: str) -> AppConfig:
     cfg = load_config(CONFIG)
     kafka = cfg.system.kafka.model_copy(update={"namespace": ns})
     return cfg.model_copy(update={"system": cfg.system.model_copy(update={"kafka": kafka})})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -74,13 +68,14 @@ async def test_strategy_metrics_equal_the_runs_output(
         "--config",
         str(CONFIG),
     ]
-    port = _free_port()
+    pids = list(cfg.enabled_profiles())
+    first = free_ports(len(pids), consecutive=True)[0]
+    port = first + pids.index(PID)
     stack = Stack(bus=infra.bus)
     started = time.monotonic()
     try:
         stack.start("registry", ["services.registry", *common], log_dir)
         stack.start("arbiter", ["services.arbiter", *common], log_dir)
-        pids = list(cfg.enabled_profiles())
         for pid in pids:
             stack.start(f"execution.{pid}", ["services.execution", *common, "--profile", pid], log_dir)
             if not shared_loop:
@@ -90,7 +85,6 @@ async def test_strategy_metrics_equal_the_runs_output(
                 )
         if shared_loop:
             # The i-th profile serves its metrics on port + i (shared/forkhost.py argv_for).
-            first = port - pids.index(PID)
             every = ["--profile", ",".join(pids), "--shared-loop", "--metrics-port", str(first)]
             stack.start("strategy.host", ["services.strategy", *common, *every], log_dir)
         stack.start(
