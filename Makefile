@@ -71,7 +71,8 @@ lock:
 
 # Benchmarks print JSON and keep it in reports/bench/ (local Kafka and Redis are started if needed). MPCTL_BUS_DIR
 # holds the bus's secrets: without it the scripts would reach the authenticated broker as nobody.
-# BENCH_SCALE_ARGS: scripts/bench_scale.py's (default 100 profiles, 25 per forked host; about 10 minutes here).
+# BENCH_SCALE_ARGS: scripts/bench_scale.py's (default 100 profiles, 25 per forked host; about 5 minutes here), run
+# twice: the strategy hosts forking, then on one shared loop each (--shared-loop, about 3 minutes).
 bench: install sysdeps
 	mkdir -p reports/bench
 	eval "$$($(BIN)/mpctl infra up 2>/dev/null)"; export KAFKA_BOOTSTRAP_SERVERS REDIS_URL MPCTL_BUS_DIR; \
@@ -80,7 +81,9 @@ bench: install sysdeps
 	$(BIN)/python scripts/bench_ingest.py | tee reports/bench/ingest.json; \
 	$(BIN)/python scripts/bench_footprint.py --json reports/bench/footprint.json; \
 	$(BIN)/python scripts/bench_pipeline.py --json reports/bench/pipeline.json --markdown docs/benchmarks.md; \
-	$(BIN)/python scripts/bench_scale.py $(BENCH_SCALE_ARGS) | tee reports/bench/scale.json
+	$(BIN)/python scripts/bench_scale.py $(BENCH_SCALE_ARGS) | tee reports/bench/scale.json; \
+	$(BIN)/python scripts/bench_scale.py $(BENCH_SCALE_ARGS) --shared-loop --out reports/bench/scale-shared \
+		| tee reports/bench/scale-shared.json
 
 clean:
 	rm -rf $(VENV) reports build .pytest_cache .mypy_cache .ruff_cache

@@ -3,7 +3,8 @@
 the whole process tree's memory sampled every second, then DESIGN.md's invariants and `mpctl audit` checked on the
 run's files (tests/e2e/test_demo.py, check_invariants).
 
-    .venv/bin/python scripts/bench_scale.py [--profiles 100] [--per-process 25] [--hours 168] [--out DIR]
+    .venv/bin/python scripts/bench_scale.py [--profiles 100] [--per-process 25] [--hours 168] [--shared-loop]
+        [--out DIR]
 
 Prints one JSON document: the run's wall time, the replay's time (the demo's own figure) and steps per second,
 order events (orders.jsonl: every status of every order) and fills, the peak of the summed RSS and PSS of every
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_pipeline import bench_config, tree_memory_kib  # noqa: E402
 
 from mpctl.stack import PROFILES_PER_PROCESS_ENV  # noqa: E402
+from shared.runtime import SHARED_LOOP_ENV  # noqa: E402
 from tests.e2e.test_demo import check_invariants, jsonl  # noqa: E402
 
 
@@ -41,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiles", type=int, default=100)
     p.add_argument("--per-process", type=int, default=25, help="profiles per forked host (1: a process each)")
     p.add_argument("--hours", type=float, default=168.0)
+    p.add_argument(
+        "--shared-loop",
+        action="store_true",
+        help=f"the strategy hosts run their profiles on one event loop ({SHARED_LOOP_ENV}=1) instead of forking",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "scale")
     p.add_argument("--timeout", type=float, default=3600.0)
     args = p.parse_args(argv)
@@ -49,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_file = out / "profiles.yaml"
     cfg_file.write_text(yaml.safe_dump(bench_config(args.profiles), sort_keys=False), encoding="utf-8")
     env = dict(os.environ, CI="true", **{PROFILES_PER_PROCESS_ENV: str(args.per_process)})
+    env[SHARED_LOOP_ENV] = "1" if args.shared_loop else ""
     cmd = [sys.executable, "-m", "mpctl.cli", "demo", "--out", str(out / "run"), "--config", str(cfg_file)]
     cmd += ["--hours", str(args.hours)]
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "profiles": args.profiles,
         "per_process": args.per_process,
+        "shared_loop": args.shared_loop,
         "hours": args.hours,
         "exit_code": proc.returncode,
         "wall_s": round(wall_s, 1),
