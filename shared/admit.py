@@ -6,8 +6,9 @@ service judges, after the signed-command gate's verdict (shared/commands.py). Ev
 reason, and the consumer that owns the record dead-letters it with `dead_letter`.
 
 Pure: no Kafka client here. A record is anything with the fields of a consumed Kafka record (`Record`): aiokafka's
-ConsumerRecord is one, and so is the strategy's HeldRecord (an outcome's record kept until judged). The services differ only in what they do with the verdict
-(which topics they dead-letter, what they act on), never in how it is reached.
+ConsumerRecord is one, and so is the strategy's HeldRecord (an outcome's record kept until judged). The services
+differ only in what they do with the verdict (which topics they dead-letter, what they act on), never in how it
+is reached.
 """
 
 from __future__ import annotations

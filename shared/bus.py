@@ -3,7 +3,8 @@
 The bus authenticates every client with SASL/SCRAM-SHA-512 over TLS (docs/operations.md, "The bus"): one
 principal per service instance kind, each with its own password, and the broker's ACLs decide what each may
 read and write (shared/principals.py). `KafkaAccess` is what every Kafka client of the project is built from
-(`client_options()` for aiokafka), so no client connects in any other way. A password never appears in `repr`, `str`, a log line or an error (SecretStr).
+(`client_options()` for aiokafka), so no client connects in any other way. A password never appears in
+`repr`, `str`, a log line or an error (SecretStr).
 """
 
 from __future__ import annotations

@@ -49,11 +49,12 @@ PRODUCER_REQUEST_TIMEOUT_MS = 300_000
 # consumer's client sends its other requests (offsets, metadata) on the connection its fetch uses, and the
 # broker answers a connection's requests in order: behind aiokafka's default long poll (500 ms; faust's worker,
 # which the strategy used until issue 16: 1,500 ms) such a request waited for the poll to expire (the registry's
-# offsets request per batch did, 1.2 s per step). No consumer on a step's way from candle to order sends such a request per batch any more; new data
-# ends a poll at once whatever this is, so the value only bounds what a rare request (a metadata refresh, a
-# seek) can wait. Each empty poll costs CPU: an idle 8-profile stack used 0.12 cores with the defaults, 0.16
-# with 100 ms, 0.23 with 50 ms, 0.41 with 20 ms (docs/benchmarks.md). Every input consumer on the hot path is
-# built with it: `input_consumer`, and the per-profile workers' ConsumeLoop (below).
+# offsets request per batch did, 1.2 s per step). No consumer on a step's way from candle to order sends such
+# a request per batch any more; new data ends a poll at once whatever this is, so the value only bounds what a
+# rare request (a metadata refresh, a seek) can wait. Each empty poll costs CPU: an idle 8-profile stack used
+# 0.12 cores with the defaults, 0.16 with 100 ms, 0.23 with 50 ms, 0.41 with 20 ms (docs/benchmarks.md). Every
+# input consumer on the hot path is built with it: `input_consumer`, and the per-profile workers' ConsumeLoop
+# (below).
 FETCH_MAX_WAIT_MS = 50
 
 # The same for the per-profile workers' input consumers (the ConsumeLoop of the execution and strategy workers):

@@ -338,10 +338,10 @@ class SnapshotStore:
             await consumer.stop()
 
     async def write(self, data: bytes) -> None:
-        producer = await self.connect()
+        producer = await self._connect()
         await producer.send_and_wait(self.topic, data, key=b"snapshot")
 
-    async def connect(self) -> AIOKafkaProducer:
+    async def _connect(self) -> AIOKafkaProducer:
         """The store's producer, started on first use (a TLS and SCRAM handshake, tens of ms of CPU); writes
         come one at a time (`StateKeeper.save_soon` chains them), so never two starts at once."""
         if self._producer is not None:

@@ -10,8 +10,9 @@ Several arbiter processes may run (docs/arbiter.md, "Two arbiters"):
 - A consumer group on the intents topic only says who *publishes*: a process publishes the outputs of the
   intents of the partitions it is assigned, from the group's committed offset of the partition on, and
   commits, after its outputs are acknowledged, the offset below which every intent of the partition is
-  decided (every COMMIT_EVERY_S while busy, at once when idle). When a process dies (or a partition moves), the new owner publishes from that offset: what the old
-  one published after its last commit is published again with the same ids, which every consumer ignores.
+  decided (every COMMIT_EVERY_S while busy, at once when idle). When a process dies (or a partition moves),
+  the new owner publishes from that offset: what the old one published after its last commit is published
+  again with the same ids, which every consumer ignores.
 
 Durable state: every few seconds and on a clean stop, after its outputs are acknowledged, a process writes a
 signed snapshot of its state (domain state and the outputs it retains per intents partition) with the next
